@@ -1,0 +1,1 @@
+"""The pop3coexist-admin command."""

@@ -1,0 +1,716 @@
+"""The configuration file (CONTRACT section 3): TOML in, a frozen and validated Config out.
+
+Every key is declared here once, with its type and default. An unknown key, a wrong type, a
+missing file or an unsafe combination raises ConfigError naming the file, the key and the line
+where it can be found. No reactor, no sockets: only parsing and checking.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pop3coexist.address import AddressError, normalise_domain
+from pop3coexist.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
+}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string like ``"10MB"`` (KB/MB/GB are decimal, KiB/MiB binary)."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a number of bytes or a string such as \"10MB\"")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            unit = (m.group(2) or "").lower()
+            if unit in _SIZE_UNITS:
+                return int(m.group(1)) * _SIZE_UNITS[unit]
+    raise ValueError(f"{value!r} is not a size (bytes, or a string such as \"10MB\")")
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from a number or a string like ``"30s"``, ``"15m"``, ``"12h"``, ``"2d"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is seconds or a string such as \"15m\"")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration (seconds, or \"30s\", \"15m\", \"12h\", \"2d\")")
+
+
+# --------------------------------------------------------------------------- the settings
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    state_dir: Path
+
+    @property
+    def mailroot(self) -> Path:
+        return self.state_dir / "mailroot"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.state_dir / "queue"
+
+    @property
+    def password_file(self) -> Path:
+        return self.state_dir / "passwords.json"
+
+    @property
+    def key_file(self) -> Path:
+        return self.state_dir / "passwords.key"
+
+
+@dataclass(frozen=True)
+class Pop3Config:
+    listen: tuple[str, ...] = ("tcp:1110:interface=127.0.0.1",)
+    tls_listen: tuple[str, ...] = ()
+    require_secure_auth: bool = False
+    idle_timeout: float = 600.0
+    auth_failure_delay: float = 2.0
+    auth_failure_delay_max: float = 30.0
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
+    submission_listen: tuple[str, ...] = ()
+    tls_listen: tuple[str, ...] = ()
+    max_message_size: int = 10 * 1000 * 1000
+    max_recipients: int = 100
+    max_hop_count: int = 30
+    require_tls_for_auth: bool = False
+    max_messages_per_connection: int = 20
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    idle_timeout: float = 600.0
+    auth_failure_delay: float = 2.0
+    client_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    client_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    sender_must_match_login: bool = True
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate: Path | None = None
+    private_key: Path | None = None
+    self_signed: bool = False  # create a self-signed pair at those paths when both are missing
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
+class DirectoryAttributes:
+    user_principal_name: str = "userPrincipalName"
+    account_name: str = "sAMAccountName"
+    mail: str = "mail"
+    proxy_addresses: str = "proxyAddresses"
+    target_address: str = "targetAddress"
+    account_control: str = "userAccountControl"
+    member_of: str = "memberOf"
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    url: str = "ldap://127.0.0.1:3389"
+    starttls: bool = False
+    ca_file: Path | None = None
+    base_dn: str = ""
+    bind_dn: str = ""
+    bind_password_file: Path | None = None
+    user_filter: str = "(objectClass=user)"
+    required_group: str = ""
+    timeout: float = 10.0
+    attributes: DirectoryAttributes = field(default_factory=DirectoryAttributes)
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    pam_service: str = "pop3coexist"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    method: str = "passwordfile"
+    apop: bool = True
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+
+
+@dataclass(frozen=True)
+class RemoteDomain:
+    name: str
+    relay: bool = True
+    route: str | None = None
+
+
+@dataclass(frozen=True)
+class DomainsConfig:
+    local: tuple[str, ...] = ()
+    remote: tuple[RemoteDomain, ...] = ()
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    authenticated: bool = True
+
+
+@dataclass(frozen=True)
+class SmarthostConfig:
+    host: str = ""
+    tls: str = "opportunistic"
+    ca_file: Path | None = None
+    username: str = ""
+    password_file: Path | None = None
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    max_connections: int = 100
+    max_connections_per_host: int = 20
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    retry_intervals: tuple[float, ...] = (900.0, 1800.0, 3600.0, 14400.0)
+    delay_notification: float = 12 * 3600.0
+    expiration: float = 2 * 86400.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration. ``path`` is the file it came from (or None)."""
+
+    server: ServerConfig
+    pop3: Pop3Config = field(default_factory=Pop3Config)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    domains: DomainsConfig = field(default_factory=DomainsConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    smarthost: SmarthostConfig = field(default_factory=SmarthostConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    path: Path | None = None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+class _Reader:
+    """Checks one TOML document against the declared keys and converts values."""
+
+    def __init__(self, text: str, path: Path | None) -> None:
+        self.text = text
+        self.lines = text.splitlines()
+        self.path = path
+        self.base = path.parent if path else Path.cwd()
+
+    # -- error reporting
+
+    def where(self, section: str, key: str | None) -> str:
+        name = str(self.path) if self.path else "<config>"
+        line = self._find_line(section, key)
+        return f"{name}:{line}" if line else name
+
+    def _find_line(self, section: str, key: str | None) -> int | None:
+        header = re.compile(r"^\s*\[\[?\s*" + re.escape(section) + r"\s*\]\]?\s*(#.*)?$")
+        in_section = section == ""
+        for number, line in enumerate(self.lines, 1):
+            stripped = line.strip()
+            if stripped.startswith("["):
+                in_section = bool(header.match(line))
+                if in_section and key is None:
+                    return number
+                continue
+            if in_section and key is not None and re.match(
+                r"^\s*" + re.escape(key) + r"\s*=", line
+            ):
+                return number
+        return None
+
+    def fail(self, section: str, key: str | None, message: str) -> ConfigError:
+        dotted = f"{section}.{key}" if section and key else (section or key or "")
+        return ConfigError(f"{self.where(section, key)}: [{dotted}] {message}")
+
+    # -- sections
+
+    def section(
+        self,
+        data: Mapping[str, Any],
+        name: str,
+        spec: Mapping[str, Callable[[Any], Any]],
+        subsections: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """Convert the keys of one table; unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise self.fail(name, None, "must be a table")
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in subsections:
+                continue
+            conv = spec.get(key)
+            if conv is None:
+                known = ", ".join(sorted(spec))
+                raise self.fail(name, key, f"unknown key (known keys: {known})")
+            try:
+                out[key] = conv(value)
+            except (ValueError, TypeError) as e:
+                raise self.fail(name, key, str(e)) from None
+        return out
+
+    # -- converters
+
+    @staticmethod
+    def boolean(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"must be true or false, not {value!r}")
+        return value
+
+    @staticmethod
+    def string(value: Any) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"must be a string, not {value!r}")
+        return value
+
+    @staticmethod
+    def integer(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"must be a whole number, not {value!r}")
+        if value < 0:
+            raise ValueError("cannot be negative")
+        return value
+
+    @staticmethod
+    def positive(value: Any) -> int:
+        value = _Reader.integer(value)
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @staticmethod
+    def strings(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"must be a list of strings, not {value!r}")
+        return tuple(value)
+
+    @staticmethod
+    def endpoints(value: Any) -> tuple[str, ...]:
+        items = _Reader.strings(value)
+        for item in items:
+            if not re.match(r"^(tcp|tcp6|unix):", item):
+                raise ValueError(
+                    f"{item!r} is not a server endpoint description (e.g. \"tcp:2525:interface=127.0.0.1\")"
+                )
+            if item.startswith(("tcp:", "tcp6:")) and not re.match(r"^tcp6?:\d+(:|$)", item):
+                raise ValueError(f"{item!r} has no port number")
+        return items
+
+    @staticmethod
+    def networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        items = _Reader.strings(value)
+        out = []
+        for item in items:
+            try:
+                out.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or network (\"192.0.2.0/24\")")
+        return tuple(out)
+
+    @staticmethod
+    def size(value: Any) -> int:
+        return parse_size(value)
+
+    @staticmethod
+    def duration(value: Any) -> float:
+        return parse_duration(value)
+
+    @staticmethod
+    def durations(value: Any) -> tuple[float, ...]:
+        if not isinstance(value, list) or not value:
+            raise TypeError("must be a non-empty list of durations")
+        out = tuple(parse_duration(v) for v in value)
+        if any(v <= 0 for v in out):
+            raise ValueError("every interval must be longer than zero")
+        return out
+
+    @staticmethod
+    def domain_list(value: Any) -> tuple[str, ...]:
+        items = _Reader.strings(value)
+        out: list[str] = []
+        for item in items:
+            try:
+                d = normalise_domain(item)
+            except AddressError as e:
+                raise ValueError(str(e))
+            if d in out:
+                raise ValueError(f"domain {item!r} is listed twice")
+            out.append(d)
+        return tuple(out)
+
+    def path_or_none(self, value: Any) -> Path | None:
+        value = self.string(value)
+        if value == "":
+            return None
+        p = Path(value)
+        return Path(os.path.normpath(p if p.is_absolute() else (self.base / p)))
+
+    def choice(self, *choices: str) -> Callable[[Any], str]:
+        def conv(value: Any) -> str:
+            value = self.string(value)
+            if value not in choices:
+                raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
+            return value
+
+        return conv
+
+
+def _hostname(value: Any) -> str:
+    value = _Reader.string(value)
+    try:
+        return normalise_domain(value)
+    except AddressError as e:
+        raise ValueError(str(e))
+
+
+def _next_hop(value: Any) -> str:
+    """``name[:port]`` or ``[address][:port]``; returns it unchanged after checking."""
+    value = _Reader.string(value)
+    if value == "":
+        return value
+    m = re.match(r"^\[([^\]]+)\](?::(\d+))?$", value)
+    if m:
+        try:
+            ipaddress.ip_address(m.group(1))
+        except ValueError:
+            raise ValueError(f"{value!r}: brackets must hold an IP address")
+        port = m.group(2)
+    else:
+        m = re.match(r"^([A-Za-z0-9.-]+)(?::(\d+))?$", value)
+        if not m:
+            raise ValueError(f"{value!r} is not name[:port] or [address][:port]")
+        port = m.group(2)
+    if port is not None and not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r}: port out of range")
+    return value
+
+
+def _is_wildcard(name: str) -> bool:
+    return "*" in name or name.strip(".") == ""
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError (naming the key) if it is wrong."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read config file: {e}")
+    return parse_config(text, p.resolve())
+
+
+def parse_config(text: str, path: Path | None = None) -> Config:
+    """Validate TOML text; relative paths are taken from ``path``'s folder."""
+    r = _Reader(text, path)
+    name = str(path) if path else "<config>"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{name}: not valid TOML: {e}")
+
+    top_known = (
+        "server", "pop3", "smtp", "tls", "auth", "domains", "relay", "smarthost", "queue",
+    )
+    for key in data:
+        if key not in top_known:
+            raise r.fail("", key, f"unknown section or key (known: {', '.join(top_known)})")
+
+    server = r.section(
+        data.get("server", {}),
+        "server",
+        {"hostname": _hostname, "state_dir": r.path_or_none},
+    )
+    if "hostname" not in server:
+        raise r.fail("server", "hostname", "is required")
+    if server.get("state_dir") is None:
+        raise r.fail("server", "state_dir", "is required")
+    server_cfg = ServerConfig(hostname=server["hostname"], state_dir=server["state_dir"])
+
+    pop3_cfg = Pop3Config(
+        **r.section(
+            data.get("pop3", {}),
+            "pop3",
+            {
+                "listen": r.endpoints,
+                "tls_listen": r.endpoints,
+                "require_secure_auth": r.boolean,
+                "idle_timeout": r.duration,
+                "auth_failure_delay": r.duration,
+                "auth_failure_delay_max": r.duration,
+                "max_connections": r.positive,
+                "max_connections_per_client": r.positive,
+            },
+        )
+    )
+    if pop3_cfg.idle_timeout < 600:
+        raise r.fail("pop3", "idle_timeout", "must be at least 10 minutes (RFC 1939 section 3)")
+
+    smtp_cfg = SmtpConfig(
+        **r.section(
+            data.get("smtp", {}),
+            "smtp",
+            {
+                "listen": r.endpoints,
+                "submission_listen": r.endpoints,
+                "tls_listen": r.endpoints,
+                "max_message_size": r.size,
+                "max_recipients": r.positive,
+                "max_hop_count": r.positive,
+                "require_tls_for_auth": r.boolean,
+                "max_messages_per_connection": r.positive,
+                "max_connections": r.positive,
+                "max_connections_per_client": r.positive,
+                "idle_timeout": r.duration,
+                "auth_failure_delay": r.duration,
+                "client_allow": r.networks,
+                "client_deny": r.networks,
+                "sender_must_match_login": r.boolean,
+            },
+        )
+    )
+    if smtp_cfg.max_recipients < 100:
+        # RFC 5321 section 4.5.3.1.8: a server must accept at least 100 recipients.
+        raise r.fail("smtp", "max_recipients", "must be at least 100 (RFC 5321 section 4.5.3.1.8)")
+    if smtp_cfg.idle_timeout < 300:
+        raise r.fail("smtp", "idle_timeout", "must be at least 5 minutes (RFC 5321 section 4.5.3.2.7)")
+
+    tls = r.section(
+        data.get("tls", {}),
+        "tls",
+        {"certificate": r.path_or_none, "private_key": r.path_or_none, "self_signed": r.boolean},
+    )
+    tls_cfg = TlsConfig(**tls)
+    if (tls_cfg.certificate is None) != (tls_cfg.private_key is None):
+        missing = "private_key" if tls_cfg.private_key is None else "certificate"
+        raise r.fail("tls", missing, "certificate and private_key go together")
+    if tls_cfg.self_signed and not tls_cfg.enabled:
+        raise r.fail("tls", "self_signed", "needs the certificate and private_key paths to write")
+    for key in ("certificate", "private_key"):
+        p = getattr(tls_cfg, key)
+        if tls_cfg.self_signed and not (tls_cfg.certificate.exists() or tls_cfg.private_key.exists()):
+            break
+        if p is not None and not p.is_file():
+            raise r.fail("tls", key, f"file not found: {p}")
+
+    auth_data = data.get("auth", {})
+    auth = r.section(
+        auth_data,
+        "auth",
+        {"method": r.choice("passwordfile", "directory", "local"), "apop": r.boolean},
+        subsections=("directory", "local"),
+    )
+    method = auth.get("method", "passwordfile")
+    apop = auth.get("apop", method == "passwordfile")
+    if apop and method != "passwordfile":
+        raise r.fail(
+            "auth", "apop",
+            f"APOP needs the shared secret, which method {method!r} does not keep; set apop = false",
+        )
+    dir_data = auth_data.get("directory", {}) if isinstance(auth_data, Mapping) else {}
+    attr_data = dir_data.get("attributes", {}) if isinstance(dir_data, Mapping) else {}
+    attrs = r.section(
+        attr_data,
+        "auth.directory.attributes",
+        {k: r.string for k in DirectoryAttributes.__dataclass_fields__},
+    )
+    directory = r.section(
+        dir_data,
+        "auth.directory",
+        {
+            "url": r.string,
+            "starttls": r.boolean,
+            "ca_file": r.path_or_none,
+            "base_dn": r.string,
+            "bind_dn": r.string,
+            "bind_password_file": r.path_or_none,
+            "user_filter": r.string,
+            "required_group": r.string,
+            "timeout": r.duration,
+        },
+        subsections=("attributes",),
+    )
+    dir_cfg = DirectoryConfig(**directory, attributes=DirectoryAttributes(**attrs))
+    if not re.match(r"^ldaps?://[^/]+/?$", dir_cfg.url):
+        raise r.fail("auth.directory", "url", f"{dir_cfg.url!r} is not an ldap:// or ldaps:// URL")
+    if dir_cfg.starttls and dir_cfg.url.startswith("ldaps:"):
+        raise r.fail("auth.directory", "starttls", "StartTLS and ldaps:// do not go together")
+    local_cfg = LocalConfig(
+        **r.section(
+            auth_data.get("local", {}) if isinstance(auth_data, Mapping) else {},
+            "auth.local",
+            {"pam_service": r.string},
+        )
+    )
+    auth_cfg = AuthConfig(method=method, apop=apop, directory=dir_cfg, local=local_cfg)
+    if method == "directory":
+        for key in ("base_dn", "bind_dn"):
+            if not getattr(dir_cfg, key):
+                raise r.fail("auth.directory", key, "is required with auth.method = \"directory\"")
+        if dir_cfg.bind_password_file is None:
+            raise r.fail("auth.directory", "bind_password_file", "is required with auth.method = \"directory\"")
+        if not dir_cfg.bind_password_file.is_file():
+            raise r.fail("auth.directory", "bind_password_file", f"file not found: {dir_cfg.bind_password_file}")
+        for key in ("ca_file",):
+            p = getattr(dir_cfg, key)
+            if p is not None and not p.is_file():
+                raise r.fail("auth.directory", key, f"file not found: {p}")
+
+    dom_data = data.get("domains", {})
+    doms = r.section(dom_data, "domains", {"local": r.domain_list}, subsections=("remote",))
+    remote_list = dom_data.get("remote", []) if isinstance(dom_data, Mapping) else []
+    if not isinstance(remote_list, list):
+        raise r.fail("domains", "remote", "must be an array of tables ([[domains.remote]])")
+    remotes: list[RemoteDomain] = []
+    for item in remote_list:
+        rd = r.section(
+            item, "domains.remote", {"name": _hostname_or_wild, "relay": r.boolean, "route": _next_hop}
+        )
+        if "name" not in rd:
+            raise r.fail("domains.remote", "name", "is required")
+        if _is_wildcard(rd["name"]):
+            raise r.fail("domains.remote", "name", f"{rd['name']!r} would make an open relay")
+        if rd.get("route") == "":
+            rd["route"] = None
+        remotes.append(RemoteDomain(**rd))
+    local_domains = doms.get("local", ())
+    names = [d.name for d in remotes]
+    for d in names:
+        if d in local_domains:
+            raise r.fail("domains.remote", "name", f"{d!r} is also a local domain")
+        if names.count(d) > 1:
+            raise r.fail("domains.remote", "name", f"{d!r} is listed twice")
+    domains_cfg = DomainsConfig(local=local_domains, remote=tuple(remotes))
+    if method == "local" and len(local_domains) > 1:
+        raise r.fail(
+            "domains", "local",
+            "auth.method = \"local\" allows one mail domain only (one address per account)",
+        )
+
+    relay_cfg = RelayConfig(
+        **r.section(
+            data.get("relay", {}),
+            "relay",
+            {"networks": r.networks, "authenticated": r.boolean},
+        )
+    )
+    for net in relay_cfg.networks:
+        if net.prefixlen == 0:
+            raise r.fail("relay", "networks", f"{net} lets every address relay: an open relay")
+
+    sh = r.section(
+        data.get("smarthost", {}),
+        "smarthost",
+        {
+            "host": _next_hop,
+            "tls": r.choice("none", "opportunistic", "required"),
+            "ca_file": r.path_or_none,
+            "username": r.string,
+            "password_file": r.path_or_none,
+            "connect_timeout": r.duration,
+            "command_timeout": r.duration,
+            "max_connections": r.positive,
+            "max_connections_per_host": r.positive,
+        },
+    )
+    sh_cfg = SmarthostConfig(**sh)
+    if sh_cfg.username and sh_cfg.password_file is None:
+        raise r.fail("smarthost", "password_file", "is required when smarthost.username is set")
+    if sh_cfg.password_file is not None and not sh_cfg.password_file.is_file():
+        raise r.fail("smarthost", "password_file", f"file not found: {sh_cfg.password_file}")
+    if sh_cfg.ca_file is not None and not sh_cfg.ca_file.is_file():
+        raise r.fail("smarthost", "ca_file", f"file not found: {sh_cfg.ca_file}")
+
+    queue_cfg = QueueConfig(
+        **r.section(
+            data.get("queue", {}),
+            "queue",
+            {
+                "retry_intervals": r.durations,
+                "delay_notification": r.duration,
+                "expiration": r.duration,
+            },
+        )
+    )
+
+    if pop3_cfg.tls_listen and not tls_cfg.enabled:
+        raise r.fail("pop3", "tls_listen", "needs [tls] certificate and private_key")
+    if smtp_cfg.tls_listen and not tls_cfg.enabled:
+        raise r.fail("smtp", "tls_listen", "needs [tls] certificate and private_key")
+    if pop3_cfg.require_secure_auth and not tls_cfg.enabled:
+        raise r.fail("pop3", "require_secure_auth", "needs [tls] certificate and private_key")
+    if smtp_cfg.require_tls_for_auth and not tls_cfg.enabled:
+        raise r.fail("smtp", "require_tls_for_auth", "needs [tls] certificate and private_key")
+
+    return Config(
+        server=server_cfg,
+        pop3=pop3_cfg,
+        smtp=smtp_cfg,
+        tls=tls_cfg,
+        auth=auth_cfg,
+        domains=domains_cfg,
+        relay=relay_cfg,
+        smarthost=sh_cfg,
+        queue=queue_cfg,
+        path=path,
+    )
+
+
+def _hostname_or_wild(value: Any) -> str:
+    value = _Reader.string(value)
+    if _is_wildcard(value):
+        return value
+    return _hostname(value)
+
+
+def read_secret(path: Path) -> str:
+    """Read a secret file: the secret alone, a trailing newline ignored. Never logs the value."""
+    data = path.read_text(encoding="utf-8")
+    if data.endswith("\r\n"):
+        data = data[:-2]
+    elif data.endswith("\n"):
+        data = data[:-1]
+    return data

@@ -1,0 +1,1 @@
+"""Identity: credential checkers for each auth.method (password file, directory, local accounts)."""

@@ -1,0 +1,174 @@
+"""The seams of pop3coexist: every concern meets the others through one of these interfaces.
+
+- IMailStore: domains and mailboxes on disk (Maildir), delivery, locks, quota (store/maildir.py).
+- IMaildrop: one POP3 session's snapshot of one mailbox (store/maildir.py).
+- IAccountChecker: one ``auth.method`` (identity/): log-ins and recipient lookups.
+- IOutboundQueue: the durable outbound queue (store/queue.py), filled by the ESMTP server and
+  drained by the delivery runner (smtp/outbound.py).
+
+Methods documented as *blocking* do disk I/O: protocol code calls them off the reactor thread
+(``twisted.internet.threads.deferToThread`` or an injected equivalent).
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+from twisted.cred.checkers import ICredentialsChecker
+
+
+class IMailStore(Interface):
+    """Mail domains and their mailboxes under ``<state_dir>/mailroot`` (CONTRACT section 5).
+
+    Domain and mailbox names are lower case on disk; every method lower-cases what it is given.
+    Unknown domains or mailboxes raise ``errors.NoSuchMailbox``; bad names ``ValueError``.
+    All methods are blocking. Changes made by another process (the admin command) are seen by
+    the next call: nothing is cached past a cheap stat check.
+    """
+
+    root = Attribute("Path of the mailroot folder")
+
+    def check_writable() -> None:
+        """Raise ``errors.StoreError`` with a clear message if the mailroot cannot be written."""
+
+    # -- domains
+    def list_domains() -> list[str]:
+        """Sorted names of the existing domains."""
+
+    def domain_exists(domain: str) -> bool:
+        """True when the domain's folder exists."""
+
+    def add_domain(domain: str) -> bool:
+        """Create the domain folder; False if it already existed."""
+
+    def remove_domain(domain: str) -> None:
+        """Delete the domain with all its mailboxes and mail."""
+
+    def set_domain_locked(domain: str, locked: bool) -> None:
+        """Lock or unlock every log-in in a domain (mail is still received)."""
+
+    def is_domain_locked(domain: str) -> bool:
+        """True when the domain is locked."""
+
+    # -- mailboxes
+    def list_mailboxes(domain: str) -> list[str]:
+        """Sorted mailbox names (local parts) of one domain."""
+
+    def mailbox_exists(domain: str, mailbox: str) -> bool:
+        """True when ``mailroot/<domain>/<mailbox>`` is a Maildir."""
+
+    def add_mailbox(domain: str, mailbox: str) -> bool:
+        """Create the Maildir (tmp, new, cur); False if it already existed."""
+
+    def remove_mailbox(domain: str, mailbox: str) -> None:
+        """Delete a mailbox and its mail."""
+
+    def set_mailbox_locked(domain: str, mailbox: str, locked: bool) -> None:
+        """Lock or unlock one mailbox's log-in. Unlocking while the domain is locked is an
+        ``errors.AdminError`` (as in the Windows POP3 service)."""
+
+    def is_mailbox_locked(domain: str, mailbox: str) -> bool:
+        """True when the mailbox itself, or its domain, is locked."""
+
+    def set_quota(domain: str, mailbox: str, limit: int | None) -> None:
+        """Set the mailbox quota in bytes; None removes it."""
+
+    def get_quota(domain: str, mailbox: str) -> int | None:
+        """The mailbox quota in bytes, or None."""
+
+    def usage(domain: str, mailbox: str) -> tuple[int, int]:
+        """(number of messages, bytes on disk) of one mailbox."""
+
+    # -- delivery
+    def spool_dir() -> object:
+        """A Path on the same file system as the mailroot, where a writer builds a message
+        (write, flush, fsync) before calling ``deliver_file``."""
+
+    def deliver_file(source: object, recipients: list[tuple[str, str]]) -> list[object]:
+        """Deliver the fsynced file ``source`` (a Path) to each ``(domain, mailbox)``.
+
+        Single-instance: the file is hard-linked into each recipient's ``new/`` under a new
+        unique Maildir name, then each ``new/`` folder is fsynced. When this returns, the
+        message is durable in every mailbox. ``source`` itself is left for the caller to remove.
+        Returns the paths written. Raises ``errors.QuotaExceeded`` before writing anything if a
+        recipient is over quota and ``enforce_quota`` is true.
+        """
+
+    def deliver_bytes(domain: str, mailbox: str, data: bytes) -> object:
+        """Write one message (tmp, fsync, rename into new, fsync new). Returns its Path."""
+
+    # -- POP3
+    def open_maildrop(domain: str, mailbox: str) -> IMaildrop:
+        """Take the mailbox's session lock and snapshot its messages.
+
+        Raises ``errors.MailboxInUse`` if another session (in any process) holds the lock.
+        The lock is held until ``commit`` or ``close``.
+        """
+
+
+class IMaildrop(Interface):
+    """One POP3 session's snapshot of a mailbox (RFC 1939). Message indexes are 0-based.
+
+    Messages delivered after the snapshot are not seen. Methods are blocking.
+    """
+
+    def __len__() -> int:
+        """Number of messages in the snapshot."""
+
+    def size(index: int) -> int:
+        """Size in octets as POP3 sends it (CRLF line ends, before dot-stuffing)."""
+
+    def uidl(index: int) -> str:
+        """Unique id: 1-70 characters in 0x21-0x7E, stable across sessions and restarts."""
+
+    def open_message(index: int) -> object:
+        """A binary file object of the message as stored (LF or CRLF line ends). The caller
+        converts line ends to CRLF, dot-stuffs, and closes it."""
+
+    def commit(deleted: set[int]) -> None:
+        """The UPDATE state: remove the messages with these indexes, then release the lock."""
+
+    def close() -> None:
+        """Release the lock without deleting anything (dropped connection). Idempotent."""
+
+
+class IAccountChecker(ICredentialsChecker):
+    """One ``auth.method``: password file, directory (LDAP) or local accounts (PAM).
+
+    ``requestAvatarId`` returns a Deferred that fires with the canonical mailbox address
+    ``"mailbox@domain"`` (a lower-case str), or fails with:
+
+    - ``twisted.cred.error.UnauthorizedLogin`` for a wrong password, an unknown user, an empty
+      password or a disabled account (one failure for all, so nothing leaks);
+    - ``errors.AuthUnavailable`` when the credential source cannot answer now.
+
+    Credential interfaces: ``IUsernamePassword`` always; ``IUsernameHashedPassword`` (APOP and
+    CRAM-MD5, whose ``checkPassword(secret)`` is called with the shared secret) only when
+    ``offers_secrets`` is true. The user name in the credentials is the log-in name as the
+    client sent it (bytes or str): the checker maps it with ``address.login_to_address``.
+    """
+
+    offers_secrets = Attribute("True when APOP and CRAM-MD5 can be verified")
+
+    def resolve_recipient(address: str) -> object:
+        """Deferred firing with the mailbox address ``"mailbox@domain"`` that receives mail for
+        ``address`` (compared case-insensitively; for a directory also ``mail`` and every
+        ``proxyAddresses`` entry), or None when no account has that address. Fails with
+        ``errors.AuthUnavailable`` when the source cannot answer now."""
+
+
+class IOutboundQueue(Interface):
+    """The durable outbound queue under ``<state_dir>/queue`` (CONTRACT section 5)."""
+
+    def enqueue(source: object, envelope: dict) -> str:
+        """Blocking. Take a fsynced message file (a Path on the same file system, which is
+        hard-linked, not moved) and a JSON-able envelope::
+
+            {"sender": "a@b" or "", "recipients": [{"address": "...", "orcpt": str|None,
+             "notify": ["FAILURE", ...]|None}], "ret": "FULL"|"HDRS"|None, "envid": str|None,
+             "received_from": "client description", "arrival": unix time, "hops": int}
+
+        When this returns, the message and its envelope are durable. Returns the queue id.
+        """
+
+    def wake() -> None:
+        """Ask the delivery runner to look at the queue now (new mail or ``queue flush``)."""

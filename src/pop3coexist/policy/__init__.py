@@ -1,0 +1,1 @@
+"""Policy: decisions about connections, log-ins and recipients. Never touches sockets."""

@@ -1,0 +1,1 @@
+"""Storage: Maildir mailboxes (maildir.py) and the outbound queue (queue.py). File formats live here only."""

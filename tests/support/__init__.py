@@ -1,0 +1,1 @@
+"""Shared test helpers: dialogue runner, test certificates, outside programs, free ports."""
