@@ -12,8 +12,8 @@ Methods documented as *blocking* do disk I/O: protocol code calls them off the r
 
 from __future__ import annotations
 
-from zope.interface import Attribute, Interface
 from twisted.cred.checkers import ICredentialsChecker
+from zope.interface import Attribute, Interface
 
 
 class IMailStore(Interface):

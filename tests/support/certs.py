@@ -28,7 +28,7 @@ def make_ca_and_cert(directory: Path, hostname: str = "localhost", ca_name: str 
     """Write ca.pem, cert.pem (leaf + CA) and key.pem for ``hostname`` (plus 127.0.0.1) into
     ``directory``; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()

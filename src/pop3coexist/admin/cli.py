@@ -1,0 +1,433 @@
+"""The ``pop3coexist-admin`` command (CONTRACT section 4).
+
+Works on the same state the running server uses (the mailroot, the password file, the queue),
+so changes take effect without a restart. Exit codes: 0 success, 1 failure (one clear line on
+stderr), 2 usage error. Passwords are never taken from argv: a prompt or --password-stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from pop3coexist.address import AddressError, is_valid_mailbox_name, normalise_domain
+from pop3coexist.config import Config, load_config, parse_size
+from pop3coexist.errors import AdminError, AuthUnavailable, ConfigError, NoSuchMailbox, StoreError
+
+PROG = "pop3coexist-admin"
+DEFAULT_CONFIG = "etc/pop3coexist.toml"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: usage error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Administer pop3coexist domains, mailboxes and the queue.")
+    p.add_argument("-c", "--config", default=None,
+                   help=f"config file (default: $POP3COEXIST_CONFIG or {DEFAULT_CONFIG})")
+    top = p.add_subparsers(dest="noun", required=True, parser_class=_Parser)
+
+    d = top.add_parser("domain", help="mail domains").add_subparsers(dest="verb", required=True)
+    for verb in ("add", "lock", "unlock"):
+        d.add_parser(verb).add_argument("name")
+    rm = d.add_parser("remove")
+    rm.add_argument("name")
+    rm.add_argument("--yes", action="store_true", help="really delete the domain and its mail")
+    d.add_parser("list")
+
+    m = top.add_parser("mailbox", help="mailboxes").add_subparsers(dest="verb", required=True)
+    add = m.add_parser("add")
+    add.add_argument("address")
+    add.add_argument("--password-stdin", action="store_true")
+    rm = m.add_parser("remove")
+    rm.add_argument("address")
+    rm.add_argument("--yes", action="store_true", help="really delete the mailbox and its mail")
+    ls = m.add_parser("list")
+    ls.add_argument("domain", nargs="?")
+    for verb in ("lock", "unlock"):
+        m.add_parser(verb).add_argument("address")
+    pw = m.add_parser("passwd")
+    pw.add_argument("address")
+    pw.add_argument("--password-stdin", action="store_true")
+    q = m.add_parser("quota")
+    q.add_argument("address")
+    q.add_argument("size", help='bytes, "50MB", or none')
+
+    st = top.add_parser("stat", help="mailboxes, messages, bytes, locks, quota use")
+    st.add_argument("domain", nargs="?")
+
+    qu = top.add_parser("queue", help="the outbound queue").add_subparsers(dest="verb", required=True)
+    qu.add_parser("list")
+    qu.add_parser("flush")
+    qd = qu.add_parser("delete")
+    qd.add_argument("id")
+    qd.add_argument("--bounce", action="store_true", help="send a failure report to the sender")
+
+    cc = top.add_parser("check-config", help="validate the config and the state it names")
+    cc.add_argument("--peer", default=None, help="the other side's config (coexistence checks)")
+    return p
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fail(message: str) -> NoReturn:
+    raise AdminError(message)
+
+
+def _split_address(text: str) -> tuple[str, str]:
+    """USER@DOMAIN -> (mailbox, domain), lower case, or AdminError."""
+    if "@" not in text:
+        _fail(f"{text!r} is not USER@DOMAIN")
+    local, _, domain = text.rpartition("@")
+    try:
+        domain = normalise_domain(domain)
+    except AddressError as e:
+        _fail(f"{text!r}: {e}")
+    local = local.lower()
+    if not is_valid_mailbox_name(local):
+        _fail(f"{text!r}: mailbox names are 1-64 characters of letters, digits and .!#$%&'*+=?^_`{{|}}~-")
+    return local, domain
+
+
+def _domain(text: str) -> str:
+    try:
+        return normalise_domain(text)
+    except AddressError as e:
+        _fail(str(e))
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        if password.endswith("\r"):
+            password = password[:-1]
+    else:
+        if not sys.stdin.isatty():
+            _fail("no terminal to prompt for the password: use --password-stdin")
+        password = getpass.getpass("Password: ")
+        again = getpass.getpass("Password again: ")
+        if password != again:
+            _fail("the passwords do not match")
+    if not password:
+        _fail("empty passwords are not allowed")
+    return password
+
+
+def _wait(d: Any) -> Any:
+    """Run the reactor until a Deferred fires (directory look-ups); return or raise."""
+    from twisted.internet import reactor
+    from twisted.python.failure import Failure
+
+    box: list[Any] = []
+    d.addBoth(box.append)
+    if not box:
+        d.addBoth(lambda _: reactor.callLater(0, reactor.stop))
+        reactor.run(installSignalHandlers=False)
+    result = box[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+class Admin:
+    """The verbs, over the store, the password file and the queue named by one config."""
+
+    def __init__(self, config: Config, out: Any = None) -> None:
+        self.config = config
+        self.out = out or sys.stdout
+        from pop3coexist.store.maildir import MaildirStore
+
+        self.store = MaildirStore(config.server.mailroot)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out)
+
+    def _pwfile(self) -> Any:
+        from pop3coexist.identity.factory import make_password_file
+
+        return make_password_file(self.config)
+
+    def _need_domain(self, domain: str) -> None:
+        if not self.store.domain_exists(domain):
+            _fail(f"domain {domain} does not exist (pop3coexist-admin domain add {domain})")
+
+    # -- domains
+
+    def domain_add(self, name: str) -> None:
+        domain = _domain(name)
+        if self.config.auth.method == "local":
+            others = [d for d in self.store.list_domains() if d != domain]
+            if others:
+                _fail(f"auth.method \"local\" allows one mail domain only; {others[0]} exists")
+        if not self.store.add_domain(domain):
+            _fail(f"domain {domain} already exists")
+        self.say(f"domain {domain} added")
+
+    def domain_remove(self, name: str, yes: bool) -> None:
+        domain = _domain(name)
+        if domain in self.config.domains.local:
+            _fail(f"domain {domain} is named in [domains] local of {self.config.path}; remove it there first")
+        self._need_domain(domain)
+        if not yes:
+            _fail(f"removing {domain} deletes all its mailboxes and mail: add --yes")
+        if self.config.auth.method == "passwordfile":
+            pw = self._pwfile()
+            for addr in pw.addresses():
+                if addr.endswith("@" + domain):
+                    pw.remove(addr)
+        self.store.remove_domain(domain)
+        self.say(f"domain {domain} removed")
+
+    def domain_list(self) -> None:
+        for domain in self.store.list_domains():
+            flags = " (locked)" if self.store.is_domain_locked(domain) else ""
+            self.say(f"{domain}\t{len(self.store.list_mailboxes(domain))} mailboxes{flags}")
+
+    def domain_lock(self, name: str, locked: bool) -> None:
+        domain = _domain(name)
+        self._need_domain(domain)
+        self.store.set_domain_locked(domain, locked)
+        self.say(f"domain {domain} {'locked' if locked else 'unlocked'}")
+
+    # -- mailboxes
+
+    def mailbox_add(self, address: str, password_stdin: bool) -> None:
+        local, domain = _split_address(address)
+        self._need_domain(domain)
+        if self.store.mailbox_exists(domain, local):
+            _fail(f"mailbox {local}@{domain} already exists")
+        method = self.config.auth.method
+        if method == "passwordfile":
+            password = _read_password(password_stdin)
+            self._pwfile().set_password(f"{local}@{domain}", password)
+        else:
+            if password_stdin:
+                _fail(f"with auth.method \"{method}\" the password lives in the "
+                      f"{'directory' if method == 'directory' else 'system'}; drop --password-stdin")
+            self._check_account(f"{local}@{domain}")
+        self.store.add_mailbox(domain, local)
+        self.say(f"mailbox {local}@{domain} added")
+
+    def _check_account(self, address: str) -> None:
+        from pop3coexist.identity.factory import make_checker
+
+        checker = make_checker(self.config, self.store)
+        try:
+            found = _wait(checker.resolve_recipient(address))
+        except AuthUnavailable as e:
+            _fail(f"cannot reach the account source: {e}")
+        where = "directory" if self.config.auth.method == "directory" else "system accounts"
+        if found is None:
+            _fail(f"no account {address} in the {where}")
+        if found.lower() != address.lower():
+            _fail(f"{address} belongs to the account whose mailbox is {found}")
+
+    def mailbox_remove(self, address: str, yes: bool) -> None:
+        local, domain = _split_address(address)
+        if not self.store.mailbox_exists(domain, local):
+            _fail(f"mailbox {local}@{domain} does not exist")
+        if not yes:
+            _fail(f"removing {local}@{domain} deletes its mail: add --yes")
+        self.store.remove_mailbox(domain, local)
+        if self.config.auth.method == "passwordfile":
+            pw = self._pwfile()
+            if pw.exists(f"{local}@{domain}"):
+                pw.remove(f"{local}@{domain}")
+        self.say(f"mailbox {local}@{domain} removed")
+
+    def mailbox_list(self, domain: str | None) -> None:
+        domains = [_domain(domain)] if domain else self.store.list_domains()
+        for d in domains:
+            self._need_domain(d)
+            for mb in self.store.list_mailboxes(d):
+                flags = " (locked)" if self.store.is_mailbox_locked(d, mb) else ""
+                self.say(f"{mb}@{d}{flags}")
+
+    def mailbox_lock(self, address: str, locked: bool) -> None:
+        local, domain = _split_address(address)
+        if not self.store.mailbox_exists(domain, local):
+            _fail(f"mailbox {local}@{domain} does not exist")
+        self.store.set_mailbox_locked(domain, local, locked)
+        self.say(f"mailbox {local}@{domain} {'locked' if locked else 'unlocked'}")
+
+    def mailbox_passwd(self, address: str, password_stdin: bool) -> None:
+        local, domain = _split_address(address)
+        method = self.config.auth.method
+        if method != "passwordfile":
+            where = "the directory" if method == "directory" else "the system (passwd)"
+            _fail(f"with auth.method \"{method}\" the password of {local}@{domain} lives in {where}; change it there")
+        if not self.store.mailbox_exists(domain, local):
+            _fail(f"mailbox {local}@{domain} does not exist")
+        password = _read_password(password_stdin)
+        self._pwfile().set_password(f"{local}@{domain}", password)
+        self.say(f"password of {local}@{domain} changed")
+
+    def mailbox_quota(self, address: str, size: str) -> None:
+        local, domain = _split_address(address)
+        if not self.store.mailbox_exists(domain, local):
+            _fail(f"mailbox {local}@{domain} does not exist")
+        if size.lower() == "none":
+            limit = None
+        else:
+            try:
+                limit = parse_size(size)
+            except ValueError as e:
+                _fail(str(e))
+        self.store.set_quota(domain, local, limit)
+        self.say(f"quota of {local}@{domain}: {'none' if limit is None else limit}")
+
+    # -- stat
+
+    def stat(self, domain: str | None) -> None:
+        domains = [_domain(domain)] if domain else self.store.list_domains()
+        self.say(f"{'mailbox':40} {'messages':>8} {'bytes':>12} {'locked':>6}  quota")
+        total_m = total_b = 0
+        for d in domains:
+            self._need_domain(d)
+            for mb in self.store.list_mailboxes(d):
+                messages, size = self.store.usage(d, mb)
+                total_m += messages
+                total_b += size
+                quota = self.store.get_quota(d, mb)
+                use = "none" if quota is None else f"{size}/{quota} ({100 * size // max(quota, 1)}%)"
+                locked = "yes" if self.store.is_mailbox_locked(d, mb) else "no"
+                self.say(f"{mb + '@' + d:40} {messages:8} {size:12} {locked:>6}  {use}")
+        self.say(f"{'total':40} {total_m:8} {total_b:12}")
+
+    # -- queue
+
+    def _queue(self) -> Any:
+        from pop3coexist.store.queue import FileQueue
+
+        return FileQueue(self.config.server.queue_dir, self.config.server.hostname)
+
+    def queue_list(self) -> None:
+        entries = self._queue().entries()
+        if not entries:
+            self.say("queue is empty")
+            return
+        now = time.time()
+        for e in entries:
+            age = int(now - float(e.get("arrival", now)))
+            self.say(f"{e['id']}  age {age}s  from <{e.get('sender', '')}>")
+            for r in e.get("recipients", []):
+                nxt = r.get("next_attempt")
+                when = f"  next {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(nxt))}" if nxt else ""
+                reply = f"  last: {r['last_reply']}" if r.get("last_reply") else ""
+                self.say(f"    {r.get('address')}  {r.get('state')}{when}{reply}")
+
+    def queue_flush(self) -> None:
+        self._queue().request_flush()
+        self.say("queue flush requested")
+
+    def queue_delete(self, ident: str, bounce: bool) -> None:
+        try:
+            self._queue().delete(ident, bounce=bounce)
+        except KeyError:
+            _fail(f"no message {ident} in the queue")
+        self.say(f"message {ident} deleted{' (report sent)' if bounce else ''}")
+
+    # -- check-config
+
+    def check_config(self, peer: str | None) -> None:
+        from pop3coexist.tls import server_options
+
+        if not (self.config.tls.self_signed and self.config.tls.certificate
+                and not self.config.tls.certificate.exists()):
+            server_options(self.config.tls)
+        if self.config.auth.method == "passwordfile" and self.config.server.password_file.exists():
+            try:
+                self._pwfile().check()
+            except StoreError as e:
+                _fail(f"password file {self.config.server.password_file}: {e}")
+        if peer is not None:
+            other = load_config(peer)
+            clash = set(self.config.domains.local) & set(other.domains.local)
+            if clash:
+                _fail(f"both configs keep mailboxes for {', '.join(sorted(clash))}: the POP3 server and "
+                      "the gateway must not share a mail domain (it would loop)")
+        self.say(f"{self.config.path}: OK")
+
+
+def run(argv: Sequence[str], out: Any = None) -> int:
+    """Parse and run one command; return the exit code (errors go to stderr)."""
+    args = build_parser().parse_args(list(argv))
+    path = args.config or os.environ.get("POP3COEXIST_CONFIG") or DEFAULT_CONFIG
+    try:
+        config = load_config(path)
+        if args.noun == "check-config":
+            Admin(config, out).check_config(args.peer)
+            return 0
+        admin = Admin(config, out)
+        noun, verb = args.noun, getattr(args, "verb", None)
+        if noun == "domain":
+            if verb == "add":
+                admin.domain_add(args.name)
+            elif verb == "remove":
+                admin.domain_remove(args.name, args.yes)
+            elif verb == "list":
+                admin.domain_list()
+            else:
+                admin.domain_lock(args.name, verb == "lock")
+        elif noun == "mailbox":
+            if verb == "add":
+                admin.mailbox_add(args.address, args.password_stdin)
+            elif verb == "remove":
+                admin.mailbox_remove(args.address, args.yes)
+            elif verb == "list":
+                admin.mailbox_list(args.domain)
+            elif verb in ("lock", "unlock"):
+                admin.mailbox_lock(args.address, verb == "lock")
+            elif verb == "passwd":
+                admin.mailbox_passwd(args.address, args.password_stdin)
+            elif verb == "quota":
+                admin.mailbox_quota(args.address, args.size)
+        elif noun == "stat":
+            admin.stat(args.domain)
+        elif noun == "queue":
+            if verb == "list":
+                admin.queue_list()
+            elif verb == "flush":
+                admin.queue_flush()
+            else:
+                admin.queue_delete(args.id, args.bounce)
+        return 0
+    except (AdminError, ConfigError, StoreError) as e:
+        text = str(e) or e.__class__.__name__
+        if isinstance(e, NoSuchMailbox):
+            text = f"no such domain or mailbox: {text}"
+        print(f"{PROG}: error: {text.splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Wiring: a validated Config in, a running twisted MultiService out.
+
+``preflight(config)`` checks everything that can be checked before a port is opened (mailroot
+writable, password file and key readable, TLS files valid) and raises ConfigError with a clear
+message, so a bad set-up refuses to start with nothing half-started. ``make_service(config)``
+builds the store, the checker, the queue, the POP3 and ESMTP listeners and the delivery runner.
+After the listeners are up, the ports they really got are written to
+``<state_dir>/run/listeners.json`` (so tests and tools can use port 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from pop3coexist.config import Config
+from pop3coexist.errors import ConfigError, StoreError
+from pop3coexist.tls import ensure_self_signed, server_options
+
+log = Logger()
+
+
+class Components:
+    """The long-lived parts built from one config (shared by the service and the admin tool)."""
+
+    def __init__(self, config: Config, reactor: Any = None) -> None:
+        from pop3coexist.identity.factory import make_checker
+        from pop3coexist.store.maildir import MaildirStore
+
+        self.config = config
+        self.reactor = reactor
+        self.store = MaildirStore(config.server.mailroot)
+        self.checker = make_checker(config, self.store, reactor)
+
+    def make_queue(self):
+        from pop3coexist.store.queue import FileQueue
+
+        return FileQueue(self.config.server.queue_dir, self.config.server.hostname)
+
+
+def prepare_state(config: Config) -> None:
+    """Create the state folders and the configured local domains; raise ConfigError if the
+    state cannot be written."""
+    from pop3coexist.store.maildir import MaildirStore
+
+    state = config.server.state_dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "run").mkdir(exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"[server.state_dir] cannot create {state}: {e.strerror}")
+    store = MaildirStore(config.server.mailroot)
+    try:
+        store.check_writable()
+        for domain in config.domains.local:
+            store.add_domain(domain)
+    except (StoreError, OSError) as e:
+        raise ConfigError(f"[server.state_dir] mailroot {config.server.mailroot} is not usable: {e}")
+
+
+def preflight(config: Config) -> None:
+    """Check everything that can fail at start-up; raise ConfigError naming what is wrong."""
+    prepare_state(config)
+    try:
+        ensure_self_signed(config.tls, config.server.hostname)
+    except OSError as e:
+        raise ConfigError(f"[tls] cannot create the self-signed certificate: {e.strerror}")
+    server_options(config.tls)
+    if config.auth.method == "passwordfile":
+        from pop3coexist.identity.factory import make_password_file
+
+        try:
+            make_password_file(config).check()
+        except (StoreError, OSError) as e:
+            raise ConfigError(f"[auth] password file {config.server.password_file}: {e}")
+    elif config.auth.method == "directory":
+        from pop3coexist.config import read_secret
+
+        assert config.auth.directory.bind_password_file is not None
+        try:
+            if not read_secret(config.auth.directory.bind_password_file):
+                raise ConfigError("[auth.directory.bind_password_file] the file is empty")
+        except OSError as e:
+            raise ConfigError(f"[auth.directory.bind_password_file] cannot read: {e.strerror}")
+    elif config.auth.method == "local":
+        try:
+            import pam  # noqa: F401
+        except ImportError:
+            raise ConfigError("[auth.method] \"local\" needs the python-pam package")
+
+
+class ListenerService(service.Service):
+    """Listens on one endpoint description with one factory; remembers the port it got."""
+
+    def __init__(self, description: str, factory: Any, role: str, tls_options: Any = None,
+                 reactor: Any = None) -> None:
+        self.description = description
+        self.factory = factory
+        self.role = role
+        self.tls_options = tls_options
+        self.reactor = reactor
+        self.port: Any = None
+        self._listening: defer.Deferred | None = None
+
+    def privilegedStartService(self) -> None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = self.reactor or default_reactor
+        factory = self.factory
+        if self.tls_options is not None:
+            factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
+        endpoint = endpoints.serverFromString(reactor, self.description)
+        self._listening = endpoint.listen(factory)
+
+        def got(port: Any) -> Any:
+            self.port = port
+            return port
+
+        self._listening.addCallback(got)
+        service.Service.privilegedStartService(self)
+
+    def stopService(self) -> defer.Deferred | None:
+        service.Service.stopService(self)
+        if self.port is not None:
+            return defer.maybeDeferred(self.port.stopListening)
+        return None
+
+    def bound_port(self) -> int | None:
+        return self.port.getHost().port if self.port is not None else None
+
+
+class Pop3CoexistService(service.MultiService):
+    """The whole server: listeners, delivery runner, and the listeners.json record."""
+
+    def __init__(self, config: Config, reactor: Any = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.listeners: list[ListenerService] = []
+
+    def add_listener(self, listener: ListenerService) -> None:
+        self.listeners.append(listener)
+        listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        waits = [ls._listening for ls in self.listeners if ls._listening is not None]
+        d = defer.DeferredList(waits, consumeErrors=True)
+        d.addCallback(self._listening_done)
+
+    def _listening_done(self, results: list) -> None:
+        from twisted.internet import reactor as default_reactor
+
+        failed = [(ls, r[1]) for ls, r in zip(self.listeners, results, strict=False) if not r[0]]
+        if failed:
+            for ls, failure in failed:
+                log.error(
+                    "cannot listen on {desc} ({role}): {why}",
+                    desc=ls.description, role=ls.role, why=failure.getErrorMessage(),
+                )
+            (self.reactor or default_reactor).stop()
+            return
+        self.write_listeners()
+        for ls in self.listeners:
+            log.info("{role} listening on {desc} (port {port})", role=ls.role,
+                     desc=ls.description, port=ls.bound_port())
+
+    def write_listeners(self) -> None:
+        run = self.config.server.state_dir / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        data: dict[str, list[int]] = {}
+        for ls in self.listeners:
+            port = ls.bound_port()
+            if port is not None:
+                data.setdefault(ls.role, []).append(port)
+        tmp = run / f".listeners.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": data}, indent=1))
+        os.replace(tmp, run / "listeners.json")
+
+    def stopService(self) -> Any:
+        try:
+            (self.config.server.state_dir / "run" / "listeners.json").unlink()
+        except OSError:
+            pass
+        return super().stopService()
+
+
+def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
+    """Build the whole server from a validated config (call ``preflight`` first)."""
+    from pop3coexist.policy.connlimit import ConnectionLimiter
+    from pop3coexist.policy.throttle import AuthThrottle
+    from pop3coexist.pop3.factory import POP3ServerFactory
+    from pop3coexist.smtp.outbound import OutboundService
+    from pop3coexist.smtp.server import SMTPServerFactory
+
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+
+    top = Pop3CoexistService(config, reactor)
+    parts = Components(config, reactor)
+    tls_options = server_options(config.tls)
+    queue = parts.make_queue()
+
+    pop3_throttle = AuthThrottle(
+        reactor, base=config.pop3.auth_failure_delay, maximum=config.pop3.auth_failure_delay_max
+    )
+    pop3_limiter = ConnectionLimiter(config.pop3.max_connections, config.pop3.max_connections_per_client)
+
+    def pop3_factory(implicit_tls: bool) -> Any:
+        return POP3ServerFactory(
+            config, parts.store, parts.checker, tls_options=tls_options,
+            implicit_tls=implicit_tls, reactor=reactor, throttle=pop3_throttle,
+            limiter=pop3_limiter,
+        )
+
+    for desc in config.pop3.listen:
+        top.add_listener(ListenerService(desc, pop3_factory(False), "pop3", reactor=reactor))
+    for desc in config.pop3.tls_listen:
+        top.add_listener(
+            ListenerService(desc, pop3_factory(True), "pop3s", tls_options=tls_options, reactor=reactor)
+        )
+
+    smtp_throttle = AuthThrottle(
+        reactor, base=config.smtp.auth_failure_delay, maximum=config.pop3.auth_failure_delay_max
+    )
+    smtp_limiter = ConnectionLimiter(config.smtp.max_connections, config.smtp.max_connections_per_client)
+
+    def smtp_factory(mode: str) -> Any:
+        return SMTPServerFactory(
+            config, parts.store, parts.checker, queue, tls_options=tls_options, mode=mode,
+            reactor=reactor, throttle=smtp_throttle, limiter=smtp_limiter,
+        )
+
+    for desc in config.smtp.listen:
+        top.add_listener(ListenerService(desc, smtp_factory("mx"), "smtp", reactor=reactor))
+    for desc in config.smtp.submission_listen:
+        top.add_listener(ListenerService(desc, smtp_factory("submission"), "submission", reactor=reactor))
+    for desc in config.smtp.tls_listen:
+        top.add_listener(
+            ListenerService(desc, smtp_factory("smtps"), "smtps", tls_options=tls_options, reactor=reactor)
+        )
+
+    outbound = OutboundService(config, queue, store=parts.store, reactor=reactor)
+    outbound.setServiceParent(top)
+
+    def on_hup(signum: int, frame: Any) -> None:
+        # State files are re-read on every use; SIGHUP also asks the queue to run now.
+        reactor.callFromThread(_reload, queue)
+
+    try:
+        signal.signal(signal.SIGHUP, on_hup)
+    except ValueError:  # not the main thread (tests)
+        pass
+    return top
+
+
+def _reload(queue: Any) -> None:
+    log.info("SIGHUP: state is re-read on every use; running the queue now")
+    try:
+        queue.wake()
+    except Exception:
+        log.failure("queue wake failed")
+
+
+def read_listeners(state_dir: Path) -> dict[str, list[int]]:
+    """The ports a running server bound, by role (pop3, pop3s, smtp, submission, smtps)."""
+    data = json.loads((state_dir / "run" / "listeners.json").read_text())
+    return data["listeners"]

@@ -1,0 +1,251 @@
+"""The config file: defaults, units, strict validation that names the key, and unsafe combinations."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pop3coexist.config import load_config, parse_config, parse_duration, parse_size
+from pop3coexist.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MINIMAL = """
+[server]
+hostname = "pop.contoso.test"
+state_dir = "var"
+"""
+
+
+def cfg(extra: str = "", path: Path | None = None):
+    return parse_config(textwrap.dedent(MINIMAL) + textwrap.dedent(extra), path)
+
+
+def error_of(extra: str, path: Path | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        cfg(extra, path)
+    return str(info.value)
+
+
+def test_embedded_default_config_loads():
+    """etc/pop3coexist.toml is valid, keeps state under var/ and listens on loopback high ports."""
+    c = load_config(ROOT / "etc" / "pop3coexist.toml")
+    assert c.server.state_dir == ROOT / "var"
+    assert c.pop3.listen == ("tcp:1110:interface=127.0.0.1",)
+    assert c.pop3.tls_listen == ("tcp:1995:interface=127.0.0.1",)
+    assert c.smtp.listen == ("tcp:2525:interface=127.0.0.1",)
+    assert c.smtp.submission_listen == ("tcp:2587:interface=127.0.0.1",)
+    assert c.smtp.tls_listen == ("tcp:2465:interface=127.0.0.1",)
+    assert c.auth.method == "passwordfile" and c.auth.apop
+    assert c.domains.local == ("pop.contoso.test",)
+
+
+def test_defaults_mirror_the_reference():
+    """Unset keys take the documented defaults (IIS-like retries, 10 MB, 100 recipients, 30 hops)."""
+    c = cfg()
+    assert c.smtp.max_message_size == 10_000_000
+    assert c.smtp.max_recipients == 100
+    assert c.smtp.max_hop_count == 30
+    assert c.queue.retry_intervals == (900.0, 1800.0, 3600.0, 14400.0)
+    assert c.queue.delay_notification == 12 * 3600
+    assert c.queue.expiration == 2 * 86400
+    assert c.relay.authenticated is True
+    assert c.pop3.idle_timeout >= 600
+
+
+@pytest.mark.parametrize(
+    "text,value",
+    [(0, 0), (2048, 2048), ("10MB", 10_000_000), ("10 mb", 10_000_000), ("2KiB", 2048), ("1GB", 10**9), ("512", 512)],
+)
+def test_sizes(text, value):
+    """Sizes are bytes or strings with decimal (KB, MB) or binary (KiB, MiB) units."""
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize(
+    "text,value", [(30, 30.0), ("30s", 30.0), ("15m", 900.0), ("12h", 43200.0), ("2d", 172800.0), ("1.5", 1.5)]
+)
+def test_durations(text, value):
+    """Durations are seconds or strings with s, m, h, d."""
+    assert parse_duration(text) == value
+
+
+@pytest.mark.parametrize("bad", ["ten", "-1", "5 parsecs", True])
+def test_bad_sizes_are_refused(bad):
+    """A size that is not a size is a ValueError (reported against its key)."""
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    """An unknown key is refused, naming the section.key, the file and the line."""
+    p = tmp_path / "c.toml"
+    text = textwrap.dedent(MINIMAL) + "\n[smtp]\nmax_message_size = 10\nmax_mesage_count = 3\n"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    message = str(info.value)
+    assert "[smtp.max_mesage_count]" in message
+    assert f"{p}:8:" in message
+    assert "unknown key" in message
+
+
+def test_unknown_section_is_refused():
+    """A section nobody knows is an error, not silently ignored."""
+    assert "[imap]" in error_of("[imap]\nlisten = []\n")
+
+
+@pytest.mark.parametrize(
+    "extra,key",
+    [
+        ("[pop3]\nrequire_secure_auth = \"yes\"\n", "pop3.require_secure_auth"),
+        ("[smtp]\nmax_recipients = \"many\"\n", "smtp.max_recipients"),
+        ("[smtp]\nmax_message_size = \"huge\"\n", "smtp.max_message_size"),
+        ("[pop3]\nlisten = \"tcp:110\"\n", "pop3.listen"),
+        ("[pop3]\nlisten = [\"110\"]\n", "pop3.listen"),
+        ("[auth]\nmethod = \"kerberos\"\n", "auth.method"),
+        ("[relay]\nnetworks = [\"not-a-net\"]\n", "relay.networks"),
+        ("[smarthost]\ntls = \"sometimes\"\n", "smarthost.tls"),
+        ("[smarthost]\nhost = \"[mail.example.com]:25\"\n", "smarthost.host"),
+        ("[queue]\nretry_intervals = []\n", "queue.retry_intervals"),
+        ("[domains]\nlocal = [\"localhost\"]\n", "domains.local"),
+        ("[domains]\nlocal = [\"a.test\", \"A.test\"]\n", "domains.local"),
+    ],
+)
+def test_wrong_types_and_values_name_the_key(extra, key):
+    """Every wrong value is reported against its own key."""
+    assert f"[{key}]" in error_of(extra)
+
+
+def test_missing_server_keys():
+    """hostname and state_dir are required."""
+    with pytest.raises(ConfigError, match=r"\[server.hostname\] is required"):
+        parse_config("[server]\nstate_dir = 'v'\n")
+    with pytest.raises(ConfigError, match=r"\[server.state_dir\] is required"):
+        parse_config("[server]\nhostname = 'a.test'\n")
+
+
+def test_invalid_toml_is_reported():
+    """A syntax error is one clear ConfigError."""
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config("[server\nhostname=")
+
+
+def test_missing_file_is_reported(tmp_path):
+    """A config file that does not exist is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "extra,key",
+    [
+        ("[[domains.remote]]\nname = \"*\"\n", "domains.remote.name"),
+        ("[[domains.remote]]\nname = \"*.example.com\"\n", "domains.remote.name"),
+        ("[relay]\nnetworks = [\"0.0.0.0/0\"]\n", "relay.networks"),
+        ("[relay]\nnetworks = [\"::/0\"]\n", "relay.networks"),
+    ],
+)
+def test_open_relay_configurations_are_refused(extra, key):
+    """A relay domain of * or a relay network covering everything would be an open relay."""
+    message = error_of(extra)
+    assert f"[{key}]" in message and "open relay" in message
+
+
+def test_apop_with_directory_is_refused(tmp_path):
+    """auth.apop = true needs the shared secret, which the directory does not keep."""
+    secret = tmp_path / "bind.secret"
+    secret.write_text("s3cret\n")
+    extra = f"""
+    [auth]
+    method = "directory"
+    apop = true
+    [auth.directory]
+    base_dn = "dc=x,dc=test"
+    bind_dn = "cn=svc,dc=x,dc=test"
+    bind_password_file = "{secret}"
+    """
+    assert "[auth.apop]" in error_of(extra)
+
+
+def test_apop_defaults_off_for_directory(tmp_path):
+    """With method directory and no apop key, APOP is simply off."""
+    secret = tmp_path / "bind.secret"
+    secret.write_text("s3cret\n")
+    c = cfg(f"""
+    [auth]
+    method = "directory"
+    [auth.directory]
+    base_dn = "dc=x,dc=test"
+    bind_dn = "cn=svc,dc=x,dc=test"
+    bind_password_file = "{secret}"
+    """)
+    assert c.auth.apop is False
+    assert c.auth.directory.attributes.proxy_addresses == "proxyAddresses"
+
+
+def test_directory_requires_its_keys():
+    """method = directory without bind settings names the missing key."""
+    assert "[auth.directory.base_dn]" in error_of("[auth]\nmethod = \"directory\"\n")
+
+
+def test_local_accounts_allow_one_domain():
+    """PAM accounts have one address each: a second local domain is refused."""
+    message = error_of("[auth]\nmethod = \"local\"\n[domains]\nlocal = [\"a.test\", \"b.test\"]\n")
+    assert "[domains.local]" in message
+
+
+def test_tls_listeners_need_certificates():
+    """An implicit-TLS listener without [tls] files is refused."""
+    assert "[pop3.tls_listen]" in error_of("[pop3]\ntls_listen = [\"tcp:0\"]\n")
+    assert "[smtp.require_tls_for_auth]" in error_of("[smtp]\nrequire_tls_for_auth = true\n")
+
+
+def test_tls_files_must_exist(tmp_path):
+    """A certificate path that does not exist is named."""
+    p = tmp_path / "c.toml"
+    p.write_text(MINIMAL + "[tls]\ncertificate = \"nope.pem\"\nprivate_key = \"nope.key\"\n")
+    with pytest.raises(ConfigError, match=r"\[tls.certificate\] file not found"):
+        load_config(p)
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    """state_dir and other paths are taken from the config file's folder."""
+    p = tmp_path / "etc" / "c.toml"
+    p.parent.mkdir()
+    p.write_text(MINIMAL.replace('"var"', '"../state"'))
+    assert load_config(p).server.state_dir == tmp_path / "state"
+
+
+def test_remote_domains_and_routes():
+    """Remote relay domains with optional [address]:port routes are parsed and checked."""
+    c = cfg("""
+    [[domains.remote]]
+    name = "Exchange.Northwindtraders.test"
+    route = "[127.0.0.1]:2526"
+    [[domains.remote]]
+    name = "other.test"
+    relay = false
+    """)
+    assert c.domains.remote[0].name == "exchange.northwindtraders.test"
+    assert c.domains.remote[0].route == "[127.0.0.1]:2526"
+    assert c.domains.remote[1].relay is False and c.domains.remote[1].route is None
+
+
+def test_remote_domain_cannot_be_local_too():
+    """A domain cannot be both local and remote."""
+    message = error_of("[domains]\nlocal = [\"a.test\"]\n[[domains.remote]]\nname = \"a.test\"\n")
+    assert "also a local domain" in message
+
+
+def test_smarthost_username_needs_password_file():
+    """AUTH to the smart host needs a password file (never a password in the config)."""
+    assert "[smarthost.password_file]" in error_of("[smarthost]\nusername = \"svc\"\n")
+
+
+def test_rfc_minimums():
+    """RFC minimums: 100 recipients (RFC 5321), POP3 idle timeout >= 10 minutes (RFC 1939)."""
+    assert "[smtp.max_recipients]" in error_of("[smtp]\nmax_recipients = 10\n")
+    assert "[pop3.idle_timeout]" in error_of("[pop3]\nidle_timeout = \"1m\"\n")
