@@ -1,0 +1,848 @@
+"""The Maildir mail store: implements ``interfaces.IMailStore`` and ``interfaces.IMaildrop``.
+
+On disk (CONTRACT section 5)::
+
+    <root>/<domain>/<mailbox>/{tmp,new,cur}     plain Maildir, readable by any Maildir tool
+    <root>/<domain>/.pop3coexist.json           domain metadata   {"locked": bool}
+    <root>/<domain>/<mailbox>/.pop3coexist.json mailbox metadata  {"locked": bool, "quota": int|null}
+    <root>/<domain>/<mailbox>/.pop3coexist.lock POP3 session lock (flock, exclusive)
+    <root>/.spool/                              where writers build a message before delivery
+
+Messages get maildir(5) unique names ``<sec>.M<usec>P<pid>Q<n>R<hex>.<host>`` plus the
+Dovecot-style ``,S=<bytes>,W=<CRLF bytes>`` fields, so neither quota nor POP3 sizes need to
+read the files. A delivery is written to ``tmp/``, fsynced, renamed into ``new/`` and ``new/``
+is fsynced before any method returns; ``deliver_file`` hard-links one fsynced spool file into
+every recipient's ``new/`` (single-instance storage). Metadata files are replaced atomically
+(temp file, fsync, rename, fsync folder) under an ``fcntl.flock`` so two admin processes can
+change them at once; nothing is cached, so a running server sees a change at its next call.
+
+Everything here is blocking and knows nothing of Twisted or sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from zope.interface import implementer
+
+from pop3coexist import errors
+from pop3coexist.address import is_valid_mailbox_name, normalise_domain
+from pop3coexist.interfaces import IMaildrop, IMailStore
+
+__all__ = ["MaildirStore", "Maildrop", "crlf_size", "unique_part", "uidl_for_name"]
+
+META_NAME = ".pop3coexist.json"
+META_LOCK_NAME = ".pop3coexist.json.lock"
+SESSION_LOCK_NAME = ".pop3coexist.lock"
+SPOOL_NAME = ".spool"
+SUBDIRS = ("tmp", "new", "cur")
+TMP_MAX_AGE = 36 * 3600  # maildir(5): files in tmp/ untouched for 36 hours are garbage
+
+_CHUNK = 1 << 16
+_SIZE_FIELD_RE = re.compile(r",([SW])=(\d+)(?=,|\Z)")
+_UNIQUE_SPLIT_RE = re.compile(r",[SW]=")
+_TIME_RE = re.compile(r"(\d+)(?:\.M(\d+))?")
+_UIDL_OK_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")
+
+_counter = itertools.count(1)
+_counter_lock = threading.Lock()
+
+
+# -- helpers for callers ----------------------------------------------------------------------
+
+
+def crlf_size(path_or_file: str | os.PathLike[str] | IO[bytes]) -> int:
+    """The size of a message as POP3 sends it: every LF not preceded by CR counts as two octets.
+
+    Takes a path or a binary file object; a seekable file is read from its start and its
+    position is restored afterwards. The file is read once, in chunks.
+    """
+    if isinstance(path_or_file, (str, os.PathLike)):
+        with open(path_or_file, "rb") as f:
+            return _crlf_size_of(f)
+    f = path_or_file
+    try:
+        position = f.tell()
+        f.seek(0)
+    except (AttributeError, OSError):
+        return _crlf_size_of(f)
+    try:
+        return _crlf_size_of(f)
+    finally:
+        f.seek(position)
+
+
+def _crlf_size_of(f: IO[bytes]) -> int:
+    total = 0
+    bare_lf = 0
+    last = b""
+    while True:
+        chunk = f.read(_CHUNK)
+        if not chunk:
+            break
+        total += len(chunk)
+        bare_lf += chunk.count(b"\n") - chunk.count(b"\r\n")
+        if last == b"\r" and chunk[:1] == b"\n":
+            bare_lf -= 1
+        last = chunk[-1:]
+    return total + bare_lf
+
+
+def _crlf_size_of_bytes(data: bytes) -> int:
+    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+
+
+def unique_part(name: str) -> str:
+    """The maildir(5) unique part of a file name: before the ``:`` info and the size fields."""
+    base = name.split(":", 1)[0]
+    return _UNIQUE_SPLIT_RE.split(base, maxsplit=1)[0]
+
+
+def uidl_for_name(name: str) -> str:
+    """The POP3 UIDL of a Maildir file name (RFC 1939: 1-70 characters in 0x21-0x7E).
+
+    The unique part when it qualifies, else a hex digest of it; the same before and after
+    the file moves from ``new/`` to ``cur/`` and gains flags.
+    """
+    unique = unique_part(name)
+    if _UIDL_OK_RE.match(unique):
+        return unique
+    return hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _size_fields(name: str) -> dict[str, int]:
+    base = name.split(":", 1)[0]
+    return {key: int(value) for key, value in _SIZE_FIELD_RE.findall(base)}
+
+
+def _sanitise_host(host: str) -> str:
+    # maildir(5) / Dovecot: '/' and ':' (and ',' for the size fields) must not appear.
+    out = []
+    for ch in host or "localhost":
+        if ch == "/":
+            out.append("\\057")
+        elif ch == ":":
+            out.append("\\072")
+        elif ch == ",":
+            out.append("\\054")
+        elif 0x21 <= ord(ch) <= 0x7E:
+            out.append(ch)
+        else:
+            out.append(f"\\{ord(ch) & 0xFF:03o}")
+    return "".join(out)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_message_entry(entry: os.DirEntry[str]) -> bool:
+    """A message file in new/ or cur/: no dot-files, no symlinks, no folders."""
+    if entry.name.startswith("."):
+        return False
+    try:
+        return entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _scan(folder: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if _is_message_entry(entry):
+                    yield entry
+    except FileNotFoundError:
+        return
+
+
+def _delivery_key(name: str, mtime: float) -> tuple[int, int, str]:
+    match = _TIME_RE.match(name)
+    if match:
+        return int(match.group(1)), int(match.group(2) or 0), name
+    return int(mtime), 0, name
+
+
+@contextlib.contextmanager
+def _flocked(lock_path: Path) -> Iterator[None]:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+@implementer(IMailStore)
+class MaildirStore:
+    """Mail domains and Maildir mailboxes under ``root``. See ``IMailStore``.
+
+    ``hostname`` goes into new file names (default: this host's name).
+    """
+
+    def __init__(self, root: Path | str, *, hostname: str | None = None) -> None:
+        self.root = Path(root)
+        self._host = _sanitise_host(hostname if hostname is not None else socket.gethostname())
+
+    def __repr__(self) -> str:
+        return f"<MaildirStore root={str(self.root)!r}>"
+
+    # -- names and paths
+
+    @staticmethod
+    def _domain_name(domain: str) -> str:
+        if not isinstance(domain, str):
+            raise ValueError("domain name must be text")
+        return normalise_domain(domain)  # AddressError is a ValueError
+
+    @staticmethod
+    def _mailbox_name(mailbox: str) -> str:
+        if not isinstance(mailbox, str):
+            raise ValueError("mailbox name must be text")
+        name = mailbox.lower()
+        if not is_valid_mailbox_name(name):
+            raise ValueError(
+                f"invalid mailbox name {mailbox!r}: 1-64 characters of letters, digits and "
+                "!#$%&'*+=?^_`{|}~.- without a leading, trailing or double dot"
+            )
+        return name
+
+    def _domain_path(self, domain: str) -> tuple[str, Path]:
+        name = self._domain_name(domain)
+        return name, self.root / name
+
+    def _existing_domain(self, domain: str) -> tuple[str, Path]:
+        name, path = self._domain_path(domain)
+        if not path.is_dir():
+            raise errors.NoSuchMailbox(f"no such domain: {name}")
+        return name, path
+
+    def _mailbox_path(self, domain: str, mailbox: str) -> tuple[str, str, Path]:
+        dname, dpath = self._domain_path(domain)
+        mname = self._mailbox_name(mailbox)
+        return dname, mname, dpath / mname
+
+    def _existing_mailbox(self, domain: str, mailbox: str) -> tuple[str, str, Path]:
+        dname, mname, path = self._mailbox_path(domain, mailbox)
+        if not self._is_maildir(path):
+            if not path.parent.is_dir():
+                raise errors.NoSuchMailbox(f"no such domain: {dname}")
+            raise errors.NoSuchMailbox(f"no such mailbox: {mname}@{dname}")
+        return dname, mname, path
+
+    @staticmethod
+    def _is_maildir(path: Path) -> bool:
+        return (path / "new").is_dir() and (path / "cur").is_dir()
+
+    def _unique_name(self) -> str:
+        ns = time.time_ns()
+        with _counter_lock:
+            n = next(_counter)
+        return (
+            f"{ns // 1_000_000_000}.M{(ns // 1000) % 1_000_000}P{os.getpid()}Q{n}"
+            f"R{secrets.token_hex(8)}.{self._host}"
+        )
+
+    def _ensure_root(self) -> None:
+        if not self.root.is_dir():
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                _fsync_dir(self.root.parent)
+
+    def check_writable(self) -> None:
+        """See ``IMailStore.check_writable``."""
+        try:
+            self._ensure_root()
+            self.spool_dir()
+            probe = self.root / f".probe.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b"probe\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(probe)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise errors.StoreError(f"mail root {self.root} is not writable: {reason}") from exc
+
+    # -- metadata
+
+    def _read_meta(self, folder: Path) -> dict[str, Any]:
+        path = folder / META_NAME
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise errors.StoreError(f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise errors.StoreError(f"damaged metadata file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise errors.StoreError(f"damaged metadata file {path}: not a JSON object")
+        locked = data.get("locked", False)
+        quota = data.get("quota")
+        if not isinstance(locked, bool) or not (
+            quota is None or (isinstance(quota, int) and not isinstance(quota, bool) and quota >= 0)
+        ):
+            raise errors.StoreError(f"damaged metadata file {path}: bad 'locked' or 'quota'")
+        return data
+
+    def _update_meta(self, folder: Path, **changes: Any) -> None:
+        """Read-modify-write one metadata file under its flock, replaced atomically."""
+        with _flocked(folder / META_LOCK_NAME):
+            data = self._read_meta(folder)
+            data.update(changes)
+            tmp = folder / f"{META_NAME}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    os.write(fd, json.dumps(data, sort_keys=True).encode() + b"\n")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(tmp, folder / META_NAME)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(folder)
+
+    # -- domains
+
+    def list_domains(self) -> list[str]:
+        """See ``IMailStore.list_domains``."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        names = []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=True):
+                continue
+            try:
+                if normalise_domain(entry.name) == entry.name:
+                    names.append(entry.name)
+            except ValueError:
+                continue
+        return sorted(names)
+
+    def domain_exists(self, domain: str) -> bool:
+        """See ``IMailStore.domain_exists``."""
+        _, path = self._domain_path(domain)
+        return path.is_dir()
+
+    def add_domain(self, domain: str) -> bool:
+        """See ``IMailStore.add_domain``."""
+        _, path = self._domain_path(domain)
+        self._ensure_root()
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            if not path.is_dir():
+                raise errors.StoreError(f"{path} exists and is not a folder")
+            return False
+        _fsync_dir(self.root)
+        return True
+
+    def remove_domain(self, domain: str) -> None:
+        """See ``IMailStore.remove_domain``."""
+        _, path = self._existing_domain(domain)
+        self._remove_tree(path)
+
+    def _remove_tree(self, path: Path) -> None:
+        # Rename first, so the domain or mailbox vanishes at once; then delete at leisure.
+        # A crash in between leaves a dot-folder that listings ignore.
+        graveyard = self.root / f".removed.{self._unique_name()}"
+        try:
+            os.rename(path, graveyard)
+        except FileNotFoundError:
+            raise errors.NoSuchMailbox(f"{path} no longer exists")
+        _fsync_dir(path.parent)
+        shutil.rmtree(graveyard, ignore_errors=True)
+
+    def set_domain_locked(self, domain: str, locked: bool) -> None:
+        """See ``IMailStore.set_domain_locked``."""
+        _, path = self._existing_domain(domain)
+        self._update_meta(path, locked=bool(locked))
+
+    def is_domain_locked(self, domain: str) -> bool:
+        """See ``IMailStore.is_domain_locked``."""
+        _, path = self._existing_domain(domain)
+        return bool(self._read_meta(path).get("locked", False))
+
+    # -- mailboxes
+
+    def list_mailboxes(self, domain: str) -> list[str]:
+        """See ``IMailStore.list_mailboxes``."""
+        _, path = self._existing_domain(domain)
+        names = []
+        with os.scandir(path) as it:
+            for entry in it:
+                if entry.name.startswith(".") or not is_valid_mailbox_name(entry.name):
+                    continue
+                if entry.is_dir() and self._is_maildir(Path(entry.path)):
+                    names.append(entry.name)
+        return sorted(names)
+
+    def mailbox_exists(self, domain: str, mailbox: str) -> bool:
+        """See ``IMailStore.mailbox_exists``."""
+        _, _, path = self._mailbox_path(domain, mailbox)
+        return self._is_maildir(path)
+
+    def add_mailbox(self, domain: str, mailbox: str) -> bool:
+        """See ``IMailStore.add_mailbox``. The Maildir appears complete or not at all."""
+        dname, mname, path = self._mailbox_path(domain, mailbox)
+        dpath = path.parent
+        if not dpath.is_dir():
+            raise errors.NoSuchMailbox(f"no such domain: {dname}")
+        if self._is_maildir(path):
+            return False
+        if path.is_dir():  # a half-made folder (by hand, or an old crash): complete it
+            for sub in SUBDIRS:
+                (path / sub).mkdir(mode=0o700, exist_ok=True)
+            _fsync_dir(path)
+            return True
+        building = dpath / f".new.{self._unique_name()}"
+        building.mkdir(mode=0o700)
+        try:
+            for sub in SUBDIRS:
+                (building / sub).mkdir(mode=0o700)
+            _fsync_dir(building)
+            try:
+                os.rename(building, path)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                    return False  # someone else made it just now
+                raise
+        finally:
+            if building.exists():
+                shutil.rmtree(building, ignore_errors=True)
+        _fsync_dir(dpath)
+        return True
+
+    def remove_mailbox(self, domain: str, mailbox: str) -> None:
+        """See ``IMailStore.remove_mailbox``."""
+        _, _, path = self._existing_mailbox(domain, mailbox)
+        self._remove_tree(path)
+
+    def set_mailbox_locked(self, domain: str, mailbox: str, locked: bool) -> None:
+        """See ``IMailStore.set_mailbox_locked``."""
+        dname, mname, path = self._existing_mailbox(domain, mailbox)
+        if not locked and self._read_meta(path.parent).get("locked", False):
+            raise errors.AdminError(
+                f"cannot unlock mailbox {mname}@{dname}: domain {dname} is locked "
+                "(unlock the domain first)"
+            )
+        self._update_meta(path, locked=bool(locked))
+
+    def is_mailbox_locked(self, domain: str, mailbox: str) -> bool:
+        """See ``IMailStore.is_mailbox_locked``."""
+        _, _, path = self._existing_mailbox(domain, mailbox)
+        if self._read_meta(path.parent).get("locked", False):
+            return True
+        return bool(self._read_meta(path).get("locked", False))
+
+    def set_quota(self, domain: str, mailbox: str, limit: int | None) -> None:
+        """See ``IMailStore.set_quota``. ``limit`` is a whole number of bytes >= 0, or None."""
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+        ):
+            raise ValueError("quota must be a whole number of bytes (0 or more) or None")
+        _, _, path = self._existing_mailbox(domain, mailbox)
+        self._update_meta(path, quota=limit)
+
+    def get_quota(self, domain: str, mailbox: str) -> int | None:
+        """See ``IMailStore.get_quota``."""
+        _, _, path = self._existing_mailbox(domain, mailbox)
+        return self._read_meta(path).get("quota")
+
+    def usage(self, domain: str, mailbox: str) -> tuple[int, int]:
+        """See ``IMailStore.usage``: sizes from ``,S=`` in names, ``stat`` otherwise."""
+        _, _, path = self._existing_mailbox(domain, mailbox)
+        return self._usage(path)
+
+    @staticmethod
+    def _usage(path: Path) -> tuple[int, int]:
+        count = 0
+        total = 0
+        for sub in ("new", "cur"):
+            for entry in _scan(path / sub):
+                size = _size_fields(entry.name).get("S")
+                if size is None:
+                    try:
+                        size = entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue  # deleted meanwhile
+                count += 1
+                total += size
+        return count, total
+
+    def would_exceed_quota(self, domain: str, mailbox: str, size: int) -> bool:
+        """True when adding ``size`` bytes would put the mailbox over its quota (RCPT check)."""
+        _, _, path = self._existing_mailbox(domain, mailbox)
+        return self._would_exceed(path, size)
+
+    def _would_exceed(self, path: Path, size: int) -> bool:
+        quota = self._read_meta(path).get("quota")
+        if quota is None:
+            return False
+        return self._usage(path)[1] + max(int(size), 0) > quota
+
+    # -- delivery
+
+    def spool_dir(self) -> Path:
+        """See ``IMailStore.spool_dir``: ``<root>/.spool``, created when missing."""
+        spool = self.root / SPOOL_NAME
+        if not spool.is_dir():
+            self._ensure_root()
+            spool.mkdir(mode=0o700, exist_ok=True)
+            _fsync_dir(self.root)
+        return spool
+
+    def clean_spool(self, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
+        """Remove spool files older than ``max_age`` seconds (left by a crash); return how many."""
+        return self._clean_folder(self.root / SPOOL_NAME, max_age, now)
+
+    @staticmethod
+    def _clean_folder(folder: Path, max_age: float, now: float | None) -> int:
+        now = time.time() if now is None else now
+        removed = 0
+        for entry in _scan(folder):
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if now - max(st.st_mtime, st.st_ctime, st.st_atime) > max_age:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def deliver_file(
+        self,
+        source: Path | str,
+        recipients: list[tuple[str, str]],
+        *,
+        enforce_quota: bool = True,
+    ) -> list[Path]:
+        """See ``IMailStore.deliver_file``.
+
+        All recipients are checked (names, existence, quota) before anything is written; if a
+        link fails part-way, the links already made are removed again and ``StoreError`` is
+        raised, so a delivery happens everywhere or nowhere. ``QuotaExceeded`` carries the
+        ``(domain, mailbox)`` that is full as ``.recipient``.
+        """
+        source = Path(source)
+        targets = [self._existing_mailbox(d, m) for d, m in recipients]
+        try:
+            size = os.stat(source).st_size
+            wsize = crlf_size(source)
+        except OSError as exc:
+            raise errors.StoreError(f"cannot read spooled message {source}: {exc.strerror}") from exc
+        if enforce_quota:
+            for dname, mname, path in targets:
+                if self._would_exceed(path, size):
+                    exc = errors.QuotaExceeded(f"mailbox {mname}@{dname} is over its quota")
+                    exc.recipient = (dname, mname)  # type: ignore[attr-defined]
+                    raise exc
+        written: list[Path] = []
+        folders: list[Path] = []
+        try:
+            for _dname, _mname, path in targets:
+                new = path / "new"
+                written.append(self._link_into(source, new, size, wsize))
+                if new not in folders:
+                    folders.append(new)
+            for folder in folders:
+                _fsync_dir(folder)
+        except OSError as exc:
+            for done in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(done)
+            raise errors.StoreError(f"delivery failed: {exc.strerror or exc}") from exc
+        return written
+
+    def _link_into(self, source: Path, new: Path, size: int, wsize: int) -> Path:
+        for _attempt in range(10):
+            target = new / f"{self._unique_name()},S={size},W={wsize}"
+            try:
+                os.link(source, target)
+                return target
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                # Not linkable (other file system, link limit): copy through tmp/ instead.
+                with open(source, "rb") as f:
+                    return self._write_message(new.parent, f, size, wsize, fsync_new=False)
+        raise OSError(errno.EEXIST, "could not find a free unique file name")
+
+    def deliver_bytes(
+        self, domain: str, mailbox: str, data: bytes, *, enforce_quota: bool = False
+    ) -> Path:
+        """See ``IMailStore.deliver_bytes``. With ``enforce_quota`` a full mailbox raises
+        ``QuotaExceeded`` and nothing is written."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("message data must be bytes")
+        data = bytes(data)
+        dname, mname, path = self._existing_mailbox(domain, mailbox)
+        if enforce_quota and self._would_exceed(path, len(data)):
+            exc = errors.QuotaExceeded(f"mailbox {mname}@{dname} is over its quota")
+            exc.recipient = (dname, mname)  # type: ignore[attr-defined]
+            raise exc
+        try:
+            return self._write_message(path, data, len(data), _crlf_size_of_bytes(data))
+        except OSError as exc:
+            raise errors.StoreError(f"delivery to {mname}@{dname} failed: {exc.strerror or exc}") from exc
+
+    def _write_message(
+        self, maildir: Path, data: bytes | BinaryIO, size: int, wsize: int, fsync_new: bool = True
+    ) -> Path:
+        """tmp/ -> write, fsync -> rename into new/ -> fsync new/ (maildir(5) delivery)."""
+        tmpdir = maildir / "tmp"
+        tmpdir.mkdir(mode=0o700, exist_ok=True)  # foreign Maildirs sometimes lack tmp/
+        unique = self._unique_name()
+        tmp = tmpdir / unique
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                with os.fdopen(fd, "wb", closefd=False) as out:
+                    if isinstance(data, bytes):
+                        out.write(data)
+                    else:
+                        shutil.copyfileobj(data, out, _CHUNK)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            final = maildir / "new" / f"{unique},S={size},W={wsize}"
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if fsync_new:
+            _fsync_dir(maildir / "new")
+        return final
+
+    # -- POP3
+
+    def open_maildrop(self, domain: str, mailbox: str) -> Maildrop:
+        """See ``IMailStore.open_maildrop``."""
+        dname, mname, path = self._existing_mailbox(domain, mailbox)
+        try:
+            lock = open(path / SESSION_LOCK_NAME, "ab")  # noqa: SIM115 - held until commit/close
+        except OSError as exc:
+            raise errors.StoreError(f"cannot open the lock of {mname}@{dname}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise errors.MailboxInUse(f"mailbox {mname}@{dname} is in use by another session")
+        except OSError as exc:
+            lock.close()
+            raise errors.StoreError(f"cannot lock {mname}@{dname}: {exc.strerror}") from exc
+        try:
+            with contextlib.suppress(OSError):
+                self._clean_folder(path / "tmp", TMP_MAX_AGE, None)
+            return Maildrop(path, lock, f"{mname}@{dname}")
+        except BaseException:
+            lock.close()
+            raise
+
+
+class _Message:
+    __slots__ = ("folder", "name", "unique", "uidl", "size", "wsize")
+
+    def __init__(self, folder: str, name: str, size: int | None, wsize: int | None) -> None:
+        self.folder = folder  # "new" or "cur"
+        self.name = name
+        self.unique = unique_part(name)
+        self.uidl = uidl_for_name(name)
+        self.size = size
+        self.wsize = wsize
+
+
+@implementer(IMaildrop)
+class Maildrop:
+    """One POP3 session's snapshot of one Maildir, holding its session lock. See ``IMaildrop``.
+
+    Made by ``MaildirStore.open_maildrop``; ``lock`` is the open, flocked lock file.
+    """
+
+    def __init__(self, path: Path, lock: BinaryIO, label: str = "") -> None:
+        self.path = Path(path)
+        self._lock: BinaryIO | None = lock
+        self._label = label or str(path)
+        self._messages = self._snapshot()
+        self._where: dict[str, tuple[str, str]] | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._lock is not None else "released"
+        return f"<Maildrop {self._label} messages={len(self._messages)} {state}>"
+
+    def _snapshot(self) -> list[_Message]:
+        found: list[tuple[tuple[int, int, str], _Message]] = []
+        seen: set[str] = set()
+        for folder in ("new", "cur"):
+            for entry in _scan(self.path / folder):
+                fields = _size_fields(entry.name)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                size = fields.get("S", st.st_size)
+                msg = _Message(folder, entry.name, size, fields.get("W"))
+                if msg.uidl in seen:  # the same unique name twice: keep UIDLs unique
+                    msg.uidl = hashlib.sha256(
+                        f"{folder}/{entry.name}".encode("utf-8", "surrogateescape")
+                    ).hexdigest()
+                seen.add(msg.uidl)
+                found.append((_delivery_key(entry.name, st.st_mtime), msg))
+        found.sort(key=lambda pair: pair[0])
+        return [msg for _, msg in found]
+
+    def _message(self, index: int) -> _Message:
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError("message index must be an int")
+        if not 0 <= index < len(self._messages):
+            raise IndexError(f"no message with index {index}")
+        return self._messages[index]
+
+    def _locate(self, msg: _Message) -> Path | None:
+        """The message's current path; another Maildir client may have moved it to cur/."""
+        path = self.path / msg.folder / msg.name
+        if os.path.lexists(path):
+            return path
+        if self._where is None:
+            self._where = {}
+            for folder in ("cur", "new"):
+                for entry in _scan(self.path / folder):
+                    self._where.setdefault(unique_part(entry.name), (folder, entry.name))
+        hit = self._where.get(msg.unique)
+        if hit is None:
+            return None
+        msg.folder, msg.name = hit
+        return self.path / hit[0] / hit[1]
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def size(self, index: int) -> int:
+        """See ``IMaildrop.size``: ``,W=`` from the name, else the file is scanned once."""
+        msg = self._message(index)
+        if msg.wsize is None:
+            path = self._locate(msg)
+            if path is None:
+                raise errors.StoreError(f"message {index + 1} is no longer in the mailbox")
+            msg.wsize = crlf_size(path)
+        return msg.wsize
+
+    def uidl(self, index: int) -> str:
+        """See ``IMaildrop.uidl``."""
+        return self._message(index).uidl
+
+    def open_message(self, index: int) -> BinaryIO:
+        """See ``IMaildrop.open_message``."""
+        msg = self._message(index)
+        path = self._locate(msg)
+        if path is not None:
+            try:
+                return open(path, "rb")  # noqa: SIM115 - the caller closes it
+            except FileNotFoundError:
+                pass
+        raise errors.StoreError(f"message {index + 1} is no longer in the mailbox")
+
+    def commit(self, deleted: set[int]) -> None:
+        """See ``IMaildrop.commit``.
+
+        Deleted messages are unlinked (one already gone is fine); the others still in ``new/``
+        move to ``cur/`` with ``:2,`` (their UIDLs do not change); both folders are fsynced and
+        the lock is released. A message that could not be removed raises ``StoreError`` after
+        the lock is released. A second call does nothing.
+        """
+        if self._lock is None:
+            return
+        doomed = {self._message(i).uidl for i in deleted}  # bad indexes: error, nothing done
+        failures: list[str] = []
+        try:
+            for index in sorted(deleted):
+                msg = self._messages[index]
+                path = self._locate(msg)
+                if path is None:
+                    continue
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    failures.append(f"message {index + 1}: {exc.strerror}")
+            for msg in self._messages:
+                if msg.uidl in doomed or msg.folder != "new":
+                    continue
+                self._move_to_cur(msg)
+            for folder in ("new", "cur"):
+                with contextlib.suppress(OSError):
+                    _fsync_dir(self.path / folder)
+        finally:
+            self.close()
+        if failures:
+            raise errors.StoreError(
+                f"some deleted messages not removed from {self._label}: " + "; ".join(failures)
+            )
+
+    def _move_to_cur(self, msg: _Message) -> None:
+        base = msg.name.split(":", 1)[0]
+        source = self.path / "new" / msg.name
+        if "," not in base and msg.size is not None:
+            # A foreign message: record its sizes in the name once, so later sessions and the
+            # quota need not read it. The unique part, hence the UIDL, does not change.
+            try:
+                if msg.wsize is None:
+                    msg.wsize = crlf_size(source)
+                base = f"{base},S={msg.size},W={msg.wsize}"
+            except OSError:
+                pass
+        target = self.path / "cur" / f"{base}:2,"
+        if os.path.lexists(target):
+            return
+        try:
+            os.rename(source, target)
+        except OSError:
+            return  # gone or moved by another client: it stays where it is, nothing is lost
+        msg.folder, msg.name = "cur", target.name
+
+    def close(self) -> None:
+        """See ``IMaildrop.close``."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # closing the descriptor releases the flock
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
