@@ -610,3 +610,40 @@ def test_crlf_size_of_paths_files_and_chunk_boundaries(tmp_path: Path) -> None:
     assert crlf_size(f) == 6 and f.tell() == 3
     assert crlf_size(io.BytesIO(b"")) == 0
     assert crlf_size(io.BytesIO(b"\r\n\r\n")) == 4
+
+
+def test_io_failures_become_store_errors_naming_the_operation(tmp_path: Path) -> None:
+    """An OSError below the store (here: the mailroot's parent is a file) reaches the caller as a
+    StoreError that says what failed and why, never as a bare OSError."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    bad = MaildirStore(blocker / "mailroot")
+    with pytest.raises(errors.StoreError, match="cannot add domain x.test: Not a directory"):
+        bad.add_domain("x.test")
+    with pytest.raises(errors.StoreError, match="cannot create the spool folder"):
+        bad.spool_dir()
+    with pytest.raises(errors.StoreError, match="cannot list the domains"):
+        bad.list_domains()
+    assert MaildirStore(tmp_path / "not-yet").list_domains() == []  # a missing root is empty
+
+
+def test_session_lock_file_is_private_and_leftovers_are_swept(store: MaildirStore) -> None:
+    """The session lock file is mode 0600 and a dot-file; check_writable sweeps graveyard folders
+    a crash left during a removal."""
+    store.open_maildrop(DOMAIN, "ted").close()
+    lock = box(store) / ".pop3coexist.lock"
+    assert oct(lock.stat().st_mode & 0o777) == oct(0o600)
+    (store.root / ".removed.123" / "x").mkdir(parents=True)
+    store.check_writable()
+    assert not (store.root / ".removed.123").exists()
+
+
+def test_hostname_is_made_safe_for_file_names(tmp_path: Path) -> None:
+    """'/', ':' and ',' in the host name are escaped as maildir(5) and Dovecot do, so the unique
+    part, the info and the size fields still parse."""
+    s = MaildirStore(tmp_path / "root", hostname="a/b:c,d")
+    s.add_domain(DOMAIN)
+    s.add_mailbox(DOMAIN, "ted")
+    path = s.deliver_bytes(DOMAIN, "ted", b"x\n")
+    assert ".a\\057b\\072c\\054d,S=2,W=3" in path.name
+    assert unique_part(path.name + ":2,S").endswith(".a\\057b\\072c\\054d")

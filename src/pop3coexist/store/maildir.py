@@ -183,6 +183,18 @@ def _delivery_key(name: str, mtime: float) -> tuple[int, int, str]:
 
 
 @contextlib.contextmanager
+def _io_errors(what: str) -> Iterator[None]:
+    """Turn an OSError into a StoreError that says what failed, where and why."""
+    try:
+        yield
+    except errors.StoreError:
+        raise
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise errors.StoreError(f"{what}: {exc.strerror or exc}{where}") from exc
+
+
+@contextlib.contextmanager
 def _flocked(lock_path: Path) -> Iterator[None]:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -276,6 +288,8 @@ class MaildirStore:
         try:
             self._ensure_root()
             self.spool_dir()
+            for leftover in self.root.glob(".removed.*"):  # a removal a crash interrupted
+                shutil.rmtree(leftover, ignore_errors=True)
             probe = self.root / f".probe.{os.getpid()}.{secrets.token_hex(4)}"
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -337,20 +351,21 @@ class MaildirStore:
 
     def list_domains(self) -> list[str]:
         """See ``IMailStore.list_domains``."""
-        try:
-            entries = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return []
-        names = []
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=True):
-                continue
+        with _io_errors("cannot list the domains"):
             try:
-                if normalise_domain(entry.name) == entry.name:
-                    names.append(entry.name)
-            except ValueError:
-                continue
-        return sorted(names)
+                entries = list(os.scandir(self.root))
+            except FileNotFoundError:
+                return []
+            names = []
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=True):
+                    continue
+                try:
+                    if normalise_domain(entry.name) == entry.name:
+                        names.append(entry.name)
+                except ValueError:
+                    continue
+            return sorted(names)
 
     def domain_exists(self, domain: str) -> bool:
         """See ``IMailStore.domain_exists``."""
@@ -359,21 +374,23 @@ class MaildirStore:
 
     def add_domain(self, domain: str) -> bool:
         """See ``IMailStore.add_domain``."""
-        _, path = self._domain_path(domain)
-        self._ensure_root()
-        try:
-            path.mkdir(mode=0o700)
-        except FileExistsError:
-            if not path.is_dir():
-                raise errors.StoreError(f"{path} exists and is not a folder")
-            return False
-        _fsync_dir(self.root)
-        return True
+        with _io_errors(f"cannot add domain {domain}"):
+            _, path = self._domain_path(domain)
+            self._ensure_root()
+            try:
+                path.mkdir(mode=0o700)
+            except FileExistsError:
+                if not path.is_dir():
+                    raise errors.StoreError(f"{path} exists and is not a folder")
+                return False
+            _fsync_dir(self.root)
+            return True
 
     def remove_domain(self, domain: str) -> None:
         """See ``IMailStore.remove_domain``."""
-        _, path = self._existing_domain(domain)
-        self._remove_tree(path)
+        with _io_errors(f"cannot remove domain {domain}"):
+            _, path = self._existing_domain(domain)
+            self._remove_tree(path)
 
     def _remove_tree(self, path: Path) -> None:
         # Rename first, so the domain or mailbox vanishes at once; then delete at leisure.
@@ -388,27 +405,30 @@ class MaildirStore:
 
     def set_domain_locked(self, domain: str, locked: bool) -> None:
         """See ``IMailStore.set_domain_locked``."""
-        _, path = self._existing_domain(domain)
-        self._update_meta(path, locked=bool(locked))
+        with _io_errors(f"cannot change the lock of domain {domain}"):
+            _, path = self._existing_domain(domain)
+            self._update_meta(path, locked=bool(locked))
 
     def is_domain_locked(self, domain: str) -> bool:
         """See ``IMailStore.is_domain_locked``."""
-        _, path = self._existing_domain(domain)
-        return bool(self._read_meta(path).get("locked", False))
+        with _io_errors(f"cannot read the lock of domain {domain}"):
+            _, path = self._existing_domain(domain)
+            return bool(self._read_meta(path).get("locked", False))
 
     # -- mailboxes
 
     def list_mailboxes(self, domain: str) -> list[str]:
         """See ``IMailStore.list_mailboxes``."""
-        _, path = self._existing_domain(domain)
-        names = []
-        with os.scandir(path) as it:
-            for entry in it:
-                if entry.name.startswith(".") or not is_valid_mailbox_name(entry.name):
-                    continue
-                if entry.is_dir() and self._is_maildir(Path(entry.path)):
-                    names.append(entry.name)
-        return sorted(names)
+        with _io_errors(f"cannot list the mailboxes of {domain}"):
+            _, path = self._existing_domain(domain)
+            names = []
+            with os.scandir(path) as it:
+                for entry in it:
+                    if entry.name.startswith(".") or not is_valid_mailbox_name(entry.name):
+                        continue
+                    if entry.is_dir() and self._is_maildir(Path(entry.path)):
+                        names.append(entry.name)
+            return sorted(names)
 
     def mailbox_exists(self, domain: str, mailbox: str) -> bool:
         """See ``IMailStore.mailbox_exists``."""
@@ -417,75 +437,82 @@ class MaildirStore:
 
     def add_mailbox(self, domain: str, mailbox: str) -> bool:
         """See ``IMailStore.add_mailbox``. The Maildir appears complete or not at all."""
-        dname, mname, path = self._mailbox_path(domain, mailbox)
-        dpath = path.parent
-        if not dpath.is_dir():
-            raise errors.NoSuchMailbox(f"no such domain: {dname}")
-        if self._is_maildir(path):
-            return False
-        if path.is_dir():  # a half-made folder (by hand, or an old crash): complete it
-            for sub in SUBDIRS:
-                (path / sub).mkdir(mode=0o700, exist_ok=True)
-            _fsync_dir(path)
-            return True
-        building = dpath / f".new.{self._unique_name()}"
-        building.mkdir(mode=0o700)
-        try:
-            for sub in SUBDIRS:
-                (building / sub).mkdir(mode=0o700)
-            _fsync_dir(building)
+        with _io_errors(f"cannot add mailbox {mailbox}@{domain}"):
+            dname, mname, path = self._mailbox_path(domain, mailbox)
+            dpath = path.parent
+            if not dpath.is_dir():
+                raise errors.NoSuchMailbox(f"no such domain: {dname}")
+            if self._is_maildir(path):
+                return False
+            if path.is_dir():  # a half-made folder (by hand, or an old crash): complete it
+                for sub in SUBDIRS:
+                    (path / sub).mkdir(mode=0o700, exist_ok=True)
+                _fsync_dir(path)
+                return True
+            building = dpath / f".new.{self._unique_name()}"
+            building.mkdir(mode=0o700)
             try:
-                os.rename(building, path)
-            except OSError as exc:
-                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
-                    return False  # someone else made it just now
-                raise
-        finally:
-            if building.exists():
-                shutil.rmtree(building, ignore_errors=True)
-        _fsync_dir(dpath)
-        return True
+                for sub in SUBDIRS:
+                    (building / sub).mkdir(mode=0o700)
+                _fsync_dir(building)
+                try:
+                    os.rename(building, path)
+                except OSError as exc:
+                    if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                        return False  # someone else made it just now
+                    raise
+            finally:
+                if building.exists():
+                    shutil.rmtree(building, ignore_errors=True)
+            _fsync_dir(dpath)
+            return True
 
     def remove_mailbox(self, domain: str, mailbox: str) -> None:
         """See ``IMailStore.remove_mailbox``."""
-        _, _, path = self._existing_mailbox(domain, mailbox)
-        self._remove_tree(path)
+        with _io_errors(f"cannot remove mailbox {mailbox}@{domain}"):
+            _, _, path = self._existing_mailbox(domain, mailbox)
+            self._remove_tree(path)
 
     def set_mailbox_locked(self, domain: str, mailbox: str, locked: bool) -> None:
         """See ``IMailStore.set_mailbox_locked``."""
-        dname, mname, path = self._existing_mailbox(domain, mailbox)
-        if not locked and self._read_meta(path.parent).get("locked", False):
-            raise errors.AdminError(
-                f"cannot unlock mailbox {mname}@{dname}: domain {dname} is locked "
-                "(unlock the domain first)"
-            )
-        self._update_meta(path, locked=bool(locked))
+        with _io_errors(f"cannot change the lock of {mailbox}@{domain}"):
+            dname, mname, path = self._existing_mailbox(domain, mailbox)
+            if not locked and self._read_meta(path.parent).get("locked", False):
+                raise errors.AdminError(
+                    f"cannot unlock mailbox {mname}@{dname}: domain {dname} is locked "
+                    "(unlock the domain first)"
+                )
+            self._update_meta(path, locked=bool(locked))
 
     def is_mailbox_locked(self, domain: str, mailbox: str) -> bool:
         """See ``IMailStore.is_mailbox_locked``."""
-        _, _, path = self._existing_mailbox(domain, mailbox)
-        if self._read_meta(path.parent).get("locked", False):
-            return True
-        return bool(self._read_meta(path).get("locked", False))
+        with _io_errors(f"cannot read the lock of {mailbox}@{domain}"):
+            _, _, path = self._existing_mailbox(domain, mailbox)
+            if self._read_meta(path.parent).get("locked", False):
+                return True
+            return bool(self._read_meta(path).get("locked", False))
 
     def set_quota(self, domain: str, mailbox: str, limit: int | None) -> None:
         """See ``IMailStore.set_quota``. ``limit`` is a whole number of bytes >= 0, or None."""
-        if limit is not None and (
-            not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
-        ):
-            raise ValueError("quota must be a whole number of bytes (0 or more) or None")
-        _, _, path = self._existing_mailbox(domain, mailbox)
-        self._update_meta(path, quota=limit)
+        with _io_errors(f"cannot set the quota of {mailbox}@{domain}"):
+            if limit is not None and (
+                not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+            ):
+                raise ValueError("quota must be a whole number of bytes (0 or more) or None")
+            _, _, path = self._existing_mailbox(domain, mailbox)
+            self._update_meta(path, quota=limit)
 
     def get_quota(self, domain: str, mailbox: str) -> int | None:
         """See ``IMailStore.get_quota``."""
-        _, _, path = self._existing_mailbox(domain, mailbox)
-        return self._read_meta(path).get("quota")
+        with _io_errors(f"cannot read the quota of {mailbox}@{domain}"):
+            _, _, path = self._existing_mailbox(domain, mailbox)
+            return self._read_meta(path).get("quota")
 
     def usage(self, domain: str, mailbox: str) -> tuple[int, int]:
         """See ``IMailStore.usage``: sizes from ``,S=`` in names, ``stat`` otherwise."""
-        _, _, path = self._existing_mailbox(domain, mailbox)
-        return self._usage(path)
+        with _io_errors(f"cannot count the mail of {mailbox}@{domain}"):
+            _, _, path = self._existing_mailbox(domain, mailbox)
+            return self._usage(path)
 
     @staticmethod
     def _usage(path: Path) -> tuple[int, int]:
@@ -505,8 +532,9 @@ class MaildirStore:
 
     def would_exceed_quota(self, domain: str, mailbox: str, size: int) -> bool:
         """True when adding ``size`` bytes would put the mailbox over its quota (RCPT check)."""
-        _, _, path = self._existing_mailbox(domain, mailbox)
-        return self._would_exceed(path, size)
+        with _io_errors(f"cannot check the quota of {mailbox}@{domain}"):
+            _, _, path = self._existing_mailbox(domain, mailbox)
+            return self._would_exceed(path, size)
 
     def _would_exceed(self, path: Path, size: int) -> bool:
         quota = self._read_meta(path).get("quota")
@@ -518,16 +546,18 @@ class MaildirStore:
 
     def spool_dir(self) -> Path:
         """See ``IMailStore.spool_dir``: ``<root>/.spool``, created when missing."""
-        spool = self.root / SPOOL_NAME
-        if not spool.is_dir():
-            self._ensure_root()
-            spool.mkdir(mode=0o700, exist_ok=True)
-            _fsync_dir(self.root)
-        return spool
+        with _io_errors(f"cannot create the spool folder under {self.root}"):
+            spool = self.root / SPOOL_NAME
+            if not spool.is_dir():
+                self._ensure_root()
+                spool.mkdir(mode=0o700, exist_ok=True)
+                _fsync_dir(self.root)
+            return spool
 
     def clean_spool(self, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
         """Remove spool files older than ``max_age`` seconds (left by a crash); return how many."""
-        return self._clean_folder(self.root / SPOOL_NAME, max_age, now)
+        with _io_errors(f"cannot clean the spool folder under {self.root}"):
+            return self._clean_folder(self.root / SPOOL_NAME, max_age, now)
 
     @staticmethod
     def _clean_folder(folder: Path, max_age: float, now: float | None) -> int:
@@ -656,7 +686,8 @@ class MaildirStore:
         """See ``IMailStore.open_maildrop``."""
         dname, mname, path = self._existing_mailbox(domain, mailbox)
         try:
-            lock = open(path / SESSION_LOCK_NAME, "ab")  # noqa: SIM115 - held until commit/close
+            fd = os.open(path / SESSION_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            lock = os.fdopen(fd, "r+b")  # held until commit or close
         except OSError as exc:
             raise errors.StoreError(f"cannot open the lock of {mname}@{dname}: {exc.strerror}") from exc
         try:
@@ -670,7 +701,8 @@ class MaildirStore:
         try:
             with contextlib.suppress(OSError):
                 self._clean_folder(path / "tmp", TMP_MAX_AGE, None)
-            return Maildrop(path, lock, f"{mname}@{dname}")
+            with _io_errors(f"cannot read mailbox {mname}@{dname}"):
+                return Maildrop(path, lock, f"{mname}@{dname}")
         except BaseException:
             lock.close()
             raise
@@ -760,7 +792,10 @@ class Maildrop:
             path = self._locate(msg)
             if path is None:
                 raise errors.StoreError(f"message {index + 1} is no longer in the mailbox")
-            msg.wsize = crlf_size(path)
+            try:
+                msg.wsize = crlf_size(path)
+            except OSError as exc:
+                raise errors.StoreError(f"cannot read message {index + 1}: {exc.strerror}") from exc
         return msg.wsize
 
     def uidl(self, index: int) -> str:
@@ -776,6 +811,8 @@ class Maildrop:
                 return open(path, "rb")  # noqa: SIM115 - the caller closes it
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                raise errors.StoreError(f"cannot read message {index + 1}: {exc.strerror}") from exc
         raise errors.StoreError(f"message {index + 1} is no longer in the mailbox")
 
     def commit(self, deleted: set[int]) -> None:
