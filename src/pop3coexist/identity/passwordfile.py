@@ -1,0 +1,763 @@
+"""The encrypted password file (``auth.method = "passwordfile"``) and its account checker.
+
+``PasswordFile`` is the on-disk database ``mailbox@domain -> credentials`` kept at
+``<state_dir>/passwords.json`` (CONTRACT section 5). For each address it holds:
+
+- an scrypt hash of the password (``hashlib.scrypt``, n=2**14, r=8, p=1 by default, a 16-byte
+  random salt, a 32-byte result), stored with its parameters so they can be raised later;
+- when ``keep_secrets`` is true (``auth.apop = true``), the password itself encrypted with
+  AES-256-GCM under a 32-byte key kept in a separate key file (``<state_dir>/passwords.key``),
+  the address being the associated data (a secret cannot be moved to another address). APOP
+  and CRAM-MD5 need that shared secret.
+
+The file is JSON, mode 0600, with a format name and version::
+
+    {"format": "pop3coexist-passwords", "version": 1, "key_id": "<hex>" | null,
+     "users": {"ted@pop.contoso.test": {
+        "hash": {"alg": "scrypt", "n": 16384, "r": 8, "p": 1, "salt": "<b64>", "dk": "<b64>"},
+        "secret": {"alg": "AES-256-GCM", "nonce": "<b64>", "data": "<b64>"},   # optional
+        "changed": 1700000000}}}
+
+``key_id`` names the key the secrets were encrypted with, so a wrong key file is reported at
+start-up instead of failing every APOP log-in. The key file holds one line: the key in base64.
+It is created on first use with mode 0600 (never overwritten), and a key file that the group
+or others can read is refused.
+
+Every change is a whole-file rewrite (temp file, fsync, rename, fsync of the folder) made
+under an exclusive ``fcntl`` lock on ``passwords.json.lock``, after re-reading the file under
+that lock: two admin commands at once lose nothing. Readers never lock: they see the old or
+the new file. A reader re-reads the file when its (inode, mtime_ns, ctime_ns, size) changed,
+so the running server sees ``pop3coexist-admin`` changes without a restart.
+
+``PasswordFileChecker`` implements ``interfaces.IAccountChecker`` over a ``PasswordFile``.
+
+Nothing here logs, raises or ``repr``s a password, a secret, a hash or the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pop3coexist.address import AddressError, login_to_address
+from pop3coexist.errors import AuthUnavailable, StoreError
+from pop3coexist.interfaces import IAccountChecker
+
+__all__ = ["PasswordFile", "PasswordFileChecker", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "pop3coexist-passwords"
+FORMAT_VERSION = 1
+
+KEY_BYTES = 32
+SALT_BYTES = 16
+HASH_BYTES = 32
+NONCE_BYTES = 12
+MAX_PASSWORD_CHARS = 1024
+# Bounds for parameters read from the file: a corrupt or hostile entry must not make a log-in
+# allocate gigabytes or loop for minutes.
+_MAX_SCRYPT_N = 2**20
+_MAX_SCRYPT_R = 32
+_MAX_SCRYPT_P = 16
+
+_log = Logger()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"{what} is not a base64 string")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError(f"{what} is not valid base64")
+
+
+def _key_id(key: bytes) -> str:
+    """A short public fingerprint of the key (not the key, not reversible)."""
+    return hashlib.sha256(b"pop3coexist password key id\0" + key).hexdigest()[:16]
+
+
+def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+    return hashlib.scrypt(
+        password, salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=128 * r * (n + p + 2) + 2**20
+    )
+
+
+def _mode_text(mode: int) -> str:
+    return f"{stat.S_IMODE(mode):04o}"
+
+
+@dataclass(frozen=True)
+class _Hash:
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    dk: bytes
+
+
+@dataclass(frozen=True)
+class _Entry:
+    hash: _Hash
+    secret_nonce: bytes | None
+    secret_data: bytes | None
+    changed: int
+
+    @property
+    def has_secret(self) -> bool:
+        return self.secret_data is not None
+
+
+def _parse_entry(address: str, raw: Any) -> _Entry:
+    """One user's entry, checked; ValueError names what is wrong (never the value)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"entry for {address} is not an object")
+    h = raw.get("hash")
+    if not isinstance(h, dict) or h.get("alg") != "scrypt":
+        raise ValueError(f"entry for {address} has no scrypt hash")
+    n, r, p = h.get("n"), h.get("r"), h.get("p")
+    for name, value, top in (("n", n, _MAX_SCRYPT_N), ("r", r, _MAX_SCRYPT_R), ("p", p, _MAX_SCRYPT_P)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            raise ValueError(f"entry for {address} has an invalid scrypt parameter {name}")
+    if n < 2 or n & (n - 1):
+        raise ValueError(f"entry for {address}: scrypt n must be a power of two")
+    salt = _unb64(h.get("salt"), f"salt of {address}")
+    dk = _unb64(h.get("dk"), f"hash of {address}")
+    if len(salt) < 8 or not 16 <= len(dk) <= 64:
+        raise ValueError(f"entry for {address} has a salt or hash of the wrong length")
+    nonce = data = None
+    s = raw.get("secret")
+    if s is not None:
+        if not isinstance(s, dict) or s.get("alg") != "AES-256-GCM":
+            raise ValueError(f"entry for {address} has an unknown secret format")
+        nonce = _unb64(s.get("nonce"), f"secret nonce of {address}")
+        data = _unb64(s.get("data"), f"secret of {address}")
+        if len(nonce) != NONCE_BYTES or len(data) < 16:
+            raise ValueError(f"entry for {address} has a secret of the wrong length")
+    changed = raw.get("changed", 0)
+    if isinstance(changed, bool) or not isinstance(changed, int):
+        raise ValueError(f"entry for {address} has an invalid 'changed' time")
+    return _Entry(_Hash(n, r, p, salt, dk), nonce, data, changed)
+
+
+def _dump_entry(entry: _Entry) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "hash": {
+            "alg": "scrypt",
+            "n": entry.hash.n,
+            "r": entry.hash.r,
+            "p": entry.hash.p,
+            "salt": _b64(entry.hash.salt),
+            "dk": _b64(entry.hash.dk),
+        },
+        "changed": entry.changed,
+    }
+    if entry.secret_data is not None and entry.secret_nonce is not None:
+        out["secret"] = {
+            "alg": "AES-256-GCM",
+            "nonce": _b64(entry.secret_nonce),
+            "data": _b64(entry.secret_data),
+        }
+    return out
+
+
+@dataclass
+class _Snapshot:
+    """The parsed file and the stat signature it was read at."""
+
+    signature: tuple[int, int, int, int] | None  # None: the file does not exist
+    key_id: str | None
+    users: dict[str, _Entry]
+
+
+def _address_key(address: str) -> str | None:
+    """``mailbox@domain`` in lower case, or None when ``address`` is not one we store."""
+    if not isinstance(address, str) or "@" not in address:
+        return None
+    mapped = login_to_address(address, ())
+    if mapped is None:
+        return None
+    return f"{mapped[0]}@{mapped[1]}"
+
+
+class PasswordFile:
+    """The password database at ``path``, with the secrets' key at ``key_path``.
+
+    Every method is blocking (file I/O, and scrypt takes tens of milliseconds): the server
+    calls them off the reactor thread. Bad arguments raise ``ValueError`` (an
+    ``address.AddressError`` for a bad address); a corrupt or unsafe file, a missing or wrong
+    key raise ``errors.StoreError`` with a message an administrator can act on.
+
+    ``scrypt_n`` (a power of two) is the cost for new hashes; tests pass a small one to stay
+    fast. Existing hashes are verified with the parameters stored with them.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        key_path: Path,
+        keep_secrets: bool,
+        *,
+        scrypt_n: int = 2**14,
+        scrypt_r: int = 8,
+        scrypt_p: int = 1,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > _MAX_SCRYPT_N:
+            raise ValueError("scrypt_n must be a power of two between 2 and 2**20")
+        self.path = Path(path)
+        self.key_path = Path(key_path)
+        self.keep_secrets = bool(keep_secrets)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self._n, self._r, self._p = scrypt_n, scrypt_r, scrypt_p
+        self._clock = clock
+        self._snapshot: _Snapshot | None = None
+        self._key: bytes | None = None
+        # The hash an unknown user is checked against, so a miss costs what a hit costs.
+        self._dummy = _Hash(scrypt_n, scrypt_r, scrypt_p, secrets.token_bytes(SALT_BYTES), b"\0" * HASH_BYTES)
+
+    def __repr__(self) -> str:
+        return f"<PasswordFile {str(self.path)!r} keep_secrets={self.keep_secrets}>"
+
+    # ------------------------------------------------------------------ reading
+
+    def _signature(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"password file {self.path}: cannot read it: {e.strerror}")
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+    def _read(self) -> _Snapshot:
+        """Parse the file as it is now (no cache)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return _Snapshot(None, None, {})
+        except OSError as e:
+            raise StoreError(f"password file {self.path}: cannot read it: {e.strerror}")
+        try:
+            st = os.fstat(fd)
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read()
+        finally:
+            os.close(fd)
+        signature = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            # The decoder's message gives a position, never the content.
+            where = f" (line {e.lineno} column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+            raise StoreError(f"password file {self.path} is corrupt: not valid JSON{where}")
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise StoreError(f"password file {self.path} is corrupt: not a pop3coexist password file")
+        version = doc.get("version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise StoreError(f"password file {self.path} is corrupt: no format version")
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"password file {self.path} has format version {version}, written by a newer "
+                f"pop3coexist (this one reads version {FORMAT_VERSION})"
+            )
+        if version < 1:
+            raise StoreError(f"password file {self.path} is corrupt: bad format version {version}")
+        key_id = doc.get("key_id")
+        if key_id is not None and not isinstance(key_id, str):
+            raise StoreError(f"password file {self.path} is corrupt: bad key_id")
+        raw_users = doc.get("users")
+        if not isinstance(raw_users, dict):
+            raise StoreError(f"password file {self.path} is corrupt: no users table")
+        users: dict[str, _Entry] = {}
+        for address, raw in raw_users.items():
+            key = _address_key(address)
+            if key is None or key != address:
+                raise StoreError(f"password file {self.path} is corrupt: bad address {address!r}")
+            try:
+                users[key] = _parse_entry(key, raw)
+            except ValueError as e:
+                raise StoreError(f"password file {self.path} is corrupt: {e}")
+        return _Snapshot(signature, key_id, users)
+
+    def _current(self) -> _Snapshot:
+        """The cached snapshot, re-read when the file changed on disk."""
+        signature = self._signature()
+        snap = self._snapshot
+        if snap is None or snap.signature != signature:
+            snap = self._read()
+            self._snapshot = snap
+        return snap
+
+    # ------------------------------------------------------------------ the key
+
+    def _check_key_mode(self, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"key file {self.key_path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise StoreError(
+                f"key file {self.key_path} is readable by group or others (mode "
+                f"{_mode_text(st.st_mode)}); run: chmod 600 {self.key_path}"
+            )
+
+    def _load_key(self) -> bytes | None:
+        """The key from the key file, or None when there is no key file."""
+        try:
+            fd = os.open(self.key_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StoreError(f"key file {self.key_path}: cannot read it: {e.strerror}")
+        try:
+            self._check_key_mode(os.fstat(fd))
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                text = f.read(4096)
+        finally:
+            os.close(fd)
+        try:
+            key = base64.b64decode(text.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) != KEY_BYTES:
+            raise StoreError(f"key file {self.key_path} is corrupt: it must hold a {KEY_BYTES}-byte key in base64")
+        return key
+
+    def _key_or_none(self) -> bytes | None:
+        if self._key is None:
+            self._key = self._load_key()
+        return self._key
+
+    def _create_key(self) -> bytes:
+        """Load the key, creating the key file (mode 0600, never overwriting) when missing.
+
+        Called with the write lock held. The key is written to a temporary file, fsynced, then
+        hard-linked into place, so the key file either does not exist or is complete.
+        """
+        existing = self._key_or_none()
+        if existing is not None:
+            return existing
+        key = secrets.token_bytes(KEY_BYTES)
+        folder = self.key_path.parent
+        tmp = folder / f".{self.key_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, _b64(key).encode("ascii") + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, self.key_path)
+            except FileExistsError:
+                # Somebody else made one first: use theirs.
+                self._key = None
+                loaded = self._key_or_none()
+                if loaded is None:
+                    raise StoreError(f"key file {self.key_path} vanished while it was being created")
+                return loaded
+            _fsync_dir(folder)
+        except OSError as e:
+            raise StoreError(f"key file {self.key_path}: cannot create it: {e.strerror}")
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        self._key = key
+        return key
+
+    # ------------------------------------------------------------------ writing
+
+    @contextmanager
+    def _locked(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreError(f"password file lock {self.lock_path}: cannot open it: {e.strerror}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _write(self, key_id: str | None, users: dict[str, _Entry]) -> None:
+        """Atomically replace the file (called with the lock held)."""
+        doc = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "key_id": key_id,
+            "users": {a: _dump_entry(users[a]) for a in sorted(users)},
+        }
+        data = (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode("utf-8")
+        folder = self.path.parent
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
+        except OSError as e:
+            raise StoreError(f"password file {self.path}: cannot write in {folder}: {e.strerror}")
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_name, self.path)
+            _fsync_dir(folder)
+        except OSError as e:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+            raise StoreError(f"password file {self.path}: cannot write it: {e.strerror}")
+        self._snapshot = None  # re-read (and re-stat) on next use
+
+    def _hash(self, password: bytes) -> _Hash:
+        salt = secrets.token_bytes(SALT_BYTES)
+        dk = _scrypt(password, salt, self._n, self._r, self._p, HASH_BYTES)
+        return _Hash(self._n, self._r, self._p, salt, dk)
+
+    # ------------------------------------------------------------------ public API
+
+    def set_password(self, address: str, password: str) -> bool:
+        """Set (or replace) the password of ``address``; True when the address is new.
+
+        ``address`` is ``mailbox@domain`` (any case; stored in lower case). The password is a
+        non-empty str of at most 1024 characters without NUL, CR or LF (those could never be
+        typed into a log-in). With ``keep_secrets`` the secret is stored encrypted too, and the
+        key file is created if missing; without it any old secret is dropped.
+        """
+        key = _address_key(address)
+        if key is None:
+            raise AddressError(f"{address!r} is not a mailbox address (mailbox@domain)")
+        _check_password(password)
+        encoded = password.encode("utf-8")
+        new_hash = self._hash(encoded)  # slow: outside the lock
+        with self._locked():
+            snap = self._read()
+            others_with_secret = sum(1 for a, e in snap.users.items() if a != key and e.has_secret)
+            key_id = snap.key_id if others_with_secret else None
+            nonce = data = None
+            if self.keep_secrets:
+                self._key = None  # re-read the key file under the lock
+                aes_key = self._key_or_none()
+                if aes_key is None:
+                    if others_with_secret:
+                        raise StoreError(
+                            f"key file {self.key_path} is missing but the password file holds "
+                            f"{others_with_secret} secret(s): restore the key file (or drop the "
+                            "secrets and set every password again)"
+                        )
+                    aes_key = self._create_key()
+                if key_id is not None and key_id != _key_id(aes_key):
+                    raise StoreError(
+                        f"key file {self.key_path} is not the key the password file's secrets "
+                        "were encrypted with: restore the right key file"
+                    )
+                key_id = _key_id(aes_key)
+                nonce = secrets.token_bytes(NONCE_BYTES)
+                data = AESGCM(aes_key).encrypt(nonce, encoded, key.encode("ascii"))
+            users = dict(snap.users)
+            is_new = key not in users
+            users[key] = _Entry(new_hash, nonce, data, int(self._clock()))
+            self._write(key_id, users)
+        return is_new
+
+    def remove(self, address: str) -> bool:
+        """Remove ``address``; True when it was there."""
+        key = _address_key(address)
+        if key is None:
+            raise AddressError(f"{address!r} is not a mailbox address (mailbox@domain)")
+        with self._locked():
+            snap = self._read()
+            if key not in snap.users:
+                return False
+            users = dict(snap.users)
+            del users[key]
+            self._write(snap.key_id, users)
+        return True
+
+    def remove_domain(self, domain: str) -> int:
+        """Remove every address in ``domain`` (for ``domain remove``); returns how many."""
+        suffix = "@" + domain.lower()
+        with self._locked():
+            snap = self._read()
+            users = {a: e for a, e in snap.users.items() if not a.endswith(suffix)}
+            removed = len(snap.users) - len(users)
+            if removed:
+                self._write(snap.key_id, users)
+        return removed
+
+    def drop_secrets(self) -> int:
+        """Delete every stored secret (after ``auth.apop`` was turned off); returns how many."""
+        with self._locked():
+            snap = self._read()
+            count = sum(1 for e in snap.users.values() if e.has_secret)
+            if count:
+                users = {a: _Entry(e.hash, None, None, e.changed) for a, e in snap.users.items()}
+                self._write(None, users)
+        return count
+
+    def exists(self, address: str) -> bool:
+        """True when ``address`` (any case) has a password."""
+        key = _address_key(address)
+        return key is not None and key in self._current().users
+
+    def addresses(self) -> list[str]:
+        """Every address with a password, sorted, lower case."""
+        return sorted(self._current().users)
+
+    def verify(self, address: str, password: str | bytes) -> bool:
+        """True when ``password`` is the password of ``address``.
+
+        An unknown address, an empty password, one holding a NUL or one that is not UTF-8
+        costs the same scrypt time as a real check, and the final compare is constant-time.
+        """
+        key = _address_key(address)
+        entry = self._current().users.get(key) if key is not None else None
+        if isinstance(password, str):
+            try:
+                candidate = password.encode("utf-8")
+            except UnicodeEncodeError:
+                candidate = b""
+        elif isinstance(password, (bytes, bytearray)):
+            candidate = bytes(password)
+        else:
+            candidate = b""
+        # No stored password holds a NUL (set_password refuses them), and HMAC (inside scrypt)
+        # pads short keys with zero bytes, so "pw" and "pw\0" would hash alike: refuse NULs.
+        good = entry is not None and candidate != b"" and b"\0" not in candidate
+        h = entry.hash if entry is not None else self._dummy
+        got = _scrypt(candidate, h.salt, h.n, h.r, h.p, len(h.dk))
+        return hmac.compare_digest(got, h.dk) and good
+
+    def secret(self, address: str) -> str | None:
+        """The clear password of ``address`` for APOP / CRAM-MD5, or None (``keep_secrets``
+        false, unknown address, or no secret stored). A key that does not decrypt it raises
+        ``errors.StoreError``."""
+        if not self.keep_secrets:
+            return None
+        key = _address_key(address)
+        snap = self._current()
+        entry = snap.users.get(key) if key is not None else None
+        if entry is None or entry.secret_data is None or entry.secret_nonce is None:
+            return None
+        aes_key = self._key_or_none()
+        if aes_key is None:
+            raise StoreError(f"key file {self.key_path} is missing but the password file holds secrets")
+        try:
+            plain = AESGCM(aes_key).decrypt(entry.secret_nonce, entry.secret_data, key.encode("ascii"))
+        except InvalidTag:
+            raise StoreError(
+                f"the secret of {key} cannot be decrypted with key file {self.key_path} "
+                "(wrong key file, or the entry was altered)"
+            )
+        return plain.decode("utf-8")
+
+    def has_secret(self, address: str) -> bool:
+        """True when a secret is stored for ``address`` (whatever ``keep_secrets`` says)."""
+        key = _address_key(address)
+        entry = self._current().users.get(key) if key is not None else None
+        return entry is not None and entry.has_secret
+
+    def check(self) -> None:
+        """Start-up check: raise ``errors.StoreError`` when the file is corrupt or unsafe, or
+        the key is missing, unsafe or wrong while secrets exist. A missing file is an empty
+        database and passes."""
+        self._snapshot = None
+        self._key = None
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise StoreError(f"password file {self.path}: cannot read it: {e.strerror}")
+        if st is not None:
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"password file {self.path} is not a regular file")
+            if st.st_mode & 0o077:
+                raise StoreError(
+                    f"password file {self.path} is readable by group or others (mode "
+                    f"{_mode_text(st.st_mode)}); run: chmod 600 {self.path}"
+                )
+        snap = self._current()
+        with_secret = [a for a, e in snap.users.items() if e.has_secret]
+        key = self._key_or_none()  # raises on an unsafe or corrupt key file
+        if not with_secret:
+            return
+        if key is None:
+            if self.keep_secrets:
+                raise StoreError(
+                    f"key file {self.key_path} is missing but the password file holds "
+                    f"{len(with_secret)} secret(s): restore the key file, or set every password again"
+                )
+            return  # secrets are not used; nothing to decrypt
+        if self.keep_secrets and snap.key_id is not None and snap.key_id != _key_id(key):
+            raise StoreError(
+                f"key file {self.key_path} is not the key the password file's secrets were "
+                "encrypted with: restore the right key file"
+            )
+        if self.keep_secrets:
+            # One real decryption proves the key and the data agree.
+            self.secret(with_secret[0])
+
+
+def _check_password(password: Any) -> None:
+    if not isinstance(password, str):
+        raise TypeError("a password must be a str")
+    if password == "":
+        raise ValueError("the password is empty")
+    if len(password) > MAX_PASSWORD_CHARS:
+        raise ValueError(f"the password is longer than {MAX_PASSWORD_CHARS} characters")
+    if any(c in password for c in "\0\r\n"):
+        raise ValueError("the password contains a NUL, CR or LF character")
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the password is not valid Unicode text")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- the account checker
+
+_FAILED = "login failed"
+
+
+def _text(value: Any) -> str | None:
+    """A credential field as str, or None when it is not UTF-8 text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def _run_now(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+    """A ``run_blocking`` that runs in the calling thread (tests, or admin tools)."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+@implementer(IAccountChecker)
+class PasswordFileChecker:
+    """``IAccountChecker`` over a ``PasswordFile``. See IAccountChecker.
+
+    ``domains`` returns the local domains (the store's ``list_domains``; it is called off the
+    reactor thread, with every check). A log-in name maps to an address with
+    ``address.login_to_address``; the address's domain must be a local domain. All work
+    (domains, scrypt, decryption) runs through ``run_blocking(f, *args)``, which returns a
+    Deferred (``deferToThread`` by default).
+
+    Every refusal is the same ``UnauthorizedLogin("login failed")``; a password file that
+    cannot be read is ``errors.AuthUnavailable`` (logged with the reason, no secret).
+    """
+
+    def __init__(
+        self,
+        pwfile: PasswordFile,
+        domains: Callable[[], list[str]],
+        run_blocking: Callable[..., defer.Deferred] = deferToThread,
+    ) -> None:
+        self.pwfile = pwfile
+        self._domains = domains
+        self._run = run_blocking
+        self.offers_secrets = pwfile.keep_secrets
+        if self.offers_secrets:
+            self.credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+        else:
+            self.credentialInterfaces = (IUsernamePassword,)
+
+    def __repr__(self) -> str:
+        return f"<PasswordFileChecker {self.pwfile!r}>"
+
+    def check(self) -> None:
+        """Blocking start-up check of the password file (see ``PasswordFile.check``)."""
+        self.pwfile.check()
+
+    def _address(self, login: Any) -> str | None:
+        name = _text(login)
+        if name is None:
+            return None
+        domains = [d.lower() for d in self._domains()]
+        mapped = login_to_address(name, domains)
+        if mapped is None:
+            return None
+        mailbox, domain = mapped
+        if domain not in domains:
+            return None
+        return f"{mailbox}@{domain}"
+
+    def _check(self, credentials: Any) -> str:
+        """Blocking: the address, or raise UnauthorizedLogin / AuthUnavailable."""
+        try:
+            address = self._address(getattr(credentials, "username", None))
+            if IUsernamePassword.providedBy(credentials):
+                password = _text(credentials.password)
+                ok = self.pwfile.verify(address or "", password or "")
+                if ok and address is not None and password:
+                    return address
+            elif self.offers_secrets and IUsernameHashedPassword.providedBy(credentials):
+                secret = self.pwfile.secret(address) if address is not None else None
+                if secret is not None and credentials.checkPassword(secret):
+                    return address
+        except (StoreError, OSError) as e:
+            _log.error("password file unavailable: {reason}", reason=str(e))
+            raise AuthUnavailable("the password file cannot be read now")
+        raise UnauthorizedLogin(_FAILED)
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred:
+        """See ICredentialsChecker: a Deferred firing with ``"mailbox@domain"``."""
+        return self._run(self._check, credentials)
+
+    def _resolve(self, address: str) -> str | None:
+        key = _address_key(address)
+        if key is None or key.rpartition("@")[2] not in {d.lower() for d in self._domains()}:
+            return None
+        try:
+            return key if self.pwfile.exists(key) else None
+        except (StoreError, OSError) as e:
+            _log.error("password file unavailable: {reason}", reason=str(e))
+            raise AuthUnavailable("the password file cannot be read now")
+
+    def resolve_recipient(self, address: str) -> defer.Deferred:
+        """See IAccountChecker: the lower-case address when it has a password, else None."""
+        return self._run(self._resolve, address)
