@@ -1,0 +1,347 @@
+"""In-memory fakes of the seams, for protocol tests (POP3, ESMTP): no disk, no threads.
+
+- ``FakeMailStore`` (IMailStore): domains, mailboxes and messages in dicts; locks, quotas,
+  session locks (``open_maildrop`` -> ``FakeMaildrop``); every call recorded in ``calls``.
+- ``FakeMaildrop`` (IMaildrop): a snapshot; ``commit`` removes messages from the store.
+- ``FakeChecker`` (IAccountChecker): accounts as ``{"user@domain": "password"}``; checks
+  clear-text and (when ``offers_secrets``) APOP / CRAM-MD5 credentials by calling their
+  ``checkPassword`` with the secret, as a real checker does.
+
+Injectable failures: ``store.fail["method_name"] = SomeException(...)`` makes that method
+raise (``"open_message"``, ``"commit"``, ``"close"`` and ``"read"`` apply to maildrops, the last
+one to reading an opened message); ``checker.fail = AuthUnavailable()`` fails every check;
+``checker.hold = True`` leaves log-ins pending until ``checker.release()`` (pipelining tests).
+
+``sync_run_blocking(f, *args)`` runs ``f`` now and returns a fired Deferred: inject it as a
+protocol's ``run_blocking`` so tests stay single-threaded.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from zope.interface import implementer
+
+from pop3coexist.address import login_to_address
+from pop3coexist.errors import MailboxInUse, NoSuchMailbox, QuotaExceeded
+from pop3coexist.interfaces import IAccountChecker, IMaildrop, IMailStore
+
+
+def sync_run_blocking(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+    """Run ``f`` at once; a Deferred already fired with its result or failure."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+def crlf_size(data: bytes) -> int:
+    """The POP3 size of stored bytes: every line end counted as CRLF."""
+    return len(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+
+
+class _FailingFile(io.BytesIO):
+    """A message file whose ``read`` raises the injected exception after ``after`` bytes."""
+
+    def __init__(self, data: bytes, exc: BaseException, after: int = 0) -> None:
+        super().__init__(data)
+        self._exc = exc
+        self._after = after
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self._after:
+            raise self._exc
+        return super().read(min(size if size and size > 0 else len(self.getvalue()),
+                                self._after - self.tell()))
+
+
+@implementer(IMaildrop)
+class FakeMaildrop:
+    """See IMaildrop. A snapshot of ``(uid, bytes)`` pairs of one FakeMailStore mailbox."""
+
+    def __init__(self, store: FakeMailStore, domain: str, mailbox: str,
+                 messages: list[tuple[str, bytes]]) -> None:
+        self.store = store
+        self.domain = domain
+        self.mailbox = mailbox
+        self.messages = list(messages)
+        self.opened: list[Any] = []  # file objects handed out
+        self.committed: set[int] | None = None
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+    def size(self, index: int) -> int:
+        return crlf_size(self.messages[index][1])
+
+    def uidl(self, index: int) -> str:
+        return self.messages[index][0]
+
+    def open_message(self, index: int) -> Any:
+        self.store._maybe_fail("open_message")
+        data = self.messages[index][1]
+        exc = self.store.fail.get("read")
+        f: Any = _FailingFile(data, exc, self.store.read_fail_after) if exc else io.BytesIO(data)
+        self.opened.append(f)
+        return f
+
+    def commit(self, deleted: set[int]) -> None:
+        self.store._maybe_fail("commit")
+        gone = {self.messages[i][0] for i in deleted}
+        box = self.store.mail[self.domain][self.mailbox]
+        box[:] = [m for m in box if m[0] not in gone]
+        self.committed = set(deleted)
+        self._release()
+
+    def close(self) -> None:
+        self.store._maybe_fail("close")
+        self._release()
+
+    def _release(self) -> None:
+        self.closed = True
+        self.store.sessions.discard((self.domain, self.mailbox))
+
+
+@implementer(IMailStore)
+class FakeMailStore:
+    """See IMailStore. ``mail[domain][mailbox]`` is a list of ``(uid, bytes)``."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or Path("/nonexistent/mailroot")
+        self.mail: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
+        self.locked_domains: set[str] = set()
+        self.locked_mailboxes: set[tuple[str, str]] = set()
+        self.quotas: dict[tuple[str, str], int] = {}
+        self.sessions: set[tuple[str, str]] = set()  # session locks held
+        self.maildrops: list[FakeMaildrop] = []  # every maildrop opened
+        self.fail: dict[str, BaseException] = {}
+        self.read_fail_after = 0
+        self.enforce_quota = True
+        self.calls: list[tuple[str, tuple]] = []
+        self._uids = itertools.count(1)
+        self._spool: Path | None = None
+
+    # -- helpers for tests
+
+    def add(self, address: str, *messages: bytes) -> None:
+        """Create ``address``'s domain and mailbox if needed and append messages."""
+        mailbox, _, domain = address.lower().rpartition("@")
+        box = self.mail.setdefault(domain, {}).setdefault(mailbox, [])
+        for data in messages:
+            box.append((f"uid{next(self._uids):06d}", data))
+
+    def messages(self, address: str) -> list[bytes]:
+        mailbox, _, domain = address.lower().rpartition("@")
+        return [m[1] for m in self.mail[domain][mailbox]]
+
+    def _maybe_fail(self, name: str) -> None:
+        exc = self.fail.get(name)
+        if exc is not None:
+            raise exc
+
+    def _call(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+        self._maybe_fail(name)
+
+    def _box(self, domain: str, mailbox: str) -> list[tuple[str, bytes]]:
+        domain, mailbox = domain.lower(), mailbox.lower()
+        try:
+            return self.mail[domain][mailbox]
+        except KeyError:
+            raise NoSuchMailbox(f"no mailbox {mailbox}@{domain}") from None
+
+    # -- IMailStore
+
+    def check_writable(self) -> None:
+        self._call("check_writable")
+
+    def list_domains(self) -> list[str]:
+        self._call("list_domains")
+        return sorted(self.mail)
+
+    def domain_exists(self, domain: str) -> bool:
+        self._call("domain_exists", domain)
+        return domain.lower() in self.mail
+
+    def add_domain(self, domain: str) -> bool:
+        self._call("add_domain", domain)
+        if domain.lower() in self.mail:
+            return False
+        self.mail[domain.lower()] = {}
+        return True
+
+    def remove_domain(self, domain: str) -> None:
+        self._call("remove_domain", domain)
+        if self.mail.pop(domain.lower(), None) is None:
+            raise NoSuchMailbox(f"no domain {domain}")
+
+    def set_domain_locked(self, domain: str, locked: bool) -> None:
+        self._call("set_domain_locked", domain, locked)
+        (self.locked_domains.add if locked else self.locked_domains.discard)(domain.lower())
+
+    def is_domain_locked(self, domain: str) -> bool:
+        self._call("is_domain_locked", domain)
+        return domain.lower() in self.locked_domains
+
+    def list_mailboxes(self, domain: str) -> list[str]:
+        self._call("list_mailboxes", domain)
+        if domain.lower() not in self.mail:
+            raise NoSuchMailbox(f"no domain {domain}")
+        return sorted(self.mail[domain.lower()])
+
+    def mailbox_exists(self, domain: str, mailbox: str) -> bool:
+        self._call("mailbox_exists", domain, mailbox)
+        return mailbox.lower() in self.mail.get(domain.lower(), {})
+
+    def add_mailbox(self, domain: str, mailbox: str) -> bool:
+        self._call("add_mailbox", domain, mailbox)
+        if domain.lower() not in self.mail:
+            raise NoSuchMailbox(f"no domain {domain}")
+        boxes = self.mail[domain.lower()]
+        if mailbox.lower() in boxes:
+            return False
+        boxes[mailbox.lower()] = []
+        return True
+
+    def remove_mailbox(self, domain: str, mailbox: str) -> None:
+        self._call("remove_mailbox", domain, mailbox)
+        self._box(domain, mailbox)
+        del self.mail[domain.lower()][mailbox.lower()]
+
+    def set_mailbox_locked(self, domain: str, mailbox: str, locked: bool) -> None:
+        self._call("set_mailbox_locked", domain, mailbox, locked)
+        key = (domain.lower(), mailbox.lower())
+        (self.locked_mailboxes.add if locked else self.locked_mailboxes.discard)(key)
+
+    def is_mailbox_locked(self, domain: str, mailbox: str) -> bool:
+        self._call("is_mailbox_locked", domain, mailbox)
+        self._box(domain, mailbox)
+        return (domain.lower() in self.locked_domains
+                or (domain.lower(), mailbox.lower()) in self.locked_mailboxes)
+
+    def set_quota(self, domain: str, mailbox: str, limit: int | None) -> None:
+        self._call("set_quota", domain, mailbox, limit)
+        self._box(domain, mailbox)
+        key = (domain.lower(), mailbox.lower())
+        if limit is None:
+            self.quotas.pop(key, None)
+        else:
+            self.quotas[key] = limit
+
+    def get_quota(self, domain: str, mailbox: str) -> int | None:
+        self._call("get_quota", domain, mailbox)
+        return self.quotas.get((domain.lower(), mailbox.lower()))
+
+    def usage(self, domain: str, mailbox: str) -> tuple[int, int]:
+        self._call("usage", domain, mailbox)
+        box = self._box(domain, mailbox)
+        return len(box), sum(len(m[1]) for m in box)
+
+    def spool_dir(self) -> Path:
+        self._call("spool_dir")
+        if self._spool is None:
+            self._spool = Path(tempfile.mkdtemp(prefix="fake-spool-"))
+        return self._spool
+
+    def deliver_file(self, source: Any, recipients: list[tuple[str, str]]) -> list[Any]:
+        self._call("deliver_file", source, recipients)
+        data = Path(source).read_bytes()
+        return self._deliver(data, recipients)
+
+    def deliver_bytes(self, domain: str, mailbox: str, data: bytes) -> Any:
+        self._call("deliver_bytes", domain, mailbox)
+        return self._deliver(data, [(domain, mailbox)])[0]
+
+    def _deliver(self, data: bytes, recipients: list[tuple[str, str]]) -> list[Any]:
+        boxes = [self._box(d, m) for d, m in recipients]
+        if self.enforce_quota:
+            for d, m in recipients:
+                quota = self.quotas.get((d.lower(), m.lower()))
+                if quota is not None and sum(len(x[1]) for x in self._box(d, m)) + len(data) > quota:
+                    raise QuotaExceeded(f"{m}@{d} is over quota")
+        paths = []
+        for (d, m), box in zip(recipients, boxes, strict=True):
+            uid = f"uid{next(self._uids):06d}"
+            box.append((uid, data))
+            paths.append(Path(f"/fake/{d.lower()}/{m.lower()}/new/{uid}"))
+        return paths
+
+    def open_maildrop(self, domain: str, mailbox: str) -> FakeMaildrop:
+        self._call("open_maildrop", domain, mailbox)
+        box = self._box(domain, mailbox)
+        key = (domain.lower(), mailbox.lower())
+        if key in self.sessions:
+            raise MailboxInUse(f"{mailbox}@{domain} is in use")
+        self.sessions.add(key)
+        drop = FakeMaildrop(self, key[0], key[1], box)
+        self.maildrops.append(drop)
+        return drop
+
+
+@implementer(IAccountChecker)
+class FakeChecker:
+    """See IAccountChecker. ``accounts`` maps ``"user@domain"`` to its password."""
+
+    def __init__(self, accounts: dict[str, str] | None = None,
+                 local_domains: tuple[str, ...] = ("pop.contoso.test",),
+                 offers_secrets: bool = True,
+                 aliases: dict[str, str] | None = None) -> None:
+        self.accounts = {k.lower(): v for k, v in (accounts or {}).items()}
+        self.local_domains = local_domains
+        self.offers_secrets = offers_secrets
+        self.aliases = {k.lower(): v.lower() for k, v in (aliases or {}).items()}
+        self.fail: BaseException | None = None
+        self.hold = False
+        self.pending: list[tuple[defer.Deferred, Any]] = []
+        self.attempts: list[tuple[str, str]] = []  # (login name, "ok" | "bad"); no secrets
+
+    @property
+    def credentialInterfaces(self) -> tuple:  # noqa: N802
+        if self.offers_secrets:
+            return (IUsernamePassword, IUsernameHashedPassword)
+        return (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred:  # noqa: N802
+        if self.hold:
+            d: defer.Deferred = defer.Deferred()
+            self.pending.append((d, credentials))
+            return d
+        return self._check(credentials)
+
+    def release(self) -> None:
+        """Answer every held log-in now, in order."""
+        pending, self.pending = self.pending, []
+        for d, credentials in pending:
+            self._check(credentials).chainDeferred(d)
+
+    def _check(self, credentials: Any) -> defer.Deferred:
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        name = credentials.username
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        mapped = login_to_address(name, self.local_domains)
+        address = f"{mapped[0]}@{mapped[1]}" if mapped else None
+        hashed = not IUsernamePassword.providedBy(credentials)
+        ok = (address is not None and address in self.accounts
+              and (self.offers_secrets or not hashed)
+              and bool(self.accounts[address])
+              and credentials.checkPassword(self.accounts[address]))
+        self.attempts.append((name, "ok" if ok else "bad"))
+        if not ok:
+            return defer.fail(UnauthorizedLogin("authentication failed"))
+        return defer.succeed(address)
+
+    def resolve_recipient(self, address: str) -> defer.Deferred:
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        key = address.lower()
+        if key in self.aliases:
+            return defer.succeed(self.aliases[key])
+        return defer.succeed(key if key in self.accounts else None)
