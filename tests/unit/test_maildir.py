@@ -647,3 +647,22 @@ def test_hostname_is_made_safe_for_file_names(tmp_path: Path) -> None:
     path = s.deliver_bytes(DOMAIN, "ted", b"x\n")
     assert ".a\\057b\\072c\\054d,S=2,W=3" in path.name
     assert unique_part(path.name + ":2,S").endswith(".a\\057b\\072c\\054d")
+
+
+def test_deliver_file_copies_when_hard_links_are_impossible(
+    store: MaildirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the spool file cannot be hard-linked (another file system: EXDEV), each recipient gets
+    a copy written through tmp/ instead; the delivery still succeeds with the same names."""
+    data = b"Subject: copy\n\nbody\n"
+    source = spool(store, data)
+
+    def no_link(src, dst, *args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(maildir_module.os, "link", no_link)
+    paths = store.deliver_file(source, [(DOMAIN, "ted"), (DOMAIN, "ann")])
+    assert [p.read_bytes() for p in paths] == [data, data]
+    assert paths[0].stat().st_ino != paths[1].stat().st_ino
+    assert all(p.name.endswith(f",S={len(data)},W={len(data) + 3}") for p in paths)
+    assert files(box(store, "ted") / "tmp") == [] and files(box(store, "ann") / "tmp") == []
