@@ -596,7 +596,9 @@ class MaildirStore:
             raise errors.StoreError(f"cannot read spooled message {source}: {exc.strerror}") from exc
         if enforce_quota:
             for dname, mname, path in targets:
-                if self._would_exceed(path, size):
+                with _io_errors(f"cannot check the quota of {mname}@{dname}"):
+                    full = self._would_exceed(path, size)
+                if full:
                     exc = errors.QuotaExceeded(f"mailbox {mname}@{dname} is over its quota")
                     exc.recipient = (dname, mname)  # type: ignore[attr-defined]
                     raise exc
@@ -642,7 +644,9 @@ class MaildirStore:
             raise TypeError("message data must be bytes")
         data = bytes(data)
         dname, mname, path = self._existing_mailbox(domain, mailbox)
-        if enforce_quota and self._would_exceed(path, len(data)):
+        with _io_errors(f"cannot check the quota of {mname}@{dname}"):
+            full = enforce_quota and self._would_exceed(path, len(data))
+        if full:
             exc = errors.QuotaExceeded(f"mailbox {mname}@{dname} is over its quota")
             exc.recipient = (dname, mname)  # type: ignore[attr-defined]
             raise exc
