@@ -1,0 +1,178 @@
+"""pop3coexist-admin: every verb, its exit codes (0, 1 with one line, 2 for usage) and its effect
+on the real store and password file in a temporary state folder."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+
+import pytest
+
+from pop3coexist.admin import cli
+
+PW = "s3cret-Passw0rd"
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "etc" / "pop3coexist.toml"
+    path.parent.mkdir()
+    path.write_text(
+        textwrap.dedent(
+            """\
+            [server]
+            hostname = "pop.contoso.test"
+            state_dir = "../var"
+            [domains]
+            local = ["pop.contoso.test"]
+            """
+        )
+    )
+    (tmp_path / "var" / "mailroot" / "pop.contoso.test").mkdir(parents=True)
+    return path
+
+
+def admin(config, *args, stdin: str | None = None, monkeypatch=None, capsys=None):
+    """Run the admin command in-process; return (exit code, stdout, stderr)."""
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    out = io.StringIO()
+    code = cli.run(["-c", str(config), *args], out=out)
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, out.getvalue(), err
+
+
+@pytest.fixture
+def run(config, monkeypatch, capsys):
+    def _run(*args, stdin=None):
+        return admin(config, *args, stdin=stdin, monkeypatch=monkeypatch, capsys=capsys)
+
+    return _run
+
+
+def test_domain_add_list_lock_unlock_remove(run, tmp_path):
+    """domain add/list/lock/unlock/remove change the mailroot; remove asks for --yes."""
+    assert run("domain", "add", "Second.Test")[0] == 0
+    assert (tmp_path / "var" / "mailroot" / "second.test").is_dir()
+    code, out, _ = run("domain", "list")
+    assert code == 0 and "second.test" in out and "pop.contoso.test" in out
+    assert run("domain", "lock", "second.test")[0] == 0
+    assert "(locked)" in run("domain", "list")[1]
+    assert run("domain", "unlock", "second.test")[0] == 0
+    code, _, err = run("domain", "remove", "second.test")
+    assert code == 1 and "--yes" in err
+    assert run("domain", "remove", "second.test", "--yes")[0] == 0
+    assert not (tmp_path / "var" / "mailroot" / "second.test").exists()
+
+
+def test_domain_named_in_config_cannot_be_removed(run):
+    """A domain listed in [domains] local cannot be removed; the error says so."""
+    code, _, err = run("domain", "remove", "pop.contoso.test", "--yes")
+    assert code == 1
+    assert "[domains] local" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_domain_errors_are_one_line_exit_1(run):
+    """Adding an existing or invalid domain: exit 1 and one line on stderr."""
+    for args in (("domain", "add", "pop.contoso.test"), ("domain", "add", "no_dots"),
+                 ("domain", "lock", "missing.test")):
+        code, _, err = run(*args)
+        assert code == 1, args
+        assert err.startswith("pop3coexist-admin: error: ")
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_usage_error_exit_2(run):
+    """An unknown verb or a missing argument is a usage error: exit 2."""
+    with pytest.raises(SystemExit) as info:
+        run("domain", "frobnicate")
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        run("mailbox", "add")
+    assert info.value.code == 2
+
+
+def test_mailbox_add_with_password_stdin_and_verify(run, config, tmp_path):
+    """mailbox add creates the Maildir and a password entry that verifies; the password is not in argv."""
+    code, out, err = run("mailbox", "add", "Ted@POP.contoso.test", "--password-stdin", stdin=PW + "\n")
+    assert code == 0, err
+    box = tmp_path / "var" / "mailroot" / "pop.contoso.test" / "ted"
+    assert all((box / d).is_dir() for d in ("tmp", "new", "cur"))
+    from pop3coexist.config import load_config
+    from pop3coexist.identity.factory import make_password_file
+
+    pw = make_password_file(load_config(config))
+    assert pw.verify("ted@pop.contoso.test", PW)
+    assert not pw.verify("ted@pop.contoso.test", "wrong")
+    raw = (tmp_path / "var" / "passwords.json").read_text()
+    assert PW not in raw
+    code, _, err = run("mailbox", "add", "ted@pop.contoso.test", "--password-stdin", stdin=PW + "\n")
+    assert code == 1 and "already exists" in err
+
+
+def test_mailbox_add_refuses_empty_password_and_no_terminal(run):
+    """An empty password, or no terminal and no --password-stdin, is refused with one line."""
+    code, _, err = run("mailbox", "add", "amy@pop.contoso.test", "--password-stdin", stdin="\n")
+    assert code == 1 and "empty" in err
+    code, _, err = run("mailbox", "add", "amy@pop.contoso.test", stdin="")
+    assert code == 1 and "--password-stdin" in err
+
+
+def test_mailbox_in_unknown_domain(run):
+    """A mailbox in a domain that does not exist is refused, naming the domain."""
+    code, _, err = run("mailbox", "add", "x@nowhere.test", "--password-stdin", stdin=PW + "\n")
+    assert code == 1 and "nowhere.test" in err
+
+
+def test_mailbox_lock_passwd_quota_stat_list_remove(run, config):
+    """lock/unlock, passwd, quota and stat work on an existing mailbox; remove asks for --yes."""
+    assert run("mailbox", "add", "bob@pop.contoso.test", "--password-stdin", stdin=PW + "\n")[0] == 0
+    assert run("mailbox", "lock", "bob@pop.contoso.test")[0] == 0
+    assert "(locked)" in run("mailbox", "list")[1]
+    assert run("mailbox", "unlock", "bob@pop.contoso.test")[0] == 0
+    assert run("mailbox", "passwd", "bob@pop.contoso.test", "--password-stdin", stdin="N3w-password\n")[0] == 0
+    from pop3coexist.config import load_config
+    from pop3coexist.identity.factory import make_password_file
+
+    assert make_password_file(load_config(config)).verify("bob@pop.contoso.test", "N3w-password")
+    assert run("mailbox", "quota", "bob@pop.contoso.test", "50MB")[0] == 0
+    code, out, _ = run("stat")
+    assert code == 0 and "bob@pop.contoso.test" in out and "50000000" in out
+    assert run("mailbox", "quota", "bob@pop.contoso.test", "none")[0] == 0
+    code, _, err = run("mailbox", "quota", "bob@pop.contoso.test", "lots")
+    assert code == 1
+    assert run("mailbox", "remove", "bob@pop.contoso.test")[0] == 1
+    assert run("mailbox", "remove", "bob@pop.contoso.test", "--yes")[0] == 0
+    assert "bob@" not in run("mailbox", "list")[1]
+
+
+def test_mailbox_unlock_while_domain_locked_is_refused(run):
+    """As in the Windows POP3 service, a mailbox cannot be unlocked while its domain is locked."""
+    assert run("mailbox", "add", "cat@pop.contoso.test", "--password-stdin", stdin=PW + "\n")[0] == 0
+    assert run("domain", "lock", "pop.contoso.test")[0] == 0
+    code, _, err = run("mailbox", "unlock", "cat@pop.contoso.test")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+
+
+def test_check_config(run, config):
+    """check-config says OK for a good config."""
+    code, out, _ = run("check-config")
+    assert code == 0 and "OK" in out
+
+
+def test_check_config_bad_file(tmp_path, capsys):
+    """check-config on a bad config: exit 1 and the key named on one line."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nhostname = \"a.test\"\nstate_dir = \"v\"\nbogus = 1\n")
+    code = cli.run(["-c", str(bad), "check-config"], out=io.StringIO())
+    err = capsys.readouterr().err
+    assert code == 1 and "[server.bogus]" in err
+
+
+def test_check_config_peer_shared_domain(run, config, tmp_path):
+    """--peer refuses two configs that keep mailboxes for the same domain (the seed's rule)."""
+    peer = tmp_path / "peer.toml"
+    peer.write_text("[server]\nhostname = \"gw.test\"\nstate_dir = \"gv\"\n[domains]\nlocal = [\"pop.contoso.test\"]\n")
+    code, _, err = run("check-config", "--peer", str(peer))
+    assert code == 1 and "must not share" in err
