@@ -14,17 +14,22 @@ import pytest
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from zope.interface.verify import verifyObject
 
 from pop3coexist.address import AddressError
-from pop3coexist.errors import AuthUnavailable, StoreError
+from pop3coexist.config import Config, parse_config
+from pop3coexist.errors import AdminError, AuthUnavailable, StoreError
 from pop3coexist.identity.credentials import APOPCredentials, apop_digest
+from pop3coexist.identity.factory import make_checker, make_password_file
 from pop3coexist.identity.passwordfile import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    BadPassword,
     PasswordFile,
     PasswordFileChecker,
     _run_now,
 )
+from pop3coexist.interfaces import IAccountChecker
 from tests.support.conformance import run_sync
 
 FAST_N = 2**4
@@ -473,3 +478,92 @@ def test_checker_broken_file_is_temporary(tmp_path: Path) -> None:
         run_sync(checker.requestAvatarId(UsernamePassword(b"ted@a.test", b"pw")))
     pw.path.write_bytes(good)
     assert run_sync(checker.requestAvatarId(UsernamePassword(b"ted@a.test", b"pw"))) == "ted@a.test"
+
+
+# ---------------------------------------------------------------- later additions
+
+
+def test_bad_password_is_admin_error(tmp_path: Path) -> None:
+    """A refused password is a BadPassword: both a ValueError and an AdminError, so the admin
+    command prints its one line instead of a traceback."""
+    with pytest.raises(BadPassword) as info:
+        make(tmp_path).set_password("ted@a.test", "")
+    assert isinstance(info.value, AdminError) and isinstance(info.value, ValueError)
+    assert str(info.value) == "the password is empty"
+
+
+def test_restored_key_file_is_picked_up(tmp_path: Path) -> None:
+    """A running reader whose key file was wrong picks up the restored one without a restart."""
+    pw = make(tmp_path)
+    pw.set_password("ted@a.test", "pw")
+    good = pw.key_path.read_bytes()
+    pw.key_path.write_bytes(base64.b64encode(os.urandom(32)) + b"\n")
+    reader = make(tmp_path)
+    with pytest.raises(StoreError, match="cannot be decrypted"):
+        reader.secret("ted@a.test")
+    pw.key_path.write_bytes(good)
+    assert reader.secret("ted@a.test") == "pw"
+
+
+def _config(tmp_path: Path, auth: str) -> Config:
+    text = f'[server]\nhostname = "pop.contoso.test"\nstate_dir = "{tmp_path}"\n{auth}'
+    return parse_config(text, tmp_path / "pop3coexist.toml")
+
+
+class _FakeStore:
+    def list_domains(self) -> list[str]:
+        return ["pop.contoso.test"]
+
+
+def test_make_password_file_follows_config(tmp_path: Path) -> None:
+    """make_password_file uses <state_dir>/passwords.json and .key, keeping secrets exactly
+    when auth.apop is true."""
+    pw = make_password_file(_config(tmp_path, "[auth]\napop = true\n"), scrypt_n=FAST_N)
+    assert pw.path == tmp_path / "passwords.json" and pw.key_path == tmp_path / "passwords.key"
+    assert pw.keep_secrets is True
+    assert make_password_file(_config(tmp_path, "[auth]\napop = false\n")).keep_secrets is False
+
+
+def test_make_checker_passwordfile(tmp_path: Path) -> None:
+    """make_checker gives a working PasswordFileChecker over the store's domains, offering
+    secrets when auth.apop is true; with a reactor it runs checks in that reactor's pool."""
+    config = _config(tmp_path, "")
+    make_password_file(config, scrypt_n=FAST_N).set_password("ted@pop.contoso.test", "pw")
+    checker = make_checker(config, _FakeStore())
+    assert isinstance(checker, PasswordFileChecker) and checker.offers_secrets is True
+    assert verifyObject(IAccountChecker, checker)
+    plain = make_checker(_config(tmp_path, "[auth]\napop = false\n"), _FakeStore())
+    assert plain.offers_secrets is False
+
+    pools: list[object] = []
+
+    class FakeReactor:
+        def getThreadPool(self) -> object:
+            pools.append("asked")
+            return object()
+
+    with_reactor = make_checker(config, _FakeStore(), FakeReactor())
+    assert isinstance(with_reactor, PasswordFileChecker) and pools == ["asked"]
+    # The checker itself works (run synchronously here).
+    sync = PasswordFileChecker(checker.pwfile, _FakeStore().list_domains, _run_now)
+    assert run_sync(sync.requestAvatarId(UsernamePassword(b"ted", b"pw"))) == "ted@pop.contoso.test"
+
+
+def test_make_checker_other_methods_import_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """directory and local are built by their own modules, imported only when chosen."""
+    import sys
+    import types
+
+    made: list[tuple] = []
+    for name, cls in (("directory", "DirectoryChecker"), ("local", "LocalChecker")):
+        module = types.ModuleType(f"pop3coexist.identity.{name}")
+        setattr(module, cls, lambda *args, _n=name: made.append((_n, *args)) or _n)
+        monkeypatch.setitem(sys.modules, f"pop3coexist.identity.{name}", module)
+    config = _config(tmp_path, "")
+    store = _FakeStore()
+    directory_config = type("C", (), {"auth": type("A", (), {"method": "directory"})()})()
+    local_config = type("C", (), {"auth": type("A", (), {"method": "local"})()})()
+    assert make_checker(directory_config, store, "reactor") == "directory"
+    assert make_checker(local_config, store) == "local"
+    assert made == [("directory", directory_config, "reactor"), ("local", local_config, store)]
+    assert config.auth.method == "passwordfile"

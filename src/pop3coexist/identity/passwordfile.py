@@ -63,10 +63,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3coexist.address import AddressError, login_to_address
-from pop3coexist.errors import AuthUnavailable, StoreError
+from pop3coexist.errors import AdminError, AuthUnavailable, StoreError
 from pop3coexist.interfaces import IAccountChecker
 
-__all__ = ["PasswordFile", "PasswordFileChecker", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["BadPassword", "PasswordFile", "PasswordFileChecker", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "pop3coexist-passwords"
 FORMAT_VERSION = 1
@@ -83,6 +83,11 @@ _MAX_SCRYPT_R = 32
 _MAX_SCRYPT_P = 16
 
 _log = Logger()
+
+
+class BadPassword(AdminError, ValueError):
+    """``set_password`` refuses the password (empty, too long, NUL/CR/LF); str() is one line
+    that never repeats the password. An ``AdminError`` so the admin command reports it."""
 
 
 def _b64(data: bytes) -> str:
@@ -572,12 +577,19 @@ class PasswordFile:
         entry = snap.users.get(key) if key is not None else None
         if entry is None or entry.secret_data is None or entry.secret_nonce is None:
             return None
-        aes_key = self._key_or_none()
-        if aes_key is None:
-            raise StoreError(f"key file {self.key_path} is missing but the password file holds secrets")
-        try:
-            plain = AESGCM(aes_key).decrypt(entry.secret_nonce, entry.secret_data, key.encode("ascii"))
-        except InvalidTag:
+        plain = None
+        for attempt in range(2):
+            if attempt:
+                self._key = None  # the key file may have been restored since it was read
+            aes_key = self._key_or_none()
+            if aes_key is None:
+                raise StoreError(f"key file {self.key_path} is missing but the password file holds secrets")
+            try:
+                plain = AESGCM(aes_key).decrypt(entry.secret_nonce, entry.secret_data, key.encode("ascii"))
+                break
+            except InvalidTag:
+                continue
+        if plain is None:
             raise StoreError(
                 f"the secret of {key} cannot be decrypted with key file {self.key_path} "
                 "(wrong key file, or the entry was altered)"
@@ -636,15 +648,15 @@ def _check_password(password: Any) -> None:
     if not isinstance(password, str):
         raise TypeError("a password must be a str")
     if password == "":
-        raise ValueError("the password is empty")
+        raise BadPassword("the password is empty")
     if len(password) > MAX_PASSWORD_CHARS:
-        raise ValueError(f"the password is longer than {MAX_PASSWORD_CHARS} characters")
+        raise BadPassword(f"the password is longer than {MAX_PASSWORD_CHARS} characters")
     if any(c in password for c in "\0\r\n"):
-        raise ValueError("the password contains a NUL, CR or LF character")
+        raise BadPassword("the password contains a NUL, CR or LF character")
     try:
         password.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("the password is not valid Unicode text")
+        raise BadPassword("the password is not valid Unicode text")
 
 
 def _fsync_dir(folder: Path) -> None:
