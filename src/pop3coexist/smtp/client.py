@@ -1,0 +1,582 @@
+"""The outbound ESMTP client: one connection, one transaction, a reply for every recipient.
+
+Built on Twisted's ``twisted.mail.smtp.ESMTPClient`` state machine (EHLO, STARTTLS, AUTH with
+its CRAM-MD5 / LOGIN / PLAIN authenticators), with what a relaying MTA needs on top:
+
+- TLS policy ``none | opportunistic | required``. ``required`` verifies the certificate with
+  service_identity against the next hop's name (or ``[address]``) and ``ca_file`` (else the
+  platform's trust store); a failed handshake or verification ends the attempt as a temporary
+  failure and nothing more is sent, never falling back to clear text. ``opportunistic`` uses
+  STARTTLS when offered, without verification.
+- AUTH only when a user name is given (the smart host), with the strongest mechanism the server
+  offers. PLAIN and LOGIN are sent only inside TLS unless the policy is ``none``. The password
+  never appears in logs, exceptions or reprs (the transcript log of the Twisted client is off).
+- MAIL with SIZE, BODY, and the DSN parameters RET/ENVID; RCPT with NOTIFY/ORCPT when the
+  server offers DSN (RFC 3461); the reply to each RCPT is kept.
+- A connect timeout and a per-command timeout. No retries here: the queue owns retrying.
+
+``deliver(...)`` returns a Deferred that fires with a TransactionResult (it never errbacks for
+SMTP or network trouble: a failure is a reply for each recipient).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, error, protocol, ssl
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail._cred import CramMD5ClientAuthenticator, LOGINAuthenticator
+from twisted.python.failure import Failure
+
+log = Logger()
+
+_ENHANCED_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(\s|$)")
+
+
+class Secret:
+    """A password that never shows itself in a repr or str."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | bytes) -> None:
+        self._value = value.encode("utf-8") if isinstance(value, str) else value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+
+@dataclass
+class ClientSettings:
+    """How to talk to one next hop."""
+
+    helo: str
+    tls: str = "opportunistic"  # none | opportunistic | required
+    tls_name: str = ""  # the name (or IP) the certificate must match with tls=required
+    ca_file: Path | None = None
+    username: str = ""
+    password: Secret | None = field(default=None, repr=False)
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+
+@dataclass
+class Transaction:
+    """One message to some recipients of the same next hop."""
+
+    sender: str
+    recipients: list[dict]  # {"address", "notify", "orcpt"}
+    body_path: Path
+    size: int | None = None
+    ret: str | None = None
+    envid: str | None = None
+    body: str | None = None  # "8BITMIME" or "7BIT" from the original MAIL FROM
+
+
+@dataclass
+class RecipientReply:
+    """The next hop's last word about one recipient."""
+
+    address: str
+    code: int  # SMTP code; 4xx also for network trouble
+    reply: str  # "550 5.1.1 no such user" (one line)
+    remote: bool = True  # False: no SMTP reply (connection refused, timeout, TLS failure)
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    @property
+    def enhanced(self) -> str:
+        """The RFC 3463 code of the reply, or one derived from the basic code."""
+        parts = self.reply.split()
+        if len(parts) > 1 and _ENHANCED_RE.match(parts[1].encode()):
+            return parts[1]
+        return f"{self.code // 100 if 2 <= self.code // 100 <= 5 else 4}.0.0"
+
+
+@dataclass
+class TransactionResult:
+    """Per-recipient replies plus what we learnt about the next hop."""
+
+    replies: list[RecipientReply]
+    remote_mta: str = ""
+    dsn: bool = False  # the next hop offered DSN (parameters were passed on)
+    tls: bool = False
+    connected: bool = False  # False: never got a greeting (try the next MX)
+
+
+def _one_line(code: int, resp: bytes | str) -> str:
+    if isinstance(resp, bytes):
+        resp = resp.decode("utf-8", "replace")
+    text = " ".join(resp.split())
+    return f"{code} {text}" if text else f"{code}"
+
+
+class _BodyTransform:
+    """Line ends to CRLF and dot-stuffing (RFC 5321 4.5.2), across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self.carry = b""
+        self.at_bol = True
+
+    def __call__(self, chunk: bytes) -> bytes:
+        data = self.carry + chunk
+        self.carry = b""
+        if data.endswith(b"\r"):
+            self.carry = b"\r"
+            data = data[:-1]
+        if not data:
+            return b""
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if self.at_bol and data.startswith(b"."):
+            data = b"." + data
+        data = data.replace(b"\r\n.", b"\r\n..")
+        self.at_bol = data.endswith(b"\r\n")
+        return data
+
+    def tail(self) -> bytes:
+        out = b""
+        if self.carry:
+            out = b"\r\n"
+            self.at_bol = True
+        if not self.at_bol:
+            out += b"\r\n"
+        return out + b".\r\n"
+
+
+class OutboundESMTP(smtp.ESMTPClient):
+    """ESMTPClient that relays one Transaction and keeps every recipient's reply."""
+
+    debug = False  # the Twisted transcript would contain AUTH secrets
+
+    def __init__(self, settings: ClientSettings, transaction: Transaction,
+                 finished: Callable[[TransactionResult], None]) -> None:
+        secret = settings.password.reveal() if settings.password is not None else None
+        context = _tls_context(settings)
+        smtp.ESMTPClient.__init__(self, secret, context, settings.helo)
+        self.settings = settings
+        self.transaction = transaction
+        self._finished_cb = finished
+        self.timeout = settings.command_timeout
+        self.heloFallback = settings.tls != "required" and not settings.username
+        self.requireTransportSecurity = settings.tls == "required"
+        self.requireAuthentication = bool(settings.username)
+        if settings.username:
+            user = settings.username.encode("utf-8")
+            self.registerAuthenticator(CramMD5ClientAuthenticator(user))
+            self.registerAuthenticator(LOGINAuthenticator(user))
+            self.registerAuthenticator(smtp.PLAINAuthenticator(user))
+        self.extensions: dict[bytes, bytes | None] = {}
+        self.replies: dict[str, RecipientReply] = {}
+        self.accepted: list[str] = []
+        self.greeted = False
+        self.done = False
+        self.last_command = "connect"
+        self._body_file: Any = None
+        self._quitting = False
+        self._lost = False
+
+    def __repr__(self) -> str:
+        return f"<OutboundESMTP to {self.settings.tls_name!r}>"
+
+    # -- logging hooks
+
+    def sendLine(self, line: bytes) -> None:
+        word = line.split(b" ", 1)[0][:10].upper()
+        if word in (b"EHLO", b"HELO", b"MAIL", b"RCPT", b"DATA", b"STARTTLS", b"AUTH", b"QUIT",
+                    b"RSET"):
+            self.last_command = word.decode()
+        elif self.last_command.startswith("AUTH"):
+            self.last_command = "AUTH"
+        smtp.ESMTPClient.sendLine(self, line)
+
+    def lineReceived(self, line: bytes) -> Any:
+        if not self.greeted and line[:3].isdigit():
+            self.greeted = True
+        return smtp.ESMTPClient.lineReceived(self, line)
+
+    # -- capabilities and TLS
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        items: dict[bytes, bytes | None] = {}
+        for line in resp.splitlines()[1:]:
+            e = line.split(None, 1)
+            if e:
+                items[e[0].upper()] = e[1] if len(e) > 1 else None
+        self.extensions = items
+        self.tryTLS(code, resp, items)
+
+    def tryTLS(self, code: int, resp: bytes, items: dict) -> None:
+        if self.settings.tls == "none" or self._tlsMode:
+            self.authenticate(code, resp, items)
+            return
+        if b"STARTTLS" in items:
+            self._expected = [220]
+            self._okresponse = self.esmtpState_starttls
+            self._failresponse = self._starttlsRefused
+            self.sendLine(b"STARTTLS")
+        elif self.settings.tls == "required":
+            self._fail(454, "4.7.4 TLS required by policy but the server does not offer STARTTLS",
+                       remote=False)
+        else:
+            self.authenticate(code, resp, items)
+
+    def _starttlsRefused(self, code: int, resp: bytes) -> None:
+        if self.settings.tls == "required":
+            self._fail(code if 400 <= code < 500 else 454,
+                       "4.7.4 STARTTLS refused (TLS required by policy): " + _one_line(code, resp))
+        else:
+            # opportunistic: carry on in clear text after a refused STARTTLS (RFC 3207 4.1)
+            self.authenticate(code, resp, self.extensions)
+
+    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        try:
+            self.transport.startTLS(self.context)
+            self._tlsMode = True
+        except Exception as e:
+            self._fail(454, f"4.7.5 cannot start TLS: {e.__class__.__name__}", remote=False)
+            return
+        self.esmtpState_ehlo(code, resp)
+
+    # -- AUTH
+
+    def authenticate(self, code: int, resp: bytes, items: dict) -> None:
+        if self.settings.username:
+            offered = set((items.get(b"AUTH") or b"").upper().split())
+            if not self._tlsMode and self.settings.tls != "none":
+                # never give a clear-text password away outside TLS
+                offered &= {b"CRAM-MD5"}
+            usable = [a for a in self.authenticators if a.getName().upper() in offered]
+            if not usable:
+                what = b" ".join(sorted(offered)).decode() or "none"
+                self._fail(530, f"5.7.0 cannot authenticate to the smart host "
+                                f"(mechanisms usable here: {what})", remote=False, code4=True)
+                return
+            self.authenticators = usable
+            self.auth_mechanism = usable[0].getName().decode()
+        smtp.ESMTPClient.authenticate(self, code, resp, items)
+
+    # -- the transaction
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        if self._quitting:
+            return
+        t = self.transaction
+        line = b"MAIL FROM:<" + t.sender.encode("utf-8") + b">"
+        ext = self.extensions
+        if b"SIZE" in ext and t.size is not None:
+            line += b" SIZE=%d" % t.size
+        if t.body in ("8BITMIME", "7BIT") and b"8BITMIME" in ext:
+            line += b" BODY=" + t.body.encode()
+        if b"DSN" in ext:
+            if t.ret:
+                line += b" RET=" + t.ret.encode()
+            if t.envid:
+                line += b" ENVID=" + t.envid.encode("ascii", "replace")
+        self._rcpt_iter = iter(t.recipients)
+        self._current: dict | None = None
+        self._expected = [250]
+        self._okresponse = self._mailAccepted
+        self._failresponse = self._mailRefused
+        self.sendLine(line)
+
+    def _mailAccepted(self, code: int, resp: bytes) -> None:
+        self._expected = range(0, 1000)
+        self._okresponse = self._rcptReply
+        self._failresponse = self._rcptReply
+        self._nextRcpt()
+
+    def _mailRefused(self, code: int, resp: bytes) -> None:
+        self._fail(code, _one_line(code, resp).split(" ", 1)[-1])
+
+    def _nextRcpt(self) -> None:
+        try:
+            r = next(self._rcpt_iter)
+        except StopIteration:
+            self._current = None
+            if self.accepted:
+                self._expected = [354]
+                self._okresponse = self._sendBody
+                self._failresponse = self._dataRefused
+                self.sendLine(b"DATA")
+            else:
+                self._quit()
+            return
+        self._current = r
+        line = b"RCPT TO:<" + r["address"].encode("utf-8") + b">"
+        if b"DSN" in self.extensions:
+            from pop3coexist.smtp.dsn import orcpt_param
+
+            if r.get("notify"):
+                line += b" NOTIFY=" + ",".join(r["notify"]).encode()
+            orcpt = orcpt_param(r.get("orcpt"))
+            if orcpt:
+                line += b" ORCPT=" + orcpt.encode("ascii")
+        self.sendLine(line)
+
+    def _rcptReply(self, code: int, resp: bytes) -> None:
+        r = self._current
+        assert r is not None
+        addr = r["address"]
+        reply = RecipientReply(addr, code, _one_line(code, resp))
+        if code in smtp.SUCCESS:
+            self.accepted.append(addr)
+        else:
+            self.replies[addr] = reply
+        self._nextRcpt()
+
+    def _sendBody(self, code: int, resp: bytes) -> None:
+        try:
+            self._body_file = open(self.transaction.body_path, "rb")
+        except OSError as e:
+            # the message vanished (deleted from the queue): end without a final dot
+            self._fail(451, f"4.3.0 message file unreadable: {e.strerror}", remote=False, abort=True)
+            return
+        transform = _BodyTransform()
+        self._transform = transform
+
+        def chunk(data: bytes) -> bytes:
+            self.resetTimeout()
+            return transform(data)
+
+        sender = smtp.basic.FileSender()
+        d = sender.beginFileTransfer(self._body_file, self.transport, chunk)
+        d.addCallbacks(self._bodySent, self._bodyFailed)
+        self._expected = smtp.SUCCESS
+        self._okresponse = self._dataReply
+        self._failresponse = self._dataReply
+        self.last_command = "DATA (end of message)"
+
+    def _bodySent(self, _: Any) -> None:
+        self._closeBody()
+        self.transport.write(self._transform.tail())
+
+    def _bodyFailed(self, failure: Failure) -> None:
+        self._closeBody()
+        self._fail(451, f"4.3.0 reading the message failed: {failure.getErrorMessage()}",
+                   remote=False, abort=True)
+
+    def _closeBody(self) -> None:
+        if self._body_file is not None:
+            self._body_file.close()
+            self._body_file = None
+
+    def _dataRefused(self, code: int, resp: bytes) -> None:
+        self._dataReply(code, resp)
+
+    def _dataReply(self, code: int, resp: bytes) -> None:
+        line = _one_line(code, resp)
+        for addr in self.accepted:
+            self.replies[addr] = RecipientReply(addr, code, line)
+        self.accepted = []
+        self._quit()
+
+    def _quit(self) -> None:
+        self._finish()
+        self._quitting = True
+        self._expected = range(0, 1000)
+        self._okresponse = self.smtpState_disconnect
+        self._failresponse = self.smtpState_disconnect
+        self.sendLine(b"QUIT")
+
+    # -- failures
+
+    def _fail(self, code: int, text: str, remote: bool = True, abort: bool = False,
+              code4: bool = False) -> None:
+        """End the transaction: every recipient without a reply gets this one.
+
+        ``code4``: whatever the server said, for us this is temporary (4xx). ``remote``: the
+        reply came from the server (so a polite QUIT is possible).
+        """
+        if self.done:
+            if not self._lost:
+                self.transport.loseConnection()
+            return
+        if code4 or not (400 <= code < 600):
+            code = code if 400 <= code < 500 else 451
+            if text[:1] == "5":
+                text = "4" + text[1:]
+        line = _one_line(code, text)
+        for r in self.transaction.recipients:
+            if r["address"] not in self.replies:
+                self.replies[r["address"]] = RecipientReply(r["address"], code, line, remote)
+        self.accepted = []
+        if self._lost:
+            self._finish()
+        elif abort or not remote:
+            self._finish()
+            self.transport.abortConnection()
+        else:
+            self._quit()
+
+    def smtpConnectionFailed(self, code: int, resp: bytes) -> None:
+        """A greeting other than 220: this host does not talk to us now (try the next MX)."""
+        self.greeted = False
+        self._fail(code, "4.4.2 refused to talk to us: " + _one_line(code, resp), code4=True)
+
+    def smtpState_helo(self, code: int, resp: bytes) -> None:
+        """EHLO refused and nothing needs ESMTP: fall back to HELO (RFC 5321 3.2)."""
+        smtp.ESMTPClient.smtpState_helo(self, code, resp)
+        self._failresponse = self._heloRefused
+
+    def _heloRefused(self, code: int, resp: bytes) -> None:
+        self._fail(code, "4.5.0 HELO refused: " + _one_line(code, resp), code4=True)
+
+    def _esmtpState_plainAuth(self, code: int, resp: bytes) -> None:
+        """No second AUTH PLAIN try (Twisted's default): a refusal is a refusal."""
+        self.esmtpAUTHDeclined(code, resp)
+
+    def sendError(self, exc: Exception) -> None:
+        """Twisted's hook for every failure it detects (EHLO refused, AUTH refused, timeouts,
+        protocol errors)."""
+        if self.done:
+            if not self._lost:
+                self.transport.abortConnection()
+            return
+        code = getattr(exc, "code", -1)
+        resp = getattr(exc, "resp", b"")
+        if isinstance(exc, smtp.SMTPTimeoutError):
+            self._fail(451, f"4.4.2 timeout waiting for the reply to {self.last_command}",
+                       remote=False, abort=True)
+            return
+        if isinstance(exc, smtp.AUTHDeclinedError) or isinstance(exc, smtp.AuthenticationError):
+            # a refused log-in to the smart host is our configuration problem: defer
+            self._fail(454, "4.7.0 smart host refused AUTH " + getattr(self, "auth_mechanism", "")
+                       + ": " + _one_line(code, resp), code4=True)
+            return
+        if isinstance(exc, (smtp.EHLORequiredError, smtp.TLSRequiredError, smtp.AUTHRequiredError)):
+            self._fail(454, "4.7.0 " + _one_line(code, resp), remote=False, code4=True)
+            return
+        if 400 <= code < 600:
+            self._fail(code, _one_line(code, resp).split(" ", 1)[-1])
+        else:
+            text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
+            self._fail(451, f"4.5.0 protocol error after {self.last_command}: {text}",
+                       remote=False, abort=True)
+
+    def timeoutConnection(self) -> None:
+        self.sendError(smtp.SMTPTimeoutError(-1, b"timeout"))
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._lost = True
+        self._closeBody()
+        if not self.done:
+            why = reason.value
+            if self._tlsMode and not isinstance(why, (error.ConnectionDone,)):
+                text = f"4.7.5 TLS failure with {self.settings.tls_name}: {_reason_text(why)}"
+            else:
+                text = f"4.4.2 connection lost after {self.last_command}: {_reason_text(why)}"
+            self._fail(421, text, remote=False)
+        smtp.ESMTPClient.connectionLost(self, reason)
+        cb, self._finished_cb = self._finished_cb, None
+        if cb is not None:
+            cb(self.result())
+
+    def _finish(self) -> None:
+        self.done = True
+
+    def result(self) -> TransactionResult:
+        replies = []
+        for r in self.transaction.recipients:
+            rep = self.replies.get(r["address"])
+            if rep is None:
+                rep = RecipientReply(r["address"], 451, "451 4.4.2 no reply", remote=False)
+            replies.append(rep)
+        return TransactionResult(
+            replies=replies,
+            dsn=b"DSN" in self.extensions,
+            tls=bool(self._tlsMode),
+            connected=self.greeted,
+        )
+
+
+def _reason_text(why: BaseException) -> str:
+    text = str(why) or why.__class__.__name__
+    if "certificate verify failed" in text or "VerificationError" in text:
+        return "certificate verification failed"
+    text = " ".join(text.split())
+    return text[:300]
+
+
+def _tls_context(settings: ClientSettings) -> Any:
+    if settings.tls == "none":
+        return None
+    if settings.tls == "required":
+        if settings.ca_file is not None:
+            pem = settings.ca_file.read_bytes()
+            marker = b"-----BEGIN CERTIFICATE-----"
+            certs = [ssl.Certificate.loadPEM(marker + p) for p in pem.split(marker)[1:]]
+            trust = ssl.trustRootFromCertificates(certs)
+        else:
+            trust = ssl.platformTrust()
+        return ssl.optionsForClientTLS(settings.tls_name, trustRoot=trust)
+    return ssl.CertificateOptions(verify=False)
+
+
+class OutboundClientFactory(protocol.ClientFactory):
+    """Builds one OutboundESMTP and turns connection failures into replies. No retries."""
+
+    noisy = False
+
+    def __init__(self, settings: ClientSettings, transaction: Transaction, remote_mta: str) -> None:
+        self.settings = settings
+        self.transaction = transaction
+        self.remote_mta = remote_mta
+        self.deferred: defer.Deferred[TransactionResult] = defer.Deferred()
+        self.proto: OutboundESMTP | None = None
+
+    def buildProtocol(self, addr: Any) -> OutboundESMTP:
+        p = OutboundESMTP(self.settings, self.transaction, self._done)
+        p.factory = self
+        self.proto = p
+        return p
+
+    def _done(self, result: TransactionResult) -> None:
+        result.remote_mta = self.remote_mta
+        if not self.deferred.called:
+            self.deferred.callback(result)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        why = reason.value
+        if isinstance(why, error.TimeoutError):
+            text = "4.4.1 connection timed out"
+        elif isinstance(why, error.ConnectionRefusedError):
+            text = "4.4.1 connection refused"
+        else:
+            text = f"4.4.1 cannot connect: {_reason_text(why)}"
+        replies = [
+            RecipientReply(r["address"], 421, f"421 {text}", remote=False)
+            for r in self.transaction.recipients
+        ]
+        self._done(TransactionResult(replies=replies, connected=False))
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        pass
+
+
+def deliver(
+    reactor: Any,
+    host: str,
+    port: int,
+    settings: ClientSettings,
+    transaction: Transaction,
+    remote_mta: str | None = None,
+) -> defer.Deferred[TransactionResult]:
+    """Connect to ``host:port`` (an IP address) and relay ``transaction``; see the module doc."""
+    factory = OutboundClientFactory(settings, transaction, remote_mta or host)
+    reactor.connectTCP(host, port, factory, timeout=settings.connect_timeout)
+    return factory.deferred

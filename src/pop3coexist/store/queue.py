@@ -1,0 +1,416 @@
+"""The durable outbound queue under ``<state_dir>/queue`` (implements interfaces.IOutboundQueue).
+
+Layout (CONTRACT section 5)::
+
+    queue/msg/<id>         the message, stored once (a hard link of the fsynced spool file)
+    queue/env/<id>.json    the envelope: sender, DSN parameters, per-recipient state
+    queue/tmp/             files being written (temp + fsync + rename)
+    queue/flush            marker: ``queue flush`` from another process (polled by the runner)
+    queue/rescan           marker: a message was added or removed by another process
+
+Every change is durable before the call returns: the body link is fsynced (its folder too)
+before the envelope is written; an envelope is written to tmp/, fsynced, renamed over the old
+one, and env/ is fsynced. A message whose envelope is gone is no longer queued; at start
+``recover`` removes bodies without an envelope (an ``enqueue`` that never returned) and
+half-written temp files. A recipient's state only moves to delivered after the next hop
+said so, so a crash at any point can repeat a delivery but never lose one. JSON only, no pickle.
+
+Recipient states: ``pending`` (not tried yet), ``deferred`` (temporary failure, waiting for
+``next_attempt``), ``delivered``, ``failed``. ``notice`` holds a delivery report still to be
+sent for that recipient (``failed``, ``delayed``, ``relayed``, ``delivered``), cleared once the
+report is itself queued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pop3coexist.interfaces import IOutboundQueue
+
+log = Logger()
+
+ENVELOPE_VERSION = 1
+_ID_RE = re.compile(r"^[0-9a-f]{16,40}$")
+FINAL_STATES = ("delivered", "failed")
+ORPHAN_AGE = 600.0  # seconds: a body without envelope older than this is a dead enqueue
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _validate(envelope: dict) -> None:
+    """Raise ValueError with a clear message if ``envelope`` is not the documented shape."""
+    if not isinstance(envelope, dict):
+        raise ValueError("envelope must be a dict")
+    sender = envelope.get("sender")
+    if not isinstance(sender, str):
+        raise ValueError("envelope sender must be a string ('' for the null sender)")
+    rcpts = envelope.get("recipients")
+    if not isinstance(rcpts, list) or not rcpts:
+        raise ValueError("envelope needs at least one recipient")
+    for r in rcpts:
+        if not isinstance(r, dict) or not isinstance(r.get("address"), str) or "@" not in r["address"]:
+            raise ValueError(f"bad recipient in envelope: {r!r}")
+        notify = r.get("notify")
+        if notify is not None and (
+            not isinstance(notify, list) or not all(isinstance(n, str) for n in notify)
+        ):
+            raise ValueError(f"bad NOTIFY for {r['address']}: {notify!r}")
+    if envelope.get("ret") not in (None, "FULL", "HDRS"):
+        raise ValueError(f"bad RET value {envelope.get('ret')!r}")
+
+
+@implementer(IOutboundQueue)
+class FileQueue:
+    """See IOutboundQueue; plus the runner's API (load/save/remove) and the admin API.
+
+    All methods except ``wake``, ``set_waker`` and ``drain_new`` are blocking.
+    """
+
+    def __init__(self, root: Path, hostname: str, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(root)
+        self.hostname = hostname
+        self.clock = clock
+        self.msg_dir = self.root / "msg"
+        self.env_dir = self.root / "env"
+        self.tmp_dir = self.root / "tmp"
+        self._waker: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+        self._new: list[str] = []
+        self._made = False
+
+    def __repr__(self) -> str:
+        return f"<FileQueue {self.root}>"
+
+    # ------------------------------------------------------------------ layout
+
+    def ensure_dirs(self) -> None:
+        """Create the queue folders if missing (blocking)."""
+        if self._made:
+            return
+        for d in (self.root, self.msg_dir, self.env_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._made = True
+
+    def new_id(self) -> str:
+        """A unique, sortable (by time) queue id: 16 hex digits of ns time + 8 random."""
+        return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+
+    def body_path(self, qid: str) -> Path:
+        return self.msg_dir / self._check_id(qid)
+
+    def envelope_path(self, qid: str) -> Path:
+        return self.env_dir / f"{self._check_id(qid)}.json"
+
+    @staticmethod
+    def _check_id(qid: str) -> str:
+        if not isinstance(qid, str) or not _ID_RE.match(qid):
+            raise KeyError(qid)
+        return qid
+
+    # ------------------------------------------------------------------ IOutboundQueue
+
+    def enqueue(self, source: object, envelope: dict) -> str:
+        """See IOutboundQueue.enqueue. Raises ValueError for a malformed envelope."""
+        _validate(envelope)
+        self.ensure_dirs()
+        qid = self.new_id()
+        body = self.msg_dir / qid
+        src = Path(source)  # type: ignore[arg-type]
+        try:
+            os.link(src, body)
+        except OSError as e:
+            if e.errno not in (18,):  # EXDEV: another file system; copy instead (and say so)
+                raise
+            log.warn("queue: {src} is on another file system; copying", src=str(src))
+            self._copy_durable(src, body)
+        _fsync_dir(self.msg_dir)
+        now = self.clock()
+        size = body.stat().st_size
+        record = {
+            "version": ENVELOPE_VERSION,
+            "id": qid,
+            "sender": envelope["sender"],
+            "ret": envelope.get("ret"),
+            "envid": envelope.get("envid"),
+            "body": envelope.get("body"),
+            "received_from": envelope.get("received_from", ""),
+            "arrival": float(envelope.get("arrival") or now),
+            "queued": now,
+            "hops": int(envelope.get("hops") or 0),
+            "size": size,
+            "recipients": [
+                {
+                    "address": r["address"],
+                    "orcpt": r.get("orcpt"),
+                    "notify": [n.upper() for n in r["notify"]] if r.get("notify") else None,
+                    "state": "pending",
+                    "attempts": 0,
+                    "last_reply": None,
+                    "last_attempt": None,
+                    "next_attempt": 0.0,
+                    "remote_mta": None,
+                    "status": None,
+                    "notice": None,
+                    "delay_notified": False,
+                }
+                for r in envelope["recipients"]
+            ],
+        }
+        self.save(record, create=True)
+        with self._lock:
+            self._new.append(qid)
+        self.wake()
+        return qid
+
+    def enqueue_bytes(self, data: bytes, envelope: dict) -> str:
+        """Write ``data`` to a fsynced temp file and enqueue it (used for delivery reports)."""
+        self.ensure_dirs()
+        tmp = self.tmp_dir / f"in.{self.new_id()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return self.enqueue(tmp, envelope)
+        finally:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
+        """Connect ``wake`` to the delivery runner (any thread may call wake)."""
+        self._waker = waker
+
+    def wake(self) -> None:
+        """See IOutboundQueue.wake."""
+        waker = self._waker
+        if waker is not None:
+            try:
+                waker()
+            except Exception:
+                log.failure("queue waker failed")
+
+    def drain_new(self) -> list[str]:
+        """Ids enqueued by this process since the last call (for the runner)."""
+        with self._lock:
+            new, self._new = self._new, []
+        return new
+
+    # ------------------------------------------------------------------ runner API
+
+    def ids(self) -> list[str]:
+        """Ids of every queued message, oldest first."""
+        try:
+            names = os.listdir(self.env_dir)
+        except FileNotFoundError:
+            return []
+        out = [n[:-5] for n in names if n.endswith(".json") and _ID_RE.match(n[:-5])]
+        out.sort()
+        return out
+
+    def load(self, qid: str) -> dict | None:
+        """The envelope of ``qid``, or None if it is no longer queued (or unreadable: logged)."""
+        path = self.envelope_path(qid)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            env = json.loads(data)
+            if not isinstance(env, dict) or env.get("id") != qid:
+                raise ValueError("id mismatch")
+        except ValueError as e:
+            log.error("queue: envelope {qid} is damaged ({why}); moved aside", qid=qid, why=str(e))
+            self._quarantine(qid)
+            return None
+        return env
+
+    def save(self, env: dict, create: bool = False) -> bool:
+        """Durably replace the envelope (temp, fsync, rename, fsync folder).
+
+        Without ``create``, an envelope that was deleted meanwhile (``queue delete``) is not
+        brought back: returns False.
+        """
+        self.ensure_dirs()
+        qid = self._check_id(env["id"])
+        path = self.envelope_path(qid)
+        if not create and not path.exists():
+            return False
+        tmp = self.tmp_dir / f"env.{qid}.{secrets.token_hex(4)}"
+        data = json.dumps(env, separators=(",", ":"), sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+        _fsync_dir(self.env_dir)
+        return True
+
+    def remove(self, qid: str) -> None:
+        """Forget a message: envelope first (durably), then its body."""
+        try:
+            self.envelope_path(qid).unlink()
+        except FileNotFoundError:
+            pass
+        _fsync_dir(self.env_dir)
+        try:
+            self.body_path(qid).unlink()
+        except FileNotFoundError:
+            pass
+
+    def recover(self) -> dict[str, int]:
+        """At start: drop temp files and bodies of enqueues that never finished. Blocking."""
+        self.ensure_dirs()
+        counts = {"tmp": 0, "orphans": 0}
+        for name in os.listdir(self.tmp_dir):
+            try:
+                (self.tmp_dir / name).unlink()
+                counts["tmp"] += 1
+            except OSError:
+                pass
+        envs = set(self.ids())
+        now = time.time()
+        for name in os.listdir(self.msg_dir):
+            if name in envs or not _ID_RE.match(name):
+                continue
+            p = self.msg_dir / name
+            try:
+                # a young body may belong to an enqueue still running in another process
+                if now - p.stat().st_mtime < ORPHAN_AGE or (self.env_dir / f"{name}.json").exists():
+                    continue
+                p.unlink()
+                counts["orphans"] += 1
+            except OSError:
+                pass
+        return counts
+
+    def _quarantine(self, qid: str) -> None:
+        bad = self.root / "damaged"
+        bad.mkdir(exist_ok=True)
+        try:
+            os.replace(self.envelope_path(qid), bad / f"{qid}.json")
+        except OSError:
+            pass
+
+    def _copy_durable(self, src: Path, dest: Path) -> None:
+        tmp = self.tmp_dir / f"copy.{dest.name}"
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while True:
+                chunk = fin.read(1 << 16)
+                if not chunk:
+                    break
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dest)
+
+    # ------------------------------------------------------------------ admin API
+
+    def entries(self) -> list[dict]:
+        """One dict per queued message, oldest first: id, arrival, age, sender, size and the
+        recipients with state, attempts, last reply and next attempt."""
+        now = self.clock()
+        out = []
+        for qid in self.ids():
+            env = self.load(qid)
+            if env is None:
+                continue
+            out.append(
+                {
+                    "id": qid,
+                    "arrival": env.get("arrival"),
+                    "age": max(0.0, now - float(env.get("arrival") or now)),
+                    "sender": env.get("sender", ""),
+                    "size": env.get("size"),
+                    "recipients": [
+                        {
+                            "address": r["address"],
+                            "state": r["state"],
+                            "attempts": r.get("attempts", 0),
+                            "last_reply": r.get("last_reply"),
+                            "next_attempt": r.get("next_attempt") if r["state"] == "deferred" else None,
+                        }
+                        for r in env.get("recipients", [])
+                    ],
+                }
+            )
+        return out
+
+    def request_flush(self) -> None:
+        """Ask the running server (maybe another process) to retry everything now."""
+        self._touch("flush")
+        self.wake()
+
+    def take_marker(self, name: str) -> bool:
+        """True (and the marker removed) if ``flush`` or ``rescan`` was requested."""
+        try:
+            (self.root / name).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete(self, qid: str, bounce: bool = False) -> None:
+        """Remove a message from the queue. ``bounce``: first queue one delivery report (to the
+        sender, unless it is ``<>``) for every recipient not yet delivered. KeyError if unknown."""
+        env = self.load(self._check_id(qid))
+        if env is None:
+            raise KeyError(qid)
+        if bounce:
+            from pop3coexist.smtp import dsn
+
+            now = self.clock()
+            failed = []
+            for r in env["recipients"]:
+                if r["state"] in ("pending", "deferred"):
+                    r["state"] = "failed"
+                    r["status"] = "5.0.0"
+                    r["diagnostic"] = "X-Pop3coexist; deleted from the queue by the administrator"
+                    r["last_attempt"] = now
+                    if dsn.wants_notice(r, "failed"):
+                        failed.append(r)
+            if failed and env["sender"]:
+                report = dsn.build_report(
+                    "failed", env, failed, self.hostname, self._original(qid, env, "failed"), now
+                )
+                self.enqueue_bytes(report, dsn.report_envelope(env, now))
+            elif failed:
+                log.info("queue: {qid} deleted; no report to the null sender", qid=qid)
+        self.remove(qid)
+        self._touch("rescan")
+
+    def _original(self, qid: str, env: dict, kind: str) -> bytes:
+        from pop3coexist.smtp import dsn
+
+        return dsn.read_original(self.body_path(qid), dsn.include_full(env, kind))
+
+    def _touch(self, name: str) -> None:
+        self.ensure_dirs()
+        p = self.root / name
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
