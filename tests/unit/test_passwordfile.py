@@ -567,3 +567,70 @@ def test_make_checker_other_methods_import_lazily(tmp_path: Path, monkeypatch: p
     assert make_checker(local_config, store) == "local"
     assert made == [("directory", directory_config, "reactor"), ("local", local_config, store)]
     assert config.auth.method == "passwordfile"
+
+
+def test_every_refusal_spends_the_hash_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unknown users, unknown domains, bad names, empty or NUL passwords each run scrypt once
+    with the same cost as a real check, so timing does not tell which accounts exist."""
+    import pop3coexist.identity.passwordfile as module
+
+    pw = make(tmp_path)
+    pw.set_password("ted@a.test", "pw")
+    checker = checker_for(pw, ["a.test"])
+    calls: list[int] = []
+    real = module._scrypt
+
+    def counting(password, salt, n, r, p, dklen):
+        calls.append(n)
+        return real(password, salt, n, r, p, dklen)
+
+    monkeypatch.setattr(module, "_scrypt", counting)
+    cases = [
+        (b"ted@a.test", b"pw"),
+        (b"ted@a.test", b"wrong"),
+        (b"nobody@a.test", b"pw"),
+        (b"ted@other.test", b"pw"),
+        (b"\xff", b"pw"),
+        (b"ted@a.test", b""),
+        (b"ted@a.test", b"pw\x00"),
+        (b"ted@a.test", b"\xff"),
+    ]
+    for name, password in cases:
+        calls.clear()
+        d = checker.requestAvatarId(UsernamePassword(name, password))
+        d.addErrback(lambda f: f.trap(UnauthorizedLogin))
+        assert calls == [FAST_N], name
+
+
+def test_hash_upgraded_after_login(tmp_path: Path) -> None:
+    """After the scrypt cost is raised, a good log-in re-hashes with the new cost; the secret
+    is kept, and a wrong password or an upgrade-off checker changes nothing."""
+    old = make(tmp_path)
+    old.set_password("ted@a.test", "pw")
+    old.set_password("bob@a.test", "pw2")
+    stronger = PasswordFile(old.path, old.key_path, True, scrypt_n=2**5)
+    assert stronger.needs_rehash("ted@a.test")
+    checker = checker_for(stronger, ["a.test"])
+    with pytest.raises(UnauthorizedLogin):
+        run_sync(checker.requestAvatarId(UsernamePassword(b"ted@a.test", b"wrong")))
+    assert stronger.needs_rehash("ted@a.test")
+    assert run_sync(checker.requestAvatarId(UsernamePassword(b"ted@a.test", b"pw"))) == "ted@a.test"
+    assert not stronger.needs_rehash("ted@a.test")
+    assert json.loads(old.path.read_text())["users"]["ted@a.test"]["hash"]["n"] == 2**5
+    assert stronger.verify("ted@a.test", "pw") and stronger.secret("ted@a.test") == "pw"
+    off = PasswordFileChecker(stronger, lambda: ["a.test"], _run_now, upgrade_hashes=False)
+    assert run_sync(off.requestAvatarId(UsernamePassword(b"bob@a.test", b"pw2"))) == "bob@a.test"
+    assert stronger.needs_rehash("bob@a.test")
+
+
+def test_rehash_is_compare_and_set(tmp_path: Path) -> None:
+    """rehash never writes an old password back over one changed since it was verified."""
+    pw = make(tmp_path)
+    pw.set_password("ted@a.test", "old")
+    stronger = PasswordFile(pw.path, pw.key_path, True, scrypt_n=2**5)
+    assert stronger.rehash("ted@a.test", "wrong") is False
+    pw.set_password("ted@a.test", "new")
+    assert stronger.rehash("ted@a.test", "old") is False
+    assert stronger.verify("ted@a.test", "new")
+    assert stronger.rehash("ted@a.test", "new") is True
+    assert stronger.rehash("ted@a.test", "new") is False

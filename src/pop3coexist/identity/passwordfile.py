@@ -566,6 +566,41 @@ class PasswordFile:
         got = _scrypt(candidate, h.salt, h.n, h.r, h.p, len(h.dk))
         return hmac.compare_digest(got, h.dk) and good
 
+    def needs_rehash(self, address: str) -> bool:
+        """True when the stored hash of ``address`` was made with other scrypt parameters
+        than this object's (after the cost was raised)."""
+        key = _address_key(address)
+        entry = self._current().users.get(key) if key is not None else None
+        if entry is None:
+            return False
+        return (entry.hash.n, entry.hash.r, entry.hash.p) != (self._n, self._r, self._p)
+
+    def rehash(self, address: str, password: str) -> bool:
+        """Re-hash ``address``'s password with the current parameters, right after ``password``
+        was verified (at log-in). Compare-and-set: nothing is written when the password was
+        changed meanwhile or the parameters already match; the secret is kept as it is.
+        Returns True when the file was rewritten."""
+        key = _address_key(address)
+        seen = self._current().users.get(key) if key is not None else None
+        if key is None or seen is None or not password or "\0" in password:
+            return False
+        if (seen.hash.n, seen.hash.r, seen.hash.p) == (self._n, self._r, self._p):
+            return False
+        encoded = password.encode("utf-8")
+        h = seen.hash
+        if not hmac.compare_digest(_scrypt(encoded, h.salt, h.n, h.r, h.p, len(h.dk)), h.dk):
+            return False  # checked against the very entry compared below
+        new_hash = self._hash(encoded)
+        with self._locked():
+            snap = self._read()
+            entry = snap.users.get(key)
+            if entry is None or entry.hash != seen.hash:
+                return False  # changed by somebody else since we verified
+            users = dict(snap.users)
+            users[key] = _Entry(new_hash, entry.secret_nonce, entry.secret_data, entry.changed)
+            self._write(snap.key_id, users)
+        return True
+
     def secret(self, address: str) -> str | None:
         """The clear password of ``address`` for APOP / CRAM-MD5, or None (``keep_secrets``
         false, unknown address, or no secret stored). A key that does not decrypt it raises
@@ -700,7 +735,9 @@ class PasswordFileChecker:
     Deferred (``deferToThread`` by default).
 
     Every refusal is the same ``UnauthorizedLogin("login failed")``; a password file that
-    cannot be read is ``errors.AuthUnavailable`` (logged with the reason, no secret).
+    cannot be read is ``errors.AuthUnavailable`` (logged with the reason, no secret). With
+    ``upgrade_hashes`` (the default) a hash made with another scrypt cost than the file's is
+    re-made after a good clear-text log-in (compare-and-set, see ``PasswordFile.rehash``).
     """
 
     def __init__(
@@ -708,8 +745,11 @@ class PasswordFileChecker:
         pwfile: PasswordFile,
         domains: Callable[[], list[str]],
         run_blocking: Callable[..., defer.Deferred] = deferToThread,
+        *,
+        upgrade_hashes: bool = True,
     ) -> None:
         self.pwfile = pwfile
+        self.upgrade_hashes = upgrade_hashes
         self._domains = domains
         self._run = run_blocking
         self.offers_secrets = pwfile.keep_secrets
@@ -746,6 +786,7 @@ class PasswordFileChecker:
                 password = _text(credentials.password)
                 ok = self.pwfile.verify(address or "", password or "")
                 if ok and address is not None and password:
+                    self._maybe_upgrade(address, password)
                     return address
             elif self.offers_secrets and IUsernameHashedPassword.providedBy(credentials):
                 secret = self.pwfile.secret(address) if address is not None else None
@@ -755,6 +796,17 @@ class PasswordFileChecker:
             _log.error("password file unavailable: {reason}", reason=str(e))
             raise AuthUnavailable("the password file cannot be read now")
         raise UnauthorizedLogin(_FAILED)
+
+    def _maybe_upgrade(self, address: str, password: str) -> None:
+        """After a good log-in, re-hash with the current scrypt cost if it was raised. A
+        failure here is logged and does not spoil the log-in."""
+        if not self.upgrade_hashes:
+            return
+        try:
+            if self.pwfile.needs_rehash(address) and self.pwfile.rehash(address, password):
+                _log.info("password hash of {address} upgraded to the current scrypt cost", address=address)
+        except (StoreError, OSError) as e:
+            _log.warn("could not upgrade the password hash of {address}: {reason}", address=address, reason=str(e))
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred:
         """See ICredentialsChecker: a Deferred firing with ``"mailbox@domain"``."""
