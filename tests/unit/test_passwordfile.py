@@ -634,3 +634,27 @@ def test_rehash_is_compare_and_set(tmp_path: Path) -> None:
     assert stronger.verify("ted@a.test", "new")
     assert stronger.rehash("ted@a.test", "new") is True
     assert stronger.rehash("ted@a.test", "new") is False
+
+
+def test_logs_never_hold_passwords(tmp_path: Path) -> None:
+    """What the checker logs (file unavailable, hash upgraded) names addresses and reasons,
+    never a password or secret."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    pw = make(tmp_path)
+    pw.set_password("ted@a.test", SECRET)
+    stronger = PasswordFile(pw.path, pw.key_path, True, scrypt_n=2**5)
+    checker = checker_for(stronger, ["a.test"])
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        run_sync(checker.requestAvatarId(UsernamePassword(b"ted@a.test", SECRET.encode())))
+        pw.path.write_bytes(b"{ broken")
+        with pytest.raises(AuthUnavailable) as info:
+            run_sync(checker.requestAvatarId(UsernamePassword(b"ted@a.test", SECRET.encode())))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) for e in events] + [str(info.value), repr(info.value)]
+    assert any("upgraded" in t for t in texts) and any("unavailable" in t for t in texts)
+    for t in texts:
+        assert SECRET not in t
