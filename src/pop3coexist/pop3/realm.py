@@ -51,8 +51,8 @@ class POP3Mailbox:
         return self.maildrop.open_message(index)
 
     def commit(self, deleted: set[int]) -> None:
-        self._closed = True
         self.maildrop.commit(set(deleted))
+        self._closed = True
 
     def close(self) -> None:
         if self._closed:

@@ -112,13 +112,14 @@ class POP3Server(pop3.POP3):
         self._deleted: set[int] = set()
         self._finished = False  # commit or close done/started: do not close again
         self._producer: MessageProducer | None = None
+        self._idle = 600.0
 
     # ------------------------------------------------------------------ connection
 
     def connectionMade(self) -> None:  # noqa: N802
         f = self.factory
         self.callLater = f.reactor.callLater  # TimeoutMixin uses this clock
-        self.timeOut = f.config.pop3.idle_timeout
+        self._idle = f.config.pop3.idle_timeout  # TimeoutMixin.setTimeout overwrites timeOut
         peer = self.transport.getPeer()
         self._peer = str(getattr(peer, "host", None) or "local")
         if f.limiter is not None:
@@ -135,7 +136,7 @@ class POP3Server(pop3.POP3):
             self.magic = f.new_timestamp()
             greeting += b" " + self.magic
         self.transport.write(greeting + CRLF)
-        self.setTimeout(self.timeOut)
+        self.setTimeout(self._idle)
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
         self._gone = True
@@ -162,7 +163,7 @@ class POP3Server(pop3.POP3):
     def timeoutConnection(self) -> None:  # noqa: N802
         """RFC 1939 section 3: autologout closes without UPDATE and without a reply."""
         log.info("POP3 session from {peer} idle for {secs:.0f}s: closing", peer=self._peer,
-                 secs=self.timeOut)
+                 secs=self._idle)
         self._closing = True
         self._queue.clear()
         self.transport.loseConnection()
@@ -231,7 +232,7 @@ class POP3Server(pop3.POP3):
         if self._gone:
             return
         if not self._closing:
-            self.setTimeout(self.timeOut)
+            self.setTimeout(self._idle)
         self._drain()
 
     # ------------------------------------------------------------------ output
