@@ -1,0 +1,678 @@
+"""The directory checker (``auth.method = "directory"``): Active Directory style LDAP.
+
+Implements ``interfaces.IAccountChecker`` with ldaptor (Deferred-native; no threads).
+
+Log-in (``requestAvatarId``)
+    1. An empty password is refused before anything is sent (an LDAP simple bind with an empty
+       password is an *anonymous* bind and would succeed).
+    2. The log-in name is checked with ``address.login_to_address``. A full address (any case)
+       is looked up as ``userPrincipalName``, ``mail`` or any ``proxyAddresses`` entry; a bare
+       name, only when exactly one local domain exists, as ``sAMAccountName`` or as that
+       domain's address. Every value is escaped per RFC 4515 (``ldapfilter``).
+    3. The search runs on a shared connection bound as the service account (``bind_dn``, the
+       password read from ``bind_password_file`` at each (re)connect). Exactly one entry must
+       match; none or several is a refused log-in.
+    4. Disabled (``userAccountControl`` bit 0x2) or locked-out (bit 0x10) accounts are refused;
+       with ``required_group`` the entry's ``memberOf`` must name that group.
+    5. The password is checked by a simple bind as the entry's DN on a separate, pooled
+       connection (so the service connection keeps its identity).
+
+The mailbox of a directory user (the avatar id, ``"mailbox@domain"``, lower case) is the first
+of these that lies in a local domain: the primary SMTP proxy address (``SMTP:``), ``mail``,
+the secondary ``smtp:`` proxy addresses (in the order the local domains are configured, then
+alphabetically), ``userPrincipalName``. A user with no address in a local domain has no
+mailbox here and cannot log in. Two users can have the same name in different domains
+(``ted@contoso.test`` and ``ted@fabrikam.test`` are two entries).
+
+Recipients (``resolve_recipient``) match ``mail`` or any ``proxyAddresses`` entry
+(``SMTP:``/``smtp:``, case-insensitively) of an entry that passes ``user_filter``; the address
+must be in a local domain. Disabled accounts still receive mail (as a locked mailbox does).
+``lookup`` answers for any directory object (users, contacts) with its attributes, for the
+gateway role.
+
+Failures: a directory that cannot be reached, times out (``auth.directory.timeout``) or
+answers with a server-side error gives ``errors.AuthUnavailable`` - never a false success.
+Broken connections are dropped and re-established on the next request; a request that fails
+because a reused connection had gone stale is retried once on a fresh connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from ldaptor.protocols import pureldap
+from ldaptor.protocols.ldap import ldapclient
+from twisted.cred import credentials as cred_credentials
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3coexist import address as addr_mod
+from pop3coexist.config import Config, read_secret
+from pop3coexist.errors import AuthUnavailable, ConfigError
+from pop3coexist.identity import ldapfilter
+from pop3coexist.interfaces import IAccountChecker
+
+log = Logger()
+
+UF_ACCOUNTDISABLE = 0x2
+UF_LOCKOUT = 0x10
+
+# Bind results that mean "these credentials do not log in" (not "the directory is broken").
+_REFUSED_BIND_CODES = frozenset({48, 49, 50, 53, 19})
+_SUCCESS = 0
+_SIZE_LIMIT_EXCEEDED = 4
+_MAX_IDLE_BIND_CONNECTIONS = 4
+
+
+class _DirectoryError(Exception):
+    """Internal: the directory failed; becomes AuthUnavailable at the edge."""
+
+
+class _StaleConnection(_DirectoryError):
+    """Internal: a reused connection turned out to be closed."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dn: str
+    attrs: dict[str, list[str]]  # lower-case attribute name -> values
+
+    def get(self, name: str) -> list[str]:
+        return self.attrs.get(name.lower(), [])
+
+    def first(self, name: str) -> str | None:
+        values = self.get(name)
+        return values[0] if values else None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def normalise_dn(dn: str) -> str:
+    """A DN in a form good for comparing: RDNs split at unescaped commas, spaces around
+    ``,`` ``=`` and ``+`` removed, lower case (AD and OpenLDAP compare DNs without case)."""
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in dn:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            current.append(ch)
+            escaped = True
+        elif ch in ",;":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    out = []
+    for rdn in parts:
+        avas = []
+        for ava in rdn.split("+"):
+            name, _, value = ava.partition("=")
+            avas.append(f"{name.strip().lower()}={value.strip().lower()}")
+        out.append("+".join(avas))
+    return ",".join(out)
+
+
+class _Connection:
+    """One LDAP connection: ldaptor's LDAPClient plus timeouts and result checking."""
+
+    def __init__(self, client: Any, reactor: Any, timeout: float) -> None:
+        self.client = client
+        self.reactor = reactor
+        self.timeout = timeout
+        self.used = False  # has answered at least one request (so it may have gone stale)
+
+    @property
+    def connected(self) -> bool:
+        return bool(getattr(self.client, "connected", False))
+
+    def close(self) -> None:
+        transport = getattr(self.client, "transport", None)
+        if transport is None:
+            return
+        abort = getattr(transport, "abortConnection", None)
+        try:
+            if abort is not None:
+                abort()
+            else:
+                transport.loseConnection()
+        except Exception:  # already closed
+            pass
+
+    def _guard(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        """Fail ``d``'s result with _DirectoryError on timeout or lost connection."""
+        result: defer.Deferred = defer.Deferred()
+        stale_possible = self.used
+
+        def on_timeout() -> None:
+            if not result.called:
+                result.errback(Failure(_DirectoryError(f"{what}: no answer within {self.timeout:g}s")))
+            self.close()
+
+        timer = self.reactor.callLater(self.timeout, on_timeout)
+
+        def done(value: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if result.called:
+                return
+            if isinstance(value, Failure):
+                if value.check(ConnectionDone, ConnectionLost, ldapclient.LDAPClientConnectionLostException):
+                    cls = _StaleConnection if stale_possible else _DirectoryError
+                    result.errback(Failure(cls(f"{what}: connection lost")))
+                elif value.check(_DirectoryError):
+                    result.errback(value)
+                else:
+                    result.errback(Failure(_DirectoryError(f"{what}: {value.getErrorMessage()}")))
+            else:
+                self.used = True
+                result.callback(value)
+
+        d.addBoth(done)
+        return result
+
+    def _send(self, op: Any, what: str) -> defer.Deferred:
+        try:
+            d = self.client.send(op)
+        except Exception as e:  # LDAPClientConnectionLostException when already closed
+            cls = _StaleConnection if self.used else _DirectoryError
+            return defer.fail(cls(f"{what}: {e.__class__.__name__}"))
+        return self._guard(d, what)
+
+    def start_tls(self, options: Any) -> defer.Deferred:
+        """RFC 4511 StartTLS, then TLS on the transport (certificate checked by ``options``)."""
+
+        def answered(msg: Any) -> None:
+            code = getattr(msg, "resultCode", None)
+            if code != _SUCCESS:
+                raise _DirectoryError(f"StartTLS refused (result code {code})")
+            self.client.transport.startTLS(options)
+
+        return self._send(pureldap.LDAPStartTLSRequest(), "StartTLS").addCallback(answered)
+
+    def bind(self, dn: str, password: bytes) -> defer.Deferred:
+        """Simple bind; fires with the LDAP result code (0 is success)."""
+        op = pureldap.LDAPBindRequest(dn=dn, auth=password)
+        return self._send(op, "bind").addCallback(lambda msg: msg.resultCode)
+
+    def search(self, base: str, filter_obj: Any, attributes: list[str], size_limit: int) -> defer.Deferred:
+        """Subtree search; fires with a list of _Entry (at most ``size_limit``)."""
+        op = pureldap.LDAPSearchRequest(
+            baseObject=base,
+            scope=pureldap.LDAP_SCOPE_wholeSubtree,
+            derefAliases=pureldap.LDAP_DEREF_neverDerefAliases,
+            sizeLimit=size_limit,
+            timeLimit=max(1, int(self.timeout)),
+            typesOnly=0,
+            filter=filter_obj,
+            attributes=attributes,
+        )
+        entries: list[_Entry] = []
+        finished: defer.Deferred = defer.Deferred()
+
+        def handler(msg: Any) -> bool:
+            if isinstance(msg, pureldap.LDAPSearchResultEntry):
+                attrs: dict[str, list[str]] = {}
+                for name, values in msg.attributes:
+                    attrs.setdefault(_text(name).lower(), []).extend(_text(v) for v in values)
+                entries.append(_Entry(_text(msg.objectName), attrs))
+                return False
+            if isinstance(msg, pureldap.LDAPSearchResultDone):
+                if not finished.called:
+                    if msg.resultCode in (_SUCCESS, _SIZE_LIMIT_EXCEEDED):
+                        finished.callback(entries)
+                    else:
+                        finished.errback(
+                            Failure(_DirectoryError(f"search failed (result code {msg.resultCode})"))
+                        )
+                return True
+            return False  # referrals and intermediate responses are ignored
+
+        try:
+            wire = self.client.send_multiResponse(op, handler)
+        except Exception as e:
+            cls = _StaleConnection if self.used else _DirectoryError
+            return defer.fail(cls(f"search: {e.__class__.__name__}"))
+        # ldaptor fires ``wire`` only when the connection is lost (errback); pass that on.
+        wire.addErrback(lambda f: None if finished.called else finished.errback(f))
+        return self._guard(finished, "search")
+
+
+Connector = Callable[[], defer.Deferred]
+
+
+@implementer(IAccountChecker)
+class DirectoryChecker:
+    """See IAccountChecker; the AD-style LDAP method (module docstring has the rules)."""
+
+    credentialInterfaces = (cred_credentials.IUsernamePassword,)
+    offers_secrets = False
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any = None,
+        *,
+        connector: Connector | None = None,
+        local_domains: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
+        """``connector`` (tests) returns a Deferred firing with a connected LDAPClient-like
+        protocol; by default the URL in ``[auth.directory]`` is used. ``local_domains`` gives
+        the current local domains (default: ``[domains] local`` of the config)."""
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.cfg = config.auth.directory
+        self.reactor = reactor
+        self.timeout = self.cfg.timeout if self.cfg.timeout > 0 else 10.0
+        self._connector = connector or self._connect_url
+        self._local_domains = local_domains or (lambda: config.domains.local)
+        try:
+            ldapfilter.parse_filter(self.cfg.user_filter)
+        except ldapfilter.FilterError as e:
+            raise ConfigError(f"[auth.directory.user_filter] {e}")
+        self._service: _Connection | None = None
+        self._service_pending: list[defer.Deferred] | None = None
+        self._idle_binders: list[_Connection] = []
+        self._closed = False
+        a = self.cfg.attributes
+        self._attributes = [
+            a.user_principal_name, a.account_name, a.mail, a.proxy_addresses,
+            a.target_address, a.account_control, a.member_of,
+        ]
+
+    def __repr__(self) -> str:
+        return f"<DirectoryChecker {self.cfg.url} base={self.cfg.base_dn!r}>"
+
+    def check(self) -> None:
+        """Start-up check (blocking, no network): the bind password file is readable and not
+        empty, the CA file holds a certificate. The directory itself may be down at start: then
+        log-ins fail temporarily until it is back."""
+        if self.cfg.bind_password_file is None:
+            raise ConfigError("[auth.directory.bind_password_file] is required")
+        try:
+            secret = read_secret(self.cfg.bind_password_file)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                f"[auth.directory.bind_password_file] cannot read {self.cfg.bind_password_file}: "
+                f"{getattr(e, 'strerror', None) or e.__class__.__name__}"
+            )
+        if not secret:
+            raise ConfigError(f"[auth.directory.bind_password_file] {self.cfg.bind_password_file} is empty")
+        if self.cfg.url.lower().startswith("ldaps:") or self.cfg.starttls:
+            try:
+                self._tls_options(self._url_parts()[1])
+            except (OSError, _DirectoryError, Exception) as e:
+                raise ConfigError(f"[auth.directory.ca_file] cannot use it: {e}")
+
+    # ------------------------------------------------------------------ connections
+
+    def _tls_options(self, host: str) -> Any:
+        from twisted.internet import ssl
+
+        trust: Any = None
+        if self.cfg.ca_file is not None:
+            pem = self.cfg.ca_file.read_bytes()
+            marker = b"-----BEGIN CERTIFICATE-----"
+            certs = [ssl.Certificate.loadPEM(marker + p) for p in pem.split(marker)[1:]]
+            if not certs:
+                raise _DirectoryError(f"no certificate in ca_file {self.cfg.ca_file}")
+            trust = ssl.trustRootFromCertificates(certs)
+        if trust is None:
+            return ssl.optionsForClientTLS(host)
+        return ssl.optionsForClientTLS(host, trustRoot=trust)
+
+    def _url_parts(self) -> tuple[str, str, int]:
+        parts = urlsplit(self.cfg.url)
+        scheme = parts.scheme.lower()
+        host = parts.hostname or "127.0.0.1"
+        port = parts.port or (636 if scheme == "ldaps" else 389)
+        return scheme, host, port
+
+    def _connect_url(self) -> defer.Deferred:
+        from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+
+        scheme, host, port = self._url_parts()
+        endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=self.timeout)
+        if scheme == "ldaps":
+            endpoint = wrapClientTLS(self._tls_options(host), endpoint)
+        return connectProtocol(endpoint, ldapclient.LDAPClient())
+
+    def _open(self) -> defer.Deferred:
+        """A new _Connection (TLS started if configured), not bound yet."""
+
+        def connected(client: Any) -> Any:
+            conn = _Connection(client, self.reactor, self.timeout)
+            if self.cfg.starttls:
+                _, host, _ = self._url_parts()
+                return conn.start_tls(self._tls_options(host)).addCallback(lambda _: conn)
+            return conn
+
+        def failed(f: Failure) -> Failure:
+            if f.check(_DirectoryError):
+                return f
+            return Failure(_DirectoryError(f"cannot connect to {self.cfg.url}: {f.getErrorMessage()}"))
+
+        try:
+            d = self._connector()
+        except Exception as e:
+            d = defer.fail(e)
+        # The connect itself is bounded by the endpoint's timeout; a fake connector is not.
+        return d.addCallback(connected).addErrback(failed)
+
+    def _service_connection(self) -> defer.Deferred:
+        """The shared connection bound as the service account, (re)established when needed."""
+        if self._service is not None and self._service.connected:
+            return defer.succeed(self._service)
+        self._service = None
+        waiter: defer.Deferred = defer.Deferred()
+        if self._service_pending is not None:
+            self._service_pending.append(waiter)
+            return waiter
+        self._service_pending = [waiter]
+
+        def bind(conn: _Connection) -> defer.Deferred:
+            try:
+                secret = read_secret(self.cfg.bind_password_file) if self.cfg.bind_password_file else ""
+            except OSError as e:
+                conn.close()
+                raise _DirectoryError(f"cannot read bind_password_file: {e.strerror}")
+
+            def bound(code: int) -> _Connection:
+                if code != _SUCCESS:
+                    conn.close()
+                    raise _DirectoryError(
+                        f"the service account {self.cfg.bind_dn!r} cannot bind (result code {code})"
+                    )
+                conn.used = False  # a fresh connection: failures on it are not staleness
+                return conn
+
+            if not secret:
+                conn.close()
+                raise _DirectoryError("bind_password_file is empty")
+            return conn.bind(self.cfg.bind_dn, secret.encode("utf-8")).addCallback(bound)
+
+        def finish(result: Any) -> None:
+            waiters, self._service_pending = self._service_pending or [], None
+            if isinstance(result, _Connection):
+                self._service = result
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+
+        self._open().addCallback(bind).addBoth(finish)
+        return waiter
+
+    def _with_service(self, action: Callable[[_Connection], defer.Deferred]) -> defer.Deferred:
+        """Run ``action`` on the service connection; retry once if a reused one was stale."""
+
+        def attempt(retry: bool) -> defer.Deferred:
+            d = self._service_connection().addCallback(action)
+
+            def stale(f: Failure) -> Any:
+                f.trap(_StaleConnection)
+                self._service = None
+                if retry:
+                    return attempt(False)
+                raise _DirectoryError(f.getErrorMessage())
+
+            return d.addErrback(stale)
+
+        return attempt(True)
+
+    def _take_binder(self) -> defer.Deferred:
+        while self._idle_binders:
+            conn = self._idle_binders.pop()
+            if conn.connected:
+                return defer.succeed(conn)
+        return self._open()
+
+    def _give_back_binder(self, conn: _Connection) -> None:
+        if conn.connected and not self._closed and len(self._idle_binders) < _MAX_IDLE_BIND_CONNECTIONS:
+            self._idle_binders.append(conn)
+        else:
+            conn.close()
+
+    def _check_password(self, dn: str, password: bytes) -> defer.Deferred:
+        """Fires with True (bind succeeded) or False (credentials refused)."""
+
+        def attempt(retry: bool) -> defer.Deferred:
+            def bind(conn: _Connection) -> defer.Deferred:
+                def answered(code: int) -> bool:
+                    self._give_back_binder(conn)
+                    if code == _SUCCESS:
+                        return True
+                    if code in _REFUSED_BIND_CODES:
+                        return False
+                    raise _DirectoryError(f"user bind failed (result code {code})")
+
+                def broken(f: Failure) -> Failure:
+                    conn.close()
+                    return f
+
+                return conn.bind(dn, password).addCallbacks(answered, broken)
+
+            def stale(f: Failure) -> Any:
+                f.trap(_StaleConnection)
+                if retry:
+                    return attempt(False)
+                raise _DirectoryError(f.getErrorMessage())
+
+            return self._take_binder().addCallback(bind).addErrback(stale)
+
+        return attempt(True)
+
+    def close(self) -> None:
+        """Drop every connection (service shutdown). Later requests reconnect."""
+        if self._service is not None:
+            self._service.close()
+            self._service = None
+        while self._idle_binders:
+            self._idle_binders.pop().close()
+
+    # ------------------------------------------------------------------ searching
+
+    def _domains(self) -> list[str]:
+        return [d.lower() for d in self._local_domains()]
+
+    def _search(self, filter_text: str, size_limit: int = 2) -> defer.Deferred:
+        filter_obj = ldapfilter.parse_filter(filter_text)
+        return self._with_service(
+            lambda conn: conn.search(self.cfg.base_dn, filter_obj, self._attributes, size_limit)
+        )
+
+    def _address_filter(self, address: str, with_upn: bool) -> str:
+        a = self.cfg.attributes
+        parts = [ldapfilter.equals(a.mail, address), ldapfilter.equals(a.proxy_addresses, "smtp:" + address)]
+        if with_upn:
+            parts.insert(0, ldapfilter.equals(a.user_principal_name, address))
+        return ldapfilter.any_of(*parts)
+
+    def mailbox_of(self, entry: _Entry) -> str | None:
+        """The entry's mailbox address in a local domain (see the module docstring), or None."""
+        a = self.cfg.attributes
+        domains = self._domains()
+        primary: list[str] = []
+        secondary: list[str] = []
+        for value in entry.get(a.proxy_addresses):
+            kind, sep, addr = value.partition(":")
+            if not sep or kind.lower() != "smtp":
+                continue
+            (primary if kind == "SMTP" else secondary).append(addr)
+        secondary.sort(key=lambda x: (_domain_rank(x, domains), x.lower()))
+        candidates = primary + entry.get(a.mail) + secondary + entry.get(a.user_principal_name)
+        for cand in candidates:
+            local, at, domain = cand.strip().lower().rpartition("@")
+            if at and domain in domains and addr_mod.is_valid_mailbox_name(local):
+                return f"{local}@{domain}"
+        return None
+
+    # ------------------------------------------------------------------ IAccountChecker
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred:
+        """See ICredentialsChecker / IAccountChecker."""
+        try:
+            login = credentials.username
+            if isinstance(login, bytes):
+                login = login.decode("utf-8")
+            password = credentials.password
+            if isinstance(password, str):
+                password = password.encode("utf-8")
+        except (AttributeError, UnicodeDecodeError):
+            return defer.fail(UnauthorizedLogin())
+        if not password:
+            # An LDAP simple bind with an empty password is an anonymous bind: never send it.
+            return defer.fail(UnauthorizedLogin())
+        domains = self._domains()
+        mapped = addr_mod.login_to_address(login, domains)
+        if mapped is None:
+            return defer.fail(UnauthorizedLogin())
+        a = self.cfg.attributes
+        if "@" in login:
+            wanted = self._address_filter(f"{mapped[0]}@{mapped[1]}", with_upn=True)
+        else:
+            wanted = ldapfilter.any_of(
+                ldapfilter.equals(a.account_name, mapped[0]),
+                self._address_filter(f"{mapped[0]}@{mapped[1]}", with_upn=False),
+            )
+        filter_text = ldapfilter.all_of(self.cfg.user_filter, wanted)
+
+        def found(entries: list[_Entry]) -> Any:
+            if len(entries) != 1:
+                if entries:
+                    log.warn("directory log-in {login!r}: {n} entries match; refused", login=login, n=len(entries))
+                raise UnauthorizedLogin()
+            entry = entries[0]
+            flags = _int(entry.first(a.account_control))
+            if flags & (UF_ACCOUNTDISABLE | UF_LOCKOUT):
+                log.info("directory log-in {login!r}: account disabled or locked", login=login)
+                raise UnauthorizedLogin()
+            if self.cfg.required_group:
+                wanted_group = normalise_dn(self.cfg.required_group)
+                if wanted_group not in {normalise_dn(g) for g in entry.get(a.member_of)}:
+                    log.info("directory log-in {login!r}: not in the required group", login=login)
+                    raise UnauthorizedLogin()
+            mailbox = self.mailbox_of(entry)
+            if mailbox is None:
+                log.info("directory log-in {login!r}: no address in a local domain", login=login)
+                raise UnauthorizedLogin()
+
+            def checked(ok: bool) -> str:
+                if not ok:
+                    raise UnauthorizedLogin()
+                return mailbox
+
+            return self._check_password(entry.dn, password).addCallback(checked)
+
+        return self._edge(self._search(filter_text).addCallback(found))
+
+    def resolve_recipient(self, address: str) -> defer.Deferred:
+        """See IAccountChecker."""
+        key = _address_key(address)
+        if key is None or key.rpartition("@")[2] not in self._domains():
+            return defer.succeed(None)
+        filter_text = ldapfilter.all_of(self.cfg.user_filter, self._address_filter(key, with_upn=False))
+
+        def found(entries: list[_Entry]) -> str | None:
+            if len(entries) != 1:
+                if entries:
+                    log.warn("directory recipient {a!r}: {n} entries match", a=key, n=len(entries))
+                return None
+            return self.mailbox_of(entries[0])
+
+        return self._edge(self._search(filter_text).addCallback(found))
+
+    def lookup(self, address: str) -> defer.Deferred:
+        """Deferred firing with the attributes of the one directory object (user, contact or
+        other) that has ``address`` as ``mail`` or a proxy address, or None (no match, or
+        several). The dict: ``dn``, ``mail``, ``proxy_addresses`` (list, as stored),
+        ``primary_address`` (from ``SMTP:`` or None), ``target_address`` (``SMTP:`` prefix
+        removed, or None), ``user_principal_name``, ``account_name``, ``disabled``,
+        ``member_of``, ``mailbox`` (see ``mailbox_of``, or None). Fails with AuthUnavailable.
+        """
+        key = _address_key(address)
+        if key is None:
+            return defer.succeed(None)
+        filter_text = self._address_filter(key, with_upn=False)
+        a = self.cfg.attributes
+
+        def found(entries: list[_Entry]) -> dict | None:
+            if len(entries) != 1:
+                return None
+            e = entries[0]
+            proxies = e.get(a.proxy_addresses)
+            primary = next((p[5:] for p in proxies if p.startswith("SMTP:")), None)
+            target = e.first(a.target_address)
+            if target is not None and target.lower().startswith("smtp:"):
+                target = target[5:]
+            return {
+                "dn": e.dn,
+                "mail": e.first(a.mail),
+                "proxy_addresses": list(proxies),
+                "primary_address": primary,
+                "target_address": target,
+                "user_principal_name": e.first(a.user_principal_name),
+                "account_name": e.first(a.account_name),
+                "disabled": bool(_int(e.first(a.account_control)) & UF_ACCOUNTDISABLE),
+                "member_of": list(e.get(a.member_of)),
+                "mailbox": self.mailbox_of(e),
+            }
+
+        return self._edge(self._search(filter_text).addCallback(found))
+
+    def _edge(self, d: defer.Deferred) -> defer.Deferred:
+        """Turn internal directory failures into AuthUnavailable (logged, no secrets)."""
+
+        def unavailable(f: Failure) -> Failure:
+            if f.check(_DirectoryError):
+                log.warn("directory unavailable: {why}", why=f.getErrorMessage())
+                return Failure(AuthUnavailable("the directory cannot be reached now"))
+            if f.check(UnauthorizedLogin, AuthUnavailable):
+                return f
+            log.failure("directory checker failed", f)
+            return Failure(AuthUnavailable("the directory cannot answer now"))
+
+        return d.addErrback(unavailable)
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except ValueError:
+        return 0
+
+
+def _domain_rank(address: str, domains: list[str]) -> int:
+    domain = address.rpartition("@")[2].lower()
+    return domains.index(domain) if domain in domains else len(domains)
+
+
+def _address_key(address: str) -> str | None:
+    """``local@domain`` lower case, or None when it is not an address we look up."""
+    if not isinstance(address, str):
+        return None
+    try:
+        parsed = addr_mod.parse_address(address.strip("<>"))
+    except addr_mod.AddressError:
+        return None
+    if parsed.quoted:
+        return None
+    return parsed.key.lower()
