@@ -1,0 +1,154 @@
+"""SASL mechanisms for SMTP AUTH (RFC 4954): PLAIN (RFC 4616), LOGIN and CRAM-MD5 (RFC 2195).
+
+Each mechanism is a small state machine with no I/O: the protocol feeds it the decoded client
+responses and gets back either a challenge to send (``334``) or the credentials to hand to the
+``IAccountChecker`` (the same checker and realm as POP3). Malformed input raises
+``SaslSyntaxError``. Nothing here keeps, logs or shows a password: credential objects have a
+repr without the secret.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+
+from twisted.cred import credentials as tcred
+from zope.interface import implementer
+
+try:  # the identity engineer's CRAM-MD5 credentials, if present
+    from pop3coexist.identity.credentials import CramMD5Credentials as _Cram  # type: ignore
+except Exception:  # pragma: no cover - depends on the identity module
+    _Cram = tcred.CramMD5Credentials
+
+
+class SaslSyntaxError(ValueError):
+    """The client's SASL response is malformed (reply 501 5.5.2)."""
+
+
+@implementer(tcred.IUsernamePassword)
+class PasswordCredentials:
+    """A clear-text user name and password (str, from UTF-8); the repr never shows the password.
+
+    ``checkPassword`` takes the stored secret as str or bytes and compares in constant time.
+    """
+
+    def __init__(self, username: bytes | str, password: bytes | str) -> None:
+        self.username = _text(username)
+        self.password = _text(password)
+
+    def checkPassword(self, password: str | bytes) -> bool:  # noqa: N802 (zope interface name)
+        expected = password.encode("utf-8") if isinstance(password, str) else bytes(password)
+        return hmac.compare_digest(self.password.encode("utf-8", "surrogateescape"), expected)
+
+    def __repr__(self) -> str:
+        return f"<PasswordCredentials username={self.username!r}>"
+
+
+def _text(value: bytes | str) -> str:
+    if isinstance(value, str):
+        return value
+    return value.decode("utf-8", "surrogateescape")
+
+
+class Mechanism:
+    """One AUTH exchange. ``start`` and ``step`` return bytes (a challenge) or credentials."""
+
+    name = ""
+
+    def start(self, initial: bytes | None) -> bytes | object:
+        raise NotImplementedError
+
+    def step(self, response: bytes) -> bytes | object:
+        raise NotImplementedError
+
+
+class Plain(Mechanism):
+    """PLAIN: ``[authzid] NUL authcid NUL passwd``; an authzid other than authcid is refused."""
+
+    name = "PLAIN"
+
+    def start(self, initial: bytes | None) -> bytes | object:
+        if initial is None:
+            return b""
+        return self.step(initial)
+
+    def step(self, response: bytes) -> bytes | object:
+        parts = response.split(b"\x00")
+        if len(parts) != 3 or not parts[1]:
+            raise SaslSyntaxError("PLAIN response must be authzid NUL authcid NUL password")
+        authzid, authcid, password = parts
+        if authzid and authzid.lower() != authcid.lower():
+            # Acting for another user is not offered: treat as a failed log-in.
+            return PasswordCredentials(authcid, b"\x00refused-authzid\x00" + os.urandom(8))
+        return PasswordCredentials(authcid, password)
+
+
+class Login(Mechanism):
+    """LOGIN: ``Username:`` then ``Password:`` (an initial response is the user name)."""
+
+    name = "LOGIN"
+
+    def __init__(self) -> None:
+        self.username: bytes | None = None
+
+    def start(self, initial: bytes | None) -> bytes | object:
+        if initial is None:
+            return b"Username:"
+        return self.step(initial)
+
+    def step(self, response: bytes) -> bytes | object:
+        if self.username is None:
+            if not response:
+                raise SaslSyntaxError("empty user name")
+            self.username = response
+            return b"Password:"
+        return PasswordCredentials(self.username, response)
+
+
+class CramMD5(Mechanism):
+    """CRAM-MD5: a ``<random.time@host>`` challenge, answered by ``user hex-hmac``."""
+
+    name = "CRAM-MD5"
+
+    def __init__(self, hostname: str) -> None:
+        self.creds = _Cram(hostname.encode("ascii"))
+        rnd = int.from_bytes(os.urandom(6), "big")
+        self.creds.challenge = f"<{rnd}.{int(time.time())}@{hostname}>".encode("ascii")
+
+    def start(self, initial: bytes | None) -> bytes | object:
+        if initial is not None:
+            raise SaslSyntaxError("CRAM-MD5 takes no initial response")
+        return self.creds.challenge
+
+    def step(self, response: bytes) -> bytes | object:
+        parts = response.split(b" ")
+        if len(parts) != 2 or not parts[0] or len(parts[1]) != 32:
+            raise SaslSyntaxError("CRAM-MD5 response must be 'user digest'")
+        try:
+            int(parts[1], 16)
+        except ValueError:
+            raise SaslSyntaxError("CRAM-MD5 digest must be hexadecimal")
+        self.creds.setResponse(response)
+        self.creds.response = self.creds.response.lower()
+        return self.creds
+
+
+def mechanism_names(offers_secrets: bool) -> list[str]:
+    """The mechanisms to advertise, in order; CRAM-MD5 only where the checker has the secret."""
+    names = ["PLAIN", "LOGIN"]
+    if offers_secrets:
+        names.append("CRAM-MD5")
+    return names
+
+
+def make_mechanism(name: str, hostname: str, offers_secrets: bool) -> Mechanism | None:
+    """A fresh exchange for ``name`` (any case), or None if it is not offered."""
+    name = name.upper()
+    if name not in mechanism_names(offers_secrets):
+        return None
+    if name == "PLAIN":
+        return Plain()
+    if name == "LOGIN":
+        return Login()
+    return CramMD5(hostname)

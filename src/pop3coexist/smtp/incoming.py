@@ -1,0 +1,277 @@
+"""Incoming messages: the DATA stream -> a spool file -> the mail store and the outbound queue.
+
+- ``MessageReader`` parses the DATA byte stream: only ``CRLF . CRLF`` ends it (a bare CR or LF
+  never does, so SMTP smuggling cannot start a second message); it undoes dot-stuffing,
+  converts CRLF to LF (Maildir convention: POP3 turns LF back into CRLF, so the client gets the
+  exact bytes it sent), enforces the size limit, the line length limit (RFC 5321 section
+  4.5.3.1.6), refuses bare CR or LF (RFC 5321 section 2.3.8), and counts hops. On the first
+  problem it stops storing (the spool file is removed at once) and only looks for the end.
+- ``SpoolWriter`` streams into a new file in ``store.spool_dir()`` in large writes; memory does
+  not grow with the message size.
+- ``commit_message`` (blocking, run off the reactor) makes the message durable: fsync, then
+  ``store.deliver_file`` (single-instance hard links), then ``queue.enqueue`` for the other
+  recipients, then removes the spool file. Only after it returns does the server reply 250.
+- ``clean_spool`` removes what a crash left in the spool folder (call it at start).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from pop3coexist.errors import MailError
+from pop3coexist.smtp.received import HopCounter
+
+log = Logger()
+
+SPOOL_SUFFIX = ".smtp-spool"
+WRITE_CHUNK = 256 * 1024
+MAX_TEXT_LINE = 998  # octets without CRLF (RFC 5321 section 4.5.3.1.6)
+
+
+def new_queue_id() -> str:
+    """A short unique id for logs, the Received header and the 250 reply."""
+    return f"{int(time.time()):x}" + secrets.token_hex(5)
+
+
+class SpoolWriter:
+    """A new spool file, written in large chunks; ``abort`` removes it."""
+
+    def __init__(self, spool_dir: Path, queue_id: str) -> None:
+        self.path = Path(spool_dir) / f"{queue_id}.{os.getpid()}{SPOOL_SUFFIX}"
+        self.fd: int | None = os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
+        )
+        self._buffer = bytearray()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``; reaches the file in chunks of WRITE_CHUNK bytes or more."""
+        if self.fd is None:
+            return
+        self._buffer += data
+        self.size += len(data)
+        if len(self._buffer) >= WRITE_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        view = memoryview(self._buffer)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        view.release()
+        self._buffer.clear()
+
+    def finish(self) -> None:
+        """Write what is buffered (no fsync: that is ``commit_message``'s job, off the reactor)."""
+        if self.fd is not None and self._buffer:
+            self._flush()
+
+    def close(self) -> None:
+        """Close the file descriptor (idempotent)."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = None
+
+    def abort(self) -> None:
+        """Close and remove the file (idempotent): nothing of the message remains."""
+        self.close()
+        self._buffer = bytearray()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class MessageReader:
+    """Parses one DATA stream into a SpoolWriter (see the module docstring).
+
+    ``feed(data)`` returns None while the message goes on, or the number of bytes of ``data``
+    that belong to it (through the terminating ``.CRLF``); the rest is the next command.
+    After the end, ``error`` is None or the MailError to reply with.
+    """
+
+    def __init__(
+        self,
+        sink: SpoolWriter,
+        max_size: int,
+        max_hops: int,
+        max_line: int = MAX_TEXT_LINE,
+    ) -> None:
+        self.sink = sink
+        self.max_size = max_size
+        self.max_hops = max_hops
+        self.max_line = max_line
+        self.size = 0  # octets of content as the client sent it, CRLF line ends, unstuffed
+        self.error: MailError | None = None
+        self.hops = HopCounter()
+        self._pending = b""  # the current line so far; always starts at a line start
+        self._tail = b""  # in error mode: the last bytes seen (to find the end marker)
+        self.done = False
+
+    # -- the end marker
+
+    def feed(self, data: bytes) -> int | None:
+        if self.error is not None:
+            return self._feed_discard(data)
+        head = len(self._pending)
+        buf = self._pending + data if head else data
+        if buf.startswith(b".\r\n"):
+            end_line = 0
+        else:
+            k = buf.find(b"\r\n.\r\n")
+            end_line = k + 2 if k >= 0 else -1
+        if end_line >= 0:
+            self._pending = b""
+            self._content(buf[:end_line])
+            self.done = True
+            return end_line + 3 - head
+        cut = buf.rfind(b"\r\n")
+        if cut >= 0:
+            self._pending = buf[cut + 2 :]
+            self._content(buf[: cut + 2])
+        else:
+            self._pending = buf
+        if self.error is None and len(self._pending) > self.max_line + 1:
+            # a line longer than allowed and still no CRLF: stop storing, keep looking for the end
+            self._fail(self._too_long(), mid_line=True)
+        elif self.error is not None:
+            self._tail = (b"\r\n" + self._pending)[-4:]
+            self._pending = b""
+        return None
+
+    def _feed_discard(self, data: bytes) -> int | None:
+        head = len(self._tail)
+        buf = self._tail + data
+        k = buf.find(b"\r\n.\r\n")
+        if k >= 0:
+            self.done = True
+            self._tail = b""
+            return k + 5 - head
+        self._tail = buf[-4:]
+        return None
+
+    def _too_long(self) -> MailError:
+        return MailError(550, "5.6.0", f"Message refused: a line is longer than {self.max_line} "
+                         "octets (RFC 5321 section 4.5.3.1.6)")
+
+    def _fail(self, error: MailError, mid_line: bool = False) -> None:
+        if self.error is None:
+            self.error = error
+            self.sink.abort()
+        if mid_line:
+            self._tail = self._pending[-4:]
+        else:
+            self._tail = (b"\r\n" + self._pending)[-4:]
+        self._pending = b""
+
+    # -- complete lines
+
+    def _content(self, body: bytes) -> None:
+        """``body``: complete lines, each ending in CRLF (or empty)."""
+        if not body or self.error is not None:
+            return
+        crlf = body.count(b"\r\n")
+        if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+            self.error_now(MailError(550, "5.5.2",
+                                     "Message refused: bare CR or LF in data (RFC 5321 section 2.3.8)"))
+            return
+        lines = body.split(b"\r\n")
+        lines.pop()  # body ends with CRLF
+        if max(map(len, lines)) > self.max_line:
+            longest = max(len(x[1:] if x[:1] == b"." else x) for x in lines)
+            if longest > self.max_line:
+                self.error_now(self._too_long())
+                return
+        dots = body.count(b"\r\n.") + (1 if body[:1] == b"." else 0)
+        out = body.replace(b"\r\n", b"\n")
+        if dots:
+            if out[:1] == b".":
+                out = out[1:]
+            out = out.replace(b"\n.", b"\n")
+        self.size += len(body) - dots
+        if self.size > self.max_size:
+            self.error_now(MailError(552, "5.3.4",
+                                     f"Message too big: the limit is {self.max_size} octets"))
+            return
+        if self.hops.in_header:
+            for line in out.split(b"\n"):
+                self.hops.line(line)
+                if not self.hops.in_header:
+                    break
+            if self.hops.count + 1 > self.max_hops:
+                self.error_now(MailError(554, "5.4.6",
+                                         f"Too many hops ({self.hops.count} Received headers): "
+                                         "probably a mail loop"))
+                return
+        self.sink.write(out)
+
+    def error_now(self, error: MailError) -> None:
+        """Stop storing: remove the spool file and only look for the end from now on."""
+        if self.error is None:
+            self.error = error
+            self.sink.abort()
+
+    def abort(self) -> None:
+        """The connection went away mid-DATA: remove the spool file."""
+        self.sink.abort()
+
+
+def commit_message(
+    store,
+    queue,
+    spool: SpoolWriter,
+    local_recipients: list[tuple[str, str]],
+    envelope: dict | None,
+    fsync: Callable[[int], None] = os.fsync,
+) -> None:
+    """Blocking. Make the message durable everywhere it goes, then remove the spool file.
+
+    Order: fsync the spool file; hard-link it into each local mailbox (``deliver_file``
+    fsyncs the ``new/`` folders); enqueue it for the other recipients (durable on return);
+    remove the spool file. Any exception leaves the spool file removed and propagates: the
+    caller answers with a temporary failure and the client will retry.
+    """
+    try:
+        spool.finish()
+        assert spool.fd is not None
+        fsync(spool.fd)
+        spool.close()
+        if local_recipients:
+            store.deliver_file(spool.path, local_recipients)
+        if envelope is not None and envelope.get("recipients"):
+            queue.enqueue(spool.path, envelope)
+    finally:
+        spool.abort()
+
+
+def clean_spool(spool_dir: Path, older_than: float = 0.0) -> int:
+    """Remove spool files a crash left behind (only ours, by suffix); return how many.
+
+    Call at start before the listeners open (``older_than`` = 0) or, while running, with an age
+    in seconds that no live session can reach.
+    """
+    removed = 0
+    now = time.time()
+    try:
+        entries = list(os.scandir(spool_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.name.endswith(SPOOL_SUFFIX):
+            continue
+        try:
+            if older_than and now - entry.stat().st_mtime < older_than:
+                continue
+            os.unlink(entry.path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

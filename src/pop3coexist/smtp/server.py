@@ -1,0 +1,857 @@
+"""The ESMTP server (RFC 5321) over ``twisted.mail.smtp.ESMTP``: MX, submission and SMTPS.
+
+``SMTPServerFactory`` builds one ``ESMTPServer`` per connection. The class keeps Twisted's
+ESMTP skeleton (TimeoutMixin, ``host``, the ``extensions`` idea) but replaces its input
+handling and commands, because the stock ones are unsafe for a real server:
+
+- input is our own byte buffer, answered strictly in order: while a command waits on a
+  Deferred (directory, disk) the following pipelined commands wait too (RFC 2920);
+- STARTTLS discards everything pipelined after it and resets the session (RFC 3207 4.2);
+- ``AUTH`` with no argument, a bad mechanism or bad base64 gets a 5xx and the session goes on;
+- EHLO advertises only what is implemented; every reply after the greeting and EHLO carries an
+  enhanced status code (RFC 2034, RFC 3463);
+- DATA is a byte stream into a spool file (``incoming.MessageReader``): only CRLF.CRLF ends it,
+  and the 250 goes out only after ``incoming.commit_message`` made it durable.
+
+Recipient decisions are ``policy.relay``'s, connection control ``policy.connections``', failed
+log-in delays ``policy.throttle``'s, concurrent connections ``policy.connlimit``'s. The store,
+the outbound queue and the account checker are the interfaces of ``pop3coexist.interfaces``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+from dataclasses import dataclass, field
+
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import defer, protocol, task, threads
+from twisted.internet.interfaces import ISSLTransport, ITLSTransport
+from twisted.logger import Logger
+from twisted.mail import smtp as tsmtp
+from twisted.python.failure import Failure
+
+from pop3coexist.address import Address
+from pop3coexist.errors import AuthUnavailable, LoginRefused, MailError, QuotaExceeded
+from pop3coexist.policy.connections import ConnectionPolicy
+from pop3coexist.policy.connlimit import ConnectionLimiter
+from pop3coexist.policy.relay import Client, RelayPolicy, RouteKind, parse_recipient, parse_sender
+from pop3coexist.policy.throttle import AuthThrottle
+from pop3coexist.smtp import auth as sasl
+from pop3coexist.smtp.incoming import MessageReader, SpoolWriter, commit_message, new_queue_id
+from pop3coexist.smtp.received import received_header, with_keyword
+
+log = Logger()
+
+MODES = ("mx", "submission", "smtps")
+MAX_COMMAND_LINE = 2048  # RFC 5321 4.5.3.1.4 (512) plus room for extension parameters
+MAX_AUTH_LINE = 12288  # RFC 4954 section 4
+MAX_ERRORS = 20  # bad commands before we hang up
+PAUSE_BUFFER = 1024 * 1024  # stop reading while a command waits and this much is buffered
+
+_COMMAND, _AUTH, _DATA = "command", "auth", "data"
+_KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_VALUE_RE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")  # RFC 5321 esmtp-value
+_XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+_PATH_RE = re.compile(r"(?P<path><[^<>]*>)(?P<params>(?: .*)?)\Z")
+
+
+def _fail(code: int, enhanced: str, text: str) -> MailError:
+    return MailError(code, enhanced, text)
+
+
+def xtext_decode(value: str) -> str:
+    """Decode RFC 3461 xtext strictly; raise MailError 501 5.5.4 when it is malformed."""
+    if not _XTEXT_RE.match(value):
+        raise _fail(501, "5.5.4", "Malformed xtext value (RFC 3461 section 4)")
+    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    """``KEY=VALUE`` parameters of MAIL or RCPT (keys upper case); 501 5.5.4 when malformed."""
+    params: dict[str, str | None] = {}
+    for item in text.split(" "):
+        if item == "":
+            continue
+        key, eq, value = item.partition("=")
+        if not _KEYWORD_RE.match(key) or (eq and not _VALUE_RE.match(value)):
+            raise _fail(501, "5.5.4", "Malformed parameter")
+        key = key.upper()
+        if key in params:
+            raise _fail(501, "5.5.4", f"Parameter {key} given twice")
+        params[key] = value if eq else None
+    return params
+
+
+def split_path(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
+    """``FROM:<path> params`` -> (inside of the path, params); 501 5.5.4 when malformed."""
+    if not arg[: len(keyword)].upper() == keyword:
+        raise _fail(501, "5.5.4", f"Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
+    rest = arg[len(keyword) :].lstrip(" ")
+    m = _PATH_RE.match(rest)
+    if not m:
+        raise _fail(501, "5.5.4", f"Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
+    return m.group("path")[1:-1], parse_params(m.group("params"))
+
+
+@dataclass
+class Transaction:
+    """One mail transaction: MAIL FROM, the accepted recipients, the DSN parameters."""
+
+    sender: Address | None
+    size: int = 0
+    ret: str | None = None
+    envid: str | None = None
+    recipients: list[str] = field(default_factory=list)  # as accepted, for Received / logs
+    local: dict[tuple[str, str], None] = field(default_factory=dict)  # (domain, mailbox)
+    remote: dict[str, dict] = field(default_factory=dict)  # address key -> envelope entry
+
+
+class ESMTPServer(tsmtp.ESMTP):
+    """One SMTP session. See the module docstring for what differs from Twisted's ESMTP."""
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        super().__init__(chal={}, contextFactory=factory.tls_options)
+        self.factory = factory
+        cfg = factory.config
+        self.host = cfg.server.hostname
+        self.hostname = cfg.server.hostname
+        self.timeout = cfg.smtp.idle_timeout
+        self.callLater = factory.reactor.callLater  # TimeoutMixin uses it: task.Clock in tests
+        self._buf = b""
+        self._state = _COMMAND
+        self._busy = False
+        self._pumping = False
+        self._paused = False
+        self._discarding = False
+        self._closing = False
+        self._acquired = False
+        self.client_ip = ""
+        self.secure = False
+        self.user: str | None = None
+        self._helo: str | None = None
+        self._esmtp = False
+        self._txn: Transaction | None = None
+        self._reader: MessageReader | None = None
+        self._mech: sasl.Mechanism | None = None
+        self._messages = 0
+        self._errors = 0
+
+    # ------------------------------------------------------------------ connection
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = str(getattr(peer, "host", "unix"))
+        if self.factory.mode == "smtps":
+            # The service may already have wrapped the listener in TLS (TLSMemoryBIOFactory);
+            # on a plain TCP transport the session starts TLS itself before the greeting.
+            if not ISSLTransport.providedBy(self.transport):
+                self.transport.startTLS(self.factory.tls_options)
+            self.secure = True
+        self.setTimeout(self.timeout)
+        refusal = self.factory.connections.check(self.client_ip)
+        if refusal is not None:
+            self._hangup(refusal)
+            return
+        if not self.factory.limiter.acquire(self.client_ip):
+            self._hangup(_fail(421, "4.7.0", f"{self.hostname} Too many connections, try again later"))
+            return
+        self._acquired = True
+        self._send(f"220 {self.hostname} ESMTP pop3coexist")
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.setTimeout(None)
+        if self._reader is not None:
+            self._reader.abort()
+            self._reader = None
+        if self._acquired:
+            self._acquired = False
+            self.factory.limiter.release(self.client_ip)
+
+    def timeoutConnection(self) -> None:
+        # RFC 5321 section 4.5.3.2.7: the server closes an idle session
+        if self._reader is not None:
+            self._reader.abort()
+            self._reader = None
+        self._hangup(_fail(421, "4.4.2", f"{self.hostname} Error: timeout exceeded"))
+
+    def _hangup(self, error: MailError) -> None:
+        self._reply(error.code, error.enhanced, error.text)
+        self._closing = True
+        self.transport.loseConnection()
+
+    # ------------------------------------------------------------------ output
+
+    def _send(self, text: str) -> None:
+        self.transport.write(text.encode("ascii", "replace") + b"\r\n")
+
+    def _reply(self, code: int, enhanced: str | None, text: str) -> None:
+        """Send a (possibly multi-line) reply; ``enhanced`` prefixes every line."""
+        lines = text.split("\n")
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            out.append(f"{code}{sep}{enhanced} {line}" if enhanced else f"{code}{sep}{line}")
+        self.transport.write("\r\n".join(out).encode("ascii", "replace") + b"\r\n")
+
+    def _error(self, error: MailError) -> None:
+        self._reply(error.code, error.enhanced, error.text)
+
+    def _syntax_error(self, error: MailError) -> None:
+        """A bad command or parameter: reply, count, and hang up after too many."""
+        self._error(error)
+        self._errors += 1
+        if self._errors >= MAX_ERRORS:
+            self._hangup(_fail(421, "4.7.0", f"{self.hostname} Too many errors, closing connection"))
+
+    # ------------------------------------------------------------------ input
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if not self._busy:
+            self.resetTimeout()
+        self._buf += data
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._busy and not self._closing and self._buf:
+                if getattr(self.transport, "disconnecting", False):
+                    return
+                if self._state == _DATA:
+                    self._pump_data()
+                    if self._state == _DATA:
+                        break
+                    continue
+                i = self._buf.find(b"\r\n")
+                limit = MAX_AUTH_LINE if self._state == _AUTH else MAX_COMMAND_LINE
+                if i < 0:
+                    if len(self._buf) > MAX_AUTH_LINE:
+                        # no end of line in sight: refuse once, then skip to the next CRLF
+                        if not self._discarding:
+                            self._line_too_long()
+                        self._discarding = True
+                        self._buf = self._buf[-1:]
+                    break
+                line, self._buf = self._buf[:i], self._buf[i + 2 :]
+                if self._discarding:
+                    self._discarding = False
+                    continue
+                if len(line) > limit and not (self._state == _COMMAND and line[:5].upper() == b"AUTH "
+                                              and len(line) <= MAX_AUTH_LINE):
+                    self._line_too_long()
+                    continue
+                try:
+                    result = self._auth_line(line) if self._state == _AUTH else self._command(line)
+                except MailError as e:
+                    self._error(e)
+                    result = None
+                except Exception:
+                    log.failure("SMTP command failed")
+                    self._reply(451, "4.3.0", "Local error in processing")
+                    result = None
+                if isinstance(result, defer.Deferred):
+                    self._wait(result)
+        finally:
+            self._pumping = False
+        if self._busy and len(self._buf) > PAUSE_BUFFER and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _wait(self, d: defer.Deferred) -> None:
+        """Hold the following input until ``d`` fires (answers strictly in order)."""
+        self._busy = True
+        self.setTimeout(None)
+
+        def done(result):
+            if isinstance(result, Failure):
+                log.failure("SMTP command failed", result)
+                self._reply(451, "4.3.0", "Local error in processing")
+            self._busy = False
+            if self._closing:
+                return None
+            self.setTimeout(self.timeout)
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
+            self._pump()
+            return None
+
+        d.addBoth(done)
+
+    def _line_too_long(self) -> None:
+        if self._state == _AUTH:
+            self._state = _COMMAND
+            self._mech = None
+            self._syntax_error(_fail(500, "5.5.6", "Authentication Exchange line is too long"))
+        else:
+            self._syntax_error(_fail(500, "5.5.2", "Line too long"))
+
+    def _command(self, line: bytes):
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            self._syntax_error(_fail(500, "5.5.2", "Syntax error: command is not ASCII"))
+            return None
+        verb, _, arg = text.partition(" ")
+        handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
+        if handler is None:
+            self._syntax_error(_fail(500, "5.5.2", "Command unrecognized"))
+            return None
+        try:
+            return handler(arg.strip(" "))
+        except MailError as e:
+            if e.code in (500, 501, 555):
+                self._syntax_error(e)
+            else:
+                self._error(e)
+            return None
+
+    # ------------------------------------------------------------------ greeting, extensions
+
+    def _can_starttls(self) -> bool:
+        return (
+            self.factory.tls_options is not None
+            and not self.secure
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def _auth_offered(self) -> bool:
+        return not (self.factory.config.smtp.require_tls_for_auth and not self.secure)
+
+    def extensions(self) -> list[str]:
+        """The EHLO keywords, in the order they are advertised."""
+        ext = [
+            "PIPELINING",
+            f"SIZE {self.factory.config.smtp.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ]
+        if self._can_starttls():
+            ext.append("STARTTLS")
+        if self._auth_offered():
+            ext.append("AUTH " + " ".join(sasl.mechanism_names(self.factory.offers_secrets)))
+        return ext
+
+    def smtp_EHLO(self, arg: str):
+        return self._hello(arg, esmtp=True)
+
+    def smtp_HELO(self, arg: str):
+        return self._hello(arg, esmtp=False)
+
+    def _hello(self, arg: str, esmtp: bool) -> None:
+        if not arg or " " in arg:
+            raise _fail(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+        self._helo = arg
+        self._esmtp = esmtp
+        self._txn = None
+        greeting = f"{self.hostname} Hello [{self.client_ip}]"
+        if esmtp:
+            self._reply(250, None, "\n".join([greeting, *self.extensions()]))
+        else:
+            self._reply(250, None, greeting)
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self._reply(250, "2.0.0", "OK")
+
+    def smtp_RSET(self, arg: str) -> None:
+        if arg:
+            raise _fail(501, "5.5.4", "Syntax: RSET")
+        self._txn = None
+        self._reply(250, "2.0.0", "OK")
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self._reply(221, "2.0.0", f"{self.hostname} closing connection")
+        self._closing = True
+        self.transport.loseConnection()
+
+    def smtp_HELP(self, arg: str) -> None:
+        self._reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT STARTTLS AUTH VRFY")
+
+    def smtp_VRFY(self, arg: str) -> None:
+        if not arg:
+            raise _fail(501, "5.5.4", "Syntax: VRFY address")
+        # RFC 5321 section 3.5.3: do not disclose who exists
+        self._reply(252, "2.5.0", "Cannot VRFY user; try RCPT to attempt delivery")
+
+    def smtp_EXPN(self, arg: str) -> None:
+        self._reply(502, "5.5.1", "EXPN not available")
+
+    def smtp_BDAT(self, arg: str) -> None:
+        self._reply(502, "5.5.1", "BDAT not available (no CHUNKING)")
+
+    # ------------------------------------------------------------------ STARTTLS
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            raise _fail(501, "5.5.4", "Syntax: STARTTLS")
+        if self.secure:
+            raise _fail(503, "5.5.1", "TLS already active")
+        if not self._can_starttls():
+            raise _fail(454, "4.7.0", "TLS not available")
+        self._reply(220, "2.0.0", "Ready to start TLS")
+        # RFC 3207 section 4.2: whatever the client pipelined after STARTTLS is discarded,
+        # and the session starts over (no HELO, no transaction, no log-in).
+        self._buf = b""
+        self.transport.startTLS(self.factory.tls_options)
+        self.secure = True
+        self._helo = None
+        self._esmtp = False
+        self._txn = None
+        self.user = None
+
+    # ------------------------------------------------------------------ AUTH
+
+    def smtp_AUTH(self, arg: str):
+        if not arg:
+            raise _fail(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        if self._helo is None or not self._esmtp:
+            raise _fail(503, "5.5.1", "Send EHLO first")
+        if self.user is not None:
+            raise _fail(503, "5.5.1", "Already authenticated")
+        if self._txn is not None:
+            raise _fail(503, "5.5.1", "AUTH not allowed during a mail transaction")
+        if not self._auth_offered():
+            raise _fail(538, "5.7.11", "Encryption required for requested authentication mechanism")
+        parts = arg.split(" ")
+        if len(parts) > 2:
+            raise _fail(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        mech = sasl.make_mechanism(parts[0], self.hostname, self.factory.offers_secrets)
+        if mech is None:
+            raise _fail(504, "5.5.4", "Unrecognized authentication type")
+        initial = None
+        if len(parts) == 2:
+            initial = b"" if parts[1] == "=" else self._b64(parts[1])
+            if initial is None:
+                return None
+        self._mech = mech
+        return self._sasl(lambda: mech.start(initial))
+
+    def _b64(self, text: str | bytes) -> bytes | None:
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self._state = _COMMAND
+            self._mech = None
+            self._syntax_error(_fail(501, "5.5.2", "Invalid base64 data"))
+            return None
+
+    def _auth_line(self, line: bytes):
+        if line == b"*":
+            self._state = _COMMAND
+            self._mech = None
+            raise _fail(501, "5.7.0", "Authentication cancelled")
+        response = self._b64(line)
+        if response is None:
+            return None
+        mech = self._mech
+        assert mech is not None
+        return self._sasl(lambda: mech.step(response))
+
+    def _sasl(self, step):
+        try:
+            result = step()
+        except sasl.SaslSyntaxError as e:
+            self._state = _COMMAND
+            self._mech = None
+            raise _fail(501, "5.5.2", f"Invalid authentication response: {e}")
+        if isinstance(result, bytes):
+            self._state = _AUTH
+            self._reply(334, None, base64.b64encode(result).decode("ascii"))
+            return None
+        self._state = _COMMAND
+        self._mech = None
+        return self._login(result)
+
+    def _login(self, credentials) -> defer.Deferred:
+        factory = self.factory
+        d = defer.maybeDeferred(factory.checker.requestAvatarId, credentials)
+
+        def check_lock(avatar):
+            if isinstance(avatar, bytes):
+                avatar = avatar.decode("ascii")
+            avatar = str(avatar).lower()
+            mailbox, _, domain = avatar.rpartition("@")
+            d2 = factory.run_blocking(factory.store.is_mailbox_locked, domain, mailbox)
+            d2.addCallback(lambda locked: (avatar, locked))
+            return d2
+
+        def ok(result):
+            avatar, locked = result
+            if locked:
+                raise LoginRefused()
+            factory.throttle.success(self.client_ip)
+            self.user = avatar
+            log.info("SMTP AUTH ok for {user} from {ip}", user=avatar, ip=self.client_ip)
+            self._reply(235, "2.7.0", "Authentication successful")
+
+        def bad(failure):
+            if failure.check(UnauthorizedLogin, UnhandledCredentials, LoginRefused):
+                delay = factory.throttle.failure_delay(self.client_ip)
+                log.info("SMTP AUTH failed from {ip}", ip=self.client_ip)
+                return task.deferLater(
+                    factory.reactor, delay,
+                    self._reply, 535, "5.7.8", "Authentication credentials invalid",
+                )
+            if not failure.check(AuthUnavailable):
+                log.failure("SMTP AUTH: checker error", failure)
+            self._reply(454, "4.7.0", "Temporary authentication failure")
+            return None
+
+        d.addCallback(check_lock)
+        d.addCallback(ok)
+        d.addErrback(bad)
+        return d
+
+    # ------------------------------------------------------------------ MAIL
+
+    def smtp_MAIL(self, arg: str):
+        cfg = self.factory.config.smtp
+        if self._helo is None:
+            raise _fail(503, "5.5.1", "Send HELO or EHLO first")
+        if self._txn is not None:
+            raise _fail(503, "5.5.1", "Sender already specified")
+        if self.factory.mode == "submission" and self.user is None:
+            raise _fail(530, "5.7.0", "Authentication required")
+        if self._messages >= cfg.max_messages_per_connection:
+            self._hangup(_fail(421, "4.7.0", f"{self.hostname} Too many messages in this session, "
+                                              "closing connection"))
+            return None
+        inner, params = split_path(arg, "FROM:")
+        txn = Transaction(sender=None if inner == "" else parse_sender(inner))
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise _fail(501, "5.5.4", "Syntax: SIZE=octets")
+                txn.size = int(value)
+                if txn.size > cfg.max_message_size:
+                    raise _fail(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise _fail(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
+            elif key == "RET":
+                if value is None or value.upper() not in ("FULL", "HDRS"):
+                    raise _fail(501, "5.5.4", "Syntax: RET=FULL or RET=HDRS")
+                txn.ret = value.upper()
+            elif key == "ENVID":
+                if value is None:
+                    raise _fail(501, "5.5.4", "Syntax: ENVID=xtext")
+                envid = xtext_decode(value)
+                if not envid or len(envid) > 100 or any(not 0x20 <= ord(c) < 0x7F for c in envid):
+                    raise _fail(501, "5.5.4", "ENVID must be 1 to 100 printable characters")
+                txn.envid = envid
+            elif key == "AUTH":
+                if value is None:
+                    raise _fail(501, "5.5.4", "Syntax: AUTH=mailbox")
+                xtext_decode(value)  # validated; RFC 4954 section 5 lets us ignore it
+            else:
+                raise _fail(555, "5.5.4", f"Unsupported parameter {key}")
+        if self.user is not None and cfg.sender_must_match_login:
+            return self._check_own_sender(txn)
+        self._start(txn)
+        return None
+
+    def _start(self, txn: Transaction) -> None:
+        self._txn = txn
+        self._reply(250, "2.1.0", f"Sender <{txn.sender or ''}> OK")
+
+    def _check_own_sender(self, txn: Transaction):
+        user = self.user
+        not_yours = _fail(553, "5.7.1", f"Sender address <{txn.sender or ''}> is not yours")
+        if txn.sender is None:
+            raise not_yours
+        if txn.sender.key == user:
+            self._start(txn)
+            return None
+        d = defer.maybeDeferred(self.factory.checker.resolve_recipient, txn.sender.key)
+
+        def decide(owner):
+            if isinstance(owner, bytes):
+                owner = owner.decode("ascii")
+            if owner is not None and str(owner).lower() == user and self.user == user:
+                self._start(txn)
+            else:
+                self._error(not_yours)
+
+        def failed(failure):
+            if not failure.check(AuthUnavailable):
+                log.failure("SMTP sender lookup failed", failure)
+            self._reply(451, "4.4.3", "Directory lookup failed, try again later")
+
+        d.addCallbacks(decide, failed)
+        return d
+
+    # ------------------------------------------------------------------ RCPT
+
+    def smtp_RCPT(self, arg: str):
+        cfg = self.factory.config.smtp
+        txn = self._txn
+        if txn is None:
+            raise _fail(503, "5.5.1", "Need MAIL command first")
+        inner, params = split_path(arg, "TO:")
+        notify: list[str] | None = None
+        orcpt: str | None = None
+        for key, value in params.items():
+            if key == "NOTIFY":
+                items = (value or "").upper().split(",")
+                if not value or (
+                    "NEVER" in items and len(items) > 1
+                ) or any(i not in ("NEVER", "SUCCESS", "FAILURE", "DELAY") for i in items) or len(
+                    set(items)
+                ) != len(items):
+                    raise _fail(501, "5.5.4", "Syntax: NOTIFY=NEVER or NOTIFY=SUCCESS,FAILURE,DELAY")
+                notify = items
+            elif key == "ORCPT":
+                addr_type, semi, xtext = (value or "").partition(";")
+                if not semi or not _KEYWORD_RE.match(addr_type) or not xtext:
+                    raise _fail(501, "5.5.4", "Syntax: ORCPT=addr-type;xtext")
+                orcpt = f"{addr_type.lower()};{xtext_decode(xtext)}"
+            else:
+                raise _fail(555, "5.5.4", f"Unsupported parameter {key}")
+        if inner == "":
+            raise _fail(501, "5.1.3", "Bad recipient address syntax: empty")
+        if len(txn.recipients) >= cfg.max_recipients:
+            raise _fail(452, "4.5.3", "Too many recipients")
+        factory = self.factory
+        client = Client(self.client_ip, self.user is not None)
+
+        d = factory.run_blocking(factory.store.list_domains)
+
+        def route(domains):
+            pm = self.hostname if self.hostname in domains else (domains[0] if domains else None)
+            address = parse_recipient(inner, pm)
+            r = factory.relay.route(address, domains, client)
+            if r.kind is not RouteKind.LOCAL:
+                return r, None
+            d2 = defer.maybeDeferred(factory.checker.resolve_recipient, address.key)
+            d2.addCallback(lambda mailbox: (r, mailbox))
+            return d2
+
+        def local(result):
+            r, mailbox = result
+            if r.kind is not RouteKind.LOCAL:
+                return r, None
+            if mailbox is None:
+                factory.relay.local_outcome(r.address, False)
+            if isinstance(mailbox, bytes):
+                mailbox = mailbox.decode("ascii")
+            box, _, domain = str(mailbox).lower().rpartition("@")
+            d3 = factory.run_blocking(_mailbox_state, factory.store, domain, box, txn.size)
+            d3.addCallback(lambda state: (r, (domain, box, state)))
+            return d3
+
+        def accept(result):
+            r, found = result
+            if self._txn is not txn:  # RSET or a new session meanwhile
+                return
+            if found is not None:
+                domain, box, (exists, over_quota) = found
+                factory.relay.local_outcome(r.address, exists, over_quota)
+                txn.local[(domain, box)] = None
+            else:
+                txn.remote.setdefault(
+                    r.address.key,
+                    {"address": str(r.address), "orcpt": orcpt, "notify": notify},
+                )
+            txn.recipients.append(str(r.address))
+            self._reply(250, "2.1.5", f"Recipient <{r.address}> OK")
+
+        def failed(failure):
+            if failure.check(MailError):
+                self._error(failure.value)
+            elif failure.check(AuthUnavailable):
+                self._reply(451, "4.4.3", "Directory lookup failed, try again later")
+            else:
+                log.failure("SMTP recipient lookup failed", failure)
+                self._reply(451, "4.3.0", "Local error in processing, try again later")
+
+        d.addCallback(route)
+        d.addCallback(local)
+        d.addCallback(accept)
+        d.addErrback(failed)
+        return d
+
+    # ------------------------------------------------------------------ DATA
+
+    def smtp_DATA(self, arg: str) -> None:
+        if arg:
+            raise _fail(501, "5.5.4", "Syntax: DATA")
+        txn = self._txn
+        if txn is None:
+            raise _fail(503, "5.5.1", "Need MAIL command first")
+        if not txn.recipients:
+            raise _fail(554, "5.5.1", "No valid recipients")
+        cfg = self.factory.config.smtp
+        queue_id = new_queue_id()
+        try:
+            spool = SpoolWriter(self.factory.store.spool_dir(), queue_id)
+        except OSError as e:
+            log.error("SMTP: cannot create a spool file: {err}", err=e)
+            raise _fail(451, "4.3.0", "Local error in processing, try again later")
+        self._queue_id = queue_id
+        self._arrival = time.time()
+        spool.write(
+            received_header(
+                helo=self._helo or "unknown",
+                client_ip=self.client_ip,
+                hostname=self.hostname,
+                protocol=with_keyword(self._esmtp, self.secure, self.user is not None),
+                queue_id=queue_id,
+                recipient=txn.recipients[0] if len(txn.recipients) == 1 else None,
+                tls=self._tls_info(),
+                when=self._arrival,
+            )
+        )
+        self._reader = MessageReader(spool, cfg.max_message_size, cfg.max_hop_count)
+        self._state = _DATA
+        self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+        return None
+
+    def _tls_info(self) -> str | None:
+        if not self.secure:
+            return None
+        for obj in (self.transport, getattr(self.transport, "protocol", None)):
+            conn = getattr(obj, "_tlsConnection", None)
+            if conn is not None:
+                try:
+                    return f"{conn.get_protocol_version_name()}:{conn.get_cipher_name()}"
+                except Exception:
+                    return None
+        return None
+
+    def _pump_data(self) -> None:
+        reader = self._reader
+        assert reader is not None
+        n = reader.feed(self._buf)
+        if n is None:
+            self._buf = b""
+            return
+        self._buf = self._buf[n:]
+        self._state = _COMMAND
+        self._reader = None
+        d = self._end_of_data(reader)
+        if d is not None:
+            self._wait(d)
+
+    def _end_of_data(self, reader: MessageReader) -> defer.Deferred | None:
+        txn = self._txn
+        self._txn = None
+        assert txn is not None
+        queue_id = self._queue_id
+        if reader.error is not None:
+            log.info("SMTP {id} refused: {reply}", id=queue_id, reply=reader.error.reply())
+            self._error(reader.error)
+            return None
+        self._messages += 1
+        envelope = None
+        if txn.remote:
+            envelope = {
+                "sender": str(txn.sender) if txn.sender else "",
+                "recipients": list(txn.remote.values()),
+                "ret": txn.ret,
+                "envid": txn.envid,
+                "received_from": f"{self._helo} ([{self.client_ip}])",
+                "arrival": self._arrival,
+                "hops": reader.hops.count + 1,
+            }
+        local = list(txn.local)
+        d = self.factory.run_blocking(
+            commit_message, self.factory.store, self.factory.queue, reader.sink, local, envelope
+        )
+
+        def ok(_):
+            log.info(
+                "SMTP {id} accepted from {ip}: {size} octets, {n} recipients",
+                id=queue_id, ip=self.client_ip, size=reader.size, n=len(txn.recipients),
+            )
+            self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+        def failed(failure):
+            if failure.check(QuotaExceeded):
+                self._reply(552, "5.2.2", "Mailbox full")
+            else:
+                log.failure("SMTP {id}: could not store the message", failure, id=queue_id)
+                self._reply(451, "4.3.0", "Local error in processing; message not accepted, try again later")
+
+        d.addCallbacks(ok, failed)
+        return d
+
+
+def _mailbox_state(store, domain: str, mailbox: str, size: int) -> tuple[bool, bool]:
+    """Blocking: (the mailbox exists, a message of ``size`` would put it over quota)."""
+    if not store.domain_exists(domain) or not store.mailbox_exists(domain, mailbox):
+        return False, False
+    would_exceed = getattr(store, "would_exceed_quota", None)
+    over = bool(would_exceed(domain, mailbox, size)) if would_exceed is not None else False
+    return True, over
+
+
+class SMTPServerFactory(protocol.ServerFactory):
+    """Builds ESMTP sessions for one listener kind.
+
+    ``mode``: ``"mx"`` (anonymous mail for local and relay domains; AUTH optional),
+    ``"submission"`` (AUTH required before MAIL, 530 5.7.0), ``"smtps"`` (TLS from the first
+    byte: either the listener is wrapped in ``TLSMemoryBIOFactory``, or on a plain TCP
+    transport the session starts TLS itself before the greeting).
+    ``run_blocking(f, *args)`` runs blocking store/queue calls off the reactor and returns a
+    Deferred (default: the reactor's thread pool). ``throttle`` and ``limiter`` may be shared
+    between listeners (one AuthThrottle with POP3, one ConnectionLimiter for all SMTP ports).
+    """
+
+    def __init__(
+        self,
+        config,
+        store,
+        checker,
+        queue,
+        tls_options=None,
+        mode: str = "mx",
+        reactor=None,
+        run_blocking=None,
+        throttle: AuthThrottle | None = None,
+        limiter: ConnectionLimiter | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if mode == "smtps" and tls_options is None:
+            raise ValueError("mode 'smtps' needs tls_options")
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.store = store
+        self.checker = checker
+        self.queue = queue
+        self.tls_options = tls_options
+        self.mode = mode
+        self.reactor = reactor
+        if run_blocking is None:
+
+            def run_blocking(f, *args, **kwargs):
+                return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+
+        self.run_blocking = run_blocking
+        smtp_cfg = config.smtp
+        self.throttle = throttle or AuthThrottle(reactor, base=smtp_cfg.auth_failure_delay)
+        self.limiter = limiter or ConnectionLimiter(
+            smtp_cfg.max_connections, smtp_cfg.max_connections_per_client
+        )
+        self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
+        self.relay = RelayPolicy.from_config(config)
+
+    @property
+    def offers_secrets(self) -> bool:
+        return bool(getattr(self.checker, "offers_secrets", False))
+
+    def buildProtocol(self, addr) -> ESMTPServer:
+        p = ESMTPServer(self)
+        p.factory = self
+        return p
