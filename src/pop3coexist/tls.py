@@ -10,6 +10,7 @@ import datetime
 import os
 from pathlib import Path
 
+from OpenSSL import crypto
 from twisted.internet import ssl
 
 from pop3coexist.config import TlsConfig
@@ -73,7 +74,7 @@ def server_options(cfg: TlsConfig) -> ssl.CertificateOptions | None:
         raise ConfigError(f"[tls.private_key] cannot read {cfg.private_key}: {e.strerror}")
     try:
         certs = ssl.Certificate.loadPEM(chain)
-        key = ssl.KeyPair.load(key_pem, ssl.crypto.FILETYPE_PEM)
+        key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
     except Exception as e:  # OpenSSL raises several types for bad PEM
         raise ConfigError(f"[tls] certificate or private_key is not valid PEM: {e.__class__.__name__}")
     extra = _extra_chain(chain)

@@ -156,6 +156,10 @@ class Admin:
         from pop3coexist.store.maildir import MaildirStore
 
         self.store = MaildirStore(config.server.mailroot)
+        # The domains the config names exist from the start, for the server and for us.
+        for domain in config.domains.local:
+            if not self.store.domain_exists(domain):
+                self.store.add_domain(domain)
 
     def say(self, text: str) -> None:
         print(text, file=self.out)
@@ -189,10 +193,7 @@ class Admin:
         if not yes:
             _fail(f"removing {domain} deletes all its mailboxes and mail: add --yes")
         if self.config.auth.method == "passwordfile":
-            pw = self._pwfile()
-            for addr in pw.addresses():
-                if addr.endswith("@" + domain):
-                    pw.remove(addr)
+            self._pwfile().remove_domain(domain)
         self.store.remove_domain(domain)
         self.say(f"domain {domain} removed")
 
@@ -246,11 +247,13 @@ class Admin:
             _fail(f"mailbox {local}@{domain} does not exist")
         if not yes:
             _fail(f"removing {local}@{domain} deletes its mail: add --yes")
-        self.store.remove_mailbox(domain, local)
+        # the log-in goes first: a failure half-way leaves mail that nobody can log in to,
+        # never a log-in without its mail
         if self.config.auth.method == "passwordfile":
             pw = self._pwfile()
             if pw.exists(f"{local}@{domain}"):
                 pw.remove(f"{local}@{domain}")
+        self.store.remove_mailbox(domain, local)
         self.say(f"mailbox {local}@{domain} removed")
 
     def mailbox_list(self, domain: str | None) -> None:
@@ -410,7 +413,7 @@ def run(argv: Sequence[str], out: Any = None) -> int:
             else:
                 admin.queue_delete(args.id, args.bounce)
         return 0
-    except (AdminError, ConfigError, StoreError) as e:
+    except (AdminError, ConfigError, StoreError, ValueError) as e:
         text = str(e) or e.__class__.__name__
         if isinstance(e, NoSuchMailbox):
             text = f"no such domain or mailbox: {text}"
