@@ -28,23 +28,21 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        from pop3coexist.config import load_config
-        from pop3coexist.service import preflight
-
         path = self["config"] or DEFAULT_CONFIG
         if not Path(path).is_file():
             raise usage.UsageError(f"config file not found: {path}")
-        try:
-            self.loaded = load_config(path)
-            preflight(self.loaded)
-        except ConfigError as e:
-            raise usage.UsageError(str(e))
+        self["config"] = path
 
 
 def makeService(options: Options) -> Any:
-    from pop3coexist.service import make_service
+    """Load and check the config, then build the service; a config error is one line on
+    stderr and exit status 1, before anything listens or writes a pid file."""
+    from pop3coexist.config import load_config
+    from pop3coexist.service import make_service, preflight
 
     try:
-        return make_service(options.loaded)
+        config = load_config(options["config"])
+        preflight(config)
+        return make_service(config)
     except ConfigError as e:
-        raise SystemExit(f"pop3coexist: {e}")
+        raise SystemExit(f"pop3coexist: configuration error: {e}")
