@@ -139,7 +139,10 @@ class MessageReader:
             self._content(buf[: cut + 2])
         else:
             self._pending = buf
-        if self.error is None and len(self._pending) > self.max_line + 1:
+        # a partial line may hold max_line octets, a stuffed dot and the CR of its CRLF
+        if self.error is None and len(self._pending) > self.max_line + 1 + (
+            self._pending[:1] == b"."
+        ):
             # a line longer than allowed and still no CRLF: stop storing, keep looking for the end
             self._fail(self._too_long(), mid_line=True)
         elif self.error is not None:

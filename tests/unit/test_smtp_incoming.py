@@ -1,0 +1,164 @@
+"""The DATA stream (smtp/incoming.py, smtp/received.py): SMTP smuggling variants byte by byte,
+dot-unstuffing, line length, chunk boundaries, and the spool file's life."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pop3coexist.smtp.incoming import MessageReader, SpoolWriter, clean_spool
+from pop3coexist.smtp.received import HopCounter, received_header, with_keyword
+from tests.support.dialogue import take
+from tests.support.smtp_fakes import HOST, make_factory, open_session
+
+SMUGGLED = b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<ann@pop.contoso.test>\r\nDATA\r\nforged\r\n"
+# Every way of writing an end-of-data that is not CRLF . CRLF
+VARIANTS = [
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r",
+    b"\r\n.\r",
+    b"\r.\r\n",
+    b"\n.\r",
+    b"\r\n.\r\r\n",
+    b"\r\n\x00.\r\n",
+    b"\n\r\n.\r\n"[:0] + b"\r\n.\n\r\n",
+]
+
+
+def run(chunks: list[bytes], peer: str = "203.0.113.5"):
+    factory, store, _, queue, _ = make_factory()
+    proto, t = open_session(factory, peer)
+    take(t)
+    proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<ted@pop.contoso.test>\r\nDATA\r\n")
+    take(t)
+    for chunk in chunks:
+        proto.dataReceived(chunk)
+    return take(t), store, proto
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_smuggling_variant_never_ends_data(variant: bytes, bytewise: bool) -> None:
+    """A bare-CR/LF end marker never ends DATA: the smuggled commands stay message text, the
+    message is refused (550 5.5.2) at the real CRLF.CRLF, and no second message exists."""
+    data = b"Subject: s\r\n\r\nhello" + variant + SMUGGLED + b".\r\n"
+    chunks = [bytes([b]) for b in data] if bytewise else [data]
+    out, store, _ = run(chunks)
+    if variant == b"\r\n\x00.\r\n":  # NUL is no bare line end: an ordinary (odd) line
+        assert out.startswith(b"250 2.0.0 Ok: queued as ")
+        assert len(store.messages(f"ted@{HOST}")) == 1
+    else:
+        assert out == b"550 5.5.2 Message refused: bare CR or LF in data (RFC 5321 section 2.3.8)\r\n"
+        assert store.messages(f"ted@{HOST}") == []
+    assert store.messages(f"ann@{HOST}") == []
+    assert list(store.spool_dir().iterdir()) == []
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_exact_bytes_stored_whatever_the_chunking(bytewise: bool) -> None:
+    """Dot-unstuffing and CRLF->LF give the same stored bytes however the stream is cut."""
+    body = (b"From: a@b.test\r\nSubject: t\r\n\r\n..one dot\r\n...two\r\n.\tx\r\n"
+            b"\r\nlast line\r\n")
+    data = body + b".\r\nNOOP\r\n"
+    chunks = [bytes([b]) for b in data] if bytewise else [data]
+    out, store, _ = run(chunks)
+    assert out.startswith(b"250 2.0.0 Ok: queued as ") and out.endswith(b"\r\n250 2.0.0 OK\r\n")
+    [msg] = store.messages(f"ted@{HOST}")
+    assert msg.split(b"\n", 3)[3] == (b"From: a@b.test\nSubject: t\n\n.one dot\n..two\n\tx\n"
+                                      b"\nlast line\n")
+    # POP3 turns LF into CRLF and stuffs again: the client's bytes come back exactly
+    assert msg.split(b"\n", 3)[3].replace(b"\n", b"\r\n") == body.replace(b"\r\n.", b"\r\n")
+
+
+def test_empty_message_and_dot_right_after_data() -> None:
+    """``DATA`` then ``.`` at once is an empty message (just our Received header)."""
+    out, store, _ = run([b".\r\n"])
+    assert out.startswith(b"250 2.0.0 ")
+    [msg] = store.messages(f"ted@{HOST}")
+    assert msg.startswith(b"Received: ") and msg.count(b"\n") == 3
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_line_length_limit(bytewise: bool) -> None:
+    """998 octets per line pass (a stuffed dot not counted); 999 get 550 5.6.0, nothing stored."""
+    ok = b"x" * 998 + b"\r\n." + b"y" * 998 + b"\r\n.\r\n"
+    out, store, _ = run([bytes([b]) for b in ok] if bytewise else [ok])
+    assert out.startswith(b"250 2.0.0 ")
+    bad = b"x" * 999 + b"\r\n.\r\n"
+    out, store, _ = run([bytes([b]) for b in bad] if bytewise else [bad])
+    assert out == b"550 5.6.0 Message refused: a line is longer than 998 octets (RFC 5321 section 4.5.3.1.6)\r\n"
+    assert store.messages(f"ted@{HOST}") == []
+
+
+def test_endless_line_in_data_is_not_buffered() -> None:
+    """10 MB without a line end: refused, memory does not hold it, the end is still found."""
+    chunk = b"z" * 65536
+    factory, store, _, _, _ = make_factory()
+    proto, t = open_session(factory)
+    proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<ted@pop.contoso.test>\r\nDATA\r\n")
+    take(t)
+    for _ in range(160):
+        proto.dataReceived(chunk)
+        assert len(proto._buf) < 70000
+    proto.dataReceived(b"\r\n.\r\nNOOP\r\n")
+    assert take(t) == (b"550 5.6.0 Message refused: a line is longer than 998 octets "
+                       b"(RFC 5321 section 4.5.3.1.6)\r\n250 2.0.0 OK\r\n")
+    assert list(store.spool_dir().iterdir()) == []
+
+
+def test_reader_end_offset() -> None:
+    """feed() returns how much of the chunk belongs to the message; the rest is the next command."""
+    class Sink:
+        data = b""
+
+        def write(self, d: bytes) -> None:
+            self.data += d
+
+        def abort(self) -> None:
+            pass
+
+    sink = Sink()
+    reader = MessageReader(sink, 1000, 30)
+    assert reader.feed(b"a\r\n") is None
+    assert reader.feed(b"b\r\n.") is None
+    assert reader.feed(b"\r\nQUIT\r\n") == 2
+    assert sink.data == b"a\nb\n" and reader.error is None
+
+
+def test_spool_writer_writes_in_large_chunks(tmp_path: Path) -> None:
+    """Small writes are collected; abort removes the file; clean_spool removes leftovers."""
+    w = SpoolWriter(tmp_path, "id1")
+    for _ in range(100):
+        w.write(b"x" * 100)
+    assert w.path.stat().st_size == 0  # still buffered
+    w.finish()
+    assert w.path.stat().st_size == 10000
+    w.abort()
+    assert not w.path.exists()
+    left = SpoolWriter(tmp_path, "id2")
+    left.close()
+    (tmp_path / "other-file").write_bytes(b"")
+    assert clean_spool(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["other-file"]
+
+
+def test_received_header_and_keywords() -> None:
+    """RFC 3848 keywords; a hostile HELO cannot break out of the header; one recipient named."""
+    assert [with_keyword(False, False, False), with_keyword(True, False, False),
+            with_keyword(True, True, False), with_keyword(True, False, True),
+            with_keyword(True, True, True)] == ["SMTP", "ESMTP", "ESMTPS", "ESMTPA", "ESMTPSA"]
+    h = received_header(helo="evil)\n(x", client_ip="192.0.2.1", hostname=HOST, protocol="ESMTPS",
+                        queue_id="Q1", recipient="ted@pop.contoso.test", tls="TLSv1.3:X", when=0)
+    assert h == (b"Received: from evil???x ([192.0.2.1])\n\tby pop.contoso.test (pop3coexist) with "
+                 b"ESMTPS (TLSv1.3:X) id Q1\n\tfor <ted@pop.contoso.test>; Thu, 01 Jan 1970 00:00:00 +0000\n")
+
+
+def test_hop_counter() -> None:
+    """Received fields are counted in the header only, folded lines and the body ignored."""
+    c = HopCounter()
+    for line in [b"Received: a", b"\tb", b"RECEIVED : c", b"Subject: x", b"", b"Received: body"]:
+        c.line(line)
+    assert c.count == 2 and not c.in_header
