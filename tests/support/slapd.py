@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from zope.interface import implementer
 
+from pop3coexist.interfaces import IAccountChecker
 from tests.support.certs import make_ca_and_cert
 from tests.support.programs import free_port, require_program
 
@@ -381,3 +383,32 @@ def slapd(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@implementer(IAccountChecker)
+class ReactorThreadChecker:
+    """Wraps a checker so a test thread can call it: every call runs in the reactor thread
+    (``in_reactor``) and comes back as an already-fired Deferred (use ``run_sync``)."""
+
+    def __init__(self, checker, timeout: float = 30.0) -> None:
+        self.checker = checker
+        self.timeout = timeout
+        self.credentialInterfaces = checker.credentialInterfaces
+        self.offers_secrets = checker.offers_secrets
+
+    def _call(self, name: str, *args):
+        from twisted.internet import defer
+
+        try:
+            return defer.succeed(in_reactor(getattr(self.checker, name), *args, timeout=self.timeout))
+        except Exception as e:  # the checker's failure, handed back as a failed Deferred
+            return defer.fail(e)
+
+    def requestAvatarId(self, credentials):
+        return self._call("requestAvatarId", credentials)
+
+    def resolve_recipient(self, address):
+        return self._call("resolve_recipient", address)
+
+    def lookup(self, address):
+        return self._call("lookup", address)

@@ -186,7 +186,11 @@ class LocalChecker:
 
     def _login(self, login: str, password: bytes) -> str:
         """Blocking: the mailbox address, or raise UnauthorizedLogin / AuthUnavailable."""
-        mailbox = self._map_login(login)
+        try:
+            mailbox = self._map_login(login)
+        except OSError as e:
+            log.warn("account database failed: {err}", err=e.__class__.__name__)
+            raise AuthUnavailable("the account database cannot answer now")
         if mailbox is None:
             raise UnauthorizedLogin()
         name = mailbox.partition("@")[0]
