@@ -157,8 +157,8 @@ class POP3Server(pop3.POP3):
             return
         self._finished = True
         d = self.factory.run_blocking(self._logout)
-        d.addErrback(lambda f: log.failure("releasing the maildrop of {user} failed", f,
-                                           user=self._user))
+        d.addErrback(lambda f: log.failure("releasing the maildrop of {box} failed", f,
+                                           box=getattr(self._mailbox, "address", "?")))
 
     def timeoutConnection(self) -> None:  # noqa: N802
         """RFC 1939 section 3: autologout closes without UPDATE and without a reply."""
