@@ -207,7 +207,7 @@ def build_report(
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
-        "Content-Transfer-Encoding: " + ("8bit" if any(b > 127 for b in original) else "7bit"),
+        "Content-Transfer-Encoding: " + ("7bit" if original.isascii() else "8bit"),
     ]
 
     human = [

@@ -484,6 +484,9 @@ class OutboundService(service.Service):
         r["state"] = "failed"
         r["status"] = "4.4.7"
         r["notice"] = "failed" if dsn.wants_notice(r, "failed") else None
+        if not env.get("sender"):
+            log.warn("{qid}: mail from <> to <{rcpt}> expired and is dropped (no report about "
+                     "a report)", qid=env["id"], rcpt=r["address"])
         log.info(
             "{qid} to=<{rcpt}> state=failed reply=expired after {days:.1f} days in the queue "
             "(last reply: {reply})",
@@ -544,6 +547,9 @@ class OutboundService(service.Service):
             delay=max(0.0, now - arrival), attempts=r["attempts"], state=r["state"],
             reply=rep.reply,
         )
+        if r["state"] == "failed" and not env.get("sender"):
+            log.warn("{qid}: mail from <> to <{rcpt}> failed and is dropped (no report about "
+                     "a report)", qid=env["id"], rcpt=r["address"])
 
     # ------------------------------------------------------------------ reports
 

@@ -1,0 +1,495 @@
+"""The delivery runner (smtp/outbound.py) with task.Clock, a real FileQueue and a fake next hop."""
+
+from __future__ import annotations
+
+import email
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from pop3coexist.config import parse_config
+from pop3coexist.errors import NoSuchMailbox
+from pop3coexist.smtp import client as c
+from pop3coexist.smtp.outbound import HopError, HopResolver, OutboundService
+from pop3coexist.store.queue import FileQueue
+
+MESSAGE = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: s\r\n\r\nhello\r\n"
+START = 1_000_000.0
+
+
+@dataclass
+class Call:
+    ip: str
+    port: int
+    settings: c.ClientSettings
+    txn: c.Transaction
+    remote_mta: str
+    deferred: defer.Deferred
+    body: bytes = b""
+
+    @property
+    def rcpts(self) -> list[str]:
+        return [r["address"] for r in self.txn.recipients]
+
+
+class FakeHop:
+    """Stands in for client.deliver: records calls; answers with ``responder`` (or waits)."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.responder: Callable[[Call], dict | str] | None = lambda call: {}
+        self.dsn = False
+
+    def __call__(self, ip, port, settings, txn, remote_mta=None):  # noqa: ANN001
+        call = Call(ip, port, settings, txn, remote_mta, defer.Deferred(), txn.body_path.read_bytes())
+        self.calls.append(call)
+        if self.responder is not None:
+            self.answer(call, self.responder(call))
+        return call.deferred
+
+    def answer(self, call: Call, spec: dict | str) -> None:
+        """``spec``: "refused", or {address: "code text"} (missing: "250 2.0.0 ok")."""
+        if spec == "refused":
+            replies = [c.RecipientReply(a, 421, "421 4.4.1 connection refused", remote=False)
+                       for a in call.rcpts]
+            result = c.TransactionResult(replies=replies, remote_mta=call.remote_mta)
+        else:
+            replies = []
+            for a in call.rcpts:
+                text = spec.get(a, "250 2.0.0 ok")
+                replies.append(c.RecipientReply(a, int(text[:3]), text))
+            result = c.TransactionResult(replies=replies, remote_mta=call.remote_mta,
+                                         dsn=self.dsn, connected=True)
+        call.deferred.callback(result)
+
+
+class Env:
+    """A runner over a queue in tmp_path, on a Clock."""
+
+    def __init__(self, tmp_path: Path, smarthost: str = "[192.0.2.10]:2525", extra: str = "",
+                 store: object = None, resolver: HopResolver | None = None,
+                 expiration: str = "100s") -> None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pw").write_text("s3cret\n")
+        self.config = parse_config(f"""
+[server]
+hostname = "pop.contoso.test"
+state_dir = "{tmp_path}/state"
+[smtp]
+listen = ["tcp:2525:interface=127.0.0.1"]
+[domains]
+local = ["pop.contoso.test"]
+[smarthost]
+host = "{smarthost}"
+tls = "none"
+max_connections = 2
+max_connections_per_host = 1
+{extra}
+[queue]
+retry_intervals = ["10s", "20s", "40s"]
+delay_notification = "25s"
+expiration = "{expiration}"
+""")
+        self.tmp = tmp_path
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.queue = FileQueue(self.config.server.queue_dir, "pop.contoso.test", clock=self.clock.seconds)
+        self.hop = FakeHop()
+        self.store = store
+        self.resolver = resolver
+        self.svc = self.new_service()
+
+    def new_service(self) -> OutboundService:
+        return OutboundService(self.config, self.queue, store=self.store, reactor=self.clock,
+                               deliver=self.hop, poll_interval=5, resolver=self.resolver)
+
+    def start(self) -> None:
+        self.svc.startService()
+        assert self.svc.started.called
+
+    def enqueue(self, *rcpts: str, sender: str = "a@example.org", notify: list[str] | None = None,
+                **kw: object) -> str:
+        spool = self.tmp / "spool"
+        spool.mkdir(exist_ok=True)
+        src = spool / f"m{len(list(spool.iterdir()))}"
+        src.write_bytes(MESSAGE)
+        env = {"sender": sender, "arrival": self.clock.seconds(), "hops": 1, "ret": None,
+               "envid": None, "received_from": "test",
+               "recipients": [{"address": r, "orcpt": None, "notify": notify} for r in rcpts]}
+        env.update(kw)
+        qid = self.queue.enqueue(src, env)
+        src.unlink()
+        return qid
+
+    def reports(self) -> list[tuple[list[str], email.message.Message]]:
+        """Every report handed to the next hop so far: (recipients, parsed message)."""
+        return [(call.rcpts, email.message_from_bytes(call.body))
+                for call in self.hop.calls
+                if call.txn.sender == "" and call.body.startswith(b"From: Mail Delivery System")]
+
+
+def _status_blocks(msg: email.message.Message) -> list:
+    return msg.get_payload(1).get_payload()[1:]
+
+
+@pytest.fixture
+def logs() -> list[dict]:
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def _text(events: list[dict]) -> str:
+    from twisted.logger import formatEvent
+
+    return "\n".join(formatEvent(e) for e in events)
+
+
+def test_new_mail_is_delivered_at_once_and_removed(tmp_path: Path, logs: list[dict]) -> None:
+    """A message enqueued while running goes out immediately; once delivered it leaves the
+    queue, and the log has one line per recipient with the next hop's reply."""
+    env = Env(tmp_path)
+    env.start()
+    qid = env.enqueue("b@example.net", "c@example.net")
+    [call] = env.hop.calls
+    assert (call.ip, call.port, call.rcpts) == ("192.0.2.10", 2525, ["b@example.net", "c@example.net"])
+    assert env.queue.ids() == []
+    text = _text(logs)
+    assert f"{qid} to=<b@example.net> relay=192.0.2.10" in text and "reply=250 2.0.0 ok" in text
+    assert f"{qid} to=<c@example.net>" in text
+
+
+def test_smarthost_down_then_up_delivers_after_retry(tmp_path: Path) -> None:
+    """Connection refused defers on the retry schedule; when the host is back it is delivered."""
+    env = Env(tmp_path)
+    env.hop.responder = lambda call: "refused"
+    env.start()
+    qid = env.enqueue("b@example.net")
+    [r] = env.queue.load(qid)["recipients"]
+    assert r["state"] == "deferred" and r["next_attempt"] == START + 10
+    assert r["last_reply"] == "421 4.4.1 connection refused"
+    env.clock.advance(9)
+    assert len(env.hop.calls) == 1
+    env.hop.responder = lambda call: {}
+    env.clock.advance(1)
+    assert len(env.hop.calls) == 2
+    assert env.queue.ids() == []
+
+
+def test_retry_intervals_last_one_repeats(tmp_path: Path) -> None:
+    """Attempts come after 10, 20, 40, 40 seconds (the last interval repeats)."""
+    env = Env(tmp_path, expiration="1d")
+    env.hop.responder = lambda call: {"b@example.net": "451 4.3.0 later"}
+    env.start()
+    env.enqueue("b@example.net", notify=["FAILURE"])
+    times = []
+    for _ in range(160):
+        env.clock.advance(1)
+        if len(env.hop.calls) > len(times) + 1:
+            times.append(env.clock.seconds() - START)
+    assert times == [10, 30, 70, 110, 150]
+
+
+def test_mixed_replies(tmp_path: Path) -> None:
+    """Delivered recipients are not resent, failed ones get exactly one report listing only
+    them, deferred ones are retried alone."""
+    env = Env(tmp_path)
+    env.hop.responder = lambda call: {"c@example.net": "550 5.1.1 no such user",
+                                      "d@example.net": "451 4.2.1 try later",
+                                      "e@example.net": "553 5.1.3 bad address"}
+    env.start()
+    qid = env.enqueue("b@example.net", "c@example.net", "d@example.net", "e@example.net")
+    states = {r["address"]: r["state"] for r in env.queue.load(qid)["recipients"]}
+    assert states == {"b@example.net": "delivered", "c@example.net": "failed",
+                      "d@example.net": "deferred", "e@example.net": "failed"}
+    [(to, report)] = env.reports()
+    assert to == ["a@example.org"]  # went out through the same next hop, from <>
+    blocks = _status_blocks(report)
+    assert [b["Final-Recipient"] for b in blocks] == ["rfc822; c@example.net", "rfc822; e@example.net"]
+    assert [b["Status"] for b in blocks] == ["5.1.1", "5.1.3"]
+    assert blocks[0]["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    assert blocks[0]["Remote-MTA"] == "dns; 192.0.2.10"
+    env.hop.responder = lambda call: {}
+    env.clock.advance(10)
+    assert env.hop.calls[-1].rcpts == ["d@example.net"]
+    assert env.queue.load(qid) is None
+    assert len(env.reports()) == 1  # no second report
+
+
+def test_expiration_fails_with_one_report(tmp_path: Path) -> None:
+    """Still deferred after `expiration`: failed (no more attempts) with one report saying
+    Action failed, Status 4.4.7 and the last reply as diagnostic."""
+    env = Env(tmp_path)
+    env.hop.responder = lambda call: "refused" if call.txn.sender else {}
+    env.start()
+    qid = env.enqueue("b@example.net", notify=["FAILURE"])
+    env.clock.pump([10] * 15)
+    assert [call.txn.sender for call in env.hop.calls].count("a@example.org") == 4  # 0,10,30,70
+    [(to, report)] = env.reports()
+    assert to == ["a@example.org"]
+    [block] = _status_blocks(report)
+    assert block["Action"] == "failed" and block["Status"] == "4.4.7"
+    assert "connection refused" in block["Diagnostic-Code"]
+    assert report.get_payload(2).get_content_type() == "message/rfc822"
+    assert env.queue.load(qid) is None and env.queue.ids() == []
+
+
+def test_delayed_report_is_sent_once(tmp_path: Path) -> None:
+    """After delay_notification a "delayed" report goes once (NOTIFY allowing)."""
+    env = Env(tmp_path)
+    env.hop.responder = lambda call: {"b@example.net": "451 4.2.0 busy"} if call.txn.sender else {}
+    env.start()
+    env.enqueue("b@example.net")
+    env.clock.pump([10] * 9)  # up to 90 s: attempts at 0, 10, 30, 70
+    actions = [b["Action"] for _, m in env.reports() for b in _status_blocks(m)]
+    assert actions == ["delayed"]
+    assert env.reports()[0][1].get_payload(2).get_content_type() == "text/rfc822-headers"
+
+
+def test_notify_never_and_null_sender_get_no_reports(tmp_path: Path, logs: list[dict]) -> None:
+    """NOTIFY=NEVER suppresses reports; mail from <> is never reported (only logged)."""
+    env = Env(tmp_path)
+    env.hop.responder = lambda call: {a: "550 5.1.1 unknown" for a in call.rcpts}
+    env.start()
+    env.enqueue("b@example.net", notify=["NEVER"])
+    env.enqueue("c@example.net", sender="")
+    assert env.reports() == [] and env.queue.ids() == []
+    assert "mail from <> to <c@example.net> failed and is dropped" in _text(logs)
+
+
+def test_a_failing_report_is_dropped_not_bounced(tmp_path: Path, logs: list[dict]) -> None:
+    """A report that itself fails is dropped and logged: no report about a report."""
+    env = Env(tmp_path)
+    env.hop.responder = lambda call: {a: "550 5.1.1 unknown" for a in call.rcpts}
+    env.start()
+    env.enqueue("b@example.net")
+    assert [call.txn.sender for call in env.hop.calls] == ["a@example.org", ""]
+    assert env.queue.ids() == []
+
+
+def test_notify_success_gives_relayed_without_dsn_and_passes_on_with_dsn(tmp_path: Path) -> None:
+    """NOTIFY=SUCCESS: a next hop without DSN yields a "relayed" report; with DSN the
+    parameters are passed on and no report is made here."""
+    env = Env(tmp_path)
+    env.hop.responder = None
+    env.start()
+    env.enqueue("b@example.net", notify=["SUCCESS"], envid="X1")
+    call = env.hop.calls[0]
+    assert call.txn.recipients[0]["notify"] == ["SUCCESS"] and call.txn.envid == "X1"
+    env.hop.answer(call, {})
+    [(_, report)] = env.reports()
+    assert [b["Action"] for b in _status_blocks(report)] == ["relayed"]
+    env.hop.answer(env.hop.calls[1], {})
+    env.hop.dsn = True
+    env.hop.responder = lambda call: {}
+    env.enqueue("c@example.net", notify=["SUCCESS"])
+    assert len(env.reports()) == 1 and env.queue.ids() == []
+
+
+def test_loop_to_myself_is_refused(tmp_path: Path, logs: list[dict]) -> None:
+    """A smart host that is our own listener fails with 554 5.4.6 "loops back to myself"
+    (the report about it loops too, and is dropped, not bounced)."""
+    env = Env(tmp_path, smarthost="[127.0.0.1]:2525")
+    env.start()
+    qid = env.enqueue("b@example.net")
+    assert env.hop.calls == []
+    assert env.queue.load(qid) is None and env.queue.ids() == []
+    text = _text(logs)
+    assert f"{qid} to=<b@example.net>" in text
+    assert "state=failed reply=554 5.4.6 mail for example.net loops back to myself" in text
+    assert f"{qid}: failed report for <b@example.net> queued" in text
+    assert "to <a@example.org> failed and is dropped (no report about a report)" in text
+
+
+def test_connection_limits_total_and_per_host(tmp_path: Path) -> None:
+    """At most max_connections_per_host (1) at once to one hop; the next waits for a slot."""
+    env = Env(tmp_path)
+    env.hop.responder = None
+    env.start()
+    env.enqueue("b@example.net")
+    env.enqueue("c@example.net")
+    assert len(env.hop.calls) == 1
+    assert env.svc.limiter.open == 1
+    env.hop.answer(env.hop.calls[0], {})
+    assert len(env.hop.calls) == 2
+    env.hop.answer(env.hop.calls[1], {})
+    assert env.svc.limiter.open == 0 and env.queue.ids() == []
+
+
+def test_recipients_are_grouped_per_next_hop(tmp_path: Path) -> None:
+    """One transaction per next hop: a routed domain gets its own, the rest share one."""
+    env = Env(tmp_path, extra='[[domains.remote]]\nname = "x.test"\nroute = "[192.0.2.20]:26"')
+    env.start()
+    env.enqueue("b@example.net", "e@x.test", "c@example.org", "d@example.net")
+    assert sorted((call.ip, call.port, tuple(call.rcpts)) for call in env.hop.calls) == [
+        ("192.0.2.10", 2525, ("b@example.net", "c@example.org", "d@example.net")),
+        ("192.0.2.20", 26, ("e@x.test",)),
+    ]
+
+
+def test_flush_from_another_process_retries_now(tmp_path: Path) -> None:
+    """`queue flush` (a marker from another FileQueue) is noticed by the poll and retries."""
+    env = Env(tmp_path)
+    env.hop.responder = lambda call: "refused"
+    env.start()
+    env.enqueue("b@example.net")
+    env.hop.responder = lambda call: {}
+    FileQueue(env.queue.root, "pop.contoso.test").request_flush()
+    env.clock.advance(5)  # one poll, well before the 10 s retry
+    assert len(env.hop.calls) == 2 and env.queue.ids() == []
+
+
+def test_delete_by_admin_is_respected(tmp_path: Path) -> None:
+    """A message deleted by the admin while deferred is not tried again."""
+    env = Env(tmp_path)
+    env.hop.responder = lambda call: "refused"
+    env.start()
+    qid = env.enqueue("b@example.net")
+    FileQueue(env.queue.root, "pop.contoso.test").delete(qid)
+    env.clock.pump([5, 5, 5])
+    assert len(env.hop.calls) == 1
+
+
+def test_restart_resumes_from_disk(tmp_path: Path) -> None:
+    """A new runner over the same queue (after a crash) delivers what was pending, including
+    a message whose delivery was in flight (at least once, never zero times)."""
+    env = Env(tmp_path)
+    env.hop.responder = None
+    env.start()
+    env.enqueue("b@example.net")  # in flight, never answered: the process "dies"
+    env.svc.running = False
+    env.hop.responder = lambda call: {}
+    env.svc = env.new_service()
+    env.start()
+    assert [call.rcpts for call in env.hop.calls] == [["b@example.net"], ["b@example.net"]]
+    assert env.queue.ids() == []
+
+
+def test_pending_report_is_sent_after_a_crash(tmp_path: Path) -> None:
+    """A recipient marked failed whose report was not queued yet gets it after a restart."""
+    env = Env(tmp_path)
+    qid = env.enqueue("b@example.net")
+    e = env.queue.load(qid)
+    e["recipients"][0].update(state="failed", notice="failed", status="5.1.1",
+                              last_reply="550 5.1.1 unknown")
+    env.queue.save(e)
+    env.hop.responder = None
+    env.start()
+    [(_, report)] = env.reports()
+    assert [b["Status"] for b in _status_blocks(report)] == ["5.1.1"]
+    assert env.queue.load(qid) is None
+
+
+def test_auth_credentials_only_for_the_smarthost(tmp_path: Path) -> None:
+    """The smart host gets username/password (read from password_file); a route does not."""
+    env = Env(tmp_path, extra=f'username = "relay"\npassword_file = "{tmp_path}/pw"\n'
+                              '[[domains.remote]]\nname = "x.test"\nroute = "[192.0.2.20]:26"')
+    env.start()
+    env.enqueue("b@example.net", "c@x.test")
+    by_host = {call.ip: call.settings for call in env.hop.calls}
+    assert by_host["192.0.2.10"].username == "relay"
+    assert by_host["192.0.2.10"].password.reveal() == b"s3cret"
+    assert by_host["192.0.2.20"].username == "" and by_host["192.0.2.20"].password is None
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.delivered: list[tuple[str, str]] = []
+
+    def deliver_file(self, source: Path, recipients: list[tuple[str, str]]) -> list[Path]:
+        for dom, box in recipients:
+            if box != "ted":
+                raise NoSuchMailbox(f"{box}@{dom}")
+            self.delivered.append((dom, box))
+        return []
+
+
+def test_report_to_a_local_sender_goes_into_the_store(tmp_path: Path) -> None:
+    """A report for a sender in a local domain is delivered to the mail store."""
+    store = FakeStore()
+    env = Env(tmp_path, store=store)
+    env.hop.responder = lambda call: {a: "550 5.1.1 unknown" for a in call.rcpts}
+    env.start()
+    env.enqueue("b@example.net", sender="Ted@pop.contoso.test")
+    assert store.delivered == [("pop.contoso.test", "ted")]
+    assert env.queue.ids() == []
+
+
+class FakeDNS:
+    def __init__(self, mx: dict, hosts: dict) -> None:
+        self.mx, self.hosts = mx, hosts
+
+    def lookupMailExchange(self, name: str) -> defer.Deferred:
+        from twisted.names import dns
+        from twisted.names import error as dns_error
+
+        if name not in self.mx:
+            return defer.fail(dns_error.DNSNameError(name))
+        answers = [dns.RRHeader(name, dns.MX, payload=dns.Record_MX(pref, host))
+                   for pref, host in self.mx[name]]
+        return defer.succeed((answers, [], []))
+
+    def getHostByName(self, name: str) -> defer.Deferred:
+        if name in self.hosts:
+            return defer.succeed(self.hosts[name])
+        return defer.fail(OSError("no address"))
+
+
+def test_direct_mx_delivery_tries_the_next_mx_when_unreachable(tmp_path: Path) -> None:
+    """Without a smart host, MX records are tried by preference; an unreachable host is
+    skipped within the same attempt (not a hidden retry of the same host)."""
+    dns_ = FakeDNS({"example.net": [(20, "mx2.example.net"), (10, "mx1.example.net")]},
+                   {"mx1.example.net": "192.0.2.1", "mx2.example.net": "192.0.2.2"})
+    env = Env(tmp_path, smarthost="", resolver=HopResolver(dns_))
+    env.hop.responder = lambda call: "refused" if call.ip == "192.0.2.1" else {}
+    env.start()
+    env.enqueue("b@example.net")
+    assert [(call.ip, call.port, call.settings.tls_name) for call in env.hop.calls] == [
+        ("192.0.2.1", 25, "mx1.example.net"), ("192.0.2.2", 25, "mx2.example.net")]
+    assert env.queue.ids() == []
+
+
+def test_unknown_domain_fails_permanently(tmp_path: Path) -> None:
+    """NXDOMAIN for a recipient domain is 550 5.1.2 (no retries)."""
+    env = Env(tmp_path, smarthost="", resolver=HopResolver(FakeDNS({}, {})))
+    env.start()
+    qid = env.enqueue("b@nowhere.test", notify=["NEVER"])
+    assert env.hop.calls == [] and env.queue.load(qid) is None
+
+
+@pytest.mark.parametrize("smarthost", [True, False])
+def test_dns_errors(smarthost: bool) -> None:
+    """An unknown smart host name is temporary (our configuration), an unknown domain not."""
+    from pop3coexist.policy.routing import NextHop
+
+    r = HopResolver(FakeDNS({}, {}))
+    d = defer.ensureDeferred(r.resolve(NextHop("nowhere.test", smarthost=smarthost)))
+    failure = d.result  # type: ignore[attr-defined]
+    d.addErrback(lambda f: None)
+    assert isinstance(failure.value, HopError)
+    assert failure.value.code == (451 if smarthost else 550)
+
+
+def test_stop_waits_for_running_deliveries(tmp_path: Path) -> None:
+    """stopService waits (up to stop_grace) for deliveries in flight, then returns."""
+    env = Env(tmp_path)
+    env.hop.responder = None
+    env.start()
+    env.enqueue("b@example.net")
+    d = env.svc.stopService()
+    assert not d.called
+    env.hop.answer(env.hop.calls[0], {})
+    assert d.called
+    env2 = Env(tmp_path / "x")
+    env2.hop.responder = None
+    env2.start()
+    env2.enqueue("b@example.net")
+    d2 = env2.svc.stopService()
+    env2.clock.advance(10)
+    assert d2.called

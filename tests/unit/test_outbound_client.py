@@ -1,0 +1,263 @@
+"""The outbound ESMTP client (smtp/client.py), byte by byte over StringTransport."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from pathlib import Path
+
+import pytest
+from twisted.internet import error
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
+
+from pop3coexist.smtp import client as c
+
+BODY = b"Subject: t\n\n.leading dot\nline\r\n..two\nno newline at end"
+
+
+class Harness:
+    """One client connected to a StringTransport; ``server(line)`` feeds a reply."""
+
+    def __init__(self, tmp_path: Path, settings: c.ClientSettings | None = None,
+                 rcpts: tuple[str, ...] = ("b@example.net",), **txn: object) -> None:
+        body = tmp_path / "body"
+        body.write_bytes(txn.pop("body_bytes", BODY))  # type: ignore[arg-type]
+        self.txn = c.Transaction(
+            sender="a@example.org",
+            recipients=[{"address": r, "notify": txn.get("notify"), "orcpt": txn.get("orcpt")}
+                        for r in rcpts],
+            body_path=body, size=len(BODY), ret=txn.get("ret"), envid=txn.get("envid"),  # type: ignore[arg-type]
+        )
+        self.results: list[c.TransactionResult] = []
+        self.settings = settings or c.ClientSettings(helo="pop.contoso.test", tls="none")
+        self.proto = c.OutboundESMTP(self.settings, self.txn, self.results.append)
+        self.clock = Clock()
+        self.proto.callLater = self.clock.callLater
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def server(self, *lines: bytes) -> bytes:
+        """Send reply lines to the client; return what the client wrote in answer."""
+        for line in lines:
+            self.proto.dataReceived(line + b"\r\n")
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def close(self) -> c.TransactionResult:
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        assert len(self.results) == 1
+        return self.results[0]
+
+
+EHLO_DSN = (b"250-mx.example.net hello", b"250-SIZE 1000000", b"250-DSN", b"250 8BITMIME")
+
+
+def test_one_transaction_with_dsn_parameters_and_per_recipient_replies(tmp_path: Path) -> None:
+    """MAIL carries SIZE/RET/ENVID, RCPT carries NOTIFY/ORCPT; each RCPT reply is kept;
+    the body is CRLF and dot-stuffed; QUIT ends the session."""
+    h = Harness(tmp_path, rcpts=("b@example.net", "x@example.net", "y@example.net"),
+                notify=["SUCCESS", "FAILURE"], orcpt="rfc822;b@example.net", ret="HDRS", envid="E1")
+    assert h.server(b"220 mx.example.net ESMTP") == b"EHLO pop.contoso.test\r\n"
+    assert h.server(*EHLO_DSN) == b"MAIL FROM:<a@example.org> SIZE=%d RET=HDRS ENVID=E1\r\n" % len(BODY)
+    assert h.server(b"250 2.1.0 ok") == (
+        b"RCPT TO:<b@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.net\r\n")
+    assert h.server(b"250 2.1.5 ok").startswith(b"RCPT TO:<x@example.net>")
+    assert h.server(b"550 5.1.1 no such user").startswith(b"RCPT TO:<y@example.net>")
+    assert h.server(b"452 4.2.2 mailbox full") == b"DATA\r\n"
+    body = h.server(b"354 go ahead")
+    assert body == (b"Subject: t\r\n\r\n..leading dot\r\nline\r\n...two\r\n"
+                    b"no newline at end\r\n.\r\n")
+    assert h.server(b"250 2.0.0 queued as 1") == b"QUIT\r\n"
+    h.server(b"221 bye")
+    result = h.close()
+    assert result.dsn and result.connected
+    got = {r.address: (r.code, r.reply) for r in result.replies}
+    assert got == {
+        "b@example.net": (250, "250 2.0.0 queued as 1"),
+        "x@example.net": (550, "550 5.1.1 no such user"),
+        "y@example.net": (452, "452 4.2.2 mailbox full"),
+    }
+    assert result.replies[1].enhanced == "5.1.1" and result.replies[1].permanent
+
+
+def test_no_dsn_extension_means_no_dsn_parameters(tmp_path: Path) -> None:
+    """Without DSN in EHLO, NOTIFY/ORCPT/RET are not sent (the runner reports "relayed")."""
+    h = Harness(tmp_path, notify=["SUCCESS"], ret="FULL")
+    h.server(b"220 x")
+    assert h.server(b"250-x", b"250 SIZE") == b"MAIL FROM:<a@example.org> SIZE=%d\r\n" % len(BODY)
+    assert h.server(b"250 ok") == b"RCPT TO:<b@example.net>\r\n"
+
+
+def test_all_recipients_refused_sends_no_data(tmp_path: Path) -> None:
+    """When no RCPT is accepted there is no DATA; every recipient keeps its own reply."""
+    h = Harness(tmp_path, rcpts=("b@example.net",))
+    h.server(b"220 x")
+    h.server(b"250 x")
+    h.server(b"250 ok")
+    assert h.server(b"550 5.7.1 relay denied") == b"QUIT\r\n"
+    assert h.close().replies[0].reply == "550 5.7.1 relay denied"
+
+
+def test_mail_from_refused_applies_to_everyone(tmp_path: Path) -> None:
+    """A refused MAIL FROM is each recipient's reply (here temporary)."""
+    h = Harness(tmp_path, rcpts=("b@example.net", "c@example.net"))
+    h.server(b"220 x")
+    h.server(b"250 x")
+    assert h.server(b"451 4.3.0 try later") == b"QUIT\r\n"
+    assert [r.code for r in h.close().replies] == [451, 451]
+
+
+def test_data_refused_after_body_is_each_accepted_recipients_reply(tmp_path: Path) -> None:
+    """The reply to the final dot decides for every accepted recipient."""
+    h = Harness(tmp_path)
+    for line in (b"220 x", b"250 x", b"250 ok", b"250 ok", b"354 go"):
+        h.server(line)
+    assert h.server(b"554 5.6.0 content rejected") == b"QUIT\r\n"
+    assert h.close().replies[0].reply == "554 5.6.0 content rejected"
+
+
+def test_helo_fallback_when_ehlo_is_refused(tmp_path: Path) -> None:
+    """An old server refusing EHLO gets HELO (when neither TLS nor AUTH is required)."""
+    h = Harness(tmp_path)
+    h.server(b"220 x")
+    assert h.server(b"502 unknown command") == b"HELO pop.contoso.test\r\n"
+    assert h.server(b"250 x").startswith(b"MAIL FROM:<a@example.org>")
+
+
+def test_bad_greeting_is_temporary_and_not_connected(tmp_path: Path) -> None:
+    """A 554 greeting defers (try the next MX), never fails the mail."""
+    h = Harness(tmp_path)
+    assert h.server(b"554 no service") == b"QUIT\r\n"
+    result = h.close()
+    assert not result.connected and result.replies[0].code // 100 == 4
+
+
+def test_tls_required_without_starttls_sends_nothing(tmp_path: Path) -> None:
+    """tls=required and no STARTTLS offered: the mail is deferred and no MAIL is sent."""
+    settings = c.ClientSettings(helo="h.test", tls="required", tls_name="mx.example.net")
+    h = Harness(tmp_path, settings=settings)
+    h.server(b"220 x")
+    out = h.server(b"250-x", b"250 AUTH PLAIN")
+    assert b"MAIL" not in out and b"AUTH" not in out
+    result = h.close()
+    assert result.replies[0].code == 454 and "STARTTLS" in result.replies[0].reply
+
+
+def test_tls_required_and_starttls_refused_defers(tmp_path: Path) -> None:
+    """A refused STARTTLS under tls=required defers; nothing is sent in clear text after it."""
+    settings = c.ClientSettings(helo="h.test", tls="required", tls_name="mx.example.net")
+    h = Harness(tmp_path, settings=settings)
+    h.server(b"220 x")
+    assert h.server(b"250-x", b"250 STARTTLS") == b"STARTTLS\r\n"
+    out = h.server(b"454 4.7.0 TLS not available")
+    assert b"MAIL" not in out
+    assert h.close().replies[0].reply.startswith("454 4.7.4 STARTTLS refused")
+
+
+def _auth_settings(tls: str = "none", password: str = "s3cret-pw") -> c.ClientSettings:
+    return c.ClientSettings(helo="h.test", tls=tls, username="relay@contoso.test",
+                            password=c.Secret(password))
+
+
+def test_auth_cram_md5_is_preferred(tmp_path: Path) -> None:
+    """With CRAM-MD5 offered it is used, and the response is the RFC 2195 HMAC."""
+    h = Harness(tmp_path, settings=_auth_settings())
+    h.server(b"220 x")
+    assert h.server(b"250-x", b"250 AUTH PLAIN LOGIN CRAM-MD5") == b"AUTH CRAM-MD5\r\n"
+    challenge = b"<1896.697170952@postoffice.example.net>"
+    answer = base64.b64decode(h.server(b"334 " + base64.b64encode(challenge)).strip())
+    digest = hmac.new(b"s3cret-pw", challenge, hashlib.md5).hexdigest().encode()
+    assert answer == b"relay@contoso.test " + digest
+    assert h.server(b"235 2.7.0 ok").startswith(b"MAIL FROM:")
+
+
+def test_auth_login(tmp_path: Path) -> None:
+    """LOGIN sends the user name, then the password, each base64."""
+    h = Harness(tmp_path, settings=_auth_settings())
+    h.server(b"220 x")
+    assert h.server(b"250-x", b"250 AUTH LOGIN") == b"AUTH LOGIN\r\n"
+    assert base64.b64decode(h.server(b"334 VXNlcm5hbWU6")) == b"relay@contoso.test"
+    assert base64.b64decode(h.server(b"334 UGFzc3dvcmQ6")) == b"s3cret-pw"
+    assert h.server(b"235 ok").startswith(b"MAIL FROM:")
+
+
+def test_auth_plain_wrong_password_defers_once_with_the_reply(tmp_path: Path) -> None:
+    """PLAIN is tried once; a 535 defers the mail and keeps the server's reply, and the
+    password is in no reply, repr or log."""
+    h = Harness(tmp_path, settings=_auth_settings())
+    h.server(b"220 x")
+    out = h.server(b"250-x", b"250 AUTH PLAIN")
+    assert out.startswith(b"AUTH PLAIN ")
+    assert base64.b64decode(out.split()[2]).endswith(b"\0s3cret-pw")
+    assert h.server(b"535 5.7.8 authentication failed") == b"QUIT\r\n"
+    result = h.close()
+    rep = result.replies[0]
+    assert rep.code == 454 and "535 5.7.8 authentication failed" in rep.reply
+    assert "s3cret" not in repr(result) + repr(h.settings) + repr(h.proto) + str(h.proto.log.str())
+
+
+def test_no_clear_text_password_outside_tls_when_opportunistic(tmp_path: Path) -> None:
+    """With tls=opportunistic and no TLS, PLAIN/LOGIN are not used: the mail is deferred."""
+    h = Harness(tmp_path, settings=_auth_settings(tls="opportunistic"))
+    h.server(b"220 x")
+    out = h.server(b"250-x", b"250 AUTH PLAIN LOGIN")
+    assert b"AUTH" not in out and b"MAIL" not in out
+    assert h.close().replies[0].code // 100 == 4
+
+
+def test_command_timeout_defers_and_closes(tmp_path: Path) -> None:
+    """No reply within command_timeout: the connection is aborted, the mail deferred."""
+    settings = c.ClientSettings(helo="h.test", tls="none", command_timeout=30)
+    h = Harness(tmp_path, settings=settings)
+    h.server(b"220 x")
+    h.clock.advance(31)
+    assert h.transport.disconnecting or h.transport.disconnected
+    result = h.close()
+    assert result.replies[0].reply.startswith("451 4.4.2 timeout waiting for the reply to EHLO")
+
+
+def test_connection_lost_mid_transaction_defers(tmp_path: Path) -> None:
+    """A dropped connection (e.g. after DATA) is a temporary failure for everyone unanswered."""
+    h = Harness(tmp_path)
+    for line in (b"220 x", b"250 x", b"250 ok", b"250 ok", b"354 go"):
+        h.server(line)
+    result = h.close()
+    assert result.replies[0].code == 421 and "connection lost" in result.replies[0].reply
+
+
+def test_connect_failure_is_one_reply_per_recipient() -> None:
+    """deliver() connects with the connect timeout; a refused connection becomes 421 replies."""
+    reactor = MemoryReactor()
+    settings = c.ClientSettings(helo="h.test", tls="none", connect_timeout=7)
+    txn = c.Transaction(sender="a@b.test", recipients=[{"address": "x@y.test"}], body_path=Path("/x"))
+    d = c.deliver(reactor, "192.0.2.1", 2525, settings, txn, remote_mta="mx.y.test")
+    host, port, factory, timeout, _ = reactor.tcpClients[0]
+    assert (host, port, timeout) == ("192.0.2.1", 2525, 7)
+    factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+    result = d.result  # type: ignore[attr-defined]
+    assert not result.connected and result.replies[0].reply == "421 4.4.1 connection refused"
+
+
+@pytest.mark.parametrize("chunks", [[b"a\r", b"\nb\n"], [b"a\n", b".b\n"], [b"a", b"\n.", b"\n"]])
+def test_body_transform_across_chunk_boundaries(chunks: list[bytes]) -> None:
+    """CRLF conversion and dot-stuffing work whatever the chunk boundaries."""
+    t = c._BodyTransform()
+    out = b"".join(t(ch) for ch in chunks) + t.tail()
+    whole = b"".join(chunks).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    expected = b"\r\n".join((b"." + ln if ln.startswith(b".") else ln)
+                            for ln in whole.split(b"\r\n"))
+    if not expected.endswith(b"\r\n"):
+        expected += b"\r\n"
+    assert out == expected + b".\r\n"
+
+
+def test_secret_never_shows() -> None:
+    """A Secret's repr and str hide the value."""
+    s = c.Secret("hunter2")
+    assert "hunter2" not in repr(s) + str(s) + repr(_auth_settings(password="hunter2"))
