@@ -477,6 +477,19 @@ def test_failed_login_is_delayed_by_throttle_and_commands_wait():
     assert env.throttle.failures("192.0.2.10") == 0
 
 
+def test_connection_lost_during_failure_delay_writes_nothing():
+    """A client that disconnects while its failed log-in is being delayed gets nothing
+    written after the loss, and the delayed call is spent."""
+    env = Env()
+    proto, transport, _ = env.connect()
+    proto.dataReceived(b"USER ted\r\nPASS bad\r\nNOOP\r\n")
+    take(transport)
+    proto.connectionLost(None)
+    env.clock.advance(10)
+    assert take(transport) == b""
+    assert not [c for c in env.clock.getDelayedCalls() if c.active()]
+
+
 def test_pipelined_session_with_deferred_login_answers_in_order():
     """A whole session sent in one packet, with the log-in pending, is answered in order."""
     env = Env()

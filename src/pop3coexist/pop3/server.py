@@ -112,14 +112,15 @@ class POP3Server(pop3.POP3):
         self._deleted: set[int] = set()
         self._finished = False  # commit or close done/started: do not close again
         self._producer: MessageProducer | None = None
-        self._idle = 600.0
+        self._idle: float | None = 600.0
 
     # ------------------------------------------------------------------ connection
 
     def connectionMade(self) -> None:  # noqa: N802
         f = self.factory
         self.callLater = f.reactor.callLater  # TimeoutMixin uses this clock
-        self._idle = f.config.pop3.idle_timeout  # TimeoutMixin.setTimeout overwrites timeOut
+        # TimeoutMixin.setTimeout overwrites timeOut, so keep the configured value; 0 = none
+        self._idle = f.config.pop3.idle_timeout or None
         peer = self.transport.getPeer()
         self._peer = str(getattr(peer, "host", None) or "local")
         if f.limiter is not None:
