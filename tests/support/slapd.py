@@ -299,11 +299,13 @@ class Slapd:
 
     # -- config for the checker
     def config_toml(self, state_dir: Path, *, url: str | None = None, starttls: bool = False,
-                    ca_file: bool = False, extra: str = "", domains: tuple[str, ...] = LOCAL_DOMAINS,
+                    ca_file: bool | Path = False, extra: str = "", domains: tuple[str, ...] = LOCAL_DOMAINS,
                     timeout: str = "5s") -> str:
-        """A pop3coexist config using this directory."""
+        """A pop3coexist config using this directory (``ca_file``: True for the test CA, or
+        another CA file)."""
         dom = ", ".join(f'"{d}"' for d in domains)
-        ca = f'ca_file = "{self.ca_file}"\n' if ca_file else ""
+        ca_path = ca_file if isinstance(ca_file, Path) else self.ca_file
+        ca = f'ca_file = "{ca_path}"\n' if ca_file else ""
         return (
             f'[server]\nhostname = "pop.contoso.test"\nstate_dir = "{state_dir}"\n'
             '[auth]\nmethod = "directory"\napop = false\n'
