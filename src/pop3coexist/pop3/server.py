@@ -119,6 +119,14 @@ class POP3Server(pop3.POP3):
     def connectionMade(self) -> None:  # noqa: N802
         f = self.factory
         self.callLater = f.reactor.callLater  # TimeoutMixin uses this clock
+        # A reply is often a short status line followed by the message: without NODELAY,
+        # Nagle's algorithm and the client's delayed ACK stall each RETR by ~40 ms.
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass
         # TimeoutMixin.setTimeout overwrites timeOut, so keep the configured value; 0 = none
         self._idle = f.config.pop3.idle_timeout or None
         peer = self.transport.getPeer()
