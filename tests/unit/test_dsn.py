@@ -79,14 +79,14 @@ def test_ret_hdrs_returns_only_the_header(tmp_path: Path) -> None:
 
 
 def test_orcpt_envid_and_local_diagnostics(tmp_path: Path) -> None:
-    """ORCPT gives Original-Recipient (xtext decoded), ENVID Original-Envelope-Id; a failure
+    """ORCPT gives Original-Recipient, ENVID Original-Envelope-Id (both stored decoded); a failure
     with no remote reply has no Remote-MTA and an X- diagnostic type."""
-    rcpt = _rcpt("b@example.net", orcpt="rfc822;B+2Bx@example.net", remote_mta=None,
+    rcpt = _rcpt("b@example.net", orcpt="rfc822;B+ab@example.net", remote_mta=None,
                  last_reply="421 4.4.1 connection refused", status="4.4.7")
-    data = dsn.build_report("failed", _env(envid="QQ+3D1"), [rcpt], "h.test", b"", 1.0)
+    data = dsn.build_report("failed", _env(envid="QQ=1"), [rcpt], "h.test", b"", 1.0)
     per_msg, per_rcpt = _parse(data).get_payload(1).get_payload()
     assert per_msg["Original-Envelope-Id"] == "QQ=1"
-    assert per_rcpt["Original-Recipient"] == "rfc822;B+x@example.net"
+    assert per_rcpt["Original-Recipient"] == "rfc822;B+ab@example.net"
     assert per_rcpt["Remote-MTA"] is None
     assert per_rcpt["Status"] == "4.4.7"
     assert per_rcpt["Diagnostic-Code"].startswith("X-Pop3coexist; 421 4.4.1")

@@ -62,11 +62,12 @@ def test_one_transaction_with_dsn_parameters_and_per_recipient_replies(tmp_path:
     """MAIL carries SIZE/RET/ENVID, RCPT carries NOTIFY/ORCPT; each RCPT reply is kept;
     the body is CRLF and dot-stuffed; QUIT ends the session."""
     h = Harness(tmp_path, rcpts=("b@example.net", "x@example.net", "y@example.net"),
-                notify=["SUCCESS", "FAILURE"], orcpt="rfc822;b@example.net", ret="HDRS", envid="E1")
+                notify=["SUCCESS", "FAILURE"], orcpt="rfc822;b+x@example.net", ret="HDRS",
+                envid="E=1")
     assert h.server(b"220 mx.example.net ESMTP") == b"EHLO pop.contoso.test\r\n"
-    assert h.server(*EHLO_DSN) == b"MAIL FROM:<a@example.org> SIZE=%d RET=HDRS ENVID=E1\r\n" % len(BODY)
+    assert h.server(*EHLO_DSN) == b"MAIL FROM:<a@example.org> SIZE=%d RET=HDRS ENVID=E+3D1\r\n" % len(BODY)
     assert h.server(b"250 2.1.0 ok") == (
-        b"RCPT TO:<b@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.net\r\n")
+        b"RCPT TO:<b@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+2Bx@example.net\r\n")
     assert h.server(b"250 2.1.5 ok").startswith(b"RCPT TO:<x@example.net>")
     assert h.server(b"550 5.1.1 no such user").startswith(b"RCPT TO:<y@example.net>")
     assert h.server(b"452 4.2.2 mailbox full") == b"DATA\r\n"

@@ -286,7 +286,9 @@ class OutboundESMTP(smtp.ESMTPClient):
             if t.ret:
                 line += b" RET=" + t.ret.encode()
             if t.envid:
-                line += b" ENVID=" + t.envid.encode("ascii", "replace")
+                from pop3coexist.smtp.dsn import xtext_encode
+
+                line += b" ENVID=" + xtext_encode(t.envid).encode("ascii")
         self._rcpt_iter = iter(t.recipients)
         self._current: dict | None = None
         self._expected = [250]

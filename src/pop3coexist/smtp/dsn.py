@@ -60,12 +60,13 @@ def xtext_decode(text: str) -> str:
 
 
 def split_orcpt(orcpt: str | None) -> tuple[str, str] | None:
-    """ORCPT as received (``rfc822;xtext`` or a bare address) to (type, decoded address)."""
+    """ORCPT as the ESMTP server stores it (``type;address``, already xtext-decoded, or a bare
+    address) to (type, address)."""
     if not orcpt:
         return None
     if ";" in orcpt:
         kind, _, value = orcpt.partition(";")
-        return kind.strip() or "rfc822", xtext_decode(value.strip())
+        return kind.strip() or "rfc822", value.strip()
     return "rfc822", orcpt
 
 
@@ -225,7 +226,7 @@ def build_report(
 
     per_message = [f"Reporting-MTA: dns; {reporting_mta}"]
     if env.get("envid"):
-        per_message.append(f"Original-Envelope-Id: {_clean(xtext_decode(env['envid']))}")
+        per_message.append(f"Original-Envelope-Id: {_clean(env['envid'])}")
     if env.get("received_from"):
         per_message.append(f"X-Pop3coexist-Received-From: {_clean(env['received_from'])}")
     per_message.append(f"Arrival-Date: {_date(float(env.get('arrival') or now))}")
