@@ -117,4 +117,4 @@ def test_logins_per_second(checker, local_accounts, capsys) -> None:  # noqa: F8
     rate = n / (time.monotonic() - start)
     with capsys.disabled():
         print(f"\n[local/PAM] {rate:.0f} log-ins per second (one client, pam_unix)")
-    assert rate > 2
+    assert rate > 0.5
