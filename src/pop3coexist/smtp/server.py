@@ -162,6 +162,7 @@ class ESMTPServer(tsmtp.ESMTP):
         self._send(f"220 {self.hostname} ESMTP pop3coexist")
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self._closing = True  # a pending commit still finishes; nothing more is read or armed
         self.setTimeout(None)
         if self._reader is not None:
             self._reader.abort()
