@@ -113,6 +113,7 @@ class SmtpConfig:
     max_connections_per_client: int = 50
     idle_timeout: float = 600.0
     auth_failure_delay: float = 2.0
+    auth_failure_delay_max: float = 30.0
     client_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     client_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     sender_must_match_login: bool = True
@@ -506,6 +507,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                 "max_connections_per_client": r.positive,
                 "idle_timeout": r.duration,
                 "auth_failure_delay": r.duration,
+                "auth_failure_delay_max": r.duration,
                 "client_allow": r.networks,
                 "client_deny": r.networks,
                 "sender_must_match_login": r.boolean,

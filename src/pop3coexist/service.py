@@ -62,6 +62,12 @@ def prepare_state(config: Config) -> None:
         store.check_writable()
         for domain in config.domains.local:
             store.add_domain(domain)
+        # a crash can leave half-received messages in the spool; none had a 250
+        from pop3coexist.smtp.incoming import clean_spool
+
+        removed = clean_spool(store.spool_dir())
+        if removed:
+            log.info("removed {n} unfinished incoming message(s) left by a crash", n=removed)
     except (StoreError, OSError) as e:
         raise ConfigError(f"[server.state_dir] mailroot {config.server.mailroot} is not usable: {e}")
 
@@ -95,6 +101,19 @@ def preflight(config: Config) -> None:
             import pam  # noqa: F401
         except ImportError:
             raise ConfigError("[auth.method] \"local\" needs the python-pam package")
+    from pop3coexist.identity.factory import make_checker
+    from pop3coexist.store.maildir import MaildirStore
+
+    checker = make_checker(config, MaildirStore(config.server.mailroot))
+    check = getattr(checker, "check", None)
+    if check is not None:
+        try:
+            check()
+        except (StoreError, OSError, ValueError) as e:
+            raise ConfigError(f"[auth] {config.auth.method}: {e}")
+    close = getattr(checker, "close", None)
+    if close is not None:
+        close()
 
 
 class ListenerService(service.Service):
@@ -231,7 +250,7 @@ def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
         )
 
     smtp_throttle = AuthThrottle(
-        reactor, base=config.smtp.auth_failure_delay, maximum=config.pop3.auth_failure_delay_max
+        reactor, base=config.smtp.auth_failure_delay, maximum=config.smtp.auth_failure_delay_max
     )
     smtp_limiter = ConnectionLimiter(config.smtp.max_connections, config.smtp.max_connections_per_client)
 
@@ -252,6 +271,7 @@ def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
 
     outbound = OutboundService(config, queue, store=parts.store, reactor=reactor)
     outbound.setServiceParent(top)
+    _CheckerCloser(parts.checker).setServiceParent(top)
 
     def on_hup(signum: int, frame: Any) -> None:
         # State files are re-read on every use; SIGHUP also asks the queue to run now.
@@ -262,6 +282,18 @@ def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
     except ValueError:  # not the main thread (tests)
         pass
     return top
+
+
+class _CheckerCloser(service.Service):
+    """Closes the checker's connections (directory) when the server stops."""
+
+    def __init__(self, checker: Any) -> None:
+        self.checker = checker
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        close = getattr(self.checker, "close", None)
+        return defer.maybeDeferred(close) if close is not None else None
 
 
 def _reload(queue: Any) -> None:

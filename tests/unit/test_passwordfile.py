@@ -557,7 +557,7 @@ def test_make_checker_other_methods_import_lazily(tmp_path: Path, monkeypatch: p
     made: list[tuple] = []
     for name, cls in (("directory", "DirectoryChecker"), ("local", "LocalChecker")):
         module = types.ModuleType(f"pop3coexist.identity.{name}")
-        setattr(module, cls, lambda *args, _n=name: made.append((_n, *args)) or _n)
+        setattr(module, cls, lambda *args, _n=name, **kw: made.append((_n, *args, *kw)) or _n)
         monkeypatch.setitem(sys.modules, f"pop3coexist.identity.{name}", module)
     config = _config(tmp_path, "")
     store = _FakeStore()
@@ -565,7 +565,10 @@ def test_make_checker_other_methods_import_lazily(tmp_path: Path, monkeypatch: p
     local_config = type("C", (), {"auth": type("A", (), {"method": "local"})()})()
     assert make_checker(directory_config, store, "reactor") == "directory"
     assert make_checker(local_config, store) == "local"
-    assert made == [("directory", directory_config, "reactor"), ("local", local_config, store)]
+    assert made == [
+        ("directory", directory_config, "reactor", "local_domains"),
+        ("local", local_config, store),
+    ]
     assert config.auth.method == "passwordfile"
 
 

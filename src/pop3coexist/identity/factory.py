@@ -36,7 +36,8 @@ def make_checker(config: Config, store: IMailStore, reactor: Any = None) -> IAcc
     - ``passwordfile``: ``PasswordFileChecker`` whose local domains are ``store.list_domains``
       (so ``domain add`` at run time counts at once); blocking work goes to ``reactor``'s
       thread pool (the global reactor's when None).
-    - ``directory``: ``identity.directory.DirectoryChecker(config, reactor)``.
+    - ``directory``: ``identity.directory.DirectoryChecker(config, reactor)`` whose local
+      domains are ``store.list_domains``.
     - ``local``: ``identity.local.LocalChecker(config, store)``.
 
     Nothing is read here: the service calls the checker's ``check()`` (when it has one) at
@@ -53,7 +54,8 @@ def make_checker(config: Config, store: IMailStore, reactor: Any = None) -> IAcc
     if method == "directory":
         from pop3coexist.identity.directory import DirectoryChecker
 
-        return DirectoryChecker(config, reactor)
+        # domains added with `domain add` while the server runs count at once
+        return DirectoryChecker(config, reactor, local_domains=store.list_domains)
     if method == "local":
         from pop3coexist.identity.local import LocalChecker
 
