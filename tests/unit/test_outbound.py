@@ -493,3 +493,29 @@ def test_stop_waits_for_running_deliveries(tmp_path: Path) -> None:
     d2 = env2.svc.stopService()
     env2.clock.advance(10)
     assert d2.called
+
+
+def test_hop_limiter_lets_other_hosts_pass_a_busy_one() -> None:
+    """A host at its per-host limit does not hold up another host; the total limit holds;
+    waiters for one host are served first come, first served."""
+    from pop3coexist.smtp.outbound import HopLimiter
+
+    lim = HopLimiter(total=3, per_host=1)
+    a1 = lim.acquire("a")
+    a2 = lim.acquire("a")
+    b1 = lim.acquire("b")
+    a3 = lim.acquire("a")
+    c1 = lim.acquire("c")
+    assert a1.called and not a2.called and b1.called and c1.called
+    assert lim.open == 3
+    lim.release("b")
+    assert not a2.called and not a3.called  # "a" is still at its per-host limit
+    d1 = lim.acquire("d")
+    e1 = lim.acquire("e")
+    assert d1.called and not e1.called and lim.open == 3  # the total limit holds
+    lim.release("a")
+    assert a2.called and not a3.called  # first come, first served
+    lim.release("a")
+    assert a3.called
+    lim.release("c")
+    assert e1.called

@@ -144,7 +144,7 @@ class HopLimiter:
         return self._limiter.open
 
     def acquire(self, key: str) -> defer.Deferred[None]:
-        if not self._waiting and self._limiter.acquire(key):
+        if not any(k == key for k, _ in self._waiting) and self._limiter.acquire(key):
             return defer.succeed(None)
         d: defer.Deferred[None] = defer.Deferred()
         self._waiting.append((key, d))
@@ -152,13 +152,21 @@ class HopLimiter:
 
     def release(self, key: str) -> None:
         self._limiter.release(key)
-        for item in list(self._waiting):
-            k, d = item
-            if self._limiter.acquire(k):
-                self._waiting.remove(item)
-                d.callback(None)
+        blocked: set[str] = set()
+        granted = []
+        for item in self._waiting:
             if self._limiter.open >= self._limiter.total:
                 break
+            k = item[0]
+            if k in blocked:
+                continue
+            if self._limiter.acquire(k):
+                granted.append(item)
+            else:
+                blocked.add(k)
+        for item in granted:
+            self._waiting.remove(item)
+            item[1].callback(None)
 
 
 # --------------------------------------------------------------------------- the runner
@@ -467,7 +475,8 @@ class OutboundService(service.Service):
                     )
                     self._apply(env, r, rep, result, hop, now)
             changed = True
-        if changed:
+        finished = self._due_time(env) is None
+        if changed and not finished:
             if not await self._blocking(self.queue.save, env):
                 log.info("{qid} was deleted from the queue during delivery", qid=qid)
                 return None
