@@ -117,6 +117,7 @@ class SmtpConfig:
     client_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     client_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     sender_must_match_login: bool = True
+    bare_newline: str = "normalize"  # a bare LF in DATA: "normalize" (a line end) or "reject"
 
 
 @dataclass(frozen=True)
@@ -511,6 +512,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                 "client_allow": r.networks,
                 "client_deny": r.networks,
                 "sender_must_match_login": r.boolean,
+                "bare_newline": r.choice("normalize", "reject"),
             },
         )
     )

@@ -28,8 +28,14 @@ VARIANTS = [
 ]
 
 
-def run(chunks: list[bytes], peer: str = "203.0.113.5"):
+def run(chunks: list[bytes], peer: str = "203.0.113.5", bare_newline: str = "reject"):
     factory, store, _, queue, _ = make_factory()
+    if bare_newline != factory.config.smtp.bare_newline:
+        import dataclasses
+
+        factory.config = dataclasses.replace(
+            factory.config, smtp=dataclasses.replace(factory.config.smtp, bare_newline=bare_newline)
+        )
     proto, t = open_session(factory, peer)
     take(t)
     proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<ted@pop.contoso.test>\r\nDATA\r\n")
@@ -55,6 +61,40 @@ def test_smuggling_variant_never_ends_data(variant: bytes, bytewise: bool) -> No
         assert store.messages(f"ted@{HOST}") == []
     assert store.messages(f"ann@{HOST}") == []
     assert list(store.spool_dir().iterdir()) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_smuggling_variant_normalize_mode(variant: bytes, bytewise: bool) -> None:
+    """With bare_newline = "normalize" a bare LF is a line end inside the message, yet no
+    variant ends DATA: the smuggled commands are stored as text of the one message (or the
+    message is refused for a bare CR), and no second message exists."""
+    data = b"Subject: s\r\n\r\nhello" + variant + SMUGGLED + b".\r\n"
+    chunks = [bytes([b]) for b in data] if bytewise else [data]
+    out, store, _ = run(chunks, bare_newline="normalize")
+    bare_cr = variant.replace(b"\r\n", b"").count(b"\r") > 0
+    if bare_cr:
+        assert out == b"550 5.5.2 Message refused: bare CR in data (RFC 5321 section 2.3.8)\r\n"
+        assert store.messages(f"ted@{HOST}") == []
+    else:
+        assert out.startswith(b"250 2.0.0 Ok: queued as "), out
+        [msg] = store.messages(f"ted@{HOST}")
+        assert b"MAIL FROM:<evil@x.test>\nRCPT TO:<ann@pop.contoso.test>\nDATA\nforged\n" in msg
+    assert store.messages(f"ann@{HOST}") == []
+    assert list(store.spool_dir().iterdir()) == []
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_lf_only_message_is_normalised(bytewise: bool) -> None:
+    """A client that sends LF-only text (curl, scripts) gets its message stored with LF line
+    ends; a dot after a bare LF is text, not stuffing; a long LF-only body is no long line."""
+    body = b"From: a@b.test\nSubject: lf\n\n" + b"x" * 70 + b"\n" * 1 + (b"y" * 70 + b"\n") * 200 + b".keep\n"
+    data = body + b"\r\n.\r\n"
+    chunks = [bytes([b]) for b in data] if bytewise else [data]
+    out, store, _ = run(chunks, bare_newline="normalize")
+    assert out.startswith(b"250 2.0.0 Ok: queued as "), out
+    [msg] = store.messages(f"ted@{HOST}")
+    assert msg.split(b"\n", 3)[3] == body + b"\n"
 
 
 @pytest.mark.parametrize("bytewise", [False, True])

@@ -4,7 +4,10 @@
   never does, so SMTP smuggling cannot start a second message); it undoes dot-stuffing,
   converts CRLF to LF (Maildir convention: POP3 turns LF back into CRLF, so the client gets the
   exact bytes it sent), enforces the size limit, the line length limit (RFC 5321 section
-  4.5.3.1.6), refuses bare CR or LF (RFC 5321 section 2.3.8), and counts hops. On the first
+  4.5.3.1.6), and counts hops. A bare CR is refused (RFC 5321 section 2.3.8). A bare LF is,
+  by default, taken as a line end (``smtp.bare_newline = "normalize"``, as Postfix does:
+  many scripts and curl send LF-only text) or refused (``"reject"``); either way it never
+  ends the message. On the first
   problem it stops storing (the spool file is removed at once) and only looks for the end.
 - ``SpoolWriter`` streams into a new file in ``store.spool_dir()`` in large writes; memory does
   not grow with the message size.
@@ -104,8 +107,10 @@ class MessageReader:
         max_size: int,
         max_hops: int,
         max_line: int = MAX_TEXT_LINE,
+        allow_bare_lf: bool = True,
     ) -> None:
         self.sink = sink
+        self.allow_bare_lf = allow_bare_lf
         self.max_size = max_size
         self.max_hops = max_hops
         self.max_line = max_line
@@ -113,6 +118,7 @@ class MessageReader:
         self.error: MailError | None = None
         self.hops = HopCounter()
         self._pending = b""  # the current line so far; always starts at a line start
+        self._line_start = True  # _pending starts right after CRLF (or at the start of DATA)
         self._tail = b""  # in error mode: the last bytes seen (to find the end marker)
         self.done = False
 
@@ -123,20 +129,25 @@ class MessageReader:
             return self._feed_discard(data)
         head = len(self._pending)
         buf = self._pending + data if head else data
-        if buf.startswith(b".\r\n"):
+        start = self._line_start
+        if start and buf.startswith(b".\r\n"):
             end_line = 0
         else:
             k = buf.find(b"\r\n.\r\n")
             end_line = k + 2 if k >= 0 else -1
         if end_line >= 0:
             self._pending = b""
-            self._content(buf[:end_line])
+            self._content(buf[:end_line], start)
             self.done = True
             return end_line + 3 - head
-        cut = buf.rfind(b"\r\n")
-        if cut >= 0:
-            self._pending = buf[cut + 2 :]
-            self._content(buf[: cut + 2])
+        if self.allow_bare_lf:
+            cut = buf.rfind(b"\n") + 1  # any line end: a bare LF counts as one
+        else:
+            cut = buf.rfind(b"\r\n") + 2 if b"\r\n" in buf else 0
+        if cut > 0:
+            self._pending = buf[cut:]
+            self._line_start = buf[cut - 2 : cut] == b"\r\n"
+            self._content(buf[:cut], start)
         else:
             self._pending = buf
         # a partial line may hold max_line octets, a stuffed dot and the CR of its CRLF
@@ -144,11 +155,15 @@ class MessageReader:
             self._pending[:1] == b"."
         ):
             # a line longer than allowed and still no CRLF: stop storing, keep looking for the end
-            self._fail(self._too_long(), mid_line=True)
+            self._fail(self._too_long())
         elif self.error is not None:
-            self._tail = (b"\r\n" + self._pending)[-4:]
+            self._tail = (self._lead() + self._pending)[-4:]
             self._pending = b""
         return None
+
+    def _lead(self) -> bytes:
+        """The line end just before _pending (what the end marker search must see)."""
+        return b"\r\n" if self._line_start else b"\n"
 
     def _feed_discard(self, data: bytes) -> int | None:
         head = len(self._tail)
@@ -165,40 +180,42 @@ class MessageReader:
         return MailError(550, "5.6.0", f"Message refused: a line is longer than {self.max_line} "
                          "octets (RFC 5321 section 4.5.3.1.6)")
 
-    def _fail(self, error: MailError, mid_line: bool = False) -> None:
+    def _fail(self, error: MailError) -> None:
         if self.error is None:
             self.error = error
             self.sink.abort()
-        if mid_line:
-            self._tail = self._pending[-4:]
-        else:
-            self._tail = (b"\r\n" + self._pending)[-4:]
+        self._tail = (self._lead() + self._pending)[-4:]
         self._pending = b""
 
     # -- complete lines
 
-    def _content(self, body: bytes) -> None:
-        """``body``: complete lines, each ending in CRLF (or empty)."""
+    def _content(self, body: bytes, line_start: bool = True) -> None:
+        """``body``: complete lines, each ending in CRLF (or a bare LF when those are allowed);
+        ``line_start``: the body starts right after a CRLF, where a dot is stuffing."""
         if not body or self.error is not None:
             return
         crlf = body.count(b"\r\n")
-        if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+        bare_cr = body.count(b"\r") != crlf
+        bare_lf = body.count(b"\n") != crlf
+        if bare_cr or (bare_lf and not self.allow_bare_lf):
+            what = "CR or LF" if not self.allow_bare_lf else "CR"
             self.error_now(MailError(550, "5.5.2",
-                                     "Message refused: bare CR or LF in data (RFC 5321 section 2.3.8)"))
+                                     f"Message refused: bare {what} in data (RFC 5321 section 2.3.8)"))
             return
-        lines = body.split(b"\r\n")
-        lines.pop()  # body ends with CRLF
-        if max(map(len, lines)) > self.max_line:
-            longest = max(len(x[1:] if x[:1] == b"." else x) for x in lines)
-            if longest > self.max_line:
-                self.error_now(self._too_long())
-                return
-        dots = body.count(b"\r\n.") + (1 if body[:1] == b"." else 0)
-        out = body.replace(b"\r\n", b"\n")
+        # dot-stuffing is undone at CRLF line starts only (RFC 5321 section 4.5.2)
+        lead_dot = line_start and body[:1] == b"."
+        dots = body.count(b"\r\n.") + (1 if lead_dot else 0)
+        unstuffed = body
         if dots:
-            if out[:1] == b".":
-                out = out[1:]
-            out = out.replace(b"\n.", b"\n")
+            if lead_dot:
+                unstuffed = unstuffed[1:]
+            unstuffed = unstuffed.replace(b"\r\n.", b"\r\n")
+        out = unstuffed.replace(b"\r\n", b"\n")
+        lines = out.split(b"\n")
+        lines.pop()  # body ends with a line end
+        if max(map(len, lines)) > self.max_line:
+            self.error_now(self._too_long())
+            return
         self.size += len(body) - dots
         if self.size > self.max_size:
             self.error_now(MailError(552, "5.3.4",

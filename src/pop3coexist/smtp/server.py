@@ -710,7 +710,10 @@ class ESMTPServer(tsmtp.ESMTP):
                 when=self._arrival,
             )
         )
-        self._reader = MessageReader(spool, cfg.max_message_size, cfg.max_hop_count)
+        self._reader = MessageReader(
+            spool, cfg.max_message_size, cfg.max_hop_count,
+            allow_bare_lf=cfg.bare_newline == "normalize",
+        )
         self._state = _DATA
         self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
         return None
