@@ -134,12 +134,13 @@ def test_full_transaction_and_stored_bytes() -> None:
 
 def test_single_instance_for_two_local_recipients_and_queue_for_relay() -> None:
     """One DATA: deliver_file once for both mailboxes; the relay-domain recipient is queued
-    with its DSN parameters in the envelope."""
+    with its DSN parameters and BODY (RFC 6152) in the envelope."""
     factory, store, _, queue, _ = make_factory()
     proto, t = start(factory)
     run_dialogue(proto, [
         (b"EHLO c.test\r\n", EHLO_CLEAR),
-        (b"MAIL FROM:<a@b.test> RET=HDRS ENVID=abc+2Bdef\r\n", b"250 2.1.0 Sender <a@b.test> OK\r\n"),
+        (b"MAIL FROM:<a@b.test> RET=HDRS ENVID=abc+2Bdef BODY=8bitmime\r\n",
+         b"250 2.1.0 Sender <a@b.test> OK\r\n"),
         (b"RCPT TO:<ted@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <ted@pop.contoso.test> OK\r\n"),
         (b"RCPT TO:<theodore@pop.contoso.test>\r\n",
          b"250 2.1.5 Recipient <theodore@pop.contoso.test> OK\r\n"),
@@ -157,6 +158,7 @@ def test_single_instance_for_two_local_recipients_and_queue_for_relay() -> None:
     assert data.endswith(b"\n\nhello\n") or data.endswith(b"hello\n")
     assert env["sender"] == "a@b.test"
     assert env["ret"] == "HDRS" and env["envid"] == "abc+def"
+    assert env["body"] == "8BITMIME"
     assert env["recipients"] == [{"address": "bob@exchange.northwindtraders.test",
                                   "orcpt": "rfc822;bob@exchange.northwindtraders.test",
                                   "notify": ["SUCCESS", "FAILURE"]}]

@@ -104,6 +104,7 @@ class Transaction:
     size: int = 0
     ret: str | None = None
     envid: str | None = None
+    body: str | None = None  # BODY=7BIT / 8BITMIME (RFC 6152), passed on to the next hop
     recipients: list[str] = field(default_factory=list)  # as accepted, for Received / logs
     local: dict[tuple[str, str], None] = field(default_factory=dict)  # (domain, mailbox)
     remote: dict[str, dict] = field(default_factory=dict)  # address key -> envelope entry
@@ -537,6 +538,7 @@ class ESMTPServer(tsmtp.ESMTP):
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise _fail(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
+                txn.body = value.upper()
             elif key == "RET":
                 if value is None or value.upper() not in ("FULL", "HDRS"):
                     raise _fail(501, "5.5.4", "Syntax: RET=FULL or RET=HDRS")
@@ -761,6 +763,7 @@ class ESMTPServer(tsmtp.ESMTP):
                 "recipients": list(txn.remote.values()),
                 "ret": txn.ret,
                 "envid": txn.envid,
+                "body": txn.body,
                 "received_from": f"{self._helo} ([{self.client_ip}])",
                 "arrival": self._arrival,
                 "hops": reader.hops.count + 1,
