@@ -176,3 +176,28 @@ def test_check_config_peer_shared_domain(run, config, tmp_path):
     peer.write_text("[server]\nhostname = \"gw.test\"\nstate_dir = \"gv\"\n[domains]\nlocal = [\"pop.contoso.test\"]\n")
     code, _, err = run("check-config", "--peer", str(peer))
     assert code == 1 and "must not share" in err
+
+
+def test_queue_list_flush_delete(run, config, tmp_path):
+    """queue list shows each message with its recipients' state; flush leaves a request the
+    running server picks up; delete removes one message; an unknown id is one-line exit 1."""
+    from pop3coexist.store.queue import FileQueue
+
+    assert run("queue", "list")[1].strip() == "queue is empty"
+    q = FileQueue(tmp_path / "var" / "queue", "pop.contoso.test")
+    qid = q.enqueue_bytes(
+        b"Subject: queued\n\nbody\n",
+        {"sender": "ted@pop.contoso.test",
+         "recipients": [{"address": "bob@example.test", "orcpt": None, "notify": None}],
+         "ret": None, "envid": None, "received_from": "test", "arrival": 1.0, "hops": 1},
+    )
+    code, out, _ = run("queue", "list")
+    assert code == 0
+    assert qid in out and "from <ted@pop.contoso.test>" in out
+    assert "bob@example.test" in out
+    code, out, _ = run("queue", "flush")
+    assert code == 0 and q.take_marker("flush")
+    code, _, err = run("queue", "delete", "no-such-id")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert run("queue", "delete", qid)[0] == 0
+    assert run("queue", "list")[1].strip() == "queue is empty"
