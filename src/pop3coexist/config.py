@@ -209,6 +209,96 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class AddressSpace:
+    """One address space of a connector: a domain (exact, never a wildcard) and its cost."""
+
+    domain: str
+    cost: int = 1
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """A gateway connector (the Exchange SMTP connector): address spaces -> next hops.
+
+    ``allow_relay``: accept mail for these domains from anyone ("allow messages to be relayed
+    to these domains"). ``peer_hostname``: the EHLO name of the next hop when it connects to
+    us; with the next hop's address it identifies mail that came from that server (loops).
+    """
+
+    name: str
+    address_spaces: tuple[AddressSpace, ...]
+    next_hops: tuple[str, ...]
+    allow_relay: bool = False
+    peer_hostname: str = ""
+
+
+@dataclass(frozen=True)
+class RecipientPolicyConfig:
+    """A recipient policy: which directory objects (an LDAP filter) get which addresses."""
+
+    name: str
+    filter: str = "(|(mail=*)(proxyAddresses=*))"
+    priority: int = 100
+    primary: str = ""
+    secondary: tuple[str, ...] = ()
+    replace_primary: bool = False
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The gateway role (``[gateway]``); ``enabled`` when the section is present."""
+
+    enabled: bool = False
+    authoritative_domains: tuple[str, ...] = ()
+    non_authoritative_domains: tuple[str, ...] = ()
+    connectors: tuple[ConnectorConfig, ...] = ()
+    recipient_policies: tuple[RecipientPolicyConfig, ...] = ()
+    update_bind_dn: str = ""
+    update_bind_password_file: Path | None = None
+    max_target_depth: int = 5
+
+    def connector_hops(self, domain: str) -> tuple[str, ...]:
+        """The next hops of the lowest-cost connector(s) for ``domain`` (equal costs share),
+        in connector order; () when no address space matches. Domains match exactly."""
+        domain = domain.lower()
+        best: int | None = None
+        hops: list[str] = []
+        for c in self.connectors:
+            for space in c.address_spaces:
+                if space.domain != domain:
+                    continue
+                if best is None or space.cost < best:
+                    best, hops = space.cost, []
+                if space.cost == best:
+                    hops.extend(h for h in c.next_hops if h not in hops)
+        return tuple(hops)
+
+    def connector_for(self, domain: str) -> ConnectorConfig | None:
+        """The first lowest-cost connector whose address space is ``domain``."""
+        domain = domain.lower()
+        found: tuple[int, ConnectorConfig] | None = None
+        for c in self.connectors:
+            for space in c.address_spaces:
+                if space.domain == domain and (found is None or space.cost < found[0]):
+                    found = (space.cost, c)
+        return found[1] if found else None
+
+
+@dataclass(frozen=True)
+class MasqueradeConfig:
+    """Rewrite the envelope sender (and with ``header_from`` the From: header) of mail leaving
+    for other servers, from ``from_domains`` (default: the local domains) to ``domain``."""
+
+    domain: str = ""
+    from_domains: tuple[str, ...] = ()
+    header_from: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.domain)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``path`` is the file it came from (or None)."""
 
@@ -222,6 +312,8 @@ class Config:
     smarthost: SmarthostConfig = field(default_factory=SmarthostConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     path: Path | None = None
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    masquerade: MasqueradeConfig = field(default_factory=MasqueradeConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -456,6 +548,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
 
     top_known = (
         "server", "pop3", "smtp", "tls", "auth", "domains", "relay", "smarthost", "queue",
+        "gateway", "masquerade",
     )
     for key in data:
         if key not in top_known:
@@ -689,7 +782,12 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     if smtp_cfg.require_tls_for_auth and not tls_cfg.enabled:
         raise r.fail("smtp", "require_tls_for_auth", "needs [tls] certificate and private_key")
 
+    gateway_cfg = _parse_gateway(r, data, auth_cfg, domains_cfg)
+    masq_cfg = _parse_masquerade(r, data, domains_cfg, gateway_cfg)
+
     return Config(
+        gateway=gateway_cfg,
+        masquerade=masq_cfg,
         server=server_cfg,
         pop3=pop3_cfg,
         smtp=smtp_cfg,
@@ -718,3 +816,202 @@ def read_secret(path: Path) -> str:
     elif data.endswith("\n"):
         data = data[:-1]
     return data
+
+
+# --------------------------------------------------------------------------- coexistence
+
+
+def _address_space(default_cost: int) -> Callable[[Any], AddressSpace]:
+    """``"domain"`` (the connector's cost) or ``{domain = "...", cost = N}``; never a wildcard."""
+
+    def conv(value: Any) -> AddressSpace:
+        if isinstance(value, str):
+            name, cost = value, default_cost
+        elif isinstance(value, Mapping):
+            unknown = set(value) - {"domain", "cost"}
+            if unknown:
+                raise ValueError(f"unknown key {sorted(unknown)[0]!r} in an address space "
+                                 "(known: domain, cost)")
+            name, cost = value.get("domain"), value.get("cost", default_cost)
+            if not isinstance(name, str):
+                raise TypeError("an address space needs domain = \"...\"")
+        else:
+            raise TypeError(f"an address space is a domain or {{domain, cost}}, not {value!r}")
+        if _is_wildcard(name):
+            raise ValueError(f"address space {name!r} would make an open relay "
+                             "(name the domains, never *)")
+        if isinstance(cost, bool) or not isinstance(cost, int) or not 1 <= cost <= 100:
+            raise ValueError(f"cost {cost!r} must be a whole number from 1 to 100")
+        return AddressSpace(_hostname(name), cost)
+
+    return conv
+
+
+def _ldap_filter(value: Any) -> str:
+    value = _Reader.string(value)
+    from pop3coexist.identity import ldapfilter
+
+    try:
+        ldapfilter.parse_filter(value)
+    except ldapfilter.FilterError as e:
+        raise ValueError(f"{value!r} is not an LDAP filter: {e}")
+    return value
+
+
+def _address_template(value: Any) -> str:
+    """``%m@domain``, ``%g.%s@domain`` or ``@domain`` (short for ``%m@domain``)."""
+    value = _Reader.string(value)
+    local, at, domain = value.rpartition("@")
+    if not at:
+        raise ValueError(f"{value!r} is not an address template (\"%m@domain\" or \"@domain\")")
+    if _is_wildcard(domain):
+        raise ValueError(f"{value!r}: the domain of an address template cannot be a wildcard")
+    _hostname(domain)
+    if re.search(r"%(?!%|\d*[mgs])", local):
+        raise ValueError(f"{value!r}: only %m, %g, %s (optionally %Ng, %Ns) and %% are known")
+    return value
+
+
+def _parse_gateway(r: _Reader, data: Mapping[str, Any], auth: AuthConfig,
+                   domains: DomainsConfig) -> GatewayConfig:
+    if "gateway" not in data:
+        return GatewayConfig()
+    gw_data = data["gateway"]
+    gw = r.section(
+        gw_data,
+        "gateway",
+        {
+            "enabled": r.boolean,
+            "authoritative_domains": r.domain_list,
+            "non_authoritative_domains": r.domain_list,
+            "update_bind_dn": r.string,
+            "update_bind_password_file": r.path_or_none,
+            "max_target_depth": r.positive,
+        },
+        subsections=("connectors", "recipient_policies"),
+    )
+    enabled = gw.pop("enabled", True)
+    auth_doms = gw.get("authoritative_domains", ())
+    nonauth = gw.get("non_authoritative_domains", ())
+    if enabled and auth.method != "directory":
+        raise r.fail("auth", "method", "the gateway role resolves recipients in the directory: "
+                     "set auth.method = \"directory\"")
+    for d in nonauth:
+        if d in auth_doms:
+            raise r.fail("gateway", "non_authoritative_domains",
+                         f"{d!r} is also an authoritative domain")
+        if d in domains.local:
+            raise r.fail("gateway", "non_authoritative_domains",
+                         f"{d!r} is a local domain; local domains are authoritative")
+    connectors: list[ConnectorConfig] = []
+    raw_conns = gw_data.get("connectors", [])
+    if not isinstance(raw_conns, list):
+        raise r.fail("gateway", "connectors", "must be an array of tables ([[gateway.connectors]])")
+    for item in raw_conns:
+        c = r.section(
+            item,
+            "gateway.connectors",
+            {
+                "name": r.string,
+                "address_spaces": lambda v: v,
+                "cost": r.positive,
+                "next_hops": r.strings,
+                "allow_relay": r.boolean,
+                "peer_hostname": _hostname,
+            },
+        )
+        name = c.get("name") or f"connector {len(connectors) + 1}"
+        if any(x.name == name for x in connectors):
+            raise r.fail("gateway.connectors", "name", f"{name!r} is used twice")
+        cost = c.pop("cost", 1)
+        if cost > 100:
+            raise r.fail("gateway.connectors", "cost", "must be from 1 to 100")
+        spaces_raw = c.get("address_spaces")
+        if not isinstance(spaces_raw, list) or not spaces_raw:
+            raise r.fail("gateway.connectors", "address_spaces",
+                         f"connector {name!r} needs a non-empty list of domains")
+        conv = _address_space(cost)
+        try:
+            spaces = tuple(conv(v) for v in spaces_raw)
+        except (ValueError, TypeError) as e:
+            raise r.fail("gateway.connectors", "address_spaces", f"connector {name!r}: {e}") from None
+        for space in spaces:
+            if space.domain in domains.local or space.domain in auth_doms:
+                raise r.fail("gateway.connectors", "address_spaces",
+                             f"connector {name!r}: {space.domain!r} is a domain this server is "
+                             "authoritative for; mail for it would never leave (or loop)")
+        hops = c.get("next_hops", ())
+        if not hops:
+            raise r.fail("gateway.connectors", "next_hops", f"connector {name!r} needs a next hop")
+        try:
+            hops = tuple(_next_hop(h) for h in hops)
+        except ValueError as e:
+            raise r.fail("gateway.connectors", "next_hops", str(e)) from None
+        if "" in hops:
+            raise r.fail("gateway.connectors", "next_hops", "a next hop cannot be empty")
+        connectors.append(ConnectorConfig(
+            name=name, address_spaces=spaces, next_hops=hops,
+            allow_relay=c.get("allow_relay", False), peer_hostname=c.get("peer_hostname", ""),
+        ))
+    for rd in domains.remote:
+        for c in connectors:
+            if any(s.domain == rd.name for s in c.address_spaces):
+                raise r.fail("domains.remote", "name",
+                             f"{rd.name!r} is also an address space of connector {c.name!r}; "
+                             "name it in one place")
+    policies: list[RecipientPolicyConfig] = []
+    raw_pols = gw_data.get("recipient_policies", [])
+    if not isinstance(raw_pols, list):
+        raise r.fail("gateway", "recipient_policies",
+                     "must be an array of tables ([[gateway.recipient_policies]])")
+    for item in raw_pols:
+        p = r.section(
+            item,
+            "gateway.recipient_policies",
+            {
+                "name": r.string,
+                "filter": _ldap_filter,
+                "priority": r.positive,
+                "primary": _address_template,
+                "secondary": lambda v: tuple(_address_template(x) for x in _Reader.strings(v)),
+                "replace_primary": r.boolean,
+            },
+        )
+        if not p.get("name"):
+            raise r.fail("gateway.recipient_policies", "name", "is required")
+        if any(x.name == p["name"] for x in policies):
+            raise r.fail("gateway.recipient_policies", "name", f"{p['name']!r} is used twice")
+        if not p.get("primary") and not p.get("secondary"):
+            raise r.fail("gateway.recipient_policies", "primary",
+                         f"policy {p['name']!r} gives no address (primary or secondary)")
+        policies.append(RecipientPolicyConfig(**p))
+    policies.sort(key=lambda x: x.priority)
+    if gw.get("update_bind_password_file") is not None and not gw["update_bind_password_file"].is_file():
+        raise r.fail("gateway", "update_bind_password_file",
+                     f"file not found: {gw['update_bind_password_file']}")
+    return GatewayConfig(enabled=enabled, connectors=tuple(connectors),
+                         recipient_policies=tuple(policies), **gw)
+
+
+def _parse_masquerade(r: _Reader, data: Mapping[str, Any], domains: DomainsConfig,
+                      gateway: GatewayConfig) -> MasqueradeConfig:
+    m = r.section(
+        data.get("masquerade", {}),
+        "masquerade",
+        {"domain": _hostname, "from_domains": r.domain_list, "header_from": r.boolean},
+    )
+    cfg = MasqueradeConfig(**m)
+    if not cfg.domain:
+        if cfg.from_domains or cfg.header_from:
+            raise r.fail("masquerade", "domain", "is required when [masquerade] is used")
+        return cfg
+    if cfg.domain in domains.local:
+        raise r.fail("masquerade", "domain",
+                     f"{cfg.domain!r} is a local domain here: masquerade as the gateway's shared "
+                     "domain, which must not be local on the POP3 server")
+    for d in cfg.from_domains:
+        if d not in domains.local:
+            raise r.fail("masquerade", "from_domains", f"{d!r} is not a local domain")
+    if not cfg.from_domains:
+        cfg = MasqueradeConfig(cfg.domain, tuple(domains.local), cfg.header_from)
+    return cfg

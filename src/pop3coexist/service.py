@@ -254,9 +254,13 @@ def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
     )
     smtp_limiter = ConnectionLimiter(config.smtp.max_connections, config.smtp.max_connections_per_client)
 
+    from pop3coexist.policy.masquerade import wrap_queue
+
+    smtp_queue = wrap_queue(queue, config)  # [masquerade]: rewrite senders of mail that leaves
+
     def smtp_factory(mode: str) -> Any:
         return SMTPServerFactory(
-            config, parts.store, parts.checker, queue, tls_options=tls_options, mode=mode,
+            config, parts.store, parts.checker, smtp_queue, tls_options=tls_options, mode=mode,
             reactor=reactor, throttle=smtp_throttle, limiter=smtp_limiter,
         )
 

@@ -98,6 +98,13 @@ class RelayPolicy:
         """Build the policy from a ``config.Config``."""
         relay = {d.name: d.route for d in config.domains.remote if d.relay}
         routed = {d.name: d.route for d in config.domains.remote if not d.relay}
+        gateway = getattr(config, "gateway", None)
+        if gateway is not None and gateway.enabled:
+            # connector address spaces (policy/gateway.py): "allow messages to be relayed to
+            # these domains" accepts them from anyone; routing picks the connector's next hop
+            for c in gateway.connectors:
+                for space in c.address_spaces:
+                    (relay if c.allow_relay else routed).setdefault(space.domain, None)
         return cls(relay, config.relay.networks, config.relay.authenticated, routed)
 
     def is_trusted(self, client_ip: str) -> bool:

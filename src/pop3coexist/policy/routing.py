@@ -15,6 +15,7 @@ Nothing here resolves names or opens sockets: the delivery runner (smtp/outbound
 from __future__ import annotations
 
 import ipaddress
+import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -87,6 +88,12 @@ def next_hop(domain: str, config: Config, local_delivery: bool = True) -> NextHo
     domain = domain.lower()
     if local_delivery and domain in config.domains.local:
         return LOCAL
+    gateway = getattr(config, "gateway", None)
+    if gateway is not None and gateway.enabled:
+        hops = gateway.connector_hops(domain)  # the lowest-cost connector(s); equal costs share
+        if hops:
+            spec = hops[0] if len(hops) == 1 else random.choice(hops)
+            return parse_next_hop(spec, smarthost=spec == config.smarthost.host)
     for remote in config.domains.remote:
         if remote.name == domain and remote.route:
             return parse_next_hop(remote.route, smarthost=remote.route == config.smarthost.host)

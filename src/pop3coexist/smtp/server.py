@@ -37,7 +37,16 @@ from pop3coexist.address import Address
 from pop3coexist.errors import AuthUnavailable, LoginRefused, MailError, QuotaExceeded
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
-from pop3coexist.policy.relay import Client, RelayPolicy, RouteKind, parse_recipient, parse_sender
+from pop3coexist.policy.gateway import LOCAL as GATEWAY_LOCAL
+from pop3coexist.policy.gateway import GatewayPolicy, Peer
+from pop3coexist.policy.relay import (
+    Client,
+    RelayPolicy,
+    Route,
+    RouteKind,
+    parse_recipient,
+    parse_sender,
+)
 from pop3coexist.policy.throttle import AuthThrottle
 from pop3coexist.smtp import auth as sasl
 from pop3coexist.smtp.incoming import MessageReader, SpoolWriter, commit_message, new_queue_id
@@ -624,18 +633,33 @@ class ESMTPServer(tsmtp.ESMTP):
             raise _fail(452, "4.5.3", "Too many recipients")
         factory = self.factory
         client = Client(self.client_ip, self.user is not None)
+        gateway = getattr(factory, "gateway", None)
+        shown: dict[str, object] = {}  # the address as the client gave it (reply, ORCPT)
 
         d = factory.run_blocking(factory.store.list_domains)
 
         def route(domains):
             pm = self.hostname if self.hostname in domains else (domains[0] if domains else None)
             address = parse_recipient(inner, pm)
+            shown["address"] = address
+            if gateway is not None and gateway.handles(address.domain):
+                # the gateway role: the directory decides (policy/gateway.py)
+                d2 = gateway.decide(address, Peer(self.client_ip, self._helo))
+                d2.addCallback(gateway_route)
+                return d2
             r = factory.relay.route(address, domains, client)
             if r.kind is not RouteKind.LOCAL:
                 return r, None
             d2 = defer.maybeDeferred(factory.checker.resolve_recipient, address.key)
             d2.addCallback(lambda mailbox: (r, mailbox))
             return d2
+
+        def gateway_route(decision):
+            if decision.kind == GATEWAY_LOCAL:
+                return Route(RouteKind.LOCAL, decision.original), decision.mailbox
+            if decision.rewritten:
+                shown["orcpt"] = f"rfc822;{decision.original}"
+            return Route(RouteKind.RELAY_DOMAIN, decision.address), None
 
         def local(result):
             r, mailbox = result
@@ -661,10 +685,11 @@ class ESMTPServer(tsmtp.ESMTP):
             else:
                 txn.remote.setdefault(
                     r.address.key,
-                    {"address": str(r.address), "orcpt": orcpt, "notify": notify},
+                    {"address": str(r.address), "orcpt": orcpt or shown.get("orcpt"), "notify": notify},
                 )
-            txn.recipients.append(str(r.address))
-            self._reply(250, "2.1.5", f"Recipient <{r.address}> OK")
+            given = shown.get("address", r.address)
+            txn.recipients.append(str(given))
+            self._reply(250, "2.1.5", f"Recipient <{given}> OK")
 
         def failed(failure):
             if failure.check(MailError):
@@ -853,6 +878,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         )
         self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
         self.relay = RelayPolicy.from_config(config)
+        self.gateway = GatewayPolicy.from_config(config, checker)  # None: not a gateway
 
     @property
     def offers_secrets(self) -> bool:

@@ -1,0 +1,218 @@
+"""The gateway role (the Exchange role of the seed): recipient resolution at RCPT time. No sockets.
+
+``GatewayPolicy.decide`` answers, for one recipient of a domain the gateway is responsible
+for, where its mail goes. It asks the directory (``DirectoryChecker.lookup``: ``mail``,
+``proxyAddresses`` with ``SMTP:`` primary and ``smtp:`` secondary, ``targetAddress``):
+
+- **authoritative domains** (``gateway.authoritative_domains`` and every local domain): a
+  recipient that is not in the directory, or has neither a target address nor a mailbox here,
+  is refused with ``550 5.1.1``;
+- **non-authoritative domains** (``gateway.non_authoritative_domains``): a known recipient is
+  resolved the same way; an unknown one is forwarded unchanged through the connector whose
+  address space matches (else the default route) - but never back to the server it came from
+  (``554 5.4.6``);
+- a directory object with a ``targetAddress`` (a mail-enabled user or contact) is redirected
+  there: mail for ``ted@northwindtraders.test`` goes to ``ted@pop.northwindtraders.test``.
+  Targets are followed through the directory up to ``gateway.max_target_depth`` times; a
+  target that leads back to an address already seen, or into an authoritative domain where it
+  has no mailbox, is a routing loop (``554 5.4.6``);
+- an object without a target but with a mailbox in a local domain is delivered to that
+  mailbox (the gateway's own users, in the same Maildir store).
+
+Connector domains (``[[gateway.connectors]]`` address spaces) are not resolved: with
+``allow_relay`` they are accepted from anyone and routed by ``policy.routing`` to the
+lowest-cost connector; mail for them that came from that connector's own next hop is refused
+(``554 5.4.6``), because it could only loop.
+
+The outcomes use Haraka's small vocabulary: ``Decision`` (deliver locally / forward), or a
+raised ``errors.MailError`` (permanent or temporary refusal). ``errors.AuthUnavailable`` from
+the directory passes through: the ESMTP server answers ``451 4.4.3``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+
+from pop3coexist.address import Address, AddressError, parse_address
+from pop3coexist.config import Config, ConnectorConfig
+from pop3coexist.errors import PermanentFailure
+
+LOCAL = "local"
+FORWARD = "forward"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where one accepted recipient goes.
+
+    ``kind`` LOCAL: ``mailbox`` (``"box@domain"``) in this server's store. FORWARD: queue for
+    ``address`` (possibly rewritten from ``original`` by a targetAddress).
+    """
+
+    kind: str
+    address: Address
+    original: Address
+    mailbox: str | None = None
+
+    @property
+    def rewritten(self) -> bool:
+        return self.address.key != self.original.key
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The SMTP client as the loop check sees it: its address and its EHLO name."""
+
+    ip: str
+    helo: str | None = None
+
+
+def _hop_ip(spec: str) -> str | None:
+    if spec.startswith("["):
+        inside = spec[1:].partition("]")[0]
+        try:
+            return str(ipaddress.ip_address(inside))
+        except ValueError:
+            return None
+    return None
+
+
+def came_from(connector: ConnectorConfig, peer: Peer) -> bool:
+    """True when ``peer`` is one of the connector's next hops (so forwarding to it loops).
+
+    A next hop written ``[address]`` matches by address; a named next hop matches the EHLO
+    name. With ``peer_hostname`` set, the EHLO name must also be that name (on one host every
+    server shares the address, so the name tells them apart).
+    """
+    helo = (peer.helo or "").lower().rstrip(".")
+    if connector.peer_hostname and helo != connector.peer_hostname:
+        return False
+    try:
+        client = str(ipaddress.ip_address(peer.ip))
+    except ValueError:
+        client = peer.ip
+    for hop in connector.next_hops:
+        ip = _hop_ip(hop)
+        if ip is not None and ip == client:
+            return True
+        if ip is None and hop.rpartition(":")[0 if ":" in hop else 2].lower() == helo:
+            return True
+    return False
+
+
+def _loop(address: Address, why: str) -> PermanentFailure:
+    return PermanentFailure(f"<{address}>: routing loop: {why}", "5.4.6", 554)
+
+
+class GatewayPolicy:
+    """Recipient resolution of the gateway role; see the module docstring.
+
+    ``lookup(address)`` is the directory's (a Deferred firing with the attribute dict of
+    ``DirectoryChecker.lookup`` or None).
+    """
+
+    def __init__(self, config: Config, lookup: Any) -> None:
+        gw = config.gateway
+        self.config = config
+        self.gateway = gw
+        self._lookup = lookup
+        self.local_domains = {d.lower() for d in config.domains.local}
+        self.authoritative = set(gw.authoritative_domains) | self.local_domains
+        self.non_authoritative = set(gw.non_authoritative_domains)
+        # relay-allowed connector domains are accepted from anyone (with the loop check);
+        # the others only from clients that may relay (policy/relay.py)
+        self.connector_domains = {
+            s.domain for c in gw.connectors if c.allow_relay for s in c.address_spaces
+        }
+
+    @classmethod
+    def from_config(cls, config: Config, checker: Any) -> GatewayPolicy | None:
+        """The policy for a config with ``[gateway]``, or None for a plain mailbox server."""
+        if not config.gateway.enabled:
+            return None
+        lookup = getattr(checker, "lookup", None)
+        if lookup is None:
+            raise ValueError("the gateway role needs a directory checker (auth.method = \"directory\")")
+        return cls(config, lookup)
+
+    def handles(self, domain: str) -> bool:
+        """True when recipients of ``domain`` are decided here (not by the relay rules alone)."""
+        domain = domain.lower()
+        return (domain in self.authoritative or domain in self.non_authoritative
+                or domain in self.connector_domains)
+
+    def decide(self, address: Address, peer: Peer) -> defer.Deferred:
+        """Deferred firing with a Decision, or failing with MailError / AuthUnavailable."""
+        return defer.ensureDeferred(self._decide(address, peer))
+
+    async def _decide(self, original: Address, peer: Peer) -> Decision:
+        seen: list[str] = []
+        address = original
+        depth = self.gateway.max_target_depth
+        while True:
+            if address.key in seen:
+                raise _loop(original, f"targetAddress leads back to <{address}>")
+            seen.append(address.key)
+            domain = address.domain.lower()
+            rewritten = address.key != original.key
+            if domain in self.connector_domains and domain not in self.non_authoritative:
+                self._refuse_return(original, address, peer, rewritten)
+                return Decision(FORWARD, address, original)
+            if domain not in self.authoritative and domain not in self.non_authoritative:
+                # a target outside our domains (the POP3 domain, an external contact)
+                return Decision(FORWARD, address, original)
+            entry = await self._lookup(address.key)
+            if entry is not None:
+                target = self._target(entry, address)
+                if target is not None and target.key != address.key:
+                    if len(seen) > depth:
+                        raise _loop(original, f"more than {depth} targetAddress redirections")
+                    address = target
+                    continue
+                mailbox = entry.get("mailbox")
+                if target is None and mailbox and mailbox.rpartition("@")[2] in self.local_domains:
+                    local = parse_address(mailbox)
+                    return Decision(LOCAL, local, original, mailbox=mailbox.lower())
+                if target is not None:  # its target is this very address
+                    if domain in self.authoritative:
+                        raise _loop(original, f"the target <{address}> is in a domain this "
+                                              "server is authoritative for and has no mailbox here")
+                    self._refuse_return(original, address, peer, rewritten)
+                    return Decision(FORWARD, address, original)
+            if domain in self.authoritative:
+                if rewritten:
+                    raise PermanentFailure(
+                        f"<{original}>: its target address <{address}> does not exist", "5.1.1", 550
+                    )
+                raise PermanentFailure(f"<{original}>: no such user here", "5.1.1", 550)
+            # non-authoritative and unknown: forward through the connector for the domain
+            self._refuse_return(original, address, peer, rewritten)
+            return Decision(FORWARD, address, original)
+
+    @staticmethod
+    def _target(entry: dict, address: Address) -> Address | None:
+        target = entry.get("target_address")
+        if not target:
+            return None
+        try:
+            return parse_address(target.strip())
+        except AddressError:
+            raise PermanentFailure(
+                f"<{address}>: the directory gives an unusable targetAddress", "5.1.3", 550
+            ) from None
+
+    def _refuse_return(self, original: Address, address: Address, peer: Peer, rewritten: bool) -> None:
+        """An unknown recipient is never forwarded back to the server it came from."""
+        if rewritten:
+            return  # resolved through the directory: the next hop knows it
+        connector = self.gateway.connector_for(address.domain)
+        if connector is not None and came_from(connector, peer):
+            raise _loop(
+                original,
+                f"mail for {address.domain} would go back to the server it came from "
+                f"(connector {connector.name!r})",
+            )
