@@ -521,7 +521,7 @@ def test_idle_timeout_and_mid_data_timeout_leave_nothing() -> None:
     factory, store, _, _, clock = make_factory()
     proto, t = start(factory)
     proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<ted@pop.contoso.test>\r\n"
-                       b"DATA\r\npartial\r\n")
+                       b"DATA\r\n" + b"partial\r\n" * 40000)  # past the in-memory buffer
     take(t)
     assert len(list(store.spool_dir().iterdir())) == 1
     clock.advance(599)

@@ -14,18 +14,30 @@
 - ``commit_message`` (blocking, run off the reactor) makes the message durable: fsync, then
   ``store.deliver_file`` (single-instance hard links), then ``queue.enqueue`` for the other
   recipients, then removes the spool file. Only after it returns does the server reply 250.
+- ``GroupCommitter`` does the same for many sessions at once (group commit): messages whose
+  DATA ended while a batch was being made durable wait for the next batch, and one batch costs
+  two file-system syncs (the spool files' data, then the new directory entries) however many
+  messages it holds. Each session's Deferred fires, in submission order, only after its own
+  message is durable in every mailbox and queue it goes to.
 - ``clean_spool`` removes what a crash left in the spool folder (call it at start).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import inspect
 import os
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pop3coexist.errors import MailError
 from pop3coexist.smtp.received import HopCounter
@@ -43,26 +55,47 @@ def new_queue_id() -> str:
 
 
 class SpoolWriter:
-    """A new spool file, written in large chunks; ``abort`` removes it."""
+    """A new spool file, written in large chunks; ``abort`` removes it.
 
-    def __init__(self, spool_dir: Path, queue_id: str) -> None:
+    With ``lazy=True`` the file is created only when the first WRITE_CHUNK bytes are there, or
+    by ``finish`` (in the commit worker): a small message never makes the reactor wait for a
+    file creation (which, on a busy journal, can block for milliseconds). An I/O error while
+    writing is kept and raised by ``finish``, so the session answers 451 at the end of DATA.
+    """
+
+    def __init__(self, spool_dir: Path, queue_id: str, lazy: bool = False) -> None:
         self.path = Path(spool_dir) / f"{queue_id}.{os.getpid()}{SPOOL_SUFFIX}"
-        self.fd: int | None = os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
-        )
+        self.fd: int | None = None
         self._buffer = bytearray()
         self.size = 0
+        self.error: OSError | None = None
+        self._created = False
+        self._done = False  # closed or aborted: nothing more is written
+        if not lazy:
+            self._create()
+
+    def _create(self) -> None:
+        self.fd = os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
+        )
+        self._created = True
 
     def write(self, data: bytes) -> None:
         """Append ``data``; reaches the file in chunks of WRITE_CHUNK bytes or more."""
-        if self.fd is None:
+        if self._done or self.error is not None:
             return
         self._buffer += data
         self.size += len(data)
         if len(self._buffer) >= WRITE_CHUNK:
-            self._flush()
+            try:
+                self._flush()
+            except OSError as e:
+                self.error = e
+                self._buffer = bytearray()
 
     def _flush(self) -> None:
+        if self.fd is None:
+            self._create()
         view = memoryview(self._buffer)
         while view:
             n = os.write(self.fd, view)
@@ -71,12 +104,18 @@ class SpoolWriter:
         self._buffer.clear()
 
     def finish(self) -> None:
-        """Write what is buffered (no fsync: that is ``commit_message``'s job, off the reactor)."""
-        if self.fd is not None and self._buffer:
+        """Create the file if still needed and write what is buffered (no fsync: that is the
+        committer's job, off the reactor). Raises the OSError that stopped an earlier write."""
+        if self.error is not None:
+            raise self.error
+        if self._done:
+            return
+        if self._buffer or self.fd is None:
             self._flush()
 
     def close(self) -> None:
-        """Close the file descriptor (idempotent)."""
+        """Close the file descriptor (idempotent); nothing more is written."""
+        self._done = True
         if self.fd is not None:
             try:
                 os.close(self.fd)
@@ -87,10 +126,11 @@ class SpoolWriter:
         """Close and remove the file (idempotent): nothing of the message remains."""
         self.close()
         self._buffer = bytearray()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self._created:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 class MessageReader:
@@ -270,6 +310,208 @@ def commit_message(
             queue.enqueue(spool.path, envelope)
     finally:
         spool.abort()
+
+
+def _load_syncfs() -> Callable[[int], None] | None:
+    """``syncfs(2)`` (Linux): one call makes every file and folder on one file system durable."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if fn(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+    return syncfs
+
+
+SYNCFS = _load_syncfs()
+
+
+class _Pending:
+    """One message waiting for a batch: its spool file, where it goes, and its Deferred."""
+
+    __slots__ = ("spool", "local", "envelope", "deferred", "error", "written")
+
+    def __init__(self, spool: SpoolWriter, local: list[tuple[str, str]], envelope: dict | None) -> None:
+        self.spool = spool
+        self.local = local
+        self.envelope = envelope
+        self.deferred: defer.Deferred = defer.Deferred()
+        self.error: BaseException | None = None
+        self.written: list[Any] = []
+
+
+class GroupCommitter:
+    """Group commit of incoming messages: many sessions' messages made durable by one batch.
+
+    ``commit(spool, local_recipients, envelope)`` returns a Deferred that fires with None once
+    the message is durable everywhere (then the session replies 250), or fails with the
+    exception that stopped it (QuotaExceeded, StoreError, OSError: the session replies 552 or
+    451). At most one batch runs at a time (in ``run_blocking``, off the reactor); what arrives
+    meanwhile forms the next batch, so the more sessions, the more messages share a sync.
+
+    A batch, in the worker: write out each spool file; sync their data (``syncfs`` on Linux, or
+    ``fsync`` of each file when the batch holds one message or syncfs is missing); hard-link
+    each into its mailboxes with the store's folder fsync deferred, enqueue the other
+    recipients (the queue is durable on return); sync the new directory entries once (syncfs,
+    or fsync of each distinct ``new/`` folder); remove the spool files. A failing data sync
+    fails the whole batch and nothing is linked; a failing folder sync fails the messages that
+    were linked in that batch (their links are removed again). A failure of one message's
+    delivery (quota, a vanished mailbox) fails that message only.
+
+    ``sync_fs(fd)`` and ``fsync(fd)`` are injectable for tests (a failing disk, an order log).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        queue: Any,
+        run_blocking: Callable[..., defer.Deferred],
+        *,
+        max_batch: int = 512,
+        sync_fs: Callable[[int], None] | None = SYNCFS,
+        fsync: Callable[[int], None] = os.fsync,
+    ) -> None:
+        self.store = store
+        self.queue = queue
+        self.run_blocking = run_blocking
+        self.max_batch = max_batch
+        self.sync_fs = sync_fs
+        self.fsync = fsync
+        self._pending: list[_Pending] = []
+        self._running = False
+        self.batches = 0  # statistics (bench, logs): batches run and messages committed
+        self.messages = 0
+        try:
+            params = inspect.signature(store.deliver_file).parameters
+            self._deferred_sync = "sync" in params
+        except (TypeError, ValueError):
+            self._deferred_sync = False
+
+    def commit(
+        self, spool: SpoolWriter, local_recipients: list[tuple[str, str]], envelope: dict | None
+    ) -> defer.Deferred:
+        """Queue one message for the next batch; see the class docstring."""
+        item = _Pending(spool, list(local_recipients), envelope)
+        self._pending.append(item)
+        self._kick()
+        return item.deferred
+
+    def _kick(self) -> None:
+        if self._running or not self._pending:
+            return
+        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+        self._running = True
+        try:
+            d = self.run_blocking(self._run_batch, batch)
+        except Exception as e:  # the thread pool refused the work
+            for item in batch:
+                item.error = item.error or e
+            d = defer.succeed(None)
+        d.addBoth(self._batch_done, batch)
+
+    def _batch_done(self, result: object, batch: list[_Pending]) -> None:
+        self._running = False
+        if isinstance(result, Failure):
+            log.failure("SMTP group commit failed", result)
+            for item in batch:
+                item.error = item.error or result.value
+        self.batches += 1
+        for item in batch:
+            if item.error is None:
+                self.messages += 1
+                item.deferred.callback(None)
+            else:
+                item.deferred.errback(Failure(item.error))
+        self._kick()
+
+    # -- the worker side (blocking)
+
+    def _sync(self, fds: list[int]) -> None:
+        """Make the data (and the folder entries) behind ``fds`` durable."""
+        if self.sync_fs is not None and len(fds) > 1:
+            self.sync_fs(fds[0])
+        else:
+            for fd in fds:
+                self.fsync(fd)
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        live: list[_Pending] = []
+        for item in batch:
+            try:
+                item.spool.finish()
+                if item.spool.fd is None:
+                    raise OSError("the spool file is gone")
+                live.append(item)
+            except BaseException as e:
+                item.error = e
+                item.spool.abort()
+        try:
+            # 1. the spool files' data (and their size) on disk, before any link to them
+            try:
+                self._sync([item.spool.fd for item in live])  # type: ignore[misc]
+            except BaseException as e:
+                for item in live:
+                    item.error = e
+                live = []
+            for item in live:
+                item.spool.close()
+            # 2. link into the mailboxes, enqueue for the others
+            linked: list[_Pending] = []
+            for item in live:
+                try:
+                    self._deliver(item)
+                    linked.append(item)
+                except BaseException as e:
+                    item.error = e
+                    self._unlink(item)
+            # 3. the new directory entries on disk
+            if self._deferred_sync:
+                folders = sorted({os.path.dirname(str(p)) for item in linked for p in item.written})
+                try:
+                    self._sync_folders(folders)
+                except BaseException as e:
+                    for item in linked:
+                        item.error = e
+                        self._unlink(item)
+        finally:
+            for item in batch:
+                item.spool.abort()
+
+    def _deliver(self, item: _Pending) -> None:
+        if item.local:
+            if self._deferred_sync:
+                item.written = list(self.store.deliver_file(item.spool.path, item.local, sync=False))
+            else:
+                item.written = list(self.store.deliver_file(item.spool.path, item.local))
+        if item.envelope is not None and item.envelope.get("recipients"):
+            self.queue.enqueue(item.spool.path, item.envelope)
+
+    def _sync_folders(self, folders: list[str]) -> None:
+        fds: list[int] = []
+        try:
+            for folder in folders:
+                fds.append(os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)))
+            if fds:
+                self._sync(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    @staticmethod
+    def _unlink(item: _Pending) -> None:
+        """Remove the mailbox links of a message that will not get its 250."""
+        for path in item.written:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        item.written = []
 
 
 def clean_spool(spool_dir: Path, older_than: float = 0.0) -> int:

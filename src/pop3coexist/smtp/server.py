@@ -11,7 +11,8 @@ handling and commands, because the stock ones are unsafe for a real server:
 - EHLO advertises only what is implemented; every reply after the greeting and EHLO carries an
   enhanced status code (RFC 2034, RFC 3463);
 - DATA is a byte stream into a spool file (``incoming.MessageReader``): only CRLF.CRLF ends it,
-  and the 250 goes out only after ``incoming.commit_message`` made it durable.
+  and the 250 goes out only after ``incoming.GroupCommitter`` made it durable (one batch of
+  syncs for every session whose DATA ended meanwhile).
 
 Recipient decisions are ``policy.relay``'s, connection control ``policy.connections``', failed
 log-in delays ``policy.throttle``'s, concurrent connections ``policy.connlimit``'s. The store,
@@ -49,7 +50,7 @@ from pop3coexist.policy.relay import (
 )
 from pop3coexist.policy.throttle import AuthThrottle
 from pop3coexist.smtp import auth as sasl
-from pop3coexist.smtp.incoming import MessageReader, SpoolWriter, commit_message, new_queue_id
+from pop3coexist.smtp.incoming import GroupCommitter, MessageReader, SpoolWriter, new_queue_id
 from pop3coexist.smtp.received import received_header, with_keyword
 
 log = Logger()
@@ -719,7 +720,7 @@ class ESMTPServer(tsmtp.ESMTP):
         cfg = self.factory.config.smtp
         queue_id = new_queue_id()
         try:
-            spool = SpoolWriter(self.factory.store.spool_dir(), queue_id)
+            spool = SpoolWriter(self.factory.store.spool_dir(), queue_id, lazy=True)
         except OSError as e:
             log.error("SMTP: cannot create a spool file: {err}", err=e)
             raise _fail(451, "4.3.0", "Local error in processing, try again later")
@@ -794,9 +795,7 @@ class ESMTPServer(tsmtp.ESMTP):
                 "hops": reader.hops.count + 1,
             }
         local = list(txn.local)
-        d = self.factory.run_blocking(
-            commit_message, self.factory.store, self.factory.queue, reader.sink, local, envelope
-        )
+        d = self.factory.committer.commit(reader.sink, local, envelope)  # group commit
 
         def ok(_):
             log.info(
@@ -871,6 +870,8 @@ class SMTPServerFactory(protocol.ServerFactory):
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
 
         self.run_blocking = run_blocking
+        # one batch of fsyncs for all sessions' messages that end meanwhile (incoming.py)
+        self.committer = GroupCommitter(store, queue, run_blocking)
         smtp_cfg = config.smtp
         self.throttle = throttle or AuthThrottle(reactor, base=smtp_cfg.auth_failure_delay)
         self.limiter = limiter or ConnectionLimiter(

@@ -579,8 +579,12 @@ class MaildirStore:
         recipients: list[tuple[str, str]],
         *,
         enforce_quota: bool = True,
+        sync: bool = True,
     ) -> list[Path]:
         """See ``IMailStore.deliver_file``.
+
+        ``sync=False`` skips the fsync of the ``new/`` folders: the caller makes the returned
+        paths' folders durable itself (the SMTP group commit syncs a whole batch at once).
 
         All recipients are checked (names, existence, quota) before anything is written; if a
         link fails part-way, the links already made are removed again and ``StoreError`` is
@@ -610,7 +614,7 @@ class MaildirStore:
                 written.append(self._link_into(source, new, size, wsize))
                 if new not in folders:
                     folders.append(new)
-            for folder in folders:
+            for folder in folders if sync else ():
                 _fsync_dir(folder)
         except OSError as exc:
             for done in written:

@@ -1,0 +1,248 @@
+"""Group commit of incoming messages (``incoming.GroupCommitter``): batching, ordering, failure
+isolation, and no success before the data and the directory entries are durable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet import defer
+
+from pop3coexist.errors import QuotaExceeded
+from pop3coexist.smtp.incoming import SYNCFS, GroupCommitter, SpoolWriter
+from pop3coexist.store.maildir import MaildirStore
+from tests.support.fakes import sync_run_blocking
+
+HOST = "pop.contoso.test"
+
+
+class ManualRunner:
+    """run_blocking that holds each call until ``step()`` runs it (one batch at a time)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[defer.Deferred, object, tuple]] = []
+
+    def __call__(self, f, *args):
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append((d, f, args))
+        return d
+
+    def step(self) -> None:
+        d, f, args = self.calls.pop(0)
+        try:
+            d.callback(f(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the Deferred like a thread pool does
+            d.errback(e)
+
+
+class SyncLog:
+    """Fake sync functions that record what was synced; ``fail_next`` makes the next one fail."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.fail_next: OSError | None = None
+
+    def _check(self) -> None:
+        if self.fail_next is not None:
+            e, self.fail_next = self.fail_next, None
+            raise e
+
+    def fsync(self, fd: int) -> None:
+        self._check()
+        self.events.append("fsync")
+        os.fsync(fd)
+
+    def syncfs(self, fd: int) -> None:
+        self._check()
+        self.events.append("syncfs")
+        os.fsync(fd)
+
+
+def make(tmp_path: Path, run_blocking=sync_run_blocking):
+    store = MaildirStore(tmp_path / "mailroot")
+    store.add_domain(HOST)
+    for box in ("ted", "ann"):
+        store.add_mailbox(HOST, box)
+    sync = SyncLog()
+    queue = FakeQueue()
+    committer = GroupCommitter(store, queue, run_blocking, sync_fs=sync.syncfs, fsync=sync.fsync)
+    return store, queue, committer, sync
+
+
+class FakeQueue:
+    """Records enqueued messages; ``fail`` makes enqueue raise."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[bytes, dict]] = []
+        self.fail: BaseException | None = None
+
+    def enqueue(self, source, envelope: dict) -> str:
+        if self.fail is not None:
+            raise self.fail
+        self.items.append((Path(source).read_bytes(), envelope))
+        return "q1"
+
+
+def spool(store: MaildirStore, text: bytes, lazy: bool = True) -> SpoolWriter:
+    w = SpoolWriter(store.spool_dir(), os.urandom(4).hex(), lazy=lazy)
+    w.write(text)
+    return w
+
+
+def new_files(store: MaildirStore, box: str) -> list[bytes]:
+    new = store.root / HOST / box / "new"
+    return sorted(p.read_bytes() for p in new.iterdir())
+
+
+def results(ds: list[defer.Deferred]) -> list[object]:
+    out: list[object] = []
+    for d in ds:
+        d.addCallbacks(lambda _: out.append("ok"), lambda f: out.append(f.type.__name__))
+    return out
+
+
+def test_one_batch_for_messages_that_wait_and_replies_in_order(tmp_path: Path) -> None:
+    """Messages ending while a batch runs share the next batch (two syncs for all of them);
+    every Deferred fires in submission order, and only after its batch finished."""
+    runner = ManualRunner()
+    store, _, committer, sync = make(tmp_path, runner)
+    order: list[int] = []
+    d0 = committer.commit(spool(store, b"m0\n"), [(HOST, "ted")], None)
+    d0.addCallback(lambda _: order.append(0))
+    ds = []
+    for i in range(1, 6):
+        d = committer.commit(spool(store, b"m%d\n" % i), [(HOST, "ted")], None)
+        d.addCallback(lambda _, i=i: order.append(i))
+        ds.append(d)
+    assert len(runner.calls) == 1 and order == []  # batch 1 (m0) is running, 5 wait
+    runner.step()
+    assert order == [0] and len(runner.calls) == 1
+    sync.events.clear()
+    runner.step()
+    assert order == [0, 1, 2, 3, 4, 5]
+    # five messages, one mailbox: one sync for the data, one fsync of new/
+    assert sync.events == ["syncfs", "fsync"]
+    assert new_files(store, "ted") == [b"m%d\n" % i for i in range(6)]
+    assert list(store.spool_dir().iterdir()) == []
+    assert committer.batches == 2 and committer.messages == 6
+
+
+def test_no_success_before_data_and_entries_are_durable(tmp_path: Path) -> None:
+    """The Deferred fires after both syncs: the data sync comes before any link exists, the
+    folder sync after the links; nothing fires while the batch is held."""
+    runner = ManualRunner()
+    store, _, committer, sync = make(tmp_path, runner)
+    seen: list[str] = []
+    real_deliver = store.deliver_file
+
+    def deliver(source, recipients, **kw):
+        seen.append("link after " + ",".join(sync.events))
+        return real_deliver(source, recipients, **kw)
+
+    store.deliver_file = deliver  # type: ignore[method-assign]
+    committer._deferred_sync = True
+    d = committer.commit(spool(store, b"a\n"), [(HOST, "ted"), (HOST, "ann")], None)
+    fired = results([d])
+    assert fired == []
+    runner.step()
+    assert seen == ["link after fsync"]
+    # one message to two mailboxes: its data, then two folders (one syncfs covers both)
+    assert sync.events == ["fsync", "syncfs"]
+    assert fired == ["ok"]
+
+
+def test_failing_data_sync_fails_only_its_batch(tmp_path: Path) -> None:
+    """A failing sync fails every message of that batch (nothing delivered, spool removed);
+    the next batch goes on normally."""
+    runner = ManualRunner()
+    store, _, committer, sync = make(tmp_path, runner)
+    first = results([committer.commit(spool(store, b"x\n"), [(HOST, "ted")], None)])
+    second = results([committer.commit(spool(store, b"y%d\n" % i), [(HOST, "ted")], None)
+                      for i in range(3)])
+    sync.fail_next = OSError(5, "I/O error")
+    runner.step()
+    assert first == ["OSError"] and second == []
+    runner.step()
+    assert second == ["ok", "ok", "ok"]
+    assert new_files(store, "ted") == [b"y0\n", b"y1\n", b"y2\n"]
+    assert list(store.spool_dir().iterdir()) == []
+
+
+def test_failing_folder_sync_removes_the_links(tmp_path: Path) -> None:
+    """If the directory entries cannot be made durable, the messages get no success and their
+    links are removed again (the client will retry; no half-acknowledged copies)."""
+    store, _, committer, sync = make(tmp_path)
+    real = sync.fsync
+    calls = []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # the second sync of the batch: the new/ folder
+            raise OSError(5, "I/O error")
+        real(fd)
+
+    committer.fsync = fsync
+    fired = results([committer.commit(spool(store, b"z\n"), [(HOST, "ted")], None)])
+    assert fired == ["OSError"]
+    assert new_files(store, "ted") == []
+    assert list(store.spool_dir().iterdir()) == []
+
+
+def test_one_message_failure_does_not_fail_the_batch(tmp_path: Path) -> None:
+    """A full mailbox fails its own message (QuotaExceeded, for a 552) and no other."""
+    runner = ManualRunner()
+    store, _, committer, _ = make(tmp_path, runner)
+    store.set_quota(HOST, "ann", 1)
+    committer.commit(spool(store, b"first\n"), [(HOST, "ted")], None)
+    fired = results([
+        committer.commit(spool(store, b"to ted\n"), [(HOST, "ted")], None),
+        committer.commit(spool(store, b"to ann, too big\n"), [(HOST, "ann")], None),
+        committer.commit(spool(store, b"to ted again\n"), [(HOST, "ted")], None),
+    ])
+    runner.step()
+    runner.step()
+    assert fired == ["ok", QuotaExceeded.__name__, "ok"]
+    assert new_files(store, "ann") == []
+    assert len(new_files(store, "ted")) == 3
+
+
+def test_remote_recipients_are_enqueued_and_queue_failure_is_per_message(tmp_path: Path) -> None:
+    """The other recipients go to the queue from the same spool file; a queue failure fails
+    that message only."""
+    store, queue, committer, _ = make(tmp_path)
+    env = {"sender": "a@b.test", "recipients": [{"address": "x@foreign.example"}]}
+    ok = results([committer.commit(spool(store, b"q\n"), [(HOST, "ted")], env)])
+    assert ok == ["ok"] and queue.items == [(b"q\n", env)]
+    queue.fail = OSError(28, "No space left on device")
+    bad = results([committer.commit(spool(store, b"r\n"), [], env)])
+    assert bad == ["OSError"]
+    assert list(store.spool_dir().iterdir()) == []
+
+
+def test_lazy_spool_writer_creates_the_file_only_when_needed(tmp_path: Path) -> None:
+    """A lazy spool file exists only past the in-memory chunk or at finish(); abort before
+    that leaves nothing; an eager one exists at once."""
+    w = SpoolWriter(tmp_path, "lazy1", lazy=True)
+    w.write(b"small")
+    assert not w.path.exists()
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+    w = SpoolWriter(tmp_path, "lazy2", lazy=True)
+    w.write(b"x" * (300 * 1024))
+    assert w.path.exists()
+    w.write(b"tail")
+    w.finish()
+    assert w.path.stat().st_size == 300 * 1024 + 4
+    w.abort()
+    w = SpoolWriter(tmp_path, "lazy3", lazy=True)
+    w.write(b"y")
+    w.finish()
+    assert w.path.read_bytes() == b"y"
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_syncfs_is_found_on_linux() -> None:
+    """On Linux the group commit uses syncfs(2) (one call per batch)."""
+    if os.uname().sysname == "Linux":
+        assert SYNCFS is not None
