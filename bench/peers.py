@@ -69,6 +69,9 @@ def ensure_packages() -> dict[str, bool]:
             policy.chmod(0o755)
             made = True
         try:
+            # postfix asks at install time: no system mail configuration
+            subprocess.run(["debconf-set-selections"], input="postfix postfix/main_mailer_type select "
+                           "No configuration\n", text=True, capture_output=True)
             subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
             subprocess.run(["apt-get", "install", "-y", "-q", *need], env=env, capture_output=True,
                            timeout=600)
