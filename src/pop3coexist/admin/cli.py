@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cc = top.add_parser("check-config", help="validate the config and the state it names")
     cc.add_argument("--peer", default=None, help="the other side's config (coexistence checks)")
+
+    po = top.add_parser("policy", help="gateway recipient policies (admin/policy.py)")
+    pa = po.add_subparsers(dest="verb", required=True).add_parser(
+        "apply", help="stamp the policies' proxy addresses in the directory")
+    pa.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
     return p
 
 
@@ -362,11 +367,11 @@ class Admin:
             except StoreError as e:
                 _fail(f"password file {self.config.server.password_file}: {e}")
         if peer is not None:
-            other = load_config(peer)
-            clash = set(self.config.domains.local) & set(other.domains.local)
-            if clash:
-                _fail(f"both configs keep mailboxes for {', '.join(sorted(clash))}: the POP3 server and "
-                      "the gateway must not share a mail domain (it would loop)")
+            from pop3coexist.policy.gateway import check_pair
+
+            problem = check_pair(self.config, load_config(peer))
+            if problem:
+                _fail(problem)
         self.say(f"{self.config.path}: OK")
 
 
@@ -405,6 +410,10 @@ def run(argv: Sequence[str], out: Any = None) -> int:
                 admin.mailbox_quota(args.address, args.size)
         elif noun == "stat":
             admin.stat(args.domain)
+        elif noun == "policy":
+            from pop3coexist.admin.policy import run_apply
+
+            run_apply(config, args.dry_run, admin.out)
         elif noun == "queue":
             if verb == "list":
                 admin.queue_list()

@@ -216,3 +216,34 @@ class GatewayPolicy:
                 f"mail for {address.domain} would go back to the server it came from "
                 f"(connector {connector.name!r})",
             )
+
+
+SEED_RULE = (
+    "the POP3 server and the gateway must not share a mail domain (seed: \"You cannot "
+    "configure a server running the Windows Server POP3 service that uses the same mail domain "
+    "as the Exchange Server system\"): mail from one system to an unknown user of the other "
+    "would loop"
+)
+
+
+def check_pair(config: Config, peer: Config) -> str | None:
+    """``check-config --peer``: one line naming the broken coexistence rule, or None.
+
+    With one gateway and one mailbox server: the mailbox server's local domains must not be
+    the gateway's authoritative (shared) or local domains. Two servers of the same role must
+    not keep mailboxes for the same domain.
+    """
+    gateways = [c for c in (config, peer) if c.gateway.enabled]
+    if len(gateways) == 1:
+        gw = gateways[0]
+        mailbox = peer if gw is config else config
+        shared = set(gw.domains.local) | set(gw.gateway.authoritative_domains)
+        clash = sorted(set(mailbox.domains.local) & shared)
+        if clash:
+            return (f"{mailbox.path or 'the mailbox server'}: local domain {', '.join(clash)} is the "
+                    f"gateway's authoritative shared domain; {SEED_RULE}")
+        return None
+    clash = sorted(set(config.domains.local) & set(peer.domains.local))
+    if clash:
+        return (f"both configs keep mailboxes for {', '.join(clash)}: {SEED_RULE}")
+    return None

@@ -1,0 +1,228 @@
+"""``pop3coexist-admin policy apply [--dry-run]``: the Recipient Update Service of the gateway.
+
+Recipient policies (``[[gateway.recipient_policies]]``, config.py) give directory objects
+their proxy addresses. For every policy, highest priority first (the lowest ``priority``
+number), the objects its LDAP ``filter`` selects are found; each object is handled by the
+first policy that selects it (as in Exchange: one policy per recipient; give the default
+policy the largest number). For that object:
+
+- ``primary``: when the object has no primary ``SMTP:`` address, this becomes it (an existing
+  ``smtp:`` entry with the same address is promoted). When it has another primary, it stays
+  (the seed: "it does not replace the primary SMTP address if it has been configured") and
+  the policy's address is added as a secondary one - unless ``replace_primary = true``: then
+  the old primary becomes secondary and the policy's address the primary;
+- ``secondary``: each address is added as ``smtp:`` when the object does not have it yet.
+
+Addresses are never removed. Templates: ``%m`` the alias (``sAMAccountName``), ``%g`` the
+given name, ``%s`` the surname, ``%Ng`` / ``%Ns`` their first N letters, ``%%`` a percent
+sign; ``@domain`` is short for ``%m@domain``. A template that gives no valid address for an
+object (no given name, say) is reported and skipped.
+
+The changes are written with LDAP modify (delete / add of single values, so nothing else on
+the object is touched) bound as ``gateway.update_bind_dn`` (default: the service account of
+``[auth.directory]``). ``--dry-run`` prints the same plan and writes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ldaptor import delta
+from ldaptor.protocols import pureldap
+from twisted.internet import defer
+
+from pop3coexist.address import AddressError, parse_address
+from pop3coexist.config import Config, RecipientPolicyConfig, read_secret
+from pop3coexist.errors import AdminError
+
+_TEMPLATE_RE = re.compile(r"%(%|(\d*)([mgs]))")
+_ATTRS = ["sAMAccountName", "givenName", "sn", "proxyAddresses", "mail", "targetAddress"]
+
+
+@dataclass
+class Change:
+    """What one object gets: proxyAddresses values to delete and to add (in this order)."""
+
+    dn: str
+    policy: str
+    delete: list[str] = field(default_factory=list)
+    add: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # templates that gave no address
+
+    @property
+    def empty(self) -> bool:
+        return not self.delete and not self.add
+
+
+def expand_template(template: str, attrs: dict[str, list[str]]) -> str | None:
+    """The address a template gives for an object's attributes, or None when it cannot."""
+    if template.startswith("@"):
+        template = "%m" + template
+    local_t, _, domain = template.rpartition("@")
+    values = {
+        "m": _first(attrs, "samaccountname"),
+        "g": _first(attrs, "givenname"),
+        "s": _first(attrs, "sn"),
+    }
+    missing = False
+
+    def sub(m: re.Match) -> str:
+        nonlocal missing
+        if m.group(1) == "%":
+            return "%"
+        value = values[m.group(3)]
+        if not value:
+            missing = True
+            return ""
+        value = re.sub(r"[^A-Za-z0-9._-]", "", value)
+        return value[: int(m.group(2))] if m.group(2) else value
+
+    local = _TEMPLATE_RE.sub(sub, local_t)
+    if missing or not local:
+        return None
+    try:
+        return str(parse_address(f"{local.lower()}@{domain}"))
+    except AddressError:
+        return None
+
+
+def _first(attrs: dict[str, list[str]], name: str) -> str:
+    values = attrs.get(name) or []
+    return values[0] if values else ""
+
+
+def plan(dn: str, attrs: dict[str, list[str]], policy: RecipientPolicyConfig) -> Change:
+    """The change one policy makes to one object (pure)."""
+    change = Change(dn, policy.name)
+    proxies = list(attrs.get("proxyaddresses") or [])
+    smtp = {p[5:].lower(): p for p in proxies if p[:5].lower() == "smtp:"}
+    primary = next((p[5:] for p in proxies if p.startswith("SMTP:")), None)
+
+    def add_secondary(addr: str) -> None:
+        if addr.lower() not in smtp:
+            value = "smtp:" + addr
+            change.add.append(value)
+            smtp[addr.lower()] = value
+
+    def make_primary(addr: str) -> None:
+        old = smtp.get(addr.lower())
+        if old is not None:
+            change.delete.append(old)
+        value = "SMTP:" + addr
+        change.add.append(value)
+        smtp[addr.lower()] = value
+
+    if policy.primary:
+        addr = expand_template(policy.primary, attrs)
+        if addr is None:
+            change.skipped.append(policy.primary)
+        elif primary is None:
+            make_primary(addr)
+        elif primary.lower() != addr.lower():
+            if policy.replace_primary:
+                change.delete.append("SMTP:" + primary)
+                change.add.append("smtp:" + primary)
+                smtp[primary.lower()] = "smtp:" + primary
+                make_primary(addr)
+            else:
+                add_secondary(addr)
+    for template in policy.secondary:
+        addr = expand_template(template, attrs)
+        if addr is None:
+            change.skipped.append(template)
+        else:
+            add_secondary(addr)
+    return change
+
+
+async def compute(config: Config, conn: Any) -> list[Change]:
+    """Search with every policy (highest priority first) on a bound connection; the plan."""
+    from pop3coexist.identity import ldapfilter
+
+    seen: set[str] = set()
+    changes: list[Change] = []
+    base = config.auth.directory.base_dn
+    for policy in config.gateway.recipient_policies:
+        entries = await conn.search(base, ldapfilter.parse_filter(policy.filter), _ATTRS, 0)
+        for entry in sorted(entries, key=lambda e: e.dn.lower()):
+            key = entry.dn.lower()
+            if key in seen:
+                continue
+            seen.add(key)
+            changes.append(plan(entry.dn, entry.attrs, policy))
+    return changes
+
+
+async def write(conn: Any, change: Change) -> None:
+    """One LDAP modify for one object; AdminError when the directory refuses it."""
+    mods = []
+    if change.delete:
+        mods.append(delta.Delete("proxyAddresses", change.delete).asLDAP())
+    if change.add:
+        mods.append(delta.Add("proxyAddresses", change.add).asLDAP())
+    answer = await conn._send(pureldap.LDAPModifyRequest(object=change.dn, modification=mods),
+                              "modify")
+    code = getattr(answer, "resultCode", None)
+    if code != 0:
+        text = getattr(answer, "errorMessage", b"") or b""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        raise AdminError(f"the directory refused to change {change.dn} (result code {code}"
+                         f"{': ' + text if text else ''})")
+
+
+async def apply_policies(config: Config, dry_run: bool, out: Any, reactor: Any = None,
+                         checker: Any = None) -> list[Change]:
+    """Bind, plan, print, and (unless ``dry_run``) write. Returns the plan."""
+    gw = config.gateway
+    if not gw.enabled:
+        raise AdminError("this config has no [gateway] section: recipient policies belong to "
+                         "the gateway")
+    if not gw.recipient_policies:
+        raise AdminError("no [[gateway.recipient_policies]] in this config")
+    if checker is None:
+        from pop3coexist.identity.directory import DirectoryChecker
+
+        checker = DirectoryChecker(config, reactor)
+    dcfg = config.auth.directory
+    bind_dn = gw.update_bind_dn or dcfg.bind_dn
+    secret_file = gw.update_bind_password_file if gw.update_bind_dn else dcfg.bind_password_file
+    if secret_file is None:
+        raise AdminError("gateway.update_bind_password_file is required with update_bind_dn")
+    try:
+        password = read_secret(secret_file).encode("utf-8")
+    except OSError as e:
+        raise AdminError(f"cannot read {secret_file}: {e.strerror}")
+    try:
+        conn = await checker._open()
+    except Exception as e:
+        raise AdminError(f"cannot reach the directory {dcfg.url}: {e}")
+    try:
+        code = await conn.bind(bind_dn, password)
+        if code != 0:
+            raise AdminError(f"the directory refused the bind as {bind_dn} (result code {code})")
+        changes = await compute(config, conn)
+        pending = [c for c in changes if not c.empty]
+        for c in changes:
+            for template in c.skipped:
+                print(f"{c.dn}: policy {c.policy!r}: template {template!r} gives no address; "
+                      "skipped", file=out)
+        for c in pending:
+            parts = [f"-{v}" for v in c.delete] + [f"+{v}" for v in c.add]
+            print(f"{c.dn} (policy {c.policy!r}): {' '.join(parts)}", file=out)
+            if not dry_run:
+                await write(conn, c)
+        verb = "would change" if dry_run else "changed"
+        print(f"{verb} {len(pending)} of {len(changes)} recipient(s)", file=out)
+        return changes
+    finally:
+        conn.close()
+
+
+def run_apply(config: Config, dry_run: bool, out: Any) -> None:
+    """The admin verb: run ``apply_policies`` on the reactor until it is done."""
+    from pop3coexist.admin.cli import _wait
+
+    _wait(defer.ensureDeferred(apply_policies(config, dry_run, out)))
