@@ -4,19 +4,8 @@ Recipient policies (``[[gateway.recipient_policies]]``, config.py) give director
 their proxy addresses. For every policy, highest priority first (the lowest ``priority``
 number), the objects its LDAP ``filter`` selects are found; each object is handled by the
 first policy that selects it (as in Exchange: one policy per recipient; give the default
-policy the largest number). For that object:
-
-- ``primary``: when the object has no primary ``SMTP:`` address, this becomes it (an existing
-  ``smtp:`` entry with the same address is promoted). When it has another primary, it stays
-  (the seed: "it does not replace the primary SMTP address if it has been configured") and
-  the policy's address is added as a secondary one - unless ``replace_primary = true``: then
-  the old primary becomes secondary and the policy's address the primary;
-- ``secondary``: each address is added as ``smtp:`` when the object does not have it yet.
-
-Addresses are never removed. Templates: ``%m`` the alias (``sAMAccountName``), ``%g`` the
-given name, ``%s`` the surname, ``%Ng`` / ``%Ns`` their first N letters, ``%%`` a percent
-sign; ``@domain`` is short for ``%m@domain``. A template that gives no valid address for an
-object (no given name, say) is reported and skipped.
+policy the largest number); ``policy/recipient_policies.py`` says what it changes and how
+address templates work.
 
 The changes are written with LDAP modify (delete / add of single values, so nothing else on
 the object is touched) bound as ``gateway.update_bind_dn`` (default: the service account of
@@ -25,116 +14,15 @@ the object is touched) bound as ``gateway.update_bind_dn`` (default: the service
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from ldaptor import delta
 from ldaptor.protocols import pureldap
 from twisted.internet import defer
 
-from pop3coexist.address import AddressError, parse_address
-from pop3coexist.config import Config, RecipientPolicyConfig, read_secret
+from pop3coexist.config import Config, read_secret
 from pop3coexist.errors import AdminError
-
-_TEMPLATE_RE = re.compile(r"%(%|(\d*)([mgs]))")
-_ATTRS = ["sAMAccountName", "givenName", "sn", "proxyAddresses", "mail", "targetAddress"]
-
-
-@dataclass
-class Change:
-    """What one object gets: proxyAddresses values to delete and to add (in this order)."""
-
-    dn: str
-    policy: str
-    delete: list[str] = field(default_factory=list)
-    add: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # templates that gave no address
-
-    @property
-    def empty(self) -> bool:
-        return not self.delete and not self.add
-
-
-def expand_template(template: str, attrs: dict[str, list[str]]) -> str | None:
-    """The address a template gives for an object's attributes, or None when it cannot."""
-    if template.startswith("@"):
-        template = "%m" + template
-    local_t, _, domain = template.rpartition("@")
-    values = {
-        "m": _first(attrs, "samaccountname"),
-        "g": _first(attrs, "givenname"),
-        "s": _first(attrs, "sn"),
-    }
-    missing = False
-
-    def sub(m: re.Match) -> str:
-        nonlocal missing
-        if m.group(1) == "%":
-            return "%"
-        value = values[m.group(3)]
-        if not value:
-            missing = True
-            return ""
-        value = re.sub(r"[^A-Za-z0-9._-]", "", value)
-        return value[: int(m.group(2))] if m.group(2) else value
-
-    local = _TEMPLATE_RE.sub(sub, local_t)
-    if missing or not local:
-        return None
-    try:
-        return str(parse_address(f"{local.lower()}@{domain}"))
-    except AddressError:
-        return None
-
-
-def _first(attrs: dict[str, list[str]], name: str) -> str:
-    values = attrs.get(name) or []
-    return values[0] if values else ""
-
-
-def plan(dn: str, attrs: dict[str, list[str]], policy: RecipientPolicyConfig) -> Change:
-    """The change one policy makes to one object (pure)."""
-    change = Change(dn, policy.name)
-    proxies = list(attrs.get("proxyaddresses") or [])
-    smtp = {p[5:].lower(): p for p in proxies if p[:5].lower() == "smtp:"}
-    primary = next((p[5:] for p in proxies if p.startswith("SMTP:")), None)
-
-    def add_secondary(addr: str) -> None:
-        if addr.lower() not in smtp:
-            value = "smtp:" + addr
-            change.add.append(value)
-            smtp[addr.lower()] = value
-
-    def make_primary(addr: str) -> None:
-        old = smtp.get(addr.lower())
-        if old is not None:
-            change.delete.append(old)
-        value = "SMTP:" + addr
-        change.add.append(value)
-        smtp[addr.lower()] = value
-
-    if policy.primary:
-        addr = expand_template(policy.primary, attrs)
-        if addr is None:
-            change.skipped.append(policy.primary)
-        elif primary is None:
-            make_primary(addr)
-        elif primary.lower() != addr.lower():
-            if policy.replace_primary:
-                change.delete.append("SMTP:" + primary)
-                change.add.append("smtp:" + primary)
-                smtp[primary.lower()] = "smtp:" + primary
-                make_primary(addr)
-            else:
-                add_secondary(addr)
-    for template in policy.secondary:
-        addr = expand_template(template, attrs)
-        if addr is None:
-            change.skipped.append(template)
-        else:
-            add_secondary(addr)
-    return change
+from pop3coexist.policy.recipient_policies import ATTRIBUTES, Change, plan
 
 
 async def compute(config: Config, conn: Any) -> list[Change]:
@@ -145,7 +33,7 @@ async def compute(config: Config, conn: Any) -> list[Change]:
     changes: list[Change] = []
     base = config.auth.directory.base_dn
     for policy in config.gateway.recipient_policies:
-        entries = await conn.search(base, ldapfilter.parse_filter(policy.filter), _ATTRS, 0)
+        entries = await conn.search(base, ldapfilter.parse_filter(policy.filter), ATTRIBUTES, 0)
         for entry in sorted(entries, key=lambda e: e.dn.lower()):
             key = entry.dn.lower()
             if key in seen:
