@@ -362,3 +362,35 @@ def test_gateway_dialogue_directory_down_is_451(tmp_path: Path) -> None:
         (f"RCPT TO:<ted@{SHARED}>\r\n".encode(),
          b"451 4.4.3 Directory lookup failed, try again later\r\n"),
     ], transport=t)
+
+
+# --------------------------------------------------------------------------- check-config
+
+
+def test_check_pair_names_the_seed_rule(tmp_path: Path) -> None:
+    """A POP3 server whose local domain is the gateway's authoritative shared domain is refused
+    (either order of the two configs), naming the seed's rule; a proper pair passes."""
+    from pop3coexist.policy.gateway import check_pair
+
+    gw = load(tmp_path)
+    ok = parse_config(f'[server]\nhostname = "{POP}"\nstate_dir = "{tmp_path}"\n'
+                      f'[domains]\nlocal = ["{POP}"]\n')
+    bad = parse_config(f'[server]\nhostname = "{POP}"\nstate_dir = "{tmp_path}"\n'
+                       f'[domains]\nlocal = ["{SHARED}"]\n')
+    assert check_pair(ok, gw) is None and check_pair(gw, ok) is None
+    for a, b in ((bad, gw), (gw, bad)):
+        problem = check_pair(a, b)
+        assert problem is not None
+        assert "authoritative shared domain" in problem and "must not share a mail domain" in problem
+        assert "You cannot configure a server running the Windows Server POP3 service" in problem
+
+
+def test_check_connectors_refuses_a_next_hop_that_is_myself(tmp_path: Path) -> None:
+    """check-config refuses a connector whose next hop is one of the server's own listeners."""
+    from pop3coexist.policy.gateway import check_connectors
+
+    mine = load(tmp_path, extra='[smtp]\nlisten = ["tcp:25:interface=127.0.0.1"]\n')
+    assert check_connectors(mine) is None  # the connector goes to port 2526, we listen on 25
+    selfish = load(tmp_path, extra='[smtp]\nlisten = ["tcp:2526:interface=0.0.0.0"]\n')
+    problem = check_connectors(selfish)
+    assert problem is not None and "'pop3'" in problem and "loop back to myself" in problem

@@ -366,8 +366,12 @@ class Admin:
                 self._pwfile().check()
             except StoreError as e:
                 _fail(f"password file {self.config.server.password_file}: {e}")
+        from pop3coexist.policy.gateway import check_connectors, check_pair
+
+        problem = check_connectors(self.config)
+        if problem:
+            _fail(problem)
         if peer is not None:
-            from pop3coexist.policy.gateway import check_pair
 
             problem = check_pair(self.config, load_config(peer))
             if problem:

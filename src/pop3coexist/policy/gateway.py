@@ -40,6 +40,7 @@ from twisted.internet import defer
 from pop3coexist.address import Address, AddressError, parse_address
 from pop3coexist.config import Config, ConnectorConfig
 from pop3coexist.errors import PermanentFailure
+from pop3coexist.policy.routing import own_addresses, parse_next_hop
 
 LOCAL = "local"
 FORWARD = "forward"
@@ -99,7 +100,7 @@ def came_from(connector: ConnectorConfig, peer: Peer) -> bool:
         ip = _hop_ip(hop)
         if ip is not None and ip == client:
             return True
-        if ip is None and hop.rpartition(":")[0 if ":" in hop else 2].lower() == helo:
+        if ip is None and parse_next_hop(hop).host == helo:
             return True
     return False
 
@@ -246,4 +247,19 @@ def check_pair(config: Config, peer: Config) -> str | None:
     clash = sorted(set(config.domains.local) & set(peer.domains.local))
     if clash:
         return (f"both configs keep mailboxes for {', '.join(clash)}: {SEED_RULE}")
+    return None
+
+
+def check_connectors(config: Config) -> str | None:
+    """``check-config``: a connector whose next hop is one of this server's own SMTP listeners
+    would loop back to itself (the delivery runner refuses it with 554 5.4.6 at run time)."""
+    if not config.gateway.enabled:
+        return None
+    own = own_addresses(config)
+    for c in config.gateway.connectors:
+        for spec in c.next_hops:
+            hop = parse_next_hop(spec)
+            if own.is_self(hop.host, hop.host if hop.literal else None, hop.port):
+                return (f"connector {c.name!r}: next hop {spec} is this server itself: mail for "
+                        f"{', '.join(s.domain for s in c.address_spaces)} would loop back to myself")
     return None
