@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.programs import free_port, require_program
 from tests.support.server import admin_path
-from tests.support.slapd import BASE_DN, SERVICE_DN, SERVICE_PASSWORD, Slapd, ssha
+from tests.support.slapd import ADMIN_DN, BASE_DN, SERVICE_DN, SERVICE_PASSWORD, Slapd, ssha
 from tests.support.smarthost import SmartHost, wait_until
 from tests.support.smtp_fakes import make_server
 
@@ -173,8 +173,19 @@ route = "[127.0.0.1]:{self.gw_port}"
             self.gateway.admin("mailbox", "add", f"{user}@{self.sc.gw_domain}")
         for user in ("ted", "kim"):
             self.pop3.admin("mailbox", "add", f"{user}@{self.sc.pop_domain}")
-        self.gateway.start()
-        self.pop3.start()
+        for attempt in range(3):
+            try:
+                self.gateway.start()
+                self.pop3.start()
+                return
+            except AssertionError:
+                # a port picked for the SMTP listeners was taken meanwhile: pick others
+                self.gateway.stop()
+                self.pop3.stop()
+                if attempt == 2:
+                    raise
+                self.gw_port, self.pop_port = free_port(), free_port()
+                self.write_configs()
 
     def stop(self) -> None:
         for part in (self.pop3, self.gateway):
@@ -363,6 +374,14 @@ def test_policy_apply_stamps_addresses_and_mail_to_the_new_one_arrives(pair) -> 
     assert again == dry  # a dry run wrote nothing
     done = pair.gateway.admin("policy", "apply").stdout
     assert "changed 1 of" in done
+    ldapsearch = require_program("ldapsearch")
+    found = subprocess.run(
+        [ldapsearch, "-x", "-LLL", "-H", pair.slapd.url, "-D", ADMIN_DN, "-w", ADMIN_PASSWORD,
+         "-b", newbie, "-s", "base", "proxyAddresses"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout
+    assert sorted(re.findall(r"(?m)^proxyAddresses: (.*)$", found)) == [
+        f"SMTP:newbie@{sc.pop_domain}", "smtp:newbie@northwindtraders.test"]
     assert "changed 0 of" in pair.gateway.admin("policy", "apply").stdout  # idempotent
     pair.pop3.admin("mailbox", "add", f"newbie@{sc.pop_domain}")
     assert pair.internet_send("newbie@northwindtraders.test", "policy-2") == {}
