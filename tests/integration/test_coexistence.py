@@ -293,6 +293,10 @@ def test_pop3_user_sends_to_the_internet_through_the_gateway(pair) -> None:
     assert got.rcpt_tos == ["bob@example.org"]
     if sc.masquerade:
         assert re.search(rb"(?m)^From: ted@northwindtraders\.test", got.content)
+    # the POP3 server relayed through the gateway as its directory account, over STARTTLS
+    assert f"SMTP AUTH ok for pop3relay@{sc.gw_domain}" in pair.gateway.log_text()
+    logs = pair.pop3.log_text() + pair.gateway.log_text()
+    assert TED_PW not in logs and PASSWORDS[f"cn=POP3 Relay,ou=service,{BASE_DN}"] not in logs
 
 
 def test_pop3_user_writes_to_a_gateway_user(pair) -> None:
