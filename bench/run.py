@@ -101,11 +101,14 @@ def machine() -> dict:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
     except (OSError, ValueError, IndexError):
         pass
-    fs = "unknown"
+    fs, best = "unknown", ""
     try:
-        fs = subprocess.run(["stat", "-f", "-c", "%T", tempfile.gettempdir()], capture_output=True,
-                            text=True).stdout.strip()
-    except OSError:
+        tmpdir = os.path.realpath(tempfile.gettempdir())
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _dev, mnt, kind = line.split()[:3]
+            if (tmpdir == mnt or tmpdir.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                fs, best = kind, mnt
+    except (OSError, ValueError):
         pass
 
     def version(cmd: list[str]) -> str:
