@@ -246,3 +246,24 @@ def test_syncfs_is_found_on_linux() -> None:
     """On Linux the group commit uses syncfs(2) (one call per batch)."""
     if os.uname().sysname == "Linux":
         assert SYNCFS is not None
+
+
+def test_one_syncfs_per_file_system(tmp_path: Path, monkeypatch) -> None:
+    """Folders on two file systems (a mailbox mounted elsewhere) get one syncfs each."""
+    _, _, committer, sync = make(tmp_path)
+    a, b, c = (os.open(tmp_path, os.O_RDONLY) for _ in range(3))
+    devices = {a: 1, b: 2, c: 1}
+
+    class St:
+        def __init__(self, dev: int) -> None:
+            self.st_dev = dev
+
+    real_fstat = os.fstat
+    monkeypatch.setattr("pop3coexist.smtp.incoming.os.fstat",
+                        lambda fd: St(devices[fd]) if fd in devices else real_fstat(fd))
+    try:
+        committer._sync([a, b, c])
+    finally:
+        for fd in (a, b, c):
+            os.close(fd)
+    assert sync.events == ["syncfs", "syncfs"]

@@ -435,9 +435,14 @@ class GroupCommitter:
     # -- the worker side (blocking)
 
     def _sync(self, fds: list[int]) -> None:
-        """Make the data (and the folder entries) behind ``fds`` durable."""
+        """Make the data (and the folder entries) behind ``fds`` durable: one syncfs per file
+        system when there are several, else fsync."""
         if self.sync_fs is not None and len(fds) > 1:
-            self.sync_fs(fds[0])
+            by_device: dict[int, int] = {}
+            for fd in fds:
+                by_device.setdefault(os.fstat(fd).st_dev, fd)
+            for fd in by_device.values():
+                self.sync_fs(fd)
         else:
             for fd in fds:
                 self.fsync(fd)
