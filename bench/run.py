@@ -585,6 +585,11 @@ def main() -> None:
     unknown = set(only) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    try:
+        import pop3coexist  # noqa: F401
+    except ImportError:
+        sys.exit(f"pop3coexist is not installed for {sys.executable}: see README 'Set-up on a fresh "
+                 "machine' (python3 -m venv .venv && .venv/bin/pip install .), then make bench")
     raise_nofile()
     started = time.perf_counter()
     peers = ensure_packages() if {"smtp", "pop3"} & set(only) else {}
