@@ -267,3 +267,16 @@ def test_one_syncfs_per_file_system(tmp_path: Path, monkeypatch) -> None:
         for fd in (a, b, c):
             os.close(fd)
     assert sync.events == ["syncfs", "syncfs"]
+
+
+def test_lazy_spool_write_error_is_kept_for_the_commit(tmp_path: Path) -> None:
+    """An I/O error while a lazy spool file is written (here: its folder is gone) does not
+    break the session: the data is dropped, and the commit fails with that error (a 451)."""
+    store, _, committer, _ = make(tmp_path)
+    w = SpoolWriter(tmp_path / "missing-folder", "id", lazy=True)
+    w.write(b"x" * (300 * 1024))  # past the in-memory chunk: the file is created now, and fails
+    assert isinstance(w.error, OSError)
+    w.write(b"more")  # ignored, no exception
+    fired = results([committer.commit(w, [(HOST, "ted")], None)])
+    assert fired == ["FileNotFoundError"]
+    assert new_files(store, "ted") == []
