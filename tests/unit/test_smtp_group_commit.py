@@ -146,8 +146,8 @@ def test_no_success_before_data_and_entries_are_durable(tmp_path: Path) -> None:
     assert fired == []
     runner.step()
     assert seen == ["link after fsync"]
-    # one message to two mailboxes: its data, then two folders (one syncfs covers both)
-    assert sync.events == ["fsync", "syncfs"]
+    # one message to two mailboxes: its data, then the two folders (fsync each: fewer than 3)
+    assert sync.events == ["fsync", "fsync", "fsync"]
     assert fired == ["ok"]
 
 
