@@ -280,3 +280,21 @@ def test_lazy_spool_write_error_is_kept_for_the_commit(tmp_path: Path) -> None:
     fired = results([committer.commit(w, [(HOST, "ted")], None)])
     assert fired == ["FileNotFoundError"]
     assert new_files(store, "ted") == []
+
+
+def test_queue_bound_messages_commit_in_parallel(tmp_path: Path) -> None:
+    """Messages that also go to the outbound queue do not wait for a batch: each is committed
+    on its own at once (their queue fsyncs then overlap), and still reports its own result."""
+    runner = ManualRunner()
+    store, queue, committer, _ = make(tmp_path, runner)
+    env = {"sender": "a@b.test", "recipients": [{"address": "x@foreign.example"}]}
+    committer.commit(spool(store, b"local only\n"), [(HOST, "ted")], None)  # a batch is running
+    fired = results([committer.commit(spool(store, b"r%d\n" % i), [(HOST, "ann")], env)
+                     for i in range(2)])
+    assert len(runner.calls) == 3  # the batch and both queue-bound messages, side by side
+    runner.calls.reverse()
+    for _ in range(3):
+        runner.step()
+    assert fired == ["ok", "ok"]
+    assert sorted(m for m, _ in queue.items) == [b"r0\n", b"r1\n"]
+    assert new_files(store, "ann") == [b"r0\n", b"r1\n"]

@@ -301,7 +301,8 @@ def commit_message(
     """
     try:
         spool.finish()
-        assert spool.fd is not None
+        if spool.fd is None:
+            raise OSError("the spool file is gone")
         fsync(spool.fd)
         spool.close()
         if local_recipients:
@@ -368,6 +369,8 @@ class GroupCommitter:
     were linked in that batch (their links are removed again). A failure of one message's
     delivery (quota, a vanished mailbox) fails that message only.
 
+    Messages for the outbound queue are the exception: see ``commit``.
+
     ``sync_fs(fd)`` and ``fsync(fd)`` are injectable for tests (a failing disk, an order log).
     """
 
@@ -402,7 +405,16 @@ class GroupCommitter:
     def commit(
         self, spool: SpoolWriter, local_recipients: list[tuple[str, str]], envelope: dict | None
     ) -> defer.Deferred:
-        """Queue one message for the next batch; see the class docstring."""
+        """Queue one message for the next batch; see the class docstring.
+
+        A message that also goes to the outbound queue is committed on its own, in parallel
+        with the others (``commit_message``): the queue makes each message durable with its own
+        fsyncs, which the file system merges when they run concurrently, but which would run
+        one after the other inside a batch (measured: relay 99 msg/s in batches, 151 alone).
+        """
+        if envelope is not None and envelope.get("recipients"):
+            return self.run_blocking(commit_message, self.store, self.queue, spool,
+                                     list(local_recipients), envelope, self.fsync)
         item = _Pending(spool, list(local_recipients), envelope)
         self._pending.append(item)
         self._kick()
