@@ -8,7 +8,6 @@ from pathlib import Path
 
 from twisted.internet import defer
 
-from pop3coexist.errors import QuotaExceeded
 from pop3coexist.smtp.incoming import SYNCFS, GroupCommitter, SpoolWriter
 from pop3coexist.store.maildir import MaildirStore
 from tests.support.fakes import sync_run_blocking
@@ -189,21 +188,32 @@ def test_failing_folder_sync_removes_the_links(tmp_path: Path) -> None:
 
 
 def test_one_message_failure_does_not_fail_the_batch(tmp_path: Path) -> None:
-    """A full mailbox fails its own message (QuotaExceeded, for a 552) and no other."""
+    """A message whose delivery fails (here: a mailbox that vanished) fails alone; the other
+    messages of the batch are delivered."""
     runner = ManualRunner()
     store, _, committer, _ = make(tmp_path, runner)
-    store.set_quota(HOST, "ann", 1)
     committer.commit(spool(store, b"first\n"), [(HOST, "ted")], None)
     fired = results([
         committer.commit(spool(store, b"to ted\n"), [(HOST, "ted")], None),
-        committer.commit(spool(store, b"to ann, too big\n"), [(HOST, "ann")], None),
+        committer.commit(spool(store, b"to nobody\n"), [(HOST, "gone")], None),
         committer.commit(spool(store, b"to ted again\n"), [(HOST, "ted")], None),
     ])
     runner.step()
     runner.step()
-    assert fired == ["ok", QuotaExceeded.__name__, "ok"]
-    assert new_files(store, "ann") == []
+    assert fired[0] == "ok" and fired[2] == "ok"
+    assert fired[1] != "ok"
     assert len(new_files(store, "ted")) == 3
+
+
+def test_quota_is_soft_at_data(tmp_path: Path) -> None:
+    """The quota is enforced at RCPT; a mailbox that filled up between RCPT and the end of DATA
+    still receives the message, so the other recipients' copies are not bounced with it."""
+    store, _, committer, _ = make(tmp_path)
+    store.set_quota(HOST, "ann", 1)
+    fired = results([committer.commit(spool(store, b"to ann and ted\n"), [(HOST, "ann"), (HOST, "ted")], None)])
+    assert fired == ["ok"]
+    assert len(new_files(store, "ann")) == 1 and len(new_files(store, "ted")) == 1
+    assert store.would_exceed_quota(HOST, "ann", 0)
 
 
 def test_remote_recipients_are_enqueued_and_queue_failure_is_per_message(tmp_path: Path) -> None:

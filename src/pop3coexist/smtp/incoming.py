@@ -306,11 +306,23 @@ def commit_message(
         fsync(spool.fd)
         spool.close()
         if local_recipients:
-            store.deliver_file(spool.path, local_recipients)
+            if _accepts(store.deliver_file, "enforce_quota"):
+                # soft at DATA: the quota was checked at RCPT (see GroupCommitter._deliver)
+                store.deliver_file(spool.path, local_recipients, enforce_quota=False)
+            else:
+                store.deliver_file(spool.path, local_recipients)
         if envelope is not None and envelope.get("recipients"):
             queue.enqueue(spool.path, envelope)
     finally:
         spool.abort()
+
+
+def _accepts(function: Callable, keyword: str) -> bool:
+    """True when ``function`` takes the keyword argument (stores and fakes differ)."""
+    try:
+        return keyword in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _load_syncfs() -> Callable[[int], None] | None:
@@ -396,11 +408,8 @@ class GroupCommitter:
         self._running = False
         self.batches = 0  # statistics (bench, logs): batches run and messages committed
         self.messages = 0
-        try:
-            params = inspect.signature(store.deliver_file).parameters
-            self._deferred_sync = "sync" in params
-        except (TypeError, ValueError):
-            self._deferred_sync = False
+        self._deferred_sync = _accepts(store.deliver_file, "sync")
+        self._soft_quota = _accepts(store.deliver_file, "enforce_quota")
 
     def commit(
         self, spool: SpoolWriter, local_recipients: list[tuple[str, str]], envelope: dict | None
@@ -509,10 +518,15 @@ class GroupCommitter:
 
     def _deliver(self, item: _Pending) -> None:
         if item.local:
+            options: dict = {}
             if self._deferred_sync:
-                item.written = list(self.store.deliver_file(item.spool.path, item.local, sync=False))
-            else:
-                item.written = list(self.store.deliver_file(item.spool.path, item.local))
+                options["sync"] = False
+            if self._soft_quota:
+                # The quota was checked at RCPT (with MAIL SIZE= when given). A mailbox that
+                # filled up since still gets this message: refusing now would bounce it for
+                # every recipient; the next RCPT for it gets 552 5.2.2.
+                options["enforce_quota"] = False
+            item.written = list(self.store.deliver_file(item.spool.path, item.local, **options))
         if item.envelope is not None and item.envelope.get("recipients"):
             self.queue.enqueue(item.spool.path, item.envelope)
 
