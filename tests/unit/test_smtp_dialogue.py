@@ -10,6 +10,7 @@ import hmac
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import task
 
 from pop3coexist.errors import AuthUnavailable
 from tests.support.dialogue import run_dialogue, take
@@ -582,3 +583,51 @@ def test_unauthorized_login_from_checker_is_not_logged_with_secret(caplog) -> No
     proto.dataReceived(b"EHLO c.test\r\nAUTH PLAIN " + b64(b"\0ted@pop.contoso.test\0topsecret") + b"\r\n")
     clock.advance(5)
     assert b"topsecret" not in take(t)
+
+
+def test_domain_list_is_reused_for_a_second_then_reread() -> None:
+    """RCPT reads the store's domains at most once a second: a burst of RCPTs costs one read,
+    and a domain added by `domain add` counts once the second has passed."""
+    clock = task.Clock()
+    factory, store, *_ = make_factory(clock=clock)
+    proto, t = start(factory)
+    run_dialogue(proto, [
+        (b"EHLO c.test\r\n", EHLO_CLEAR),
+        (b"MAIL FROM:<a@b.test>\r\n", b"250 2.1.0 Sender <a@b.test> OK\r\n"),
+        (b"RCPT TO:<ted@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <ted@pop.contoso.test> OK\r\n"),
+        (b"RCPT TO:<ann@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <ann@pop.contoso.test> OK\r\n"),
+        (b"RCPT TO:<joe@new.test>\r\n", b"554 5.7.1 Relay access denied for <joe@new.test>\r\n"),
+    ], transport=t)
+    assert [c[0] for c in store.calls].count("list_domains") == 1
+    store.add("joe@new.test")  # new.test is now a local domain (joe has no account)
+    run_dialogue(proto, [
+        (b"RCPT TO:<joe@new.test>\r\n", lambda got: got.startswith(b"554 5.7.1 ")),
+    ], transport=t)
+    clock.advance(1.5)
+    run_dialogue(proto, [
+        (b"RCPT TO:<joe@new.test>\r\n", b"550 5.1.1 <joe@new.test>: no such user here\r\n"),
+    ], transport=t)
+    assert [c[0] for c in store.calls].count("list_domains") == 2
+
+
+def test_blocking_resolver_is_used_in_one_hop() -> None:
+    """A checker with resolve_recipient_blocking (the password file) is asked in the same
+    thread hop as the mailbox check; unknown users still get 550 5.1.1."""
+    factory, store, checker, *_ = make_factory()
+    asked: list[str] = []
+
+    def blocking(address: str) -> str | None:
+        asked.append(address)
+        return address if address in checker.accounts else None
+
+    checker.resolve_recipient_blocking = blocking
+    checker.resolve_recipient = None  # must not be called
+    proto, t = start(factory)
+    run_dialogue(proto, [
+        (b"EHLO c.test\r\n", EHLO_CLEAR),
+        (b"MAIL FROM:<a@b.test>\r\n", b"250 2.1.0 Sender <a@b.test> OK\r\n"),
+        (b"RCPT TO:<Ted@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <Ted@pop.contoso.test> OK\r\n"),
+        (b"RCPT TO:<nobody@pop.contoso.test>\r\n",
+         lambda got: got.startswith(b"550 5.1.1 ")),
+    ], transport=t)
+    assert asked == ["ted@pop.contoso.test", "nobody@pop.contoso.test"]

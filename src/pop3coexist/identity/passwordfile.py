@@ -825,3 +825,8 @@ class PasswordFileChecker:
     def resolve_recipient(self, address: str) -> defer.Deferred:
         """See IAccountChecker: the lower-case address when it has a password, else None."""
         return self._run(self._resolve, address)
+
+    def resolve_recipient_blocking(self, address: str) -> str | None:
+        """Blocking form of resolve_recipient, for callers already off the reactor thread
+        (the ESMTP server folds it into the same thread hop as the mailbox check)."""
+        return self._resolve(address)

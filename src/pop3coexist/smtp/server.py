@@ -637,7 +637,7 @@ class ESMTPServer(tsmtp.ESMTP):
         gateway = getattr(factory, "gateway", None)
         shown: dict[str, object] = {}  # the address as the client gave it (reply, ORCPT)
 
-        d = factory.run_blocking(factory.store.list_domains)
+        d = factory.local_domains()
 
         def route(domains):
             pm = self.hostname if self.hostname in domains else (domains[0] if domains else None)
@@ -651,6 +651,12 @@ class ESMTPServer(tsmtp.ESMTP):
             r = factory.relay.route(address, domains, client)
             if r.kind is not RouteKind.LOCAL:
                 return r, None
+            blocking = getattr(factory.checker, "resolve_recipient_blocking", None)
+            if blocking is not None:
+                # one thread hop for the look-up and the mailbox check together
+                d2 = factory.run_blocking(_lookup_local, blocking, factory.store, address.key, txn.size)
+                d2.addCallback(lambda found: (r, _Found(found)))
+                return d2
             d2 = defer.maybeDeferred(factory.checker.resolve_recipient, address.key)
             d2.addCallback(lambda mailbox: (r, mailbox))
             return d2
@@ -666,6 +672,10 @@ class ESMTPServer(tsmtp.ESMTP):
             r, mailbox = result
             if r.kind is not RouteKind.LOCAL:
                 return r, None
+            if isinstance(mailbox, _Found):
+                if mailbox.value is None:
+                    factory.relay.local_outcome(r.address, False)
+                return r, mailbox.value
             if mailbox is None:
                 factory.relay.local_outcome(r.address, False)
             if isinstance(mailbox, bytes):
@@ -815,6 +825,26 @@ class ESMTPServer(tsmtp.ESMTP):
         return d
 
 
+class _Found:
+    """A recipient already looked up off the reactor: None (unknown) or (domain, box, state)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: tuple[str, str, tuple[bool, bool]] | None) -> None:
+        self.value = value
+
+
+def _lookup_local(resolve, store, key: str, size: int) -> tuple[str, str, tuple[bool, bool]] | None:
+    """Blocking: the checker's look-up and the mailbox check in one go (see smtp_RCPT)."""
+    mailbox = resolve(key)
+    if mailbox is None:
+        return None
+    if isinstance(mailbox, bytes):
+        mailbox = mailbox.decode("ascii")
+    box, _, domain = str(mailbox).lower().rpartition("@")
+    return domain, box, _mailbox_state(store, domain, box, size)
+
+
 def _mailbox_state(store, domain: str, mailbox: str, size: int) -> tuple[bool, bool]:
     """Blocking: (the mailbox exists, a message of ``size`` would put it over quota)."""
     if not store.domain_exists(domain) or not store.mailbox_exists(domain, mailbox):
@@ -822,6 +852,9 @@ def _mailbox_state(store, domain: str, mailbox: str, size: int) -> tuple[bool, b
     would_exceed = getattr(store, "would_exceed_quota", None)
     over = bool(would_exceed(domain, mailbox, size)) if would_exceed is not None else False
     return True, over
+
+
+DOMAINS_TTL = 1.0  # seconds a read of the store's domain list is reused
 
 
 class SMTPServerFactory(protocol.ServerFactory):
@@ -880,6 +913,21 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
         self.relay = RelayPolicy.from_config(config)
         self.gateway = GatewayPolicy.from_config(config, checker)  # None: not a gateway
+        self._domains: list[str] | None = None
+        self._domains_at = 0.0
+
+    def local_domains(self) -> defer.Deferred:
+        """The store's domains, read off the reactor at most once per DOMAINS_TTL seconds:
+        every RCPT needs them, and a domain added by ``domain add`` counts within a second."""
+        now = self.reactor.seconds()
+        if self._domains is not None and 0 <= now - self._domains_at < DOMAINS_TTL:
+            return defer.succeed(self._domains)
+
+        def keep(domains: list[str]) -> list[str]:
+            self._domains, self._domains_at = domains, now
+            return domains
+
+        return self.run_blocking(self.store.list_domains).addCallback(keep)
 
     @property
     def offers_secrets(self) -> bool:
