@@ -85,3 +85,29 @@ def test_unwritable_mailroot_refuses_to_start(tmp_path):
                          text=True, timeout=60, env=env, cwd=tmp_path)
     assert out.returncode != 0
     assert "[server.state_dir]" in out.stdout + out.stderr
+
+
+def test_sighup_keeps_serving_and_sees_admin_changes(tmp_path):
+    """SIGHUP does not stop the server; a mailbox added and a password changed by the admin
+    command while it runs work at once, without a restart."""
+    require_installed_plugin()
+    srv = ServerProcess(tmp_path, tls=False)
+    srv.write_config()
+    with srv:
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGHUP)
+        srv.add_mailbox("bea@pop.contoso.test", "bea-password-1")
+        p = poplib.POP3("127.0.0.1", srv.port("pop3"), timeout=30)
+        p.user("bea@pop.contoso.test")
+        p.pass_("bea-password-1")
+        p.quit()
+        srv.admin("mailbox", "passwd", "bea@pop.contoso.test", password="bea-password-2")
+        p = poplib.POP3("127.0.0.1", srv.port("pop3"), timeout=30)
+        p.user("bea@pop.contoso.test")
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            p.pass_("bea-password-1")
+        p.user("bea@pop.contoso.test")
+        p.pass_("bea-password-2")
+        p.quit()
+        assert srv.proc.poll() is None
+    assert "SIGHUP" in srv.log_text()
