@@ -64,6 +64,7 @@ from zope.interface import implementer
 
 from pop3coexist.address import AddressError, login_to_address
 from pop3coexist.errors import AdminError, AuthUnavailable, StoreError
+from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.interfaces import IAccountChecker
 
 __all__ = ["BadPassword", "PasswordFile", "PasswordFileChecker", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -692,14 +693,6 @@ def _check_password(password: Any) -> None:
         password.encode("utf-8")
     except UnicodeEncodeError:
         raise BadPassword("the password is not valid Unicode text")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------- the account checker

@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from pop3coexist import errors
 from pop3coexist.address import is_valid_mailbox_name, normalise_domain
+from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.interfaces import IMaildrop, IMailStore
 
 __all__ = ["MaildirStore", "Maildrop", "crlf_size", "unique_part", "uidl_for_name"]
@@ -145,14 +146,6 @@ def _sanitise_host(host: str) -> str:
         else:
             out.append(f"\\{ord(ch) & 0xFF:03o}")
     return "".join(out)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_message_entry(entry: os.DirEntry[str]) -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.interfaces import IOutboundQueue
 
 log = Logger()
@@ -43,14 +44,6 @@ ENVELOPE_VERSION = 1
 _ID_RE = re.compile(r"^[0-9a-f]{16,40}$")
 FINAL_STATES = ("delivered", "failed")
 ORPHAN_AGE = 600.0  # seconds: a body without envelope older than this is a dead enqueue
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _validate(envelope: dict) -> None:
