@@ -8,6 +8,7 @@ Nothing sleeps for a fixed time: every wait polls with a deadline.
 
 from __future__ import annotations
 
+import os
 import poplib
 import re
 import smtplib
@@ -237,10 +238,11 @@ route = "[127.0.0.1]:{self.gw_port}"
         swaks = require_program("swaks")
         return subprocess.run(
             [swaks, "--server", f"127.0.0.1:{self.pop3.port('submission')}", "--auth", "LOGIN",
-             "--auth-user", user, "--auth-password", password, "--from", user, "--to", to,
+             "--auth-user", user, "--from", user, "--to", to,
              "--h-Subject", subject, "--body", f"Sent by {user} ({subject}).",
              "--helo", "client.example.test", "--timeout", "30"],
             capture_output=True, text=True, timeout=60,
+            env=dict(os.environ, SWAKS_OPT_auth_password=password),  # never in argv
         )
 
 
@@ -380,7 +382,8 @@ def test_policy_apply_stamps_addresses_and_mail_to_the_new_one_arrives(pair) -> 
     assert "changed 1 of" in done
     ldapsearch = require_program("ldapsearch")
     found = subprocess.run(
-        [ldapsearch, "-x", "-LLL", "-H", pair.slapd.url, "-D", ADMIN_DN, "-w", ADMIN_PASSWORD,
+        [ldapsearch, "-x", "-LLL", "-H", pair.slapd.url, "-D", ADMIN_DN,
+         "-y", str(pair.slapd.admin_secret_file),
          "-b", newbie, "-s", "base", "proxyAddresses"],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout

@@ -178,6 +178,10 @@ class Slapd:
         self.secret_file = workdir / "ldap-bind.secret"
         self.secret_file.write_text(SERVICE_PASSWORD + "\n")
         self.secret_file.chmod(0o600)
+        # the administrator's password for ldapmodify/ldapsearch -y (never in argv); no newline
+        self.admin_secret_file = workdir / "ldap-admin.secret"
+        self.admin_secret_file.write_text("admin-secret")
+        self.admin_secret_file.chmod(0o600)
         self.log_file = workdir / "slapd.log"
         self._write_config()
         self._load()
@@ -293,7 +297,7 @@ class Slapd:
         """Apply an LDIF change as the directory administrator (``ldapmodify``)."""
         ldapmodify = require_program("ldapmodify")
         subprocess.run(
-            [ldapmodify, "-x", "-H", self.url, "-D", ADMIN_DN, "-w", "admin-secret"],
+            [ldapmodify, "-x", "-H", self.url, "-D", ADMIN_DN, "-y", str(self.admin_secret_file)],
             input=ldif.encode("utf-8"), check=True, capture_output=True, timeout=30,
         )
 
