@@ -13,6 +13,7 @@ import poplib
 import re
 import smtplib
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,11 +275,15 @@ def test_internet_to_pop3_user_read_by_poplib_and_curl(pair) -> None:
     print(f"\n[{sc.name}] Internet -> gateway -> POP3 server -> poplib RETR: {latency * 1000:.0f} ms")
     assert msg.count(b"Received: from") >= 2  # the gateway's and the POP3 server's
     curl = require_program("curl")
-    out = subprocess.run(
-        [curl, "-s", "--max-time", "30", f"pop3://127.0.0.1:{pair.pop3.port('pop3')}/1",
-         "-u", f"ted@{sc.pop_domain}:{TED_PW}"],
-        capture_output=True, timeout=60,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        netrc = Path(tmp) / "netrc"  # the password reaches curl through a file, not argv
+        netrc.write_text(f"machine 127.0.0.1 login ted@{sc.pop_domain} password \"{TED_PW}\"\n")
+        netrc.chmod(0o600)
+        out = subprocess.run(
+            [curl, "-s", "--max-time", "30", "--netrc-file", str(netrc),
+             f"pop3://127.0.0.1:{pair.pop3.port('pop3')}/1"],
+            capture_output=True, timeout=60,
+        )
     assert out.returncode == 0 and b"inbound-1" in out.stdout
 
 
