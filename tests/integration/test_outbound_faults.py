@@ -48,7 +48,12 @@ def test_fault(tmp_path: Path, options: list[str], state: str, reply: str) -> No
         if state == "failed":
             wait_until(lambda: queue.ids() == [], what="the failed message to leave the queue")
         else:
-            assert queue.entries()[0]["recipients"][0]["state"] == "deferred"
+            # the attempt is logged before its new state is saved: wait for the save
+            def deferred() -> bool:
+                entries = queue.entries()
+                return bool(entries) and entries[0]["recipients"][0]["state"] == "deferred"
+
+            wait_until(deferred, what="the recipient to be saved as deferred")
     finally:
         if runner is not None:
             runner.stop()

@@ -127,14 +127,21 @@ class ServerProcess:
         )
         self.config_path.write_text(text + "\n" + textwrap.dedent(self.extra_config))
 
+    def env(self) -> dict[str, str]:
+        """The environment of the server and admin processes: the installed package's."""
+        return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def admin_command(self) -> list[str]:
+        return admin_path()
+
     def admin(self, *args: str, password: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run the real pop3coexist-admin against this server's config."""
-        cmd = [*admin_path(), "-c", str(self.config_path), *args]
+        cmd = [*self.admin_command(), "-c", str(self.config_path), *args]
         if password is not None:
             cmd.append("--password-stdin")
         result = subprocess.run(
             cmd, input=(password + "\n") if password is not None else None,
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=120, env=self.env(),
         )
         if check and result.returncode != 0:
             raise AssertionError(f"admin {args} failed ({result.returncode}): {result.stderr.strip()}")
@@ -149,14 +156,13 @@ class ServerProcess:
         listeners = self.state_dir / "run" / "listeners.json"
         if listeners.exists():
             listeners.unlink()
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         self.proc = subprocess.Popen(
             [
                 twistd_path(), "-n", "--logfile", str(self.log_path),
                 "--pidfile", str(self.root / "twistd.pid"),
                 "pop3coexist", "-c", str(self.config_path),
             ],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=self.root,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env(), cwd=self.root,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -139,50 +139,18 @@ def make_server(root: Path, **kw: Any):
 
 
 def _source_server_class():
-    import json
-    import subprocess
     import sys
-    import time
 
-    from tests.support.server import ServerProcess, twistd_path
+    from tests.support.server import ServerProcess
 
     class SourceServerProcess(ServerProcess):
         """ServerProcess that runs twistd and the admin tool from the checkout (PYTHONPATH)."""
 
-        def admin(self, *args: str, password: str | None = None, check: bool = True):
-            cmd = [sys.executable, "-m", "pop3coexist.admin.cli", "-c", str(self.config_path), *args]
-            if password is not None:
-                cmd.append("--password-stdin")
-            result = subprocess.run(cmd, input=(password + "\n") if password is not None else None,
-                                    capture_output=True, text=True, timeout=120, env=source_env())
-            if check and result.returncode != 0:
-                raise AssertionError(f"admin {args} failed: {result.stderr.strip()}")
-            return result
+        def env(self) -> dict[str, str]:
+            return source_env()
 
-        def start(self, timeout: float = 60.0):
-            if not self.config_path.exists():
-                self.write_config()
-            listeners = self.state_dir / "run" / "listeners.json"
-            if listeners.exists():
-                listeners.unlink()
-            self.proc = subprocess.Popen(
-                [twistd_path(), "-n", "--logfile", str(self.log_path), "--pidfile",
-                 str(self.root / "twistd.pid"), "pop3coexist", "-c", str(self.config_path)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=source_env(), cwd=self.root,
-            )
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"twistd exited with {self.proc.returncode}\n{self.log_tail()}")
-                if listeners.exists():
-                    try:
-                        self.ports = json.loads(listeners.read_text())["listeners"]
-                        return self
-                    except (ValueError, KeyError):
-                        pass
-                time.sleep(0.05)
-            self.stop()
-            raise AssertionError(f"server did not start within {timeout}s\n{self.log_tail()}")
+        def admin_command(self) -> list[str]:
+            return [sys.executable, "-m", "pop3coexist.admin.cli"]
 
     return SourceServerProcess
 
