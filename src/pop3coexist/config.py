@@ -97,6 +97,7 @@ class Pop3Config:
     auth_failure_delay_max: float = 30.0
     max_connections: int = 1000
     max_connections_per_client: int = 50
+    sasl_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")  # AUTH (RFC 5034) offers
 
 
 @dataclass(frozen=True)
@@ -521,6 +522,22 @@ def _next_hop(value: Any) -> str:
     return value
 
 
+SASL_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
+def _sasl_mechanisms(value: Any) -> tuple[str, ...]:
+    """A list of SASL mechanism names from SASL_MECHANISMS (any case); [] offers no AUTH."""
+    items = _Reader.strings(value)
+    out: list[str] = []
+    for item in items:
+        name = item.upper()
+        if name not in SASL_MECHANISMS:
+            raise ValueError(f"{item!r} is not one of {', '.join(SASL_MECHANISMS)}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
 def _is_wildcard(name: str) -> bool:
     return "*" in name or name.strip(".") == ""
 
@@ -578,6 +595,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                 "auth_failure_delay_max": r.duration,
                 "max_connections": r.positive,
                 "max_connections_per_client": r.positive,
+                "sasl_mechanisms": _sasl_mechanisms,
             },
         )
     )

@@ -332,3 +332,20 @@ def test_fetchmail_apop(server, tmp_path):
         assert body.split(b"\n")[2] in data  # each Subject arrived
     assert b"APOP" in result.stdout + result.stderr or "apop" in text.lower()
     assert remaining(server, address) == 0
+
+
+def test_curl_pop3_user_pass_when_no_sasl_is_offered(tmp_path):
+    """With pop3.sasl_mechanisms = [] CAPA lists no SASL and, with auth.apop = false, the
+    greeting has no APOP timestamp: curl logs in with USER/PASS."""
+    srv = ServerProcess(tmp_path / "srv", tls=False, pop3_config="sasl_mechanisms = []",
+                        method_config='[auth]\nmethod = "passwordfile"\napop = false\n')
+    srv.write_config()
+    address, bodies = mailbox(srv, 1, password=CURL_PASSWORD)
+    rc = netrc(tmp_path, address)
+    with srv:
+        got = curl("--netrc-file", str(rc), "-v", f"pop3://127.0.0.1:{srv.port('pop3')}/1")
+    shown = b"\n".join(ln for ln in got.stderr.splitlines() if not ln.startswith(b"> PASS"))
+    assert got.returncode == 0, shown
+    assert b"> USER " + address.encode() in got.stderr
+    assert b"> AUTH " not in got.stderr and b"> APOP " not in got.stderr
+    assert got.stdout == crlf(bodies[0])

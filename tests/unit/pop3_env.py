@@ -41,11 +41,13 @@ class TLSTransport(StringTransport):
         self.written_before_tls = self.value()
 
 
-def make_config(require_secure_auth: bool = False, idle_timeout: float = 600.0) -> Config:
+def make_config(require_secure_auth: bool = False, idle_timeout: float = 600.0,
+                sasl_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")) -> Config:
     return Config(
         server=ServerConfig(HOST, Path("/nonexistent/state")),
         pop3=Pop3Config(require_secure_auth=require_secure_auth, idle_timeout=idle_timeout,
-                        auth_failure_delay=2.0, auth_failure_delay_max=30.0),
+                        auth_failure_delay=2.0, auth_failure_delay_max=30.0,
+                        sasl_mechanisms=sasl_mechanisms),
         domains=DomainsConfig(local=(HOST,)),
     )
 
@@ -55,7 +57,8 @@ class Env:
 
     def __init__(self, *, secrets: bool = True, tls: bool = False, implicit_tls: bool = False,
                  require_secure_auth: bool = False, limiter: ConnectionLimiter | None = None,
-                 idle_timeout: float = 600.0, chunk_size: int | None = None) -> None:
+                 idle_timeout: float = 600.0, chunk_size: int | None = None,
+                 sasl_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "CRAM-MD5")) -> None:
         self.clock = task.Clock()
         self.store = FakeMailStore()
         self.store.add(TED, MSG1, MSG2)
@@ -64,7 +67,7 @@ class Env:
                                    offers_secrets=secrets)
         self.throttle = AuthThrottle(self.clock, base=2.0, maximum=30.0)
         self.factory = POP3ServerFactory(
-            make_config(require_secure_auth, idle_timeout), self.store, self.checker,
+            make_config(require_secure_auth, idle_timeout, sasl_mechanisms), self.store, self.checker,
             tls_options=TLS_OPTIONS if (tls or implicit_tls) else None,
             implicit_tls=implicit_tls, reactor=self.clock, run_blocking=sync_run_blocking,
             throttle=self.throttle, limiter=limiter,

@@ -249,3 +249,11 @@ def test_rfc_minimums():
     """RFC minimums: 100 recipients (RFC 5321), POP3 idle timeout >= 10 minutes (RFC 1939)."""
     assert "[smtp.max_recipients]" in error_of("[smtp]\nmax_recipients = 10\n")
     assert "[pop3.idle_timeout]" in error_of("[pop3]\nidle_timeout = \"1m\"\n")
+
+
+def test_pop3_sasl_mechanisms():
+    """pop3.sasl_mechanisms takes known names in any case (duplicates folded); others are refused."""
+    assert cfg('[pop3]\nsasl_mechanisms = ["plain", "CRAM-MD5", "PLAIN"]\n').pop3.sasl_mechanisms == (
+        "PLAIN", "CRAM-MD5")
+    assert cfg('[pop3]\nsasl_mechanisms = []\n').pop3.sasl_mechanisms == ()
+    assert "[pop3.sasl_mechanisms]" in error_of('[pop3]\nsasl_mechanisms = ["NTLM"]\n')

@@ -108,6 +108,18 @@ def test_capa_require_secure_auth_without_secrets_has_no_sasl():
         CAPA_HEAD + BASE_CAPS + b"STLS\r\n" + IMPL)
 
 
+def test_capa_follows_the_configured_sasl_mechanisms():
+    """pop3.sasl_mechanisms limits SASL; with none, CAPA has no SASL line and AUTH is refused
+    (clients such as curl then log in with USER/PASS)."""
+    assert capa(Env(sasl_mechanisms=("CRAM-MD5",))) == (
+        CAPA_HEAD + BASE_CAPS + b"USER\r\nSASL CRAM-MD5\r\n" + IMPL)
+    env = Env(sasl_mechanisms=())
+    assert capa(env) == CAPA_HEAD + BASE_CAPS + b"USER\r\n" + IMPL
+    proto, transport, _ = env.connect()
+    proto.dataReceived(b"AUTH PLAIN\r\n")
+    assert transport.value() == b"-ERR unsupported SASL mechanism\r\n"
+
+
 def test_capa_without_secrets_has_no_cram():
     """Without secrets SASL lists PLAIN LOGIN only."""
     assert capa(Env(secrets=False)) == (

@@ -311,11 +311,13 @@ class POP3Server(pop3.POP3):
                 and self.factory.tls_options is not None)
 
     def mechanisms(self) -> list[str]:
-        """The SASL mechanisms offered now, strongest last (PLAIN LOGIN CRAM-MD5)."""
+        """The SASL mechanisms offered now, strongest last (PLAIN LOGIN CRAM-MD5), among those
+        that ``pop3.sasl_mechanisms`` allows."""
         mechs = ["PLAIN", "LOGIN"] if self._clear_text_allowed() else []
         if self._secrets():
             mechs.append("CRAM-MD5")
-        return mechs
+        allowed = self.factory.config.pop3.sasl_mechanisms
+        return [m for m in mechs if m in allowed]
 
     def capabilities(self) -> list[bytes]:
         """RFC 2449 capability lines for the current state."""
