@@ -6,7 +6,8 @@ process that accepts connections on the same listeners: ``max_connections`` in t
 ``max_connections_per_client`` per client IP address, exactly, over all workers together. The
 state lives in one small file that every worker maps into memory (``mmap``); ``create_table``
 makes it (the main process, before spawning workers) and ``reset_worker`` clears the counts
-of a worker that died (the supervisor, before starting its replacement).
+of a worker that died (the supervisor, before starting its replacement). Each limiter has
+its own table: POP3 and SMTP, which have separate limits, use two files.
 
 File layout (all integers little-endian, unsigned 32 bit)::
 
@@ -211,6 +212,11 @@ class SharedConnectionLimiter:
     ``worker`` is this process's index (0 = the main twistd process, 1..N-1 the spawned
     workers); it must be unique among the processes using the table. Creating the limiter
     clears this worker's region (a new process has no connections). Use it from one thread.
+
+    Create it in the process that uses it: a limiter inherited through ``fork`` shares its
+    parent's open file description (so flock would not exclude the two) and region, so in a
+    forked child ``acquire`` and ``release`` raise RuntimeError and ``close`` leaves the
+    parent's counts alone.
     """
 
     def __init__(self, path: Path, worker: int, total: int, per_client: int) -> None:
@@ -220,6 +226,7 @@ class SharedConnectionLimiter:
         self.rebuilds = 0  # times this worker's region did not match its own counts
         self._open = 0
         self._counts: dict[bytes, int] = {}
+        self._pid = os.getpid()
         self._mm: mmap.mmap | None = None
         self._fd, self.workers, self.slots = _open_table(self.path)
         try:
@@ -256,6 +263,8 @@ class SharedConnectionLimiter:
         mm = self._mm
         if mm is None:
             return False
+        if os.getpid() != self._pid:
+            raise self._forked()
         key = client_key(client)
         mine = self._counts.get(key, 0)
         if mine == 0 and len(self._counts) >= self.slots:
@@ -285,6 +294,8 @@ class SharedConnectionLimiter:
 
         A release for a client with no counted connection is ignored.
         """
+        if self._mm is not None and os.getpid() != self._pid:
+            raise self._forked()
         key = client_key(client)
         mine = self._counts.get(key, 0)
         if mine <= 0:
@@ -308,6 +319,9 @@ class SharedConnectionLimiter:
         Afterwards ``acquire`` refuses and ``release`` only updates ``open``.
         """
         if self._mm is None:
+            return
+        if os.getpid() != self._pid:  # a forked child: the region is the parent's
+            self._dispose()
             return
         try:
             with _flocked(self._fd):
@@ -431,6 +445,12 @@ class SharedConnectionLimiter:
             mm[off : off + KEY_SIZE] = key
             _COUNT_HASH.pack_into(mm, off + KEY_SIZE, count, _key_hash(key))
         self._write_region_header()
+
+    def _forked(self) -> RuntimeError:
+        return RuntimeError(
+            f"connection table {self.path}: this limiter (worker {self.worker}) belongs to "
+            f"process {self._pid}; create a new one in process {os.getpid()}"
+        )
 
     def _dispose(self) -> None:
         if self._mm is not None:
