@@ -161,10 +161,14 @@ def bench_fsync(tmp: Path, seconds: float = 2.0) -> dict:
 # ---------------------------------------------------------------- pop3coexist
 
 
+WORKERS = "auto"  # server.workers of every pop3coexist run (--workers)
+
+
 def make_server(root: Path, extra_config: str = "") -> ServerProcess:
     limits = ("max_connections = 5000\nmax_connections_per_client = 5000\n")
+    workers = WORKERS if WORKERS.isdigit() else f'"{WORKERS}"'
     srv = ServerProcess(
-        root, tls=False, extra_config=extra_config,
+        root, tls=False, extra_config=extra_config, server_config=f"workers = {workers}",
         pop3_config=limits,
         smtp_config=limits + 'max_message_size = "200MB"\nmax_messages_per_connection = 1000\n',
     )
@@ -447,9 +451,16 @@ def bench_memory(tmp: Path, idle: int = 1000, big_mb: int = 100) -> dict:
     out: dict = {}
     with srv:
         assert srv.proc is not None
-        pid = srv.proc.pid
+        # every serving process (server.workers): the figures are sums over all of them
+        record = json.loads((srv.state_dir / "run" / "listeners.json").read_text())
+        pids = record.get("workers", [srv.proc.pid])
+        out["processes"] = len(pids)
+
+        def total(field: str) -> float:
+            return sum(proc_status(p, field) for p in pids)
+
         time.sleep(0.5)
-        out["rss_start_mb"] = proc_status(pid, "VmRSS") / 1024
+        out["rss_start_mb"] = total("VmRSS") / 1024
         socks = []
         try:
             for role in ("pop3", "smtp"):
@@ -460,13 +471,13 @@ def bench_memory(tmp: Path, idle: int = 1000, big_mb: int = 100) -> dict:
                     _greeting(s)
             time.sleep(0.5)
             out["idle_sessions"] = len(socks)
-            out["rss_idle_mb"] = proc_status(pid, "VmRSS") / 1024
+            out["rss_idle_mb"] = total("VmRSS") / 1024
         finally:
             for s in socks:
                 s.close()
         time.sleep(1.0)
-        reset = reset_hwm(pid)
-        before = proc_status(pid, "VmHWM")
+        reset = all([reset_hwm(p) for p in pids])
+        before = total("VmHWM")
         out["peak_before_big_mb"] = before / 1024
         # one big message in by SMTP (streamed, CRLF lines of 76 octets) ...
         size = big_mb * 1000 * 1000
@@ -519,7 +530,7 @@ def bench_memory(tmp: Path, idle: int = 1000, big_mb: int = 100) -> dict:
         out["big_pop3_seconds"] = time.perf_counter() - start
         s.sendall(b"QUIT\r\n")
         s.close()
-        after = proc_status(pid, "VmHWM")
+        after = total("VmHWM")
         out["big_message_mb"] = got / 1e6
         out["peak_after_big_mb"] = after / 1024
         out["peak_growth_mb"] = (after - before) / 1024
@@ -560,7 +571,9 @@ def table(result: dict) -> str:
         rows.append(("relay all delivered, msg/s", fmt(r["relayed"]), "", ""))
     if "memory" in result:
         m = result["memory"]
-        rows.append((f"RSS with {m['idle_sessions']} idle sessions, MB", f"{m['rss_idle_mb']:.0f}",
+        procs = m.get("processes", 1)
+        rows.append((f"RSS with {m['idle_sessions']} idle sessions, MB, {procs} process(es)",
+                     f"{m['rss_idle_mb']:.0f}",
                      f"(at start {m['rss_start_mb']:.0f})", ""))
         rows.append(("peak RSS growth, 100 MB in by SMTP + out by POP3, MB", f"{m['peak_growth_mb']:.0f}",
                      f"(peak {m['peak_after_big_mb']:.0f})", ""))
@@ -580,7 +593,11 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=10000)
     ap.add_argument("--only", default=",".join(SECTIONS))
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
+    ap.add_argument("--workers", default="auto",
+                    help='server.workers for pop3coexist: a number or "auto" (default)')
     args = ap.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
     if unknown:
@@ -595,7 +612,7 @@ def main() -> None:
     peers = ensure_packages() if {"smtp", "pop3"} & set(only) else {}
     if not shutil.which("smtp-source") and {"smtp", "relay"} & set(only):
         sys.exit("smtp-source (Debian package postfix) is needed for the SMTP figures")
-    result: dict = {"machine": machine(), "peers": peers,
+    result: dict = {"machine": machine(), "peers": peers, "workers": args.workers,
                     "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     with tempfile.TemporaryDirectory(prefix="p3c-bench-") as tmp_name:
         tmp = Path(tmp_name)

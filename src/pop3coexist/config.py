@@ -69,6 +69,7 @@ def parse_duration(value: int | float | str) -> float:
 class ServerConfig:
     hostname: str
     state_dir: Path
+    workers: int = 1  # processes that accept connections; "auto" = one per CPU
 
     @property
     def mailroot(self) -> Path:
@@ -522,6 +523,24 @@ def _next_hop(value: Any) -> str:
     return value
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: Any) -> int:
+    """A number of processes, 1 to MAX_WORKERS, or "auto" (one per CPU this process may use)."""
+    if value == "auto":
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(MAX_WORKERS, cpus))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'must be a whole number (1 to {MAX_WORKERS}) or "auto"')
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f'must be 1 to {MAX_WORKERS} or "auto", not {value}')
+    return value
+
+
 SASL_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
 
 
@@ -574,13 +593,15 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     server = r.section(
         data.get("server", {}),
         "server",
-        {"hostname": _hostname, "state_dir": r.path_or_none},
+        {"hostname": _hostname, "state_dir": r.path_or_none, "workers": _workers},
     )
     if "hostname" not in server:
         raise r.fail("server", "hostname", "is required")
     if server.get("state_dir") is None:
         raise r.fail("server", "state_dir", "is required")
-    server_cfg = ServerConfig(hostname=server["hostname"], state_dir=server["state_dir"])
+    server_cfg = ServerConfig(
+        hostname=server["hostname"], state_dir=server["state_dir"], workers=server.get("workers", 1)
+    )
 
     pop3_cfg = Pop3Config(
         **r.section(

@@ -6,6 +6,11 @@ message, so a bad set-up refuses to start with nothing half-started. ``make_serv
 builds the store, the checker, the queue, the POP3 and ESMTP listeners and the delivery runner.
 After the listeners are up, the ports they really got are written to
 ``<state_dir>/run/listeners.json`` (so tests and tools can use port 0).
+
+``make_frontends`` builds the POP3 and SMTP factories; the worker processes of
+``server.workers`` > 1 (worker.py, supervised by workers.py) build theirs with it too, so every
+process serves alike; ``make_limiters`` then gives each process a view of the shared
+connection-count tables.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, tcp
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -156,6 +161,29 @@ class ListenerService(service.Service):
         return self.port.getHost().port if self.port is not None else None
 
 
+class _SharedAcceptPort(tcp.Port):
+    """A listening port that accepts one connection per wake-up (see ``share_accepts``)."""
+
+    @property  # type: ignore[override]
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+
+def share_accepts(port: Any) -> None:
+    """Make a TCP port that several processes listen on accept one connection per wake-up.
+
+    Twisted accepts up to ``numberAccepts`` connections in a row (growing under load), so the
+    first process to wake would take a whole burst; accepting one at a time lets every process
+    that is free at that moment take its share, and a busy one takes fewer.
+    """
+    if type(port) is tcp.Port:
+        port.__class__ = _SharedAcceptPort
+
+
 class Pop3CoexistService(service.MultiService):
     """The whole server: listeners, delivery runner, and the listeners.json record."""
 
@@ -164,6 +192,7 @@ class Pop3CoexistService(service.MultiService):
         self.config = config
         self.reactor = reactor
         self.listeners: list[ListenerService] = []
+        self.supervisor: Any = None  # workers.WorkerSupervisor when server.workers > 1
 
     def add_listener(self, listener: ListenerService) -> None:
         self.listeners.append(listener)
@@ -187,10 +216,26 @@ class Pop3CoexistService(service.MultiService):
                 )
             (self.reactor or default_reactor).stop()
             return
-        self.write_listeners()
         for ls in self.listeners:
             log.info("{role} listening on {desc} (port {port})", role=ls.role,
                      desc=ls.description, port=ls.bound_port())
+        if self.supervisor is None:
+            self.write_listeners()
+            return
+        # several workers: every process accepts from the same sockets, one connection per
+        # wake-up, so the least busy process takes the next client
+        for ls in self.listeners:
+            share_accepts(ls.port)
+        d = self.supervisor.start_workers([(ls.role, ls.port) for ls in self.listeners])
+
+        def ready(_: Any) -> None:
+            self.write_listeners()
+
+        def failed(f: Any) -> None:
+            log.error("the worker processes did not start: {why}", why=f.getErrorMessage())
+            (self.reactor or default_reactor).stop()
+
+        d.addCallbacks(ready, failed)
 
     def write_listeners(self) -> None:
         run = self.config.server.state_dir / "run"
@@ -200,8 +245,11 @@ class Pop3CoexistService(service.MultiService):
             port = ls.bound_port()
             if port is not None:
                 data.setdefault(ls.role, []).append(port)
+        record: dict[str, Any] = {"pid": os.getpid(), "listeners": data}
+        if self.supervisor is not None:
+            record["workers"] = [os.getpid(), *self.supervisor.pids()]
         tmp = run / f".listeners.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"pid": os.getpid(), "listeners": data}, indent=1))
+        tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, run / "listeners.json")
 
     def stopService(self) -> Any:
@@ -212,13 +260,92 @@ class Pop3CoexistService(service.MultiService):
         return super().stopService()
 
 
-def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
-    """Build the whole server from a validated config (call ``preflight`` first)."""
+def limiter_table(config: Config, protocol: str) -> Path:
+    """The shared connection-count table of ``protocol`` ("pop3" or "smtp") when
+    ``server.workers`` > 1 (policy/sharedlimit.py)."""
+    return config.server.state_dir / "run" / f"connections-{protocol}.table"
+
+
+def make_limiters(config: Config, worker: int) -> dict[str, Any]:
+    """One connection limiter per protocol: in-process for one worker, shared (a table all
+    worker processes count in) for several."""
     from pop3coexist.policy.connlimit import ConnectionLimiter
+
+    limits = {
+        "pop3": (config.pop3.max_connections, config.pop3.max_connections_per_client),
+        "smtp": (config.smtp.max_connections, config.smtp.max_connections_per_client),
+    }
+    if config.server.workers <= 1:
+        return {name: ConnectionLimiter(*lim) for name, lim in limits.items()}
+    from pop3coexist.policy.sharedlimit import SharedConnectionLimiter
+
+    return {
+        name: SharedConnectionLimiter(limiter_table(config, name), worker, *lim)
+        for name, lim in limits.items()
+    }
+
+
+def create_limiter_tables(config: Config) -> None:
+    """Create the shared tables afresh (the main process, before any worker starts)."""
+    from pop3coexist.policy.sharedlimit import create_table, recommended_slots
+
+    for name, total in (("pop3", config.pop3.max_connections), ("smtp", config.smtp.max_connections)):
+        create_table(limiter_table(config, name), config.server.workers, recommended_slots(total))
+
+
+def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
+                   worker: int = 0) -> list[tuple[str, str, Any]]:
+    """(role, endpoint description, factory) for every configured listener; a TLS-on-connect
+    listener's factory is already wrapped in TLS. Shared by the main process and the worker
+    processes (pop3coexist.worker), so every process serves the same way."""
+    from pop3coexist.policy.masquerade import wrap_queue
     from pop3coexist.policy.throttle import AuthThrottle
     from pop3coexist.pop3.factory import POP3ServerFactory
-    from pop3coexist.smtp.outbound import OutboundService
     from pop3coexist.smtp.server import SMTPServerFactory
+
+    tls_options = server_options(config.tls)
+    limiters = make_limiters(config, worker)
+    out: list[tuple[str, str, Any]] = []
+
+    pop3_throttle = AuthThrottle(
+        reactor, base=config.pop3.auth_failure_delay, maximum=config.pop3.auth_failure_delay_max
+    )
+
+    def pop3_factory(implicit_tls: bool) -> Any:
+        return POP3ServerFactory(
+            config, parts.store, parts.checker, tls_options=tls_options,
+            implicit_tls=implicit_tls, reactor=reactor, throttle=pop3_throttle,
+            limiter=limiters["pop3"],
+        )
+
+    for desc in config.pop3.listen:
+        out.append(("pop3", desc, pop3_factory(False)))
+    for desc in config.pop3.tls_listen:
+        out.append(("pop3s", desc, TLSMemoryBIOFactory(tls_options, False, pop3_factory(True))))
+
+    smtp_throttle = AuthThrottle(
+        reactor, base=config.smtp.auth_failure_delay, maximum=config.smtp.auth_failure_delay_max
+    )
+    smtp_queue = wrap_queue(queue, config)  # [masquerade]: rewrite senders of mail that leaves
+
+    def smtp_factory(mode: str) -> Any:
+        return SMTPServerFactory(
+            config, parts.store, parts.checker, smtp_queue, tls_options=tls_options, mode=mode,
+            reactor=reactor, throttle=smtp_throttle, limiter=limiters["smtp"],
+        )
+
+    for desc in config.smtp.listen:
+        out.append(("smtp", desc, smtp_factory("mx")))
+    for desc in config.smtp.submission_listen:
+        out.append(("submission", desc, smtp_factory("submission")))
+    for desc in config.smtp.tls_listen:
+        out.append(("smtps", desc, TLSMemoryBIOFactory(tls_options, False, smtp_factory("smtps"))))
+    return out
+
+
+def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
+    """Build the whole server from a validated config (call ``preflight`` first)."""
+    from pop3coexist.smtp.outbound import OutboundService
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -227,55 +354,20 @@ def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
 
     top = Pop3CoexistService(config, reactor)
     parts = Components(config, reactor)
-    tls_options = server_options(config.tls)
     queue = parts.make_queue()
-
-    pop3_throttle = AuthThrottle(
-        reactor, base=config.pop3.auth_failure_delay, maximum=config.pop3.auth_failure_delay_max
-    )
-    pop3_limiter = ConnectionLimiter(config.pop3.max_connections, config.pop3.max_connections_per_client)
-
-    def pop3_factory(implicit_tls: bool) -> Any:
-        return POP3ServerFactory(
-            config, parts.store, parts.checker, tls_options=tls_options,
-            implicit_tls=implicit_tls, reactor=reactor, throttle=pop3_throttle,
-            limiter=pop3_limiter,
-        )
-
-    for desc in config.pop3.listen:
-        top.add_listener(ListenerService(desc, pop3_factory(False), "pop3", reactor=reactor))
-    for desc in config.pop3.tls_listen:
-        top.add_listener(
-            ListenerService(desc, pop3_factory(True), "pop3s", tls_options=tls_options, reactor=reactor)
-        )
-
-    smtp_throttle = AuthThrottle(
-        reactor, base=config.smtp.auth_failure_delay, maximum=config.smtp.auth_failure_delay_max
-    )
-    smtp_limiter = ConnectionLimiter(config.smtp.max_connections, config.smtp.max_connections_per_client)
-
-    from pop3coexist.policy.masquerade import wrap_queue
-
-    smtp_queue = wrap_queue(queue, config)  # [masquerade]: rewrite senders of mail that leaves
-
-    def smtp_factory(mode: str) -> Any:
-        return SMTPServerFactory(
-            config, parts.store, parts.checker, smtp_queue, tls_options=tls_options, mode=mode,
-            reactor=reactor, throttle=smtp_throttle, limiter=smtp_limiter,
-        )
-
-    for desc in config.smtp.listen:
-        top.add_listener(ListenerService(desc, smtp_factory("mx"), "smtp", reactor=reactor))
-    for desc in config.smtp.submission_listen:
-        top.add_listener(ListenerService(desc, smtp_factory("submission"), "submission", reactor=reactor))
-    for desc in config.smtp.tls_listen:
-        top.add_listener(
-            ListenerService(desc, smtp_factory("smtps"), "smtps", tls_options=tls_options, reactor=reactor)
-        )
+    if config.server.workers > 1:
+        create_limiter_tables(config)
+    for role, desc, factory in make_frontends(config, parts, queue, reactor):
+        top.add_listener(ListenerService(desc, factory, role, reactor=reactor))
 
     outbound = OutboundService(config, queue, store=parts.store, reactor=reactor)
     outbound.setServiceParent(top)
     _CheckerCloser(parts.checker).setServiceParent(top)
+    if config.server.workers > 1:
+        from pop3coexist.workers import WorkerSupervisor
+
+        top.supervisor = WorkerSupervisor(config, outbound, reactor=reactor)
+        top.supervisor.setServiceParent(top)
 
     def on_hup(signum: int, frame: Any) -> None:
         # State files are re-read on every use; SIGHUP also asks the queue to run now.

@@ -67,6 +67,7 @@ class ServerProcess:
     method_config: str = '[auth]\nmethod = "passwordfile"\napop = true\n'
     pop3_config: str = ""
     smtp_config: str = ""
+    server_config: str = ""  # more [server] keys, e.g. "workers = 2"
     certs: CertFiles | None = None
     ports: dict[str, list[int]] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
@@ -101,6 +102,7 @@ class ServerProcess:
             [server]
             hostname = "{HOSTNAME}"
             state_dir = "../var"
+            {self.server_config}
 
             [pop3]
             listen = ["tcp:0:interface=127.0.0.1"]

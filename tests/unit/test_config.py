@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -257,3 +258,25 @@ def test_pop3_sasl_mechanisms():
         "PLAIN", "CRAM-MD5")
     assert cfg('[pop3]\nsasl_mechanisms = []\n').pop3.sasl_mechanisms == ()
     assert "[pop3.sasl_mechanisms]" in error_of('[pop3]\nsasl_mechanisms = ["NTLM"]\n')
+
+
+@pytest.mark.parametrize("value,ok", [("1", 1), ("4", 4), ("64", 64)])
+def test_workers_takes_a_number_of_processes(value, ok):
+    """server.workers is a whole number of processes (default 1)."""
+    text = MINIMAL.replace('state_dir = "var"', f'state_dir = "var"\nworkers = {value}')
+    assert parse_config(text).server.workers == ok
+    assert parse_config(MINIMAL).server.workers == 1
+
+
+def test_workers_auto_is_one_per_usable_cpu():
+    """workers = "auto" is the number of CPUs this process may run on (at least 1)."""
+    text = MINIMAL.replace('state_dir = "var"', 'state_dir = "var"\nworkers = "auto"')
+    assert parse_config(text).server.workers == max(1, min(64, len(os.sched_getaffinity(0))))
+
+
+@pytest.mark.parametrize("value", ["0", "65", "-1", '"two"', "true", "1.5"])
+def test_bad_workers_values_name_the_key(value):
+    """Out-of-range or non-numbers for server.workers are refused against their key."""
+    text = MINIMAL.replace('state_dir = "var"', f'state_dir = "var"\nworkers = {value}')
+    with pytest.raises(ConfigError, match=r"\[server.workers\]"):
+        parse_config(text)

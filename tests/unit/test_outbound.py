@@ -519,3 +519,22 @@ def test_hop_limiter_lets_other_hosts_pass_a_busy_one() -> None:
     assert a3.called
     lim.release("c")
     assert e1.called
+
+
+def test_ids_queued_by_a_worker_process_go_out_at_once(tmp_path: Path) -> None:
+    """``enqueued(ids)`` (a worker's control line) makes those messages due now; ids that
+    arrive before the start-up scan is done are kept and delivered after it."""
+    env = Env(tmp_path)
+    other = FileQueue(env.queue.root, "pop.contoso.test", clock=env.clock.seconds)
+    env.svc.enqueued(["0" * 24])  # before start: kept (an unknown id is simply not found)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "m").write_bytes(MESSAGE)
+    env_rec = {"sender": "a@example.org", "arrival": env.clock.seconds(), "hops": 1, "ret": None,
+               "envid": None, "received_from": "test",
+               "recipients": [{"address": "b@example.net", "orcpt": None, "notify": None}]}
+    env.start()
+    qid = other.enqueue(spool / "m", env_rec)  # another process: this runner is not woken
+    assert env.hop.calls == []
+    env.svc.enqueued([qid])
+    assert len(env.hop.calls) == 1 and env.queue.ids() == []

@@ -202,3 +202,16 @@ def test_hop_counter() -> None:
     for line in [b"Received: a", b"\tb", b"RECEIVED : c", b"Subject: x", b"", b"Received: body"]:
         c.line(line)
     assert c.count == 2 and not c.in_header
+
+
+def test_clean_spool_of_one_ended_process_leaves_the_others(tmp_path: Path) -> None:
+    """``clean_spool(pid=N)`` (a worker process ended) removes only the spool files process N
+    wrote; live processes' half-received messages stay."""
+    from pop3coexist.smtp.incoming import SPOOL_SUFFIX, clean_spool
+
+    mine = tmp_path / f"abc.4242{SPOOL_SUFFIX}"
+    other = tmp_path / f"def.14242{SPOOL_SUFFIX}"
+    mine.write_bytes(b"x")
+    other.write_bytes(b"y")
+    assert clean_spool(tmp_path, pid=4242) == 1
+    assert not mine.exists() and other.exists()

@@ -550,11 +550,12 @@ class GroupCommitter:
         item.written = []
 
 
-def clean_spool(spool_dir: Path, older_than: float = 0.0) -> int:
+def clean_spool(spool_dir: Path, older_than: float = 0.0, pid: int | None = None) -> int:
     """Remove spool files a crash left behind (only ours, by suffix); return how many.
 
     Call at start before the listeners open (``older_than`` = 0) or, while running, with an age
-    in seconds that no live session can reach.
+    in seconds that no live session can reach, or with the ``pid`` of a process that ended
+    (only the files that process wrote).
     """
     removed = 0
     now = time.time()
@@ -564,6 +565,8 @@ def clean_spool(spool_dir: Path, older_than: float = 0.0) -> int:
         return 0
     for entry in entries:
         if not entry.name.endswith(SPOOL_SUFFIX):
+            continue
+        if pid is not None and not entry.name.endswith(f".{pid}{SPOOL_SUFFIX}"):
             continue
         try:
             if older_than and now - entry.stat().st_mtime < older_than:

@@ -229,6 +229,7 @@ class OutboundService(service.Service):
         self._timer: Any = None
         self._poller: task.LoopingCall | None = None
         self._ready = False
+        self._early: list[str] = []
         self.started: defer.Deferred[None] = defer.Deferred()
 
     # ------------------------------------------------------------------ service
@@ -268,6 +269,10 @@ class OutboundService(service.Service):
             self._set_due(qid, t)
         log.info("outbound queue started: {n} messages queued", n=len(due))
         self._ready = True
+        early, self._early = self._early, []
+        for qid in early:
+            if qid not in due:
+                self._set_due(qid, self._now())
         self._poller = task.LoopingCall(self._poll)
         self._poller.clock = self.reactor
         self._poller.start(self.poll_interval, now=False).addErrback(
@@ -315,6 +320,18 @@ class OutboundService(service.Service):
         now = self._now()
         for qid in self.queue.drain_new():
             self._set_due(qid, now)
+        self._pump()
+
+    def enqueued(self, ids: list[str]) -> None:
+        """Another process (a worker, see workers.py) queued ``ids``: deliver them now. Before
+        the start-up scan is done they are kept and added after it."""
+        if not self._ready:
+            self._early.extend(ids)
+            return
+        now = self._now()
+        for qid in ids:
+            if qid not in self._active:
+                self._set_due(qid, now)
         self._pump()
 
     def flush(self) -> None:

@@ -1,0 +1,149 @@
+"""A worker process (``python -m pop3coexist.worker``), started by the main process's
+WorkerSupervisor (workers.py) when ``server.workers`` > 1; not meant to be run by hand.
+
+It reads the same config file, builds the same POP3 and SMTP factories as the main process
+(service.make_frontends), adopts the listening sockets it inherited, and serves until it gets
+SIGTERM or its stdin ends (the main process is gone). It does no start-up work of the main
+process (no spool cleaning, no queue recovery, no outbound delivery): messages for remote
+recipients go into the shared queue and their ids are passed to the main process's runner on
+the control descriptor. Its log goes to stdout as JSON events, which the main process writes
+into the server's log. The file descriptors are described in workers.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+CONTROL_FD = 3
+IDS_PER_LINE = 100  # a control line stays well under PIPE_BUF, so writes from threads are whole
+
+
+class Control:
+    """Writes control lines to the main process (any thread may call)."""
+
+    def __init__(self, fd: int = CONTROL_FD) -> None:
+        self.fd = fd
+        self.lost = False
+
+    def send(self, line: str) -> bool:
+        if self.lost:
+            return False
+        try:
+            os.write(self.fd, (line + "\n").encode("ascii"))
+            return True
+        except OSError:
+            self.lost = True
+            return False
+
+
+def queue_waker(queue: Any, control: Control):
+    """The queue's waker in a worker: tell the main process which ids were queued; if it
+    cannot be told, leave the ``rescan`` marker its runner polls for."""
+
+    def wake() -> None:
+        ids = queue.drain_new()
+        for i in range(0, len(ids), IDS_PER_LINE):
+            if not control.send("queued " + " ".join(ids[i:i + IDS_PER_LINE])):
+                queue._touch("rescan")
+                return
+
+    return wake
+
+
+def watch_parent(reactor: Any, fd: int = 0) -> threading.Thread:
+    """Stop the reactor when ``fd`` (the pipe from the main process) reaches end of file."""
+
+    def run() -> None:
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                reactor.callFromThread(_stop, reactor)
+                return
+
+    t = threading.Thread(target=run, name="parent-watch", daemon=True)
+    t.start()
+    return t
+
+
+def _stop(reactor: Any) -> None:
+    if reactor.running:
+        reactor.stop()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pop3coexist.worker", description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--worker", type=int, required=True)
+    parser.add_argument("--listener", action="append", default=[],
+                        help="role:fd of an inherited listening socket, in config order")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from twisted.internet import reactor
+    from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+
+    out = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), encoding="utf-8",
+                           line_buffering=True, write_through=True)
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out, recordSeparator="")],
+                                     redirectStandardIO=False)
+    log = Logger(namespace="pop3coexist.worker")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the main process handles SIGHUP
+
+    from twisted.application import service
+
+    from pop3coexist.config import load_config
+    from pop3coexist.errors import ConfigError
+    from pop3coexist.service import Components, _CheckerCloser, make_frontends, share_accepts
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"pop3coexist worker {args.worker}: configuration error: {e}", file=sys.stderr)
+        return 1
+    control = Control()
+    parts = Components(config, reactor)
+    queue = parts.make_queue()
+    queue.set_waker(queue_waker(queue, control))
+    frontends = make_frontends(config, parts, queue, reactor, worker=args.worker)
+    listeners = [item.rsplit(":", 1) for item in args.listener]
+    if [role for role, _ in listeners] != [role for role, _, _ in frontends]:
+        print(f"pop3coexist worker {args.worker}: the listeners passed "
+              f"({', '.join(r for r, _ in listeners)}) differ from the config's "
+              f"({', '.join(r for r, _, _ in frontends)}); was the config changed?",
+              file=sys.stderr)
+        return 1
+    top = service.MultiService()
+    _CheckerCloser(parts.checker).setServiceParent(top)
+    for (_role, fd_text), (_, _desc, factory) in zip(listeners, frontends, strict=True):
+        fd = int(fd_text)
+        probe = socket.socket(fileno=os.dup(fd))
+        family = probe.family
+        probe.close()
+        port = reactor.adoptStreamPort(fd, family, factory)
+        os.close(fd)
+        share_accepts(port)
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    watch_parent(reactor)
+    log.info("worker {n} (pid {pid}) serving", n=args.worker, pid=os.getpid())
+    reactor.callWhenRunning(control.send, "ready")
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

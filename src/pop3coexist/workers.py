@@ -1,0 +1,273 @@
+"""The main process's side of ``server.workers`` > 1: starting, watching and stopping workers.
+
+With ``workers = N`` the main twistd process opens every listener, starts the outbound queue
+runner, and spawns N - 1 worker processes (``python -m pop3coexist.worker``, see worker.py)
+that inherit the listening sockets and serve POP3 and SMTP exactly as the main process does.
+Every process accepts from the same sockets; the shared connection limits live in
+policy/sharedlimit.py, mailbox locks are flock()s, so they hold across processes already.
+
+Each worker's file descriptors:
+
+- 0 (its stdin): from the main process; end of file means the main process is gone, and the
+  worker stops (so a ``kill -9`` of the main process leaves no orphan serving connections);
+- 1 (its stdout): its log, one JSON event per line, re-published here into the main log
+  with ``log_system`` set to ``worker N``;
+- 2 (its stderr): anything printed outside the log (a crash at import), logged as errors;
+- 3: control lines to the main process: ``ready`` once it listens, ``queued <id> ...`` for
+  messages it put into the outbound queue (the runner here takes them at once);
+- 4 and up: the listening sockets, in the order of ``--listener role:fd`` arguments.
+
+A worker that exits while the server runs is logged and replaced (after 1 s, doubling up to
+30 s while it keeps dying young); its connection counts and its unfinished spool files are
+removed first. Stopping the server sends SIGTERM to every worker and waits for them (SIGKILL
+after ``stop_grace`` seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+
+from pop3coexist.config import Config
+
+log = Logger()
+
+FIRST_LISTENER_FD = 4
+START_TIMEOUT = 60.0
+RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_AFTER = 60.0  # a worker that lived this long starts the restart delays afresh
+
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    """One worker process: its log lines and control lines, and its end."""
+
+    def __init__(self, supervisor: WorkerSupervisor, number: int) -> None:
+        self.supervisor = supervisor
+        self.number = number
+        self.pid: int | None = None
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._buffers: dict[int, bytes] = {1: b"", 2: b"", 3: b""}
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buf = self._buffers.get(childFD, b"") + data
+        *lines, rest = buf.split(b"\n")
+        if len(rest) > 1_000_000:  # a line that never ends: do not grow without bound
+            lines.append(rest)
+            rest = b""
+        self._buffers[childFD] = rest
+        for line in lines:
+            if childFD == 1:
+                self._log_event(line)
+            elif childFD == 2:
+                if line.strip():
+                    log.error("worker {number}: {line}", number=self.number,
+                              line=line.decode("utf-8", "replace"))
+            elif childFD == 3:
+                self._control(line.decode("ascii", "replace").split())
+
+    def _log_event(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            event = eventFromJSON(line.decode("utf-8", "replace"))
+        except ValueError:
+            log.info("worker {number}: {line}", number=self.number,
+                     line=line.decode("utf-8", "replace"))
+            return
+        level = event.get("log_level")
+        event["log_system"] = (f"worker {self.number}: {event.get('log_namespace', '-')}"
+                               f"#{getattr(level, 'name', 'info')}")
+        globalLogPublisher(event)
+
+    def _control(self, words: list[str]) -> None:
+        if not words:
+            return
+        if words[0] == "ready":
+            if not self.ready.called:
+                self.ready.callback(None)
+        elif words[0] == "queued":
+            self.supervisor.queued(words[1:])
+
+    def processEnded(self, reason: Any) -> None:
+        for fd in (1, 2):
+            if self._buffers.get(fd):
+                self.childDataReceived(fd, b"\n")
+        if not self.ready.called:
+            self.ready.errback(reason)
+        self.ended.callback(None)
+        self.supervisor.ended(self, reason)
+
+
+class WorkerSupervisor(service.Service):
+    """Spawns, watches, replaces and stops the worker processes of the main process."""
+
+    name = "workers"
+
+    def __init__(self, config: Config, outbound: Any = None, reactor: Any = None,
+                 python: str | None = None, stop_grace: float = 10.0) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.outbound = outbound
+        self.reactor = reactor
+        self.python = python or sys.executable
+        self.stop_grace = stop_grace
+        self.count = max(0, config.server.workers - 1)
+        self.workers: dict[int, _WorkerProtocol] = {}
+        self._listeners: list[tuple[str, int]] = []
+        self._started_at: dict[int, float] = {}
+        self._failures: dict[int, int] = {}
+        self._restarts: dict[int, Any] = {}
+
+    def pids(self) -> list[int]:
+        """The worker processes' pids (numbers 1..N-1), in order."""
+        return [w.pid for _, w in sorted(self.workers.items()) if w.pid is not None]
+
+    # ------------------------------------------------------------------ start
+
+    def start_workers(self, ports: list[tuple[str, Any]]) -> defer.Deferred[None]:
+        """Spawn the workers on the listening ``ports`` ((role, IListeningPort) pairs); the
+        result fires when every worker listens, or fails if one of them died first."""
+        self._listeners = [(role, port.fileno()) for role, port in ports]
+        waits = [self._spawn(n).ready for n in range(1, self.count + 1)]
+        d = defer.gatherResults(waits, consumeErrors=True)
+        timer = self.reactor.callLater(START_TIMEOUT, d.cancel)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                failure = result.value.subFailure if isinstance(
+                    result.value, defer.FirstError) else result
+                return failure
+            log.info("{n} worker process(es) started: pids {pids}", n=self.count,
+                     pids=" ".join(str(p) for p in self.pids()))
+            return None
+
+        d.addBoth(done)
+        return d
+
+    def _spawn(self, number: int) -> _WorkerProtocol:
+        proto = _WorkerProtocol(self, number)
+        args = [self.python, "-m", "pop3coexist.worker", "--config",
+                str(self.config.path.resolve() if self.config.path else ""),
+                "--worker", str(number)]
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", 3: "r"}
+        for i, (role, fd) in enumerate(self._listeners):
+            child_fds[FIRST_LISTENER_FD + i] = fd
+            args += ["--listener", f"{role}:{FIRST_LISTENER_FD + i}"]
+        self.reactor.spawnProcess(proto, self.python, args, env=dict(os.environ),
+                                  childFDs=child_fds)
+        self.workers[number] = proto
+        self._started_at[number] = self.reactor.seconds()
+        return proto
+
+    # ------------------------------------------------------------------ running
+
+    def queued(self, ids: list[str]) -> None:
+        """A worker queued messages: the runner takes them now."""
+        if self.outbound is not None and ids:
+            self.outbound.enqueued(ids)
+
+    def ended(self, proto: _WorkerProtocol, reason: Any) -> None:
+        number = proto.number
+        if self.workers.get(number) is not proto:
+            return
+        status = reason.value
+        why = (f"exit status {status.exitCode}" if status.exitCode is not None
+               else f"signal {status.signal}") if isinstance(
+            status, error.ProcessTerminated) else "exit status 0"
+        self._cleanup(proto)
+        if not self.running:
+            return
+        lived = self.reactor.seconds() - self._started_at.get(number, 0.0)
+        failures = 0 if lived >= STABLE_AFTER else self._failures.get(number, 0) + 1
+        self._failures[number] = failures
+        delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)] if failures else 0.0
+        delay = max(delay, RESTART_DELAYS[0])
+        log.warn("worker {number} (pid {pid}) ended ({why}); starting a new one in {delay:.0f} s",
+                 number=number, pid=proto.pid, why=why, delay=delay)
+        self._restarts[number] = self.reactor.callLater(delay, self._respawn, number)
+
+    def _respawn(self, number: int) -> None:
+        self._restarts.pop(number, None)
+        if not self.running:
+            return
+        proto = self._spawn(number)
+        proto.ready.addCallbacks(
+            lambda _: log.info("worker {number} started again (pid {pid})", number=number,
+                               pid=proto.pid),
+            lambda f: None,  # its end is logged (and handled) by ended()
+        )
+
+    def _cleanup(self, proto: _WorkerProtocol) -> None:
+        """Forget a dead worker's connection counts and unfinished incoming messages."""
+        from pop3coexist.service import limiter_table
+        from pop3coexist.smtp.incoming import clean_spool
+        from pop3coexist.store.maildir import MaildirStore
+
+        for name in ("pop3", "smtp"):
+            try:
+                from pop3coexist.policy.sharedlimit import reset_worker
+
+                reset_worker(limiter_table(self.config, name), proto.number)
+            except (OSError, ValueError) as e:
+                log.error("cannot reset worker {number}'s {name} connection counts: {e}",
+                          number=proto.number, name=name, e=e)
+        if proto.pid is not None:
+            try:
+                clean_spool(MaildirStore(self.config.server.mailroot).spool_dir(), pid=proto.pid)
+            except OSError as e:
+                log.error("cannot clean the spool after worker {number}: {e}",
+                          number=proto.number, e=e)
+
+    # ------------------------------------------------------------------ stop
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        live = [w for w in self.workers.values() if not w.ended.called]
+        for w in live:
+            self._signal(w, "TERM")
+        if not live:
+            return defer.succeed(None)
+        waits = defer.DeferredList([w.ended for w in live], consumeErrors=True)
+
+        def kill() -> None:
+            for w in live:
+                if not w.ended.called:
+                    log.warn("worker {number} (pid {pid}) did not stop in {grace:.0f} s: killed",
+                             number=w.number, pid=w.pid, grace=self.stop_grace)
+                    self._signal(w, "KILL")
+
+        timer = self.reactor.callLater(self.stop_grace, kill)
+
+        def done(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+
+        waits.addCallback(done)
+        return waits
+
+    @staticmethod
+    def _signal(w: _WorkerProtocol, sig: str) -> None:
+        try:
+            w.transport.signalProcess(sig)
+        except (error.ProcessExitedAlready, OSError, AttributeError):
+            pass
+

@@ -1,0 +1,174 @@
+"""``server.workers = 2`` against the real installed twistd: a worker process serves POP3 and
+SMTP on the same ports, hands remote mail to the main process's queue runner, is replaced when
+it dies, ends with the main process, and the connection limits hold across both processes.
+
+Which process takes a connection is up to the kernel; to make a test deterministic, the other
+process is paused with SIGSTOP while the connection is made (a paused process cannot accept,
+the running one takes the connection from the shared socket).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import poplib
+import signal
+import smtplib
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.support.server import HOSTNAME, ServerProcess, require_installed_plugin
+from tests.support.smarthost import SmartHost, wait_until
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "w0rker pass"
+USER = f"ann@{HOSTNAME}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (ended, not yet reaped) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _workers(srv: ServerProcess) -> list[int]:
+    return json.loads((srv.state_dir / "run" / "listeners.json").read_text())["workers"]
+
+
+@contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """SIGSTOP ``pid`` for the block, so the other process takes new connections."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _greeting_pid(port: int) -> int:
+    """The pid in the APOP timestamp of the POP3 greeting (``<pid.clock@host>``)."""
+    p = poplib.POP3("127.0.0.1", port, timeout=20)
+    try:
+        return int(p.getwelcome().split(b"<", 1)[1].split(b".", 1)[0])
+    finally:
+        p.quit()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    require_installed_plugin()
+    srv = ServerProcess(tmp_path / "srv", tls=False, server_config="workers = 2",
+                        pop3_config="max_connections_per_client = 3")
+    srv.write_config()
+    srv.add_mailbox(USER, PASSWORD)
+    with srv:
+        yield srv
+
+
+def test_both_processes_serve_the_same_ports(server: ServerProcess) -> None:
+    """listeners.json names two processes; with either one paused, the other answers POP3 and
+    SMTP on the same ports, and mail taken in by one is read through the other."""
+    main, worker = _workers(server)
+    assert main == server.proc.pid and worker != main
+    with paused(main):
+        assert _greeting_pid(server.port("pop3")) == worker
+        with smtplib.SMTP("127.0.0.1", server.port("smtp"), timeout=20) as s:
+            s.sendmail("x@example.org", [USER], b"Subject: via worker\r\n\r\nhello\r\n")
+    with paused(worker):
+        assert _greeting_pid(server.port("pop3")) == main
+        p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=20)
+        p.user(USER)
+        p.pass_(PASSWORD)
+        assert b"Subject: via worker" in b"\r\n".join(p.retr(1)[1])
+        p.quit()
+    log = server.log_text()
+    assert "[worker 1: " in log and "worker 1 (pid" in log
+    assert PASSWORD not in log
+
+
+def test_mail_queued_by_a_worker_is_delivered_by_the_main_process(tmp_path: Path) -> None:
+    """Remote mail accepted by the worker goes out through the smart host at once: the worker
+    passes the queue id to the main process's runner (no waiting for a queue poll)."""
+    require_installed_plugin()
+    host = SmartHost().start()
+    try:
+        srv = ServerProcess(tmp_path / "srv", tls=False, server_config="workers = 2",
+                            extra_config=f'[smarthost]\nhost = "{host.hop}"\n')
+        with srv:
+            main, worker = _workers(srv)
+            with paused(main):
+                with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=20) as s:
+                    s.sendmail("x@example.org", ["far@example.net"], b"Subject: out\r\n\r\nbye\r\n")
+            [msg] = host.wait_for(1)
+            assert msg.rcpt_tos == ["far@example.net"]
+            wait_until(lambda: "to=<far@example.net>" in srv.log_text(), what="the delivery log line")
+    finally:
+        host.stop()
+
+
+def test_a_killed_worker_is_replaced(server: ServerProcess) -> None:
+    """kill -9 of the worker: the main process logs it, starts a new worker, and the new one
+    serves the same ports."""
+    main, worker = _workers(server)
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: "started again" in server.log_text(), timeout=30, what="a new worker")
+    assert f"worker 1 (pid {worker}) ended (signal 9)" in server.log_text()
+    with paused(main):
+        new = _greeting_pid(server.port("pop3"))
+    assert new not in (main, worker)
+    assert _alive(new)
+
+
+def test_workers_end_with_the_main_process(server: ServerProcess) -> None:
+    """SIGTERM stops the worker too (both shut down cleanly); and a kill -9 of the main process
+    leaves no worker serving (it sees its pipe from the main process end)."""
+    main, worker = _workers(server)
+    server.stop()  # twistd ends by the SIGTERM it re-raises after a clean shut-down
+    assert "Server Shut Down." in server.log_text()
+    assert "[worker 1: twisted.internet.base#info] Main loop terminated." in server.log_text()
+    wait_until(lambda: not _alive(worker), timeout=20, what="the worker to end")
+    server.start()
+    main, worker = _workers(server)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+    wait_until(lambda: not _alive(worker), timeout=20, what="the orphaned worker to end")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=5).recv(1)
+
+
+def test_per_client_limit_counts_both_processes(server: ServerProcess) -> None:
+    """max_connections_per_client = 3 over two processes: two sessions held by the worker and
+    one by the main process use up the limit; the fourth, whichever process takes it, is
+    refused with -ERR [SYS/TEMP]; when one closes, a new one is served."""
+    main, worker = _workers(server)
+    held = []
+    with paused(main):
+        for _ in range(2):
+            held.append(poplib.POP3("127.0.0.1", server.port("pop3"), timeout=20))
+    with paused(worker):
+        held.append(poplib.POP3("127.0.0.1", server.port("pop3"), timeout=20))
+    assert {int(p.getwelcome().split(b"<")[1].split(b".")[0]) for p in held} == {main, worker}
+    with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+        poplib.POP3("127.0.0.1", server.port("pop3"), timeout=20)
+    held.pop(0).quit()
+    wait_until(lambda: _try_pop3(server.port("pop3")), what="a session after one closed")
+    for p in held:
+        p.quit()
+
+
+def _try_pop3(port: int) -> bool:
+    try:
+        poplib.POP3("127.0.0.1", port, timeout=20).quit()
+        return True
+    except poplib.error_proto:
+        return False
