@@ -1,8 +1,14 @@
-"""Small durability helpers shared by every module that writes state (store, queue, passwords)."""
+"""Small file-system helpers shared by the modules that touch files: ``fsync_dir`` for
+durability (store, queue, passwords) and ``open_cached``, an open that never waits for the disk
+(Linux openat2 with RESOLVE_CACHED), so the reactor thread may open a file itself when the
+kernel already has the path in its cache."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import sys
 from pathlib import Path
 
 
@@ -13,3 +19,45 @@ def fsync_dir(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_SYS_OPENAT2 = 437  # the same number in every Linux architecture's table (since 5.6)
+_RESOLVE_CACHED = 0x20  # since Linux 5.12: EAGAIN instead of waiting for the disk
+_AT_FDCWD = -100
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _load_syscall():  # noqa: ANN202
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.syscall
+    except (OSError, AttributeError):
+        return None
+    call.restype = ctypes.c_long
+    call.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    return call
+
+
+_syscall = _load_syscall()
+_cached_open_works = _syscall is not None
+
+
+def open_cached(path: Path | str) -> int | None:
+    """A read-only descriptor of ``path`` if it can be opened without any disk I/O, else None
+    (the path is not in the cache, the file is gone, or this kernel cannot say: the caller
+    then opens it off the reactor). Never blocks on the disk."""
+    global _cached_open_works
+    if not _cached_open_works:
+        return None
+    how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        return int(fd)
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.E2BIG):
+        _cached_open_works = False  # an old kernel or a sandbox: always use the thread
+    return None

@@ -124,6 +124,11 @@ class IMaildrop(Interface):
         """A binary file object of the message as stored (LF or CRLF line ends). The caller
         converts line ends to CRLF, dot-stuffs, and closes it."""
 
+    def open_message_cached(index: int) -> object | None:
+        """Optional, and the one method that never blocks: ``open_message``'s file if it can be
+        opened without waiting for the disk, else None (then call ``open_message`` off the
+        reactor). Callers use it when present, so the reactor saves a thread hop per RETR."""
+
     def commit(deleted: set[int]) -> None:
         """The UPDATE state: remove the messages with these indexes, then release the lock."""
 

@@ -161,8 +161,13 @@ class ListenerService(service.Service):
         return self.port.getHost().port if self.port is not None else None
 
 
+YIELD_DELAY = 0.003  # seconds a busier process leaves a new connection to the others
+
+
 class _SharedAcceptPort(tcp.Port):
-    """A listening port that accepts one connection per wake-up (see ``share_accepts``)."""
+    """A listening port shared by several processes (see ``share_accepts``)."""
+
+    _yielded = False
 
     @property  # type: ignore[override]
     def numberAccepts(self) -> int:
@@ -172,13 +177,36 @@ class _SharedAcceptPort(tcp.Port):
     def numberAccepts(self, value: int) -> None:
         pass
 
+    def doRead(self) -> None:  # noqa: N802 (Twisted's name)
+        if not self._yielded and _busier(self.factory):
+            # another process holds fewer connections: let it take this one; if it has not
+            # after YIELD_DELAY (busy, or just died), take it here
+            self._yielded = True
+            self.stopReading()
+            self.reactor.callLater(YIELD_DELAY, self._take_turn)
+            return
+        self._yielded = False
+        super().doRead()
+
+    def _take_turn(self) -> None:
+        if self.connected and not self.disconnecting:
+            self.startReading()
+
+
+def _busier(factory: Any) -> bool:
+    limiter = getattr(getattr(factory, "wrappedFactory", factory), "limiter", None)
+    check = getattr(limiter, "busier_than_others", None)
+    return bool(check()) if check is not None else False
+
 
 def share_accepts(port: Any) -> None:
-    """Make a TCP port that several processes listen on accept one connection per wake-up.
+    """Make a TCP port that several processes listen on spread its connections fairly.
 
     Twisted accepts up to ``numberAccepts`` connections in a row (growing under load), so the
-    first process to wake would take a whole burst; accepting one at a time lets every process
-    that is free at that moment take its share, and a busy one takes fewer.
+    first process to wake would take a whole burst. A shared port accepts one connection per
+    wake-up, and a process that holds more connections than another (the shared connection
+    table says) first leaves the new one to the others for a moment, so long sessions such as
+    POP3 downloads end up evenly spread over the processes.
     """
     if type(port) is tcp.Port:
         port.__class__ = _SharedAcceptPort

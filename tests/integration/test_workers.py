@@ -172,3 +172,16 @@ def _try_pop3(port: int) -> bool:
         return True
     except poplib.error_proto:
         return False
+
+
+def test_long_sessions_are_spread_over_the_processes(server: ServerProcess) -> None:
+    """Three POP3 sessions opened one after another and kept open end up on both processes
+    (a process holding more sessions leaves the next one to the other), not all on the one
+    that happened to wake first."""
+    main, worker = _workers(server)
+    held = [poplib.POP3("127.0.0.1", server.port("pop3"), timeout=20) for _ in range(3)]
+    # max_connections_per_client = 3 in this fixture: the three sessions are the limit
+    pids = [int(p.getwelcome().split(b"<")[1].split(b".")[0]) for p in held]
+    for p in held:
+        p.quit()
+    assert set(pids) == {main, worker}

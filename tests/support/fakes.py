@@ -91,6 +91,10 @@ class FakeMaildrop:
         self.opened.append(f)
         return f
 
+    def open_message_cached(self, index: int) -> Any:
+        """Never cached: the server under test takes the thread path, which tests control."""
+        return None
+
     def commit(self, deleted: set[int]) -> None:
         self.store._maybe_fail("commit")
         gone = {self.messages[i][0] for i in deleted}

@@ -666,3 +666,39 @@ def test_deliver_file_copies_when_hard_links_are_impossible(
     assert paths[0].stat().st_ino != paths[1].stat().st_ino
     assert all(p.name.endswith(f",S={len(data)},W={len(data) + 3}") for p in paths)
     assert files(box(store, "ted") / "tmp") == [] and files(box(store, "ann") / "tmp") == []
+
+
+def test_open_message_cached_opens_without_a_thread_or_says_none(store: MaildirStore) -> None:
+    """``open_message_cached`` opens a message the kernel has cached (just written: it is) and
+    returns None, never an error, for one moved or removed meanwhile; ``open_message`` (the
+    blocking path) still finds the moved one."""
+    first = store.deliver_bytes(DOMAIN, "ted", b"one\n")
+    store.deliver_bytes(DOMAIN, "ted", b"two\n")
+    drop = store.open_maildrop(DOMAIN, "ted")
+    with drop.open_message_cached(1) as f:
+        assert f.read() == b"two\n"
+    os.rename(first, box(store) / "cur" / (first.name + ":2,S"))
+    assert drop.open_message_cached(0) is None
+    with drop.open_message(0) as f:
+        assert f.read() == b"one\n"
+    drop.close()
+
+
+def test_open_cached_is_a_plain_read_only_open(tmp_path: Path) -> None:
+    """fsutil.open_cached gives a read-only descriptor of a cached file and None for a missing
+    one (on a kernel without openat2 RESOLVE_CACHED it is always None)."""
+    from pop3coexist import fsutil
+
+    f = tmp_path / "m"
+    f.write_bytes(b"data")
+    fd = fsutil.open_cached(f)
+    if fd is None:
+        assert not fsutil._cached_open_works
+        return
+    try:
+        assert os.read(fd, 10) == b"data"
+        with pytest.raises(OSError):
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    assert fsutil.open_cached(tmp_path / "missing") is None

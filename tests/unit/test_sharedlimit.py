@@ -498,3 +498,22 @@ def test_killed_worker_keeps_counts_until_reset_worker(tmp_path: Path) -> None:
     reset_worker(path, 1)  # ...until the supervisor clears them
     assert main.in_use() == 0
     assert main.acquire("192.0.2.50") and main.acquire("192.0.2.50") and main.acquire("192.0.2.1")
+
+
+def test_busier_than_others_compares_this_workers_count_with_each_other(tmp_path: Path) -> None:
+    """The hint for spreading connections: True only while some other worker holds fewer
+    connections than this one; a single worker is never busier than nobody."""
+    table = tmp_path / "three"
+    create_table(table, 3, 64)
+    a = SharedConnectionLimiter(table, 0, 100, 100)
+    b = SharedConnectionLimiter(table, 1, 100, 100)
+    c = SharedConnectionLimiter(table, 2, 100, 100)
+    assert not a.busier_than_others()
+    a.acquire("192.0.2.1")
+    assert a.busier_than_others() and not b.busier_than_others()
+    b.acquire("192.0.2.2")
+    assert a.busier_than_others()  # worker 2 still holds none
+    c.acquire("192.0.2.3")
+    assert not a.busier_than_others() and not c.busier_than_others()
+    a.release("192.0.2.1")
+    assert b.busier_than_others() and not a.busier_than_others()

@@ -77,3 +77,60 @@ def test_worker_log_lines_become_events_of_the_main_log() -> None:
     texts = [formatEventAsClassicLogText(e) for e in events]
     assert "[worker 3: pop3coexist.x#warn] hello there" in texts[0]
     assert "worker 3: not json" in texts[1]
+
+
+class _Limiter:
+    def __init__(self) -> None:
+        self.busier = True
+
+    def busier_than_others(self) -> bool:
+        return self.busier
+
+
+class _Factory:
+    def __init__(self) -> None:
+        self.limiter = _Limiter()
+
+
+def test_a_busier_process_leaves_a_new_connection_to_the_others_for_a_moment(monkeypatch) -> None:  # noqa: ANN001
+    """A shared port in a process holding more connections than another stops reading for
+    YIELD_DELAY instead of accepting; then it reads again and accepts whatever is still
+    waiting (the other process may be busy or dead); it accepts one connection per wake-up."""
+    from twisted.internet import tcp
+    from twisted.internet.task import Clock
+
+    from pop3coexist import service
+
+    accepted: list[str] = []
+
+    class Port(tcp.Port):
+        def __init__(self) -> None:  # no socket: only the accept decision is under test
+            self.factory = _Factory()
+            self.reactor = Clock()
+            self.connected = True
+            self.disconnecting = False
+            self.reading = True
+
+        def stopReading(self) -> None:  # noqa: N802
+            self.reading = False
+
+        def startReading(self) -> None:  # noqa: N802
+            self.reading = True
+
+    port = Port()
+    service.share_accepts(port)  # only exact tcp.Port instances are changed
+    assert type(port) is Port
+    port.__class__ = type("SharedPort", (service._SharedAcceptPort, Port), {})
+    monkeypatch.setattr(tcp.Port, "doRead", lambda self: accepted.append("accept"))
+    port.doRead()
+    assert accepted == [] and not port.reading
+    port.reactor.advance(service.YIELD_DELAY)
+    assert port.reading
+    port.doRead()  # still there after the pause: taken here
+    assert accepted == ["accept"]
+    port.factory.limiter.busier = False
+    port.doRead()
+    assert accepted == ["accept", "accept"]
+    assert port.numberAccepts == 1
+    port.numberAccepts = 40
+    assert port.numberAccepts == 1

@@ -331,6 +331,15 @@ class SharedConnectionLimiter:
 
     # -- reading the whole table ---------------------------------------------------------
 
+    def busier_than_others(self) -> bool:
+        """True when some other worker holds fewer connections than this one: a hint for
+        spreading new connections (read without the lock; a torn read only mis-hints)."""
+        mm = self._mm
+        if mm is None or not self._others:
+            return False
+        mine = self._open
+        return any(_U32.unpack_from(mm, off)[0] < mine for off in self._others)
+
     def in_use(self, client: str | None = None) -> int:
         """Open connections over all workers: in total, or from ``client`` (under the lock)."""
         mm = self._mm

@@ -50,6 +50,10 @@ class POP3Mailbox:
     def open_message(self, index: int) -> Any:
         return self.maildrop.open_message(index)
 
+    def open_message_cached(self, index: int) -> Any:
+        opener = getattr(self.maildrop, "open_message_cached", None)
+        return opener(index) if opener is not None else None
+
     def commit(self, deleted: set[int]) -> None:
         self.maildrop.commit(set(deleted))
         self._closed = True

@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from pop3coexist.errors import AuthUnavailable, LoginRefused, MailboxInUse
 from pop3coexist.interfaces import IMaildrop
+from pop3coexist.netutil import send_now
 from pop3coexist.pop3 import sasl
 from pop3coexist.pop3.stream import DotStuffer, MessageProducer
 
@@ -144,7 +145,7 @@ class POP3Server(pop3.POP3):
         if self._apop_offered():
             self.magic = f.new_timestamp()
             greeting += b" " + self.magic
-        self.transport.write(greeting + CRLF)
+        send_now(self.transport, greeting + CRLF)
         self.setTimeout(self._idle)
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
@@ -248,7 +249,7 @@ class POP3Server(pop3.POP3):
 
     def _write(self, data: bytes) -> None:
         if not self._gone:
-            self.transport.write(data)
+            send_now(self.transport, data)
 
     def _ok(self, text: str = "") -> None:
         self._write(b"+OK" + (b" " + text.encode("ascii") if text else b"") + CRLF)
@@ -563,15 +564,15 @@ class POP3Server(pop3.POP3):
 
     def _send(self, index: int, first: str, body_lines: int | None) -> defer.Deferred:
         f = self.factory
-        d = f.run_blocking(self._mailbox.open_message, index)
 
         def opened(fileobj: Any) -> Any:
             if self._gone:
                 fileobj.close()
                 return None
-            self._ok(first)
+            # the +OK line goes out with the first chunk: one send for a small message
             self._producer = MessageProducer(self.transport, fileobj, DotStuffer(body_lines),
-                                             f.run_blocking, f.chunk_size)
+                                             f.run_blocking, f.chunk_size,
+                                             prefix=b"+OK " + first.encode("ascii") + CRLF)
             sent = self._producer.start()
             sent.addCallbacks(done, broken)
             return sent
@@ -591,6 +592,12 @@ class POP3Server(pop3.POP3):
                 self._closing = True
                 self.transport.loseConnection()
 
+        # the common case: the kernel has the path cached and the reactor opens it at once
+        opener = getattr(self._mailbox, "open_message_cached", None)
+        cached = opener(index) if opener is not None else None
+        if cached is not None:
+            return opened(cached)
+        d = f.run_blocking(self._mailbox.open_message, index)
         d.addCallbacks(opened, cannot_open)
         return d
 

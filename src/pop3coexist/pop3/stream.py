@@ -12,7 +12,9 @@
   the disk (EAGAIN instead), so it is safe on the reactor thread and saves a thread hop per
   chunk (on a virtual machine, waking a pool thread costs more than reading 64 KB). Only what
   is not cached is read off the reactor (``run_blocking``). File objects without a file
-  descriptor are always read through ``run_blocking``.
+  descriptor are always read through ``run_blocking``. The ``+OK`` line (``prefix``) goes out
+  with the first chunk and the terminating ``.`` with the last, each by ``netutil.send_now``,
+  so a small message is one send on the socket.
 
 No sockets are opened here and no file formats are interpreted beyond line ends.
 """
@@ -30,6 +32,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from pop3coexist.netutil import send_now
 
 CHUNK_SIZE = 256 * 1024
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
@@ -139,8 +143,10 @@ class MessageProducer:
         stuffer: DotStuffer,
         run_blocking: Callable[..., defer.Deferred],
         chunk_size: int = CHUNK_SIZE,
+        prefix: bytes = b"",
     ) -> None:
         self.transport = transport
+        self._prefix = prefix  # sent with the first chunk (the +OK line)
         self.fileobj = fileobj
         self.stuffer = stuffer
         self.run_blocking = run_blocking
@@ -250,22 +256,31 @@ class MessageProducer:
             self._size = self._offset
         return data
 
+    def _send(self, data: bytes) -> None:
+        if self._prefix:
+            data, self._prefix = self._prefix + data, b""
+        if data:
+            send_now(self.transport, data)
+
     def _chunk(self, data: bytes) -> None:
         self._reading = False
         if self._stopped:
             return
         if data:
             out = self.stuffer.feed(data)
-            if out:
-                self.transport.write(out)
-            if not self.stuffer.done:
+            # the last chunk (known by the size read by descriptor) goes out with the end
+            last = self._fd is not None and self._offset >= self._size
+            if not self.stuffer.done and not last:
+                self._send(out)
                 if not self._in_pump:
                     self._pump()
                 return
+            self._end(out)
+            return
         self._end()
 
-    def _end(self) -> None:
-        self.transport.write(self.stuffer.finish())
+    def _end(self, out: bytes = b"") -> None:
+        self._send(out + self.stuffer.finish())
         self._stopped = True
         self._close_file()
         self.transport.unregisterProducer()

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 
 from pop3coexist.address import Address
 from pop3coexist.errors import AuthUnavailable, LoginRefused, MailError, QuotaExceeded
+from pop3coexist.netutil import send_now
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.policy.gateway import LOCAL as GATEWAY_LOCAL
@@ -197,7 +198,7 @@ class ESMTPServer(tsmtp.ESMTP):
     # ------------------------------------------------------------------ output
 
     def _send(self, text: str) -> None:
-        self.transport.write(text.encode("ascii", "replace") + b"\r\n")
+        send_now(self.transport, text.encode("ascii", "replace") + b"\r\n")
 
     def _reply(self, code: int, enhanced: str | None, text: str) -> None:
         """Send a (possibly multi-line) reply; ``enhanced`` prefixes every line."""
@@ -206,7 +207,7 @@ class ESMTPServer(tsmtp.ESMTP):
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
             out.append(f"{code}{sep}{enhanced} {line}" if enhanced else f"{code}{sep}{line}")
-        self.transport.write("\r\n".join(out).encode("ascii", "replace") + b"\r\n")
+        send_now(self.transport, "\r\n".join(out).encode("ascii", "replace") + b"\r\n")
 
     def _error(self, error: MailError) -> None:
         self._reply(error.code, error.enhanced, error.text)

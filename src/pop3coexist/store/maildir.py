@@ -43,6 +43,7 @@ from zope.interface import implementer
 from pop3coexist import errors
 from pop3coexist.address import is_valid_mailbox_name, normalise_domain
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
+from pop3coexist.fsutil import open_cached
 from pop3coexist.interfaces import IMaildrop, IMailStore
 
 __all__ = ["MaildirStore", "Maildrop", "crlf_size", "unique_part", "uidl_for_name"]
@@ -815,6 +816,13 @@ class Maildrop:
             except OSError as exc:
                 raise errors.StoreError(f"cannot read message {index + 1}: {exc.strerror}") from exc
         raise errors.StoreError(f"message {index + 1} is no longer in the mailbox")
+
+    def open_message_cached(self, index: int) -> BinaryIO | None:
+        """See ``IMaildrop.open_message_cached``: the file if the kernel can open it without
+        waiting for the disk (fsutil.open_cached), else None."""
+        msg = self._message(index)
+        fd = open_cached(self.path / msg.folder / msg.name)
+        return None if fd is None else os.fdopen(fd, "rb")
 
     def commit(self, deleted: set[int]) -> None:
         """See ``IMaildrop.commit``.
