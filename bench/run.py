@@ -1,6 +1,7 @@
 """The benchmark (issue 7): pop3coexist side by side with Postfix and Dovecot, in one run.
 
     python bench/run.py [--runs 3] [--relay-runs 2] [--messages 10000] [--json FILE] [--only NAMES]
+                        [--workers auto|N]
 
 Everything runs on this machine, on loopback ports the OS picked, in a temporary folder that
 is removed at the end; the peers are private instances (bench/peers.py), never system services.
@@ -20,9 +21,11 @@ Sections (``--only`` takes a comma list of these names):
 - ``relay``: N messages for a foreign domain from a trusted client into pop3coexist, out
   through its smart host into ``smtp-sink``; messages/s accepted and fully relayed (queue empty).
 - ``memory``: server RSS with 1,000 idle POP3 and 1,000 idle SMTP sessions; peak RSS growth
-  while one 100 MB message goes in by SMTP and out by POP3.
+  while one 100 MB message goes in by SMTP and out by POP3; both summed over every process of
+  the server.
 
-Each figure is the median of the runs, with min and max. Prints a table, writes JSON
+pop3coexist runs with ``server.workers = "auto"`` (one process per CPU, as the embedded
+default config has it) unless ``--workers`` says otherwise. Each figure is the median of the runs, with min and max. Prints a table, writes JSON
 (default bench/results/latest.json). Needs root for the peers (as CI images and throw-away VMs
 have); without them the pop3coexist figures are still measured.
 """

@@ -221,12 +221,24 @@ class Pop3CoexistService(service.MultiService):
         self.reactor = reactor
         self.listeners: list[ListenerService] = []
         self.supervisor: Any = None  # workers.WorkerSupervisor when server.workers > 1
+        self.limiters: dict[str, Any] = {}
 
     def add_listener(self, listener: ListenerService) -> None:
         self.listeners.append(listener)
         listener.setServiceParent(self)
 
     def startService(self) -> None:
+        for limiter in self.limiters.values():
+            start = getattr(limiter, "start", None)
+            if start is not None:  # shared tables: made now, after any --uid switch
+                try:
+                    start()
+                except (OSError, ValueError) as e:
+                    log.error("cannot create the shared connection table: {e}", e=e)
+                    from twisted.internet import reactor as default_reactor
+
+                    (self.reactor or default_reactor).callWhenRunning(
+                        (self.reactor or default_reactor).stop)
         super().startService()
         waits = [ls._listening for ls in self.listeners if ls._listening is not None]
         d = defer.DeferredList(waits, consumeErrors=True)
@@ -305,6 +317,8 @@ def make_limiters(config: Config, worker: int) -> dict[str, Any]:
     }
     if config.server.workers <= 1:
         return {name: ConnectionLimiter(*lim) for name, lim in limits.items()}
+    if worker == 0:
+        return {name: TableLimiter(config, name, *lim) for name, lim in limits.items()}
     from pop3coexist.policy.sharedlimit import SharedConnectionLimiter
 
     return {
@@ -313,16 +327,48 @@ def make_limiters(config: Config, worker: int) -> dict[str, Any]:
     }
 
 
-def create_limiter_tables(config: Config) -> None:
-    """Create the shared tables afresh (the main process, before any worker starts)."""
-    from pop3coexist.policy.sharedlimit import create_table, recommended_slots
+class TableLimiter:
+    """The main process's view of a shared connection table, made when the server starts
+    (``start``): after twistd has switched to its ``--uid``/``--gid``, so the table belongs to
+    the user the workers run as. Before that no connection is accepted, and none is counted."""
 
-    for name, total in (("pop3", config.pop3.max_connections), ("smtp", config.smtp.max_connections)):
-        create_table(limiter_table(config, name), config.server.workers, recommended_slots(total))
+    def __init__(self, config: Config, name: str, total: int, per_client: int) -> None:
+        self.config = config
+        self.name = name
+        self.total = total
+        self.per_client = per_client
+        self.real: Any = None
+
+    def start(self) -> None:
+        """Create the table afresh (before any worker starts) and open it as worker 0."""
+        from pop3coexist.policy.sharedlimit import (
+            SharedConnectionLimiter,
+            create_table,
+            recommended_slots,
+        )
+
+        path = limiter_table(self.config, self.name)
+        create_table(path, self.config.server.workers, recommended_slots(self.total))
+        self.real = SharedConnectionLimiter(path, 0, self.total, self.per_client)
+
+    @property
+    def open(self) -> int:
+        return self.real.open if self.real is not None else 0
+
+    def acquire(self, client: str) -> bool:
+        return self.real is not None and self.real.acquire(client)
+
+    def release(self, client: str) -> None:
+        if self.real is not None:
+            self.real.release(client)
+
+    def busier_than_others(self) -> bool:
+        return self.real is not None and self.real.busier_than_others()
 
 
 def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
-                   worker: int = 0) -> list[tuple[str, str, Any]]:
+                   worker: int = 0, limiters: dict[str, Any] | None = None,
+                   ) -> list[tuple[str, str, Any]]:
     """(role, endpoint description, factory) for every configured listener; a TLS-on-connect
     listener's factory is already wrapped in TLS. Shared by the main process and the worker
     processes (pop3coexist.worker), so every process serves the same way."""
@@ -332,7 +378,8 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
     from pop3coexist.smtp.server import SMTPServerFactory
 
     tls_options = server_options(config.tls)
-    limiters = make_limiters(config, worker)
+    if limiters is None:
+        limiters = make_limiters(config, worker)
     out: list[tuple[str, str, Any]] = []
 
     pop3_throttle = AuthThrottle(
@@ -383,9 +430,8 @@ def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
     top = Pop3CoexistService(config, reactor)
     parts = Components(config, reactor)
     queue = parts.make_queue()
-    if config.server.workers > 1:
-        create_limiter_tables(config)
-    for role, desc, factory in make_frontends(config, parts, queue, reactor):
+    top.limiters = make_limiters(config, 0)
+    for role, desc, factory in make_frontends(config, parts, queue, reactor, limiters=top.limiters):
         top.add_listener(ListenerService(desc, factory, role, reactor=reactor))
 
     outbound = OutboundService(config, queue, store=parts.store, reactor=reactor)

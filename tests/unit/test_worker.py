@@ -134,3 +134,29 @@ def test_a_busier_process_leaves_a_new_connection_to_the_others_for_a_moment(mon
     assert port.numberAccepts == 1
     port.numberAccepts = 40
     assert port.numberAccepts == 1
+
+
+def test_the_main_process_makes_its_connection_tables_when_the_server_starts(tmp_path: Path) -> None:
+    """With workers > 1 the main process's limiters open their shared tables only at start
+    (after twistd's --uid switch, so the workers' user owns them); before that nothing is
+    counted; afterwards a worker's limiter on the same table sees the main process's count."""
+    from pop3coexist.config import parse_config
+    from pop3coexist.policy.sharedlimit import SharedConnectionLimiter
+    from pop3coexist.service import TableLimiter, limiter_table, make_limiters
+
+    config = parse_config(
+        f'[server]\nhostname = "pop.contoso.test"\nstate_dir = "{tmp_path}"\nworkers = 2\n'
+        '[pop3]\nmax_connections_per_client = 2\n'
+    )
+    (tmp_path / "run").mkdir()
+    limiters = make_limiters(config, 0)
+    pop3 = limiters["pop3"]
+    assert isinstance(pop3, TableLimiter) and not limiter_table(config, "pop3").exists()
+    assert not pop3.acquire("192.0.2.1") and pop3.open == 0
+    pop3.start()
+    assert pop3.acquire("192.0.2.1")
+    worker = SharedConnectionLimiter(limiter_table(config, "pop3"), 1, 1000, 2)
+    assert worker.acquire("192.0.2.1") and not worker.acquire("192.0.2.1")
+    assert not pop3.busier_than_others() and pop3.open == 1
+    pop3.release("192.0.2.1")
+    assert worker.acquire("192.0.2.1")
