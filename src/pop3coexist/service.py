@@ -9,8 +9,8 @@ After the listeners are up, the ports they really got are written to
 
 ``make_frontends`` builds the POP3 and SMTP factories; the worker processes of
 ``server.workers`` > 1 (worker.py, supervised by workers.py) build theirs with it too, so every
-process serves alike; ``make_limiters`` then gives each process a view of the shared
-connection-count tables.
+process serves alike; ``make_limiters`` and ``make_throttles`` give each process its view of
+the tables they share (connection counts, failed log-ins).
 """
 
 from __future__ import annotations
@@ -222,19 +222,20 @@ class Pop3CoexistService(service.MultiService):
         self.listeners: list[ListenerService] = []
         self.supervisor: Any = None  # workers.WorkerSupervisor when server.workers > 1
         self.limiters: dict[str, Any] = {}
+        self.throttles: dict[str, Any] = {}
 
     def add_listener(self, listener: ListenerService) -> None:
         self.listeners.append(listener)
         listener.setServiceParent(self)
 
     def startService(self) -> None:
-        for limiter in self.limiters.values():
-            start = getattr(limiter, "start", None)
+        for table in [*self.limiters.values(), *self.throttles.values()]:
+            start = getattr(table, "start", None)
             if start is not None:  # shared tables: made now, after any --uid switch
                 try:
                     start()
                 except (OSError, ValueError) as e:
-                    log.error("cannot create the shared connection table: {e}", e=e)
+                    log.error("cannot create a table shared with the workers: {e}", e=e)
                     from twisted.internet import reactor as default_reactor
 
                     (self.reactor or default_reactor).callWhenRunning(
@@ -366,25 +367,46 @@ class TableLimiter:
         return self.real is not None and self.real.busier_than_others()
 
 
+def make_throttles(config: Config, reactor: Any, worker: int) -> dict[str, Any]:
+    """The failed log-in delay of each protocol: in-process for one worker; for several, in a
+    table every process shares (policy/sharedthrottle.py), made by the main process (worker 0)
+    when the server starts."""
+    from pop3coexist.policy.throttle import AuthThrottle
+
+    delays = {
+        "pop3": (config.pop3.auth_failure_delay, config.pop3.auth_failure_delay_max),
+        "smtp": (config.smtp.auth_failure_delay, config.smtp.auth_failure_delay_max),
+    }
+    if config.server.workers <= 1:
+        return {name: AuthThrottle(reactor, base=b, maximum=m) for name, (b, m) in delays.items()}
+    from pop3coexist.policy.sharedthrottle import SharedAuthThrottle
+
+    run = config.server.state_dir / "run"
+    return {
+        name: SharedAuthThrottle(reactor, run / f"auth-failures-{name}.table", base=b, maximum=m,
+                                 create=worker == 0)
+        for name, (b, m) in delays.items()
+    }
+
+
 def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
                    worker: int = 0, limiters: dict[str, Any] | None = None,
+                   throttles: dict[str, Any] | None = None,
                    ) -> list[tuple[str, str, Any]]:
     """(role, endpoint description, factory) for every configured listener; a TLS-on-connect
     listener's factory is already wrapped in TLS. Shared by the main process and the worker
     processes (pop3coexist.worker), so every process serves the same way."""
     from pop3coexist.policy.masquerade import wrap_queue
-    from pop3coexist.policy.throttle import AuthThrottle
     from pop3coexist.pop3.factory import POP3ServerFactory
     from pop3coexist.smtp.server import SMTPServerFactory
 
     tls_options = server_options(config.tls)
     if limiters is None:
         limiters = make_limiters(config, worker)
+    if throttles is None:
+        throttles = make_throttles(config, reactor, worker)
     out: list[tuple[str, str, Any]] = []
-
-    pop3_throttle = AuthThrottle(
-        reactor, base=config.pop3.auth_failure_delay, maximum=config.pop3.auth_failure_delay_max
-    )
+    pop3_throttle, smtp_throttle = throttles["pop3"], throttles["smtp"]
 
     def pop3_factory(implicit_tls: bool) -> Any:
         return POP3ServerFactory(
@@ -398,9 +420,6 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
     for desc in config.pop3.tls_listen:
         out.append(("pop3s", desc, TLSMemoryBIOFactory(tls_options, False, pop3_factory(True))))
 
-    smtp_throttle = AuthThrottle(
-        reactor, base=config.smtp.auth_failure_delay, maximum=config.smtp.auth_failure_delay_max
-    )
     smtp_queue = wrap_queue(queue, config)  # [masquerade]: rewrite senders of mail that leaves
 
     def smtp_factory(mode: str) -> Any:
@@ -431,7 +450,9 @@ def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
     parts = Components(config, reactor)
     queue = parts.make_queue()
     top.limiters = make_limiters(config, 0)
-    for role, desc, factory in make_frontends(config, parts, queue, reactor, limiters=top.limiters):
+    top.throttles = make_throttles(config, reactor, 0)
+    for role, desc, factory in make_frontends(config, parts, queue, reactor, limiters=top.limiters,
+                                              throttles=top.throttles):
         top.add_listener(ListenerService(desc, factory, role, reactor=reactor))
 
     outbound = OutboundService(config, queue, store=parts.store, reactor=reactor)

@@ -15,6 +15,7 @@ import poplib
 import signal
 import smtplib
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -185,3 +186,30 @@ def test_long_sessions_are_spread_over_the_processes(server: ServerProcess) -> N
     for p in held:
         p.quit()
     assert set(pids) == {main, worker}
+
+
+def test_failed_log_ins_are_counted_across_processes(server: ServerProcess) -> None:
+    """A wrong password through the worker and one through the main process count as two
+    failures of one address in the shared throttle table (so the delay doubles whichever
+    process the attacker reaches), and the right password clears them."""
+    from pop3coexist.policy.sharedthrottle import SharedAuthThrottle
+
+    class Now:
+        seconds = staticmethod(time.time)
+
+    table = SharedAuthThrottle(Now(), server.state_dir / "run" / "auth-failures-pop3.table")
+    main, worker = _workers(server)
+    for pid in (main, worker):
+        with paused(pid):
+            p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=20)
+            p.user(USER)
+            with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+                p.pass_("not the password")
+            p.quit()
+    assert table.failures("127.0.0.1") == 2
+    p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=20)
+    p.user(USER)
+    p.pass_(PASSWORD)
+    p.quit()
+    assert table.failures("127.0.0.1") == 0
+    assert PASSWORD not in server.log_text() and "not the password" not in server.log_text()
