@@ -124,12 +124,10 @@ def preflight(config: Config) -> None:
 class ListenerService(service.Service):
     """Listens on one endpoint description with one factory; remembers the port it got."""
 
-    def __init__(self, description: str, factory: Any, role: str, tls_options: Any = None,
-                 reactor: Any = None) -> None:
+    def __init__(self, description: str, factory: Any, role: str, reactor: Any = None) -> None:
         self.description = description
         self.factory = factory
         self.role = role
-        self.tls_options = tls_options
         self.reactor = reactor
         self.port: Any = None
         self._listening: defer.Deferred | None = None
@@ -138,11 +136,8 @@ class ListenerService(service.Service):
         from twisted.internet import reactor as default_reactor
 
         reactor = self.reactor or default_reactor
-        factory = self.factory
-        if self.tls_options is not None:
-            factory = TLSMemoryBIOFactory(self.tls_options, False, factory)
         endpoint = endpoints.serverFromString(reactor, self.description)
-        self._listening = endpoint.listen(factory)
+        self._listening = endpoint.listen(self.factory)
 
         def got(port: Any) -> Any:
             self.port = port

@@ -51,7 +51,7 @@ def queue_waker(queue: Any, control: Control):
         ids = queue.drain_new()
         for i in range(0, len(ids), IDS_PER_LINE):
             if not control.send("queued " + " ".join(ids[i:i + IDS_PER_LINE])):
-                queue._touch("rescan")
+                queue.request_rescan()
                 return
 
     return wake

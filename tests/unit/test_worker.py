@@ -21,8 +21,8 @@ class _Queue:
         ids, self.ids = self.ids, []
         return ids
 
-    def _touch(self, name: str) -> None:
-        self.touched.append(name)
+    def request_rescan(self) -> None:
+        self.touched.append("rescan")
 
 
 def test_waker_sends_queued_ids_in_whole_lines(tmp_path: Path) -> None:

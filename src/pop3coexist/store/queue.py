@@ -360,6 +360,11 @@ class FileQueue:
         self._touch("flush")
         self.wake()
 
+    def request_rescan(self) -> None:
+        """Ask the running runner (maybe another process) to read the queue folder again:
+        for messages it was not told about (a worker whose note to it was lost)."""
+        self._touch("rescan")
+
     def take_marker(self, name: str) -> bool:
         """True (and the marker removed) if ``flush`` or ``rescan`` was requested."""
         try:
