@@ -75,8 +75,11 @@ def test_wrong_password_defers_and_logs_the_reply(tmp_path: Path, certs, cleanup
     log = runner.log()
     assert "smart host refused AUTH" in log and "535" in log
     assert "wrong-secret" not in log
+    # the attempt is logged before its new state is saved: wait for the save
+    wait_until(lambda: queue.entries() and queue.entries()[0]["recipients"][0]["state"] == "deferred",
+               what="the recipient to be saved as deferred")
     [entry] = queue.entries()
-    assert entry["id"] == qid and entry["recipients"][0]["state"] == "deferred"
+    assert entry["id"] == qid
     assert host.received == []
 
 
