@@ -172,6 +172,43 @@ class RoleAddresses:
         return None
 
 
+def role_mailboxes(config, domains: Iterable[str]) -> list[tuple[str, str]]:
+    """The ``(domain, mailbox)`` pairs, lower case, that must exist so that postmaster (and
+    abuse, when set) mail can land: each role target that lies in one of ``domains`` (the
+    store's domains). The service creates them at start, ``domain add`` with a new domain."""
+    domains = [d.lower() for d in domains]
+    roles = RoleAddresses.from_config(config)
+    out: list[tuple[str, str]] = []
+    for target in (roles.postmaster_for(primary_domain(config, domains)), roles.abuse):
+        if target is None or target.quoted or target.domain not in domains:
+            continue
+        pair = (target.domain, target.local.lower())
+        if pair not in out:
+            out.append(pair)
+    return out
+
+
+def describe_roles(config, domains: Iterable[str] = ()) -> list[str]:
+    """``check-config`` lines: where postmaster (and abuse) mail lands."""
+    domains = [d.lower() for d in domains]
+    roles = RoleAddresses.from_config(config)
+    here = {d.lower() for d in (*config.domains.local, *domains)}
+    lines = []
+    for name, target in (("postmaster", roles.postmaster_for(primary_domain(config, domains))),
+                         ("abuse", roles.abuse)):
+        if target is None:
+            if name == "postmaster":
+                lines.append("postmaster mail has nowhere to land (no mail domain): set "
+                             "[domains] postmaster")
+            continue
+        where = "a mailbox here" if target.domain in here else "relayed there"
+        what = "<Postmaster> and postmaster@" if name == "postmaster" else "abuse@"
+        lines.append(f"{name}: mail for {what}<every domain this server is authoritative for> "
+                     f"lands in <{target}> ({where}), except where that domain has its own "
+                     f"{name} mailbox")
+    return lines
+
+
 class RelayPolicy:
     """The recipient rules of one server, built from ``[domains.remote]`` and ``[relay]``."""
 
