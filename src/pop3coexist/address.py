@@ -3,29 +3,55 @@
 Everything that compares or stores an address goes through here, so the classic relay tricks
 (percent hack, source routes, bang paths, quoted ``"a@b"@local``, double ``@``, trailing dots)
 are decided in one place: they are either refused or parsed to what they really say.
+
+``parse_address`` takes the whole RFC 5321 ``Mailbox`` production: a Dot-string or a
+Quoted-string (quoted pairs, spaces) local part, then a Domain or an address literal
+(``[192.0.2.1]``, ``[IPv6:2001:db8::1]``). Forms that are valid syntax but that this server
+will not take raise ``AddressRefused`` (a policy refusal, not a syntax error).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
 # RFC 5321 atext (RFC 5322 section 3.2.3)
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM_RE = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
-_QUOTED_RE = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
+# RFC 5321 section 4.1.2 Quoted-string: qtextSMTP (%d32-33 / %d35-91 / %d93-126) or a
+# quoted-pairSMTP (backslash then %d32-126)
+_QUOTED_RE = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_SNUM_RE = re.compile(r"[0-9]{1,3}\Z")
+_TAG_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")  # Standardized-tag (Ldh-str)
+_DCONTENT_RE = re.compile(r"[\x21-\x5a\x5e-\x7e]+\Z")  # RFC 5321 dcontent
 # Mailbox names we create: a conservative subset of dot-atom, lower case, no leading dot.
 _MAILBOX_NAME_RE = re.compile(r"[a-z0-9!#$%&'*+=?^_`{|}~-](?:[a-z0-9!#$%&'*+=?^_`{|}~.-]{0,63})\Z")
+
+MAX_LOCAL = 64  # RFC 5321 section 4.5.3.1.1
+MAX_MAILBOX = 254  # RFC 5321 section 4.5.3.1.3: a path is at most 256 octets with its <>
 
 
 class AddressError(ValueError):
     """The text is not an address we accept; str() says why."""
 
 
+class AddressRefused(AddressError):
+    """The text is a valid RFC 5321 Mailbox, but of a form this server refuses as policy
+    (a domain name that is not fully qualified, an address literal of an unknown tag)."""
+
+
 @dataclass(frozen=True)
 class Address:
-    """A parsed mailbox ``local@domain``; ``domain`` is lower case, ``local`` as given."""
+    """A parsed mailbox ``local@domain``.
+
+    ``local`` is the local part in its canonical wire form: a Dot-string as given, or (when
+    ``quoted``) a Quoted-string with only ``"`` and ``\\`` escaped. A quoted local part whose
+    content is a valid Dot-string is stored unquoted (``"ted"`` is ``ted``, RFC 5321 section
+    4.1.2 says they are the same mailbox). ``domain`` is a lower-case domain name or an address
+    literal in canonical form (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``).
+    """
 
     local: str
     domain: str
@@ -39,11 +65,31 @@ class Address:
         """Case-folded ``local@domain`` for lookups (local parts are compared without case)."""
         return f"{self.local.lower()}@{self.domain}"
 
+    @property
+    def literal(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        """The IP address of an address-literal domain, or None for a domain name."""
+        return literal_ip(self.domain)
+
+
+def literal_ip(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address inside a canonical address literal (``[1.2.3.4]``, ``[IPv6:...]``), or
+    None when ``domain`` is not one."""
+    if not domain.startswith("[") or not domain.endswith("]"):
+        return None
+    inner = domain[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        return ipaddress.ip_address(inner)
+    except ValueError:
+        return None
+
 
 def normalise_domain(name: str) -> str:
     """Return a domain name in canonical form (lower case) or raise AddressError.
 
-    A trailing dot, empty labels, address literals and non-ASCII names are refused.
+    A trailing dot, empty labels, address literals and non-ASCII names are refused; a name
+    of one label only raises AddressRefused (valid RFC 5321 syntax, not a name we accept).
     """
     if not isinstance(name, str) or not name:
         raise AddressError("empty domain")
@@ -51,12 +97,44 @@ def normalise_domain(name: str) -> str:
     if len(lowered) > 253:
         raise AddressError("domain name too long")
     labels = lowered.split(".")
-    if len(labels) < 2:
-        raise AddressError(f"domain {name!r} is not fully qualified")
     for label in labels:
         if not _LABEL_RE.match(label):
             raise AddressError(f"domain {name!r} has an invalid label {label!r}")
+    if len(labels) < 2:
+        raise AddressRefused(f"domain {name!r} is not fully qualified")
     return lowered
+
+
+def normalise_literal(text: str) -> str:
+    """Return an RFC 5321 address-literal (``[...]``) in canonical form or raise AddressError.
+
+    IPv4 (``[192.0.2.1]``, each Snum 0-255) and IPv6 (``[IPv6:2001:db8::1]``, the tag in any
+    case, no zone index) give ``[192.0.2.1]`` and ``[IPv6:2001:db8::1]`` (compressed, lower-case
+    hex). A General-address-literal (``[tag:content]``) is valid syntax but raises
+    AddressRefused: no other tag is standardised (RFC 5321 section 4.1.3).
+    """
+    if not (text.startswith("[") and text.endswith("]")) or len(text) < 3:
+        raise AddressError("malformed address literal")
+    inner = text[1:-1]
+    parts = inner.split(".")
+    if len(parts) == 4 and all(_SNUM_RE.match(p) for p in parts):
+        if any(int(p) > 255 for p in parts):
+            raise AddressError(f"address literal {text} is not an IPv4 address")
+        return "[" + ".".join(str(int(p)) for p in parts) + "]"
+    tag, colon, content = inner.partition(":")
+    if not colon or not _TAG_RE.match(tag) or not content:
+        raise AddressError(f"malformed address literal {text}")
+    if tag.lower() == "ipv6":
+        if "%" in content or not re.fullmatch(r"[0-9A-Fa-f:.]+", content):
+            raise AddressError(f"address literal {text} is not an IPv6 address")
+        try:
+            ip = ipaddress.IPv6Address(content)
+        except ValueError:
+            raise AddressError(f"address literal {text} is not an IPv6 address") from None
+        return f"[IPv6:{ip.compressed}]"
+    if not _DCONTENT_RE.match(content):
+        raise AddressError(f"malformed address literal {text}")
+    raise AddressRefused(f"address literal {text}: only IPv4 and IPv6 literals are accepted")
 
 
 def is_valid_mailbox_name(local: str) -> bool:
@@ -64,36 +142,62 @@ def is_valid_mailbox_name(local: str) -> bool:
     return bool(_MAILBOX_NAME_RE.match(local)) and ".." not in local and not local.endswith(".")
 
 
-def parse_address(text: str) -> Address:
-    """Parse an RFC 5321 ``Mailbox`` (no angle brackets) strictly.
+def unquote_local(quoted: str) -> str:
+    """The content of a Quoted-string local part: quotes removed, quoted pairs resolved."""
+    return re.sub(r"\\(.)", r"\1", quoted[1:-1])
 
-    Source routes, bang paths inside a domain, address literals, unqualified names, a second
-    ``@``, trailing dots and non-ASCII are refused. A quoted local part is kept (quoted=True)
-    and is never split again at an inner ``@`` or ``%``.
+
+def quote_local(content: str) -> str:
+    """The canonical wire form of a local part with this content: a Dot-string when it is
+    one, else a Quoted-string escaping only ``"`` and ``\\`` (RFC 5321 section 4.1.2)."""
+    if _DOT_ATOM_RE.match(content):
+        return content
+    return '"' + content.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_address(text: str) -> Address:
+    """Parse an RFC 5321 ``Mailbox`` (no angle brackets) strictly; see the module docstring.
+
+    Raises AddressError (a syntax error: source routes, bang paths inside a domain, a second
+    ``@`` outside quotes, trailing dots, control or non-ASCII characters, an unquoted space)
+    or its subclass AddressRefused (valid syntax, refused as policy). A quoted local part is
+    never split again at an inner ``@`` or ``%``: the domain is what follows the closing quote.
     """
-    if not text or len(text) > 254:
+    if not text or len(text) > MAX_MAILBOX:
         raise AddressError("address missing or too long")
-    if any(ord(c) < 0x21 or ord(c) > 0x7E for c in text):
-        raise AddressError("address has spaces, control or non-ASCII characters")
+    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in text):
+        raise AddressError("address has control or non-ASCII characters")
     if text.startswith("@"):
         raise AddressError("source routes are not accepted")
-    at = text.rfind("@")
-    if at <= 0:
-        raise AddressError("address has no domain")
-    local, domain = text[:at], text[at + 1 :]
-    if domain.startswith("["):
-        raise AddressError("address literals are not accepted")
-    domain = normalise_domain(domain)
-    quoted = False
-    if local.startswith('"'):
-        if not _QUOTED_RE.match(local):
+    if text.startswith('"'):
+        m = _QUOTED_RE.match(text)
+        if not m:
             raise AddressError("malformed quoted local part")
-        quoted = True
-    elif not _DOT_ATOM_RE.match(local):
-        raise AddressError("malformed local part")
-    if len(local) > 64:
-        raise AddressError("local part longer than 64 characters")
-    return Address(local, domain, quoted)
+        rest = text[m.end():]
+        if not rest.startswith("@"):
+            raise AddressError("malformed quoted local part" if rest else "address has no domain")
+        if len(m.group(0)) > MAX_LOCAL:  # the limit is on the local part as written
+            raise AddressError(f"local part longer than {MAX_LOCAL} characters")
+        local = quote_local(unquote_local(m.group(0)))
+        domain = rest[1:]
+    else:
+        if " " in text:
+            raise AddressError("address has spaces outside quotes")
+        at = text.rfind("@")
+        if at <= 0:
+            raise AddressError("address has no domain")
+        local, domain = text[:at], text[at + 1 :]
+        if not _DOT_ATOM_RE.match(local):
+            raise AddressError("malformed local part")
+    if len(local) > MAX_LOCAL:
+        raise AddressError(f"local part longer than {MAX_LOCAL} characters")
+    if domain.startswith("["):
+        domain = normalise_literal(domain)
+    elif " " in domain:
+        raise AddressError("address has spaces outside quotes")
+    else:
+        domain = normalise_domain(domain)
+    return Address(local, domain, local.startswith('"'))
 
 
 def parse_path(text: str) -> Address | None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pop3coexist.address import AddressError, normalise_domain
+from pop3coexist.address import AddressError, is_valid_mailbox_name, normalise_domain, parse_address
 from pop3coexist.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?i?b?)?\s*$", re.IGNORECASE)
@@ -182,6 +182,10 @@ class RemoteDomain:
 class DomainsConfig:
     local: tuple[str, ...] = ()
     remote: tuple[RemoteDomain, ...] = ()
+    # RFC 5321 4.5.1 / RFC 2142 role addresses: "" for postmaster means
+    # postmaster@<first local domain>; "" for abuse means no abuse@ redirection
+    postmaster: str = ""
+    abuse: str = ""
 
 
 @dataclass(frozen=True)
@@ -501,6 +505,21 @@ def _hostname(value: Any) -> str:
         raise ValueError(str(e))
 
 
+def _role_address(value: Any) -> str:
+    """``domains.postmaster`` / ``domains.abuse``: "" or one full address (user@domain), kept in
+    canonical form (address.parse_address); a local part is stored in lower case."""
+    value = _Reader.string(value).strip()
+    if value == "":
+        return ""
+    try:
+        address = parse_address(value)
+    except AddressError as e:
+        raise ValueError(f"{value!r} is not a full address (user@domain): {e}")
+    if address.literal is not None:
+        raise ValueError(f"{value!r}: name a domain, not an address literal")
+    return f"{address.local.lower()}@{address.domain}"
+
+
 def _next_hop(value: Any) -> str:
     """``name[:port]`` or ``[address][:port]``; returns it unchanged after checking."""
     value = _Reader.string(value)
@@ -736,7 +755,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                 raise r.fail("auth.directory", key, f"file not found: {p}")
 
     dom_data = data.get("domains", {})
-    doms = r.section(dom_data, "domains", {"local": r.domain_list}, subsections=("remote",))
+    doms = r.section(dom_data, "domains",
+                     {"local": r.domain_list, "postmaster": _role_address, "abuse": _role_address},
+                     subsections=("remote",))
     remote_list = dom_data.get("remote", []) if isinstance(dom_data, Mapping) else []
     if not isinstance(remote_list, list):
         raise r.fail("domains", "remote", "must be an array of tables ([[domains.remote]])")
@@ -759,7 +780,14 @@ def parse_config(text: str, path: Path | None = None) -> Config:
             raise r.fail("domains.remote", "name", f"{d!r} is also a local domain")
         if names.count(d) > 1:
             raise r.fail("domains.remote", "name", f"{d!r} is listed twice")
-    domains_cfg = DomainsConfig(local=local_domains, remote=tuple(remotes))
+    domains_cfg = DomainsConfig(local=local_domains, remote=tuple(remotes),
+                                postmaster=doms.get("postmaster", ""), abuse=doms.get("abuse", ""))
+    for key in ("postmaster", "abuse"):
+        target = doms.get(key, "")
+        local_part, _, target_domain = target.rpartition("@")
+        if target and target_domain in local_domains and not is_valid_mailbox_name(local_part):
+            raise r.fail("domains", key, f"{target!r}: {local_part!r} is not a mailbox name this "
+                         "server can create in a local domain")
     if method == "local" and len(local_domains) > 1:
         raise r.fail(
             "domains", "local",

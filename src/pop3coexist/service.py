@@ -52,8 +52,8 @@ class Components:
 
 
 def prepare_state(config: Config) -> None:
-    """Create the state folders and the configured local domains; raise ConfigError if the
-    state cannot be written."""
+    """Create the state folders, the configured local domains and the postmaster (and abuse)
+    mailbox there when missing; raise ConfigError if the state cannot be written."""
     from pop3coexist.store.maildir import MaildirStore
 
     state = config.server.state_dir
@@ -67,6 +67,13 @@ def prepare_state(config: Config) -> None:
         store.check_writable()
         for domain in config.domains.local:
             store.add_domain(domain)
+        # RFC 5321 4.5.1: the postmaster (and abuse) mailbox must be able to receive
+        from pop3coexist.policy.relay import role_mailboxes
+
+        for domain, mailbox in role_mailboxes(config, config.domains.local):
+            if store.add_mailbox(domain, mailbox):
+                log.info("created the mailbox {box}@{domain} for role mail (domains.postmaster, "
+                         "domains.abuse)", box=mailbox, domain=domain)
         # a crash can leave half-received messages in the spool; none had a 250
         from pop3coexist.smtp.incoming import clean_spool
 

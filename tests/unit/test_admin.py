@@ -201,3 +201,39 @@ def test_queue_list_flush_delete(run, config, tmp_path):
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert run("queue", "delete", qid)[0] == 0
     assert run("queue", "list")[1].strip() == "queue is empty"
+
+
+def test_postmaster_mailbox_check_config_and_passwd(run, config, tmp_path):
+    """The default postmaster mailbox exists for the admin tool as at start; check-config says
+    where postmaster mail lands; domain add says it for the new domain; mailbox passwd gives the
+    postmaster mailbox a password (password-file method) so it can be read."""
+    code, out, _ = run("check-config")
+    assert code == 0
+    assert ("postmaster: mail for <Postmaster> and postmaster@<every domain this server is "
+            "authoritative for> lands in <postmaster@pop.contoso.test> (a mailbox here)") in out
+    assert "abuse" not in out
+    assert (tmp_path / "var" / "mailroot" / "pop.contoso.test" / "postmaster" / "new").is_dir()
+    code, out, _ = run("domain", "add", "second.test")
+    assert code == 0 and "mail for postmaster@second.test lands in <postmaster@pop.contoso.test>" in out
+    code, out, _ = run("mailbox", "passwd", "postmaster@pop.contoso.test", "--password-stdin", stdin=PW + "\n")
+    assert code == 0 and "password of postmaster@pop.contoso.test changed" in out
+
+
+def test_check_config_names_a_configured_abuse_and_remote_postmaster(run, config):
+    """With domains.postmaster remote and domains.abuse set, check-config names both."""
+    config.write_text(config.read_text() + 'postmaster = "hostmaster@corp.example"\n'
+                      'abuse = "abuse-desk@pop.contoso.test"\n')
+    code, out, _ = run("check-config")
+    assert code == 0
+    assert "lands in <hostmaster@corp.example> (relayed there)" in out
+    assert "abuse: mail for abuse@<every domain this server is authoritative for> lands in " \
+           "<abuse-desk@pop.contoso.test> (a mailbox here)" in out
+
+
+def test_prepare_state_creates_the_postmaster_mailbox(config, tmp_path):
+    """At start the default postmaster mailbox is created when missing (RFC 5321 4.5.1)."""
+    from pop3coexist.config import load_config
+    from pop3coexist.service import prepare_state
+
+    prepare_state(load_config(config))
+    assert (tmp_path / "var" / "mailroot" / "pop.contoso.test" / "postmaster" / "cur").is_dir()

@@ -280,3 +280,17 @@ def test_bad_workers_values_name_the_key(value):
     text = MINIMAL.replace('state_dir = "var"', f'state_dir = "var"\nworkers = {value}')
     with pytest.raises(ConfigError, match=r"\[server.workers\]"):
         parse_config(text)
+
+
+def test_postmaster_and_abuse_keys():
+    """domains.postmaster / domains.abuse: "" by default; a full address, kept in canonical
+    form with the local part in lower case; anything else is an error naming the key."""
+    assert (cfg().domains.postmaster, cfg().domains.abuse) == ("", "")
+    c = cfg('[domains]\nlocal = ["pop.contoso.test"]\npostmaster = "Admin@Pop.Contoso.Test"\n'
+            'abuse = "security@corp.example"\n')
+    assert (c.domains.postmaster, c.domains.abuse) == ("admin@pop.contoso.test", "security@corp.example")
+    for bad in ('postmaster = "admin"', 'postmaster = "admin@[127.0.0.1]"', 'abuse = "a b@x.test"',
+                'abuse = 3'):
+        assert f"[domains.{bad.split(' ')[0]}]" in error_of(f"[domains]\n{bad}\n")
+    message = error_of('[domains]\nlocal = ["pop.contoso.test"]\npostmaster = "\\"a b\\"@pop.contoso.test"\n')
+    assert "[domains.postmaster]" in message and "mailbox name" in message

@@ -134,7 +134,10 @@ def test_resolve_recipient(checker) -> None:
     assert result(checker.resolve_recipient("Ted@POP.contoso.test")) == "ted@pop.contoso.test"
     assert result(checker.resolve_recipient("root@pop.contoso.test")) is None
     assert result(checker.resolve_recipient("ted@other.test")) is None
-    assert result(checker.resolve_recipient('"ted"@pop.contoso.test')) is None
+    # a quoted dot-atom is the same mailbox (RFC 5321 4.1.2, issue 11 fault 2); other quoted
+    # local parts name no account
+    assert result(checker.resolve_recipient('"ted"@pop.contoso.test')) == "ted@pop.contoso.test"
+    assert result(checker.resolve_recipient('"te d"@pop.contoso.test')) is None
     assert result(checker.resolve_recipient("garbage")) is None
 
 

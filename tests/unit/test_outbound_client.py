@@ -95,6 +95,21 @@ def test_no_dsn_extension_means_no_dsn_parameters(tmp_path: Path) -> None:
     assert h.server(b"250 ok") == b"RCPT TO:<b@example.net>\r\n"
 
 
+def test_quoted_sender_and_recipient_go_out_as_stored(tmp_path: Path) -> None:
+    """The queue stores str(Address), the canonical quoted form (issue 11 fault 2): the client
+    sends it back out inside <> unchanged, so a quoted local part reaches the next hop intact."""
+    from pop3coexist.address import parse_address
+
+    sender = str(parse_address('"odd \\"sender\\""@example.org'))
+    rcpt = str(parse_address('"far away"@[IPv6:2001:db8::9]'))
+    h = Harness(tmp_path, rcpts=(rcpt,))
+    h.txn.sender = sender
+    h.server(b"220 x")
+    assert h.server(b"250-x", b"250 SIZE") == \
+        b'MAIL FROM:<"odd \\"sender\\""@example.org> SIZE=%d\r\n' % len(BODY)
+    assert h.server(b"250 ok") == b'RCPT TO:<"far away"@[IPv6:2001:db8::9]>\r\n'
+
+
 def test_all_recipients_refused_sends_no_data(tmp_path: Path) -> None:
     """When no RCPT is accepted there is no DATA; every recipient keeps its own reply."""
     h = Harness(tmp_path, rcpts=("b@example.net",))

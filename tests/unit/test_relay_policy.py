@@ -11,9 +11,17 @@ import ipaddress
 
 import pytest
 
+from pop3coexist.address import Address
 from pop3coexist.errors import MailError
 from pop3coexist.policy.connections import ConnectionPolicy, ip_in_networks
-from pop3coexist.policy.relay import Client, RelayPolicy, RouteKind, parse_recipient
+from pop3coexist.policy.relay import (
+    Client,
+    RelayPolicy,
+    RoleAddresses,
+    RouteKind,
+    is_own_literal,
+    parse_recipient,
+)
 
 LOCAL = ("pop.contoso.test",)
 MAILBOXES = {"ted@pop.contoso.test"}
@@ -29,13 +37,23 @@ def policy(authenticated_may_relay: bool = True) -> RelayPolicy:
     )
 
 
-def decide(pol: RelayPolicy, rcpt: str, ip: str, authenticated: bool) -> str:
-    """Run the whole decision as the server does; return 'local', 'queue' or the reply code."""
+def decide(pol: RelayPolicy, rcpt: str, ip: str, authenticated: bool,
+           roles: RoleAddresses | None = None) -> str:
+    """Run the whole decision as the server does; return 'local', 'queue', 'postmaster' (the
+    role address took it) or the reply code."""
     try:
         address = parse_recipient(rcpt, "pop.contoso.test")
+        if address.literal is not None and is_own_literal(address.literal, ()):
+            address = Address(address.local, "pop.contoso.test", address.quoted)  # RFC 1123 5.2.17
         route = pol.route(address, LOCAL, Client(ip, authenticated))
         if route.kind is RouteKind.LOCAL:
-            pol.local_outcome(address, address.key in MAILBOXES)
+            try:
+                pol.local_outcome(address, address.key in MAILBOXES)
+            except MailError:
+                target = (roles or RoleAddresses()).target(address, set(LOCAL), LOCAL[0])
+                if target is None:
+                    raise
+                return "postmaster" if target.local == "postmaster" else f"role {target}"
             return "local"
         return "queue"
     except MailError as e:
@@ -84,8 +102,8 @@ TRICKS = [
     ("someone@foreign.example@pop.contoso.test", "501 5.1.3"),  # double @
     ('"someone@foreign.example"@pop.contoso.test', "550 5.1.1"),  # quoted local part
     ("foreign.example!someone@pop.contoso.test", "550 5.1.1"),  # bang path
-    ("someone@[192.0.2.1]", "501 5.1.3"),  # address literal
-    ("ted@[127.0.0.1]", "501 5.1.3"),
+    ("someone@[192.0.2.1]", "554 5.7.1"),  # a literal not ours is a foreign destination
+    ("ted@[127.0.0.1]", "local"),  # a literal of this host is the primary domain (RFC 1123)
     ("someone", "501 5.1.3"),  # unqualified
     ("someone@foreign.example.", "501 5.1.3"),  # trailing dot
     ("ted@pop.contoso.test.", "501 5.1.3"),
@@ -101,7 +119,44 @@ TRICKS = [
     ("someone@@pop.contoso.test", "501 5.1.3"),
     ("<someone@foreign.example>", "501 5.1.3"),
     ("someone@foreign.example%pop.contoso.test", "501 5.1.3"),
-    ("PostMaster", "550 5.1.1"),  # unqualified postmaster is local (RFC 5321 4.5.1)
+    ("PostMaster", "postmaster"),  # unqualified postmaster is local (RFC 5321 4.5.1)
+    # issue 11 fault 2: the whole RFC 5321 Mailbox; quoting never changes the domain
+    ('"ted"@pop.contoso.test', "local"),  # a quoted dot-atom is the same mailbox
+    ('"TED"@POP.CONTOSO.TEST', "local"),
+    ('"t\\ed"@pop.contoso.test', "local"),  # a quoted pair of an ordinary character
+    ('"no such user"@pop.contoso.test', "550 5.1.1"),
+    ('"someone%foreign.example"@pop.contoso.test', "550 5.1.1"),
+    ('"foreign.example!someone"@pop.contoso.test', "550 5.1.1"),
+    ('"@foreign.example:someone"@pop.contoso.test', "550 5.1.1"),
+    ('"someone@foreign.example>"@pop.contoso.test', "550 5.1.1"),
+    ('"a\\"b@foreign.example"@pop.contoso.test', "550 5.1.1"),
+    ('"someone"@foreign.example', "554 5.7.1"),
+    ('"ted@pop.contoso.test"@foreign.example', "554 5.7.1"),
+    ('"some one"@foreign.example', "554 5.7.1"),
+    ('"x"@[192.0.2.1]', "554 5.7.1"),
+    ("someone@[IPv6:2001:db8::1]", "554 5.7.1"),
+    ("someone@[ipv6:::ffff:192.0.2.1]", "554 5.7.1"),
+    ("ted@[IPv6:::1]", "local"),
+    ("ted@[IPv6:::ffff:127.0.0.1]", "local"),
+    ("ted@[127.000.000.001]", "local"),
+    ("nobody@[127.0.0.1]", "550 5.1.1"),
+    ("postmaster@[127.0.0.1]", "postmaster"),
+    ("someone@[x-tag:anything]", "553 5.7.1"),  # General-address-literal: policy
+    ("someone@localhost", "553 5.7.1"),  # valid syntax, not fully qualified: policy
+    ("someone@[192.0.2.1", "501 5.1.3"),
+    ("someone@[300.0.2.1]", "501 5.1.3"),
+    ("someone@[IPv6:fe80::1%eth0]", "501 5.1.3"),
+    ("someone@[IPv6:2001:db8::g]", "501 5.1.3"),
+    ("someone@[]", "501 5.1.3"),
+    ('"unterminated@pop.contoso.test', "501 5.1.3"),
+    ('"a"b@pop.contoso.test', "501 5.1.3"),
+    ('"a"@foreign.example@pop.contoso.test', "501 5.1.3"),
+    ('"a\tb"@pop.contoso.test', "501 5.1.3"),  # control character even inside quotes
+    ("postmaster@pop.contoso.test", "postmaster"),
+    ('"postmaster"@pop.contoso.test', "postmaster"),
+    ("POSTMASTER@pop.contoso.test", "postmaster"),
+    ("postmaster@foreign.example", "554 5.7.1"),  # not ours: no role redirection
+    ("abuse@pop.contoso.test", "550 5.1.1"),  # abuse only when domains.abuse is set
 ]
 
 
@@ -109,6 +164,37 @@ TRICKS = [
 def test_relay_tricks_never_open_a_relay(rcpt: str, expected: str) -> None:
     """Every classic way of hiding a foreign recipient is refused or stays a local lookup."""
     assert decide(policy(), rcpt, UNTRUSTED, False) == expected
+
+
+def test_abuse_goes_to_its_configured_address_only_when_set() -> None:
+    """domains.abuse set: abuse@ every authoritative domain is taken (RFC 2142); a foreign
+    abuse@ is still a relay question, and a real mailbox would come first (server side)."""
+    roles = RoleAddresses(abuse=Address("security", "corp.example"))
+    assert decide(policy(), "abuse@pop.contoso.test", UNTRUSTED, False, roles) == \
+        "role security@corp.example"
+    assert decide(policy(), "Abuse@pop.contoso.test", UNTRUSTED, False, roles) == \
+        "role security@corp.example"
+    assert decide(policy(), "abuse@foreign.example", UNTRUSTED, False, roles) == "554 5.7.1"
+    assert RoleAddresses().postmaster_for(None) is None
+    assert str(RoleAddresses().postmaster_for("pop.contoso.test")) == "postmaster@pop.contoso.test"
+
+
+@pytest.mark.parametrize(("ip", "own", "expected"), [
+    ("127.0.0.1", (), True),
+    ("127.1.2.3", (), True),
+    ("::1", (), True),
+    ("::ffff:127.0.0.1", (), True),
+    ("0.0.0.0", (), True),
+    ("192.0.2.1", (), False),
+    ("192.0.2.1", ("192.0.2.1",), True),
+    ("::ffff:192.0.2.1", ("192.0.2.1",), True),
+    ("192.0.2.1", ("::ffff:192.0.2.1",), True),
+    ("2001:db8::1", ("2001:db8::1%eth0",), True),
+    ("192.0.2.2", ("192.0.2.1", "not an address"), False),
+])
+def test_own_literal(ip: str, own: tuple[str, ...], expected: bool) -> None:
+    """RFC 1123 5.2.17: loopback, unspecified and this host's own addresses name this host."""
+    assert is_own_literal(ipaddress.ip_address(ip), own) is expected
 
 
 def test_ipv4_mapped_ipv6_client_is_matched_as_ipv4() -> None:

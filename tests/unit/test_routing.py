@@ -57,6 +57,16 @@ def test_route_beats_smarthost_beats_mx(tmp_path: Path) -> None:
     assert not direct.smarthost and not direct.literal
 
 
+def test_address_literal_domain_goes_to_that_address(tmp_path: Path) -> None:
+    """A recipient domain [192.0.2.9] / [IPv6:2001:db8::9] (relayed for a trusted client) goes
+    to that address on port 25 without a DNS lookup; a smart host still takes everything."""
+    cfg = _config(tmp_path)
+    assert routing.next_hop("[192.0.2.9]", cfg) == routing.NextHop("192.0.2.9", 25, literal=True)
+    assert routing.next_hop(routing.domain_of('"a b"@[IPv6:2001:db8::9]'), cfg) == \
+        routing.NextHop("2001:db8::9", 25, literal=True)
+    assert routing.next_hop("[192.0.2.9]", _config(tmp_path, smarthost="[198.51.100.1]:25")).smarthost
+
+
 def test_route_to_remote_is_not_the_smarthost(tmp_path: Path) -> None:
     """Credentials belong to the smart host only: a per-domain route is not marked smarthost."""
     cfg = _config(tmp_path, smarthost="[198.51.100.1]:25")

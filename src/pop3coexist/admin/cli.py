@@ -165,6 +165,10 @@ class Admin:
         for domain in config.domains.local:
             if not self.store.domain_exists(domain):
                 self.store.add_domain(domain)
+        from pop3coexist.policy.relay import role_mailboxes
+
+        for domain, mailbox in role_mailboxes(config, config.domains.local):
+            self.store.add_mailbox(domain, mailbox)  # as at start: postmaster can receive
 
     def say(self, text: str) -> None:
         print(text, file=self.out)
@@ -189,6 +193,17 @@ class Admin:
         if not self.store.add_domain(domain):
             _fail(f"domain {domain} already exists")
         self.say(f"domain {domain} added")
+        from pop3coexist.policy.relay import RoleAddresses, primary_domain, role_mailboxes
+
+        domains = self.store.list_domains()
+        for box_domain, mailbox in role_mailboxes(self.config, domains):
+            if box_domain == domain and self.store.add_mailbox(box_domain, mailbox):
+                self.say(f"mailbox {mailbox}@{domain} added (postmaster mail lands there)")
+        roles = RoleAddresses.from_config(self.config)
+        target = roles.postmaster_for(primary_domain(self.config, domains))
+        if target is not None:
+            self.say(f"mail for postmaster@{domain} lands in <{target}> unless a mailbox "
+                      f"postmaster@{domain} exists (RFC 5321 section 4.5.1)")
 
     def domain_remove(self, name: str, yes: bool) -> None:
         domain = _domain(name)
@@ -376,6 +391,10 @@ class Admin:
             problem = check_pair(self.config, load_config(peer))
             if problem:
                 _fail(problem)
+        from pop3coexist.policy.relay import describe_roles
+
+        for line in describe_roles(self.config, self.store.list_domains()):
+            self.say(line)
         self.say(f"{self.config.path}: OK")
 
 

@@ -6,7 +6,8 @@ for, where its mail goes. It asks the directory (``DirectoryChecker.lookup``: ``
 
 - **authoritative domains** (``gateway.authoritative_domains`` and every local domain): a
   recipient that is not in the directory, or has neither a target address nor a mailbox here,
-  is refused with ``550 5.1.1``;
+  is refused with ``550 5.1.1`` (the ESMTP server then still takes postmaster@, and abuse@ when
+  set, for the configured address: ``policy.relay.RoleAddresses``);
 - **non-authoritative domains** (``gateway.non_authoritative_domains``): a known recipient is
   resolved the same way; an unknown one is forwarded unchanged through the connector whose
   address space matches (else the default route) - but never back to the server it came from

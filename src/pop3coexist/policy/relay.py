@@ -11,19 +11,28 @@ refusal is an ``errors.MailError`` carrying the reply (CONTRACT section 6):
 - any other domain: only from ``relay.networks`` or an authenticated client (when
   ``relay.authenticated``); otherwise 554 5.7.1.
 
-Addresses are parsed strictly by ``pop3coexist.address``: the percent hack, bang paths and
-quoted local parts stay local parts of a local domain (and then are unknown users), source
-routes, address literals, double ``@``, trailing dots and unqualified names are syntax errors.
-Domains are compared exactly, never by suffix.
+Addresses are parsed by ``pop3coexist.address`` (the whole RFC 5321 section 4.1.2 Mailbox):
+the percent hack, bang paths and quoted local parts stay local parts of a local domain (and
+then are unknown users, 550 5.1.1); source routes, double ``@`` outside quotes, trailing dots and
+unqualified names are syntax errors (501); valid forms refused as policy (a domain that is not
+fully qualified, an address literal of an unknown tag) get 553 5.7.1. An address literal that
+names this host (``is_own_literal``, RFC 1123 section 5.2.17) means the primary local domain;
+any other literal is a foreign destination like any other domain. Domains are compared exactly,
+never by suffix: the decision follows the parsed domain, never the quoting.
+
+Role addresses (``RoleAddresses``): ``postmaster`` (RFC 5321 section 4.5.1, also unqualified)
+and, when ``domains.abuse`` is set, ``abuse`` (RFC 2142) at every domain this server is
+authoritative for go to the configured address when no real recipient of that name exists.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable
+import ipaddress
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from pop3coexist.address import Address, AddressError, parse_address
+from pop3coexist.address import Address, AddressError, AddressRefused, parse_address
 from pop3coexist.errors import MailError, PermanentFailure
 from pop3coexist.policy.connections import Network, ip_in_networks
 
@@ -54,26 +63,150 @@ class Route:
 
 
 def parse_recipient(text: str, postmaster_domain: str | None = None) -> Address:
-    """Parse the inside of a ``RCPT TO:<...>`` path strictly.
+    """Parse the inside of a ``RCPT TO:<...>`` path (RFC 5321 section 4.1.2 Mailbox).
 
     The unqualified ``postmaster`` (any case) is accepted as RFC 5321 section 4.5.1 requires
-    and means ``postmaster@<postmaster_domain>``. Any other malformed address raises
-    ``MailError`` 501 5.1.3.
+    and means ``postmaster@<postmaster_domain>`` (with no such domain: 550 5.1.1). A malformed
+    address raises ``MailError`` 501 5.1.3; a valid form refused as policy 553 5.7.1.
     """
-    if text.lower() == "postmaster" and postmaster_domain:
+    if text.lower() == "postmaster":
+        if not postmaster_domain:
+            raise PermanentFailure("<Postmaster>: this server has no mail domain yet", "5.1.1", 550)
         return Address("postmaster", postmaster_domain.lower())
     try:
         return parse_address(text)
+    except AddressRefused as e:
+        raise PermanentFailure(f"Recipient address rejected: {e}", "5.7.1", 553)
     except AddressError as e:
         raise PermanentFailure(f"Bad recipient address syntax: {e}", "5.1.3", 501)
 
 
 def parse_sender(text: str) -> Address:
-    """Parse the inside of a ``MAIL FROM:<...>`` path (not empty); MailError 501 5.1.7."""
+    """Parse the inside of a ``MAIL FROM:<...>`` path (not empty); MailError 501 5.1.7 for a
+    malformed address, 553 5.7.1 for a valid form refused as policy."""
     try:
         return parse_address(text)
+    except AddressRefused as e:
+        raise PermanentFailure(f"Sender address rejected: {e}", "5.7.1", 553)
     except AddressError as e:
         raise PermanentFailure(f"Bad sender address syntax: {e}", "5.1.7", 501)
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def is_own_literal(ip: IPAddress, own: Iterable[str]) -> bool:
+    """True when an address literal names this host (RFC 1123 section 5.2.17).
+
+    Loopback and the unspecified address always do; ``own`` adds the addresses of this host
+    (the listener's local address, the addresses ``server.hostname`` resolves to). An
+    IPv4-mapped IPv6 address is compared as the IPv4 address it holds.
+    """
+    def plain(a: IPAddress) -> IPAddress:
+        mapped = getattr(a, "ipv4_mapped", None)
+        return mapped if mapped is not None else a
+
+    ip = plain(ip)
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    for text in own:
+        try:
+            if plain(ipaddress.ip_address(str(text).partition("%")[0])) == ip:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def primary_domain(config, domains: Sequence[str] = ()) -> str | None:
+    """The domain that unqualified ``<Postmaster>``, the default postmaster address and
+    address literals of this host stand for: the first of ``domains.local``; without local
+    domains the gateway's first authoritative domain; else the first (alphabetical) domain
+    of ``domains`` (added with ``domain add``); else None."""
+    if config.domains.local:
+        return config.domains.local[0].lower()
+    gateway = getattr(config, "gateway", None)
+    if gateway is not None and gateway.enabled and gateway.authoritative_domains:
+        return gateway.authoritative_domains[0].lower()
+    return sorted(d.lower() for d in domains)[0] if domains else None
+
+
+@dataclass(frozen=True)
+class RoleAddresses:
+    """Where postmaster and abuse mail lands (``domains.postmaster``, ``domains.abuse``).
+
+    ``postmaster`` None: ``postmaster@<primary_domain>``. ``abuse`` None: abuse@ is an ordinary
+    local part (no redirection).
+    """
+
+    postmaster: Address | None = None
+    abuse: Address | None = None
+
+    @classmethod
+    def from_config(cls, config) -> RoleAddresses:
+        """Build from ``config.domains`` (the addresses were checked by config.py)."""
+        doms = config.domains
+        return cls(
+            parse_address(doms.postmaster) if getattr(doms, "postmaster", "") else None,
+            parse_address(doms.abuse) if getattr(doms, "abuse", "") else None,
+        )
+
+    def postmaster_for(self, primary: str | None) -> Address | None:
+        """The address postmaster mail goes to, or None when there is nowhere (no domain)."""
+        if self.postmaster is not None:
+            return self.postmaster
+        return Address("postmaster", primary) if primary else None
+
+    def target(self, address: Address, authoritative: Collection[str],
+               primary: str | None) -> Address | None:
+        """The role address ``address`` stands for, or None when it is not a role address of
+        a domain in ``authoritative`` (lower case). The caller still gives a real recipient of
+        that name its own mail (RFC 5321 section 4.5.1 only asks that postmaster works)."""
+        if address.quoted or address.domain not in authoritative:
+            return None
+        name = address.local.lower()
+        if name == "postmaster":
+            return self.postmaster_for(primary)
+        if name == "abuse":
+            return self.abuse
+        return None
+
+
+def role_mailboxes(config, domains: Iterable[str]) -> list[tuple[str, str]]:
+    """The ``(domain, mailbox)`` pairs, lower case, that must exist so that postmaster (and
+    abuse, when set) mail can land: each role target that lies in one of ``domains`` (the
+    store's domains). The service creates them at start, ``domain add`` with a new domain."""
+    domains = [d.lower() for d in domains]
+    roles = RoleAddresses.from_config(config)
+    out: list[tuple[str, str]] = []
+    for target in (roles.postmaster_for(primary_domain(config, domains)), roles.abuse):
+        if target is None or target.quoted or target.domain not in domains:
+            continue
+        pair = (target.domain, target.local.lower())
+        if pair not in out:
+            out.append(pair)
+    return out
+
+
+def describe_roles(config, domains: Iterable[str] = ()) -> list[str]:
+    """``check-config`` lines: where postmaster (and abuse) mail lands."""
+    domains = [d.lower() for d in domains]
+    roles = RoleAddresses.from_config(config)
+    here = {d.lower() for d in (*config.domains.local, *domains)}
+    lines = []
+    for name, target in (("postmaster", roles.postmaster_for(primary_domain(config, domains))),
+                         ("abuse", roles.abuse)):
+        if target is None:
+            if name == "postmaster":
+                lines.append("postmaster mail has nowhere to land (no mail domain): set "
+                             "[domains] postmaster")
+            continue
+        where = "a mailbox here" if target.domain in here else "relayed there"
+        what = "<Postmaster> and postmaster@" if name == "postmaster" else "abuse@"
+        lines.append(f"{name}: mail for {what}<every domain this server is authoritative for> "
+                     f"lands in <{target}> ({where}), except where that domain has its own "
+                     f"{name} mailbox")
+    return lines
 
 
 class RelayPolicy:

@@ -9,6 +9,8 @@ The rules (CONTRACT section 3, REFERENCE "IIS 6 SMTP virtual server"):
 
 A next hop written ``[address][:port]`` is used as it is (no DNS lookup at all); a next hop
 written ``name[:port]`` has its MX looked up, then its A/AAAA records (the seed's bracket rule).
+A recipient domain that is an address literal (``user@[192.0.2.1]``, ``user@[IPv6:...]``) goes
+without a smart host straight to that address, port 25 (RFC 5321 section 4.1.3).
 Nothing here resolves names or opens sockets: the delivery runner (smtp/outbound.py) does.
 """
 
@@ -20,6 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pop3coexist.address import literal_ip
 from pop3coexist.config import Config
 
 SMTP_PORT = 25
@@ -99,6 +102,9 @@ def next_hop(domain: str, config: Config, local_delivery: bool = True) -> NextHo
             return parse_next_hop(remote.route, smarthost=remote.route == config.smarthost.host)
     if config.smarthost.host:
         return parse_next_hop(config.smarthost.host, smarthost=True)
+    ip = literal_ip(domain)
+    if ip is not None:
+        return NextHop(host=str(ip), port=SMTP_PORT, literal=True)
     return NextHop(host=domain, port=SMTP_PORT)
 
 

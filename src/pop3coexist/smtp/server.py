@@ -35,7 +35,13 @@ from twisted.mail import smtp as tsmtp
 from twisted.python.failure import Failure
 
 from pop3coexist.address import Address
-from pop3coexist.errors import AuthUnavailable, LoginRefused, MailError, QuotaExceeded
+from pop3coexist.errors import (
+    AuthUnavailable,
+    LoginRefused,
+    MailError,
+    PermanentFailure,
+    QuotaExceeded,
+)
 from pop3coexist.netutil import send_now
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
@@ -44,10 +50,13 @@ from pop3coexist.policy.gateway import GatewayPolicy, Peer
 from pop3coexist.policy.relay import (
     Client,
     RelayPolicy,
+    RoleAddresses,
     Route,
     RouteKind,
+    is_own_literal,
     parse_recipient,
     parse_sender,
+    primary_domain,
 )
 from pop3coexist.policy.throttle import AuthThrottle
 from pop3coexist.smtp import auth as sasl
@@ -66,7 +75,6 @@ _COMMAND, _AUTH, _DATA = "command", "auth", "data"
 _KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE_RE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")  # RFC 5321 esmtp-value
 _XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
-_PATH_RE = re.compile(r"(?P<path><[^<>]*>)(?P<params>(?: .*)?)\Z")
 
 
 def _fail(code: int, enhanced: str, text: str) -> MailError:
@@ -97,14 +105,40 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def split_path(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
-    """``FROM:<path> params`` -> (inside of the path, params); 501 5.5.4 when malformed."""
+    """``FROM:<path> params`` -> (inside of the path, params); 501 5.5.4 when malformed.
+
+    The path ends at the first ``>`` outside a quoted string: a Quoted-string local part may
+    hold spaces, ``<``, ``>`` and quoted pairs (RFC 5321 section 4.1.2), and the parameters
+    are only what follows the path.
+    """
+    usage = _fail(501, "5.5.4", f"Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
     if not arg[: len(keyword)].upper() == keyword:
-        raise _fail(501, "5.5.4", f"Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
+        raise usage
     rest = arg[len(keyword) :].lstrip(" ")
-    m = _PATH_RE.match(rest)
-    if not m:
-        raise _fail(501, "5.5.4", f"Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
-    return m.group("path")[1:-1], parse_params(m.group("params"))
+    if not rest.startswith("<"):
+        raise usage
+    quoted = False
+    i = 1
+    end = -1
+    while i < len(rest):
+        c = rest[i]
+        if quoted and c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c == ">":
+            end = i
+            break
+        elif not quoted and c == "<":
+            raise usage
+        i += 1
+    if end < 0:
+        raise usage
+    params = rest[end + 1 :]
+    if params and not params.startswith(" "):
+        raise usage
+    return rest[1:end], parse_params(params)
 
 
 @dataclass
@@ -633,90 +667,143 @@ class ESMTPServer(tsmtp.ESMTP):
             raise _fail(501, "5.1.3", "Bad recipient address syntax: empty")
         if len(txn.recipients) >= cfg.max_recipients:
             raise _fail(452, "4.5.3", "Too many recipients")
+        return defer.ensureDeferred(self._rcpt(txn, inner, notify, orcpt))
+
+    async def _rcpt(self, txn: Transaction, inner: str, notify: list[str] | None,
+                    orcpt: str | None) -> None:
+        """Decide one recipient (policy.relay / policy.gateway), then answer RCPT."""
         factory = self.factory
-        client = Client(self.client_ip, self.user is not None)
-        gateway = getattr(factory, "gateway", None)
-        shown: dict[str, object] = {}  # the address as the client gave it (reply, ORCPT)
-
-        d = factory.local_domains()
-
-        def route(domains):
-            pm = self.hostname if self.hostname in domains else (domains[0] if domains else None)
-            address = parse_recipient(inner, pm)
-            shown["address"] = address
-            if gateway is not None and gateway.handles(address.domain):
-                # the gateway role: the directory decides (policy/gateway.py)
-                d2 = gateway.decide(address, Peer(self.client_ip, self._helo))
-                d2.addCallback(gateway_route)
-                return d2
-            r = factory.relay.route(address, domains, client)
-            if r.kind is not RouteKind.LOCAL:
-                return r, None
-            blocking = getattr(factory.checker, "resolve_recipient_blocking", None)
-            if blocking is not None:
-                # one thread hop for the look-up and the mailbox check together
-                d2 = factory.run_blocking(_lookup_local, blocking, factory.store, address.key, txn.size)
-                d2.addCallback(lambda found: (r, _Found(found)))
-                return d2
-            d2 = defer.maybeDeferred(factory.checker.resolve_recipient, address.key)
-            d2.addCallback(lambda mailbox: (r, mailbox))
-            return d2
-
-        def gateway_route(decision):
-            if decision.kind == GATEWAY_LOCAL:
-                return Route(RouteKind.LOCAL, decision.original), decision.mailbox
-            if decision.rewritten:
-                shown["orcpt"] = f"rfc822;{decision.original}"
-            return Route(RouteKind.RELAY_DOMAIN, decision.address), None
-
-        def local(result):
-            r, mailbox = result
-            if r.kind is not RouteKind.LOCAL:
-                return r, None
-            if isinstance(mailbox, _Found):
-                if mailbox.value is None:
-                    factory.relay.local_outcome(r.address, False)
-                return r, mailbox.value
-            if mailbox is None:
-                factory.relay.local_outcome(r.address, False)
-            if isinstance(mailbox, bytes):
-                mailbox = mailbox.decode("ascii")
-            box, _, domain = str(mailbox).lower().rpartition("@")
-            d3 = factory.run_blocking(_mailbox_state, factory.store, domain, box, txn.size)
-            d3.addCallback(lambda state: (r, (domain, box, state)))
-            return d3
-
-        def accept(result):
-            r, found = result
+        try:
+            given, found = await self._find_recipient(txn, inner)
             if self._txn is not txn:  # RSET or a new session meanwhile
                 return
-            if found is not None:
-                domain, box, (exists, over_quota) = found
-                factory.relay.local_outcome(r.address, exists, over_quota)
+            if found.box is not None:
+                domain, box, (exists, over_quota) = found.box
+                factory.relay.local_outcome(found.route.address, exists, over_quota)
                 txn.local[(domain, box)] = None
             else:
+                address = found.route.address
                 txn.remote.setdefault(
-                    r.address.key,
-                    {"address": str(r.address), "orcpt": orcpt or shown.get("orcpt"), "notify": notify},
+                    address.key,
+                    {"address": str(address), "orcpt": orcpt or found.orcpt, "notify": notify},
                 )
-            given = shown.get("address", r.address)
-            txn.recipients.append(str(given))
-            self._reply(250, "2.1.5", f"Recipient <{given}> OK")
+        except MailError as e:
+            self._error(e)
+            return
+        except AuthUnavailable:
+            self._reply(451, "4.4.3", "Directory lookup failed, try again later")
+            return
+        except Exception:
+            log.failure("SMTP recipient lookup failed")
+            self._reply(451, "4.3.0", "Local error in processing, try again later")
+            return
+        txn.recipients.append(str(given))
+        self._reply(250, "2.1.5", f"Recipient <{given}> OK")
 
-        def failed(failure):
-            if failure.check(MailError):
-                self._error(failure.value)
-            elif failure.check(AuthUnavailable):
-                self._reply(451, "4.4.3", "Directory lookup failed, try again later")
-            else:
-                log.failure("SMTP recipient lookup failed", failure)
-                self._reply(451, "4.3.0", "Local error in processing, try again later")
+    async def _find_recipient(self, txn: Transaction, inner: str) -> tuple[Address, _Found]:
+        """(the address as the client gave it, where its mail goes); MailError to refuse.
 
-        d.addCallback(route)
-        d.addCallback(local)
-        d.addCallback(accept)
-        d.addErrback(failed)
-        return d
+        A literal naming this host means the primary local domain (RFC 1123 section 5.2.17);
+        a role address (postmaster, abuse) with no real recipient of that name goes to the
+        configured address (RFC 5321 section 4.5.1, RFC 2142).
+        """
+        factory = self.factory
+        domains = await factory.local_domains()
+        primary = factory.primary_domain(domains)
+        given = parse_recipient(inner, primary)
+        address = given
+        ip = given.literal
+        if ip is not None and await self._is_own_literal(ip):
+            if primary is None:
+                raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550)
+            address = Address(given.local, primary, given.quoted)
+        target = factory.roles.target(address, factory.authoritative(domains), primary)
+        try:
+            return given, await self._resolve(address, domains, txn)
+        except MailError as e:
+            if target is None or (e.code, e.enhanced) != (550, "5.1.1"):
+                raise
+        try:
+            return given, await self._resolve_role(address, target, domains, txn)
+        except MailError as e:
+            if (e.code, e.enhanced) == (550, "5.1.1"):  # never name the configured target
+                log.warn("SMTP: mail for <{a}> goes to <{t}>, which does not exist",
+                         a=address, t=target)
+                raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550) from None
+            raise
+
+    async def _is_own_literal(self, ip) -> bool:
+        """An address literal of this host: loopback, the listener's own address, or one of the
+        addresses ``server.hostname`` resolves to (looked up off the reactor, cached)."""
+        host = getattr(self.transport.getHost(), "host", None)
+        if is_own_literal(ip, [host] if isinstance(host, str) else []):
+            return True
+        return is_own_literal(ip, await self.factory.host_addresses())
+
+    async def _resolve(self, address: Address, domains: list[str], txn: Transaction,
+                       may_relay: bool = False) -> _Found:
+        """Where ``address`` goes: the gateway's directory, a local mailbox, or the queue.
+
+        ``may_relay``: the address comes from our own config (a role address), so a foreign
+        domain is queued without asking the relay rules. MailError 550 5.1.1 for an unknown
+        local recipient, 554 5.7.1 when the client may not relay there.
+        """
+        factory = self.factory
+        gateway = factory.gateway
+        if gateway is not None and gateway.handles(address.domain):
+            # the gateway role: the directory decides (policy/gateway.py)
+            decision = await gateway.decide(address, Peer(self.client_ip, self._helo))
+            if decision.kind == GATEWAY_LOCAL:
+                return await self._local_box(Route(RouteKind.LOCAL, decision.original),
+                                             decision.mailbox, txn)
+            orcpt = f"rfc822;{decision.original}" if decision.rewritten else None
+            return _Found(Route(RouteKind.RELAY_DOMAIN, decision.address), None, orcpt)
+        if may_relay and address.domain not in {d.lower() for d in domains}:
+            return _Found(Route(RouteKind.RELAY_DOMAIN, address))
+        r = factory.relay.route(address, domains, Client(self.client_ip, self.user is not None))
+        if r.kind is not RouteKind.LOCAL:
+            return _Found(r)
+        blocking = getattr(factory.checker, "resolve_recipient_blocking", None)
+        if blocking is not None:
+            # one thread hop for the look-up and the mailbox check together
+            box = await factory.run_blocking(_lookup_local, blocking, factory.store,
+                                             address.key, txn.size)
+            if box is None or not box[2][0]:
+                factory.relay.local_outcome(r.address, False)
+            return _Found(r, box)
+        mailbox = await defer.maybeDeferred(factory.checker.resolve_recipient, address.key)
+        return await self._local_box(r, mailbox, txn)
+
+    async def _local_box(self, r: Route, mailbox, txn: Transaction) -> _Found:
+        """The store's state of the mailbox a checker named (``box@domain``); 550 5.1.1 when
+        there is none."""
+        if mailbox is None:
+            self.factory.relay.local_outcome(r.address, False)
+        if isinstance(mailbox, bytes):
+            mailbox = mailbox.decode("ascii")
+        box, _, domain = str(mailbox).lower().rpartition("@")
+        state = await self.factory.run_blocking(_mailbox_state, self.factory.store, domain, box,
+                                                txn.size)
+        if not state[0]:
+            self.factory.relay.local_outcome(r.address, False)
+        return _Found(r, (domain, box, state))
+
+    async def _resolve_role(self, address: Address, target: Address, domains: list[str],
+                            txn: Transaction) -> _Found:
+        """A role address with no account: its own store mailbox if it has one (a mailbox with
+        no log-in still receives), else the configured target, which receives the same way."""
+        factory = self.factory
+        for candidate in (address, target):
+            if candidate.domain in {d.lower() for d in domains} and not candidate.quoted:
+                box = candidate.local.lower()
+                state = await factory.run_blocking(_mailbox_state, factory.store,
+                                                   candidate.domain, box, txn.size)
+                if state[0]:
+                    return _Found(Route(RouteKind.LOCAL, candidate), (candidate.domain, box, state))
+        found = await self._resolve(target, domains, txn, may_relay=True)
+        if found.box is None and found.orcpt is None:
+            return _Found(found.route, None, f"rfc822;{address}")
+        return found
 
     # ------------------------------------------------------------------ DATA
 
@@ -826,13 +913,14 @@ class ESMTPServer(tsmtp.ESMTP):
         return d
 
 
+@dataclass(frozen=True)
 class _Found:
-    """A recipient already looked up off the reactor: None (unknown) or (domain, box, state)."""
+    """Where one accepted recipient goes: the route, and for a local mailbox
+    ``(domain, box, (exists, over_quota))``; ``orcpt`` for an address rewritten on the way."""
 
-    __slots__ = ("value",)
-
-    def __init__(self, value: tuple[str, str, tuple[bool, bool]] | None) -> None:
-        self.value = value
+    route: Route
+    box: tuple[str, str, tuple[bool, bool]] | None = None
+    orcpt: str | None = None
 
 
 def _lookup_local(resolve, store, key: str, size: int) -> tuple[str, str, tuple[bool, bool]] | None:
@@ -856,6 +944,19 @@ def _mailbox_state(store, domain: str, mailbox: str, size: int) -> tuple[bool, b
 
 
 DOMAINS_TTL = 1.0  # seconds a read of the store's domain list is reused
+HOST_TTL = 300.0  # seconds the addresses of server.hostname are reused
+
+
+def _host_addresses(hostname: str) -> list[str]:
+    """Blocking: the IP addresses ``hostname`` resolves to (getaddrinfo), or [] when it does
+    not resolve."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return []
+    return sorted({str(info[4][0]) for info in infos})
 
 
 class SMTPServerFactory(protocol.ServerFactory):
@@ -882,6 +983,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         run_blocking=None,
         throttle: AuthThrottle | None = None,
         limiter: ConnectionLimiter | None = None,
+        resolve_host=None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -914,8 +1016,39 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
         self.relay = RelayPolicy.from_config(config)
         self.gateway = GatewayPolicy.from_config(config, checker)  # None: not a gateway
+        self.roles = RoleAddresses.from_config(config)
         self._domains: list[str] | None = None
         self._domains_at = 0.0
+        # blocking: the addresses server.hostname resolves to (own address literals)
+        self._resolve_host = resolve_host or _host_addresses
+        self._host_ips: list[str] | None = None
+        self._host_ips_at = 0.0
+
+    def primary_domain(self, domains: list[str]) -> str | None:
+        """See ``policy.relay.primary_domain``: what <Postmaster> and own literals stand for."""
+        return primary_domain(self.config, domains)
+
+    def authoritative(self, domains: list[str]) -> set[str]:
+        """The domains postmaster (and abuse) must work for (RFC 5321 section 4.5.1): the
+        store's domains (``domains.local`` and ``domain add``) and the gateway's."""
+        out = {d.lower() for d in domains} | {d.lower() for d in self.config.domains.local}
+        if self.gateway is not None:
+            out |= self.gateway.authoritative
+        return out
+
+    def host_addresses(self) -> defer.Deferred:
+        """The addresses ``server.hostname`` resolves to, looked up off the reactor at most once
+        per HOST_TTL seconds (a failed look-up gives no addresses and is retried then)."""
+        now = self.reactor.seconds()
+        if self._host_ips is not None and 0 <= now - self._host_ips_at < HOST_TTL:
+            return defer.succeed(self._host_ips)
+
+        def keep(found) -> list[str]:
+            ips = [] if isinstance(found, Failure) else list(found)
+            self._host_ips, self._host_ips_at = ips, now
+            return ips
+
+        return self.run_blocking(self._resolve_host, self.config.server.hostname).addBoth(keep)
 
     def local_domains(self) -> defer.Deferred:
         """The store's domains, read off the reactor at most once per DOMAINS_TTL seconds:
