@@ -195,9 +195,10 @@ def connector_route(gateway: GatewayConfig, domain: str, smarthost_spec: str = "
 
 
 def _remote_hops(remote: RemoteDomain) -> tuple[str, ...]:
-    routes = getattr(remote, "routes", ())
-    if routes:
-        return tuple(routes)
+    """A remote domain's next hops in order (``routes``; a hand-built entry may set only
+    ``route``)."""
+    if remote.routes:
+        return remote.routes
     return (remote.route,) if remote.route else ()
 
 
