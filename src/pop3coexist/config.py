@@ -173,9 +173,14 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class RemoteDomain:
+    """A ``[[domains.remote]]`` entry. ``route`` is its primary next hop; ``routes`` all of
+    them in order (``route = [...]`` in the file: the first is the primary, the rest are tried
+    in order when it cannot be reached; policy/routing.py)."""
+
     name: str
     relay: bool = True
     route: str | None = None
+    routes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,32 +267,6 @@ class GatewayConfig:
     update_bind_dn: str = ""
     update_bind_password_file: Path | None = None
     max_target_depth: int = 5
-
-    def connector_hops(self, domain: str) -> tuple[str, ...]:
-        """The next hops of the lowest-cost connector(s) for ``domain`` (equal costs share),
-        in connector order; () when no address space matches. Domains match exactly."""
-        domain = domain.lower()
-        best: int | None = None
-        hops: list[str] = []
-        for c in self.connectors:
-            for space in c.address_spaces:
-                if space.domain != domain:
-                    continue
-                if best is None or space.cost < best:
-                    best, hops = space.cost, []
-                if space.cost == best:
-                    hops.extend(h for h in c.next_hops if h not in hops)
-        return tuple(hops)
-
-    def connector_for(self, domain: str) -> ConnectorConfig | None:
-        """The first lowest-cost connector whose address space is ``domain``."""
-        domain = domain.lower()
-        found: tuple[int, ConnectorConfig] | None = None
-        for c in self.connectors:
-            for space in c.address_spaces:
-                if space.domain == domain and (found is None or space.cost < found[0]):
-                    found = (space.cost, c)
-        return found[1] if found else None
 
 
 @dataclass(frozen=True)
@@ -764,14 +743,16 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     remotes: list[RemoteDomain] = []
     for item in remote_list:
         rd = r.section(
-            item, "domains.remote", {"name": _hostname_or_wild, "relay": r.boolean, "route": _next_hop}
+            item, "domains.remote", {"name": _hostname_or_wild, "relay": r.boolean, "route": _next_hops}
         )
         if "name" not in rd:
             raise r.fail("domains.remote", "name", "is required")
         if _is_wildcard(rd["name"]):
             raise r.fail("domains.remote", "name", f"{rd['name']!r} would make an open relay")
-        if rd.get("route") == "":
-            rd["route"] = None
+        routes = rd.pop("route", ())
+        if "" in routes:
+            raise r.fail("domains.remote", "route", "a next hop cannot be empty")
+        rd["route"], rd["routes"] = (routes[0], routes) if routes else (None, ())
         remotes.append(RemoteDomain(**rd))
     local_domains = doms.get("local", ())
     names = [d.name for d in remotes]
@@ -866,6 +847,16 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         queue=queue_cfg,
         path=path,
     )
+
+
+def _next_hops(value: Any) -> tuple[str, ...]:
+    """One next hop or a list of them (tried in order); ``""`` or ``[]``: none."""
+    if isinstance(value, list):
+        if not value:
+            return ()
+        return tuple(_next_hop(v) for v in value)
+    value = _next_hop(value)
+    return (value,) if value else ()
 
 
 def _hostname_or_wild(value: Any) -> str:

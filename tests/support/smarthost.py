@@ -65,9 +65,11 @@ class Received:
 class SmartHost:
     """An aiosmtpd server in its own thread and event loop.
 
-    ``users``: log-in -> password (AUTH offered after STARTTLS only, as aiosmtpd defaults);
-    ``mechanisms``: which of PLAIN, LOGIN, CRAM-MD5 to offer; ``rcpt_replies``: address ->
-    reply line for RCPT (default 250); ``port``: bind this port (0: the OS picks).
+    ``users``: log-in -> password (AUTH offered after STARTTLS only, as aiosmtpd defaults;
+    ``auth_require_tls=False`` offers it in clear text too, as an Exchange 2003 smart host
+    without a certificate does); ``mechanisms``: which of PLAIN, LOGIN, CRAM-MD5 to offer;
+    ``rcpt_replies``: address -> reply line for RCPT (default 250); ``port``: bind this port
+    (0: the OS picks).
     """
 
     cert: Path | None = None
@@ -77,6 +79,7 @@ class SmartHost:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     port: int = 0
     hostname: str = "smarthost.test"
+    auth_require_tls: bool = True
     received: list[Received] = field(default_factory=list)
     commands: list[tuple[str, bool]] = field(default_factory=list)  # (verb, inside TLS)
     auth_attempts: list[tuple[str, bool]] = field(default_factory=list)  # (mechanism, success)
@@ -105,7 +108,7 @@ class SmartHost:
                 hostname=self.hostname,
                 tls_context=tls_context,
                 require_starttls=False,
-                auth_require_tls=True,
+                auth_require_tls=self.auth_require_tls,
                 auth_exclude_mechanism=excluded,
                 authenticator=handler.authenticate,
                 loop=self._loop,

@@ -242,9 +242,11 @@ def test_gateway_needs_the_directory(tmp_path: Path) -> None:
     assert "auth.method" in str(e.value)
 
 
-def test_lowest_cost_wins_and_equal_costs_share(tmp_path: Path) -> None:
-    """connector_hops: the cheapest address space wins; equal costs share their next hops,
-    and routing sends the domain to one of them."""
+def test_connectors_are_tried_by_cost_and_equal_costs_rotate(tmp_path: Path) -> None:
+    """The route of a connector domain holds every connector for it, cheapest first and the
+    cost-50 backup last (fault 13: cost is a fall-back order, not only a sort key); the two
+    cost-10 connectors change places from one message to the next (a stable rotation by the
+    message's spread key), never randomly within one message."""
     gw = f"""
 [gateway]
 [[gateway.connectors]]
@@ -263,11 +265,17 @@ address_spaces = ["{POP}"]
 next_hops = ["[127.0.0.2]:2526"]
 """
     cfg = load(tmp_path, gateway=gw)
-    assert cfg.gateway.connector_hops(POP) == ("[127.0.0.1]:2526", "[127.0.0.2]:2526")
-    assert cfg.gateway.connector_hops("other.test") == ()
-    seen = {routing.next_hop(POP, cfg).key for _ in range(200)}
-    assert seen == {"[127.0.0.1]:2526", "[127.0.0.2]:2526"}
-    assert routing.next_hop("example.org", cfg).key == "example.org:25"  # not a connector
+
+    def hops(spread: int) -> list[str]:
+        return [a.hop.key for a in routing.route_for(POP, cfg, spread=spread).attempts]
+
+    assert hops(0) == ["[127.0.0.1]:2526", "[127.0.0.2]:2526", "[127.0.0.9]:25"]
+    assert hops(1) == ["[127.0.0.2]:2526", "[127.0.0.1]:2526", "[127.0.0.9]:25"]
+    assert hops(2) == hops(0) and hops(7) == hops(1)
+    assert routing.route_for(POP, cfg, spread=5).attempts[2].via == (
+        "connector 'backup' cost 50, next hop 1 of 1")
+    assert [a.hop.key for a in routing.route_for("example.org", cfg).attempts] == [
+        "example.org:25"]  # not a connector domain: the MX
 
 
 def test_relay_policy_knows_connector_domains(tmp_path: Path) -> None:

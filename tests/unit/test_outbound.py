@@ -53,11 +53,25 @@ class FakeHop:
         return call.deferred
 
     def answer(self, call: Call, spec: dict | str) -> None:
-        """``spec``: "refused", or {address: "code text"} (missing: "250 2.0.0 ok")."""
+        """``spec``: "refused", "no-auth" (AUTH impossible, with advice), "no-tls" (greeted, but TLS required and not offered), or
+        {address: "code text"} (missing: "250 2.0.0 ok")."""
         if spec == "refused":
             replies = [c.RecipientReply(a, 421, "421 4.4.1 connection refused", remote=False)
                        for a in call.rcpts]
-            result = c.TransactionResult(replies=replies, remote_mta=call.remote_mta)
+            result = c.TransactionResult(replies=replies, remote_mta=call.remote_mta,
+                                         hop_failed=True)
+        elif spec == "no-auth":
+            replies = [c.RecipientReply(a, 451, "451 4.7.0 cannot authenticate to the smart "
+                                        "host: why and fix", remote=False) for a in call.rcpts]
+            result = c.TransactionResult(replies=replies, remote_mta=call.remote_mta,
+                                         connected=True, hop_failed=True,
+                                         advice="it offers AUTH only in clear text; the fix")
+        elif spec == "no-tls":
+            replies = [c.RecipientReply(a, 454, "454 4.7.4 TLS required by policy but the "
+                                        "server does not offer STARTTLS", remote=False)
+                       for a in call.rcpts]
+            result = c.TransactionResult(replies=replies, remote_mta=call.remote_mta,
+                                         connected=True, hop_failed=True)
         else:
             replies = []
             for a in call.rcpts:
@@ -538,3 +552,179 @@ def test_ids_queued_by_a_worker_process_go_out_at_once(tmp_path: Path) -> None:
     assert env.hop.calls == []
     env.svc.enqueued([qid])
     assert len(env.hop.calls) == 1 and env.queue.ids() == []
+
+
+# --------------------------------------------------------------------------- fault 13: fall-back
+
+
+def _gateway_extra(tmp_path: Path, connectors: str) -> str:
+    (tmp_path / "bind.secret").write_text("x\n")
+    return f"""
+[auth]
+method = "directory"
+apop = false
+[auth.directory]
+base_dn = "dc=contoso,dc=test"
+bind_dn = "cn=svc,dc=contoso,dc=test"
+bind_password_file = "{tmp_path}/bind.secret"
+[gateway]
+{connectors}
+"""
+
+
+CONNECTORS = """
+[[gateway.connectors]]
+name = "dear"
+address_spaces = [{ domain = "d.test", cost = 9 }]
+next_hops = ["[192.0.2.9]:25"]
+[[gateway.connectors]]
+name = "cheap"
+address_spaces = [{ domain = "d.test", cost = 1 }]
+next_hops = ["[192.0.2.1]:25", "[192.0.2.2]:25"]
+[[gateway.connectors]]
+name = "next"
+address_spaces = [{ domain = "d.test", cost = 5 }]
+next_hops = ["[192.0.2.5]:25"]
+"""
+
+
+def test_cheapest_connector_down_goes_to_the_next_cost_at_once(tmp_path: Path, logs: list[dict]) -> None:
+    """Fault 13: both next hops of the cheapest connector refuse the connection: the message
+    goes through the next-cost connector in the same run (no retry interval passes), never
+    through the dearer one, and the log names the hop used and each hop passed over."""
+    env = Env(tmp_path, extra=_gateway_extra(tmp_path, CONNECTORS))
+    env.hop.responder = lambda call: "refused" if call.ip in ("192.0.2.1", "192.0.2.2") else {}
+    env.start()
+    qid = env.enqueue("b@d.test")
+    assert [call.ip for call in env.hop.calls] == ["192.0.2.1", "192.0.2.2", "192.0.2.5"]
+    assert env.clock.seconds() == START and env.queue.ids() == []
+    text = _text(logs)
+    assert (f"{qid}: next hop [192.0.2.1]:25 (connector 'cheap' cost 1, next hop 1 of 2) failed: "
+            "421 4.4.1 connection refused; trying [192.0.2.2]:25 (connector 'cheap' cost 1, next "
+            "hop 2 of 2)") in text
+    assert (f"{qid} to=<b@d.test> relay=192.0.2.5 via=\"connector 'next' cost 5, next hop 1 of 1\""
+            in text)
+
+
+@pytest.mark.parametrize("reply", ["451 4.3.0 try later", "550 5.1.1 no such user"])
+def test_a_reply_about_the_recipient_is_the_answer(tmp_path: Path, reply: str) -> None:
+    """Fault 13: a 4xx or 5xx for the message or recipient itself is the answer: no other hop
+    is tried (the next hop would say the same, or the mail would be delivered twice)."""
+    env = Env(tmp_path, extra=_gateway_extra(tmp_path, CONNECTORS))
+    env.hop.responder = lambda call: {"b@d.test": reply}
+    env.start()
+    qid = env.enqueue("b@d.test", notify=["NEVER"])
+    assert [call.ip for call in env.hop.calls] == ["192.0.2.1"]
+    env_after = env.queue.load(qid)
+    if reply.startswith("4"):
+        assert env_after["recipients"][0]["state"] == "deferred"
+        assert env_after["recipients"][0]["last_reply"] == reply
+    else:
+        assert env_after is None  # failed for good, no report wanted: removed
+
+
+def test_every_hop_down_waits_with_the_last_temporary_reply(tmp_path: Path, logs: list[dict]) -> None:
+    """Fault 13: only when every hop of every connector failed does the message wait; each hop
+    was tried once, the stored reply is a temporary one, and the next run starts again with the
+    cheapest connector's primary."""
+    env = Env(tmp_path, extra=_gateway_extra(tmp_path, CONNECTORS))
+    env.hop.responder = lambda call: "refused"
+    env.start()
+    qid = env.enqueue("b@d.test")
+    assert [call.ip for call in env.hop.calls] == ["192.0.2.1", "192.0.2.2", "192.0.2.5", "192.0.2.9"]
+    [r] = env.queue.load(qid)["recipients"]
+    assert r["state"] == "deferred" and r["next_attempt"] == START + 10
+    assert r["last_reply"] == "421 4.4.1 connection refused"
+    assert (f"{qid}: every next hop for d.test failed ([192.0.2.1]:25, [192.0.2.2]:25, "
+            "[192.0.2.5]:25, [192.0.2.9]:25); the mail waits for its next retry") in _text(logs)
+    env.hop.responder = lambda call: {}
+    env.clock.advance(10)
+    assert env.hop.calls[4].ip == "192.0.2.1" and env.queue.ids() == []
+
+
+def test_a_hop_that_cannot_start_a_transaction_is_passed_over(tmp_path: Path) -> None:
+    """Fault 13: a next hop that greets but cannot start a transaction (TLS required and
+    failing, AUTH impossible: `hop_failed`) is a connection-level failure: the next hop is tried."""
+    env = Env(tmp_path, extra=_gateway_extra(tmp_path, CONNECTORS))
+    env.hop.responder = lambda call: "no-tls" if call.ip == "192.0.2.1" else {}
+    env.start()
+    env.enqueue("b@d.test")
+    assert [call.ip for call in env.hop.calls] == ["192.0.2.1", "192.0.2.2"]
+    assert env.queue.ids() == []
+
+
+def test_remote_route_list_falls_back_in_order(tmp_path: Path) -> None:
+    """Fault 13 for `[[domains.remote]]`: a route list is walked in order like a connector's
+    next hops; the smart host is not a fall-back for a routed domain."""
+    env = Env(tmp_path, extra='[[domains.remote]]\nname = "x.test"\n'
+                              'route = ["[192.0.2.20]:26", "[192.0.2.21]:26"]')
+    env.hop.responder = lambda call: "refused" if call.ip == "192.0.2.20" else {}
+    env.start()
+    env.enqueue("e@x.test")
+    assert [(call.ip, call.port) for call in env.hop.calls] == [("192.0.2.20", 26), ("192.0.2.21", 26)]
+    assert env.queue.ids() == []
+    env.hop.responder = lambda call: "refused"
+    qid = env.enqueue("e@x.test")
+    assert [call.ip for call in env.hop.calls[2:]] == ["192.0.2.20", "192.0.2.21"]
+    assert env.queue.load(qid)["recipients"][0]["state"] == "deferred"
+
+
+def test_a_connector_hop_name_not_in_dns_is_passed_over_not_bounced(tmp_path: Path) -> None:
+    """A connector's named next hop that is not in DNS is our configuration problem: the next
+    hop is tried, and if none works the mail waits (451 4.4.3), it is never bounced."""
+    conns = """
+[[gateway.connectors]]
+name = "typo"
+address_spaces = ["d.test"]
+next_hops = ["no-such-relay.test", "relay.test"]
+"""
+    dns_ = FakeDNS({"relay.test": [(10, "mx.relay.test")]}, {"mx.relay.test": "192.0.2.30"})
+    env = Env(tmp_path, extra=_gateway_extra(tmp_path, conns), resolver=HopResolver(dns_))
+    env.start()
+    env.enqueue("b@d.test")
+    assert [call.ip for call in env.hop.calls] == ["192.0.2.30"] and env.queue.ids() == []
+    dns_.mx.pop("relay.test")
+    qid = env.enqueue("b@d.test")
+    [r] = env.queue.load(qid)["recipients"]
+    assert r["state"] == "deferred" and r["last_reply"] == "451 4.4.3 next hop relay.test not found in DNS"
+
+
+def test_mx_hosts_of_equal_preference_are_shuffled_lower_preference_first() -> None:
+    """RFC 5321 section 5.1: MX hosts are tried by preference, and hosts of equal preference in
+    random order (here a shuffle that reverses, to see that it is applied to each group)."""
+    dns_ = FakeDNS({"example.net": [(20, "c.example.net"), (10, "a.example.net"),
+                                    (10, "b.example.net"), (20, "d.example.net")]},
+                   {f"{n}.example.net": f"192.0.2.{i}" for i, n in enumerate("abcd", 1)})
+    r = HopResolver(dns_, shuffle=lambda names: names.reverse())
+    from pop3coexist.policy.routing import NextHop
+
+    d = defer.ensureDeferred(r.resolve(NextHop("example.net")))
+    assert [cand.name for cand in d.result] == [  # type: ignore[attr-defined]
+        "b.example.net", "a.example.net", "d.example.net", "c.example.net"]
+
+
+def test_smart_host_advice_is_logged_once_per_host(tmp_path: Path, logs: list[dict]) -> None:
+    """Fault 10: the explanation of why a smart host cannot be used (AUTH only in clear text)
+    is logged once for that host, not once per message or per retry; each recipient's line
+    and stored reply still carry the reply; once the host works it is forgotten, so that a
+    problem that comes back is logged again."""
+    env = Env(tmp_path, extra=f'username = "relay"\npassword_file = "{tmp_path}/pw"')
+    env.hop.responder = lambda call: "no-auth"
+    env.start()
+    ids = [env.enqueue(f"b{i}@example.net") for i in range(3)]
+    env.clock.advance(10)
+    assert len(env.hop.calls) == 6
+    text = _text(logs)
+    advice = ("smart host [192.0.2.10]:2525: it offers AUTH only in clear text; the fix "
+              "(logged once for this host)")
+    assert text.count(advice) == 1
+    for qid in ids:
+        [r] = env.queue.load(qid)["recipients"]
+        assert r["last_reply"] == "451 4.7.0 cannot authenticate to the smart host: why and fix"
+    assert "s3cret" not in text
+    env.hop.responder = lambda call: {}
+    env.clock.advance(20)
+    assert env.queue.ids() == []
+    env.hop.responder = lambda call: "no-auth"
+    env.enqueue("c@example.net")
+    assert _text(logs).count(advice) == 2

@@ -227,6 +227,77 @@ def test_no_clear_text_password_outside_tls_when_opportunistic(tmp_path: Path) -
     assert h.close().replies[0].code // 100 == 4
 
 
+NO_CERT_REPLY = (
+    '451 4.7.0 cannot authenticate to the smart host: it offers AUTH LOGIN PLAIN only in clear '
+    'text (it offers no STARTTLS) and smarthost.tls = "opportunistic" never sends the password '
+    'without TLS; to change: give the smart host a certificate, or set smarthost.tls = "none" '
+    'to allow clear-text AUTH'
+)
+
+
+def test_smart_host_with_auth_but_no_starttls_says_why_and_what_to_change(tmp_path: Path) -> None:
+    """Fault 10: tls=opportunistic, a password, and a smart host that offers AUTH PLAIN LOGIN but
+    no STARTTLS (an Exchange 2003 smart host without a certificate): no password and no MAIL
+    leave; the reply names the reason and both fixes; the advice for the log says more; the
+    result marks the hop as unusable (another hop may be tried)."""
+    h = Harness(tmp_path, settings=_auth_settings(tls="opportunistic"))
+    assert h.server(b"220 exchange2003.test Microsoft ESMTP MAIL Service") == b"EHLO h.test\r\n"
+    out = h.server(b"250-exchange2003.test Hello", b"250-AUTH GSSAPI NTLM LOGIN",
+                   b"250-AUTH=LOGIN", b"250 AUTH PLAIN LOGIN")
+    assert b"AUTH" not in out and b"MAIL" not in out
+    result = h.close()
+    assert result.replies[0].reply == NO_CERT_REPLY and result.replies[0].code == 451
+    assert result.hop_failed and result.connected
+    assert "certificate" in result.advice and 'smarthost.tls = "none"' in result.advice
+    assert "Exchange 2003" in result.advice
+    assert "s3cret" not in repr(result) + result.advice
+
+
+def test_refused_starttls_is_named_in_the_reason(tmp_path: Path) -> None:
+    """Fault 10: STARTTLS offered but refused under tls=opportunistic: the reply quotes the
+    refusal; the password still stays home."""
+    h = Harness(tmp_path, settings=_auth_settings(tls="opportunistic"))
+    h.server(b"220 x")
+    assert h.server(b"250-x", b"250-STARTTLS", b"250 AUTH PLAIN") == b"STARTTLS\r\n"
+    out = h.server(b"454 4.7.0 TLS not available due to temporary reason")
+    assert b"AUTH" not in out and b"MAIL" not in out
+    assert h.close().replies[0].reply == (
+        '451 4.7.0 cannot authenticate to the smart host: it offers AUTH PLAIN only in clear text '
+        '(STARTTLS was refused (454 4.7.0 TLS not available due to temporary reason)) and '
+        'smarthost.tls = "opportunistic" never sends the password without TLS; to change: give '
+        'the smart host a certificate, or set smarthost.tls = "none" to allow clear-text AUTH')
+
+
+@pytest.mark.parametrize(("ehlo", "reply"), [
+    ((b"250 x",),
+     "451 4.7.0 cannot authenticate to the smart host: it offers no AUTH without TLS (no "
+     "STARTTLS either); to change: enable AUTH there, or drop smarthost.username if it relays "
+     "for this server's address"),
+    ((b"250-x", b"250 AUTH GSSAPI NTLM"),
+     "451 4.7.0 cannot authenticate to the smart host: it offers AUTH GSSAPI NTLM, none of "
+     "which this server speaks (CRAM-MD5 LOGIN PLAIN); to change: enable one of them there"),
+])
+def test_other_reasons_auth_is_impossible_are_named(tmp_path: Path, ehlo: tuple[bytes, ...],
+                                                     reply: str) -> None:
+    """Fault 10's kind: whenever no AUTH mechanism can be used, the reply says why."""
+    h = Harness(tmp_path, settings=_auth_settings(tls="none"))
+    h.server(b"220 x")
+    out = h.server(*ehlo)
+    assert b"AUTH" not in out and b"MAIL" not in out
+    result = h.close()
+    assert result.replies[0].reply == reply and result.advice
+
+
+def test_tls_none_sends_clear_text_auth_to_such_a_smart_host(tmp_path: Path) -> None:
+    """The documented way out: with tls=none the same smart host gets AUTH in clear text."""
+    h = Harness(tmp_path, settings=_auth_settings(tls="none"))
+    h.server(b"220 x")
+    assert h.server(b"250-x", b"250 AUTH PLAIN LOGIN") == b"AUTH LOGIN\r\n"
+    h.server(b"334 VXNlcm5hbWU6")
+    h.server(b"334 UGFzc3dvcmQ6")
+    assert h.server(b"235 2.7.0 ok").startswith(b"MAIL FROM:<a@example.org>")
+
+
 def test_command_timeout_defers_and_closes(tmp_path: Path) -> None:
     """No reply within command_timeout: the connection is aborted, the mail deferred."""
     settings = c.ClientSettings(helo="h.test", tls="none", command_timeout=30)

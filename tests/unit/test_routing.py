@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pop3coexist.config import parse_config
+from pop3coexist.config import AddressSpace, ConnectorConfig, GatewayConfig, parse_config
+from pop3coexist.errors import ConfigError
 from pop3coexist.policy import routing
 
 
@@ -112,3 +113,100 @@ def test_bound_ports_count_as_own(tmp_path: Path) -> None:
     """Ports really bound (listeners.json, e.g. port 0 listeners) are this server too."""
     own = routing.own_addresses(_config(tmp_path), bound_ports=[40123])
     assert own.is_self("x.example", "127.0.0.1", 40123)
+
+
+# --------------------------------------------------------------------------- fault 13: fall-back
+
+
+def _gateway(*connectors: tuple[str, int, tuple[str, ...]]) -> GatewayConfig:
+    """A gateway with connectors (name, cost, next hops), all for the domain d.test."""
+    return GatewayConfig(enabled=True, connectors=tuple(
+        ConnectorConfig(name=name, address_spaces=(AddressSpace("d.test", cost),), next_hops=hops)
+        for name, cost, hops in connectors
+    ))
+
+
+def _keys(route: routing.Route | None) -> list[str]:
+    assert route is not None
+    return [a.hop.key for a in route.attempts]
+
+
+def test_connector_route_is_every_connector_by_cost_each_hop_in_order() -> None:
+    """Pure selection: every connector for the domain, lowest cost first (config order does not
+    matter); each connector's next hops in the order written (primary, then fall-backs); a hop
+    already on the route is not repeated; a domain without a connector has no connector route."""
+    gw = _gateway(("expensive", 9, ("[192.0.2.9]:25",)),
+                  ("cheap", 1, ("[192.0.2.1]:25", "[192.0.2.2]:25", "[192.0.2.3]:25")),
+                  ("middle", 5, ("[192.0.2.5]:25", "[192.0.2.1]:25")))
+    route = routing.connector_route(gw, "D.test")
+    assert _keys(route) == ["[192.0.2.1]:25", "[192.0.2.2]:25", "[192.0.2.3]:25",
+                            "[192.0.2.5]:25", "[192.0.2.9]:25"]
+    assert [a.via for a in route.attempts] == [
+        "connector 'cheap' cost 1, next hop 1 of 3", "connector 'cheap' cost 1, next hop 2 of 3",
+        "connector 'cheap' cost 1, next hop 3 of 3", "connector 'middle' cost 5, next hop 1 of 2",
+        "connector 'expensive' cost 9, next hop 1 of 1"]
+    assert all(a.hop.configured and not a.hop.smarthost for a in route.attempts)
+    assert routing.connector_route(gw, "other.test") is None
+
+
+def test_a_connector_listing_the_domain_twice_counts_with_its_lowest_cost() -> None:
+    """Two address spaces for one domain in one connector: the lower cost decides its place."""
+    gw = GatewayConfig(enabled=True, connectors=(
+        ConnectorConfig("b", (AddressSpace("d.test", 3),), ("[192.0.2.2]:25",)),
+        ConnectorConfig("a", (AddressSpace("d.test", 8), AddressSpace("d.test", 2)),
+                        ("[192.0.2.1]:25",)),
+    ))
+    assert [(cost, c.name) for cost, c in routing.connectors_for(gw, "d.test")] == [(3, "b"), (2, "a")]
+    assert _keys(routing.connector_route(gw, "d.test")) == ["[192.0.2.1]:25", "[192.0.2.2]:25"]
+
+
+def test_equal_costs_rotate_per_message_and_stay_put_within_one() -> None:
+    """Connectors of equal cost take turns being first (rotation by the message's spread key),
+    the cheaper ones always before the dearer; the same key always gives the same order."""
+    gw = _gateway(("backup", 7, ("[192.0.2.9]:25",)), ("a", 2, ("[192.0.2.1]:25",)),
+                  ("b", 2, ("[192.0.2.2]:25",)), ("c", 2, ("[192.0.2.3]:25",)))
+    firsts = []
+    for spread in range(300):
+        keys = _keys(routing.connector_route(gw, "d.test", spread=spread))
+        assert keys == _keys(routing.connector_route(gw, "d.test", spread=spread))
+        assert sorted(keys[:3]) == ["[192.0.2.1]:25", "[192.0.2.2]:25", "[192.0.2.3]:25"]
+        assert keys[3] == "[192.0.2.9]:25"
+        firsts.append(keys[0])
+    assert {k: firsts.count(k) for k in set(firsts)} == {
+        "[192.0.2.1]:25": 100, "[192.0.2.2]:25": 100, "[192.0.2.3]:25": 100}
+    assert _keys(routing.connector_route(gw, "d.test", spread=1))[:3] == [
+        "[192.0.2.2]:25", "[192.0.2.3]:25", "[192.0.2.1]:25"]
+
+
+def test_spread_key_is_stable_and_spreads() -> None:
+    """The rotation key of a queue id is the same in every process (not Python's salted
+    hash) and differs between ids."""
+    assert routing.spread_key("1700000000.M1P2.pop.contoso.test") == 3065121305  # CRC-32
+    keys = {routing.spread_key(f"id{i}") % 2 for i in range(20)}
+    assert keys == {0, 1}
+
+
+def test_remote_route_list_is_tried_in_order(tmp_path: Path) -> None:
+    """`[[domains.remote]] route` may be a list: the first is the primary, the others are
+    fall-backs in order; a single route stays one attempt; neither falls back to the smart host."""
+    cfg = _config(tmp_path, smarthost="[198.51.100.1]:25", extra="""
+[[domains.remote]]
+name = "two.test"
+route = ["[192.0.2.21]:25", "relay.two.test:2526"]
+""")
+    route = routing.route_for("two.test", cfg)
+    assert _keys(route) == ["[192.0.2.21]:25", "relay.two.test:2526"]
+    assert [a.via for a in route.attempts] == ["route of two.test, next hop 1 of 2",
+                                               "route of two.test, next hop 2 of 2"]
+    assert all(a.hop.configured and not a.hop.smarthost for a in route.attempts)
+    assert cfg.domains.remote[2].route == "[192.0.2.21]:25"
+    assert _keys(routing.route_for("exchange.northwindtraders.test", cfg)) == ["[192.0.2.7]:2526"]
+    assert [a.via for a in routing.route_for("example.org", cfg).attempts] == ["smart host"]
+
+
+@pytest.mark.parametrize("route", ['["[192.0.2.1]:25", ""]', '["no way"]', "[1]"])
+def test_a_bad_route_list_is_a_config_error(tmp_path: Path, route: str) -> None:
+    """Every entry of a route list is checked like a single route; the error names the key."""
+    with pytest.raises(ConfigError) as e:
+        _config(tmp_path, extra=f'[[domains.remote]]\nname = "two.test"\nroute = {route}\n')
+    assert "route" in str(e.value)

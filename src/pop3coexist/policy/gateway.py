@@ -21,8 +21,9 @@ for, where its mail goes. It asks the directory (``DirectoryChecker.lookup``: ``
   mailbox (the gateway's own users, in the same Maildir store).
 
 Connector domains (``[[gateway.connectors]]`` address spaces) are not resolved: with
-``allow_relay`` they are accepted from anyone and routed by ``policy.routing`` to the
-lowest-cost connector; mail for them that came from that connector's own next hop is refused
+``allow_relay`` they are accepted from anyone and routed by ``policy.routing`` through the
+connectors for the domain, lowest cost first (the next cost when a connector's next hops are
+down); mail for them that came from the next hop of any of those connectors is refused
 (``554 5.4.6``), because it could only loop.
 
 The outcomes use Haraka's small vocabulary: ``Decision`` (deliver locally / forward), or a
@@ -41,7 +42,7 @@ from twisted.internet import defer
 from pop3coexist.address import Address, AddressError, parse_address
 from pop3coexist.config import Config, ConnectorConfig
 from pop3coexist.errors import PermanentFailure
-from pop3coexist.policy.routing import own_addresses, parse_next_hop
+from pop3coexist.policy.routing import connectors_for, own_addresses, parse_next_hop
 
 LOCAL = "local"
 FORWARD = "forward"
@@ -211,13 +212,14 @@ class GatewayPolicy:
         """An unknown recipient is never forwarded back to the server it came from."""
         if rewritten:
             return  # resolved through the directory: the next hop knows it
-        connector = self.gateway.connector_for(address.domain)
-        if connector is not None and came_from(connector, peer):
-            raise _loop(
-                original,
-                f"mail for {address.domain} would go back to the server it came from "
-                f"(connector {connector.name!r})",
-            )
+        # every connector of the route counts: a fall-back connector's next hop is on it too
+        for _cost, connector in connectors_for(self.gateway, address.domain):
+            if came_from(connector, peer):
+                raise _loop(
+                    original,
+                    f"mail for {address.domain} would go back to the server it came from "
+                    f"(connector {connector.name!r})",
+                )
 
 
 SEED_RULE = (

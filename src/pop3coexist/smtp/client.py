@@ -9,11 +9,18 @@ its CRAM-MD5 / LOGIN / PLAIN authenticators), with what a relaying MTA needs on 
   failure and nothing more is sent, never falling back to clear text. ``opportunistic`` uses
   STARTTLS when offered, without verification.
 - AUTH only when a user name is given (the smart host), with the strongest mechanism the server
-  offers. PLAIN and LOGIN are sent only inside TLS unless the policy is ``none``. The password
-  never appears in logs, exceptions or reprs (the transcript log of the Twisted client is off).
+  offers. PLAIN and LOGIN are sent only inside TLS unless the policy is ``none`` (as Postfix's
+  ``noplaintext`` default). When no mechanism is usable the reply says why and what to change
+  (e.g. a smart host that offers AUTH but no STARTTLS: give it a certificate, or allow clear
+  text with ``tls = "none"``) and ``TransactionResult.advice`` carries the longer explanation for
+  the log. The password never appears in logs, exceptions or reprs (the transcript log of the
+  Twisted client is off).
 - MAIL with SIZE, BODY, and the DSN parameters RET/ENVID; RCPT with NOTIFY/ORCPT when the
   server offers DSN (RFC 3461); the reply to each RCPT is kept.
 - A connect timeout and a per-command timeout. No retries here: the queue owns retrying.
+- ``TransactionResult.hop_failed``: the session ended before MAIL FROM (no connection, no
+  greeting, EHLO, TLS or AUTH impossible), so no reply is about this message: the delivery
+  runner may take the next hop of the route at once.
 
 ``deliver(...)`` returns a Deferred that fires with a TransactionResult (it never errbacks for
 SMTP or network trouble: a failure is a reply for each recipient).
@@ -117,6 +124,8 @@ class TransactionResult:
     dsn: bool = False  # the next hop offered DSN (parameters were passed on)
     tls: bool = False
     connected: bool = False  # False: never got a greeting (try the next MX)
+    hop_failed: bool = False  # True: ended before MAIL FROM (another next hop may do better)
+    advice: str = ""  # for the administrator's log: why this hop cannot be used, and the fix
 
 
 def _one_line(code: int, resp: bytes | str) -> str:
@@ -189,6 +198,9 @@ class OutboundESMTP(smtp.ESMTPClient):
         self._body_file: Any = None
         self._quitting = False
         self._lost = False
+        self._mail_sent = False
+        self._starttls_refusal = ""  # the reply to a refused STARTTLS (opportunistic)
+        self.advice = ""
 
     def __repr__(self) -> str:
         return f"<OutboundESMTP to {self.settings.tls_name!r}>"
@@ -241,6 +253,7 @@ class OutboundESMTP(smtp.ESMTPClient):
                        "4.7.4 STARTTLS refused (TLS required by policy): " + _one_line(code, resp))
         else:
             # opportunistic: carry on in clear text after a refused STARTTLS (RFC 3207 4.1)
+            self._starttls_refusal = _one_line(code, resp)
             self.authenticate(code, resp, self.extensions)
 
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:
@@ -257,18 +270,58 @@ class OutboundESMTP(smtp.ESMTPClient):
     def authenticate(self, code: int, resp: bytes, items: dict) -> None:
         if self.settings.username:
             offered = set((items.get(b"AUTH") or b"").upper().split())
+            allowed = offered
             if not self._tlsMode and self.settings.tls != "none":
-                # never give a clear-text password away outside TLS
-                offered &= {b"CRAM-MD5"}
-            usable = [a for a in self.authenticators if a.getName().upper() in offered]
+                # never give a clear-text password away outside TLS (CRAM-MD5 sends none)
+                allowed = offered & {b"CRAM-MD5"}
+            usable = [a for a in self.authenticators if a.getName().upper() in allowed]
             if not usable:
-                what = b" ".join(sorted(offered)).decode() or "none"
-                self._fail(530, f"5.7.0 cannot authenticate to the smart host "
-                                f"(mechanisms usable here: {what})", remote=False, code4=True)
+                self._authImpossible(offered)
                 return
             self.authenticators = usable
             self.auth_mechanism = usable[0].getName().decode()
         smtp.ESMTPClient.authenticate(self, code, resp, items)
+
+    def _authImpossible(self, offered: set[bytes]) -> None:
+        """No AUTH mechanism may be used: defer, with a reply that says why and what to change
+        (fault 10), and the longer ``advice`` for the log. The mail waits; nothing is sent."""
+        known = {a.getName().upper() for a in self.authenticators}
+        names = " ".join(sorted(m.decode("ascii", "replace") for m in offered)) or "none"
+        tls = self.settings.tls
+        if offered & known and not self._tlsMode:
+            # clear-text mechanisms only, and no TLS: the case of a smart host without a
+            # certificate (Exchange 2003 often has none)
+            why = (f"STARTTLS was refused ({self._starttls_refusal})" if self._starttls_refusal
+                   else "it offers no STARTTLS")
+            text = (f"5.7.0 cannot authenticate to the smart host: it offers AUTH {names} only "
+                    f"in clear text ({why}) and smarthost.tls = \"{tls}\" never sends the "
+                    f"password without TLS; to change: give the smart host a certificate, or set "
+                    f"smarthost.tls = \"none\" to allow clear-text AUTH")
+            self.advice = (
+                f"mail to this smart host waits in the queue: it offers AUTH {names} but {why}, "
+                f"and with smarthost.tls = \"{tls}\" the password is never sent in clear text "
+                f"(as Postfix's noplaintext default). Better: give the smart host a certificate "
+                f"so that it offers STARTTLS (Exchange 2003: install one on the SMTP virtual "
+                f"server), then tls = \"opportunistic\" uses it. Else, on a network you trust, "
+                f"set smarthost.tls = \"none\" to allow clear-text AUTH; or drop "
+                f"smarthost.username and let the smart host relay for this server's address")
+        elif not offered:
+            where = "inside TLS" if self._tlsMode else "without TLS (no STARTTLS either)"
+            text = (f"5.7.0 cannot authenticate to the smart host: it offers no AUTH {where}; "
+                    f"to change: enable AUTH there, or drop smarthost.username if it relays for "
+                    f"this server's address")
+            self.advice = (f"mail to this smart host waits in the queue: smarthost.username is "
+                           f"set but the smart host offers no AUTH {where}. Enable AUTH on the "
+                           f"smart host, or drop smarthost.username and let it relay for this "
+                           f"server's address")
+        else:
+            ours = " ".join(sorted(m.decode() for m in known))
+            text = (f"5.7.0 cannot authenticate to the smart host: it offers AUTH {names}, none "
+                    f"of which this server speaks ({ours}); to change: enable one of them there")
+            self.advice = (f"mail to this smart host waits in the queue: it offers AUTH {names}, "
+                           f"and this server speaks only {ours}. Enable one of those on the "
+                           f"smart host (Exchange: basic authentication)")
+        self._fail(530, text, remote=False, code4=True)
 
     # -- the transaction
 
@@ -294,6 +347,7 @@ class OutboundESMTP(smtp.ESMTPClient):
         self._expected = [250]
         self._okresponse = self._mailAccepted
         self._failresponse = self._mailRefused
+        self._mail_sent = True
         self.sendLine(line)
 
     def _mailAccepted(self, code: int, resp: bytes) -> None:
@@ -503,6 +557,8 @@ class OutboundESMTP(smtp.ESMTPClient):
             dsn=b"DSN" in self.extensions,
             tls=bool(self._tlsMode),
             connected=self.greeted,
+            hop_failed=not self._mail_sent,
+            advice=self.advice,
         )
 
 
@@ -564,7 +620,7 @@ class OutboundClientFactory(protocol.ClientFactory):
             RecipientReply(r["address"], 421, f"421 {text}", remote=False)
             for r in self.transaction.recipients
         ]
-        self._done(TransactionResult(replies=replies, connected=False))
+        self._done(TransactionResult(replies=replies, connected=False, hop_failed=True))
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
         pass

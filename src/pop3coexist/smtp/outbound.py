@@ -6,10 +6,18 @@ for it is still to be queued. For a due message the runner:
 
 1. re-reads the envelope from disk (``queue delete`` from another process wins);
 2. fails recipients past ``queue.expiration``;
-3. groups the due recipients by next hop (policy/routing.py) and runs one SMTP transaction per
-   hop (smtp/client.py), within ``smarthost.max_connections`` in total and
-   ``max_connections_per_host`` per hop, trying the next MX only when a host could not be
-   reached at all; a next hop that is this server is refused (554 5.4.6 loops back to myself);
+3. groups the due recipients by route (policy/routing.py: the ordered next hops of their
+   domain) and runs one SMTP transaction per group (smtp/client.py), within
+   ``smarthost.max_connections`` in total and ``max_connections_per_host`` per hop. A route is
+   walked in order: the next host (MX) of a hop, then the next hop (a connector's fall-back,
+   then the next-cost connector) is tried at once when a host could not start a transaction
+   (refused, timeout, a 4xx/5xx greeting, TLS or AUTH impossible, a name not in DNS, a hop
+   that is this server); the first reply about the message or a recipient is the answer.
+   Only when every hop failed does the message wait for its next retry, with the last
+   temporary failure as its reply (a permanent one only when every hop failed for good). The
+   log names the hop used (``via=``) and each hop passed over. A hop that cannot be used
+   because of our own settings (smart host AUTH impossible) is explained once per hop in the
+   log, not once per message;
 4. applies each recipient's reply: 2xx delivered, 5xx failed, 4xx / no reply deferred on the
    ``retry_intervals`` schedule (the last interval repeats), logging one line per recipient;
 5. writes the envelope durably, then queues the RFC 3464 reports it owes (smtp/dsn.py), then
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import random
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -75,11 +84,17 @@ class Candidate:
 
 
 class HopResolver:
-    """Turns a NextHop into the hosts to try: ``[address]`` as is, else MX (by preference),
-    else the name's own address (RFC 5321 5.1 implicit MX). Uses twisted.names."""
+    """Turns a NextHop into the hosts to try: ``[address]`` as is, else MX (by preference,
+    hosts of equal preference in random order as RFC 5321 section 5.1 requires), else the
+    name's own address (RFC 5321 5.1 implicit MX). Uses twisted.names.
 
-    def __init__(self, resolver: Any = None) -> None:
+    ``shuffle`` (default ``random.shuffle``) orders each group of equal preference in place.
+    """
+
+    def __init__(self, resolver: Any = None,
+                 shuffle: Callable[[list[str]], None] | None = None) -> None:
         self._resolver = resolver
+        self._shuffle = shuffle or random.shuffle
 
     @property
     def resolver(self) -> Any:
@@ -90,6 +105,8 @@ class HopResolver:
         return self._resolver
 
     async def resolve(self, hop: routing.NextHop) -> list[Candidate]:
+        """The hosts to try for ``hop``, in order; HopError when there is none (a name that
+        is not in DNS: 550 5.1.2 for a recipient domain, 451 4.4.3 for a configured hop)."""
         if hop.literal or isIPAddress(hop.host) or isIPv6Address(hop.host):
             return [Candidate(hop.host, hop.host, hop.port)]
         from twisted.names import error as dns_error
@@ -100,15 +117,19 @@ class HopResolver:
         except dns_error.DNSNameError:
             if hop.smarthost:
                 raise HopError(451, f"4.4.3 smart host {hop.host} not found in DNS")
+            if hop.configured:  # a connector's or a route's next hop: our configuration
+                raise HopError(451, f"4.4.3 next hop {hop.host} not found in DNS")
             raise HopError(550, f"5.1.2 domain {hop.host} not found in DNS")
         except Exception as e:
             raise HopError(451, f"4.4.3 MX lookup of {hop.host} failed: {e.__class__.__name__}")
-        mx = sorted(
-            (a.payload.preference, str(a.payload.name).rstrip("."))
-            for a in answers
-            if getattr(a.payload, "preference", None) is not None
-        )
-        names = [name for _, name in mx]
+        by_pref: dict[int, list[str]] = {}
+        for a in answers:
+            if getattr(a.payload, "preference", None) is not None:
+                by_pref.setdefault(a.payload.preference, []).append(str(a.payload.name).rstrip("."))
+        for pref in sorted(by_pref):
+            group = sorted(by_pref[pref])
+            self._shuffle(group)  # RFC 5321 5.1: spread over MX hosts of equal preference
+            names.extend(group)
         if names == [""]:  # RFC 7505 null MX
             raise HopError(556, f"5.1.10 domain {hop.host} accepts no mail (null MX)")
         if not names:
@@ -172,6 +193,12 @@ class HopLimiter:
 # --------------------------------------------------------------------------- the runner
 
 
+def _hop_failed(result: smtp_client.TransactionResult) -> bool:
+    """True when ``result`` says nothing about the message: the host or hop could not start a
+    transaction (never connected or greeted, or ended before MAIL FROM)."""
+    return not result.connected or result.hop_failed
+
+
 def _sync_blocking(f: Callable, *a: Any, **kw: Any) -> defer.Deferred:
     return defer.maybeDeferred(f, *a, **kw)
 
@@ -230,6 +257,7 @@ class OutboundService(service.Service):
         self._poller: task.LoopingCall | None = None
         self._ready = False
         self._early: list[str] = []
+        self._advised: dict[str, str] = {}  # hop key -> advice already logged for it
         self.started: defer.Deferred[None] = defer.Deferred()
 
     # ------------------------------------------------------------------ service
@@ -466,14 +494,15 @@ class OutboundService(service.Service):
                 continue
             due.append(r)
         if due:
-            groups = routing.group_by_hop(
-                [r["address"] for r in due], self.config, local_delivery=self.store is not None
+            groups = routing.group_by_route(
+                [r["address"] for r in due], self.config, local_delivery=self.store is not None,
+                spread=routing.spread_key(qid),
             )
             by_addr: dict[str, list[dict]] = {}
             for r in due:
                 by_addr.setdefault(r["address"], []).append(r)
             jobs = []
-            for hop, addrs in groups.items():
+            for route, addrs in groups.items():
                 rcpts = []
                 seen: set[str] = set()
                 for a in addrs:
@@ -481,16 +510,16 @@ class OutboundService(service.Service):
                         continue
                     seen.add(a)
                     rcpts.extend(by_addr[a])
-                jobs.append(defer.ensureDeferred(self._deliver_group(env, hop, rcpts)))
+                jobs.append(defer.ensureDeferred(self._deliver_route(env, route, rcpts)))
             results = await defer.gatherResults(jobs, consumeErrors=True)
             now = self._now()
-            for hop, (rcpts, result) in zip(groups, results, strict=True):
+            for rcpts, attempt, result in results:
                 replies = {rep.address: rep for rep in result.replies}
                 for r in rcpts:
                     rep = replies.get(r["address"]) or smtp_client.RecipientReply(
                         r["address"], 451, "451 4.3.0 no result", remote=False
                     )
-                    self._apply(env, r, rep, result, hop, now)
+                    self._apply(env, r, rep, result, attempt, now)
             changed = True
         finished = self._due_time(env) is None
         if changed and not finished:
@@ -521,7 +550,9 @@ class OutboundService(service.Service):
         )
 
     def _apply(self, env: dict, r: dict, rep: smtp_client.RecipientReply,
-               result: smtp_client.TransactionResult, hop: routing.NextHop, now: float) -> None:
+               result: smtp_client.TransactionResult, attempt: routing.Attempt,
+               now: float) -> None:
+        hop = attempt.hop
         qcfg = self.config.queue
         arrival = float(env.get("arrival") or now)
         r["attempts"] = int(r.get("attempts") or 0) + 1
@@ -566,9 +597,9 @@ class OutboundService(service.Service):
                 r["notice"] = "delayed"
                 r["delay_notified"] = True
         log.info(
-            "{qid} to=<{rcpt}> relay={relay} delay={delay:.1f}s attempts={attempts} "
-            "state={state} reply={reply}",
-            qid=env["id"], rcpt=r["address"],
+            "{qid} to=<{rcpt}> relay={relay} via=\"{via}\" delay={delay:.1f}s "
+            "attempts={attempts} state={state} reply={reply}",
+            qid=env["id"], rcpt=r["address"], via=attempt.via,
             relay=("local" if hop.local else (result.remote_mta or hop.key)),
             delay=max(0.0, now - arrival), attempts=r["attempts"], state=r["state"],
             reply=rep.reply,
@@ -613,6 +644,49 @@ class OutboundService(service.Service):
         data = dsn.build_report(kind, env, rcpts, self.config.server.hostname, original, now, full)
         return self.queue.enqueue_bytes(data, dsn.report_envelope(env, now))
 
+    # ------------------------------------------------------------------ one route
+
+    async def _deliver_route(
+        self, env: dict, route: routing.Route, rcpts: list[dict]
+    ) -> tuple[list[dict], routing.Attempt, smtp_client.TransactionResult]:
+        """Walk ``route`` (module docstring, step 3) for ``rcpts``; return the attempt that
+        answered (or the last one tried) and its result."""
+        answer: tuple[routing.Attempt, smtp_client.TransactionResult] | None = None
+        temporary: tuple[routing.Attempt, smtp_client.TransactionResult] | None = None
+        attempts = route.attempts
+        for n, attempt in enumerate(attempts, 1):
+            _, result = await self._deliver_group(env, attempt.hop, rcpts)
+            answer = (attempt, result)
+            if not _hop_failed(result):
+                return rcpts, attempt, result
+            if any(400 <= rep.code < 500 for rep in result.replies):
+                temporary = answer
+            if n < len(attempts):
+                log.info("{qid}: next hop {hop} ({via}) failed: {reply}; trying {next} ({nvia})",
+                         qid=env["id"], hop=attempt.hop.key, via=attempt.via,
+                         reply=result.replies[0].reply if result.replies else "no reply",
+                         next=attempts[n].hop.key, nvia=attempts[n].via)
+        assert answer is not None
+        if len(attempts) > 1:
+            log.info("{qid}: every next hop for {rcpt} failed ({hops}); the mail waits for its "
+                     "next retry", qid=env["id"], rcpt=routing.domain_of(rcpts[0]["address"]),
+                     hops=route.key)
+        attempt, result = temporary or answer
+        return rcpts, attempt, result
+
+    def _advise(self, hop: routing.NextHop, result: smtp_client.TransactionResult) -> None:
+        """Log the client's advice about ``hop`` once per hop (not once per message); forget it
+        when a transaction there starts, so that a problem that comes back is logged again."""
+        if not result.advice:
+            if not _hop_failed(result):
+                self._advised.pop(hop.key, None)
+            return
+        if self._advised.get(hop.key) == result.advice:
+            return
+        self._advised[hop.key] = result.advice
+        log.warn("smart host {hop}: {advice} (logged once for this host)", hop=hop.key,
+                 advice=result.advice)
+
     # ------------------------------------------------------------------ one next hop
 
     async def _deliver_group(
@@ -632,7 +706,9 @@ class OutboundService(service.Service):
         try:
             candidates = await self.resolver.resolve(hop)
         except HopError as e:
-            return rcpts, everyone(e.code, e.reply)
+            result = everyone(e.code, e.reply)
+            result.hop_failed = True
+            return rcpts, result
         own = await self._blocking(self._own_addresses)
         kept = []
         for c in candidates:
@@ -641,10 +717,12 @@ class OutboundService(service.Service):
             kept.append(c)
         if not kept:
             c = candidates[0]
-            return rcpts, everyone(
+            result = everyone(
                 554, f"554 5.4.6 mail for {routing.domain_of(rcpts[0]['address'])} loops back to "
                      f"myself ({c.name} [{c.ip}]:{c.port})"
             )
+            result.hop_failed = True
+            return rcpts, result
         try:
             password = await self._blocking(self._password) if hop.smarthost else None
         except OSError as e:
@@ -672,8 +750,9 @@ class OutboundService(service.Service):
                 result = everyone(451, f"451 4.3.0 internal error: {e.__class__.__name__}")
             finally:
                 self.limiter.release(hop.key)
-            if result.connected:
-                break
+            self._advise(hop, result)
+            if not _hop_failed(result):
+                break  # an answer about the message: no other host of this hop
         assert result is not None
         return rcpts, result
 
