@@ -139,8 +139,11 @@ class IMaildrop(Interface):
 class IAccountChecker(ICredentialsChecker):
     """One ``auth.method``: password file, directory (LDAP) or local accounts (PAM).
 
-    ``requestAvatarId`` returns a Deferred that fires with the canonical mailbox address
-    ``"mailbox@domain"`` (a lower-case str), or fails with:
+    ``requestAvatarId`` returns a Deferred that fires with the account's canonical address
+    ``"local@domain"`` (a lower-case str): its mailbox address when it has one in a local
+    domain, else another of its own addresses (a directory account whose mailbox lives on
+    another server, a relay or service account). SMTP AUTH needs only the account; POP3 also
+    needs the mailbox (the realm refuses an account without one). It fails with:
 
     - ``twisted.cred.error.UnauthorizedLogin`` for a wrong password, an unknown user, an empty
       password or a disabled account (one failure for all, so nothing leaks);
@@ -158,6 +161,14 @@ class IAccountChecker(ICredentialsChecker):
         """Deferred firing with the mailbox address ``"mailbox@domain"`` that receives mail for
         ``address`` (compared case-insensitively; for a directory also ``mail`` and every
         ``proxyAddresses`` entry), or None when no account has that address. Fails with
+        ``errors.AuthUnavailable`` when the source cannot answer now."""
+
+    def sender_owner(address: str) -> object:
+        """Deferred firing with the avatar id (as ``requestAvatarId`` gives it) of the account
+        that owns ``address`` as a sender, or None when no account does. Unlike
+        ``resolve_recipient`` the address may be in any domain: for a directory, ``mail`` and
+        every ``proxyAddresses`` entry of the account count. The sender-matches-login rule
+        (``smtp.sender_must_match_login``) compares it with the logged-in account. Fails with
         ``errors.AuthUnavailable`` when the source cannot answer now."""
 
 

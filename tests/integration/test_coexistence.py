@@ -171,8 +171,9 @@ route = "[127.0.0.1]:{self.gw_port}"
         self.slapd.start()
         self.write_configs()
         self.policy_output = self.gateway.admin("policy", "apply").stdout
-        for user in ("alice", "pop3relay"):
-            self.gateway.admin("mailbox", "add", f"{user}@{self.sc.gw_domain}")
+        # Only the Exchange user has a mailbox on the gateway: the relay account is "a valid
+        # Active Directory user account" and nothing more (it logs in without a mailbox).
+        self.gateway.admin("mailbox", "add", f"alice@{self.sc.gw_domain}")
         for user in ("ted", "kim"):
             self.pop3.admin("mailbox", "add", f"{user}@{self.sc.pop_domain}")
         for attempt in range(3):
@@ -235,11 +236,15 @@ route = "[127.0.0.1]:{self.gw_port}"
                 print("at the Internet peer:", r.mail_from, r.rcpt_tos, r.content[:300])
             raise
 
-    def swaks(self, user: str, password: str, to: str, subject: str) -> subprocess.CompletedProcess:
+    def swaks(self, user: str, password: str, to: str, subject: str,
+              port: int | None = None, sender: str | None = None,
+              tls: bool = False) -> subprocess.CompletedProcess:
+        """swaks with AUTH LOGIN to the POP3 server's submission port (or ``port``)."""
         swaks = require_program("swaks")
         return subprocess.run(
-            [swaks, "--server", f"127.0.0.1:{self.pop3.port('submission')}", "--auth", "LOGIN",
-             "--auth-user", user, "--from", user, "--to", to,
+            [swaks, "--server", f"127.0.0.1:{port or self.pop3.port('submission')}",
+             *(["--tls"] if tls else []), "--auth", "LOGIN",
+             "--auth-user", user, "--from", sender or user, "--to", to,
              "--h-Subject", subject, "--body", f"Sent by {user} ({subject}).",
              "--helo", "client.example.test", "--timeout", "30"],
             capture_output=True, text=True, timeout=60,
@@ -304,6 +309,28 @@ def test_pop3_user_sends_to_the_internet_through_the_gateway(pair) -> None:
     assert f"SMTP AUTH ok for pop3relay@{sc.gw_domain}" in pair.gateway.log_text()
     logs = pair.pop3.log_text() + pair.gateway.log_text()
     assert TED_PW not in logs and PASSWORDS[f"cn=POP3 Relay,ou=service,{BASE_DN}"] not in logs
+
+
+def test_pop3_user_sends_through_the_gateway_with_own_login(pair) -> None:
+    """The seed's optional step 3: a POP3 user's client uses the gateway as its SMTP server,
+    with the same log-in as for POP3 (full address, directory password). The user has no
+    mailbox on the gateway, and in the different-domains scenario no address in its domains:
+    AUTH still succeeds (235, no 454, no 535), the message reaches the Internet, and the
+    gateway logs nothing as critical. POP3 at the gateway refuses the user (no mailbox)."""
+    sc = pair.sc
+    r = pair.swaks(f"ted@{sc.pop_domain}", TED_PW, "dave@example.org", "via-gateway-1",
+                   port=pair.gw_port, tls=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "235 2.7.0" in r.stdout
+    got = pair.wait_internet(lambda m: b"via-gateway-1" in m.content, "the message at the Internet peer")
+    assert got.mail_from == f"ted@{sc.pop_domain}"
+    assert got.rcpt_tos == ["dave@example.org"]
+    with pytest.raises(poplib.error_proto) as e:
+        pair.pop3_messages(f"ted@{sc.pop_domain}", TED_PW, server=pair.gateway)
+    assert b"[AUTH]" in e.value.args[0]
+    log = pair.gateway.log_text()
+    assert "#critical]" not in log and "NoSuchMailbox" not in log
+    assert TED_PW not in log
 
 
 def test_pop3_user_writes_to_a_gateway_user(pair) -> None:

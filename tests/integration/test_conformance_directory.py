@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 TED = DIRECTORY_USERS["ted"]
 TED_F = DIRECTORY_USERS["ted.f"]
 DORA = DIRECTORY_USERS["dora"]
+FAR = DIRECTORY_USERS["far"]
 
 
 @pytest.fixture(params=["one-domain", "two-domains-starttls", "two-domains-ldaps"])
@@ -46,6 +47,7 @@ def direnv(request, slapd, tmp_path):  # noqa: F811
         second_domain_user=second,
         disabled_user=Account("dora@pop.contoso.test", DORA.password, "dora@pop.contoso.test"),
         break_source=slapd.stop,
+        foreign_user=Account("Far@Elsewhere.test", FAR.password, "far@elsewhere.test"),
     )
     try:
         yield env

@@ -20,11 +20,13 @@ import pytest
 from tests.support.programs import require_program
 from tests.support.server import HOSTNAME, ServerProcess, require_installed_plugin
 from tests.support.slapd import BASE_DN, DIRECTORY_USERS, SERVICE_DN, slapd  # noqa: F401
+from tests.support.smarthost import wait_until
 
 pytestmark = pytest.mark.integration
 TED = DIRECTORY_USERS["ted"]
 KIM = DIRECTORY_USERS["kim"]  # no white space in the password: it goes into a netrc
 DORA = DIRECTORY_USERS["dora"]
+FAR = DIRECTORY_USERS["far"]  # addresses only in other domains: no mailbox on this server
 _n = itertools.count(1)
 
 
@@ -47,7 +49,7 @@ def server(slapd, tmp_path_factory):  # noqa: F811
     slapd.ensure_running()
     srv.stop()
     log = srv.log_text()
-    for user in (TED, KIM, DORA):
+    for user in (TED, KIM, DORA, FAR):
         assert user.password not in log, "a password reached the log"
     assert "Traceback" not in log, log[-4000:]
 
@@ -134,6 +136,54 @@ def test_swaks_auth_plain(server) -> None:
         capture_output=True, text=True, timeout=60, env=env,
     )
     assert result.returncode != 0 and "535 5.7.8" in result.stdout
+
+
+def test_account_without_local_address_submits_and_owns_its_proxy_addresses(server) -> None:
+    """Issue 11 faults 14 and 15 against real slapd: far (addresses only in other domains, no
+    mailbox here) logs in for SMTP AUTH with any of its addresses and sends as its own
+    proxyAddresses / mail, or with <>; another user's address stays 553 5.7.1; POP3 refuses
+    far (no mailbox). ted sends as its proxy address in a non-local domain."""
+    with smtplib.SMTP("127.0.0.1", server.port("submission"), local_hostname="client.test",
+                      timeout=30) as s:
+        s.starttls()
+        s.ehlo("client.test")
+        assert s.login("Far@Elsewhere.test", FAR.password)[0] == 235
+        assert s.mail("far@elsewhere.test")[0] == 250
+        s.rset()
+        assert s.mail("")[0] == 250
+        s.rset()
+        code, text = s.mail("ted@pop.contoso.test")
+        assert (code, text[:5]) == (553, b"5.7.1")
+        marker = f"far-{next(_n)}"
+        assert s.mail("far@elsewhere.test")[0] == 250
+        assert s.rcpt("kim@pop.contoso.test")[0] == 250
+        assert s.data(f"Subject: {marker}\r\n\r\nfrom far away\r\n".encode())[0] == 250
+    wait_until(lambda: any(marker.encode() in b
+                           for b in pop_messages(server, "kim@pop.contoso.test", KIM.password)),
+               30, "far's message in kim's mailbox")
+    with smtplib.SMTP("127.0.0.1", server.port("submission"), local_hostname="client.test",
+                      timeout=30) as s:
+        s.starttls()
+        s.ehlo("client.test")
+        assert s.login("far@northwindtraders.test", FAR.password)[0] == 235  # the UPN
+    with smtplib.SMTP("127.0.0.1", server.port("submission"), local_hostname="client.test",
+                      timeout=30) as s:
+        s.starttls()
+        s.ehlo("client.test")
+        assert s.login("ted@pop.contoso.test", TED.password)[0] == 235
+        assert s.mail("ted@northwindtraders.test")[0] == 250  # smtp: proxy, not a local domain
+        s.rset()
+        code, _ = s.mail("far@elsewhere.test")
+        assert code == 553
+    p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=30)
+    try:
+        p.user("far@elsewhere.test")
+        with pytest.raises(poplib.error_proto) as e:
+            p.pass_(FAR.password)
+        assert b"[AUTH]" in e.value.args[0]
+    finally:
+        p.close()
+    assert "#critical]" not in server.log_text()
 
 
 def test_directory_down_then_back(server, slapd) -> None:  # noqa: F811

@@ -32,6 +32,7 @@ def setup(tmp_path_factory):
         accounts.add("good", password="Pam-e2e-Secret-1")
         accounts.add("locked", password="Pam-e2e-Secret-2")
         accounts.lock("locked")
+        accounts.add("nobox", password="Pam-e2e-Secret-3")  # an account with no Maildir
         method = f'[auth]\nmethod = "local"\napop = false\n[auth.local]\npam_service = "{accounts.service}"\n'
         srv = ServerProcess(tmp_path_factory.mktemp("pam-e2e"), method_config=method)
         srv.write_config()
@@ -73,6 +74,33 @@ def test_refusals(setup) -> None:
         with pytest.raises(poplib.error_proto):
             p.pass_(password) if password else p._shortcmd("PASS")
         p.close()
+
+
+def test_account_without_maildir_submits_but_cannot_read(setup) -> None:
+    """Issue 11 fault 14: a Unix account with no Maildir logs in for SMTP AUTH (235) and sends
+    as itself (also with <>); POP3 refuses it with -ERR [AUTH]; nothing critical is logged."""
+    srv, accounts = setup
+    nobox, good = accounts.accounts["nobox"], accounts.accounts["good"]
+    with smtplib.SMTP("127.0.0.1", srv.port("submission"), local_hostname="client.test",
+                      timeout=30) as s:
+        s.starttls()
+        s.ehlo("client.test")
+        assert s.login(nobox.name, nobox.password)[0] == 235
+        assert s.mail(f"{nobox.name}@{HOSTNAME}")[0] == 250
+        assert s.rcpt(f"{good.name}@{HOSTNAME}")[0] == 250
+        assert s.data(b"Subject: pam-nobox\r\n\r\nhello\r\n")[0] == 250
+        assert s.mail("")[0] == 250
+        s.rset()
+        assert s.mail(f"{good.name}@{HOSTNAME}")[0] == 553
+    p = poplib.POP3("127.0.0.1", srv.port("pop3"), timeout=30)
+    try:
+        p.user(nobox.name)
+        with pytest.raises(poplib.error_proto) as e:
+            p.pass_(nobox.password)
+        assert b"[AUTH]" in e.value.args[0]
+    finally:
+        p.close()
+    assert "#critical]" not in srv.log_text()
 
 
 def test_curl_and_swaks(setup, tmp_path) -> None:

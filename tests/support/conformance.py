@@ -26,6 +26,9 @@ setting. What ``CheckerEnv`` must offer:
   domain and a different password, or None when the method cannot have one (local accounts).
 - ``disabled_user``: an ``Account`` whose right password must be refused because the source
   marks it disabled (a directory's userAccountControl, a locked PAM account), or None.
+- ``foreign_user``: an ``Account`` whose addresses are all outside the local domains (it has
+  no mailbox here), ``address`` its expected avatar id; or None when the method cannot have
+  one (the password file and local accounts live in the local domains).
 - ``break_source``: a callable that makes the credential source unable to answer (stop the
   directory server, corrupt the password file), or None; after it every log-in must fail with
   ``errors.AuthUnavailable``, never succeed.
@@ -33,8 +36,9 @@ setting. What ``CheckerEnv`` must offer:
 Cases: right password (login as given, full address, any case, str or bytes), wrong password,
 unknown user, empty password, prefixes and extensions of the password, one look-alike failure
 for all refusals with no password in its text, the short form, the same name in two domains,
-disabled accounts, names that try filter or wildcard injection, resolve_recipient for known,
-unknown and malformed addresses, credential interfaces matching ``offers_secrets``, and APOP
+disabled accounts, names that try filter or wildcard injection, resolve_recipient and
+sender_owner for known, unknown and malformed addresses, accounts outside the local domains,
+the log line for a refused bare name, credential interfaces matching ``offers_secrets``, and APOP
 and CRAM-MD5 (with ``identity.credentials``) when ``offers_secrets`` is true.
 """
 
@@ -48,6 +52,7 @@ import pytest
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -86,6 +91,7 @@ class CheckerEnv:
     second_domain_user: Account | None = None
     disabled_user: Account | None = None
     break_source: Callable[[], None] | None = None
+    foreign_user: Account | None = None
 
 
 def run_sync(d: defer.Deferred) -> Any:
@@ -296,6 +302,49 @@ class CheckerConformance:
             pytest.skip("this method cannot have the same name in two domains")
         assert env.run(env.checker.resolve_recipient(other.address)) == other.address
         assert env.run(env.checker.resolve_recipient(env.user.address)) == env.user.address
+
+    # -- senders (the sender-matches-login rule)
+
+    def test_sender_owner(self, env: CheckerEnv) -> None:
+        """sender_owner names the account for its own address in any case, and gives None for
+        an address no account has and for malformed or wildcard ones."""
+        for text in (env.user.address, env.user.address.upper()):
+            assert env.run(env.checker.sender_owner(text)) == env.user.address
+        assert env.run(env.checker.sender_owner(env.unknown_address)) is None
+        local, _, domain = env.user.address.partition("@")
+        for text in ("", "*", f"*@{domain}", f"{local}*@{domain}", f"{local})(mail=*", "not an address"):
+            assert env.run(env.checker.sender_owner(text)) is None
+
+    def test_account_outside_local_domains(self, env: CheckerEnv) -> None:
+        """An account whose addresses are all outside the local domains (no mailbox here: a
+        relay account, a user whose mailbox lives on another server) logs in with its address
+        as avatar id, and owns that address as a sender (issue 11 faults 14 and 15)."""
+        other = env.foreign_user
+        if other is None:
+            pytest.skip("this method has no accounts outside its local domains")
+        assert self.login(env, other.login, other.password) == other.address
+        self.refused_login(env, other.login, other.password + "-wrong")
+        assert env.run(env.checker.sender_owner(other.address)) == other.address
+        assert env.run(env.checker.resolve_recipient(other.address)) is None
+
+    def test_bare_name_refusal_is_logged(self, env: CheckerEnv) -> None:
+        """With several local domains a bare name is refused and one info line says why (the
+        log-in name rule), naming the name but never the password (issue 11 fault 20)."""
+        if env.single_domain:
+            pytest.skip("one local domain: bare names log in")
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            self.refused_login(env, _local(env.user.address), env.user.password)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        lines = [formatEvent(e) for e in events]
+        why = [e for e in events if "bare name" in formatEvent(e)]
+        assert len(why) == 1, lines
+        assert why[0]["log_level"] == LogLevel.info
+        assert repr(_local(env.user.address)) in formatEvent(why[0])
+        assert "exactly one local domain" in formatEvent(why[0])
+        assert not any(env.user.password in line for line in lines)
 
     # -- shared-secret mechanisms
 

@@ -300,6 +300,7 @@ class FakeChecker:
         self.local_domains = local_domains
         self.offers_secrets = offers_secrets
         self.aliases = {k.lower(): v.lower() for k, v in (aliases or {}).items()}
+        self.sender_aliases: dict[str, str] = {}  # address in any domain -> avatar id
         self.fail: BaseException | None = None
         self.hold = False
         self.pending: list[tuple[defer.Deferred, Any]] = []
@@ -349,3 +350,13 @@ class FakeChecker:
         if key in self.aliases:
             return defer.succeed(self.aliases[key])
         return defer.succeed(key if key in self.accounts else None)
+
+    def sender_owner(self, address: str) -> defer.Deferred:
+        """The account of ``address`` as a sender: as ``resolve_recipient``, plus the
+        ``sender_aliases`` (addresses in any domain, as a directory's proxyAddresses)."""
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        key = address.lower()
+        if key in self.sender_aliases:
+            return defer.succeed(self.sender_aliases[key])
+        return self.resolve_recipient(address)

@@ -416,5 +416,8 @@ class ReactorThreadChecker:
     def resolve_recipient(self, address):
         return self._call("resolve_recipient", address)
 
+    def sender_owner(self, address):
+        return self._call("sender_owner", address)
+
     def lookup(self, address):
         return self._call("lookup", address)

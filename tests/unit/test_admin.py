@@ -65,6 +65,31 @@ def test_domain_add_list_lock_unlock_remove(run, tmp_path):
     assert not (tmp_path / "var" / "mailroot" / "second.test").exists()
 
 
+def test_domain_add_warns_when_bare_name_logins_end(run, tmp_path):
+    """Issue 11 fault 20: adding the second local domain ends bare-name log-ins; domain add
+    says so in one warning line on stderr and still exits 0. A third domain, a domain that
+    already exists and the first domain give no warning."""
+    code, out, err = run("domain", "add", "fabrikam.test")
+    assert code == 0 and out.splitlines()[0] == "domain fabrikam.test added"
+    assert err.count("\n") == 1
+    assert err.startswith("pop3coexist-admin: warning: ")
+    assert "bare-name log-ins end" in err and "ted@pop.contoso.test, not ted" in err
+    assert "exactly one local domain" in err
+    code, out, err = run("domain", "add", "third.test")
+    assert (code, out.splitlines()[0], err) == (0, "domain third.test added", "")
+    code, _, err = run("domain", "add", "third.test")
+    assert code == 1 and "warning" not in err
+
+
+def test_domain_add_first_domain_gives_no_warning(tmp_path, monkeypatch, capsys):
+    """On a server with no local domain yet, adding one starts bare-name log-ins: no warning."""
+    path = tmp_path / "empty.toml"
+    path.write_text('[server]\nhostname = "pop.contoso.test"\nstate_dir = "var"\n'
+                    "[domains]\nlocal = []\n")
+    code, out, err = admin(path, "domain", "add", "only.test", monkeypatch=monkeypatch, capsys=capsys)
+    assert (code, out.splitlines()[0], err) == (0, "domain only.test added", "")
+
+
 def test_domain_named_in_config_cannot_be_removed(run):
     """A domain listed in [domains] local cannot be removed; the error says so."""
     code, _, err = run("domain", "remove", "pop.contoso.test", "--yes")

@@ -248,10 +248,25 @@ def test_login_names(tmp_path, directory, clock, name) -> None:
 
 
 def test_short_form_needs_one_domain(tmp_path, directory, clock) -> None:
-    """With two local domains the bare name is refused without asking the directory."""
-    checker = make_checker(tmp_path, directory, clock, domains=("pop.contoso.test", "fabrikam.test"))
-    assert login(checker, "ted", "ted-pw") is UnauthorizedLogin
+    """With two local domains the bare name is refused without asking the directory, and one
+    info line says why (issue 11 fault 20), without the password."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        checker = make_checker(tmp_path, directory, clock,
+                               domains=("pop.contoso.test", "fabrikam.test"))
+        assert login(checker, "ted", "ted-pw") is UnauthorizedLogin
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     assert directory.ops == []
+    lines = [formatEvent(e) for e in events]
+    why = [line for line in lines if "'ted'" in line and "bare name" in line]
+    assert len(why) == 1, lines
+    assert "exactly one local domain" in why[0] and "fabrikam.test, pop.contoso.test" in why[0]
+    assert "'ted@fabrikam.test'" in why[0]
+    assert not any("ted-pw" in line for line in lines)
 
 
 def test_mailbox_is_primary_local_address(tmp_path, directory, clock) -> None:
@@ -263,12 +278,50 @@ def test_mailbox_is_primary_local_address(tmp_path, directory, clock) -> None:
     assert login(checker, "kim@pop.contoso.test", "kim-pw") == "kim.a@fabrikam.test"
 
 
-def test_no_local_address_no_login(tmp_path, directory, clock) -> None:
-    """A user without any address in a local domain has no mailbox here: refused."""
+@pytest.mark.parametrize("name", ["far@northwindtraders.test", "FAR@elsewhere.test",
+                                  "faraway@other.test"])
+def test_no_local_address_still_logs_in(tmp_path, directory, clock, name) -> None:
+    """Issue 11 fault 14/15: a user without any address in a local domain has no mailbox here
+    but still logs in (SMTP AUTH needs an account): the avatar id is its first address in any
+    domain (primary SMTP proxy, mail, secondary proxies, UPN), never a local mailbox."""
     directory.add("Far", "far-pw", sAMAccountName="far", mail="far@elsewhere.test",
+                  proxyAddresses=["smtp:faraway@other.test", "SMTP:Far@Elsewhere.test"],
                   userPrincipalName="far@northwindtraders.test", userAccountControl="512")
     checker = make_checker(tmp_path, directory, clock)
-    assert login(checker, "far@northwindtraders.test", "far-pw") is UnauthorizedLogin
+    assert login(checker, name, "far-pw") == "far@elsewhere.test"
+    assert login(checker, name, "wrong") is UnauthorizedLogin
+
+
+def test_account_with_upn_only_logs_in(tmp_path, directory, clock) -> None:
+    """A service account with only a userPrincipalName (the POP3 server's relay account) logs
+    in with it; an enabled account without any address at all is refused (nothing to name
+    it by), and a disabled one stays refused."""
+    directory.add("Relay", "relay-pw", sAMAccountName="pop3relay",
+                  userPrincipalName="pop3relay@northwindtraders.test", userAccountControl="512")
+    directory.add("NoAddr", "noaddr-pw", sAMAccountName="noaddr", userAccountControl="512")
+    directory.add("Off", "off-pw", userPrincipalName="off@northwindtraders.test",
+                  userAccountControl="514")
+    checker = make_checker(tmp_path, directory, clock)
+    assert login(checker, "pop3relay@northwindtraders.test", "relay-pw") == "pop3relay@northwindtraders.test"
+    assert login(checker, "noaddr", "noaddr-pw") is UnauthorizedLogin
+    assert login(checker, "off@northwindtraders.test", "off-pw") is UnauthorizedLogin
+
+
+def test_sender_owner_any_domain(tmp_path, directory, clock) -> None:
+    """sender_owner names the account (its avatar id) for mail and every SMTP proxy address,
+    in any domain, so the sender-matches-login rule can check proxyAddresses; an address of
+    nobody, a non-SMTP proxy and a malformed one give None."""
+    checker = make_checker(tmp_path, directory, clock)
+    assert outcome(checker.sender_owner("kim@northwindtraders.test")) == "kim@pop.contoso.test"
+    assert outcome(checker.sender_owner("Kim.A@fabrikam.test")) == "kim@pop.contoso.test"
+    assert outcome(checker.sender_owner("theodore@pop.contoso.test")) == "ted@pop.contoso.test"
+    assert outcome(checker.sender_owner("ted@northwindtraders.test")) is None  # a UPN only
+    assert outcome(checker.sender_owner("nobody@elsewhere.test")) is None
+    assert outcome(checker.sender_owner("c=US;@pop.contoso.test")) is None
+    assert outcome(checker.sender_owner("not an address")) is None
+    directory.refuse_connect = True
+    assert outcome(make_checker(tmp_path, directory, clock).sender_owner(
+        "kim@northwindtraders.test")).type is AuthUnavailable
 
 
 @pytest.mark.parametrize("name", ["dora", "lou"])

@@ -469,6 +469,34 @@ def test_checker_accepts_but_store_has_no_mailbox():
     dialogue(proto, transport, [(b"USER zoe", b"+OK send PASS\r\n"), (b"PASS zz", AUTH_FAILED)])
 
 
+@pytest.mark.parametrize("account", ["relay@pop.contoso.test", "relay@exchange.northwindtraders.test"])
+def test_account_without_mailbox_is_refused_at_info_level(account):
+    """Issue 11 fault 14: an account the checker accepts but that has no mailbox here (a
+    relay account, in a local or a foreign domain) may SMTP AUTH, but POP3 needs the
+    mailbox: [AUTH], the session goes on, and the log says why at info level, never as a
+    warning or a critical traceback."""
+    env = Env()
+    env.throttle.base = 0
+    env.checker.accounts[account] = "relay-pw"
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        proto, transport, _ = env.connect()
+        dialogue(proto, transport, [
+            (f"USER {account}".encode(), b"+OK send PASS\r\n"),
+            (b"PASS relay-pw", AUTH_FAILED),
+            (b"NOOP", b"-ERR NOOP not valid in the AUTHORIZATION state\r\n"),
+        ])
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    from twisted.logger import LogLevel, formatEvent
+
+    assert all(e.get("log_level") in (LogLevel.debug, LogLevel.info) for e in events), \
+        [formatEvent(e) for e in events]
+    assert any("no mailbox on this server" in formatEvent(e) for e in events)
+    assert env.store.sessions == set()
+
+
 def test_failed_login_is_delayed_by_throttle_and_commands_wait():
     """A failed log-in's -ERR waits throttle.failure_delay (2 s, then 4 s); a command
     pipelined behind it waits too; a success clears the record."""

@@ -185,9 +185,13 @@ class Admin:
     # -- domains
 
     def domain_add(self, name: str) -> None:
+        """Add a local domain. When it is the second one, warn on stderr (the exit code stays
+        0) that bare-name log-ins end: a bare name (``ted``) logs in only while the server has
+        exactly one local domain (README "Log-in names")."""
         domain = _domain(name)
+        before = self.store.list_domains()
         if self.config.auth.method == "local":
-            others = [d for d in self.store.list_domains() if d != domain]
+            others = [d for d in before if d != domain]
             if others:
                 _fail(f"auth.method \"local\" allows one mail domain only; {others[0]} exists")
         if not self.store.add_domain(domain):
@@ -204,6 +208,13 @@ class Admin:
         if target is not None:
             self.say(f"mail for postmaster@{domain} lands in <{target}> unless a mailbox "
                       f"postmaster@{domain} exists (RFC 5321 section 4.5.1)")
+        if len(before) == 1 and domain not in before:
+            print(
+                f"{PROG}: warning: the server now has two local domains, so bare-name log-ins "
+                f"end: users must log in with their full address (ted@{before[0]}, not ted) for "
+                "POP3 and SMTP AUTH; a bare name works only while there is exactly one local domain",
+                file=sys.stderr,
+            )
 
     def domain_remove(self, name: str, yes: bool) -> None:
         domain = _domain(name)

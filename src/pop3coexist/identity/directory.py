@@ -5,10 +5,10 @@ Implements ``interfaces.IAccountChecker`` with ldaptor (Deferred-native; no thre
 Log-in (``requestAvatarId``)
     1. An empty password is refused before anything is sent (an LDAP simple bind with an empty
        password is an *anonymous* bind and would succeed).
-    2. The log-in name is checked with ``address.login_to_address``. A full address (any case)
-       is looked up as ``userPrincipalName``, ``mail`` or any ``proxyAddresses`` entry; a bare
-       name, only when exactly one local domain exists, as ``sAMAccountName`` or as that
-       domain's address. Every value is escaped per RFC 4515 (``ldapfilter``).
+    2. The log-in name is checked with ``identity.logins.map_login``. A full address (any case,
+       any domain) is looked up as ``userPrincipalName``, ``mail`` or any ``proxyAddresses``
+       entry; a bare name, only when exactly one local domain exists, as ``sAMAccountName`` or
+       as that domain's address. Every value is escaped per RFC 4515 (``ldapfilter``).
     3. The search runs on a shared connection bound as the service account (``bind_dn``, the
        password read from ``bind_password_file`` at each (re)connect). Exactly one entry must
        match; none or several is a refused log-in.
@@ -17,12 +17,19 @@ Log-in (``requestAvatarId``)
     5. The password is checked by a simple bind as the entry's DN on a separate, pooled
        connection (so the service connection keeps its identity).
 
-The mailbox of a directory user (the avatar id, ``"mailbox@domain"``, lower case) is the first
-of these that lies in a local domain: the primary SMTP proxy address (``SMTP:``), ``mail``,
-the secondary ``smtp:`` proxy addresses (in the order the local domains are configured, then
-alphabetically), ``userPrincipalName``. A user with no address in a local domain has no
-mailbox here and cannot log in. Two users can have the same name in different domains
-(``ted@contoso.test`` and ``ted@fabrikam.test`` are two entries).
+The mailbox of a directory user (``"mailbox@domain"``, lower case) is the first of these that
+lies in a local domain: the primary SMTP proxy address (``SMTP:``), ``mail``, the secondary
+``smtp:`` proxy addresses (in the order the local domains are configured, then
+alphabetically), ``userPrincipalName``. The avatar id of a log-in is that mailbox; a user with
+no address in a local domain has no mailbox here but still logs in (SMTP AUTH needs an
+account, not a mailbox: the POP3 server's relay account, service accounts, POP3 users sending
+through the gateway), with the first address of the same list in any domain as avatar id
+(``account_of``); POP3 then refuses it (no mailbox). The log-in name may be an address in any
+domain. Two users can have the same name in different domains (``ted@contoso.test`` and
+``ted@fabrikam.test`` are two entries).
+
+Senders (``sender_owner``): the account that has the address as ``mail`` or any
+``proxyAddresses`` entry, in any domain, among the entries that pass ``user_filter``.
 
 Recipients (``resolve_recipient``) match ``mail`` or any ``proxyAddresses`` entry
 (``SMTP:``/``smtp:``, case-insensitively) of an entry that passes ``user_filter``; the address
@@ -57,6 +64,7 @@ from pop3coexist import address as addr_mod
 from pop3coexist.config import Config, read_secret
 from pop3coexist.errors import AuthUnavailable, ConfigError
 from pop3coexist.identity import ldapfilter
+from pop3coexist.identity.logins import map_login
 from pop3coexist.interfaces import IAccountChecker
 
 log = Logger()
@@ -506,10 +514,10 @@ class DirectoryChecker:
             parts.insert(0, ldapfilter.equals(a.user_principal_name, address))
         return ldapfilter.any_of(*parts)
 
-    def mailbox_of(self, entry: _Entry) -> str | None:
-        """The entry's mailbox address in a local domain (see the module docstring), or None."""
+    def _candidates(self, entry: _Entry, domains: list[str]) -> list[str]:
+        """The entry's addresses in order: primary ``SMTP:`` proxy address, ``mail``, secondary
+        ``smtp:`` ones (local domains in their configured order, then alphabetically), UPN."""
         a = self.cfg.attributes
-        domains = self._domains()
         primary: list[str] = []
         secondary: list[str] = []
         for value in entry.get(a.proxy_addresses):
@@ -518,11 +526,30 @@ class DirectoryChecker:
                 continue
             (primary if kind == "SMTP" else secondary).append(addr)
         secondary.sort(key=lambda x: (_domain_rank(x, domains), x.lower()))
-        candidates = primary + entry.get(a.mail) + secondary + entry.get(a.user_principal_name)
-        for cand in candidates:
+        return primary + entry.get(a.mail) + secondary + entry.get(a.user_principal_name)
+
+    def mailbox_of(self, entry: _Entry) -> str | None:
+        """The entry's mailbox address in a local domain (see the module docstring), or None."""
+        domains = self._domains()
+        for cand in self._candidates(entry, domains):
             local, at, domain = cand.strip().lower().rpartition("@")
             if at and domain in domains and addr_mod.is_valid_mailbox_name(local):
                 return f"{local}@{domain}"
+        return None
+
+    def account_of(self, entry: _Entry) -> str | None:
+        """The avatar id of the entry's log-ins: its mailbox (``mailbox_of``) when it has one,
+        else the first valid address of the same list in any domain (primary ``SMTP:`` proxy
+        address, ``mail``, secondary ``smtp:`` addresses, ``userPrincipalName``), lower case;
+        None when the entry has no address at all. Such an address is in no local domain, so
+        it never names another account's mailbox."""
+        mailbox = self.mailbox_of(entry)
+        if mailbox is not None:
+            return mailbox
+        for cand in self._candidates(entry, self._domains()):
+            mapped = addr_mod.login_to_address(cand.strip(), ())
+            if mapped is not None:
+                return f"{mapped[0]}@{mapped[1]}"
         return None
 
     # ------------------------------------------------------------------ IAccountChecker
@@ -542,7 +569,7 @@ class DirectoryChecker:
             # An LDAP simple bind with an empty password is an anonymous bind: never send it.
             return defer.fail(UnauthorizedLogin())
         domains = self._domains()
-        mapped = addr_mod.login_to_address(login, domains)
+        mapped = map_login(login, domains)
         if mapped is None:
             return defer.fail(UnauthorizedLogin())
         a = self.cfg.attributes
@@ -570,15 +597,18 @@ class DirectoryChecker:
                 if wanted_group not in {normalise_dn(g) for g in entry.get(a.member_of)}:
                     log.info("directory log-in {login!r}: not in the required group", login=login)
                     raise UnauthorizedLogin()
-            mailbox = self.mailbox_of(entry)
-            if mailbox is None:
-                log.info("directory log-in {login!r}: no address in a local domain", login=login)
+            # SMTP AUTH needs an account, not a mailbox: an account whose addresses are all
+            # in other domains logs in too (POP3's realm refuses it: no mailbox here).
+            account = self.account_of(entry)
+            if account is None:
+                log.info("directory log-in {login!r}: the account has no mail address "
+                         "(mail, proxyAddresses or userPrincipalName)", login=login)
                 raise UnauthorizedLogin()
 
             def checked(ok: bool) -> str:
                 if not ok:
                     raise UnauthorizedLogin()
-                return mailbox
+                return account
 
             return self._check_password(entry.dn, password).addCallback(checked)
 
@@ -597,6 +627,23 @@ class DirectoryChecker:
                     log.warn("directory recipient {a!r}: {n} entries match", a=key, n=len(entries))
                 return None
             return self.mailbox_of(entries[0])
+
+        return self._edge(self._search(filter_text).addCallback(found))
+
+    def sender_owner(self, address: str) -> defer.Deferred:
+        """See IAccountChecker: ``account_of`` the one entry passing ``user_filter`` that has
+        ``address`` as ``mail`` or a proxy address, in any domain; None for none or several."""
+        key = _address_key(address)
+        if key is None:
+            return defer.succeed(None)
+        filter_text = ldapfilter.all_of(self.cfg.user_filter, self._address_filter(key, with_upn=False))
+
+        def found(entries: list[_Entry]) -> str | None:
+            if len(entries) != 1:
+                if entries:
+                    log.warn("directory sender {a!r}: {n} entries match", a=key, n=len(entries))
+                return None
+            return self.account_of(entries[0])
 
         return self._edge(self._search(filter_text).addCallback(found))
 

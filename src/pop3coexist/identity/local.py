@@ -14,6 +14,8 @@ name is the account name, so ``ted`` receives ``ted@<domain>`` and logs in as ``
   1000 and 60000; so also ``nobody``) and names that are not valid mailbox names are refused
   before PAM is asked, and never receive mail.
 - An empty password is refused before PAM is asked (``nullok`` setups would accept it).
+- An account needs no Maildir to log in for SMTP AUTH (``identity.logins.login_locked``);
+  POP3 needs the mailbox (``pop3.realm``).
 - PAM failing to run (missing module, service errors) gives ``errors.AuthUnavailable``.
 
 ``pam_unix`` can only check other users' passwords when the server runs as root (or is allowed
@@ -38,6 +40,7 @@ from zope.interface import implementer
 from pop3coexist import address as addr_mod
 from pop3coexist.config import Config
 from pop3coexist.errors import AuthUnavailable, ConfigError
+from pop3coexist.identity.logins import map_login
 from pop3coexist.interfaces import IAccountChecker
 
 log = Logger()
@@ -175,8 +178,9 @@ class LocalChecker:
         """Blocking: the mailbox address for a log-in name, or None."""
         domains = self._domains()
         if len(domains) != 1:
+            map_login(login, domains)  # logs why a bare name was refused
             return None
-        mapped = addr_mod.login_to_address(login, domains)
+        mapped = map_login(login, domains)
         if mapped is None or mapped[1] != domains[0]:
             return None
         name = mapped[0]
@@ -244,3 +248,8 @@ class LocalChecker:
             raise AuthUnavailable("the account database cannot answer now")
 
         return self._run(resolve).addErrback(failed)
+
+    def sender_owner(self, address: str) -> defer.Deferred:
+        """See IAccountChecker: an account's one address is ``account@<the local domain>``,
+        so this is ``resolve_recipient``."""
+        return self.resolve_recipient(address)

@@ -65,6 +65,7 @@ from zope.interface import implementer
 from pop3coexist.address import AddressError, login_to_address
 from pop3coexist.errors import AdminError, AuthUnavailable, StoreError
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
+from pop3coexist.identity.logins import map_login
 from pop3coexist.interfaces import IAccountChecker
 
 __all__ = ["BadPassword", "PasswordFile", "PasswordFileChecker", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -723,7 +724,9 @@ class PasswordFileChecker:
 
     ``domains`` returns the local domains (the store's ``list_domains``; it is called off the
     reactor thread, with every check). A log-in name maps to an address with
-    ``address.login_to_address``; the address's domain must be a local domain. All work
+    ``identity.logins.map_login`` (which logs why a bare name was refused); the address's
+    domain must be a local domain. The avatar id is that address, whether or not its Maildir
+    exists (SMTP AUTH needs the account only; POP3's realm needs the mailbox). All work
     (domains, scrypt, decryption) runs through ``run_blocking(f, *args)``, which returns a
     Deferred (``deferToThread`` by default).
 
@@ -763,7 +766,7 @@ class PasswordFileChecker:
         if name is None:
             return None
         domains = [d.lower() for d in self._domains()]
-        mapped = login_to_address(name, domains)
+        mapped = map_login(name, domains)
         if mapped is None:
             return None
         mailbox, domain = mapped
@@ -817,6 +820,11 @@ class PasswordFileChecker:
 
     def resolve_recipient(self, address: str) -> defer.Deferred:
         """See IAccountChecker: the lower-case address when it has a password, else None."""
+        return self._run(self._resolve, address)
+
+    def sender_owner(self, address: str) -> defer.Deferred:
+        """See IAccountChecker: an address with a password is its own account's only
+        address, so this is ``resolve_recipient``."""
         return self._run(self._resolve, address)
 
     def resolve_recipient_blocking(self, address: str) -> str | None:

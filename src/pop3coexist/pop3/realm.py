@@ -2,9 +2,11 @@
 
 ``Pop3Realm`` implements ``twisted.cred.portal.IRealm``. The checker (an ``IAccountChecker``)
 returns the avatar id ``"mailbox@domain"``; the realm then, off the reactor thread via
-``run_blocking``: refuses a locked mailbox or domain (``errors.LoginRefused``), takes the
-session lock with ``IMailStore.open_maildrop`` (``errors.MailboxInUse`` when another session
-holds it) and reads the snapshot's sizes and unique ids once. The avatar is a
+``run_blocking``: refuses an account that has no mailbox in this store (``UnauthorizedLogin``,
+logged at info: SMTP AUTH needs only the account, POP3 needs the mailbox), refuses a locked
+mailbox or domain (``errors.LoginRefused``), takes the session lock with
+``IMailStore.open_maildrop`` (``errors.MailboxInUse`` when another session holds it) and
+reads the snapshot's sizes and unique ids once. The avatar is a
 ``POP3Mailbox`` (an ``IMaildrop`` with those values cached, so the protocol never blocks
 for STAT, LIST or UIDL). The logout callable releases the lock and is blocking: the protocol
 calls it through ``run_blocking``.
@@ -100,8 +102,11 @@ class Pop3Realm:
             if self.store.is_mailbox_locked(domain, mailbox):
                 raise LoginRefused("mailbox is locked")
             drop = self.store.open_maildrop(domain, mailbox)
-        except NoSuchMailbox:
-            log.warn("log-in accepted for {address} but the store has no such mailbox",
+        except (NoSuchMailbox, ValueError):
+            # An account may exist without a mailbox here (a relay or service account, a user
+            # whose mailbox lives on another server): it may SMTP AUTH, but POP3 needs the
+            # mailbox. An ordinary refusal, never a server fault.
+            log.info("POP3 log-in of {address} refused: the account has no mailbox on this server",
                      address=address)
             raise UnauthorizedLogin("authentication failed") from None
         try:

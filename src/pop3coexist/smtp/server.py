@@ -42,6 +42,7 @@ from pop3coexist.errors import (
     PermanentFailure,
     QuotaExceeded,
 )
+from pop3coexist.identity.logins import login_locked
 from pop3coexist.netutil import send_now
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
@@ -518,6 +519,9 @@ class ESMTPServer(tsmtp.ESMTP):
         return self._login(result)
 
     def _login(self, credentials) -> defer.Deferred:
+        """Check ``credentials``, then the locks (``identity.logins.login_locked``). SMTP AUTH
+        needs an account, not a mailbox: an account with no mailbox on this server (a relay
+        or service account, a user whose mailbox lives elsewhere) logs in."""
         factory = self.factory
         d = defer.maybeDeferred(factory.checker.requestAvatarId, credentials)
 
@@ -525,8 +529,7 @@ class ESMTPServer(tsmtp.ESMTP):
             if isinstance(avatar, bytes):
                 avatar = avatar.decode("ascii")
             avatar = str(avatar).lower()
-            mailbox, _, domain = avatar.rpartition("@")
-            d2 = factory.run_blocking(factory.store.is_mailbox_locked, domain, mailbox)
+            d2 = factory.run_blocking(login_locked, factory.store, avatar)
             d2.addCallback(lambda locked: (avatar, locked))
             return d2
 
@@ -611,14 +614,21 @@ class ESMTPServer(tsmtp.ESMTP):
         self._reply(250, "2.1.0", f"Sender <{txn.sender or ''}> OK")
 
     def _check_own_sender(self, txn: Transaction):
+        """``smtp.sender_must_match_login``: an authenticated client sends as one of its own
+        addresses (the checker's ``sender_owner``: for a directory, ``mail`` and every
+        ``proxyAddresses`` entry, whatever the domain) or with the null reverse-path ``<>``;
+        anything else is ``553 5.7.1``."""
         user = self.user
         not_yours = _fail(553, "5.7.1", f"Sender address <{txn.sender or ''}> is not yours")
         if txn.sender is None:
-            raise not_yours
+            # The null reverse-path claims no address: read receipts (RFC 8098 section 2.1:
+            # MUST be null) and auto-replies (RFC 3834 section 3.3) are sent with it.
+            self._start(txn)
+            return None
         if txn.sender.key == user:
             self._start(txn)
             return None
-        d = defer.maybeDeferred(self.factory.checker.resolve_recipient, txn.sender.key)
+        d = defer.maybeDeferred(self.factory.checker.sender_owner, txn.sender.key)
 
         def decide(owner):
             if isinstance(owner, bytes):
