@@ -214,11 +214,12 @@ def test_poplib_octets_equal_list_for_every_shape(server, shapes_box) -> None:
 def test_raw_client_reading_exactly_list_count_stays_in_step(server, shapes_box) -> None:
     """A client that trusts the count: after '+OK n octets' it reads unstuffed lines until it
     has n octets, then must find the '.' line at once; the next pipelined command's reply
-    follows. Also TOP n 0 ends where it should."""
+    follows. Also TOP n 0 ends where it should, and the log-in lines end in a bare LF (POP3's
+    command framing takes a bare LF as a line end)."""
     c = Lines(server.port("pop3"))
     try:
         assert c.line().startswith(b"+OK ")
-        c.send(f"USER {TED}\r\nPASS {PASSWORD}\r\n".encode())
+        c.send(f"USER {TED}\nPASS {PASSWORD}\n".encode())  # POP3 commands may end in a bare LF
         assert c.line() == b"+OK send PASS"
         assert c.line().startswith(b"+OK ")
         for i, (_, canonical) in enumerate(shapes_box, start=1):
