@@ -115,14 +115,15 @@ class IMaildrop(Interface):
         """Number of messages in the snapshot."""
 
     def size(index: int) -> int:
-        """Size in octets as POP3 sends it (CRLF line ends, before dot-stuffing)."""
+        """Size in octets as POP3 sends it: the message's canonical form (``pop3coexist.canonical``:
+        CRLF line ends, a final CRLF added when missing), before dot-stuffing."""
 
     def uidl(index: int) -> str:
         """Unique id: 1-70 characters in 0x21-0x7E, stable across sessions and restarts."""
 
     def open_message(index: int) -> object:
-        """A binary file object of the message as stored (LF or CRLF line ends). The caller
-        converts line ends to CRLF, dot-stuffs, and closes it."""
+        """A binary file object of the message as stored (any line ends). The caller turns it
+        into the canonical form (``pop3.stream.DotStuffer``), dot-stuffs, and closes it."""
 
     def open_message_cached(index: int) -> object | None:
         """Optional, and the one method that never blocks: ``open_message``'s file if it can be

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -41,8 +42,12 @@ def sync_run_blocking(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer
 
 
 def crlf_size(data: bytes) -> int:
-    """The POP3 size of stored bytes: every line end counted as CRLF."""
-    return len(data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    """The POP3 size of stored bytes, written out here apart from the server's code: CRLF, LF,
+    CR CR LF and a bare CR each end a line, sent as CRLF; an unended last line gets a CRLF."""
+    lines = re.split(rb"\r*\n|\r", data)
+    if lines[-1] == b"":
+        lines.pop()  # the data ended with a line end (or was empty)
+    return sum(len(line) + 2 for line in lines)
 
 
 class _FailingFile(io.BytesIO):

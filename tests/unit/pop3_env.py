@@ -17,7 +17,7 @@ from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.policy.throttle import AuthThrottle
 from pop3coexist.pop3.factory import POP3ServerFactory
 from tests.support.dialogue import take
-from tests.support.fakes import FakeChecker, FakeMailStore, sync_run_blocking
+from tests.support.fakes import FakeChecker, FakeMailStore, crlf_size, sync_run_blocking
 
 HOST = "pop.contoso.test"
 TED = "ted@pop.contoso.test"
@@ -89,8 +89,7 @@ class Env:
         return proto, transport
 
     def total(self, address: str) -> int:
-        return sum(len(m.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
-                   for m in self.store.messages(address))
+        return sum(crlf_size(m) for m in self.store.messages(address))
 
 
 def timestamp(greeting: bytes) -> bytes:

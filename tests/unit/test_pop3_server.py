@@ -733,12 +733,13 @@ def test_retr_converts_line_ends_and_dot_stuffs():
 
 
 def test_retr_message_without_final_newline_and_tiny_chunks():
-    """With 1-octet chunks, a message not ending in a newline still ends CRLF . CRLF."""
+    """With 1-octet chunks, a message not ending in a newline still ends CRLF . CRLF, and the
+    octet count includes the CRLF added to its last line (issue 11, fault 5)."""
     env = Env(chunk_size=1)
     env.store.add(TED, b".a\r\n.\r\nb\n\r\n.")
     proto, transport = env.login()
     dialogue(proto, transport, [
-        (b"RETR 3", b"+OK 13 octets\r\n..a\r\n..\r\nb\r\n\r\n..\r\n.\r\n"),
+        (b"RETR 3", b"+OK 15 octets\r\n..a\r\n..\r\nb\r\n\r\n..\r\n.\r\n"),
     ])
 
 

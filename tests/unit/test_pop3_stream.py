@@ -22,8 +22,9 @@ CASES = [
     (b".a\n.b\r\n..c\n", b"..a\r\n..b\r\n...c\r\n"),
     (b"x\r\n.\r\n", b"x\r\n..\r\n"),
     (b"x\n\n.\n", b"x\r\n\r\n..\r\n"),
-    (b"a\rb\n", b"a\rb\r\n"),  # a bare CR is data, not a line end
-    (b"a\r\r\n", b"a\r\r\n"),
+    (b"a\rb\n", b"a\r\nb\r\n"),  # a bare CR ends a line (pop3coexist.canonical)
+    (b"a\r\r\n", b"a\r\n"),  # CR CR LF (a double conversion) is one line end
+    (b"a\r.\r\nb\n", b"a\r\n..\r\nb\r\n"),  # no unstuffed "." line for a client splitting at CR
     (b"ends with CR\r", b"ends with CR\r\n"),
     (b"", b""),
     (b"no newline at all", b"no newline at all\r\n"),

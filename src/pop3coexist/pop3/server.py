@@ -552,7 +552,8 @@ class POP3Server(pop3.POP3):
         if len(args) != 1:
             raise _Refuse("syntax: RETR message")
         i = self._index(args[0])
-        return self._send(i, f"{self._mailbox.size(i)} octets", None)
+        size = self._mailbox.size(i)
+        return self._send(i, f"{size} octets", None, size)
 
     def pop3_TOP(self, args: list[bytes]) -> defer.Deferred:  # noqa: N802
         if len(args) != 2:
@@ -562,15 +563,17 @@ class POP3Server(pop3.POP3):
             raise _Refuse("invalid number of lines")
         return self._send(i, "top of message follows", int(args[1]))
 
-    def _send(self, index: int, first: str, body_lines: int | None) -> defer.Deferred:
+    def _send(self, index: int, first: str, body_lines: int | None,
+              announced: int | None = None) -> defer.Deferred:
         f = self.factory
+        stuffer = DotStuffer(body_lines)
 
         def opened(fileobj: Any) -> Any:
             if self._gone:
                 fileobj.close()
                 return None
             # the +OK line goes out with the first chunk: one send for a small message
-            self._producer = MessageProducer(self.transport, fileobj, DotStuffer(body_lines),
+            self._producer = MessageProducer(self.transport, fileobj, stuffer,
                                              f.run_blocking, f.chunk_size,
                                              prefix=b"+OK " + first.encode("ascii") + CRLF)
             sent = self._producer.start()
@@ -584,6 +587,13 @@ class POP3Server(pop3.POP3):
 
         def done(_: Any) -> None:
             self._producer = None
+            if announced is not None and stuffer.octets != announced:
+                # The size came from somewhere else than this file's bytes (a ,W= in the name
+                # from another program or an older version, a file changed in place): a client
+                # that trusts the count may lose step. Say so; the sizes cannot be taken back.
+                log.warn("RETR {n} of {box}: {sent} octets sent, {said} announced (a stale size "
+                         "in the Maildir file name?)", n=index + 1, sent=stuffer.octets,
+                         said=announced, box=getattr(self._mailbox, "address", "?"))
 
         def broken(failure: Failure) -> None:
             # Part of the message is out already: the only honest end is to drop the line.

@@ -1,10 +1,13 @@
 """Streaming a stored message to a POP3 client (RETR, TOP) without holding it in memory.
 
-- ``DotStuffer``: a stateful transformer from stored bytes (LF or CRLF line ends) to the POP3
-  multi-line form: CRLF line ends, a leading ``.`` doubled (RFC 1939 section 3), and, for
-  TOP, the header, the blank line and at most N body lines. Chunk boundaries anywhere (a CR
-  at the end of one chunk, a ``.`` at the start of the next) give the same output as one
-  big chunk.
+- ``DotStuffer``: a stateful transformer from stored bytes (whatever line ends a Maildir writer
+  left) to the POP3 multi-line form of the message's canonical form (``pop3coexist.canonical``):
+  every line end (CRLF, a bare LF, CR CR LF, a bare CR) sent as CRLF, a CRLF added after a last line that has none, a leading
+  ``.`` doubled on every line (RFC 1939 section 3), and, for TOP, the header, the blank line
+  and at most N body lines. Unstuffed, RETR's output is exactly ``store.maildir.crlf_size``
+  octets (LIST's count); since a bare CR is a line end here, no line a client may split off
+  (at CR, LF or CRLF) starts with an unstuffed dot. Chunk boundaries anywhere (a CR at the
+  end of one chunk, a ``.`` at the start of the next) give the same output as one big chunk.
 - ``MessageProducer``: an ``IPushProducer`` that reads the message file in large chunks,
   feeds them through a ``DotStuffer`` and writes them to the transport, reading the next chunk
   only while the transport is not paused. A real file is first read with
@@ -16,7 +19,8 @@
   with the first chunk and the terminating ``.`` with the last, each by ``netutil.send_now``,
   so a small message is one send on the socket.
 
-No sockets are opened here and no file formats are interpreted beyond line ends.
+No sockets are opened here and no file formats are interpreted beyond line ends (whose rule
+is ``pop3coexist.canonical``'s).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3coexist.canonical import LineEnds
 from pop3coexist.netutil import send_now
 
 CHUNK_SIZE = 256 * 1024
@@ -46,38 +51,43 @@ log = Logger(namespace="pop3coexist.pop3.stream")
 class DotStuffer:
     """Transforms a message, chunk by chunk, into CRLF-terminated, dot-stuffed lines.
 
+    Line ends are those of ``pop3coexist.canonical`` (CRLF, a bare LF, CR CR LF, a bare CR:
+    so a file with mixed or old-Mac line ends, or a stray CR, is sent as lines a client
+    splitting at any of them would see alike); NUL and every other byte is content.
     ``body_lines`` None sends the whole message (RETR); a number sends the header, the blank
-    line after it and that many body lines (TOP). ``done`` is true once a TOP limit is reached:
-    further input is ignored. ``finish()`` returns the tail: a CRLF if the message did not end
-    with a line end, then the terminating ``.`` line.
+    line after it and that many body lines (TOP). ``done`` is true once a TOP limit is
+    reached: further input is ignored. ``finish()`` returns the tail: a CRLF if the message
+    did not end with a line end, then the terminating ``.`` line. ``octets`` counts what was
+    sent without the stuffing and the terminator: after a RETR, the size LIST must have said.
     """
 
     def __init__(self, body_lines: int | None = None) -> None:
         self.body_lines = body_lines
         self.done = False
-        self._carry = b""  # a CR at the very end of the previous chunk
+        self._ends = LineEnds()  # holds back CRs at the end of a chunk
         self._bol = True  # the next byte starts a line
         self._line_len = 0  # content octets of the current line so far (line mode)
         self._in_header = True
         self._remaining = body_lines if body_lines is not None else 0
+        self.octets = 0  # canonical octets sent so far (CRLF line ends, no dot-stuffing)
 
     def feed(self, data: bytes) -> bytes:
         """Transform one chunk; returns the bytes to send (possibly empty)."""
         if self.done:
             return b""
-        data = self._carry + data
-        self._carry = b""
-        if data.endswith(b"\r"):
-            self._carry = b"\r"
-            data = data[:-1]
-        if not data:
+        return self._emit(self._ends.feed(data))
+
+    def _emit(self, text: bytes) -> bytes:
+        """``text`` has one LF per line end: send it as CRLF lines, stuffed, TOP-limited."""
+        if not text:
             return b""
         if self.body_lines is None:
-            return self._feed_fast(data)
-        return self._feed_lines(data)
+            return self._feed_fast(text)
+        return self._feed_lines(text)
 
     def _feed_fast(self, data: bytes) -> bytes:
-        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+        self.octets += len(data) + data.count(b"\n")
+        out = data.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
         if self._bol and out.startswith(b"."):
             out = b"." + out
         self._bol = out.endswith(b"\n")
@@ -87,17 +97,18 @@ class DotStuffer:
         out: list[bytes] = []
         parts = data.split(b"\n")
         last = len(parts) - 1
-        for i, part in enumerate(parts):
-            content = part[:-1] if i < last and part.endswith(b"\r") else part
+        for i, content in enumerate(parts):
             if content:
                 if self._bol and content.startswith(b"."):
                     out.append(b".")
                 out.append(content)
+                self.octets += len(content)
                 self._line_len += len(content)
                 self._bol = False
             if i == last:
                 break
             out.append(b"\r\n")
+            self.octets += 2
             if self._in_header:
                 if self._line_len == 0:
                     self._in_header = False
@@ -114,15 +125,14 @@ class DotStuffer:
         return b"".join(out)
 
     def finish(self) -> bytes:
-        """The tail after the last chunk: pending CR, a final CRLF if needed, and ``.\\r\\n``."""
+        """The tail after the last chunk: line ends for CRs held back, a final CRLF if the
+        last line had none, and ``.\\r\\n``."""
         tail = b""
         if not self.done:
-            if self._carry:
-                tail = b"\r\n"  # a lone CR at the very end counts as a line end
-                self._carry = b""
-                self._bol = True
-            elif not self._bol:
-                tail = b"\r\n"
+            tail = self._emit(self._ends.finish())
+        if not self.done and not self._bol:
+            tail += b"\r\n"
+            self.octets += 2
         self.done = True
         return tail + TERMINATOR
 

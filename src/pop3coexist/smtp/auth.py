@@ -45,6 +45,14 @@ class PasswordCredentials:
         return f"<PasswordCredentials username={self.username!r}>"
 
 
+def _identity(name: bytes) -> bytes:
+    """A user name from a client response; control characters (C0, DEL: CR and LF among them)
+    raise SaslSyntaxError, so none reaches a stored session value or a log line."""
+    if any(b < 0x20 or b == 0x7F for b in name):
+        raise SaslSyntaxError("control character in the user name")
+    return name
+
+
 def _text(value: bytes | str) -> str:
     if isinstance(value, str):
         return value
@@ -78,6 +86,8 @@ class Plain(Mechanism):
         if len(parts) != 3 or not parts[1]:
             raise SaslSyntaxError("PLAIN response must be authzid NUL authcid NUL password")
         authzid, authcid, password = parts
+        _identity(authzid)
+        _identity(authcid)
         if authzid and authzid.lower() != authcid.lower():
             # Acting for another user is not offered: treat as a failed log-in.
             return PasswordCredentials(authcid, b"\x00refused-authzid\x00" + os.urandom(8))
@@ -101,7 +111,7 @@ class Login(Mechanism):
         if self.username is None:
             if not response:
                 raise SaslSyntaxError("empty user name")
-            self.username = response
+            self.username = _identity(response)
             return b"Password:"
         return PasswordCredentials(self.username, response)
 
@@ -129,6 +139,7 @@ class CramMD5(Mechanism):
             int(parts[1], 16)
         except ValueError:
             raise SaslSyntaxError("CRAM-MD5 digest must be hexadecimal")
+        _identity(parts[0])
         self.creds.setResponse(response)
         self.creds.response = self.creds.response.lower()
         return self.creds

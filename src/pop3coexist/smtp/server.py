@@ -6,6 +6,9 @@ handling and commands, because the stock ones are unsafe for a real server:
 
 - input is our own byte buffer, answered strictly in order: while a command waits on a
   Deferred (directory, disk) the following pipelined commands wait too (RFC 2920);
+- a command or AUTH line ends at CRLF, or at a bare LF with ``smtp.bare_newline = "normalize"``
+  (refused at once with ``"reject"``); a bare CR or another control character in it is refused
+  (``500 5.5.2``), so none reaches a stored value (HELO name, AUTH identity, logs, Received);
 - STARTTLS discards everything pipelined after it and resets the session (RFC 3207 4.2);
 - ``AUTH`` with no argument, a bad mechanism or bad base64 gets a 5xx and the session goes on;
 - EHLO advertises only what is implemented; every reply after the greeting and EHLO carries an
@@ -76,6 +79,7 @@ _COMMAND, _AUTH, _DATA = "command", "auth", "data"
 _KEYWORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE_RE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")  # RFC 5321 esmtp-value
 _XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+_CONTROL_RE = re.compile(rb"[\x00-\x1f\x7f]")  # C0 controls and DEL: never in a command line
 
 
 def _fail(code: int, enhanced: str, text: str) -> MailError:
@@ -277,23 +281,34 @@ class ESMTPServer(tsmtp.ESMTP):
                     if self._state == _DATA:
                         break
                     continue
-                i = self._buf.find(b"\r\n")
+                # A command line ends at LF: CRLF, or a bare LF (see _frame_error)
+                i = self._buf.find(b"\n")
                 limit = MAX_AUTH_LINE if self._state == _AUTH else MAX_COMMAND_LINE
                 if i < 0:
                     if len(self._buf) > MAX_AUTH_LINE:
-                        # no end of line in sight: refuse once, then skip to the next CRLF
+                        # no end of line in sight: refuse once, then skip to the next line end
                         if not self._discarding:
                             self._line_too_long()
                         self._discarding = True
-                        self._buf = self._buf[-1:]
+                        self._buf = b""
                     break
-                line, self._buf = self._buf[:i], self._buf[i + 2 :]
+                line, self._buf = self._buf[:i], self._buf[i + 1 :]
+                bare_lf = not line.endswith(b"\r")
+                if not bare_lf:
+                    line = line[:-1]
                 if self._discarding:
                     self._discarding = False
                     continue
                 if len(line) > limit and not (self._state == _COMMAND and line[:5].upper() == b"AUTH "
                                               and len(line) <= MAX_AUTH_LINE):
                     self._line_too_long()
+                    continue
+                refusal = self._frame_error(line, bare_lf)
+                if refusal is not None:
+                    if self._state == _AUTH:  # the exchange is over (RFC 4954 section 4)
+                        self._state = _COMMAND
+                        self._mech = None
+                    self._syntax_error(refusal)
                     continue
                 try:
                     result = self._auth_line(line) if self._state == _AUTH else self._command(line)
@@ -332,6 +347,25 @@ class ESMTPServer(tsmtp.ESMTP):
             return None
 
         d.addBoth(done)
+
+    def _frame_error(self, line: bytes, bare_lf: bool) -> MailError | None:
+        """Why a command or AUTH line (without its line end) is refused, or None.
+
+        RFC 5321 section 2.3.8: a line ends with CRLF, and CR or LF alone must not appear. A
+        bare LF ends the line with ``smtp.bare_newline = "normalize"`` (as Postfix 3.7+ does)
+        and is refused with ``"reject"``; a CR inside the line and any other control character
+        (C0 or DEL) are always refused, so none can reach a stored session value (HELO name,
+        AUTH identity, a log line, the Received header). The line is not acted on and the
+        session goes on (the refusal counts toward MAX_ERRORS).
+        """
+        if bare_lf and self.factory.config.smtp.bare_newline != "normalize":
+            return _fail(500, "5.5.2", "Syntax error: bare <LF> received; "
+                                       "end command lines with <CR><LF> (RFC 5321 section 2.3.8)")
+        if b"\r" in line:
+            return _fail(500, "5.5.2", "Syntax error: bare <CR> received (RFC 5321 section 2.3.8)")
+        if _CONTROL_RE.search(line):
+            return _fail(500, "5.5.2", "Syntax error: control character in command line")
+        return None
 
     def _line_too_long(self) -> None:
         if self._state == _AUTH:

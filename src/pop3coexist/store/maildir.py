@@ -9,8 +9,10 @@ On disk (CONTRACT section 5)::
     <root>/.spool/                              where writers build a message before delivery
 
 Messages get maildir(5) unique names ``<sec>.M<usec>P<pid>Q<n>R<hex>.<host>`` plus the
-Dovecot-style ``,S=<bytes>,W=<CRLF bytes>`` fields, so neither quota nor POP3 sizes need to
-read the files. A delivery is written to ``tmp/``, fsynced, renamed into ``new/`` and ``new/``
+Dovecot-style ``,S=<bytes>,W=<POP3 bytes>`` fields, so neither quota nor POP3 sizes need to
+read the files. The POP3 size is that of the message's canonical form (``crlf_size``: CRLF
+line ends, a final CRLF added when missing), the form RETR and TOP send whatever line ends a
+Maildir writer left in the file. A delivery is written to ``tmp/``, fsynced, renamed into ``new/`` and ``new/``
 is fsynced before any method returns; ``deliver_file`` hard-links one fsynced spool file into
 every recipient's ``new/`` (single-instance storage). Metadata files are replaced atomically
 (temp file, fsync, rename, fsync folder) under an ``fcntl.flock`` so two admin processes can
@@ -42,6 +44,7 @@ from zope.interface import implementer
 
 from pop3coexist import errors
 from pop3coexist.address import is_valid_mailbox_name, normalise_domain
+from pop3coexist.canonical import canonical_size
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.fsutil import open_cached
 from pop3coexist.interfaces import IMaildrop, IMailStore
@@ -69,10 +72,17 @@ _counter_lock = threading.Lock()
 
 
 def crlf_size(path_or_file: str | os.PathLike[str] | IO[bytes]) -> int:
-    """The size of a message as POP3 sends it: every LF not preceded by CR counts as two octets.
+    """The size in octets of a message as POP3 sends it (LIST, STAT, RETR's ``+OK n octets``).
+
+    That is the size of the message's canonical form (``pop3coexist.canonical``), which
+    ``pop3.stream.DotStuffer`` sends from the same bytes: every line end (CRLF, a bare LF, a
+    bare CR, CR CR LF) is one CRLF, a last line with no line end gets a CRLF, and every other
+    byte (NUL included) is itself. Dot-stuffing is not counted: the client removes it (RFC
+    1939 section 3), so a client that reads exactly this many octets of unstuffed lines stays
+    in step. An empty file is 0.
 
     Takes a path or a binary file object; a seekable file is read from its start and its
-    position is restored afterwards. The file is read once, in chunks.
+    position is restored afterwards. The file is read once, in chunks. Raises OSError.
     """
     if isinstance(path_or_file, (str, os.PathLike)):
         with open(path_or_file, "rb") as f:
@@ -90,23 +100,11 @@ def crlf_size(path_or_file: str | os.PathLike[str] | IO[bytes]) -> int:
 
 
 def _crlf_size_of(f: IO[bytes]) -> int:
-    total = 0
-    bare_lf = 0
-    last = b""
-    while True:
-        chunk = f.read(_CHUNK)
-        if not chunk:
-            break
-        total += len(chunk)
-        bare_lf += chunk.count(b"\n") - chunk.count(b"\r\n")
-        if last == b"\r" and chunk[:1] == b"\n":
-            bare_lf -= 1
-        last = chunk[-1:]
-    return total + bare_lf
+    return canonical_size(iter(lambda: f.read(_CHUNK), b""))
 
 
 def _crlf_size_of_bytes(data: bytes) -> int:
-    return len(data) + data.count(b"\n") - data.count(b"\r\n")
+    return canonical_size((data,))
 
 
 def unique_part(name: str) -> str:
