@@ -356,11 +356,18 @@ class Admin:
     # -- check-config
 
     def check_config(self, peer: str | None) -> None:
-        from pop3coexist.tls import server_options
+        """Check the config and the files it names (the TLS pair is loaded and matched); print
+        each warning (``Config.warnings``, an expired certificate) to stderr and "OK"."""
+        from pop3coexist.tls import load_tls_files, server_options
 
+        warnings = list(self.config.warnings)
         if not (self.config.tls.self_signed and self.config.tls.certificate
                 and not self.config.tls.certificate.exists()):
+            loaded = load_tls_files(self.config.tls)
             server_options(self.config.tls)
+            warnings.extend(loaded.warnings if loaded else ())
+        for warning in warnings:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
         if self.config.auth.method == "passwordfile" and self.config.server.password_file.exists():
             try:
                 self._pwfile().check()
