@@ -1,4 +1,4 @@
-"""The ``pop3coexist-admin`` command (CONTRACT section 4).
+"""The ``pop3coexist-admin`` command (README "Administration").
 
 Works on the same state the running server uses (the mailroot, the password file, the queue),
 so changes take effect without a restart. Exit codes: 0 success, 1 failure (one clear line on

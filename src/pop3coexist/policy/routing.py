@@ -1,6 +1,7 @@
 """Outbound routing: which next hop a recipient domain goes to, and loop detection. Pure.
 
-The rules (CONTRACT section 3, REFERENCE "IIS 6 SMTP virtual server"):
+The rules (README "Configuration": ``[[domains.remote]]`` and ``[smarthost]``; the smart host
+and remote-domain settings of the Windows Server 2003 SMTP service):
 
 - a local domain (``domains.local``) is delivered locally;
 - a remote domain with ``route`` goes to that route;
@@ -8,7 +9,7 @@ The rules (CONTRACT section 3, REFERENCE "IIS 6 SMTP virtual server"):
 - otherwise straight to the recipient domain's MX (port 25).
 
 A next hop written ``[address][:port]`` is used as it is (no DNS lookup at all); a next hop
-written ``name[:port]`` has its MX looked up, then its A/AAAA records (the seed's bracket rule).
+written ``name[:port]`` has its MX looked up, then its A/AAAA records (the bracket rule of the Windows SMTP service's smart host).
 Nothing here resolves names or opens sockets: the delivery runner (smtp/outbound.py) does.
 """
 
