@@ -211,7 +211,7 @@ def parse_path(text: str) -> Address | None:
 
 
 def login_to_address(login: str, local_domains: list[str] | tuple[str, ...]) -> tuple[str, str] | None:
-    """Map a log-in name to ``(mailbox, domain)``, both lower case, or None (CONTRACT 7).
+    """Map a log-in name to ``(mailbox, domain)``, both lower case, or None (the README's rule).
 
     The full address in any case is accepted; the bare local part only when there is exactly
     one local domain.

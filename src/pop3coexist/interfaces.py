@@ -17,7 +17,7 @@ from zope.interface import Attribute, Interface
 
 
 class IMailStore(Interface):
-    """Mail domains and their mailboxes under ``<state_dir>/mailroot`` (CONTRACT section 5).
+    """Mail domains and their mailboxes under ``<state_dir>/mailroot`` (README "On disk").
 
     Domain and mailbox names are lower case on disk; every method lower-cases what it is given.
     Unknown domains or mailboxes raise ``errors.NoSuchMailbox``; bad names ``ValueError``.
@@ -174,7 +174,7 @@ class IAccountChecker(ICredentialsChecker):
 
 
 class IOutboundQueue(Interface):
-    """The durable outbound queue under ``<state_dir>/queue`` (CONTRACT section 5)."""
+    """The durable outbound queue under ``<state_dir>/queue`` (README "On disk")."""
 
     def enqueue(source: object, envelope: dict) -> str:
         """Blocking. Take a fsynced message file (a Path on the same file system, which is

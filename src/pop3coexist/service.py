@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,9 @@ from twisted.internet import defer, endpoints, tcp
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from pop3coexist.config import Config
+from pop3coexist.config import Config, parse_endpoint
 from pop3coexist.errors import ConfigError, StoreError
-from pop3coexist.tls import ensure_self_signed, server_options
+from pop3coexist.tls import ensure_self_signed, load_tls_files, server_options
 
 log = Logger()
 
@@ -85,13 +86,20 @@ def prepare_state(config: Config) -> None:
 
 
 def preflight(config: Config) -> None:
-    """Check everything that can fail at start-up; raise ConfigError naming what is wrong."""
+    """Check everything that can fail at start-up; raise ConfigError naming what is wrong.
+
+    Logs the config's warnings (``Config.warnings``, an expired certificate) once.
+    """
     prepare_state(config)
     try:
         ensure_self_signed(config.tls, config.server.hostname)
     except OSError as e:
         raise ConfigError(f"[tls] cannot create the self-signed certificate: {e.strerror}")
+    loaded = load_tls_files(config.tls)
     server_options(config.tls)
+    check_systemd_listeners(config)
+    for warning in (*config.warnings, *(loaded.warnings if loaded else ())):
+        log.warn("configuration warning: {warning}", warning=warning)
     if config.auth.method == "passwordfile":
         from pop3coexist.identity.factory import make_password_file
 
@@ -128,8 +136,128 @@ def preflight(config: Config) -> None:
         close()
 
 
+class SystemdSockets:
+    """The listening sockets a service manager passed to this process (sd_listen_fds(3)).
+
+    systemd (a socket unit) and ``systemd-socket-activate`` set ``LISTEN_PID`` (this process),
+    ``LISTEN_FDS`` (how many, from descriptor 3 on) and, from systemd 227 and with
+    ``--fdname``, ``LISTEN_FDNAMES`` (colon-separated names; "unknown" when unset). Read once,
+    in the process that starts the server, before twistd forks into the background.
+    """
+
+    START = 3
+
+    def __init__(self, environ: Any = None, pid: int | None = None) -> None:
+        environ = self.start_environment() if environ is None else environ
+        pid = os.getpid() if pid is None else pid
+        self.fds: list[int] = []
+        self.names: list[str] = []
+        self.why_none = "LISTEN_PID and LISTEN_FDS are not set for this process"
+        if environ.get("LISTEN_PID") == str(pid):
+            try:
+                count = int(environ.get("LISTEN_FDS", "0"))
+            except ValueError:
+                count = 0
+            self.fds = list(range(self.START, self.START + max(count, 0)))
+            names = environ.get("LISTEN_FDNAMES", "")
+            self.names = names.split(":") if names else ["unknown"] * len(self.fds)
+            self.why_none = "LISTEN_FDS is 0"
+        elif "LISTEN_PID" in environ:
+            self.why_none = f"LISTEN_PID is {environ['LISTEN_PID']}, not this process"
+
+    @staticmethod
+    def start_environment() -> dict[str, str]:
+        """The environment this process was started with. Twisted's endpoints module removes
+        LISTEN_PID and LISTEN_FDS from ``os.environ`` when it is imported (and ignores the
+        sockets when LISTEN_FDNAMES is missing, as with systemd-socket-activate without
+        --fdname); Linux's /proc/self/environ still holds them."""
+        env = dict(os.environ)
+        try:
+            raw = Path("/proc/self/environ").read_bytes()
+        except OSError:
+            return env
+        for item in raw.split(b"\0"):
+            name, eq, value = item.partition(b"=")
+            if eq and name.startswith(b"LISTEN_"):
+                env[name.decode("ascii", "replace")] = value.decode("utf-8", "replace")
+        return env
+
+    def lookup(self, description: str) -> tuple[int, socket.AddressFamily]:
+        """(descriptor, address family) of a ``systemd:`` description, checked: it exists, is
+        a listening stream socket, and has the family of ``domain=``. Raises ValueError."""
+        _, _, kw = parse_endpoint(description)
+        if not self.fds:
+            raise ValueError(
+                f"{description!r}: no socket was passed by systemd ({self.why_none}); start the "
+                "server from a systemd socket unit or with systemd-socket-activate")
+        if "index" in kw:
+            index = int(kw["index"])
+            if index >= len(self.fds):
+                raise ValueError(f"{description!r}: systemd passed {len(self.fds)} socket(s) "
+                                 f"(index 0 to {len(self.fds) - 1})")
+        else:
+            if kw["name"] not in self.names:
+                raise ValueError(f"{description!r}: systemd passed no socket named {kw['name']!r} "
+                                 f"(names: {', '.join(self.names)})")
+            index = self.names.index(kw["name"])
+        fd = self.fds[index]
+        family = getattr(socket, "AF_" + kw["domain"])
+        try:
+            probe = socket.socket(fileno=os.dup(fd))
+        except OSError as e:
+            raise ValueError(f"{description!r}: descriptor {fd} is not a socket ({e.strerror})")
+        with probe:
+            listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            if probe.family != family or probe.type != socket.SOCK_STREAM or not listening:
+                kind = {socket.AF_INET: "INET", socket.AF_INET6: "INET6",
+                        socket.AF_UNIX: "UNIX"}.get(probe.family, str(probe.family))
+                raise ValueError(
+                    f"{description!r}: socket {index} (descriptor {fd}) is a "
+                    f"{'listening ' if listening else ''}{kind} "
+                    f"{'stream' if probe.type == socket.SOCK_STREAM else 'datagram'} socket, "
+                    f"not a listening {kw['domain']} stream socket")
+        return fd, family
+
+
+_systemd: SystemdSockets | None = None
+
+
+def systemd_sockets() -> SystemdSockets:
+    """The sockets passed to this process, read on first use (before twistd forks)."""
+    global _systemd
+    if _systemd is None:
+        _systemd = SystemdSockets()
+    return _systemd
+
+
+def listener_keys(config: Config) -> list[tuple[str, str]]:
+    """(config key, endpoint description) of every listener, in config order."""
+    out: list[tuple[str, str]] = []
+    for key, descs in (("pop3.listen", config.pop3.listen), ("pop3.tls_listen", config.pop3.tls_listen),
+                       ("smtp.listen", config.smtp.listen),
+                       ("smtp.submission_listen", config.smtp.submission_listen),
+                       ("smtp.tls_listen", config.smtp.tls_listen)):
+        out.extend((key, d) for d in descs)
+    return out
+
+
+def check_systemd_listeners(config: Config) -> None:
+    """Raise ConfigError naming the key when a ``systemd:`` listener has no socket to adopt."""
+    for key, desc in listener_keys(config):
+        if desc.startswith("systemd:"):
+            try:
+                systemd_sockets().lookup(desc)
+            except ValueError as e:
+                raise ConfigError(f"[{key}] {e}") from None
+
+
 class ListenerService(service.Service):
-    """Listens on one endpoint description with one factory; remembers the port it got."""
+    """Listens on one endpoint description with one factory; remembers the port it got.
+
+    ``tcp:``, ``tcp6:`` and ``unix:`` descriptions go to Twisted's ``serverFromString``; a
+    ``systemd:`` one adopts the socket systemd passed (looked up when the service is built,
+    before twistd forks; see SystemdSockets).
+    """
 
     def __init__(self, description: str, factory: Any, role: str, reactor: Any = None) -> None:
         self.description = description
@@ -138,12 +266,21 @@ class ListenerService(service.Service):
         self.reactor = reactor
         self.port: Any = None
         self._listening: defer.Deferred | None = None
+        self._adopt: tuple[int, socket.AddressFamily] | None = None
+        if description.startswith("systemd:"):
+            try:
+                self._adopt = systemd_sockets().lookup(description)
+            except ValueError as e:
+                raise ConfigError(f"[{role}] {e}") from None
 
     def privilegedStartService(self) -> None:
         from twisted.internet import reactor as default_reactor
 
         reactor = self.reactor or default_reactor
-        endpoint = endpoints.serverFromString(reactor, self.description)
+        if self._adopt is not None:
+            endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, *self._adopt)
+        else:
+            endpoint = endpoints.serverFromString(reactor, self.description)
         self._listening = endpoint.listen(self.factory)
 
         def got(port: Any) -> Any:
@@ -160,7 +297,10 @@ class ListenerService(service.Service):
         return None
 
     def bound_port(self) -> int | None:
-        return self.port.getHost().port if self.port is not None else None
+        """The TCP port listened on; None before listening and for a UNIX socket."""
+        if self.port is None:
+            return None
+        return getattr(self.port.getHost(), "port", None)
 
 
 YIELD_DELAY = 0.003  # seconds a busier process leaves a new connection to the others

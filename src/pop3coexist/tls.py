@@ -1,15 +1,22 @@
 """TLS for the listeners: the server context from [tls], and a self-signed pair on request.
 
 Protocol code asks for ``server_options(config.tls)`` and calls ``transport.startTLS`` with it
-(STLS, STARTTLS) or wraps a listener in it (POP3S, SMTPS). Nothing here touches sockets.
+(STLS, STARTTLS) or wraps a listener in it (POP3S, SMTPS). ``load_tls_files`` loads and checks
+the files (PEM, the key belongs to the first certificate, dates) for ``check-config`` and the
+start-up check; every error names the key and the file. Nothing here touches sockets.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 from twisted.internet import ssl
 
@@ -23,8 +30,7 @@ def ensure_self_signed(cfg: TlsConfig, hostname: str) -> None:
         return
     if cfg.certificate.exists() or cfg.private_key.exists():
         return
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
@@ -56,43 +62,111 @@ def ensure_self_signed(cfg: TlsConfig, hostname: str) -> None:
     cfg.certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def server_options(cfg: TlsConfig) -> ssl.CertificateOptions | None:
-    """A CertificateOptions for the configured chain and key, or None when TLS is off.
+@dataclass(frozen=True)
+class LoadedTls:
+    """The checked contents of the [tls] files: the chain (server certificate first), the key,
+    and warnings (an expired certificate) for the log and ``check-config``."""
 
-    Raises ConfigError naming the key when a file is missing or does not hold PEM.
+    chain: tuple[x509.Certificate, ...]
+    key: Any
+    warnings: tuple[str, ...]
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"[tls.{key}] cannot read {path}: {e.strerror}")
+
+
+def _not_pem(path: Path, key: str, what: str, data: bytes) -> ConfigError:
+    if b"-----BEGIN" not in data:
+        hint = ("it looks like DER (binary): convert it with "
+                f"`openssl {'x509' if key == 'certificate' else 'pkey'} -inform der -in FILE`"
+                if data[:1] == b"\x30" else "a PEM file has -----BEGIN ...----- lines")
+        return ConfigError(f"[tls.{key}] {path} is not PEM: {hint}")
+    return ConfigError(f"[tls.{key}] {path} holds no readable PEM {what}")
+
+
+def load_tls_files(cfg: TlsConfig, now: datetime.datetime | None = None) -> LoadedTls | None:
+    """Load and check the [tls] certificate chain and private key; None when TLS is off.
+
+    Raises ConfigError naming the key and the file when a file cannot be read, holds no PEM
+    certificate or private key (a DER file, a certificate where the key should be, an encrypted
+    key), or when the key does not belong to the first certificate of the chain. A certificate
+    that has expired or is not valid yet is not an error (clients decide): it is a warning.
     """
     if not cfg.enabled:
         return None
     assert cfg.certificate is not None and cfg.private_key is not None
+    cert_pem = _read(cfg.certificate, "certificate")
+    key_pem = _read(cfg.private_key, "private_key")
     try:
-        chain = cfg.certificate.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"[tls.certificate] cannot read {cfg.certificate}: {e.strerror}")
+        chain = tuple(x509.load_pem_x509_certificates(cert_pem))
+    except ValueError:
+        if b"PRIVATE KEY-----" in cert_pem and b"CERTIFICATE-----" not in cert_pem:
+            raise ConfigError(f"[tls.certificate] {cfg.certificate} holds a private key, not a "
+                              "certificate (are certificate and private_key swapped?)") from None
+        raise _not_pem(cfg.certificate, "certificate", "certificate", cert_pem) from None
     try:
-        key_pem = cfg.private_key.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"[tls.private_key] cannot read {cfg.private_key}: {e.strerror}")
-    try:
-        certs = ssl.Certificate.loadPEM(chain)
-        key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
-    except Exception as e:  # OpenSSL raises several types for bad PEM
-        raise ConfigError(f"[tls] certificate or private_key is not valid PEM: {e.__class__.__name__}")
-    extra = _extra_chain(chain)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:  # a passphrase is needed
+        raise ConfigError(f"[tls.private_key] {cfg.private_key} is encrypted; the server cannot "
+                          "ask for a passphrase (decrypt it with `openssl pkey -in FILE -out "
+                          "NEW`, readable by the server only)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        if b"PRIVATE KEY-----" not in key_pem and b"CERTIFICATE-----" in key_pem:
+            raise ConfigError(f"[tls.private_key] {cfg.private_key} holds a certificate, not a "
+                              "private key (are certificate and private_key swapped?)") from None
+        raise _not_pem(cfg.private_key, "private_key", "private key", key_pem) from None
+    mine = _public_der(key.public_key())
+    if _public_der(chain[0].public_key()) != mine:
+        later = [i for i, c in enumerate(chain[1:], 2) if _public_der(c.public_key()) == mine]
+        if later:
+            raise ConfigError(
+                f"[tls.certificate] {cfg.certificate}: the certificate of the private key "
+                f"{cfg.private_key} is number {later[0]} in the file; the server certificate "
+                "must come first, then the intermediates")
+        raise ConfigError(
+            f"[tls] the private key {cfg.private_key} does not belong to the certificate "
+            f"{cfg.certificate} (their public keys differ)")
+    now = now or datetime.datetime.now(datetime.UTC)
+    warnings: list[str] = []
+    first = chain[0]
+    subject = first.subject.rfc4514_string() or "(no subject)"
+    if first.not_valid_after_utc < now:
+        warnings.append(f"[tls.certificate] {cfg.certificate}: the certificate {subject} expired "
+                        f"on {first.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; clients that "
+                        "verify it will refuse to connect")
+    elif first.not_valid_before_utc > now:
+        warnings.append(f"[tls.certificate] {cfg.certificate}: the certificate {subject} is not "
+                        f"valid before {first.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    return LoadedTls(chain, key, tuple(warnings))
+
+
+def _public_der(public_key: Any) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def server_options(cfg: TlsConfig) -> ssl.CertificateOptions | None:
+    """A CertificateOptions for the configured chain and key, or None when TLS is off.
+
+    Raises ConfigError as ``load_tls_files`` does (the key and the file named).
+    """
+    loaded = load_tls_files(cfg)
+    if loaded is None:
+        return None
     try:
         return ssl.CertificateOptions(
-            privateKey=key.original,
-            certificate=certs.original,
-            extraCertChain=extra,
+            privateKey=crypto.PKey.from_cryptography_key(loaded.key),
+            certificate=crypto.X509.from_cryptography(loaded.chain[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in loaded.chain[1:]],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
-    except Exception as e:
-        raise ConfigError(f"[tls] certificate and private_key do not match: {e.__class__.__name__}")
-
-
-def _extra_chain(chain: bytes) -> list:
-    marker = b"-----BEGIN CERTIFICATE-----"
-    parts = [marker + p for p in chain.split(marker)[1:]]
-    return [ssl.Certificate.loadPEM(p).original for p in parts[1:]]
+    except Exception as e:  # OpenSSL refuses a key type or a certificate it cannot use
+        raise ConfigError(f"[tls] {cfg.certificate} and {cfg.private_key} cannot be used for "
+                          f"TLS: {e.__class__.__name__}: {e}")
 
 
 def certificate_path_exists(path: Path | None) -> bool:

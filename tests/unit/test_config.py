@@ -247,9 +247,38 @@ def test_smarthost_username_needs_password_file():
 
 
 def test_rfc_minimums():
-    """RFC minimums: 100 recipients (RFC 5321), POP3 idle timeout >= 10 minutes (RFC 1939)."""
-    assert "[smtp.max_recipients]" in error_of("[smtp]\nmax_recipients = 10\n")
+    """RFC minimums that are errors: POP3 idle timeout >= 10 minutes (RFC 1939), SMTP idle
+    timeout >= 5 minutes (RFC 5321)."""
     assert "[pop3.idle_timeout]" in error_of("[pop3]\nidle_timeout = \"1m\"\n")
+    assert "[smtp.idle_timeout]" in error_of("[smtp]\nidle_timeout = \"1m\"\n")
+
+
+@pytest.mark.parametrize("value", [1, 10, 50, 99])
+def test_max_recipients_below_100_is_a_warning(tmp_path, value):
+    """Fault 8: any positive smtp.max_recipients is taken (the Windows SMTP service and Postfix
+    allow lower limits); under RFC 5321's 100 it is kept and reported as a warning that names
+    the file, the line and the key."""
+    path = tmp_path / "pop3coexist.toml"
+    path.write_text(textwrap.dedent(MINIMAL) + f"[smtp]\nmax_recipients = {value}\n")
+    c = load_config(path)
+    assert c.smtp.max_recipients == value
+    assert len(c.warnings) == 1
+    warning = c.warnings[0]
+    assert warning.startswith(f"{path}:6: [smtp.max_recipients]")
+    assert "RFC 5321" in warning and "100" in warning
+
+
+@pytest.mark.parametrize("value", [100, 101, 1000])
+def test_max_recipients_of_100_or_more_gives_no_warning(value):
+    """No warning from 100 recipients up."""
+    c = cfg(f"[smtp]\nmax_recipients = {value}\n")
+    assert c.smtp.max_recipients == value and c.warnings == ()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "\"ten\"", "true"])
+def test_max_recipients_must_be_a_positive_number(value):
+    """Zero, negative and non-numbers stay refused, naming the key."""
+    assert "[smtp.max_recipients]" in error_of(f"[smtp]\nmax_recipients = {value}\n")
 
 
 def test_pop3_sasl_mechanisms():

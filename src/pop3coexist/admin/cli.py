@@ -1,4 +1,4 @@
-"""The ``pop3coexist-admin`` command (CONTRACT section 4).
+"""The ``pop3coexist-admin`` command (README "Administration").
 
 Works on the same state the running server uses (the mailroot, the password file, the queue),
 so changes take effect without a restart. Exit codes: 0 success, 1 failure (one clear line on
@@ -382,11 +382,18 @@ class Admin:
     # -- check-config
 
     def check_config(self, peer: str | None) -> None:
-        from pop3coexist.tls import server_options
+        """Check the config and the files it names (the TLS pair is loaded and matched); print
+        each warning (``Config.warnings``, an expired certificate) to stderr and "OK"."""
+        from pop3coexist.tls import load_tls_files, server_options
 
+        warnings = list(self.config.warnings)
         if not (self.config.tls.self_signed and self.config.tls.certificate
                 and not self.config.tls.certificate.exists()):
+            loaded = load_tls_files(self.config.tls)
             server_options(self.config.tls)
+            warnings.extend(loaded.warnings if loaded else ())
+        for warning in warnings:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
         if self.config.auth.method == "passwordfile" and self.config.server.password_file.exists():
             try:
                 self._pwfile().check()

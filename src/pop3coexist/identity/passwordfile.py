@@ -1,7 +1,7 @@
 """The encrypted password file (``auth.method = "passwordfile"``) and its account checker.
 
 ``PasswordFile`` is the on-disk database ``mailbox@domain -> credentials`` kept at
-``<state_dir>/passwords.json`` (CONTRACT section 5). For each address it holds:
+``<state_dir>/passwords.json`` (README "On disk"). For each address it holds:
 
 - an scrypt hash of the password (``hashlib.scrypt``, n=2**14, r=8, p=1 by default, a 16-byte
   random salt, a 32-byte result), stored with its parameters so they can be raised later;

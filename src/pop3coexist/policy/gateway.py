@@ -1,4 +1,5 @@
-"""The gateway role (the Exchange role of the seed): recipient resolution at RCPT time. No sockets.
+"""The gateway role (the Exchange server's part in the coexistence setup): recipient
+resolution at RCPT time. No sockets.
 
 ``GatewayPolicy.decide`` answers, for one recipient of a domain the gateway is responsible
 for, where its mail goes. It asks the directory (``DirectoryChecker.lookup``: ``mail``,
@@ -222,8 +223,9 @@ class GatewayPolicy:
                 )
 
 
-SEED_RULE = (
-    "the POP3 server and the gateway must not share a mail domain (seed: \"You cannot "
+SHARED_DOMAIN_RULE = (
+    "the POP3 server and the gateway must not share a mail domain (Microsoft's coexistence "
+    "guide for the Windows Server 2003 POP3 service and Exchange Server 2003: \"You cannot "
     "configure a server running the Windows Server POP3 service that uses the same mail domain "
     "as the Exchange Server system\"): mail from one system to an unknown user of the other "
     "would loop"
@@ -245,11 +247,11 @@ def check_pair(config: Config, peer: Config) -> str | None:
         clash = sorted(set(mailbox.domains.local) & shared)
         if clash:
             return (f"{mailbox.path or 'the mailbox server'}: local domain {', '.join(clash)} is the "
-                    f"gateway's authoritative shared domain; {SEED_RULE}")
+                    f"gateway's authoritative shared domain; {SHARED_DOMAIN_RULE}")
         return None
     clash = sorted(set(config.domains.local) & set(peer.domains.local))
     if clash:
-        return (f"both configs keep mailboxes for {', '.join(clash)}: {SEED_RULE}")
+        return (f"both configs keep mailboxes for {', '.join(clash)}: {SHARED_DOMAIN_RULE}")
     return None
 
 

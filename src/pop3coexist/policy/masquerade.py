@@ -1,7 +1,7 @@
 """Masquerading (``[masquerade]``): local users leave under the gateway's shared domain.
 
-The seed's "reply address" step (every POP3 client sets ``ted@northwindtraders.test`` as its
-reply address) done once on the server: mail that leaves this server for another one has its
+The "reply address" step of Microsoft's coexistence guide (every POP3 client sets
+``ted@northwindtraders.test`` as its reply address) done once on the server: mail that leaves this server for another one has its
 envelope sender rewritten from a local POP3 domain to the shared domain, so replies and
 delivery reports come back through the gateway; with ``header_from = true`` the addresses in
 the ``From:`` header are rewritten the same way. Mail delivered to local mailboxes is not

@@ -3,7 +3,7 @@ policy changes on one directory object. Pure: no LDAP, no I/O (admin/policy.py d
 
 A policy's ``primary`` template gives the object its primary ``SMTP:`` address when it has
 none (an ``smtp:`` entry with the same address is promoted). When the object already has
-another primary address it stays (the seed: the Recipient Update Service "does not replace
+another primary address it stays (as Exchange's Recipient Update Service: it "does not replace
 the primary SMTP address if it has been configured") and the policy's address is added as a
 secondary one - unless ``replace_primary = true``: then the old primary becomes secondary.
 Each ``secondary`` template adds an ``smtp:`` address the object does not have yet.

@@ -3,7 +3,7 @@
 The protocol parses a ``RCPT TO`` path with ``parse_recipient``, asks ``RelayPolicy.route``
 where the address goes (local mailbox, relay domain, foreign domain) and, for a local domain,
 looks the mailbox up (directory, store) and hands the result to ``local_outcome``. Every
-refusal is an ``errors.MailError`` carrying the reply (CONTRACT section 6):
+refusal is an ``errors.MailError`` carrying the reply (README "Replies a client can rely on"):
 
 - local domain, known mailbox: deliver (a locked mailbox still receives); over quota 552 5.2.2;
 - local domain, unknown mailbox: 550 5.1.1;

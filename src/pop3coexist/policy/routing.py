@@ -1,7 +1,8 @@
 """Outbound routing: the ordered next hops for a recipient domain, and loop detection. Pure.
 
-The route of a recipient domain (CONTRACT section 3, REFERENCE "IIS 6 SMTP virtual server",
-Exchange 2003 connector selection) is an ordered list of attempts (``Route``):
+The route of a recipient domain (README "Configuration": ``[[domains.remote]]``,
+``[smarthost]``, ``[[gateway.connectors]]``; Exchange 2003 connector selection) is an ordered
+list of attempts (``Route``):
 
 - a local domain (``domains.local``) is delivered locally (one attempt: the store);
 - on a gateway, every ``[[gateway.connectors]]`` connector with an address space for the
@@ -20,9 +21,10 @@ every attempt failed does the message wait for its next retry. A connector route
 back to the smart host or the MX: the connectors are the route for their domains.
 
 A next hop written ``[address][:port]`` is used as it is (no DNS lookup at all); a next hop
-written ``name[:port]`` has its MX looked up, then its A/AAAA records (the seed's bracket rule).
-A recipient domain that is an address literal (``user@[192.0.2.1]``, ``user@[IPv6:...]``) goes
-without a smart host straight to that address, port 25 (RFC 5321 section 4.1.3).
+written ``name[:port]`` has its MX looked up, then its A/AAAA records (the bracket rule of
+the Windows SMTP service's smart host). A recipient domain that is an address literal
+(``user@[192.0.2.1]``, ``user@[IPv6:...]``) goes without a smart host straight to that address,
+port 25 (RFC 5321 section 4.1.3).
 Nothing here resolves names or opens sockets: the delivery runner (smtp/outbound.py) does.
 """
 

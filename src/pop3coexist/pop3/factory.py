@@ -80,7 +80,7 @@ class POP3ServerFactory(ServerFactory):
     def new_timestamp(self) -> bytes:
         """A unique ``<pid.counter.clock@hostname>`` (RFC 1939 APOP, RFC 2195 CRAM-MD5).
 
-        Only ``A-Za-z0-9.@_+/-`` appear inside the brackets (CONTRACT section 7).
+        Only ``A-Za-z0-9.@_+/-`` appear inside the brackets (mpop and other strict clients refuse anything else).
         """
         millis = int(self.reactor.seconds() * 1000)
         return f"<{os.getpid()}.{next(self._counter)}.{millis}@{self.hostname}>".encode("ascii")

@@ -1,6 +1,6 @@
 """The Maildir mail store: implements ``interfaces.IMailStore`` and ``interfaces.IMaildrop``.
 
-On disk (CONTRACT section 5)::
+On disk (README "On disk")::
 
     <root>/<domain>/<mailbox>/{tmp,new,cur}     plain Maildir, readable by any Maildir tool
     <root>/<domain>/.pop3coexist.json           domain metadata   {"locked": bool}

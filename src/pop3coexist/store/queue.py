@@ -1,6 +1,6 @@
 """The durable outbound queue under ``<state_dir>/queue`` (implements interfaces.IOutboundQueue).
 
-Layout (CONTRACT section 5)::
+Layout (README "On disk")::
 
     queue/msg/<id>         the message, stored once (a hard link of the fsynced spool file)
     queue/env/<id>.json    the envelope: sender, DSN parameters, per-recipient state
