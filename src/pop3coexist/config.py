@@ -47,6 +47,33 @@ def parse_size(value: int | str) -> int:
     raise ValueError(f"{value!r} is not a size (bytes, or a string such as \"10MB\")")
 
 
+@dataclass(frozen=True)
+class QuotaGrace:
+    """How far the last message may take a mailbox past its quota (``domains.quota_grace``):
+    ``bytes`` octets, or ``percent`` of the quota (Dovecot's ``quota_grace``, default 10%)."""
+
+    bytes: int = 0
+    percent: float = 0.0
+
+    def allowance(self, quota: int) -> int:
+        """The grace in octets for a mailbox whose quota is ``quota`` octets."""
+        return self.bytes + int(quota * self.percent / 100)
+
+
+def parse_quota_grace(value: int | str) -> QuotaGrace:
+    """A size (``"1MB"``, bytes) or a percentage of the quota (``"10%"``, 0 to 100)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip()[:-1].strip()
+        try:
+            percent = float(number)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage (\"10%\") or a size (\"1MB\")") from None
+        if not 0 <= percent <= 100:
+            raise ValueError("a percentage must be between 0% and 100%")
+        return QuotaGrace(percent=percent)
+    return QuotaGrace(bytes=parse_size(value))
+
+
 def parse_duration(value: int | float | str) -> float:
     """Seconds from a number or a string like ``"30s"``, ``"15m"``, ``"12h"``, ``"2d"``."""
     if isinstance(value, bool):
@@ -182,6 +209,7 @@ class RemoteDomain:
 class DomainsConfig:
     local: tuple[str, ...] = ()
     remote: tuple[RemoteDomain, ...] = ()
+    quota_grace: QuotaGrace = QuotaGrace(percent=10.0)
 
 
 @dataclass(frozen=True)
@@ -736,7 +764,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                 raise r.fail("auth.directory", key, f"file not found: {p}")
 
     dom_data = data.get("domains", {})
-    doms = r.section(dom_data, "domains", {"local": r.domain_list}, subsections=("remote",))
+    doms = r.section(dom_data, "domains", {"local": r.domain_list, "quota_grace": parse_quota_grace},
+                     subsections=("remote",))
     remote_list = dom_data.get("remote", []) if isinstance(dom_data, Mapping) else []
     if not isinstance(remote_list, list):
         raise r.fail("domains", "remote", "must be an array of tables ([[domains.remote]])")
@@ -759,7 +788,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
             raise r.fail("domains.remote", "name", f"{d!r} is also a local domain")
         if names.count(d) > 1:
             raise r.fail("domains.remote", "name", f"{d!r} is listed twice")
-    domains_cfg = DomainsConfig(local=local_domains, remote=tuple(remotes))
+    domains_cfg = DomainsConfig(local=local_domains, remote=tuple(remotes),
+                                quota_grace=doms.get("quota_grace", QuotaGrace(percent=10.0)))
     if method == "local" and len(local_domains) > 1:
         raise r.fail(
             "domains", "local",
