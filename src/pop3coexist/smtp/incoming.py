@@ -7,13 +7,22 @@
   4.5.3.1.6), and counts hops. A bare CR is refused (RFC 5321 section 2.3.8). A bare LF is,
   by default, taken as a line end (``smtp.bare_newline = "normalize"``, as Postfix does:
   many scripts and curl send LF-only text) or refused (``"reject"``); either way it never
-  ends the message. On the first
+  ends the message. While the header section lasts it removes the fields a client may not set
+  (``Return-Path``) and, where the content leaves the header section without an empty line
+  (its first line, or a later one, is no header field: RFC 5322 section 2.1), inserts one, so
+  the server's trace fields never swallow the client's text. On the first
   problem it stops storing (the spool file is removed at once) and only looks for the end.
 - ``SpoolWriter`` streams into a new file in ``store.spool_dir()`` in large writes; memory does
   not grow with the message size.
+- A spool file for local mailboxes starts with ``Return-Path`` (final delivery, RFC 5321
+  section 4.4), a local-only prefix: the copy for the outbound queue leaves it out.
 - ``commit_message`` (blocking, run off the reactor) makes the message durable: fsync, then
-  ``store.deliver_file`` (single-instance hard links), then ``queue.enqueue`` for the other
-  recipients, then removes the spool file. Only after it returns does the server reply 250.
+  ``store.deliver_within_quota`` (single-instance hard links into every mailbox with room
+  under its quota and grace), then ``queue.enqueue`` for the other recipients, then the
+  delivery reports the local recipients are owed (NOTIFY=SUCCESS: "delivered"; a full
+  mailbox while others got the message: "failed", 5.2.2), then removes the spool file. Only
+  after it returns does the server reply 250; when every mailbox was full, 552 5.2.2 and
+  nothing is stored.
 - ``GroupCommitter`` does the same for many sessions at once (group commit): messages whose
   DATA ended while a batch was being made durable wait for the next batch, and one batch costs
   two file-system syncs (the spool files' data, then the new directory entries) however many
@@ -536,8 +545,9 @@ class GroupCommitter:
 
     ``commit(spool, local_recipients, envelope)`` returns a Deferred that fires with None once
     the message is durable everywhere (then the session replies 250), or fails with the
-    exception that stopped it (QuotaExceeded, StoreError, OSError: the session replies 552 or
-    451). At most one batch runs at a time (in ``run_blocking``, off the reactor); what arrives
+    exception that stopped it (QuotaExceeded when every recipient's mailbox is full,
+    StoreError, OSError: the session replies 552 or 451). ``notes`` (LocalNotes) allows the
+    delivery reports of local recipients. At most one batch runs at a time (in ``run_blocking``, off the reactor); what arrives
     meanwhile forms the next batch, so the more sessions, the more messages share a sync.
 
     A batch, in the worker: write out each spool file; sync their data (``syncfs`` on Linux, or
@@ -546,7 +556,8 @@ class GroupCommitter:
     1,000/s with an fsync each); hard-link
     each into its mailboxes with the store's folder fsync deferred, enqueue the other
     recipients (the queue is durable on return); sync the new directory entries once (syncfs,
-    or fsync of each distinct ``new/`` folder); remove the spool files. A failing data sync
+    or fsync of each distinct ``new/`` folder); queue the delivery reports owed (rare: a
+    NOTIFY=SUCCESS or a full mailbox); remove the spool files. A failing data sync
     fails the whole batch and nothing is linked; a failing folder sync fails the messages that
     were linked in that batch (their links are removed again). A failure of one message's
     delivery (quota, a vanished mailbox) fails that message only.

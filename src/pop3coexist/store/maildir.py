@@ -13,8 +13,10 @@ On disk (CONTRACT section 5)::
 Messages get maildir(5) unique names ``<sec>.M<usec>P<pid>Q<n>R<hex>.<host>`` plus the
 Dovecot-style ``,S=<bytes>,W=<CRLF bytes>`` fields, so neither quota nor POP3 sizes need to
 read the files. A delivery is written to ``tmp/``, fsynced, renamed into ``new/`` and ``new/``
-is fsynced before any method returns; ``deliver_file`` hard-links one fsynced spool file into
-every recipient's ``new/`` (single-instance storage). Metadata files are replaced atomically
+is fsynced before any method returns; ``deliver_file`` and ``deliver_within_quota`` hard-link
+one fsynced spool file into every recipient's ``new/`` (single-instance storage). A quota is
+a byte limit with a grace (``quota_refuses``: the last message may go past it by the grace;
+a mailbox at or over it takes nothing more), checked and written under a per-mailbox flock. Metadata files are replaced atomically
 (temp file, fsync, rename, fsync folder) under an ``fcntl.flock`` so two admin processes can
 change them at once; nothing is cached, so a running server sees a change at its next call.
 
