@@ -66,6 +66,33 @@ def parse_size(value: int | str) -> int:
     raise ValueError(f"{value!r} is not a size (bytes, or a string such as \"10MB\")")
 
 
+@dataclass(frozen=True)
+class QuotaGrace:
+    """How far the last message may take a mailbox past its quota (``domains.quota_grace``):
+    ``bytes`` octets, or ``percent`` of the quota (Dovecot's ``quota_grace``, default 10%)."""
+
+    bytes: int = 0
+    percent: float = 0.0
+
+    def allowance(self, quota: int) -> int:
+        """The grace in octets for a mailbox whose quota is ``quota`` octets."""
+        return self.bytes + int(quota * self.percent / 100)
+
+
+def parse_quota_grace(value: int | str) -> QuotaGrace:
+    """A size (``"1MB"``, bytes) or a percentage of the quota (``"10%"``, 0 to 100)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip()[:-1].strip()
+        try:
+            percent = float(number)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage (\"10%\") or a size (\"1MB\")") from None
+        if not 0 <= percent <= 100:
+            raise ValueError("a percentage must be between 0% and 100%")
+        return QuotaGrace(percent=percent)
+    return QuotaGrace(bytes=parse_size(value))
+
+
 def parse_duration(value: int | float | str) -> float:
     """Seconds from a number or a string like ``"30s"``, ``"15m"``, ``"12h"``, ``"2d"``."""
     if isinstance(value, bool):
@@ -658,6 +685,8 @@ class DomainsConfig:
                           "empty: postmaster@ the first local domain")
     abuse: str = key(_role_address, "", "where abuse@ every authoritative domain goes; "
                      "empty: off")
+    quota_grace: QuotaGrace = key(parse_quota_grace, "10%", "how far the last message may take "
+                                  "a mailbox past its quota: a size or a share of the quota")
 
 
 @dataclass(frozen=True)
@@ -1011,7 +1040,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         if names.count(d) > 1:
             raise r.fail("domains.remote", "name", f"{d!r} is listed twice")
     domains_cfg = DomainsConfig(local=local_domains, remote=tuple(remotes),
-                                postmaster=doms.get("postmaster", ""), abuse=doms.get("abuse", ""))
+                                postmaster=doms.get("postmaster", ""), abuse=doms.get("abuse", ""),
+                                quota_grace=doms.get("quota_grace", QuotaGrace(percent=10.0)))
     for key in ("postmaster", "abuse"):
         target = doms.get(key, "")
         local_part, _, target_domain = target.rpartition("@")

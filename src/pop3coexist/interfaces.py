@@ -93,6 +93,19 @@ class IMailStore(Interface):
         recipient is over quota and ``enforce_quota`` is true.
         """
 
+    def deliver_within_quota(
+        source: object, recipients: list[tuple[str, str]]
+    ) -> tuple[list[object], list[tuple[str, str]]]:
+        """Deliver the fsynced file ``source`` to each ``(domain, mailbox)`` with room for it
+        under its quota and the configured grace; return ``(paths written, recipients refused
+        for their quota)``. The quota check and the write of one mailbox are atomic against
+        other deliveries (any process). Keyword-only options: ``prefix`` (bytes, LF lines) is put in front of the
+        message in every mailbox (the ``Return-Path`` of a delivery from the queue): each then
+        gets a copy instead of a hard link. ``sync=False``: the caller fsyncs the ``new/``
+        folders of the returned paths. Raises ``errors.NoSuchMailbox`` before writing anything
+        for an unknown recipient; ``errors.StoreError`` (nothing left written) on I/O errors.
+        """
+
     def deliver_bytes(domain: str, mailbox: str, data: bytes) -> object:
         """Write one message (tmp, fsync, rename into new, fsync new). Returns its Path."""
 

@@ -43,7 +43,7 @@ class Components:
 
         self.config = config
         self.reactor = reactor
-        self.store = MaildirStore(config.server.mailroot)
+        self.store = MaildirStore(config.server.mailroot, quota_grace=config.domains.quota_grace)
         self.checker = make_checker(config, self.store, reactor)
 
     def make_queue(self):

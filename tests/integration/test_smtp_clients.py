@@ -3,7 +3,7 @@
 The client x mechanism x transport matrix: swaks (AUTH PLAIN, LOGIN, CRAM-MD5 over clear
 text, STARTTLS and TLS on connect; --pipeline), msmtp (STARTTLS + AUTH), curl smtp:// and
 smtps://, Python smtplib; a message sent by SMTP comes back from POP3 byte for byte (plus the
-Received header); a 50 MB message does not grow the server's memory by anything like 50 MB;
+Return-Path and Received fields); a 50 MB message does not grow the server's memory by anything like 50 MB;
 a burst from smtp-source is all delivered. Passwords go through files or the environment,
 never argv.
 """
@@ -71,7 +71,8 @@ def message(marker: str, to: str = ANN) -> bytes:
 
 
 def test_smtplib_to_pop3_byte_for_byte(server) -> None:
-    """smtplib sends; POP3 RETR gives back exactly the client's bytes after our Received header."""
+    """smtplib sends; POP3 RETR gives back exactly the client's bytes after our Return-Path and
+    Received fields."""
     marker = f"exact-{next(_n)}"
     body = message(marker, TED) + b"8bit: \xc3\xa9t\xc3\xa9\r\n\r\n\r\n"
     with smtplib.SMTP("127.0.0.1", server.port("smtp"), local_hostname="client.test") as s:
@@ -91,7 +92,8 @@ def test_smtplib_to_pop3_byte_for_byte(server) -> None:
     pop.quit()
     assert got is not None
     header, sep, rest = got.partition(b"From: ")
-    assert header.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby pop.contoso.test "
+    assert header.startswith(b"Return-Path: <someone@example.test>\r\n"
+                             b"Received: from client.test ([127.0.0.1])\r\n\tby pop.contoso.test "
                              b"(pop3coexist) with ESMTP id ")
     assert b"From: " + rest == body
 

@@ -263,6 +263,27 @@ class FakeMailStore:
         data = Path(source).read_bytes()
         return self._deliver(data, recipients)
 
+    def deliver_within_quota(self, source: Any, recipients: list[tuple[str, str]],
+                             prefix: bytes = b"") -> tuple[list[Any], list[tuple[str, str]]]:
+        """See IMailStore.deliver_within_quota (no grace here: the quota is exact)."""
+        self._call("deliver_within_quota", source, recipients)
+        data = prefix + Path(source).read_bytes()
+        for d, m in recipients:
+            self._box(d, m)
+        room, refused = [], []
+        for d, m in recipients:
+            quota = self.quotas.get((d.lower(), m.lower()))
+            used = sum(len(x[1]) for x in self._box(d, m))
+            if quota is not None and used + len(data) > quota:
+                refused.append((d, m))
+            else:
+                room.append((d, m))
+        saved, self.enforce_quota = self.enforce_quota, False
+        try:
+            return self._deliver(data, room), refused
+        finally:
+            self.enforce_quota = saved
+
     def deliver_bytes(self, domain: str, mailbox: str, data: bytes) -> Any:
         self._call("deliver_bytes", domain, mailbox)
         return self._deliver(data, [(domain, mailbox)])[0]

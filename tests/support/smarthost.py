@@ -69,7 +69,9 @@ class SmartHost:
     ``auth_require_tls=False`` offers it in clear text too, as an Exchange 2003 smart host
     without a certificate does); ``mechanisms``: which of PLAIN, LOGIN, CRAM-MD5 to offer;
     ``rcpt_replies``: address -> reply line for RCPT (default 250); ``port``: bind this port
-    (0: the OS picks).
+    (0: the OS picks); ``dsn``: advertise DSN (RFC 3461) and take RET/ENVID on MAIL and
+    NOTIFY/ORCPT on RCPT (recorded in ``mail_options`` / ``rcpt_options``); without it those
+    parameters get aiosmtpd's 555.
     """
 
     cert: Path | None = None
@@ -80,6 +82,7 @@ class SmartHost:
     port: int = 0
     hostname: str = "smarthost.test"
     auth_require_tls: bool = True
+    dsn: bool = False
     received: list[Received] = field(default_factory=list)
     commands: list[tuple[str, bool]] = field(default_factory=list)  # (verb, inside TLS)
     auth_attempts: list[tuple[str, bool]] = field(default_factory=list)  # (mechanism, success)
@@ -97,13 +100,14 @@ class SmartHost:
         if self.cert is not None:
             tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls_context.load_cert_chain(str(self.cert), str(self.key))
-        handler = _Handler(self)
+        handler = _DsnHandler(self) if self.dsn else _Handler(self)
+        smtp_class = _dsn_smtp_class() if self.dsn else SMTP
         excluded = [m for m in ("PLAIN", "LOGIN", "CRAM-MD5") if m not in self.mechanisms]
         if not self.users:
             excluded = ["PLAIN", "LOGIN", "CRAM-MD5"]
 
         def factory() -> SMTP:
-            return SMTP(
+            return smtp_class(
                 handler,
                 hostname=self.hostname,
                 tls_context=tls_context,
@@ -192,6 +196,7 @@ class _Handler:
         if reply is not None and not reply.startswith("2"):
             return reply
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
         return reply or "250 2.1.5 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
@@ -203,6 +208,32 @@ class _Handler:
                      session.ssl is not None, login)
         )
         return "250 2.0.0 OK queued"
+
+
+class _DsnHandler(_Handler):
+    """_Handler that advertises DSN in its EHLO reply (RFC 3461 section 4)."""
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-DSN", responses[-1]]
+
+
+def _dsn_smtp_class() -> type:
+    from aiosmtpd.smtp import SMTP
+
+    class DsnSMTP(SMTP):
+        """aiosmtpd's SMTP taking the DSN parameters (it refuses every unknown one with 555):
+        they are left in the options the handler records."""
+
+        def _getparams(self, params: Any) -> Any:
+            result = super()._getparams(params)
+            if result is not None:
+                for key in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                    result.pop(key, None)
+            return result
+
+    return DsnSMTP
 
 
 # --------------------------------------------------------------------------- smtp-sink

@@ -415,13 +415,16 @@ def test_auth_credentials_only_for_the_smarthost(tmp_path: Path) -> None:
 class FakeStore:
     def __init__(self) -> None:
         self.delivered: list[tuple[str, str]] = []
+        self.data: list[bytes] = []
 
-    def deliver_file(self, source: Path, recipients: list[tuple[str, str]]) -> list[Path]:
+    def deliver_within_quota(self, source: Path, recipients: list[tuple[str, str]],
+                             prefix: bytes = b"") -> tuple[list[Path], list[tuple[str, str]]]:
         for dom, box in recipients:
             if box != "ted":
                 raise NoSuchMailbox(f"{box}@{dom}")
             self.delivered.append((dom, box))
-        return []
+            self.data.append(prefix + Path(source).read_bytes())
+        return [], []
 
 
 def test_report_to_a_local_sender_goes_into_the_store(tmp_path: Path) -> None:
@@ -433,6 +436,8 @@ def test_report_to_a_local_sender_goes_into_the_store(tmp_path: Path) -> None:
     env.enqueue("b@example.net", sender="Ted@pop.contoso.test")
     assert store.delivered == [("pop.contoso.test", "ted")]
     assert env.queue.ids() == []
+    # final delivery of a report: Return-Path <> first (RFC 5321 section 4.4)
+    assert store.data[0].startswith(b"Return-Path: <>\nFrom: Mail Delivery System")
 
 
 class FakeDNS:

@@ -126,7 +126,8 @@ def test_full_transaction_and_stored_bytes() -> None:
     [msg] = store.messages(f"ted@{HOST}")
     head, _, rest = msg.partition(b"Subject: x\n")
     assert rest == b"\n.leading dot\n"
-    assert head.startswith(b"Received: from client.test ([203.0.113.5])\n\tby pop.contoso.test "
+    assert head.startswith(b"Return-Path: <a@b.test>\n"
+                           b"Received: from client.test ([203.0.113.5])\n\tby pop.contoso.test "
                            b"(pop3coexist) with ESMTP id ")
     assert b"\tfor <Ted@pop.contoso.test>; " in head
     assert queue.items == []
@@ -134,7 +135,7 @@ def test_full_transaction_and_stored_bytes() -> None:
 
 
 def test_single_instance_for_two_local_recipients_and_queue_for_relay() -> None:
-    """One DATA: deliver_file once for both mailboxes; the relay-domain recipient is queued
+    """One DATA: one delivery call for both mailboxes; the relay-domain recipient is queued
     with its DSN parameters and BODY (RFC 6152) in the envelope."""
     factory, store, _, queue, _ = make_factory()
     proto, t = start(factory)
@@ -152,11 +153,15 @@ def test_single_instance_for_two_local_recipients_and_queue_for_relay() -> None:
         (b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
         (b"hello\r\n.\r\n", lambda got: got.startswith(b"250 2.0.0 Ok: queued as ")),
     ], transport=t)
-    delivers = [c for c in store.calls if c[0] == "deliver_file"]
+    delivers = [c for c in store.calls if c[0] == "deliver_within_quota"]
     assert len(delivers) == 1
     assert delivers[0][1][1] == [("pop.contoso.test", "ted"), ("pop.contoso.test", "ann")]
     [(data, env)] = queue.items
     assert data.endswith(b"\n\nhello\n") or data.endswith(b"hello\n")
+    # the queued copy is relayed onward: no Return-Path (RFC 5321 section 4.4), the mailboxes
+    # have one
+    assert data.startswith(b"Received: ")
+    assert store.messages(f"ted@{HOST}")[0] == b"Return-Path: <a@b.test>\n" + data
     assert env["sender"] == "a@b.test"
     assert env["ret"] == "HDRS" and env["envid"] == "abc+def"
     assert env["body"] == "8BITMIME"
@@ -553,7 +558,7 @@ def test_storage_failure_is_a_temporary_error(failure: str) -> None:
 
     factory, store, _, queue, _ = make_factory()
     if failure == "deliver":
-        store.fail["deliver_file"] = StoreError("disk full")
+        store.fail["deliver_within_quota"] = StoreError("disk full")
     else:
         queue.fail = OSError("disk full")
     proto, t = start(factory, peer=TRUSTED)

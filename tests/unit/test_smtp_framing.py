@@ -66,7 +66,7 @@ def test_bare_lf_ends_ehlo_and_the_name_is_clean() -> None:
     ], transport=t)
     assert proto._helo == "a.example"
     [msg] = store.messages(f"ted@{HOST}")
-    assert msg.startswith(b"Received: from a.example ([203.0.113.5])\n\tby pop.contoso.test ")
+    assert msg.startswith(b"Return-Path: <a@b.test>\nReceived: from a.example ([203.0.113.5])\n\tby pop.contoso.test ")
 
 
 def test_bare_lf_noop_after_ehlo_is_answered_at_once() -> None:

@@ -132,13 +132,13 @@ def test_no_success_before_data_and_entries_are_durable(tmp_path: Path) -> None:
     runner = ManualRunner()
     store, _, committer, sync = make(tmp_path, runner)
     seen: list[str] = []
-    real_deliver = store.deliver_file
+    real_deliver = store.deliver_within_quota
 
     def deliver(source, recipients, **kw):
         seen.append("link after " + ",".join(sync.events))
         return real_deliver(source, recipients, **kw)
 
-    store.deliver_file = deliver  # type: ignore[method-assign]
+    store.deliver_within_quota = deliver  # type: ignore[method-assign]
     committer._deferred_sync = True
     d = committer.commit(spool(store, b"a\n"), [(HOST, "ted"), (HOST, "ann")], None)
     fired = results([d])
@@ -205,15 +205,24 @@ def test_one_message_failure_does_not_fail_the_batch(tmp_path: Path) -> None:
     assert len(new_files(store, "ted")) == 3
 
 
-def test_quota_is_soft_at_data(tmp_path: Path) -> None:
-    """The quota is enforced at RCPT; a mailbox that filled up between RCPT and the end of DATA
-    still receives the message, so the other recipients' copies are not bounced with it."""
+def test_quota_at_data_refuses_only_the_full_mailbox(tmp_path: Path) -> None:
+    """At the end of DATA the quota is checked on the real size: a full mailbox among several
+    does not get the message, the others do (no report here: no LocalNotes, no sender)."""
     store, _, committer, _ = make(tmp_path)
     store.set_quota(HOST, "ann", 1)
     fired = results([committer.commit(spool(store, b"to ann and ted\n"), [(HOST, "ann"), (HOST, "ted")], None)])
     assert fired == ["ok"]
-    assert len(new_files(store, "ann")) == 1 and len(new_files(store, "ted")) == 1
-    assert store.would_exceed_quota(HOST, "ann", 0)
+    assert len(new_files(store, "ann")) == 0 and len(new_files(store, "ted")) == 1
+
+
+def test_quota_at_data_one_full_mailbox_alone_fails_with_nothing_stored(tmp_path: Path) -> None:
+    """Every recipient's mailbox full: QuotaExceeded (the session answers 552 5.2.2) and no
+    file is left anywhere."""
+    store, _, committer, _ = make(tmp_path)
+    store.set_quota(HOST, "ann", 10)
+    fired = results([committer.commit(spool(store, b"x" * 40 + b"\n"), [(HOST, "ann")], None)])
+    assert fired == ["QuotaExceeded"]
+    assert new_files(store, "ann") == [] and list(store.spool_dir().iterdir()) == []
 
 
 def test_remote_recipients_are_enqueued_and_queue_failure_is_per_message(tmp_path: Path) -> None:

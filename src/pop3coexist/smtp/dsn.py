@@ -103,10 +103,13 @@ def include_full(env: dict, kind: str) -> bool:
     return kind == "failed"
 
 
-def read_original(path: Path, full: bool, limit: int = MAX_RETURN) -> bytes:
-    """The original message, or its header section, as CRLF text. Blocking."""
+def read_original(path: Path, full: bool, limit: int = MAX_RETURN, offset: int = 0) -> bytes:
+    """The original message, or its header section, as CRLF text. Blocking. ``offset``:
+    octets at the start of the file to leave out (a local-only ``Return-Path`` line)."""
     try:
         with open(path, "rb") as f:
+            if offset:
+                f.seek(offset)
             data = f.read(limit + 1)
     except OSError:
         return b""

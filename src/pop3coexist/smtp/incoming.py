@@ -7,13 +7,22 @@
   4.5.3.1.6), and counts hops. A bare CR is refused (RFC 5321 section 2.3.8). A bare LF is,
   by default, taken as a line end (``smtp.bare_newline = "normalize"``, as Postfix does:
   many scripts and curl send LF-only text) or refused (``"reject"``); either way it never
-  ends the message. On the first
+  ends the message. While the header section lasts it removes the fields a client may not set
+  (``Return-Path``) and, where the content leaves the header section without an empty line
+  (its first line, or a later one, is no header field: RFC 5322 section 2.1), inserts one, so
+  the server's trace fields never swallow the client's text. On the first
   problem it stops storing (the spool file is removed at once) and only looks for the end.
 - ``SpoolWriter`` streams into a new file in ``store.spool_dir()`` in large writes; memory does
   not grow with the message size.
+- A spool file for local mailboxes starts with ``Return-Path`` (final delivery, RFC 5321
+  section 4.4), a local-only prefix: the copy for the outbound queue leaves it out.
 - ``commit_message`` (blocking, run off the reactor) makes the message durable: fsync, then
-  ``store.deliver_file`` (single-instance hard links), then ``queue.enqueue`` for the other
-  recipients, then removes the spool file. Only after it returns does the server reply 250.
+  ``store.deliver_within_quota`` (single-instance hard links into every mailbox with room
+  under its quota and grace), then ``queue.enqueue`` for the other recipients, then the
+  delivery reports the local recipients are owed (NOTIFY=SUCCESS: "delivered"; a full
+  mailbox while others got the message: "failed", 5.2.2), then removes the spool file. Only
+  after it returns does the server reply 250; when every mailbox was full, 552 5.2.2 and
+  nothing is stored.
 - ``GroupCommitter`` does the same for many sessions at once (group commit): messages whose
   DATA ended while a batch was being made durable wait for the next batch, and one batch costs
   two file-system syncs (the spool files' data, then the new directory entries) however many
@@ -32,6 +41,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +49,19 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3coexist.errors import MailError
-from pop3coexist.smtp.received import HopCounter
+from pop3coexist.errors import MailError, QuotaExceeded
+from pop3coexist.smtp import dsn
+from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, field_name
 
 log = Logger()
 
 SPOOL_SUFFIX = ".smtp-spool"
 WRITE_CHUNK = 256 * 1024
 MAX_TEXT_LINE = 998  # octets without CRLF (RFC 5321 section 4.5.3.1.6)
+# Header fields a client may not set, removed from the header section as it streams past
+# (Postfix's message_drop_headers keeps the same one): Return-Path is added by the server
+# that makes the final delivery (RFC 5321 section 4.4), never by a sender.
+DROP_FIELDS = frozenset({b"return-path"})
 
 
 def new_queue_id() -> str:
@@ -64,7 +79,9 @@ class SpoolWriter:
     """
 
     def __init__(self, spool_dir: Path, queue_id: str, lazy: bool = False) -> None:
+        self.queue_id = queue_id
         self.path = Path(spool_dir) / f"{queue_id}.{os.getpid()}{SPOOL_SUFFIX}"
+        self.local_prefix = 0  # leading octets for local mailboxes only (Return-Path)
         self.fd: int | None = None
         self._buffer = bytearray()
         self.size = 0
@@ -92,6 +109,15 @@ class SpoolWriter:
             except OSError as e:
                 self.error = e
                 self._buffer = bytearray()
+
+    def write_local_prefix(self, data: bytes) -> None:
+        """Write ``data`` first, as a part that only local mailboxes get: the ``Return-Path``
+        of final delivery (RFC 5321 section 4.4). The copy for the outbound queue leaves it
+        out (``commit_message``)."""
+        if self.size:
+            raise ValueError("the local-only prefix must come first")
+        self.write(data)
+        self.local_prefix = len(data)
 
     def _flush(self) -> None:
         if self.fd is None:
@@ -157,6 +183,7 @@ class MessageReader:
         self.size = 0  # octets of content as the client sent it, CRLF line ends, unstuffed
         self.error: MailError | None = None
         self.hops = HopCounter()
+        self._dropping = False  # inside a header field that DROP_FIELDS removes
         self._pending = b""  # the current line so far; always starts at a line start
         self._line_start = True  # _pending starts right after CRLF (or at the start of DATA)
         self._tail = b""  # in error mode: the last bytes seen (to find the end marker)
@@ -262,16 +289,39 @@ class MessageReader:
                                      f"Message too big: the limit is {self.max_size} octets"))
             return
         if self.hops.in_header:
-            for line in out.split(b"\n"):
-                self.hops.line(line)
-                if not self.hops.in_header:
-                    break
+            out = self._header_section(out)
             if self.hops.count + 1 > self.max_hops:
                 self.error_now(MailError(554, "5.4.6",
                                          f"Too many hops ({self.hops.count} Received headers): "
                                          "probably a mail loop"))
                 return
         self.sink.write(out)
+
+    def _header_section(self, out: bytes) -> bytes:
+        """``out`` (LF lines) seen while the header section lasts: counts hops, drops the
+        fields a client must not set (``DROP_FIELDS``), and inserts the empty line where the
+        content leaves the header section without one (RFC 5322 section 2.1: a line that is
+        not a header field, first or later, starts the body), as Postfix does; so our trace
+        fields never swallow the client's first line, and TOP n 0 shows only header fields."""
+        lines = out.split(b"\n")
+        tail = lines.pop()  # b"": out ends with a line end
+        kept: list[bytes] = []
+        for i, line in enumerate(lines):
+            kind = self.hops.line(line)
+            if kind == BODY:
+                kept.append(b"")
+                kept.extend(lines[i:])
+                break
+            if kind == FIELD:
+                self._dropping = field_name(line) in DROP_FIELDS
+            elif kind == END:
+                kept.append(line)
+                kept.extend(lines[i + 1 :])
+                break
+            if not self._dropping:
+                kept.append(line)
+        kept.append(tail)
+        return b"\n".join(kept)
 
     def error_now(self, error: MailError) -> None:
         """Stop storing: remove the spool file and only look for the end from now on."""
@@ -284,6 +334,23 @@ class MessageReader:
         self.sink.abort()
 
 
+@dataclass
+class LocalNotes:
+    """What the end of DATA tells the committer about the transaction, for the delivery
+    reports of local recipients: "delivered" where NOTIFY asks for SUCCESS (RFC 3461 section
+    5.2.2), "failed" (5.2.2) for a mailbox whose quota refused the message while others got it
+    (RFC 3464). ``recipients`` maps ``(domain, mailbox)`` to ``{"address", "orcpt", "notify"}``
+    as the client gave them; ``sender`` is ``""`` for the null sender (no reports then)."""
+
+    sender: str
+    recipients: dict[tuple[str, str], dict]
+    reporting_mta: str
+    ret: str | None = None
+    envid: str | None = None
+    arrival: float = 0.0
+    received_from: str = ""
+
+
 def commit_message(
     store,
     queue,
@@ -291,13 +358,17 @@ def commit_message(
     local_recipients: list[tuple[str, str]],
     envelope: dict | None,
     fsync: Callable[[int], None] = os.fsync,
+    notes: LocalNotes | None = None,
 ) -> None:
     """Blocking. Make the message durable everywhere it goes, then remove the spool file.
 
-    Order: fsync the spool file; hard-link it into each local mailbox (``deliver_file``
-    fsyncs the ``new/`` folders); enqueue it for the other recipients (durable on return);
-    remove the spool file. Any exception leaves the spool file removed and propagates: the
-    caller answers with a temporary failure and the client will retry.
+    Order: fsync the spool file; hard-link it into each local mailbox that has room under its
+    quota (``deliver_within_quota`` fsyncs the ``new/`` folders); enqueue it for the other
+    recipients (durable on return; without the local-only ``Return-Path``); queue the
+    delivery reports the local recipients are owed (``LocalNotes``); remove the spool file.
+    ``QuotaExceeded`` when every recipient's mailbox refused it (nothing is stored). Any
+    exception leaves the spool file removed and propagates: the caller answers with a failure
+    and the client will retry (or, for the quota, has its 552).
     """
     try:
         spool.finish()
@@ -305,16 +376,121 @@ def commit_message(
             raise OSError("the spool file is gone")
         fsync(spool.fd)
         spool.close()
+        queued = bool(envelope is not None and envelope.get("recipients"))
+        written: list = []
+        refused: list[tuple[str, str]] = []
         if local_recipients:
-            if _accepts(store.deliver_file, "enforce_quota"):
-                # soft at DATA: the quota was checked at RCPT (see GroupCommitter._deliver)
-                store.deliver_file(spool.path, local_recipients, enforce_quota=False)
-            else:
-                store.deliver_file(spool.path, local_recipients)
-        if envelope is not None and envelope.get("recipients"):
-            queue.enqueue(spool.path, envelope)
+            written, refused = deliver_local(store, spool, local_recipients, others=queued)
+        try:
+            if queued:
+                enqueue_spool(queue, spool, envelope)
+            send_local_reports(queue, spool, local_recipients, refused, notes)
+        except BaseException:
+            for path in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
     finally:
         spool.abort()
+
+
+def deliver_local(
+    store, spool: SpoolWriter, local: list[tuple[str, str]], *, others: bool, sync: bool = True
+) -> tuple[list, list[tuple[str, str]]]:
+    """Blocking. Deliver the spool file to the local mailboxes that have room (the quota is
+    checked on the real size, with the grace); return ``(paths written, refused)``. Raises
+    ``QuotaExceeded`` (``.recipient``: the first full mailbox) when every local recipient was
+    refused and ``others`` is false: the whole message then gets ``552 5.2.2``, nothing stored.
+    """
+    options = {"sync": False} if not sync and _accepts(store.deliver_within_quota, "sync") else {}
+    written, refused = store.deliver_within_quota(spool.path, local, **options)
+    if refused and not written and not others:
+        domain, mailbox = refused[0]
+        exc = QuotaExceeded(f"mailbox {mailbox}@{domain} is over its quota")
+        exc.recipient = refused[0]  # type: ignore[attr-defined]
+        raise exc
+    return list(written), list(refused)
+
+
+def enqueue_spool(queue, spool: SpoolWriter, envelope: dict) -> None:
+    """Blocking. Enqueue the spool file for the outbound queue; a spool file that starts with
+    a local-only ``Return-Path`` is enqueued as a fsynced copy without it (a copy relayed
+    onward never carries one: RFC 5321 section 4.4)."""
+    if not spool.local_prefix:
+        queue.enqueue(spool.path, envelope)
+        return
+    copy = spool.path.with_name(f"{spool.queue_id}-relay.{os.getpid()}{SPOOL_SUFFIX}")
+    try:
+        with open(spool.path, "rb") as src, open(copy, "wb") as out:
+            src.seek(spool.local_prefix)
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        queue.enqueue(copy, envelope)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(copy)
+
+
+def send_local_reports(
+    queue,
+    spool: SpoolWriter,
+    local: list[tuple[str, str]],
+    refused: list[tuple[str, str]],
+    notes: LocalNotes | None,
+) -> None:
+    """Blocking. Queue the RFC 3464 reports the local recipients are owed: "failed" (Status
+    5.2.2) for the mailboxes in ``refused`` unless their NOTIFY excludes FAILURE, "delivered"
+    (Status 2.0.0) for the others whose NOTIFY includes SUCCESS (RFC 3461 sections 4.1, 5.2.2).
+    Each goes to the sender from ``<>``, with ENVID, ORCPT and RET honoured; never to ``<>``.
+    Durable on return (``queue.enqueue``); raises what the queue raises."""
+    if notes is None:
+        if refused:
+            log.warn("{id}: {n} mailbox(es) over quota and nobody to report it to",
+                     id=spool.queue_id, n=len(refused))
+        return
+    gone = set(refused)
+    kinds: dict[str, list[dict]] = {"failed": [], "delivered": []}
+    for key in local:
+        entry = dict(notes.recipients.get(key) or {"address": f"{key[1]}@{key[0]}"})
+        if key in gone:
+            entry.update(status="5.2.2", last_reply="552 5.2.2 Mailbox full: over its quota",
+                         diagnostic="smtp; 552 5.2.2 Mailbox full: over its quota")
+            kind = "failed"
+        else:
+            entry.update(status="2.0.0", last_reply="250 2.0.0 delivered to mailbox")
+            kind = "delivered"
+        if dsn.wants_notice(entry, kind):
+            kinds[kind].append(entry)
+    if not any(kinds.values()):
+        return
+    if not notes.sender:
+        log.info("{id}: no delivery report: the sender is <> (RFC 3461 section 6.2)",
+                 id=spool.queue_id)
+        return
+    env = {"id": spool.queue_id, "sender": notes.sender, "ret": notes.ret, "envid": notes.envid,
+           "arrival": notes.arrival, "received_from": notes.received_from}
+    now = time.time()
+    for kind, rcpts in kinds.items():
+        if not rcpts:
+            continue
+        full = dsn.include_full(env, kind)
+        original = dsn.read_original(spool.path, full, offset=spool.local_prefix)
+        data = dsn.build_report(kind, env, rcpts, notes.reporting_mta, original, now, full)
+        report = spool.path.with_name(f"{spool.queue_id}-{kind}.{os.getpid()}{SPOOL_SUFFIX}")
+        try:
+            with open(report, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            queue.enqueue(report, dsn.report_envelope(env, now))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(report)
+        log.info("{id}: {kind} report for {addrs} queued to <{sender}>", id=spool.queue_id,
+                 kind=kind, addrs=", ".join(f"<{r['address']}>" for r in rcpts),
+                 sender=notes.sender)
 
 
 def _accepts(function: Callable, keyword: str) -> bool:
@@ -350,12 +526,15 @@ SYNCFS = _load_syncfs()
 class _Pending:
     """One message waiting for a batch: its spool file, where it goes, and its Deferred."""
 
-    __slots__ = ("spool", "local", "envelope", "deferred", "error", "written")
+    __slots__ = ("spool", "local", "envelope", "notes", "deferred", "error", "written", "refused")
 
-    def __init__(self, spool: SpoolWriter, local: list[tuple[str, str]], envelope: dict | None) -> None:
+    def __init__(self, spool: SpoolWriter, local: list[tuple[str, str]], envelope: dict | None,
+                 notes: LocalNotes | None = None) -> None:
         self.spool = spool
         self.local = local
         self.envelope = envelope
+        self.notes = notes
+        self.refused: list[tuple[str, str]] = []
         self.deferred: defer.Deferred = defer.Deferred()
         self.error: BaseException | None = None
         self.written: list[Any] = []
@@ -366,8 +545,9 @@ class GroupCommitter:
 
     ``commit(spool, local_recipients, envelope)`` returns a Deferred that fires with None once
     the message is durable everywhere (then the session replies 250), or fails with the
-    exception that stopped it (QuotaExceeded, StoreError, OSError: the session replies 552 or
-    451). At most one batch runs at a time (in ``run_blocking``, off the reactor); what arrives
+    exception that stopped it (QuotaExceeded when every recipient's mailbox is full,
+    StoreError, OSError: the session replies 552 or 451). ``notes`` (LocalNotes) allows the
+    delivery reports of local recipients. At most one batch runs at a time (in ``run_blocking``, off the reactor); what arrives
     meanwhile forms the next batch, so the more sessions, the more messages share a sync.
 
     A batch, in the worker: write out each spool file; sync their data (``syncfs`` on Linux, or
@@ -376,7 +556,8 @@ class GroupCommitter:
     1,000/s with an fsync each); hard-link
     each into its mailboxes with the store's folder fsync deferred, enqueue the other
     recipients (the queue is durable on return); sync the new directory entries once (syncfs,
-    or fsync of each distinct ``new/`` folder); remove the spool files. A failing data sync
+    or fsync of each distinct ``new/`` folder); queue the delivery reports owed (rare: a
+    NOTIFY=SUCCESS or a full mailbox); remove the spool files. A failing data sync
     fails the whole batch and nothing is linked; a failing folder sync fails the messages that
     were linked in that batch (their links are removed again). A failure of one message's
     delivery (quota, a vanished mailbox) fails that message only.
@@ -408,11 +589,14 @@ class GroupCommitter:
         self._running = False
         self.batches = 0  # statistics (bench, logs): batches run and messages committed
         self.messages = 0
-        self._deferred_sync = _accepts(store.deliver_file, "sync")
-        self._soft_quota = _accepts(store.deliver_file, "enforce_quota")
+        self._deferred_sync = _accepts(store.deliver_within_quota, "sync")
 
     def commit(
-        self, spool: SpoolWriter, local_recipients: list[tuple[str, str]], envelope: dict | None
+        self,
+        spool: SpoolWriter,
+        local_recipients: list[tuple[str, str]],
+        envelope: dict | None,
+        notes: LocalNotes | None = None,
     ) -> defer.Deferred:
         """Queue one message for the next batch; see the class docstring.
 
@@ -423,8 +607,8 @@ class GroupCommitter:
         """
         if envelope is not None and envelope.get("recipients"):
             return self.run_blocking(commit_message, self.store, self.queue, spool,
-                                     list(local_recipients), envelope, self.fsync)
-        item = _Pending(spool, list(local_recipients), envelope)
+                                     list(local_recipients), envelope, self.fsync, notes)
+        item = _Pending(spool, list(local_recipients), envelope, notes)
         self._pending.append(item)
         self._kick()
         return item.deferred
@@ -512,23 +696,29 @@ class GroupCommitter:
                     for item in linked:
                         item.error = e
                         self._unlink(item)
+            # 4. the delivery reports owed (NOTIFY=SUCCESS, a full mailbox): durable on return
+            for item in linked:
+                if item.error is None:
+                    try:
+                        send_local_reports(self.queue, item.spool, item.local, item.refused,
+                                           item.notes)
+                    except BaseException as e:
+                        item.error = e
+                        self._unlink(item)
         finally:
             for item in batch:
                 item.spool.abort()
 
     def _deliver(self, item: _Pending) -> None:
+        queued = bool(item.envelope is not None and item.envelope.get("recipients"))
         if item.local:
-            options: dict = {}
-            if self._deferred_sync:
-                options["sync"] = False
-            if self._soft_quota:
-                # The quota was checked at RCPT (with MAIL SIZE= when given). A mailbox that
-                # filled up since still gets this message: refusing now would bounce it for
-                # every recipient; the next RCPT for it gets 552 5.2.2.
-                options["enforce_quota"] = False
-            item.written = list(self.store.deliver_file(item.spool.path, item.local, **options))
-        if item.envelope is not None and item.envelope.get("recipients"):
-            self.queue.enqueue(item.spool.path, item.envelope)
+            # The quota is checked again on the real size (RCPT knew only MAIL SIZE=): the
+            # mailboxes without room are refused, the others get the message (deliver_local).
+            item.written, item.refused = deliver_local(
+                self.store, item.spool, item.local, others=queued, sync=not self._deferred_sync
+            )
+        if queued:
+            enqueue_spool(self.queue, item.spool, item.envelope)  # type: ignore[arg-type]
 
     def _sync_folders(self, folders: list[str]) -> None:
         fds: list[int] = []

@@ -51,6 +51,7 @@ from pop3coexist.policy import routing
 from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.smtp import client as smtp_client
 from pop3coexist.smtp import dsn
+from pop3coexist.smtp.received import return_path_field
 from pop3coexist.store.queue import FileQueue
 
 log = Logger(namespace="pop3coexist.outbound")
@@ -787,13 +788,23 @@ class OutboundService(service.Service):
         return routing.own_addresses(self.config, ports)
 
     def _deliver_local(self, env: dict, rcpts: list[dict]) -> smtp_client.TransactionResult:
-        """A recipient in a local domain (e.g. a report to a local sender): into the store."""
+        """A recipient in a local domain (e.g. a report to a local sender): into the store.
+
+        This is final delivery: each mailbox gets the message with ``Return-Path:`` and the
+        envelope sender (``<>`` for a report) in front (RFC 5321 section 4.4; a queued body
+        never carries one). The quota with its grace applies as for SMTP: a mailbox without
+        room is a permanent ``552 5.2.2`` (a failure report to the sender, per NOTIFY)."""
         replies = []
         body = self.queue.body_path(env["id"])
+        prefix = return_path_field(env.get("sender") or "")
         for r in rcpts:
             local, _, domain = r["address"].rpartition("@")
             try:
-                self.store.deliver_file(body, [(domain.lower(), local.lower())])
+                _written, refused = self.store.deliver_within_quota(
+                    body, [(domain.lower(), local.lower())], prefix=prefix
+                )
+                if refused:
+                    raise errors.QuotaExceeded(f"mailbox {r['address']} is over its quota")
                 rep = smtp_client.RecipientReply(r["address"], 250, "250 2.0.0 delivered to mailbox",
                                                  remote=False)
             except errors.NoSuchMailbox:

@@ -1,9 +1,13 @@
-"""The Received trace header (RFC 5321 section 4.4, RFC 3848) and hop counting.
+"""The trace fields (RFC 5321 section 4.4, RFC 3848), hop counting and the header boundary.
 
-``received_header`` builds the header this server prepends to every message it accepts;
-``HopCounter`` counts the Received lines of a message's header section as it streams past,
-so the server can refuse a looping message (``554 5.4.6``) without holding it in memory.
-Lines are LF-terminated: messages are stored with LF line ends (Maildir convention).
+``received_header`` builds the Received field this server prepends to every message it
+accepts; ``return_path_field`` the Return-Path field added at final delivery (local mailboxes
+only, never in a copy relayed onward). ``HopCounter`` follows a message's header section as
+it streams past: it counts the Received lines, so the server can refuse a looping message
+(``554 5.4.6``) without holding it in memory, and says where the header section ends
+(``is_header_field``: RFC 5322 sections 2.2 and 3.6.8), so the server can insert the empty
+line when content does not start with a header field. Lines are LF-terminated: messages are
+stored with LF line ends (Maildir convention).
 """
 
 from __future__ import annotations
@@ -13,6 +17,30 @@ import email.utils
 import re
 
 _HELO_SAFE = re.compile(rb"[^\x21-\x7e]|[()\\]")
+# RFC 5322 section 3.6.8: field-name = 1*ftext (printable US-ASCII except ":"), then ":";
+# white space before the colon is the obsolete syntax of section 4.5, which readers accept.
+_FIELD_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+FIELD, CONTINUATION, END, BODY = "field", "continuation", "end", "body"
+
+
+def is_header_field(line: bytes) -> bool:
+    """True when ``line`` (without its line end) starts a header field: a field name of
+    printable US-ASCII other than ``:`` followed by ``:`` (RFC 5322 sections 2.2, 3.6.8).
+    An indented line, an empty line, an mbox ``From `` line or 8-bit text are not."""
+    return _FIELD_RE.match(line) is not None
+
+
+def field_name(line: bytes) -> bytes:
+    """The lower-case field name of a header field line (``is_header_field`` is true)."""
+    return line.split(b":", 1)[0].rstrip(b" \t").lower()
+
+
+def return_path_field(sender: str) -> bytes:
+    """``Return-Path: <reverse-path>`` as an LF-terminated line (RFC 5321 section 4.4): added
+    by the server that makes the final delivery; ``<>`` for the null sender."""
+    clean = sender.replace("\r", "").replace("\n", "")
+    return f"Return-Path: <{clean}>\n".encode("utf-8", "surrogateescape")
 
 
 def with_keyword(esmtp: bool, tls: bool, authenticated: bool) -> str:
@@ -69,19 +97,25 @@ class HopCounter:
     def __init__(self) -> None:
         self.count = 0
         self.in_header = True
+        self.fields = 0  # header fields seen so far
 
-    def line(self, line: bytes) -> None:
-        """Look at one header-section line."""
+    def line(self, line: bytes) -> str:
+        """Look at one line; return what it is: ``FIELD`` (a header field starts),
+        ``CONTINUATION`` (a folded line of the field before it), ``END`` (the empty line that
+        ends the header section) or ``BODY`` (the header section has ended without an empty
+        line: this line, which is no header field, is the first body line; RFC 5322 section
+        2.1). After the header section every line is ``BODY``."""
         if not self.in_header:
-            return
+            return BODY
         if line == b"":
             self.in_header = False
-            return
-        if line[:1] in (b" ", b"\t"):
-            return  # folded continuation
-        colon = line.find(b":")
-        if colon <= 0 or b" " in line[:colon].rstrip():
+            return END
+        if line[:1] in (b" ", b"\t") and self.fields:
+            return CONTINUATION  # folded (RFC 5322 section 2.2.3)
+        if not is_header_field(line):
             self.in_header = False  # not a header field: the body has begun
-            return
-        if line[:colon].rstrip().lower() == b"received":
+            return BODY
+        self.fields += 1
+        if field_name(line) == b"received":
             self.count += 1
+        return FIELD

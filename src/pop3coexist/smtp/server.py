@@ -64,8 +64,14 @@ from pop3coexist.policy.relay import (
 )
 from pop3coexist.policy.throttle import AuthThrottle
 from pop3coexist.smtp import auth as sasl
-from pop3coexist.smtp.incoming import GroupCommitter, MessageReader, SpoolWriter, new_queue_id
-from pop3coexist.smtp.received import received_header, with_keyword
+from pop3coexist.smtp.incoming import (
+    GroupCommitter,
+    LocalNotes,
+    MessageReader,
+    SpoolWriter,
+    new_queue_id,
+)
+from pop3coexist.smtp.received import received_header, return_path_field, with_keyword
 
 log = Logger()
 
@@ -156,7 +162,8 @@ class Transaction:
     envid: str | None = None
     body: str | None = None  # BODY=7BIT / 8BITMIME (RFC 6152), passed on to the next hop
     recipients: list[str] = field(default_factory=list)  # as accepted, for Received / logs
-    local: dict[tuple[str, str], None] = field(default_factory=dict)  # (domain, mailbox)
+    # (domain, mailbox) -> {"address", "orcpt", "notify"} of the first RCPT naming it (DSN)
+    local: dict[tuple[str, str], dict] = field(default_factory=dict)
     remote: dict[str, dict] = field(default_factory=dict)  # address key -> envelope entry
 
 
@@ -724,7 +731,9 @@ class ESMTPServer(tsmtp.ESMTP):
             if found.box is not None:
                 domain, box, (exists, over_quota) = found.box
                 factory.relay.local_outcome(found.route.address, exists, over_quota)
-                txn.local[(domain, box)] = None
+                txn.local.setdefault((domain, box), {
+                    "address": str(given), "orcpt": orcpt or found.orcpt, "notify": notify,
+                })
             else:
                 address = found.route.address
                 txn.remote.setdefault(
@@ -868,6 +877,10 @@ class ESMTPServer(tsmtp.ESMTP):
             raise _fail(451, "4.3.0", "Local error in processing, try again later")
         self._queue_id = queue_id
         self._arrival = time.time()
+        if txn.local:
+            # final delivery here: Return-Path first (RFC 5321 section 4.4); the copy for the
+            # outbound queue leaves it out (incoming.enqueue_spool)
+            spool.write_local_prefix(return_path_field(str(txn.sender) if txn.sender else ""))
         spool.write(
             received_header(
                 helo=self._helo or "unknown",
@@ -937,7 +950,16 @@ class ESMTPServer(tsmtp.ESMTP):
                 "hops": reader.hops.count + 1,
             }
         local = list(txn.local)
-        d = self.factory.committer.commit(reader.sink, local, envelope)  # group commit
+        notes = LocalNotes(
+            sender=str(txn.sender) if txn.sender else "",
+            recipients=dict(txn.local),
+            reporting_mta=self.hostname,
+            ret=txn.ret,
+            envid=txn.envid,
+            arrival=self._arrival,
+            received_from=f"{self._helo} ([{self.client_ip}])",
+        )
+        d = self.factory.committer.commit(reader.sink, local, envelope, notes)  # group commit
 
         def ok(_):
             log.info(
@@ -948,6 +970,8 @@ class ESMTPServer(tsmtp.ESMTP):
 
         def failed(failure):
             if failure.check(QuotaExceeded):
+                # every recipient's mailbox is full: nothing was stored (RFC 3463 5.2.2)
+                log.info("SMTP {id} refused: {why}", id=queue_id, why=str(failure.value))
                 self._reply(552, "5.2.2", "Mailbox full")
             else:
                 log.failure("SMTP {id}: could not store the message", failure, id=queue_id)

@@ -6,15 +6,20 @@ On disk (README "On disk")::
     <root>/<domain>/.pop3coexist.json           domain metadata   {"locked": bool}
     <root>/<domain>/<mailbox>/.pop3coexist.json mailbox metadata  {"locked": bool, "quota": int|null}
     <root>/<domain>/<mailbox>/.pop3coexist.lock POP3 session lock (flock, exclusive)
+    <root>/<domain>/<mailbox>/.pop3coexist.quota.lock  quota check + delivery (flock; only
+                                                when the mailbox has a quota)
     <root>/.spool/                              where writers build a message before delivery
 
 Messages get maildir(5) unique names ``<sec>.M<usec>P<pid>Q<n>R<hex>.<host>`` plus the
 Dovecot-style ``,S=<bytes>,W=<POP3 bytes>`` fields, so neither quota nor POP3 sizes need to
 read the files. The POP3 size is that of the message's canonical form (``crlf_size``: CRLF
 line ends, a final CRLF added when missing), the form RETR and TOP send whatever line ends a
-Maildir writer left in the file. A delivery is written to ``tmp/``, fsynced, renamed into ``new/`` and ``new/``
-is fsynced before any method returns; ``deliver_file`` hard-links one fsynced spool file into
-every recipient's ``new/`` (single-instance storage). Metadata files are replaced atomically
+Maildir writer left in the file. A delivery is written to ``tmp/``, fsynced, renamed into
+``new/`` and ``new/`` is fsynced before any method returns; ``deliver_file`` and
+``deliver_within_quota`` hard-link one fsynced spool file into every recipient's ``new/``
+(single-instance storage). A quota is a byte limit with a grace (``quota_refuses``: the last
+message may go past it by the grace; a mailbox at or over it takes nothing more), checked and
+written under a per-mailbox flock. Metadata files are replaced atomically
 (temp file, fsync, rename, fsync folder) under an ``fcntl.flock`` so two admin processes can
 change them at once; nothing is cached, so a running server sees a change at its next call.
 
@@ -45,6 +50,7 @@ from zope.interface import implementer
 from pop3coexist import errors
 from pop3coexist.address import is_valid_mailbox_name, normalise_domain
 from pop3coexist.canonical import canonical_size
+from pop3coexist.config import QuotaGrace
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.fsutil import open_cached
 from pop3coexist.interfaces import IMaildrop, IMailStore
@@ -54,6 +60,7 @@ __all__ = ["MaildirStore", "Maildrop", "crlf_size", "unique_part", "uidl_for_nam
 META_NAME = ".pop3coexist.json"
 META_LOCK_NAME = ".pop3coexist.json.lock"
 SESSION_LOCK_NAME = ".pop3coexist.lock"
+QUOTA_LOCK_NAME = ".pop3coexist.quota.lock"  # held while a delivery checks the quota and links
 SPOOL_NAME = ".spool"
 SUBDIRS = ("tmp", "new", "cur")
 TMP_MAX_AGE = 36 * 3600  # maildir(5): files in tmp/ untouched for 36 hours are garbage
@@ -206,9 +213,12 @@ class MaildirStore:
     ``hostname`` goes into new file names (default: this host's name).
     """
 
-    def __init__(self, root: Path | str, *, hostname: str | None = None) -> None:
+    def __init__(
+        self, root: Path | str, *, hostname: str | None = None, quota_grace: QuotaGrace | None = None
+    ) -> None:
         self.root = Path(root)
         self._host = _sanitise_host(hostname if hostname is not None else socket.gethostname())
+        self.quota_grace = quota_grace or QuotaGrace()  # none unless the config gives one
 
     def __repr__(self) -> str:
         return f"<MaildirStore root={str(self.root)!r}>"
@@ -523,7 +533,8 @@ class MaildirStore:
         return count, total
 
     def would_exceed_quota(self, domain: str, mailbox: str, size: int) -> bool:
-        """True when adding ``size`` bytes would put the mailbox over its quota (RCPT check)."""
+        """True when a message of ``size`` bytes would be refused by the mailbox's quota (RCPT
+        check, ``quota_refuses``): at or over its quota, or past quota + grace with it."""
         with _io_errors(f"cannot check the quota of {mailbox}@{domain}"):
             _, _, path = self._existing_mailbox(domain, mailbox)
             return self._would_exceed(path, size)
@@ -532,7 +543,21 @@ class MaildirStore:
         quota = self._read_meta(path).get("quota")
         if quota is None:
             return False
-        return self._usage(path)[1] + max(int(size), 0) > quota
+        return self.quota_refuses(self._usage(path)[1], size, quota)
+
+    def quota_refuses(self, usage: int, size: int, quota: int | None) -> bool:
+        """The quota rule, in bytes: a message of ``size`` fits when ``usage + size <= quota``;
+        past the quota it still fits while the mailbox is under its quota and the excess stays
+        within the grace (``domains.quota_grace``, as Dovecot's ``quota_grace``); a mailbox at
+        or over its quota takes nothing more. ``quota`` None: no limit."""
+        if quota is None:
+            return False
+        size = max(int(size), 0)
+        if usage + size <= quota:
+            return False
+        if usage >= quota:
+            return True
+        return usage + size > quota + self.quota_grace.allowance(quota)
 
     # -- delivery
 
@@ -614,6 +639,67 @@ class MaildirStore:
                     os.unlink(done)
             raise errors.StoreError(f"delivery failed: {exc.strerror or exc}") from exc
         return written
+
+    def deliver_within_quota(
+        self,
+        source: Path | str,
+        recipients: list[tuple[str, str]],
+        *,
+        sync: bool = True,
+        prefix: bytes = b"",
+    ) -> tuple[list[Path], list[tuple[str, str]]]:
+        """See ``IMailStore.deliver_within_quota``: deliver the fsynced file ``source`` to each
+        ``(domain, mailbox)`` that has room for it (``quota_refuses``) and return
+        ``(paths written, recipients refused for their quota)``.
+
+        Each mailbox with a quota is checked and written under its quota lock (an flock, so
+        two messages that end at once in any processes cannot both slip under one limit).
+        Without ``prefix`` the file is hard-linked (single-instance storage); with it (the
+        ``Return-Path`` line of a local delivery from the queue) each mailbox gets a copy that
+        starts with ``prefix``. ``sync=False`` skips the fsync of the ``new/`` folders (the
+        caller syncs them). ``NoSuchMailbox`` for an unknown recipient is raised before
+        anything is written; an I/O error removes what was written and raises ``StoreError``.
+        """
+        source = Path(source)
+        targets = [self._existing_mailbox(d, m) for d, m in recipients]
+        try:
+            size = os.stat(source).st_size
+            wsize = crlf_size(source)
+        except OSError as exc:
+            raise errors.StoreError(f"cannot read spooled message {source}: {exc.strerror}") from exc
+        size += len(prefix)
+        wsize += _crlf_size_of_bytes(prefix)
+        written: list[Path] = []
+        refused: list[tuple[str, str]] = []
+        folders: list[Path] = []
+        try:
+            for recipient, (dname, mname, path) in zip(recipients, targets, strict=True):
+                with _io_errors(f"cannot check the quota of {mname}@{dname}"):
+                    quota = self._read_meta(path).get("quota")
+                lock = _flocked(path / QUOTA_LOCK_NAME) if quota is not None else contextlib.nullcontext()
+                new = path / "new"
+                with lock:
+                    if quota is not None and self.quota_refuses(self._usage(path)[1], size, quota):
+                        refused.append(recipient)
+                        continue
+                    if prefix:
+                        with open(source, "rb") as f:
+                            written.append(self._write_message(path, _Prefixed(prefix, f), size,
+                                                               wsize, fsync_new=False))
+                    else:
+                        written.append(self._link_into(source, new, size, wsize))
+                if new not in folders:
+                    folders.append(new)
+            for folder in folders if sync else ():
+                _fsync_dir(folder)
+        except (OSError, errors.StoreError) as exc:
+            for done in written:
+                with contextlib.suppress(OSError):
+                    os.unlink(done)
+            if isinstance(exc, errors.StoreError):
+                raise
+            raise errors.StoreError(f"delivery failed: {exc.strerror or exc}") from exc
+        return written, refused
 
     def _link_into(self, source: Path, new: Path, size: int, wsize: int) -> Path:
         for _attempt in range(10):
@@ -706,6 +792,20 @@ class MaildirStore:
         except BaseException:
             lock.close()
             raise
+
+
+class _Prefixed:
+    """A binary reader: ``prefix``, then the rest of ``f`` (for ``shutil.copyfileobj``)."""
+
+    def __init__(self, prefix: bytes, f: BinaryIO) -> None:
+        self._prefix = prefix
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        if self._prefix:
+            head, self._prefix = self._prefix, b""
+            return head
+        return self._f.read(n)
 
 
 class _Message:
