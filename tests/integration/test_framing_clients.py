@@ -138,7 +138,7 @@ def test_bare_lf_commands_answered_at_once_and_helo_name_is_clean(server) -> Non
     finally:
         c.close()
     data = stored_with(server, b"framing-raw")
-    assert data.startswith(b"Received: from a.example ([127.0.0.1])\n\tby pop.contoso.test ")
+    assert data.startswith(b"Return-Path: <a@example.test>\nReceived: from a.example ([127.0.0.1])\n\tby pop.contoso.test ")
 
 
 def test_smtplib_bare_lf_and_bare_cr(server) -> None:
