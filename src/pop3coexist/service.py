@@ -4,8 +4,13 @@
 writable, password file and key readable, TLS files valid) and raises ConfigError with a clear
 message, so a bad set-up refuses to start with nothing half-started. ``make_service(config)``
 builds the store, the checker, the queue, the POP3 and ESMTP listeners and the delivery runner.
-After the listeners are up, the ports they really got are written to
-``<state_dir>/run/listeners.json`` (so tests and tools can use port 0).
+What can only fail once the server starts (a port taken, a shared table or ``listeners.json``
+that cannot be written, a worker process that does not start) is handled by
+``Pop3CoexistService``: every listener is bound before anything serves, and a failure stops
+everything and ends the process non-zero (its docstring gives the order). Once start-up is
+complete, the ports the listeners really got are written to ``<state_dir>/run/listeners.json``
+(so tests and tools can use port 0). The state folder's lock (startup.StateLock) is taken by
+tap.py before anything in the folder is touched.
 
 ``make_frontends`` builds the POP3 and SMTP factories; the worker processes of
 ``server.workers`` > 1 (worker.py, supervised by workers.py) build theirs with it too, so every
@@ -23,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, tcp
+from twisted.internet import abstract, defer, endpoints, error, tcp
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from pop3coexist.config import Config, parse_endpoint
 from pop3coexist.errors import ConfigError, StoreError
+from pop3coexist.startup import StartupError, StartupReport, StateLock
 from pop3coexist.tls import ensure_self_signed, load_tls_files, server_options
 
 log = Logger()
@@ -257,6 +263,11 @@ class ListenerService(service.Service):
     ``tcp:``, ``tcp6:`` and ``unix:`` descriptions go to Twisted's ``serverFromString``; a
     ``systemd:`` one adopts the socket systemd passed (looked up when the service is built,
     before twistd forks; see SystemdSockets).
+
+    The socket is bound in ``privilegedStartService`` (before twistd drops privileges) and
+    left paused: it accepts no connection until the server's start-up is complete
+    (``resume``, called by Pop3CoexistService), so a server that then refuses to start has
+    served nobody.
     """
 
     def __init__(self, description: str, factory: Any, role: str, reactor: Any = None) -> None:
@@ -277,18 +288,32 @@ class ListenerService(service.Service):
         from twisted.internet import reactor as default_reactor
 
         reactor = self.reactor or default_reactor
-        if self._adopt is not None:
-            endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, *self._adopt)
-        else:
-            endpoint = endpoints.serverFromString(reactor, self.description)
-        self._listening = endpoint.listen(self.factory)
+        try:
+            if self._adopt is not None:
+                endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, *self._adopt)
+            else:
+                endpoint = endpoints.serverFromString(reactor, self.description)
+            self._listening = endpoint.listen(self.factory)
+        except Exception:  # a description the endpoint parser refuses: a failed listener
+            self._listening = defer.fail()
 
         def got(port: Any) -> Any:
             self.port = port
+            self.pause()
             return port
 
         self._listening.addCallback(got)
         service.Service.privilegedStartService(self)
+
+    def pause(self) -> None:
+        """Accept no new connection (the socket stays bound)."""
+        if isinstance(self.port, abstract.FileDescriptor):
+            self.port.stopReading()
+
+    def resume(self) -> None:
+        """Accept connections again."""
+        if isinstance(self.port, abstract.FileDescriptor) and self.port.connected:
+            self.port.startReading()
 
     def stopService(self) -> defer.Deferred | None:
         service.Service.stopService(self)
@@ -355,74 +380,128 @@ def share_accepts(port: Any) -> None:
 
 
 class Pop3CoexistService(service.MultiService):
-    """The whole server: listeners, delivery runner, and the listeners.json record."""
+    """The whole server: listeners, delivery runner, worker processes, listeners.json.
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    Start-up runs in one order, and a failure at any step stops everything started so far,
+    logs one line naming what failed, reports it to twistd (startup.StartupReport) and ends
+    the process with a non-zero exit status:
+
+    1. ``privilegedStartService``: bind every listener (paused: nothing is accepted yet);
+    2. ``startService``: check that every listener is bound; create the tables shared with
+       the worker processes; start the delivery runner; spawn the worker processes and wait
+       until each listens (they too accept nothing yet);
+    3. let every process accept, write ``run/listeners.json``, report success.
+    """
+
+    def __init__(self, config: Config, reactor: Any = None,
+                 report: StartupReport | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.report = report if report is not None else StartupReport()
+        self.state_lock: StateLock | None = None  # held for the life of the process (tap.py)
         self.listeners: list[ListenerService] = []
         self.supervisor: Any = None  # workers.WorkerSupervisor when server.workers > 1
         self.limiters: dict[str, Any] = {}
         self.throttles: dict[str, Any] = {}
+        self.starting: defer.Deferred[None] | None = None
+        self._children_started = False
 
     def add_listener(self, listener: ListenerService) -> None:
         self.listeners.append(listener)
         listener.setServiceParent(self)
 
+    def _reactor(self) -> Any:
+        if self.reactor is not None:
+            return self.reactor
+        from twisted.internet import reactor as default_reactor
+
+        return default_reactor
+
+    def privilegedStartService(self) -> None:
+        if self.state_lock is not None:
+            self.state_lock.record_pid()  # twistd may have forked (daemonised) since tap.py
+        super().privilegedStartService()  # binds every listener
+
     def startService(self) -> None:
+        # the children start in _start, once every listener is known to be bound
+        service.Service.startService(self)
+        self.report.hold()
+        self.starting = defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        try:
+            await self._check_listeners()
+            self._start_tables()
+            self._children_started = True
+            for child in list(self):
+                child.startService()
+            if self.supervisor is not None:
+                await self._start_workers()
+            for ls in self.listeners:
+                ls.resume()
+            self.write_listeners()
+        except StartupError as e:
+            self._abort(str(e))
+            return
+        except Exception as e:  # a bug, not a set-up mistake: still nothing half-started
+            log.failure("start-up failed")
+            self._abort(f"unexpected error: {e!r}")
+            return
+        for ls in self.listeners:
+            log.info("{role} listening on {desc} (port {port})", role=ls.role,
+                     desc=ls.description, port=ls.bound_port())
+        self.report.succeed()
+
+    async def _check_listeners(self) -> None:
+        for ls in self.listeners:
+            if ls._listening is None:  # started without privilegedStartService
+                ls.privilegedStartService()
+        waits = [ls._listening for ls in self.listeners if ls._listening is not None]
+        results = await defer.DeferredList(waits, consumeErrors=True)
+        failed = [f"cannot listen on {ls.description} ({ls.role}): {_listen_error(r[1])}"
+                  for ls, r in zip(self.listeners, results, strict=True) if not r[0]]
+        if failed:
+            raise StartupError("; ".join(failed))
+
+    def _start_tables(self) -> None:
         for table in [*self.limiters.values(), *self.throttles.values()]:
             start = getattr(table, "start", None)
             if start is not None:  # shared tables: made now, after any --uid switch
                 try:
                     start()
                 except (OSError, ValueError) as e:
-                    log.error("cannot create a table shared with the workers: {e}", e=e)
-                    from twisted.internet import reactor as default_reactor
+                    raise StartupError(f"cannot create a table shared with the worker "
+                                       f"processes: {e}")
 
-                    (self.reactor or default_reactor).callWhenRunning(
-                        (self.reactor or default_reactor).stop)
-        super().startService()
-        waits = [ls._listening for ls in self.listeners if ls._listening is not None]
-        d = defer.DeferredList(waits, consumeErrors=True)
-        d.addCallback(self._listening_done)
-
-    def _listening_done(self, results: list) -> None:
-        from twisted.internet import reactor as default_reactor
-
-        failed = [(ls, r[1]) for ls, r in zip(self.listeners, results, strict=False) if not r[0]]
-        if failed:
-            for ls, failure in failed:
-                log.error(
-                    "cannot listen on {desc} ({role}): {why}",
-                    desc=ls.description, role=ls.role, why=failure.getErrorMessage(),
-                )
-            (self.reactor or default_reactor).stop()
-            return
-        for ls in self.listeners:
-            log.info("{role} listening on {desc} (port {port})", role=ls.role,
-                     desc=ls.description, port=ls.bound_port())
-        if self.supervisor is None:
-            self.write_listeners()
-            return
-        # several workers: every process accepts from the same sockets, one connection per
-        # wake-up, so the least busy process takes the next client
+    async def _start_workers(self) -> None:
+        # every process accepts from the same sockets, one connection per wake-up, so the
+        # least busy process takes the next client
         for ls in self.listeners:
             share_accepts(ls.port)
-        d = self.supervisor.start_workers([(ls.role, ls.port) for ls in self.listeners])
+        try:
+            await self.supervisor.start_workers([(ls.role, ls.port) for ls in self.listeners])
+        except defer.CancelledError:
+            from pop3coexist.workers import START_TIMEOUT
 
-        def ready(_: Any) -> None:
-            self.write_listeners()
+            raise StartupError(f"the worker processes did not start: not all of them were "
+                               f"listening after {START_TIMEOUT:.0f} s")
+        except Exception as e:
+            raise StartupError(f"the worker processes did not start: {e or repr(e)}")
+        self.supervisor.serve()
 
-        def failed(f: Any) -> None:
-            log.error("the worker processes did not start: {why}", why=f.getErrorMessage())
-            (self.reactor or default_reactor).stop()
-
-        d.addCallbacks(ready, failed)
+    def _abort(self, line: str) -> None:
+        """Start-up failed: accept nothing, report, and stop (twistd then stops every service
+        started, removes its pid file and ends; the exit status is 1)."""
+        log.error("cannot start: {line}", line=line)
+        for ls in self.listeners:
+            ls.pause()
+        self.report.fail(line)
+        reactor = self._reactor()
+        reactor.callWhenRunning(_stop_reactor, reactor)
 
     def write_listeners(self) -> None:
         run = self.config.server.state_dir / "run"
-        run.mkdir(parents=True, exist_ok=True)
         data: dict[str, list[int]] = {}
         for ls in self.listeners:
             port = ls.bound_port()
@@ -432,15 +511,36 @@ class Pop3CoexistService(service.MultiService):
         if self.supervisor is not None:
             record["workers"] = [os.getpid(), *self.supervisor.pids()]
         tmp = run / f".listeners.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, run / "listeners.json")
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, run / "listeners.json")
+        except OSError as e:
+            raise StartupError(f"cannot write {run / 'listeners.json'}: {e.strerror or e}")
 
     def stopService(self) -> Any:
         try:
             (self.config.server.state_dir / "run" / "listeners.json").unlink()
         except OSError:
             pass
+        if not self._children_started:  # start-up ended before anything but the listeners
+            service.Service.stopService(self)
+            return defer.DeferredList([defer.maybeDeferred(ls.stopService)
+                                       for ls in self.listeners])
         return super().stopService()
+
+
+def _listen_error(failure: Any) -> str:
+    """The reason a listener could not bind, shortest first ("Address already in use")."""
+    err = failure.value
+    if isinstance(err, error.CannotListenError) and isinstance(err.socketError, OSError):
+        return err.socketError.strerror or str(err.socketError)
+    return failure.getErrorMessage()
+
+
+def _stop_reactor(reactor: Any) -> None:
+    if reactor.running:
+        reactor.stop()
 
 
 def limiter_table(config: Config, protocol: str) -> Path:
@@ -579,8 +679,10 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
     return out
 
 
-def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
-    """Build the whole server from a validated config (call ``preflight`` first)."""
+def make_service(config: Config, reactor: Any = None,
+                 report: StartupReport | None = None) -> Pop3CoexistService:
+    """Build the whole server from a validated config (call ``preflight`` first); ``report``
+    tells twistd how start-up ended (startup.StartupReport)."""
     from pop3coexist.smtp.outbound import OutboundService
 
     if reactor is None:
@@ -588,7 +690,7 @@ def make_service(config: Config, reactor: Any = None) -> Pop3CoexistService:
 
         reactor = default_reactor
 
-    top = Pop3CoexistService(config, reactor)
+    top = Pop3CoexistService(config, reactor, report)
     parts = Components(config, reactor)
     queue = parts.make_queue()
     top.limiters = make_limiters(config, 0)

@@ -1,8 +1,11 @@
 """twistd options and service maker for ``twistd pop3coexist --config FILE``.
 
-The config is loaded and checked in ``Options.postOptions``, so any error (unknown key, bad
-value, unwritable mailroot, corrupt password file, bad TLS files) is reported by twistd as one
-clear line and the server does not start: nothing is half-started.
+The config is loaded and checked in ``makeService``, so any error (unknown key, bad value,
+unwritable mailroot, corrupt password file, bad TLS files) is reported by twistd as one clear
+line and the server does not start: nothing is half-started. Before anything in the state
+folder is touched, its lock is taken (startup.StateLock): a second server on the same
+``state_dir`` is refused, naming the pid of the one running. Failures once the server starts
+(a port taken, a worker that does not start) are handled by service.Pop3CoexistService.
 """
 
 from __future__ import annotations
@@ -35,14 +38,23 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> Any:
-    """Load and check the config, then build the service; a config error is one line on
-    stderr and exit status 1, before anything listens or writes a pid file."""
+    """Load the config, lock the state folder, check the set-up, then build the service; a
+    config error or a state folder in use is one line on stderr and exit status 1, before
+    anything listens (and, daemonised, before twistd forks)."""
     from pop3coexist.config import load_config
     from pop3coexist.service import make_service, preflight
+    from pop3coexist.startup import StartupReport, StateInUse, StateLock
 
     try:
         config = load_config(options["config"])
+        lock = StateLock.acquire(config.server.state_dir)
         preflight(config)
-        return make_service(config)
+        report = StartupReport(options.parent)  # twistd's own options: its status pipe
+        report.install_exit_status()
+        top = make_service(config, report=report)
+    except StateInUse as e:
+        raise SystemExit(f"pop3coexist: cannot start: {e}")
     except ConfigError as e:
         raise SystemExit(f"pop3coexist: configuration error: {e}")
+    top.state_lock = lock
+    return top

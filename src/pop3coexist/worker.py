@@ -2,8 +2,9 @@
 WorkerSupervisor (workers.py) when ``server.workers`` > 1; not meant to be run by hand.
 
 It reads the same config file, builds the same POP3 and SMTP factories as the main process
-(service.make_frontends), adopts the listening sockets it inherited, and serves until it gets
-SIGTERM or its stdin ends (the main process is gone). It does no start-up work of the main
+(service.make_frontends), adopts the listening sockets it inherited (paused: it accepts nothing
+until the main process writes ``serve`` on its stdin, once start-up is complete in every
+process), and serves until it gets SIGTERM or its stdin ends (the main process is gone). It does no start-up work of the main
 process (no spool cleaning, no queue recovery, no outbound delivery): messages for remote
 recipients go into the shared queue and their ids are passed to the main process's runner on
 the control descriptor. Its log goes to stdout as JSON events, which the main process writes
@@ -19,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 CONTROL_FD = 3
@@ -57,10 +59,13 @@ def queue_waker(queue: Any, control: Control):
     return wake
 
 
-def watch_parent(reactor: Any, fd: int = 0) -> threading.Thread:
-    """Stop the reactor when ``fd`` (the pipe from the main process) reaches end of file."""
+def watch_parent(reactor: Any, fd: int = 0,
+                 on_line: Callable[[str], None] | None = None) -> threading.Thread:
+    """Read the pipe from the main process (``fd``): each whole line is passed to ``on_line``
+    in the reactor thread; at end of file the reactor stops."""
 
     def run() -> None:
+        buf = b""
         while True:
             try:
                 data = os.read(fd, 4096)
@@ -71,6 +76,11 @@ def watch_parent(reactor: Any, fd: int = 0) -> threading.Thread:
             if not data:
                 reactor.callFromThread(_stop, reactor)
                 return
+            *lines, buf = (buf + data).split(b"\n")
+            buf = buf[-4096:]
+            for line in lines:
+                if on_line is not None:
+                    reactor.callFromThread(on_line, line.decode("ascii", "replace").strip())
 
     t = threading.Thread(target=run, name="parent-watch", daemon=True)
     t.start()
@@ -128,17 +138,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     top = service.MultiService()
     _CheckerCloser(parts.checker).setServiceParent(top)
+    ports = []
     for (_role, fd_text), (_, _desc, factory) in zip(listeners, frontends, strict=True):
         fd = int(fd_text)
         probe = socket.socket(fileno=os.dup(fd))
         family = probe.family
         probe.close()
         port = reactor.adoptStreamPort(fd, family, factory)
+        port.stopReading()  # accept nothing until the main process says "serve"
         os.close(fd)
         share_accepts(port)
+        ports.append(port)
+
+    def command(line: str) -> None:
+        if line == "serve":
+            for port in ports:
+                if port.connected:
+                    port.startReading()
+
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    watch_parent(reactor)
+    watch_parent(reactor, on_line=command)
     log.info("worker {n} (pid {pid}) serving", n=args.worker, pid=os.getpid())
     reactor.callWhenRunning(control.send, "ready")
     reactor.run()

@@ -8,8 +8,10 @@ policy/sharedlimit.py, mailbox locks are flock()s, so they hold across processes
 
 Each worker's file descriptors:
 
-- 0 (its stdin): from the main process; end of file means the main process is gone, and the
-  worker stops (so a ``kill -9`` of the main process leaves no orphan serving connections);
+- 0 (its stdin): from the main process: the line ``serve`` lets the worker accept connections
+  (it listens, paused, until start-up is complete in every process: ``WorkerSupervisor.serve``);
+  end of file means the main process is gone, and the worker stops (so a ``kill -9`` of the
+  main process leaves no orphan serving connections);
 - 1 (its stdout): its log, one JSON event per line, re-published here into the main log
   with ``log_system`` set to ``worker N``;
 - 2 (its stderr): anything printed outside the log (a crash at import), logged as errors;
@@ -42,6 +44,19 @@ FIRST_LISTENER_FD = 4
 START_TIMEOUT = 60.0
 RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_AFTER = 60.0  # a worker that lived this long starts the restart delays afresh
+
+
+class WorkerStartError(Exception):
+    """A worker process ended before it listened."""
+
+
+def _why(reason: Any) -> str:
+    """How a process ended, from processEnded's reason: "exit status N" or "signal N"."""
+    status = reason.value
+    if isinstance(status, error.ProcessTerminated):
+        return (f"exit status {status.exitCode}" if status.exitCode is not None
+                else f"signal {status.signal}")
+    return "exit status 0"
 
 
 class _WorkerProtocol(protocol.ProcessProtocol):
@@ -95,15 +110,27 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         if words[0] == "ready":
             if not self.ready.called:
                 self.ready.callback(None)
+            if self.supervisor.serving:  # a replacement worker, once the server serves
+                self.serve()
         elif words[0] == "queued":
             self.supervisor.queued(words[1:])
+
+    def serve(self) -> None:
+        """Let this worker accept connections."""
+        if self.ready.called and not self.ended.called and self.transport is not None:
+            try:
+                self.transport.writeToChild(0, b"serve\n")
+            except (OSError, error.ProcessExitedAlready):
+                pass  # its end is handled by processEnded
 
     def processEnded(self, reason: Any) -> None:
         for fd in (1, 2):
             if self._buffers.get(fd):
                 self.childDataReceived(fd, b"\n")
         if not self.ready.called:
-            self.ready.errback(reason)
+            self.ready.errback(WorkerStartError(
+                f"worker {self.number} (pid {self.pid}) ended with {_why(reason)} before "
+                "it listened"))
         self.ended.callback(None)
         self.supervisor.ended(self, reason)
 
@@ -130,6 +157,7 @@ class WorkerSupervisor(service.Service):
         self._started_at: dict[int, float] = {}
         self._failures: dict[int, int] = {}
         self._restarts: dict[int, Any] = {}
+        self.serving = False
 
     def pids(self) -> list[int]:
         """The worker processes' pids (numbers 1..N-1), in order."""
@@ -159,6 +187,13 @@ class WorkerSupervisor(service.Service):
         d.addBoth(done)
         return d
 
+    def serve(self) -> None:
+        """Start-up is complete: every worker accepts connections from now on (and each
+        replacement as soon as it listens)."""
+        self.serving = True
+        for proto in list(self.workers.values()):
+            proto.serve()
+
     def _spawn(self, number: int) -> _WorkerProtocol:
         proto = _WorkerProtocol(self, number)
         args = [self.python, "-m", "pop3coexist.worker", "--config",
@@ -185,12 +220,13 @@ class WorkerSupervisor(service.Service):
         number = proto.number
         if self.workers.get(number) is not proto:
             return
-        status = reason.value
-        why = (f"exit status {status.exitCode}" if status.exitCode is not None
-               else f"signal {status.signal}") if isinstance(
-            status, error.ProcessTerminated) else "exit status 0"
+        why = _why(reason)
         self._cleanup(proto)
         if not self.running:
+            return
+        if not self.serving:  # during start-up: the server does not start (service.py)
+            log.error("worker {number} (pid {pid}) ended during start-up ({why})",
+                      number=number, pid=proto.pid, why=why)
             return
         lived = self.reactor.seconds() - self._started_at.get(number, 0.0)
         failures = 0 if lived >= STABLE_AFTER else self._failures.get(number, 0) + 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 from pop3coexist.store.queue import FileQueue
 from pop3coexist.worker import IDS_PER_LINE, Control, queue_waker
@@ -160,3 +161,70 @@ def test_the_main_process_makes_its_connection_tables_when_the_server_starts(tmp
     assert not pop3.busier_than_others() and pop3.open == 1
     pop3.release("192.0.2.1")
     assert worker.acquire("192.0.2.1")
+
+
+class _ChildTransport:
+    """Records what the main process writes to a worker's stdin."""
+
+    pid = 4321
+
+    def __init__(self) -> None:
+        self.written: list[tuple[int, bytes]] = []
+
+    def writeToChild(self, fd: int, data: bytes) -> None:  # noqa: N802
+        self.written.append((fd, data))
+
+
+def test_workers_are_told_to_serve_only_when_start_up_is_complete() -> None:
+    """A worker that reports ``ready`` gets nothing on its stdin until the supervisor's
+    ``serve()`` (start-up complete in every process); then it gets ``serve``; a replacement
+    worker that becomes ready later gets ``serve`` at once."""
+    from pop3coexist.workers import WorkerSupervisor, _WorkerProtocol
+
+    config = SimpleNamespace(server=SimpleNamespace(workers=3))
+    sup = WorkerSupervisor(config, reactor=object())  # type: ignore[arg-type]
+    first = _WorkerProtocol(sup, 1)
+    first.makeConnection(_ChildTransport())  # type: ignore[arg-type]
+    sup.workers[1] = first
+    first.childDataReceived(3, b"ready\n")
+    assert first.ready.called and first.transport.written == []
+    sup.serve()
+    assert first.transport.written == [(0, b"serve\n")]
+    replacement = _WorkerProtocol(sup, 2)
+    replacement.makeConnection(_ChildTransport())  # type: ignore[arg-type]
+    sup.workers[2] = replacement
+    replacement.childDataReceived(3, b"rea")
+    assert replacement.transport.written == []
+    replacement.childDataReceived(3, b"dy\n")
+    assert replacement.transport.written == [(0, b"serve\n")]
+
+
+def test_watch_parent_passes_lines_and_stops_at_end_of_file() -> None:
+    """The worker's stdin watcher hands each whole line (split across reads or not) to the
+    reactor thread, and stops the reactor when the main process's end of the pipe closes."""
+    import threading
+
+    from pop3coexist.worker import watch_parent
+
+    calls: list[tuple] = []
+    done = threading.Event()
+
+    class _Reactor:
+        running = True
+
+        def callFromThread(self, f, *args) -> None:  # noqa: N802, ANN001
+            calls.append((getattr(f, "__name__", f), *args))
+            if getattr(f, "__name__", "") == "_stop":
+                done.set()
+
+    lines: list[str] = []
+    r, w = os.pipe()
+    thread = watch_parent(_Reactor(), r, on_line=lines.append)
+    os.write(w, b"ser")
+    os.write(w, b"ve\nother\n")
+    os.close(w)
+    assert done.wait(30)
+    thread.join(30)
+    os.close(r)
+    assert [c for c in calls if c[0] == "append"] == [("append", "serve"), ("append", "other")]
+    assert calls[-1][0] == "_stop"

@@ -1,0 +1,183 @@
+"""Start-up safety: one server per state folder, and a start that either completes or ends.
+
+- ``StateLock``: an exclusive ``flock`` on ``<state_dir>/run/server.lock``, taken before the
+  server touches anything in the state folder (spool cleaning, queue recovery, the shared
+  ``run/*.table`` files, ``run/listeners.json``) and held for the life of the main process. A
+  second server on the same state folder is refused with a message naming the holder's pid
+  (written into the lock file). The kernel drops the lock when the holder ends, however it
+  ends (``kill -9`` too), so a stale lock file never blocks the next start. The admin command
+  does not take it: it must keep working while the server runs.
+- ``StartupReport``: how a start that ends after twistd's own report tells twistd's waiting
+  parent (daemon mode: the "status pipe" twistd opens when it forks, see
+  ``twisted.scripts._twistd_unix.UnixApplicationRunner.daemonize``) and the exit status. The
+  server holds the status pipe until every listener is bound and every worker process
+  listens, then reports success, or one line naming what failed; a failed start ends the
+  process with exit status 1 once twistd has cleaned up (pid file removed, log closed).
+- ``StartupError``: a start-up failure whose text is the one line the administrator reads.
+
+Nothing here touches sockets; service.py decides the order of start-up.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import fcntl
+import os
+import sys
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+from pop3coexist.errors import ConfigError
+
+LOCK_NAME = "server.lock"
+
+
+class StartupError(Exception):
+    """The server cannot start; str() is one line naming what failed and why."""
+
+
+class StateInUse(StartupError):
+    """Another live server holds the state folder's lock."""
+
+
+class StateLock:
+    """An exclusive lock on a state folder, held while this object's descriptor is open.
+
+    The descriptor survives twistd's daemonising forks (``flock`` locks belong to the open
+    file, not to a process) and is not inherited by worker processes (it is opened
+    close-on-exec), so the lock lasts exactly as long as the main server process.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, state_dir: Path) -> StateLock:
+        """Lock ``state_dir`` (creating it and its ``run/`` folder if missing).
+
+        Raises StateInUse, naming the holder's pid, when a live server holds the lock, and
+        ConfigError when the folder or the lock file cannot be created.
+        """
+        run = Path(state_dir) / "run"
+        path = run / LOCK_NAME
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ConfigError(f"[server.state_dir] cannot create the lock file {path}: "
+                              f"{e.strerror}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ConfigError(f"[server.state_dir] cannot lock {path}: {e.strerror}")
+            who = f"pid {holder}" if holder else "pid not yet recorded"
+            raise StateInUse(
+                f"state_dir {state_dir} is in use by another running pop3coexist server "
+                f"({who}; lock file {path}); stop that server first, or give this one "
+                "its own state_dir")
+        lock = cls(path, fd)
+        lock.record_pid()
+        return lock
+
+    def record_pid(self) -> None:
+        """Write this process's pid into the lock file (again after twistd daemonises)."""
+        if self.fd is None:
+            return
+        data = f"{os.getpid()}\n".encode("ascii")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it could race with the next holder)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class StartupReport:
+    """Reports the end of start-up to twistd's parent process and in the exit status.
+
+    ``twistd_config`` is twistd's own options mapping (the plugin options' ``parent``), or None
+    when the server is not run by twistd (tests). ``hold()`` takes the status pipe from twistd
+    (twistd would report success as soon as the services' ``startService`` returns, before
+    the worker processes listen); ``succeed()`` or ``fail(line)`` reports once.
+    """
+
+    def __init__(self, twistd_config: MutableMapping[str, Any] | None = None) -> None:
+        self.twistd_config = twistd_config
+        self.pipe: int | None = None
+        self.outcome: str | None = None  # None (pending), "ok" or the failure line
+
+    def install_exit_status(self) -> None:
+        """Make a failed start end the process with exit status 1 (call it early, from the
+        twistd plugin: the exit handler then runs after those registered later)."""
+        atexit.register(self._exit_status)
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome not in (None, "ok")
+
+    def hold(self) -> None:
+        """Take twistd's status pipe (daemon mode only; a no-op otherwise)."""
+        if self.twistd_config is None or self.pipe is not None:
+            return
+        with contextlib.suppress(KeyError, TypeError):
+            pipe = self.twistd_config["statusPipe"]
+            if isinstance(pipe, int):
+                self.pipe = pipe
+                self.twistd_config["statusPipe"] = None
+
+    def succeed(self) -> None:
+        """Start-up is complete: the parent exits 0."""
+        if self.outcome is None:
+            self.outcome = "ok"
+            self._write(b"0")
+
+    def fail(self, line: str) -> None:
+        """Start-up failed: the parent prints ``line`` and exits 1, and so does this process
+        when it ends. Under twistd the line also goes to the original stderr (seen with
+        ``twistd -n --logfile FILE``)."""
+        if self.outcome is not None:
+            return
+        self.outcome = line
+        # twistd's parent reads at most 100 bytes: "1 " and the start of the line
+        self._write(b"1 " + line.encode("ascii", "backslashreplace")[:98])
+        with contextlib.suppress(Exception):
+            stream = sys.__stderr__
+            if self.twistd_config is not None and stream is not None and stream is not sys.stderr:
+                stream.write(f"pop3coexist: cannot start: {line}\n")
+                stream.flush()
+
+    def _write(self, data: bytes) -> None:
+        if self.pipe is None:
+            return
+        pipe, self.pipe = self.pipe, None
+        with contextlib.suppress(OSError):
+            os.write(pipe, data)
+        with contextlib.suppress(OSError):
+            os.close(pipe)
+
+    def _exit_status(self) -> None:
+        """At interpreter exit, after a failed start: exit status 1 (twistd itself would
+        return 0 after a reactor stopped by us)."""
+        if not self.failed:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(1)
