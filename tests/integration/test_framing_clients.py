@@ -151,7 +151,8 @@ def test_smtplib_bare_lf_and_bare_cr(server) -> None:
         assert s.getreply() == (500, b"5.5.2 Syntax error: bare <CR> received (RFC 5321 section 2.3.8)")
         s.ehlo()
         s.sendmail("a@example.test", [TED], b"Subject: framing-smtplib\r\n\r\nhi\r\n")
-    assert stored_with(server, b"framing-smtplib").startswith(b"Received: from client.test ")
+    assert stored_with(server, b"framing-smtplib").startswith(
+        b"Return-Path: <a@example.test>\nReceived: from client.test ")
 
 
 def test_reject_mode_refuses_bare_lf_at_once(tmp_path: Path) -> None:

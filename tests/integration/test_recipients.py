@@ -123,7 +123,8 @@ def test_quoted_addresses_with_smtplib(server) -> None:
         assert s.rcpt("root@localhost")[0] == 553
         assert s.data(body(marker))[0] == 250
     [path] = find(server, HOSTNAME, "ted", marker)
-    assert path.read_bytes().startswith(b"Received: from client.test ([127.0.0.1])")
+    assert path.read_bytes().startswith(
+        b'Return-Path: <"odd sender"@example.test>\nReceived: from client.test ([127.0.0.1])')
 
 
 def test_untrusted_client_cannot_relay_through_quotes_or_literals(server) -> None:
