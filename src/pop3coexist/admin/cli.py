@@ -358,8 +358,13 @@ class Admin:
         self.say("queue flush requested")
 
     def queue_delete(self, ident: str, bounce: bool) -> None:
+        from pop3coexist.smtp.bounce import delete_with_report
+
         try:
-            self._queue().delete(ident, bounce=bounce)
+            if bounce:
+                delete_with_report(self._queue(), ident)
+            else:
+                self._queue().delete(ident)
         except KeyError:
             _fail(f"no message {ident} in the queue")
         self.say(f"message {ident} deleted{' (report sent)' if bounce else ''}")
