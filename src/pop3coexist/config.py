@@ -408,7 +408,7 @@ def _hostname_or_wild(value: Any) -> str:
 
 def _ldap_filter(value: Any) -> str:
     value = _string(value)
-    from pop3coexist.identity import ldapfilter
+    from pop3coexist import ldapfilter
 
     try:
         ldapfilter.parse_filter(value)

@@ -250,7 +250,7 @@ class WorkerSupervisor(service.Service):
 
     def _cleanup(self, proto: _WorkerProtocol) -> None:
         """Forget a dead worker's connection counts and unfinished incoming messages."""
-        from pop3coexist.service import limiter_table
+        from pop3coexist.policy.limiters import limiter_table
         from pop3coexist.smtp.incoming import clean_spool
         from pop3coexist.store.maildir import MaildirStore
 

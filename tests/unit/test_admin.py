@@ -228,6 +228,29 @@ def test_queue_list_flush_delete(run, config, tmp_path):
     assert run("queue", "list")[1].strip() == "queue is empty"
 
 
+def test_queue_delete_bounce_reports_to_the_sender(run, config, tmp_path):
+    """queue delete ID --bounce removes the message and queues one failure report from <> to
+    its sender (smtp/bounce.py); an unknown id with --bounce is one-line exit 1."""
+    from pop3coexist.store.queue import FileQueue
+
+    q = FileQueue(tmp_path / "var" / "queue", "pop.contoso.test")
+    qid = q.enqueue_bytes(
+        b"Subject: queued\n\nbody\n",
+        {"sender": "ted@pop.contoso.test",
+         "recipients": [{"address": "bob@example.test", "orcpt": None, "notify": None}],
+         "ret": None, "envid": None, "received_from": "test", "arrival": 1.0, "hops": 1},
+    )
+    code, _, err = run("queue", "delete", "no-such-id", "--bounce")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "no message" in err
+    code, out, _ = run("queue", "delete", qid, "--bounce")
+    assert code == 0 and out.strip() == f"message {qid} deleted (report sent)"
+    [rid] = q.ids()
+    report = q.load(rid)
+    assert report["sender"] == ""
+    assert [r["address"] for r in report["recipients"]] == ["ted@pop.contoso.test"]
+    assert b"Final-Recipient: rfc822; bob@example.test" in q.body_path(rid).read_bytes()
+
+
 def test_postmaster_mailbox_check_config_and_passwd(run, config, tmp_path):
     """The default postmaster mailbox exists for the admin tool as at start; check-config says
     where postmaster mail lands; domain add says it for the new domain; mailbox passwd gives the

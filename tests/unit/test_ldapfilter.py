@@ -1,11 +1,11 @@
-"""RFC 4515 filter escaping and parsing (identity/ldapfilter.py): values cannot inject."""
+"""RFC 4515 filter escaping and parsing (ldapfilter.py): values cannot inject."""
 
 from __future__ import annotations
 
 import pytest
 from ldaptor.protocols import pureldap
 
-from pop3coexist.identity.ldapfilter import (
+from pop3coexist.ldapfilter import (
     FilterError,
     all_of,
     any_of,

@@ -1,4 +1,5 @@
-"""The durable outbound queue (store/queue.py): layout, durability rules, admin API."""
+"""The durable outbound queue (store/queue.py): layout, durability rules, admin API (and
+`queue delete --bounce`, smtp/bounce.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from pop3coexist.interfaces import IOutboundQueue
+from pop3coexist.smtp.bounce import delete_with_report
 from pop3coexist.store.queue import FileQueue
 
 MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
@@ -150,7 +152,7 @@ def test_delete_with_bounce_reports_undelivered_recipients(queue: FileQueue, tmp
     env = queue.load(qid)
     env["recipients"][0]["state"] = "delivered"
     queue.save(env)
-    queue.delete(qid, bounce=True)
+    delete_with_report(queue, qid)
     [rid] = queue.ids()
     report = queue.load(rid)
     assert report["sender"] == "" and report["recipients"][0]["address"] == "a@example.org"
@@ -164,5 +166,5 @@ def test_delete_with_bounce_reports_undelivered_recipients(queue: FileQueue, tmp
 def test_delete_with_bounce_never_reports_to_null_sender(queue: FileQueue, tmp_path: Path) -> None:
     """A message from <> is deleted without any report."""
     qid = queue.enqueue(_spool(tmp_path), _env("b@example.net", sender=""))
-    queue.delete(qid, bounce=True)
+    delete_with_report(queue, qid)
     assert queue.ids() == []

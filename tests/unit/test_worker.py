@@ -142,8 +142,8 @@ def test_the_main_process_makes_its_connection_tables_when_the_server_starts(tmp
     (after twistd's --uid switch, so the workers' user owns them); before that nothing is
     counted; afterwards a worker's limiter on the same table sees the main process's count."""
     from pop3coexist.config import parse_config
+    from pop3coexist.policy.limiters import TableLimiter, limiter_table, make_limiters
     from pop3coexist.policy.sharedlimit import SharedConnectionLimiter
-    from pop3coexist.service import TableLimiter, limiter_table, make_limiters
 
     config = parse_config(
         f'[server]\nhostname = "pop.contoso.test"\nstate_dir = "{tmp_path}"\nworkers = 2\n'

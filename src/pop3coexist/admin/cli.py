@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from pop3coexist.address import AddressError, is_valid_mailbox_name, normalise_domain
+from pop3coexist.admin.blocking import wait
 from pop3coexist.config import Config, load_config, parse_size
 from pop3coexist.errors import AdminError, AuthUnavailable, ConfigError, NoSuchMailbox, StoreError
 
@@ -126,22 +127,6 @@ def _read_password(from_stdin: bool) -> str:
     if not password:
         _fail("empty passwords are not allowed")
     return password
-
-
-def _wait(d: Any) -> Any:
-    """Run the reactor until a Deferred fires (directory look-ups); return or raise."""
-    from twisted.internet import reactor
-    from twisted.python.failure import Failure
-
-    box: list[Any] = []
-    d.addBoth(box.append)
-    if not box:
-        d.addBoth(lambda _: reactor.callLater(0, reactor.stop))
-        reactor.run(installSignalHandlers=False)
-    result = box[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
 
 
 def _human(n: int) -> str:
@@ -263,7 +248,7 @@ class Admin:
 
         checker = make_checker(self.config, self.store)
         try:
-            found = _wait(checker.resolve_recipient(address))
+            found = wait(checker.resolve_recipient(address))
         except AuthUnavailable as e:
             _fail(f"cannot reach the account source: {e}")
         where = "directory" if self.config.auth.method == "directory" else "system accounts"
@@ -373,8 +358,13 @@ class Admin:
         self.say("queue flush requested")
 
     def queue_delete(self, ident: str, bounce: bool) -> None:
+        from pop3coexist.smtp.bounce import delete_with_report
+
         try:
-            self._queue().delete(ident, bounce=bounce)
+            if bounce:
+                delete_with_report(self._queue(), ident)
+            else:
+                self._queue().delete(ident)
         except KeyError:
             _fail(f"no message {ident} in the queue")
         self.say(f"message {ident} deleted{' (report sent)' if bounce else ''}")

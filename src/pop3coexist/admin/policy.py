@@ -20,6 +20,7 @@ from ldaptor import delta
 from ldaptor.protocols import pureldap
 from twisted.internet import defer
 
+from pop3coexist.admin.blocking import wait
 from pop3coexist.config import Config, read_secret
 from pop3coexist.errors import AdminError
 from pop3coexist.policy.recipient_policies import ATTRIBUTES, Change, plan
@@ -27,7 +28,7 @@ from pop3coexist.policy.recipient_policies import ATTRIBUTES, Change, plan
 
 async def compute(config: Config, conn: Any) -> list[Change]:
     """Search with every policy (highest priority first) on a bound connection; the plan."""
-    from pop3coexist.identity import ldapfilter
+    from pop3coexist import ldapfilter
 
     seen: set[str] = set()
     changes: list[Change] = []
@@ -111,6 +112,4 @@ async def apply_policies(config: Config, dry_run: bool, out: Any, reactor: Any =
 
 def run_apply(config: Config, dry_run: bool, out: Any) -> None:
     """The admin verb: run ``apply_policies`` on the reactor until it is done."""
-    from pop3coexist.admin.cli import _wait
-
-    _wait(defer.ensureDeferred(apply_policies(config, dry_run, out)))
+    wait(defer.ensureDeferred(apply_policies(config, dry_run, out)))

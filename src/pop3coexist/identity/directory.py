@@ -61,9 +61,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3coexist import address as addr_mod
+from pop3coexist import ldapfilter
 from pop3coexist.config import Config, read_secret
 from pop3coexist.errors import AuthUnavailable, ConfigError
-from pop3coexist.identity import ldapfilter
 from pop3coexist.identity.logins import map_login
 from pop3coexist.interfaces import IAccountChecker
 

@@ -30,7 +30,8 @@ import base64
 import binascii
 import re
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.cred.error import LoginDenied, LoginFailed
 from twisted.internet import defer, task
@@ -46,7 +47,12 @@ from pop3coexist.pop3 import sasl
 from pop3coexist.pop3.stream import DotStuffer, MessageProducer
 
 if TYPE_CHECKING:
-    from pop3coexist.pop3.factory import POP3ServerFactory
+    from twisted.cred.portal import Portal
+
+    from pop3coexist.config import Config
+    from pop3coexist.interfaces import IAccountChecker
+    from pop3coexist.policy.connlimit import ConnectionLimiter
+    from pop3coexist.policy.throttle import AuthThrottle
 
 log = Logger(namespace="pop3coexist.pop3")
 
@@ -88,10 +94,31 @@ def _printable(value: bytes | str, limit: int = 80) -> str:
     return value[:limit] + ("..." if len(value) > limit else "")
 
 
+class SessionFactory(Protocol):
+    """What a session uses of the factory that built it (``factory.POP3ServerFactory``
+    provides it; the factory imports this module, never the other way round)."""
+
+    config: Config
+    checker: IAccountChecker
+    portal: Portal
+    hostname: str
+    tls_options: Any  # None: STLS is not offered
+    implicit_tls: bool
+    reactor: Any
+    run_blocking: Callable[..., defer.Deferred]
+    throttle: AuthThrottle
+    limiter: ConnectionLimiter
+    chunk_size: int
+
+    def new_timestamp(self) -> bytes:
+        """A unique ``<...@hostname>`` for APOP and CRAM-MD5 (RFC 1939 section 7)."""
+        ...
+
+
 class POP3Server(pop3.POP3):
     """One POP3 session. Built by ``factory.POP3ServerFactory``, which sets ``factory``."""
 
-    factory: POP3ServerFactory
+    factory: SessionFactory
 
     def __init__(self) -> None:
         self.session_state = AUTHORIZATION

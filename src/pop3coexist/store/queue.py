@@ -373,39 +373,14 @@ class FileQueue:
         except FileNotFoundError:
             return False
 
-    def delete(self, qid: str, bounce: bool = False) -> None:
-        """Remove a message from the queue. ``bounce``: first queue one delivery report (to the
-        sender, unless it is ``<>``) for every recipient not yet delivered. KeyError if unknown."""
+    def delete(self, qid: str) -> None:
+        """Remove a message from the queue (no report: smtp/bounce.py deletes with one).
+        KeyError if unknown."""
         env = self.load(self._check_id(qid))
         if env is None:
             raise KeyError(qid)
-        if bounce:
-            from pop3coexist.smtp import dsn
-
-            now = self.clock()
-            failed = []
-            for r in env["recipients"]:
-                if r["state"] in ("pending", "deferred"):
-                    r["state"] = "failed"
-                    r["status"] = "5.0.0"
-                    r["diagnostic"] = "X-Pop3coexist; deleted from the queue by the administrator"
-                    r["last_attempt"] = now
-                    if dsn.wants_notice(r, "failed"):
-                        failed.append(r)
-            if failed and env["sender"]:
-                report = dsn.build_report(
-                    "failed", env, failed, self.hostname, self._original(qid, env, "failed"), now
-                )
-                self.enqueue_bytes(report, dsn.report_envelope(env, now))
-            elif failed:
-                log.info("queue: {qid} deleted; no report to the null sender", qid=qid)
         self.remove(qid)
         self._touch("rescan")
-
-    def _original(self, qid: str, env: dict, kind: str) -> bytes:
-        from pop3coexist.smtp import dsn
-
-        return dsn.read_original(self.body_path(qid), dsn.include_full(env, kind))
 
     def _touch(self, name: str) -> None:
         self.ensure_dirs()
