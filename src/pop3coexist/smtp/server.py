@@ -627,7 +627,7 @@ class ESMTPServer(tsmtp.ESMTP):
                 if value is None or not value.isdigit() or len(value) > 20:
                     raise _fail(501, "5.5.4", "Syntax: SIZE=octets")
                 txn.size = int(value)
-                if txn.size > cfg.max_message_size:
+                if 0 < cfg.max_message_size < txn.size:  # 0: no fixed maximum (RFC 1870)
                     raise _fail(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
