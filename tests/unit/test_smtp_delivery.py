@@ -293,6 +293,44 @@ def test_quota_rule_with_grace(tmp_path: Path) -> None:
     assert MaildirStore(tmp_path).quota_refuses(0, 1001, 1000)  # default store: no grace
 
 
+@pytest.mark.parametrize(("grace", "usage", "size", "quota", "refused"), [
+    (QuotaGrace(), 1000, 0, 1000, True),  # exactly at the quota, size unknown (RCPT, no SIZE=)
+    (QuotaGrace(), 1000, 1, 1000, True),
+    (QuotaGrace(), 999, 1, 1000, False),  # fills it exactly
+    (QuotaGrace(), 999, 2, 1000, True),  # grace 0: not one octet past
+    (QuotaGrace(percent=10), 1000, 0, 1000, True),  # at the quota: the grace is spent
+    (QuotaGrace(percent=10), 999, 101, 1000, False),  # fits only with the grace
+    (QuotaGrace(percent=10), 999, 102, 1000, True),
+    (QuotaGrace(bytes=100), 999, 101, 1000, False),
+    (QuotaGrace(bytes=100), 1500, 0, 1000, True),  # over the quota (after a grace delivery)
+    (QuotaGrace(percent=10), 0, 0, 0, True),  # quota 0: nothing, not even an empty mailbox
+    (QuotaGrace(percent=100), 0, 1, 0, True),
+])
+def test_quota_rule_edges(tmp_path: Path, grace: QuotaGrace, usage: int, size: int, quota: int,
+                          refused: bool) -> None:
+    """At or over its quota a mailbox takes nothing, whatever the size (0 when RCPT has no
+    SIZE=) and the grace; below it a message fits up to quota + grace."""
+    assert MaildirStore(tmp_path, quota_grace=grace).quota_refuses(usage, size, quota) is refused
+
+
+def test_mailbox_exactly_at_its_quota_is_refused_at_rcpt_without_size(tmp_path: Path) -> None:
+    """A mailbox whose usage equals its quota (1,000 of 1,000 bytes) gets ``552 5.2.2`` at RCPT
+    when MAIL has no SIZE= (the size is not known yet): it could take nothing; the session
+    goes on and another recipient is still accepted."""
+    store = real_store(tmp_path, QuotaGrace(percent=10))
+    store.set_quota(HOST, "ted", 1000)
+    (store.root / HOST / "ted" / "new" / "1.filler.host").write_bytes(b"a" * 1000)
+    factory, *_ = make_factory(store=store)
+    proto, t = open_session(factory)
+    take(t)
+    run_dialogue(proto, [
+        (EHLO, lambda got: got.startswith(b"250-")),
+        (b"MAIL FROM:<a@b.test>\r\n", b"250 2.1.0 Sender <a@b.test> OK\r\n"),
+        (b"RCPT TO:<ted@pop.contoso.test>\r\n", b"552 5.2.2 <ted@pop.contoso.test>: mailbox full\r\n"),
+        (b"RCPT TO:<ann@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <ann@pop.contoso.test> OK\r\n"),
+    ], transport=t)
+
+
 def test_quota_grace_config() -> None:
     """``domains.quota_grace``: a size or a percentage; 10% when not set; bad values name the
     key."""
