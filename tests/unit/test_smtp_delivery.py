@@ -88,6 +88,18 @@ def report_of(item: tuple[bytes, dict]) -> tuple[bytes, dict]:
     (b"Subject : old style\r\nTo: x@y.test\r\n\r\nbody\r\n", b"Subject : old style\nTo: x@y.test\n\nbody\n"),
     (b"Subject: only a header\r\n", b"Subject: only a header\n"),
     (b"", b""),
+    # kept-back cases that hold: mbox quoting, NUL in a name, white space, the client's
+    # Return-Path anywhere in the header section (folded, spaced, after a blank-looking line)
+    (b">From a@b.test\r\nSubject: x\r\n\r\nb\r\n", b"\n>From a@b.test\nSubject: x\n\nb\n"),
+    (b"Sub\x00ject: nul in the name\r\n\r\nb\r\n", b"\nSub\x00ject: nul in the name\n\nb\n"),
+    (b"Subject:no space\r\n\r\nb\r\n", b"Subject:no space\n\nb\n"),
+    (b"   \r\nSubject: x\r\n", b"\n   \nSubject: x\n"),
+    (b"Subject: a\r\nReturn-Path: <evil@x.test>\r\nTo: b@y.test\r\n\r\nb\r\n",
+     b"Subject: a\nTo: b@y.test\n\nb\n"),
+    (b"Return-Path:\r\n <evil@x.test>\r\nSubject: a\r\n\r\nb\r\n", b"Subject: a\n\nb\n"),
+    (b"RETURN-PATH : <evil@x.test>\r\nSubject: a\r\n\r\nb\r\n", b"Subject: a\n\nb\n"),
+    (b"Subject: a\r\n \r\nReturn-Path: <e@x.test>\r\n\r\nb\r\n", b"Subject: a\n \n\nb\n"),
+    (b"Subject: a\r\n\r\nReturn-Path: <kept@x.test>\r\n", b"Subject: a\n\nReturn-Path: <kept@x.test>\n"),
 ])
 def test_content_that_does_not_start_with_a_header_field_becomes_body(content: bytes,
                                                                       stored: bytes) -> None:
