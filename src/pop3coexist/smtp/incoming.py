@@ -39,6 +39,7 @@ import ctypes.util
 import inspect
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,7 +179,7 @@ class MessageReader:
     ) -> None:
         self.sink = sink
         self.allow_bare_lf = allow_bare_lf
-        self.max_size = max_size
+        self.max_size = max_size or sys.maxsize  # 0: no fixed maximum (RFC 1870 section 4)
         self.max_hops = max_hops
         self.max_line = max_line
         self.size = 0  # octets of content as the client sent it, CRLF line ends, unstuffed

@@ -386,8 +386,13 @@ class ESMTPServer(tsmtp.ESMTP):
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
-            self._syntax_error(_fail(500, "5.5.2", "Syntax error: command is not ASCII"))
-            return None
+            if line[:5].upper() not in (b"MAIL ", b"RCPT "):
+                self._syntax_error(_fail(500, "5.5.2", "Syntax error: command is not ASCII"))
+                return None
+            # an internationalised address (RFC 6531) without SMTPUTF8, which is not offered:
+            # the path parser refuses it with 553 5.6.7, a parameter is 501 5.5.4; octets that
+            # are not UTF-8 stay non-ASCII (surrogates) and are refused the same way
+            text = line.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
         if handler is None:
@@ -622,7 +627,7 @@ class ESMTPServer(tsmtp.ESMTP):
                 if value is None or not value.isdigit() or len(value) > 20:
                     raise _fail(501, "5.5.4", "Syntax: SIZE=octets")
                 txn.size = int(value)
-                if txn.size > cfg.max_message_size:
+                if 0 < cfg.max_message_size < txn.size:  # 0: no fixed maximum (RFC 1870)
                     raise _fail(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
@@ -758,23 +763,46 @@ class ESMTPServer(tsmtp.ESMTP):
 
         A literal naming this host means the primary local domain (RFC 1123 section 5.2.17);
         a role address (postmaster, abuse) with no real recipient of that name goes to the
-        configured address (RFC 5321 section 4.5.1, RFC 2142).
+        configured address (RFC 5321 section 4.5.1, RFC 2142). A domain that the cached domain
+        list does not know is looked up again (``local_domains(refresh=True)``), so a domain
+        added with ``domain add`` is local at once, never relayed or refused as foreign; and
+        before an unknown user of a domain added at run time gets 550 5.1.1 or a role address's
+        mail, the list is read again too, so a domain removed meanwhile is foreign at once.
         """
         factory = self.factory
+        mark = factory.read_mark()
         domains = await factory.local_domains()
-        primary = factory.primary_domain(domains)
-        given = parse_recipient(inner, primary)
-        address = given
-        ip = given.literal
-        if ip is not None and await self._is_own_literal(ip):
-            if primary is None:
-                raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550)
-            address = Address(given.local, primary, given.quoted)
+        fresh = factory.fresh_since(mark)  # read after this RCPT came: no need to read again
+        if not fresh and factory.primary_domain(domains) is None:  # perhaps one just added
+            domains, fresh = await factory.local_domains(refresh=True), True
+        while True:  # at most twice: with the cached list, then with a fresh one
+            primary = factory.primary_domain(domains)
+            given = parse_recipient(inner, primary)
+            address = given
+            ip = given.literal
+            if ip is not None and await self._is_own_literal(ip):
+                if primary is None:
+                    raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550)
+                address = Address(given.local, primary, given.quoted)
+            if fresh or address.literal is not None or factory.knows_domain(address.domain, domains):
+                break
+            reread, fresh = await factory.local_domains(refresh=True), True
+            if address.domain not in reread:
+                break
+            domains = reread  # added since the cached read: decide again with it
         target = factory.roles.target(address, factory.authoritative(domains), primary)
         try:
             return given, await self._resolve(address, domains, txn)
         except MailError as e:
-            if target is None or (e.code, e.enhanced) != (550, "5.1.1"):
+            if (e.code, e.enhanced) != (550, "5.1.1"):
+                raise
+            if not fresh and address.domain not in factory.authoritative([]):
+                # a domain added at run time: if `domain remove` took it meanwhile, it is a
+                # foreign domain now (relayed for a trusted client, 554 for others)
+                reread = await factory.local_domains(refresh=True)
+                if address.domain not in reread:
+                    return given, await self._resolve(address, reread, txn)
+            if target is None:
                 raise
         try:
             return given, await self._resolve_role(address, target, domains, txn)
@@ -1087,6 +1115,10 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.roles = RoleAddresses.from_config(config)
         self._domains: list[str] | None = None
         self._domains_at = 0.0
+        self._reading: list[defer.Deferred] | None = None  # callers of the read in progress
+        self._next_read: list[defer.Deferred] = []  # callers that need a read started later
+        self._reads = 0  # domain reads started so far
+        self._domains_read = 0  # the number of the read that gave self._domains
         # blocking: the addresses server.hostname resolves to (own address literals)
         self._resolve_host = resolve_host or _host_addresses
         self._host_ips: list[str] | None = None
@@ -1118,18 +1150,69 @@ class SMTPServerFactory(protocol.ServerFactory):
 
         return self.run_blocking(self._resolve_host, self.config.server.hostname).addBoth(keep)
 
-    def local_domains(self) -> defer.Deferred:
-        """The store's domains, read off the reactor at most once per DOMAINS_TTL seconds:
-        every RCPT needs them, and a domain added by ``domain add`` counts within a second."""
+    def local_domains(self, refresh: bool = False) -> defer.Deferred:
+        """The store's domains (a Deferred list of lower-case names), read off the reactor at
+        most once per DOMAINS_TTL seconds: every RCPT needs them.
+
+        ``refresh``: the answer comes from a read that starts after this call, for a recipient
+        domain the cached list does not know (a domain just added with ``domain add`` is local
+        at once). Refreshes share reads: at most one read runs at a time, and every refresh
+        that arrives meanwhile waits for the single next one, so a flood of foreign
+        recipients costs one read at a time, not one per RCPT. A failed read fails its callers.
+        """
         now = self.reactor.seconds()
-        if self._domains is not None and 0 <= now - self._domains_at < DOMAINS_TTL:
+        if not refresh and self._domains is not None and 0 <= now - self._domains_at < DOMAINS_TTL:
             return defer.succeed(self._domains)
+        d: defer.Deferred = defer.Deferred()
+        if self._reading is not None and not refresh:
+            self._reading.append(d)  # the read in progress is fresh enough for the TTL
+        else:
+            self._next_read.append(d)
+            if self._reading is None:
+                self._start_read()
+        return d
 
-        def keep(domains: list[str]) -> list[str]:
-            self._domains, self._domains_at = domains, now
-            return domains
+    def _start_read(self) -> None:
+        """Read the store's domains for every caller waiting for the next read."""
+        waiting, self._next_read = self._next_read, []
+        self._reading = waiting
+        started = self.reactor.seconds()
+        self._reads += 1
+        number = self._reads
 
-        return self.run_blocking(self.store.list_domains).addCallback(keep)
+        def done(result):
+            callers, self._reading = self._reading or [], None
+            if not isinstance(result, Failure):
+                self._domains, self._domains_at, self._domains_read = result, started, number
+            if self._next_read:
+                self._start_read()
+            for caller in callers:
+                if isinstance(result, Failure):
+                    caller.errback(result)
+                else:
+                    caller.callback(result)
+
+        self.run_blocking(self.store.list_domains).addBoth(done)
+
+    def read_mark(self) -> int:
+        """A mark for ``fresh_since``: how many reads of the store's domains have started."""
+        return self._reads
+
+    def fresh_since(self, mark: int) -> bool:
+        """True when the cached domain list comes from a read that started after ``mark`` was
+        taken (so it already shows every ``domain add`` and ``domain remove`` done before)."""
+        return self._domains_read > mark
+
+    def knows_domain(self, domain: str, domains: list[str]) -> bool:
+        """True when ``domain`` (lower case) is one whose route needs no fresh read of the
+        store's domains: one of ``domains`` (a read of them), a ``domains.local`` entry, a
+        ``domains.remote`` domain or a connector's address space, or a domain the gateway
+        resolves."""
+        if domain in domains or domain in {d.lower() for d in self.config.domains.local}:
+            return True
+        if domain in self.relay.relay_domains or domain in self.relay.routed_domains:
+            return True
+        return self.gateway is not None and self.gateway.handles(domain)
 
     @property
     def offers_secrets(self) -> bool:
