@@ -65,7 +65,7 @@ from pop3coexist import ldapfilter
 from pop3coexist.config import Config, read_secret
 from pop3coexist.errors import AuthUnavailable, ConfigError
 from pop3coexist.identity.logins import map_login
-from pop3coexist.interfaces import IAccountChecker
+from pop3coexist.interfaces import IAccountChecker, IClosable, IDirectoryLookup, ISelfCheck
 
 log = Logger()
 
@@ -263,7 +263,7 @@ class _Connection:
 Connector = Callable[[], defer.Deferred]
 
 
-@implementer(IAccountChecker)
+@implementer(IAccountChecker, IDirectoryLookup, ISelfCheck, IClosable)
 class DirectoryChecker:
     """See IAccountChecker; the AD-style LDAP method (module docstring has the rules)."""
 

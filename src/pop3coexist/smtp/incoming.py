@@ -36,20 +36,20 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import inspect
 import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3coexist.errors import MailError, QuotaExceeded
+from pop3coexist.interfaces import IBatchDelivery, ICommitter, LocalNotes
 from pop3coexist.smtp import dsn
 from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, field_name
 
@@ -334,23 +334,6 @@ class MessageReader:
         self.sink.abort()
 
 
-@dataclass
-class LocalNotes:
-    """What the end of DATA tells the committer about the transaction, for the delivery
-    reports of local recipients: "delivered" where NOTIFY asks for SUCCESS (RFC 3461 section
-    5.2.2), "failed" (5.2.2) for a mailbox whose quota refused the message while others got it
-    (RFC 3464). ``recipients`` maps ``(domain, mailbox)`` to ``{"address", "orcpt", "notify"}``
-    as the client gave them; ``sender`` is ``""`` for the null sender (no reports then)."""
-
-    sender: str
-    recipients: dict[tuple[str, str], dict]
-    reporting_mta: str
-    ret: str | None = None
-    envid: str | None = None
-    arrival: float = 0.0
-    received_from: str = ""
-
-
 def commit_message(
     store,
     queue,
@@ -402,7 +385,7 @@ def deliver_local(
     ``QuotaExceeded`` (``.recipient``: the first full mailbox) when every local recipient was
     refused and ``others`` is false: the whole message then gets ``552 5.2.2``, nothing stored.
     """
-    options = {"sync": False} if not sync and _accepts(store.deliver_within_quota, "sync") else {}
+    options = {"sync": False} if not sync and IBatchDelivery.providedBy(store) else {}
     written, refused = store.deliver_within_quota(spool.path, local, **options)
     if refused and not written and not others:
         domain, mailbox = refused[0]
@@ -493,14 +476,6 @@ def send_local_reports(
                  sender=notes.sender)
 
 
-def _accepts(function: Callable, keyword: str) -> bool:
-    """True when ``function`` takes the keyword argument (stores and fakes differ)."""
-    try:
-        return keyword in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _load_syncfs() -> Callable[[int], None] | None:
     """``syncfs(2)`` (Linux): one call makes every file and folder on one file system durable."""
     name = ctypes.util.find_library("c")
@@ -540,6 +515,7 @@ class _Pending:
         self.written: list[Any] = []
 
 
+@implementer(ICommitter)
 class GroupCommitter:
     """Group commit of incoming messages: many sessions' messages made durable by one batch.
 
@@ -589,7 +565,7 @@ class GroupCommitter:
         self._running = False
         self.batches = 0  # statistics (bench, logs): batches run and messages committed
         self.messages = 0
-        self._deferred_sync = _accepts(store.deliver_within_quota, "sync")
+        self._deferred_sync = IBatchDelivery.providedBy(store)
 
     def commit(
         self,

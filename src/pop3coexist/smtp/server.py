@@ -46,6 +46,7 @@ from pop3coexist.errors import (
     QuotaExceeded,
 )
 from pop3coexist.identity.logins import login_locked
+from pop3coexist.interfaces import IBlockingRecipientLookup, IQuotaCheck
 from pop3coexist.netutil import send_now
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
@@ -816,8 +817,8 @@ class ESMTPServer(tsmtp.ESMTP):
         r = factory.relay.route(address, domains, Client(self.client_ip, self.user is not None))
         if r.kind is not RouteKind.LOCAL:
             return _Found(r)
-        blocking = getattr(factory.checker, "resolve_recipient_blocking", None)
-        if blocking is not None:
+        if IBlockingRecipientLookup.providedBy(factory.checker):
+            blocking = factory.checker.resolve_recipient_blocking
             # one thread hop for the look-up and the mailbox check together
             box = await factory.run_blocking(_lookup_local, blocking, factory.store,
                                              address.key, txn.size)
@@ -1006,8 +1007,7 @@ def _mailbox_state(store, domain: str, mailbox: str, size: int) -> tuple[bool, b
     """Blocking: (the mailbox exists, a message of ``size`` would put it over quota)."""
     if not store.domain_exists(domain) or not store.mailbox_exists(domain, mailbox):
         return False, False
-    would_exceed = getattr(store, "would_exceed_quota", None)
-    over = bool(would_exceed(domain, mailbox, size)) if would_exceed is not None else False
+    over = IQuotaCheck.providedBy(store) and bool(store.would_exceed_quota(domain, mailbox, size))
     return True, over
 
 
@@ -1133,7 +1133,7 @@ class SMTPServerFactory(protocol.ServerFactory):
 
     @property
     def offers_secrets(self) -> bool:
-        return bool(getattr(self.checker, "offers_secrets", False))
+        return bool(self.checker.offers_secrets)  # IAccountChecker declares it
 
     def buildProtocol(self, addr) -> ESMTPServer:
         p = ESMTPServer(self)
