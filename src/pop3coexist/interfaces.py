@@ -386,13 +386,13 @@ class IDeliveryTransaction(Interface):
     """One message on its way: recipients, then the body, then commit or abort."""
 
     recipients = Attribute("The accepted recipients as the client gave them (str), in order")
+    sender = Attribute("The reverse-path: an ``address.Address``, or None for ``<>``")
+    options = Attribute("The MAIL parameters kept (``policy.delivery.MailOptions``: size, ...)")
+    local_delivery = Attribute("True when a recipient's mailbox is here: the spool file then "
+                               "starts with the local-only Return-Path (RFC 5321 section 4.4)")
 
     def add_recipient(decision: object, notify: list[str] | None, orcpt: str | None) -> None:
         """Add an accepted recipient (a RecipientDecision) with its DSN parameters."""
-
-    def return_path() -> bytes:
-        """The local-only first line(s) of the spool file (``Return-Path`` when a recipient is
-        delivered here, RFC 5321 section 4.4), or b""."""
 
     def body(spool: object, size: int, hops: int, arrival: float, received_from: str) -> None:
         """The message: a spool file (``smtp.incoming.SpoolWriter``), its size in octets, its
@@ -411,5 +411,6 @@ class ICommitter(Interface):
 
     def commit(spool: object, local_recipients: list[tuple[str, str]], envelope: dict | None,
                notes: LocalNotes | None = None) -> object:
-        """Deferred firing with None once durable, or failing (``errors.QuotaExceeded`` when
-        every local mailbox is full and nothing else was stored)."""
+        """Deferred firing once durable with the local mailboxes whose quota refused the
+        message (their delivery reports are queued), or failing (``errors.QuotaExceeded``
+        when every local mailbox is full and nothing else was stored)."""

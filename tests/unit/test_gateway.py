@@ -361,7 +361,7 @@ def test_gateway_dialogue(tmp_path: Path) -> None:
 def test_gateway_dialogue_directory_down_is_451(tmp_path: Path) -> None:
     """A directory that cannot answer gives 451 4.4.3 at RCPT, never a false 550."""
     factory, *_ = gateway_factory(tmp_path)
-    factory.gateway._lookup = lambda key: defer.fail(AuthUnavailable("down"))
+    factory.context.gateway._lookup = lambda key: defer.fail(AuthUnavailable("down"))
     proto, t = open_session(factory)
     take(t)
     run_dialogue(proto, [

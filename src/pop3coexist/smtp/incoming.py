@@ -342,8 +342,9 @@ def commit_message(
     envelope: dict | None,
     fsync: Callable[[int], None] = os.fsync,
     notes: LocalNotes | None = None,
-) -> None:
-    """Blocking. Make the message durable everywhere it goes, then remove the spool file.
+) -> list[tuple[str, str]]:
+    """Blocking. Make the message durable everywhere it goes, then remove the spool file;
+    return the local mailboxes whose quota refused it (their "failed" reports are queued).
 
     Order: fsync the spool file; hard-link it into each local mailbox that has room under its
     quota (``deliver_within_quota`` fsyncs the ``new/`` folders); enqueue it for the other
@@ -373,6 +374,7 @@ def commit_message(
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             raise
+        return refused
     finally:
         spool.abort()
 
@@ -519,8 +521,9 @@ class _Pending:
 class GroupCommitter:
     """Group commit of incoming messages: many sessions' messages made durable by one batch.
 
-    ``commit(spool, local_recipients, envelope)`` returns a Deferred that fires with None once
-    the message is durable everywhere (then the session replies 250), or fails with the
+    ``commit(spool, local_recipients, envelope)`` returns a Deferred that fires once the
+    message is durable everywhere (with the local mailboxes whose quota refused it: their
+    delivery reports are queued) (then the session replies 250), or fails with the
     exception that stopped it (QuotaExceeded when every recipient's mailbox is full,
     StoreError, OSError: the session replies 552 or 451). ``notes`` (LocalNotes) allows the
     delivery reports of local recipients. At most one batch runs at a time (in ``run_blocking``, off the reactor); what arrives
@@ -612,7 +615,7 @@ class GroupCommitter:
         for item in batch:
             if item.error is None:
                 self.messages += 1
-                item.deferred.callback(None)
+                item.deferred.callback(list(item.refused))
             else:
                 item.deferred.errback(Failure(item.error))
         self._kick()
