@@ -7,7 +7,11 @@ are decided in one place: they are either refused or parsed to what they really 
 ``parse_address`` takes the whole RFC 5321 ``Mailbox`` production: a Dot-string or a
 Quoted-string (quoted pairs, spaces) local part, then a Domain or an address literal
 (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``). Forms that are valid syntax but that this server
-will not take raise ``AddressRefused`` (a policy refusal, not a syntax error).
+will not take raise ``AddressRefused`` (a policy refusal, not a syntax error); non-ASCII
+characters raise ``AddressNeedsUTF8`` (valid only with SMTPUTF8, RFC 6531, not offered here).
+``strip_source_route`` takes the rest of a ``Path``: an RFC 5321 source route
+(``@a.example,@b.example:``) in front of the Mailbox is checked and dropped (section 4.1.1.3 and
+appendix C: servers SHOULD ignore it), so only the Mailbox decides where mail goes.
 """
 
 from __future__ import annotations
@@ -39,7 +43,13 @@ class AddressError(ValueError):
 
 class AddressRefused(AddressError):
     """The text is a valid RFC 5321 Mailbox, but of a form this server refuses as policy
-    (a domain name that is not fully qualified, an address literal of an unknown tag)."""
+    (a domain name that is not fully qualified or that is an IP address without brackets, an
+    address literal of an unknown tag)."""
+
+
+class AddressNeedsUTF8(AddressError):
+    """The text has non-ASCII characters: an internationalised address (RFC 6531), which needs
+    the SMTPUTF8 extension that this server does not offer."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,10 @@ def normalise_domain(name: str) -> str:
     """Return a domain name in canonical form (lower case) or raise AddressError.
 
     A trailing dot, empty labels, address literals and non-ASCII names are refused; a name
-    of one label only raises AddressRefused (valid RFC 5321 syntax, not a name we accept).
+    of one label only, or one whose last label is all digits (``192.0.2.1`` without brackets:
+    RFC 1123 section 2.1 says a host name never has that form; an address is written as a
+    literal, ``[192.0.2.1]``), raises AddressRefused (valid RFC 5321 syntax, not a name we
+    accept).
     """
     if not isinstance(name, str) or not name:
         raise AddressError("empty domain")
@@ -102,6 +115,9 @@ def normalise_domain(name: str) -> str:
             raise AddressError(f"domain {name!r} has an invalid label {label!r}")
     if len(labels) < 2:
         raise AddressRefused(f"domain {name!r} is not fully qualified")
+    if labels[-1].isdigit():
+        raise AddressRefused(f"domain {name!r} is an IP address: write it as an address literal "
+                             f"[{lowered}]")
     return lowered
 
 
@@ -127,6 +143,12 @@ def normalise_literal(text: str) -> str:
     if tag.lower() == "ipv6":
         if "%" in content or not re.fullmatch(r"[0-9A-Fa-f:.]+", content):
             raise AddressError(f"address literal {text} is not an IPv6 address")
+        head, colon, tail = content.rpartition(":")
+        snums = tail.split(".")
+        if colon and len(snums) == 4 and all(_SNUM_RE.match(p) for p in snums):
+            # IPv6v4-full / IPv6v4-comp: the IPv4 part is Snums, which may have leading zeros
+            # (RFC 5321 section 4.1.3); ipaddress wants them without
+            content = head + colon + ".".join(str(int(p)) for p in snums)
         try:
             ip = ipaddress.IPv6Address(content)
         except ValueError:
@@ -158,15 +180,18 @@ def quote_local(content: str) -> str:
 def parse_address(text: str) -> Address:
     """Parse an RFC 5321 ``Mailbox`` (no angle brackets) strictly; see the module docstring.
 
-    Raises AddressError (a syntax error: source routes, bang paths inside a domain, a second
-    ``@`` outside quotes, trailing dots, control or non-ASCII characters, an unquoted space)
-    or its subclass AddressRefused (valid syntax, refused as policy). A quoted local part is
-    never split again at an inner ``@`` or ``%``: the domain is what follows the closing quote.
+    Raises AddressError (a syntax error: a source route (a Mailbox has none: see
+    ``strip_source_route``), bang paths inside a domain, a second ``@`` outside quotes, trailing
+    dots, control characters, an unquoted space), its subclass AddressRefused (valid syntax,
+    refused as policy) or AddressNeedsUTF8 (non-ASCII characters). A quoted local part is never
+    split again at an inner ``@`` or ``%``: the domain is what follows the closing quote.
     """
     if not text or len(text) > MAX_MAILBOX:
         raise AddressError("address missing or too long")
-    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in text):
-        raise AddressError("address has control or non-ASCII characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise AddressError("address has control characters")
+    if any(ord(c) > 0x7F for c in text):
+        raise AddressNeedsUTF8("address has non-ASCII characters")
     if text.startswith("@"):
         raise AddressError("source routes are not accepted")
     if text.startswith('"'):
@@ -200,14 +225,41 @@ def parse_address(text: str) -> Address:
     return Address(local, domain, local.startswith('"'))
 
 
+def strip_source_route(text: str) -> str:
+    """The Mailbox of the inside of an RFC 5321 ``Path``: ``[ A-d-l ":" ] Mailbox``.
+
+    A source route (``A-d-l = At-domain *( "," At-domain )``, ``At-domain = "@" Domain``, as in
+    ``@a.example,@b.example:ted@pop.contoso.test``) is checked and dropped: RFC 5321 section
+    4.1.1.3 and appendix C say servers SHOULD ignore it, so the Mailbox alone decides where
+    the mail goes (and the relay rules judge that Mailbox's domain). Raises AddressError for a
+    malformed route or a path over RFC 5321 section 4.5.3.1.3's 256 octets. Text that does
+    not start with ``@`` is returned as it is.
+    """
+    if not text.startswith("@"):
+        return text
+    if len(text) > MAX_MAILBOX:
+        raise AddressError("address missing or too long")
+    route, colon, mailbox = text.partition(":")
+    if not colon or not mailbox:
+        raise AddressError("malformed source route")
+    for at_domain in route.split(","):
+        if not at_domain.startswith("@"):
+            raise AddressError("malformed source route")
+        labels = at_domain[1:].lower().split(".")
+        if not all(_LABEL_RE.match(label) for label in labels):
+            raise AddressError("malformed source route")
+    return mailbox
+
+
 def parse_path(text: str) -> Address | None:
-    """Parse a MAIL FROM / RCPT TO path ``<...>``; ``<>`` gives None (the null sender)."""
+    """Parse a MAIL FROM / RCPT TO path ``<...>``; ``<>`` gives None (the null sender). A
+    source route is dropped (``strip_source_route``)."""
     if not (text.startswith("<") and text.endswith(">")):
         raise AddressError("path must be in angle brackets")
     inner = text[1:-1]
     if inner == "":
         return None
-    return parse_address(inner)
+    return parse_address(strip_source_route(inner))
 
 
 def login_to_address(login: str, local_domains: list[str] | tuple[str, ...]) -> tuple[str, str] | None:

@@ -18,8 +18,9 @@ A sub-table is ``table(Cls)``, an array of tables (``[[domains.remote]]``) ``tab
 
 An unknown key, a wrong type, a missing file or an unsafe combination raises ConfigError naming
 the file, the key and the line where it can be found; a legal but unusual value (fewer than 100
-recipients per message) is kept and listed in ``Config.warnings``, which the server logs and
-``check-config`` prints. No reactor, no sockets: only parsing and checking.
+recipients per message, an idle timeout under the RFC's minimum) is kept and listed in
+``Config.warnings``, which the server logs and ``check-config`` prints. ``locate`` puts the
+file and line in front of the errors of checks made after parsing (TLS files, state folder). No reactor, no sockets: only parsing and checking.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ _SIZE_UNITS = {
     "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
     "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
 }
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 RFC5321_MIN_RECIPIENTS = 100  # RFC 5321 section 4.5.3.1.8
+POP3_MIN_IDLE = 600  # seconds; RFC 1939 section 3 (the autologout timer)
+SMTP_MIN_IDLE = 300  # seconds; RFC 5321 section 4.5.3.2.7 (server timeout)
 
 
 def parse_size(value: int | str) -> int:
@@ -94,7 +97,8 @@ def parse_quota_grace(value: int | str) -> QuotaGrace:
 
 
 def parse_duration(value: int | float | str) -> float:
-    """Seconds from a number or a string like ``"30s"``, ``"15m"``, ``"12h"``, ``"2d"``."""
+    """Seconds from a number or a string like ``"30s"``, ``"15m"``, ``"12h"``, ``"2d"``, ``"1w"``
+    (the units Postfix takes)."""
     if isinstance(value, bool):
         raise ValueError("a duration is seconds or a string such as \"15m\"")
     if isinstance(value, (int, float)):
@@ -105,7 +109,7 @@ def parse_duration(value: int | float | str) -> float:
         m = _DURATION_RE.match(value)
         if m:
             return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f"{value!r} is not a duration (seconds, or \"30s\", \"15m\", \"12h\", \"2d\")")
+    raise ValueError(f"{value!r} is not a duration (seconds, or \"30s\", \"15m\", \"12h\", \"2d\", \"1w\")")
 
 
 # --------------------------------------------------------------------------- converters
@@ -204,13 +208,34 @@ def parse_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
         else:
             args.append(part)
     if kind in ("tcp", "tcp6"):
+        if len(args) > 1 and "interface" in kwargs:
+            raise ValueError(f"{description!r}: the colons of an IPv6 address are escaped "
+                             f"({kind}:PORT:interface=\\:\\:1)")
         if len(args) != 1 or not re.match(r"^\d+$", args[0]):
             raise ValueError(f"{description!r} has no port number")
         if int(args[0]) > 65535:
             raise ValueError(f"{description!r}: port out of range")
+        if "interface" in kwargs:
+            # Twisted binds tcp: to an IPv4 or an IPv6 address, tcp6: to an IPv6 address only
+            # (given an IPv4 one it would silently listen on IPv4)
+            try:
+                address = ipaddress.ip_address(kwargs["interface"])
+            except ValueError:
+                raise ValueError(f"{description!r}: interface= takes an IP address of this "
+                                 f"host, not {kwargs['interface']!r} (leave it out to listen "
+                                 "on every address)") from None
+            if kind == "tcp6" and address.version != 6:
+                raise ValueError(f"{description!r}: tcp6: listens on an IPv6 address; for "
+                                 f"{address} write tcp:{args[0]}:interface={address}")
     elif kind == "unix":
         if len(args) != 1 or not args[0]:
             raise ValueError(f"{description!r} has no socket path (unix:PATH)")
+        if "mode" in kwargs and not re.match(r"^0?[0-7]{1,3}$", kwargs["mode"]):
+            raise ValueError(f"{description!r}: mode is the socket file's permissions in octal "
+                             "(mode=660), not " + repr(kwargs["mode"]))
+        if "lockfile" in kwargs and kwargs["lockfile"] not in ("0", "1"):
+            raise ValueError(f"{description!r}: lockfile is 1 (the default: PATH.lock, and a "
+                             "socket left by a killed server is removed) or 0")
     else:
         if args:
             raise ValueError(f"{description!r}: systemd: takes only domain= and index= or name=")
@@ -224,6 +249,21 @@ def parse_endpoint(description: str) -> tuple[str, list[str], dict[str, str]]:
         if number in kwargs and not re.match(r"^\d+$", kwargs[number]):
             raise ValueError(f"{description!r}: {number} must be a whole number")
     return kind, args, kwargs
+
+
+def _escape_field(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def resolve_unix_endpoint(description: str, base: Path) -> str:
+    """A ``unix:`` description with its socket path (and ``lockfile``'s) made absolute, relative
+    to ``base`` (the config file's folder); any other description unchanged."""
+    kind, args, kwargs = parse_endpoint(description)
+    if kind != "unix":
+        return description
+    path = Path(os.path.normpath(base / args[0]))
+    return ":".join(["unix", _escape_field(str(path)),
+                     *(f"{k}={_escape_field(v)}" for k, v in kwargs.items())])
 
 
 def _endpoints(value: Any) -> tuple[str, ...]:
@@ -273,6 +313,13 @@ def _domain_list(value: Any) -> tuple[str, ...]:
             raise ValueError(f"domain {item!r} is listed twice")
         out.append(d)
     return tuple(out)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path``, named by a key that takes a file, is not one: missing, or a folder."""
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    return f"file not found: {path}"
 
 
 def _path(value: Any) -> Path | None:
@@ -566,8 +613,8 @@ class Pop3Config:
     tls_listen: tuple[str, ...] = key(_endpoints, [], "POP3S listeners: TLS from the first byte")
     require_secure_auth: bool = key(_boolean, False,
                                     "USER/PASS, PLAIN, LOGIN only after STLS or on POP3S")
-    idle_timeout: float = key(_duration, "10m", "an idle session is closed; at least 10 minutes "
-                              "(RFC 1939 section 3)")
+    idle_timeout: float = key(_duration, "10m", "an idle session is closed; under 10 minutes "
+                              "(RFC 1939 section 3) is a warning")
     auth_failure_delay: float = key(_duration, "2s", "delay after a failed log-in, doubling per "
                                     "source address")
     auth_failure_delay_max: float = key(_duration, "30s", "the longest log-in failure delay")
@@ -585,7 +632,8 @@ class SmtpConfig:
     submission_listen: tuple[str, ...] = key(_endpoints, [], "submission listeners: AUTH "
                                              "required before MAIL")
     tls_listen: tuple[str, ...] = key(_endpoints, [], "SMTPS listeners: TLS from the first byte")
-    max_message_size: int = key(_size, "10MB", "SIZE limit; 552 5.3.4 past it")
+    max_message_size: int = key(_size, "10MB", "SIZE limit; 552 5.3.4 past it; 0: no fixed "
+                                "maximum (RFC 1870)")
     max_recipients: int = key(_positive, 100, "recipients per message; 452 4.5.3 past it; "
                               "under 100 (RFC 5321 section 4.5.3.1.8) is a warning",
                               unit="recipients")
@@ -596,8 +644,8 @@ class SmtpConfig:
     max_connections: int = key(_positive, 1000, "concurrent sessions", unit="connections")
     max_connections_per_client: int = key(_positive, 50, "concurrent sessions from one address",
                                           unit="connections")
-    idle_timeout: float = key(_duration, "10m", "an idle session is closed; at least 5 minutes "
-                              "(RFC 5321 section 4.5.3.2.7)")
+    idle_timeout: float = key(_duration, "10m", "an idle session is closed; under 5 minutes "
+                              "(RFC 5321 section 4.5.3.2.7) is a warning")
     auth_failure_delay: float = key(_duration, "2s", "delay after a failed AUTH, doubling per "
                                     "source address")
     auth_failure_delay_max: float = key(_duration, "30s", "the longest AUTH failure delay")
@@ -895,6 +943,17 @@ class _Reader:
                 out[key] = Path(os.path.normpath(self.base / out[key]))
         return out
 
+    def listeners(self, values: dict[str, Any], name: str) -> dict[str, Any]:
+        """``values`` with every ``unix:`` listener's path made relative to the config file's
+        folder (``resolve_unix_endpoint``)."""
+        for key in ("listen", "tls_listen", "submission_listen"):
+            if key in values:
+                try:
+                    values[key] = tuple(resolve_unix_endpoint(d, self.base) for d in values[key])
+                except ValueError as e:
+                    raise self.fail(name, key, str(e)) from None
+        return values
+
     def keys(self, data: Any, name: str, cls: type) -> dict[str, Any]:
         """Convert one table by the keys declared in ``cls`` (its sub-tables are read apart)."""
         return self.section(data, name, _spec(cls), _subsections(cls))
@@ -914,6 +973,25 @@ class _Reader:
     domain_list = staticmethod(_domain_list)
     path_or_none = staticmethod(_path)
     choice = staticmethod(_choice)
+
+
+def locate(path: str | Path | None, message: str) -> str:
+    """``message`` of a check made after parsing (``"[tls.private_key] ..."``: the TLS files,
+    the state folder) with ``FILE:LINE: `` in front, as the parser's own errors have, where
+    FILE is the config file and LINE the line of the key named in brackets (the file alone
+    when the key is not written in it). Other messages are returned unchanged."""
+    m = re.match(r"^\[([a-z0-9_.]+)\]", message)
+    if path is None or not m:
+        return message
+    section, _, key = m.group(1).rpartition(".")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return f"{path}: {message}"
+    reader = _Reader(text, Path(path))
+    if section:
+        return f"{reader.where(section, key)}: {message}"
+    return f"{reader.where(key, None)}: {message}"
 
 
 def load_config(path: str | Path) -> Config:
@@ -951,11 +1029,18 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         hostname=server["hostname"], state_dir=server["state_dir"], workers=server.get("workers", 1)
     )
 
-    pop3_cfg = Pop3Config(**r.keys(data.get("pop3", {}), "pop3", Pop3Config))
-    if pop3_cfg.idle_timeout < 600:
-        raise r.fail("pop3", "idle_timeout", "must be at least 10 minutes (RFC 1939 section 3)")
+    pop3_cfg = Pop3Config(**r.listeners(r.keys(data.get("pop3", {}), "pop3", Pop3Config), "pop3"))
+    # RFC 1939 section 3 asks for at least 10 minutes, RFC 5321 section 4.5.3.2.7 for 5; a
+    # shorter time is the administrator's choice (Postfix's smtpd_timeout, the Windows POP3
+    # service's socket timeout take any): a warning, as for max_recipients
+    if pop3_cfg.idle_timeout <= 0:
+        raise r.fail("pop3", "idle_timeout", "must be longer than zero")
+    if pop3_cfg.idle_timeout < POP3_MIN_IDLE:
+        r.warn("pop3", "idle_timeout",
+               f"{pop3_cfg.idle_timeout:g} seconds is under the 10 minutes RFC 1939 (section 3) "
+               "asks for: a client that pauses longer is logged out")
 
-    smtp_cfg = SmtpConfig(**r.keys(data.get("smtp", {}), "smtp", SmtpConfig))
+    smtp_cfg = SmtpConfig(**r.listeners(r.keys(data.get("smtp", {}), "smtp", SmtpConfig), "smtp"))
     if smtp_cfg.max_recipients < RFC5321_MIN_RECIPIENTS:
         # RFC 5321 section 4.5.3.1.8: a server must be able to take 100 recipients; a lower
         # limit is the administrator's choice (clients get 452 4.5.3 and send the rest later).
@@ -963,8 +1048,13 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                f"{smtp_cfg.max_recipients} is under the {RFC5321_MIN_RECIPIENTS} recipients a "
                "server must accept (RFC 5321 section 4.5.3.1.8): clients get 452 4.5.3 past "
                "it and must send to the others in another transaction")
-    if smtp_cfg.idle_timeout < 300:
-        raise r.fail("smtp", "idle_timeout", "must be at least 5 minutes (RFC 5321 section 4.5.3.2.7)")
+    if smtp_cfg.idle_timeout <= 0:
+        raise r.fail("smtp", "idle_timeout", "must be longer than zero")
+    if smtp_cfg.idle_timeout < SMTP_MIN_IDLE:
+        r.warn("smtp", "idle_timeout",
+               f"{smtp_cfg.idle_timeout:g} seconds is under the 5 minutes RFC 5321 (section "
+               "4.5.3.2.7) asks for: a client that waits longer between commands is cut off "
+               "with 421 4.4.2")
 
     tls = r.keys(data.get("tls", {}), "tls", TlsConfig)
     tls_cfg = TlsConfig(**tls)
@@ -978,7 +1068,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         if tls_cfg.self_signed and not (tls_cfg.certificate.exists() or tls_cfg.private_key.exists()):
             break
         if p is not None and not p.is_file():
-            raise r.fail("tls", key, f"file not found: {p}")
+            raise r.fail("tls", key, _not_a_file(p) + (
+                " (self_signed creates the pair only when both files are missing)"
+                if tls_cfg.self_signed and not p.is_dir() else ""))
 
     auth_data = data.get("auth", {})
     auth = r.keys(auth_data, "auth", AuthConfig)
@@ -1009,11 +1101,11 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         if dir_cfg.bind_password_file is None:
             raise r.fail("auth.directory", "bind_password_file", "is required with auth.method = \"directory\"")
         if not dir_cfg.bind_password_file.is_file():
-            raise r.fail("auth.directory", "bind_password_file", f"file not found: {dir_cfg.bind_password_file}")
+            raise r.fail("auth.directory", "bind_password_file", _not_a_file(dir_cfg.bind_password_file))
         for key in ("ca_file",):
             p = getattr(dir_cfg, key)
             if p is not None and not p.is_file():
-                raise r.fail("auth.directory", key, f"file not found: {p}")
+                raise r.fail("auth.directory", key, _not_a_file(p))
 
     dom_data = data.get("domains", {})
     doms = r.keys(dom_data, "domains", DomainsConfig)
@@ -1064,9 +1156,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     if sh_cfg.username and sh_cfg.password_file is None:
         raise r.fail("smarthost", "password_file", "is required when smarthost.username is set")
     if sh_cfg.password_file is not None and not sh_cfg.password_file.is_file():
-        raise r.fail("smarthost", "password_file", f"file not found: {sh_cfg.password_file}")
+        raise r.fail("smarthost", "password_file", _not_a_file(sh_cfg.password_file))
     if sh_cfg.ca_file is not None and not sh_cfg.ca_file.is_file():
-        raise r.fail("smarthost", "ca_file", f"file not found: {sh_cfg.ca_file}")
+        raise r.fail("smarthost", "ca_file", _not_a_file(sh_cfg.ca_file))
 
     queue_cfg = QueueConfig(**r.keys(data.get("queue", {}), "queue", QueueConfig))
 
@@ -1221,7 +1313,7 @@ def _parse_gateway(r: _Reader, data: Mapping[str, Any], auth: AuthConfig,
     policies.sort(key=lambda x: x.priority)
     if gw.get("update_bind_password_file") is not None and not gw["update_bind_password_file"].is_file():
         raise r.fail("gateway", "update_bind_password_file",
-                     f"file not found: {gw['update_bind_password_file']}")
+                     _not_a_file(gw['update_bind_password_file']))
     return GatewayConfig(enabled=enabled, connectors=tuple(connectors),
                          recipient_policies=tuple(policies), **gw)
 

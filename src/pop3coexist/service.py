@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import abstract, defer, endpoints, error, tcp
+from twisted.internet import abstract, defer, endpoints, error, fdesc, tcp, unix
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -99,7 +99,17 @@ def preflight(config: Config) -> None:
 
     Logs the config's warnings (``Config.warnings``, an expired certificate) once.
     """
+    from pop3coexist.startup import check_state_dir
+
+    check_state_dir(config.server.state_dir)
     prepare_state(config)
+    try:
+        from pop3coexist.store.queue import FileQueue
+
+        FileQueue(config.server.queue_dir, config.server.hostname).ensure_dirs()
+    except OSError as e:
+        raise ConfigError(f"[server.state_dir] the queue {config.server.queue_dir} is not usable: "
+                          f"{e.strerror or e}") from None
     try:
         ensure_self_signed(config.tls, config.server.hostname)
     except OSError as e:
@@ -291,10 +301,16 @@ class ListenerService(service.Service):
         reactor = self.reactor or default_reactor
         try:
             if self._adopt is not None:
-                endpoint = endpoints.AdoptedStreamServerEndpoint(reactor, *self._adopt)
+                fd, family = self._adopt
+                fdesc.setNonBlocking(fd)
+                port = adopt_stream_port(reactor, fd, family, self.factory)
+                os.close(fd)  # the port holds its own copy
+                self._listening = defer.succeed(port)
             else:
+                check_unix_folder(self.description)
+                remove_stale_unix_socket(self.description)
                 endpoint = endpoints.serverFromString(reactor, self.description)
-            self._listening = endpoint.listen(self.factory)
+                self._listening = endpoint.listen(self.factory)
         except Exception:  # a description the endpoint parser refuses: a failed listener
             self._listening = defer.fail()
 
@@ -327,6 +343,97 @@ class ListenerService(service.Service):
         if self.port is None:
             return None
         return getattr(self.port.getHost(), "port", None)
+
+
+class AdoptedUnixPort(unix.Port):
+    """A listening UNIX socket adopted from another process: a worker's inherited socket, or
+    one systemd passed. Its file belongs to whoever bound it: Twisted's own port would chmod
+    it to 0666 when adopting it (undoing ``unix:PATH:mode=`` and systemd's ``SocketMode=``),
+    and when it stops listening would shut the shared socket down (for every process) and
+    unlink its file (so a worker that ended would take the socket away from the server). This
+    one leaves the socket, the file's mode and its existence alone, as Twisted does for an
+    adopted TCP socket."""
+
+    _shouldShutdown = False  # the socket is shared: closing our copy must not end theirs
+
+    def startListening(self) -> None:  # noqa: N802 (Twisted's name)
+        skt, self._preexistingSocket = self._preexistingSocket, None
+        if skt is None:
+            raise error.CannotListenError(None, self._bindPath, "no socket to adopt")
+        tcp._reservedFD.reserve()
+        self.factory.doStart()
+        skt.listen(self.backlog)
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno
+        self.numberAccepts = 100
+        self.startReading()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted's name)
+        tcp.Port.connectionLost(self, reason)  # the socket file stays
+
+
+def adopt_stream_port(reactor: Any, fd: int, family: socket.AddressFamily,
+                      factory: Any) -> Any:
+    """Listen with ``factory`` on the listening socket ``fd`` (a non-blocking descriptor this
+    process inherited; the caller closes it afterwards). A UNIX socket's file is left as it is
+    (AdoptedUnixPort); a TCP socket goes to ``reactor.adoptStreamPort``."""
+    if family == socket.AF_UNIX:
+        port = AdoptedUnixPort._fromListeningDescriptor(reactor, fd, factory)
+        port.startListening()
+        return port
+    return reactor.adoptStreamPort(fd, family, factory)
+
+
+def check_unix_folder(description: str) -> None:
+    """Raise OSError naming the folder when a ``unix:`` listener's folder does not exist (the
+    bind would fail with a bare "No such file or directory" about the lock file)."""
+    try:
+        kind, args, _ = parse_endpoint(description)
+    except ValueError:
+        return
+    folder = os.path.dirname(args[0]) if kind == "unix" else ""
+    if folder and not os.path.isdir(folder):
+        raise OSError(f"the folder {folder} does not exist (create it first, or name another)")
+
+
+def remove_stale_unix_socket(description: str) -> bool:
+    """For a ``unix:...:lockfile=0`` listener, remove a socket file that nobody listens on any
+    more (left by a server that was killed); True when one was removed. With the default
+    ``lockfile=1`` Twisted does this itself (by the pid in ``PATH.lock``). A socket something
+    still listens on, and anything that is not a socket, stay: the bind then fails."""
+    import stat
+
+    try:
+        kind, args, kwargs = parse_endpoint(description)
+    except ValueError:
+        return False
+    if kind != "unix" or kwargs.get("lockfile", "1") != "0":
+        return False
+    path = args[0]
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        return False
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # a socket file with no listener behind it
+        try:
+            os.unlink(path)
+        except OSError:
+            return False
+        log.info("removed the stale socket {path} (nothing listened on it)", path=path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
 
 
 YIELD_DELAY = 0.003  # seconds a busier process leaves a new connection to the others
@@ -403,6 +510,7 @@ class Pop3CoexistService(service.MultiService):
         self.state_lock: StateLock | None = None  # held for the life of the process (tap.py)
         self.listeners: list[ListenerService] = []
         self.supervisor: Any = None  # workers.WorkerSupervisor when server.workers > 1
+        self.outbound: Any = None  # the delivery runner; start-up waits for its queue scan
         self.limiters: dict[str, Any] = {}
         self.throttles: dict[str, Any] = {}
         self.starting: defer.Deferred[None] | None = None
@@ -437,6 +545,7 @@ class Pop3CoexistService(service.MultiService):
             self._children_started = True
             for child in list(self):
                 child.startService()
+            await self._outbound_started()
             if self.supervisor is not None:
                 await self._start_workers()
             for ls in self.listeners:
@@ -464,6 +573,16 @@ class Pop3CoexistService(service.MultiService):
                   for ls, r in zip(self.listeners, results, strict=True) if not r[0]]
         if failed:
             raise StartupError("; ".join(failed))
+
+    async def _outbound_started(self) -> None:
+        if self.outbound is None:  # no delivery runner in this process
+            return
+        started = self.outbound.started  # OutboundService: a Deferred that fires once scanned
+        try:
+            await started
+        except Exception as e:
+            raise StartupError(f"the outbound queue {self.config.server.queue_dir} cannot start: "
+                               f"{getattr(e, 'strerror', None) or e}") from None
 
     def _start_tables(self) -> None:
         for table in [*self.limiters.values(), *self.throttles.values()]:
@@ -613,6 +732,7 @@ def make_service(config: Config, reactor: Any = None,
 
     outbound = OutboundService(config, queue, store=parts.store, reactor=reactor)
     outbound.setServiceParent(top)
+    top.outbound = outbound
     _CheckerCloser(parts.checker).setServiceParent(top)
     if config.server.workers > 1:
         from pop3coexist.workers import WorkerSupervisor

@@ -101,6 +101,56 @@ class StateLock:
             self.fd = None
 
 
+# The folders under state_dir the server writes in, and the files it writes in run/
+STATE_FOLDERS = ("", "run", "mailroot", "queue", "queue/msg", "queue/env", "queue/tmp")
+RUN_FILES = (LOCK_NAME, "listeners.json", "connections-pop3.table", "connections-smtp.table",
+             "auth-failures-pop3.table", "auth-failures-smtp.table")
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Check, without changing anything, that the server can write its state folder: each of
+    STATE_FOLDERS is a folder it can write in, or can be created (its nearest existing parent
+    is a folder that can be written), and none of RUN_FILES is a folder.
+
+    Raises ConfigError naming ``server.state_dir`` and the path: a file where a folder should
+    be, a folder that cannot be written (a read-only file system, permissions).
+    """
+    state_dir = Path(state_dir)
+    for rel in STATE_FOLDERS:
+        path = state_dir / rel if rel else state_dir
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise ConfigError(f"[server.state_dir] {path} is a file where the server needs a "
+                                  "folder; move it away")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"[server.state_dir] the folder {path} cannot be written "
+                                  f"({_why_not_writable(path)})")
+            continue
+        parent = path.parent
+        while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"[server.state_dir] cannot create the folder {path}: {parent} is a "
+                              "file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"[server.state_dir] cannot create the folder {path}: {parent} "
+                              f"cannot be written ({_why_not_writable(parent)})")
+    for name in RUN_FILES:
+        path = state_dir / "run" / name
+        if path.is_dir():
+            raise ConfigError(f"[server.state_dir] {path} is a folder where the server writes a "
+                              "file; move it away")
+
+
+def _why_not_writable(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "a read-only file system"
+    except OSError:
+        pass
+    return "permission denied"
+
+
 def _read_pid(fd: int) -> int | None:
     try:
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()

@@ -41,12 +41,13 @@ def makeService(options: Options) -> Any:
     """Load the config, lock the state folder, check the set-up, then build the service; a
     config error or a state folder in use is one line on stderr and exit status 1, before
     anything listens (and, daemonised, before twistd forks)."""
-    from pop3coexist.config import load_config
+    from pop3coexist.config import load_config, locate
     from pop3coexist.service import make_service, preflight
-    from pop3coexist.startup import StartupReport, StateInUse, StateLock
+    from pop3coexist.startup import StartupReport, StateInUse, StateLock, check_state_dir
 
     try:
         config = load_config(options["config"])
+        check_state_dir(config.server.state_dir)
         lock = StateLock.acquire(config.server.state_dir)
         preflight(config)
         report = StartupReport(options.parent)  # twistd's own options: its status pipe
@@ -55,6 +56,6 @@ def makeService(options: Options) -> Any:
     except StateInUse as e:
         raise SystemExit(f"pop3coexist: cannot start: {e}")
     except ConfigError as e:
-        raise SystemExit(f"pop3coexist: configuration error: {e}")
+        raise SystemExit(f"pop3coexist: configuration error: {locate(options['config'], str(e))}")
     top.state_lock = lock
     return top

@@ -75,11 +75,15 @@ class LoadedTls:
 def _read(path: Path, key: str) -> bytes:
     try:
         return path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"[tls.{key}] {path} is a folder, not a file") from None
     except OSError as e:
         raise ConfigError(f"[tls.{key}] cannot read {path}: {e.strerror}")
 
 
 def _not_pem(path: Path, key: str, what: str, data: bytes) -> ConfigError:
+    if not data.strip():
+        return ConfigError(f"[tls.{key}] {path} is empty: it should hold the PEM {what}")
     if b"-----BEGIN" not in data:
         hint = ("it looks like DER (binary): convert it with "
                 f"`openssl {'x509' if key == 'certificate' else 'pkey'} -inform der -in FILE`"

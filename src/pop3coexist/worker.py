@@ -117,7 +117,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pop3coexist.config import load_config
     from pop3coexist.errors import ConfigError
-    from pop3coexist.service import Components, _CheckerCloser, make_frontends, share_accepts
+    from pop3coexist.service import (
+        Components,
+        _CheckerCloser,
+        adopt_stream_port,
+        make_frontends,
+        share_accepts,
+    )
 
     try:
         config = load_config(args.config)
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = socket.socket(fileno=os.dup(fd))
         family = probe.family
         probe.close()
-        port = reactor.adoptStreamPort(fd, family, factory)
+        port = adopt_stream_port(reactor, fd, family, factory)
         port.stopReading()  # accept nothing until the main process says "serve"
         os.close(fd)
         share_accepts(port)

@@ -155,6 +155,55 @@ def test_smtplib_bare_lf_and_bare_cr(server) -> None:
         b"Return-Path: <a@example.test>\nReceived: from client.test ")
 
 
+def test_auth_lines_and_starttls_with_bare_lf(server) -> None:
+    """Raw socket, then real TLS: AUTH PLAIN's initial response and its continuation line may
+    end in a bare LF (answered at once, the right user logged in), a bare CR inside one is
+    refused with 500 5.5.2 and ends the exchange; ``STARTTLS<LF>`` with commands pipelined
+    after it starts TLS, drops them (no transaction exists after the handshake), and commands
+    inside TLS may end in a bare LF too."""
+    import base64
+    import ssl
+
+    plain = base64.b64encode(f"\0{TED}\0{PASSWORD}".encode())
+    c = Lines(server.port("smtp"))
+    try:
+        assert c.line().startswith(b"220 ")
+        c.send(b"EHLO a.example\n")
+        assert c.smtp_reply()[-1].startswith(b"250 ")
+        c.send(b"AUTH PLAIN\n")
+        assert c.smtp_reply() == [b"334 "]
+        c.send(plain[:8] + b"\r" + plain[8:] + b"\n")
+        assert c.smtp_reply() == [b"500 5.5.2 Syntax error: bare <CR> received (RFC 5321 section 2.3.8)"]
+        c.send(b"AUTH PLAIN\r\n")
+        assert c.smtp_reply() == [b"334 "]
+        c.send(plain + b"\n")
+        assert c.smtp_reply() == [b"235 2.7.0 Authentication successful"]
+    finally:
+        c.close()
+    c = Lines(server.port("smtp"))
+    try:
+        assert c.line().startswith(b"220 ")
+        c.send(b"EHLO a.example\r\n")
+        assert b"250-STARTTLS" in c.smtp_reply()
+        c.send(b"STARTTLS\nMAIL FROM:<evil@example.test>\nRCPT TO:<ted@pop.contoso.test>\n")
+        assert c.smtp_reply() == [b"220 2.0.0 Ready to start TLS"]
+        assert c.buf == b""
+        ctx = ssl.create_default_context(cafile=str(server.certs.ca_cert))
+        ctx.check_hostname = False
+        c.sock = ctx.wrap_socket(c.sock)
+        c.send(b"RCPT TO:<ted@pop.contoso.test>\n")
+        assert c.smtp_reply() == [b"503 5.5.1 Need MAIL command first"]
+        c.send(b"EHLO a.example\n")
+        assert c.smtp_reply()[-1].startswith(b"250 ")
+        c.send(b"AUTH PLAIN " + plain + b"\n")
+        assert c.smtp_reply() == [b"235 2.7.0 Authentication successful"]
+        c.send(b"MAIL FROM:<>\nQUIT\n")
+        assert c.smtp_reply() == [b"250 2.1.0 Sender <> OK"]
+        assert c.smtp_reply() == [b"221 2.0.0 pop.contoso.test closing connection"]
+    finally:
+        c.close()
+
+
 def test_reject_mode_refuses_bare_lf_at_once(tmp_path: Path) -> None:
     """With ``bare_newline = "reject"`` (real server, raw socket): a bare-LF command is refused
     at once with 500 5.5.2, not acted on, and the session goes on with CRLF commands."""

@@ -93,6 +93,25 @@ def test_null_sender_after_auth_with_smtplib(server) -> None:
                "the receipt in ann's mailbox")
 
 
+def test_null_sender_after_auth_on_the_smtps_port(server) -> None:
+    """SMTPS (TLS from the first byte), smtplib: after AUTH, MAIL FROM:<> gets 250 in any
+    spelling (``MAIL FROM: <>`` too) and another user's address gets 553 5.7.1."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(server.certs.ca_cert))
+    ctx.check_hostname = False
+    with smtplib.SMTP_SSL("127.0.0.1", server.port("smtps"), local_hostname="client.test",
+                          timeout=30, context=ctx) as s:
+        s.login(f"ted@{HOSTNAME}", TED_PW)
+        assert s.docmd("MAIL FROM: <> BODY=8BITMIME") == (250, b"2.1.0 Sender <> OK")
+        assert s.rcpt(f"ann@{HOSTNAME}")[0] == 250
+        assert s.data(b"Subject: Auto: away\r\n\r\nI am away.\r\n")[0] == 250
+        code, text = s.docmd("MAIL FROM:<@relay.example:ann@pop.contoso.test>")
+        assert (code, text[:5]) == (553, b"5.7.1")
+    wait_until(lambda: pop_stat(server, f"ann@{HOSTNAME}", ANN_PW)[0] == 1, 30,
+               "the auto-reply in ann's mailbox")
+
+
 def test_null_sender_after_auth_with_swaks(server) -> None:
     """swaks --from '<>' with AUTH PLAIN after STARTTLS: accepted; swaks with a forged sender:
     553 5.7.1 and a failing exit code."""
@@ -179,3 +198,19 @@ def test_second_domain_ends_bare_name_logins_with_a_warning(server) -> None:
     assert pop_stat(server, f"TED@{HOSTNAME}", TED_PW)[0] == 0
     with submission(server) as s:
         assert s.login(f"ted@{HOSTNAME}", TED_PW)[0] == 235
+    # APOP and AUTH LOGIN follow the same rule; removing the second domain brings bare names back
+    p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=30)
+    with pytest.raises(poplib.error_proto) as e:
+        p.apop("ted", TED_PW)
+    assert b"[AUTH]" in e.value.args[0]
+    p.close()
+    with submission(server) as s, pytest.raises(smtplib.SMTPAuthenticationError):
+        s.login("TED", TED_PW, initial_response_ok=False)  # AUTH PLAIN without initial response
+    server.admin("domain", "remove", "fabrikam.test", "--yes")
+    wait_until(lambda: not bare_refused(), 30, "the bare name back with one local domain")
+    p = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=30)
+    assert p.apop("Ted", TED_PW).startswith(b"+OK")
+    p.quit()
+    with submission(server) as s:
+        s.user, s.password = "ted", TED_PW
+        assert s.auth("LOGIN", s.auth_login, initial_response_ok=False)[0] == 235

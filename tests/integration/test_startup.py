@@ -147,17 +147,23 @@ def test_a_taken_port_refuses_to_start_daemonised(tmp_path: Path) -> None:
 
 def test_a_shared_table_that_cannot_be_created_refuses_to_start(tmp_path: Path) -> None:
     """workers = 2 with ``run/connections-pop3.table`` a folder (the state cannot be written):
-    the listeners were bound, yet the server ends non-zero naming the table file."""
+    the server ends non-zero naming the table file, the config line and the key, now before
+    any listener is bound (the state folder is checked first; a table that fails after the
+    bind is tests/unit/test_startup.py::test_shared_table_failure_names_the_file), and nothing
+    is left running."""
     require_installed_plugin()
     srv = ServerProcess(tmp_path, tls=False, server_config="workers = 2")
     srv.write_config()
-    (srv.state_dir / "run" / "connections-pop3.table").mkdir(parents=True)
+    table = srv.state_dir / "run" / "connections-pop3.table"
+    table.mkdir(parents=True)
     out = _twistd(srv)
     text = out.stdout + out.stderr
     assert out.returncode != 0
-    assert "cannot create a table shared with the worker processes:" in text
-    assert "connections-pop3.table" in text
-    _assert_refused(srv, out, "cannot create a table shared with the worker processes:")
+    assert (f"{srv.config_path}:3: [server.state_dir] {table.resolve()} is a folder where the "
+            "server writes a file; move it away") in text
+    assert "Traceback" not in text
+    assert not (srv.root / "second.pid").exists()
+    assert _lock_is_free(srv.state_dir)
 
 
 def test_a_worker_that_cannot_start_refuses_to_start(tmp_path: Path) -> None:

@@ -9,10 +9,13 @@ import pytest
 from pop3coexist.address import (
     Address,
     AddressError,
+    AddressNeedsUTF8,
     AddressRefused,
+    login_to_address,
     parse_address,
     parse_path,
     quote_local,
+    strip_source_route,
     unquote_local,
 )
 
@@ -42,6 +45,14 @@ PARSED = [
     ("a@[IPv6:::ffff:192.0.2.1]", "a@[IPv6:::ffff:c000:201]", False),
     ('"a b"@[192.0.2.1]', '"a b"@[192.0.2.1]', True),
     ("a@x-1.example-2.test", "a@x-1.example-2.test", False),
+    ('"' + "x" * 62 + '"@example.test', "x" * 62 + "@example.test", False),  # 64 octets written
+    ('"' + "x" * 60 + '\\\\"@example.test', '"' + "x" * 60 + '\\\\"@example.test', True),
+    ("x" * 64 + "@example.test", "x" * 64 + "@example.test", False),
+    ("a@123.example", "a@123.example", False),  # digits-only labels other than the last
+    ("a@[IPv6:::ffff:127.000.000.001]", "a@[IPv6:::ffff:7f00:1]", False),  # Snum leading zeros
+    ("a@[IPv6:2001:db8::192.0.2.1]", "a@[IPv6:2001:db8::c000:201]", False),
+    ("a@[IPv6:::]", "a@[IPv6:::]", False),
+    ('"\\a"@example.test', "a@example.test", False),  # a quoted pair of a letter is the letter
 ]
 
 
@@ -93,8 +104,15 @@ SYNTAX_ERRORS = [
     '"a"',
     '"tab\there"@example.test',
     '"nul\x00"@example.test',
-    '"caf\u00e9"@example.test',
-    '"a\\\u00e9"@example.test',
+    '"del\x7f"@example.test',
+    "a@[IPv6:1::2::3]",
+    "a@[IPv6:127.0.0.1]",
+    "a@[IPv6:::ffff:1.2.3.256]",
+    "a@[IPv6:00001::1]",
+    "a@[IPv6:::1/128]",
+    "a@[1.2.3.0004]",
+    "a@[tag:]",
+    "a@[-tag:x]",
     "x" * 65 + "@example.test",
     '"' + "x" * 63 + '"@example.test',  # 65 octets as written (RFC 5321 4.5.3.1.1)
     "a@" + "x" * 250 + ".test",
@@ -111,12 +129,51 @@ def test_malformed_mailboxes_are_syntax_errors(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["a@localhost", "a@LOCALHOST", '"a b"@intranet',
-                                  "a@[x-tag:anything]", "a@[tag:192.0.2.1]"])
+                                  "a@[x-tag:anything]", "a@[tag:192.0.2.1]", "a@[IPv4:192.0.2.1]",
+                                  "a@192.0.2.1", "a@127.0.0.1", "a@example.123"])
 def test_valid_but_refused_forms_are_policy(text: str) -> None:
-    """A one-label domain or a General-address-literal is valid syntax that this server
-    refuses as policy (AddressRefused: the protocol answers 553 5.7.1, not 501)."""
+    """A one-label domain, a domain name that is an IP address without brackets (its last
+    label all digits: RFC 1123 section 2.1) or a General-address-literal is valid syntax that
+    this server refuses as policy (AddressRefused: the protocol answers 553 5.7.1, not 501)."""
     with pytest.raises(AddressRefused):
         parse_address(text)
+
+
+@pytest.mark.parametrize("text", ['"caf\u00e9"@example.test', '"a\\\u00e9"@example.test',
+                                  "t\u00e9d@example.test", "ted@b\u00fccher.example",
+                                  "ted@example.test\udce9"])
+def test_non_ascii_needs_smtputf8(text: str) -> None:
+    """Non-ASCII characters (UTF-8, or octets that are not UTF-8, kept as surrogates) raise
+    AddressNeedsUTF8: an internationalised address needs SMTPUTF8 (RFC 6531), not offered
+    here; the protocol answers 553 5.6.7, not a syntax code."""
+    with pytest.raises(AddressNeedsUTF8):
+        parse_address(text)
+
+
+@pytest.mark.parametrize(("path", "mailbox"), [
+    ("@a.example:ted@pop.contoso.test", "ted@pop.contoso.test"),
+    ("@a.example,@B.Example:ted@pop.contoso.test", "ted@pop.contoso.test"),
+    ("@relay:ted@pop.contoso.test", "ted@pop.contoso.test"),  # one label: grammar allows it
+    ('@a.example:"x:y"@pop.contoso.test', '"x:y"@pop.contoso.test'),
+    ("ted@pop.contoso.test", "ted@pop.contoso.test"),
+    ('"@a.example:ted"@pop.contoso.test', '"@a.example:ted"@pop.contoso.test'),  # quoted: no route
+])
+def test_source_route_is_dropped(path: str, mailbox: str) -> None:
+    """RFC 5321 4.1.1.3 / appendix C: a source route (A-d-l) in front of the Mailbox is checked
+    and ignored; only the Mailbox is left to decide where mail goes."""
+    assert strip_source_route(path) == mailbox
+    assert parse_path(f"<{path}>") == parse_address(mailbox)
+
+
+@pytest.mark.parametrize("path", ["@a.example:", "@a.example", "@:ted@x.test", "@a..b:ted@x.test",
+                                  "@a.example,ted@x.test", "@[192.0.2.1]:ted@x.test",
+                                  "@a.example;@b.example:ted@x.test", "@a.example ,@b:ted@x.test",
+                                  "@-a.example:ted@x.test", "@a.example:" + "x" * 250 + "@x.test"])
+def test_malformed_source_routes_are_syntax_errors(path: str) -> None:
+    """A route outside the A-d-l grammar, or a path over 256 octets, is a syntax error."""
+    with pytest.raises(AddressError) as e:
+        parse_address(strip_source_route(path))
+    assert not isinstance(e.value, AddressRefused)
 
 
 def test_quote_and_unquote_round_trip() -> None:
@@ -134,3 +191,60 @@ def test_path_and_key() -> None:
     assert parse_address('"A B"@example.test').key == '"a b"@example.test'
     assert parse_address("a@[IPv6:::1]").literal is not None
     assert parse_address("a@example.test").literal is None
+
+
+ONE = ("pop.contoso.test",)
+TWO = ("pop.contoso.test", "second.test")
+
+LOGINS = [
+    # (log-in name, the server's local domains, what it maps to): the README's name rule
+    ("ted", (), None),
+    ("ted", ONE, ("ted", "pop.contoso.test")),
+    ("TED", ONE, ("ted", "pop.contoso.test")),
+    ("ted", TWO, None),
+    ("ted", ("POP.Contoso.TEST",), ("ted", "pop.contoso.test")),
+    ("ted@pop.contoso.test", (), ("ted", "pop.contoso.test")),  # the checker then asks the domain
+    ("Ted@POP.Contoso.Test", ONE, ("ted", "pop.contoso.test")),
+    ("ted@second.test", TWO, ("ted", "second.test")),
+    ("ted@pop.contoso.test.", ONE, None),
+    ("ted@", ONE, None),
+    ("@pop.contoso.test", ONE, None),
+    ("@", ONE, None),
+    ('"ted"@pop.contoso.test', ONE, None),
+    ("ted@[127.0.0.1]", ONE, None),
+    ("ted@127.0.0.1", ONE, None),
+    ("ted@localhost", ONE, None),
+    ("t ed", ONE, None),
+    (" ted", ONE, None),
+    ("ted\n", ONE, None),
+    ("ted\r", ONE, None),
+    ("t\u00e9d", ONE, None),
+    ("", ONE, None),
+    ("a" * 65, ONE, None),
+]
+
+
+@pytest.mark.parametrize(("login", "domains", "expected"), LOGINS)
+def test_login_name_rule(login: str, domains: tuple[str, ...], expected) -> None:
+    """A log-in name is the full address (any case) or, while there is exactly one local
+    domain, the bare local part; anything else (a domain literal, a trailing dot, a quoted or
+    spaced name, control or non-ASCII characters) maps to nothing."""
+    assert login_to_address(login, domains) == expected
+
+
+@pytest.mark.parametrize("domains", [(), TWO, (*TWO, "third.test")])
+def test_refused_bare_name_is_logged_with_the_reason(domains: tuple[str, ...]) -> None:
+    """map_login logs one info line naming the bare name and the number of local domains
+    (0, 2, 3: anything but one), never a password, so an administrator sees why it failed."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from pop3coexist.identity.logins import map_login
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        assert map_login("Ted", list(domains)) is None
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [line] = [formatEvent(e) for e in events if "bare name" in formatEvent(e)]
+    assert "'Ted'" in line and f"it has {len(domains)} " in line

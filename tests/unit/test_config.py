@@ -246,11 +246,48 @@ def test_smarthost_username_needs_password_file():
     assert "[smarthost.password_file]" in error_of("[smarthost]\nusername = \"svc\"\n")
 
 
-def test_rfc_minimums():
-    """RFC minimums that are errors: POP3 idle timeout >= 10 minutes (RFC 1939), SMTP idle
-    timeout >= 5 minutes (RFC 5321)."""
-    assert "[pop3.idle_timeout]" in error_of("[pop3]\nidle_timeout = \"1m\"\n")
-    assert "[smtp.idle_timeout]" in error_of("[smtp]\nidle_timeout = \"1m\"\n")
+@pytest.mark.parametrize("section,value,seconds,line", [
+    ("pop3", '"1m"', 60.0, "10 minutes RFC 1939"),
+    ("pop3", '"9m"', 540.0, "10 minutes RFC 1939"),
+    ("smtp", '"1m"', 60.0, "5 minutes RFC 5321"),
+    ("smtp", "30", 30.0, "5 minutes RFC 5321"),
+])
+def test_idle_timeout_under_the_rfc_minimum_is_a_warning(tmp_path, section, value, seconds,
+                                                         line):
+    """Fault 8 (a limit a peer accepts): an idle timeout under RFC 1939's 10 minutes (POP3) or
+    RFC 5321's 5 minutes (SMTP) is taken, as Postfix's smtpd_timeout and the Windows POP3
+    service's socket timeout are, and reported as a warning naming file, line and key."""
+    path = tmp_path / "pop3coexist.toml"
+    path.write_text(textwrap.dedent(MINIMAL) + f"[{section}]\nidle_timeout = {value}\n")
+    c = load_config(path)
+    assert getattr(c, section).idle_timeout == seconds
+    (warning,) = c.warnings
+    assert warning.startswith(f"{path}:6: [{section}.idle_timeout]") and line in warning
+
+
+@pytest.mark.parametrize("section", ["pop3", "smtp"])
+def test_idle_timeout_of_zero_is_an_error(section):
+    """An idle timeout of zero would close every session at once: an error naming the key."""
+    assert f"[{section}.idle_timeout] must be longer than zero" in error_of(
+        f"[{section}]\nidle_timeout = 0\n")
+
+
+def test_idle_timeouts_at_the_rfc_minimum_give_no_warning():
+    """10 minutes for POP3 and 5 for SMTP are quiet."""
+    c = cfg('[pop3]\nidle_timeout = "10m"\n[smtp]\nidle_timeout = "5m"\n')
+    assert c.warnings == ()
+
+
+@pytest.mark.parametrize("value,seconds", [('"1w"', 604800.0), ('"2d"', 172800.0)])
+def test_week_durations(value, seconds):
+    """Durations take Postfix's units, weeks included."""
+    assert cfg(f"[queue]\nexpiration = {value}\n").queue.expiration == seconds
+
+
+def test_max_message_size_zero_means_no_fixed_maximum():
+    """Fault 8: smtp.max_message_size = 0 is taken (as Postfix takes it) and means no fixed
+    maximum, which is what EHLO's ``SIZE 0`` tells clients (RFC 1870 section 4)."""
+    assert cfg("[smtp]\nmax_message_size = 0\n").smtp.max_message_size == 0
 
 
 @pytest.mark.parametrize("value", [1, 10, 50, 99])

@@ -22,6 +22,8 @@ BASE = '[server]\nhostname = "pop.contoso.test"\nstate_dir = "var"\n'
     "tcp6:2525:interface=\\:\\:1", "unix:/run/pop3coexist/smtp.sock",
     "unix:/run/p.sock:mode=660:lockfile=1", "systemd:domain=INET:index=0",
     "systemd:domain=INET6:index=3", "systemd:domain=UNIX:name=smtp",
+    "unix:/run/p.sock:mode=0600:lockfile=0", "tcp:2525:interface=\\:\\:1",
+    "tcp:2525:interface=0.0.0.0",
 ])
 def test_accepted_descriptions(description):
     """Every accepted form parses in the config, in every listener key."""
@@ -48,6 +50,14 @@ def test_accepted_descriptions(description):
     ("systemd:domain=INET:index=0:name=smtp", "needs index=N or name=NAME"),
     ("systemd:domain=INET:index=x", "index must be a whole number"),
     ("systemd:domain=PACKET:index=0", "needs domain="),
+    # issue 11 re-run (fault 12): what Twisted would refuse or misread only at start-up
+    ("unix:/run/p.sock:mode=abc", "mode is the socket file's permissions in octal"),
+    ("unix:/run/p.sock:mode=999", "mode is the socket file's permissions in octal"),
+    ("unix:/run/p.sock:lockfile=yes", "lockfile is 1"),
+    ("tcp:25:interface=not-an-address", "interface= takes an IP address"),
+    ("tcp:25:interface=", "leave it out to listen on every address"),
+    ("tcp6:25:interface=127.0.0.1", "tcp6: listens on an IPv6 address"),
+    ("tcp:25:interface=::1", "the colons of an IPv6 address are escaped"),
 ])
 def test_refused_descriptions_name_key_and_accepted_set(description, words):
     """A form this server does not take: the key named, and what to write instead."""
@@ -125,3 +135,14 @@ def test_names_default_to_unknown():
     "unknown", as sd_listen_fds_with_names(3) says; index= still works."""
     s = SystemdSockets({"LISTEN_PID": "42", "LISTEN_FDS": "2"}, pid=42)
     assert s.fds == [3, 4] and s.names == ["unknown", "unknown"]
+
+
+def test_a_relative_unix_path_is_relative_to_the_config_folder(tmp_path):
+    """Fault 12 (README: relative paths are relative to the config file's folder): a
+    ``unix:`` socket path too, with its options kept and its colons escaped."""
+    path = tmp_path / "pop3coexist.toml"
+    path.write_text(BASE + '[smtp]\nsubmission_listen = ["unix:run/sub\\\\:1.sock:mode=660"]\n')
+    from pop3coexist.config import load_config
+
+    (desc,) = load_config(path).smtp.submission_listen
+    assert parse_endpoint(desc) == ("unix", [f"{tmp_path}/run/sub:1.sock"], {"mode": "660"})

@@ -129,8 +129,18 @@ def test_authenticated_relay_can_be_switched_off() -> None:
 TRICKS = [
     # (recipient as written, expected for an untrusted anonymous client)
     ("someone%foreign.example@pop.contoso.test", "550 5.1.1"),  # percent hack stays local
-    ("@pop.contoso.test:someone@foreign.example", "501 5.1.3"),  # source route
-    ("@foreign.example:ted@pop.contoso.test", "501 5.1.3"),
+    # a source route is ignored (RFC 5321 4.1.1.3): the Mailbox after it is judged
+    ("@pop.contoso.test:someone@foreign.example", "554 5.7.1"),
+    ("@pop.contoso.test,@exchange.northwindtraders.test:someone@foreign.example", "554 5.7.1"),
+    ("@exchange.northwindtraders.test:someone@foreign.example", "554 5.7.1"),
+    ("@foreign.example:ted@pop.contoso.test", "local"),
+    ("@foreign.example:nobody@pop.contoso.test", "550 5.1.1"),
+    ("@foreign.example:bob@exchange.northwindtraders.test", "queue"),
+    ("@[127.0.0.1]:someone@foreign.example", "501 5.1.3"),  # a route names domains only
+    ("@pop.contoso.test:", "501 5.1.3"),
+    ("@pop.contoso.test someone@foreign.example", "501 5.1.3"),
+    ("@pop.contoso.test,someone@foreign.example", "501 5.1.3"),
+    ("@:someone@foreign.example", "501 5.1.3"),
     ("someone@foreign.example@pop.contoso.test", "501 5.1.3"),  # double @
     ('"someone@foreign.example"@pop.contoso.test', "550 5.1.1"),  # quoted local part
     ("foreign.example!someone@pop.contoso.test", "550 5.1.1"),  # bang path
@@ -189,6 +199,28 @@ TRICKS = [
     ("POSTMASTER@pop.contoso.test", "postmaster"),
     ("postmaster@foreign.example", "554 5.7.1"),  # not ours: no role redirection
     ("abuse@pop.contoso.test", "550 5.1.1"),  # abuse only when domains.abuse is set
+    # an IP address written as a domain name: valid syntax, refused as policy (RFC 1123 2.1)
+    ("someone@192.0.2.1", "553 5.7.1"),
+    ("ted@127.0.0.1", "553 5.7.1"),
+    ("someone@foreign.123", "553 5.7.1"),
+    ("someone@123.example", "554 5.7.1"),  # digits in other labels are a name
+    # SMTPUTF8 is not offered: a non-ASCII address is 553 5.6.7 (RFC 6531 3.5), never relayed
+    ("t\u00e9d@pop.contoso.test", "553 5.6.7"),
+    ("someone@b\u00fccher.example", "553 5.6.7"),
+    ('"\u00e9"@foreign.example', "553 5.6.7"),
+    ("@foreign.example:\u00e9@pop.contoso.test", "553 5.6.7"),
+    ("someone@foreign.example\udce9", "553 5.6.7"),
+    # IPv6 literal forms of this host, and malformed ones
+    ("ted@[IPv6:0:0::1]", "local"),
+    ("ted@[IPv6:0:0:0:0:0:0:0:1]", "local"),
+    ("ted@[IPv6:::ffff:127.000.000.001]", "local"),  # Snum may have leading zeros (4.1.3)
+    ("someone@[IPv6:::ffff:192.0.2.1]", "554 5.7.1"),
+    ("someone@[IPv6:1::2::3]", "501 5.1.3"),
+    ("someone@[IPv6:127.0.0.1]", "501 5.1.3"),
+    ("someone@[IPv6:::ffff:1.2.3]", "501 5.1.3"),
+    ("someone@[IPv6:1:2:3:4:5:6:7:8:9]", "501 5.1.3"),
+    ("someone@[IPv4:192.0.2.1]", "553 5.7.1"),  # not a standardised tag: policy
+    ("someone@[127.1]", "501 5.1.3"),
 ]
 
 

@@ -276,3 +276,192 @@ def test_gateway_postmaster_of_its_authoritative_domain(tmp_path: Path) -> None:
         (b"Subject: s\r\n\r\nbody\r\n.\r\n", lambda got: got.startswith(b"250 2.0.0 Ok: queued")),
     ], transport=t)
     assert len(store.messages(f"postmaster@{SHARED}")) == 1
+
+
+# ------------------------------------------------------------------ second round (issue 11)
+
+
+def test_source_routes_are_ignored_and_never_relay() -> None:
+    """RFC 5321 4.1.1.3 and appendix C: a source route (A-d-l) in MAIL FROM or RCPT TO is
+    accepted and ignored; the Mailbox after it is judged, so a route through a local or relay
+    domain never opens a relay, and a route to a local mailbox delivers there. A route outside
+    the A-d-l grammar is a syntax error (501 5.1.3); the session goes on."""
+    factory, store, _, queue, _ = make_factory()
+    proto, t = session(factory)
+    run_dialogue(proto, [
+        HELLO,
+        (b"MAIL FROM:<@a.example,@b.example:odd@example.test> SIZE=10\r\n",
+         b"250 2.1.0 Sender <odd@example.test> OK\r\n"),
+        (b"RCPT TO:<@foreign.example:ted@pop.contoso.test>\r\n",
+         b"250 2.1.5 Recipient <ted@pop.contoso.test> OK\r\n"),
+        (b"RCPT TO:<@pop.contoso.test:victim@foreign.example>\r\n",
+         b"554 5.7.1 Relay access denied for <victim@foreign.example>\r\n"),
+        (b"RCPT TO:<@exchange.northwindtraders.test,@pop.contoso.test:victim@foreign.example>\r\n",
+         b"554 5.7.1 Relay access denied for <victim@foreign.example>\r\n"),
+        (b"RCPT TO:<@[127.0.0.1]:victim@foreign.example>\r\n",
+         b"501 5.1.3 Bad recipient address syntax: malformed source route\r\n"),
+        (b"RCPT TO:<@pop.contoso.test:>\r\n",
+         b"501 5.1.3 Bad recipient address syntax: malformed source route\r\n"),
+        (b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        (b"Subject: s\r\n\r\nbody\r\n.\r\n", lambda got: got.startswith(b"250 2.0.0 Ok: queued")),
+    ], transport=t)
+    [message] = store.messages("ted@pop.contoso.test")
+    assert message.startswith(b"Return-Path: <odd@example.test>\n")
+    assert queue.items == []
+
+
+def test_non_ascii_addresses_get_553_5_6_7() -> None:
+    """SMTPUTF8 is not offered: a non-ASCII address in MAIL FROM or RCPT TO (UTF-8, or octets
+    that are not UTF-8) gets 553 5.6.7 (RFC 6531 section 3.5, "non-ASCII addresses not
+    permitted"), not 500 "command unrecognized"; it does not count as a syntax error, so the
+    session goes on however many there are. A non-ASCII parameter is 501 5.5.4, and another
+    command with non-ASCII octets stays 500 5.5.2."""
+    factory, _, _, queue, _ = make_factory()
+    proto, t = session(factory, peer="192.0.2.7")  # trusted: may relay, and still refused
+    sender_refused = (b"553 5.6.7 Sender address rejected: non-ASCII addresses need SMTPUTF8, "
+                      b"which this server does not offer\r\n")
+    rcpt_refused = (b"553 5.6.7 Recipient address rejected: non-ASCII addresses need SMTPUTF8, "
+                    b"which this server does not offer\r\n")
+    run_dialogue(proto, [
+        HELLO,
+        ("MAIL FROM:<t\u00e9d@example.test>\r\n".encode(), sender_refused),
+        (b"MAIL FROM:<a@b.test> SMTPUTF8\r\n", b"555 5.5.4 Unsupported parameter SMTPUTF8\r\n"),
+        (b"mail from:<a@b.test>\r\n", b"250 2.1.0 Sender <a@b.test> OK\r\n"),
+        ("RCPT TO:<t\u00e9d@pop.contoso.test>\r\n".encode(), rcpt_refused),
+        ("RCPT TO:<ted@b\u00fccher.example>\r\n".encode(), rcpt_refused),
+        (b"RCPT TO:<ted@b\xfccher.example>\r\n", rcpt_refused),  # Latin-1, not UTF-8
+        ('RCPT TO:<"\u00e9 x"@foreign.example>\r\n'.encode(), rcpt_refused),
+        ("RCPT TO:<ted@pop.contoso.test> ORCPT=rfc822;t\u00e9d\r\n".encode(),
+         b"501 5.5.4 Malformed parameter\r\n"),
+        ("EHLO h\u00e9llo.example\r\n".encode(), b"500 5.5.2 Syntax error: command is not ASCII\r\n"),
+    ] + [("RCPT TO:<\u00e9@foreign.example>\r\n".encode(), rcpt_refused)] * 25 + [
+        (b"RCPT TO:<ted@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <ted@pop.contoso.test> OK\r\n"),
+    ], transport=t)
+    assert queue.items == []
+
+
+def test_ip_address_as_domain_name_is_policy() -> None:
+    """``ted@127.0.0.1`` (an IP address without brackets) is valid RFC 5321 Domain syntax
+    that no host name has (RFC 1123 section 2.1): 553 5.7.1 naming the literal to use, for
+    a trusted client too (never relayed as a domain name); the bracketed form is this host."""
+    factory, store, _, queue, _ = make_factory(store=fresh_store())
+    proto, t = session(factory, peer="192.0.2.7")
+    run_dialogue(proto, [
+        HELLO,
+        (b"MAIL FROM:<a@192.0.2.1>\r\n",
+         b"553 5.7.1 Sender address rejected: domain '192.0.2.1' is an IP address: write it as "
+         b"an address literal [192.0.2.1]\r\n"),
+        (b"MAIL FROM:<a@example.org>\r\n", b"250 2.1.0 Sender <a@example.org> OK\r\n"),
+        (b"RCPT TO:<ted@127.0.0.1>\r\n",
+         b"553 5.7.1 Recipient address rejected: domain '127.0.0.1' is an IP address: write it "
+         b"as an address literal [127.0.0.1]\r\n"),
+        (b"RCPT TO:<x@198.51.100.9>\r\n",
+         b"553 5.7.1 Recipient address rejected: domain '198.51.100.9' is an IP address: write "
+         b"it as an address literal [198.51.100.9]\r\n"),
+        (b"RCPT TO:<ted@[127.000.000.001]>\r\n", b"250 2.1.5 Recipient <ted@[127.0.0.1]> OK\r\n"),
+        (b"RCPT TO:<ann@[IPv6:0:0::1]>\r\n", b"250 2.1.5 Recipient <ann@[IPv6:::1]> OK\r\n"),
+    ], transport=t)
+    assert queue.items == []
+
+
+def test_configured_role_targets_receive_their_own_mail() -> None:
+    """domains.postmaster / domains.abuse naming a local mailbox with no log-in (created at
+    start): mail sent to that address itself is delivered there too (any case, quoted
+    dot-atom), not refused with 550 5.1.1; a remote postmaster target addressed directly is
+    still a relay question (554 5.7.1 for an untrusted client)."""
+    store = FakeMailStore()
+    for box in ("ted", "admin", "security"):
+        store.add(f"{box}@pop.contoso.test")
+    factory, store, _, queue, _ = make_factory(
+        config(postmaster="admin@pop.contoso.test", abuse="security@pop.contoso.test"), store=store)
+    proto, t = session(factory)
+    run_dialogue(proto, [
+        HELLO,
+        (b"MAIL FROM:<a@example.org>\r\n", b"250 2.1.0 Sender <a@example.org> OK\r\n"),
+        (b"RCPT TO:<admin@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <admin@pop.contoso.test> OK\r\n"),
+        (b"RCPT TO:<Security@POP.Contoso.Test>\r\n",
+         b"250 2.1.5 Recipient <Security@pop.contoso.test> OK\r\n"),
+        (b"RCPT TO:<\"security\"@pop.contoso.test>\r\n",
+         b"250 2.1.5 Recipient <security@pop.contoso.test> OK\r\n"),
+        (b"RCPT TO:<nobody@pop.contoso.test>\r\n",
+         b"550 5.1.1 <nobody@pop.contoso.test>: no such user here\r\n"),
+        (b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        (b"Subject: s\r\n\r\nbody\r\n.\r\n", lambda got: got.startswith(b"250 2.0.0 Ok: queued")),
+    ], transport=t)
+    assert len(store.messages("admin@pop.contoso.test")) == 1
+    assert len(store.messages("security@pop.contoso.test")) == 1
+    factory, *_ = make_factory(config(postmaster="hostmaster@corp.example"), store=fresh_store())
+    proto, t = session(factory)
+    run_dialogue(proto, [
+        HELLO,
+        (b"MAIL FROM:<a@example.org>\r\n", b"250 2.1.0 Sender <a@example.org> OK\r\n"),
+        (b"RCPT TO:<hostmaster@corp.example>\r\n",
+         b"554 5.7.1 Relay access denied for <hostmaster@corp.example>\r\n"),
+        (b"RCPT TO:<Postmaster>\r\n", b"250 2.1.5 Recipient <postmaster@pop.contoso.test> OK\r\n"),
+    ], transport=t)
+
+
+def test_postmaster_of_domains_that_are_not_ours_is_not_taken() -> None:
+    """postmaster@ a relay domain (domains.remote relay = true) is queued for that domain, not
+    taken into our postmaster mailbox; postmaster@ a foreign domain from a trusted client is
+    relayed there. Both domains keep their own postmaster."""
+    factory, store, _, queue, _ = make_factory(store=fresh_store())
+    proto, t = session(factory, peer="192.0.2.7")
+    run_dialogue(proto, [
+        HELLO,
+        (b"MAIL FROM:<a@example.org>\r\n", b"250 2.1.0 Sender <a@example.org> OK\r\n"),
+        (b"RCPT TO:<postmaster@exchange.northwindtraders.test>\r\n",
+         b"250 2.1.5 Recipient <postmaster@exchange.northwindtraders.test> OK\r\n"),
+        (b"RCPT TO:<POSTMASTER@foreign.example>\r\n",
+         b"250 2.1.5 Recipient <POSTMASTER@foreign.example> OK\r\n"),
+        (b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        (b"Subject: s\r\n\r\nbody\r\n.\r\n", lambda got: got.startswith(b"250 2.0.0 Ok: queued")),
+    ], transport=t)
+    assert store.messages("postmaster@pop.contoso.test") == []
+    [(_, env)] = queue.items
+    assert [r["address"] for r in env["recipients"]] == [
+        "postmaster@exchange.northwindtraders.test", "POSTMASTER@foreign.example"]
+
+
+def test_domain_added_at_run_time_is_local_at_once_for_a_trusted_client() -> None:
+    """Right after `domain add` (the session's cached domain list does not have it yet), mail
+    from a client in relay.networks for the new domain is delivered here, not relayed out:
+    postmaster@ lands in the postmaster mailbox, an unknown user is 550 5.1.1. Right after
+    `domain remove` the domain is foreign again (554 5.7.1, or relayed for a trusted client),
+    its postmaster no longer taken here."""
+    store = fresh_store()
+    factory, store, _, queue, clock = make_factory(store=store)
+    proto, t = session(factory, peer="192.0.2.7")
+    run_dialogue(proto, [
+        HELLO,
+        (b"MAIL FROM:<a@example.org>\r\n", b"250 2.1.0 Sender <a@example.org> OK\r\n"),
+        (b"RCPT TO:<ted@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <ted@pop.contoso.test> OK\r\n"),
+    ], transport=t)
+    store.add_domain("added.test")  # pop3coexist-admin domain add, while the session runs
+    run_dialogue(proto, [
+        (b"RCPT TO:<postmaster@added.test>\r\n", b"250 2.1.5 Recipient <postmaster@added.test> OK\r\n"),
+        (b"RCPT TO:<nobody@added.test>\r\n", b"550 5.1.1 <nobody@added.test>: no such user here\r\n"),
+        (b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        (b"Subject: s\r\n\r\nbody\r\n.\r\n", lambda got: got.startswith(b"250 2.0.0 Ok: queued")),
+    ], transport=t)
+    assert len(store.messages("postmaster@pop.contoso.test")) == 1
+    assert queue.items == []
+    store.remove_domain("added.test")  # domain remove, within the cache second
+    proto2, t2 = session(factory)  # untrusted: foreign at once
+    run_dialogue(proto2, [
+        HELLO,
+        (b"MAIL FROM:<a@example.org>\r\n", b"250 2.1.0 Sender <a@example.org> OK\r\n"),
+        (b"RCPT TO:<postmaster@added.test>\r\n",
+         b"554 5.7.1 Relay access denied for <postmaster@added.test>\r\n"),
+        (b"RCPT TO:<nobody@added.test>\r\n",
+         b"554 5.7.1 Relay access denied for <nobody@added.test>\r\n"),
+    ], transport=t2)
+    run_dialogue(proto, [  # trusted: relayed there like any foreign domain
+        (b"MAIL FROM:<a@example.org>\r\n", b"250 2.1.0 Sender <a@example.org> OK\r\n"),
+        (b"RCPT TO:<postmaster@added.test>\r\n", b"250 2.1.5 Recipient <postmaster@added.test> OK\r\n"),
+        (b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        (b"Subject: s\r\n\r\nbody\r\n.\r\n", lambda got: got.startswith(b"250 2.0.0 Ok: queued")),
+    ], transport=t)
+    assert len(store.messages("postmaster@pop.contoso.test")) == 1
+    [(_, env)] = queue.items
+    assert [r["address"] for r in env["recipients"]] == ["postmaster@added.test"]

@@ -238,3 +238,61 @@ def test_auth_identity_with_control_characters_is_refused(name: bytes) -> None:
     ]
     run_dialogue(proto, rows, transport=t)
     assert proto.user is None
+
+
+# ----------------------------------------------------------------------------- table
+
+PLAIN_IR = b64(b"\0ted@pop.contoso.test\0secret1")
+AUTH_OK = b"235 2.7.0 Authentication successful\r\n"
+UNRECOGNIZED = b"500 5.5.2 Command unrecognized\r\n"
+
+# (mode, bytes sent after EHLO, replies expected, logged in afterwards)
+FRAMING = [
+    ("normalize", b"AUTH PLAIN " + PLAIN_IR + b"\n", AUTH_OK, True),
+    ("normalize", b"AUTH PLAIN\n" + PLAIN_IR + b"\n", b"334 \r\n" + AUTH_OK, True),
+    ("normalize", b"AUTH PLAIN\r\n" + PLAIN_IR + b"\n", b"334 \r\n" + AUTH_OK, True),
+    ("normalize", b"AUTH PLAIN " + PLAIN_IR + b"\r\r\n", BARE_CR, False),
+    ("normalize", b"AUTH PLAIN\n" + PLAIN_IR + b"\rNOOP\r\n", b"334 \r\n" + BARE_CR, False),
+    ("normalize", b"AUTH LOGIN\r\n\n", b"334 VXNlcm5hbWU6\r\n"
+     b"501 5.5.2 Invalid authentication response: empty user name\r\n", False),
+    ("normalize", b"MAIL FROM:<a@b.test>\rRCPT TO:<ted@pop.contoso.test>\r\n", BARE_CR, False),
+    ("normalize", b"MAIL FROM:<a@b.test>\nRCPT TO:<ted@pop.contoso.test>\r\nRSET\n",
+     b"250 2.1.0 Sender <a@b.test> OK\r\n250 2.1.5 Recipient <ted@pop.contoso.test> OK\r\n"
+     + NOOP_OK, False),
+    ("normalize", b"NOOP\n\r\n", NOOP_OK + UNRECOGNIZED, False),
+    ("normalize", b"NOOP\r\n\n", NOOP_OK + UNRECOGNIZED, False),
+    ("normalize", b"\n", UNRECOGNIZED, False),
+    ("normalize", b"NOOP\n\rNOOP\r\n", NOOP_OK + BARE_CR, False),
+    ("reject", b"AUTH PLAIN " + PLAIN_IR + b"\n", BARE_LF, False),
+    ("reject", b"AUTH PLAIN\r\n" + PLAIN_IR + b"\n", b"334 \r\n" + BARE_LF, False),
+    ("reject", b"MAIL FROM:<a@b.test>\nRCPT TO:<ted@pop.contoso.test>\r\n",
+     BARE_LF + b"503 5.5.1 Need MAIL command first\r\n", False),
+    ("reject", b"NOOP\r\n\n", NOOP_OK + BARE_LF, False),
+    ("reject", b"NOOP\r\r\n", BARE_CR, False),
+]
+
+
+@pytest.mark.parametrize(("mode", "sent", "expected", "logged_in"), FRAMING)
+def test_framing_table(mode: str, sent: bytes, expected: bytes, logged_in: bool) -> None:
+    """Each mix of CRLF, bare LF and bare CR in MAIL, RCPT, AUTH PLAIN initial responses and
+    continuation lines gets exactly these replies at once (nothing waits for more input), and
+    logs in only where the line was taken."""
+    proto, t, _ = start(mode)
+    run_dialogue(proto, [(b"EHLO c.test\r\n", EHLO_CLEAR), (sent, expected)], transport=t)
+    assert (proto.user == "ted@pop.contoso.test") is logged_in
+
+
+@pytest.mark.parametrize("mode", ["normalize", "reject"])
+def test_starttls_with_bare_lf(mode: str) -> None:
+    """``STARTTLS<LF>`` with commands pipelined after it: in normalize mode TLS starts and the
+    pipelined lines are dropped; in reject mode the line is refused, TLS does not start, and
+    the pipelined lines are each answered (refused in turn), never acted on."""
+    proto, t, _ = start(mode)
+    run_dialogue(proto, [(b"EHLO c.test\r\n", EHLO_CLEAR)], transport=t)
+    proto.dataReceived(b"STARTTLS\nMAIL FROM:<evil@x.test>\nRCPT TO:<ted@pop.contoso.test>\n")
+    if mode == "normalize":
+        assert take(t) == b"220 2.0.0 Ready to start TLS\r\n"
+        assert t.tls_started and proto._txn is None
+    else:
+        assert take(t) == BARE_LF * 3
+        assert not t.tls_started and proto._txn is None

@@ -232,3 +232,45 @@ def test_sender_rule_checks_every_address_of_the_account() -> None:
          b"451 4.4.3 Directory lookup failed, try again later\r\n"),
         (b"MAIL FROM:<>\r\n", b"250 2.1.0 Sender <> OK\r\n"),
     ], transport=t)
+
+
+NULL_SENDER_FORMS = [
+    (b"MAIL FROM:<>\r\n", b"250 2.1.0 Sender <> OK\r\n"),
+    (b"mail from:<>\r\n", b"250 2.1.0 Sender <> OK\r\n"),
+    (b"MAIL FROM: <>\r\n", b"250 2.1.0 Sender <> OK\r\n"),
+    (b"MAIL FROM:<>\n", b"250 2.1.0 Sender <> OK\r\n"),
+    (b"MAIL FROM:<> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=mdn1 AUTH=<>\r\n",
+     b"250 2.1.0 Sender <> OK\r\n"),
+    (b"MAIL FROM:<@a.example:ted@pop.contoso.test>\r\n",  # a source route is ignored
+     b"250 2.1.0 Sender <ted@pop.contoso.test> OK\r\n"),
+    (b'MAIL FROM:<"TED"@POP.contoso.test>\r\n', b"250 2.1.0 Sender <TED@pop.contoso.test> OK\r\n"),
+    (b'MAIL FROM:<"">\r\n', b"501 5.1.7 Bad sender address syntax: address has no domain\r\n"),
+    (b'MAIL FROM:<""@pop.contoso.test>\r\n', refused_553),
+    (b"MAIL FROM:<@pop.contoso.test:ann@pop.contoso.test>\r\n", refused_553),
+    (b"MAIL FROM:<postmaster@pop.contoso.test>\r\n", refused_553),
+    (b"MAIL FROM:<MAILER-DAEMON@pop.contoso.test>\r\n", refused_553),
+    (b"MAIL FROM:<ted@[127.0.0.1]>\r\n", refused_553),
+]
+
+
+@pytest.mark.parametrize("mode", ["mx", "submission", "smtps"])
+@pytest.mark.parametrize(("line", "reply"), NULL_SENDER_FORMS)
+def test_null_sender_forms_after_auth(mode: str, line: bytes, reply) -> None:
+    """After AUTH on every listener kind, with sender_must_match_login (the default): the null
+    reverse-path in any spelling the grammar (or Postfix-style leniency) allows is accepted;
+    only the null sender and the user's own address pass, every other address is 553 5.7.1."""
+    factory, *_ = make_factory(mode=mode)
+    proto, t = session(factory)
+    run_dialogue(proto, [(auth_plain(f"ted@{HOST}", "secret1"), AUTH_OK), (line, reply)], transport=t)
+
+
+def test_null_sender_without_the_sender_rule() -> None:
+    """sender_must_match_login = false: the null sender and any address pass after AUTH."""
+    factory, *_ = make_factory(smtp_config(sender_must_match_login=False), mode="submission")
+    proto, t = session(factory)
+    run_dialogue(proto, [
+        (auth_plain(f"ted@{HOST}", "secret1"), AUTH_OK),
+        (b"MAIL FROM:<>\r\n", b"250 2.1.0 Sender <> OK\r\n"),
+        (b"RSET\r\n", b"250 2.0.0 OK\r\n"),
+        (b"MAIL FROM:<ann@pop.contoso.test>\r\n", b"250 2.1.0 Sender <ann@pop.contoso.test> OK\r\n"),
+    ], transport=t)

@@ -294,3 +294,154 @@ def test_report_without_twistd_is_quiet() -> None:
     report.fail("second")
     report.succeed()
     assert report.outcome == "first" and report.failed
+
+
+# --------------------------------------------------------------------------- issue 11 re-run
+
+
+def test_a_queue_that_cannot_start_stops_everything(tmp_path: Path) -> None:
+    """Fault 16: the delivery runner's queue scan fails (its folder cannot be read or
+    written): nothing ever accepts, listeners.json is not written, and the one line names the
+    queue folder and the reason (the server used to go on serving with the queue dead)."""
+    reactor = _Reactor()
+    top, _ = _server(tmp_path, ["tcp:0:interface=127.0.0.1"], reactor)
+    top.config.server.queue_dir = tmp_path / "queue"
+    top.outbound = SimpleNamespace(started=defer.Deferred())
+    _start(top)
+    assert top.report.outcome is None  # waiting for the queue scan
+    top.outbound.started.errback(OSError(errno.EEXIST, "File exists"))
+    assert top.report.outcome == f"the outbound queue {tmp_path / 'queue'} cannot start: File exists"
+    assert _accepting(top, reactor) == [False]
+    assert not (tmp_path / "run" / "listeners.json").exists()
+    top.stopService()
+    reactor.advance(0)
+
+
+def _state_problem(state: Path) -> str:
+    from pop3coexist.errors import ConfigError
+    from pop3coexist.startup import check_state_dir
+
+    with pytest.raises(ConfigError) as info:
+        check_state_dir(state)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("file,words", [
+    ("", "is a file where the server needs a folder"),
+    ("run", "is a file where the server needs a folder"),
+    ("mailroot", "is a file where the server needs a folder"),
+    ("queue", "is a file where the server needs a folder"),
+    ("queue/env", "is a file where the server needs a folder"),
+])
+def test_a_file_where_a_state_folder_should_be(tmp_path: Path, file: str, words: str) -> None:
+    """Fault 16: a file in the place of the state folder or one of its folders is named before
+    anything is created (the queue's case used to start a server with its queue dead)."""
+    state = tmp_path / "var"
+    target = state / file if file else state
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("")
+    assert _state_problem(state) == f"[server.state_dir] {target} {words}; move it away"
+
+
+@pytest.mark.parametrize("name", ["server.lock", "listeners.json", "connections-smtp.table"])
+def test_a_folder_where_a_run_file_should_be(tmp_path: Path, name: str) -> None:
+    """A folder where the server writes one of its run/ files is named."""
+    (tmp_path / "run" / name).mkdir(parents=True)
+    assert _state_problem(tmp_path) == (f"[server.state_dir] {tmp_path / 'run' / name} is a "
+                                        "folder where the server writes a file; move it away")
+
+
+def test_a_state_folder_below_a_file_cannot_be_created(tmp_path: Path) -> None:
+    """A state_dir whose parent is a file cannot be created: the file is named."""
+    (tmp_path / "f").write_text("")
+    assert _state_problem(tmp_path / "f" / "var") == (
+        f"[server.state_dir] cannot create the folder {tmp_path / 'f' / 'var'}: "
+        f"{tmp_path / 'f'} is a file, not a folder")
+
+
+def test_a_read_only_state_folder_is_named(tmp_path: Path, monkeypatch) -> None:
+    """A state folder that cannot be written (os.access says so: a read-only file system, or
+    permissions) is named with the reason."""
+    from pop3coexist import startup
+
+    monkeypatch.setattr(startup.os, "access", lambda path, mode: False)
+    assert _state_problem(tmp_path).startswith(f"[server.state_dir] the folder {tmp_path} "
+                                               "cannot be written (")
+
+
+def test_a_usable_or_missing_state_folder_passes(tmp_path: Path) -> None:
+    """The control: a missing state folder under a writable parent, and a complete one, pass
+    (and nothing is created by the check)."""
+    from pop3coexist.startup import check_state_dir
+
+    check_state_dir(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    for rel in ("run", "mailroot", "queue/msg", "queue/env", "queue/tmp"):
+        (tmp_path / rel).mkdir(parents=True)
+    check_state_dir(tmp_path)
+
+
+def _unix_listener(path: Path, mode: int) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    os.chmod(path, mode)
+    s.listen(5)
+    s.setblocking(False)
+    return s
+
+
+def test_an_adopted_unix_socket_keeps_its_mode_and_file(tmp_path: Path) -> None:
+    """Fault 12 (unix:PATH:mode=, and systemd's UNIX sockets): a worker process (or the server
+    adopting a socket systemd passed) keeps the socket file's mode (Twisted's adoption made it
+    0666), and when it stops listening leaves the file and the shared socket alone (Twisted
+    unlinked the file and shut the socket down for every process)."""
+    from twisted.internet import reactor
+
+    from pop3coexist.service import adopt_stream_port
+
+    path = tmp_path / "sub.sock"
+    owner = _unix_listener(path, 0o660)
+    port = adopt_stream_port(reactor, owner.fileno(), socket.AF_UNIX,
+                             protocol.Factory.forProtocol(protocol.Protocol))
+    try:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o660)
+    finally:
+        port.stopListening()
+    assert path.exists()
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(path))  # the owner's socket still listens
+    client.close()
+    owner.close()
+
+
+def test_a_stale_unix_socket_is_removed_only_when_nobody_listens(tmp_path: Path) -> None:
+    """Fault 17 (a server killed with kill -9 leaves its socket file): with lockfile=0 a socket
+    file nothing listens on is removed before the bind; one something listens on, or a
+    file that is not a socket, stays (the bind then fails, naming the listener)."""
+    from pop3coexist.service import remove_stale_unix_socket
+
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # the file stays, nobody listens
+    assert remove_stale_unix_socket(f"unix:{stale}:lockfile=0") and not stale.exists()
+    live = tmp_path / "live.sock"
+    owner = _unix_listener(live, 0o666)
+    assert not remove_stale_unix_socket(f"unix:{live}:lockfile=0") and live.exists()
+    owner.close()
+    plain = tmp_path / "plain.sock"
+    plain.write_text("")
+    assert not remove_stale_unix_socket(f"unix:{plain}:lockfile=0") and plain.exists()
+
+
+def test_a_unix_listener_in_a_missing_folder_names_the_folder(tmp_path: Path) -> None:
+    """A unix: listener whose folder does not exist fails naming the folder (it used to be
+    "No such file or directory" about a lock file)."""
+    reactor = _Reactor()
+    top, _ = _server(tmp_path, [f"unix:{tmp_path}/nowhere/sub.sock"], reactor)
+    _start(top)
+    assert top.report.outcome == (f"cannot listen on unix:{tmp_path}/nowhere/sub.sock (role0): "
+                                  f"the folder {tmp_path}/nowhere does not exist (create it "
+                                  "first, or name another)")
+    top.stopService()
+    reactor.advance(0)

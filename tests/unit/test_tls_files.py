@@ -97,7 +97,9 @@ def test_key_of_another_certificate_is_refused(setup, capsys):
      "no readable PEM certificate"),
     ("key", b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
      "no readable PEM private key"),
-    ("cert", b"", "is not PEM"),
+    ("cert", b"", "is empty: it should hold the PEM certificate"),
+    ("key", b"", "is empty: it should hold the PEM private key"),
+    ("key", b"\n\n", "is empty: it should hold the PEM private key"),
 ])
 def test_a_file_that_is_not_pem_is_named(setup, capsys, which, content, words):
     """A file that is not PEM (or holds a broken PEM block): the error names the key and the
@@ -199,3 +201,28 @@ def test_key_and_certificate_in_one_file_work(setup, capsys):
     code, out, _ = check_config(path, capsys)
     assert code == 0 and "OK" in out
     assert server_options(load_config(path).tls) is not None
+
+
+@pytest.mark.parametrize("which", ["cert", "key"])
+def test_a_folder_where_a_tls_file_should_be_is_named(setup, capsys, which):
+    """Fault 18: a certificate or key path that is a folder is "a folder, not a file" (it used
+    to be "file not found"), with the config file and line of the key in front."""
+    path, certs = setup
+    target = certs.cert if which == "cert" else certs.key
+    target.unlink()
+    target.mkdir()
+    code, _, err = check_config(path, capsys)
+    key = "tls.certificate" if which == "cert" else "tls.private_key"
+    assert code == 1 and f"[{key}] {target} is a folder, not a file" in err
+    assert f"error: {path}:" in err
+
+
+def test_errors_after_parsing_name_the_config_file_and_line(setup, capsys):
+    """Fault 18: an error found when the TLS files are loaded (after parsing) names the config
+    file and the line of the key, as the parser's errors do."""
+    path, certs = setup
+    certs.key.write_bytes(b"")
+    code, _, err = check_config(path, capsys)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1)
+                if text.startswith("private_key"))
+    assert code == 1 and f"{path}:{line}: [tls.private_key] {certs.key} is empty" in err

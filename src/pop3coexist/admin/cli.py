@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from pop3coexist.address import AddressError, is_valid_mailbox_name, normalise_domain
 from pop3coexist.admin.blocking import wait
-from pop3coexist.config import Config, load_config, parse_size
+from pop3coexist.config import Config, load_config, locate, parse_size
 from pop3coexist.errors import AdminError, AuthUnavailable, ConfigError, NoSuchMailbox, StoreError
 
 PROG = "pop3coexist-admin"
@@ -413,6 +413,9 @@ def run(argv: Sequence[str], out: Any = None) -> int:
     try:
         config = load_config(path)
         if args.noun == "check-config":
+            from pop3coexist.startup import check_state_dir
+
+            check_state_dir(config.server.state_dir)  # before Admin() creates anything there
             Admin(config, out).check_config(args.peer)
             return 0
         admin = Admin(config, out)
@@ -455,6 +458,8 @@ def run(argv: Sequence[str], out: Any = None) -> int:
         return 0
     except (AdminError, ConfigError, StoreError, ValueError) as e:
         text = str(e) or e.__class__.__name__
+        if isinstance(e, ConfigError):  # a check after parsing: name the config file and line
+            text = locate(os.path.abspath(path), text)
         if isinstance(e, NoSuchMailbox):
             text = f"no such domain or mailbox: {text}"
         print(f"{PROG}: error: {text.splitlines()[0]}", file=sys.stderr)

@@ -163,6 +163,10 @@ class DeliveryContext:
         self.stages = default_stages(committer)
         self._domains: list[str] | None = None
         self._domains_at = 0.0
+        self._reading: list[defer.Deferred] | None = None  # callers of the read in progress
+        self._next_read: list[defer.Deferred] = []  # callers that need a read started later
+        self._reads = 0  # domain reads started so far
+        self._domains_read = 0  # the number of the read that gave self._domains
         self._resolve_host = resolve_host or _host_addresses
         self._host_ips: list[str] | None = None
         self._host_ips_at = 0.0
@@ -192,15 +196,69 @@ class DeliveryContext:
         self._host_ips, self._host_ips_at = ips, now
         return ips
 
-    async def local_domains(self) -> list[str]:
-        """The store's domains, read off the reactor at most once per DOMAINS_TTL seconds:
-        every RCPT needs them, and a domain added by ``domain add`` counts within a second."""
+    def local_domains(self, refresh: bool = False) -> defer.Deferred:
+        """The store's domains (a Deferred list of lower-case names), read off the reactor at
+        most once per DOMAINS_TTL seconds: every RCPT needs them.
+
+        ``refresh``: the answer comes from a read that starts after this call, for a recipient
+        domain the cached list does not know (a domain just added with ``domain add`` is local
+        at once). Refreshes share reads: at most one read runs at a time, and every refresh
+        that arrives meanwhile waits for the single next one, so a flood of foreign
+        recipients costs one read at a time, not one per RCPT. A failed read fails its callers.
+        """
         now = self.clock.seconds()
-        if self._domains is not None and 0 <= now - self._domains_at < DOMAINS_TTL:
-            return self._domains
-        domains = await self.run_blocking(self.store.list_domains)
-        self._domains, self._domains_at = domains, now
-        return domains
+        if not refresh and self._domains is not None and 0 <= now - self._domains_at < DOMAINS_TTL:
+            return defer.succeed(self._domains)
+        d: defer.Deferred = defer.Deferred()
+        if self._reading is not None and not refresh:
+            self._reading.append(d)  # the read in progress is fresh enough for the TTL
+        else:
+            self._next_read.append(d)
+            if self._reading is None:
+                self._start_read()
+        return d
+
+    def _start_read(self) -> None:
+        """Read the store's domains for every caller waiting for the next read."""
+        waiting, self._next_read = self._next_read, []
+        self._reading = waiting
+        started = self.clock.seconds()
+        self._reads += 1
+        number = self._reads
+
+        def done(result: Any) -> None:
+            callers, self._reading = self._reading or [], None
+            if not isinstance(result, Failure):
+                self._domains, self._domains_at, self._domains_read = result, started, number
+            if self._next_read:
+                self._start_read()
+            for caller in callers:
+                if isinstance(result, Failure):
+                    caller.errback(result)
+                else:
+                    caller.callback(result)
+
+        self.run_blocking(self.store.list_domains).addBoth(done)
+
+    def read_mark(self) -> int:
+        """A mark for ``fresh_since``: how many reads of the store's domains have started."""
+        return self._reads
+
+    def fresh_since(self, mark: int) -> bool:
+        """True when the cached domain list comes from a read that started after ``mark`` was
+        taken (so it already shows every ``domain add`` and ``domain remove`` done before)."""
+        return self._domains_read > mark
+
+    def knows_domain(self, domain: str, domains: list[str]) -> bool:
+        """True when ``domain`` (lower case) is one whose route needs no fresh read of the
+        store's domains: one of ``domains`` (a read of them), a ``domains.local`` entry, a
+        ``domains.remote`` domain or a connector's address space, or a domain the gateway
+        resolves."""
+        if domain in domains or domain in {d.lower() for d in self.config.domains.local}:
+            return True
+        if domain in self.relay.relay_domains or domain in self.relay.routed_domains:
+            return True
+        return self.gateway is not None and self.gateway.handles(domain)
 
 
 @implementer(IRealm)
@@ -307,23 +365,46 @@ class SMTPDelivery:
 
         A literal naming this host means the primary local domain (RFC 1123 section 5.2.17);
         a role address (postmaster, abuse) with no real recipient of that name goes to the
-        configured address (RFC 5321 section 4.5.1, RFC 2142).
+        configured address (RFC 5321 section 4.5.1, RFC 2142). A domain that the cached domain
+        list does not know is looked up again (``local_domains(refresh=True)``), so a domain
+        added with ``domain add`` is local at once, never relayed or refused as foreign; and
+        before an unknown user of a domain added at run time gets 550 5.1.1 or a role address's
+        mail, the list is read again too, so a domain removed meanwhile is foreign at once.
         """
         ctx = self.context
+        mark = ctx.read_mark()
         domains = await ctx.local_domains()
-        primary = ctx.primary_domain(domains)
-        given = parse_recipient(inner, primary)
-        address = given
-        ip = given.literal
-        if ip is not None and await self._is_own_literal(session, ip):
-            if primary is None:
-                raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550)
-            address = Address(given.local, primary, given.quoted)
+        fresh = ctx.fresh_since(mark)  # read after this RCPT came: no need to read again
+        if not fresh and ctx.primary_domain(domains) is None:  # perhaps one just added
+            domains, fresh = await ctx.local_domains(refresh=True), True
+        while True:  # at most twice: with the cached list, then with a fresh one
+            primary = ctx.primary_domain(domains)
+            given = parse_recipient(inner, primary)
+            address = given
+            ip = given.literal
+            if ip is not None and await self._is_own_literal(session, ip):
+                if primary is None:
+                    raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550)
+                address = Address(given.local, primary, given.quoted)
+            if fresh or address.literal is not None or ctx.knows_domain(address.domain, domains):
+                break
+            reread, fresh = await ctx.local_domains(refresh=True), True
+            if address.domain not in reread:
+                break
+            domains = reread  # added since the cached read: decide again with it
         target = ctx.roles.target(address, ctx.authoritative(domains), primary)
         try:
             return given, await self._resolve(session, address, domains, size)
         except MailError as e:
-            if target is None or (e.code, e.enhanced) != (550, "5.1.1"):
+            if (e.code, e.enhanced) != (550, "5.1.1"):
+                raise
+            if not fresh and address.domain not in ctx.authoritative([]):
+                # a domain added at run time: if `domain remove` took it meanwhile, it is a
+                # foreign domain now (relayed for a trusted client, 554 for others)
+                reread = await ctx.local_domains(refresh=True)
+                if address.domain not in reread:
+                    return given, await self._resolve(session, address, reread, size)
+            if target is None:
                 raise
         try:
             return given, await self._resolve_role(session, address, target, domains, size)

@@ -11,18 +11,22 @@ refusal is an ``errors.MailError`` carrying the reply (README "Replies a client 
 - any other domain: only from ``relay.networks`` or an authenticated client (when
   ``relay.authenticated``); otherwise 554 5.7.1.
 
-Addresses are parsed by ``pop3coexist.address`` (the whole RFC 5321 section 4.1.2 Mailbox):
-the percent hack, bang paths and quoted local parts stay local parts of a local domain (and
-then are unknown users, 550 5.1.1); source routes, double ``@`` outside quotes, trailing dots and
-unqualified names are syntax errors (501); valid forms refused as policy (a domain that is not
-fully qualified, an address literal of an unknown tag) get 553 5.7.1. An address literal that
-names this host (``is_own_literal``, RFC 1123 section 5.2.17) means the primary local domain;
-any other literal is a foreign destination like any other domain. Domains are compared exactly,
-never by suffix: the decision follows the parsed domain, never the quoting.
+Addresses are parsed by ``pop3coexist.address`` (the whole RFC 5321 section 4.1.2 Path): the
+percent hack, bang paths and quoted local parts stay local parts of a local domain (and then are
+unknown users, 550 5.1.1); a source route is ignored (RFC 5321 section 4.1.1.3), so the Mailbox
+after it is what is judged; double ``@`` outside quotes, trailing dots and anything else outside
+the grammar are syntax errors (501); valid forms refused as policy (a domain that is not fully
+qualified or is an IP address without brackets, an address literal of an unknown tag) get
+553 5.7.1; non-ASCII addresses (SMTPUTF8 is not offered) 553 5.6.7 (RFC 6531 section 3.5). An
+address literal that names this host (``is_own_literal``, RFC 1123 section 5.2.17) means the
+primary local domain; any other literal is a foreign destination like any other domain. Domains
+are compared exactly, never by suffix: the decision follows the parsed domain, never the quoting
+or a route.
 
 Role addresses (``RoleAddresses``): ``postmaster`` (RFC 5321 section 4.5.1, also unqualified)
 and, when ``domains.abuse`` is set, ``abuse`` (RFC 2142) at every domain this server is
-authoritative for go to the configured address when no real recipient of that name exists.
+authoritative for go to the configured address when no real recipient of that name exists; a
+configured address in such a domain receives its own mail too, log-in or not.
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ import ipaddress
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from pop3coexist.address import Address, AddressError, AddressRefused, parse_address
+from pop3coexist.address import (
+    Address,
+    AddressError,
+    AddressNeedsUTF8,
+    AddressRefused,
+    parse_address,
+    strip_source_route,
+)
 from pop3coexist.errors import MailError, PermanentFailure
 from pop3coexist.policy.connections import Network, ip_in_networks
 
@@ -63,33 +74,38 @@ class Route:
 
 
 def parse_recipient(text: str, postmaster_domain: str | None = None) -> Address:
-    """Parse the inside of a ``RCPT TO:<...>`` path (RFC 5321 section 4.1.2 Mailbox).
+    """Parse the inside of a ``RCPT TO:<...>`` path (RFC 5321 section 4.1.2 ``Path``: an
+    ignored source route, then a Mailbox).
 
     The unqualified ``postmaster`` (any case) is accepted as RFC 5321 section 4.5.1 requires
     and means ``postmaster@<postmaster_domain>`` (with no such domain: 550 5.1.1). A malformed
-    address raises ``MailError`` 501 5.1.3; a valid form refused as policy 553 5.7.1.
+    address raises ``MailError`` 501 5.1.3; a valid form refused as policy 553 5.7.1; a
+    non-ASCII address 553 5.6.7 (SMTPUTF8 is not offered: RFC 6531 section 3.5).
     """
     if text.lower() == "postmaster":
         if not postmaster_domain:
             raise PermanentFailure("<Postmaster>: this server has no mail domain yet", "5.1.1", 550)
         return Address("postmaster", postmaster_domain.lower())
-    try:
-        return parse_address(text)
-    except AddressRefused as e:
-        raise PermanentFailure(f"Recipient address rejected: {e}", "5.7.1", 553)
-    except AddressError as e:
-        raise PermanentFailure(f"Bad recipient address syntax: {e}", "5.1.3", 501)
+    return _parse_path_inner(text, "Recipient", "5.1.3")
 
 
 def parse_sender(text: str) -> Address:
-    """Parse the inside of a ``MAIL FROM:<...>`` path (not empty); MailError 501 5.1.7 for a
-    malformed address, 553 5.7.1 for a valid form refused as policy."""
+    """Parse the inside of a ``MAIL FROM:<...>`` path (not empty; a source route is ignored);
+    MailError 501 5.1.7 for a malformed address, 553 5.7.1 for a valid form refused as policy,
+    553 5.6.7 for a non-ASCII address."""
+    return _parse_path_inner(text, "Sender", "5.1.7")
+
+
+def _parse_path_inner(text: str, what: str, syntax_code: str) -> Address:
     try:
-        return parse_address(text)
+        return parse_address(strip_source_route(text))
+    except AddressNeedsUTF8:
+        raise PermanentFailure(f"{what} address rejected: non-ASCII addresses need SMTPUTF8, "
+                               "which this server does not offer", "5.6.7", 553)
     except AddressRefused as e:
-        raise PermanentFailure(f"Sender address rejected: {e}", "5.7.1", 553)
+        raise PermanentFailure(f"{what} address rejected: {e}", "5.7.1", 553)
     except AddressError as e:
-        raise PermanentFailure(f"Bad sender address syntax: {e}", "5.1.7", 501)
+        raise PermanentFailure(f"Bad {what.lower()} address syntax: {e}", syntax_code, 501)
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -161,14 +177,21 @@ class RoleAddresses:
                primary: str | None) -> Address | None:
         """The role address ``address`` stands for, or None when it is not a role address of
         a domain in ``authoritative`` (lower case). The caller still gives a real recipient of
-        that name its own mail (RFC 5321 section 4.5.1 only asks that postmaster works)."""
+        that name its own mail (RFC 5321 section 4.5.1 only asks that postmaster works).
+
+        A configured target in such a domain (``domains.postmaster = "admin@..."``, the
+        ``domains.abuse`` mailbox) stands for itself: its mailbox receives mail sent to it
+        directly as well, although no log-in may exist for it."""
         if address.quoted or address.domain not in authoritative:
             return None
         name = address.local.lower()
         if name == "postmaster":
             return self.postmaster_for(primary)
-        if name == "abuse":
+        if name == "abuse" and self.abuse is not None:
             return self.abuse
+        for target in (self.postmaster_for(primary), self.abuse):
+            if target is not None and not target.quoted and target.key == address.key:
+                return target
         return None
 
 

@@ -38,6 +38,7 @@ import ctypes
 import ctypes.util
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -177,7 +178,7 @@ class MessageReader:
     ) -> None:
         self.sink = sink
         self.allow_bare_lf = allow_bare_lf
-        self.max_size = max_size
+        self.max_size = max_size or sys.maxsize  # 0: no fixed maximum (RFC 1870 section 4)
         self.max_hops = max_hops
         self.max_line = max_line
         self.size = 0  # octets of content as the client sent it, CRLF line ends, unstuffed

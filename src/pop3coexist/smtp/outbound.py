@@ -268,7 +268,14 @@ class OutboundService(service.Service):
         self.queue.set_waker(self._threadsafe_wake)
         d = self._blocking(self._startup_scan)
         d.addCallback(self._started)
-        d.addErrback(lambda f: log.failure("outbound queue start failed", f))
+        d.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Any) -> None:
+        """The start-up scan failed (the queue folder cannot be read or written): ``started``
+        fails with it, and the server's start-up (service.Pop3CoexistService) ends."""
+        log.failure("outbound queue start failed", failure)
+        if not self.started.called:
+            self.started.errback(failure)
 
     def _startup_scan(self) -> dict[str, float]:
         counts = self.queue.recover()

@@ -355,8 +355,13 @@ class ESMTPServer(tsmtp.ESMTP):
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
-            self._syntax_error(_fail(500, "5.5.2", "Syntax error: command is not ASCII"))
-            return None
+            if line[:5].upper() not in (b"MAIL ", b"RCPT "):
+                self._syntax_error(_fail(500, "5.5.2", "Syntax error: command is not ASCII"))
+                return None
+            # an internationalised address (RFC 6531) without SMTPUTF8, which is not offered:
+            # the path parser refuses it with 553 5.6.7, a parameter is 501 5.5.4; octets that
+            # are not UTF-8 stay non-ASCII (surrogates) and are refused the same way
+            text = line.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
         if handler is None:
@@ -579,7 +584,7 @@ class ESMTPServer(tsmtp.ESMTP):
                 if value is None or not value.isdigit() or len(value) > 20:
                     raise _fail(501, "5.5.4", "Syntax: SIZE=octets")
                 opts["size"] = int(value)
-                if opts["size"] > cfg.max_message_size:
+                if 0 < cfg.max_message_size < opts["size"]:  # 0: no fixed maximum (RFC 1870)
                     raise _fail(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
