@@ -440,6 +440,34 @@ def test_report_to_a_local_sender_goes_into_the_store(tmp_path: Path) -> None:
     assert store.data[0].startswith(b"Return-Path: <>\nFrom: Mail Delivery System")
 
 
+def test_queue_delivers_into_the_store_for_a_domain_added_at_run_time(tmp_path: Path) -> None:
+    """A report to a sender whose domain ``domain add`` made while the server runs (not in
+    ``domains.local``) is final delivery into the store (Return-Path <>), never sent to the
+    smart host or an MX; the quota (with its grace) applies there as on every other path: a
+    mailbox at its quota refuses with 552 5.2.2 and nothing is stored."""
+    from pop3coexist.config import QuotaGrace
+    from pop3coexist.store.maildir import MaildirStore
+
+    store = MaildirStore(tmp_path / "mailroot", quota_grace=QuotaGrace(percent=10))
+    store.add_domain("fabrikam.test")
+    store.add_mailbox("fabrikam.test", "bob")
+    store.add_mailbox("fabrikam.test", "full")
+    store.set_quota("fabrikam.test", "full", 10)
+    (store.root / "fabrikam.test" / "full" / "new" / "1.filler.host").write_bytes(b"x" * 10)
+    env = Env(tmp_path, store=store)
+    env.hop.responder = lambda call: {a: "550 5.1.1 unknown" for a in call.rcpts}
+    env.start()
+    env.enqueue("b@example.net", sender="Bob@Fabrikam.test")
+    env.enqueue("bob@fabrikam.test", "full@fabrikam.test", sender="", notify=["NEVER"])
+    assert [c.rcpts for c in env.hop.calls] == [["b@example.net"]]  # the reports stay here
+    [report, relayed] = sorted((store.root / "fabrikam.test" / "bob" / "new").iterdir(),
+                               key=lambda p: p.read_bytes()[:40])
+    assert report.read_bytes().startswith(b"Return-Path: <>\nFrom: Mail Delivery System")
+    assert relayed.read_bytes().startswith(b"Return-Path: <>\n")
+    assert store.usage("fabrikam.test", "full") == (1, 10)
+    assert env.queue.ids() == []
+
+
 class FakeDNS:
     def __init__(self, mx: dict, hosts: dict) -> None:
         self.mx, self.hosts = mx, hosts

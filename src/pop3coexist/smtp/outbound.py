@@ -505,6 +505,7 @@ class OutboundService(service.Service):
             groups = routing.group_by_route(
                 [r["address"] for r in due], self.config, local_delivery=self.store is not None,
                 spread=routing.spread_key(qid),
+                local_domains=await self._blocking(self._store_domains),
             )
             by_addr: dict[str, list[dict]] = {}
             for r in due:
@@ -793,6 +794,19 @@ class OutboundService(service.Service):
         except (OSError, ValueError, AttributeError):
             pass
         return routing.own_addresses(self.config, ports)
+
+    def _store_domains(self) -> frozenset[str]:
+        """Blocking. The domains the mail store holds: the configured local ones and those
+        ``domain add`` made while running; mail for them (a report to a local sender) is
+        final delivery here, never sent out by MX. Empty when the store cannot say."""
+        list_domains = getattr(self.store, "list_domains", None)
+        if list_domains is None:
+            return frozenset()
+        try:
+            return frozenset(d.lower() for d in list_domains())
+        except Exception as e:  # noqa: BLE001 - the configured local domains still route
+            log.warn("outbound: cannot list the store's domains: {err}", err=e)
+            return frozenset()
 
     def _deliver_local(self, env: dict, rcpts: list[dict]) -> smtp_client.TransactionResult:
         """A recipient in a local domain (e.g. a report to a local sender): into the store.
