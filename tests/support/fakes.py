@@ -292,11 +292,11 @@ class FakeMailStore:
             self.enforce_quota = saved
 
     def would_exceed_quota(self, domain: str, mailbox: str, size: int) -> bool:
-        """See IQuotaCheck (no grace here: the quota is exact)."""
+        """See IQuotaCheck (no grace here: the quota is exact; at or over it, nothing fits)."""
         self._call("would_exceed_quota", domain, mailbox, size)
         quota = self.quotas.get((domain.lower(), mailbox.lower()))
         used = sum(len(x[1]) for x in self._box(domain, mailbox))
-        return quota is not None and used + max(size, 0) > quota
+        return quota is not None and (used >= quota or used + max(size, 0) > quota)
 
     def deliver_within_quota(self, source: Any, recipients: list[tuple[str, str]], *,
                              sync: bool = True,

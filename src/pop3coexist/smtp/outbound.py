@@ -47,6 +47,7 @@ from twisted.python import threadable
 
 from pop3coexist import errors
 from pop3coexist.config import Config, read_secret
+from pop3coexist.interfaces import IMailStore
 from pop3coexist.policy import routing
 from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.smtp import client as smtp_client
@@ -799,11 +800,10 @@ class OutboundService(service.Service):
         """Blocking. The domains the mail store holds: the configured local ones and those
         ``domain add`` made while running; mail for them (a report to a local sender) is
         final delivery here, never sent out by MX. Empty when the store cannot say."""
-        list_domains = getattr(self.store, "list_domains", None)
-        if list_domains is None:
+        if not IMailStore.providedBy(self.store):  # no store, or one that only delivers
             return frozenset()
         try:
-            return frozenset(d.lower() for d in list_domains())
+            return frozenset(d.lower() for d in self.store.list_domains())
         except Exception as e:  # noqa: BLE001 - the configured local domains still route
             log.warn("outbound: cannot list the store's domains: {err}", err=e)
             return frozenset()
