@@ -5,12 +5,33 @@
 - IAccountChecker: one ``auth.method`` (identity/): log-ins and recipient lookups.
 - IOutboundQueue: the durable outbound queue (store/queue.py), filled by the ESMTP server and
   drained by the delivery runner (smtp/outbound.py).
+- IMessageDelivery / IDeliveryTransaction: the SMTP avatar (policy/delivery.py) that makes
+  every sender and recipient decision, and the one message it delivers (policy/stages.py);
+  ICommitter: the group commit (smtp/incoming.py) the last stage hands the message to.
+
+Optional capabilities are declared, never probed: an object that has an optional method set
+says so with ``@implementer``, callers ask ``I....providedBy(obj)``, and a test fake provides
+exactly what its real class declares (``verifyObject`` checks both):
+
+- IBlockingRecipientLookup (a checker): the recipient look-up in the caller's thread;
+- IDirectoryLookup (a checker): a directory object's attributes (the gateway role needs it);
+- ISelfCheck (a checker): a start-up / ``check-config`` test of its source;
+- IClosable: connections or files to release at shutdown; IStartStop: a shared table made
+  when the server starts (after any ``--uid`` switch) and closed at the end;
+- IQuotaCheck (a store): would a message of this size be refused by the quota (RCPT time);
+- IBatchDelivery (a store): ``deliver_within_quota`` / ``deliver_file`` with ``sync`` and
+  ``enforce_quota`` (the caller syncs the folders of a whole batch at once);
+- ICachedMessageOpen (a maildrop): open a message without waiting for the disk;
+- IConnectionLimiter, ISharedConnectionLimiter: concurrent connections (the shared one also
+  tells whether this process is busier than the others); IAuthThrottle: failed log-in delays.
 
 Methods documented as *blocking* do disk I/O: protocol code calls them off the reactor thread
 (``twisted.internet.threads.deferToThread`` or an injected equivalent).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from twisted.cred.checkers import ICredentialsChecker
 from zope.interface import Attribute, Interface
@@ -138,11 +159,6 @@ class IMaildrop(Interface):
         """A binary file object of the message as stored (any line ends). The caller turns it
         into the canonical form (``pop3.stream.DotStuffer``), dot-stuffs, and closes it."""
 
-    def open_message_cached(index: int) -> object | None:
-        """Optional, and the one method that never blocks: ``open_message``'s file if it can be
-        opened without waiting for the disk, else None (then call ``open_message`` off the
-        reactor). Callers use it when present, so the reactor saves a thread hop per RETR."""
-
     def commit(deleted: set[int]) -> None:
         """The UPDATE state: remove the messages with these indexes, then release the lock."""
 
@@ -202,3 +218,199 @@ class IOutboundQueue(Interface):
 
     def wake() -> None:
         """Ask the delivery runner to look at the queue now (new mail or ``queue flush``)."""
+
+
+# --------------------------------------------------------------------------- optional capabilities
+
+
+class ICachedMessageOpen(Interface):
+    """Optional for an IMaildrop: open a message without a thread hop when the disk allows."""
+
+    def open_message_cached(index: int) -> object | None:
+        """The one method that never blocks: ``open_message``'s file if it can be opened
+        without waiting for the disk, else None (then call ``open_message`` off the reactor).
+        Callers use it when provided, so the reactor saves a thread hop per RETR."""
+
+
+class IBlockingRecipientLookup(Interface):
+    """Optional for an IAccountChecker whose recipient look-up is cheap and local (the
+    password file): the ESMTP delivery policy folds it into the thread hop of the mailbox
+    check."""
+
+    def resolve_recipient_blocking(address: str) -> str | None:
+        """Blocking form of ``IAccountChecker.resolve_recipient``: ``"mailbox@domain"`` or
+        None; raises ``errors.AuthUnavailable`` when the source cannot answer now."""
+
+
+class IDirectoryLookup(Interface):
+    """Optional for an IAccountChecker backed by a directory (LDAP / Active Directory): the
+    gateway role (policy/gateway.py) resolves recipients with it."""
+
+    def lookup(address: str) -> object:
+        """Deferred firing with the attribute dict of the one directory object that has
+        ``address`` (``dn``, ``mail``, ``proxy_addresses``, ``primary_address``,
+        ``target_address``, ``mailbox``, ...) or None; fails with ``errors.AuthUnavailable``."""
+
+
+class ISelfCheck(Interface):
+    """Optional for a checker: a test of its source at start-up and ``check-config``."""
+
+    def check() -> None:
+        """Blocking. Raise ``errors.StoreError``, OSError or ValueError with a clear message
+        when the source (password file, directory, PAM) cannot be used."""
+
+
+class IClosable(Interface):
+    """Optional: holds connections or files that are released when the server stops."""
+
+    def close() -> None:
+        """Release them (idempotent); a later use may open them again."""
+
+
+class IStartStop(IClosable):
+    """A table shared with the worker processes: made when the server starts (after twistd's
+    ``--uid`` switch), closed when it stops."""
+
+    def start() -> None:
+        """Create (main process) or open the table; OSError or ValueError when it cannot."""
+
+
+class IQuotaCheck(Interface):
+    """Optional for an IMailStore: the quota question of RCPT time."""
+
+    def would_exceed_quota(domain: str, mailbox: str, size: int) -> bool:
+        """Blocking. True when a message of ``size`` octets would be refused by the mailbox's
+        quota (at or over it, or past quota + grace with it)."""
+
+
+class IBatchDelivery(Interface):
+    """Optional for an IMailStore: delivery whose folder syncs a caller batches (the SMTP group
+    commit makes a whole batch durable with one sync)."""
+
+    def deliver_within_quota(
+        source: object, recipients: list[tuple[str, str]], *, sync: bool = True,
+        prefix: bytes = b"",
+    ) -> tuple[list[object], list[tuple[str, str]]]:
+        """``IMailStore.deliver_within_quota``; ``sync=False``: the caller fsyncs the ``new/``
+        folders of the returned paths."""
+
+    def deliver_file(
+        source: object, recipients: list[tuple[str, str]], *, enforce_quota: bool = True,
+        sync: bool = True,
+    ) -> list[object]:
+        """``IMailStore.deliver_file``; ``enforce_quota=False`` skips the quota check,
+        ``sync=False`` the fsync of the ``new/`` folders."""
+
+
+class IConnectionLimiter(Interface):
+    """Concurrent connections, in total and per client address (policy/connlimit.py)."""
+
+    def acquire(client: str) -> bool:
+        """Count a new connection from ``client``; False (nothing counted) if over a limit."""
+
+    def release(client: str) -> None:
+        """Forget one connection from ``client`` (once per successful acquire)."""
+
+
+class ISharedConnectionLimiter(IConnectionLimiter):
+    """A connection limiter whose counts all worker processes share (policy/sharedlimit.py)."""
+
+    def busier_than_others() -> bool:
+        """True when this process holds more connections than another (let it accept)."""
+
+
+class IAuthThrottle(Interface):
+    """Failed log-in delays per source address (policy/throttle.py, policy/sharedthrottle.py)."""
+
+    def failure_delay(source: str) -> float:
+        """Record a failure from ``source``; the seconds to wait before the refusal."""
+
+    def success(source: str) -> None:
+        """A successful log-in from ``source`` clears its record."""
+
+
+# --------------------------------------------------------------------------- SMTP delivery
+
+
+@dataclass(frozen=True)
+class SMTPSession:
+    """What the delivery policy knows of one SMTP session: the client's address, its EHLO
+    name, and the listener's own address (for address literals of this host)."""
+
+    client_ip: str
+    helo: str | None = None
+    listener_ip: str | None = None
+
+
+@dataclass
+class LocalNotes:
+    """What the end of DATA tells the committer about the transaction, for the delivery
+    reports of local recipients: "delivered" where NOTIFY asks for SUCCESS (RFC 3461 section
+    5.2.2), "failed" (5.2.2) for a mailbox whose quota refused the message while others got it
+    (RFC 3464). ``recipients`` maps ``(domain, mailbox)`` to ``{"address", "orcpt", "notify"}``
+    as the client gave them; ``sender`` is ``""`` for the null sender (no reports then)."""
+
+    sender: str
+    recipients: dict[tuple[str, str], dict]
+    reporting_mta: str
+    ret: str | None = None
+    envid: str | None = None
+    arrival: float = 0.0
+    received_from: str = ""
+
+
+class IMessageDelivery(Interface):
+    """The SMTP avatar (as Twisted's ``IMessageDelivery``, maddy's delivery target): every
+    sender and recipient decision of a session. The realm (policy/delivery.py) gives an
+    anonymous one or, after AUTH, one for the account: relay permission is which avatar.
+    Refusals are ``errors.MailError`` (the protocol replies with its code); a directory that
+    cannot answer is ``errors.AuthUnavailable`` (451 4.4.3)."""
+
+    user = Attribute("The avatar id of the logged-in account (lower case), or None")
+
+    def validate_from(session: SMTPSession, sender: object) -> object:
+        """Deferred firing with None when ``sender`` (an ``address.Address``, or None for
+        ``<>``) may start a transaction; fails with MailError (553 5.7.1: not yours)."""
+
+    def validate_to(session: SMTPSession, address: str, size: int) -> object:
+        """Deferred firing with a ``policy.delivery.RecipientDecision`` for the inside of a
+        ``RCPT TO:<...>`` path (``size``: MAIL SIZE= or 0), or failing with MailError /
+        AuthUnavailable."""
+
+    def begin(session: SMTPSession, sender: object, options: object) -> IDeliveryTransaction:
+        """A new transaction for ``sender`` (Address or None) with the MAIL parameters
+        ``options`` (``policy.delivery.MailOptions``)."""
+
+
+class IDeliveryTransaction(Interface):
+    """One message on its way: recipients, then the body, then commit or abort."""
+
+    recipients = Attribute("The accepted recipients as the client gave them (str), in order")
+    sender = Attribute("The reverse-path: an ``address.Address``, or None for ``<>``")
+    options = Attribute("The MAIL parameters kept (``policy.delivery.MailOptions``: size, ...)")
+    local_delivery = Attribute("True when a recipient's mailbox is here: the spool file then "
+                               "starts with the local-only Return-Path (RFC 5321 section 4.4)")
+
+    def add_recipient(decision: object, notify: list[str] | None, orcpt: str | None) -> None:
+        """Add an accepted recipient (a RecipientDecision) with its DSN parameters."""
+
+    def body(spool: object, size: int, hops: int, arrival: float, received_from: str) -> None:
+        """The message: a spool file (``smtp.incoming.SpoolWriter``), its size in octets, its
+        hop count (Received fields + 1), its arrival time and where it came from."""
+
+    def commit() -> object:
+        """Deferred firing with the per-recipient results once the message is durable
+        everywhere it goes, or failing with MailError (nothing stored)."""
+
+    def abort() -> None:
+        """Give the message up: nothing is stored (idempotent)."""
+
+
+class ICommitter(Interface):
+    """Makes one message durable in its mailboxes and the queue (smtp/incoming.py)."""
+
+    def commit(spool: object, local_recipients: list[tuple[str, str]], envelope: dict | None,
+               notes: LocalNotes | None = None) -> object:
+        """Deferred firing once durable with the local mailboxes whose quota refused the
+        message (their delivery reports are queued), or failing (``errors.QuotaExceeded``
+        when every local mailbox is full and nothing else was stored)."""

@@ -30,10 +30,12 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import abstract, defer, endpoints, error, fdesc, tcp, unix
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from pop3coexist.config import Config, parse_endpoint
 from pop3coexist.errors import ConfigError, StoreError
+from pop3coexist.interfaces import IClosable, ISelfCheck, ISharedConnectionLimiter, IStartStop
 from pop3coexist.policy.limiters import make_limiters, make_throttles
 from pop3coexist.startup import StartupError, StartupReport, StateLock
 from pop3coexist.tls import ensure_self_signed, load_tls_files, server_options
@@ -142,15 +144,13 @@ def preflight(config: Config) -> None:
     from pop3coexist.store.maildir import MaildirStore
 
     checker = make_checker(config, MaildirStore(config.server.mailroot))
-    check = getattr(checker, "check", None)
-    if check is not None:
+    if ISelfCheck.providedBy(checker):
         try:
-            check()
+            checker.check()
         except (StoreError, OSError, ValueError) as e:
             raise ConfigError(f"[auth] {config.auth.method}: {e}")
-    close = getattr(checker, "close", None)
-    if close is not None:
-        close()
+    if IClosable.providedBy(checker):
+        checker.close()
 
 
 class SystemdSockets:
@@ -469,9 +469,9 @@ class _SharedAcceptPort(tcp.Port):
 
 
 def _busier(factory: Any) -> bool:
-    limiter = getattr(getattr(factory, "wrappedFactory", factory), "limiter", None)
-    check = getattr(limiter, "busier_than_others", None)
-    return bool(check()) if check is not None else False
+    inner = factory.wrappedFactory if isinstance(factory, WrappingFactory) else factory
+    limiter = inner.limiter  # the POP3 and the ESMTP factory both have one
+    return ISharedConnectionLimiter.providedBy(limiter) and bool(limiter.busier_than_others())
 
 
 def share_accepts(port: Any) -> None:
@@ -575,9 +575,9 @@ class Pop3CoexistService(service.MultiService):
             raise StartupError("; ".join(failed))
 
     async def _outbound_started(self) -> None:
-        started = getattr(self.outbound, "started", None)
-        if not isinstance(started, defer.Deferred):
+        if self.outbound is None:  # no delivery runner in this process
             return
+        started = self.outbound.started  # OutboundService: a Deferred that fires once scanned
         try:
             await started
         except Exception as e:
@@ -586,10 +586,9 @@ class Pop3CoexistService(service.MultiService):
 
     def _start_tables(self) -> None:
         for table in [*self.limiters.values(), *self.throttles.values()]:
-            start = getattr(table, "start", None)
-            if start is not None:  # shared tables: made now, after any --uid switch
+            if IStartStop.providedBy(table):  # shared tables: made now, after any --uid switch
                 try:
-                    start()
+                    table.start()
                 except (OSError, ValueError) as e:
                     raise StartupError(f"cannot create a table shared with the worker "
                                        f"processes: {e}")
@@ -760,8 +759,9 @@ class _CheckerCloser(service.Service):
 
     def stopService(self) -> Any:
         service.Service.stopService(self)
-        close = getattr(self.checker, "close", None)
-        return defer.maybeDeferred(close) if close is not None else None
+        if IClosable.providedBy(self.checker):
+            return defer.maybeDeferred(self.checker.close)
+        return None
 
 
 def _reload(queue: Any) -> None:

@@ -1,11 +1,18 @@
 """In-memory fakes of the seams, for protocol tests (POP3, ESMTP): no disk, no threads.
 
-- ``FakeMailStore`` (IMailStore): domains, mailboxes and messages in dicts; locks, quotas,
-  session locks (``open_maildrop`` -> ``FakeMaildrop``); every call recorded in ``calls``.
-- ``FakeMaildrop`` (IMaildrop): a snapshot; ``commit`` removes messages from the store.
-- ``FakeChecker`` (IAccountChecker): accounts as ``{"user@domain": "password"}``; checks
-  clear-text and (when ``offers_secrets``) APOP / CRAM-MD5 credentials by calling their
-  ``checkPassword`` with the secret, as a real checker does.
+Each fake provides exactly the interfaces its real class declares (``verifyObject`` checks
+both, tests/unit/test_capabilities.py), optional capabilities included:
+
+- ``FakeMailStore`` (IMailStore, IQuotaCheck, IBatchDelivery, as ``MaildirStore``): domains,
+  mailboxes and messages in dicts; locks, quotas, session locks (``open_maildrop`` ->
+  ``FakeMaildrop``); every call recorded in ``calls``. Delivered paths lie in a real temporary
+  folder (created, the files are not), so a caller can sync their folders.
+- ``FakeMaildrop`` (IMaildrop, ICachedMessageOpen): a snapshot; ``commit`` removes messages.
+- ``FakeChecker`` (IAccountChecker, ISelfCheck, as ``LocalChecker``): accounts as
+  ``{"user@domain": "password"}``; checks clear-text and (when ``offers_secrets``) APOP /
+  CRAM-MD5 credentials by calling their ``checkPassword`` with the secret, as a real checker
+  does. ``FakePasswordFileChecker`` adds IBlockingRecipientLookup (as ``PasswordFileChecker``),
+  ``FakeDirectoryChecker`` IDirectoryLookup and IClosable (as ``DirectoryChecker``).
 
 Injectable failures: ``store.fail["method_name"] = SomeException(...)`` makes that method
 raise (``"open_message"``, ``"commit"``, ``"close"`` and ``"read"`` apply to maildrops, the last
@@ -33,7 +40,18 @@ from zope.interface import implementer
 
 from pop3coexist.address import login_to_address
 from pop3coexist.errors import MailboxInUse, NoSuchMailbox, QuotaExceeded
-from pop3coexist.interfaces import IAccountChecker, IMaildrop, IMailStore
+from pop3coexist.interfaces import (
+    IAccountChecker,
+    IBatchDelivery,
+    IBlockingRecipientLookup,
+    ICachedMessageOpen,
+    IClosable,
+    IDirectoryLookup,
+    IMaildrop,
+    IMailStore,
+    IQuotaCheck,
+    ISelfCheck,
+)
 
 
 def sync_run_blocking(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
@@ -69,7 +87,7 @@ class _FailingFile(io.BytesIO):
                                 self._after - self.tell()))
 
 
-@implementer(IMaildrop)
+@implementer(IMaildrop, ICachedMessageOpen)
 class FakeMaildrop:
     """See IMaildrop. A snapshot of ``(uid, bytes)`` pairs of one FakeMailStore mailbox."""
 
@@ -121,7 +139,7 @@ class FakeMaildrop:
         self.store.sessions.discard((self.domain, self.mailbox))
 
 
-@implementer(IMailStore)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery)
 class FakeMailStore:
     """See IMailStore. ``mail[domain][mailbox]`` is a list of ``(uid, bytes)``."""
 
@@ -139,6 +157,7 @@ class FakeMailStore:
         self.calls: list[tuple[str, tuple]] = []
         self._uids = itertools.count(1)
         self._spool: Path | None = None
+        self._links: Path | None = None
 
     # -- helpers for tests
 
@@ -262,12 +281,25 @@ class FakeMailStore:
             self._spool = Path(tempfile.mkdtemp(prefix="fake-spool-"))
         return self._spool
 
-    def deliver_file(self, source: Any, recipients: list[tuple[str, str]]) -> list[Any]:
+    def deliver_file(self, source: Any, recipients: list[tuple[str, str]], *,
+                     enforce_quota: bool = True, sync: bool = True) -> list[Any]:
         self._call("deliver_file", source, recipients)
         data = Path(source).read_bytes()
-        return self._deliver(data, recipients)
+        saved, self.enforce_quota = self.enforce_quota, self.enforce_quota and enforce_quota
+        try:
+            return self._deliver(data, recipients)
+        finally:
+            self.enforce_quota = saved
 
-    def deliver_within_quota(self, source: Any, recipients: list[tuple[str, str]],
+    def would_exceed_quota(self, domain: str, mailbox: str, size: int) -> bool:
+        """See IQuotaCheck (no grace here: the quota is exact; at or over it, nothing fits)."""
+        self._call("would_exceed_quota", domain, mailbox, size)
+        quota = self.quotas.get((domain.lower(), mailbox.lower()))
+        used = sum(len(x[1]) for x in self._box(domain, mailbox))
+        return quota is not None and (used >= quota or used + max(size, 0) > quota)
+
+    def deliver_within_quota(self, source: Any, recipients: list[tuple[str, str]], *,
+                             sync: bool = True,
                              prefix: bytes = b"") -> tuple[list[Any], list[tuple[str, str]]]:
         """See IMailStore.deliver_within_quota (no grace here: the quota is exact)."""
         self._call("deliver_within_quota", source, recipients)
@@ -303,7 +335,11 @@ class FakeMailStore:
         for (d, m), box in zip(recipients, boxes, strict=True):
             uid = f"uid{next(self._uids):06d}"
             box.append((uid, data))
-            paths.append(Path(f"/fake/{d.lower()}/{m.lower()}/new/{uid}"))
+            if self._links is None:
+                self._links = Path(tempfile.mkdtemp(prefix="fake-mailroot-"))
+            folder = self._links / d.lower() / m.lower() / "new"
+            folder.mkdir(parents=True, exist_ok=True)
+            paths.append(folder / uid)  # the folder is real (a caller may sync it), the file not
         return paths
 
     def open_maildrop(self, domain: str, mailbox: str) -> FakeMaildrop:
@@ -318,7 +354,7 @@ class FakeMailStore:
         return drop
 
 
-@implementer(IAccountChecker)
+@implementer(IAccountChecker, ISelfCheck)
 class FakeChecker:
     """See IAccountChecker. ``accounts`` maps ``"user@domain"`` to its password."""
 
@@ -373,6 +409,9 @@ class FakeChecker:
             return defer.fail(UnauthorizedLogin("authentication failed"))
         return defer.succeed(address)
 
+    def check(self) -> None:
+        """See ISelfCheck: the accounts are in memory, so there is nothing to test."""
+
     def resolve_recipient(self, address: str) -> defer.Deferred:
         if self.fail is not None:
             return defer.fail(self.fail)
@@ -390,3 +429,39 @@ class FakeChecker:
         if key in self.sender_aliases:
             return defer.succeed(self.sender_aliases[key])
         return self.resolve_recipient(address)
+
+
+@implementer(IBlockingRecipientLookup)
+class FakePasswordFileChecker(FakeChecker):
+    """A FakeChecker with the password file's blocking recipient look-up (as
+    ``PasswordFileChecker``): the ESMTP delivery policy folds it into one thread hop."""
+
+    def resolve_recipient_blocking(self, address: str) -> str | None:
+        """See IBlockingRecipientLookup: ``resolve_recipient``'s answer, in this thread."""
+        if self.fail is not None:
+            raise self.fail
+        key = address.lower()
+        if key in self.aliases:
+            return self.aliases[key]
+        return key if key in self.accounts else None
+
+
+@implementer(IDirectoryLookup, IClosable)
+class FakeDirectoryChecker(FakeChecker):
+    """A FakeChecker with the directory's ``lookup`` and ``close`` (as ``DirectoryChecker``).
+    ``directory`` maps a lower-case address to the attribute dict ``lookup`` gives."""
+
+    def __init__(self, *args: Any, directory: dict[str, dict] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.directory = {k.lower(): v for k, v in (directory or {}).items()}
+        self.closed = 0
+
+    def lookup(self, address: str) -> defer.Deferred:
+        """See IDirectoryLookup."""
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        return defer.succeed(self.directory.get(address.lower()))
+
+    def close(self) -> None:
+        """See IClosable: counts the calls."""
+        self.closed += 1

@@ -16,7 +16,7 @@ from pop3coexist.policy import routing
 from pop3coexist.policy.gateway import FORWARD, LOCAL, GatewayPolicy, Peer, came_from
 from pop3coexist.policy.relay import Client, RelayPolicy, RouteKind
 from tests.support.dialogue import run_dialogue, take
-from tests.support.fakes import FakeChecker, FakeMailStore
+from tests.support.fakes import FakeDirectoryChecker, FakeMailStore
 from tests.support.smtp_fakes import make_factory, open_session
 
 SHARED = "northwindtraders.test"
@@ -307,7 +307,7 @@ next_hops = ["[127.0.0.1]:2527"]
 # --------------------------------------------------------------------------- ESMTP dialogue
 
 
-class FakeDirectory(FakeChecker):
+class FakeDirectory(FakeDirectoryChecker):
     """A FakeChecker with the directory's ``lookup`` (the gateway's resolver)."""
 
     def lookup(self, address: str) -> defer.Deferred:
@@ -361,7 +361,7 @@ def test_gateway_dialogue(tmp_path: Path) -> None:
 def test_gateway_dialogue_directory_down_is_451(tmp_path: Path) -> None:
     """A directory that cannot answer gives 451 4.4.3 at RCPT, never a false 550."""
     factory, *_ = gateway_factory(tmp_path)
-    factory.gateway._lookup = lambda key: defer.fail(AuthUnavailable("down"))
+    factory.context.gateway._lookup = lambda key: defer.fail(AuthUnavailable("down"))
     proto, t = open_session(factory)
     take(t)
     run_dialogue(proto, [

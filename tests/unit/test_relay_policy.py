@@ -1,63 +1,93 @@
-"""The recipient decisions of policy/relay.py as data: who may send where, and relay tricks.
+"""The recipient decisions as data: who may send where, and relay tricks.
 
-The matrix is {anonymous, authenticated} x {local mailbox, unknown local user, relay domain,
-foreign domain} x {trusted network, untrusted}; the trick table proves that no way of writing
-an address opens a relay for an untrusted anonymous client.
+Every decision runs through the very object the ESMTP server asks at RCPT: the avatar its
+factory's realm gives (``policy.delivery.SMTPDelivery``: anonymous, or the account's after
+AUTH), over the store, checker and config the server holds; the gateway branch runs the same
+way (``test_gateway_matrix``). The matrix is {anonymous, authenticated} x {local mailbox,
+unknown local user, relay domain, foreign domain} x {trusted network, untrusted}; the trick
+table proves that no way of writing an address opens a relay for an untrusted anonymous client.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
 
-from pop3coexist.address import Address
-from pop3coexist.errors import MailError
+from pop3coexist.errors import AuthUnavailable, MailError
+from pop3coexist.interfaces import IDeliveryTransaction, IMessageDelivery, SMTPSession
 from pop3coexist.policy.connections import ConnectionPolicy, ip_in_networks
+from pop3coexist.policy.delivery import MailOptions, SMTPDelivery
 from pop3coexist.policy.relay import (
-    Client,
     RelayPolicy,
     RoleAddresses,
-    RouteKind,
     is_own_literal,
     parse_recipient,
 )
+from tests.support.fakes import FakeChecker, FakeMailStore, FakePasswordFileChecker
+from tests.support.smtp_fakes import make_factory, smtp_config
 
-LOCAL = ("pop.contoso.test",)
-MAILBOXES = {"ted@pop.contoso.test"}
 TRUSTED = "192.0.2.10"
 UNTRUSTED = "203.0.113.9"
 
 
-def policy(authenticated_may_relay: bool = True) -> RelayPolicy:
-    return RelayPolicy(
-        {"exchange.northwindtraders.test": "[127.0.0.1]:2526"},
-        (ipaddress.ip_network("192.0.2.0/24"),),
-        authenticated_may_relay,
-    )
+def policy(authenticated_may_relay: bool = True, abuse: str = "",
+           checker: type = FakeChecker):
+    """The factory of an ESMTP server (relay domain exchange.northwindtraders.test, relay
+    network 192.0.2.0/24, one local mailbox ted@ and the postmaster mailbox the service makes
+    at start), as the server is built; the decisions come from its realm's avatars."""
+    config = smtp_config()
+    config = replace(config, relay=replace(config.relay, authenticated=authenticated_may_relay),
+                     domains=replace(config.domains, abuse=abuse))
+    store = FakeMailStore()
+    store.add("ted@pop.contoso.test")
+    store.add("postmaster@pop.contoso.test")  # service.py makes the role mailboxes at start
+    factory, *_ = make_factory(config, store=store,
+                               checker=checker({"ted@pop.contoso.test": "pw"}),
+                               resolve_host=lambda name: [])
+    return factory
 
 
-def decide(pol: RelayPolicy, rcpt: str, ip: str, authenticated: bool,
-           roles: RoleAddresses | None = None) -> str:
-    """Run the whole decision as the server does; return 'local', 'queue', 'postmaster' (the
-    role address took it) or the reply code."""
+def avatar(factory, authenticated: bool, user: str = "ted@pop.contoso.test") -> SMTPDelivery:
+    """The avatar a session holds: anonymous, or ``user``'s after AUTH (through the realm)."""
+    if not authenticated:
+        return factory.realm.anonymous()
+    return outcome(factory.realm.requestAvatar(user, None, IMessageDelivery))[1]
+
+
+def outcome(d) -> object:
+    """The result of a Deferred the synchronous fakes have fired already (a Failure raises)."""
+    box: list = []
+    d.addBoth(box.append)
+    assert box, "the decision did not finish synchronously on the fakes"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
+def decide(factory, rcpt: str, ip: str, authenticated: bool, helo: str = "c.test",
+           user: str = "ted@pop.contoso.test") -> str:
+    """Run the avatar's validate_to as the server does; return 'local', 'queue', 'postmaster'
+    (the role mailbox took it), 'role <target>' (a role address queued for its target),
+    'queue <address>' (rewritten by the gateway) or the reply code."""
+    session = SMTPSession(ip, helo, "127.0.0.1")
     try:
-        address = parse_recipient(rcpt, "pop.contoso.test")
-        if address.literal is not None and is_own_literal(address.literal, ()):
-            address = Address(address.local, "pop.contoso.test", address.quoted)  # RFC 1123 5.2.17
-        route = pol.route(address, LOCAL, Client(ip, authenticated))
-        if route.kind is RouteKind.LOCAL:
-            try:
-                pol.local_outcome(address, address.key in MAILBOXES)
-            except MailError:
-                target = (roles or RoleAddresses()).target(address, set(LOCAL), LOCAL[0])
-                if target is None:
-                    raise
-                return "postmaster" if target.local == "postmaster" else f"role {target}"
-            return "local"
-        return "queue"
+        decision = outcome(avatar(factory, authenticated, user).validate_to(session, rcpt, 0))
     except MailError as e:
         return f"{e.code} {e.enhanced}"
+    except AuthUnavailable:
+        return "451 4.4.3"
+    if decision.mailbox is not None:
+        return "postmaster" if decision.mailbox[1] == "postmaster" else "local"
+    if decision.route.address.key != decision.given.key:
+        assert decision.orcpt == f"rfc822;{decision.given}"  # the DSN names what was given
+        role = decision.given.local.lower() in ("postmaster", "abuse")
+        return f"{'role' if role else 'queue for'} {decision.route.address}"
+    return "queue"
 
 
 MATRIX = [
@@ -86,6 +116,8 @@ def test_matrix(authenticated: bool, rcpt: str, trusted: bool, expected: str) ->
     """Each cell of the relay matrix gets the decision CONTRACT section 6 and issue 3 name."""
     ip = TRUSTED if trusted else UNTRUSTED
     assert decide(policy(), rcpt, ip, authenticated) == expected
+    # the password file's one-hop look-up gives the same answers
+    assert decide(policy(checker=FakePasswordFileChecker), rcpt, ip, authenticated) == expected
 
 
 def test_authenticated_relay_can_be_switched_off() -> None:
@@ -201,12 +233,12 @@ def test_relay_tricks_never_open_a_relay(rcpt: str, expected: str) -> None:
 def test_abuse_goes_to_its_configured_address_only_when_set() -> None:
     """domains.abuse set: abuse@ every authoritative domain is taken (RFC 2142); a foreign
     abuse@ is still a relay question, and a real mailbox would come first (server side)."""
-    roles = RoleAddresses(abuse=Address("security", "corp.example"))
-    assert decide(policy(), "abuse@pop.contoso.test", UNTRUSTED, False, roles) == \
+    server = policy(abuse="security@corp.example")
+    assert decide(server, "abuse@pop.contoso.test", UNTRUSTED, False) == \
         "role security@corp.example"
-    assert decide(policy(), "Abuse@pop.contoso.test", UNTRUSTED, False, roles) == \
+    assert decide(server, "Abuse@pop.contoso.test", UNTRUSTED, False) == \
         "role security@corp.example"
-    assert decide(policy(), "abuse@foreign.example", UNTRUSTED, False, roles) == "554 5.7.1"
+    assert decide(server, "abuse@foreign.example", UNTRUSTED, False) == "554 5.7.1"
     assert RoleAddresses().postmaster_for(None) is None
     assert str(RoleAddresses().postmaster_for("pop.contoso.test")) == "postmaster@pop.contoso.test"
 
@@ -266,3 +298,73 @@ def test_connection_policy(allow: tuple, deny: tuple, ip: str, ok: bool) -> None
         assert result is None
     else:
         assert result is not None and result.reply().startswith("554 5.7.1")
+
+
+# --------------------------------------------------------------------------- the gateway branch
+
+
+def gateway_server(tmp_path: Path):
+    """The factory of a gateway (tests/unit/test_gateway.py's config and directory): alice has
+    a mailbox here, ted@ the shared domain is redirected to the POP3 domain."""
+    from tests.unit.test_gateway import SHARED, FakeDirectory, load
+
+    store = FakeMailStore()
+    store.add(f"alice@{SHARED}")
+    store.add(f"postmaster@{SHARED}")
+    factory, *_ = make_factory(load(tmp_path), store=store,
+                               checker=FakeDirectory({f"alice@{SHARED}": "pw"},
+                                                     local_domains=(SHARED,)),
+                               resolve_host=lambda name: [])
+    return factory
+
+
+GATEWAY_MATRIX = [
+    # (recipient, client ip, EHLO name, authenticated, expected)
+    ("alice@northwindtraders.test", UNTRUSTED, "mx.example.test", False, "local"),
+    ("Ted@northwindtraders.test", UNTRUSTED, "mx.example.test", False,
+     "queue for ted@pop.northwindtraders.test"),
+    ("ext@northwindtraders.test", UNTRUSTED, "mx.example.test", False,
+     "queue for ext.person@external.test"),
+    ("nobody@northwindtraders.test", UNTRUSTED, "mx.example.test", False, "550 5.1.1"),
+    ("postmaster@northwindtraders.test", UNTRUSTED, "mx.example.test", False, "postmaster"),
+    ("a@northwindtraders.test", UNTRUSTED, "mx.example.test", False, "554 5.4.6"),
+    ("self@northwindtraders.test", UNTRUSTED, "mx.example.test", False, "554 5.4.6"),
+    ("x@pop.northwindtraders.test", UNTRUSTED, "mx.example.test", False, "queue"),
+    ("x@pop.northwindtraders.test", "127.0.0.1", "pop.northwindtraders.test", False, "554 5.4.6"),
+    ("kim@legacy.northwindtraders.test", UNTRUSTED, "mx.example.test", False,
+     "queue for kim@pop.northwindtraders.test"),
+    ("who@legacy.northwindtraders.test", UNTRUSTED, "mx.example.test", False, "queue"),
+    ("victim@example.org", UNTRUSTED, "mx.example.test", False, "554 5.7.1"),
+    ("victim@example.org", TRUSTED, "mx.example.test", False, "554 5.7.1"),  # no relay.networks
+    ("victim@example.org", UNTRUSTED, "mx.example.test", True, "queue"),
+]
+
+
+@pytest.mark.parametrize(("rcpt", "ip", "helo", "authenticated", "expected"), GATEWAY_MATRIX)
+def test_gateway_matrix(tmp_path: Path, rcpt: str, ip: str, helo: str, authenticated: bool,
+                        expected: str) -> None:
+    """The gateway branch through the same avatar the server asks: directory redirections,
+    mailboxes here, loops (554 5.4.6), no return to the POP3 server, no open relay."""
+    factory = gateway_server(tmp_path)
+    assert decide(factory, rcpt, ip, authenticated, helo, "alice@northwindtraders.test") == expected
+
+
+def test_gateway_directory_down_is_unavailable(tmp_path: Path) -> None:
+    """A directory that cannot answer is AuthUnavailable (the server's 451 4.4.3)."""
+    from twisted.internet import defer
+
+    factory = gateway_server(tmp_path)
+    factory.context.gateway._lookup = lambda key: defer.fail(AuthUnavailable("down"))
+    assert decide(factory, "ted@northwindtraders.test", UNTRUSTED, False) == "451 4.4.3"
+
+
+def test_the_avatar_and_its_transaction_are_what_the_interfaces_declare() -> None:
+    """verifyObject: the realm's avatars provide IMessageDelivery, begin() an
+    IDeliveryTransaction; the anonymous avatar has no user, the logged-in one its account."""
+    factory = policy()
+    anonymous, ted = avatar(factory, False), avatar(factory, True)
+    for a in (anonymous, ted):
+        verifyObject(IMessageDelivery, a)
+        txn = a.begin(SMTPSession(UNTRUSTED), None, MailOptions())
+        verifyObject(IDeliveryTransaction, txn)
+    assert anonymous.user is None and ted.user == "ted@pop.contoso.test"

@@ -10,10 +10,11 @@ import hmac
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from pop3coexist.errors import AuthUnavailable
 from tests.support.dialogue import run_dialogue, take
+from tests.support.fakes import FakePasswordFileChecker
 from tests.support.smtp_fakes import HOST, make_factory, open_session, smtp_config
 
 GREETING = b"220 pop.contoso.test ESMTP pop3coexist\r\n"
@@ -673,17 +674,20 @@ def test_domain_rereads_are_shared_between_sessions() -> None:
 
 
 def test_blocking_resolver_is_used_in_one_hop() -> None:
-    """A checker with resolve_recipient_blocking (the password file) is asked in the same
-    thread hop as the mailbox check; unknown users still get 550 5.1.1."""
-    factory, store, checker, *_ = make_factory()
+    """A checker that provides IBlockingRecipientLookup (the password file) is asked in the
+    same thread hop as the mailbox check; unknown users still get 550 5.1.1."""
     asked: list[str] = []
 
-    def blocking(address: str) -> str | None:
-        asked.append(address)
-        return address if address in checker.accounts else None
+    class Recording(FakePasswordFileChecker):
+        def resolve_recipient_blocking(self, address: str) -> str | None:
+            asked.append(address)
+            return super().resolve_recipient_blocking(address)
 
-    checker.resolve_recipient_blocking = blocking
-    checker.resolve_recipient = None  # must not be called
+        def resolve_recipient(self, address: str) -> defer.Deferred:
+            raise AssertionError("the blocking look-up is the one used")
+
+    checker = Recording({"ted@pop.contoso.test": "secret1"})
+    factory, *_ = make_factory(checker=checker)
     proto, t = start(factory)
     run_dialogue(proto, [
         (b"EHLO c.test\r\n", EHLO_CLEAR),

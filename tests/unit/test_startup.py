@@ -24,7 +24,9 @@ import pytest
 from twisted.application import service
 from twisted.internet import defer, error, protocol, tcp
 from twisted.internet.testing import MemoryReactorClock
+from zope.interface import implementer
 
+from pop3coexist.interfaces import IStartStop
 from pop3coexist.service import ListenerService, Pop3CoexistService
 from pop3coexist.startup import StartupReport, StateInUse, StateLock
 
@@ -49,11 +51,15 @@ class _Recorder(service.Service):
         self.started = True
 
 
+@implementer(IStartStop)
 class _BrokenTable:
     """A shared table that cannot be created."""
 
     def start(self) -> None:
         raise OSError(errno.EISDIR, "Is a directory", "/state/run/connections-pop3.table")
+
+    def close(self) -> None:
+        pass
 
 
 class _Supervisor(service.Service):

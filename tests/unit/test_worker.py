@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+from zope.interface import implementer
+
+from pop3coexist.interfaces import ISharedConnectionLimiter
 from pop3coexist.store.queue import FileQueue
 from pop3coexist.worker import IDS_PER_LINE, Control, queue_waker
 
@@ -80,9 +83,16 @@ def test_worker_log_lines_become_events_of_the_main_log() -> None:
     assert "worker 3: not json" in texts[1]
 
 
+@implementer(ISharedConnectionLimiter)
 class _Limiter:
     def __init__(self) -> None:
         self.busier = True
+
+    def acquire(self, client: str) -> bool:
+        return True
+
+    def release(self, client: str) -> None:
+        pass
 
     def busier_than_others(self) -> bool:
         return self.busier

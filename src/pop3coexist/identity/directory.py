@@ -65,7 +65,7 @@ from pop3coexist import ldapfilter
 from pop3coexist.config import Config, read_secret
 from pop3coexist.errors import AuthUnavailable, ConfigError
 from pop3coexist.identity.logins import map_login
-from pop3coexist.interfaces import IAccountChecker
+from pop3coexist.interfaces import IAccountChecker, IClosable, IDirectoryLookup, ISelfCheck
 
 log = Logger()
 
@@ -263,7 +263,7 @@ class _Connection:
 Connector = Callable[[], defer.Deferred]
 
 
-@implementer(IAccountChecker)
+@implementer(IAccountChecker, IDirectoryLookup, ISelfCheck, IClosable)
 class DirectoryChecker:
     """See IAccountChecker; the AD-style LDAP method (module docstring has the rules)."""
 
@@ -431,20 +431,17 @@ class DirectoryChecker:
 
     def _with_service(self, action: Callable[[_Connection], defer.Deferred]) -> defer.Deferred:
         """Run ``action`` on the service connection; retry once if a reused one was stale."""
+        return defer.ensureDeferred(self._on_service(action))
 
-        def attempt(retry: bool) -> defer.Deferred:
-            d = self._service_connection().addCallback(action)
-
-            def stale(f: Failure) -> Any:
-                f.trap(_StaleConnection)
+    async def _on_service(self, action: Callable[[_Connection], defer.Deferred]) -> Any:
+        for attempt in (1, 2):
+            try:
+                return await action(await self._service_connection())
+            except _StaleConnection as e:
                 self._service = None
-                if retry:
-                    return attempt(False)
-                raise _DirectoryError(f.getErrorMessage())
-
-            return d.addErrback(stale)
-
-        return attempt(True)
+                if attempt == 2:
+                    raise _DirectoryError(str(e)) from None
+        raise AssertionError("unreachable")
 
     def _take_binder(self) -> defer.Deferred:
         while self._idle_binders:
@@ -460,33 +457,30 @@ class DirectoryChecker:
             conn.close()
 
     def _check_password(self, dn: str, password: bytes) -> defer.Deferred:
-        """Fires with True (bind succeeded) or False (credentials refused)."""
+        """Fires with True (bind succeeded) or False (credentials refused); a reused binder
+        connection that turns out stale is replaced once."""
+        return defer.ensureDeferred(self._bind_user(dn, password))
 
-        def attempt(retry: bool) -> defer.Deferred:
-            def bind(conn: _Connection) -> defer.Deferred:
-                def answered(code: int) -> bool:
-                    self._give_back_binder(conn)
-                    if code == _SUCCESS:
-                        return True
-                    if code in _REFUSED_BIND_CODES:
-                        return False
-                    raise _DirectoryError(f"user bind failed (result code {code})")
-
-                def broken(f: Failure) -> Failure:
+    async def _bind_user(self, dn: str, password: bytes) -> bool:
+        for attempt in (1, 2):
+            try:
+                conn = await self._take_binder()
+                try:
+                    code = await conn.bind(dn, password)
+                except BaseException:
                     conn.close()
-                    return f
-
-                return conn.bind(dn, password).addCallbacks(answered, broken)
-
-            def stale(f: Failure) -> Any:
-                f.trap(_StaleConnection)
-                if retry:
-                    return attempt(False)
-                raise _DirectoryError(f.getErrorMessage())
-
-            return self._take_binder().addCallback(bind).addErrback(stale)
-
-        return attempt(True)
+                    raise
+            except _StaleConnection as e:
+                if attempt == 2:
+                    raise _DirectoryError(str(e)) from None
+                continue
+            self._give_back_binder(conn)
+            if code == _SUCCESS:
+                return True
+            if code in _REFUSED_BIND_CODES:
+                return False
+            raise _DirectoryError(f"user bind failed (result code {code})")
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Drop every connection (service shutdown). Later requests reconnect."""
@@ -581,38 +575,36 @@ class DirectoryChecker:
                 self._address_filter(f"{mapped[0]}@{mapped[1]}", with_upn=False),
             )
         filter_text = ldapfilter.all_of(self.cfg.user_filter, wanted)
+        return self._edge(defer.ensureDeferred(self._log_in(login, password, filter_text)))
 
-        def found(entries: list[_Entry]) -> Any:
-            if len(entries) != 1:
-                if entries:
-                    log.warn("directory log-in {login!r}: {n} entries match; refused", login=login, n=len(entries))
+    async def _log_in(self, login: str, password: bytes, filter_text: str) -> str:
+        """The search, the account's checks, then the user bind (``requestAvatarId``)."""
+        a = self.cfg.attributes
+        entries: list[_Entry] = await self._search(filter_text)
+        if len(entries) != 1:
+            if entries:
+                log.warn("directory log-in {login!r}: {n} entries match; refused", login=login, n=len(entries))
+            raise UnauthorizedLogin()
+        entry = entries[0]
+        flags = _int(entry.first(a.account_control))
+        if flags & (UF_ACCOUNTDISABLE | UF_LOCKOUT):
+            log.info("directory log-in {login!r}: account disabled or locked", login=login)
+            raise UnauthorizedLogin()
+        if self.cfg.required_group:
+            wanted_group = normalise_dn(self.cfg.required_group)
+            if wanted_group not in {normalise_dn(g) for g in entry.get(a.member_of)}:
+                log.info("directory log-in {login!r}: not in the required group", login=login)
                 raise UnauthorizedLogin()
-            entry = entries[0]
-            flags = _int(entry.first(a.account_control))
-            if flags & (UF_ACCOUNTDISABLE | UF_LOCKOUT):
-                log.info("directory log-in {login!r}: account disabled or locked", login=login)
-                raise UnauthorizedLogin()
-            if self.cfg.required_group:
-                wanted_group = normalise_dn(self.cfg.required_group)
-                if wanted_group not in {normalise_dn(g) for g in entry.get(a.member_of)}:
-                    log.info("directory log-in {login!r}: not in the required group", login=login)
-                    raise UnauthorizedLogin()
-            # SMTP AUTH needs an account, not a mailbox: an account whose addresses are all
-            # in other domains logs in too (POP3's realm refuses it: no mailbox here).
-            account = self.account_of(entry)
-            if account is None:
-                log.info("directory log-in {login!r}: the account has no mail address "
-                         "(mail, proxyAddresses or userPrincipalName)", login=login)
-                raise UnauthorizedLogin()
-
-            def checked(ok: bool) -> str:
-                if not ok:
-                    raise UnauthorizedLogin()
-                return account
-
-            return self._check_password(entry.dn, password).addCallback(checked)
-
-        return self._edge(self._search(filter_text).addCallback(found))
+        # SMTP AUTH needs an account, not a mailbox: an account whose addresses are all
+        # in other domains logs in too (POP3's realm refuses it: no mailbox here).
+        account = self.account_of(entry)
+        if account is None:
+            log.info("directory log-in {login!r}: the account has no mail address "
+                     "(mail, proxyAddresses or userPrincipalName)", login=login)
+            raise UnauthorizedLogin()
+        if not await self._check_password(entry.dn, password):
+            raise UnauthorizedLogin()
+        return account
 
     def resolve_recipient(self, address: str) -> defer.Deferred:
         """See IAccountChecker."""

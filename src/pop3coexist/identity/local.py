@@ -41,7 +41,7 @@ from pop3coexist import address as addr_mod
 from pop3coexist.config import Config
 from pop3coexist.errors import AuthUnavailable, ConfigError
 from pop3coexist.identity.logins import map_login
-from pop3coexist.interfaces import IAccountChecker
+from pop3coexist.interfaces import IAccountChecker, ISelfCheck
 
 log = Logger()
 
@@ -87,7 +87,7 @@ def pam_authenticate(service: str, username: str, password: bytes) -> tuple[int,
     return int(authenticator.code), str(authenticator.reason)
 
 
-@implementer(IAccountChecker)
+@implementer(IAccountChecker, ISelfCheck)
 class LocalChecker:
     """See IAccountChecker; local Unix accounts through PAM (module docstring has the rules)."""
 

@@ -66,7 +66,7 @@ from pop3coexist.address import AddressError, login_to_address
 from pop3coexist.errors import AdminError, AuthUnavailable, StoreError
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.identity.logins import map_login
-from pop3coexist.interfaces import IAccountChecker
+from pop3coexist.interfaces import IAccountChecker, IBlockingRecipientLookup, ISelfCheck
 
 __all__ = ["BadPassword", "PasswordFile", "PasswordFileChecker", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -718,7 +718,7 @@ def _run_now(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred
     return defer.maybeDeferred(f, *args, **kwargs)
 
 
-@implementer(IAccountChecker)
+@implementer(IAccountChecker, IBlockingRecipientLookup, ISelfCheck)
 class PasswordFileChecker:
     """``IAccountChecker`` over a ``PasswordFile``. See IAccountChecker.
 

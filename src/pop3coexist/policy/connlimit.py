@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from zope.interface import implementer
 
+from pop3coexist.interfaces import IConnectionLimiter
+
+
+@implementer(IConnectionLimiter)
 class ConnectionLimiter:
     """Counts open connections; ``acquire`` says whether one more may be served."""
 

@@ -43,6 +43,7 @@ from twisted.internet import defer
 from pop3coexist.address import Address, AddressError, parse_address
 from pop3coexist.config import Config, ConnectorConfig
 from pop3coexist.errors import PermanentFailure
+from pop3coexist.interfaces import IDirectoryLookup
 from pop3coexist.policy.routing import connectors_for, own_addresses, parse_next_hop
 
 LOCAL = "local"
@@ -138,10 +139,9 @@ class GatewayPolicy:
         """The policy for a config with ``[gateway]``, or None for a plain mailbox server."""
         if not config.gateway.enabled:
             return None
-        lookup = getattr(checker, "lookup", None)
-        if lookup is None:
+        if not IDirectoryLookup.providedBy(checker):
             raise ValueError("the gateway role needs a directory checker (auth.method = \"directory\")")
-        return cls(config, lookup)
+        return cls(config, checker.lookup)
 
     def handles(self, domain: str) -> bool:
         """True when recipients of ``domain`` are decided here (not by the relay rules alone)."""

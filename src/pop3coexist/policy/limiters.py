@@ -15,7 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from zope.interface import implementer
+
 from pop3coexist.config import Config
+from pop3coexist.interfaces import ISharedConnectionLimiter, IStartStop
 
 
 def limiter_table(config: Config, protocol: str) -> Path:
@@ -45,6 +48,7 @@ def make_limiters(config: Config, worker: int) -> dict[str, Any]:
     }
 
 
+@implementer(ISharedConnectionLimiter, IStartStop)
 class TableLimiter:
     """The main process's view of a shared connection table, made when the server starts
     (``start``): after twistd has switched to its ``--uid``/``--gid``, so the table belongs to
@@ -82,6 +86,11 @@ class TableLimiter:
 
     def busier_than_others(self) -> bool:
         return self.real is not None and self.real.busier_than_others()
+
+    def close(self) -> None:
+        """Close the table (the server stops); idempotent."""
+        if self.real is not None:
+            self.real.close()
 
 
 def make_throttles(config: Config, reactor: Any, worker: int) -> dict[str, Any]:

@@ -141,8 +141,8 @@ def primary_domain(config, domains: Sequence[str] = ()) -> str | None:
     of ``domains`` (added with ``domain add``); else None."""
     if config.domains.local:
         return config.domains.local[0].lower()
-    gateway = getattr(config, "gateway", None)
-    if gateway is not None and gateway.enabled and gateway.authoritative_domains:
+    gateway = config.gateway
+    if gateway.enabled and gateway.authoritative_domains:
         return gateway.authoritative_domains[0].lower()
     return sorted(d.lower() for d in domains)[0] if domains else None
 
@@ -254,8 +254,8 @@ class RelayPolicy:
         """Build the policy from a ``config.Config``."""
         relay = {d.name: d.route for d in config.domains.remote if d.relay}
         routed = {d.name: d.route for d in config.domains.remote if not d.relay}
-        gateway = getattr(config, "gateway", None)
-        if gateway is not None and gateway.enabled:
+        gateway = config.gateway
+        if gateway.enabled:
             # connector address spaces (policy/gateway.py): "allow messages to be relayed to
             # these domains" accepts them from anyone; routing picks the connector's next hop
             for c in gateway.connectors:

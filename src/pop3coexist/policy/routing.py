@@ -220,8 +220,8 @@ def route_for(domain: str, config: Config, local_delivery: bool = True, spread: 
     if local_delivery and (domain in config.domains.local or domain in local_domains):
         return LOCAL_ROUTE
     sh = config.smarthost.host
-    gateway = getattr(config, "gateway", None)
-    if gateway is not None and gateway.enabled:
+    gateway = config.gateway
+    if gateway.enabled:
         route = connector_route(gateway, domain, sh, spread)
         if route is not None:
             return route

@@ -66,6 +66,10 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from zope.interface import implementer
+
+from pop3coexist.interfaces import IClosable, ISharedConnectionLimiter
+
 MAGIC = b"P3CXCONN"
 VERSION = 1
 HEADER_SIZE = 64
@@ -206,6 +210,7 @@ def reset_worker(path: Path, worker: int) -> None:
         os.close(fd)
 
 
+@implementer(ISharedConnectionLimiter, IClosable)
 class SharedConnectionLimiter:
     """A ConnectionLimiter whose limits hold across all workers sharing the table at ``path``.
 

@@ -29,6 +29,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from zope.interface import implementer
+
+from pop3coexist.interfaces import IAuthThrottle, IStartStop
 from pop3coexist.policy.sharedlimit import client_key
 
 MAGIC = b"P3CXTHRT"
@@ -52,6 +55,7 @@ def create_throttle_table(path: Path, slots: int = SLOTS) -> None:
     os.replace(tmp, path)
 
 
+@implementer(IAuthThrottle, IStartStop)
 class SharedAuthThrottle:
     """AuthThrottle over the shared table at ``path`` (see the module docstring).
 

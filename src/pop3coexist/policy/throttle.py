@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zope.interface import implementer
+
+from pop3coexist.interfaces import IAuthThrottle
+
 
 @dataclass
 class _Entry:
@@ -17,6 +21,7 @@ class _Entry:
     last: float
 
 
+@implementer(IAuthThrottle)
 class AuthThrottle:
     """Tracks failures by source address and says how long to wait before answering."""
 

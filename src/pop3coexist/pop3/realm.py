@@ -24,12 +24,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3coexist.errors import LoginRefused, NoSuchMailbox
-from pop3coexist.interfaces import IMaildrop, IMailStore
+from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop, IMailStore
 
 log = Logger(namespace="pop3coexist.pop3.realm")
 
 
-@implementer(IMaildrop)
+@implementer(IMaildrop, ICachedMessageOpen)
 class POP3Mailbox:
     """See IMaildrop. Wraps the store's maildrop; sizes and ids are read once at log-in."""
 
@@ -53,8 +53,9 @@ class POP3Mailbox:
         return self.maildrop.open_message(index)
 
     def open_message_cached(self, index: int) -> Any:
-        opener = getattr(self.maildrop, "open_message_cached", None)
-        return opener(index) if opener is not None else None
+        if ICachedMessageOpen.providedBy(self.maildrop):
+            return self.maildrop.open_message_cached(index)
+        return None
 
     def commit(self, deleted: set[int]) -> None:
         self.maildrop.commit(set(deleted))

@@ -41,7 +41,7 @@ from twisted.mail import pop3
 from twisted.python.failure import Failure
 
 from pop3coexist.errors import AuthUnavailable, LoginRefused, MailboxInUse
-from pop3coexist.interfaces import IMaildrop
+from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop
 from pop3coexist.netutil import send_now
 from pop3coexist.pop3 import sasl
 from pop3coexist.pop3.stream import DotStuffer, MessageProducer
@@ -326,7 +326,7 @@ class POP3Server(pop3.POP3):
         return self.factory.checker
 
     def _secrets(self) -> bool:
-        return bool(getattr(self._checker(), "offers_secrets", False))
+        return bool(self._checker().offers_secrets)  # IAccountChecker declares it
 
     def _apop_offered(self) -> bool:
         return self.session_state == AUTHORIZATION and self._secrets()
@@ -630,8 +630,9 @@ class POP3Server(pop3.POP3):
                 self.transport.loseConnection()
 
         # the common case: the kernel has the path cached and the reactor opens it at once
-        opener = getattr(self._mailbox, "open_message_cached", None)
-        cached = opener(index) if opener is not None else None
+        mailbox = self._mailbox
+        cached = (mailbox.open_message_cached(index)
+                  if ICachedMessageOpen.providedBy(mailbox) else None)
         if cached is not None:
             return opened(cached)
         d = f.run_blocking(self._mailbox.open_message, index)

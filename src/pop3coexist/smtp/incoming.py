@@ -36,21 +36,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import inspect
 import os
 import secrets
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3coexist.errors import MailError, QuotaExceeded
+from pop3coexist.interfaces import IBatchDelivery, ICommitter, LocalNotes
 from pop3coexist.smtp import dsn
 from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, field_name
 from pop3coexist.store.envelope import Envelope, Recipient
@@ -336,23 +336,6 @@ class MessageReader:
         self.sink.abort()
 
 
-@dataclass
-class LocalNotes:
-    """What the end of DATA tells the committer about the transaction, for the delivery
-    reports of local recipients: "delivered" where NOTIFY asks for SUCCESS (RFC 3461 section
-    5.2.2), "failed" (5.2.2) for a mailbox whose quota refused the message while others got it
-    (RFC 3464). ``recipients`` maps ``(domain, mailbox)`` to ``{"address", "orcpt", "notify"}``
-    as the client gave them; ``sender`` is ``""`` for the null sender (no reports then)."""
-
-    sender: str
-    recipients: dict[tuple[str, str], dict]
-    reporting_mta: str
-    ret: str | None = None
-    envid: str | None = None
-    arrival: float = 0.0
-    received_from: str = ""
-
-
 def commit_message(
     store,
     queue,
@@ -361,8 +344,9 @@ def commit_message(
     envelope: dict | None,
     fsync: Callable[[int], None] = os.fsync,
     notes: LocalNotes | None = None,
-) -> None:
-    """Blocking. Make the message durable everywhere it goes, then remove the spool file.
+) -> list[tuple[str, str]]:
+    """Blocking. Make the message durable everywhere it goes, then remove the spool file;
+    return the local mailboxes whose quota refused it (their "failed" reports are queued).
 
     Order: fsync the spool file; hard-link it into each local mailbox that has room under its
     quota (``deliver_within_quota`` fsyncs the ``new/`` folders); enqueue it for the other
@@ -392,6 +376,7 @@ def commit_message(
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             raise
+        return refused
     finally:
         spool.abort()
 
@@ -404,7 +389,7 @@ def deliver_local(
     ``QuotaExceeded`` (``.recipient``: the first full mailbox) when every local recipient was
     refused and ``others`` is false: the whole message then gets ``552 5.2.2``, nothing stored.
     """
-    options = {"sync": False} if not sync and _accepts(store.deliver_within_quota, "sync") else {}
+    options = {"sync": False} if not sync and IBatchDelivery.providedBy(store) else {}
     written, refused = store.deliver_within_quota(spool.path, local, **options)
     if refused and not written and not others:
         domain, mailbox = refused[0]
@@ -496,14 +481,6 @@ def send_local_reports(
                  sender=notes.sender)
 
 
-def _accepts(function: Callable, keyword: str) -> bool:
-    """True when ``function`` takes the keyword argument (stores and fakes differ)."""
-    try:
-        return keyword in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _load_syncfs() -> Callable[[int], None] | None:
     """``syncfs(2)`` (Linux): one call makes every file and folder on one file system durable."""
     name = ctypes.util.find_library("c")
@@ -543,11 +520,13 @@ class _Pending:
         self.written: list[Any] = []
 
 
+@implementer(ICommitter)
 class GroupCommitter:
     """Group commit of incoming messages: many sessions' messages made durable by one batch.
 
-    ``commit(spool, local_recipients, envelope)`` returns a Deferred that fires with None once
-    the message is durable everywhere (then the session replies 250), or fails with the
+    ``commit(spool, local_recipients, envelope)`` returns a Deferred that fires once the
+    message is durable everywhere (with the local mailboxes whose quota refused it: their
+    delivery reports are queued) (then the session replies 250), or fails with the
     exception that stopped it (QuotaExceeded when every recipient's mailbox is full,
     StoreError, OSError: the session replies 552 or 451). ``notes`` (LocalNotes) allows the
     delivery reports of local recipients. At most one batch runs at a time (in ``run_blocking``, off the reactor); what arrives
@@ -592,7 +571,7 @@ class GroupCommitter:
         self._running = False
         self.batches = 0  # statistics (bench, logs): batches run and messages committed
         self.messages = 0
-        self._deferred_sync = _accepts(store.deliver_within_quota, "sync")
+        self._deferred_sync = IBatchDelivery.providedBy(store)
 
     def commit(
         self,
@@ -639,7 +618,7 @@ class GroupCommitter:
         for item in batch:
             if item.error is None:
                 self.messages += 1
-                item.deferred.callback(None)
+                item.deferred.callback(list(item.refused))
             else:
                 item.deferred.errback(Failure(item.error))
         self._kick()

@@ -42,6 +42,7 @@ from twisted.python import threadable
 
 from pop3coexist import errors
 from pop3coexist.config import Config
+from pop3coexist.interfaces import IMailStore
 from pop3coexist.policy import routing
 from pop3coexist.smtp import client as smtp_client
 from pop3coexist.smtp import dsn, retry
@@ -426,7 +427,7 @@ class OutboundService(service.Service):
         """Blocking. The domains the mail store holds: the configured local ones and those
         ``domain add`` made while running; mail for them (a report to a local sender) is
         final delivery here, never sent out by MX. Empty when the store cannot say."""
-        if self.store is None:
+        if not IMailStore.providedBy(self.store):  # no store, or one that only delivers
             return frozenset()
         try:
             return frozenset(d.lower() for d in self.store.list_domains())

@@ -17,9 +17,14 @@ handling and commands, because the stock ones are unsafe for a real server:
   and the 250 goes out only after ``incoming.GroupCommitter`` made it durable (one batch of
   syncs for every session whose DATA ended meanwhile).
 
-Recipient decisions are ``policy.relay``'s, connection control ``policy.connections``', failed
-log-in delays ``policy.throttle``'s, concurrent connections ``policy.connlimit``'s. The store,
-the outbound queue and the account checker are the interfaces of ``pop3coexist.interfaces``.
+The protocol parses and replies; it decides nothing about mail. Each session holds an avatar
+of ``policy.delivery`` (``IMessageDelivery``: anonymous, or the account's after AUTH, from the
+factory's ``DeliveryRealm``) and asks it one question per command: ``validate_from`` at MAIL
+(sender ownership), ``validate_to`` at RCPT (relay rules, gateway, directory, mailbox, quota,
+role addresses, address literals of this host), ``begin`` for the transaction, whose ``commit``
+at the end of DATA runs the declared stages of ``policy.stages``. Connection control is
+``policy.connections``', failed log-in delays ``policy.throttle``'s, concurrent connections
+``policy.connlimit``'s.
 """
 
 from __future__ import annotations
@@ -28,49 +33,27 @@ import base64
 import binascii
 import re
 import time
-from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, protocol, task, threads
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp as tsmtp
 from twisted.python.failure import Failure
 
 from pop3coexist.address import Address
-from pop3coexist.errors import (
-    AuthUnavailable,
-    LoginRefused,
-    MailError,
-    PermanentFailure,
-    QuotaExceeded,
-)
-from pop3coexist.identity.logins import login_locked
+from pop3coexist.errors import AuthUnavailable, LoginRefused, MailError
+from pop3coexist.interfaces import IDeliveryTransaction, IMessageDelivery, SMTPSession
 from pop3coexist.netutil import send_now
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
-from pop3coexist.policy.gateway import LOCAL as GATEWAY_LOCAL
-from pop3coexist.policy.gateway import GatewayPolicy, Peer
-from pop3coexist.policy.relay import (
-    Client,
-    RelayPolicy,
-    RoleAddresses,
-    Route,
-    RouteKind,
-    is_own_literal,
-    parse_recipient,
-    parse_sender,
-    primary_domain,
-)
+from pop3coexist.policy.delivery import DeliveryContext, DeliveryRealm, MailOptions
+from pop3coexist.policy.relay import parse_sender
 from pop3coexist.policy.throttle import AuthThrottle
 from pop3coexist.smtp import auth as sasl
-from pop3coexist.smtp.incoming import (
-    GroupCommitter,
-    LocalNotes,
-    MessageReader,
-    SpoolWriter,
-    new_queue_id,
-)
+from pop3coexist.smtp.incoming import GroupCommitter, MessageReader, SpoolWriter, new_queue_id
 from pop3coexist.smtp.received import received_header, return_path_field, with_keyword
 
 log = Logger()
@@ -152,21 +135,6 @@ def split_path(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     return rest[1:end], parse_params(params)
 
 
-@dataclass
-class Transaction:
-    """One mail transaction: MAIL FROM, the accepted recipients, the DSN parameters."""
-
-    sender: Address | None
-    size: int = 0
-    ret: str | None = None
-    envid: str | None = None
-    body: str | None = None  # BODY=7BIT / 8BITMIME (RFC 6152), passed on to the next hop
-    recipients: list[str] = field(default_factory=list)  # as accepted, for Received / logs
-    # (domain, mailbox) -> {"address", "orcpt", "notify"} of the first RCPT naming it (DSN)
-    local: dict[tuple[str, str], dict] = field(default_factory=dict)
-    remote: dict[str, dict] = field(default_factory=dict)  # address key -> envelope entry
-
-
 class ESMTPServer(tsmtp.ESMTP):
     """One SMTP session. See the module docstring for what differs from Twisted's ESMTP."""
 
@@ -191,7 +159,8 @@ class ESMTPServer(tsmtp.ESMTP):
         self.user: str | None = None
         self._helo: str | None = None
         self._esmtp = False
-        self._txn: Transaction | None = None
+        self.delivery: IMessageDelivery = factory.realm.anonymous()  # the avatar
+        self._txn: IDeliveryTransaction | None = None
         self._reader: MessageReader | None = None
         self._mech: sasl.Mechanism | None = None
         self._messages = 0
@@ -500,6 +469,7 @@ class ESMTPServer(tsmtp.ESMTP):
         self._esmtp = False
         self._txn = None
         self.user = None
+        self.delivery = self.factory.realm.anonymous()
 
     # ------------------------------------------------------------------ AUTH
 
@@ -565,46 +535,32 @@ class ESMTPServer(tsmtp.ESMTP):
         return self._login(result)
 
     def _login(self, credentials) -> defer.Deferred:
-        """Check ``credentials``, then the locks (``identity.logins.login_locked``). SMTP AUTH
-        needs an account, not a mailbox: an account with no mailbox on this server (a relay
-        or service account, a user whose mailbox lives elsewhere) logs in."""
+        """Log in through the delivery realm (the checker, then the locks); the session then
+        holds the account's avatar."""
+        return defer.ensureDeferred(self._log_in(credentials))
+
+    async def _log_in(self, credentials) -> None:
         factory = self.factory
-        d = defer.maybeDeferred(factory.checker.requestAvatarId, credentials)
-
-        def check_lock(avatar):
-            if isinstance(avatar, bytes):
-                avatar = avatar.decode("ascii")
-            avatar = str(avatar).lower()
-            d2 = factory.run_blocking(login_locked, factory.store, avatar)
-            d2.addCallback(lambda locked: (avatar, locked))
-            return d2
-
-        def ok(result):
-            avatar, locked = result
-            if locked:
-                raise LoginRefused()
-            factory.throttle.success(self.client_ip)
-            self.user = avatar
-            log.info("SMTP AUTH ok for {user} from {ip}", user=avatar, ip=self.client_ip)
-            self._reply(235, "2.7.0", "Authentication successful")
-
-        def bad(failure):
-            if failure.check(UnauthorizedLogin, UnhandledCredentials, LoginRefused):
-                delay = factory.throttle.failure_delay(self.client_ip)
-                log.info("SMTP AUTH failed from {ip}", ip=self.client_ip)
-                return task.deferLater(
-                    factory.reactor, delay,
-                    self._reply, 535, "5.7.8", "Authentication credentials invalid",
-                )
-            if not failure.check(AuthUnavailable):
-                log.failure("SMTP AUTH: checker error", failure)
+        try:
+            avatar = await factory.realm.login(credentials)
+        except (UnauthorizedLogin, UnhandledCredentials, LoginRefused):
+            delay = factory.throttle.failure_delay(self.client_ip)
+            log.info("SMTP AUTH failed from {ip}", ip=self.client_ip)
+            await task.deferLater(factory.reactor, delay, self._reply, 535, "5.7.8",
+                                  "Authentication credentials invalid")
+            return
+        except AuthUnavailable:
             self._reply(454, "4.7.0", "Temporary authentication failure")
-            return None
-
-        d.addCallback(check_lock)
-        d.addCallback(ok)
-        d.addErrback(bad)
-        return d
+            return
+        except Exception:
+            log.failure("SMTP AUTH: checker error")
+            self._reply(454, "4.7.0", "Temporary authentication failure")
+            return
+        factory.throttle.success(self.client_ip)
+        self.delivery = avatar
+        self.user = avatar.user
+        log.info("SMTP AUTH ok for {user} from {ip}", user=avatar.user, ip=self.client_ip)
+        self._reply(235, "2.7.0", "Authentication successful")
 
     # ------------------------------------------------------------------ MAIL
 
@@ -621,76 +577,56 @@ class ESMTPServer(tsmtp.ESMTP):
                                               "closing connection"))
             return None
         inner, params = split_path(arg, "FROM:")
-        txn = Transaction(sender=None if inner == "" else parse_sender(inner))
+        sender = None if inner == "" else parse_sender(inner)
+        opts: dict[str, Any] = {}
         for key, value in params.items():
             if key == "SIZE":
                 if value is None or not value.isdigit() or len(value) > 20:
                     raise _fail(501, "5.5.4", "Syntax: SIZE=octets")
-                txn.size = int(value)
-                if 0 < cfg.max_message_size < txn.size:  # 0: no fixed maximum (RFC 1870)
+                opts["size"] = int(value)
+                if 0 < cfg.max_message_size < opts["size"]:  # 0: no fixed maximum (RFC 1870)
                     raise _fail(552, "5.3.4", "Message size exceeds fixed maximum message size")
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise _fail(501, "5.5.4", "Syntax: BODY=7BIT or BODY=8BITMIME")
-                txn.body = value.upper()
+                opts["body"] = value.upper()
             elif key == "RET":
                 if value is None or value.upper() not in ("FULL", "HDRS"):
                     raise _fail(501, "5.5.4", "Syntax: RET=FULL or RET=HDRS")
-                txn.ret = value.upper()
+                opts["ret"] = value.upper()
             elif key == "ENVID":
                 if value is None:
                     raise _fail(501, "5.5.4", "Syntax: ENVID=xtext")
                 envid = xtext_decode(value)
                 if not envid or len(envid) > 100 or any(not 0x20 <= ord(c) < 0x7F for c in envid):
                     raise _fail(501, "5.5.4", "ENVID must be 1 to 100 printable characters")
-                txn.envid = envid
+                opts["envid"] = envid
             elif key == "AUTH":
                 if value is None:
                     raise _fail(501, "5.5.4", "Syntax: AUTH=mailbox")
                 xtext_decode(value)  # validated; RFC 4954 section 5 lets us ignore it
             else:
                 raise _fail(555, "5.5.4", f"Unsupported parameter {key}")
-        if self.user is not None and cfg.sender_must_match_login:
-            return self._check_own_sender(txn)
-        self._start(txn)
-        return None
+        return defer.ensureDeferred(self._mail(sender, MailOptions(**opts)))
 
-    def _start(self, txn: Transaction) -> None:
-        self._txn = txn
-        self._reply(250, "2.1.0", f"Sender <{txn.sender or ''}> OK")
+    async def _mail(self, sender: Address | None, options: MailOptions) -> None:
+        """Ask the avatar whether ``sender`` may start a transaction, then answer MAIL."""
+        avatar = self.delivery
+        try:
+            await avatar.validate_from(self._session(), sender)
+            if self.delivery is not avatar:  # the log-in changed meanwhile
+                raise _fail(553, "5.7.1", f"Sender address <{sender or ''}> is not yours")
+        except MailError as e:
+            self._error(e)
+            return
+        self._txn = avatar.begin(self._session(), sender, options)
+        self._reply(250, "2.1.0", f"Sender <{sender or ''}> OK")
 
-    def _check_own_sender(self, txn: Transaction):
-        """``smtp.sender_must_match_login``: an authenticated client sends as one of its own
-        addresses (the checker's ``sender_owner``: for a directory, ``mail`` and every
-        ``proxyAddresses`` entry, whatever the domain) or with the null reverse-path ``<>``;
-        anything else is ``553 5.7.1``."""
-        user = self.user
-        not_yours = _fail(553, "5.7.1", f"Sender address <{txn.sender or ''}> is not yours")
-        if txn.sender is None:
-            # The null reverse-path claims no address: read receipts (RFC 8098 section 2.1:
-            # MUST be null) and auto-replies (RFC 3834 section 3.3) are sent with it.
-            self._start(txn)
-            return None
-        if txn.sender.key == user:
-            self._start(txn)
-            return None
-        d = defer.maybeDeferred(self.factory.checker.sender_owner, txn.sender.key)
-
-        def decide(owner):
-            if isinstance(owner, bytes):
-                owner = owner.decode("ascii")
-            if owner is not None and str(owner).lower() == user and self.user == user:
-                self._start(txn)
-            else:
-                self._error(not_yours)
-
-        def failed(failure):
-            if not failure.check(AuthUnavailable):
-                log.failure("SMTP sender lookup failed", failure)
-            self._reply(451, "4.4.3", "Directory lookup failed, try again later")
-
-        d.addCallbacks(decide, failed)
-        return d
+    def _session(self) -> SMTPSession:
+        """What the delivery policy knows of this session (interfaces.SMTPSession)."""
+        host = self.transport.getHost()
+        listener = host.host if isinstance(host, (IPv4Address, IPv6Address)) else None
+        return SMTPSession(self.client_ip, self._helo, listener)
 
     # ------------------------------------------------------------------ RCPT
 
@@ -725,26 +661,11 @@ class ESMTPServer(tsmtp.ESMTP):
             raise _fail(452, "4.5.3", "Too many recipients")
         return defer.ensureDeferred(self._rcpt(txn, inner, notify, orcpt))
 
-    async def _rcpt(self, txn: Transaction, inner: str, notify: list[str] | None,
+    async def _rcpt(self, txn: IDeliveryTransaction, inner: str, notify: list[str] | None,
                     orcpt: str | None) -> None:
-        """Decide one recipient (policy.relay / policy.gateway), then answer RCPT."""
-        factory = self.factory
+        """Ask the avatar where the recipient goes (policy/delivery.py), then answer RCPT."""
         try:
-            given, found = await self._find_recipient(txn, inner)
-            if self._txn is not txn:  # RSET or a new session meanwhile
-                return
-            if found.box is not None:
-                domain, box, (exists, over_quota) = found.box
-                factory.relay.local_outcome(found.route.address, exists, over_quota)
-                txn.local.setdefault((domain, box), {
-                    "address": str(given), "orcpt": orcpt or found.orcpt, "notify": notify,
-                })
-            else:
-                address = found.route.address
-                txn.remote.setdefault(
-                    address.key,
-                    {"address": str(address), "orcpt": orcpt or found.orcpt, "notify": notify},
-                )
+            decision = await self.delivery.validate_to(self._session(), inner, txn.options.size)
         except MailError as e:
             self._error(e)
             return
@@ -755,136 +676,10 @@ class ESMTPServer(tsmtp.ESMTP):
             log.failure("SMTP recipient lookup failed")
             self._reply(451, "4.3.0", "Local error in processing, try again later")
             return
-        txn.recipients.append(str(given))
-        self._reply(250, "2.1.5", f"Recipient <{given}> OK")
-
-    async def _find_recipient(self, txn: Transaction, inner: str) -> tuple[Address, _Found]:
-        """(the address as the client gave it, where its mail goes); MailError to refuse.
-
-        A literal naming this host means the primary local domain (RFC 1123 section 5.2.17);
-        a role address (postmaster, abuse) with no real recipient of that name goes to the
-        configured address (RFC 5321 section 4.5.1, RFC 2142). A domain that the cached domain
-        list does not know is looked up again (``local_domains(refresh=True)``), so a domain
-        added with ``domain add`` is local at once, never relayed or refused as foreign; and
-        before an unknown user of a domain added at run time gets 550 5.1.1 or a role address's
-        mail, the list is read again too, so a domain removed meanwhile is foreign at once.
-        """
-        factory = self.factory
-        mark = factory.read_mark()
-        domains = await factory.local_domains()
-        fresh = factory.fresh_since(mark)  # read after this RCPT came: no need to read again
-        if not fresh and factory.primary_domain(domains) is None:  # perhaps one just added
-            domains, fresh = await factory.local_domains(refresh=True), True
-        while True:  # at most twice: with the cached list, then with a fresh one
-            primary = factory.primary_domain(domains)
-            given = parse_recipient(inner, primary)
-            address = given
-            ip = given.literal
-            if ip is not None and await self._is_own_literal(ip):
-                if primary is None:
-                    raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550)
-                address = Address(given.local, primary, given.quoted)
-            if fresh or address.literal is not None or factory.knows_domain(address.domain, domains):
-                break
-            reread, fresh = await factory.local_domains(refresh=True), True
-            if address.domain not in reread:
-                break
-            domains = reread  # added since the cached read: decide again with it
-        target = factory.roles.target(address, factory.authoritative(domains), primary)
-        try:
-            return given, await self._resolve(address, domains, txn)
-        except MailError as e:
-            if (e.code, e.enhanced) != (550, "5.1.1"):
-                raise
-            if not fresh and address.domain not in factory.authoritative([]):
-                # a domain added at run time: if `domain remove` took it meanwhile, it is a
-                # foreign domain now (relayed for a trusted client, 554 for others)
-                reread = await factory.local_domains(refresh=True)
-                if address.domain not in reread:
-                    return given, await self._resolve(address, reread, txn)
-            if target is None:
-                raise
-        try:
-            return given, await self._resolve_role(address, target, domains, txn)
-        except MailError as e:
-            if (e.code, e.enhanced) == (550, "5.1.1"):  # never name the configured target
-                log.warn("SMTP: mail for <{a}> goes to <{t}>, which does not exist",
-                         a=address, t=target)
-                raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550) from None
-            raise
-
-    async def _is_own_literal(self, ip) -> bool:
-        """An address literal of this host: loopback, the listener's own address, or one of the
-        addresses ``server.hostname`` resolves to (looked up off the reactor, cached)."""
-        host = getattr(self.transport.getHost(), "host", None)
-        if is_own_literal(ip, [host] if isinstance(host, str) else []):
-            return True
-        return is_own_literal(ip, await self.factory.host_addresses())
-
-    async def _resolve(self, address: Address, domains: list[str], txn: Transaction,
-                       may_relay: bool = False) -> _Found:
-        """Where ``address`` goes: the gateway's directory, a local mailbox, or the queue.
-
-        ``may_relay``: the address comes from our own config (a role address), so a foreign
-        domain is queued without asking the relay rules. MailError 550 5.1.1 for an unknown
-        local recipient, 554 5.7.1 when the client may not relay there.
-        """
-        factory = self.factory
-        gateway = factory.gateway
-        if gateway is not None and gateway.handles(address.domain):
-            # the gateway role: the directory decides (policy/gateway.py)
-            decision = await gateway.decide(address, Peer(self.client_ip, self._helo))
-            if decision.kind == GATEWAY_LOCAL:
-                return await self._local_box(Route(RouteKind.LOCAL, decision.original),
-                                             decision.mailbox, txn)
-            orcpt = f"rfc822;{decision.original}" if decision.rewritten else None
-            return _Found(Route(RouteKind.RELAY_DOMAIN, decision.address), None, orcpt)
-        if may_relay and address.domain not in {d.lower() for d in domains}:
-            return _Found(Route(RouteKind.RELAY_DOMAIN, address))
-        r = factory.relay.route(address, domains, Client(self.client_ip, self.user is not None))
-        if r.kind is not RouteKind.LOCAL:
-            return _Found(r)
-        blocking = getattr(factory.checker, "resolve_recipient_blocking", None)
-        if blocking is not None:
-            # one thread hop for the look-up and the mailbox check together
-            box = await factory.run_blocking(_lookup_local, blocking, factory.store,
-                                             address.key, txn.size)
-            if box is None or not box[2][0]:
-                factory.relay.local_outcome(r.address, False)
-            return _Found(r, box)
-        mailbox = await defer.maybeDeferred(factory.checker.resolve_recipient, address.key)
-        return await self._local_box(r, mailbox, txn)
-
-    async def _local_box(self, r: Route, mailbox, txn: Transaction) -> _Found:
-        """The store's state of the mailbox a checker named (``box@domain``); 550 5.1.1 when
-        there is none."""
-        if mailbox is None:
-            self.factory.relay.local_outcome(r.address, False)
-        if isinstance(mailbox, bytes):
-            mailbox = mailbox.decode("ascii")
-        box, _, domain = str(mailbox).lower().rpartition("@")
-        state = await self.factory.run_blocking(_mailbox_state, self.factory.store, domain, box,
-                                                txn.size)
-        if not state[0]:
-            self.factory.relay.local_outcome(r.address, False)
-        return _Found(r, (domain, box, state))
-
-    async def _resolve_role(self, address: Address, target: Address, domains: list[str],
-                            txn: Transaction) -> _Found:
-        """A role address with no account: its own store mailbox if it has one (a mailbox with
-        no log-in still receives), else the configured target, which receives the same way."""
-        factory = self.factory
-        for candidate in (address, target):
-            if candidate.domain in {d.lower() for d in domains} and not candidate.quoted:
-                box = candidate.local.lower()
-                state = await factory.run_blocking(_mailbox_state, factory.store,
-                                                   candidate.domain, box, txn.size)
-                if state[0]:
-                    return _Found(Route(RouteKind.LOCAL, candidate), (candidate.domain, box, state))
-        found = await self._resolve(target, domains, txn, may_relay=True)
-        if found.box is None and found.orcpt is None:
-            return _Found(found.route, None, f"rfc822;{address}")
-        return found
+        if self._txn is not txn:  # RSET or a new session meanwhile
+            return
+        txn.add_recipient(decision, notify, orcpt)
+        self._reply(250, "2.1.5", f"Recipient <{decision.given}> OK")
 
     # ------------------------------------------------------------------ DATA
 
@@ -905,7 +700,7 @@ class ESMTPServer(tsmtp.ESMTP):
             raise _fail(451, "4.3.0", "Local error in processing, try again later")
         self._queue_id = queue_id
         self._arrival = time.time()
-        if txn.local:
+        if txn.local_delivery:
             # final delivery here: Return-Path first (RFC 5321 section 4.4); the copy for the
             # outbound queue leaves it out (incoming.enqueue_spool)
             spool.write_local_prefix(return_path_field(str(txn.sender) if txn.sender else ""))
@@ -962,97 +757,27 @@ class ESMTPServer(tsmtp.ESMTP):
         queue_id = self._queue_id
         if reader.error is not None:
             log.info("SMTP {id} refused: {reply}", id=queue_id, reply=reader.error.reply())
+            txn.abort()
             self._error(reader.error)
             return None
         self._messages += 1
-        envelope = None
-        if txn.remote:
-            envelope = {
-                "sender": str(txn.sender) if txn.sender else "",
-                "recipients": list(txn.remote.values()),
-                "ret": txn.ret,
-                "envid": txn.envid,
-                "body": txn.body,
-                "received_from": f"{self._helo} ([{self.client_ip}])",
-                "arrival": self._arrival,
-                "hops": reader.hops.count + 1,
-            }
-        local = list(txn.local)
-        notes = LocalNotes(
-            sender=str(txn.sender) if txn.sender else "",
-            recipients=dict(txn.local),
-            reporting_mta=self.hostname,
-            ret=txn.ret,
-            envid=txn.envid,
-            arrival=self._arrival,
-            received_from=f"{self._helo} ([{self.client_ip}])",
+        txn.body(reader.sink, reader.size, reader.hops.count + 1, self._arrival,
+                 f"{self._helo} ([{self.client_ip}])")
+        return defer.ensureDeferred(self._commit(txn, reader, queue_id))
+
+    async def _commit(self, txn: IDeliveryTransaction, reader: MessageReader,
+                      queue_id: str) -> None:
+        """The declared stages after DATA (policy/stages.py), then the reply."""
+        try:
+            await txn.commit()
+        except MailError as e:
+            self._error(e)
+            return
+        log.info(
+            "SMTP {id} accepted from {ip}: {size} octets, {n} recipients",
+            id=queue_id, ip=self.client_ip, size=reader.size, n=len(txn.recipients),
         )
-        d = self.factory.committer.commit(reader.sink, local, envelope, notes)  # group commit
-
-        def ok(_):
-            log.info(
-                "SMTP {id} accepted from {ip}: {size} octets, {n} recipients",
-                id=queue_id, ip=self.client_ip, size=reader.size, n=len(txn.recipients),
-            )
-            self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-
-        def failed(failure):
-            if failure.check(QuotaExceeded):
-                # every recipient's mailbox is full: nothing was stored (RFC 3463 5.2.2)
-                log.info("SMTP {id} refused: {why}", id=queue_id, why=str(failure.value))
-                self._reply(552, "5.2.2", "Mailbox full")
-            else:
-                log.failure("SMTP {id}: could not store the message", failure, id=queue_id)
-                self._reply(451, "4.3.0", "Local error in processing; message not accepted, try again later")
-
-        d.addCallbacks(ok, failed)
-        return d
-
-
-@dataclass(frozen=True)
-class _Found:
-    """Where one accepted recipient goes: the route, and for a local mailbox
-    ``(domain, box, (exists, over_quota))``; ``orcpt`` for an address rewritten on the way."""
-
-    route: Route
-    box: tuple[str, str, tuple[bool, bool]] | None = None
-    orcpt: str | None = None
-
-
-def _lookup_local(resolve, store, key: str, size: int) -> tuple[str, str, tuple[bool, bool]] | None:
-    """Blocking: the checker's look-up and the mailbox check in one go (see smtp_RCPT)."""
-    mailbox = resolve(key)
-    if mailbox is None:
-        return None
-    if isinstance(mailbox, bytes):
-        mailbox = mailbox.decode("ascii")
-    box, _, domain = str(mailbox).lower().rpartition("@")
-    return domain, box, _mailbox_state(store, domain, box, size)
-
-
-def _mailbox_state(store, domain: str, mailbox: str, size: int) -> tuple[bool, bool]:
-    """Blocking: (the mailbox exists, a message of ``size`` would put it over quota)."""
-    if not store.domain_exists(domain) or not store.mailbox_exists(domain, mailbox):
-        return False, False
-    would_exceed = getattr(store, "would_exceed_quota", None)
-    over = bool(would_exceed(domain, mailbox, size)) if would_exceed is not None else False
-    return True, over
-
-
-DOMAINS_TTL = 1.0  # seconds a read of the store's domain list is reused
-HOST_TTL = 300.0  # seconds the addresses of server.hostname are reused
-
-
-def _host_addresses(hostname: str) -> list[str]:
-    """Blocking: the IP addresses ``hostname`` resolves to (getaddrinfo), or [] when it does
-    not resolve."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_TCP)
-    except (OSError, UnicodeError):
-        return []
-    return sorted({str(info[4][0]) for info in infos})
+        self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
 class SMTPServerFactory(protocol.ServerFactory):
@@ -1065,6 +790,8 @@ class SMTPServerFactory(protocol.ServerFactory):
     ``run_blocking(f, *args)`` runs blocking store/queue calls off the reactor and returns a
     Deferred (default: the reactor's thread pool). ``throttle`` and ``limiter`` may be shared
     between listeners (one AuthThrottle with POP3, one ConnectionLimiter for all SMTP ports).
+    ``realm`` gives each session its avatar (policy/delivery.py); ``resolve_host(name)``
+    (blocking) finds the addresses of ``server.hostname`` for address literals.
     """
 
     def __init__(
@@ -1110,113 +837,14 @@ class SMTPServerFactory(protocol.ServerFactory):
             smtp_cfg.max_connections, smtp_cfg.max_connections_per_client
         )
         self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
-        self.relay = RelayPolicy.from_config(config)
-        self.gateway = GatewayPolicy.from_config(config, checker)  # None: not a gateway
-        self.roles = RoleAddresses.from_config(config)
-        self._domains: list[str] | None = None
-        self._domains_at = 0.0
-        self._reading: list[defer.Deferred] | None = None  # callers of the read in progress
-        self._next_read: list[defer.Deferred] = []  # callers that need a read started later
-        self._reads = 0  # domain reads started so far
-        self._domains_read = 0  # the number of the read that gave self._domains
-        # blocking: the addresses server.hostname resolves to (own address literals)
-        self._resolve_host = resolve_host or _host_addresses
-        self._host_ips: list[str] | None = None
-        self._host_ips_at = 0.0
-
-    def primary_domain(self, domains: list[str]) -> str | None:
-        """See ``policy.relay.primary_domain``: what <Postmaster> and own literals stand for."""
-        return primary_domain(self.config, domains)
-
-    def authoritative(self, domains: list[str]) -> set[str]:
-        """The domains postmaster (and abuse) must work for (RFC 5321 section 4.5.1): the
-        store's domains (``domains.local`` and ``domain add``) and the gateway's."""
-        out = {d.lower() for d in domains} | {d.lower() for d in self.config.domains.local}
-        if self.gateway is not None:
-            out |= self.gateway.authoritative
-        return out
-
-    def host_addresses(self) -> defer.Deferred:
-        """The addresses ``server.hostname`` resolves to, looked up off the reactor at most once
-        per HOST_TTL seconds (a failed look-up gives no addresses and is retried then)."""
-        now = self.reactor.seconds()
-        if self._host_ips is not None and 0 <= now - self._host_ips_at < HOST_TTL:
-            return defer.succeed(self._host_ips)
-
-        def keep(found) -> list[str]:
-            ips = [] if isinstance(found, Failure) else list(found)
-            self._host_ips, self._host_ips_at = ips, now
-            return ips
-
-        return self.run_blocking(self._resolve_host, self.config.server.hostname).addBoth(keep)
-
-    def local_domains(self, refresh: bool = False) -> defer.Deferred:
-        """The store's domains (a Deferred list of lower-case names), read off the reactor at
-        most once per DOMAINS_TTL seconds: every RCPT needs them.
-
-        ``refresh``: the answer comes from a read that starts after this call, for a recipient
-        domain the cached list does not know (a domain just added with ``domain add`` is local
-        at once). Refreshes share reads: at most one read runs at a time, and every refresh
-        that arrives meanwhile waits for the single next one, so a flood of foreign
-        recipients costs one read at a time, not one per RCPT. A failed read fails its callers.
-        """
-        now = self.reactor.seconds()
-        if not refresh and self._domains is not None and 0 <= now - self._domains_at < DOMAINS_TTL:
-            return defer.succeed(self._domains)
-        d: defer.Deferred = defer.Deferred()
-        if self._reading is not None and not refresh:
-            self._reading.append(d)  # the read in progress is fresh enough for the TTL
-        else:
-            self._next_read.append(d)
-            if self._reading is None:
-                self._start_read()
-        return d
-
-    def _start_read(self) -> None:
-        """Read the store's domains for every caller waiting for the next read."""
-        waiting, self._next_read = self._next_read, []
-        self._reading = waiting
-        started = self.reactor.seconds()
-        self._reads += 1
-        number = self._reads
-
-        def done(result):
-            callers, self._reading = self._reading or [], None
-            if not isinstance(result, Failure):
-                self._domains, self._domains_at, self._domains_read = result, started, number
-            if self._next_read:
-                self._start_read()
-            for caller in callers:
-                if isinstance(result, Failure):
-                    caller.errback(result)
-                else:
-                    caller.callback(result)
-
-        self.run_blocking(self.store.list_domains).addBoth(done)
-
-    def read_mark(self) -> int:
-        """A mark for ``fresh_since``: how many reads of the store's domains have started."""
-        return self._reads
-
-    def fresh_since(self, mark: int) -> bool:
-        """True when the cached domain list comes from a read that started after ``mark`` was
-        taken (so it already shows every ``domain add`` and ``domain remove`` done before)."""
-        return self._domains_read > mark
-
-    def knows_domain(self, domain: str, domains: list[str]) -> bool:
-        """True when ``domain`` (lower case) is one whose route needs no fresh read of the
-        store's domains: one of ``domains`` (a read of them), a ``domains.local`` entry, a
-        ``domains.remote`` domain or a connector's address space, or a domain the gateway
-        resolves."""
-        if domain in domains or domain in {d.lower() for d in self.config.domains.local}:
-            return True
-        if domain in self.relay.relay_domains or domain in self.relay.routed_domains:
-            return True
-        return self.gateway is not None and self.gateway.handles(domain)
+        # every sender and recipient decision: the avatars of policy/delivery.py
+        self.context = DeliveryContext(config, store, checker, self.committer, run_blocking,
+                                       reactor, resolve_host)
+        self.realm = DeliveryRealm(self.context)
 
     @property
     def offers_secrets(self) -> bool:
-        return bool(getattr(self.checker, "offers_secrets", False))
+        return bool(self.checker.offers_secrets)  # IAccountChecker declares it
 
     def buildProtocol(self, addr) -> ESMTPServer:
         p = ESMTPServer(self)

@@ -53,7 +53,13 @@ from pop3coexist.canonical import canonical_size
 from pop3coexist.config import QuotaGrace
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.fsutil import open_cached
-from pop3coexist.interfaces import IMaildrop, IMailStore
+from pop3coexist.interfaces import (
+    IBatchDelivery,
+    ICachedMessageOpen,
+    IMaildrop,
+    IMailStore,
+    IQuotaCheck,
+)
 
 __all__ = ["MaildirStore", "Maildrop", "crlf_size", "unique_part", "uidl_for_name"]
 
@@ -206,7 +212,7 @@ def _flocked(lock_path: Path) -> Iterator[None]:
 # -- the store ---------------------------------------------------------------------------------
 
 
-@implementer(IMailStore)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery)
 class MaildirStore:
     """Mail domains and Maildir mailboxes under ``root``. See ``IMailStore``.
 
@@ -823,7 +829,7 @@ class _Message:
         self.named = False  # the name holds the right ,S= and ,W= fields
 
 
-@implementer(IMaildrop)
+@implementer(IMaildrop, ICachedMessageOpen)
 class Maildrop:
     """One POP3 session's snapshot of one Maildir, holding its session lock. See ``IMaildrop``.
 
@@ -924,7 +930,7 @@ class Maildrop:
         raise errors.StoreError(f"message {index + 1} is no longer in the mailbox")
 
     def open_message_cached(self, index: int) -> BinaryIO | None:
-        """See ``IMaildrop.open_message_cached``: the file if the kernel can open it without
+        """See ``ICachedMessageOpen.open_message_cached``: the file if the kernel can open it without
         waiting for the disk (fsutil.open_cached), else None."""
         msg = self._message(index)
         fd = open_cached(self.path / msg.folder / msg.name)

@@ -1,0 +1,551 @@
+"""The SMTP avatar: every sender and recipient decision of an ESMTP session (no sockets).
+
+As in Twisted's mail design (``IMessageDelivery``, ``validateFrom`` / ``validateTo``) and
+maddy's delivery target, the ESMTP protocol (smtp/server.py) parses a command and asks one
+method of its avatar; the avatar decides. ``DeliveryRealm`` gives the avatar: an anonymous one
+for a new session, one for the account after SMTP AUTH (``login``: the checker, then the
+log-in lock of ``identity.logins.login_locked``). Relay permission is which avatar a session
+holds (``policy.relay.RelayPolicy.may_relay`` with the avatar's log-in).
+
+``SMTPDelivery`` (``interfaces.IMessageDelivery``):
+
+- ``validate_from``: ``smtp.sender_must_match_login``: a logged-in client sends as one of its
+  own addresses (the checker's ``sender_owner``) or with ``<>``; else 553 5.7.1;
+- ``validate_to``: parses the path (``policy.relay.parse_recipient``), maps an address literal
+  of this host to the primary domain (RFC 1123 section 5.2.17), then decides with the gateway
+  (``policy.gateway``, directory look-ups), the relay rules (``policy.relay``), the checker's
+  recipient look-up and the store (mailbox exists, quota at RCPT time); a role address
+  (postmaster, abuse: ``RoleAddresses``) with no real recipient goes to its configured target.
+  The result is a ``RecipientDecision`` (local mailbox or queue); refusals are ``MailError``,
+  a directory that cannot answer ``AuthUnavailable``;
+- ``begin``: a ``DeliveryTransaction`` (``IDeliveryTransaction``): recipients, then the body,
+  then ``commit``, which runs the declared stages of ``policy.stages``.
+
+Every multi-step flow here is an ``async def`` run with ``defer.ensureDeferred``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3coexist.address import Address
+from pop3coexist.errors import AuthUnavailable, LoginRefused, MailError, PermanentFailure
+from pop3coexist.identity.logins import login_locked
+from pop3coexist.interfaces import (
+    IBlockingRecipientLookup,
+    IDeliveryTransaction,
+    IMessageDelivery,
+    IQuotaCheck,
+    SMTPSession,
+)
+from pop3coexist.policy.gateway import LOCAL as GATEWAY_LOCAL
+from pop3coexist.policy.gateway import GatewayPolicy, Peer
+from pop3coexist.policy.relay import (
+    Client,
+    RelayPolicy,
+    RoleAddresses,
+    Route,
+    RouteKind,
+    is_own_literal,
+    parse_recipient,
+    primary_domain,
+)
+from pop3coexist.policy.stages import Message, Recipient, default_stages, run_stages
+
+log = Logger(namespace="pop3coexist.smtp.server")
+
+DOMAINS_TTL = 1.0  # seconds a read of the store's domain list is reused
+HOST_TTL = 300.0  # seconds the addresses of server.hostname are reused
+
+MailboxState = tuple[bool, bool]  # (the mailbox exists, a message of the size is over quota)
+
+
+@dataclass(frozen=True)
+class MailOptions:
+    """The MAIL FROM parameters a delivery keeps: SIZE= (octets, 0 when not given), RET=,
+    ENVID= (RFC 3461) and BODY= (RFC 6152)."""
+
+    size: int = 0
+    ret: str | None = None
+    envid: str | None = None
+    body: str | None = None
+
+
+@dataclass(frozen=True)
+class RecipientDecision:
+    """Where one accepted recipient goes.
+
+    ``given``: the address as the client wrote it (the 250 reply, Received, DSN);
+    ``route``: the relay decision and the address mail is queued for; ``mailbox``:
+    ``(domain, box)`` for a mailbox here, None for the queue; ``orcpt``: the ORCPT the policy
+    adds when it rewrote the address (``rfc822;<given>``), unless the client gave one.
+    """
+
+    given: Address
+    route: Route
+    mailbox: tuple[str, str] | None = None
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True)
+class _Found:
+    """Inside ``validate_to``: the route, the local mailbox with its state, the ORCPT."""
+
+    route: Route
+    box: tuple[str, str, MailboxState] | None = None
+    orcpt: str | None = None
+
+
+def _lookup_local(resolve: Callable[[str], Any], store: Any, key: str,
+                  size: int) -> tuple[str, str, MailboxState] | None:
+    """Blocking: the checker's look-up and the mailbox check in one thread hop."""
+    mailbox = resolve(key)
+    if mailbox is None:
+        return None
+    if isinstance(mailbox, bytes):
+        mailbox = mailbox.decode("ascii")
+    box, _, domain = str(mailbox).lower().rpartition("@")
+    return domain, box, _mailbox_state(store, domain, box, size)
+
+
+def _mailbox_state(store: Any, domain: str, mailbox: str, size: int) -> MailboxState:
+    """Blocking: (the mailbox exists, a message of ``size`` octets would be over its quota)."""
+    if not store.domain_exists(domain) or not store.mailbox_exists(domain, mailbox):
+        return False, False
+    over = IQuotaCheck.providedBy(store) and bool(store.would_exceed_quota(domain, mailbox, size))
+    return True, over
+
+
+def _host_addresses(hostname: str) -> list[str]:
+    """Blocking: the IP addresses ``hostname`` resolves to (getaddrinfo), or [] when it does
+    not resolve."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return []
+    return sorted({str(info[4][0]) for info in infos})
+
+
+class DeliveryContext:
+    """What every avatar of one listener shares: the config, store, checker and committer,
+    the relay, gateway and role rules, and two small caches (the store's domains, the
+    addresses of ``server.hostname``).
+
+    ``run_blocking(f, *args)`` runs blocking store calls off the reactor (a Deferred);
+    ``clock`` gives ``seconds()``; ``resolve_host(name)`` is blocking (default getaddrinfo);
+    ``committer`` is an ``ICommitter`` (the group commit of smtp/incoming.py).
+    """
+
+    def __init__(self, config: Any, store: Any, checker: Any, committer: Any,
+                 run_blocking: Callable[..., defer.Deferred], clock: Any,
+                 resolve_host: Callable[[str], list[str]] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.checker = checker
+        self.committer = committer
+        self.run_blocking = run_blocking
+        self.clock = clock
+        self.relay = RelayPolicy.from_config(config)
+        self.gateway = GatewayPolicy.from_config(config, checker)  # None: not a gateway
+        self.roles = RoleAddresses.from_config(config)
+        self.stages = default_stages(committer)
+        self._domains: list[str] | None = None
+        self._domains_at = 0.0
+        self._reading: list[defer.Deferred] | None = None  # callers of the read in progress
+        self._next_read: list[defer.Deferred] = []  # callers that need a read started later
+        self._reads = 0  # domain reads started so far
+        self._domains_read = 0  # the number of the read that gave self._domains
+        self._resolve_host = resolve_host or _host_addresses
+        self._host_ips: list[str] | None = None
+        self._host_ips_at = 0.0
+
+    def primary_domain(self, domains: list[str]) -> str | None:
+        """See ``policy.relay.primary_domain``: what <Postmaster> and own literals stand for."""
+        return primary_domain(self.config, domains)
+
+    def authoritative(self, domains: list[str]) -> set[str]:
+        """The domains postmaster (and abuse) must work for (RFC 5321 section 4.5.1): the
+        store's domains (``domains.local`` and ``domain add``) and the gateway's."""
+        out = {d.lower() for d in domains} | {d.lower() for d in self.config.domains.local}
+        if self.gateway is not None:
+            out |= self.gateway.authoritative
+        return out
+
+    async def host_addresses(self) -> list[str]:
+        """The addresses ``server.hostname`` resolves to, looked up off the reactor at most once
+        per HOST_TTL seconds (a failed look-up gives no addresses and is retried then)."""
+        now = self.clock.seconds()
+        if self._host_ips is not None and 0 <= now - self._host_ips_at < HOST_TTL:
+            return self._host_ips
+        try:
+            ips = list(await self.run_blocking(self._resolve_host, self.config.server.hostname))
+        except Exception:
+            ips = []
+        self._host_ips, self._host_ips_at = ips, now
+        return ips
+
+    def local_domains(self, refresh: bool = False) -> defer.Deferred:
+        """The store's domains (a Deferred list of lower-case names), read off the reactor at
+        most once per DOMAINS_TTL seconds: every RCPT needs them.
+
+        ``refresh``: the answer comes from a read that starts after this call, for a recipient
+        domain the cached list does not know (a domain just added with ``domain add`` is local
+        at once). Refreshes share reads: at most one read runs at a time, and every refresh
+        that arrives meanwhile waits for the single next one, so a flood of foreign
+        recipients costs one read at a time, not one per RCPT. A failed read fails its callers.
+        """
+        now = self.clock.seconds()
+        if not refresh and self._domains is not None and 0 <= now - self._domains_at < DOMAINS_TTL:
+            return defer.succeed(self._domains)
+        d: defer.Deferred = defer.Deferred()
+        if self._reading is not None and not refresh:
+            self._reading.append(d)  # the read in progress is fresh enough for the TTL
+        else:
+            self._next_read.append(d)
+            if self._reading is None:
+                self._start_read()
+        return d
+
+    def _start_read(self) -> None:
+        """Read the store's domains for every caller waiting for the next read."""
+        waiting, self._next_read = self._next_read, []
+        self._reading = waiting
+        started = self.clock.seconds()
+        self._reads += 1
+        number = self._reads
+
+        def done(result: Any) -> None:
+            callers, self._reading = self._reading or [], None
+            if not isinstance(result, Failure):
+                self._domains, self._domains_at, self._domains_read = result, started, number
+            if self._next_read:
+                self._start_read()
+            for caller in callers:
+                if isinstance(result, Failure):
+                    caller.errback(result)
+                else:
+                    caller.callback(result)
+
+        self.run_blocking(self.store.list_domains).addBoth(done)
+
+    def read_mark(self) -> int:
+        """A mark for ``fresh_since``: how many reads of the store's domains have started."""
+        return self._reads
+
+    def fresh_since(self, mark: int) -> bool:
+        """True when the cached domain list comes from a read that started after ``mark`` was
+        taken (so it already shows every ``domain add`` and ``domain remove`` done before)."""
+        return self._domains_read > mark
+
+    def knows_domain(self, domain: str, domains: list[str]) -> bool:
+        """True when ``domain`` (lower case) is one whose route needs no fresh read of the
+        store's domains: one of ``domains`` (a read of them), a ``domains.local`` entry, a
+        ``domains.remote`` domain or a connector's address space, or a domain the gateway
+        resolves."""
+        if domain in domains or domain in {d.lower() for d in self.config.domains.local}:
+            return True
+        if domain in self.relay.relay_domains or domain in self.relay.routed_domains:
+            return True
+        return self.gateway is not None and self.gateway.handles(domain)
+
+
+@implementer(IRealm)
+class DeliveryRealm:
+    """Gives the SMTP avatars: ``anonymous()`` for a new session, ``login(credentials)`` for
+    SMTP AUTH, and ``requestAvatar`` (``twisted.cred.portal.IRealm``) for an avatar id."""
+
+    def __init__(self, context: DeliveryContext) -> None:
+        self.context = context
+
+    def anonymous(self) -> SMTPDelivery:
+        """The avatar of a session that has not logged in."""
+        return SMTPDelivery(self.context, None)
+
+    def login(self, credentials: Any) -> defer.Deferred:
+        """Deferred firing with the avatar of the account ``credentials`` name; fails with
+        ``UnauthorizedLogin`` / ``UnhandledCredentials`` (the checker's), ``LoginRefused`` (the
+        mailbox or its domain is locked) or ``AuthUnavailable``. SMTP AUTH needs an account,
+        not a mailbox: an account with no mailbox here (a relay or service account) logs in."""
+        return defer.ensureDeferred(self._login(credentials))
+
+    async def _login(self, credentials: Any) -> SMTPDelivery:
+        avatar_id = await defer.maybeDeferred(self.context.checker.requestAvatarId, credentials)
+        _iface, avatar, _logout = await self.requestAvatar(avatar_id, None, IMessageDelivery)
+        return avatar
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> defer.Deferred:  # noqa: N802,N803
+        """(IMessageDelivery, the avatar of ``avatarId``, a no-op logout); LoginRefused when
+        its mailbox or domain is locked (``identity.logins.login_locked``)."""
+        if IMessageDelivery not in interfaces:
+            return defer.fail(NotImplementedError("the SMTP realm gives IMessageDelivery avatars"))
+        return defer.ensureDeferred(self._avatar(avatarId))
+
+    async def _avatar(self, avatar_id: Any) -> tuple:
+        if isinstance(avatar_id, bytes):
+            avatar_id = avatar_id.decode("ascii")
+        if not avatar_id:
+            raise UnauthorizedLogin("no account")
+        user = str(avatar_id).lower()
+        ctx = self.context
+        if await ctx.run_blocking(login_locked, ctx.store, user):
+            raise LoginRefused()
+        return IMessageDelivery, SMTPDelivery(ctx, user), lambda: None
+
+
+@implementer(IMessageDelivery)
+class SMTPDelivery:
+    """The avatar: see the module docstring and ``interfaces.IMessageDelivery``."""
+
+    def __init__(self, context: DeliveryContext, user: str | None) -> None:
+        self.context = context
+        self.user = user
+
+    # -- MAIL
+
+    def validate_from(self, session: SMTPSession, sender: Address | None) -> defer.Deferred:
+        """See IMessageDelivery: ``smtp.sender_must_match_login`` for a logged-in client."""
+        return defer.ensureDeferred(self._validate_from(sender))
+
+    async def _validate_from(self, sender: Address | None) -> None:
+        user = self.user
+        if user is None or not self.context.config.smtp.sender_must_match_login:
+            return
+        if sender is None:
+            # The null reverse-path claims no address: read receipts (RFC 8098 section 2.1:
+            # MUST be null) and auto-replies (RFC 3834 section 3.3) are sent with it.
+            return
+        if sender.key == user:
+            return
+        try:
+            owner = await defer.maybeDeferred(self.context.checker.sender_owner, sender.key)
+        except AuthUnavailable:
+            raise MailError(451, "4.4.3", "Directory lookup failed, try again later") from None
+        except Exception:
+            log.failure("SMTP sender lookup failed")
+            raise MailError(451, "4.4.3", "Directory lookup failed, try again later") from None
+        if isinstance(owner, bytes):
+            owner = owner.decode("ascii")
+        if owner is None or str(owner).lower() != user:
+            raise MailError(553, "5.7.1", f"Sender address <{sender}> is not yours")
+
+    def begin(self, session: SMTPSession, sender: Address | None,
+              options: MailOptions) -> DeliveryTransaction:
+        """See IMessageDelivery: a new transaction."""
+        return DeliveryTransaction(self.context, session, sender, options)
+
+    # -- RCPT
+
+    def validate_to(self, session: SMTPSession, address: str, size: int) -> defer.Deferred:
+        """See IMessageDelivery: a RecipientDecision for the inside of a RCPT path."""
+        return defer.ensureDeferred(self._validate_to(session, address, size))
+
+    async def _validate_to(self, session: SMTPSession, inner: str, size: int) -> RecipientDecision:
+        given, found = await self._find_recipient(session, inner, size)
+        if found.box is not None:
+            domain, box, (exists, over_quota) = found.box
+            RelayPolicy.local_outcome(found.route.address, exists, over_quota)
+            return RecipientDecision(given, found.route, (domain, box), found.orcpt)
+        return RecipientDecision(given, found.route, None, found.orcpt)
+
+    async def _find_recipient(self, session: SMTPSession, inner: str,
+                              size: int) -> tuple[Address, _Found]:
+        """(the address as the client gave it, where its mail goes); MailError to refuse.
+
+        A literal naming this host means the primary local domain (RFC 1123 section 5.2.17);
+        a role address (postmaster, abuse) with no real recipient of that name goes to the
+        configured address (RFC 5321 section 4.5.1, RFC 2142). A domain that the cached domain
+        list does not know is looked up again (``local_domains(refresh=True)``), so a domain
+        added with ``domain add`` is local at once, never relayed or refused as foreign; and
+        before an unknown user of a domain added at run time gets 550 5.1.1 or a role address's
+        mail, the list is read again too, so a domain removed meanwhile is foreign at once.
+        """
+        ctx = self.context
+        mark = ctx.read_mark()
+        domains = await ctx.local_domains()
+        fresh = ctx.fresh_since(mark)  # read after this RCPT came: no need to read again
+        if not fresh and ctx.primary_domain(domains) is None:  # perhaps one just added
+            domains, fresh = await ctx.local_domains(refresh=True), True
+        while True:  # at most twice: with the cached list, then with a fresh one
+            primary = ctx.primary_domain(domains)
+            given = parse_recipient(inner, primary)
+            address = given
+            ip = given.literal
+            if ip is not None and await self._is_own_literal(session, ip):
+                if primary is None:
+                    raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550)
+                address = Address(given.local, primary, given.quoted)
+            if fresh or address.literal is not None or ctx.knows_domain(address.domain, domains):
+                break
+            reread, fresh = await ctx.local_domains(refresh=True), True
+            if address.domain not in reread:
+                break
+            domains = reread  # added since the cached read: decide again with it
+        target = ctx.roles.target(address, ctx.authoritative(domains), primary)
+        try:
+            return given, await self._resolve(session, address, domains, size)
+        except MailError as e:
+            if (e.code, e.enhanced) != (550, "5.1.1"):
+                raise
+            if not fresh and address.domain not in ctx.authoritative([]):
+                # a domain added at run time: if `domain remove` took it meanwhile, it is a
+                # foreign domain now (relayed for a trusted client, 554 for others)
+                reread = await ctx.local_domains(refresh=True)
+                if address.domain not in reread:
+                    return given, await self._resolve(session, address, reread, size)
+            if target is None:
+                raise
+        try:
+            return given, await self._resolve_role(session, address, target, domains, size)
+        except MailError as e:
+            if (e.code, e.enhanced) == (550, "5.1.1"):  # never name the configured target
+                log.warn("SMTP: mail for <{a}> goes to <{t}>, which does not exist",
+                         a=address, t=target)
+                raise PermanentFailure(f"<{given}>: no such user here", "5.1.1", 550) from None
+            raise
+
+    async def _is_own_literal(self, session: SMTPSession,
+                              ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """An address literal of this host: loopback, the listener's own address, or one of the
+        addresses ``server.hostname`` resolves to (looked up off the reactor, cached)."""
+        own = [session.listener_ip] if session.listener_ip else []
+        if is_own_literal(ip, own):
+            return True
+        return is_own_literal(ip, await self.context.host_addresses())
+
+    async def _resolve(self, session: SMTPSession, address: Address, domains: list[str],
+                       size: int, may_relay: bool = False) -> _Found:
+        """Where ``address`` goes: the gateway's directory, a local mailbox, or the queue.
+
+        ``may_relay``: the address comes from our own config (a role address), so a foreign
+        domain is queued without asking the relay rules. MailError 550 5.1.1 for an unknown
+        local recipient, 554 5.7.1 when the client may not relay there.
+        """
+        ctx = self.context
+        gateway = ctx.gateway
+        if gateway is not None and gateway.handles(address.domain):
+            # the gateway role: the directory decides (policy/gateway.py)
+            decision = await gateway.decide(address, Peer(session.client_ip, session.helo))
+            if decision.kind == GATEWAY_LOCAL:
+                return await self._local_box(Route(RouteKind.LOCAL, decision.original),
+                                             decision.mailbox, size)
+            orcpt = f"rfc822;{decision.original}" if decision.rewritten else None
+            return _Found(Route(RouteKind.RELAY_DOMAIN, decision.address), None, orcpt)
+        if may_relay and address.domain not in {d.lower() for d in domains}:
+            return _Found(Route(RouteKind.RELAY_DOMAIN, address))
+        r = ctx.relay.route(address, domains, Client(session.client_ip, self.user is not None))
+        if r.kind is not RouteKind.LOCAL:
+            return _Found(r)
+        if IBlockingRecipientLookup.providedBy(ctx.checker):
+            # one thread hop for the look-up and the mailbox check together
+            box = await ctx.run_blocking(_lookup_local, ctx.checker.resolve_recipient_blocking,
+                                         ctx.store, address.key, size)
+            if box is None or not box[2][0]:
+                RelayPolicy.local_outcome(r.address, False)
+            return _Found(r, box)
+        mailbox = await defer.maybeDeferred(ctx.checker.resolve_recipient, address.key)
+        return await self._local_box(r, mailbox, size)
+
+    async def _local_box(self, r: Route, mailbox: Any, size: int) -> _Found:
+        """The store's state of the mailbox a checker named (``box@domain``); 550 5.1.1 when
+        there is none."""
+        if mailbox is None:
+            RelayPolicy.local_outcome(r.address, False)
+        if isinstance(mailbox, bytes):
+            mailbox = mailbox.decode("ascii")
+        box, _, domain = str(mailbox).lower().rpartition("@")
+        ctx = self.context
+        state = await ctx.run_blocking(_mailbox_state, ctx.store, domain, box, size)
+        if not state[0]:
+            RelayPolicy.local_outcome(r.address, False)
+        return _Found(r, (domain, box, state))
+
+    async def _resolve_role(self, session: SMTPSession, address: Address, target: Address,
+                            domains: list[str], size: int) -> _Found:
+        """A role address with no account: its own store mailbox if it has one (a mailbox with
+        no log-in still receives), else the configured target, which receives the same way."""
+        ctx = self.context
+        for candidate in (address, target):
+            if candidate.domain in {d.lower() for d in domains} and not candidate.quoted:
+                box = candidate.local.lower()
+                state = await ctx.run_blocking(_mailbox_state, ctx.store, candidate.domain, box,
+                                               size)
+                if state[0]:
+                    return _Found(Route(RouteKind.LOCAL, candidate), (candidate.domain, box, state))
+        found = await self._resolve(session, target, domains, size, may_relay=True)
+        if found.box is None and found.orcpt is None:
+            return _Found(found.route, None, f"rfc822;{address}")
+        return found
+
+
+@implementer(IDeliveryTransaction)
+class DeliveryTransaction:
+    """One mail transaction: MAIL FROM, the accepted recipients, the body; ``commit`` runs the
+    stages of ``policy.stages`` (see there for their order and outcomes)."""
+
+    def __init__(self, context: DeliveryContext, session: SMTPSession, sender: Address | None,
+                 options: MailOptions) -> None:
+        self.context = context
+        self.session = session
+        self.sender = sender
+        self.options = options
+        self.recipients: list[str] = []  # as accepted, for Received / logs
+        # (domain, mailbox) -> {"address", "orcpt", "notify"} of the first RCPT naming it (DSN)
+        self.local: dict[tuple[str, str], dict] = {}
+        self.remote: dict[str, dict] = {}  # address key -> envelope entry
+        self._message: Message | None = None
+        self._aborted = False
+
+    @property
+    def local_delivery(self) -> bool:
+        """True when a recipient's mailbox is here (the spool file starts with Return-Path)."""
+        return bool(self.local)
+
+    def add_recipient(self, decision: RecipientDecision, notify: list[str] | None,
+                      orcpt: str | None) -> None:
+        """See IDeliveryTransaction: the first RCPT naming a mailbox (or queued address) sets
+        its DSN parameters; every accepted RCPT counts for Received and the logs."""
+        entry = {"orcpt": orcpt or decision.orcpt, "notify": notify}
+        if decision.mailbox is not None:
+            self.local.setdefault(decision.mailbox, {"address": str(decision.given), **entry})
+        else:
+            address = decision.route.address
+            self.remote.setdefault(address.key, {"address": str(address), **entry})
+        self.recipients.append(str(decision.given))
+
+    def body(self, spool: Any, size: int, hops: int, arrival: float, received_from: str) -> None:
+        """See IDeliveryTransaction: the spool file (``smtp.incoming.SpoolWriter``) and what
+        the queue and the delivery reports need to know of it."""
+        sender = str(self.sender) if self.sender else ""
+        rcpts = [Recipient(entry, mailbox) for mailbox, entry in self.local.items()]
+        rcpts += [Recipient(entry) for entry in self.remote.values()]
+        self._message = Message(
+            queue_id=spool.queue_id, spool=spool, sender=sender,
+            recipients=rcpts, size=size, hops=hops, arrival=arrival,
+            received_from=received_from, ret=self.options.ret, envid=self.options.envid,
+            body=self.options.body, reporting_mta=self.context.config.server.hostname,
+        )
+
+    def commit(self) -> defer.Deferred:
+        """See IDeliveryTransaction: run the stages; fires with ``{recipient: Verdict}`` once the
+        message is durable, or fails with MailError (nothing stored)."""
+        if self._message is None or self._aborted:
+            return defer.fail(Failure(RuntimeError("commit without a body, or after abort")))
+        return defer.ensureDeferred(run_stages(self._message, self.context.stages))
+
+    def abort(self) -> None:
+        """See IDeliveryTransaction: the spool file is removed; nothing is stored."""
+        self._aborted = True
+        if self._message is not None:
+            self._message.spool.abort()
