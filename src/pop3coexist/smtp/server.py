@@ -35,7 +35,6 @@ import re
 import time
 from typing import Any
 
-from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import ISSLTransport, ITLSTransport
@@ -44,7 +43,7 @@ from twisted.mail import smtp as tsmtp
 from twisted.python.failure import Failure
 
 from pop3coexist.address import Address
-from pop3coexist.errors import AuthUnavailable, LoginRefused, MailError
+from pop3coexist.errors import AuthUnavailable, MailError, as_mail_error
 from pop3coexist.interfaces import IDeliveryTransaction, IMessageDelivery, SMTPSession
 from pop3coexist.netutil import send_now
 from pop3coexist.policy.connections import ConnectionPolicy
@@ -73,6 +72,23 @@ _CONTROL_RE = re.compile(rb"[\x00-\x1f\x7f]")  # C0 controls and DEL: never in a
 
 def _fail(code: int, enhanced: str, text: str) -> MailError:
     return MailError(code, enhanced, text)
+
+
+LOCAL_ERROR = MailError(451, "4.3.0", "Local error in processing")
+RCPT_LOCAL_ERROR = MailError(451, "4.3.0", "Local error in processing, try again later")
+
+
+def reply_for(failure: Failure, fallback: MailError = LOCAL_ERROR,
+              why: str = "SMTP command failed") -> MailError:
+    """The reply for any failure of a command: the failure's own ``MailError`` (policy and
+    store refusals, quota, directory unavailable, log-in refused: ``errors.as_mail_error``),
+    or ``fallback`` (a local error, worded for the command) after logging ``failure`` with
+    ``why`` when it says nothing a client may see (a bug, an I/O error, a StoreError)."""
+    error = as_mail_error(failure.value)
+    if error is None:
+        log.failure(why, failure)
+        return fallback
+    return error
 
 
 def xtext_decode(value: str) -> str:
@@ -288,12 +304,8 @@ class ESMTPServer(tsmtp.ESMTP):
                     continue
                 try:
                     result = self._auth_line(line) if self._state == _AUTH else self._command(line)
-                except MailError as e:
-                    self._error(e)
-                    result = None
                 except Exception:
-                    log.failure("SMTP command failed")
-                    self._reply(451, "4.3.0", "Local error in processing")
+                    self._error(reply_for(Failure()))
                     result = None
                 if isinstance(result, defer.Deferred):
                     self._wait(result)
@@ -310,8 +322,7 @@ class ESMTPServer(tsmtp.ESMTP):
 
         def done(result):
             if isinstance(result, Failure):
-                log.failure("SMTP command failed", result)
-                self._reply(451, "4.3.0", "Local error in processing")
+                self._error(reply_for(result))
             self._busy = False
             if self._closing:
                 return None
@@ -543,18 +554,14 @@ class ESMTPServer(tsmtp.ESMTP):
         factory = self.factory
         try:
             avatar = await factory.realm.login(credentials)
-        except (UnauthorizedLogin, UnhandledCredentials, LoginRefused):
-            delay = factory.throttle.failure_delay(self.client_ip)
-            log.info("SMTP AUTH failed from {ip}", ip=self.client_ip)
-            await task.deferLater(factory.reactor, delay, self._reply, 535, "5.7.8",
-                                  "Authentication credentials invalid")
-            return
-        except AuthUnavailable:
-            self._reply(454, "4.7.0", "Temporary authentication failure")
-            return
         except Exception:
-            log.failure("SMTP AUTH: checker error")
-            self._reply(454, "4.7.0", "Temporary authentication failure")
+            error = reply_for(Failure(), AuthUnavailable(), "SMTP AUTH: checker error")
+            if error.code == 535:  # wrong credentials or a locked account (RFC 4954 section 6)
+                delay = factory.throttle.failure_delay(self.client_ip)
+                log.info("SMTP AUTH failed from {ip}", ip=self.client_ip)
+                await task.deferLater(factory.reactor, delay, self._error, error)
+            else:
+                self._error(error)
             return
         factory.throttle.success(self.client_ip)
         self.delivery = avatar
@@ -616,8 +623,8 @@ class ESMTPServer(tsmtp.ESMTP):
             await avatar.validate_from(self._session(), sender)
             if self.delivery is not avatar:  # the log-in changed meanwhile
                 raise _fail(553, "5.7.1", f"Sender address <{sender or ''}> is not yours")
-        except MailError as e:
-            self._error(e)
+        except Exception:
+            self._error(reply_for(Failure()))
             return
         self._txn = avatar.begin(self._session(), sender, options)
         self._reply(250, "2.1.0", f"Sender <{sender or ''}> OK")
@@ -666,15 +673,8 @@ class ESMTPServer(tsmtp.ESMTP):
         """Ask the avatar where the recipient goes (policy/delivery.py), then answer RCPT."""
         try:
             decision = await self.delivery.validate_to(self._session(), inner, txn.options.size)
-        except MailError as e:
-            self._error(e)
-            return
-        except AuthUnavailable:
-            self._reply(451, "4.4.3", "Directory lookup failed, try again later")
-            return
         except Exception:
-            log.failure("SMTP recipient lookup failed")
-            self._reply(451, "4.3.0", "Local error in processing, try again later")
+            self._error(reply_for(Failure(), RCPT_LOCAL_ERROR, "SMTP recipient lookup failed"))
             return
         if self._txn is not txn:  # RSET or a new session meanwhile
             return
@@ -770,8 +770,8 @@ class ESMTPServer(tsmtp.ESMTP):
         """The declared stages after DATA (policy/stages.py), then the reply."""
         try:
             await txn.commit()
-        except MailError as e:
-            self._error(e)
+        except Exception:
+            self._error(reply_for(Failure()))
             return
         log.info(
             "SMTP {id} accepted from {ip}: {size} octets, {n} recipients",
