@@ -10,9 +10,12 @@ for it is still to be queued. For a due message the runner:
    domain) and runs one SMTP transaction per group (smtp/client.py), within
    ``smarthost.max_connections`` in total and ``max_connections_per_host`` per hop. A route is
    walked in order: the next host (MX) of a hop, then the next hop (a connector's fall-back,
-   then the next-cost connector) is tried at once when a host could not start a transaction
-   (refused, timeout, a 4xx/5xx greeting, TLS or AUTH impossible, a name not in DNS, a hop
+   then the next-cost connector) is tried at once for the recipients a host said nothing
+   about (refused, timeout, a 4xx/5xx greeting, TLS or AUTH impossible, ``530`` to MAIL FROM,
+   a ``421`` or a lost connection before the end of the message, a name not in DNS, a hop
    that is this server); the first reply about the message or a recipient is the answer.
+   Under ``tls = "opportunistic"`` a failed STARTTLS handshake is retried at once on the
+   same host in clear text (without the password unless CRAM-MD5).
    Only when every hop failed does the message wait for its next retry, with the last
    temporary failure as its reply (a permanent one only when every hop failed for good). The
    log names the hop used (``via=``) and each hop passed over. A hop that cannot be used
@@ -30,6 +33,7 @@ A crash between steps repeats work (a delivery or a report may happen twice), ne
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import random
@@ -521,7 +525,7 @@ class OutboundService(service.Service):
                 jobs.append(defer.ensureDeferred(self._deliver_route(env, route, rcpts)))
             results = await defer.gatherResults(jobs, consumeErrors=True)
             now = self._now()
-            for rcpts, attempt, result in results:
+            for rcpts, attempt, result in (part for parts in results for part in parts):
                 replies = {rep.address: rep for rep in result.replies}
                 for r in rcpts:
                     rep = replies.get(r["address"]) or smtp_client.RecipientReply(
@@ -656,31 +660,37 @@ class OutboundService(service.Service):
 
     async def _deliver_route(
         self, env: dict, route: routing.Route, rcpts: list[dict]
-    ) -> tuple[list[dict], routing.Attempt, smtp_client.TransactionResult]:
-        """Walk ``route`` (module docstring, step 3) for ``rcpts``; return the attempt that
-        answered (or the last one tried) and its result."""
-        answer: tuple[routing.Attempt, smtp_client.TransactionResult] | None = None
+    ) -> list[tuple[list[dict], routing.Attempt, smtp_client.TransactionResult]]:
+        """Walk ``route`` (module docstring, step 3) for ``rcpts``: each attempt gets the
+        recipients nothing is known about yet. Return ``(recipients, attempt, result)`` parts:
+        the recipients each attempt answered, then those no attempt could take, with the last
+        temporary failure (or the last failure) as their result."""
+        parts: list[tuple[list[dict], routing.Attempt, smtp_client.TransactionResult]] = []
         temporary: tuple[routing.Attempt, smtp_client.TransactionResult] | None = None
+        last: tuple[routing.Attempt, smtp_client.TransactionResult] | None = None
+        pending = rcpts
         attempts = route.attempts
         for n, attempt in enumerate(attempts, 1):
-            _, result = await self._deliver_group(env, attempt.hop, rcpts)
-            answer = (attempt, result)
-            if not _hop_failed(result):
-                return rcpts, attempt, result
+            answered, pending, result = await self._deliver_group(env, attempt.hop, pending)
+            parts.extend((a_rcpts, attempt, a_result) for a_rcpts, a_result in answered)
+            if not pending:
+                return parts
+            last = (attempt, result)
             if any(400 <= rep.code < 500 for rep in result.replies):
-                temporary = answer
+                temporary = last
             if n < len(attempts):
                 log.info("{qid}: next hop {hop} ({via}) failed: {reply}; trying {next} ({nvia})",
                          qid=env["id"], hop=attempt.hop.key, via=attempt.via,
                          reply=result.replies[0].reply if result.replies else "no reply",
                          next=attempts[n].hop.key, nvia=attempts[n].via)
-        assert answer is not None
+        assert last is not None
         if len(attempts) > 1:
             log.info("{qid}: every next hop for {rcpt} failed ({hops}); the mail waits for its "
-                     "next retry", qid=env["id"], rcpt=routing.domain_of(rcpts[0]["address"]),
+                     "next retry", qid=env["id"], rcpt=routing.domain_of(pending[0]["address"]),
                      hops=route.key)
-        attempt, result = temporary or answer
-        return rcpts, attempt, result
+        attempt, result = temporary or last
+        parts.append((pending, attempt, result))
+        return parts
 
     def _advise(self, hop: routing.NextHop, result: smtp_client.TransactionResult) -> None:
         """Log the client's advice about ``hop`` once per hop (not once per message); forget it
@@ -692,17 +702,29 @@ class OutboundService(service.Service):
         if self._advised.get(hop.key) == result.advice:
             return
         self._advised[hop.key] = result.advice
-        log.warn("smart host {hop}: {advice} (logged once for this host)", hop=hop.key,
+        log.warn("{role} {hop}: {advice} (logged once for this host)",
+                 role="smart host" if hop.smarthost else "next hop", hop=hop.key,
                  advice=result.advice)
 
     # ------------------------------------------------------------------ one next hop
 
     async def _deliver_group(
         self, env: dict, hop: routing.NextHop, rcpts: list[dict]
-    ) -> tuple[list[dict], smtp_client.TransactionResult]:
+    ) -> tuple[list[tuple[list[dict], smtp_client.TransactionResult]], list[dict],
+               smtp_client.TransactionResult]:
+        """Deliver ``rcpts`` through one next hop, host after host (its MX hosts in order).
+
+        Returns ``(answered, pending, last)``: ``answered`` the ``(recipients, result)`` of each
+        host that said something about them; ``pending`` the recipients no host of this hop
+        could take (a host that could not start a transaction, or that ended the session with
+        421 or a lost connection before the end of the message: ``RecipientReply.elsewhere``),
+        with ``last`` the result of the last host tried. A TLS handshake that fails under
+        ``tls = "opportunistic"`` is retried at once in clear text on the same host (as an
+        opportunistic client must: TLS is only a bonus; the password still never goes out in
+        clear)."""
         if hop.local:
             result = await self._blocking(self._deliver_local, env, rcpts)
-            return rcpts, result
+            return [(rcpts, result)], [], result
 
         def everyone(code: int, reply: str, remote_mta: str = "") -> smtp_client.TransactionResult:
             return smtp_client.TransactionResult(
@@ -716,7 +738,7 @@ class OutboundService(service.Service):
         except HopError as e:
             result = everyone(e.code, e.reply)
             result.hop_failed = True
-            return rcpts, result
+            return [], rcpts, result
         own = await self._blocking(self._own_addresses)
         kept = []
         for c in candidates:
@@ -730,12 +752,45 @@ class OutboundService(service.Service):
                      f"myself ({c.name} [{c.ip}]:{c.port})"
             )
             result.hop_failed = True
-            return rcpts, result
+            return [], rcpts, result
         try:
             password = await self._blocking(self._password) if hop.smarthost else None
         except OSError as e:
-            return rcpts, everyone(451, f"451 4.3.5 cannot read smarthost.password_file: "
-                                        f"{e.strerror}")
+            result = everyone(451, f"451 4.3.5 cannot read smarthost.password_file: "
+                                   f"{e.strerror}")
+            return [(rcpts, result)], [], result
+        answered: list[tuple[list[dict], smtp_client.TransactionResult]] = []
+        pending = rcpts
+        result: smtp_client.TransactionResult | None = None
+        for c in kept:
+            settings = self._settings(hop, c, password)
+            while True:
+                result = await self._deliver_host(env, hop, c, settings, pending)
+                if not (result.tls_failed and settings.tls == "opportunistic"
+                        and settings.starttls):
+                    break
+                failure = next((r.reply for r in result.replies), "")
+                log.info("{qid}: STARTTLS with {host} failed ({reply}); trying again in clear "
+                         "text (tls = \"opportunistic\")", qid=env["id"], host=c.name,
+                         reply=failure)
+                settings = dataclasses.replace(settings, starttls=False,
+                                               tls_failure=failure.split(" ", 2)[-1])
+            self._advise(hop, result)
+            if result.hop_failed:
+                continue
+            replies = {rep.address: rep for rep in result.replies}
+            done = [r for r in pending if not replies[r["address"]].elsewhere]
+            pending = [r for r in pending if replies[r["address"]].elsewhere]
+            answered.append((done, result))
+            if not pending:
+                break  # an answer about every recipient: no other host of this hop
+        assert result is not None
+        return answered, pending, result
+
+    async def _deliver_host(self, env: dict, hop: routing.NextHop, c: Candidate,
+                            settings: smtp_client.ClientSettings, rcpts: list[dict]
+                            ) -> smtp_client.TransactionResult:
+        """One SMTP session with one host of ``hop`` for ``rcpts``, within the limits."""
         transaction = smtp_client.Transaction(
             sender=env["sender"],
             recipients=[{"address": r["address"], "notify": r.get("notify"),
@@ -746,23 +801,17 @@ class OutboundService(service.Service):
             envid=env.get("envid"),
             body=env.get("body"),
         )
-        result: smtp_client.TransactionResult | None = None
-        for c in kept:
-            settings = self._settings(hop, c, password)
-            await self.limiter.acquire(hop.key)
-            try:
-                result = await self._deliver(c.ip, c.port, settings, transaction,
-                                             remote_mta=c.name)
-            except Exception as e:  # a bug, not a network problem: keep the mail
-                log.failure("delivery to {host} raised", host=c.name)
-                result = everyone(451, f"451 4.3.0 internal error: {e.__class__.__name__}")
-            finally:
-                self.limiter.release(hop.key)
-            self._advise(hop, result)
-            if not _hop_failed(result):
-                break  # an answer about the message: no other host of this hop
-        assert result is not None
-        return rcpts, result
+        await self.limiter.acquire(hop.key)
+        try:
+            return await self._deliver(c.ip, c.port, settings, transaction, remote_mta=c.name)
+        except Exception as e:  # a bug, not a network problem: keep the mail
+            log.failure("delivery to {host} raised", host=c.name)
+            return smtp_client.TransactionResult(
+                replies=[smtp_client.RecipientReply(
+                    r["address"], 451, f"451 4.3.0 internal error: {e.__class__.__name__}",
+                    remote=False) for r in rcpts])
+        finally:
+            self.limiter.release(hop.key)
 
     def _settings(self, hop: routing.NextHop, c: Candidate,
                   password: smtp_client.Secret | None) -> smtp_client.ClientSettings:
