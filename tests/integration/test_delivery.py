@@ -265,3 +265,42 @@ def test_notify_never_means_no_report_even_for_a_full_mailbox(server) -> None:
     assert len(find(server, ANN, marker)) == 1
     wait_until(lambda: queue_empty(server), what="the queue to empty")
     assert find(server, TED, marker, timeout=0) == []
+
+
+# --------------------------------------------------------------------------- kept-back cases
+
+
+def test_mailbox_exactly_at_its_quota_refuses_at_rcpt_without_size(server) -> None:
+    """A mailbox whose files add up to exactly its quota (made while the server runs): smtplib's
+    RCPT without MAIL SIZE= gets ``552 5.2.2`` at once (it can take nothing, whatever the
+    grace), and the next recipient of the same transaction is still accepted."""
+    box = f"atquota@{HOSTNAME}"
+    server.add_mailbox(box, PASSWORD)
+    server.admin("mailbox", "quota", box, "5000")
+    (new_dir(server, box) / "1700000000.M1P1.filler.host").write_bytes(b"x" * 5000)
+    with smtp(server) as s:
+        assert s.mail("someone@example.test")[0] == 250
+        code, reply = s.rcpt(box)
+        assert (code, reply) == (552, f"5.2.2 <{box}>: mailbox full".encode())
+        assert s.rcpt(ANN)[0] == 250
+        s.rset()
+
+
+def test_report_to_a_sender_in_a_domain_added_at_run_time_is_delivered_here(server) -> None:
+    """``domain add`` while the server runs, then its user sends 40 KB to full2 (no room) and
+    ann: the 5.2.2 report to the sender is final delivery into its mailbox here (Return-Path
+    <>), not sent out to an MX; nothing stays in the queue."""
+    server.admin("domain", "add", "fabrikam.test")
+    bob = "bob@fabrikam.test"
+    server.add_mailbox(bob, PASSWORD)
+    marker = f"runtime-{next(_n)}".encode()
+    with smtp(server) as s:
+        s.mail(bob)
+        assert s.rcpt(FULL2)[0] == 250 and s.rcpt(ANN)[0] == 250
+        code, _ = s.data(b"Subject: " + marker + b"\r\n\r\n" + (b"x" * 78 + b"\r\n") * 500)
+    assert code == 250
+    bob_new = server.state_dir / "mailroot" / "fabrikam.test" / "bob" / "new"
+    report = wait_until(lambda: [p.read_bytes() for p in bob_new.iterdir()], what="the report")
+    assert report[0].startswith(b"Return-Path: <>\n")
+    assert b"Status: 5.2.2" in report[0] and marker in report[0]
+    wait_until(lambda: queue_empty(server), what="an empty queue")

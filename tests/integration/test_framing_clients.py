@@ -45,7 +45,19 @@ SHAPES: list[tuple[bytes, bytes]] = [
     (b"Subject: nul\n\na\x00b\n", b"Subject: nul\r\n\r\na\x00b\r\n"),
     # longer lines are in the unit tests: poplib refuses lines over 2048 octets
     (b"Subject: long\n\n" + b"y" * 2000, b"Subject: long\r\n\r\n" + b"y" * 2000 + b"\r\n"),
+    # a Windows store (CRLF and a Ctrl-Z that marks the end of the file), an mbox tool's file
+    (b"Subject: dos\r\n\r\nbody\r\n\x1a", b"Subject: dos\r\n\r\nbody\r\n"),
+    (b"From a@b.test Mon Jan  1 00:00:00 2024\nSubject: mbox\n\n>From x\n",
+     b"Subject: mbox\r\n\r\n>From x\r\n"),
+    # size fields in the name that do not describe the file (see NAME_FIELDS)
+    (b"Subject: wrong S and W\n\nbody\n", b"Subject: wrong S and W\r\n\r\nbody\r\n"),
+    (b"Subject: only W\n\nbody\n", b"Subject: only W\r\n\r\nbody\r\n"),
 ]
+# stored bytes -> size fields the dropped file's name carries (wrong ones: not to be believed)
+NAME_FIELDS = {
+    b"Subject: wrong S and W\n\nbody\n": ",S=5,W=7",
+    b"Subject: only W\n\nbody\n": ",W=99",
+}
 
 
 @pytest.fixture(scope="module")
@@ -231,13 +243,15 @@ def test_reject_mode_refuses_bare_lf_at_once(tmp_path: Path) -> None:
 
 @pytest.fixture
 def shapes_box(server):
-    """Ted's mailbox emptied, then one file of each shape dropped straight into new/."""
+    """Ted's mailbox emptied, then one file of each shape dropped straight into new/ (some
+    with wrong or partial size fields in the name, ``NAME_FIELDS``)."""
     box = server.state_dir / "mailroot" / HOSTNAME / "ted"
     for folder in ("new", "cur"):
         for p in (box / folder).iterdir():
             p.unlink()
     for i, (stored, _) in enumerate(SHAPES):
-        (box / "new" / f"{1700000000 + i}.M{i}P9.dropped.host").write_bytes(stored)
+        fields = NAME_FIELDS.get(stored, "")
+        (box / "new" / f"{1700000000 + i}.M{i}P9.dropped.host{fields}").write_bytes(stored)
     return SHAPES
 
 

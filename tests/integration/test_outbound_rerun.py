@@ -160,9 +160,9 @@ def test_failing_starttls_keeps_the_password_home_and_says_why(tmp_path: Path, c
     qid = enqueue(queue, ["b@example.net"], BODY)
     runner = Runner(cfg).start()
     cleanup.append(runner)
-    wait_until(lambda: queue.load(qid)["recipients"][0]["state"] == "deferred",
+    wait_until(lambda: queue.load(qid).recipients[0].state == "deferred",
                what="the recipient to be deferred")
-    reply = queue.load(qid)["recipients"][0]["last_reply"]
+    reply = queue.load(qid).recipients[0].last_reply
     assert reply.startswith("451 4.7.0 cannot authenticate to the smart host: it offers AUTH "
                             "LOGIN only in clear text (STARTTLS failed (TLS failure with "
                             "127.0.0.1")
@@ -186,9 +186,9 @@ def test_wrong_password_is_explained_once_per_host(tmp_path: Path, cleanup) -> N
     ids = [enqueue(queue, [f"u{i}@example.net"], BODY) for i in range(3)]
     runner = Runner(cfg).start()
     cleanup.append(runner)
-    wait_until(lambda: all(queue.load(q)["recipients"][0]["state"] == "deferred" for q in ids),
+    wait_until(lambda: all(queue.load(q).recipients[0].state == "deferred" for q in ids),
                what="three deferred messages")
-    assert queue.load(ids[0])["recipients"][0]["last_reply"] == (
+    assert queue.load(ids[0]).recipients[0].last_reply == (
         "454 4.7.0 smart host refused AUTH LOGIN: 535 5.7.8 authentication failed")
     log = runner.log()
     advice = (f"smart host {host.hop}: mail to this smart host waits in the queue: it refused "

@@ -164,7 +164,7 @@ def test_smart_host_offering_auth_without_starttls(tmp_path: Path, cleanup) -> N
 
     wait_until(all_deferred, what="three deferred messages")
     for qid in ids:
-        reply = queue.load(qid)["recipients"][0]["last_reply"]
+        reply = queue.load(qid).recipients[0].last_reply
         assert reply.startswith("451 4.7.0 cannot authenticate to the smart host: it offers AUTH "
                                 "LOGIN PLAIN only in clear text (it offers no STARTTLS)")
         assert 'give the smart host a certificate, or set smarthost.tls = "none"' in reply

@@ -43,10 +43,14 @@ def sync_run_blocking(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer
 
 def crlf_size(data: bytes) -> int:
     """The POP3 size of stored bytes, written out here apart from the server's code: CRLF, LF,
-    CR CR LF and a bare CR each end a line, sent as CRLF; an unended last line gets a CRLF."""
-    lines = re.split(rb"\r*\n|\r", data)
+    CR CR LF and a bare CR each end a line, sent as CRLF; an unended last line gets a CRLF;
+    Ctrl-Zs that end the file (the DOS end-of-file mark) and a first line starting with
+    ``From `` (an mbox envelope line) are not part of the message."""
+    lines = re.split(rb"\r*\n|\r", data.rstrip(b"\x1a"))
     if lines[-1] == b"":
         lines.pop()  # the data ended with a line end (or was empty)
+    if lines and lines[0].startswith(b"From "):
+        lines.pop(0)
     return sum(len(line) + 2 for line in lines)
 
 

@@ -246,8 +246,8 @@ def test_queue_delete_bounce_reports_to_the_sender(run, config, tmp_path):
     assert code == 0 and out.strip() == f"message {qid} deleted (report sent)"
     [rid] = q.ids()
     report = q.load(rid)
-    assert report["sender"] == ""
-    assert [r["address"] for r in report["recipients"]] == ["ted@pop.contoso.test"]
+    assert report.sender == ""
+    assert [r.address for r in report.recipients] == ["ted@pop.contoso.test"]
     assert b"Final-Recipient: rfc822; bob@example.test" in q.body_path(rid).read_bytes()
 
 

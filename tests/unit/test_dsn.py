@@ -9,23 +9,24 @@ from pathlib import Path
 import pytest
 
 from pop3coexist.smtp import dsn
+from pop3coexist.store.envelope import Envelope, Recipient, State
 
 ORIGINAL = b"From: a@example.org\nTo: b@example.net\nSubject: report me\n\nline one\n.dot line\n"
 
 
-def _env(**kw: object) -> dict:
+def _env(**kw: object) -> Envelope:
     env = {"id": "0000000000000001aaaaaaaa", "sender": "a@example.org", "ret": None, "envid": None,
-           "arrival": 1_700_000_000.0, "received_from": "c.example [192.0.2.1]"}
+           "arrival": 1_700_000_000.0, "received_from": "c.example [192.0.2.1]", "recipients": []}
     env.update(kw)
-    return env
+    return Envelope(**env)  # type: ignore[arg-type]
 
 
-def _rcpt(addr: str, **kw: object) -> dict:
-    r = {"address": addr, "orcpt": None, "notify": None, "state": "failed", "attempts": 1,
+def _rcpt(addr: str, **kw: object) -> Recipient:
+    r = {"orcpt": None, "notify": None, "state": State.FAILED, "attempts": 1,
          "last_reply": "550 5.1.1 <b@example.net>: no such user", "remote_mta": "mx.example.net",
          "status": "5.1.1", "last_attempt": 1_700_000_100.0}
     r.update(kw)
-    return r
+    return Recipient(addr, **r)  # type: ignore[arg-type]
 
 
 def _parse(data: bytes) -> Message:
@@ -117,7 +118,7 @@ def test_delayed_and_relayed_reports(tmp_path: Path) -> None:
 )
 def test_notify_decides_which_reports_are_sent(notify: list[str] | None, kind: str, wanted: bool) -> None:
     """NOTIFY (RFC 3461 4.1): absent means FAILURE,DELAY; NEVER means nothing."""
-    assert dsn.wants_notice({"notify": notify}, kind) is wanted
+    assert dsn.wants_notice(Recipient("b@example.net", notify=notify), kind) is wanted
 
 
 def test_report_envelope_is_from_null_sender_and_asks_for_nothing() -> None:

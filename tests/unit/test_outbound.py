@@ -16,8 +16,9 @@ from twisted.logger import globalLogPublisher
 from pop3coexist.config import parse_config
 from pop3coexist.errors import NoSuchMailbox
 from pop3coexist.smtp import client as c
-from pop3coexist.smtp.outbound import HopError, HopResolver, OutboundService
-from pop3coexist.store.queue import FileQueue
+from pop3coexist.smtp.hops import HopError, HopResolver
+from pop3coexist.smtp.outbound import OutboundService
+from pop3coexist.store.queue import FileQueue, Notice, State
 
 MESSAGE = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: s\r\n\r\nhello\r\n"
 START = 1_000_000.0
@@ -189,9 +190,9 @@ def test_smarthost_down_then_up_delivers_after_retry(tmp_path: Path) -> None:
     env.hop.responder = lambda call: "refused"
     env.start()
     qid = env.enqueue("b@example.net")
-    [r] = env.queue.load(qid)["recipients"]
-    assert r["state"] == "deferred" and r["next_attempt"] == START + 10
-    assert r["last_reply"] == "421 4.4.1 connection refused"
+    [r] = env.queue.load(qid).recipients
+    assert r.state == "deferred" and r.next_attempt == START + 10
+    assert r.last_reply == "421 4.4.1 connection refused"
     env.clock.advance(9)
     assert len(env.hop.calls) == 1
     env.hop.responder = lambda call: {}
@@ -223,7 +224,7 @@ def test_mixed_replies(tmp_path: Path) -> None:
                                       "e@example.net": "553 5.1.3 bad address"}
     env.start()
     qid = env.enqueue("b@example.net", "c@example.net", "d@example.net", "e@example.net")
-    states = {r["address"]: r["state"] for r in env.queue.load(qid)["recipients"]}
+    states = {r.address: r.state for r in env.queue.load(qid).recipients}
     assert states == {"b@example.net": "delivered", "c@example.net": "failed",
                       "d@example.net": "deferred", "e@example.net": "failed"}
     [(to, report)] = env.reports()
@@ -394,8 +395,9 @@ def test_pending_report_is_sent_after_a_crash(tmp_path: Path) -> None:
     env = Env(tmp_path)
     qid = env.enqueue("b@example.net")
     e = env.queue.load(qid)
-    e["recipients"][0].update(state="failed", notice="failed", status="5.1.1",
-                              last_reply="550 5.1.1 unknown")
+    r = e.recipients[0]
+    r.state, r.notice, r.status = State.FAILED, Notice.FAILED, "5.1.1"
+    r.last_reply = "550 5.1.1 unknown"
     env.queue.save(e)
     env.hop.responder = None
     env.start()
@@ -442,6 +444,34 @@ def test_report_to_a_local_sender_goes_into_the_store(tmp_path: Path) -> None:
     assert env.queue.ids() == []
     # final delivery of a report: Return-Path <> first (RFC 5321 section 4.4)
     assert store.data[0].startswith(b"Return-Path: <>\nFrom: Mail Delivery System")
+
+
+def test_queue_delivers_into_the_store_for_a_domain_added_at_run_time(tmp_path: Path) -> None:
+    """A report to a sender whose domain ``domain add`` made while the server runs (not in
+    ``domains.local``) is final delivery into the store (Return-Path <>), never sent to the
+    smart host or an MX; the quota (with its grace) applies there as on every other path: a
+    mailbox at its quota refuses with 552 5.2.2 and nothing is stored."""
+    from pop3coexist.config import QuotaGrace
+    from pop3coexist.store.maildir import MaildirStore
+
+    store = MaildirStore(tmp_path / "mailroot", quota_grace=QuotaGrace(percent=10))
+    store.add_domain("fabrikam.test")
+    store.add_mailbox("fabrikam.test", "bob")
+    store.add_mailbox("fabrikam.test", "full")
+    store.set_quota("fabrikam.test", "full", 10)
+    (store.root / "fabrikam.test" / "full" / "new" / "1.filler.host").write_bytes(b"x" * 10)
+    env = Env(tmp_path, store=store)
+    env.hop.responder = lambda call: {a: "550 5.1.1 unknown" for a in call.rcpts}
+    env.start()
+    env.enqueue("b@example.net", sender="Bob@Fabrikam.test")
+    env.enqueue("bob@fabrikam.test", "full@fabrikam.test", sender="", notify=["NEVER"])
+    assert [c.rcpts for c in env.hop.calls] == [["b@example.net"]]  # the reports stay here
+    [report, relayed] = sorted((store.root / "fabrikam.test" / "bob" / "new").iterdir(),
+                               key=lambda p: p.read_bytes()[:40])
+    assert report.read_bytes().startswith(b"Return-Path: <>\nFrom: Mail Delivery System")
+    assert relayed.read_bytes().startswith(b"Return-Path: <>\n")
+    assert store.usage("fabrikam.test", "full") == (1, 10)
+    assert env.queue.ids() == []
 
 
 class FakeDNS:
@@ -521,7 +551,7 @@ def test_stop_waits_for_running_deliveries(tmp_path: Path) -> None:
 def test_hop_limiter_lets_other_hosts_pass_a_busy_one() -> None:
     """A host at its per-host limit does not hold up another host; the total limit holds;
     waiters for one host are served first come, first served."""
-    from pop3coexist.smtp.outbound import HopLimiter
+    from pop3coexist.smtp.hostlimits import HopLimiter
 
     lim = HopLimiter(total=3, per_host=1)
     a1 = lim.acquire("a")
@@ -626,8 +656,8 @@ def test_a_reply_about_the_recipient_is_the_answer(tmp_path: Path, reply: str) -
     assert [call.ip for call in env.hop.calls] == ["192.0.2.1"]
     env_after = env.queue.load(qid)
     if reply.startswith("4"):
-        assert env_after["recipients"][0]["state"] == "deferred"
-        assert env_after["recipients"][0]["last_reply"] == reply
+        assert env_after.recipients[0].state == "deferred"
+        assert env_after.recipients[0].last_reply == reply
     else:
         assert env_after is None  # failed for good, no report wanted: removed
 
@@ -641,9 +671,9 @@ def test_every_hop_down_waits_with_the_last_temporary_reply(tmp_path: Path, logs
     env.start()
     qid = env.enqueue("b@d.test")
     assert [call.ip for call in env.hop.calls] == ["192.0.2.1", "192.0.2.2", "192.0.2.5", "192.0.2.9"]
-    [r] = env.queue.load(qid)["recipients"]
-    assert r["state"] == "deferred" and r["next_attempt"] == START + 10
-    assert r["last_reply"] == "421 4.4.1 connection refused"
+    [r] = env.queue.load(qid).recipients
+    assert r.state == "deferred" and r.next_attempt == START + 10
+    assert r.last_reply == "421 4.4.1 connection refused"
     assert (f"{qid}: every next hop for d.test failed ([192.0.2.1]:25, [192.0.2.2]:25, "
             "[192.0.2.5]:25, [192.0.2.9]:25); the mail waits for its next retry") in _text(logs)
     env.hop.responder = lambda call: {}
@@ -675,7 +705,7 @@ def test_remote_route_list_falls_back_in_order(tmp_path: Path) -> None:
     env.hop.responder = lambda call: "refused"
     qid = env.enqueue("e@x.test")
     assert [call.ip for call in env.hop.calls[2:]] == ["192.0.2.20", "192.0.2.21"]
-    assert env.queue.load(qid)["recipients"][0]["state"] == "deferred"
+    assert env.queue.load(qid).recipients[0].state == "deferred"
 
 
 def test_a_connector_hop_name_not_in_dns_is_passed_over_not_bounced(tmp_path: Path) -> None:
@@ -694,8 +724,8 @@ next_hops = ["no-such-relay.test", "relay.test"]
     assert [call.ip for call in env.hop.calls] == ["192.0.2.30"] and env.queue.ids() == []
     dns_.mx.pop("relay.test")
     qid = env.enqueue("b@d.test")
-    [r] = env.queue.load(qid)["recipients"]
-    assert r["state"] == "deferred" and r["last_reply"] == "451 4.4.3 next hop relay.test not found in DNS"
+    [r] = env.queue.load(qid).recipients
+    assert r.state == "deferred" and r.last_reply == "451 4.4.3 next hop relay.test not found in DNS"
 
 
 def test_mx_hosts_of_equal_preference_are_shuffled_lower_preference_first() -> None:
@@ -728,8 +758,8 @@ def test_smart_host_advice_is_logged_once_per_host(tmp_path: Path, logs: list[di
               "(logged once for this host)")
     assert text.count(advice) == 1
     for qid in ids:
-        [r] = env.queue.load(qid)["recipients"]
-        assert r["last_reply"] == "451 4.7.0 cannot authenticate to the smart host: why and fix"
+        [r] = env.queue.load(qid).recipients
+        assert r.last_reply == "451 4.7.0 cannot authenticate to the smart host: why and fix"
     assert "s3cret" not in text
     env.hop.responder = lambda call: {}
     env.clock.advance(20)

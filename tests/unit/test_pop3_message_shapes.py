@@ -7,7 +7,8 @@ split off (at CR, LF or CRLF) starts with an unstuffed dot.
 
 The expected canonical bytes of each shape are written out here: CRLF line ends; CRLF, LF,
 CR CR LF and a bare CR each end one line; a CRLF added after an unended last line; NUL and
-8-bit bytes kept; an empty file stays empty.
+8-bit bytes kept; an empty file stays empty; Ctrl-Zs that end the file (the DOS end-of-file
+mark of Windows stores) and an mbox ``From `` envelope line on top are not part of the message.
 """
 
 from __future__ import annotations
@@ -69,6 +70,21 @@ SHAPES: list[tuple[str, bytes, bytes]] = [
     ("crlf across a 64k chunk", b"a" * 65535 + b"\r\n.b\r\n", b"a" * 65535 + b"\r\n.b\r\n"),
     ("cr cr lf across a 64k chunk", b"a" * 65535 + b"\r\r\n.b", b"a" * 65535 + b"\r\n.b\r\n"),
     ("bare cr at a 64k chunk end", b"a" * 65535 + b"\r.b", b"a" * 65535 + b"\r\n.b\r\n"),
+    # the Windows POP3 service's store and other DOS tools: CRLF text, a Ctrl-Z (0x1A) at the end
+    ("ctrl-z at the end", b"Subject: a\r\n\r\nbody\r\n\x1a", b"Subject: a\r\n\r\nbody\r\n"),
+    ("ctrl-zs after an unended line", b"Subject: a\r\n\r\nbody\x1a\x1a", b"Subject: a\r\n\r\nbody\r\n"),
+    ("cr then ctrl-z at the end", b"a\n.b\r\x1a", b"a\r\n.b\r\n"),
+    ("ctrl-z inside is content", b"a\x1ab\n\x1a\n.\x1a\r\n", b"a\x1ab\r\n\x1a\r\n.\x1a\r\n"),
+    ("only a ctrl-z", b"\x1a", b""),
+    ("ctrl-z at the end of a 64k chunk", b"a" * 65535 + b"\x1a\r\nb\x1a", b"a" * 65535 + b"\x1a\r\nb\r\n"),
+    # mbox tools: a From_ envelope line on top (RFC 4155), ">From" and "From " in the body
+    ("mbox from_ line", b"From a@b.test Mon Jan  1 00:00:00 2024\nSubject: a\n\n>From x\nFrom y\n",
+     b"Subject: a\r\n\r\n>From x\r\nFrom y\r\n"),
+    ("mbox from_ line, crlf, no header", b"From a@b.test\r\n.body\r\n", b".body\r\n"),
+    ("only a from_ line", b"From a@b.test", b""),
+    ("a From: field is no from_ line", b"From: a@b.test\n\nx\n", b"From: a@b.test\r\n\r\nx\r\n"),
+    ("a short first line", b"Fro", b"Fro\r\n"),
+    (">From on top is kept", b">From a@b.test\nx\n", b">From a@b.test\r\nx\r\n"),
 ]
 IDS = [name for name, _, _ in SHAPES]
 
@@ -158,7 +174,8 @@ def test_random_bytes_size_equals_stream() -> None:
     """Fuzz: random mixes of CR, LF, dots, NUL and text in random chunkings always give a
     stream whose unstuffed length is crlf_size and that no CR/LF split can desynchronise."""
     rng = random.Random(11)
-    alphabet = [b"\r", b"\n", b"\r\n", b".", b"..", b"\x00", b"a", b"bc", b" "]
+    alphabet = [b"\r", b"\n", b"\r\n", b".", b"..", b"\x00", b"a", b"bc", b" ", b"\x1a",
+                b"From "]
     for _ in range(1500):
         stored = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
         chunk = rng.randrange(1, 12)
@@ -339,3 +356,48 @@ def test_a_stale_size_in_a_file_name_is_trusted_and_reported(store: MaildirStore
         globalLogPublisher.removeObserver(events.append)
     text = "\n".join(formatEvent(e) for e in events)
     assert "RETR 1 of ted@pop.contoso.test: 7 octets sent, 5 announced" in text
+
+
+NAMED = [
+    # (file name, stored bytes): size fields that do not describe the file, or are missing
+    ("1700000101.M1P1.foreign.host,S=5,W=7", b"Subject: wrong S\n\nbody line\n"),
+    ("1700000102.M1P1.foreign.host,S=99,W=3", b"Subject: both wrong\n\nbody\n"),
+    ("1700000103.M1P1.foreign.host,W=99", b"Subject: only W\n\nbody\n"),
+    ("1700000104.M1P1.foreign.host,S=22", b"Subject: only S\n\nbody\n"),
+    ("1700000105.M1P1.foreign.host,S=1,T=9,W=2", b"Subject: other field\n\nbody\n"),
+]
+
+
+@pytest.mark.parametrize("folder, info", [("new", ""), ("cur", ":2,S")])
+def test_size_fields_that_do_not_match_the_file_are_not_trusted(store: MaildirStore, folder: str,
+                                                               info: str) -> None:
+    """A name whose ``,S=`` is not the file's real size (or that has no ``,S=``, or no ``,W=``)
+    is not believed: LIST, STAT and RETR's '+OK n octets' give the size of what RETR sends. At
+    QUIT the name gets the right fields (cur/ flags kept), so the next session reads them from
+    the name; the UIDLs never change."""
+    box = store.root / DOMAIN / "ted" / folder
+    for name, stored in NAMED:
+        (box / (name + info)).write_bytes(stored)
+    canon = [stored.replace(b"\n", b"\r\n") for _, stored in NAMED]
+    uidls = []
+    for _session in range(2):
+        proto, t, greeting = session(store)
+        assert greeting.endswith(f"has 5 messages ({sum(map(len, canon))} octets)\r\n".encode())
+        proto.dataReceived(b"UIDL\r\n")
+        uidls.append(take(t))
+        for i, canonical in enumerate(canon, start=1):
+            proto.dataReceived(b"LIST %d\r\nRETR %d\r\n" % (i, i))
+            out = take(t)
+            assert out.startswith(b"+OK %d %d\r\n+OK %d octets\r\n" % (i, len(canonical), len(canonical)))
+            assert client_reads(out.split(b"\r\n", 2)[2]) == (canonical, b"")
+        proto.dataReceived(b"QUIT\r\n")
+        take(t)
+    assert uidls[0] == uidls[1]
+    assert uidls[0].split(b"\r\n", 1)[1] == b"".join(
+        b"%d 17000001%02d.M1P1.foreign.host\r\n" % (i, i) for i in range(1, 6)) + b".\r\n"
+    names = sorted(p.name for p in (store.root / DOMAIN / "ted" / "cur").iterdir())
+    flags = ":2," if folder == "new" else info
+    fixed = [name.split(",", 1)[0] + f",S={len(stored)},W={len(c)}"
+             for (name, stored), c in zip(NAMED, canon, strict=True)]
+    fixed[4] += ",T=9"
+    assert names == [name + flags for name in fixed]

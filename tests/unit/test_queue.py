@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 
 from pop3coexist.interfaces import IOutboundQueue
 from pop3coexist.smtp.bounce import delete_with_report
-from pop3coexist.store.queue import FileQueue
+from pop3coexist.store.queue import FileQueue, State
 
 MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
 
@@ -97,8 +97,9 @@ def test_entries_list_state_for_the_admin(queue: FileQueue, tmp_path: Path) -> N
     """entries() gives id, age, sender and each recipient's state, last reply and next attempt."""
     qid = queue.enqueue(_spool(tmp_path), _env("b@example.net"))
     env = queue.load(qid)
-    r = env["recipients"][0]
-    r.update(state="deferred", attempts=1, last_reply="451 4.3.0 try later", next_attempt=2000.0)
+    r = env.recipients[0]
+    r.state, r.attempts, r.next_attempt = State.DEFERRED, 1, 2000.0
+    r.last_reply = "451 4.3.0 try later"
     assert queue.save(env)
     [entry] = queue.entries()
     assert entry["id"] == qid and entry["age"] == 10.0 and entry["sender"] == "a@example.org"
@@ -150,12 +151,12 @@ def test_delete_with_bounce_reports_undelivered_recipients(queue: FileQueue, tmp
     """`queue delete --bounce` queues one report to the sender for the undelivered recipients."""
     qid = queue.enqueue(_spool(tmp_path), _env("b@example.net", "c@example.net"))
     env = queue.load(qid)
-    env["recipients"][0]["state"] = "delivered"
+    env.recipients[0].state = State.DELIVERED
     queue.save(env)
     delete_with_report(queue, qid)
     [rid] = queue.ids()
     report = queue.load(rid)
-    assert report["sender"] == "" and report["recipients"][0]["address"] == "a@example.org"
+    assert report.sender == "" and report.recipients[0].address == "a@example.org"
     msg = email.message_from_bytes(queue.body_path(rid).read_bytes())
     assert msg.get_content_type() == "multipart/report"
     status = msg.get_payload(1).get_payload()

@@ -88,6 +88,18 @@ def report_of(item: tuple[bytes, dict]) -> tuple[bytes, dict]:
     (b"Subject : old style\r\nTo: x@y.test\r\n\r\nbody\r\n", b"Subject : old style\nTo: x@y.test\n\nbody\n"),
     (b"Subject: only a header\r\n", b"Subject: only a header\n"),
     (b"", b""),
+    # kept-back cases that hold: mbox quoting, NUL in a name, white space, the client's
+    # Return-Path anywhere in the header section (folded, spaced, after a blank-looking line)
+    (b">From a@b.test\r\nSubject: x\r\n\r\nb\r\n", b"\n>From a@b.test\nSubject: x\n\nb\n"),
+    (b"Sub\x00ject: nul in the name\r\n\r\nb\r\n", b"\nSub\x00ject: nul in the name\n\nb\n"),
+    (b"Subject:no space\r\n\r\nb\r\n", b"Subject:no space\n\nb\n"),
+    (b"   \r\nSubject: x\r\n", b"\n   \nSubject: x\n"),
+    (b"Subject: a\r\nReturn-Path: <evil@x.test>\r\nTo: b@y.test\r\n\r\nb\r\n",
+     b"Subject: a\nTo: b@y.test\n\nb\n"),
+    (b"Return-Path:\r\n <evil@x.test>\r\nSubject: a\r\n\r\nb\r\n", b"Subject: a\n\nb\n"),
+    (b"RETURN-PATH : <evil@x.test>\r\nSubject: a\r\n\r\nb\r\n", b"Subject: a\n\nb\n"),
+    (b"Subject: a\r\n \r\nReturn-Path: <e@x.test>\r\n\r\nb\r\n", b"Subject: a\n \n\nb\n"),
+    (b"Subject: a\r\n\r\nReturn-Path: <kept@x.test>\r\n", b"Subject: a\n\nReturn-Path: <kept@x.test>\n"),
 ])
 def test_content_that_does_not_start_with_a_header_field_becomes_body(content: bytes,
                                                                       stored: bytes) -> None:
@@ -291,6 +303,44 @@ def test_quota_rule_with_grace(tmp_path: Path) -> None:
     fixed = MaildirStore(tmp_path, quota_grace=QuotaGrace(bytes=50))
     assert not fixed.quota_refuses(999, 51, 1000) and fixed.quota_refuses(999, 52, 1000)
     assert MaildirStore(tmp_path).quota_refuses(0, 1001, 1000)  # default store: no grace
+
+
+@pytest.mark.parametrize(("grace", "usage", "size", "quota", "refused"), [
+    (QuotaGrace(), 1000, 0, 1000, True),  # exactly at the quota, size unknown (RCPT, no SIZE=)
+    (QuotaGrace(), 1000, 1, 1000, True),
+    (QuotaGrace(), 999, 1, 1000, False),  # fills it exactly
+    (QuotaGrace(), 999, 2, 1000, True),  # grace 0: not one octet past
+    (QuotaGrace(percent=10), 1000, 0, 1000, True),  # at the quota: the grace is spent
+    (QuotaGrace(percent=10), 999, 101, 1000, False),  # fits only with the grace
+    (QuotaGrace(percent=10), 999, 102, 1000, True),
+    (QuotaGrace(bytes=100), 999, 101, 1000, False),
+    (QuotaGrace(bytes=100), 1500, 0, 1000, True),  # over the quota (after a grace delivery)
+    (QuotaGrace(percent=10), 0, 0, 0, True),  # quota 0: nothing, not even an empty mailbox
+    (QuotaGrace(percent=100), 0, 1, 0, True),
+])
+def test_quota_rule_edges(tmp_path: Path, grace: QuotaGrace, usage: int, size: int, quota: int,
+                          refused: bool) -> None:
+    """At or over its quota a mailbox takes nothing, whatever the size (0 when RCPT has no
+    SIZE=) and the grace; below it a message fits up to quota + grace."""
+    assert MaildirStore(tmp_path, quota_grace=grace).quota_refuses(usage, size, quota) is refused
+
+
+def test_mailbox_exactly_at_its_quota_is_refused_at_rcpt_without_size(tmp_path: Path) -> None:
+    """A mailbox whose usage equals its quota (1,000 of 1,000 bytes) gets ``552 5.2.2`` at RCPT
+    when MAIL has no SIZE= (the size is not known yet): it could take nothing; the session
+    goes on and another recipient is still accepted."""
+    store = real_store(tmp_path, QuotaGrace(percent=10))
+    store.set_quota(HOST, "ted", 1000)
+    (store.root / HOST / "ted" / "new" / "1.filler.host").write_bytes(b"a" * 1000)
+    factory, *_ = make_factory(store=store)
+    proto, t = open_session(factory)
+    take(t)
+    run_dialogue(proto, [
+        (EHLO, lambda got: got.startswith(b"250-")),
+        (b"MAIL FROM:<a@b.test>\r\n", b"250 2.1.0 Sender <a@b.test> OK\r\n"),
+        (b"RCPT TO:<ted@pop.contoso.test>\r\n", b"552 5.2.2 <ted@pop.contoso.test>: mailbox full\r\n"),
+        (b"RCPT TO:<ann@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <ann@pop.contoso.test> OK\r\n"),
+    ], transport=t)
 
 
 def test_quota_grace_config() -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from pop3coexist.address import literal_ip
@@ -208,14 +208,17 @@ def _remote_hops(remote: RemoteDomain) -> tuple[str, ...]:
     return (remote.route,) if remote.route else ()
 
 
-def route_for(domain: str, config: Config, local_delivery: bool = True, spread: int = 0) -> Route:
+def route_for(domain: str, config: Config, local_delivery: bool = True, spread: int = 0,
+              local_domains: Collection[str] = ()) -> Route:
     """The ordered attempts for one recipient domain (see the module docstring).
 
     ``local_delivery`` false (no mail store attached) routes local domains like any other.
     ``spread``: the rotation among equal-cost connectors (``spread_key(queue_id)``).
+    ``local_domains``: lower-case domains local besides ``domains.local`` (those the store
+    holds after ``domain add``).
     """
     domain = domain.lower()
-    if local_delivery and domain in config.domains.local:
+    if local_delivery and (domain in config.domains.local or domain in local_domains):
         return LOCAL_ROUTE
     sh = config.smarthost.host
     gateway = getattr(config, "gateway", None)
@@ -247,13 +250,15 @@ def next_hop(domain: str, config: Config, local_delivery: bool = True) -> NextHo
 
 
 def group_by_route(
-    addresses: Iterable[str], config: Config, local_delivery: bool = True, spread: int = 0
+    addresses: Iterable[str], config: Config, local_delivery: bool = True, spread: int = 0,
+    local_domains: Collection[str] = (),
 ) -> dict[Route, list[str]]:
-    """Group recipient addresses by route (one SMTP transaction per group), in order."""
+    """Group recipient addresses by route (one SMTP transaction per group), in order;
+    ``local_domains`` as for ``route_for``."""
     groups: dict[Route, list[str]] = {}
     for addr in addresses:
-        groups.setdefault(route_for(domain_of(addr), config, local_delivery, spread),
-                          []).append(addr)
+        groups.setdefault(route_for(domain_of(addr), config, local_delivery, spread,
+                                    local_domains), []).append(addr)
     return groups
 
 

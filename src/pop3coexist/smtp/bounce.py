@@ -13,7 +13,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from pop3coexist.smtp import dsn
-from pop3coexist.store.queue import FileQueue
+from pop3coexist.store.queue import FileQueue, Notice, State
 
 log = Logger()
 
@@ -29,17 +29,17 @@ def delete_with_report(queue: FileQueue, qid: str) -> None:
         raise KeyError(qid)
     now = queue.clock()
     failed = []
-    for r in env["recipients"]:
-        if r["state"] in ("pending", "deferred"):
-            r["state"] = "failed"
-            r["status"] = "5.0.0"
-            r["diagnostic"] = DIAGNOSTIC
-            r["last_attempt"] = now
-            if dsn.wants_notice(r, "failed"):
+    for r in env.recipients:
+        if r.due:
+            r.state = State.FAILED
+            r.status = "5.0.0"
+            r.diagnostic = DIAGNOSTIC
+            r.last_attempt = now
+            if dsn.wants_notice(r, Notice.FAILED):
                 failed.append(r)
-    if failed and env["sender"]:
-        original = dsn.read_original(queue.body_path(qid), dsn.include_full(env, "failed"))
-        report = dsn.build_report("failed", env, failed, queue.hostname, original, now)
+    if failed and env.sender:
+        original = dsn.read_original(queue.body_path(qid), dsn.include_full(env, Notice.FAILED))
+        report = dsn.build_report(Notice.FAILED, env, failed, queue.hostname, original, now)
         queue.enqueue_bytes(report, dsn.report_envelope(env, now))
     elif failed:
         log.info("queue: {qid} deleted; no report to the null sender", qid=qid)

@@ -7,7 +7,8 @@ listing only the recipients it is about. It goes to the envelope sender from the
 RET=FULL returns the whole message, RET=HDRS only its header; with no RET a failure report
 returns the whole message (up to ``MAX_RETURN`` bytes) and other reports the header.
 NOTIFY (RFC 3461 section 4.1) decides which recipients are reported; no NOTIFY means
-FAILURE,DELAY.
+FAILURE,DELAY. Reports read the queue's typed state (store/envelope.py ``Envelope`` and
+``Recipient``); ``report_envelope`` gives the submission dict the queue's ``enqueue`` takes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import email.utils
 import re
 import secrets
 from pathlib import Path
+
+from pop3coexist.store.envelope import Envelope, Recipient
 
 MAX_RETURN = 2 * 1024 * 1024
 
@@ -81,10 +84,10 @@ def orcpt_param(orcpt: str | None) -> str | None:
 # --------------------------------------------------------------------------- policy
 
 
-def wants_notice(rcpt: dict, kind: str) -> bool:
-    """Whether NOTIFY asks for a report of ``kind`` for this recipient (no NOTIFY: failures
-    and delays)."""
-    notify = rcpt.get("notify")
+def wants_notice(rcpt: Recipient, kind: str) -> bool:
+    """Whether NOTIFY asks for a report of ``kind`` (a ``Notice``) for this recipient (no
+    NOTIFY: failures and delays)."""
+    notify = rcpt.notify
     if notify is None:
         notify = ["FAILURE", "DELAY"]
     notify = [n.upper() for n in notify]
@@ -93,9 +96,9 @@ def wants_notice(rcpt: dict, kind: str) -> bool:
     return _KIND_NOTIFY[kind] in notify
 
 
-def include_full(env: dict, kind: str) -> bool:
+def include_full(env: Envelope, kind: str) -> bool:
     """Return the whole message (True) or only its header (False)."""
-    ret = env.get("ret")
+    ret = env.ret
     if ret == "FULL":
         return True
     if ret == "HDRS":
@@ -155,35 +158,35 @@ def _clean(text: str) -> str:
     return text.encode("ascii", "replace").decode("ascii")
 
 
-def status_of(rcpt: dict, kind: str) -> str:
+def status_of(rcpt: Recipient, kind: str) -> str:
     """The DSN Status field for a recipient."""
-    st = rcpt.get("status")
+    st = rcpt.status
     if st and _ENHANCED_RE.match(st):
         return st
     if kind == "failed":
-        return enhanced_of(rcpt.get("last_reply"), "5.0.0")
+        return enhanced_of(rcpt.last_reply, "5.0.0")
     if kind == "delayed":
-        return enhanced_of(rcpt.get("last_reply"), "4.0.0")
+        return enhanced_of(rcpt.last_reply, "4.0.0")
     return "2.0.0"
 
 
-def diagnostic_of(rcpt: dict) -> str | None:
+def diagnostic_of(rcpt: Recipient) -> str | None:
     """The Diagnostic-Code field: ``smtp; <reply>`` from a remote server, or ours."""
-    diag = rcpt.get("diagnostic")
+    diag = rcpt.diagnostic
     if diag:
         return _clean(diag)
-    reply = rcpt.get("last_reply")
+    reply = rcpt.last_reply
     if not reply:
         return None
-    if rcpt.get("remote_mta"):
+    if rcpt.remote_mta:
         return "smtp; " + _clean(reply)
     return "X-Pop3coexist; " + _clean(reply)
 
 
 def build_report(
     kind: str,
-    env: dict,
-    recipients: list[dict],
+    env: Envelope,
+    recipients: list[Recipient],
     reporting_mta: str,
     original: bytes,
     now: float,
@@ -197,7 +200,7 @@ def build_report(
         raise ValueError(f"unknown report kind {kind!r}")
     if full is None:
         full = include_full(env, kind)
-    sender = env.get("sender") or ""
+    sender = env.sender or ""
     boundary = f"=_report_{secrets.token_hex(12)}"
     msgid = f"<{secrets.token_hex(12)}.dsn@{reporting_mta}>"
     action = {"failed": "failed", "delayed": "delayed", "relayed": "relayed", "delivered": "delivered"}[kind]
@@ -221,37 +224,37 @@ def build_report(
         "",
     ]
     for r in recipients:
-        line = f"<{_clean(r['address'])}>"
-        diag = r.get("last_reply") or r.get("diagnostic")
+        line = f"<{_clean(r.address)}>"
+        diag = r.last_reply or r.diagnostic
         if diag:
             line += f": {_clean(diag)}"
         human.append(line)
 
     per_message = [f"Reporting-MTA: dns; {reporting_mta}"]
-    if env.get("envid"):
-        per_message.append(f"Original-Envelope-Id: {_clean(env['envid'])}")
-    if env.get("received_from"):
-        per_message.append(f"X-Pop3coexist-Received-From: {_clean(env['received_from'])}")
-    per_message.append(f"Arrival-Date: {_date(float(env.get('arrival') or now))}")
+    if env.envid:
+        per_message.append(f"Original-Envelope-Id: {_clean(env.envid)}")
+    if env.received_from:
+        per_message.append(f"X-Pop3coexist-Received-From: {_clean(env.received_from)}")
+    per_message.append(f"Arrival-Date: {_date(float(env.arrival or now))}")
 
     blocks = []
     for r in recipients:
         b = []
-        orcpt = split_orcpt(r.get("orcpt"))
+        orcpt = split_orcpt(r.orcpt)
         if orcpt:
             b.append(f"Original-Recipient: {_clean(orcpt[0])};{_clean(orcpt[1])}")
-        b.append(f"Final-Recipient: rfc822; {_clean(r['address'])}")
+        b.append(f"Final-Recipient: rfc822; {_clean(r.address)}")
         b.append(f"Action: {action}")
         b.append(f"Status: {status_of(r, kind)}")
-        if r.get("remote_mta"):
-            b.append(f"Remote-MTA: dns; {_clean(r['remote_mta'])}")
+        if r.remote_mta:
+            b.append(f"Remote-MTA: dns; {_clean(r.remote_mta)}")
         diag = diagnostic_of(r)
         if diag:
             b.append(f"Diagnostic-Code: {diag}")
-        if r.get("last_attempt"):
-            b.append(f"Last-Attempt-Date: {_date(float(r['last_attempt']))}")
-        if kind == "delayed" and r.get("will_retry_until"):
-            b.append(f"Will-Retry-Until: {_date(float(r['will_retry_until']))}")
+        if r.last_attempt:
+            b.append(f"Last-Attempt-Date: {_date(float(r.last_attempt))}")
+        if kind == "delayed" and r.will_retry_until:
+            b.append(f"Will-Retry-Until: {_date(float(r.will_retry_until))}")
         blocks.append(b)
 
     crlf = "\r\n"
@@ -288,14 +291,15 @@ def build_report(
     return text + orig_head.encode("ascii") + body + f"{crlf}--{boundary}--{crlf}".encode("ascii")
 
 
-def report_envelope(env: dict, now: float) -> dict:
-    """The queue envelope for a report about ``env``: from ``<>``, to its sender, NOTIFY=NEVER."""
+def report_envelope(env: Envelope, now: float) -> dict:
+    """The submission (IOutboundQueue.enqueue) for a report about ``env``: from ``<>``, to its
+    sender, NOTIFY=NEVER."""
     return {
         "sender": "",
-        "recipients": [{"address": env["sender"], "orcpt": None, "notify": ["NEVER"]}],
+        "recipients": [{"address": env.sender, "orcpt": None, "notify": ["NEVER"]}],
         "ret": None,
         "envid": None,
-        "received_from": f"delivery report for queue id {env.get('id', '?')}",
+        "received_from": f"delivery report for queue id {env.id or '?'}",
         "arrival": now,
         "hops": 0,
     }

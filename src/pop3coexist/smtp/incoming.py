@@ -53,6 +53,7 @@ from twisted.python.failure import Failure
 from pop3coexist.errors import MailError, QuotaExceeded
 from pop3coexist.smtp import dsn
 from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, field_name
+from pop3coexist.store.envelope import Envelope, Recipient
 
 log = Logger()
 
@@ -452,15 +453,16 @@ def send_local_reports(
                      id=spool.queue_id, n=len(refused))
         return
     gone = set(refused)
-    kinds: dict[str, list[dict]] = {"failed": [], "delivered": []}
+    kinds: dict[str, list[Recipient]] = {"failed": [], "delivered": []}
     for key in local:
-        entry = dict(notes.recipients.get(key) or {"address": f"{key[1]}@{key[0]}"})
+        given = notes.recipients.get(key) or {"address": f"{key[1]}@{key[0]}"}
+        entry = Recipient(given["address"], orcpt=given.get("orcpt"), notify=given.get("notify"))
         if key in gone:
-            entry.update(status="5.2.2", last_reply="552 5.2.2 Mailbox full: over its quota",
-                         diagnostic="smtp; 552 5.2.2 Mailbox full: over its quota")
+            entry.status, entry.last_reply = "5.2.2", "552 5.2.2 Mailbox full: over its quota"
+            entry.diagnostic = "smtp; 552 5.2.2 Mailbox full: over its quota"
             kind = "failed"
         else:
-            entry.update(status="2.0.0", last_reply="250 2.0.0 delivered to mailbox")
+            entry.status, entry.last_reply = "2.0.0", "250 2.0.0 delivered to mailbox"
             kind = "delivered"
         if dsn.wants_notice(entry, kind):
             kinds[kind].append(entry)
@@ -470,8 +472,8 @@ def send_local_reports(
         log.info("{id}: no delivery report: the sender is <> (RFC 3461 section 6.2)",
                  id=spool.queue_id)
         return
-    env = {"id": spool.queue_id, "sender": notes.sender, "ret": notes.ret, "envid": notes.envid,
-           "arrival": notes.arrival, "received_from": notes.received_from}
+    env = Envelope(id=spool.queue_id, sender=notes.sender, recipients=[], ret=notes.ret,
+                   envid=notes.envid, arrival=notes.arrival, received_from=notes.received_from)
     now = time.time()
     for kind, rcpts in kinds.items():
         if not rcpts:
@@ -490,7 +492,7 @@ def send_local_reports(
             with contextlib.suppress(OSError):
                 os.unlink(report)
         log.info("{id}: {kind} report for {addrs} queued to <{sender}>", id=spool.queue_id,
-                 kind=kind, addrs=", ".join(f"<{r['address']}>" for r in rcpts),
+                 kind=kind, addrs=", ".join(f"<{r.address}>" for r in rcpts),
                  sender=notes.sender)
 
 

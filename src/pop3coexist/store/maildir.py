@@ -549,14 +549,16 @@ class MaildirStore:
         """The quota rule, in bytes: a message of ``size`` fits when ``usage + size <= quota``;
         past the quota it still fits while the mailbox is under its quota and the excess stays
         within the grace (``domains.quota_grace``, as Dovecot's ``quota_grace``); a mailbox at
-        or over its quota takes nothing more. ``quota`` None: no limit."""
+        or over its quota takes nothing more, whatever the size (so RCPT without ``SIZE=``,
+        which asks with size 0, is refused for a mailbox exactly at its quota). ``quota`` None:
+        no limit."""
         if quota is None:
-            return False
-        size = max(int(size), 0)
-        if usage + size <= quota:
             return False
         if usage >= quota:
             return True
+        size = max(int(size), 0)
+        if usage + size <= quota:
+            return False
         return usage + size > quota + self.quota_grace.allowance(quota)
 
     # -- delivery
@@ -809,15 +811,16 @@ class _Prefixed:
 
 
 class _Message:
-    __slots__ = ("folder", "name", "unique", "uidl", "size", "wsize")
+    __slots__ = ("folder", "name", "unique", "uidl", "size", "wsize", "named")
 
     def __init__(self, folder: str, name: str, size: int | None, wsize: int | None) -> None:
         self.folder = folder  # "new" or "cur"
         self.name = name
         self.unique = unique_part(name)
         self.uidl = uidl_for_name(name)
-        self.size = size
-        self.wsize = wsize
+        self.size = size  # octets of the file
+        self.wsize = wsize  # POP3 octets (canonical form), None until known
+        self.named = False  # the name holds the right ,S= and ,W= fields
 
 
 @implementer(IMaildrop)
@@ -848,8 +851,13 @@ class Maildrop:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                size = fields.get("S", st.st_size)
-                msg = _Message(folder, entry.name, size, fields.get("W"))
+                # The name's ,W= is trusted only beside an ,S= that matches the file's real
+                # size: a name copied from another file, or written by a tool with another
+                # rule, must not make LIST disagree with RETR (the file is read instead).
+                trusted = fields.get("S") == st.st_size
+                msg = _Message(folder, entry.name, st.st_size,
+                               fields.get("W") if trusted else None)
+                msg.named = trusted and "W" in fields
                 if msg.uidl in seen:  # the same unique name twice: keep UIDLs unique
                     msg.uidl = hashlib.sha256(
                         f"{folder}/{entry.name}".encode("utf-8", "surrogateescape")
@@ -947,9 +955,12 @@ class Maildrop:
                 except OSError as exc:
                     failures.append(f"message {index + 1}: {exc.strerror}")
             for msg in self._messages:
-                if msg.uidl in doomed or msg.folder != "new":
+                if msg.uidl in doomed:
                     continue
-                self._move_to_cur(msg)
+                if msg.folder == "new":
+                    self._move_to_cur(msg)
+                elif not msg.named and msg.wsize is not None:
+                    self._rename_in_cur(msg)
             for folder in ("new", "cur"):
                 with contextlib.suppress(OSError):
                     _fsync_dir(self.path / folder)
@@ -963,15 +974,8 @@ class Maildrop:
     def _move_to_cur(self, msg: _Message) -> None:
         base = msg.name.split(":", 1)[0]
         source = self.path / "new" / msg.name
-        if "," not in base and msg.size is not None:
-            # A foreign message: record its sizes in the name once, so later sessions and the
-            # quota need not read it. The unique part, hence the UIDL, does not change.
-            try:
-                if msg.wsize is None:
-                    msg.wsize = crlf_size(source)
-                base = f"{base},S={msg.size},W={msg.wsize}"
-            except OSError:
-                pass
+        if not msg.named and msg.size is not None:
+            base = self._sized_base(msg, source, base)
         target = self.path / "cur" / f"{base}:2,"
         if os.path.lexists(target):
             return
@@ -980,6 +984,39 @@ class Maildrop:
         except OSError:
             return  # gone or moved by another client: it stays where it is, nothing is lost
         msg.folder, msg.name = "cur", target.name
+
+    def _rename_in_cur(self, msg: _Message) -> None:
+        """A message in cur/ whose size this session had to read: its name gets the right
+        size fields (its ``:2,`` flags are kept), so the next session need not read it."""
+        base, colon, info = msg.name.partition(":")
+        source = self.path / "cur" / msg.name
+        sized = self._sized_base(msg, source, base)
+        if sized == base:
+            return
+        target = self.path / "cur" / f"{sized}{colon}{info}"
+        if os.path.lexists(target):
+            return
+        try:
+            os.rename(source, target)
+        except OSError:
+            return  # gone or renamed by another client: nothing is lost
+        msg.name = target.name
+
+    @staticmethod
+    def _sized_base(msg: _Message, source: Path, base: str) -> str:
+        """``base`` (a name without its ``:`` info) with the right ``,S=`` and ``,W=`` fields:
+        a foreign message, or one whose fields were wrong, gets them once, so later sessions
+        and the quota need not read it. Wrong fields are replaced. The unique part (what comes
+        before the first size field), hence the UIDL, does not change."""
+        try:
+            if msg.wsize is None:
+                msg.wsize = crlf_size(source)
+        except OSError:
+            return base
+        unique = unique_part(base)
+        rest = _SIZE_FIELD_RE.sub("", base[len(unique):])
+        sized = f"{unique},S={msg.size},W={msg.wsize}{rest}"
+        return sized if unique_part(sized) == unique else base
 
     def close(self) -> None:
         """See ``IMaildrop.close``."""

@@ -15,10 +15,11 @@ one, and env/ is fsynced. A message whose envelope is gone is no longer queued; 
 half-written temp files. A recipient's state only moves to delivered after the next hop
 said so, so a crash at any point can repeat a delivery but never lose one. JSON only, no pickle.
 
-Recipient states: ``pending`` (not tried yet), ``deferred`` (temporary failure, waiting for
-``next_attempt``), ``delivered``, ``failed``. ``notice`` holds a delivery report still to be
-sent for that recipient (``failed``, ``delayed``, ``relayed``, ``delivered``), cleared once the
-report is itself queued.
+The envelope is typed (store/envelope.py: ``Envelope``, ``Recipient``, their ``State`` and the
+``Notice`` still owed) and its JSON is the one written before it was: queue files of earlier
+versions load, and a file loaded and saved again is unchanged. ``enqueue`` takes the submission
+dict of IOutboundQueue; ``load`` / ``save`` speak ``Envelope``. A file that is not an envelope
+is moved aside to ``queue/damaged/`` (logged).
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ from zope.interface import implementer
 
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.interfaces import IOutboundQueue
+from pop3coexist.store.envelope import ENVELOPE_VERSION, Envelope, Notice, Recipient, State
+
+__all__ = ["ENVELOPE_VERSION", "Envelope", "FileQueue", "Notice", "Recipient", "State"]
 
 log = Logger()
 
-ENVELOPE_VERSION = 1
 _ID_RE = re.compile(r"^[0-9a-f]{16,40}$")
-FINAL_STATES = ("delivered", "failed")
 ORPHAN_AGE = 600.0  # seconds: a body without envelope older than this is a dead enqueue
 
 
@@ -135,36 +137,26 @@ class FileQueue:
         _fsync_dir(self.msg_dir)
         now = self.clock()
         size = body.stat().st_size
-        record = {
-            "version": ENVELOPE_VERSION,
-            "id": qid,
-            "sender": envelope["sender"],
-            "ret": envelope.get("ret"),
-            "envid": envelope.get("envid"),
-            "body": envelope.get("body"),
-            "received_from": envelope.get("received_from", ""),
-            "arrival": float(envelope.get("arrival") or now),
-            "queued": now,
-            "hops": int(envelope.get("hops") or 0),
-            "size": size,
-            "recipients": [
-                {
-                    "address": r["address"],
-                    "orcpt": r.get("orcpt"),
-                    "notify": [n.upper() for n in r["notify"]] if r.get("notify") else None,
-                    "state": "pending",
-                    "attempts": 0,
-                    "last_reply": None,
-                    "last_attempt": None,
-                    "next_attempt": 0.0,
-                    "remote_mta": None,
-                    "status": None,
-                    "notice": None,
-                    "delay_notified": False,
-                }
+        record = Envelope(
+            id=qid,
+            sender=envelope["sender"],
+            ret=envelope.get("ret"),
+            envid=envelope.get("envid"),
+            body=envelope.get("body"),
+            received_from=envelope.get("received_from", ""),
+            arrival=float(envelope.get("arrival") or now),
+            queued=now,
+            hops=int(envelope.get("hops") or 0),
+            size=size,
+            recipients=[
+                Recipient(
+                    address=r["address"],
+                    orcpt=r.get("orcpt"),
+                    notify=[n.upper() for n in r["notify"]] if r.get("notify") else None,
+                )
                 for r in envelope["recipients"]
             ],
-        }
+        )
         self.save(record, create=True)
         with self._lock:
             self._new.append(qid)
@@ -219,16 +211,17 @@ class FileQueue:
         out.sort()
         return out
 
-    def load(self, qid: str) -> dict | None:
-        """The envelope of ``qid``, or None if it is no longer queued (or unreadable: logged)."""
+    def load(self, qid: str) -> Envelope | None:
+        """The envelope of ``qid``, or None if it is no longer queued (or damaged: logged and
+        moved aside)."""
         path = self.envelope_path(qid)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            env = json.loads(data)
-            if not isinstance(env, dict) or env.get("id") != qid:
+            env = Envelope.from_json(json.loads(data))
+            if env.id != qid:
                 raise ValueError("id mismatch")
         except ValueError as e:
             log.error("queue: envelope {qid} is damaged ({why}); moved aside", qid=qid, why=str(e))
@@ -236,19 +229,19 @@ class FileQueue:
             return None
         return env
 
-    def save(self, env: dict, create: bool = False) -> bool:
+    def save(self, env: Envelope, create: bool = False) -> bool:
         """Durably replace the envelope (temp, fsync, rename, fsync folder).
 
         Without ``create``, an envelope that was deleted meanwhile (``queue delete``) is not
         brought back: returns False.
         """
         self.ensure_dirs()
-        qid = self._check_id(env["id"])
+        qid = self._check_id(env.id)
         path = self.envelope_path(qid)
         if not create and not path.exists():
             return False
         tmp = self.tmp_dir / f"env.{qid}.{secrets.token_hex(4)}"
-        data = json.dumps(env, separators=(",", ":"), sort_keys=True).encode()
+        data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -337,19 +330,19 @@ class FileQueue:
             out.append(
                 {
                     "id": qid,
-                    "arrival": env.get("arrival"),
-                    "age": max(0.0, now - float(env.get("arrival") or now)),
-                    "sender": env.get("sender", ""),
-                    "size": env.get("size"),
+                    "arrival": env.arrival,
+                    "age": max(0.0, now - float(env.arrival or now)),
+                    "sender": env.sender,
+                    "size": env.size,
                     "recipients": [
                         {
-                            "address": r["address"],
-                            "state": r["state"],
-                            "attempts": r.get("attempts", 0),
-                            "last_reply": r.get("last_reply"),
-                            "next_attempt": r.get("next_attempt") if r["state"] == "deferred" else None,
+                            "address": r.address,
+                            "state": str(r.state),
+                            "attempts": r.attempts,
+                            "last_reply": r.last_reply,
+                            "next_attempt": r.next_attempt if r.state == State.DEFERRED else None,
                         }
-                        for r in env.get("recipients", [])
+                        for r in env.recipients
                     ],
                 }
             )
