@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,10 @@ class FakeHop:
 
     def answer(self, call: Call, spec: dict | str) -> None:
         """``spec``: "refused", "no-auth" (AUTH impossible, with advice), "no-tls" (greeted, but TLS required and not offered), or
-        {address: "code text"} (missing: "250 2.0.0 ok")."""
+        {address: "code text"} (missing: "250 2.0.0 ok"), or a TransactionResult as it is."""
+        if isinstance(spec, c.TransactionResult):
+            call.deferred.callback(spec)
+            return
         if spec == "refused":
             replies = [c.RecipientReply(a, 421, "421 4.4.1 connection refused", remote=False)
                        for a in call.rcpts]
@@ -763,3 +767,114 @@ def test_smart_host_advice_is_logged_once_per_host(tmp_path: Path, logs: list[di
     env.hop.responder = lambda call: "no-auth"
     env.enqueue("c@example.net")
     assert _text(logs).count(advice) == 2
+
+
+# --------------------------------------------------------------------------- issue 11 re-run
+
+
+def _shut_down_mid_session(call: Call, answers: dict[str, str]) -> c.TransactionResult:
+    """What the client returns when the host sent ``answers`` for some recipients, then 421
+    (closing) before the message was accepted: the others are marked ``elsewhere``."""
+    replies = []
+    for a in call.rcpts:
+        if a in answers:
+            replies.append(c.RecipientReply(a, int(answers[a][:3]), answers[a]))
+        else:
+            replies.append(c.RecipientReply(a, 421, "421 4.3.2 shutting down", elsewhere=True))
+    return c.TransactionResult(replies=replies, remote_mta=call.remote_mta, connected=True,
+                               hop_failed=all(r.elsewhere for r in replies))
+
+
+def test_421_mid_session_takes_the_next_hop_for_the_unanswered_recipients(tmp_path: Path) -> None:
+    """Fault 13 (re-run): the primary refuses one recipient for good, then closes with 421:
+    the other recipient goes through the next hop in the same run (never the refused one
+    again), and the refused one gets its own 550."""
+    env = Env(tmp_path, extra=_gateway_extra(tmp_path, CONNECTORS))
+    env.hop.responder = lambda call: (
+        _shut_down_mid_session(call, {"x@d.test": "550 5.1.1 no such user"})
+        if call.ip == "192.0.2.1" else {})
+    env.start()
+    qid = env.enqueue("x@d.test", "b@d.test", notify=["NEVER"])
+    assert [(call.ip, call.rcpts) for call in env.hop.calls] == [
+        ("192.0.2.1", ["x@d.test", "b@d.test"]), ("192.0.2.2", ["b@d.test"])]
+    assert env.queue.load(qid) is None  # b delivered, x failed without a wanted report
+
+
+def test_a_failed_starttls_handshake_is_retried_in_clear_on_the_same_host(tmp_path: Path) -> None:
+    """Fault 10 (re-run), STARTTLS offered but failing, with tls = "opportunistic": the same
+    host is tried again at once without STARTTLS (TLS is a bonus there), and the retry
+    carries the handshake's failure so that a refused clear-text AUTH can name it."""
+    env = Env(tmp_path, extra="")
+    env.config = dataclasses.replace(env.config, smarthost=dataclasses.replace(
+        env.config.smarthost, tls="opportunistic"))
+    env.svc = env.new_service()
+
+    def respond(call: Call) -> object:
+        if call.settings.starttls:
+            return c.TransactionResult(
+                replies=[c.RecipientReply(a, 421, "421 4.7.5 TLS failure with 192.0.2.10: "
+                                          "unsupported protocol", remote=False, elsewhere=True)
+                         for a in call.rcpts],
+                connected=True, hop_failed=True, tls_failed=True)
+        return {}
+
+    env.hop.responder = respond
+    env.start()
+    env.enqueue("b@example.net")
+    assert [(call.ip, call.settings.starttls) for call in env.hop.calls] == [
+        ("192.0.2.10", True), ("192.0.2.10", False)]
+    assert env.hop.calls[1].settings.tls_failure == (
+        "TLS failure with 192.0.2.10: unsupported protocol")
+    assert env.queue.ids() == []
+
+
+def test_each_domain_of_a_message_falls_back_on_its_own(tmp_path: Path) -> None:
+    """Fault 13 (re-run): one message for a connector domain, a routed domain and an MX
+    domain is split by route; each part walks its own route (the connector's fall-back, the
+    route's fall-back, the smart host) and a failure of one part never moves another."""
+    extra = _gateway_extra(tmp_path, CONNECTORS).replace(
+        "[gateway]", '[[domains.remote]]\nname = "x.test"\n'
+                     'route = ["[192.0.2.20]:26", "[192.0.2.21]:26"]\n[gateway]')
+    env = Env(tmp_path, extra=extra)
+    env.hop.responder = lambda call: "refused" if call.ip in ("192.0.2.1", "192.0.2.20") else {}
+    env.start()
+    env.enqueue("b@d.test", "e@x.test", "f@example.net")
+    got = sorted((call.rcpts[0], call.ip) for call in env.hop.calls)
+    assert got == [("b@d.test", "192.0.2.1"), ("b@d.test", "192.0.2.2"),
+                   ("e@x.test", "192.0.2.20"), ("e@x.test", "192.0.2.21"),
+                   ("f@example.net", "192.0.2.10")]
+    assert all(len(call.rcpts) == 1 for call in env.hop.calls) and env.queue.ids() == []
+
+
+def test_routes_and_connectors_never_get_the_smart_hosts_password(tmp_path: Path,
+                                                                 logs: list[dict]) -> None:
+    """Fault 10 (re-run): with a smart host password set, connector and route next hops get
+    no user name and no password, even when the smart host is down and they are tried after
+    it; a hop that wants AUTH is explained in the log as a "next hop", once."""
+    extra = (f'username = "relay"\npassword_file = "{tmp_path}/pw"\n'
+             + _gateway_extra(tmp_path, CONNECTORS).replace(
+                 "[gateway]", '[[domains.remote]]\nname = "x.test"\nroute = "[192.0.2.20]:26"\n'
+                              '[gateway]'))
+    env = Env(tmp_path, extra=extra)
+
+    def respond(call: Call) -> object:
+        if call.ip == "192.0.2.10":
+            return {}
+        return c.TransactionResult(
+            replies=[c.RecipientReply(a, 451, "451 4.7.0 the next hop requires AUTH: 530 5.7.0 "
+                                      "Authentication required", elsewhere=True)
+                     for a in call.rcpts],
+            connected=True, hop_failed=True, advice="it requires AUTH before MAIL FROM")
+
+    env.hop.responder = respond
+    env.start()
+    env.enqueue("b@d.test", "e@x.test")
+    env.enqueue("b2@d.test")
+    for call in env.hop.calls:
+        assert call.settings.username == "" and call.settings.password is None
+    assert {call.ip for call in env.hop.calls} == {"192.0.2.1", "192.0.2.2", "192.0.2.5",
+                                                   "192.0.2.9", "192.0.2.20"}
+    text = _text(logs)
+    assert text.count("next hop [192.0.2.20]:26: it requires AUTH before MAIL FROM (logged once "
+                      "for this host)") == 1
+    assert text.count("next hop [192.0.2.1]:25: it requires AUTH") == 1

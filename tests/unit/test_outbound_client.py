@@ -348,3 +348,176 @@ def test_secret_never_shows() -> None:
     """A Secret's repr and str hide the value."""
     s = c.Secret("hunter2")
     assert "hunter2" not in repr(s) + str(s) + repr(_auth_settings(password="hunter2"))
+
+
+# --------------------------------------------------------------------------- issue 11 re-run
+
+@pytest.mark.parametrize(("tls", "dialogue", "reply"), [
+    # AUTH offered only after STARTTLS (aiosmtpd's default, Postfix smtpd_tls_auth_only), and
+    # tls = "none" never starts TLS: the reply must not claim there is no STARTTLS
+    ("none", ((b"220 x",), (b"250-x", b"250 STARTTLS")),
+     '451 4.7.0 cannot authenticate to the smart host: it offers AUTH only after STARTTLS and '
+     'smarthost.tls = "none" never starts TLS; to change: set smarthost.tls = "opportunistic" '
+     '(or "required")'),
+    # STARTTLS offered but refused, AUTH only inside TLS
+    ("opportunistic", ((b"220 x",), (b"250-x", b"250 STARTTLS"), (b"454 4.7.0 TLS not available",)),
+     "451 4.7.0 cannot authenticate to the smart host: it offers no AUTH without TLS and "
+     "STARTTLS was refused (454 4.7.0 TLS not available); to change: make STARTTLS work there "
+     "(a valid certificate, TLS 1.2 or later)"),
+])
+def test_auth_impossible_because_of_starttls_says_so(tmp_path: Path, tls: str, dialogue: tuple,
+                                                     reply: str) -> None:
+    """Fault 10 (re-run): a smart host that offers AUTH only inside TLS, with TLS off by our
+    setting or refused by the host: the reply and the advice name that reason and its fix
+    (not "no STARTTLS either"), no password and no MAIL leave, another hop may be tried."""
+    h = Harness(tmp_path, settings=_auth_settings(tls=tls))
+    out = b"".join(h.server(*lines) for lines in dialogue)
+    assert b"AUTH" not in out and b"MAIL" not in out
+    result = h.close()
+    assert result.replies[0].reply == reply and result.hop_failed
+    assert "STARTTLS" in result.advice and "s3cret" not in result.advice
+
+
+def test_the_old_auth_equals_form_is_read(tmp_path: Path) -> None:
+    """Fault 10 (re-run): a server that announces its mechanisms only in the pre-RFC 2554
+    form `250-AUTH=LOGIN` (old Exchange and Netscape servers) is authenticated with them."""
+    h = Harness(tmp_path, settings=_auth_settings(tls="none"))
+    h.server(b"220 x")
+    assert h.server(b"250-x", b"250 AUTH=LOGIN") == b"AUTH LOGIN\r\n"
+
+
+@pytest.mark.parametrize(("refusal", "advice"), [
+    (b"535 5.7.8 authentication credentials invalid", True),
+    (b"454 4.7.0 Temporary authentication failure", False),
+])
+def test_a_refused_log_in_is_explained_for_the_log(tmp_path: Path, refusal: bytes,
+                                                   advice: bool) -> None:
+    """Fault 10 (re-run), a wrong password against an impossible AUTH: a 535 defers with the
+    server's reply and gives the log an advice naming smarthost.username and password_file
+    (never the password); a 4xx is the smart host's temporary trouble: no advice."""
+    h = Harness(tmp_path, settings=_auth_settings(tls="none"))
+    h.server(b"220 x")
+    h.server(b"250-x", b"250 AUTH PLAIN")
+    assert h.server(refusal) == b"QUIT\r\n"
+    result = h.close()
+    assert result.replies[0].reply == "454 4.7.0 smart host refused AUTH PLAIN: " + refusal.decode()
+    assert result.hop_failed
+    if advice:
+        assert "smarthost.username 'relay@contoso.test'" in result.advice
+        assert "smarthost.password_file" in result.advice and "s3cret" not in result.advice
+    else:
+        assert result.advice == ""
+
+
+def test_tls_required_without_starttls_is_explained_for_the_log(tmp_path: Path) -> None:
+    """Fault 10 (re-run): tls = "required" and a host without a certificate (no STARTTLS):
+    the advice for the log says what to change."""
+    h = Harness(tmp_path, settings=c.ClientSettings(helo="h.test", tls="required",
+                                                    tls_name="mx.example.net"))
+    h.server(b"220 x")
+    h.server(b"250-x", b"250 AUTH LOGIN")
+    result = h.close()
+    assert "certificate" in result.advice and 'smarthost.tls = "opportunistic"' in result.advice
+
+
+def test_530_at_mail_from_is_the_hops_not_the_messages(tmp_path: Path) -> None:
+    """Fault 10 (re-run), a route or connector hop that wants AUTH (it never gets the smart
+    host's password): `530 5.7.0` to MAIL FROM defers (never a bounce), marks the hop as
+    unusable so that the next one is tried, and the advice says why."""
+    h = Harness(tmp_path)
+    h.server(b"220 x")
+    h.server(b"250 x")
+    assert h.server(b"530 5.7.0 Authentication required") == b"QUIT\r\n"
+    result = h.close()
+    rep = result.replies[0]
+    assert rep.reply == "451 4.7.0 the next hop requires AUTH: 530 5.7.0 Authentication required"
+    assert result.hop_failed and rep.elsewhere
+    assert "Only the smart host gets smarthost.username" in result.advice
+
+
+@pytest.mark.parametrize(("lines", "elsewhere"), [
+    # 421 to MAIL FROM: the host is going away, nothing is known about anyone
+    ((b"220 x", b"250 x", b"421 4.3.2 shutting down"), {"b@x.test": True, "c@x.test": True}),
+    # 421 at the second RCPT, after the first was refused for good
+    ((b"220 x", b"250 x", b"250 ok", b"550 5.1.1 no such user", b"421 4.3.2 shutting down"),
+     {"b@x.test": False, "c@x.test": True}),
+    # 421 to DATA, after both RCPTs were accepted
+    ((b"220 x", b"250 x", b"250 ok", b"250 ok", b"250 ok", b"421 4.3.2 bye"),
+     {"b@x.test": True, "c@x.test": True}),
+    # a 4xx for one recipient is about that recipient: the answer, not a host failure
+    ((b"220 x", b"250 x", b"250 ok", b"450 4.2.1 greylisted", b"250 ok"),
+     {"b@x.test": False, "c@x.test": False}),
+])
+def test_421_mid_session_marks_the_unanswered_recipients_for_another_host(
+        tmp_path: Path, lines: tuple[bytes, ...], elsewhere: dict[str, bool]) -> None:
+    """Fault 13 (re-run): a 421 at any point before the message is accepted is the host's
+    failure (RFC 5321 section 3.8), not an answer: every recipient without a final reply is
+    marked ``elsewhere`` so that the runner takes the next host or hop at once; a recipient's
+    own reply (550, 450) stays its answer."""
+    h = Harness(tmp_path, rcpts=("b@x.test", "c@x.test"))
+    for line in lines:
+        h.server(line)
+    if not h.transport.disconnecting:
+        h.server(b"354 go")  # the last case goes on to DATA
+        h.server(b"250 2.0.0 queued")
+    result = h.close()
+    got = {r.address: r.elsewhere for r in result.replies}
+    if lines[-1].startswith(b"250"):
+        assert got == elsewhere and not result.hop_failed
+    else:
+        assert got == elsewhere
+        assert result.hop_failed == all(elsewhere.values())
+
+
+@pytest.mark.parametrize(("dot_sent", "elsewhere"), [(False, True), (True, False)])
+def test_connection_lost_before_and_after_the_end_of_the_message(
+        tmp_path: Path, dot_sent: bool, elsewhere: bool) -> None:
+    """Fault 13 (re-run): a connection lost before the end of the message was sent says
+    nothing about it (another host may take it at once); after the final dot it may have been
+    accepted, so it waits for the retry (the same host first) rather than risk a second copy
+    at once."""
+    h = Harness(tmp_path)
+    for line in (b"220 x", b"250 x", b"250 ok", b"250 ok"):
+        h.server(line)
+    if dot_sent:
+        h.server(b"354 go")
+    result = h.close()
+    assert result.replies[0].code == 421 and result.replies[0].elsewhere is elsewhere
+
+
+def test_bytes_after_the_220_to_starttls_are_never_read(tmp_path: Path) -> None:
+    """Fault 10 (re-run), STARTTLS offered but failing: a reply that arrives in clear text
+    right behind the 220 to STARTTLS (a response injection, or a broken server) is not taken
+    as the server's first word inside TLS: no TLS is started on it, the session ends as a
+    failed TLS handshake (``tls_failed``: an opportunistic runner retries in clear), and no
+    password or MAIL leaves."""
+    h = Harness(tmp_path, settings=_auth_settings(tls="opportunistic"))
+    h.server(b"220 x")
+    assert h.server(b"250-x", b"250 STARTTLS") == b"STARTTLS\r\n"
+    h.proto.dataReceived(b"220 go ahead\r\n250-x\r\n250 AUTH PLAIN\r\n")
+    out = h.transport.value()
+    assert b"AUTH" not in out and b"MAIL" not in out
+    result = h.close()
+    assert result.tls_failed and result.hop_failed
+    assert result.replies[0].reply == ("454 4.7.5 TLS failure with : the server sent data after "
+                                       "its 220 to STARTTLS")
+
+
+def test_an_exchange_2003_smart_host_gets_the_reply_docs_coexistence_shows(tmp_path: Path) -> None:
+    """Fault 10/11 (re-run): the EHLO of an Exchange 2003 smart host without a certificate
+    (`AUTH GSSAPI NTLM LOGIN` and the old `AUTH=LOGIN`) gives exactly the reply that
+    docs/coexistence.md quotes."""
+    h = Harness(tmp_path, settings=_auth_settings(tls="opportunistic"))
+    h.server(b"220 exchange2003.test Microsoft ESMTP MAIL Service, Version: 6.0.3790.3959")
+    h.server(b"250-exchange2003.test Hello [127.0.0.1]", b"250-TURN", b"250-SIZE",
+             b"250-ETRN", b"250-PIPELINING", b"250-DSN", b"250-ENHANCEDSTATUSCODES",
+             b"250-8bitmime", b"250-BINARYMIME", b"250-CHUNKING", b"250-VRFY",
+             b"250-X-EXPS GSSAPI NTLM LOGIN", b"250-X-EXPS=LOGIN", b"250-AUTH GSSAPI NTLM LOGIN",
+             b"250-AUTH=LOGIN", b"250-X-LINK2STATE", b"250-XEXCH50", b"250 OK")
+    reply = h.close().replies[0].reply
+    assert reply == (
+        '451 4.7.0 cannot authenticate to the smart host: it offers AUTH GSSAPI LOGIN NTLM only '
+        'in clear text (it offers no STARTTLS) and smarthost.tls = "opportunistic" never sends '
+        'the password without TLS; to change: give the smart host a certificate, or set '
+        'smarthost.tls = "none" to allow clear-text AUTH')
+    assert reply in (Path(__file__).parents[2] / "docs" / "coexistence.md").read_text()

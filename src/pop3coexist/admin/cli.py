@@ -403,7 +403,51 @@ class Admin:
 
         for line in describe_roles(self.config, self.store.list_domains()):
             self.say(line)
+        for warning in self._role_login_warnings():
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
         self.say(f"{self.config.path}: OK")
+
+    def _role_login_warnings(self) -> list[str]:
+        """With ``auth.method = "directory"`` or ``"local"``, a postmaster (or abuse) target in
+        a domain of this server that no account owns can receive but never be read: nobody
+        can log in to it (the password lives in the directory or the system). One warning
+        line for each such target; a directory that cannot be reached is a warning too."""
+        method = self.config.auth.method
+        if method not in ("directory", "local"):
+            return []
+        from pop3coexist.identity.factory import make_checker
+        from pop3coexist.policy.relay import RoleAddresses, primary_domain
+
+        domains = self.store.list_domains()
+        here = {d.lower() for d in (*self.config.domains.local, *domains)}
+        roles = RoleAddresses.from_config(self.config)
+        where = "directory" if method == "directory" else "system"
+        out: list[str] = []
+        checker = None
+        for name, target in (("postmaster", roles.postmaster_for(primary_domain(self.config,
+                                                                                 domains))),
+                             ("abuse", roles.abuse)):
+            if target is None or target.domain not in here:
+                continue
+            address = f"{target.local}@{target.domain}"
+            try:
+                checker = checker or make_checker(self.config, self.store)
+                found = wait(checker.resolve_recipient(address))
+            except AuthUnavailable as e:
+                out.append(f"cannot check that {name} mail (<{address}>) can be read: the "
+                           f"{where} cannot be reached ({e})")
+                continue
+            if found is None:
+                out.append(
+                    f"{name} mail lands in <{address}>, which no {where} account owns: it is "
+                    f"kept, but nobody can log in to read it (auth.method = \"{method}\"). "
+                    f"Point [domains] {name} at an account that exists, for example "
+                    f"{name} = \"admin@{target.domain}\"")
+            elif found.lower() != address.lower():
+                out.append(f"{name} mail lands in <{address}>, an address of the account "
+                           f"whose mailbox is <{found}>: set [domains] {name} = \"{found}\" "
+                           f"so that it lands where that account reads")
+        return out
 
 
 def run(argv: Sequence[str], out: Any = None) -> int:

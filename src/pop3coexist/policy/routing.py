@@ -15,8 +15,9 @@ list of attempts (``Route``):
 - else straight to the recipient domain's MX (port 25).
 
 The delivery runner (smtp/outbound.py) walks a route: it takes the next attempt only when a
-next hop could not start a transaction (no connection, no greeting, TLS or AUTH impossible),
-and stops at the first reply about the message or a recipient, which is the answer. Only when
+next hop could not start a transaction (no connection, no greeting, TLS or AUTH impossible)
+or ended the session (421, a lost connection) before the end of the message, and stops at the
+first reply about the message or a recipient, which is the answer. Only when
 every attempt failed does the message wait for its next retry. A connector route never falls
 back to the smart host or the MX: the connectors are the route for their domains.
 

@@ -7,7 +7,9 @@ its CRAM-MD5 / LOGIN / PLAIN authenticators), with what a relaying MTA needs on 
   service_identity against the next hop's name (or ``[address]``) and ``ca_file`` (else the
   platform's trust store); a failed handshake or verification ends the attempt as a temporary
   failure and nothing more is sent, never falling back to clear text. ``opportunistic`` uses
-  STARTTLS when offered, without verification.
+  STARTTLS when offered, without verification; when its handshake fails the result says so
+  (``tls_failed``) and the runner asks the same host again with ``starttls = False``. Bytes
+  that arrive in clear text behind the 220 to STARTTLS are never read (a failed handshake).
 - AUTH only when a user name is given (the smart host), with the strongest mechanism the server
   offers. PLAIN and LOGIN are sent only inside TLS unless the policy is ``none`` (as Postfix's
   ``noplaintext`` default). When no mechanism is usable the reply says why and what to change
@@ -18,9 +20,11 @@ its CRAM-MD5 / LOGIN / PLAIN authenticators), with what a relaying MTA needs on 
 - MAIL with SIZE, BODY, and the DSN parameters RET/ENVID; RCPT with NOTIFY/ORCPT when the
   server offers DSN (RFC 3461); the reply to each RCPT is kept.
 - A connect timeout and a per-command timeout. No retries here: the queue owns retrying.
-- ``TransactionResult.hop_failed``: the session ended before MAIL FROM (no connection, no
-  greeting, EHLO, TLS or AUTH impossible), so no reply is about this message: the delivery
-  runner may take the next hop of the route at once.
+- ``RecipientReply.elsewhere``: nothing is known about that recipient because the host failed
+  (no connection, no greeting, EHLO, TLS or AUTH impossible, ``530`` to MAIL FROM, a ``421``
+  or a lost connection or timeout before the end of the message was sent): the delivery
+  runner may take the next host or hop at once for it. ``TransactionResult.hop_failed``: every
+  recipient is so.
 
 ``deliver(...)`` returns a Deferred that fires with a TransactionResult (it never errbacks for
 SMTP or network trouble: a failure is a reply for each recipient).
@@ -74,6 +78,8 @@ class ClientSettings:
     password: Secret | None = field(default=None, repr=False)
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    starttls: bool = True  # False: never STARTTLS (the clear-text retry after a failed handshake)
+    tls_failure: str = ""  # why that handshake failed, for the replies of the retry
 
 
 @dataclass
@@ -97,6 +103,8 @@ class RecipientReply:
     code: int  # SMTP code; 4xx also for network trouble
     reply: str  # "550 5.1.1 no such user" (one line)
     remote: bool = True  # False: no SMTP reply (connection refused, timeout, TLS failure)
+    elsewhere: bool = False  # True: nothing is known about this recipient (the host failed:
+    # 421, connection lost or timeout before the end of the message): another host may take it
 
     @property
     def delivered(self) -> bool:
@@ -126,6 +134,7 @@ class TransactionResult:
     connected: bool = False  # False: never got a greeting (try the next MX)
     hop_failed: bool = False  # True: ended before MAIL FROM (another next hop may do better)
     advice: str = ""  # for the administrator's log: why this hop cannot be used, and the fix
+    tls_failed: bool = False  # the STARTTLS handshake failed (opportunistic: retry in clear)
 
 
 def _one_line(code: int, resp: bytes | str) -> str:
@@ -200,6 +209,10 @@ class OutboundESMTP(smtp.ESMTPClient):
         self._lost = False
         self._mail_sent = False
         self._starttls_refusal = ""  # the reply to a refused STARTTLS (opportunistic)
+        self._starttls_offered = False
+        self._tls_greeted = False  # the EHLO inside TLS was answered (the handshake worked)
+        self._dot_sent = False  # the end of the message was sent: from here a reply is final
+        self._tls_failed = False
         self.advice = ""
 
     def __repr__(self) -> str:
@@ -229,11 +242,20 @@ class OutboundESMTP(smtp.ESMTPClient):
             e = line.split(None, 1)
             if e:
                 items[e[0].upper()] = e[1] if len(e) > 1 else None
+        for key in [k for k in items if k.startswith(b"AUTH=")]:
+            # the pre-RFC 2554 form ("250-AUTH=LOGIN", Exchange and old Netscape servers):
+            # its mechanisms count as offered, as Postfix reads them
+            extra = key[len(b"AUTH="):] + b" " + (items.pop(key) or b"")
+            items[b"AUTH"] = b" ".join((items.get(b"AUTH") or b"").split() + extra.split())
+        if self._tlsMode:
+            self._tls_greeted = True
+        elif b"STARTTLS" in items:
+            self._starttls_offered = True
         self.extensions = items
         self.tryTLS(code, resp, items)
 
     def tryTLS(self, code: int, resp: bytes, items: dict) -> None:
-        if self.settings.tls == "none" or self._tlsMode:
+        if self.settings.tls == "none" or self._tlsMode or not self.settings.starttls:
             self.authenticate(code, resp, items)
             return
         if b"STARTTLS" in items:
@@ -242,6 +264,10 @@ class OutboundESMTP(smtp.ESMTPClient):
             self._failresponse = self._starttlsRefused
             self.sendLine(b"STARTTLS")
         elif self.settings.tls == "required":
+            self.advice = ("mail to this host waits in the queue: it offers no STARTTLS and "
+                           "smarthost.tls = \"required\" sends nothing without verified TLS. "
+                           "Give it a certificate (Exchange 2003: install one on the SMTP "
+                           "virtual server), or set smarthost.tls = \"opportunistic\"")
             self._fail(454, "4.7.4 TLS required by policy but the server does not offer STARTTLS",
                        remote=False)
         else:
@@ -257,6 +283,15 @@ class OutboundESMTP(smtp.ESMTPClient):
             self.authenticate(code, resp, self.extensions)
 
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        if self._buffer:
+            # bytes after the 220 in clear text: nothing may be read from before the handshake
+            # (an injected reply would be taken as the server's inside TLS; CVE-2011-0411 is
+            # the server-side twin). A failed handshake: the opportunistic retry is in clear.
+            self._buffer = b""
+            self._tls_failed = True
+            self._fail(454, f"4.7.5 TLS failure with {self.settings.tls_name}: the server sent "
+                       f"data after its 220 to STARTTLS", remote=False, abort=True)
+            return
         try:
             self.transport.startTLS(self.context)
             self._tlsMode = True
@@ -288,23 +323,48 @@ class OutboundESMTP(smtp.ESMTPClient):
         known = {a.getName().upper() for a in self.authenticators}
         names = " ".join(sorted(m.decode("ascii", "replace") for m in offered)) or "none"
         tls = self.settings.tls
+        if self.settings.tls_failure:
+            no_tls = f"STARTTLS failed ({self.settings.tls_failure})"
+        elif self._starttls_refusal:
+            no_tls = f"STARTTLS was refused ({self._starttls_refusal})"
+        else:
+            no_tls = "it offers no STARTTLS"
         if offered & known and not self._tlsMode:
             # clear-text mechanisms only, and no TLS: the case of a smart host without a
             # certificate (Exchange 2003 often has none)
-            why = (f"STARTTLS was refused ({self._starttls_refusal})" if self._starttls_refusal
-                   else "it offers no STARTTLS")
             text = (f"5.7.0 cannot authenticate to the smart host: it offers AUTH {names} only "
-                    f"in clear text ({why}) and smarthost.tls = \"{tls}\" never sends the "
+                    f"in clear text ({no_tls}) and smarthost.tls = \"{tls}\" never sends the "
                     f"password without TLS; to change: give the smart host a certificate, or set "
                     f"smarthost.tls = \"none\" to allow clear-text AUTH")
             self.advice = (
-                f"mail to this smart host waits in the queue: it offers AUTH {names} but {why}, "
+                f"mail to this smart host waits in the queue: it offers AUTH {names} but "
+                f"{no_tls.replace('it offers', 'offers')}, "
                 f"and with smarthost.tls = \"{tls}\" the password is never sent in clear text "
                 f"(as Postfix's noplaintext default). Better: give the smart host a certificate "
                 f"so that it offers STARTTLS (Exchange 2003: install one on the SMTP virtual "
                 f"server), then tls = \"opportunistic\" uses it. Else, on a network you trust, "
                 f"set smarthost.tls = \"none\" to allow clear-text AUTH; or drop "
                 f"smarthost.username and let the smart host relay for this server's address")
+        elif not offered and not self._tlsMode and self._starttls_offered and tls == "none":
+            # AUTH offered only after STARTTLS (aiosmtpd, Postfix smtpd_tls_auth_only), and
+            # tls = "none" never starts TLS
+            text = ("5.7.0 cannot authenticate to the smart host: it offers AUTH only after "
+                    "STARTTLS and smarthost.tls = \"none\" never starts TLS; to change: set "
+                    "smarthost.tls = \"opportunistic\" (or \"required\")")
+            self.advice = ("mail to this smart host waits in the queue: it offers STARTTLS and "
+                           "AUTH only inside TLS, but smarthost.tls = \"none\" never starts TLS. "
+                           "Set smarthost.tls = \"opportunistic\" (the password then goes inside "
+                           "TLS), or \"required\" with its CA in smarthost.ca_file")
+        elif not offered and not self._tlsMode and self._starttls_offered:
+            # STARTTLS offered, but it was refused or its handshake failed: AUTH would have
+            # come after it
+            text = (f"5.7.0 cannot authenticate to the smart host: it offers no AUTH without "
+                    f"TLS and {no_tls}; to change: make STARTTLS work there (a valid "
+                    f"certificate, TLS 1.2 or later)")
+            self.advice = (f"mail to this smart host waits in the queue: it offers AUTH only "
+                           f"inside TLS, but {no_tls}. Make STARTTLS work on the smart host "
+                           f"(a certificate that loads, TLS 1.2 or later), or drop "
+                           f"smarthost.username and let it relay for this server's address")
         elif not offered:
             where = "inside TLS" if self._tlsMode else "without TLS (no STARTTLS either)"
             text = (f"5.7.0 cannot authenticate to the smart host: it offers no AUTH {where}; "
@@ -357,7 +417,22 @@ class OutboundESMTP(smtp.ESMTPClient):
         self._nextRcpt()
 
     def _mailRefused(self, code: int, resp: bytes) -> None:
-        self._fail(code, _one_line(code, resp).split(" ", 1)[-1])
+        text = _one_line(code, resp).split(" ", 1)[-1]
+        if code == 530:
+            # "authentication required" (RFC 4954 section 6) says nothing about the message:
+            # the next hop wants a log-in we do not give it; defer, another hop may take it
+            if self.settings.username:
+                self.advice = ("mail waits in the queue: the smart host asks for AUTH again "
+                               "after a successful log-in (530 at MAIL FROM)")
+            else:
+                self.advice = ("mail to this host waits in the queue: it requires AUTH before "
+                               "MAIL FROM (530). Only the smart host gets smarthost.username "
+                               "and password_file; let this host relay for this server's "
+                               "address, or make it the smart host")
+            self._fail(code, "4.7.0 the next hop requires AUTH: " + _one_line(code, resp),
+                       code4=True, site=True)
+            return
+        self._fail(code, text, site=code == 421)
 
     def _nextRcpt(self) -> None:
         try:
@@ -388,6 +463,9 @@ class OutboundESMTP(smtp.ESMTPClient):
         r = self._current
         assert r is not None
         addr = r["address"]
+        if code == 421:  # the server closes the session (RFC 5321 section 3.8): no answer
+            self._fail(code, _one_line(code, resp).split(" ", 1)[-1], site=True)
+            return
         reply = RecipientReply(addr, code, _one_line(code, resp))
         if code in smtp.SUCCESS:
             self.accepted.append(addr)
@@ -419,6 +497,7 @@ class OutboundESMTP(smtp.ESMTPClient):
 
     def _bodySent(self, _: Any) -> None:
         self._closeBody()
+        self._dot_sent = True
         self.transport.write(self._transform.tail())
 
     def _bodyFailed(self, failure: Failure) -> None:
@@ -437,7 +516,8 @@ class OutboundESMTP(smtp.ESMTPClient):
     def _dataReply(self, code: int, resp: bytes) -> None:
         line = _one_line(code, resp)
         for addr in self.accepted:
-            self.replies[addr] = RecipientReply(addr, code, line)
+            # a 421 refuses the message for the whole session: nothing was accepted
+            self.replies[addr] = RecipientReply(addr, code, line, elsewhere=code == 421)
         self.accepted = []
         self._quit()
 
@@ -452,12 +532,16 @@ class OutboundESMTP(smtp.ESMTPClient):
     # -- failures
 
     def _fail(self, code: int, text: str, remote: bool = True, abort: bool = False,
-              code4: bool = False) -> None:
+              code4: bool = False, site: bool = False) -> None:
         """End the transaction: every recipient without a reply gets this one.
 
         ``code4``: whatever the server said, for us this is temporary (4xx). ``remote``: the
-        reply came from the server (so a polite QUIT is possible).
+        reply came from the server (so a polite QUIT is possible). ``site``: the failure is
+        the host's, not the message's (421, connection lost or timeout before the end of the
+        message was sent): those recipients are marked ``elsewhere``. Before MAIL FROM every
+        failure is the host's.
         """
+        site = site or not self._mail_sent
         if self.done:
             if not self._lost:
                 self.transport.loseConnection()
@@ -469,7 +553,8 @@ class OutboundESMTP(smtp.ESMTPClient):
         line = _one_line(code, text)
         for r in self.transaction.recipients:
             if r["address"] not in self.replies:
-                self.replies[r["address"]] = RecipientReply(r["address"], code, line, remote)
+                self.replies[r["address"]] = RecipientReply(r["address"], code, line, remote,
+                                                            elsewhere=site)
         self.accepted = []
         if self._lost:
             self._finish()
@@ -507,10 +592,16 @@ class OutboundESMTP(smtp.ESMTPClient):
         resp = getattr(exc, "resp", b"")
         if isinstance(exc, smtp.SMTPTimeoutError):
             self._fail(451, f"4.4.2 timeout waiting for the reply to {self.last_command}",
-                       remote=False, abort=True)
+                       remote=False, abort=True, site=not self._dot_sent)
             return
         if isinstance(exc, smtp.AUTHDeclinedError) or isinstance(exc, smtp.AuthenticationError):
             # a refused log-in to the smart host is our configuration problem: defer
+            if not 400 <= code < 500:  # a 4xx is the smart host's own temporary trouble
+                self.advice = (f"mail to this smart host waits in the queue: it refused the log-in "
+                               f"of smarthost.username {self.settings.username!r} by "
+                               f"{getattr(self, 'auth_mechanism', 'AUTH')} ({_one_line(code, resp)}). "
+                               f"Check the user name and the password in smarthost.password_file "
+                               f"(the account may also be locked or disabled there)")
             self._fail(454, "4.7.0 smart host refused AUTH " + getattr(self, "auth_mechanism", "")
                        + ": " + _one_line(code, resp), code4=True)
             return
@@ -534,9 +625,17 @@ class OutboundESMTP(smtp.ESMTPClient):
             why = reason.value
             if self._tlsMode and not isinstance(why, (error.ConnectionDone,)):
                 text = f"4.7.5 TLS failure with {self.settings.tls_name}: {_reason_text(why)}"
+                if not self._tls_greeted:
+                    self._tls_failed = True
+                    if self.settings.tls == "required" and not self.advice:
+                        self.advice = (f"mail to this host waits in the queue: the TLS "
+                                       f"handshake failed ({_reason_text(why)}) and "
+                                       f"smarthost.tls = \"required\" sends nothing without "
+                                       f"verified TLS. Check its certificate against "
+                                       f"smarthost.ca_file (the name must match the next hop)")
             else:
                 text = f"4.4.2 connection lost after {self.last_command}: {_reason_text(why)}"
-            self._fail(421, text, remote=False)
+            self._fail(421, text, remote=False, site=not self._dot_sent)
         smtp.ESMTPClient.connectionLost(self, reason)
         cb, self._finished_cb = self._finished_cb, None
         if cb is not None:
@@ -557,8 +656,9 @@ class OutboundESMTP(smtp.ESMTPClient):
             dsn=b"DSN" in self.extensions,
             tls=bool(self._tlsMode),
             connected=self.greeted,
-            hop_failed=not self._mail_sent,
+            hop_failed=not self._mail_sent or all(r.elsewhere for r in replies),
             advice=self.advice,
+            tls_failed=self._tls_failed,
         )
 
 

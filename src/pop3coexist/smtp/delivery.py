@@ -3,12 +3,15 @@ delivery runner (smtp/outbound.py).
 
 A route (policy/routing.py) is walked in order: the hosts of a next hop (smtp/hops.py), then
 the next hop (a connector's fall-back, then the next-cost connector). The walk moves on at once
-when a host or hop could not start a transaction (refused, timeout, a 4xx/5xx greeting, TLS or
-AUTH impossible, a name not in DNS, a hop that is this server); the first reply about the
-message or a recipient is the answer. When every hop failed, the answer is the last temporary
-failure (a permanent one only when every hop failed for good). Each connection takes a slot of
-smtp/hostlimits.py. A hop that cannot be used because of our own settings (smart host AUTH
-impossible) is explained once per hop in the log, not once per message.
+for the recipients a host said nothing about (refused, timeout, a 4xx/5xx greeting, TLS or AUTH
+impossible, ``530`` to MAIL FROM, a ``421`` or a lost connection before the end of the message:
+``RecipientReply.elsewhere``; a name not in DNS, a hop that is this server); the first reply
+about the message or a recipient is the answer for it. Under ``tls = "opportunistic"`` a failed
+STARTTLS handshake is retried at once on the same host in clear text (without the password
+unless CRAM-MD5). When every hop failed, the answer is the last temporary failure (a permanent
+one only when every hop failed for good). Each connection takes a slot of smtp/hostlimits.py. A
+hop that cannot be used because of our own settings (smart host AUTH impossible, a next hop
+that wants AUTH) is explained once per hop in the log, not once per message.
 
 The local hop is final delivery into the mail store, with ``Return-Path:`` and the quota as
 for SMTP. The replies we make up ourselves (no next hop said them) are errors.MailError values.
@@ -16,6 +19,7 @@ for SMTP. The replies we make up ourselves (no next hop said them) are errors.Ma
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +41,10 @@ log = Logger(namespace="pop3coexist.outbound")
 DELIVERED_LOCALLY = "250 2.0.0 delivered to mailbox"
 
 
+Part = tuple[list[Recipient], routing.Attempt, smtp_client.TransactionResult]
+"""One part of a route's outcome: recipients, the attempt that answered for them, its result."""
+
+
 def our_reply(address: str, error: errors.MailError) -> smtp_client.RecipientReply:
     """The reply for ``address`` when no next hop gave one: ``error``'s code and line."""
     return smtp_client.RecipientReply(address, error.code, error.reply(), remote=False)
@@ -44,7 +52,8 @@ def our_reply(address: str, error: errors.MailError) -> smtp_client.RecipientRep
 
 def hop_failed(result: smtp_client.TransactionResult) -> bool:
     """True when ``result`` says nothing about the message: the host or hop could not start a
-    transaction (never connected or greeted, or ended before MAIL FROM)."""
+    transaction (never connected or greeted, or ended before MAIL FROM; smtp/client.py also
+    sets ``hop_failed`` when every recipient is ``elsewhere``)."""
     return not result.connected or result.hop_failed
 
 
@@ -70,31 +79,37 @@ class RouteDelivery:
 
     async def deliver_route(
         self, env: Envelope, route: routing.Route, rcpts: list[Recipient]
-    ) -> tuple[list[Recipient], routing.Attempt, smtp_client.TransactionResult]:
-        """Walk ``route`` for ``rcpts``; return them with the attempt that answered (or the one
-        whose failure is the answer) and its result."""
-        answer: tuple[routing.Attempt, smtp_client.TransactionResult] | None = None
+    ) -> list[Part]:
+        """Walk ``route`` for ``rcpts``: each attempt gets the recipients nothing is known about
+        yet. Return ``(recipients, attempt, result)`` parts: the recipients each attempt
+        answered, then those no attempt could take, with the last temporary failure (or the
+        last failure) as their result. Every recipient of ``rcpts`` is in exactly one part."""
+        parts: list[Part] = []
         temporary: tuple[routing.Attempt, smtp_client.TransactionResult] | None = None
+        last: tuple[routing.Attempt, smtp_client.TransactionResult] | None = None
+        pending = rcpts
         attempts = route.attempts
         for n, attempt in enumerate(attempts, 1):
-            result = await self._deliver_hop(env, attempt.hop, rcpts)
-            answer = (attempt, result)
-            if not hop_failed(result):
-                return rcpts, attempt, result
+            answered, pending, result = await self._deliver_hop(env, attempt.hop, pending)
+            parts.extend((a_rcpts, attempt, a_result) for a_rcpts, a_result in answered)
+            if not pending:
+                return parts
+            last = (attempt, result)
             if any(400 <= rep.code < 500 for rep in result.replies):
-                temporary = answer
+                temporary = last
             if n < len(attempts):
                 log.info("{qid}: next hop {hop} ({via}) failed: {reply}; trying {next} ({nvia})",
                          qid=env.id, hop=attempt.hop.key, via=attempt.via,
                          reply=result.replies[0].reply if result.replies else "no reply",
                          next=attempts[n].hop.key, nvia=attempts[n].via)
-        assert answer is not None
+        assert last is not None
         if len(attempts) > 1:
             log.info("{qid}: every next hop for {rcpt} failed ({hops}); the mail waits for its "
-                     "next retry", qid=env.id, rcpt=routing.domain_of(rcpts[0].address),
+                     "next retry", qid=env.id, rcpt=routing.domain_of(pending[0].address),
                      hops=route.key)
-        attempt, result = temporary or answer
-        return rcpts, attempt, result
+        attempt, result = temporary or last
+        parts.append((pending, attempt, result))
+        return parts
 
     def _advise(self, hop: routing.NextHop, result: smtp_client.TransactionResult) -> None:
         """Log the client's advice about ``hop`` once per hop (not once per message); forget it
@@ -106,16 +121,28 @@ class RouteDelivery:
         if self._advised.get(hop.key) == result.advice:
             return
         self._advised[hop.key] = result.advice
-        log.warn("smart host {hop}: {advice} (logged once for this host)", hop=hop.key,
+        log.warn("{role} {hop}: {advice} (logged once for this host)",
+                 role="smart host" if hop.smarthost else "next hop", hop=hop.key,
                  advice=result.advice)
 
     async def _deliver_hop(
         self, env: Envelope, hop: routing.NextHop, rcpts: list[Recipient]
-    ) -> smtp_client.TransactionResult:
-        """One next hop: the store for the local hop, else its hosts in order until one
-        answers about the message."""
+    ) -> tuple[list[tuple[list[Recipient], smtp_client.TransactionResult]], list[Recipient],
+               smtp_client.TransactionResult]:
+        """Deliver ``rcpts`` through one next hop: the store for the local hop, else its hosts
+        in order (its MX hosts, smtp/hops.py).
+
+        Returns ``(answered, pending, last)``: ``answered`` the ``(recipients, result)`` of each
+        host that said something about them; ``pending`` the recipients no host of this hop
+        could take (a host that could not start a transaction, or that ended the session with
+        421 or a lost connection before the end of the message: ``RecipientReply.elsewhere``),
+        with ``last`` the result of the last host tried. A TLS handshake that fails under
+        ``tls = "opportunistic"`` is retried at once in clear text on the same host (as an
+        opportunistic client must: TLS is only a bonus; the password still never goes out in
+        clear, smtp/client.py)."""
         if hop.local:
-            return await self._blocking(self._deliver_local, env, rcpts)
+            result = await self._blocking(self._deliver_local, env, rcpts)
+            return [(rcpts, result)], [], result
 
         def everyone(error: errors.MailError) -> smtp_client.TransactionResult:
             return smtp_client.TransactionResult(
@@ -128,12 +155,48 @@ class RouteDelivery:
         except HopError as e:
             result = everyone(e)
             result.hop_failed = True
-            return result
+            return [], rcpts, result
         try:
             password = await self._blocking(self._password) if hop.smarthost else None
         except OSError as e:
-            return everyone(errors.TemporaryFailure(
+            result = everyone(errors.TemporaryFailure(
                 f"cannot read smarthost.password_file: {e.strerror}", "4.3.5"))
+            return [(rcpts, result)], [], result
+        answered: list[tuple[list[Recipient], smtp_client.TransactionResult]] = []
+        pending = rcpts
+        result: smtp_client.TransactionResult | None = None
+        for c in kept:
+            settings = self._settings(hop, c, password)
+            while True:
+                result = await self._deliver_host(env, hop, c, settings, pending)
+                if not (result.tls_failed and settings.tls == "opportunistic"
+                        and settings.starttls):
+                    break
+                failure = next((r.reply for r in result.replies), "")
+                log.info("{qid}: STARTTLS with {host} failed ({reply}); trying again in clear "
+                         "text (tls = \"opportunistic\")", qid=env.id, host=c.name,
+                         reply=failure)
+                settings = dataclasses.replace(settings, starttls=False,
+                                               tls_failure=failure.split(" ", 2)[-1])
+            self._advise(hop, result)
+            if hop_failed(result):
+                continue  # nothing said about the message: the next host of this hop
+            replies = {rep.address: rep for rep in result.replies}
+            done = [r for r in pending
+                    if r.address not in replies or not replies[r.address].elsewhere]
+            pending = [r for r in pending
+                       if r.address in replies and replies[r.address].elsewhere]
+            answered.append((done, result))
+            if not pending:
+                break  # an answer about every recipient: no other host of this hop
+        assert result is not None
+        return answered, pending, result
+
+    async def _deliver_host(self, env: Envelope, hop: routing.NextHop, c: Candidate,
+                            settings: smtp_client.ClientSettings, rcpts: list[Recipient]
+                            ) -> smtp_client.TransactionResult:
+        """One SMTP session with host ``c`` of ``hop`` for ``rcpts``, within the limits
+        (smtp/hostlimits.py). Never raises: a bug is a 451 for each recipient."""
         transaction = smtp_client.Transaction(
             sender=env.sender,
             recipients=[{"address": r.address, "notify": r.notify, "orcpt": r.orcpt}
@@ -144,24 +207,16 @@ class RouteDelivery:
             envid=env.envid,
             body=env.body,
         )
-        result: smtp_client.TransactionResult | None = None
-        for c in kept:
-            settings = self._settings(hop, c, password)
-            await self.limiter.acquire(hop.key)
-            try:
-                result = await self._deliver(c.ip, c.port, settings, transaction,
-                                             remote_mta=c.name)
-            except Exception as e:  # a bug, not a network problem: keep the mail
-                log.failure("delivery to {host} raised", host=c.name)
-                result = everyone(errors.TemporaryFailure(
-                    f"internal error: {e.__class__.__name__}"))
-            finally:
-                self.limiter.release(hop.key)
-            self._advise(hop, result)
-            if not hop_failed(result):
-                break  # an answer about the message: no other host of this hop
-        assert result is not None
-        return result
+        await self.limiter.acquire(hop.key)
+        try:
+            return await self._deliver(c.ip, c.port, settings, transaction, remote_mta=c.name)
+        except Exception as e:  # a bug, not a network problem: keep the mail
+            log.failure("delivery to {host} raised", host=c.name)
+            error = errors.TemporaryFailure(f"internal error: {e.__class__.__name__}")
+            return smtp_client.TransactionResult(
+                replies=[our_reply(r.address, error) for r in rcpts])
+        finally:
+            self.limiter.release(hop.key)
 
     def _settings(self, hop: routing.NextHop, c: Candidate,
                   password: smtp_client.Secret | None) -> smtp_client.ClientSettings:

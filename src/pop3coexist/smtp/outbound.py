@@ -10,8 +10,10 @@ for it is still to be queued. For a due message the runner:
    domain) and runs one SMTP transaction per group (smtp/client.py), within
    ``smarthost.max_connections`` in total and ``max_connections_per_host`` per hop
    (smtp/hostlimits.py). A route is walked in order, host after host (smtp/hops.py resolves a
-   hop into hosts), hop after hop, until one answers about the message (smtp/delivery.py says
-   when a hop counts as failed and which reply then stands). The log names the hop used
+   hop into hosts), hop after hop, until one answers about each recipient (smtp/delivery.py
+   says when a host or hop counts as failed, when the recipients it left unanswered, after a
+   ``421`` or a lost connection, go on to the next one, and which reply then stands); each
+   part of a group may so be answered by a different hop. The log names the hop used
    (``via=``) and each hop passed over. A hop that cannot be used because of our own settings
    (smart host AUTH impossible) is explained once per hop in the log, not once per message;
 4. applies each recipient's reply (smtp/retry.py): 2xx delivered, 5xx failed, 4xx / no reply
@@ -366,7 +368,7 @@ class OutboundService(service.Service):
                 jobs.append(defer.ensureDeferred(self.routes.deliver_route(env, route, rcpts)))
             results = await defer.gatherResults(jobs, consumeErrors=True)
             now = self._now()
-            for rcpts, attempt, result in results:
+            for rcpts, attempt, result in (part for parts in results for part in parts):
                 replies = {rep.address: rep for rep in result.replies}
                 for r in rcpts:
                     rep = replies.get(r.address) or our_reply(
