@@ -17,7 +17,8 @@ holds (``policy.relay.RelayPolicy.may_relay`` with the avatar's log-in).
   recipient look-up and the store (mailbox exists, quota at RCPT time); a role address
   (postmaster, abuse: ``RoleAddresses``) with no real recipient goes to its configured target.
   The result is a ``RecipientDecision`` (local mailbox or queue); refusals are ``MailError``,
-  a directory that cannot answer ``AuthUnavailable``;
+  a directory that cannot answer ``DirectoryUnavailable`` (451 4.4.3, from the source's
+  ``AuthUnavailable``);
 - ``begin``: a ``DeliveryTransaction`` (``IDeliveryTransaction``): recipients, then the body,
   then ``commit``, which runs the declared stages of ``policy.stages``.
 
@@ -39,7 +40,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3coexist.address import Address
-from pop3coexist.errors import AuthUnavailable, LoginRefused, MailError, PermanentFailure
+from pop3coexist.errors import (
+    AuthUnavailable,
+    DirectoryUnavailable,
+    LoginRefused,
+    MailError,
+    PermanentFailure,
+)
 from pop3coexist.identity.logins import login_locked
 from pop3coexist.interfaces import (
     IBlockingRecipientLookup,
@@ -331,10 +338,10 @@ class SMTPDelivery:
         try:
             owner = await defer.maybeDeferred(self.context.checker.sender_owner, sender.key)
         except AuthUnavailable:
-            raise MailError(451, "4.4.3", "Directory lookup failed, try again later") from None
+            raise DirectoryUnavailable() from None
         except Exception:
             log.failure("SMTP sender lookup failed")
-            raise MailError(451, "4.4.3", "Directory lookup failed, try again later") from None
+            raise DirectoryUnavailable() from None
         if isinstance(owner, bytes):
             owner = owner.decode("ascii")
         if owner is None or str(owner).lower() != user:
@@ -352,7 +359,10 @@ class SMTPDelivery:
         return defer.ensureDeferred(self._validate_to(session, address, size))
 
     async def _validate_to(self, session: SMTPSession, inner: str, size: int) -> RecipientDecision:
-        given, found = await self._find_recipient(session, inner, size)
+        try:
+            given, found = await self._find_recipient(session, inner, size)
+        except AuthUnavailable:  # the directory (or the checker's source) cannot answer now
+            raise DirectoryUnavailable() from None
         if found.box is not None:
             domain, box, (exists, over_quota) = found.box
             RelayPolicy.local_outcome(found.route.address, exists, over_quota)

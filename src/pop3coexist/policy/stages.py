@@ -199,14 +199,14 @@ class CommitStage:
         except QuotaExceeded as e:
             # every recipient's mailbox is full: nothing was stored (RFC 3463 5.2.2)
             log.info("SMTP {id} refused: {why}", id=message.queue_id, why=str(e))
-            return Verdict.refusal(MailError(552, "5.2.2", "Mailbox full"))
+            return Verdict.refusal(e)
         except Exception:
             log.failure("SMTP {id}: could not store the message", id=message.queue_id)
             return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
         full = set(refused or ())
         for r in local:
             if r.mailbox in full:  # its "failed" delivery report is queued
-                message.decide(r, Verdict.refusal(MailError(552, "5.2.2", "Mailbox full")))
+                message.decide(r, Verdict.refusal(QuotaExceeded()))
         return ACCEPT
 
 

@@ -33,14 +33,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.cred.error import LoginDenied, LoginFailed
 from twisted.internet import defer, task
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.python.failure import Failure
 
-from pop3coexist.errors import AuthUnavailable, LoginRefused, MailboxInUse
+from pop3coexist.errors import BadCredentials, MailError, as_mail_error
 from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop
 from pop3coexist.netutil import send_now
 from pop3coexist.pop3 import sasl
@@ -92,6 +91,29 @@ def _printable(value: bytes | str, limit: int = 80) -> str:
         value = value.decode("utf-8", "replace")
     value = "".join(c if c.isprintable() and c != " " else "?" for c in value)
     return value[:limit] + ("..." if len(value) > limit else "")
+
+
+def _temporary(text: str) -> MailError:
+    """A local error whose POP3 reply is ``-ERR [SYS/TEMP] <text>`` (RFC 3206 section 4)."""
+    return MailError(451, "4.3.0", text, pop3="SYS/TEMP")
+
+
+INTERNAL_ERROR = _temporary("internal server error")
+_LOGIN_ERROR = _temporary("cannot open the mailbox now, try again later")
+
+
+def reply_for(failure: Failure, fallback: MailError = INTERNAL_ERROR,
+              why: str = "POP3 command failed", **fields: Any) -> MailError:
+    """The failure a client is told of, for any failure of a command: its own ``MailError``
+    (``pop3_reply()`` is the text after ``-ERR``: log-in refused ``[AUTH]``, mailbox in use
+    ``[IN-USE]``, directory unavailable ``[SYS/TEMP]``; ``errors.as_mail_error``), or
+    ``fallback`` after logging ``failure`` (``why`` with ``fields``) when it says nothing a
+    client may see (a bug, an I/O error, a StoreError)."""
+    error = as_mail_error(failure.value)
+    if error is None:
+        log.failure(why, failure, **fields)
+        return fallback
+    return error
 
 
 class SessionFactory(Protocol):
@@ -249,8 +271,7 @@ class POP3Server(pop3.POP3):
                     self._err(e.text)
                     continue
                 except Exception:
-                    log.failure("POP3 command handler failed")
-                    self._err("[SYS/TEMP] internal server error")
+                    self._err(reply_for(Failure(), why="POP3 command handler failed").pop3_reply())
                     continue
                 if isinstance(result, defer.Deferred):
                     self._waiting = result
@@ -261,8 +282,7 @@ class POP3Server(pop3.POP3):
             self._draining = False
 
     def _handler_failed(self, failure: Failure) -> None:
-        log.failure("POP3 command failed", failure)
-        self._err("[SYS/TEMP] internal server error")
+        self._err(reply_for(failure).pop3_reply())
 
     def _resume(self, _: Any) -> None:
         self._waiting = None
@@ -392,7 +412,7 @@ class POP3Server(pop3.POP3):
         try:
             password = rest.decode("utf-8")
         except UnicodeDecodeError:
-            return self._login_failed(Failure(LoginFailed("password is not UTF-8")), user, "USER")
+            return self._login_failed(Failure(BadCredentials("password is not UTF-8")), user, "USER")
         return self._login(sasl.PasswordCredentials(user, password), user, "USER")
 
     def pop3_APOP(self, args: list[bytes]) -> Any:  # noqa: N802
@@ -456,7 +476,7 @@ class POP3Server(pop3.POP3):
             return None
         self._sasl = None
         if isinstance(step, sasl.Fail):
-            return self._login_failed(Failure(LoginFailed(step.reason)), "(unknown)", method)
+            return self._login_failed(Failure(BadCredentials(step.reason)), "(unknown)", method)
         return self._login(step.credentials, step.username, method)
 
     def pop3_STLS(self, args: list[bytes]) -> None:  # noqa: N802
@@ -503,24 +523,13 @@ class POP3Server(pop3.POP3):
         self._ok(f"{address} has {count} messages ({octets} octets)")
 
     def _login_failed(self, failure: Failure, user: str, method: str) -> Any:
-        delay = 0.0
-        if failure.check(LoginRefused):
-            reply, outcome = "[AUTH] mailbox is locked", "locked"
-            delay = self.factory.throttle.failure_delay(self._peer)
-        elif failure.check(LoginFailed, LoginDenied):
-            reply, outcome = "[AUTH] authentication failed", "failed"
-            delay = self.factory.throttle.failure_delay(self._peer)
-        elif failure.check(MailboxInUse):
-            reply, outcome = "[IN-USE] mailbox is in use by another session", "in use"
-        elif failure.check(AuthUnavailable):
-            reply, outcome = ("[SYS/TEMP] authentication service unavailable, try again later",
-                              "unavailable")
-        else:
-            log.failure("POP3 log-in for {user} failed unexpectedly", failure,
-                        user=_printable(user))
-            reply, outcome = "[SYS/TEMP] cannot open the mailbox now, try again later", "error"
+        error = reply_for(failure, _LOGIN_ERROR, "POP3 log-in for {user} failed unexpectedly",
+                          user=_printable(user))
+        reply = error.pop3_reply()
+        # a refused log-in (wrong credentials, locked mailbox) waits (RFC 2449 section 8.1.1)
+        delay = self.factory.throttle.failure_delay(self._peer) if error.pop3 == "AUTH" else 0.0
         log.info("POP3 log-in {user} from {peer} by {method}: {outcome}",
-                 user=_printable(user), peer=self._peer, method=method, outcome=outcome)
+                 user=_printable(user), peer=self._peer, method=method, outcome=reply)
         if delay > 0 and not self._gone:
             return task.deferLater(self.factory.reactor, delay, self._err, reply)
         self._err(reply)
@@ -608,9 +617,9 @@ class POP3Server(pop3.POP3):
             return sent
 
         def cannot_open(failure: Failure) -> None:
-            log.failure("opening message {n} of {box} failed", failure, n=index + 1,
-                        box=getattr(self._mailbox, "address", "?"))
-            self._err(f"[SYS/TEMP] cannot read message {index + 1} now")
+            self._err(reply_for(failure, _temporary(f"cannot read message {index + 1} now"),
+                                "opening message {n} of {box} failed", n=index + 1,
+                                box=getattr(self._mailbox, "address", "?")).pop3_reply())
 
         def done(_: Any) -> None:
             self._producer = None
@@ -680,9 +689,9 @@ class POP3Server(pop3.POP3):
             self._close()
 
         def failed(failure: Failure) -> None:
-            log.failure("POP3 UPDATE for {box} failed", failure,
-                        box=getattr(self._mailbox, "address", "?"))
-            self._err("[SYS/TEMP] some deleted messages were not removed")
+            self._err(reply_for(failure, _temporary("some deleted messages were not removed"),
+                                "POP3 UPDATE for {box} failed",
+                                box=getattr(self._mailbox, "address", "?")).pop3_reply())
             self.factory.run_blocking(self._mailbox.close).addErrback(
                 lambda f: log.failure("releasing the maildrop failed", f))
             self._close()
