@@ -340,7 +340,7 @@ def fill_template(folder: Path, mailboxes: list[str], per_box: int) -> None:
         for i in range(per_box):
             header = (f"From: sender@example.test\nTo: {box}@{HOSTNAME}\nSubject: bench {i}\n"
                       f"Message-ID: <{box}.{i}@bench>\n\n").encode()
-            body = (line * (MSG_SIZE // len(line) + 1))[: MSG_SIZE - len(header)]
+            body = (line * (MSG_SIZE // len(line) + 1))[: MSG_SIZE - len(header) - 1] + b"\n"
             data = header + body
             wsize = len(data) + data.count(b"\n")
             (new / f"{1700000000 + i}.M{i}P1.bench,S={len(data)},W={wsize}").write_bytes(data)

@@ -153,6 +153,7 @@ class POP3Server(pop3.POP3):
         self._draining = False
         self._closing = False
         self._gone = False
+        self._size_warned = False  # a stale size was logged once in this session
         self._acquired = False
         self._peer = "unknown"
         self._user: str | None = None
@@ -623,12 +624,16 @@ class POP3Server(pop3.POP3):
 
         def done(_: Any) -> None:
             self._producer = None
-            if announced is not None and stuffer.octets != announced:
+            if announced is not None and stuffer.octets != announced and not self._size_warned:
                 # The size came from somewhere else than this file's bytes (a ,W= in the name
                 # from another program or an older version, a file changed in place): a client
-                # that trusts the count may lose step. Say so; the sizes cannot be taken back.
+                # that trusts the count may lose step. Say so, once per session (a store full
+                # of such names must not cost a log line per message); the sizes cannot be
+                # taken back.
+                self._size_warned = True
                 log.warn("RETR {n} of {box}: {sent} octets sent, {said} announced (a stale size "
-                         "in the Maildir file name?)", n=index + 1, sent=stuffer.octets,
+                         "in the Maildir file name?; not logged again in this session)",
+                         n=index + 1, sent=stuffer.octets,
                          said=announced, box=getattr(self._mailbox, "address", "?"))
 
         def broken(failure: Failure) -> None:
