@@ -209,6 +209,16 @@ class ServerProcess:
         self.proc = None
         return code
 
+    def stop_cleanly(self, *secrets: str) -> None:
+        """Stop the server and assert what every real-process test expects of its end: a
+        clean exit (0 or SIGTERM), no traceback in the log, and none of ``secrets`` in it."""
+        code = self.stop()
+        assert code in (0, -signal.SIGTERM), f"twistd did not stop cleanly ({code})\n{self.log_tail()}"
+        log = self.log_text()
+        assert "Traceback" not in log, log[-4000:]
+        for secret in secrets:
+            assert secret not in log, "a password reached the log"
+
     def __enter__(self) -> ServerProcess:
         return self.start()
 

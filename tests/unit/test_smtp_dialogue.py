@@ -16,19 +16,8 @@ from pop3coexist.errors import AuthUnavailable
 from tests.support.dialogue import run_dialogue, take
 from tests.support.fakes import FakePasswordFileChecker
 from tests.support.smtp_fakes import HOST, make_factory, open_session, smtp_config
+from tests.support.smtp_replies import EHLO_CLEAR, EHLO_TLS, GREETING
 
-GREETING = b"220 pop.contoso.test ESMTP pop3coexist\r\n"
-EHLO_CLEAR = (
-    b"250-pop.contoso.test Hello [203.0.113.5]\r\n"
-    b"250-PIPELINING\r\n"
-    b"250-SIZE 10000000\r\n"
-    b"250-8BITMIME\r\n"
-    b"250-ENHANCEDSTATUSCODES\r\n"
-    b"250-DSN\r\n"
-    b"250-STARTTLS\r\n"
-    b"250 AUTH PLAIN LOGIN CRAM-MD5\r\n"
-)
-EHLO_TLS = EHLO_CLEAR.replace(b"250-STARTTLS\r\n", b"")
 TRUSTED = "192.0.2.7"
 
 

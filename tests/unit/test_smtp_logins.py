@@ -23,8 +23,8 @@ from pop3coexist.errors import AuthUnavailable, StoreError
 from tests.support.dialogue import run_dialogue, take
 from tests.support.fakes import FakeChecker, FakeMailStore
 from tests.support.smtp_fakes import HOST, make_factory, open_session, smtp_config
+from tests.support.smtp_replies import GREETING
 
-GREETING = b"220 pop.contoso.test ESMTP pop3coexist\r\n"
 AUTH_OK = b"235 2.7.0 Authentication successful\r\n"
 AUTH_BAD = b"535 5.7.8 Authentication credentials invalid\r\n"
 AUTH_TEMP = b"454 4.7.0 Temporary authentication failure\r\n"
