@@ -68,6 +68,7 @@ META_LOCK_NAME = ".pop3coexist.json.lock"
 SESSION_LOCK_NAME = ".pop3coexist.lock"
 QUOTA_LOCK_NAME = ".pop3coexist.quota.lock"  # held while a delivery checks the quota and links
 SPOOL_NAME = ".spool"
+SPOOL_CHECK_INTERVAL = 1.0  # seconds between spool_dir's checks on disk
 SUBDIRS = ("tmp", "new", "cur")
 TMP_MAX_AGE = 36 * 3600  # maildir(5): files in tmp/ untouched for 36 hours are garbage
 
@@ -225,6 +226,7 @@ class MaildirStore:
         self.root = Path(root)
         self._host = _sanitise_host(hostname if hostname is not None else socket.gethostname())
         self.quota_grace = quota_grace or QuotaGrace()  # none unless the config gives one
+        self._spool_checked = -SPOOL_CHECK_INTERVAL  # time.monotonic() of spool_dir's last check
 
     def __repr__(self) -> str:
         return f"<MaildirStore root={str(self.root)!r}>"
@@ -570,14 +572,20 @@ class MaildirStore:
     # -- delivery
 
     def spool_dir(self) -> Path:
-        """See ``IMailStore.spool_dir``: ``<root>/.spool``, created when missing."""
+        """See ``IMailStore.spool_dir``: ``<root>/.spool``, created when missing. Checked on
+        disk at most once per SPOOL_CHECK_INTERVAL seconds (every message asks; a folder
+        removed meanwhile is made again by the next spool file: ``smtp.incoming.SpoolWriter``)."""
+        now = time.monotonic()
+        spool = self.root / SPOOL_NAME
+        if 0 <= now - self._spool_checked < SPOOL_CHECK_INTERVAL:
+            return spool
         with _io_errors(f"cannot create the spool folder under {self.root}"):
-            spool = self.root / SPOOL_NAME
             if not spool.is_dir():
                 self._ensure_root()
                 spool.mkdir(mode=0o700, exist_ok=True)
                 _fsync_dir(self.root)
-            return spool
+        self._spool_checked = now
+        return spool
 
     def clean_spool(self, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
         """Remove spool files older than ``max_age`` seconds (left by a crash); return how many."""
