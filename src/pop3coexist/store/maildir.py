@@ -69,6 +69,7 @@ SESSION_LOCK_NAME = ".pop3coexist.lock"
 QUOTA_LOCK_NAME = ".pop3coexist.quota.lock"  # held while a delivery checks the quota and links
 SPOOL_NAME = ".spool"
 SPOOL_CHECK_INTERVAL = 1.0  # seconds between spool_dir's checks on disk
+ROOT_RACY_WINDOW = 0.1  # seconds: a domain listing this close to the root's last change is not kept
 SUBDIRS = ("tmp", "new", "cur")
 TMP_MAX_AGE = 36 * 3600  # maildir(5): files in tmp/ untouched for 36 hours are garbage
 
@@ -227,6 +228,7 @@ class MaildirStore:
         self._host = _sanitise_host(hostname if hostname is not None else socket.gethostname())
         self.quota_grace = quota_grace or QuotaGrace()  # none unless the config gives one
         self._spool_checked = -SPOOL_CHECK_INTERVAL  # time.monotonic() of spool_dir's last check
+        self._domains_cache: tuple[tuple[int, int, int, int], tuple[str, ...]] | None = None
 
     def __repr__(self) -> str:
         return f"<MaildirStore root={str(self.root)!r}>"
@@ -360,8 +362,20 @@ class MaildirStore:
     # -- domains
 
     def list_domains(self) -> list[str]:
-        """See ``IMailStore.list_domains``."""
+        """See ``IMailStore.list_domains``. Every RCPT asks (through the checkers), so the
+        answer is kept while the mail root's own status (inode, mtime, ctime, link count:
+        a domain folder added, removed or renamed changes them) stays the same; a listing
+        made within ROOT_RACY_WINDOW seconds of the last change is not kept (a second change
+        in the same clock tick would not show in the mtime)."""
         with _io_errors("cannot list the domains"):
+            try:
+                st = os.stat(self.root)
+            except FileNotFoundError:
+                return []
+            signature = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+            cached = self._domains_cache
+            if cached is not None and cached[0] == signature:
+                return list(cached[1])
             try:
                 entries = list(os.scandir(self.root))
             except FileNotFoundError:
@@ -375,7 +389,10 @@ class MaildirStore:
                         names.append(entry.name)
                 except ValueError:
                     continue
-            return sorted(names)
+            names.sort()
+            settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > ROOT_RACY_WINDOW * 1e9
+            self._domains_cache = (signature, tuple(names)) if settled else None
+            return names
 
     def domain_exists(self, domain: str) -> bool:
         """See ``IMailStore.domain_exists``."""
