@@ -286,12 +286,16 @@ def _import_box(config: Config, store: Any, box: SourceMailbox, is_new: bool,
             print(f"would add domain {box.domain}", file=out)
         if is_new:
             print(f"would add mailbox {address}", file=out)
+        readable = []
         for message in todo:
             with owner.as_invoker():
-                if not os.access(message.path, os.R_OK):
-                    error = f"{message.path}: cannot read it; it would be skipped"
-                    print(f"pop3coexist-admin: {error}", file=sys.stderr)
-                    summary.errors.append(error)
+                if os.access(message.path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+                    readable.append(message)
+                    continue
+            error = f"{message.path}: cannot read it; it would be skipped"
+            print(f"pop3coexist-admin: {error}", file=sys.stderr)
+            summary.errors.append(error)
+        todo = readable
         nbytes = sum(m.size for m in todo)
         _tally(summary, address, len(todo), nbytes, already)
         print(f"{address}: would copy {len(todo)} messages ({nbytes} bytes), {already} already "
