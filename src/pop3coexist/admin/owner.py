@@ -9,6 +9,11 @@ switches the *effective* user and group ids (``seteuid``/``setegid``, with that 
 supplementary groups) and switches back to root for the few outside files a verb reads or
 writes as the invoking user (the backup archive, a Windows mail store to import).
 
+On Linux the switch keeps root's capabilities (``SECBIT_NO_SETUID_FIXUP``): only the owner of
+the files made changes, so nothing the command reads (Python's own modules too, when Python
+lives in root's private home) becomes unreadable half-way. Elsewhere it is a plain effective
+id switch.
+
 Nothing changes when the command does not run as root, when ``state_dir`` does not exist yet,
 or when it belongs to root.
 """
@@ -16,8 +21,10 @@ or when it belongs to root.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pwd
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +64,7 @@ class StateOwner:
         """Act as the owner (effective ids only: ``leave`` or ``as_invoker`` can come back)."""
         if self.uid is None or self.active:
             return
+        _keep_capabilities()
         os.setgroups(self.groups)
         os.setegid(self.gid)  # type: ignore[arg-type]
         os.seteuid(self.uid)
@@ -92,3 +100,22 @@ class StateOwner:
         finally:
             if was:
                 self.enter()
+
+
+_PR_GET_SECUREBITS, _PR_SET_SECUREBITS = 27, 28
+_SECBIT_NO_SETUID_FIXUP = 1 << 2
+
+
+def _keep_capabilities() -> None:
+    """Linux: let this process keep its capabilities when its effective uid leaves 0, so the
+    switch changes who owns new files and nothing else (best effort; without it the switch is
+    a plain seteuid)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        bits = libc.prctl(_PR_GET_SECUREBITS, 0, 0, 0, 0)
+        if bits >= 0 and not bits & _SECBIT_NO_SETUID_FIXUP:
+            libc.prctl(_PR_SET_SECUREBITS, bits | _SECBIT_NO_SETUID_FIXUP, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
