@@ -312,36 +312,49 @@ def _import_box(config: Config, store: Any, box: SourceMailbox, is_new: bool,
         print(f"mailbox {address} added", file=out)
     present = _present_digests(store, box.domain, box.mailbox)
     copied = nbytes = 0
-    with open(ledger_path, "a", encoding="utf-8", errors="surrogateescape") as ledger:
-        for seq, message in enumerate(todo):
+    pending: list[str] = []  # ledger lines, written once their messages' folder is synced
+
+    def commit() -> None:
+        fsync_dir(store.root / box.domain / box.mailbox / "new")
+        with open(ledger_path, "a", encoding="utf-8", errors="surrogateescape") as ledger:
+            ledger.writelines(pending)
+            ledger.flush()
+            os.fsync(ledger.fileno())
+        pending.clear()
+
+    for seq, message in enumerate(todo):
+        try:
+            with owner.as_invoker(), open(message.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            error = f"{message.path}: cannot read it ({e.strerror}); skipped"
+            print(f"pop3coexist-admin: {error}", file=sys.stderr)
+            summary.errors.append(error)
+            continue
+        digest = message.digest
+        target = None
+        if digest not in present:
+            seconds, nanos = divmod(message.mtime_ns, 1_000_000_000)
+            unique = f"{seconds}.M{nanos // 1000:06d}P0Q{seq:07d}R{digest}.winpop"
             try:
-                with owner.as_invoker(), open(message.path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                error = f"{message.path}: cannot read it ({e.strerror}); skipped"
-                print(f"pop3coexist-admin: {error}", file=sys.stderr)
-                summary.errors.append(error)
-                continue
-            digest = message.digest
-            target = None
-            if digest not in present:
-                seconds, nanos = divmod(message.mtime_ns, 1_000_000_000)
-                unique = f"{seconds}.M{nanos // 1000:06d}P0Q{seq:07d}R{digest}.winpop"
-                try:
-                    written = store.import_message(box.domain, box.mailbox, unique, data,
-                                                   message.mtime_ns / 1e9, check=False)
-                except StoreError as e:
-                    raise AdminError(f"{address}: {e} ({copied} messages copied so far; run "
-                                     "the import again to go on)")
-                present.add(digest)
-                target = written.name if written is not None else None
-                copied += 1
-                nbytes += len(data)
-            ledger.write(json.dumps({"source": message.key, "target": address,
-                                     "name": target}) + "\n")
-            done.add(message.key)
-        ledger.flush()
-        os.fsync(ledger.fileno())
+                written = store.import_message(box.domain, box.mailbox, unique, data,
+                                               message.mtime_ns / 1e9, check=False, sync=False)
+            except StoreError as e:
+                if pending:
+                    commit()
+                raise AdminError(f"{address}: {e} ({copied} messages copied so far; run "
+                                 "the import again to go on)")
+            present.add(digest)
+            target = written.name if written is not None else None
+            copied += 1
+            nbytes += len(data)
+        pending.append(json.dumps({"source": message.key, "target": address,
+                                   "name": target}) + "\n")
+        done.add(message.key)
+        if len(pending) >= 200:
+            commit()
+    if pending:
+        commit()
     fsync_dir(ledger_path.parent)
     _tally(summary, address, copied, nbytes, len(box.messages) - len(todo))
     print(f"{address}: copied {copied} messages ({nbytes} bytes), "

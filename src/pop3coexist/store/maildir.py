@@ -746,13 +746,15 @@ class MaildirStore:
             raise errors.StoreError(f"delivery to {mname}@{dname} failed: {exc.strerror or exc}") from exc
 
     def import_message(self, domain: str, mailbox: str, unique: str, data: bytes,
-                       mtime: float | None = None, *, check: bool = True) -> Path | None:
+                       mtime: float | None = None, *, check: bool = True,
+                       sync: bool = True) -> Path | None:
         """Deliver ``data`` under the maildir unique part ``unique`` (an importer's name, which
         orders the mailbox: it starts ``<seconds>.M<microseconds>``), with the usual size
         fields, through ``tmp/`` (fsync, rename, fsync ``new/``); the file's time becomes
         ``mtime``. No quota. Returns None, writing nothing, when a message with that unique
         part is already in ``new/`` or ``cur/`` (``check=False``: the caller has looked, once
-        for many messages). ``StoreError`` on an I/O error (nothing left behind)."""
+        for many messages; ``sync=False``: the caller fsyncs ``new/`` once for a batch).
+        ``StoreError`` on an I/O error (nothing left behind)."""
         dname, mname, path = self._existing_mailbox(domain, mailbox)
         if "/" in unique or ":" in unique or "," in unique or unique.startswith("."):
             raise ValueError(f"bad maildir unique part {unique!r}")
@@ -776,7 +778,8 @@ class MaildirStore:
             if mtime is not None:
                 os.utime(tmp, (mtime, mtime))
             os.rename(tmp, final)
-            _fsync_dir(path / "new")
+            if sync:
+                _fsync_dir(path / "new")
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
