@@ -449,7 +449,8 @@ def backup(config: Config, target: str, *, since: str | None = None,
     if compress is None:
         compress = not target.endswith(".tar")
     with contextlib.suppress(OSError):
-        os.nice(5)  # the server comes first
+        if os.nice(0) == 0:
+            os.nice(5)  # the server comes first
     output = _Output(target)  # as the invoking user: the archive is outside the state
     started = time.time()
     try:
