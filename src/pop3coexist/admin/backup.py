@@ -816,7 +816,12 @@ def _place(staged: Path, dest: Path, rel: str, summary: RestoreSummary, touched:
     contents: kept and reported)."""
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        os.link(staged, dest)
+        try:
+            os.link(staged, dest)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            _copy_into(staged, dest)  # state_dir spans file systems (a mounted mailroot)
     except FileExistsError:
         if _same(staged, dest):
             summary.same += 1
@@ -825,6 +830,22 @@ def _place(staged: Path, dest: Path, rel: str, summary: RestoreSummary, touched:
         return
     summary.restored += 1
     touched.add(dest.parent)
+
+
+def _copy_into(staged: Path, dest: Path) -> None:
+    """Copy ``staged`` to a temporary name beside ``dest`` (fsynced), then link it to ``dest``
+    (FileExistsError when ``dest`` exists, as os.link)."""
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out, open(staged, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 16)
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(tmp, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _same(a: Path, b: Path) -> bool:
