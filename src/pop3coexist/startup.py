@@ -231,3 +231,56 @@ class StartupReport:
             with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(1)
+
+
+# -- handing the state to the mail user (twistd --uid) -----------------------------------------
+
+
+def switch_ids(twistd_config: MutableMapping[str, Any] | None) -> tuple[int, int] | None:
+    """The (uid, gid) twistd will switch to after binding the listeners (``--uid``, ``--gid``;
+    the gid defaults to the user's own group, as twistd does), or None when it will not switch
+    (no ``--uid``, ``--euid`` only, or not started as root)."""
+    if twistd_config is None or os.getuid() != 0:
+        return None
+    uid, gid = twistd_config.get("uid"), twistd_config.get("gid")
+    if uid is None or uid == 0 or twistd_config.get("euid"):
+        return None
+    if gid is None:
+        import pwd
+
+        gid = pwd.getpwuid(uid).pw_gid
+    return int(uid), int(gid)
+
+
+def hand_over(state_dir: Path, uid: int, gid: int, extra: tuple[Path, ...] = ()) -> int:
+    """Give ``state_dir`` (and everything in it) and the files ``extra`` to ``uid``:``gid``.
+
+    ``twistd --uid`` builds the service as root, so the folders and files made before the
+    switch (``run/``, ``mailroot/``, the queue folders, the configured domains, a self-signed
+    certificate, and anything an earlier run as root or a root ``pop3coexist-admin`` left)
+    would belong to root, and the server could not write them once it runs as the mail user.
+    Called after ``preflight`` and before the switch: every entry not owned by ``uid`` gets
+    ``lchown`` (symbolic links are not followed). One ``lstat`` per file: run as root with
+    ``--uid`` only. Returns how many entries changed owner; ConfigError when one cannot.
+    """
+    changed = 0
+
+    def give(path: str) -> None:
+        nonlocal changed
+        try:
+            st = os.lstat(path)
+            if st.st_uid != uid or (st.st_gid != gid and st.st_gid == 0):
+                os.lchown(path, uid, gid)
+                changed += 1
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ConfigError(f"[server.state_dir] cannot give {path} to uid {uid}: {e.strerror}")
+
+    give(str(state_dir))
+    for dirpath, dirnames, filenames in os.walk(state_dir):
+        for name in (*dirnames, *filenames):
+            give(os.path.join(dirpath, name))
+    for path in extra:
+        give(str(path))
+    return changed

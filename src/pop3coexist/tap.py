@@ -43,13 +43,25 @@ def makeService(options: Options) -> Any:
     anything listens (and, daemonised, before twistd forks)."""
     from pop3coexist.config import load_config, locate
     from pop3coexist.service import make_service, preflight
-    from pop3coexist.startup import StartupReport, StateInUse, StateLock, check_state_dir
+    from pop3coexist.startup import (
+        StartupReport,
+        StateInUse,
+        StateLock,
+        check_state_dir,
+        hand_over,
+        switch_ids,
+    )
 
     try:
         config = load_config(options["config"])
         check_state_dir(config.server.state_dir)
         lock = StateLock.acquire(config.server.state_dir)
         preflight(config)
+        ids = switch_ids(options.parent)
+        if ids is not None:  # twistd --uid: what was made as root goes to the mail user
+            tls = config.tls
+            own = (tls.certificate, tls.private_key) if tls.self_signed else ()
+            hand_over(config.server.state_dir, *ids, extra=tuple(p for p in own if p))
         report = StartupReport(options.parent)  # twistd's own options: its status pipe
         report.install_exit_status()
         top = make_service(config, report=report)

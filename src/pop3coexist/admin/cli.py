@@ -79,6 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     pa = po.add_subparsers(dest="verb", required=True).add_parser(
         "apply", help="stamp the policies' proxy addresses in the directory")
     pa.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+
+    # -- backup, restore, import (admin/backup.py, admin/winpop.py)
+    bk = top.add_parser("backup", help="an online backup of the state (admin/backup.py)")
+    bk.add_argument("file", help="a new archive file, or - for standard output")
+    bk.add_argument("--since", default=None,
+                    help="incremental: files changed since a time or an earlier backup FILE")
+    bk.add_argument("--format", choices=("zstd", "tar"), default=None,
+                    help="zstd (default) or plain tar (the default for a name ending .tar)")
+    rs = top.add_parser("restore", help="restore a backup (into an empty or a running state)")
+    rs.add_argument("file", help="the archive, or - for standard input")
+    rs.add_argument("--verify", action="store_true", help="check every checksum; restore nothing")
+    im = top.add_parser("import", help="import mail from another server").add_subparsers(
+        dest="verb", required=True)
+    wp = im.add_parser("winpop", help="a Windows Server 2003 POP3 store (admin/winpop.py)")
+    wp.add_argument("mailroot", help="a copy of the store: MAILROOT/<domain>/P3_<mailbox>.mbx/")
+    wp.add_argument("--dry-run", action="store_true", help="show what would be copied; write nothing")
+    wp.add_argument("--passwords", default=None, metavar="FILE",
+                    help="passwords of new mailboxes: address<TAB>password lines")
+    wp.add_argument("--mailbox", default=None, metavar="ADDRESS", help="import this mailbox only")
+    wp.add_argument("--password-stdin", action="store_true",
+                    help="the password of the --mailbox, on standard input")
     return p
 
 
@@ -454,8 +475,17 @@ def run(argv: Sequence[str], out: Any = None) -> int:
     """Parse and run one command; return the exit code (errors go to stderr)."""
     args = build_parser().parse_args(list(argv))
     path = args.config or os.environ.get("POP3COEXIST_CONFIG") or DEFAULT_CONFIG
+    owner = None
     try:
         config = load_config(path)
+        if args.noun in ("backup", "restore", "import"):  # they read or write state themselves
+            _run_state_verb(config, args, out)
+            return 0
+        from pop3coexist.admin.owner import StateOwner
+
+        # run as root: act as the state's owner, so the server can read what is written
+        owner = StateOwner(config.server.state_dir)
+        owner.enter()
         if args.noun == "check-config":
             from pop3coexist.startup import check_state_dir
 
@@ -514,6 +544,31 @@ def run(argv: Sequence[str], out: Any = None) -> int:
     except OSError as e:
         print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
+    finally:
+        if owner is not None:
+            owner.leave()
+
+
+def _run_state_verb(config: Config, args: argparse.Namespace, out: Any) -> None:
+    """backup, restore and import winpop (admin/backup.py, admin/winpop.py)."""
+    if args.noun == "backup":
+        from pop3coexist.admin.backup import backup
+
+        backup(config, args.file, since=args.since,
+               compress=None if args.format is None else args.format == "zstd", out=out)
+    elif args.noun == "restore":
+        from pop3coexist.admin.backup import restore, verify
+
+        if args.verify:
+            verify(args.file, out)
+        else:
+            restore(config, args.file, out)
+    else:
+        from pop3coexist.admin.winpop import import_winpop
+
+        password = _read_password(True) if args.password_stdin else None
+        import_winpop(config, args.mailroot, dry_run=args.dry_run, password=password,
+                      passwords_file=args.passwords, only=args.mailbox, out=out)
 
 
 def main() -> None:

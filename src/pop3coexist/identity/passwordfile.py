@@ -535,6 +535,36 @@ class PasswordFile:
                 self._write(None, users)
         return count
 
+    def merge_from(self, other: PasswordFile) -> tuple[int, int]:
+        """Add the addresses of ``other`` (another password file, e.g. one a backup holds)
+        that this file lacks (``restore`` into a running server); an address already here
+        keeps its password. A secret (APOP / CRAM-MD5) comes along only when both files use
+        the same key; otherwise the entry comes without it (its owner's APOP works again after
+        the next ``mailbox passwd``). Returns ``(added, secrets dropped)``; StoreError for a
+        corrupt file or key."""
+        theirs = other._read()
+        other_key = other._key_or_none() if any(e.has_secret for e in theirs.users.values()) else None
+        with self._locked():
+            snap = self._read()
+            self._key = None
+            mine = self._key_or_none()
+            same_key = other_key is not None and mine is not None and other_key == mine
+            users = dict(snap.users)
+            added = dropped = 0
+            for address, entry in theirs.users.items():
+                if address in users:
+                    continue
+                if entry.has_secret and not same_key:
+                    entry = _Entry(entry.hash, None, None, entry.changed)
+                    dropped += 1
+                users[address] = entry
+                added += 1
+            if added:
+                has_secret = any(e.has_secret for e in users.values())
+                key_id = (snap.key_id or (theirs.key_id if same_key else None)) if has_secret else None
+                self._write(key_id, users)
+        return added, dropped
+
     def exists(self, address: str) -> bool:
         """True when ``address`` (any case) has a password."""
         key = _address_key(address)

@@ -770,6 +770,47 @@ class MaildirStore:
         except OSError as exc:
             raise errors.StoreError(f"delivery to {mname}@{dname} failed: {exc.strerror or exc}") from exc
 
+    def import_message(self, domain: str, mailbox: str, unique: str, data: bytes,
+                       mtime: float | None = None, *, check: bool = True,
+                       sync: bool = True) -> Path | None:
+        """Deliver ``data`` under the maildir unique part ``unique`` (an importer's name, which
+        orders the mailbox: it starts ``<seconds>.M<microseconds>``), with the usual size
+        fields, through ``tmp/`` (fsync, rename, fsync ``new/``); the file's time becomes
+        ``mtime``. No quota. Returns None, writing nothing, when a message with that unique
+        part is already in ``new/`` or ``cur/`` (``check=False``: the caller has looked, once
+        for many messages; ``sync=False``: the caller fsyncs ``new/`` once for a batch).
+        ``StoreError`` on an I/O error (nothing left behind)."""
+        dname, mname, path = self._existing_mailbox(domain, mailbox)
+        if "/" in unique or ":" in unique or "," in unique or unique.startswith("."):
+            raise ValueError(f"bad maildir unique part {unique!r}")
+        for sub in ("new", "cur") if check else ():
+            for entry in _scan(path / sub):
+                if unique_part(entry.name) == unique:
+                    return None
+        size, wsize = len(data), _crlf_size_of_bytes(data)
+        tmp = path / "tmp" / unique
+        final = path / "new" / f"{unique},S={size},W={wsize}"
+        try:
+            (path / "tmp").mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if mtime is not None:
+                os.utime(tmp, (mtime, mtime))
+            os.rename(tmp, final)
+            if sync:
+                _fsync_dir(path / "new")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise errors.StoreError(f"import into {mname}@{dname} failed: {exc.strerror or exc}") from exc
+        return final
+
     def _write_message(
         self, maildir: Path, data: bytes | BinaryIO, size: int, wsize: int, fsync_new: bool = True
     ) -> Path:
