@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     pa = po.add_subparsers(dest="verb", required=True).add_parser(
         "apply", help="stamp the policies' proxy addresses in the directory")
     pa.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+
+    dk = top.add_parser("dkim", help="DKIM signing keys (admin/dkim.py)").add_subparsers(
+        dest="verb", required=True)
+    kg = dk.add_parser("keygen", help="write a key and print the DNS record to publish")
+    kg.add_argument("domain")
+    kg.add_argument("selector")
+    kg.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     return p
 
 
@@ -461,6 +468,11 @@ def run(argv: Sequence[str], out: Any = None) -> int:
 
             check_state_dir(config.server.state_dir)  # before Admin() creates anything there
             Admin(config, out).check_config(args.peer)
+            return 0
+        if args.noun == "dkim":
+            from pop3coexist.admin.dkim import keygen
+
+            keygen(config, args.domain, args.selector, args.bits, out or sys.stdout)
             return 0
         admin = Admin(config, out)
         noun, verb = args.noun, getattr(args, "verb", None)
