@@ -389,6 +389,9 @@ class Admin:
             loaded = load_tls_files(self.config.tls)
             server_options(self.config.tls)
             warnings.extend(loaded.warnings if loaded else ())
+        from pop3coexist.service import check_dkim_keys
+
+        check_dkim_keys(self.config)  # [[dkim]]: each key file reads and signs
         for warning in warnings:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
         if self.config.auth.method == "passwordfile" and self.config.server.password_file.exists():

@@ -200,10 +200,13 @@ class SenderVerifier:
             if tags.get(b"b"):
                 props.append(("header.b", tags[b"b"][:8].decode("ascii", "replace")))
             comment = ""
+            key_problem: list[tuple[str, str]] = []  # dkimpy turns these into a bare False
             try:
-                result = "pass" if signer.verify(idx=idx, dnsfunc=self.dns.dkim_txt) else "fail"
+                ok = signer.verify(idx=idx, dnsfunc=self._key_lookup(key_problem))
+                result = "pass" if ok else "fail"
                 if result == "fail":
-                    comment = "signature does not verify"
+                    result, comment = (key_problem[0] if key_problem
+                                       else ("fail", "signature does not verify"))
             except dkim.DnsTimeoutError:
                 result, comment = "temperror", "key look-up failed"
             except dkim.ValidationError as e:
@@ -214,6 +217,29 @@ class SenderVerifier:
                 result, comment = "temperror", "key look-up failed"
             out.append(DkimOutcome(MethodResult("dkim", result, tuple(props), comment), d))
         return out
+
+    def _key_lookup(self, problems: list[tuple[str, str]]) -> Callable[..., bytes | None]:
+        """dkimpy's ``dnsfunc`` for one signature: notes in ``problems`` why a key is missing
+        (no record: permerror; unusable: permerror; timeout: temperror), which dkimpy itself
+        reports only as a failed verification."""
+        import dkim
+
+        def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+            try:
+                txt = self.dns.dkim_txt(name, timeout)
+            except dkim.DnsTimeoutError:
+                problems.append(("temperror", "key look-up failed"))
+                raise
+            if txt is None:
+                problems.append(("permerror", "no key published"))
+                return None
+            try:
+                dkim.evaluate_pk(name, txt)
+            except (dkim.DKIMException, ValueError):
+                problems.append(("permerror", "the published key is unusable"))
+            return txt
+
+        return lookup
 
     def organisational(self, domain: str) -> str:
         """The organisational domain (RFC 7489 section 3.2): the public suffix plus one
