@@ -81,13 +81,51 @@ def auth_results(raw: bytes) -> list[str]:
 # --------------------------------------------------------------------------- MX delivery
 
 
+class BusyHost:
+    """A host that greets every connection with ``421 4.3.2 busy`` and hangs up (a thread
+    with a listening socket); ``connections`` counts them."""
+
+    def __init__(self, address: str, port: int) -> None:
+        import socket
+        import threading
+
+        self.connections = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((address, port))
+        self.sock.listen(16)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.sendall(b"421 4.3.2 busy, try another host\r\n")
+
+    def stop(self) -> None:
+        import socket
+
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(5)
+
+
 def test_mx_delivery_preference_fallback_null_mx_and_implicit_mx(tmp_path: Path, cleanup) -> None:
     """MX delivery through the [dns] resolver, against a real DNS zone:
 
     - multi.test (MX 5 mx-a, 10 mx-b, 20 mx-c): delivered to mx-a (127.0.0.2), the lowest
       preference, and to no other host;
-    - fallback.test (MX 5 down, 10 up): the preferred host refuses connections, so the message
-      goes to the next one (127.0.0.3) in the same run (the retry interval is an hour);
+    - fallback.test (MX 5 down, 7 busy, 10 up): the preferred host refuses connections, the
+      next greets with 421, so the message goes to the third (127.0.0.3) in the same run (the
+      retry interval is an hour);
     - amx.test (no MX, an A record): delivered to its own address (127.0.0.4, implicit MX);
     - nullmx.test (``MX 0 .``, RFC 7505): fails at once, the sender's mailbox gets a failure
       report with 556 5.1.10, and the message leaves the queue."""
@@ -98,6 +136,8 @@ def test_mx_delivery_preference_fallback_null_mx_and_implicit_mx(tmp_path: Path,
     cleanup.append(mx_b)
     mx_c = SmartHost(address="127.0.0.4", port=port, hostname="mx-c.test").start()
     cleanup.append(mx_c)
+    busy = BusyHost("127.0.0.6", port)
+    cleanup.append(busy)
     zones = {
         "multi.test": [("multi.test", "MX", 10, "mx-b.multi.test"),
                        ("multi.test", "MX", 5, "mx-a.multi.test"),
@@ -106,8 +146,10 @@ def test_mx_delivery_preference_fallback_null_mx_and_implicit_mx(tmp_path: Path,
                        ("mx-b.multi.test", "A", "127.0.0.3"),
                        ("mx-c.multi.test", "A", "127.0.0.4")],
         "fallback.test": [("fallback.test", "MX", 5, "down.fallback.test"),
+                          ("fallback.test", "MX", 7, "busy.fallback.test"),
                           ("fallback.test", "MX", 10, "up.fallback.test"),
                           ("down.fallback.test", "A", "127.0.0.5"),  # nothing listens there
+                          ("busy.fallback.test", "A", "127.0.0.6"),
                           ("up.fallback.test", "A", "127.0.0.3")],
         "amx.test": [("amx.test", "A", "127.0.0.4")],
         "nullmx.test": [("nullmx.test", "MX", 0, "")],
@@ -129,7 +171,7 @@ def test_mx_delivery_preference_fallback_null_mx_and_implicit_mx(tmp_path: Path,
         assert a.rcpt_tos == ["user@multi.test"]
         got_b = wait_until(lambda: [m for m in mx_b.received if m.rcpt_tos == ["user@fallback.test"]],
                            what="fallback.test at the second MX")
-        assert len(got_b) == 1
+        assert len(got_b) == 1 and busy.connections == 1
         got_c = wait_until(lambda: [m for m in mx_c.received if m.rcpt_tos == ["user@amx.test"]],
                            what="amx.test at its A address")
         assert len(got_c) == 1

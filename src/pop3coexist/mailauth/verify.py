@@ -22,6 +22,7 @@ The checks run in a thread (``run_blocking``), with the ``[dns]`` resolvers
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections.abc import Callable
@@ -35,6 +36,10 @@ from zope.interface import implementer
 from pop3coexist import headers
 from pop3coexist.interfaces import ISenderVerifier, MethodResult, SenderAuthentication
 from pop3coexist.mailauth.resolver import BlockingDNS, DNSTemporaryError, spf_dns
+
+_QUIET = logging.getLogger("pop3coexist.mailauth.dkimpy")  # results are ours to report
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
 
 SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 
@@ -181,7 +186,7 @@ class SenderVerifier:
 
         data = _crlf(message)
         try:
-            signer = dkim.DKIM(data, timeout=int(max(1, self.dns.timeout)))
+            signer = dkim.DKIM(data, logger=_QUIET, timeout=int(max(1, self.dns.timeout)))
         except dkim.DKIMException as e:
             return [DkimOutcome(MethodResult("dkim", "permerror", (), str(e)), "")]
         sigs = [v for k, v in signer.headers if k.lower() == b"dkim-signature"]
