@@ -728,17 +728,27 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
     return out
 
 
+VERIFY_THREADS = 20  # SPF, DKIM and DMARC checks at once (each mostly waits for DNS)
+
+
 def make_sender_verifier(config: Config, reactor: Any) -> Any:
     """The ISenderVerifier of ``[sender_authentication]`` (mailauth/verify.py: SPF, DKIM and
-    DMARC with the ``[dns]`` resolvers, in the reactor's thread pool), or None when it is off."""
+    DMARC with the ``[dns]`` resolvers), or None when it is off. The checks run in a thread
+    pool of their own, started with the reactor: a slow DNS server never holds the threads
+    that the store and the queue need."""
     if not config.sender_authentication.enabled:
         return None
     from twisted.internet import threads
+    from twisted.python.threadpool import ThreadPool
 
     from pop3coexist.mailauth.verify import make_verifier
 
+    pool = ThreadPool(0, VERIFY_THREADS, "pop3coexist-mailauth")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
     def run_blocking(f: Any, *args: Any) -> Any:
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+        return threads.deferToThreadPool(reactor, pool, f, *args)
 
     return make_verifier(config, run_blocking)
 
