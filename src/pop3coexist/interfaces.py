@@ -212,9 +212,13 @@ class IOutboundQueue(Interface):
 
             {"sender": "a@b" or "", "recipients": [{"address": "...", "orcpt": str|None,
              "notify": ["FAILURE", ...]|None}], "ret": "FULL"|"HDRS"|None, "envid": str|None,
-             "received_from": "client description", "arrival": unix time, "hops": int}
+             "received_from": "client description", "arrival": unix time, "hops": int,
+             "inside": bool (optional, not stored)}
 
-        When this returns, the message and its envelope are durable. Returns the queue id.
+        ``inside``: the message comes from a logged-in client or ``relay.networks``
+        (policy/stages.py ``from_inside``): a DKIM-signing wrapper (policy/dkimsign.py) signs
+        only such mail. When this returns, the message and its envelope are durable. Returns
+        the queue id.
         """
 
     def wake() -> None:

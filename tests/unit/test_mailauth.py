@@ -493,3 +493,23 @@ def test_check_config_names_an_unreadable_dkim_key(tmp_path: Path, capsys) -> No
     assert run(["-c", str(config), "check-config"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "[dkim.key_file]" in err and "missing.pem" in err
+
+
+def test_both_resolvers_ask_the_configured_servers() -> None:
+    """[dns] servers and port reach the twisted.names resolver of the MX look-ups (after
+    /etc/hosts) and the dnspython resolver of the checks; the timeout bounds each query."""
+    from twisted.internet.task import Clock
+    from twisted.names import client, hosts
+
+    from pop3coexist.mailauth.resolver import twisted_resolver
+
+    cfg = DnsConfig(servers=("192.0.2.53", "2001:db8::53"), port=5353, timeout=4.0)
+    chain = twisted_resolver(cfg, Clock())
+    assert isinstance(chain.resolvers[0], hosts.Resolver)
+    upstream = chain.resolvers[-1]
+    assert isinstance(upstream, client.Resolver)
+    assert upstream.servers == [("192.0.2.53", 5353), ("2001:db8::53", 5353)]
+    assert sum(upstream.timeout) == pytest.approx(4.0)
+    blocking = BlockingDNS(cfg)
+    assert blocking.resolver.nameservers == ["192.0.2.53", "2001:db8::53"]
+    assert (blocking.resolver.port, blocking.resolver.lifetime) == (5353, 4.0)
