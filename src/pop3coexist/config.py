@@ -845,6 +845,90 @@ class MasqueradeConfig:
         return bool(self.domain)
 
 
+# --------------------------------------------------------------------------- mail authentication
+# ([dns], [[dkim]], [sender_authentication]: issue 13 items 4 to 6)
+
+
+def _dns_servers(value: Any) -> tuple[str, ...]:
+    """Resolver addresses: IPv4 or IPv6 literals, never names (a resolver must be reachable
+    without one)."""
+    out: list[str] = []
+    for item in _strings(value):
+        try:
+            out.append(str(ipaddress.ip_address(item.strip("[]"))))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address (a resolver is named by its "
+                             "address)") from None
+    return tuple(out)
+
+
+def _port(value: Any) -> int:
+    value = _integer(value)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a port from 1 to 65535")
+    return value
+
+
+def _selector(value: Any) -> str:
+    """A DKIM selector (RFC 6376 section 3.1): dot-separated DNS labels."""
+    value = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", value):
+        raise ValueError(f"{value!r} is not a selector (letters, digits, '-', dot-separated)")
+    return value.lower()
+
+
+def _header_names(value: Any) -> tuple[str, ...]:
+    """Header field names (RFC 5322 section 3.6.8 ftext), lower case, in order."""
+    out = []
+    for item in _strings(value):
+        if not re.fullmatch(r"[\x21-\x39\x3b-\x7e]+", item):
+            raise ValueError(f"{item!r} is not a header field name")
+        out.append(item.lower())
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """The resolvers every DNS look-up uses: MX of the outbound queue, SPF, DKIM, DMARC."""
+
+    servers: tuple[str, ...] = key(_dns_servers, [], "resolver addresses; empty: the "
+                                   "nameservers of /etc/resolv.conf",
+                                   shown="those of `/etc/resolv.conf`")
+    port: int = key(_port, 53, "the resolvers' UDP and TCP port", unit="port")
+    timeout: float = key(_duration, "5s", "to wait for one answer, every resolver tried")
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    """One ``[[dkim]]`` signing key: mail from inside whose From: domain is ``domain`` (or
+    under it) leaves with a DKIM signature by this key (policy/dkimsign.py)."""
+
+    domain: str = key(_hostname, REQUIRED, "the signing domain (d=)")
+    selector: str = key(_selector, REQUIRED, "the selector (s=): the public key is at "
+                        "SELECTOR._domainkey.DOMAIN")
+    key_file: Path = key(_path, REQUIRED, "PEM RSA private key (`pop3coexist-admin dkim "
+                         "keygen`)")
+    headers: tuple[str, ...] = key(_header_names, [], "header fields to sign (From is "
+                                   "always signed, and once more); empty: the usual set",
+                                   shown="the usual set")
+
+
+@dataclass(frozen=True)
+class SenderAuthConfig:
+    """``[sender_authentication]``: SPF, DKIM and DMARC of mail from outside, written as an
+    RFC 8601 Authentication-Results field (policy/stages.py ``CheckAuthentication``)."""
+
+    enabled: bool = key(_boolean, False, "false turns the checks off",
+                        shown="`true` when `[sender_authentication]` is present")
+    authserv_id: str = key(_optional_hostname, "", "the name in our Authentication-Results "
+                           "fields", shown="`server.hostname`")
+    dmarc_reject: str = key(_choice("reject", "mark"), "reject", "dmarc=fail under the "
+                            "sender domain's p=reject: refuse with 550 5.7.1, or only mark")
+    spf_timeout: float = key(_duration, "20s", "for all look-ups of one SPF check (RFC 7208 "
+                             "section 4.6.4)")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``path`` is the file it came from (or None);
@@ -863,6 +947,9 @@ class Config:
     path: Path | None = None
     gateway: GatewayConfig = table(GatewayConfig)
     masquerade: MasqueradeConfig = table(MasqueradeConfig)
+    dns: DnsConfig = table(DnsConfig)
+    dkim: tuple[DkimConfig, ...] = tables(DkimConfig, "DKIM signing keys")
+    sender_authentication: SenderAuthConfig = table(SenderAuthConfig)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -1173,8 +1260,12 @@ def parse_config(text: str, path: Path | None = None) -> Config:
 
     gateway_cfg = _parse_gateway(r, data, auth_cfg, domains_cfg)
     masq_cfg = _parse_masquerade(r, data, domains_cfg, gateway_cfg)
+    dns_cfg, dkim_cfg, sender_auth_cfg = _parse_mail_auth(r, data)
 
     return Config(
+        dns=dns_cfg,
+        dkim=dkim_cfg,
+        sender_authentication=sender_auth_cfg,
         gateway=gateway_cfg,
         masquerade=masq_cfg,
         server=server_cfg,
@@ -1336,3 +1427,33 @@ def _parse_masquerade(r: _Reader, data: Mapping[str, Any], domains: DomainsConfi
     if not cfg.from_domains:
         cfg = MasqueradeConfig(cfg.domain, tuple(domains.local), cfg.header_from)
     return cfg
+
+
+def _parse_mail_auth(r: _Reader, data: Mapping[str, Any]
+                     ) -> tuple[DnsConfig, tuple[DkimConfig, ...], SenderAuthConfig]:
+    """``[dns]``, ``[[dkim]]`` and ``[sender_authentication]``."""
+    dns_cfg = DnsConfig(**r.keys(data.get("dns", {}), "dns", DnsConfig))
+    raw = data.get("dkim", [])
+    if not isinstance(raw, list):
+        raise r.fail("dkim", None, "must be an array of tables ([[dkim]])")
+    keys: list[DkimConfig] = []
+    for item in raw:
+        d = r.keys(item, "dkim", DkimConfig)
+        for name in ("domain", "selector", "key_file"):
+            if d.get(name) in (None, ""):
+                raise r.fail("dkim", name, "is required in every [[dkim]] entry")
+        if any(k.domain == d["domain"] for k in keys):
+            raise r.fail("dkim", "domain", f"{d['domain']!r} has two [[dkim]] entries")
+        headers = d.get("headers", ())
+        if headers and "from" not in headers:
+            raise r.fail("dkim", "headers", "must name From (RFC 6376 section 5.4)")
+        for bad in ("dkim-signature", "received", "return-path", "bcc", "authentication-results"):
+            if bad in headers:
+                raise r.fail("dkim", "headers", f"{bad!r} must not be signed (it changes on "
+                             "the way or must not be seen)")
+        keys.append(DkimConfig(**d))
+    sa_data = data.get("sender_authentication")
+    sa = r.keys(sa_data if sa_data is not None else {}, "sender_authentication",
+                SenderAuthConfig)
+    sa.setdefault("enabled", sa_data is not None)
+    return dns_cfg, tuple(keys), SenderAuthConfig(**sa)

@@ -212,9 +212,13 @@ class IOutboundQueue(Interface):
 
             {"sender": "a@b" or "", "recipients": [{"address": "...", "orcpt": str|None,
              "notify": ["FAILURE", ...]|None}], "ret": "FULL"|"HDRS"|None, "envid": str|None,
-             "received_from": "client description", "arrival": unix time, "hops": int}
+             "received_from": "client description", "arrival": unix time, "hops": int,
+             "inside": bool (optional, not stored)}
 
-        When this returns, the message and its envelope are durable. Returns the queue id.
+        ``inside``: the message comes from a logged-in client or ``relay.networks``
+        (policy/stages.py ``from_inside``): a DKIM-signing wrapper (policy/dkimsign.py) signs
+        only such mail. When this returns, the message and its envelope are durable. Returns
+        the queue id.
         """
 
     def wake() -> None:
@@ -433,3 +437,46 @@ class ICommitter(Interface):
         """Deferred firing once durable with the local mailboxes whose quota refused the
         message (their delivery reports are queued), or failing (``errors.QuotaExceeded``
         when every local mailbox is full and nothing else was stored)."""
+
+
+# --------------------------------------------------------------------------- sender authentication
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One RFC 8601 ``resinfo``: a method (``spf``, ``dkim``, ``dmarc``), its result keyword
+    (``pass``, ``fail``, ``softfail``, ``neutral``, ``none``, ``temperror``, ``permerror``,
+    ``policy``), the properties ``(ptype.property, value)`` in order, and an optional comment
+    (plain text; the writer escapes it)."""
+
+    method: str
+    result: str
+    properties: tuple[tuple[str, str], ...] = ()
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class SenderAuthentication:
+    """What the checks found for one message from outside.
+
+    ``spf``: the SPF result of the MAIL FROM identity (the HELO identity for ``<>``);
+    ``dkim``: one result per DKIM-Signature field (``dkim=none`` alone when there is none);
+    ``dmarc``: the DMARC result of the From: domain; ``dmarc_domain``: that domain (or "");
+    ``dmarc_policy``: the policy the domain asks for this message (``none``, ``quarantine``,
+    ``reject``; after ``sp=`` for a subdomain and ``pct=`` sampling), or "" without one."""
+
+    spf: MethodResult
+    dkim: tuple[MethodResult, ...]
+    dmarc: MethodResult
+    dmarc_domain: str = ""
+    dmarc_policy: str = ""
+
+
+class ISenderVerifier(Interface):
+    """SPF (RFC 7208), DKIM (RFC 6376) and DMARC (RFC 7489) of one message: the DNS look-ups
+    happen here, below the policy that uses the answer (mailauth/verify.py)."""
+
+    def verify(message: bytes, client_ip: str, helo: str | None, mail_from: str) -> object:
+        """Deferred firing with a ``SenderAuthentication`` for ``message`` (LF or CRLF line
+        ends) sent by ``client_ip`` with EHLO ``helo`` and MAIL FROM ``mail_from`` ("" for
+        ``<>``). DNS failures are results (``temperror``), never errors."""

@@ -117,6 +117,7 @@ def preflight(config: Config) -> None:
     loaded = load_tls_files(config.tls)
     server_options(config.tls)
     check_systemd_listeners(config)
+    check_dkim_keys(config)
     for warning in (*config.warnings, *(loaded.warnings if loaded else ())):
         log.warn("configuration warning: {warning}", warning=warning)
     if config.auth.method == "passwordfile":
@@ -151,6 +152,18 @@ def preflight(config: Config) -> None:
             raise ConfigError(f"[auth] {config.auth.method}: {e}")
     if IClosable.providedBy(checker):
         checker.close()
+
+
+def check_dkim_keys(config: Config) -> None:
+    """Every ``[[dkim]]`` key file can be read and signs; ConfigError naming it when not."""
+    if not config.dkim:
+        return
+    from pop3coexist.policy.dkimsign import DkimSigner, SigningError
+
+    try:
+        DkimSigner(config.dkim).check()
+    except SigningError as e:
+        raise ConfigError(f"[dkim.key_file] {e}") from None
 
 
 class SystemdSockets:
@@ -693,12 +706,17 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
     for desc in config.pop3.tls_listen:
         out.append(("pop3s", desc, TLSMemoryBIOFactory(tls_options, False, pop3_factory(True))))
 
-    smtp_queue = wrap_queue(queue, config)  # [masquerade]: rewrite senders of mail that leaves
+    # [masquerade]: rewrite senders of mail that leaves; [[dkim]]: then sign it (dkimsign.py)
+    from pop3coexist.policy.dkimsign import dkim_queue
+
+    smtp_queue = wrap_queue(dkim_queue(queue, config), config)
+    verifier = make_sender_verifier(config, reactor)  # [sender_authentication]
 
     def smtp_factory(mode: str) -> Any:
         return SMTPServerFactory(
             config, parts.store, parts.checker, smtp_queue, tls_options=tls_options, mode=mode,
             reactor=reactor, throttle=smtp_throttle, limiter=limiters["smtp"],
+            verifier=verifier,
         )
 
     for desc in config.smtp.listen:
@@ -708,6 +726,31 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
     for desc in config.smtp.tls_listen:
         out.append(("smtps", desc, TLSMemoryBIOFactory(tls_options, False, smtp_factory("smtps"))))
     return out
+
+
+VERIFY_THREADS = 20  # SPF, DKIM and DMARC checks at once (each mostly waits for DNS)
+
+
+def make_sender_verifier(config: Config, reactor: Any) -> Any:
+    """The ISenderVerifier of ``[sender_authentication]`` (mailauth/verify.py: SPF, DKIM and
+    DMARC with the ``[dns]`` resolvers), or None when it is off. The checks run in a thread
+    pool of their own, started with the reactor: a slow DNS server never holds the threads
+    that the store and the queue need."""
+    if not config.sender_authentication.enabled:
+        return None
+    from twisted.internet import threads
+    from twisted.python.threadpool import ThreadPool
+
+    from pop3coexist.mailauth.verify import make_verifier
+
+    pool = ThreadPool(0, VERIFY_THREADS, "pop3coexist-mailauth")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+
+    def run_blocking(f: Any, *args: Any) -> Any:
+        return threads.deferToThreadPool(reactor, pool, f, *args)
+
+    return make_verifier(config, run_blocking)
 
 
 def make_service(config: Config, reactor: Any = None,
@@ -730,7 +773,12 @@ def make_service(config: Config, reactor: Any = None,
                                               throttles=top.throttles):
         top.add_listener(ListenerService(desc, factory, role, reactor=reactor))
 
-    outbound = OutboundService(config, queue, store=parts.store, reactor=reactor)
+    from pop3coexist.mailauth.resolver import twisted_resolver
+    from pop3coexist.smtp.hops import HopResolver
+
+    # MX and address look-ups of the queue ask the [dns] resolvers (mailauth/resolver.py)
+    outbound = OutboundService(config, queue, store=parts.store, reactor=reactor,
+                               resolver=HopResolver(twisted_resolver(config.dns, reactor)))
     outbound.setServiceParent(top)
     top.outbound = outbound
     _CheckerCloser(parts.checker).setServiceParent(top)

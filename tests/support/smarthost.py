@@ -71,7 +71,8 @@ class SmartHost:
     ``rcpt_replies``: address -> reply line for RCPT (default 250); ``port``: bind this port
     (0: the OS picks); ``dsn``: advertise DSN (RFC 3461) and take RET/ENVID on MAIL and
     NOTIFY/ORCPT on RCPT (recorded in ``mail_options`` / ``rcpt_options``); without it those
-    parameters get aiosmtpd's 555.
+    parameters get aiosmtpd's 555. ``address``: the loopback address to bind (127.0.0.x: MX
+    hosts of a test DNS zone need distinct addresses).
     """
 
     cert: Path | None = None
@@ -83,6 +84,7 @@ class SmartHost:
     hostname: str = "smarthost.test"
     auth_require_tls: bool = True
     dsn: bool = False
+    address: str = "127.0.0.1"
     received: list[Received] = field(default_factory=list)
     commands: list[tuple[str, bool]] = field(default_factory=list)  # (verb, inside TLS)
     auth_attempts: list[tuple[str, bool]] = field(default_factory=list)  # (mechanism, success)
@@ -92,7 +94,7 @@ class SmartHost:
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
+        sock.bind((self.address, self.port))
         sock.listen(128)
         self.port = sock.getsockname()[1]
         self._loop = asyncio.new_event_loop()
@@ -143,7 +145,7 @@ class SmartHost:
 
     @property
     def hop(self) -> str:
-        return f"[127.0.0.1]:{self.port}"
+        return f"[{self.address}]:{self.port}"
 
     def wait_for(self, n: int, timeout: float = 20.0) -> list[Received]:
         wait_until(lambda: len(self.received) >= n, timeout, f"{n} messages at the smart host")

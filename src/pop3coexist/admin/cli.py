@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--mailbox", default=None, metavar="ADDRESS", help="import this mailbox only")
     wp.add_argument("--password-stdin", action="store_true",
                     help="the password of the --mailbox, on standard input")
+    dk = top.add_parser("dkim", help="DKIM signing keys (admin/dkim.py)").add_subparsers(
+        dest="verb", required=True)
+    kg = dk.add_parser("keygen", help="write a key and print the DNS record to publish")
+    kg.add_argument("domain")
+    kg.add_argument("selector")
+    kg.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
     return p
 
 
@@ -403,6 +409,9 @@ class Admin:
             loaded = load_tls_files(self.config.tls)
             server_options(self.config.tls)
             warnings.extend(loaded.warnings if loaded else ())
+        from pop3coexist.service import check_dkim_keys
+
+        check_dkim_keys(self.config)  # [[dkim]]: each key file reads and signs
         for warning in warnings:
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
         if self.config.auth.method == "passwordfile" and self.config.server.password_file.exists():
@@ -491,6 +500,11 @@ def run(argv: Sequence[str], out: Any = None) -> int:
 
             check_state_dir(config.server.state_dir)  # before Admin() creates anything there
             Admin(config, out).check_config(args.peer)
+            return 0
+        if args.noun == "dkim":
+            from pop3coexist.admin.dkim import keygen
+
+            keygen(config, args.domain, args.selector, args.bits, out or sys.stdout)
             return 0
         admin = Admin(config, out)
         noun, verb = args.noun, getattr(args, "verb", None)

@@ -67,7 +67,13 @@ from pop3coexist.policy.relay import (
     parse_recipient,
     primary_domain,
 )
-from pop3coexist.policy.stages import Message, Recipient, default_stages, run_stages
+from pop3coexist.policy.stages import (
+    CheckAuthentication,
+    Message,
+    Recipient,
+    default_stages,
+    run_stages,
+)
 
 log = Logger(namespace="pop3coexist.smtp.server")
 
@@ -152,12 +158,14 @@ class DeliveryContext:
 
     ``run_blocking(f, *args)`` runs blocking store calls off the reactor (a Deferred);
     ``clock`` gives ``seconds()``; ``resolve_host(name)`` is blocking (default getaddrinfo);
-    ``committer`` is an ``ICommitter`` (the group commit of smtp/incoming.py).
+    ``committer`` is an ``ICommitter`` (the group commit of smtp/incoming.py); ``verifier``
+    an ``ISenderVerifier`` for the sender-authentication stage (None: no such stage).
     """
 
     def __init__(self, config: Any, store: Any, checker: Any, committer: Any,
                  run_blocking: Callable[..., defer.Deferred], clock: Any,
-                 resolve_host: Callable[[str], list[str]] | None = None) -> None:
+                 resolve_host: Callable[[str], list[str]] | None = None,
+                 verifier: Any = None) -> None:
         self.config = config
         self.store = store
         self.checker = checker
@@ -167,7 +175,13 @@ class DeliveryContext:
         self.relay = RelayPolicy.from_config(config)
         self.gateway = GatewayPolicy.from_config(config, checker)  # None: not a gateway
         self.roles = RoleAddresses.from_config(config)
-        self.stages = default_stages(committer)
+        sa = config.sender_authentication
+        authentication = None
+        if verifier is not None and sa.enabled:  # an ISenderVerifier (mailauth/verify.py)
+            authentication = CheckAuthentication(verifier, self.relay.is_trusted,
+                                                 sa.authserv_id or config.server.hostname,
+                                                 sa.dmarc_reject)
+        self.stages = default_stages(committer, authentication, self.relay.is_trusted)
         self._domains: list[str] | None = None
         self._domains_at = 0.0
         self._reading: list[defer.Deferred] | None = None  # callers of the read in progress
@@ -354,7 +368,7 @@ class SMTPDelivery:
     def begin(self, session: SMTPSession, sender: Address | None,
               options: MailOptions) -> DeliveryTransaction:
         """See IMessageDelivery: a new transaction."""
-        return DeliveryTransaction(self.context, session, sender, options)
+        return DeliveryTransaction(self.context, session, sender, options, self.user)
 
     # -- RCPT
 
@@ -509,9 +523,10 @@ class DeliveryTransaction:
     stages of ``policy.stages`` (see there for their order and outcomes)."""
 
     def __init__(self, context: DeliveryContext, session: SMTPSession, sender: Address | None,
-                 options: MailOptions) -> None:
+                 options: MailOptions, user: str | None = None) -> None:
         self.context = context
         self.session = session
+        self.user = user  # the avatar's account (SMTP AUTH), or None
         self.sender = sender
         self.options = options
         self.recipients: list[str] = []  # as accepted, for Received / logs
@@ -549,6 +564,7 @@ class DeliveryTransaction:
             recipients=rcpts, size=size, hops=hops, arrival=arrival,
             received_from=received_from, ret=self.options.ret, envid=self.options.envid,
             body=self.options.body, reporting_mta=self.context.config.server.hostname,
+            session=self.session, user=self.user,
         )
 
     def commit(self) -> defer.Deferred:

@@ -5,14 +5,23 @@ transaction (policy/delivery.py) runs these stages, in this order, over one ``Me
 
 1. **recipient expansion** (``ExpandRecipients``): may replace a recipient by others (aliases,
    distribution lists) or add recipients. Empty for now.
-2. **content check** (``CheckContent``): may refuse or defer the whole message, or refuse
+2. **sender authentication** (``CheckAuthentication``): for mail from outside (neither logged
+   in nor from ``relay.networks``), SPF, DKIM and DMARC through an ``ISenderVerifier``
+   (mailauth/verify.py does the DNS look-ups); removes the ``Authentication-Results`` fields
+   that carry our authserv-id and adds ours on top (RFC 8601 sections 5 and 7); refuses the
+   message with ``550 5.7.1`` when DMARC fails under the sender domain's ``p=reject`` and
+   ``sender_authentication.dmarc_reject = "reject"``. Continues at once when
+   ``[sender_authentication]`` is off.
+3. **content check** (``CheckContent``): may refuse or defer the whole message, or refuse
    single recipients (milters, virus and spam checks). Empty for now.
-3. **per-recipient rules** (``RecipientRules``): may refuse or defer single recipients
+4. **per-recipient rules** (``RecipientRules``): may refuse or defer single recipients
    (per-mailbox rules). Empty for now.
-4. **commit** (``CommitStage``): makes the message durable in its local mailboxes and the
+5. **commit** (``CommitStage``): makes the message durable in its local mailboxes and the
    outbound queue through an ``ICommitter`` (``smtp.incoming.GroupCommitter``: batches, hard
    links, the quota check under flock, Return-Path, the delivery reports of full mailboxes).
-   It always runs last and is the stage that accepts.
+   It always runs last and is the stage that accepts. The queue's envelope says whether the
+   message comes from inside (``"inside"``): only such mail is DKIM-signed when it is
+   queued (policy/dkimsign.py).
 
 Outcomes (Haraka's small vocabulary), returned by a stage for the whole message as a
 ``Verdict``, or set on one ``Recipient`` (``Message.decide``):
@@ -57,7 +66,8 @@ from twisted.logger import Logger
 
 from pop3coexist import headers
 from pop3coexist.errors import MailError, QuotaExceeded
-from pop3coexist.interfaces import LocalNotes
+from pop3coexist.interfaces import LocalNotes, SMTPSession
+from pop3coexist.policy import authresults
 
 log = Logger(namespace="pop3coexist.smtp.server")
 
@@ -128,6 +138,8 @@ class Message:
     body: str | None = None
     reporting_mta: str = ""
     dropped: list[Recipient] = field(default_factory=list)  # refused by a stage
+    session: SMTPSession | None = None  # the client's address, EHLO name, listener
+    user: str | None = None  # the account the client logged in as (SMTP AUTH), or None
 
     def decide(self, recipient: Recipient, verdict: Verdict) -> None:
         """Give one recipient a verdict (a REFUSE or DEFER takes it out after the stage)."""
@@ -200,8 +212,58 @@ class ExpandRecipients:
         return CONTINUE
 
 
+def from_inside(message: Message, trusted: Callable[[str], bool] | None) -> bool:
+    """True when ``message`` comes from inside: a logged-in client, or a client address that
+    ``trusted`` accepts (``relay.networks``). Without a session (a test's message) it is
+    outside only when ``trusted`` is given."""
+    if message.user is not None:
+        return True
+    if message.session is None or trusted is None:
+        return trusted is None
+    return bool(trusted(message.session.client_ip))
+
+
+class CheckAuthentication:
+    """Stage 2: sender authentication (module docstring). ``verifier`` provides
+    ``interfaces.ISenderVerifier``; ``trusted(ip)`` says whether a client address is inside;
+    ``authserv_id`` names us in the field; ``dmarc_reject``: ``"reject"`` or ``"mark"``."""
+
+    name = "sender authentication"
+
+    def __init__(self, verifier: Any, trusted: Callable[[str], bool], authserv_id: str,
+                 dmarc_reject: str = "reject") -> None:
+        self.verifier = verifier
+        self.trusted = trusted
+        self.authserv_id = authserv_id
+        self.dmarc_reject = dmarc_reject
+
+    async def __call__(self, message: Message) -> Verdict:
+        session = message.session
+        if session is None or from_inside(message, self.trusted):
+            return CONTINUE
+        data = await message.content()
+        found = await self.verifier.verify(data, session.client_ip, session.helo,
+                                           message.sender)
+        ours = authresults.format_value(self.authserv_id, found)
+        edited = headers.remove_headers(
+            data, authresults.FIELD, lambda v: authresults.names_us(v, self.authserv_id))
+        if edited != data:
+            log.info("SMTP {id}: removed an Authentication-Results field naming us from "
+                     "outside", id=message.queue_id)
+        await message.replace_content(headers.prepend_header(edited, authresults.FIELD, ours))
+        log.info("SMTP {id}: {results}", id=message.queue_id,
+                 results="; ".join(authresults.resinfo(r)
+                                   for r in (found.spf, *found.dkim, found.dmarc)))
+        if (found.dmarc.result == "fail" and found.dmarc_policy == "reject"
+                and self.dmarc_reject == "reject"):
+            return Verdict.refusal(MailError(
+                550, "5.7.1", f"Message rejected: the DMARC policy of {found.dmarc_domain} "
+                "asks to reject mail that fails its checks"))
+        return CONTINUE
+
+
 class CheckContent:
-    """Stage 2: content check (milters join here). Empty for now."""
+    """Stage 3: content check (milters join here). Empty for now."""
 
     name = "content check"
 
@@ -210,7 +272,7 @@ class CheckContent:
 
 
 class RecipientRules:
-    """Stage 3: per-recipient rules. Empty for now."""
+    """Stage 4: per-recipient rules. Empty for now."""
 
     name = "per-recipient rules"
 
@@ -219,12 +281,14 @@ class RecipientRules:
 
 
 class CommitStage:
-    """Stage 4: durable in the local mailboxes and the outbound queue (an ``ICommitter``)."""
+    """Stage 5: durable in the local mailboxes and the outbound queue (an ``ICommitter``).
+    ``trusted(ip)`` (``relay.networks``) decides the envelope's ``"inside"``."""
 
     name = "commit"
 
-    def __init__(self, committer: Any) -> None:
+    def __init__(self, committer: Any, trusted: Callable[[str], bool] | None = None) -> None:
         self.committer = committer
+        self.trusted = trusted
 
     async def __call__(self, message: Message) -> Verdict:
         local = [r for r in message.recipients if r.mailbox is not None]
@@ -240,6 +304,7 @@ class CommitStage:
                 "received_from": message.received_from,
                 "arrival": message.arrival,
                 "hops": message.hops,
+                "inside": from_inside(message, self.trusted),
             }
         notes = LocalNotes(
             sender=message.sender,
@@ -267,9 +332,14 @@ class CommitStage:
         return ACCEPT
 
 
-def default_stages(committer: Any) -> list[Stage]:
-    """The stages in their declared order (see the module docstring)."""
-    return [ExpandRecipients(), CheckContent(), RecipientRules(), CommitStage(committer)]
+def default_stages(committer: Any, authentication: CheckAuthentication | None = None,
+                   trusted: Callable[[str], bool] | None = None) -> list[Stage]:
+    """The stages in their declared order (see the module docstring); ``authentication``:
+    the sender-authentication stage (None: ``[sender_authentication]`` is off)."""
+    stages: list[Stage] = [ExpandRecipients()]
+    if authentication is not None:
+        stages.append(authentication)
+    return [*stages, CheckContent(), RecipientRules(), CommitStage(committer, trusted)]
 
 
 async def run_stages(message: Message, stages: Sequence[Stage]) -> dict[str, Verdict]:

@@ -63,7 +63,8 @@ class SMTPServerFactory(protocol.ServerFactory):
     Deferred (default: the reactor's thread pool). ``throttle`` and ``limiter`` may be shared
     between listeners (one AuthThrottle with POP3, one ConnectionLimiter for all SMTP ports).
     ``realm`` gives each session its avatar (policy/delivery.py); ``resolve_host(name)``
-    (blocking) finds the addresses of ``server.hostname`` for address literals.
+    (blocking) finds the addresses of ``server.hostname`` for address literals; ``verifier``
+    (an ``ISenderVerifier``) checks SPF, DKIM and DMARC of mail from outside.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         throttle: AuthThrottle | None = None,
         limiter: ConnectionLimiter | None = None,
         resolve_host=None,
+        verifier=None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -111,7 +113,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
         # every sender and recipient decision: the avatars of policy/delivery.py
         self.context = DeliveryContext(config, store, checker, self.committer, run_blocking,
-                                       reactor, resolve_host)
+                                       reactor, resolve_host, verifier)
         self.realm = DeliveryRealm(self.context)
 
     @property

@@ -1,0 +1,1 @@
+"""Mail authentication over DNS: the [dns] resolvers and the SPF, DKIM and DMARC checks."""
