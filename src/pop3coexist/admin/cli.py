@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     pa = po.add_subparsers(dest="verb", required=True).add_parser(
         "apply", help="stamp the policies' proxy addresses in the directory")
     pa.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+
+    from pop3coexist.admin import vacation  # out-of-office (admin/vacation.py)
+
+    vacation.add_parser(top)
     return p
 
 
@@ -492,6 +496,10 @@ def run(argv: Sequence[str], out: Any = None) -> int:
             from pop3coexist.admin.policy import run_apply
 
             run_apply(config, args.dry_run, admin.out)
+        elif noun == "vacation":
+            from pop3coexist.admin import vacation
+
+            vacation.run(config, admin.store, args, admin.out)
         elif noun == "queue":
             if verb == "list":
                 admin.queue_list()

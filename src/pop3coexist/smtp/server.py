@@ -63,7 +63,9 @@ class SMTPServerFactory(protocol.ServerFactory):
     Deferred (default: the reactor's thread pool). ``throttle`` and ``limiter`` may be shared
     between listeners (one AuthThrottle with POP3, one ConnectionLimiter for all SMTP ports).
     ``realm`` gives each session its avatar (policy/delivery.py); ``resolve_host(name)``
-    (blocking) finds the addresses of ``server.hostname`` for address literals.
+    (blocking) finds the addresses of ``server.hostname`` for address literals. ``rules``:
+    the per-recipient rules stage's ``IMailboxRules`` (Sieve, policy/rules.py) or None;
+    ``srs``: the ``policy.srs.SRS`` that turns bounce addresses back, or None.
     """
 
     def __init__(
@@ -79,6 +81,8 @@ class SMTPServerFactory(protocol.ServerFactory):
         throttle: AuthThrottle | None = None,
         limiter: ConnectionLimiter | None = None,
         resolve_host=None,
+        rules=None,
+        srs=None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -111,7 +115,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
         # every sender and recipient decision: the avatars of policy/delivery.py
         self.context = DeliveryContext(config, store, checker, self.committer, run_blocking,
-                                       reactor, resolve_host)
+                                       reactor, resolve_host, rules=rules, srs=srs)
         self.realm = DeliveryRealm(self.context)
 
     @property
