@@ -82,6 +82,7 @@ class StringList:
 
     values: list[str]
     single: bool = False
+    lines: list[int] = field(default_factory=list)  # the line of each string
 
 
 @dataclass
@@ -242,9 +243,10 @@ def _decode(raw: bytes, line: int) -> str:
 
 
 class _Parser:
-    def __init__(self, tokens: list[_Token]) -> None:
+    def __init__(self, tokens: list[_Token], end_line: int) -> None:
         self.tokens = tokens
         self.i = 0
+        self.end_line = end_line  # the line the script ends on
 
     def peek(self) -> _Token | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -252,8 +254,8 @@ class _Parser:
     def take(self, *kinds: str) -> _Token:
         tok = self.peek()
         if tok is None:
-            last = self.tokens[-1].line if self.tokens else 1
-            raise SieveSyntaxError(last, f"the script ends where {' or '.join(kinds)} is expected")
+            raise SieveSyntaxError(self.end_line,
+                                   f"the script ends where {' or '.join(kinds)} is expected")
         if tok.kind not in kinds:
             raise SieveSyntaxError(tok.line, f"{_show(tok)} where {' or '.join(kinds)} is "
                                    "expected")
@@ -297,13 +299,16 @@ class _Parser:
                 cmd.arguments.append(Number(int(tok.value)))  # type: ignore[call-overload]
             elif tok.kind == "string":
                 self.i += 1
-                cmd.arguments.append(StringList([str(tok.value)], single=True))
+                cmd.arguments.append(StringList([str(tok.value)], single=True, lines=[tok.line]))
             elif tok.kind == "[":
                 self.i += 1
-                values = [str(self.take("string").value)]
+                first = self.take("string")
+                values, lines = [str(first.value)], [first.line]
                 while self.take(",", "]").kind == ",":
-                    values.append(str(self.take("string").value))
-                cmd.arguments.append(StringList(values))
+                    item = self.take("string")
+                    values.append(str(item.value))
+                    lines.append(item.line)
+                cmd.arguments.append(StringList(values, lines=lines))
             else:
                 break
         tok = self.peek()
@@ -439,7 +444,7 @@ def parse(text: str | bytes, max_size: int = MAX_SCRIPT_SIZE) -> list[Command]:
     if len(data) > max_size:
         raise SieveSyntaxError(1, f"the script is larger than {max_size} octets")
     tokens = _tokens(data)
-    commands = _Parser(tokens).commands(0, closing=False)
+    commands = _Parser(tokens, data.count(b"\n") + 1).commands(0, closing=False)
     _Validator().block(commands, top=True)
     return commands
 
@@ -494,15 +499,18 @@ class _Validator:
         return spec
 
     def do_require(self, cmd: Command) -> None:
-        for name in cmd.strings(0):
+        arg = cmd.positional[0]
+        assert isinstance(arg, StringList)
+        for name, line in zip(arg.values, arg.lines or [cmd.line] * len(arg.values),
+                              strict=True):
             ext = name.lower()
             if ext in EXTENSIONS:
                 self.required.add(ext)
             elif ext in REFUSED:
-                raise SieveSyntaxError(cmd.line, f"extension \"{name}\" is not supported: "
+                raise SieveSyntaxError(line, f"extension \"{name}\" is not supported: "
                                        f"{REFUSED[ext]}")
             else:
-                raise SieveSyntaxError(cmd.line, f"unknown extension \"{name}\"")
+                raise SieveSyntaxError(line, f"unknown extension \"{name}\"")
 
     def command(self, cmd: Command, spec: Spec) -> None:
         self.arguments(cmd, spec)
