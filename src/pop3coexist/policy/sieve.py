@@ -515,6 +515,10 @@ class _Validator:
     def command(self, cmd: Command, spec: Spec) -> None:
         self.arguments(cmd, spec)
         if spec.tests == "none" and cmd.tests:
+            inner = SPECS.get(cmd.tests[0].name)
+            if inner is not None and inner.kind != "test":
+                raise SieveSyntaxError(cmd.tests[0].line, f"{cmd.tests[0].name} is not a test "
+                                       "(is a '{' missing before it?)")
             raise SieveSyntaxError(cmd.line, f"{cmd.name} takes no test")
         if spec.tests == "one" and len(cmd.tests) != 1:
             raise SieveSyntaxError(cmd.line, f"{cmd.name} needs exactly one test")
