@@ -120,6 +120,7 @@ class ManageSieveProtocol(LineReceiver, TimeoutMixin):
 
     def __init__(self, factory: ManageSieveFactory) -> None:
         self.factory = factory
+        self.callLater = factory.reactor.callLater  # TimeoutMixin's clock: the factory's
         self.user: tuple[str, str] | None = None  # (domain, mailbox) once logged in
         self.address = ""
         self.secure = False
