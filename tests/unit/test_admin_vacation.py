@@ -10,7 +10,8 @@ from pop3coexist.policy.sieve import parse
 from pop3coexist.policy.sieve_run import MailContext, run
 from pop3coexist.store.maildir import MaildirStore
 from pop3coexist.store.sievestore import SieveScripts
-from tests.unit.test_admin import config  # noqa: F401 (fixtures)
+from tests.unit.test_admin import config  # noqa: F401 (a fixture)
+from tests.unit.test_admin import run as admin_run  # noqa: F401 (a fixture)
 
 D = "pop.contoso.test"
 
