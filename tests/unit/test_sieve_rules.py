@@ -140,7 +140,7 @@ def test_redirect_queues_an_srs_copy_with_the_loop_marker(env) -> None:  # noqa:
     assert apply(rules, msg).outcome is Outcome.CONTINUE
     assert [r.address for r in msg.recipients] == ["ann@pop.contoso.test"]
     [(data, env_)] = queue.queued
-    assert data.startswith(b"X-Sieve-Redirected-From: <ted@pop.contoso.test>\r\nFrom: Ann")
+    assert data.startswith(b"X-Sieve-Redirected-From: <ted@pop.contoso.test>\nFrom: Ann")  # LF
     assert b"Return-Path" not in data
     assert env_["sender"].startswith("SRS0=") and env_["sender"].endswith(f"@{D}")
     assert env_["recipients"][0]["address"] == "far@example.net"
@@ -185,7 +185,7 @@ def test_reject_alone_is_550_and_beside_others_a_notice(env) -> None:  # noqa: A
     assert committer.local == [(D, "ann")]
     [(notice, env_)] = queue.queued
     assert env_["sender"] == "" and env_["recipients"][0]["address"] == "ann@example.org"
-    assert b"Not\r\nwanted" in notice and b"Auto-Submitted: auto-replied" in notice
+    assert b"Not\nwanted" in notice and b"Auto-Submitted: auto-replied" in notice
 
 
 def test_a_script_that_does_not_parse_keeps(env, tmp_path) -> None:  # noqa: ANN001
@@ -301,3 +301,26 @@ def test_script_store_names_activation_rename_delete(env) -> None:  # noqa: ANN0
     assert not scripts.vacation_due(D, "ted", "h\0a@x", 86400, now=1000.0 + 86399)
     assert scripts.vacation_due(D, "ted", "h\0a@x", 86400, now=1000.0 + 86400)
     assert scripts.vacation_due(D, "ted", "h\0b@x", 86400, now=1000.0 + 86400)
+
+
+def test_mailboxes_without_rules_cost_no_thread_hop_for_a_second(env) -> None:  # noqa: ANN001
+    """A mailbox found without an active script is not looked at again for NO_SCRIPT_TTL
+    seconds (no run_blocking call); a script activated meanwhile runs after that."""
+    store, scripts, queue, _ = env
+    calls: list = []
+    now = [100.0]
+
+    def counting(f, *args):  # noqa: ANN001, ANN202
+        calls.append(f)
+        return defer.maybeDeferred(f, *args)
+
+    rules = SieveRules(RulesSettings(hostname="mx"), scripts, queue, store, counting,
+                       monotonic=lambda: now[0])
+    for _ in range(3):
+        apply(rules, message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))]))
+    assert len(calls) == 1
+    scripts.put_script(D, "ted", "d", "discard;")
+    scripts.set_active(D, "ted", "d")
+    now[0] += 1.5
+    msg = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))])
+    assert apply(rules, msg).outcome is Outcome.ACCEPT and len(calls) == 2

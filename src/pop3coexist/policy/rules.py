@@ -2,7 +2,9 @@
 ``interfaces.IMailboxRules`` (``policy.stages.RecipientRules`` calls it).
 
 For each local recipient whose mailbox has an active script (``ISieveScripts``), off the
-reactor in one thread hop for the whole message:
+reactor in one thread hop for the whole message (a mailbox found without one is not looked
+at again for ``NO_SCRIPT_TTL`` seconds, so mail for mailboxes without rules costs no thread
+hop; a script activated meanwhile applies from the next second on):
 
 1. the script is parsed (``policy.sieve``; cached by its version) and run
    (``policy.sieve_run``) with the limits of ``[sieve]``. A script that does not parse, or
@@ -58,6 +60,7 @@ from pop3coexist.policy.stages import ACCEPT, CONTINUE, Message, Recipient, Verd
 log = Logger(namespace="pop3coexist.sieve")
 
 LOOP_HEADER = "X-Sieve-Redirected-From"
+NO_SCRIPT_TTL = 1.0  # seconds a mailbox found without an active script is not looked at again
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,13 @@ class SieveRules:
     """See IMailboxRules. ``scripts``: ISieveScripts; ``queue``: IOutboundQueue; ``store``:
     the IMailStore (its ``spool_dir`` is where queued copies are built); ``srs``: an SRS or
     None (forwarded mail keeps its sender); ``run_blocking``: runs a blocking call off the
-    reactor (a Deferred)."""
+    reactor (a Deferred); ``clock``: unix time (Date, records); ``monotonic``: for the
+    no-script cache."""
 
     def __init__(self, settings: RulesSettings, scripts: Any, queue: Any, store: Any,
                  run_blocking: Callable[..., Any], srs: SRS | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.scripts = scripts
         self.queue = queue
@@ -113,13 +118,16 @@ class SieveRules:
         self.run_blocking = run_blocking
         self.srs = srs
         self.clock = clock
+        self.monotonic = monotonic
         self._compiled: dict[tuple[str, str], tuple[Any, list[Command] | SieveSyntaxError]] = {}
+        self._no_script: dict[tuple[str, str], float] = {}  # mailbox -> known until (monotonic)
 
     async def apply(self, message: Message) -> Verdict:
         """See IMailboxRules."""
         local = [r for r in message.recipients if r.mailbox is not None]
-        if not local:
-            return CONTINUE
+        now = self.monotonic()
+        if all(self._no_script.get(r.mailbox, 0.0) > now for r in local):  # type: ignore[arg-type]
+            return CONTINUE  # no thread hop for mailboxes known to have no rules
         decisions = await self.run_blocking(self.decide_and_act, message, local)
         gone = {id(d.recipient) for d in decisions if d.fate == "discard"}
         for d in decisions:
@@ -151,7 +159,11 @@ class SieveRules:
                           "is kept", id=message.queue_id, rcpt=r.address, why=str(e))
                 continue
             if active is None:
+                if len(self._no_script) > 100_000:
+                    self._no_script.clear()
+                self._no_script[(domain, box)] = self.monotonic() + NO_SCRIPT_TTL
                 continue
+            self._no_script.pop((domain, box), None)
             name, text, version = active
             d.script = name
             commands = self._compile(domain, box, text, version)
@@ -197,11 +209,8 @@ class SieveRules:
 
     @staticmethod
     def _message_bytes(message: Message) -> bytes:
-        spool = message.spool
-        spool.finish()
-        with open(spool.path, "rb") as f:
-            f.seek(spool.local_prefix)
-            return f.read()
+        """Blocking: the message as the stages see it (``ISpool.read``: no Return-Path)."""
+        return message.spool.read()
 
     def _carry_out(self, message: Message, d: _Decision, mail: MailContext, data: bytes,
                    domain: str, box: str) -> None:
@@ -314,7 +323,7 @@ class SieveRules:
         path = spool / f"sieve.{os.getpid()}.{secrets.token_hex(8)}.tmp"
         try:
             with open(path, "xb") as f:
-                f.write(data)
+                f.write(data.replace(b"\r\n", b"\n"))  # the store's form: LF lines
                 f.flush()
                 os.fsync(f.fileno())
             self.queue.enqueue(path, {

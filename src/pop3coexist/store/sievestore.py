@@ -227,16 +227,20 @@ def load_srs_key(path: Path) -> bytes:
     when the file does not exist, a new random one is written there first (mode 0600), so
     every process of the server and every restart uses the same key."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
+    if not path.exists():  # write it whole, then link it in: a reader never sees it half made
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, secrets.token_hex(32).encode("ascii") + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
+        try:
+            os.link(tmp, path)  # another process may have made it first: theirs counts
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
         fsync_dir(path.parent)
     key = path.read_bytes().rstrip(b"\r\n")
     if not key:
