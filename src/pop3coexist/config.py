@@ -878,6 +878,9 @@ class ManageSieveConfig:
     max_script_size: int = key(_size, "64KB", "largest script", unit="bytes")
     max_scripts: int = key(_positive, 20, "scripts per mailbox", unit="scripts")
     idle_timeout: float = key(_duration, "10m", "an idle session is closed")
+    max_connections: int = key(_positive, 100, "concurrent sessions", unit="connections")
+    max_connections_per_client: int = key(_positive, 10, "concurrent sessions from one "
+                                          "address", unit="connections")
 
 
 @dataclass(frozen=True)

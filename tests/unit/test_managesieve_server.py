@@ -222,3 +222,20 @@ def test_idle_session_is_closed(env: Env) -> None:
     take(t)
     env.clock.advance(601)
     assert take(t) == b'BYE "idle for too long"\r\n' and t.disconnecting
+
+
+def test_too_many_sessions_from_one_address_get_bye(tmp_path: Path) -> None:
+    """Past max_connections_per_client a new session gets BYE at once and is closed; when one
+    ends, a new one is served again."""
+    env = Env(tmp_path)
+    env.factory.limiter.per_client = 1
+    first, t1 = env.session()
+    assert take(t1).endswith(b'OK "pop3coexist ManageSieve ready"\r\n')
+    second, t2 = env.session()
+    assert take(t2) == b'BYE "too many connections, try again later"\r\n' and t2.disconnecting
+    second.dataReceived(b"CAPABILITY\r\n")
+    assert take(t2) == b""
+    second.connectionLost()
+    first.connectionLost()
+    third, t3 = env.session()
+    assert take(t3).endswith(b'OK "pop3coexist ManageSieve ready"\r\n')

@@ -23,7 +23,8 @@ Protocol notes (RFC 5804):
   unknown or active scripts get ``NO (NONEXISTENT)``, ``NO (ALREADYEXISTS)``, ``NO (ACTIVE)``;
 - a failed log-in waits POP3's throttle delay before its NO (per source address); a locked
   mailbox or domain, or an account with no mailbox here, cannot log in;
-- an idle session is closed (``idle_timeout``) with ``BYE``.
+- an idle session is closed (``idle_timeout``) with ``BYE``; past ``max_connections`` (or
+  ``max_connections_per_client`` from one address) a new session gets ``BYE`` at once.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from zope.interface import implementer
 
 from pop3coexist.errors import AuthUnavailable, NoSuchMailbox
 from pop3coexist.identity.logins import login_locked
+from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.policy.sieve import EXTENSIONS, SieveSyntaxError, parse
 from pop3coexist.store.sievestore import BadScriptName, ScriptError, check_name
 
@@ -131,11 +133,21 @@ class ManageSieveProtocol(LineReceiver, TimeoutMixin):
         self._busy = False
         self._queued: list[bytes] = []
         self._gone = False
+        self._acquired = False  # counted by the factory's connection limiter
+        self._gone_early = False
 
     # ------------------------------------------------------------------ connection
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
+        if not self.factory.limiter.acquire(self.peer):
+            log.warn("ManageSieve connection from {peer} refused: too many connections",
+                     peer=self.peer)
+            self._gone_early = True
+            self.send('BYE "too many connections, try again later"')
+            self.transport.loseConnection()
+            return
+        self._acquired = True
         self.setTimeout(self.factory.config.managesieve.idle_timeout)
         self.send_capabilities()
         self.ok(f"{IMPLEMENTATION} ManageSieve ready")
@@ -143,6 +155,9 @@ class ManageSieveProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 (Twisted's name)
         self._gone = True
         self.setTimeout(None)
+        if self._acquired:
+            self._acquired = False
+            self.factory.limiter.release(self.peer)
 
     def timeoutConnection(self) -> None:  # noqa: N802 (Twisted's name)
         self.send('BYE "idle for too long"')
@@ -184,6 +199,8 @@ class ManageSieveProtocol(LineReceiver, TimeoutMixin):
 
     # ------------------------------------------------------------------ reading
     def lineReceived(self, line: bytes) -> None:  # noqa: N802 (Twisted's name)
+        if self._gone_early:
+            return
         self.resetTimeout()
         if self._busy:  # one command at a time: pipelined lines wait their turn
             self._queued.append(line)
@@ -552,6 +569,8 @@ class ManageSieveFactory(protocol.ServerFactory):
 
         self.run_blocking = run_blocking
         self.max_literal = config.managesieve.max_script_size + 4096
+        m = config.managesieve
+        self.limiter = ConnectionLimiter(m.max_connections, m.max_connections_per_client)
 
     def buildProtocol(self, addr: Any) -> ManageSieveProtocol:  # noqa: N802 (Twisted's name)
         p = ManageSieveProtocol(self)
