@@ -930,6 +930,44 @@ class SenderAuthConfig:
 
 
 @dataclass(frozen=True)
+class SieveConfig:
+    """Per-mailbox Sieve rules (README "Rules and out-of-office"): run-time limits, the
+    out-of-office reply period, forwarding loop protection and SRS."""
+
+    max_run_time: float = key(_duration, "1s", "wall time one script may run (then: keep)")
+    max_actions: int = key(_positive, 32, "actions one script may take (then: keep)",
+                           unit="actions")
+    max_redirects: int = key(_positive, 4, "redirects one script may take (then: keep)",
+                             unit="redirects")
+    vacation_days: int = key(_positive, 7, "vacation period without :days", unit="days")
+    vacation_min_days: int = key(_positive, 1, "the shortest :days honoured", unit="days")
+    vacation_max_days: int = key(_positive, 30, "the longest :days honoured", unit="days")
+    redirect_max_received: int = key(_positive, 20, "a message with more Received fields is "
+                                     "kept, not redirected (loop)", unit="fields")
+    srs: bool = key(_boolean, False, "rewrite the envelope sender of redirected mail with SRS "
+                    "(SPF passes at the receiver)")
+    srs_secret_file: Path | None = key(_path, "", "SRS key (the secret alone)",
+                                       shown="`<state_dir>/srs.key`, made at start")
+    srs_max_age: float = key(_duration, "21d", "an SRS bounce address older than this is "
+                             "refused")
+
+
+@dataclass(frozen=True)
+class ManageSieveConfig:
+    """The ManageSieve server (RFC 5804): users upload and activate their Sieve scripts."""
+
+    listen: tuple[str, ...] = key(_endpoints, [], "ManageSieve listeners (4190 by "
+                                  "convention); STARTTLS offered when [tls] is set")
+    require_tls: bool = key(_boolean, True, "SASL PLAIN/LOGIN only after STARTTLS")
+    max_script_size: int = key(_size, "64KB", "largest script", unit="bytes")
+    max_scripts: int = key(_positive, 20, "scripts per mailbox", unit="scripts")
+    idle_timeout: float = key(_duration, "10m", "an idle session is closed")
+    max_connections: int = key(_positive, 100, "concurrent sessions", unit="connections")
+    max_connections_per_client: int = key(_positive, 10, "concurrent sessions from one "
+                                          "address", unit="connections")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``path`` is the file it came from (or None);
     ``warnings`` are legal but unusual settings (file, line and key named), for the log and
@@ -950,6 +988,8 @@ class Config:
     dns: DnsConfig = table(DnsConfig)
     dkim: tuple[DkimConfig, ...] = tables(DkimConfig, "DKIM signing keys")
     sender_authentication: SenderAuthConfig = table(SenderAuthConfig)
+    sieve: SieveConfig = table(SieveConfig)
+    managesieve: ManageSieveConfig = table(ManageSieveConfig)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -1262,10 +1302,23 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     masq_cfg = _parse_masquerade(r, data, domains_cfg, gateway_cfg)
     dns_cfg, dkim_cfg, sender_auth_cfg = _parse_mail_auth(r, data)
 
+    sieve_cfg = SieveConfig(**r.keys(data.get("sieve", {}), "sieve", SieveConfig))
+    if sieve_cfg.vacation_min_days > sieve_cfg.vacation_max_days:
+        raise r.fail("sieve", "vacation_min_days", "is larger than sieve.vacation_max_days")
+    if sieve_cfg.srs_secret_file is not None and not sieve_cfg.srs_secret_file.is_file():
+        raise r.fail("sieve", "srs_secret_file", _not_a_file(sieve_cfg.srs_secret_file))
+    msieve_cfg = ManageSieveConfig(**r.listeners(
+        r.keys(data.get("managesieve", {}), "managesieve", ManageSieveConfig), "managesieve"))
+    if msieve_cfg.listen and msieve_cfg.require_tls and not tls_cfg.enabled:
+        raise r.fail("managesieve", "require_tls", "needs [tls] certificate and private_key "
+                     "(or require_tls = false)")
+
     return Config(
         dns=dns_cfg,
         dkim=dkim_cfg,
         sender_authentication=sender_auth_cfg,
+        sieve=sieve_cfg,
+        managesieve=msieve_cfg,
         gateway=gateway_cfg,
         masquerade=masq_cfg,
         server=server_cfg,

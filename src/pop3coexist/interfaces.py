@@ -9,6 +9,8 @@
   every sender and recipient decision, and the one message it delivers (policy/stages.py);
   ICommitter: the group commit (smtp/incoming.py) the last stage hands the message to;
   ISpool: the spool file of one message, which the stages read and edit.
+- ISieveScripts: a mailbox's Sieve scripts and out-of-office records (store/sievestore.py);
+  IMailboxRules: the per-recipient rules stage's work (policy/rules.py).
 
 Optional capabilities are declared, never probed: an object that has an optional method set
 says so with ``@implementer``, callers ask ``I....providedBy(obj)``, and a test fake provides
@@ -480,3 +482,49 @@ class ISenderVerifier(Interface):
         """Deferred firing with a ``SenderAuthentication`` for ``message`` (LF or CRLF line
         ends) sent by ``client_ip`` with EHLO ``helo`` and MAIL FROM ``mail_from`` ("" for
         ``<>``). DNS failures are results (``temperror``), never errors."""
+# --------------------------------------------------------------------------- Sieve rules
+
+
+class ISieveScripts(Interface):
+    """A mailbox's Sieve scripts (RFC 5228) and out-of-office records (store/sievestore.py),
+    shared by the rules stage (policy/rules.py), ManageSieve (managesieve/) and the admin
+    tool. Every method is blocking; an unknown mailbox raises ``errors.NoSuchMailbox``; the
+    script errors are ``store.sievestore.ScriptError`` (NoSuchScript, ScriptExists,
+    ScriptActive, BadScriptName), each with its ManageSieve response code."""
+
+    def list_scripts(domain: str, mailbox: str) -> list:
+        """``[(name, active, size in octets)]`` sorted by name."""
+
+    def get_script(domain: str, mailbox: str, name: str) -> str:
+        """The script's text; NoSuchScript."""
+
+    def active_script(domain: str, mailbox: str) -> object:
+        """``(name, text, version)`` of the active script, or None (no rules: keep). The
+        version changes whenever the script does (a cache key)."""
+
+    def put_script(domain: str, mailbox: str, name: str, text: str) -> None:
+        """Create or replace a script (durable when this returns). Validation is the caller's."""
+
+    def set_active(domain: str, mailbox: str, name: str) -> None:
+        """Make ``name`` the active script; ``""`` deactivates; NoSuchScript."""
+
+    def delete_script(domain: str, mailbox: str, name: str) -> None:
+        """Remove a script; ScriptActive for the active one, NoSuchScript."""
+
+    def rename_script(domain: str, mailbox: str, old: str, new: str) -> None:
+        """Rename (the active one stays active); NoSuchScript, ScriptExists."""
+
+    def vacation_due(domain: str, mailbox: str, key: str, period: float) -> bool:
+        """Check and record at once: True (and the time is recorded, durably) when no reply for
+        ``key`` (the vacation handle and the sender) went out in the last ``period`` seconds;
+        False otherwise. Two deliveries at once get one True."""
+
+
+class IMailboxRules(Interface):
+    """The per-recipient rules stage's work (policy/rules.py: each mailbox's Sieve script)."""
+
+    def apply(message: object) -> object:
+        """Awaitable firing with the stage's ``policy.stages.Verdict`` for ``message`` (a
+        ``policy.stages.Message``): it may refuse recipients (``Message.decide``), take
+        discarded ones out of ``message.recipients``, and queue copies; ACCEPT when nothing is
+        left to store (the spool file is then removed)."""

@@ -266,7 +266,8 @@ def listener_keys(config: Config) -> list[tuple[str, str]]:
     for key, descs in (("pop3.listen", config.pop3.listen), ("pop3.tls_listen", config.pop3.tls_listen),
                        ("smtp.listen", config.smtp.listen),
                        ("smtp.submission_listen", config.smtp.submission_listen),
-                       ("smtp.tls_listen", config.smtp.tls_listen)):
+                       ("smtp.tls_listen", config.smtp.tls_listen),
+                       ("managesieve.listen", config.managesieve.listen)):
         out.extend((key, d) for d in descs)
     return out
 
@@ -711,12 +712,14 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
 
     smtp_queue = wrap_queue(dkim_queue(queue, config), config)
     verifier = make_sender_verifier(config, reactor)  # [sender_authentication]
+    rules, srs = make_rules(config, parts, smtp_queue, reactor)
 
     def smtp_factory(mode: str) -> Any:
         return SMTPServerFactory(
             config, parts.store, parts.checker, smtp_queue, tls_options=tls_options, mode=mode,
             reactor=reactor, throttle=smtp_throttle, limiter=limiters["smtp"],
             verifier=verifier,
+            rules=rules, srs=srs,
         )
 
     for desc in config.smtp.listen:
@@ -725,6 +728,15 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
         out.append(("submission", desc, smtp_factory("submission")))
     for desc in config.smtp.tls_listen:
         out.append(("smtps", desc, TLSMemoryBIOFactory(tls_options, False, smtp_factory("smtps"))))
+    if config.managesieve.listen:
+        from pop3coexist.managesieve.server import ManageSieveFactory
+        from pop3coexist.store.sievestore import SieveScripts
+
+        sieve_factory = ManageSieveFactory(config, parts.store, parts.checker,
+                                           SieveScripts(parts.store), pop3_throttle,
+                                           tls_options=tls_options, reactor=reactor)
+        for desc in config.managesieve.listen:
+            out.append(("managesieve", desc, sieve_factory))
     return out
 
 
@@ -751,6 +763,27 @@ def make_sender_verifier(config: Config, reactor: Any) -> Any:
         return threads.deferToThreadPool(reactor, pool, f, *args)
 
     return make_verifier(config, run_blocking)
+def make_rules(config: Config, parts: Components, queue: Any, reactor: Any) -> tuple[Any, Any]:
+    """The per-recipient rules stage's Sieve rules (policy/rules.py) over the store's scripts,
+    and the SRS of forwarded mail (None unless ``[sieve] srs``); the SRS key file is made
+    on first use (``store.sievestore.load_srs_key``)."""
+    from twisted.internet import threads
+
+    from pop3coexist.policy.rules import RulesSettings, SieveRules
+    from pop3coexist.policy.srs import SRS
+    from pop3coexist.store.sievestore import SieveScripts, load_srs_key
+
+    srs = None
+    if config.sieve.srs:
+        key_file = config.sieve.srs_secret_file or config.server.state_dir / "srs.key"
+        srs = SRS(load_srs_key(key_file), max_age_days=int(config.sieve.srs_max_age // 86400))
+
+    def run_blocking(f: Any, *args: Any) -> defer.Deferred:
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    rules = SieveRules(RulesSettings.from_config(config), SieveScripts(parts.store), queue,
+                       parts.store, run_blocking, srs=srs)
+    return rules, srs
 
 
 def make_service(config: Config, reactor: Any = None,

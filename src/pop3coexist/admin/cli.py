@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("domain")
     kg.add_argument("selector")
     kg.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    from pop3coexist.admin import vacation  # out-of-office (admin/vacation.py)
+
+    vacation.add_parser(top)
     return p
 
 
@@ -536,6 +539,10 @@ def run(argv: Sequence[str], out: Any = None) -> int:
             from pop3coexist.admin.policy import run_apply
 
             run_apply(config, args.dry_run, admin.out)
+        elif noun == "vacation":
+            from pop3coexist.admin import vacation
+
+            vacation.run(config, admin.store, args, admin.out)
         elif noun == "queue":
             if verb == "list":
                 admin.queue_list()

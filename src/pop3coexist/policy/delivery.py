@@ -67,6 +67,7 @@ from pop3coexist.policy.relay import (
     parse_recipient,
     primary_domain,
 )
+from pop3coexist.policy.srs import SRSError, is_srs
 from pop3coexist.policy.stages import (
     CheckAuthentication,
     Message,
@@ -165,7 +166,7 @@ class DeliveryContext:
     def __init__(self, config: Any, store: Any, checker: Any, committer: Any,
                  run_blocking: Callable[..., defer.Deferred], clock: Any,
                  resolve_host: Callable[[str], list[str]] | None = None,
-                 verifier: Any = None) -> None:
+                 verifier: Any = None, rules: Any = None, srs: Any = None) -> None:
         self.config = config
         self.store = store
         self.checker = checker
@@ -181,7 +182,9 @@ class DeliveryContext:
             authentication = CheckAuthentication(verifier, self.relay.is_trusted,
                                                  sa.authserv_id or config.server.hostname,
                                                  sa.dmarc_reject)
-        self.stages = default_stages(committer, authentication, self.relay.is_trusted)
+        self.stages = default_stages(committer, authentication=authentication,
+                                     trusted=self.relay.is_trusted, rules=rules)
+        self.srs = srs  # policy.srs.SRS: bounces to SRS addresses go back to the sender
         self._domains: list[str] | None = None
         self._domains_at = 0.0
         self._reading: list[defer.Deferred] | None = None  # callers of the read in progress
@@ -472,6 +475,9 @@ class SMTPDelivery:
             return _Found(Route(RouteKind.RELAY_DOMAIN, decision.address), None, orcpt)
         if may_relay and address.domain not in {d.lower() for d in domains}:
             return _Found(Route(RouteKind.RELAY_DOMAIN, address))
+        if ctx.srs is not None and is_srs(address.local) and \
+                address.domain in {d.lower() for d in domains}:
+            return self._srs_bounce(address)
         r = ctx.relay.route(address, domains, Client(session.client_ip, self.user is not None))
         if r.kind is not RouteKind.LOCAL:
             return _Found(r)
@@ -484,6 +490,16 @@ class SMTPDelivery:
             return _Found(r, box)
         mailbox = await defer.maybeDeferred(ctx.checker.resolve_recipient, address.key)
         return await self._local_box(r, mailbox, size)
+
+    def _srs_bounce(self, address: Address) -> _Found:
+        """Mail to an SRS address of ours (a bounce of a forwarded copy): relayed to the
+        original sender it stands for; a forged, malformed or too old one is 550 5.1.1."""
+        try:
+            original = parse_recipient(self.context.srs.reverse(address.local))
+        except (SRSError, MailError) as e:
+            log.info("SMTP: refused SRS address <{a}>: {why}", a=address, why=str(e))
+            raise PermanentFailure(f"<{address}>: no such user here", "5.1.1", 550) from None
+        return _Found(Route(RouteKind.RELAY_DOMAIN, original), None, f"rfc822;{address}")
 
     async def _local_box(self, r: Route, mailbox: Any, size: int) -> _Found:
         """The store's state of the mailbox a checker named (``box@domain``); 550 5.1.1 when

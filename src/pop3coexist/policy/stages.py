@@ -14,8 +14,9 @@ transaction (policy/delivery.py) runs these stages, in this order, over one ``Me
    ``[sender_authentication]`` is off.
 3. **content check** (``CheckContent``): may refuse or defer the whole message, or refuse
    single recipients (milters, virus and spam checks). Empty for now.
-4. **per-recipient rules** (``RecipientRules``): may refuse or defer single recipients
-   (per-mailbox rules). Empty for now.
+4. **per-recipient rules** (``RecipientRules``): each mailbox's Sieve script
+   (``policy.rules``): may refuse single recipients (reject), drop them (discard: accepted,
+   not stored), queue copies (redirect, vacation); ACCEPT when nothing is left to store.
 5. **commit** (``CommitStage``): makes the message durable in its local mailboxes and the
    outbound queue through an ``ICommitter`` (``smtp.incoming.GroupCommitter``: batches, hard
    links, the quota check under flock, Return-Path, the delivery reports of full mailboxes).
@@ -272,12 +273,20 @@ class CheckContent:
 
 
 class RecipientRules:
-    """Stage 4: per-recipient rules. Empty for now."""
+    """Stage 4: per-recipient rules: each mailbox's Sieve script (``policy.rules.SieveRules``,
+    an ``IMailboxRules``; None: no rules). It may refuse single recipients (reject), take
+    them out of the message (discard: they count as accepted), queue copies (redirect,
+    vacation), or ACCEPT when nothing is left to store."""
 
     name = "per-recipient rules"
 
+    def __init__(self, rules: Any = None) -> None:
+        self.rules = rules
+
     async def __call__(self, message: Message) -> Verdict:
-        return CONTINUE
+        if self.rules is None:
+            return CONTINUE
+        return await self.rules.apply(message)
 
 
 class CommitStage:
@@ -332,14 +341,16 @@ class CommitStage:
         return ACCEPT
 
 
-def default_stages(committer: Any, authentication: CheckAuthentication | None = None,
-                   trusted: Callable[[str], bool] | None = None) -> list[Stage]:
+def default_stages(committer: Any, *, authentication: CheckAuthentication | None = None,
+                   trusted: Callable[[str], bool] | None = None,
+                   rules: Any = None) -> list[Stage]:
     """The stages in their declared order (see the module docstring); ``authentication``:
-    the sender-authentication stage (None: ``[sender_authentication]`` is off)."""
+    the sender-authentication stage (None: ``[sender_authentication]`` is off); ``rules``:
+    the ``IMailboxRules`` of the per-recipient rules stage, or None."""
     stages: list[Stage] = [ExpandRecipients()]
     if authentication is not None:
         stages.append(authentication)
-    return [*stages, CheckContent(), RecipientRules(), CommitStage(committer, trusted)]
+    return [*stages, CheckContent(), RecipientRules(rules), CommitStage(committer, trusted)]
 
 
 async def run_stages(message: Message, stages: Sequence[Stage]) -> dict[str, Verdict]:

@@ -64,7 +64,9 @@ class SMTPServerFactory(protocol.ServerFactory):
     between listeners (one AuthThrottle with POP3, one ConnectionLimiter for all SMTP ports).
     ``realm`` gives each session its avatar (policy/delivery.py); ``resolve_host(name)``
     (blocking) finds the addresses of ``server.hostname`` for address literals; ``verifier``
-    (an ``ISenderVerifier``) checks SPF, DKIM and DMARC of mail from outside.
+    (an ``ISenderVerifier``) checks SPF, DKIM and DMARC of mail from outside. ``rules``:
+    the per-recipient rules stage's ``IMailboxRules`` (Sieve, policy/rules.py) or None;
+    ``srs``: the ``policy.srs.SRS`` that turns bounce addresses back, or None.
     """
 
     def __init__(
@@ -81,6 +83,8 @@ class SMTPServerFactory(protocol.ServerFactory):
         limiter: ConnectionLimiter | None = None,
         resolve_host=None,
         verifier=None,
+        rules=None,
+        srs=None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -113,7 +117,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
         # every sender and recipient decision: the avatars of policy/delivery.py
         self.context = DeliveryContext(config, store, checker, self.committer, run_blocking,
-                                       reactor, resolve_host, verifier)
+                                       reactor, resolve_host, verifier, rules=rules, srs=srs)
         self.realm = DeliveryRealm(self.context)
 
     @property

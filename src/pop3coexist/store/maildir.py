@@ -457,6 +457,11 @@ class MaildirStore:
                         names.append(entry.name)
             return sorted(names)
 
+    def mailbox_folder(self, domain: str, mailbox: str) -> Path:
+        """The folder of an existing mailbox (where ``store.sievestore`` keeps its scripts);
+        ``errors.NoSuchMailbox`` when it does not exist, ValueError for a bad name."""
+        return self._existing_mailbox(domain, mailbox)[2]
+
     def mailbox_exists(self, domain: str, mailbox: str) -> bool:
         """See ``IMailStore.mailbox_exists``."""
         _, _, path = self._mailbox_path(domain, mailbox)
