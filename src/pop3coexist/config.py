@@ -845,6 +845,40 @@ class MasqueradeConfig:
         return bool(self.domain)
 
 
+# --- [metrics] and [log] (issue 15: monitoring and the mail log) -----------------------
+
+
+def _log_destination(value: Any) -> str:
+    text = _string(value)
+    if "\n" in text or "\0" in text:
+        raise ValueError("must be a path, \"-\" (standard output) or \"\" (the server's log)")
+    return text
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The monitoring HTTP listener: ``/metrics`` (Prometheus) and ``/healthz``."""
+
+    listen: tuple[str, ...] = key(_endpoints, [], "HTTP listeners for /metrics and /healthz "
+                                  '(e.g. "tcp:9154:interface=127.0.0.1"); none: off')
+    store_refresh: float = key(_duration, "5m", "mailbox figures per domain are counted again "
+                               "at most this often (a scrape reads the last count)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The mail log: one line per mail event (README "Mail log")."""
+
+    mail_log: str = key(_log_destination, "", 'where mail events go: "" the server\'s own log '
+                        '(twistd), "-" standard output, or a file path')
+    format: str = key(_choice("text", "json"), "text", "text (Postfix-like lines) or json "
+                      "(one object per line); json needs mail_log set")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``path`` is the file it came from (or None);
@@ -863,6 +897,8 @@ class Config:
     path: Path | None = None
     gateway: GatewayConfig = table(GatewayConfig)
     masquerade: MasqueradeConfig = table(MasqueradeConfig)
+    metrics: MetricsConfig = table(MetricsConfig)
+    log: LogConfig = table(LogConfig)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -1173,10 +1209,13 @@ def parse_config(text: str, path: Path | None = None) -> Config:
 
     gateway_cfg = _parse_gateway(r, data, auth_cfg, domains_cfg)
     masq_cfg = _parse_masquerade(r, data, domains_cfg, gateway_cfg)
+    metrics_cfg, log_cfg = _parse_monitoring(r, data)
 
     return Config(
         gateway=gateway_cfg,
         masquerade=masq_cfg,
+        metrics=metrics_cfg,
+        log=log_cfg,
         server=server_cfg,
         pop3=pop3_cfg,
         smtp=smtp_cfg,
@@ -1336,3 +1375,20 @@ def _parse_masquerade(r: _Reader, data: Mapping[str, Any], domains: DomainsConfi
     if not cfg.from_domains:
         cfg = MasqueradeConfig(cfg.domain, tuple(domains.local), cfg.header_from)
     return cfg
+
+
+def _parse_monitoring(r: _Reader, data: Mapping[str, Any]) -> tuple[MetricsConfig, LogConfig]:
+    """[metrics] and [log]: a relative mail_log path is taken from the config file's folder."""
+    metrics = MetricsConfig(**r.listeners(r.keys(data.get("metrics", {}), "metrics",
+                                                 MetricsConfig), "metrics"))
+    if metrics.store_refresh <= 0:
+        raise r.fail("metrics", "store_refresh", "must be longer than zero")
+    values = r.keys(data.get("log", {}), "log", LogConfig)
+    dest = values.get("mail_log", "")
+    if dest not in ("", "-"):
+        values["mail_log"] = os.path.normpath(r.base / dest)
+    log_cfg = LogConfig(**values)
+    if log_cfg.format == "json" and not log_cfg.mail_log:
+        raise r.fail("log", "format", 'json needs [log] mail_log (a file path or "-"): the '
+                     "server's own log writes text")
+    return metrics, log_cfg

@@ -213,7 +213,9 @@ class IOutboundQueue(Interface):
              "notify": ["FAILURE", ...]|None}], "ret": "FULL"|"HDRS"|None, "envid": str|None,
              "received_from": "client description", "arrival": unix time, "hops": int}
 
-        When this returns, the message and its envelope are durable. Returns the queue id.
+        When this returns, the message and its envelope are durable. Returns the queue id:
+        the envelope's optional ``"id"`` (the id the SMTP client was told) when it is free,
+        else a new one.
         """
 
     def wake() -> None:

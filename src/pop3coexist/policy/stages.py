@@ -183,6 +183,7 @@ class CommitStage:
                 "received_from": message.received_from,
                 "arrival": message.arrival,
                 "hops": message.hops,
+                "id": message.queue_id,  # the queue keeps the id the client was told
             }
         notes = LocalNotes(
             sender=message.sender,
@@ -204,6 +205,7 @@ class CommitStage:
             log.failure("SMTP {id}: could not store the message", id=message.queue_id)
             return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
         full = set(refused or ())
+        log.debug("SMTP {queue_id} stored in {mailboxes}", mail_event="stored", queue_id=message.queue_id, arrival=message.arrival, mailboxes=[r.address for r in local if r.mailbox not in full])  # noqa: E501
         for r in local:
             if r.mailbox in full:  # its "failed" delivery report is queued
                 message.decide(r, Verdict.refusal(QuotaExceeded()))
