@@ -182,6 +182,8 @@ def expand(event: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     if name is None:
         return []
     fields = {k: event[k] for k in _JSON_FIELDS if k in event and event[k] is not None}
+    if isinstance(fields.get("delay"), float):
+        fields["delay"] = round(fields["delay"], 3)
     if event.get("queue_id"):
         fields["queue_id"] = event["queue_id"]
     if name == STORED:

@@ -87,6 +87,7 @@ def metrics_site(config: Config, metrics: Metrics | None, store: Any, checker: A
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     stats = StoreStats(store, config.metrics.store_refresh, run_blocking)
+    reactor.callWhenRunning(stats.start_reading)  # the first count, before the first scrape
     queue_dir = config.server.queue_dir
     checks = {
         "store": lambda: check_store(store),
