@@ -104,8 +104,9 @@ class Metrics:
     """This process's metric objects (not registered anywhere: ``registry`` collects them)."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
+        disable_created_metrics()  # as in multi-process mode: no *_created samples
         self.objects: dict[str, Any] = {}
         for name, (kind, labels, doc) in METRICS.items():
             full = PREFIX + name
