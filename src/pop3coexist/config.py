@@ -965,6 +965,38 @@ class ManageSieveConfig:
     max_connections: int = key(_positive, 100, "concurrent sessions", unit="connections")
     max_connections_per_client: int = key(_positive, 10, "concurrent sessions from one "
                                           "address", unit="connections")
+# --- [metrics] and [log] (issue 15: monitoring and the mail log) -----------------------
+
+
+def _log_destination(value: Any) -> str:
+    text = _string(value)
+    if "\n" in text or "\0" in text:
+        raise ValueError("must be a path, \"-\" (standard output) or \"\" (the server's log)")
+    return text
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The monitoring HTTP listener: ``/metrics`` (Prometheus) and ``/healthz``."""
+
+    listen: tuple[str, ...] = key(_endpoints, [], "HTTP listeners for /metrics and /healthz "
+                                  '(e.g. "tcp:9154:interface=127.0.0.1"); none: off')
+    store_refresh: float = key(_duration, "5m", "mailbox figures per domain are counted again "
+                               "at most this often (a scrape reads the last count)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """The mail log: one line per mail event (README "Mail log")."""
+
+    mail_log: str = key(_log_destination, "", 'where mail events go: "" the server\'s own log '
+                        '(twistd), "-" standard output, or a file path')
+    format: str = key(_choice("text", "json"), "text", "text (Postfix-like lines) or json "
+                      "(one object per line); json needs mail_log set")
 
 
 @dataclass(frozen=True)
@@ -990,6 +1022,8 @@ class Config:
     sender_authentication: SenderAuthConfig = table(SenderAuthConfig)
     sieve: SieveConfig = table(SieveConfig)
     managesieve: ManageSieveConfig = table(ManageSieveConfig)
+    metrics: MetricsConfig = table(MetricsConfig)
+    log: LogConfig = table(LogConfig)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -1312,6 +1346,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     if msieve_cfg.listen and msieve_cfg.require_tls and not tls_cfg.enabled:
         raise r.fail("managesieve", "require_tls", "needs [tls] certificate and private_key "
                      "(or require_tls = false)")
+    metrics_cfg, log_cfg = _parse_monitoring(r, data)
 
     return Config(
         dns=dns_cfg,
@@ -1321,6 +1356,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         managesieve=msieve_cfg,
         gateway=gateway_cfg,
         masquerade=masq_cfg,
+        metrics=metrics_cfg,
+        log=log_cfg,
         server=server_cfg,
         pop3=pop3_cfg,
         smtp=smtp_cfg,
@@ -1510,3 +1547,18 @@ def _parse_mail_auth(r: _Reader, data: Mapping[str, Any]
                 SenderAuthConfig)
     sa.setdefault("enabled", sa_data is not None)
     return dns_cfg, tuple(keys), SenderAuthConfig(**sa)
+def _parse_monitoring(r: _Reader, data: Mapping[str, Any]) -> tuple[MetricsConfig, LogConfig]:
+    """[metrics] and [log]: a relative mail_log path is taken from the config file's folder."""
+    metrics = MetricsConfig(**r.listeners(r.keys(data.get("metrics", {}), "metrics",
+                                                 MetricsConfig), "metrics"))
+    if metrics.store_refresh <= 0:
+        raise r.fail("metrics", "store_refresh", "must be longer than zero")
+    values = r.keys(data.get("log", {}), "log", LogConfig)
+    dest = values.get("mail_log", "")
+    if dest not in ("", "-"):
+        values["mail_log"] = os.path.normpath(r.base / dest)
+    log_cfg = LogConfig(**values)
+    if log_cfg.format == "json" and not log_cfg.mail_log:
+        raise r.fail("log", "format", 'json needs [log] mail_log (a file path or "-"): the '
+                     "server's own log writes text")
+    return metrics, log_cfg

@@ -220,7 +220,8 @@ class IOutboundQueue(Interface):
         ``inside``: the message comes from a logged-in client or ``relay.networks``
         (policy/stages.py ``from_inside``): a DKIM-signing wrapper (policy/dkimsign.py) signs
         only such mail. When this returns, the message and its envelope are durable. Returns
-        the queue id.
+        the queue id: the envelope's optional ``"id"`` (the id the SMTP client was told) when
+        it is free, else a new one.
         """
 
     def wake() -> None:

@@ -523,6 +523,8 @@ class Pop3CoexistService(service.MultiService):
         self.report = report if report is not None else StartupReport()
         self.state_lock: StateLock | None = None  # held for the life of the process (tap.py)
         self.listeners: list[ListenerService] = []
+        # listeners of the main process alone (the monitoring HTTP): not given to workers
+        self.side_listeners: list[ListenerService] = []
         self.supervisor: Any = None  # workers.WorkerSupervisor when server.workers > 1
         self.outbound: Any = None  # the delivery runner; start-up waits for its queue scan
         self.limiters: dict[str, Any] = {}
@@ -533,6 +535,29 @@ class Pop3CoexistService(service.MultiService):
     def add_listener(self, listener: ListenerService) -> None:
         self.listeners.append(listener)
         listener.setServiceParent(self)
+
+    def add_side_listener(self, listener: ListenerService) -> None:
+        """A listener of this process only (``[metrics] listen``): bound, checked, resumed
+        and written to listeners.json as the others, never shared with the workers."""
+        self.side_listeners.append(listener)
+        listener.setServiceParent(self)
+
+    def serving_state(self) -> tuple[bool, str]:
+        """For /healthz: (every listener bound and accepting, and every worker alive; what
+        is wrong or how many)."""
+        wrong = [f"{ls.role} {ls.description} not listening"
+                 for ls in [*self.listeners, *self.side_listeners]
+                 if ls.port is None or not getattr(ls.port, "connected", True)]
+        workers = 1
+        if self.supervisor is not None:
+            alive = [w for w in self.supervisor.workers.values() if not w.ended.called]
+            workers += len(alive)
+            if len(alive) < self.supervisor.count:
+                wrong.append(f"{self.supervisor.count - len(alive)} worker process(es) down "
+                             "(being replaced)")
+        if wrong:
+            return False, "; ".join(wrong)
+        return True, f"{len(self.listeners)} listener(s), {workers} serving process(es)"
 
     def _reactor(self) -> Any:
         if self.reactor is not None:
@@ -562,7 +587,7 @@ class Pop3CoexistService(service.MultiService):
             await self._outbound_started()
             if self.supervisor is not None:
                 await self._start_workers()
-            for ls in self.listeners:
+            for ls in [*self.listeners, *self.side_listeners]:
                 ls.resume()
             self.write_listeners()
         except StartupError as e:
@@ -572,19 +597,20 @@ class Pop3CoexistService(service.MultiService):
             log.failure("start-up failed")
             self._abort(f"unexpected error: {e!r}")
             return
-        for ls in self.listeners:
+        for ls in [*self.listeners, *self.side_listeners]:
             log.info("{role} listening on {desc} (port {port})", role=ls.role,
                      desc=ls.description, port=ls.bound_port())
         self.report.succeed()
 
     async def _check_listeners(self) -> None:
-        for ls in self.listeners:
+        every = [*self.listeners, *self.side_listeners]
+        for ls in every:
             if ls._listening is None:  # started without privilegedStartService
                 ls.privilegedStartService()
-        waits = [ls._listening for ls in self.listeners if ls._listening is not None]
+        waits = [ls._listening for ls in every if ls._listening is not None]
         results = await defer.DeferredList(waits, consumeErrors=True)
         failed = [f"cannot listen on {ls.description} ({ls.role}): {_listen_error(r[1])}"
-                  for ls, r in zip(self.listeners, results, strict=True) if not r[0]]
+                  for ls, r in zip(every, results, strict=True) if not r[0]]
         if failed:
             raise StartupError("; ".join(failed))
 
@@ -627,7 +653,7 @@ class Pop3CoexistService(service.MultiService):
         """Start-up failed: accept nothing, report, and stop (twistd then stops every service
         started, removes its pid file and ends; the exit status is 1)."""
         log.error("cannot start: {line}", line=line)
-        for ls in self.listeners:
+        for ls in [*self.listeners, *self.side_listeners]:
             ls.pause()
         self.report.fail(line)
         reactor = self._reactor()
@@ -636,7 +662,7 @@ class Pop3CoexistService(service.MultiService):
     def write_listeners(self) -> None:
         run = self.config.server.state_dir / "run"
         data: dict[str, list[int]] = {}
-        for ls in self.listeners:
+        for ls in [*self.listeners, *self.side_listeners]:
             port = ls.bound_port()
             if port is not None:
                 data.setdefault(ls.role, []).append(port)
@@ -659,7 +685,7 @@ class Pop3CoexistService(service.MultiService):
         if not self._children_started:  # start-up ended before anything but the listeners
             service.Service.stopService(self)
             return defer.DeferredList([defer.maybeDeferred(ls.stopService)
-                                       for ls in self.listeners])
+                                       for ls in [*self.listeners, *self.side_listeners]])
         return super().stopService()
 
 
@@ -798,6 +824,15 @@ def make_service(config: Config, reactor: Any = None,
         reactor = default_reactor
 
     top = Pop3CoexistService(config, reactor, report)
+    if config.metrics.enabled:  # before prometheus_client is imported; workers inherit it
+        from pop3coexist.monitor.metrics import enable_multiprocess
+
+        enable_multiprocess(config.server.state_dir / "run" / "metrics")
+    from pop3coexist.monitor.wiring import ObserverService, metrics_site, process_observers
+
+    metrics, observers = process_observers(config, main=True)
+    watcher = ObserverService(observers)  # the first child: it observes everything after it
+    watcher.setServiceParent(top)
     parts = Components(config, reactor)
     queue = parts.make_queue()
     top.limiters = make_limiters(config, 0)
@@ -820,10 +855,14 @@ def make_service(config: Config, reactor: Any = None,
 
         top.supervisor = WorkerSupervisor(config, outbound, reactor=reactor)
         top.supervisor.setServiceParent(top)
+    for desc in config.metrics.listen:
+        site = metrics_site(config, metrics, parts.store, parts.checker, top.serving_state,
+                            reactor)
+        top.add_side_listener(ListenerService(desc, site, "metrics", reactor=reactor))
 
     def on_hup(signum: int, frame: Any) -> None:
         # State files are re-read on every use; SIGHUP also asks the queue to run now.
-        reactor.callFromThread(_reload, queue)
+        reactor.callFromThread(_reload, queue, watcher)
 
     try:
         signal.signal(signal.SIGHUP, on_hup)
@@ -845,8 +884,13 @@ class _CheckerCloser(service.Service):
         return None
 
 
-def _reload(queue: Any) -> None:
+def _reload(queue: Any, watcher: Any = None) -> None:
     log.info("SIGHUP: state is re-read on every use; running the queue now")
+    if watcher is not None:
+        try:
+            watcher.reopen()  # the mail log file, after logrotate
+        except OSError as e:
+            log.error("SIGHUP: cannot reopen the mail log: {e}", e=e)
     try:
         queue.wake()
     except Exception:

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     top = service.MultiService()
+    from pop3coexist.monitor.wiring import ObserverService, process_observers
+
+    ObserverService(process_observers(config, main=False)[1]).setServiceParent(top)
     _CheckerCloser(parts.checker).setServiceParent(top)
     ports = []
     for (_role, fd_text), (_, _desc, factory) in zip(listeners, frontends, strict=True):

@@ -36,7 +36,9 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from pop3coexist import events
 from pop3coexist.config import Config
+from pop3coexist.monitor.metrics import process_dead
 
 log = Logger()
 
@@ -100,6 +102,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
                      line=line.decode("utf-8", "replace"))
             return
         level = event.get("log_level")
+        event.update(worker_event=self.number, worker_pid=self.pid)  # counted by the worker
         event["log_system"] = (f"worker {self.number}: {event.get('log_namespace', '-')}"
                                f"#{getattr(level, 'name', 'info')}")
         globalLogPublisher(event)
@@ -234,7 +237,8 @@ class WorkerSupervisor(service.Service):
         delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)] if failures else 0.0
         delay = max(delay, RESTART_DELAYS[0])
         log.warn("worker {number} (pid {pid}) ended ({why}); starting a new one in {delay:.0f} s",
-                 number=number, pid=proto.pid, why=why, delay=delay)
+                 number=number, pid=proto.pid, why=why, delay=delay,
+                 mail_event=events.WORKER_RESTART, worker=number)
         self._restarts[number] = self.reactor.callLater(delay, self._respawn, number)
 
     def _respawn(self, number: int) -> None:
@@ -263,6 +267,7 @@ class WorkerSupervisor(service.Service):
                 log.error("cannot reset worker {number}'s {name} connection counts: {e}",
                           number=proto.number, name=name, e=e)
         if proto.pid is not None:
+            process_dead(proto.pid)  # its open sessions are gone from the metrics
             try:
                 clean_spool(MaildirStore(self.config.server.mailroot).spool_dir(), pid=proto.pid)
             except OSError as e:

@@ -78,7 +78,7 @@ def test_commit_builds_the_envelope_and_notes_and_accepts_every_recipient() -> N
     assert envelope == {"sender": "a@b.test", "recipients": [
         {"address": "bob@example.org", "orcpt": None, "notify": ["NEVER"]}],
         "ret": None, "envid": None, "body": None, "received_from": "c.test ([192.0.2.1])",
-        "arrival": 1.0, "hops": 2, "inside": True}
+        "arrival": 1.0, "hops": 2, "inside": True, "id": "q1"}
     assert list(notes.recipients) == [("pop.contoso.test", "ted")]
 
 

@@ -78,6 +78,17 @@ class NextHop:
     def __str__(self) -> str:
         return self.key
 
+    @property
+    def label(self) -> str:
+        """The route's name in the metrics (a bounded set): ``local``, ``smarthost``, the
+        ``key`` of a hop the config names (route, connector), or ``mx`` (looked up per
+        domain: too many to name)."""
+        if self.local:
+            return "local"
+        if self.smarthost:
+            return "smarthost"
+        return self.key if self.configured else "mx"
+
 
 LOCAL = NextHop(host="", port=0, local=True)
 

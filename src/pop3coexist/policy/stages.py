@@ -314,6 +314,7 @@ class CommitStage:
                 "arrival": message.arrival,
                 "hops": message.hops,
                 "inside": from_inside(message, self.trusted),
+                "id": message.queue_id,  # the queue keeps the id the client was told
             }
         notes = LocalNotes(
             sender=message.sender,
@@ -335,6 +336,7 @@ class CommitStage:
             log.failure("SMTP {id}: could not store the message", id=message.queue_id)
             return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
         full = set(refused or ())
+        log.debug("SMTP {queue_id} stored in {mailboxes}", mail_event="stored", queue_id=message.queue_id, arrival=message.arrival, mailboxes=[r.address for r in local if r.mailbox not in full])  # noqa: E501
         for r in local:
             if r.mailbox in full:  # its "failed" delivery report is queued
                 message.decide(r, Verdict.refusal(QuotaExceeded()))

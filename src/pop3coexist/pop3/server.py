@@ -40,9 +40,10 @@ from twisted.mail import pop3
 from twisted.python.failure import Failure
 
 from pop3coexist.errors import BadCredentials, MailError, as_mail_error
+from pop3coexist.events import login_outcome
 from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop
 from pop3coexist.netutil import send_now
-from pop3coexist.pop3 import sasl
+from pop3coexist.pop3 import mailevents, sasl
 from pop3coexist.pop3.stream import DotStuffer, MessageProducer
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class POP3Server(pop3.POP3):
         self._finished = False  # commit or close done/started: do not close again
         self._producer: MessageProducer | None = None
         self._idle: float | None = 600.0
+        self._octets_sent = 0  # message octets RETR and TOP sent (the disconnect event)
 
     # ------------------------------------------------------------------ connection
 
@@ -182,6 +184,7 @@ class POP3Server(pop3.POP3):
         self._idle = f.config.pop3.idle_timeout or None
         peer = self.transport.getPeer()
         self._peer = str(getattr(peer, "host", None) or "local")
+        mailevents.connected(self)
         if f.limiter is not None:
             if not f.limiter.acquire(self._peer):
                 log.warn("POP3 connection from {peer} refused: too many connections", peer=self._peer)
@@ -202,6 +205,7 @@ class POP3Server(pop3.POP3):
         self._gone = True
         self._closing = True
         self._queue.clear()
+        mailevents.disconnected(self, self._octets_sent)
         self.setTimeout(None)
         if self._producer is not None:
             self._producer.stopProducing()
@@ -519,7 +523,8 @@ class POP3Server(pop3.POP3):
         self.factory.throttle.success(self._peer)
         address = getattr(avatar, "address", user)
         log.info("POP3 log-in {address} from {peer} by {method}: success",
-                 address=address, peer=self._peer, method=method)
+                 address=address, peer=self._peer,
+                 **mailevents.login_fields(self, "ok", str(address), method))
         count, octets = self._totals()
         self._ok(f"{address} has {count} messages ({octets} octets)")
 
@@ -529,8 +534,9 @@ class POP3Server(pop3.POP3):
         reply = error.pop3_reply()
         # a refused log-in (wrong credentials, locked mailbox) waits (RFC 2449 section 8.1.1)
         delay = self.factory.throttle.failure_delay(self._peer) if error.pop3 == "AUTH" else 0.0
-        log.info("POP3 log-in {user} from {peer} by {method}: {outcome}",
-                 user=_printable(user), peer=self._peer, method=method, outcome=reply)
+        log.info("POP3 log-in {user} from {peer} by {method}: {reply}",
+                 peer=self._peer, reply=reply, **mailevents.login_fields(
+                     self, login_outcome(None, error.pop3), _printable(user), method, delay))
         if delay > 0 and not self._gone:
             return task.deferLater(self.factory.reactor, delay, self._err, reply)
         self._err(reply)
@@ -624,6 +630,7 @@ class POP3Server(pop3.POP3):
 
         def done(_: Any) -> None:
             self._producer = None
+            self._octets_sent += stuffer.octets
             if announced is not None and stuffer.octets != announced and not self._size_warned:
                 # The size came from somewhere else than this file's bytes (a ,W= in the name
                 # from another program or an older version, a file changed in place): a client

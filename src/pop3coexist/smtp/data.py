@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from pop3coexist.interfaces import IDeliveryTransaction
 from pop3coexist.smtp.incoming import MessageReader, SpoolWriter, new_queue_id
+from pop3coexist.smtp.mailevents import accepted_event
 from pop3coexist.smtp.received import received_header, return_path_field, with_keyword
 from pop3coexist.smtp.session import (
     STATE_COMMAND,
@@ -100,6 +101,7 @@ class DataCommands:
         self._txn = None
         assert txn is not None
         queue_id = self._queue_id
+        self._command_line = ("DATA", "", queue_id)  # refusals from here name the queue id
         if reader.error is not None:
             log.info("SMTP {id} refused: {reply}", id=queue_id, reply=reader.error.reply())
             txn.abort()
@@ -120,6 +122,7 @@ class DataCommands:
         log.info(
             "SMTP {id} accepted from {ip}: {size} octets, {n} recipients",
             id=queue_id, ip=self.client_ip, size=reader.size, n=len(txn.recipients),
+            **accepted_event(self, txn, queue_id),
         )
         self._reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 

@@ -37,7 +37,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from pop3coexist.interfaces import IBatchDelivery, ICommitter, ISpool, LocalNote
 from pop3coexist.smtp import dsn
 from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, field_name
 from pop3coexist.store.envelope import Envelope, Recipient
+from pop3coexist.store.queue import new_queue_id as queue_id
 
 log = Logger()
 
@@ -67,8 +67,9 @@ DROP_FIELDS = frozenset({b"return-path"})
 
 
 def new_queue_id() -> str:
-    """A short unique id for logs, the Received header and the 250 reply."""
-    return f"{int(time.time()):x}" + secrets.token_hex(5)
+    """The message's id for logs, the Received header, the 250 reply and the outbound queue
+    (one id from DATA to the last delivery line: ``store.queue.new_queue_id``)."""
+    return queue_id()
 
 
 @implementer(ISpool)

@@ -12,7 +12,9 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from pop3coexist.errors import AuthUnavailable
+from pop3coexist.events import login_outcome
 from pop3coexist.smtp import auth as sasl
+from pop3coexist.smtp.mailevents import login_fields
 from pop3coexist.smtp.session import (
     STATE_AUTH,
     STATE_COMMAND,
@@ -85,15 +87,15 @@ class AuthCommands:
             self._reply(334, None, base64.b64encode(result).decode("ascii"))
             return None
         self._state = STATE_COMMAND
-        self._mech = None
-        return self._login(result)
+        method, self._mech = self._mech.name if self._mech else "-", None
+        return self._login(result, method)
 
-    def _login(self, credentials) -> defer.Deferred:
+    def _login(self, credentials, method: str = "-") -> defer.Deferred:
         """Log in through the delivery realm (the checker, then the locks); the session then
         holds the account's avatar."""
-        return defer.ensureDeferred(self._log_in(credentials))
+        return defer.ensureDeferred(self._log_in(credentials, method))
 
-    async def _log_in(self, credentials) -> None:
+    async def _log_in(self, credentials, method: str = "-") -> None:
         factory = self.factory
         try:
             avatar = await factory.realm.login(credentials)
@@ -101,14 +103,17 @@ class AuthCommands:
             error = reply_for(Failure(), AuthUnavailable(), "SMTP AUTH: checker error")
             if error.code == 535:  # wrong credentials or a locked account (RFC 4954 section 6)
                 delay = factory.throttle.failure_delay(self.client_ip)
-                log.info("SMTP AUTH failed from {ip}", ip=self.client_ip)
+                log.info("SMTP AUTH failed from {ip}", ip=self.client_ip, **login_fields(
+                    self, "failed", getattr(credentials, "username", None), method, delay))
                 await task.deferLater(factory.reactor, delay, self._error, error)
             else:
+                log.info("SMTP AUTH from {ip}: {code} {enhanced}", ip=self.client_ip, code=error.code, enhanced=error.enhanced, **login_fields(self, login_outcome(error.code), getattr(credentials, "username", None), method))  # noqa: E501
                 self._error(error)
             return
         factory.throttle.success(self.client_ip)
         self.delivery = avatar
         self.user = avatar.user
-        log.info("SMTP AUTH ok for {user} from {ip}", user=avatar.user, ip=self.client_ip)
+        log.info("SMTP AUTH ok for {user} from {ip}", ip=self.client_ip,
+                 **login_fields(self, "ok", avatar.user, method))
         self._reply(235, "2.7.0", "Authentication successful")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from pop3coexist.config import QueueConfig
+from pop3coexist.events import DELIVERY_EVENT
 from pop3coexist.policy import routing
 from pop3coexist.smtp import client as smtp_client
 from pop3coexist.smtp import dsn
@@ -45,6 +46,7 @@ def expire(env: Envelope, r: Recipient, now: float, qcfg: QueueConfig) -> None:
         "(last reply: {reply})",
         qid=env.id, rcpt=r.address, days=qcfg.expiration / 86400.0,
         reply=r.last_reply or "none",
+        mail_event="expired", queue_id=env.id, recipient=r.address, route="-",
     )
 
 
@@ -104,6 +106,8 @@ def apply_reply(env: Envelope, r: Recipient, rep: smtp_client.RecipientReply,
         relay=("local" if hop.local else (result.remote_mta or hop.key)),
         delay=max(0.0, now - arrival), attempts=r.attempts, state=str(r.state),
         reply=rep.reply,
+        mail_event=DELIVERY_EVENT[str(r.state)], queue_id=env.id, recipient=r.address,
+        route=hop.label,
     )
     if r.state == State.FAILED and not env.sender:
         log.warn("{qid}: mail from <> to <{rcpt}> failed and is dropped (no report about "

@@ -27,6 +27,7 @@ from pop3coexist.errors import MailError, as_mail_error
 from pop3coexist.interfaces import IDeliveryTransaction, IMessageDelivery, SMTPSession
 from pop3coexist.netutil import send_now
 from pop3coexist.smtp import auth as sasl
+from pop3coexist.smtp import mailevents
 from pop3coexist.smtp.incoming import MessageReader
 
 log = Logger(namespace="pop3coexist.smtp.server")
@@ -97,12 +98,14 @@ class Session(tsmtp.ESMTP):
         self._mech: sasl.Mechanism | None = None
         self._messages = 0
         self._errors = 0
+        self._command_line = ("", "", None)  # last verb, argument, queue id (mail events)
 
     # ------------------------------------------------------------------ connection
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_ip = str(getattr(peer, "host", "unix"))
+        mailevents.connected(self)
         if self.factory.mode == "smtps":
             # The service may already have wrapped the listener in TLS (TLSMemoryBIOFactory);
             # on a plain TCP transport the session starts TLS itself before the greeting.
@@ -122,6 +125,7 @@ class Session(tsmtp.ESMTP):
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._closing = True  # a pending commit still finishes; nothing more is read or armed
+        mailevents.disconnected(self)
         self.setTimeout(None)
         if self._reader is not None:
             self._reader.abort()
@@ -157,6 +161,7 @@ class Session(tsmtp.ESMTP):
         send_now(self.transport, "\r\n".join(out).encode("ascii", "replace") + b"\r\n")
 
     def _error(self, error: MailError) -> None:
+        mailevents.refused(self, error, *self._command_line)
         self._reply(error.code, error.enhanced, error.text)
 
     def _syntax_error(self, error: MailError) -> None:
@@ -304,6 +309,7 @@ class Session(tsmtp.ESMTP):
             # are not UTF-8 stay non-ASCII (surrogates) and are refused the same way
             text = line.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
+        self._command_line = (verb.upper(), arg, None)
         handler = getattr(self, "smtp_" + verb.upper(), None) if verb.isalpha() else None
         if handler is None:
             self._syntax_error(fail(500, "5.5.2", "Command unrecognized"))

@@ -70,6 +70,13 @@ def _validate(envelope: dict) -> None:
         raise ValueError(f"bad RET value {envelope.get('ret')!r}")
 
 
+def new_queue_id() -> str:
+    """A unique queue id, sortable by time: 16 hex digits of the time in ns + 8 random. The
+    SMTP server names a message by it from DATA on (Received, the 250 reply, the mail log),
+    and the queue keeps it (``enqueue`` with the envelope's ``id``)."""
+    return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+
+
 @implementer(IOutboundQueue)
 class FileQueue:
     """See IOutboundQueue; plus the runner's API (load/save/remove) and the admin API.
@@ -103,8 +110,8 @@ class FileQueue:
         self._made = True
 
     def new_id(self) -> str:
-        """A unique, sortable (by time) queue id: 16 hex digits of ns time + 8 random."""
-        return f"{time.time_ns():016x}{secrets.token_hex(4)}"
+        """A unique, sortable (by time) queue id: see ``new_queue_id``."""
+        return new_queue_id()
 
     def body_path(self, qid: str) -> Path:
         return self.msg_dir / self._check_id(qid)
@@ -124,16 +131,26 @@ class FileQueue:
         """See IOutboundQueue.enqueue. Raises ValueError for a malformed envelope."""
         _validate(envelope)
         self.ensure_dirs()
-        qid = self.new_id()
-        body = self.msg_dir / qid
+        given = envelope.get("id")
+        qid = given if isinstance(given, str) and _ID_RE.match(given) else self.new_id()
         src = Path(source)  # type: ignore[arg-type]
-        try:
-            os.link(src, body)
-        except OSError as e:
-            if e.errno not in (18,):  # EXDEV: another file system; copy instead (and say so)
-                raise
-            log.warn("queue: {src} is on another file system; copying", src=str(src))
-            self._copy_durable(src, body)
+        while True:
+            body = self.msg_dir / qid
+            try:
+                os.link(src, body)
+                break
+            except FileExistsError:  # the id is taken (never by chance: 32 random bits/ns)
+                log.warn("queue: id {qid} is taken; using a new one", qid=qid)
+                qid = self.new_id()
+            except OSError as e:
+                if e.errno not in (18,):  # EXDEV: another file system; copy instead (and say so)
+                    raise
+                if body.exists():
+                    qid = self.new_id()
+                    continue
+                log.warn("queue: {src} is on another file system; copying", src=str(src))
+                self._copy_durable(src, body)
+                break
         _fsync_dir(self.msg_dir)
         now = self.clock()
         size = body.stat().st_size
