@@ -5,8 +5,11 @@ transaction (policy/delivery.py) runs these stages, in this order, over one ``Me
 
 1. **recipient expansion** (``ExpandRecipients``): may replace a recipient by others (aliases,
    distribution lists) or add recipients. Empty for now.
-2. **content check** (``CheckContent``): may refuse or defer the whole message, or refuse
-   single recipients (milters, virus and spam checks). Empty for now.
+2. **content check** (``CheckContent``): the milters' message steps (``interfaces.IContentFilter``:
+   DATA, headers, end of headers, body, end of message) and what their verdict asks
+   (``policy.content.FilterOutcomes``): refuse or defer the whole message, accept it while
+   dropping it (discard) or holding it (quarantine), edit its header section and body, add or
+   delete recipients. Empty when no milter is configured for the listener.
 3. **per-recipient rules** (``RecipientRules``): may refuse or defer single recipients
    (per-mailbox rules). Empty for now.
 4. **commit** (``CommitStage``): makes the message durable in its local mailboxes and the
@@ -32,8 +35,8 @@ nothing else was stored (``errors.QuotaExceeded``), ``451 4.3.0`` when the store
 failed; a mailbox whose quota refused the message while others got it is a per-recipient
 REFUSE (552 5.2.2), its delivery report already queued.
 
-What a stage may change: the recipients (expansion only adds or replaces; later stages only
-refuse), each recipient's DSN entry (``address``, ``orcpt``, ``notify``), and the message's
+What a stage may change: the recipients (expansion only adds or replaces; the content check
+adds and deletes what a milter asks; later stages only refuse), each recipient's DSN entry (``address``, ``orcpt``, ``notify``), and the message's
 header section and body through ``Message``'s edit methods (``content``, ``prepend_header``,
 ``add_header``, ``insert_header``, ``change_header``, ``remove_headers``, ``replace_body``,
 ``replace_content``; pure edits in ``pop3coexist.headers``): each edit rewrites the spool file
@@ -57,7 +60,7 @@ from twisted.logger import Logger
 
 from pop3coexist import headers
 from pop3coexist.errors import MailError, QuotaExceeded
-from pop3coexist.interfaces import LocalNotes
+from pop3coexist.interfaces import LocalNotes, SMTPSession
 
 log = Logger(namespace="pop3coexist.smtp.server")
 
@@ -128,6 +131,8 @@ class Message:
     body: str | None = None
     reporting_mta: str = ""
     dropped: list[Recipient] = field(default_factory=list)  # refused by a stage
+    session: SMTPSession | None = None  # the SMTP session the message came in
+    user: str | None = None  # the authenticated account, None when anonymous
 
     def decide(self, recipient: Recipient, verdict: Verdict) -> None:
         """Give one recipient a verdict (a REFUSE or DEFER takes it out after the stage)."""
@@ -201,12 +206,21 @@ class ExpandRecipients:
 
 
 class CheckContent:
-    """Stage 2: content check (milters join here). Empty for now."""
+    """Stage 2: content check. ``content_filter``: the session's ``IContentFilter`` (the
+    milters), None for none; ``outcomes``: a ``policy.content.FilterOutcomes`` that applies
+    its verdict."""
 
     name = "content check"
 
+    def __init__(self, content_filter: Any = None, outcomes: Any = None) -> None:
+        self.content_filter = content_filter
+        self.outcomes = outcomes
+
     async def __call__(self, message: Message) -> Verdict:
-        return CONTINUE
+        if self.content_filter is None:
+            return CONTINUE
+        result = await self.content_filter.check(message)
+        return await self.outcomes.apply(message, result)
 
 
 class RecipientRules:
@@ -267,9 +281,12 @@ class CommitStage:
         return ACCEPT
 
 
-def default_stages(committer: Any) -> list[Stage]:
-    """The stages in their declared order (see the module docstring)."""
-    return [ExpandRecipients(), CheckContent(), RecipientRules(), CommitStage(committer)]
+def default_stages(committer: Any, content_filter: Any = None,
+                   outcomes: Any = None) -> list[Stage]:
+    """The stages in their declared order (see the module docstring); ``content_filter`` and
+    ``outcomes`` as for ``CheckContent``."""
+    return [ExpandRecipients(), CheckContent(content_filter, outcomes), RecipientRules(),
+            CommitStage(committer)]
 
 
 async def run_stages(message: Message, stages: Sequence[Stage]) -> dict[str, Verdict]:

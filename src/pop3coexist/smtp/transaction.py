@@ -77,7 +77,7 @@ class MailCommands:
         """Ask the avatar whether ``sender`` may start a transaction, then answer MAIL."""
         avatar = self.delivery
         try:
-            await avatar.validate_from(self._session(), sender)
+            await avatar.validate_from(self._session(), sender, options)
             if self.delivery is not avatar:  # the log-in changed meanwhile
                 raise fail(553, "5.7.1", f"Sender address <{sender or ''}> is not yours")
         except Exception:
@@ -90,7 +90,13 @@ class MailCommands:
         """What the delivery policy knows of this session (interfaces.SMTPSession)."""
         host = self.transport.getHost()
         listener = host.host if isinstance(host, (IPv4Address, IPv6Address)) else None
-        return SMTPSession(self.client_ip, self._helo, listener)
+        tls_version = None
+        if self.secure:
+            info = self._tls_info()  # "TLSv1.3:cipher"
+            tls_version = info.split(":", 1)[0] if info else None
+        return SMTPSession(self.client_ip, self._helo, listener, tls=self.secure,
+                           client_port=self.client_port, auth_type=self.auth_type,
+                           tls_version=tls_version)
 
     # ------------------------------------------------------------------ RCPT
 
