@@ -694,11 +694,13 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
         out.append(("pop3s", desc, TLSMemoryBIOFactory(tls_options, False, pop3_factory(True))))
 
     smtp_queue = wrap_queue(queue, config)  # [masquerade]: rewrite senders of mail that leaves
+    quarantine = make_quarantine(config)
 
     def smtp_factory(mode: str) -> Any:
         return SMTPServerFactory(
             config, parts.store, parts.checker, smtp_queue, tls_options=tls_options, mode=mode,
             reactor=reactor, throttle=smtp_throttle, limiter=limiters["smtp"],
+            content_filters=make_milters(config, mode, reactor), quarantine=quarantine,
         )
 
     for desc in config.smtp.listen:
@@ -708,6 +710,25 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
     for desc in config.smtp.tls_listen:
         out.append(("smtps", desc, TLSMemoryBIOFactory(tls_options, False, smtp_factory("smtps"))))
     return out
+
+
+def make_milters(config: Config, mode: str, reactor: Any) -> Any:
+    """The ``IContentFilterFactory`` of the ``[[milter]]`` entries that scan an SMTP listener
+    of ``mode`` (mx: "smtp", "submission", "smtps"), or None when none does."""
+    from pop3coexist.milter.conversation import MilterSet
+
+    kind = "smtp" if mode == "mx" else mode
+    milters = [m for m in config.milter if kind in m.listeners]
+    if not milters:
+        return None
+    return MilterSet(milters, reactor, config.server.hostname, kind)
+
+
+def make_quarantine(config: Config) -> Any:
+    """The quarantine of content-filtered messages (``<state_dir>/quarantine``)."""
+    from pop3coexist.store.quarantine import Quarantine
+
+    return Quarantine(config.server.state_dir / "quarantine")
 
 
 def make_service(config: Config, reactor: Any = None,

@@ -98,6 +98,7 @@ class MilterConnection:
         try:
             endpoint = endpoint_for(reactor, socket, connect_timeout)
             factory = protocol.Factory.forProtocol(_Wire)
+            factory.noisy = False  # no "Starting factory" line per SMTP session
             d = endpoint.connect(factory)
             d.addTimeout(connect_timeout, reactor)
             wire = await d

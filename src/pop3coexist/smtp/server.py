@@ -64,6 +64,8 @@ class SMTPServerFactory(protocol.ServerFactory):
     between listeners (one AuthThrottle with POP3, one ConnectionLimiter for all SMTP ports).
     ``realm`` gives each session its avatar (policy/delivery.py); ``resolve_host(name)``
     (blocking) finds the addresses of ``server.hostname`` for address literals.
+    ``content_filters``: the listener's milters (an ``IContentFilterFactory``) or None;
+    ``quarantine``: the ``IQuarantine`` their quarantine verdicts fill.
     """
 
     def __init__(
@@ -79,6 +81,8 @@ class SMTPServerFactory(protocol.ServerFactory):
         throttle: AuthThrottle | None = None,
         limiter: ConnectionLimiter | None = None,
         resolve_host=None,
+        content_filters=None,
+        quarantine=None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -111,7 +115,8 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
         # every sender and recipient decision: the avatars of policy/delivery.py
         self.context = DeliveryContext(config, store, checker, self.committer, run_blocking,
-                                       reactor, resolve_host)
+                                       reactor, resolve_host, content_filters=content_filters,
+                                       quarantine=quarantine, queue=queue)
         self.realm = DeliveryRealm(self.context)
 
     @property
