@@ -65,9 +65,9 @@ def test_every_section_is_declared():
     assert {"server", "pop3", "smtp", "tls", "auth", "auth.directory",
             "auth.directory.attributes", "auth.local", "domains", "domains.remote", "relay",
             "smarthost", "queue", "gateway", "gateway.connectors",
-            "gateway.recipient_policies", "masquerade"} <= SECTIONS
+            "gateway.recipient_policies", "masquerade", "milter"} <= SECTIONS
     assert set(declared_arrays()) == {"domains.remote", "gateway.connectors",
-                                      "gateway.recipient_policies"}
+                                      "gateway.recipient_policies", "milter"}
 
 
 @pytest.mark.parametrize("name", sorted(DECLARED))
