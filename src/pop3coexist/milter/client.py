@@ -50,7 +50,7 @@ def endpoint_for(reactor: Any, socket: str, timeout: float) -> Any:
     raise ValueError(f"{socket!r} is not inet:host:port or unix:/path")
 
 
-class _Wire(protocol.Protocol):
+class Wire(protocol.Protocol):
     """Bytes in and out; whole packets are handed to the connection."""
 
     def __init__(self) -> None:
@@ -81,7 +81,7 @@ class _Wire(protocol.Protocol):
 class MilterConnection:
     """An open, negotiated connection to one milter (see the module docstring)."""
 
-    def __init__(self, wire: _Wire, reactor: Any, name: str) -> None:
+    def __init__(self, wire: Wire, reactor: Any, name: str) -> None:
         self.wire = wire
         self.reactor = reactor
         self.name = name
@@ -97,7 +97,7 @@ class MilterConnection:
         """Connect and negotiate; MilterUnavailable when the milter cannot be used."""
         try:
             endpoint = endpoint_for(reactor, socket, connect_timeout)
-            factory = protocol.Factory.forProtocol(_Wire)
+            factory = protocol.Factory.forProtocol(Wire)
             factory.noisy = False  # no "Starting factory" line per SMTP session
             d = endpoint.connect(factory)
             d.addTimeout(connect_timeout, reactor)
@@ -106,8 +106,14 @@ class MilterConnection:
             raise MilterUnavailable(f"no connection within {connect_timeout:g} s") from None
         except Exception as e:
             raise MilterUnavailable(f"cannot connect to {socket}: {e}") from None
+        return await cls.negotiate(wire, reactor, name, command_timeout)
+
+    @classmethod
+    async def negotiate(cls, wire: Wire, reactor: Any, name: str,
+                        timeout: float) -> MilterConnection:
+        """Option negotiation over a connected ``Wire``; MilterUnavailable on failure."""
         conn = cls(wire, reactor, name)
-        replies = await conn.ask([codec.optneg()], command_timeout, until={codec.OPTNEG})
+        replies = await conn.ask([codec.optneg()], timeout, until={codec.OPTNEG})
         reply = replies[-1]
         version, actions, proto = codec.parse_optneg(reply.body)
         if version < 2:

@@ -136,7 +136,8 @@ class MilterSet:
     order). ``daemon_name``: the listener kind (``{daemon_name}``)."""
 
     def __init__(self, milters: Sequence[Any], reactor: Any, hostname: str,
-                 daemon_name: str) -> None:
+                 daemon_name: str, opener: Any = None) -> None:
+        self.opener = opener
         self.milters = list(milters)
         self.reactor = reactor
         self.hostname = hostname
@@ -145,7 +146,8 @@ class MilterSet:
 
     def open(self) -> MilterConversation:
         """See IContentFilterFactory."""
-        return MilterConversation(self.milters, self.reactor, self.hostname, self.daemon_name)
+        return MilterConversation(self.milters, self.reactor, self.hostname, self.daemon_name,
+                                  self.opener)
 
 
 @implementer(IContentFilter)
@@ -153,7 +155,10 @@ class MilterConversation:
     """See IContentFilter and the module docstring."""
 
     def __init__(self, milters: Sequence[Any], reactor: Any, hostname: str,
-                 daemon_name: str) -> None:
+                 daemon_name: str, opener: Any = None) -> None:
+        # opener(reactor, name, socket, connect_timeout, command_timeout): an open, negotiated
+        # MilterConnection (tests give one over an in-memory transport)
+        self.opener = opener or MilterConnection.open
         self.filters = [_Filter(cfg) for cfg in milters]
         self.reactor = reactor
         self.hostname = hostname
@@ -180,8 +185,8 @@ class MilterConversation:
                                ip if family != codec.FAMILY_UNIX else "")
         for f in self.filters:
             try:
-                f.conn = await MilterConnection.open(self.reactor, f.cfg.name, f.cfg.socket,
-                                                     f.cfg.connect_timeout, f.cfg.command_timeout)
+                f.conn = await self.opener(self.reactor, f.cfg.name, f.cfg.socket,
+                                           f.cfg.connect_timeout, f.cfg.command_timeout)
             except MilterUnavailable as e:
                 self._unavailable(f, str(e))
                 continue
