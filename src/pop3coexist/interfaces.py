@@ -9,6 +9,9 @@
   every sender and recipient decision, and the one message it delivers (policy/stages.py);
   ICommitter: the group commit (smtp/incoming.py) the last stage hands the message to;
   ISpool: the spool file of one message, which the stages read and edit.
+- IContentFilter / IContentFilterFactory: one SMTP session's conversation with the content
+  filters (milters; pop3coexist.milter) and the per-listener factory of those conversations;
+  IQuarantine: the messages they held (store/quarantine.py).
 
 Optional capabilities are declared, never probed: an object that has an optional method set
 says so with ``@implementer``, callers ask ``I....providedBy(obj)``, and a test fake provides
@@ -336,7 +339,8 @@ class IAuthThrottle(Interface):
 @dataclass(frozen=True)
 class SMTPSession:
     """What the delivery policy knows of one SMTP session: the client's address, its EHLO
-    name, and the listener's own address (for address literals of this host)."""
+    name, and the listener's own address (for address literals of this host); whether TLS
+    is on, the client's port, the SASL mechanism and TLS version (the milters' macros)."""
 
     client_ip: str
     helo: str | None = None
@@ -391,9 +395,10 @@ class IMessageDelivery(Interface):
     def close() -> None:
         """The session is over (QUIT or a lost connection): release what it holds."""
 
-    def validate_from(session: SMTPSession, sender: object) -> object:
+    def validate_from(session: SMTPSession, sender: object, options: object = None) -> object:
         """Deferred firing with None when ``sender`` (an ``address.Address``, or None for
-        ``<>``) may start a transaction; fails with MailError (553 5.7.1: not yours)."""
+        ``<>``) may start a transaction; fails with MailError (553 5.7.1: not yours; a
+        milter's refusal). ``options``: the MAIL parameters (``policy.delivery.MailOptions``)."""
 
     def validate_to(session: SMTPSession, address: str, size: int) -> object:
         """Deferred firing with a ``policy.delivery.RecipientDecision`` for the inside of a

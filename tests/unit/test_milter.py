@@ -544,3 +544,56 @@ def test_notice_text() -> None:
     assert data.startswith(b"From: Mail Delivery System <MAILER-DAEMON@pop.contoso.test>\n")
     assert b"Subject: Infected mail quarantined: queue id Q9" in data
     assert b"quarantine list | release Q9 | delete Q9" in data
+
+
+# --------------------------------------------------------------------------- in an SMTP session
+
+
+class PickyMilter(FakeMilter):
+    """Refuses RCPT TO ann with its own reply text."""
+
+    def answer(self, code: bytes, data: bytes) -> list[bytes]:
+        if code == codec.RCPT and b"<ann@" in data:
+            self.seen.append((code, data))
+            return [codec.encode(codec.REPLYCODE, b"550 5.7.1 No mail for the trap\0")]
+        return super().answer(code, data)
+
+
+def test_an_smtp_session_asks_the_milter_at_each_command(no_threads) -> None:
+    """Through the real ESMTP session and delivery avatar (fakes for store, checker, queue):
+    the greeting waits for the connect step; a milter's RCPT refusal answers that RCPT only;
+    after AUTH the same conversation goes on (no second connect) and MAIL carries the
+    {auth_authen} macro; the message gets the milter's header and is committed."""
+    from tests.support.dialogue import run_dialogue
+    from tests.support.smtp_fakes import HOST, make_factory, open_session
+    from tests.support.smtp_replies import GREETING
+
+    clock = task.Clock()
+    m = PickyMilter(script={codec.BODYEOB: [codec.encode(codec.ADDHEADER, b"X-Scanned\0yes\0"),
+                                           codec.encode(codec.ACCEPT)]})
+    milters = MilterSet([milter_cfg()], clock, HOST, "smtp", m.opener(clock))
+    factory, store, _checker, _queue, _ = make_factory(content_filters=milters, clock=clock)
+    proto, t = open_session(factory)
+    assert t.value() == GREETING
+    t.clear()
+    plain = base64_plain("ted@pop.contoso.test", "secret1")
+    run_dialogue(proto, [
+        (b"EHLO client.test\r\n", lambda out: out.startswith(b"250-")),
+        (b"AUTH PLAIN " + plain + b"\r\n", b"235 2.7.0 Authentication successful\r\n"),
+        (b"MAIL FROM:<ted@pop.contoso.test>\r\n", b"250 2.1.0 Sender <ted@pop.contoso.test> OK\r\n"),
+        (b"RCPT TO:<ann@pop.contoso.test>\r\n", b"550 5.7.1 No mail for the trap\r\n"),
+        (b"RCPT TO:<ted@pop.contoso.test>\r\n", b"250 2.1.5 Recipient <ted@pop.contoso.test> OK\r\n"),
+        (b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        (b"Subject: hi\r\n\r\nbody\r\n.\r\n", lambda out: out.startswith(b"250 2.0.0 Ok")),
+    ], transport=t)
+    assert m.commands().count(b"C") == 1 and m.commands().count(b"O") == 1
+    assert m.macros(b"M")["{auth_authen}"] == "ted@pop.contoso.test"
+    assert m.macros(b"M")["{auth_type}"] == "PLAIN"
+    [data] = store.messages("ted@pop.contoso.test")
+    assert b"X-Scanned: yes" in data
+
+
+def base64_plain(user: str, password: str) -> bytes:
+    import base64
+
+    return base64.b64encode(f"\0{user}\0{password}".encode())
