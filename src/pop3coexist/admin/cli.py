@@ -501,7 +501,7 @@ def run(argv: Sequence[str], out: Any = None) -> int:
         elif noun == "quarantine":
             from pop3coexist.admin.quarantine import run_quarantine
 
-            run_quarantine(config, verb, getattr(args, "id", None), admin.out)
+            run_quarantine(config, verb, None if verb == "list" else args.id, admin.out)
         elif noun == "queue":
             if verb == "list":
                 admin.queue_list()
