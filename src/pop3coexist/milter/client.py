@@ -12,6 +12,7 @@ milter's ``default_action``. No policy here: ``milter.conversation`` decides.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -127,8 +128,7 @@ class MilterConnection:
         return conn
 
     def _read_symlists(self, data: bytes) -> None:
-        import struct
-
+        """The macro lists (per step) a version 6 filter appends to its negotiation reply."""
         while len(data) >= 4:
             (where,) = struct.unpack("!I", data[:4])
             end = data.find(b"\0", 4)

@@ -170,8 +170,8 @@ def parse_optneg(data: bytes) -> tuple[int, int, int]:
 @dataclass
 class Reply:
     """One packet from a filter, parsed. ``code`` is the reply byte; ``args`` its strings;
-    ``index`` the number of SMFIR_CHGHEADER / SMFIR_INSHEADER; ``where`` and ``names`` those
-    of SMFIR_SETSYMLIST; ``body`` the chunk of SMFIR_REPLBODY."""
+    ``index`` the number of SMFIR_CHGHEADER / SMFIR_INSHEADER (the stage of
+    SMFIR_SETSYMLIST); ``body`` the chunk of SMFIR_REPLBODY (or of the OPTNEG reply)."""
 
     code: bytes
     args: list[str] = field(default_factory=list)
