@@ -20,6 +20,12 @@ Sections (``--only`` takes a comma list of these names):
   QUIT's reply.
 - ``relay``: N messages for a foreign domain from a trusted client into pop3coexist, out
   through its smart host into ``smtp-sink``; messages/s accepted and fully relayed (queue empty).
+- ``milter``: the cost of content filtering: ``smtp-source`` as in ``smtp`` against
+  pop3coexist without and with one milter on the MX listener (``--milter accept``: a trivial
+  accept-everything milter, bench/milter_accept.py, which is sent every step; ``--milter
+  clamav``: clamd + clamav-milter with a one-signature database, as the tests start them);
+  msg/s both ways and the milliseconds each message costs (1/with - 1/without), runs
+  alternating.
 - ``memory``: server RSS with 1,000 idle POP3 and 1,000 idle SMTP sessions; peak RSS growth
   while one 100 MB message goes in by SMTP and out by POP3; both summed over every process of
   the server.
@@ -55,7 +61,7 @@ from bench.peers import DovecotInstance, PostfixInstance, ensure_packages, free_
 from tests.support.server import HOSTNAME, ServerProcess  # noqa: E402
 
 PASSWORD = "bench-Passw0rd"
-SECTIONS = ("fsync", "smtp", "pop3", "relay", "memory")
+SECTIONS = ("fsync", "smtp", "pop3", "relay", "milter", "memory")
 MSG_SIZE = 4096
 
 
@@ -262,6 +268,69 @@ def bench_smtp(tmp: Path, runs: int, messages: int, peers: dict) -> dict:
         out["ratio_accept"] = statistics.median(ours_acc) / statistics.median(pf_acc)
         out["ratio_maildir"] = statistics.median(ours_all) / statistics.median(pf_all)
     return out
+
+
+# ---------------------------------------------------------------- milter
+
+
+def start_milter(tmp: Path, kind: str) -> tuple[str, list]:
+    """Start the benchmark's milter (``accept`` or ``clamav``); its socket and what to stop."""
+    if kind == "clamav":
+        if not (shutil.which("clamd") or Path("/usr/sbin/clamd").exists()):
+            raise RuntimeError("clamd (Debian packages clamav-daemon, clamav-milter) is needed")
+        from tests.support.scanners import ClamAV
+
+        clam = ClamAV(tmp / "clamav").start()
+        return clam.milter("Reject", max_file_size="25M"), [clam.stop]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "milter_accept.py"), str(port)])
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("the benchmark milter did not start")
+        time.sleep(0.05)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(10)
+
+    return f"inet:127.0.0.1:{port}", [stop]
+
+
+def bench_milter(tmp: Path, runs: int, messages: int, kind: str) -> dict:
+    socket_, stops = start_milter(tmp, kind)
+    try:
+        plain = make_server(tmp / "p3c-nomilter")
+        milter = make_server(tmp / "p3c-milter", extra_config=(
+            f'[[milter]]\nname = "{kind}"\nsocket = "{socket_}"\nlisteners = ["smtp"]\n'))
+        rates: dict[str, list[float]] = {"without": [], "with": []}
+        servers = {"without": plain, "with": milter}
+        for srv in servers.values():
+            srv.add_mailbox(f"bench@{HOSTNAME}", PASSWORD)
+            srv.start()
+        try:
+            for srv in servers.values():  # warm-up
+                smtp_source(srv.port("smtp"), 200, f"bench@{HOSTNAME}")
+            for i in range(runs):
+                for name, srv in servers.items():
+                    new = srv.state_dir / "mailroot" / HOSTNAME / "bench" / "new"
+                    empty_folder(new)
+                    acc = smtp_source(srv.port("smtp"), messages, f"bench@{HOSTNAME}")
+                    rates[name].append(messages / acc)
+                    log(f"milter run {i + 1}: {name} {kind} milter {messages / acc:.0f} msg/s")
+        finally:
+            for srv in servers.values():
+                srv.stop()
+    finally:
+        for stop in stops:
+            stop()
+    without, with_ = statistics.median(rates["without"]), statistics.median(rates["with"])
+    return {"milter": kind, "messages": messages, "without": stats(rates["without"]),
+            "with": stats(rates["with"]), "cost_ms": 1000 * (1 / with_ - 1 / without)}
 
 
 # ---------------------------------------------------------------- POP3
@@ -572,6 +641,11 @@ def table(result: dict) -> str:
         r = result["relay"]
         rows.append((f"relay to smtp-sink accepted, msg/s ({r['messages']})", fmt(r["accept"]), "", ""))
         rows.append(("relay all delivered, msg/s", fmt(r["relayed"]), "", ""))
+    if "milter" in result:
+        f = result["milter"]
+        rows.append((f"SMTP accepted with a {f['milter']} milter, msg/s ({f['messages']})",
+                     fmt(f["with"]), "no milter " + fmt(f["without"]),
+                     f"{f['cost_ms']:.2f} ms/msg"))
     if "memory" in result:
         m = result["memory"]
         procs = m.get("processes", 1)
@@ -596,6 +670,9 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=10000)
     ap.add_argument("--only", default=",".join(SECTIONS))
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
+    ap.add_argument("--milter", choices=("accept", "clamav"), default="accept",
+                    help="the milter of the milter section: a trivial accept-everything one "
+                         "(default) or clamd + clamav-milter")
     ap.add_argument("--workers", default="auto",
                     help='server.workers for pop3coexist: a number or "auto" (default)')
     args = ap.parse_args()
@@ -613,7 +690,7 @@ def main() -> None:
     raise_nofile()
     started = time.perf_counter()
     peers = ensure_packages() if {"smtp", "pop3"} & set(only) else {}
-    if not shutil.which("smtp-source") and {"smtp", "relay"} & set(only):
+    if not shutil.which("smtp-source") and {"smtp", "relay", "milter"} & set(only):
         sys.exit("smtp-source (Debian package postfix) is needed for the SMTP figures")
     result: dict = {"machine": machine(), "peers": peers, "workers": args.workers,
                     "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -633,6 +710,8 @@ def main() -> None:
                 result["pop3"] = bench_pop3(tmp, args.runs, peers)
             elif section == "relay":
                 result["relay"] = bench_relay(tmp, args.relay_runs, args.messages)
+            elif section == "milter":
+                result["milter"] = bench_milter(tmp, args.relay_runs, args.messages, args.milter)
             elif section == "memory":
                 result["memory"] = bench_memory(tmp)
             log(f"{section} done in {time.perf_counter() - t:.0f}s")

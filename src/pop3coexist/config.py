@@ -997,6 +997,55 @@ class LogConfig:
                         '(twistd), "-" standard output, or a file path')
     format: str = key(_choice("text", "json"), "text", "text (Postfix-like lines) or json "
                       "(one object per line); json needs mail_log set")
+# --- [[milter]]: content filters (issue 13) -------------------------------------------------
+
+MILTER_LISTENERS = ("smtp", "submission", "smtps")
+
+
+def _milter_socket(value: Any) -> str:
+    """``inet:host:port`` (``inet6:`` too; Sendmail's ``inet:port@host`` is taken) or
+    ``unix:/path``; a relative UNIX path is made relative to the config file by the reader."""
+    value = _string(value)
+    kind, _, rest = value.partition(":")
+    if kind == "unix" and rest:
+        return value
+    if kind in ("inet", "inet6") and rest:
+        if "@" in rest:
+            port, _, host = rest.partition("@")
+        else:
+            host, _, port = rest.rpartition(":")
+        if host.strip("[]") and port.isdigit() and 0 < int(port) < 65536:
+            return value
+    raise ValueError(f"{value!r} is not inet:host:port or unix:/path")
+
+
+def _milter_listeners(value: Any) -> tuple[str, ...]:
+    items = _strings(value)
+    for item in items:
+        if item not in MILTER_LISTENERS:
+            raise ValueError(f"{item!r} is not one of {', '.join(MILTER_LISTENERS)}")
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    """A ``[[milter]]`` entry: one content filter (README "Filtering and authentication")."""
+
+    socket: str = key(_milter_socket, REQUIRED, "inet:host:port or unix:/path of the milter")
+    name: str = key(_string, "", 'the milter\'s name in logs and notices; default "milter N"',
+                    shown='"milter N"')
+    listeners: tuple[str, ...] = key(_milter_listeners, list(MILTER_LISTENERS),
+                                     "the SMTP listener kinds whose mail it scans (smtp, "
+                                     "submission, smtps)")
+    connect_timeout: float = key(_duration, "30s", "to connect and negotiate")
+    command_timeout: float = key(_duration, "30s", "for each reply to a session step (connect, "
+                                 "HELO, MAIL, RCPT, DATA)")
+    content_timeout: float = key(_duration, "5m", "for each reply to the message steps "
+                                 "(headers, body, end of message)")
+    default_action: str = key(_choice("tempfail", "accept"), "tempfail",
+                              "when the milter cannot be used: 451 4.7.1, or go on without it")
+    virus_scanner: bool = key(_boolean, False, "its rejects, discards and quarantines are "
+                              "infected mail: the postmaster is told")
 
 
 @dataclass(frozen=True)
@@ -1024,6 +1073,7 @@ class Config:
     managesieve: ManageSieveConfig = table(ManageSieveConfig)
     metrics: MetricsConfig = table(MetricsConfig)
     log: LogConfig = table(LogConfig)
+    milter: tuple[MilterConfig, ...] = tables(MilterConfig, "content filters, in order")
     warnings: tuple[str, ...] = ()
 
     @property
@@ -1347,6 +1397,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         raise r.fail("managesieve", "require_tls", "needs [tls] certificate and private_key "
                      "(or require_tls = false)")
     metrics_cfg, log_cfg = _parse_monitoring(r, data)
+    milters = _parse_milters(r, data)
 
     return Config(
         dns=dns_cfg,
@@ -1354,6 +1405,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         sender_authentication=sender_auth_cfg,
         sieve=sieve_cfg,
         managesieve=msieve_cfg,
+        milter=milters,
         gateway=gateway_cfg,
         masquerade=masq_cfg,
         metrics=metrics_cfg,
@@ -1562,3 +1614,22 @@ def _parse_monitoring(r: _Reader, data: Mapping[str, Any]) -> tuple[MetricsConfi
         raise r.fail("log", "format", 'json needs [log] mail_log (a file path or "-"): the '
                      "server's own log writes text")
     return metrics, log_cfg
+def _parse_milters(r: _Reader, data: Mapping[str, Any]) -> tuple[MilterConfig, ...]:
+    """The ``[[milter]]`` entries, in order; names are unique; a ``unix:`` path is made
+    relative to the config file's folder."""
+    raw = data.get("milter", [])
+    if not isinstance(raw, list):
+        raise r.fail("milter", None, "must be an array of tables ([[milter]])")
+    out: list[MilterConfig] = []
+    for item in raw:
+        m = r.keys(item, "milter", MilterConfig)
+        if "socket" not in m:
+            raise r.fail("milter", "socket", "is required (inet:host:port or unix:/path)")
+        name = m.pop("name", "") or f"milter {len(out) + 1}"
+        if any(x.name == name for x in out):
+            raise r.fail("milter", "name", f"{name!r} is used twice")
+        sock = m["socket"]
+        if sock.startswith("unix:"):
+            m["socket"] = "unix:" + os.path.normpath(r.base / sock[5:])
+        out.append(MilterConfig(name=name, **m))
+    return tuple(out)

@@ -11,6 +11,9 @@
   ISpool: the spool file of one message, which the stages read and edit.
 - ISieveScripts: a mailbox's Sieve scripts and out-of-office records (store/sievestore.py);
   IMailboxRules: the per-recipient rules stage's work (policy/rules.py).
+- IContentFilter / IContentFilterFactory: one SMTP session's conversation with the content
+  filters (milters; pop3coexist.milter) and the per-listener factory of those conversations;
+  IQuarantine: the messages they held (store/quarantine.py).
 
 Optional capabilities are declared, never probed: an object that has an optional method set
 says so with ``@implementer``, callers ask ``I....providedBy(obj)``, and a test fake provides
@@ -343,11 +346,18 @@ class IAuthThrottle(Interface):
 @dataclass(frozen=True)
 class SMTPSession:
     """What the delivery policy knows of one SMTP session: the client's address, its EHLO
-    name, and the listener's own address (for address literals of this host)."""
+    name, and the listener's own address (for address literals of this host); whether TLS
+    is on, the client's port, the SASL mechanism and TLS version (the milters' macros)."""
 
     client_ip: str
     helo: str | None = None
     listener_ip: str | None = None
+    tls: bool = False  # the session runs over TLS (STARTTLS or SMTPS)
+    client_port: int = 0  # the client's TCP port (0: unknown, a UNIX socket)
+    # milter macros ({auth_type}, {tls_version}): the SASL mechanism of the log-in, the TLS
+    # protocol version ("TLSv1.3"); None when there is none
+    auth_type: str | None = None
+    tls_version: str | None = None
 
 
 @dataclass
@@ -376,9 +386,26 @@ class IMessageDelivery(Interface):
 
     user = Attribute("The avatar id of the logged-in account (lower case), or None")
 
-    def validate_from(session: SMTPSession, sender: object) -> object:
+    def connect(session: SMTPSession) -> object:
+        """Deferred firing with None when the session may go on after the client connected
+        (before the greeting), or failing with MailError: a 4xx or 5xx greeting instead
+        (a content filter that refuses the client)."""
+
+    def hello(session: SMTPSession) -> object:
+        """Deferred firing with None when the HELO/EHLO name in ``session`` is accepted, or
+        failing with MailError (the reply to HELO/EHLO)."""
+
+    def reset() -> None:
+        """The transaction in progress, if any, is abandoned (RSET, HELO, STARTTLS, a
+        refused message): the content filters forget it."""
+
+    def close() -> None:
+        """The session is over (QUIT or a lost connection): release what it holds."""
+
+    def validate_from(session: SMTPSession, sender: object, options: object = None) -> object:
         """Deferred firing with None when ``sender`` (an ``address.Address``, or None for
-        ``<>``) may start a transaction; fails with MailError (553 5.7.1: not yours)."""
+        ``<>``) may start a transaction; fails with MailError (553 5.7.1: not yours; a
+        milter's refusal). ``options``: the MAIL parameters (``policy.delivery.MailOptions``)."""
 
     def validate_to(session: SMTPSession, address: str, size: int) -> object:
         """Deferred firing with a ``policy.delivery.RecipientDecision`` for the inside of a
@@ -529,3 +556,69 @@ class IMailboxRules(Interface):
         ``policy.stages.Message``): it may refuse recipients (``Message.decide``), take
         discarded ones out of ``message.recipients``, and queue copies; ACCEPT when nothing is
         left to store (the spool file is then removed)."""
+# --------------------------------------------------------------------------- content filters
+
+
+class IContentFilter(Interface):
+    """The conversation of one SMTP session with the content filters (milters), at every step
+    they negotiated (``pop3coexist.milter.conversation.MilterConversation``). The delivery
+    avatar (policy/delivery.py) asks it at connect, HELO, MAIL and RCPT, so a refusal answers
+    that command; the content-check stage (policy/stages.py) runs the message steps (DATA,
+    headers, end of headers, body, end of message). Refusals are ``errors.MailError``. A
+    conversation outlives the avatar: the avatar after AUTH or STARTTLS keeps it."""
+
+    def connect(session: SMTPSession) -> object:
+        """Deferred: None, or fails with MailError (the greeting refused)."""
+
+    def helo(session: SMTPSession) -> object:
+        """Deferred: None, or fails with MailError (the HELO/EHLO reply)."""
+
+    def mail(session: SMTPSession, sender: str, user: str | None, args: list[str]) -> object:
+        """Deferred: None, or fails with MailError (the MAIL reply). ``sender``: the address
+        ("" for <>); ``user``: the logged-in account or None; ``args``: ESMTP parameters
+        ("SIZE=123")."""
+
+    def rcpt(session: SMTPSession, recipient: str, local: bool) -> object:
+        """Deferred: None, or fails with MailError (the RCPT reply). ``local``: the recipient's
+        mailbox is here (the ``{rcpt_mailer}`` macro)."""
+
+    def check(message: object) -> object:
+        """Deferred firing with a ``policy.content.FilterResult`` for a ``policy.stages.Message``
+        after its DATA: the message steps run, the header and body changes the filters asked
+        for are made in the message (its edit API); the verdict and the recipient changes are
+        the caller's to apply."""
+
+    def abort() -> None:
+        """The transaction in progress is abandoned (SMFIC_ABORT)."""
+
+    def close() -> None:
+        """The session is over: close every filter connection (idempotent)."""
+
+
+class IContentFilterFactory(Interface):
+    """Makes the conversation of each new SMTP session of one listener."""
+
+    def open() -> IContentFilter:
+        """A new conversation (no connection is made before its ``connect``)."""
+
+
+class IQuarantine(Interface):
+    """Messages a content filter quarantined, kept under ``<state_dir>/quarantine/``
+    (store/quarantine.py): held, not delivered, until an administrator releases or deletes
+    them. All methods are blocking."""
+
+    def put(data: bytes, envelope: dict, info: dict) -> str:
+        """Keep one message (LF line ends, no Return-Path) with its queue envelope (the shape
+        of ``IOutboundQueue.enqueue``; local recipients as ``mailbox@domain``) and ``info``
+        (JSON-able: milter, reason, queue id, client); durable on return. Returns its id."""
+
+    def list() -> list[dict]:
+        """Every held message's record (``id``, ``time``, ``size``, ``envelope``, ``info``),
+        oldest first."""
+
+    def release(entry_id: str, queue: IOutboundQueue) -> str:
+        """Hand the message to ``queue`` for delivery to its recipients and forget it; returns
+        the queue id. ``KeyError`` for an unknown id."""
+
+    def delete(entry_id: str) -> None:
+        """Forget the message. ``KeyError`` for an unknown id."""

@@ -739,6 +739,7 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
     smtp_queue = wrap_queue(dkim_queue(queue, config), config)
     verifier = make_sender_verifier(config, reactor)  # [sender_authentication]
     rules, srs = make_rules(config, parts, smtp_queue, reactor)
+    quarantine = make_quarantine(config)
 
     def smtp_factory(mode: str) -> Any:
         return SMTPServerFactory(
@@ -746,6 +747,7 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
             reactor=reactor, throttle=smtp_throttle, limiter=limiters["smtp"],
             verifier=verifier,
             rules=rules, srs=srs,
+            content_filters=make_milters(config, mode, reactor), quarantine=quarantine,
         )
 
     for desc in config.smtp.listen:
@@ -810,6 +812,23 @@ def make_rules(config: Config, parts: Components, queue: Any, reactor: Any) -> t
     rules = SieveRules(RulesSettings.from_config(config), SieveScripts(parts.store), queue,
                        parts.store, run_blocking, srs=srs)
     return rules, srs
+def make_milters(config: Config, mode: str, reactor: Any) -> Any:
+    """The ``IContentFilterFactory`` of the ``[[milter]]`` entries that scan an SMTP listener
+    of ``mode`` (mx: "smtp", "submission", "smtps"), or None when none does."""
+    from pop3coexist.milter.conversation import MilterSet
+
+    kind = "smtp" if mode == "mx" else mode
+    milters = [m for m in config.milter if kind in m.listeners]
+    if not milters:
+        return None
+    return MilterSet(milters, reactor, config.server.hostname, kind)
+
+
+def make_quarantine(config: Config) -> Any:
+    """The quarantine of content-filtered messages (``<state_dir>/quarantine``)."""
+    from pop3coexist.store.quarantine import Quarantine
+
+    return Quarantine(config.server.state_dir / "quarantine")
 
 
 def make_service(config: Config, reactor: Any = None,

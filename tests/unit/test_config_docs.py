@@ -66,9 +66,10 @@ def test_every_section_is_declared():
             "auth.directory.attributes", "auth.local", "domains", "domains.remote", "relay",
             "smarthost", "queue", "gateway", "gateway.connectors",
             "gateway.recipient_policies", "masquerade", "dns", "dkim",
-            "sender_authentication"} <= SECTIONS
+            "sender_authentication", "milter", "sieve", "managesieve", "metrics",
+            "log"} <= SECTIONS
     assert set(declared_arrays()) == {"domains.remote", "gateway.connectors",
-                                      "gateway.recipient_policies", "dkim"}
+                                      "gateway.recipient_policies", "dkim", "milter"}
 
 
 @pytest.mark.parametrize("name", sorted(DECLARED))

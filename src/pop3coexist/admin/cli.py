@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     qd.add_argument("id")
     qd.add_argument("--bounce", action="store_true", help="send a failure report to the sender")
 
+    qq = top.add_parser("quarantine", help="messages a milter held (admin/quarantine.py)")
+    qv = qq.add_subparsers(dest="verb", required=True)
+    qv.add_parser("list")
+    for verb in ("release", "delete"):
+        qv.add_parser(verb).add_argument("id")
+
     cc = top.add_parser("check-config", help="validate the config and the state it names")
     cc.add_argument("--peer", default=None, help="the other side's config (coexistence checks)")
 
@@ -543,6 +549,10 @@ def run(argv: Sequence[str], out: Any = None) -> int:
             from pop3coexist.admin import vacation
 
             vacation.run(config, admin.store, args, admin.out)
+        elif noun == "quarantine":
+            from pop3coexist.admin.quarantine import run_quarantine
+
+            run_quarantine(config, verb, None if verb == "list" else args.id, admin.out)
         elif noun == "queue":
             if verb == "list":
                 admin.queue_list()

@@ -20,7 +20,16 @@ holds (``policy.relay.RelayPolicy.may_relay`` with the avatar's log-in).
   a directory that cannot answer ``DirectoryUnavailable`` (451 4.4.3, from the source's
   ``AuthUnavailable``);
 - ``begin``: a ``DeliveryTransaction`` (``IDeliveryTransaction``): recipients, then the body,
-  then ``commit``, which runs the declared stages of ``policy.stages``.
+  then ``commit``, which runs the declared stages of ``policy.stages``;
+- ``connect``, ``hello``, ``reset``, ``close``: the session's other steps, for the content
+  filters (milters).
+
+Content filters: with milters configured for the listener, the realm opens one conversation
+(``interfaces.IContentFilter``) per SMTP session and every avatar of that session shares it
+(the avatar after AUTH or STARTTLS takes it over: ``previous``). ``validate_from`` and
+``validate_to`` ask it after their own rules accepted (a milter's refusal is that command's
+reply); the content-check stage runs its message steps, and ``policy.content.FilterOutcomes``
+applies the verdict (quarantine, discard, the infected-mail notice, added recipients).
 
 Every multi-step flow here is an ``async def`` run with ``defer.ensureDeferred``.
 """
@@ -55,6 +64,7 @@ from pop3coexist.interfaces import (
     IQuotaCheck,
     SMTPSession,
 )
+from pop3coexist.policy.content import FilterOutcomes
 from pop3coexist.policy.gateway import LOCAL as GATEWAY_LOCAL
 from pop3coexist.policy.gateway import GatewayPolicy, Peer
 from pop3coexist.policy.relay import (
@@ -166,7 +176,14 @@ class DeliveryContext:
     def __init__(self, config: Any, store: Any, checker: Any, committer: Any,
                  run_blocking: Callable[..., defer.Deferred], clock: Any,
                  resolve_host: Callable[[str], list[str]] | None = None,
-                 verifier: Any = None, rules: Any = None, srs: Any = None) -> None:
+                 verifier: Any = None, rules: Any = None, srs: Any = None,
+                 content_filters: Any = None, quarantine: Any = None,
+                 queue: Any = None) -> None:
+        # content_filters: an IContentFilterFactory (the listener's milters) or None;
+        # quarantine: an IQuarantine; queue: the outbound queue (the infected-mail notice)
+        self.content_filters = content_filters
+        self.quarantine = quarantine
+        self.queue = queue
         self.config = config
         self.store = store
         self.checker = checker
@@ -182,8 +199,10 @@ class DeliveryContext:
             authentication = CheckAuthentication(verifier, self.relay.is_trusted,
                                                  sa.authserv_id or config.server.hostname,
                                                  sa.dmarc_reject)
-        self.stages = default_stages(committer, authentication=authentication,
-                                     trusted=self.relay.is_trusted, rules=rules)
+        # the stages' parts; a session with milters gets its own list (DeliveryTransaction)
+        self.stage_parts = {"authentication": authentication, "trusted": self.relay.is_trusted,
+                            "rules": rules}
+        self.stages = default_stages(committer, **self.stage_parts)
         self.srs = srs  # policy.srs.SRS: bounces to SRS addresses go back to the sender
         self._domains: list[str] | None = None
         self._domains_at = 0.0
@@ -293,20 +312,31 @@ class DeliveryRealm:
     def __init__(self, context: DeliveryContext) -> None:
         self.context = context
 
-    def anonymous(self) -> SMTPDelivery:
-        """The avatar of a session that has not logged in."""
-        return SMTPDelivery(self.context, None)
+    def anonymous(self, previous: SMTPDelivery | None = None) -> SMTPDelivery:
+        """The avatar of a session that has not logged in; ``previous``: the session's avatar
+        so far (after STARTTLS), whose content-filter conversation it keeps."""
+        return SMTPDelivery(self.context, None, self._conversation(previous))
 
-    def login(self, credentials: Any) -> defer.Deferred:
+    def _conversation(self, previous: SMTPDelivery | None) -> Any:
+        if previous is not None:
+            return previous.conversation
+        factory = self.context.content_filters
+        return factory.open() if factory is not None else None
+
+    def login(self, credentials: Any, previous: SMTPDelivery | None = None) -> defer.Deferred:
         """Deferred firing with the avatar of the account ``credentials`` name; fails with
         ``UnauthorizedLogin`` / ``UnhandledCredentials`` (the checker's), ``LoginRefused`` (the
         mailbox or its domain is locked) or ``AuthUnavailable``. SMTP AUTH needs an account,
-        not a mailbox: an account with no mailbox here (a relay or service account) logs in."""
-        return defer.ensureDeferred(self._login(credentials))
+        not a mailbox: an account with no mailbox here (a relay or service account) logs in.
+        ``previous``: the session's avatar so far, whose content-filter conversation the new
+        one keeps."""
+        return defer.ensureDeferred(self._login(credentials, previous))
 
-    async def _login(self, credentials: Any) -> SMTPDelivery:
+    async def _login(self, credentials: Any, previous: SMTPDelivery | None) -> SMTPDelivery:
         avatar_id = await defer.maybeDeferred(self.context.checker.requestAvatarId, credentials)
         _iface, avatar, _logout = await self.requestAvatar(avatar_id, None, IMessageDelivery)
+        if previous is not None:
+            avatar.conversation = previous.conversation
         return avatar
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> defer.Deferred:  # noqa: N802,N803
@@ -325,28 +355,66 @@ class DeliveryRealm:
         ctx = self.context
         if await ctx.run_blocking(login_locked, ctx.store, user):
             raise LoginRefused()
-        return IMessageDelivery, SMTPDelivery(ctx, user), lambda: None
+        return IMessageDelivery, SMTPDelivery(ctx, user, None), lambda: None
 
 
 @implementer(IMessageDelivery)
 class SMTPDelivery:
     """The avatar: see the module docstring and ``interfaces.IMessageDelivery``."""
 
-    def __init__(self, context: DeliveryContext, user: str | None) -> None:
+    def __init__(self, context: DeliveryContext, user: str | None,
+                 conversation: Any = None) -> None:
         self.context = context
         self.user = user
+        self.conversation = conversation  # the session's IContentFilter, or None
+
+    # -- the session's other steps (the content filters')
+
+    def connect(self, session: SMTPSession) -> defer.Deferred:
+        """See IMessageDelivery: the milters' connect step."""
+        if self.conversation is None:
+            return defer.succeed(None)
+        return self.conversation.connect(session)
+
+    def hello(self, session: SMTPSession) -> defer.Deferred:
+        """See IMessageDelivery: the milters' HELO step."""
+        if self.conversation is None:
+            return defer.succeed(None)
+        return self.conversation.helo(session)
+
+    def reset(self) -> None:
+        """See IMessageDelivery."""
+        if self.conversation is not None:
+            self.conversation.abort()
+
+    def close(self) -> None:
+        """See IMessageDelivery."""
+        if self.conversation is not None:
+            self.conversation.close()
 
     # -- MAIL
 
-    def validate_from(self, session: SMTPSession, sender: Address | None) -> defer.Deferred:
-        """See IMessageDelivery: ``smtp.sender_must_match_login`` for a logged-in client."""
+    def validate_from(self, session: SMTPSession, sender: Address | None,
+                      options: MailOptions | None = None) -> defer.Deferred:
+        """See IMessageDelivery: ``smtp.sender_must_match_login`` for a logged-in client, then
+        the milters' MAIL step (``options``: the MAIL parameters they are shown)."""
         user = self.user
-        if (user is None or sender is None or sender.key == user
+        if self.conversation is None and (
+                user is None or sender is None or sender.key == user
                 or not self.context.config.smtp.sender_must_match_login):
-            return defer.succeed(None)  # nothing to look up (see _validate_from)
-        return defer.ensureDeferred(self._validate_from(sender))
+            return defer.succeed(None)  # nothing to look up or ask (see _validate_from)
+        return defer.ensureDeferred(self._validate_from(session, sender, options))
 
-    async def _validate_from(self, sender: Address | None) -> None:
+    async def _validate_from(self, session: SMTPSession, sender: Address | None,
+                             options: MailOptions | None) -> None:
+        await self._own_sender_rules(sender)
+        if self.conversation is not None:
+            o = options or MailOptions()
+            args = [f"{k}={v}" for k, v in (("SIZE", o.size or None), ("BODY", o.body),
+                                             ("RET", o.ret), ("ENVID", o.envid)) if v]
+            await self.conversation.mail(session, str(sender) if sender else "", self.user, args)
+
+    async def _own_sender_rules(self, sender: Address | None) -> None:
         user = self.user
         if user is None or not self.context.config.smtp.sender_must_match_login:
             return
@@ -371,7 +439,7 @@ class SMTPDelivery:
     def begin(self, session: SMTPSession, sender: Address | None,
               options: MailOptions) -> DeliveryTransaction:
         """See IMessageDelivery: a new transaction."""
-        return DeliveryTransaction(self.context, session, sender, options, self.user)
+        return DeliveryTransaction(self.context, session, sender, options, self)
 
     # -- RCPT
 
@@ -387,8 +455,42 @@ class SMTPDelivery:
         if found.box is not None:
             domain, box, (exists, over_quota) = found.box
             RelayPolicy.local_outcome(found.route.address, exists, over_quota)
-            return RecipientDecision(given, found.route, (domain, box), found.orcpt)
-        return RecipientDecision(given, found.route, None, found.orcpt)
+            decision = RecipientDecision(given, found.route, (domain, box), found.orcpt)
+        else:
+            decision = RecipientDecision(given, found.route, None, found.orcpt)
+        if self.conversation is not None:  # the milters' RCPT step, once our rules accepted
+            await self.conversation.rcpt(session, str(given), decision.mailbox is not None)
+        return decision
+
+    async def resolve_added(self, session: SMTPSession, inner: str) -> Recipient | None:
+        """A Recipient for an address a milter added (no relay check: as Postfix, the filter
+        is trusted), or None when it is a local address nobody receives."""
+        ctx = self.context
+        try:
+            domains = await ctx.local_domains()
+            address = parse_recipient(inner, ctx.primary_domain(domains))
+            found = await self._resolve(session, address, domains, 0, may_relay=True)
+        except (MailError, AuthUnavailable):
+            return None
+        entry = {"address": str(address), "orcpt": found.orcpt, "notify": None}
+        if found.box is not None:
+            domain, box, (exists, _over) = found.box
+            return Recipient(entry, (domain, box)) if exists else None
+        entry["address"] = str(found.route.address)
+        return Recipient(entry)
+
+    async def postmaster(self, session: SMTPSession) -> str | None:
+        """Where mail for <Postmaster> goes (a mailbox here as ``box@domain``, or the remote
+        address), for the infected-mail notice; None when it cannot be found."""
+        try:
+            _given, found = await self._find_recipient(session, "Postmaster", 0)
+        except Exception:
+            log.failure("milter: cannot find where postmaster mail goes")
+            return None
+        if found.box is not None:
+            domain, box, _state = found.box
+            return f"{box}@{domain}"
+        return str(found.route.address)
 
     async def _find_recipient(self, session: SMTPSession, inner: str,
                               size: int) -> tuple[Address, _Found]:
@@ -539,10 +641,11 @@ class DeliveryTransaction:
     stages of ``policy.stages`` (see there for their order and outcomes)."""
 
     def __init__(self, context: DeliveryContext, session: SMTPSession, sender: Address | None,
-                 options: MailOptions, user: str | None = None) -> None:
+                 options: MailOptions, avatar: SMTPDelivery | None = None) -> None:
         self.context = context
+        self.avatar = avatar  # the avatar that began it (its user, its milter conversation)
         self.session = session
-        self.user = user  # the avatar's account (SMTP AUTH), or None
+        self.user = avatar.user if avatar is not None else None  # SMTP AUTH account, or None
         self.sender = sender
         self.options = options
         self.recipients: list[str] = []  # as accepted, for Received / logs
@@ -588,10 +691,26 @@ class DeliveryTransaction:
         message is durable, or fails with MailError (nothing stored)."""
         if self._message is None or self._aborted:
             return defer.fail(Failure(RuntimeError("commit without a body, or after abort")))
-        return defer.ensureDeferred(run_stages(self._message, self.context.stages))
+        return defer.ensureDeferred(run_stages(self._message, self._stages()))
+
+    def _stages(self) -> list:
+        """The context's stages, or with a content check over the session's milters."""
+        avatar = self.avatar
+        if avatar is None or avatar.conversation is None:
+            return self.context.stages
+        ctx = self.context
+        session = self.session
+        outcomes = FilterOutcomes(
+            ctx.config.server.hostname, ctx.quarantine, ctx.queue,
+            lambda: avatar.postmaster(session),
+            lambda address: avatar.resolve_added(session, address))
+        return default_stages(ctx.committer, content_filter=avatar.conversation,
+                              outcomes=outcomes, **ctx.stage_parts)
 
     def abort(self) -> None:
         """See IDeliveryTransaction: the spool file is removed; nothing is stored."""
         self._aborted = True
         if self._message is not None:
             self._message.spool.abort()
+        if self.avatar is not None:
+            self.avatar.reset()

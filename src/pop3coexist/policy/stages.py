@@ -12,8 +12,11 @@ transaction (policy/delivery.py) runs these stages, in this order, over one ``Me
    message with ``550 5.7.1`` when DMARC fails under the sender domain's ``p=reject`` and
    ``sender_authentication.dmarc_reject = "reject"``. Continues at once when
    ``[sender_authentication]`` is off.
-3. **content check** (``CheckContent``): may refuse or defer the whole message, or refuse
-   single recipients (milters, virus and spam checks). Empty for now.
+3. **content check** (``CheckContent``): the milters' message steps (``interfaces.IContentFilter``:
+   DATA, headers, end of headers, body, end of message) and what their verdict asks
+   (``policy.content.FilterOutcomes``): refuse or defer the whole message, accept it while
+   dropping it (discard) or holding it (quarantine), edit its header section and body, add or
+   delete recipients. Empty when no milter is configured for the listener.
 4. **per-recipient rules** (``RecipientRules``): each mailbox's Sieve script
    (``policy.rules``): may refuse single recipients (reject), drop them (discard: accepted,
    not stored), queue copies (redirect, vacation); ACCEPT when nothing is left to store.
@@ -42,8 +45,8 @@ nothing else was stored (``errors.QuotaExceeded``), ``451 4.3.0`` when the store
 failed; a mailbox whose quota refused the message while others got it is a per-recipient
 REFUSE (552 5.2.2), its delivery report already queued.
 
-What a stage may change: the recipients (expansion only adds or replaces; later stages only
-refuse), each recipient's DSN entry (``address``, ``orcpt``, ``notify``), and the message's
+What a stage may change: the recipients (expansion only adds or replaces; the content check
+adds and deletes what a milter asks; later stages only refuse), each recipient's DSN entry (``address``, ``orcpt``, ``notify``), and the message's
 header section and body through ``Message``'s edit methods (``content``, ``prepend_header``,
 ``add_header``, ``insert_header``, ``change_header``, ``remove_headers``, ``replace_body``,
 ``replace_content``; pure edits in ``pop3coexist.headers``): each edit rewrites the spool file
@@ -264,12 +267,21 @@ class CheckAuthentication:
 
 
 class CheckContent:
-    """Stage 3: content check (milters join here). Empty for now."""
+    """Stage 3: content check. ``content_filter``: the session's ``IContentFilter`` (the
+    milters), None for none; ``outcomes``: a ``policy.content.FilterOutcomes`` that applies
+    its verdict."""
 
     name = "content check"
 
+    def __init__(self, content_filter: Any = None, outcomes: Any = None) -> None:
+        self.content_filter = content_filter
+        self.outcomes = outcomes
+
     async def __call__(self, message: Message) -> Verdict:
-        return CONTINUE
+        if self.content_filter is None:
+            return CONTINUE
+        result = await self.content_filter.check(message)
+        return await self.outcomes.apply(message, result)
 
 
 class RecipientRules:
@@ -345,14 +357,17 @@ class CommitStage:
 
 def default_stages(committer: Any, *, authentication: CheckAuthentication | None = None,
                    trusted: Callable[[str], bool] | None = None,
-                   rules: Any = None) -> list[Stage]:
+                   rules: Any = None, content_filter: Any = None,
+                   outcomes: Any = None) -> list[Stage]:
     """The stages in their declared order (see the module docstring); ``authentication``:
     the sender-authentication stage (None: ``[sender_authentication]`` is off); ``rules``:
-    the ``IMailboxRules`` of the per-recipient rules stage, or None."""
+    the ``IMailboxRules`` of the per-recipient rules stage, or None; ``content_filter`` and
+    ``outcomes`` as for ``CheckContent``."""
     stages: list[Stage] = [ExpandRecipients()]
     if authentication is not None:
         stages.append(authentication)
-    return [*stages, CheckContent(), RecipientRules(rules), CommitStage(committer, trusted)]
+    return [*stages, CheckContent(content_filter, outcomes), RecipientRules(rules),
+            CommitStage(committer, trusted)]
 
 
 async def run_stages(message: Message, stages: Sequence[Stage]) -> dict[str, Verdict]:

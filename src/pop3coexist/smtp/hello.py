@@ -6,11 +6,15 @@ and the session starts over).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet.interfaces import ITLSTransport
+from twisted.python.failure import Failure
 
 from pop3coexist.smtp import auth as sasl
 from pop3coexist.smtp.session import (
     fail,
+    reply_for,
 )
 
 
@@ -50,12 +54,22 @@ class HelloCommands:
     def smtp_HELO(self, arg: str):
         return self._hello(arg, esmtp=False)
 
-    def _hello(self, arg: str, esmtp: bool) -> None:
+    def _hello(self, arg: str, esmtp: bool):
         if not arg or " " in arg:
             raise fail(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+        self._txn = None
+        self.delivery.reset()
+        d = self.delivery.hello(replace(self._session(), helo=arg))  # the content filters'
+        if d.called and not isinstance(d.result, Failure):  # at once: no milter to wait for
+            d.addErrback(lambda _f: None)
+            self._hello_ok(arg, esmtp)
+            return None
+        return d.addCallbacks(lambda _: self._hello_ok(arg, esmtp),
+                              lambda f: self._error(reply_for(f)))
+
+    def _hello_ok(self, arg: str, esmtp: bool) -> None:
         self._helo = arg
         self._esmtp = esmtp
-        self._txn = None
         greeting = f"{self.hostname} Hello [{self.client_ip}]"
         if esmtp:
             self._reply(250, None, "\n".join([greeting, *self.extensions()]))
@@ -69,6 +83,7 @@ class HelloCommands:
         if arg:
             raise fail(501, "5.5.4", "Syntax: RSET")
         self._txn = None
+        self.delivery.reset()
         self._reply(250, "2.0.0", "OK")
 
     def smtp_QUIT(self, arg: str) -> None:
@@ -110,5 +125,8 @@ class HelloCommands:
         self._esmtp = False
         self._txn = None
         self.user = None
-        self.delivery = self.factory.realm.anonymous()
+        self.auth_type = None
+        self.delivery.reset()
+        # the session's content-filter conversation goes on (policy/delivery.py)
+        self.delivery = self.factory.realm.anonymous(self.delivery)
 

@@ -52,6 +52,7 @@ class AuthCommands:
             if initial is None:
                 return None
         self._mech = mech
+        self._mech_name = parts[0].upper()
         return self._sasl(lambda: mech.start(initial))
 
     def _b64(self, text: str | bytes) -> bytes | None:
@@ -98,7 +99,7 @@ class AuthCommands:
     async def _log_in(self, credentials, method: str = "-") -> None:
         factory = self.factory
         try:
-            avatar = await factory.realm.login(credentials)
+            avatar = await factory.realm.login(credentials, self.delivery)
         except Exception:
             error = reply_for(Failure(), AuthUnavailable(), "SMTP AUTH: checker error")
             if error.code == 535:  # wrong credentials or a locked account (RFC 4954 section 6)
@@ -113,6 +114,7 @@ class AuthCommands:
         factory.throttle.success(self.client_ip)
         self.delivery = avatar
         self.user = avatar.user
+        self.auth_type = self._mech_name
         log.info("SMTP AUTH ok for {user} from {ip}", ip=self.client_ip,
                  **login_fields(self, "ok", avatar.user, method))
         self._reply(235, "2.7.0", "Authentication successful")

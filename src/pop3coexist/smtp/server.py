@@ -67,6 +67,8 @@ class SMTPServerFactory(protocol.ServerFactory):
     (an ``ISenderVerifier``) checks SPF, DKIM and DMARC of mail from outside. ``rules``:
     the per-recipient rules stage's ``IMailboxRules`` (Sieve, policy/rules.py) or None;
     ``srs``: the ``policy.srs.SRS`` that turns bounce addresses back, or None.
+    ``content_filters``: the listener's milters (an ``IContentFilterFactory``) or None;
+    ``quarantine``: the ``IQuarantine`` their quarantine verdicts fill.
     """
 
     def __init__(
@@ -85,6 +87,8 @@ class SMTPServerFactory(protocol.ServerFactory):
         verifier=None,
         rules=None,
         srs=None,
+        content_filters=None,
+        quarantine=None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -117,7 +121,9 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.connections = ConnectionPolicy(smtp_cfg.client_allow, smtp_cfg.client_deny)
         # every sender and recipient decision: the avatars of policy/delivery.py
         self.context = DeliveryContext(config, store, checker, self.committer, run_blocking,
-                                       reactor, resolve_host, verifier, rules=rules, srs=srs)
+                                       reactor, resolve_host, verifier, rules=rules, srs=srs,
+                                       content_filters=content_filters,
+                                       quarantine=quarantine, queue=queue)
         self.realm = DeliveryRealm(self.context)
 
     @property

@@ -87,8 +87,11 @@ class Session(tsmtp.ESMTP):
         self._closing = False
         self._acquired = False
         self.client_ip = ""
+        self.client_port = 0
         self.secure = False
         self.user: str | None = None
+        self.auth_type: str | None = None  # the SASL mechanism of the log-in
+        self._mech_name: str | None = None  # the mechanism of the AUTH in progress
         self._helo: str | None = None
         self._session_facts: SMTPSession | None = None  # transaction.MailCommands._session
         self._esmtp = False
@@ -105,6 +108,7 @@ class Session(tsmtp.ESMTP):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_ip = str(getattr(peer, "host", "unix"))
+        self.client_port = int(getattr(peer, "port", 0) or 0)
         mailevents.connected(self)
         if self.factory.mode == "smtps":
             # The service may already have wrapped the listener in TLS (TLSMemoryBIOFactory);
@@ -121,6 +125,18 @@ class Session(tsmtp.ESMTP):
             self._hangup(fail(421, "4.7.0", f"{self.hostname} Too many connections, try again later"))
             return
         self._acquired = True
+        # the content filters' connect step (policy/delivery.py): fires at once without milters
+        self._wait(defer.ensureDeferred(self._greet()))
+
+    async def _greet(self) -> None:
+        try:
+            await self.delivery.connect(self._session())
+        except Exception:
+            error = reply_for(Failure())
+            if error.temporary:
+                error = MailError(421, error.enhanced, f"{self.hostname} {error.text}")
+            self._hangup(error)
+            return
         self._send(f"220 {self.hostname} ESMTP pop3coexist")
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
@@ -133,6 +149,7 @@ class Session(tsmtp.ESMTP):
         if self._acquired:
             self._acquired = False
             self.factory.limiter.release(self.client_ip)
+        self.delivery.close()
 
     def timeoutConnection(self) -> None:
         # RFC 5321 section 4.5.3.2.7: the server closes an idle session

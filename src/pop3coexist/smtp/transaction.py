@@ -73,7 +73,7 @@ class MailCommands:
         avatar = self.delivery
         options = MailOptions(**opts)
         # one step, so a plain callback (not a coroutine: MAIL is on every message's path)
-        return avatar.validate_from(self._session(), sender).addCallbacks(
+        return avatar.validate_from(self._session(), sender, options).addCallbacks(
             self._mail_ok, self._mail_refused, (avatar, sender, options), None, (sender,))
 
     def _mail_ok(self, _: None, avatar: Any, sender: Address | None,
@@ -90,16 +90,24 @@ class MailCommands:
 
     def _session(self) -> SMTPSession:
         """What the delivery policy knows of this session (interfaces.SMTPSession), made
-        again only when the EHLO name changed (the listener's address is asked once)."""
+        again only when the EHLO name, TLS or the log-in changed (the listener's address is
+        asked once)."""
         cached = self._session_facts
-        if cached is not None and cached.helo == self._helo:
+        if (cached is not None and cached.helo == self._helo and cached.tls == self.secure
+                and cached.auth_type == self.auth_type):
             return cached
         if cached is None:
             host = self.transport.getHost()
             listener = host.host if isinstance(host, (IPv4Address, IPv6Address)) else None
         else:
             listener = cached.listener_ip
-        self._session_facts = SMTPSession(self.client_ip, self._helo, listener)
+        tls_version = None
+        if self.secure:
+            info = self._tls_info()  # "TLSv1.3:cipher"
+            tls_version = info.split(":", 1)[0] if info else None
+        self._session_facts = SMTPSession(self.client_ip, self._helo, listener, tls=self.secure,
+                                          client_port=self.client_port,
+                                          auth_type=self.auth_type, tls_version=tls_version)
         return self._session_facts
 
     # ------------------------------------------------------------------ RCPT
