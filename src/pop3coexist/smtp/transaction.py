@@ -129,7 +129,8 @@ class MailCommands:
                     orcpt: str | None) -> None:
         """Ask the avatar where the recipient goes (policy/delivery.py), then answer RCPT."""
         try:
-            decision = await self.delivery.validate_to(self._session(), inner, txn.options.size)
+            decision = await self.delivery.validate_to(self._session(), inner, txn.options.size,
+                                                       txn.sender)
         except Exception:
             self._error(reply_for(Failure(), RCPT_LOCAL_ERROR, "SMTP recipient lookup failed"))
             return
