@@ -730,7 +730,8 @@ def make_service(config: Config, reactor: Any = None,
                                               throttles=top.throttles):
         top.add_listener(ListenerService(desc, factory, role, reactor=reactor))
 
-    outbound = OutboundService(config, queue, store=parts.store, reactor=reactor)
+    outbound = OutboundService(config, queue, store=parts.store, reactor=reactor,
+                               checker=parts.checker)
     outbound.setServiceParent(top)
     top.outbound = outbound
     _CheckerCloser(parts.checker).setServiceParent(top)
