@@ -23,7 +23,6 @@ import poplib
 import smtplib
 import subprocess
 from dataclasses import dataclass
-from email import message_from_bytes
 from pathlib import Path
 
 import pytest

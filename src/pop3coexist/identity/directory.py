@@ -776,7 +776,12 @@ class DirectoryChecker:
         if managed:
             entries = await self._read_entry(managed)
             owner = self._member_address(entries[0]) if entries else None
-        return Distribution("group", key, tuple(members), "anyone", owner)
+        # the group's own address (primary SMTP: proxy address, else mail) names its List-Id
+        # and owner- address, whichever of its addresses the mail came to
+        a = self.cfg.attributes
+        primary = next((p[5:] for p in top.get(a.proxy_addresses) if p.startswith("SMTP:")), None)
+        address = _address_key(primary or top.first(a.mail) or key) or key
+        return Distribution("group", address, tuple(members), "anyone", owner)
 
     def _edge(self, d: defer.Deferred) -> defer.Deferred:
         """Turn internal directory failures into AuthUnavailable (logged, no secrets)."""
