@@ -95,9 +95,14 @@ class SpoolWriter:
             self._create()
 
     def _create(self) -> None:
-        self.fd = os.open(
-            self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
-        )
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            # the spool folder went away since the store last checked it: make it again
+            # (only it: a missing state folder stays an error)
+            os.mkdir(self.path.parent, 0o700)
+            self.fd = os.open(self.path, flags, 0o600)
         self._created = True
 
     def write(self, data: bytes) -> None:
