@@ -29,7 +29,11 @@ exactly what its real class declares (``verifyObject`` checks both):
   ``enforce_quota`` (the caller syncs the folders of a whole batch at once);
 - ICachedMessageOpen (a maildrop): open a message without waiting for the disk;
 - IConnectionLimiter, ISharedConnectionLimiter: concurrent connections (the shared one also
-  tells whether this process is busier than the others); IAuthThrottle: failed log-in delays.
+  tells whether this process is busier than the others); IAuthThrottle: failed log-in delays;
+- IAliasTable (a store): the administrator's aliases and distribution lists of its domains;
+  IGroupLookup (a checker): a directory group (``objectClass=group``) with its members
+  flattened; ICopyCommitter (a committer): a second copy of a message with its own envelope
+  sender and header fields (the copy of a distribution list).
 
 Methods documented as *blocking* do disk I/O: protocol code calls them off the reactor thread
 (``twisted.internet.threads.deferToThread`` or an injected equivalent).
@@ -377,6 +381,70 @@ class LocalNotes:
     received_from: str = ""
 
 
+# --------------------------------------------------------------------------- aliases and lists
+
+SENDERS_CHOICES = ("anyone", "members", "authenticated")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """An address that stands for other addresses (README "Aliases and lists").
+
+    ``kind``: ``"alias"`` (an administrator's alias: its mail goes on unchanged to
+    ``targets``), ``"list"`` (a distribution list: each member gets the list copy),
+    ``"group"`` (a directory group: ``targets`` are its members' addresses, nested groups
+    already flattened), ``"owner"`` (``owner-LIST@DOMAIN``: ``targets`` is the list's owner).
+    ``address`` is lower case; ``senders`` (lists) one of SENDERS_CHOICES; ``owner`` the
+    configured owner address of a list or group, or None (then the postmaster's)."""
+
+    kind: str
+    address: str
+    targets: tuple[str, ...] = ()
+    senders: str = "anyone"
+    owner: str | None = None
+
+    @property
+    def is_list(self) -> bool:
+        """True for a list or a group: its members get a list copy (List-Id, owner sender)."""
+        return self.kind in ("list", "group")
+
+
+class IAliasTable(Interface):
+    """Optional for an IMailStore: the aliases and distribution lists that ``pop3coexist-admin
+    alias`` and ``list`` keep beside the mailboxes of a domain (store/aliases.py)."""
+
+    def distribution(address: str) -> Distribution | None:
+        """Blocking. The alias or list ``address`` (any case) names, or None. Changes made by
+        another process are seen by the next call. Raises ``errors.StoreError`` when the table
+        cannot be read."""
+
+
+class IGroupLookup(Interface):
+    """Optional for an IAccountChecker backed by a directory: AD-style groups
+    (``objectClass=group`` with ``mail`` / ``proxyAddresses`` and ``member``)."""
+
+    def group(address: str) -> object:
+        """Deferred firing with the ``Distribution`` (kind ``"group"``) of the one group that
+        has ``address`` as ``mail`` or a proxy address: its members' addresses, nested groups
+        expanded once each (loop-safe), and its owner (``managedBy``) address or None; or None
+        when no group has it. Fails with ``errors.AuthUnavailable``."""
+
+
+class ICopyCommitter(Interface):
+    """Optional for an ICommitter: another copy of a message, with its own envelope sender and
+    header fields in front (the copy a distribution list's members get)."""
+
+    def copy(spool: object, sender: str, header: bytes) -> object:
+        """Deferred firing with a new spool file (like ``spool``) holding ``Return-Path:
+        <sender>`` as its local-only prefix, then ``header`` (LF line ends), then the message
+        of ``spool`` (without its own local prefix). ``spool`` itself is not changed."""
+
+    def commit_copy(spool: object, local_recipients: list[tuple[str, str]],
+                    envelope: dict | None, notes: LocalNotes | None = None) -> object:
+        """``ICommitter.commit`` for a copy: a full mailbox never refuses the whole copy; each
+        one gets its "failed" report to ``notes.sender`` (the list's owner) instead."""
+
+
 class IMessageDelivery(Interface):
     """The SMTP avatar (as Twisted's ``IMessageDelivery``, maddy's delivery target): every
     sender and recipient decision of a session. The realm (policy/delivery.py) gives an
@@ -407,10 +475,11 @@ class IMessageDelivery(Interface):
         ``<>``) may start a transaction; fails with MailError (553 5.7.1: not yours; a
         milter's refusal). ``options``: the MAIL parameters (``policy.delivery.MailOptions``)."""
 
-    def validate_to(session: SMTPSession, address: str, size: int) -> object:
+    def validate_to(session: SMTPSession, address: str, size: int, sender: object = None) -> object:
         """Deferred firing with a ``policy.delivery.RecipientDecision`` for the inside of a
-        ``RCPT TO:<...>`` path (``size``: MAIL SIZE= or 0), or failing with MailError /
-        AuthUnavailable."""
+        ``RCPT TO:<...>`` path (``size``: MAIL SIZE= or 0; ``sender``: the transaction's
+        reverse-path, an Address or None, for a list's ``senders`` rule), or failing with
+        MailError / AuthUnavailable."""
 
     def begin(session: SMTPSession, sender: object, options: object) -> IDeliveryTransaction:
         """A new transaction for ``sender`` (Address or None) with the MAIL parameters

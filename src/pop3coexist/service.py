@@ -865,7 +865,8 @@ def make_service(config: Config, reactor: Any = None,
 
     # MX and address look-ups of the queue ask the [dns] resolvers (mailauth/resolver.py)
     outbound = OutboundService(config, queue, store=parts.store, reactor=reactor,
-                               resolver=HopResolver(twisted_resolver(config.dns, reactor)))
+                               resolver=HopResolver(twisted_resolver(config.dns, reactor)),
+                               checker=parts.checker)
     outbound.setServiceParent(top)
     top.outbound = outbound
     _CheckerCloser(parts.checker).setServiceParent(top)

@@ -3,7 +3,8 @@
 Each fake provides exactly the interfaces its real class declares (``verifyObject`` checks
 both, tests/unit/test_capabilities.py), optional capabilities included:
 
-- ``FakeMailStore`` (IMailStore, IQuotaCheck, IBatchDelivery, as ``MaildirStore``): domains,
+- ``FakeMailStore`` (IMailStore, IQuotaCheck, IBatchDelivery, IAliasTable, as
+  ``MaildirStore``): aliases and lists in ``distributions`` (address -> Distribution); domains,
   mailboxes and messages in dicts; locks, quotas, session locks (``open_maildrop`` ->
   ``FakeMaildrop``); every call recorded in ``calls``. Delivered paths lie in a real temporary
   folder (created, the files are not), so a caller can sync their folders.
@@ -12,7 +13,8 @@ both, tests/unit/test_capabilities.py), optional capabilities included:
   ``{"user@domain": "password"}``; checks clear-text and (when ``offers_secrets``) APOP /
   CRAM-MD5 credentials by calling their ``checkPassword`` with the secret, as a real checker
   does. ``FakePasswordFileChecker`` adds IBlockingRecipientLookup (as ``PasswordFileChecker``),
-  ``FakeDirectoryChecker`` IDirectoryLookup and IClosable (as ``DirectoryChecker``).
+  ``FakeDirectoryChecker`` IDirectoryLookup, IGroupLookup (``groups``: address ->
+  Distribution) and IClosable (as ``DirectoryChecker``).
 
 Injectable failures: ``store.fail["method_name"] = SomeException(...)`` makes that method
 raise (``"open_message"``, ``"commit"``, ``"close"`` and ``"read"`` apply to maildrops, the last
@@ -41,12 +43,15 @@ from zope.interface import implementer
 from pop3coexist.address import login_to_address
 from pop3coexist.errors import MailboxInUse, NoSuchMailbox, QuotaExceeded
 from pop3coexist.interfaces import (
+    Distribution,
     IAccountChecker,
+    IAliasTable,
     IBatchDelivery,
     IBlockingRecipientLookup,
     ICachedMessageOpen,
     IClosable,
     IDirectoryLookup,
+    IGroupLookup,
     IMaildrop,
     IMailStore,
     IQuotaCheck,
@@ -139,12 +144,13 @@ class FakeMaildrop:
         self.store.sessions.discard((self.domain, self.mailbox))
 
 
-@implementer(IMailStore, IQuotaCheck, IBatchDelivery)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery, IAliasTable)
 class FakeMailStore:
     """See IMailStore. ``mail[domain][mailbox]`` is a list of ``(uid, bytes)``."""
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or Path("/nonexistent/mailroot")
+        self.distributions: dict[str, Distribution] = {}
         self.mail: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
         self.locked_domains: set[str] = set()
         self.locked_mailboxes: set[tuple[str, str]] = set()
@@ -187,6 +193,13 @@ class FakeMailStore:
             return self.mail[domain][mailbox]
         except KeyError:
             raise NoSuchMailbox(f"no mailbox {mailbox}@{domain}") from None
+
+    # -- IAliasTable
+
+    def distribution(self, address: str) -> Distribution | None:
+        """See IAliasTable: ``distributions[address]`` (lower case), or None."""
+        self._call("distribution", address)
+        return self.distributions.get(address.lower())
 
     # -- IMailStore
 
@@ -446,7 +459,7 @@ class FakePasswordFileChecker(FakeChecker):
         return key if key in self.accounts else None
 
 
-@implementer(IDirectoryLookup, IClosable)
+@implementer(IDirectoryLookup, IClosable, IGroupLookup)
 class FakeDirectoryChecker(FakeChecker):
     """A FakeChecker with the directory's ``lookup`` and ``close`` (as ``DirectoryChecker``).
     ``directory`` maps a lower-case address to the attribute dict ``lookup`` gives."""
@@ -454,7 +467,14 @@ class FakeDirectoryChecker(FakeChecker):
     def __init__(self, *args: Any, directory: dict[str, dict] | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.directory = {k.lower(): v for k, v in (directory or {}).items()}
+        self.groups: dict[str, Distribution] = {}
         self.closed = 0
+
+    def group(self, address: str) -> defer.Deferred:
+        """See IGroupLookup: ``groups[address]`` (lower case), or None."""
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        return defer.succeed(self.groups.get(address.lower()))
 
     def lookup(self, address: str) -> defer.Deferred:
         """See IDirectoryLookup."""

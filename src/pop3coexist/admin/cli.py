@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     cc = top.add_parser("check-config", help="validate the config and the state it names")
     cc.add_argument("--peer", default=None, help="the other side's config (coexistence checks)")
 
+    from pop3coexist.admin.aliases import register as register_aliases
+
+    register_aliases(top)  # alias ..., list ... (admin/aliases.py)
+
     po = top.add_parser("policy", help="gateway recipient policies (admin/policy.py)")
     pa = po.add_subparsers(dest="verb", required=True).add_parser(
         "apply", help="stamp the policies' proxy addresses in the directory")
@@ -541,6 +545,10 @@ def run(argv: Sequence[str], out: Any = None) -> int:
                 admin.mailbox_quota(args.address, args.size)
         elif noun == "stat":
             admin.stat(args.domain)
+        elif noun in ("alias", "list"):
+            from pop3coexist.admin.aliases import run_verb
+
+            run_verb(admin, args)
         elif noun == "policy":
             from pop3coexist.admin.policy import run_apply
 

@@ -65,7 +65,14 @@ from pop3coexist import ldapfilter
 from pop3coexist.config import Config, read_secret
 from pop3coexist.errors import AuthUnavailable, ConfigError
 from pop3coexist.identity.logins import map_login
-from pop3coexist.interfaces import IAccountChecker, IClosable, IDirectoryLookup, ISelfCheck
+from pop3coexist.interfaces import (
+    Distribution,
+    IAccountChecker,
+    IClosable,
+    IDirectoryLookup,
+    IGroupLookup,
+    ISelfCheck,
+)
 
 log = Logger()
 
@@ -76,6 +83,10 @@ UF_LOCKOUT = 0x10
 _REFUSED_BIND_CODES = frozenset({48, 49, 50, 53, 19})
 _SUCCESS = 0
 _SIZE_LIMIT_EXCEEDED = 4
+_NO_SUCH_OBJECT = 32
+MAX_GROUP_DEPTH = 16  # nesting levels of groups followed
+MAX_GROUP_ENTRIES = 5000  # member entries read for one group, nested ones included
+GROUP_CLASS = "group"
 _MAX_IDLE_BIND_CONNECTIONS = 4
 
 
@@ -217,11 +228,13 @@ class _Connection:
         op = pureldap.LDAPBindRequest(dn=dn, auth=password)
         return self._send(op, "bind").addCallback(lambda msg: msg.resultCode)
 
-    def search(self, base: str, filter_obj: Any, attributes: list[str], size_limit: int) -> defer.Deferred:
-        """Subtree search; fires with a list of _Entry (at most ``size_limit``)."""
+    def search(self, base: str, filter_obj: Any, attributes: list[str], size_limit: int,
+               scope: int = pureldap.LDAP_SCOPE_wholeSubtree) -> defer.Deferred:
+        """Subtree search (or ``scope``); fires with a list of _Entry (at most
+        ``size_limit``); a base that does not exist gives no entries."""
         op = pureldap.LDAPSearchRequest(
             baseObject=base,
-            scope=pureldap.LDAP_SCOPE_wholeSubtree,
+            scope=scope,
             derefAliases=pureldap.LDAP_DEREF_neverDerefAliases,
             sizeLimit=size_limit,
             timeLimit=max(1, int(self.timeout)),
@@ -241,7 +254,7 @@ class _Connection:
                 return False
             if isinstance(msg, pureldap.LDAPSearchResultDone):
                 if not finished.called:
-                    if msg.resultCode in (_SUCCESS, _SIZE_LIMIT_EXCEEDED):
+                    if msg.resultCode in (_SUCCESS, _SIZE_LIMIT_EXCEEDED, _NO_SUCH_OBJECT):
                         finished.callback(entries)
                     else:
                         finished.errback(
@@ -263,7 +276,7 @@ class _Connection:
 Connector = Callable[[], defer.Deferred]
 
 
-@implementer(IAccountChecker, IDirectoryLookup, ISelfCheck, IClosable)
+@implementer(IAccountChecker, IDirectoryLookup, ISelfCheck, IClosable, IGroupLookup)
 class DirectoryChecker:
     """See IAccountChecker; the AD-style LDAP method (module docstring has the rules)."""
 
@@ -676,6 +689,99 @@ class DirectoryChecker:
             }
 
         return self._edge(self._search(filter_text).addCallback(found))
+
+    # ------------------------------------------------------------------ IGroupLookup
+
+    def group(self, address: str) -> defer.Deferred:
+        """See IGroupLookup: the one ``objectClass=group`` entry with ``address`` as ``mail`` or
+        a proxy address; its ``member`` DNs read one by one (breadth first, in order), a
+        member that is a group expanded in turn, each DN once (a group that contains itself,
+        or two that contain each other, end there), at most MAX_GROUP_DEPTH levels and
+        MAX_GROUP_ENTRIES entries. A member's address: its mailbox here, else its
+        ``targetAddress`` (a contact), ``mail``, or first address. The owner: the address of
+        the ``managedBy`` entry, or None."""
+        key = _address_key(address)
+        if key is None:
+            return defer.succeed(None)
+        return self._edge(defer.ensureDeferred(self._group(key)))
+
+    def _read_entry(self, dn: str) -> defer.Deferred:
+        """The entry ``dn`` (a list of at most one _Entry)."""
+        filter_obj = ldapfilter.parse_filter("(objectClass=*)")
+        attrs = [*self._attributes, "objectClass", "member", "managedBy"]
+        return self._with_service(lambda conn: conn.search(
+            dn, filter_obj, attrs, 1, scope=pureldap.LDAP_SCOPE_baseObject))
+
+    def _member_address(self, entry: _Entry) -> str | None:
+        a = self.cfg.attributes
+        mailbox = self.mailbox_of(entry)
+        if mailbox is not None:
+            return mailbox
+        target = entry.first(a.target_address)
+        if target is not None and target.lower().startswith("smtp:"):
+            target = target[5:]
+        for candidate in (target, entry.first(a.mail), self.account_of(entry)):
+            if candidate:
+                key = _address_key(candidate)
+                if key is not None:
+                    return key
+        return None
+
+    async def _group(self, key: str) -> Distribution | None:
+        filter_text = ldapfilter.all_of(f"(objectClass={GROUP_CLASS})",
+                                        self._address_filter(key, with_upn=False))
+        filter_obj = ldapfilter.parse_filter(filter_text)
+        attrs = [*self._attributes, "objectClass", "member", "managedBy"]
+        found: list[_Entry] = await self._with_service(
+            lambda conn: conn.search(self.cfg.base_dn, filter_obj, attrs, 2))
+        if len(found) != 1:
+            if found:
+                log.warn("directory group {a!r}: {n} entries match", a=key, n=len(found))
+            return None
+        top = found[0]
+        seen = {normalise_dn(top.dn)}
+        pending = [(dn, 1) for dn in top.get("member")]
+        members: list[str] = []
+        reads = 0
+        while pending:
+            dn, depth = pending.pop(0)
+            norm = normalise_dn(dn)
+            if norm in seen:
+                continue
+            seen.add(norm)
+            reads += 1
+            if reads > MAX_GROUP_ENTRIES:
+                log.warn("directory group {a!r}: more than {n} member entries; the rest left "
+                         "out", a=key, n=MAX_GROUP_ENTRIES)
+                break
+            entries = await self._read_entry(dn)
+            if not entries:
+                log.warn("directory group {a!r}: member {dn!r} does not exist", a=key, dn=dn)
+                continue
+            entry = entries[0]
+            if GROUP_CLASS in {c.lower() for c in entry.get("objectClass")}:
+                if depth >= MAX_GROUP_DEPTH:
+                    log.warn("directory group {a!r}: {dn!r} is nested deeper than {n} levels",
+                             a=key, dn=dn, n=MAX_GROUP_DEPTH)
+                    continue
+                pending.extend((m, depth + 1) for m in entry.get("member"))
+                continue
+            address = self._member_address(entry)
+            if address is None:
+                log.warn("directory group {a!r}: member {dn!r} has no mail address", a=key, dn=dn)
+            elif address not in members:
+                members.append(address)
+        owner = None
+        managed = top.first("managedBy")
+        if managed:
+            entries = await self._read_entry(managed)
+            owner = self._member_address(entries[0]) if entries else None
+        # the group's own address (primary SMTP: proxy address, else mail) names its List-Id
+        # and owner- address, whichever of its addresses the mail came to
+        a = self.cfg.attributes
+        primary = next((p[5:] for p in top.get(a.proxy_addresses) if p.startswith("SMTP:")), None)
+        address = _address_key(primary or top.first(a.mail) or key) or key
+        return Distribution("group", address, tuple(members), "anyone", owner)
 
     def _edge(self, d: defer.Deferred) -> defer.Deferred:
         """Turn internal directory failures into AuthUnavailable (logged, no secrets)."""

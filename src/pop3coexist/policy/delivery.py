@@ -15,7 +15,9 @@ holds (``policy.relay.RelayPolicy.may_relay`` with the avatar's log-in).
   of this host to the primary domain (RFC 1123 section 5.2.17), then decides with the gateway
   (``policy.gateway``, directory look-ups), the relay rules (``policy.relay``), the checker's
   recipient look-up and the store (mailbox exists, quota at RCPT time); a role address
-  (postmaster, abuse: ``RoleAddresses``) with no real recipient goes to its configured target.
+  (postmaster, abuse: ``RoleAddresses``) with no real recipient goes to its configured target;
+  an address no account has may be an alias, list or directory group (``policy.expansion``):
+  accepted for the recipient-expansion stage, after the list's ``senders`` rule (550 5.7.1).
   The result is a ``RecipientDecision`` (local mailbox or queue); refusals are ``MailError``,
   a directory that cannot answer ``DirectoryUnavailable`` (451 4.4.3, from the source's
   ``AuthUnavailable``);
@@ -58,6 +60,7 @@ from pop3coexist.errors import (
 )
 from pop3coexist.identity.logins import login_locked
 from pop3coexist.interfaces import (
+    Distribution,
     IBlockingRecipientLookup,
     IDeliveryTransaction,
     IMessageDelivery,
@@ -65,6 +68,7 @@ from pop3coexist.interfaces import (
     SMTPSession,
 )
 from pop3coexist.policy.content import FilterOutcomes
+from pop3coexist.policy.expansion import Expander
 from pop3coexist.policy.gateway import LOCAL as GATEWAY_LOCAL
 from pop3coexist.policy.gateway import GatewayPolicy, Peer
 from pop3coexist.policy.relay import (
@@ -112,22 +116,27 @@ class RecipientDecision:
     ``given``: the address as the client wrote it (the 250 reply, Received, DSN);
     ``route``: the relay decision and the address mail is queued for; ``mailbox``:
     ``(domain, box)`` for a mailbox here, None for the queue; ``orcpt``: the ORCPT the policy
-    adds when it rewrote the address (``rfc822;<given>``), unless the client gave one.
+    adds when it rewrote the address (``rfc822;<given>``), unless the client gave one;
+    ``distribution``: the alias, list or group the address names (mailbox None then: the
+    recipient-expansion stage finds where its mail goes).
     """
 
     given: Address
     route: Route
     mailbox: tuple[str, str] | None = None
     orcpt: str | None = None
+    distribution: Distribution | None = None
 
 
 @dataclass(frozen=True)
 class _Found:
-    """Inside ``validate_to``: the route, the local mailbox with its state, the ORCPT."""
+    """Inside ``validate_to``: the route, the local mailbox with its state, the ORCPT, or the
+    distribution (alias, list, group) the address names."""
 
     route: Route
     box: tuple[str, str, MailboxState] | None = None
     orcpt: str | None = None
+    distribution: Distribution | None = None
 
 
 def _lookup_local(resolve: Callable[[str], Any], store: Any, key: str,
@@ -199,9 +208,10 @@ class DeliveryContext:
             authentication = CheckAuthentication(verifier, self.relay.is_trusted,
                                                  sa.authserv_id or config.server.hostname,
                                                  sa.dmarc_reject)
+        self.expander = Expander(config, store, checker, run_blocking, self.local_domains)
         # the stages' parts; a session with milters gets its own list (DeliveryTransaction)
-        self.stage_parts = {"authentication": authentication, "trusted": self.relay.is_trusted,
-                            "rules": rules}
+        self.stage_parts = {"expander": self.expander, "authentication": authentication,
+                            "trusted": self.relay.is_trusted, "rules": rules}
         self.stages = default_stages(committer, **self.stage_parts)
         self.srs = srs  # policy.srs.SRS: bounces to SRS addresses go back to the sender
         self._domains: list[str] | None = None
@@ -443,13 +453,22 @@ class SMTPDelivery:
 
     # -- RCPT
 
-    def validate_to(self, session: SMTPSession, address: str, size: int) -> defer.Deferred:
+    def validate_to(self, session: SMTPSession, address: str, size: int,
+                    sender: Address | None = None) -> defer.Deferred:
         """See IMessageDelivery: a RecipientDecision for the inside of a RCPT path."""
-        return defer.ensureDeferred(self._validate_to(session, address, size))
+        return defer.ensureDeferred(self._validate_to(session, address, size, sender))
 
-    async def _validate_to(self, session: SMTPSession, inner: str, size: int) -> RecipientDecision:
+    async def _validate_to(self, session: SMTPSession, inner: str, size: int,
+                           sender: Address | None = None) -> RecipientDecision:
         try:
             given, found = await self._find_recipient(session, inner, size)
+            if found.distribution is not None:
+                refusal = await self.context.expander.sender_refusal(
+                    found.distribution, sender, self.user)
+                if refusal is not None:
+                    raise refusal
+                return RecipientDecision(given, found.route, None, found.orcpt,
+                                         found.distribution)
         except AuthUnavailable:  # the directory (or the checker's source) cannot answer now
             raise DirectoryUnavailable() from None
         if found.box is not None:
@@ -588,9 +607,17 @@ class SMTPDelivery:
             box = await ctx.run_blocking(_lookup_local, ctx.checker.resolve_recipient_blocking,
                                          ctx.store, address.key, size)
             if box is None or not box[2][0]:
+                if box is None and not address.quoted:
+                    dist = await ctx.expander.classify(address.key, domains)
+                    if dist is not None:  # an alias, list or group (policy/expansion.py)
+                        return _Found(r, distribution=dist)
                 RelayPolicy.local_outcome(r.address, False)
             return _Found(r, box)
         mailbox = await defer.maybeDeferred(ctx.checker.resolve_recipient, address.key)
+        if mailbox is None and not address.quoted:
+            dist = await ctx.expander.classify(address.key, domains)
+            if dist is not None:  # an alias, list or group (policy/expansion.py)
+                return _Found(r, distribution=dist)
         return await self._local_box(r, mailbox, size)
 
     def _srs_bounce(self, address: Address) -> _Found:
@@ -652,20 +679,26 @@ class DeliveryTransaction:
         # (domain, mailbox) -> {"address", "orcpt", "notify"} of the first RCPT naming it (DSN)
         self.local: dict[tuple[str, str], dict] = {}
         self.remote: dict[str, dict] = {}  # address key -> envelope entry
+        # address key -> (entry, the alias, list or group to expand after DATA)
+        self.expand: dict[str, tuple[dict, Distribution]] = {}
         self._message: Message | None = None
         self._aborted = False
 
     @property
     def local_delivery(self) -> bool:
-        """True when a recipient's mailbox is here (the spool file starts with Return-Path)."""
-        return bool(self.local)
+        """True when a recipient's mailbox is here, or may be once an alias or list expands (the
+        spool file starts with Return-Path)."""
+        return bool(self.local or self.expand)
 
     def add_recipient(self, decision: RecipientDecision, notify: list[str] | None,
                       orcpt: str | None) -> None:
         """See IDeliveryTransaction: the first RCPT naming a mailbox (or queued address) sets
         its DSN parameters; every accepted RCPT counts for Received and the logs."""
         entry = {"orcpt": orcpt or decision.orcpt, "notify": notify}
-        if decision.mailbox is not None:
+        if decision.distribution is not None:
+            dist = decision.distribution
+            self.expand.setdefault(dist.address, ({"address": str(decision.given), **entry}, dist))
+        elif decision.mailbox is not None:
             self.local.setdefault(decision.mailbox, {"address": str(decision.given), **entry})
         else:
             address = decision.route.address
@@ -678,6 +711,7 @@ class DeliveryTransaction:
         sender = str(self.sender) if self.sender else ""
         rcpts = [Recipient(entry, mailbox) for mailbox, entry in self.local.items()]
         rcpts += [Recipient(entry) for entry in self.remote.values()]
+        rcpts += [Recipient(entry, expand=dist) for entry, dist in self.expand.values()]
         self._message = Message(
             queue_id=spool.queue_id, spool=spool, sender=sender,
             recipients=rcpts, size=size, hops=hops, arrival=arrival,

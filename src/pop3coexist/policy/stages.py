@@ -3,8 +3,11 @@
 When the client's DATA has ended and the message is in its spool file, the delivery
 transaction (policy/delivery.py) runs these stages, in this order, over one ``Message``:
 
-1. **recipient expansion** (``ExpandRecipients``): may replace a recipient by others (aliases,
-   distribution lists) or add recipients. Empty for now.
+1. **recipient expansion** (``ExpandRecipients``): replaces each recipient that RCPT accepted
+   as an alias, list or directory group (``Recipient.expand``) by the mailboxes and outside
+   addresses it stands for (``policy.expansion``), each mailbox and address once per message;
+   a list's members get the list copy (``Recipient.copy``: List-Id, the owner as envelope
+   sender). A message left with no recipient (an empty list) is accepted and dropped.
 2. **sender authentication** (``CheckAuthentication``): for mail from outside (neither logged
    in nor from ``relay.networks``), SPF, DKIM and DMARC through an ``ISenderVerifier``
    (mailauth/verify.py does the DNS look-ups); removes the ``Authentication-Results`` fields
@@ -25,7 +28,10 @@ transaction (policy/delivery.py) runs these stages, in this order, over one ``Me
    links, the quota check under flock, Return-Path, the delivery reports of full mailboxes).
    It always runs last and is the stage that accepts. The queue's envelope says whether the
    message comes from inside (``"inside"``): only such mail is DKIM-signed when it is
-   queued (policy/dkimsign.py).
+   queued (policy/dkimsign.py). A list copy is another spool file (``ICopyCommitter.copy``:
+   its Return-Path and List-Id in front) committed beside the message; while list copies
+   exist, a full mailbox (of a member or not) never refuses the whole message: its "failed"
+   report goes to that copy's envelope sender.
 
 Outcomes (Haraka's small vocabulary), returned by a stage for the whole message as a
 ``Verdict``, or set on one ``Recipient`` (``Message.decide``):
@@ -46,14 +52,17 @@ failed; a mailbox whose quota refused the message while others got it is a per-r
 REFUSE (552 5.2.2), its delivery report already queued.
 
 What a stage may change: the recipients (expansion only adds or replaces; the content check
-adds and deletes what a milter asks; later stages only refuse), each recipient's DSN entry (``address``, ``orcpt``, ``notify``), and the message's
+adds and deletes what a milter asks; later stages only refuse; a store or queue failure after
+some copies were stored is a 451 for the whole message, so a retry may store a copy twice,
+never lose one), each recipient's DSN entry (``address``, ``orcpt``, ``notify``), and the message's
 header section and body through ``Message``'s edit methods (``content``, ``prepend_header``,
 ``add_header``, ``insert_header``, ``change_header``, ``remove_headers``, ``replace_body``,
 ``replace_content``; pure edits in ``pop3coexist.headers``): each edit rewrites the spool file
 at once (the local-only ``Return-Path`` stays in front), so the next stage and the commit see
 it, and ``size`` follows. A stage that edits should batch its edits into one
 ``replace_content`` when it makes several (a milter's end-of-message actions). The sender and
-the queue id never change.
+the queue id never change. The list copies are made from the spool file at commit time, so
+they carry every edit of the earlier stages.
 
 ``run_stages`` returns the per-recipient results: ``{recipient address: Verdict}``.
 """
@@ -65,13 +74,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from pop3coexist import headers
-from pop3coexist.errors import MailError, QuotaExceeded
-from pop3coexist.interfaces import LocalNotes, SMTPSession
+from pop3coexist.errors import AuthUnavailable, DirectoryUnavailable, MailError, QuotaExceeded
+from pop3coexist.interfaces import Distribution, ICopyCommitter, LocalNotes, SMTPSession
 from pop3coexist.policy import authresults
+from pop3coexist.policy.expansion import ListCopy
 
 log = Logger(namespace="pop3coexist.smtp.server")
 
@@ -112,11 +122,15 @@ LOCAL_ERROR = "Local error in processing; message not accepted, try again later"
 class Recipient:
     """One recipient of the message: its DSN entry ``{"address", "orcpt", "notify"}`` (as the
     queue and the delivery reports keep it), its mailbox ``(domain, box)`` here or None for the
-    outbound queue, and the verdict stages gave it."""
+    outbound queue, and the verdict stages gave it. ``expand``: the alias, list or group RCPT
+    accepted (the expansion stage replaces it); ``copy``: the list copy this recipient gets,
+    or None for the message as it came."""
 
     entry: dict
     mailbox: tuple[str, str] | None = None
     verdict: Verdict = CONTINUE
+    expand: Distribution | None = None
+    copy: ListCopy | None = None
 
     @property
     def address(self) -> str:
@@ -208,11 +222,57 @@ class Stage(Protocol):
 
 
 class ExpandRecipients:
-    """Stage 1: recipient expansion (aliases and lists join here). Empty for now."""
+    """Stage 1: recipient expansion (module docstring). ``expander``: a
+    ``policy.expansion.Expander``; None expands nothing (no aliases anywhere)."""
 
     name = "recipient expansion"
 
+    def __init__(self, expander: Any = None) -> None:
+        self.expander = expander
+
     async def __call__(self, message: Message) -> Verdict:
+        if self.expander is None or all(r.expand is None for r in message.recipients):
+            return CONTINUE
+        kept = [r for r in message.recipients if r.expand is None]
+        boxes = {r.mailbox for r in kept if r.mailbox is not None}
+        remote = {r.address.lower() for r in kept if r.mailbox is None}
+        added: list[Recipient] = []
+        try:
+            domains = await self.expander.domains()
+            for r in message.recipients:
+                if r.expand is None:
+                    continue
+                parts = await self.expander.expand(r.expand, domains)
+                n = 0
+                for part in parts:
+                    if part.copy is None:  # an alias: the DSN entry of the RCPT goes along
+                        extra = {"orcpt": r.entry.get("orcpt") or f"rfc822;{r.address}",
+                                 "notify": r.entry.get("notify")}
+                    else:  # a list copy: a new envelope (RFC 3461 section 6.2.7.2)
+                        extra = {"orcpt": None, "notify": None}
+                    for domain, box, named in part.local:
+                        if (domain, box) in boxes:
+                            continue
+                        boxes.add((domain, box))
+                        added.append(Recipient({"address": named, **extra}, (domain, box),
+                                               copy=part.copy))
+                        n += 1
+                    for address in part.remote:
+                        if address in remote:
+                            continue
+                        remote.add(address)
+                        added.append(Recipient({"address": address, **extra}, copy=part.copy))
+                        n += 1
+                log.info("SMTP {id}: <{a}> ({kind}) expanded to {n} recipient(s)",
+                         id=message.queue_id, a=r.expand.address, kind=r.expand.kind, n=n)
+        except AuthUnavailable:
+            raise DirectoryUnavailable() from None
+        message.recipients = kept + added
+        if not message.recipients:
+            log.info("SMTP {id}: nobody to deliver to after expansion (an empty list); dropped",
+                     id=message.queue_id)
+            message.spool.abort()
+            return ACCEPT
         return CONTINUE
 
 
@@ -311,13 +371,15 @@ class CommitStage:
         self.committer = committer
         self.trusted = trusted
 
-    async def __call__(self, message: Message) -> Verdict:
-        local = [r for r in message.recipients if r.mailbox is not None]
-        remote = [r.entry for r in message.recipients if r.mailbox is None]
+    def _envelope(self, message: Message, sender: str,
+                  rcpts: list[Recipient]) -> tuple[dict | None, LocalNotes]:
+        """The queue envelope (None: no outside recipient) and the report notes of one copy."""
+        local = [r for r in rcpts if r.mailbox is not None]
+        remote = [r.entry for r in rcpts if r.mailbox is None]
         envelope = None
         if remote:
             envelope = {
-                "sender": message.sender,
+                "sender": sender,
                 "recipients": remote,
                 "ret": message.ret,
                 "envid": message.envid,
@@ -329,7 +391,7 @@ class CommitStage:
                 "id": message.queue_id,  # the queue keeps the id the client was told
             }
         notes = LocalNotes(
-            sender=message.sender,
+            sender=sender,
             recipients={r.mailbox: r.entry for r in local},  # type: ignore[misc]
             reporting_mta=message.reporting_mta,
             ret=message.ret,
@@ -337,6 +399,13 @@ class CommitStage:
             arrival=message.arrival,
             received_from=message.received_from,
         )
+        return envelope, notes
+
+    async def __call__(self, message: Message) -> Verdict:
+        if any(r.copy is not None for r in message.recipients):
+            return await self._with_copies(message)
+        local = [r for r in message.recipients if r.mailbox is not None]
+        envelope, notes = self._envelope(message, message.sender, message.recipients)
         try:
             refused = await self.committer.commit(  # group commit
                 message.spool, [r.mailbox for r in local], envelope, notes)
@@ -354,16 +423,63 @@ class CommitStage:
                 message.decide(r, Verdict.refusal(QuotaExceeded()))
         return ACCEPT
 
+    async def _with_copies(self, message: Message) -> Verdict:
+        """The message and its list copies: every copy's spool file is made first (from the
+        message's), then all are committed together; a full mailbox is reported, never a
+        whole-message refusal (``ICopyCommitter.commit_copy``)."""
+        committer = self.committer
+        if not ICopyCommitter.providedBy(committer):
+            log.error("SMTP {id}: list copies need an ICopyCommitter", id=message.queue_id)
+            message.spool.abort()
+            return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
+        groups: dict[ListCopy | None, list[Recipient]] = {}
+        for r in message.recipients:
+            groups.setdefault(r.copy, []).append(r)
+        jobs = []
+        made: list[Any] = []
+        try:
+            for copy, rcpts in groups.items():
+                if copy is None:
+                    continue
+                spool = await committer.copy(message.spool, copy.sender, copy.header)
+                made.append(spool)
+                envelope, notes = self._envelope(message, copy.sender, rcpts)
+                jobs.append((rcpts, committer.commit_copy(
+                    spool, [r.mailbox for r in rcpts if r.mailbox is not None], envelope, notes)))
+            main = groups.get(None)
+            if main:
+                envelope, notes = self._envelope(message, message.sender, main)
+                jobs.append((main, committer.commit_copy(
+                    message.spool, [r.mailbox for r in main if r.mailbox is not None],
+                    envelope, notes)))
+            else:
+                message.spool.abort()
+            results = await defer.gatherResults([d for _, d in jobs], consumeErrors=True)
+        except Exception:
+            log.failure("SMTP {id}: could not store the message and its list copies",
+                        id=message.queue_id)
+            for spool in (message.spool, *made):
+                spool.abort()
+            return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
+        for (rcpts, _), refused in zip(jobs, results, strict=True):
+            full = set(refused or ())
+            for r in rcpts:
+                if r.mailbox in full:  # its "failed" report is queued to the copy's sender
+                    message.decide(r, Verdict.refusal(QuotaExceeded()))
+        return ACCEPT
 
-def default_stages(committer: Any, *, authentication: CheckAuthentication | None = None,
+
+def default_stages(committer: Any, *, expander: Any = None,
+                   authentication: CheckAuthentication | None = None,
                    trusted: Callable[[str], bool] | None = None,
                    rules: Any = None, content_filter: Any = None,
                    outcomes: Any = None) -> list[Stage]:
-    """The stages in their declared order (see the module docstring); ``authentication``:
+    """The stages in their declared order (see the module docstring); ``expander``: the
+    ``policy.expansion.Expander`` of the recipient-expansion stage; ``authentication``:
     the sender-authentication stage (None: ``[sender_authentication]`` is off); ``rules``:
     the ``IMailboxRules`` of the per-recipient rules stage, or None; ``content_filter`` and
     ``outcomes`` as for ``CheckContent``."""
-    stages: list[Stage] = [ExpandRecipients()]
+    stages: list[Stage] = [ExpandRecipients(expander)]
     if authentication is not None:
         stages.append(authentication)
     return [*stages, CheckContent(content_filter, outcomes), RecipientRules(rules),

@@ -14,7 +14,10 @@ hop that cannot be used because of our own settings (smart host AUTH impossible,
 that wants AUTH) is explained once per hop in the log, not once per message.
 
 The local hop is final delivery into the mail store, with ``Return-Path:`` and the quota as
-for SMTP. The replies we make up ourselves (no next hop said them) are errors.MailError values.
+for SMTP. An address there that names no mailbox (an admin alias, a list, ``owner-LIST``, a
+directory proxy address or group: ``policy.expansion.Expander.flatten``) reaches every mailbox
+it stands for, and its outside targets get the message as a new queue entry with the same
+envelope sender (so a delivery report to an alias sender is not lost). The replies we make up ourselves (no next hop said them) are errors.MailError values.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class RouteDelivery:
 
     def __init__(self, config: Config, queue: FileQueue, store: Any, resolver: HopResolver,
                  limiter: HopLimiter, deliver: Callable[..., defer.Deferred],
-                 blocking: Callable[..., defer.Deferred]) -> None:
+                 blocking: Callable[..., defer.Deferred], expander: Any = None) -> None:
+        self.expander = expander  # policy.expansion.Expander, or None: mailboxes only
         self.config = config
         self.queue = queue
         self.store = store
@@ -141,7 +145,8 @@ class RouteDelivery:
         opportunistic client must: TLS is only a bonus; the password still never goes out in
         clear, smtp/client.py)."""
         if hop.local:
-            result = await self._blocking(self._deliver_local, env, rcpts)
+            result = await self._blocking(self._deliver_local, env, rcpts,
+                                          await self._local_targets(rcpts))
             return [(rcpts, result)], [], result
 
         def everyone(error: errors.MailError) -> smtp_client.TransactionResult:
@@ -238,8 +243,52 @@ class RouteDelivery:
             return None
         return smtp_client.Secret(read_secret(sh.password_file))
 
-    def _deliver_local(self, env: Envelope,
-                       rcpts: list[Recipient]) -> smtp_client.TransactionResult:
+    async def _local_targets(self, rcpts: list[Recipient]) -> dict[str, Any]:
+        """For each address of ``rcpts`` that is no mailbox: ``(mailboxes, outside addresses)``
+        it stands for (``Expander.flatten``), None when nothing here has it, or an
+        ``errors.MailError`` when the source cannot answer now."""
+        if self.expander is None:
+            return {}
+        missing = await self._blocking(self._not_mailboxes, [r.address for r in rcpts])
+        out: dict[str, Any] = {}
+        for address in missing:
+            try:
+                out[address] = await self.expander.flatten(address)
+            except errors.AuthUnavailable:
+                out[address] = errors.DirectoryUnavailable()
+            except Exception as e:  # noqa: BLE001 - a store failure: try again later
+                out[address] = errors.TemporaryFailure(f"alias look-up: {e}")
+        return out
+
+    def _not_mailboxes(self, addresses: list[str]) -> list[str]:
+        """Blocking. The addresses of ``addresses`` that name no mailbox of the store."""
+        out = []
+        for address in addresses:
+            local, _, domain = address.rpartition("@")
+            try:
+                exists = self.store.mailbox_exists(domain.lower(), local.lower())
+            except ValueError:  # not a mailbox name at all (a quoted local part)
+                exists = False
+            if not exists and address not in out:
+                out.append(address)
+        return out
+
+    def _forward(self, env: Envelope, r: Recipient, remote: list[str]) -> str:
+        """Blocking. Queue the body again for the outside targets of a local alias, with the
+        same envelope sender and the alias as ORCPT; return the new queue id."""
+        envelope = {
+            "sender": env.sender,
+            "recipients": [{"address": a, "orcpt": r.orcpt or f"rfc822;{r.address}",
+                            "notify": r.notify} for a in remote],
+            "ret": env.ret, "envid": env.envid, "body": env.body,
+            "received_from": env.received_from, "arrival": env.arrival, "hops": env.hops,
+        }
+        qid = self.queue.enqueue(self.queue.body_path(env.id), envelope)
+        self.queue.wake()
+        return qid
+
+    def _deliver_local(self, env: Envelope, rcpts: list[Recipient],
+                       targets: dict[str, Any] | None = None) -> smtp_client.TransactionResult:
         """A recipient in a local domain (e.g. a report to a local sender): into the store.
         Blocking.
 
@@ -250,13 +299,31 @@ class RouteDelivery:
         replies = []
         body = self.queue.body_path(env.id)
         prefix = return_path_field(env.sender or "")
+        targets = targets or {}
         for r in rcpts:
             local, _, domain = r.address.rpartition("@")
+            boxes = [(domain.lower(), local.lower())]
+            target = targets.get(r.address)
+            if isinstance(target, errors.MailError):
+                replies.append(our_reply(r.address, target))
+                continue
+            if target is not None:  # an alias, list or proxy address (module docstring)
+                boxes, remote = target
+                if remote:
+                    try:
+                        qid = self._forward(env, r, remote)
+                    except (OSError, ValueError) as e:
+                        replies.append(our_reply(r.address, errors.TemporaryFailure(f"queue: {e}")))
+                        continue
+                    log.info("{qid}: <{a}> forwarded to {to} as {new}", qid=env.id, a=r.address,
+                             to=", ".join(f"<{x}>" for x in remote), new=qid)
+                if not boxes:
+                    replies.append(smtp_client.RecipientReply(r.address, 250, DELIVERED_LOCALLY,
+                                                              remote=False))
+                    continue
             try:
-                _written, refused = self.store.deliver_within_quota(
-                    body, [(domain.lower(), local.lower())], prefix=prefix
-                )
-                if refused:
+                written, refused = self.store.deliver_within_quota(body, boxes, prefix=prefix)
+                if refused and not written:
                     raise errors.QuotaExceeded(f"mailbox {r.address} is over its quota")
                 rep = smtp_client.RecipientReply(r.address, 250, DELIVERED_LOCALLY, remote=False)
             except errors.NoSuchMailbox:

@@ -49,9 +49,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3coexist.errors import MailError, QuotaExceeded
-from pop3coexist.interfaces import IBatchDelivery, ICommitter, ISpool, LocalNotes
+from pop3coexist.interfaces import IBatchDelivery, ICommitter, ICopyCommitter, ISpool, LocalNotes
 from pop3coexist.smtp import dsn
-from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, field_name
+from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, field_name, return_path_field
 from pop3coexist.store.envelope import Envelope, Recipient
 from pop3coexist.store.queue import new_queue_id as queue_id
 
@@ -393,6 +393,7 @@ def commit_message(
     envelope: dict | None,
     fsync: Callable[[int], None] = os.fsync,
     notes: LocalNotes | None = None,
+    partial: bool = False,
 ) -> list[tuple[str, str]]:
     """Blocking. Make the message durable everywhere it goes, then remove the spool file;
     return the local mailboxes whose quota refused it (their "failed" reports are queued).
@@ -401,7 +402,8 @@ def commit_message(
     quota (``deliver_within_quota`` fsyncs the ``new/`` folders); enqueue it for the other
     recipients (durable on return; without the local-only ``Return-Path``); queue the
     delivery reports the local recipients are owed (``LocalNotes``); remove the spool file.
-    ``QuotaExceeded`` when every recipient's mailbox refused it (nothing is stored). Any
+    ``QuotaExceeded`` when every recipient's mailbox refused it (nothing is stored), unless
+    ``partial`` (a list copy: each full mailbox gets its report instead). Any
     exception leaves the spool file removed and propagates: the caller answers with a failure
     and the client will retry (or, for the quota, has its 552).
     """
@@ -415,7 +417,8 @@ def commit_message(
         written: list = []
         refused: list[tuple[str, str]] = []
         if local_recipients:
-            written, refused = deliver_local(store, spool, local_recipients, others=queued)
+            written, refused = deliver_local(store, spool, local_recipients,
+                                             others=queued or partial)
         try:
             if queued:
                 enqueue_spool(queue, spool, envelope)
@@ -467,6 +470,29 @@ def enqueue_spool(queue, spool: SpoolWriter, envelope: dict) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(copy)
+
+
+def copy_spool(spool: SpoolWriter, sender: str, header: bytes) -> SpoolWriter:
+    """Blocking. A new spool file beside ``spool``: ``Return-Path: <sender>`` (its local-only
+    prefix), ``header`` (LF line ends), then ``spool``'s message without its own local prefix
+    (the list copy of a message; policy/stages.py). Written, not yet fsynced (the commit does);
+    ``spool`` is flushed to its file first and otherwise unchanged."""
+    spool.finish()
+    copy = SpoolWriter(spool.path.parent, new_queue_id())
+    try:
+        copy.write_local_prefix(return_path_field(sender))
+        copy.write(header)
+        with open(spool.path, "rb") as src:
+            src.seek(spool.local_prefix)
+            while chunk := src.read(WRITE_CHUNK):
+                copy.write(chunk)
+        copy.finish()
+    except BaseException:
+        copy.abort()
+        raise
+    log.info("{id}: list copy from <{sender}> is {copy}", id=spool.queue_id, sender=sender,
+             copy=copy.queue_id)
+    return copy
 
 
 def send_local_reports(
@@ -555,10 +581,12 @@ SYNCFS = _load_syncfs()
 class _Pending:
     """One message waiting for a batch: its spool file, where it goes, and its Deferred."""
 
-    __slots__ = ("spool", "local", "envelope", "notes", "deferred", "error", "written", "refused")
+    __slots__ = ("spool", "local", "envelope", "notes", "deferred", "error", "written", "refused",
+                 "partial")
 
     def __init__(self, spool: SpoolWriter, local: list[tuple[str, str]], envelope: dict | None,
-                 notes: LocalNotes | None = None) -> None:
+                 notes: LocalNotes | None = None, partial: bool = False) -> None:
+        self.partial = partial
         self.spool = spool
         self.local = local
         self.envelope = envelope
@@ -569,7 +597,7 @@ class _Pending:
         self.written: list[Any] = []
 
 
-@implementer(ICommitter)
+@implementer(ICommitter, ICopyCommitter)
 class GroupCommitter:
     """Group commit of incoming messages: many sessions' messages made durable by one batch.
 
@@ -636,13 +664,35 @@ class GroupCommitter:
         fsyncs, which the file system merges when they run concurrently, but which would run
         one after the other inside a batch (measured: relay 99 msg/s in batches, 151 alone).
         """
+        return self._commit(spool, local_recipients, envelope, notes, False)
+
+    def commit_copy(
+        self,
+        spool: SpoolWriter,
+        local_recipients: list[tuple[str, str]],
+        envelope: dict | None,
+        notes: LocalNotes | None = None,
+    ) -> defer.Deferred:
+        """See ICopyCommitter: ``commit`` where a full mailbox is reported, never a refusal of
+        the whole copy."""
+        return self._commit(spool, local_recipients, envelope, notes, True)
+
+    def _commit(self, spool: SpoolWriter, local_recipients: list[tuple[str, str]],
+                envelope: dict | None, notes: LocalNotes | None,
+                partial: bool) -> defer.Deferred:
         if envelope is not None and envelope.get("recipients"):
             return self.run_blocking(commit_message, self.store, self.queue, spool,
-                                     list(local_recipients), envelope, self.fsync, notes)
-        item = _Pending(spool, list(local_recipients), envelope, notes)
+                                     list(local_recipients), envelope, self.fsync, notes,
+                                     partial)
+        item = _Pending(spool, list(local_recipients), envelope, notes, partial)
         self._pending.append(item)
         self._kick()
         return item.deferred
+
+    def copy(self, spool: SpoolWriter, sender: str, header: bytes) -> defer.Deferred:
+        """See ICopyCommitter: a new spool file (made off the reactor) with ``Return-Path:
+        <sender>``, ``header``, then the message of ``spool``."""
+        return self.run_blocking(copy_spool, spool, sender, header)
 
     def _kick(self) -> None:
         if self._running or not self._pending:
@@ -746,7 +796,8 @@ class GroupCommitter:
             # The quota is checked again on the real size (RCPT knew only MAIL SIZE=): the
             # mailboxes without room are refused, the others get the message (deliver_local).
             item.written, item.refused = deliver_local(
-                self.store, item.spool, item.local, others=queued, sync=not self._deferred_sync
+                self.store, item.spool, item.local, others=queued or item.partial,
+                sync=not self._deferred_sync,
             )
         if queued:
             enqueue_spool(self.queue, item.spool, item.envelope)  # type: ignore[arg-type]

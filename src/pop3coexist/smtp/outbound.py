@@ -46,6 +46,7 @@ from pop3coexist import errors
 from pop3coexist.config import Config
 from pop3coexist.interfaces import IMailStore
 from pop3coexist.policy import routing
+from pop3coexist.policy.expansion import Expander
 from pop3coexist.smtp import client as smtp_client
 from pop3coexist.smtp import dsn, retry
 from pop3coexist.smtp.delivery import RouteDelivery, our_reply
@@ -64,6 +65,7 @@ def _sync_blocking(f: Callable, *a: Any, **kw: Any) -> defer.Deferred:
 class OutboundService(service.Service):
     """Delivers the queue; see the module docstring.
 
+    ``checker``: the IAccountChecker, so the local hop finds aliases and proxy addresses.
     ``resolver`` (a HopResolver), ``deliver`` (like ``client.deliver``) and ``blocking``
     (like ``threads.deferToThread``) can be replaced by tests.
     """
@@ -82,6 +84,7 @@ class OutboundService(service.Service):
         blocking: Callable[..., defer.Deferred] | None = None,
         poll_interval: float = 5.0,
         stop_grace: float = 10.0,
+        checker: Any = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -115,8 +118,12 @@ class OutboundService(service.Service):
         self._poller: task.LoopingCall | None = None
         self._ready = False
         self._early: list[str] = []
+        # the local hop: an alias, list or proxy address reaches its mailboxes (issue 14)
+        expander = None
+        if checker is not None and store is not None:
+            expander = Expander(config, store, checker, self._blocking)
         self.routes = RouteDelivery(config, queue, store, self.resolver, self.limiter,
-                                    self._deliver, self._blocking)
+                                    self._deliver, self._blocking, expander)
         self.started: defer.Deferred[None] = defer.Deferred()
 
     # ------------------------------------------------------------------ service

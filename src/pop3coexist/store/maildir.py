@@ -4,6 +4,7 @@ On disk (README "On disk")::
 
     <root>/<domain>/<mailbox>/{tmp,new,cur}     plain Maildir, readable by any Maildir tool
     <root>/<domain>/.pop3coexist.json           domain metadata   {"locked": bool}
+    <root>/<domain>/.pop3coexist.aliases.json   aliases and lists (store/aliases.py)
     <root>/<domain>/<mailbox>/.pop3coexist.json mailbox metadata  {"locked": bool, "quota": int|null}
     <root>/<domain>/<mailbox>/.pop3coexist.lock POP3 session lock (flock, exclusive)
     <root>/<domain>/<mailbox>/.pop3coexist.quota.lock  quota check + delivery (flock; only
@@ -54,6 +55,8 @@ from pop3coexist.config import QuotaGrace
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.fsutil import open_cached
 from pop3coexist.interfaces import (
+    Distribution,
+    IAliasTable,
     IBatchDelivery,
     ICachedMessageOpen,
     IMaildrop,
@@ -214,7 +217,7 @@ def _flocked(lock_path: Path) -> Iterator[None]:
 # -- the store ---------------------------------------------------------------------------------
 
 
-@implementer(IMailStore, IQuotaCheck, IBatchDelivery)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery, IAliasTable)
 class MaildirStore:
     """Mail domains and Maildir mailboxes under ``root``. See ``IMailStore``.
 
@@ -229,6 +232,9 @@ class MaildirStore:
         self.quota_grace = quota_grace or QuotaGrace()  # none unless the config gives one
         self._spool_checked = -SPOOL_CHECK_INTERVAL  # time.monotonic() of spool_dir's last check
         self._domains_cache: tuple[tuple[int, int, int, int], tuple[str, ...]] | None = None
+        from pop3coexist.store.aliases import AliasFiles
+
+        self.aliases = AliasFiles(self.root)
 
     def __repr__(self) -> str:
         return f"<MaildirStore root={str(self.root)!r}>"
@@ -358,6 +364,12 @@ class MaildirStore:
                     os.unlink(tmp)
                 raise
             _fsync_dir(folder)
+
+    # -- aliases and lists
+
+    def distribution(self, address: str) -> Distribution | None:
+        """See ``IAliasTable.distribution`` (store/aliases.py)."""
+        return self.aliases.distribution(address)
 
     # -- domains
 
