@@ -148,13 +148,16 @@ class _SmtpRig:
         from tests.support.smtp_fakes import make_factory, smtp_config
 
         self.factories = {}
-        for mode in ("normalize", "reject"):
-            self.factories[mode] = make_factory(smtp_config(bare_newline=mode))
+        for bare in ("normalize", "reject"):
+            for mode in ("mx", "submission"):
+                for tls_auth in (False, True):
+                    self.factories[bare, mode, tls_auth] = make_factory(
+                        smtp_config(bare_newline=bare, require_tls_for_auth=tls_auth), mode=mode)
 
-    def session(self, mode: str):
+    def session(self, variant: tuple[str, str, bool]):
         from tests.support.smtp_fakes import open_session
 
-        factory, store, _checker, queue, clock = self.factories[mode]
+        factory, store, _checker, queue, clock = self.factories[variant]
         for boxes in store.mail.values():
             for box in boxes.values():
                 box.clear()
@@ -180,7 +183,9 @@ def settle(clock, busy: Callable[[], bool], step: float = 31.0, limit: int = 400
 def fuzz_smtp_session(data: bytes) -> None:
     """The ESMTP session (smtp/session.py framing and the command loop, every verb, AUTH
     exchanges, STARTTLS over a TLS-capable StringTransport, DATA) fed any bytes in any cuts.
-    Octet 0: the cuts (``chunked``); octet 1 bit 0: ``smtp.bare_newline = "reject"``.
+    Octet 0: the cuts (``chunked``); octet 1: bit 0 ``smtp.bare_newline = "reject"``, bit 1
+    the submission mode (AUTH before MAIL), bit 2 ``require_tls_for_auth``, bit 3 the idle
+    timeout passes at the end (a 421 then).
     Invariants: nothing is logged as a failure; every reply is well-formed with one code and
     a matching enhanced-code class; every complete command line gets exactly one reply, in
     order, with a code its verb may get (``oracles.smtp_expected_replies``)."""
@@ -189,10 +194,11 @@ def fuzz_smtp_session(data: bytes) -> None:
         return
     if _smtp_rig is None:
         _smtp_rig = _SmtpRig()
-    mode = "reject" if data[1] & 1 else "normalize"
+    variant = ("reject" if data[1] & 1 else "normalize", "submission" if data[1] & 2 else "mx",
+               bool(data[1] & 4))
     chunks = chunked(data[2:], data[0])
     with oracles.no_logged_failures():
-        proto, transport, clock = _smtp_rig.session(mode)
+        proto, transport, clock = _smtp_rig.session(variant)
         greeting = transport.value()
         transport.clear()
         assert greeting == b"220 pop.contoso.test ESMTP pop3coexist\r\n", greeting
@@ -201,6 +207,10 @@ def fuzz_smtp_session(data: bytes) -> None:
                 break
             proto.dataReceived(chunk)
             settle(clock, lambda: proto._busy)
+        if data[1] & 8 and not transport.disconnecting:
+            clock.advance(proto.timeout + 1)
+            assert transport.disconnecting and transport.value().endswith(
+                b"421 4.4.2 pop.contoso.test Error: timeout exceeded\r\n"), transport.value()[-80:]
         output = transport.value()
         proto.connectionLost(None)
     oracles.smtp_expected_replies(chunks, oracles.split_smtp_replies(output))
@@ -494,21 +504,26 @@ def fuzz_ldapfilter(data: bytes) -> None:
 
 
 class _Pop3Rig:
-    """A POP3 factory on the unit-tier fakes with two messages for ted, reused across
-    inputs (the maildrop snapshot is re-made at each log-in)."""
+    """POP3 factories on the unit-tier fakes with two more messages for ted (an mbox line, a
+    lone dot, CR CR LF, a bare CR; an empty file), reused across inputs: the mailbox and the
+    log-in failures are reset before each input."""
 
     def __init__(self) -> None:
         from tests.unit.pop3_env import Env
 
-        self.env = Env(tls=True)
-        self.box = self.env.store.mail["pop.contoso.test"]["ted"]
-        self.env.store.add("ted@pop.contoso.test", b"From x\r\n.\r\nFrom: a\r\r\n\n..\r", b"")
-        self.messages = list(self.box)
+        self.envs = {}
+        for secure in (False, True):
+            for implicit in (False, True):
+                env = Env(tls=True, implicit_tls=implicit, require_secure_auth=secure)
+                env.store.add("ted@pop.contoso.test", b"From x\r\n.\r\nFrom: a\r\r\n\n..\r", b"")
+                self.envs[secure, implicit] = (env, list(env.store.mail["pop.contoso.test"]["ted"]))
 
-    def reset(self) -> None:
-        """The same mailbox and no log-in failures remembered, for every input."""
-        self.box[:] = self.messages
-        self.env.throttle._entries.clear()
+    def env(self, secure: bool, implicit: bool):
+        """The Env of this variant, its mailbox as at the start, no failures remembered."""
+        env, messages = self.envs[secure, implicit]
+        env.store.mail["pop.contoso.test"]["ted"][:] = messages
+        env.throttle._entries.clear()
+        return env
 
 
 _pop3_rig: _Pop3Rig | None = None
@@ -517,17 +532,19 @@ _pop3_rig: _Pop3Rig | None = None
 @harness("pop3_session")
 def fuzz_pop3_session(data: bytes) -> None:
     """The POP3 session (pop3/server.py framing, states, SASL, STLS, RETR/TOP through the
-    stream) fed any bytes in any cuts (octet 0). Invariants: nothing is logged as a failure;
-    one well-formed response per complete line, in order; multi-line responses dot-stuffed;
-    RETR's unstuffed size is what +OK and LIST said (``oracles.Pop3Transcript``)."""
+    stream) fed any bytes in any cuts. Octet 0: the cuts; octet 1: bit 0
+    ``require_secure_auth``, bit 1 implicit TLS (POP3S), bit 2 the idle timeout passes at the
+    end. Invariants: nothing is logged as a failure; one well-formed response per complete
+    line, in order; multi-line responses dot-stuffed; RETR's unstuffed size is what +OK and
+    LIST said (``oracles.Pop3Transcript``); an idle session is closed and deletes nothing."""
     global _pop3_rig
-    if len(data) < 1:
+    if len(data) < 2:
         return
     if _pop3_rig is None:
         _pop3_rig = _Pop3Rig()
-    env = _pop3_rig.env
-    _pop3_rig.reset()
-    chunks = chunked(data[1:], data[0])
+    env = _pop3_rig.env(bool(data[1] & 1), bool(data[1] & 2))
+    before = list(env.store.mail["pop.contoso.test"]["ted"])
+    chunks = chunked(data[2:], data[0])
     with oracles.no_logged_failures():
         proto, transport, greeting = env.connect()
         assert greeting.startswith(b"+OK pop.contoso.test POP3 server ready"), greeting
@@ -536,9 +553,17 @@ def fuzz_pop3_session(data: bytes) -> None:
                 break
             proto.dataReceived(chunk)
             settle(env.clock, lambda: proto._waiting is not None)
+        idle = data[1] & 4 and not transport.disconnecting
+        if idle:
+            sent = transport.value()
+            env.clock.advance(601)
+            assert transport.disconnecting, "an idle POP3 session stays open"
+            assert transport.value() == sent, "autologout sends nothing (RFC 1939 section 3)"
         output = transport.value()
         proto.connectionLost(None)
         settle(env.clock, lambda: False)
+    if idle:
+        assert env.store.mail["pop.contoso.test"]["ted"] == before, "an idle session deleted"
     oracles.Pop3Transcript().check(chunks, output)
 
 
