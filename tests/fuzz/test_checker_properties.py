@@ -39,6 +39,20 @@ passwords = st.one_of(st.sampled_from([b"ted-pw", b"ted secret", b"pw\xff", b"\x
 def _credentials(front: str, mech: str, name: bytes, password: bytes):
     """Run one exchange through a real mechanism; None when it refuses the bytes."""
     try:
+        if mech == "CRAM-MD5":
+            digest = (password.hex() * 32)[:32].encode() if password else b"0" * 32
+            if front == "smtp":
+                m = smtp_sasl.make_mechanism(mech, "pop.contoso.test", True)
+                m.start(None)
+                return m.step(name + b" " + digest)
+            m = pop3_sasl.CramMD5Mechanism(b"<1.2@pop.contoso.test>", "pop.contoso.test")
+            m.start(None)
+            step = m.step(name + b" " + digest)
+            return step.credentials if isinstance(step, pop3_sasl.Done) else None
+        if mech == "APOP":
+            from pop3coexist.pop3.sasl import APOPCredentials
+
+            return APOPCredentials(b"<1.2@pop.contoso.test>", name, (password.hex() * 32)[:32].encode())
         if front == "smtp":
             m = smtp_sasl.make_mechanism(mech, "pop.contoso.test", False)
             if mech == "PLAIN":
@@ -96,7 +110,8 @@ def test_any_auth_bytes_give_an_account_or_unauthorized(checkers, which: str) ->
     account or UnauthorizedLogin from the real checker; nothing else, nothing logged."""
     checker = checkers.all[which]
 
-    @given(front=st.sampled_from(["smtp", "pop3"]), mech=st.sampled_from(["PLAIN", "LOGIN"]),
+    @given(front=st.sampled_from(["smtp", "pop3"]),
+           mech=st.sampled_from(["PLAIN", "LOGIN", "CRAM-MD5", "APOP"]),
            name=names, password=passwords)
     def check(front: str, mech: str, name: bytes, password: bytes) -> None:
         creds = _credentials(front, mech, name, password)
@@ -113,6 +128,40 @@ def test_any_auth_bytes_give_an_account_or_unauthorized(checkers, which: str) ->
         assert box, "the check never answered"
         if isinstance(box[0], Failure):
             assert box[0].check(UnauthorizedLogin), box[0].getTraceback()
+
+    check()
+
+
+@pytest.mark.parametrize("which", ["passwordfile", "directory", "local"])
+def test_any_parsed_address_resolves_or_not(checkers, which: str) -> None:
+    """RCPT TO and MAIL FROM addresses that the path parser accepts (quoted local parts, odd
+    atext, literals) get an account or None from every real checker's resolve_recipient and
+    sender_owner; no exception, nothing logged (an LDAP filter stays well-formed)."""
+    from pop3coexist.address import AddressError, parse_address
+
+    checker = checkers.all[which]
+    atext = st.sampled_from(list("ted.!#$%&'*+/=?^_`{|}~-") + ['"', "\\", " ", "(", ")", "*", "@"])
+    local = st.lists(atext, min_size=1, max_size=12).map("".join)
+    domain = st.sampled_from(["pop.contoso.test", "Pop.Contoso.Test", "[192.0.2.1]",
+                              "northwindtraders.test", "x.test"])
+
+    @given(local=local, quoted=st.booleans(), domain=domain)
+    def check(local: str, quoted: bool, domain: str) -> None:
+        text = f'"{local}"@{domain}' if quoted else f"{local}@{domain}"
+        try:
+            address = str(parse_address(text))
+        except AddressError:
+            return
+        for method in (checker.resolve_recipient, checker.sender_owner):
+            box: list = []
+            with oracles.no_logged_failures():
+                method(address).addBoth(box.append)
+                for _ in range(20):
+                    if box:
+                        break
+                    checkers.clock.advance(1)
+            assert box and not isinstance(box[0], Failure), box and box[0].getTraceback()
+            assert box[0] is None or isinstance(box[0], str), box[0]
 
     check()
 
