@@ -291,7 +291,9 @@ class SmtpSession(RuleBasedStateMachine):
     @rule(rcpt=st.sampled_from(LOCAL + RELAY), body=bodies)
     def pipelined_transaction(self, rcpt: str, body: bytes) -> None:
         """MAIL, RCPT, DATA in one write (RFC 2920), then the body."""
-        replies = self.send(f"RSET\r\nMAIL FROM:<p@q.test>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
+        # an authenticated client sends as itself (others' addresses get 553 5.7.1)
+        sender = self.user or "p@q.test"
+        replies = self.send(f"RSET\r\nMAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
         codes = [c for c, _ in replies]
         self.txn, self.rcpts = False, []
         if not self.helo:
