@@ -428,6 +428,7 @@ def fuzz_dsn(data: bytes) -> None:
     assert sep and head.isascii(), head
     for line in head.split(b"\r\n"):
         assert b"\r" not in line and b"\n" not in line and line[:1] not in (b" ", b"\t"), line
+        assert not re.search(rb"[\x00-\x1f\x7f]", line), line  # RFC 5322 section 2.2
     msg = email.message_from_bytes(report, policy=email.policy.compat32)
     assert msg.get_content_type() == "multipart/report", msg.get_content_type()
     parts = msg.get_payload()
@@ -436,6 +437,10 @@ def fuzz_dsn(data: bytes) -> None:
     status = parts[1].get_payload()
     blocks = status[1:] if isinstance(status, list) else []
     assert len(blocks) == len(recipients), (len(blocks), len(recipients))
+    # the report's own parts (not the returned message) are printable lines
+    own = report[: report.find(b"Content-Type: message/rfc822")] if full else report
+    own = own[: own.rfind(b"--=_report_")]
+    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", own), own
     for block in blocks:
         assert re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", block["Status"] or ""), block["Status"]
         assert block["Action"] == kind, (block["Action"], kind)
@@ -565,6 +570,92 @@ def fuzz_pop3_session(data: bytes) -> None:
     if idle:
         assert env.store.mail["pop.contoso.test"]["ted"] == before, "an idle session deleted"
     oracles.Pop3Transcript().check(chunks, output)
+
+
+# --------------------------------------------------------------------------- SMTP client
+
+
+_CLIENT_BODY = b"Subject: t\n\n.leading dot\nline\r\n..two\nno newline at end"
+_client_body_path: Path | None = None
+
+
+@harness("smtp_client")
+def fuzz_smtp_client(data: bytes) -> None:
+    """smtp/client.py: the outbound ESMTP client fed any server bytes (a hostile or broken
+    next hop) in any cuts. Octet 0: the cuts; octet 1: bits 0-1 the TLS policy (none,
+    opportunistic, required), bit 2 a smart-host log-in, bit 3 DSN parameters. Each reply
+    line is read after the client sent what the line before asked for. Invariants:
+    nothing is logged as a failure; the client writes only CRLF lines; the result comes exactly
+    once, with one reply per recipient whose code is 200-599 and whose text is one printable
+    line (it goes into a DSN); a recipient is delivered only after the server's 250 to the
+    end of data; the message sent after a 354 is the body dot-stuffed with CRLF line ends; no
+    password is sent outside TLS unless the policy is none."""
+    global _client_body_path
+    import tempfile
+
+    from twisted.internet import error
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from pop3coexist.smtp import client as c
+    from tests.support.smtp_fakes import TLSStringTransport
+
+    if len(data) < 2:
+        return
+    if _client_body_path is None:
+        _client_body_path = Path(tempfile.mkdtemp(prefix="client-fuzz-")) / "body"
+        _client_body_path.write_bytes(_CLIENT_BODY)
+    tls = ("none", "opportunistic", "required", "opportunistic")[data[1] & 3]
+    login = bool(data[1] & 4)
+    dsn = bool(data[1] & 8)
+    settings = c.ClientSettings(helo="pop.contoso.test", tls=tls, tls_name="mx.example.net",
+                                username="relay" if login else "",
+                                password=c.Secret("s3cret-pw") if login else None)
+    rcpts = ["b@example.net", "c@example.net"]
+    txn = c.Transaction(sender="a@example.org",
+                        recipients=[{"address": r, "notify": ["SUCCESS"] if dsn else None,
+                                     "orcpt": "rfc822;x@y.test" if dsn else None} for r in rcpts],
+                        body_path=_client_body_path, size=len(_CLIENT_BODY),
+                        ret="HDRS" if dsn else None, envid="e1" if dsn else None)
+    results: list = []
+    with oracles.no_logged_failures():
+        proto = c.OutboundESMTP(settings, txn, results.append)
+        clock = Clock()
+        proto.callLater = clock.callLater
+        transport = TLSStringTransport()
+        proto.makeConnection(transport)
+        # a server answers what it has read: the body goes out before the next reply line
+        pieces = [p for chunk in chunked(data[2:], data[0])
+                  for p in re.split(rb"(?<=\n)", chunk) if p]
+        for chunk in pieces:
+            if transport.disconnecting or results:
+                break
+            proto.dataReceived(chunk)
+            while transport.producer is not None and not transport.disconnecting:
+                transport.producer.resumeProducing()
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        clock.advance(1000)
+    assert len(results) == 1, results
+    result = results[0]
+    assert [r.address for r in result.replies] == rcpts
+    for r in result.replies:
+        assert 200 <= r.code < 600, r
+        assert not re.search(r"[\x00-\x1f\x7f]", r.reply), r  # one printable line
+        assert r.enhanced[0] in "245", r
+    sent = transport.value()
+    assert sent == b"" or sent.endswith(b"\r\n") or transport.disconnecting, sent[-40:]
+    if tls != "none" and not transport.tls_started:
+        assert b"s3cret" not in sent and base64.b64encode(b"s3cret-pw")[:8] not in sent, sent
+    if any(r.delivered for r in result.replies):
+        body_start = sent.find(b"DATA\r\n")
+        assert body_start >= 0, sent
+        assert _stuffed(_CLIENT_BODY) in sent[body_start:], sent[body_start:]
+
+
+def _stuffed(body: bytes) -> bytes:
+    """``body`` as it must go out after DATA: CRLF line ends, dot-stuffed, the end marker."""
+    lines = body.replace(b"\r\n", b"\n").split(b"\n")
+    return b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines) + b".\r\n"
 
 
 def b64(text: bytes) -> bytes:

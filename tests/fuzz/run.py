@@ -28,6 +28,7 @@ MODULES = {
     "dsn": ["pop3coexist.smtp.dsn"],
     "config": ["pop3coexist.config"],
     "ldapfilter": ["pop3coexist.ldapfilter"],
+    "smtp_client": ["pop3coexist.smtp.client"],
 }
 
 
