@@ -56,3 +56,15 @@ def test_dsn_fields_carry_no_control_characters() -> None:
     report = dsn.build_report("failed", env, [r], "pop.contoso.test", b"", 1_700_000_100.0)
     assert b"\x1b" not in report and b"\x07" not in report and b"\x0b" not in report
     assert b"Diagnostic-Code: X-Pop3coexist; 550 5.1.1 no ?[31m such? user\r\n" in report
+
+
+def test_a_malformed_reply_line_is_a_protocol_error(tmp_path: Path) -> None:
+    """"25 0ok" was read as reply code 25 (Twisted's int() of "25 ") and kept as the
+    recipient's reply; a line that is not three digits 2xx-5xx then SP, "-" or its end is a
+    protocol error now: temporary (451 4.5.0) and the connection is dropped."""
+    h = Harness(tmp_path)
+    h.server(b"220 mx.example.net ESMTP", *EHLO, b"250 ok")
+    h.server(b"25 0ok")
+    assert h.transport.disconnecting
+    [reply] = h.close().replies
+    assert reply.code == 451 and reply.reply.startswith("451 4.5.0 protocol error"), reply

@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 log = Logger()
 
 _ENHANCED_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(\s|$)")
+_REPLY_LINE_RE = re.compile(rb"[2-5][0-9][0-9](?:[ \t-]|\Z)")
 
 
 class Secret:
@@ -237,7 +238,13 @@ class OutboundESMTP(smtp.ESMTPClient):
         smtp.ESMTPClient.sendLine(self, line)
 
     def lineReceived(self, line: bytes) -> Any:
-        if not self.greeted and line[:3].isdigit():
+        if not _REPLY_LINE_RE.match(line):
+            # RFC 5321 section 4.2: three digits, 2xx to 5xx, then SP, "-" or the end; Twisted
+            # would read "25 x" as code 25 and " 250" as 250: a protocol error instead
+            self.sendError(smtp.SMTPProtocolError(
+                -1, b"invalid reply line from the server: " + line[:100]))
+            return None
+        if not self.greeted:
             self.greeted = True
         return smtp.ESMTPClient.lineReceived(self, line)
 
