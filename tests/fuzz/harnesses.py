@@ -438,8 +438,8 @@ def fuzz_dsn(data: bytes) -> None:
     blocks = status[1:] if isinstance(status, list) else []
     assert len(blocks) == len(recipients), (len(blocks), len(recipients))
     # the report's own parts (not the returned message) are printable lines
-    own = report[: report.find(b"Content-Type: message/rfc822")] if full else report
-    own = own[: own.rfind(b"--=_report_")]
+    status_part = report.find(b"Content-Type: message/delivery-status")
+    own = report[: report.find(b"\r\n--=_report_", status_part)]
     assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", own), own
     for block in blocks:
         assert re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", block["Status"] or ""), block["Status"]
