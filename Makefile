@@ -5,3 +5,19 @@ PYTHON := $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo pytho
 .PHONY: bench
 bench:
 	$(PYTHON) bench/run.py $(BENCH_ARGS)
+
+# `make fuzz`: the long fuzz campaign (README "Fuzzing"): every atheris harness for FUZZ_SECONDS
+# each (FUZZ_RUNS caps the inputs, 0: none; FUZZ_NAMES picks harnesses), the grown corpus and
+# any crashing input kept in .fuzz/, then the hypothesis property and stateful tests under the
+# "long" profile (HYPOTHESIS_PROFILE). Example: make fuzz FUZZ_SECONDS=3600 FUZZ_NAMES=smtp_data
+FUZZ_SECONDS ?= 600
+FUZZ_RUNS ?= 0
+FUZZ_NAMES ?=
+HYPOTHESIS_PROFILE ?= long
+
+.PHONY: fuzz
+fuzz:
+	$(PYTHON) -m tests.fuzz.campaign --seconds $(FUZZ_SECONDS) --runs $(FUZZ_RUNS) --work .fuzz $(FUZZ_NAMES)
+	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PYTHON) -m pytest -q -p no:cacheprovider --timeout=0 \
+		tests/fuzz/test_smtp_stateful.py tests/fuzz/test_pop3_stateful.py \
+		tests/fuzz/test_harness_properties.py tests/fuzz/test_config_properties.py

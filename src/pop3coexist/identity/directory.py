@@ -570,7 +570,9 @@ class DirectoryChecker:
             password = credentials.password
             if isinstance(password, str):
                 password = password.encode("utf-8")
-        except (AttributeError, UnicodeDecodeError):
+        except (AttributeError, UnicodeError):
+            # a name or password that is no Unicode text (an SMTP AUTH password of octets
+            # that are not UTF-8 arrives surrogate-escaped) is a wrong one: 535, not 454
             return defer.fail(UnauthorizedLogin())
         if not password:
             # An LDAP simple bind with an empty password is an anonymous bind: never send it.

@@ -222,7 +222,9 @@ class LocalChecker:
             password = credentials.password
             if isinstance(password, str):
                 password = password.encode("utf-8")
-        except (AttributeError, UnicodeDecodeError):
+        except (AttributeError, UnicodeError):
+            # a name or password that is no Unicode text (an SMTP AUTH password of octets
+            # that are not UTF-8 arrives surrogate-escaped) is a wrong one: 535, not 454
             return defer.fail(UnauthorizedLogin())
         if not password or b"\x00" in password:
             return defer.fail(UnauthorizedLogin())

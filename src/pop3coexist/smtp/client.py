@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 log = Logger()
 
 _ENHANCED_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(\s|$)")
+_REPLY_LINE_RE = re.compile(rb"[2-5][0-9][0-9](?:[ \t-]|\Z)")
 
 
 class Secret:
@@ -120,7 +121,9 @@ class RecipientReply:
         parts = self.reply.split()
         if len(parts) > 1 and _ENHANCED_RE.match(parts[1].encode()):
             return parts[1]
-        return f"{self.code // 100 if 2 <= self.code // 100 <= 5 else 4}.0.0"
+        # RFC 3463 classes are 2, 4 and 5 only: a 3xx (or other) final reply is a protocol
+        # error of the next hop, temporary for us
+        return f"{self.code // 100 if self.code // 100 in (2, 4, 5) else 4}.0.0"
 
 
 @dataclass
@@ -137,10 +140,15 @@ class TransactionResult:
     tls_failed: bool = False  # the STARTTLS handshake failed (opportunistic: retry in clear)
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _one_line(code: int, resp: bytes | str) -> str:
+    """A next hop's reply as one printable line: its control characters (NUL, escape
+    sequences) become ``?`` before the text reaches the queue state, the logs and DSNs."""
     if isinstance(resp, bytes):
         resp = resp.decode("utf-8", "replace")
-    text = " ".join(resp.split())
+    text = _CONTROLS.sub("?", " ".join(resp.split()))
     return f"{code} {text}" if text else f"{code}"
 
 
@@ -230,7 +238,13 @@ class OutboundESMTP(smtp.ESMTPClient):
         smtp.ESMTPClient.sendLine(self, line)
 
     def lineReceived(self, line: bytes) -> Any:
-        if not self.greeted and line[:3].isdigit():
+        if not _REPLY_LINE_RE.match(line):
+            # RFC 5321 section 4.2: three digits, 2xx to 5xx, then SP, "-" or the end; Twisted
+            # would read "25 x" as code 25 and " 250" as 250: a protocol error instead
+            self.sendError(smtp.SMTPProtocolError(
+                -1, b"invalid reply line from the server: " + line[:100]))
+            return None
+        if not self.greeted:
             self.greeted = True
         return smtp.ESMTPClient.lineReceived(self, line)
 
@@ -511,6 +525,13 @@ class OutboundESMTP(smtp.ESMTPClient):
             self._body_file = None
 
     def _dataRefused(self, code: int, resp: bytes) -> None:
+        if not 400 <= code < 600:
+            # DATA is answered 354, 4xx or 5xx (RFC 5321 section 4.3.2): any other reply (a
+            # 250 from a broken or hostile next hop) came before the body was sent, so it
+            # cannot be the message's final reply: a temporary protocol error, never delivery
+            self._fail(451, "4.5.0 protocol error after DATA: " + _one_line(code, resp),
+                       site=True)
+            return
         self._dataReply(code, resp)
 
     def _dataReply(self, code: int, resp: bytes) -> None:

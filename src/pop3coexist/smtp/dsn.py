@@ -153,8 +153,8 @@ def _date(ts: float) -> str:
 
 
 def _clean(text: str) -> str:
-    """One header-safe line: no CR/LF, ASCII only."""
-    text = " ".join(str(text).split())
+    """One header-safe line: no CR/LF nor any other control character, ASCII only."""
+    text = re.sub(r"[\x00-\x1f\x7f]", "?", " ".join(str(text).split()))
     return text.encode("ascii", "replace").decode("ascii")
 
 

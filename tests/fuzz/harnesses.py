@@ -1,0 +1,662 @@
+"""The byte-level fuzz harnesses: one function per parser, ``HARNESSES[name](data)``, each
+checking invariants (not only "no crash") and raising AssertionError (or the unexpected
+exception) when one breaks. They run under atheris (``tests/fuzz/run.py``, coverage-guided),
+under hypothesis (``tests/fuzz/test_harness_properties.py``) and on the seed and regression
+corpus (``tests/fuzz/corpus/<name>/``, ``tests/fuzz/test_fuzz_campaign.py``).
+
+The first octets of an input are often options (how the rest is cut into chunks, which
+variant of the parser); ``chunked`` documents the rule. The oracles are test-side
+(``tests/fuzz/oracles.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import ipaddress
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.fuzz import oracles
+
+Harness = Callable[[bytes], None]
+HARNESSES: dict[str, Harness] = {}
+
+
+def harness(name: str) -> Callable[[Harness], Harness]:
+    def register(fn: Harness) -> Harness:
+        HARNESSES[name] = fn
+        return fn
+    return register
+
+
+def chunked(data: bytes, key: int) -> list[bytes]:
+    """Cut ``data`` into chunks: ``key`` 0 is one chunk; otherwise sizes come from a small
+    linear congruential sequence seeded by ``key`` (1 to 1 + key % 64 octets each), so the
+    same input always gives the same cuts and the fuzzer can explore both."""
+    if key == 0 or not data:
+        return [data] if data else []
+    out = []
+    state = key
+    pos = 0
+    while pos < len(data):
+        state = (state * 1103515245 + 12345) & 0x7FFFFFFF
+        size = 1 + state % (1 + key % 64)
+        out.append(data[pos : pos + size])
+        pos += size
+    return out
+
+
+# --------------------------------------------------------------------------- address.py
+
+
+@harness("address")
+def fuzz_address(data: bytes) -> None:
+    """address.py: parse_address / parse_path / strip_source_route / normalise_domain /
+    normalise_literal / login_to_address on any text. Invariants: only AddressError (or a
+    subclass) is raised; a parsed address is ASCII, free of controls, at most 254 octets, and
+    its canonical form parses back to the same Address (idempotent); a domain name is lower
+    case; a literal is a valid IP; the path form agrees with the mailbox form."""
+    from pop3coexist import address as A
+
+    text = data.decode("latin-1")
+    try:
+        a = A.parse_address(text)
+    except A.AddressError:
+        a = None
+    if a is not None:
+        s = str(a)
+        assert s.isascii() and not re.search(r"[\x00-\x1f\x7f]", s), s
+        assert len(s) <= A.MAX_MAILBOX, s
+        again = A.parse_address(s)
+        assert again == a, (text, s, again)
+        assert a.key == again.key
+        if a.domain.startswith("["):
+            assert a.literal is not None, a
+        else:
+            assert a.domain == a.domain.lower() and a.literal is None, a
+        if text.startswith("@") is False:
+            assert A.parse_path("<" + text + ">") == a
+    try:
+        inner = A.strip_source_route(text)
+    except A.AddressError:
+        inner = None
+    if inner is not None and inner is not text:
+        assert text.endswith(inner) and text.startswith("@")
+    try:
+        A.parse_path(text)
+    except A.AddressError:
+        pass
+    for fn in (A.normalise_domain, A.normalise_literal):
+        try:
+            d = fn(text)
+        except A.AddressError:
+            continue
+        assert fn(d) == d, (text, d)
+        if fn is A.normalise_literal:
+            ip = A.literal_ip(d)
+            assert isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address), d
+    mapped = A.login_to_address(text, ("pop.contoso.test",))
+    if mapped is not None:
+        local, domain = mapped
+        assert local == local.lower() and domain == domain.lower()
+        assert A.is_valid_mailbox_name(local), mapped
+
+
+# --------------------------------------------------------------------------- smtp/params.py
+
+
+@harness("smtp_params")
+def fuzz_smtp_params(data: bytes) -> None:
+    """smtp/params.py: split_path, parse_params, xtext_decode on any MAIL/RCPT argument.
+    Invariants: only MailError 501 5.5.4 is raised; the path is what lay between the
+    brackets; parameter keys are upper case keywords, each once; decoded xtext re-encodes
+    (dsn.xtext_encode) and decodes back to itself."""
+    from pop3coexist.errors import MailError
+    from pop3coexist.smtp import dsn
+    from pop3coexist.smtp.params import KEYWORD_RE, split_path, xtext_decode
+
+    text = data.decode("utf-8", "surrogateescape")
+    for keyword in ("FROM:", "TO:"):
+        try:
+            path, params = split_path(text, keyword)
+        except MailError as e:
+            assert (e.code, e.enhanced) == (501, "5.5.4"), e
+            continue
+        assert "<" + path + ">" in text, (text, path)
+        for key in params:
+            assert key == key.upper() and KEYWORD_RE.match(key), key
+    try:
+        decoded = xtext_decode(text)
+    except MailError as e:
+        assert (e.code, e.enhanced) == (501, "5.5.4"), e
+    else:
+        if decoded.isascii():
+            assert xtext_decode(dsn.xtext_encode(decoded)) == decoded, (text, decoded)
+
+
+# --------------------------------------------------------------------------- SMTP framing
+
+
+class _SmtpRig:
+    """One factory over the unit-tier fakes, reused across inputs (a fresh store each time
+    would cost a temporary folder per input)."""
+
+    def __init__(self) -> None:
+        from tests.support.smtp_fakes import make_factory, smtp_config
+
+        self.factories = {}
+        for bare in ("normalize", "reject"):
+            for mode in ("mx", "submission"):
+                for tls_auth in (False, True):
+                    self.factories[bare, mode, tls_auth] = make_factory(
+                        smtp_config(bare_newline=bare, require_tls_for_auth=tls_auth), mode=mode)
+
+    def session(self, variant: tuple[str, str, bool]):
+        from tests.support.smtp_fakes import open_session
+
+        factory, store, _checker, queue, clock = self.factories[variant]
+        for boxes in store.mail.values():
+            for box in boxes.values():
+                box.clear()
+        queue.items.clear()
+        factory.throttle._entries.clear()
+        proto, transport = open_session(factory, peer="203.0.113.5")
+        return proto, transport, clock
+
+
+_smtp_rig: _SmtpRig | None = None
+
+
+def settle(clock, busy: Callable[[], bool], step: float = 31.0, limit: int = 400) -> None:
+    """Advance ``clock`` until ``busy()`` is false (failed log-in delays), at most ``limit``
+    steps."""
+    for _ in range(limit):
+        if not busy():
+            return
+        clock.advance(step)
+
+
+@harness("smtp_session")
+def fuzz_smtp_session(data: bytes) -> None:
+    """The ESMTP session (smtp/session.py framing and the command loop, every verb, AUTH
+    exchanges, STARTTLS over a TLS-capable StringTransport, DATA) fed any bytes in any cuts.
+    Octet 0: the cuts (``chunked``); octet 1: bit 0 ``smtp.bare_newline = "reject"``, bit 1
+    the submission mode (AUTH before MAIL), bit 2 ``require_tls_for_auth``, bit 3 the idle
+    timeout passes at the end (a 421 then).
+    Invariants: nothing is logged as a failure; every reply is well-formed with one code and
+    a matching enhanced-code class; every complete command line gets exactly one reply, in
+    order, with a code its verb may get (``oracles.smtp_expected_replies``)."""
+    global _smtp_rig
+    if len(data) < 2:
+        return
+    if _smtp_rig is None:
+        _smtp_rig = _SmtpRig()
+    variant = ("reject" if data[1] & 1 else "normalize", "submission" if data[1] & 2 else "mx",
+               bool(data[1] & 4))
+    chunks = chunked(data[2:], data[0])
+    with oracles.no_logged_failures():
+        proto, transport, clock = _smtp_rig.session(variant)
+        greeting = transport.value()
+        transport.clear()
+        assert greeting == b"220 pop.contoso.test ESMTP pop3coexist\r\n", greeting
+        for chunk in chunks:
+            if transport.disconnecting:
+                break
+            proto.dataReceived(chunk)
+            settle(clock, lambda: proto._busy)
+        if data[1] & 8 and not transport.disconnecting:
+            clock.advance(proto.timeout + 1)
+            assert transport.disconnecting and transport.value().endswith(
+                b"421 4.4.2 pop.contoso.test Error: timeout exceeded\r\n"), transport.value()[-80:]
+        output = transport.value()
+        proto.connectionLost(None)
+    oracles.smtp_expected_replies(chunks, oracles.split_smtp_replies(output))
+
+
+# --------------------------------------------------------------------------- DATA reader
+
+
+class _Sink:
+    """A SpoolWriter stand-in that keeps the bytes in memory."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.aborted, "written after abort"
+        self.data += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+
+def expected_store(content: bytes, bare_lf: bool) -> bytes:
+    """What the DATA reader must store for unstuffed ``content`` (CRLF text, bare LFs
+    allowed when ``bare_lf``): LF line ends; in the header section, ``Return-Path`` fields
+    (with their folded lines) left out and an empty line put before the first line that is
+    neither a field nor a fold (RFC 5322 section 2.1)."""
+    text = content.replace(b"\r\n", b"\n")
+    lines = text.split(b"\n")[:-1]
+    out = []
+    fields = 0
+    dropping = False
+    for i, line in enumerate(lines):
+        if line == b"":
+            out.extend(lines[i:])
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            if not dropping:
+                out.append(line)
+            continue
+        if not _FIELD.match(line):
+            out.append(b"")
+            out.extend(lines[i:])
+            break
+        fields += 1
+        dropping = line.split(b":", 1)[0].rstrip(b" \t").lower() == b"return-path"
+        if not dropping:
+            out.append(line)
+    return b"".join(line + b"\n" for line in out)
+
+
+@harness("smtp_data")
+def fuzz_smtp_data(data: bytes) -> None:
+    """smtp/incoming.py MessageReader: the DATA stream in any cuts. Octet 0: cuts; octet 1:
+    bit 0 refuses bare LF, bits 1-7 the line limit (8 to 134 octets, small so that the limit
+    is reached); octet 2: the size limit (0: none, else 64 octets per step). Invariants: the
+    message ends exactly after the first CRLF.CRLF (a dot line first included); the refusals
+    (bare CR, bare LF when refused, a long line, too big, too many hops) happen exactly when
+    the input has them; otherwise the stored bytes are the unstuffed content with LF line
+    ends and the header rules of ``expected_store``, byte for byte, and ``size`` is the
+    unstuffed size with CRLF line ends."""
+    from pop3coexist.smtp.incoming import MessageReader
+
+    if len(data) < 3:
+        return
+    allow_bare_lf = not data[1] & 1
+    max_line = 8 + (data[1] >> 1)
+    max_size = 64 * data[2]
+    stream = data[3:]
+    sink = _Sink()
+    reader = MessageReader(sink, max_size, 3, max_line=max_line, allow_bare_lf=allow_bare_lf)
+    consumed = 0
+    end = None
+    for chunk in chunked(stream, data[0]):
+        n = reader.feed(chunk)
+        if n is None:
+            consumed += len(chunk)
+            continue
+        assert 0 <= n <= len(chunk), (n, len(chunk))
+        end = consumed + n
+        break
+    k = (b"\r\n" + stream).find(b"\r\n.\r\n")
+    if k < 0:
+        assert end is None, "the message ended without CRLF.CRLF"
+        return
+    assert end == k + 3, f"ended at {end}, CRLF.CRLF at {k + 3}"
+    assert reader.done
+    raw = stream[:k]  # the content lines with their line ends, before the dot line
+    lines = re.split(rb"(?<=\n)", raw)
+    if lines and lines[-1] == b"":
+        lines.pop()
+    unstuffed = b"".join(
+        line[1:] if line.startswith(b".") and (i == 0 or lines[i - 1].endswith(b"\r\n")) else line
+        for i, line in enumerate(lines))
+    # every refusal the content deserves; the first one met in the stream is the reply
+    conds = set()
+    if unstuffed.count(b"\r") != unstuffed.count(b"\r\n"):
+        conds |= {(550, "5.5.2"), (550, "5.6.0")}  # a bare CR may also make a line look long
+    if unstuffed.count(b"\n") != unstuffed.count(b"\r\n") and not allow_bare_lf:
+        conds |= {(550, "5.5.2"), (550, "5.6.0")}  # lines cut only at CRLF may grow long
+    if any(len(line.rstrip(b"\r")) > max_line for line in unstuffed.split(b"\n")):
+        conds.add((550, "5.6.0"))
+    if max_size and len(unstuffed) > max_size:
+        conds.add((552, "5.3.4"))
+    stored = expected_store(unstuffed, allow_bare_lf)
+    header = stored.split(b"\n\n", 1)[0] if not stored.startswith(b"\n") else b""
+    received = sum(1 for line in header.split(b"\n")
+                   if _FIELD.match(line) and line.split(b":", 1)[0].rstrip(b" \t").lower() == b"received")
+    if received + 1 > 3:
+        conds.add((554, "5.4.6"))
+    error = reader.error
+    if error is not None:
+        assert (error.code, error.enhanced) in conds, (error, conds)
+        assert sink.aborted
+        return
+    assert not conds, f"no refusal, but the content deserves {conds}"
+    assert not sink.aborted
+    assert reader.size == len(unstuffed), (reader.size, len(unstuffed))
+    assert bytes(sink.data) == stored, (bytes(sink.data), stored)
+
+
+# --------------------------------------------------------------------------- POP3 stream
+
+
+@harness("pop3_stream")
+def fuzz_pop3_stream(data: bytes) -> None:
+    """pop3/stream.py DotStuffer and canonical.py on any stored bytes in any cuts. Octet 0:
+    cuts; octet 1: TOP's line count (255: RETR). Invariants: the output is a valid
+    dot-stuffed multi-line body ending in ``.CRLF`` whose unstuffed content is the canonical
+    form of the stored bytes (``oracles.canonical``: RETR) or its TOP prefix; ``octets``, the
+    store's ``crlf_size`` and ``canonical_size`` equal the unstuffed length; any cuts give the
+    same bytes as one chunk."""
+    from pop3coexist.canonical import LineEnds, canonical_size
+    from pop3coexist.pop3.stream import DotStuffer
+    from pop3coexist.store.maildir import crlf_size
+
+    if len(data) < 2:
+        return
+    top = None if data[1] == 255 else data[1]
+    stored = data[2:]
+    cuts = chunked(stored, data[0])
+    stuffer = DotStuffer(top)
+    out = b"".join(stuffer.feed(c) for c in cuts) + stuffer.finish()
+    body = oracles.unstuff_multiline(out)
+    canon = oracles.canonical(stored)
+    if top is None:
+        assert body == canon, (stored, body, canon)
+        assert stuffer.octets == len(canon), (stuffer.octets, len(canon))
+        assert canonical_size(cuts) == len(canon)
+        assert crlf_size(__import__("io").BytesIO(stored)) == len(canon)
+    else:
+        assert body == oracles.top_of(canon, top), (stored, top, body)
+    whole = DotStuffer(top)
+    assert whole.feed(stored) + whole.finish() == out
+    ends = LineEnds()
+    lf_text = b"".join(ends.feed(c) for c in cuts) + ends.finish()
+    expected_lf = canon.replace(b"\r\n", b"\n")
+    # an unended last line gets its line end from DotStuffer/canonical_size, not LineEnds
+    assert lf_text == expected_lf or lf_text + b"\n" == expected_lf, (lf_text, expected_lf)
+
+
+# --------------------------------------------------------------------------- DSN
+
+
+def _pieces(data: bytes, n: int) -> list[bytes]:
+    parts = data.split(b"\x00")
+    parts += [b""] * (n - len(parts))
+    return parts[: n - 1] + [b"\x00".join(parts[n - 1 :])]
+
+
+@harness("dsn")
+def fuzz_dsn(data: bytes) -> None:
+    """smtp/dsn.py (bounce.py builds its reports with it): the report for a queued message
+    whose sender, recipients, replies, ORCPT, ENVID and original message come from the input
+    (NUL-separated). Invariants: build_report, read_original's header cut and CRLF form,
+    enhanced_of, split_orcpt and xtext never raise; the report is ASCII-headed, uses CRLF only,
+    and parses (email package) as a multipart/report of delivery-status with three parts, one
+    per-recipient block per recipient, and every Status a valid RFC 3463 code of the kind's
+    class."""
+    from pop3coexist.smtp import dsn
+    from pop3coexist.store.envelope import Envelope, Recipient
+
+    if len(data) < 1:
+        return
+    kinds = ("failed", "delayed", "relayed", "delivered")
+    kind = kinds[data[0] % 4]
+    sender, rcpts, reply, orcpt, envid, original = (
+        p.decode("utf-8", "replace") if i < 5 else p for i, p in enumerate(_pieces(data[1:], 6)))
+    recipients = []
+    for i, addr in enumerate((rcpts or "x@y.test").split(",")[:5]):
+        r = Recipient(addr, orcpt=orcpt or None, notify=None)
+        r.last_reply = reply or None
+        r.status = reply[:7] if i % 2 else None
+        r.diagnostic = reply[::-1] or None if i % 3 == 2 else None
+        r.remote_mta = envid[:20] or None if i % 2 else None
+        r.last_attempt = 1_700_000_000.0
+        recipients.append(r)
+    env = Envelope(id="q1", sender=sender, recipients=recipients, ret=None,
+                   envid=envid or None, arrival=1_700_000_000.0, received_from=reply or None)
+    assert dsn.enhanced_of(reply, "5.0.0")[0] in "245"
+    dsn.split_orcpt(orcpt)
+    dsn.orcpt_param(orcpt)
+    dsn.xtext_decode(dsn.xtext_encode(orcpt))
+    headers = dsn._crlf(dsn._headers(original))
+    full = dsn._crlf(original)
+    for text in (headers, full):
+        assert text == b"" or text.endswith(b"\r\n")
+        assert text.count(b"\n") == text.count(b"\r\n"), text  # no bare LF
+    report = dsn.build_report(kind, env, recipients, "pop.contoso.test", full, 1_700_000_100.0)
+    head, sep, rest = report.partition(b"\r\n\r\n")
+    assert sep and head.isascii(), head
+    for line in head.split(b"\r\n"):
+        assert b"\r" not in line and b"\n" not in line and line[:1] not in (b" ", b"\t"), line
+        assert not re.search(rb"[\x00-\x1f\x7f]", line), line  # RFC 5322 section 2.2
+    msg = email.message_from_bytes(report, policy=email.policy.compat32)
+    assert msg.get_content_type() == "multipart/report", msg.get_content_type()
+    parts = msg.get_payload()
+    assert isinstance(parts, list) and len(parts) == 3, len(parts) if isinstance(parts, list) else parts
+    assert parts[1].get_content_type() == "message/delivery-status"
+    status = parts[1].get_payload()
+    blocks = status[1:] if isinstance(status, list) else []
+    assert len(blocks) == len(recipients), (len(blocks), len(recipients))
+    # the report's own parts (not the returned message) are printable lines
+    status_part = report.find(b"Content-Type: message/delivery-status")
+    own = report[: report.find(b"\r\n--=_report_", status_part)]
+    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", own), own
+    for block in blocks:
+        assert re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", block["Status"] or ""), block["Status"]
+        assert block["Action"] == kind, (block["Action"], kind)
+
+
+# --------------------------------------------------------------------------- config.py
+
+
+_CONFIG_PATH = "/nonexistent/fuzz/pop3coexist.toml"
+_CONFIG_ERROR_RE = re.compile(re.escape(_CONFIG_PATH) + r"(?::\d+)?: (.*)", re.S)
+
+
+@harness("config")
+def fuzz_config(data: bytes) -> None:
+    """config.py parse_config on any text. Invariants: it returns a Config or raises
+    ConfigError, never another exception; the error names the file (``<config>`` here) and
+    either the line of invalid TOML or a ``[section.key]`` (with the line when the key is
+    written in the file)."""
+    from pop3coexist.config import Config, parse_config
+    from pop3coexist.errors import ConfigError
+
+    text = data.decode("utf-8", "replace")
+    try:
+        cfg = parse_config(text, Path(_CONFIG_PATH))
+    except ConfigError as e:
+        message = str(e)
+        m = _CONFIG_ERROR_RE.match(message)
+        assert m, message
+        rest = m.group(1)
+        assert rest.startswith(("not valid TOML", "[")), message
+        return
+    assert isinstance(cfg, Config)
+
+
+# --------------------------------------------------------------------------- ldapfilter.py
+
+
+@harness("ldapfilter")
+def fuzz_ldapfilter(data: bytes) -> None:
+    """ldapfilter.py: escape_value, equals and parse_filter. Invariants: an escaped value is
+    printable ASCII without ``* ( ) \\`` or NUL unescaped, and ``(uid=<escaped>)`` parses to an
+    equality match whose value is exactly the input octets (no injection); any text either
+    parses (and encodes to BER) or raises FilterError, never another exception."""
+    from ldaptor.protocols import pureldap
+
+    from pop3coexist import ldapfilter as L
+
+    escaped = L.escape_value(data)
+    assert re.fullmatch(r"(?:[\x20-\x7e]|\\[0-9a-f]{2})*", escaped), escaped
+    assert not re.search(r"[*()\x00]", escaped)
+    parsed = L.parse_filter(L.equals("uid", data))
+    assert isinstance(parsed, pureldap.LDAPFilter_equalityMatch), parsed
+    assert parsed.assertionValue.value == data, (parsed.assertionValue.value, data)
+    both = L.parse_filter(L.all_of("(objectClass=user)", L.any_of(L.equals("mail", data),
+                                                                  L.equals("uid", data))))
+    assert isinstance(both, pureldap.LDAPFilter_and)
+    text = data.decode("utf-8", "replace")
+    try:
+        f = L.parse_filter(text)
+    except L.FilterError:
+        return
+    f.toWire()
+
+
+# --------------------------------------------------------------------------- POP3 session
+
+
+class _Pop3Rig:
+    """POP3 factories on the unit-tier fakes with two more messages for ted (an mbox line, a
+    lone dot, CR CR LF, a bare CR; an empty file), reused across inputs: the mailbox and the
+    log-in failures are reset before each input."""
+
+    def __init__(self) -> None:
+        from tests.unit.pop3_env import Env
+
+        self.envs = {}
+        for secure in (False, True):
+            for implicit in (False, True):
+                env = Env(tls=True, implicit_tls=implicit, require_secure_auth=secure)
+                env.store.add("ted@pop.contoso.test", b"From x\r\n.\r\nFrom: a\r\r\n\n..\r", b"")
+                self.envs[secure, implicit] = (env, list(env.store.mail["pop.contoso.test"]["ted"]))
+
+    def env(self, secure: bool, implicit: bool):
+        """The Env of this variant, its mailbox as at the start, no failures remembered."""
+        env, messages = self.envs[secure, implicit]
+        env.store.mail["pop.contoso.test"]["ted"][:] = messages
+        env.throttle._entries.clear()
+        return env
+
+
+_pop3_rig: _Pop3Rig | None = None
+
+
+@harness("pop3_session")
+def fuzz_pop3_session(data: bytes) -> None:
+    """The POP3 session (pop3/server.py framing, states, SASL, STLS, RETR/TOP through the
+    stream) fed any bytes in any cuts. Octet 0: the cuts; octet 1: bit 0
+    ``require_secure_auth``, bit 1 implicit TLS (POP3S), bit 2 the idle timeout passes at the
+    end. Invariants: nothing is logged as a failure; one well-formed response per complete
+    line, in order; multi-line responses dot-stuffed; RETR's unstuffed size is what +OK and
+    LIST said (``oracles.Pop3Transcript``); an idle session is closed and deletes nothing."""
+    global _pop3_rig
+    if len(data) < 2:
+        return
+    if _pop3_rig is None:
+        _pop3_rig = _Pop3Rig()
+    env = _pop3_rig.env(bool(data[1] & 1), bool(data[1] & 2))
+    before = list(env.store.mail["pop.contoso.test"]["ted"])
+    chunks = chunked(data[2:], data[0])
+    with oracles.no_logged_failures():
+        proto, transport, greeting = env.connect()
+        assert greeting.startswith(b"+OK pop.contoso.test POP3 server ready"), greeting
+        for chunk in chunks:
+            if transport.disconnecting:
+                break
+            proto.dataReceived(chunk)
+            settle(env.clock, lambda: proto._waiting is not None)
+        idle = data[1] & 4 and not transport.disconnecting
+        if idle:
+            sent = transport.value()
+            env.clock.advance(601)
+            assert transport.disconnecting, "an idle POP3 session stays open"
+            assert transport.value() == sent, "autologout sends nothing (RFC 1939 section 3)"
+        output = transport.value()
+        proto.connectionLost(None)
+        settle(env.clock, lambda: False)
+    if idle:
+        assert env.store.mail["pop.contoso.test"]["ted"] == before, "an idle session deleted"
+    oracles.Pop3Transcript().check(chunks, output)
+
+
+# --------------------------------------------------------------------------- SMTP client
+
+
+_CLIENT_BODY = b"Subject: t\n\n.leading dot\nline\r\n..two\nno newline at end"
+_client_body_path: Path | None = None
+
+
+@harness("smtp_client")
+def fuzz_smtp_client(data: bytes) -> None:
+    """smtp/client.py: the outbound ESMTP client fed any server bytes (a hostile or broken
+    next hop) in any cuts. Octet 0: the cuts; octet 1: bits 0-1 the TLS policy (none,
+    opportunistic, required), bit 2 a smart-host log-in, bit 3 DSN parameters. Each reply
+    line is read after the client sent what the line before asked for. Invariants:
+    nothing is logged as a failure; the client writes only CRLF lines; the result comes exactly
+    once, with one reply per recipient whose code is 200-599 and whose text is one printable
+    line (it goes into a DSN); a recipient is delivered only after the server's 250 to the
+    end of data; the message sent after a 354 is the body dot-stuffed with CRLF line ends; no
+    password is sent outside TLS unless the policy is none."""
+    global _client_body_path
+    import tempfile
+
+    from twisted.internet import error
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from pop3coexist.smtp import client as c
+    from tests.support.smtp_fakes import TLSStringTransport
+
+    if len(data) < 2:
+        return
+    if _client_body_path is None:
+        _client_body_path = Path(tempfile.mkdtemp(prefix="client-fuzz-")) / "body"
+        _client_body_path.write_bytes(_CLIENT_BODY)
+    tls = ("none", "opportunistic", "required", "opportunistic")[data[1] & 3]
+    login = bool(data[1] & 4)
+    dsn = bool(data[1] & 8)
+    settings = c.ClientSettings(helo="pop.contoso.test", tls=tls, tls_name="mx.example.net",
+                                username="relay" if login else "",
+                                password=c.Secret("s3cret-pw") if login else None)
+    rcpts = ["b@example.net", "c@example.net"]
+    txn = c.Transaction(sender="a@example.org",
+                        recipients=[{"address": r, "notify": ["SUCCESS"] if dsn else None,
+                                     "orcpt": "rfc822;x@y.test" if dsn else None} for r in rcpts],
+                        body_path=_client_body_path, size=len(_CLIENT_BODY),
+                        ret="HDRS" if dsn else None, envid="e1" if dsn else None)
+    results: list = []
+    with oracles.no_logged_failures():
+        proto = c.OutboundESMTP(settings, txn, results.append)
+        clock = Clock()
+        proto.callLater = clock.callLater
+        transport = TLSStringTransport()
+        proto.makeConnection(transport)
+        # a server answers what it has read: the body goes out before the next reply line
+        pieces = [p for chunk in chunked(data[2:], data[0])
+                  for p in re.split(rb"(?<=\n)", chunk) if p]
+        for chunk in pieces:
+            if transport.disconnecting or results:
+                break
+            proto.dataReceived(chunk)
+            while transport.producer is not None and not transport.disconnecting:
+                transport.producer.resumeProducing()
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        clock.advance(1000)
+    assert len(results) == 1, results
+    result = results[0]
+    assert [r.address for r in result.replies] == rcpts
+    for r in result.replies:
+        assert 200 <= r.code < 600, r
+        assert not re.search(r"[\x00-\x1f\x7f]", r.reply), r  # one printable line
+        assert r.enhanced[0] in "245", r
+    sent = transport.value()
+    assert sent == b"" or sent.endswith(b"\r\n") or transport.disconnecting, sent[-40:]
+    if tls != "none" and not transport.tls_started:
+        assert b"s3cret" not in sent and base64.b64encode(b"s3cret-pw")[:8] not in sent, sent
+    if any(r.delivered for r in result.replies):
+        body_start = sent.find(b"DATA\r\n")
+        assert body_start >= 0, sent
+        assert _stuffed(_CLIENT_BODY) in sent[body_start:], sent[body_start:]
+
+
+def _stuffed(body: bytes) -> bytes:
+    """``body`` as it must go out after DATA: CRLF line ends, dot-stuffed, the end marker."""
+    lines = body.replace(b"\r\n", b"\n").split(b"\n")
+    return b"".join((b"." + x if x.startswith(b".") else x) + b"\r\n" for x in lines) + b".\r\n"
+
+
+def b64(text: bytes) -> bytes:
+    return base64.b64encode(text)
