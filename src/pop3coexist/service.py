@@ -38,7 +38,12 @@ from pop3coexist.errors import ConfigError, StoreError
 from pop3coexist.interfaces import IClosable, ISelfCheck, ISharedConnectionLimiter, IStartStop
 from pop3coexist.policy.limiters import make_limiters, make_throttles
 from pop3coexist.startup import StartupError, StartupReport, StateLock
-from pop3coexist.tls import ensure_self_signed, load_tls_files, server_options
+from pop3coexist.tls import (
+    ensure_self_signed,
+    load_tls_files,
+    reloadable_server_options,
+    server_options,
+)
 
 log = Logger()
 
@@ -665,15 +670,19 @@ def _stop_reactor(reactor: Any) -> None:
 def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
                    worker: int = 0, limiters: dict[str, Any] | None = None,
                    throttles: dict[str, Any] | None = None,
+                   tls_options: Any = None,
                    ) -> list[tuple[str, str, Any]]:
     """(role, endpoint description, factory) for every configured listener; a TLS-on-connect
     listener's factory is already wrapped in TLS. Shared by the main process and the worker
-    processes (pop3coexist.worker), so every process serves the same way."""
+    processes (pop3coexist.worker), so every process serves the same way. ``tls_options`` is
+    the process's ``tls.ReloadableServerOptions`` (made here when not given), which SIGHUP
+    reloads."""
     from pop3coexist.policy.masquerade import wrap_queue
     from pop3coexist.pop3.factory import POP3ServerFactory
     from pop3coexist.smtp.server import SMTPServerFactory
 
-    tls_options = server_options(config.tls)
+    if tls_options is None:
+        tls_options = reloadable_server_options(config.tls)
     if limiters is None:
         limiters = make_limiters(config, worker)
     if throttles is None:
@@ -726,8 +735,9 @@ def make_service(config: Config, reactor: Any = None,
     queue = parts.make_queue()
     top.limiters = make_limiters(config, 0)
     top.throttles = make_throttles(config, reactor, 0)
+    tls = reloadable_server_options(config.tls)
     for role, desc, factory in make_frontends(config, parts, queue, reactor, limiters=top.limiters,
-                                              throttles=top.throttles):
+                                              throttles=top.throttles, tls_options=tls):
         top.add_listener(ListenerService(desc, factory, role, reactor=reactor))
 
     outbound = OutboundService(config, queue, store=parts.store, reactor=reactor)
@@ -741,8 +751,9 @@ def make_service(config: Config, reactor: Any = None,
         top.supervisor.setServiceParent(top)
 
     def on_hup(signum: int, frame: Any) -> None:
-        # State files are re-read on every use; SIGHUP also asks the queue to run now.
-        reactor.callFromThread(_reload, queue)
+        # State files are re-read on every use; SIGHUP also asks the queue to run now,
+        # reloads the TLS certificate and key, and passes the signal on to the workers.
+        reactor.callFromThread(_reload, queue, tls, top.supervisor)
 
     try:
         signal.signal(signal.SIGHUP, on_hup)
@@ -764,8 +775,16 @@ class _CheckerCloser(service.Service):
         return None
 
 
-def _reload(queue: Any) -> None:
+def _reload(queue: Any, tls: Any = None, supervisor: Any = None) -> None:
     log.info("SIGHUP: state is re-read on every use; running the queue now")
+    if tls is not None:
+        tls.reload()
+    if supervisor is not None:
+        for pid in supervisor.pids():
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except OSError:  # a worker that just ended; its replacement loads the new files
+                pass
     try:
         queue.wake()
     except Exception:

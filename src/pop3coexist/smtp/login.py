@@ -41,7 +41,8 @@ class AuthCommands:
         parts = arg.split(" ")
         if len(parts) > 2:
             raise fail(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-        mech = sasl.make_mechanism(parts[0], self.hostname, self.factory.offers_secrets)
+        mech = sasl.make_mechanism(parts[0], self.hostname, self.factory.offers_secrets,
+                                   self.factory.scram_store)
         if mech is None:
             raise fail(504, "5.5.4", "Unrecognized authentication type")
         initial = None
@@ -80,6 +81,8 @@ class AuthCommands:
             self._state = STATE_COMMAND
             self._mech = None
             raise fail(501, "5.5.2", f"Invalid authentication response: {e}")
+        if isinstance(result, defer.Deferred):  # SCRAM looks the keys up first
+            return result.addCallbacks(lambda r: self._sasl(lambda: r), self._sasl_unavailable)
         if isinstance(result, bytes):
             self._state = STATE_AUTH
             self._reply(334, None, base64.b64encode(result).decode("ascii"))
@@ -87,6 +90,11 @@ class AuthCommands:
         self._state = STATE_COMMAND
         self._mech = None
         return self._login(result)
+
+    def _sasl_unavailable(self, failure: Failure) -> None:
+        self._state = STATE_COMMAND
+        self._mech = None
+        self._error(reply_for(failure, AuthUnavailable(), "SMTP AUTH: key lookup failed"))
 
     def _login(self, credentials) -> defer.Deferred:
         """Log in through the delivery realm (the checker, then the locks); the session then

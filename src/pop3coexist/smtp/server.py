@@ -34,8 +34,11 @@ command loop, ``reply_for``), ``smtp.hello`` (EHLO, HELO, STARTTLS and the small
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import protocol, threads
 
+from pop3coexist.interfaces import IScramKeyStore
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.policy.delivery import DeliveryContext, DeliveryRealm
@@ -117,6 +120,14 @@ class SMTPServerFactory(protocol.ServerFactory):
     @property
     def offers_secrets(self) -> bool:
         return bool(self.checker.offers_secrets)  # IAccountChecker declares it
+
+    @property
+    def scram_store(self) -> Any:
+        """The checker when it offers SCRAM-SHA-256 now (``IScramKeyStore``), else None."""
+        checker = self.checker
+        if IScramKeyStore.providedBy(checker) and checker.offers_scram:
+            return checker
+        return None
 
     def buildProtocol(self, addr) -> ESMTPServer:
         p = ESMTPServer(self)
