@@ -661,11 +661,14 @@ class PasswordFile:
 
     def all_have_scram(self, fresh: bool = True) -> bool:
         """True when every account has SCRAM keys (an empty file too). ``fresh=False`` reads
-        the snapshot last loaded, without touching the disk (for the reactor thread), and
-        says False when nothing was loaded yet."""
-        snap = self._current() if fresh else self._snapshot
-        if snap is None:
-            return False
+        the snapshot last loaded (refreshed by every log-in and recipient look-up), touching
+        the disk only when this object has read nothing yet; an unreadable file says False."""
+        snap = self._snapshot if not fresh else None
+        if snap is None:  # fresh, or nothing read yet in this process (a one-off small read)
+            try:
+                snap = self._current()
+            except (StoreError, OSError):
+                return False
         return all(e.scram is not None for e in snap.users.values())
 
     def add_scram_keys(self, address: str, password: str) -> bool:
