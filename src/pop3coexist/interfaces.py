@@ -351,7 +351,16 @@ class IAuthThrottle(Interface):
         """Record a failure from ``source``; the seconds to wait before the refusal."""
 
     def success(source: str) -> None:
-        """A successful log-in from ``source`` clears its record."""
+        """A successful log-in from ``source`` clears its failures and marks it trusted."""
+
+    def admit_delay(source: str) -> float:
+        """Before a password check for ``source``: 0.0 when it may run now (a source with
+        failures then has its next slot taken, so parallel connections wait their turn), else
+        the seconds to wait before asking again (its current failure delay has not passed)."""
+
+    def trusted(source: str) -> bool:
+        """True when ``source``'s last log-in succeeded (within the forget time) and none
+        failed since: its checks skip the queue of ``policy.throttle.LoginGate``."""
 
 
 # --------------------------------------------------------------------------- SMTP delivery

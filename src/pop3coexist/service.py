@@ -314,7 +314,7 @@ class ListenerService(service.Service):
             else:
                 check_unix_folder(self.description)
                 remove_stale_unix_socket(self.description)
-                endpoint = endpoints.serverFromString(reactor, self.description)
+                endpoint = endpoints.serverFromString(reactor, with_backlog(self.description))
                 self._listening = endpoint.listen(self.factory)
         except Exception:  # a description the endpoint parser refuses: a failed listener
             self._listening = defer.fail()
@@ -789,6 +789,24 @@ def _reload(queue: Any, tls: Any = None, supervisor: Any = None) -> None:
         queue.wake()
     except Exception:
         log.failure("queue wake failed")
+
+
+# Twisted's default listen backlog is 50: a burst of more connections than that (a guessing
+# run, a mail client restarting everywhere at 9:00) overflows the accept queue and every
+# connection past it waits for the client's SYN retry, a whole second or more (issue 16 item 4).
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=DEFAULT_BACKLOG`` added to a tcp, tcp6 or unix listener
+    that names none (the kernel caps it at net.core.somaxconn)."""
+    try:
+        kind, _args, kwargs = parse_endpoint(description)
+    except ValueError:
+        return description  # the endpoint parser reports it
+    if kind in ("tcp", "tcp6", "unix") and "backlog" not in kwargs:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
 
 
 def read_listeners(state_dir: Path) -> dict[str, list[int]]:

@@ -520,10 +520,18 @@ class POP3Server(pop3.POP3):
     # ------------------------------------------------------------------ log-in outcomes
 
     def _login(self, credentials: Any, user: str, method: str) -> defer.Deferred:
-        d = self.factory.portal.login(credentials, None, IMaildrop)
+        d = defer.ensureDeferred(self._checked_login(credentials))
         d.addCallbacks(self._login_ok, self._login_failed,
                        callbackArgs=(user, method), errbackArgs=(user, method))
         return d
+
+    async def _checked_login(self, credentials: Any) -> Any:
+        """The portal log-in, after the source's turn at the gate (policy.throttle.LoginGate)."""
+        release = await self.factory.gate.enter(self._peer)
+        try:
+            return await self.factory.portal.login(credentials, None, IMaildrop)
+        finally:
+            release()
 
     def _login_ok(self, result: Any, user: str, method: str) -> None:
         _iface, avatar, logout = result

@@ -103,9 +103,11 @@ class AuthCommands:
 
     async def _log_in(self, credentials) -> None:
         factory = self.factory
+        release = await factory.gate.enter(self.client_ip)  # policy.throttle.LoginGate
         try:
             avatar = await factory.realm.login(credentials)
         except Exception:
+            release()
             error = reply_for(Failure(), AuthUnavailable(), "SMTP AUTH: checker error")
             if error.code == 535:  # wrong credentials or a locked account (RFC 4954 section 6)
                 delay = factory.throttle.failure_delay(self.client_ip)
@@ -114,6 +116,7 @@ class AuthCommands:
             else:
                 self._error(error)
             return
+        release()
         factory.throttle.success(self.client_ip)
         self.delivery = avatar
         self.user = avatar.user

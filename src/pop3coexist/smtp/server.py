@@ -42,7 +42,7 @@ from pop3coexist.interfaces import IScramKeyStore
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.policy.delivery import DeliveryContext, DeliveryRealm
-from pop3coexist.policy.throttle import AuthThrottle
+from pop3coexist.policy.throttle import AuthThrottle, LoginGate
 from pop3coexist.smtp.data import DataCommands
 from pop3coexist.smtp.hello import HelloCommands
 from pop3coexist.smtp.incoming import GroupCommitter
@@ -108,6 +108,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.committer = GroupCommitter(store, queue, run_blocking)
         smtp_cfg = config.smtp
         self.throttle = throttle or AuthThrottle(reactor, base=smtp_cfg.auth_failure_delay)
+        self.gate = LoginGate.for_throttle(self.throttle, reactor)  # every password check waits its turn here
         self.limiter = limiter or ConnectionLimiter(
             smtp_cfg.max_connections, smtp_cfg.max_connections_per_client
         )
