@@ -16,6 +16,7 @@ appendix C: servers SHOULD ignore it), so only the Mailbox decides where mail go
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _SNUM_RE = re.compile(r"[0-9]{1,3}\Z")
 _TAG_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")  # Standardized-tag (Ldh-str)
 _DCONTENT_RE = re.compile(r"[\x21-\x5a\x5e-\x7e]+\Z")  # RFC 5321 dcontent
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL
 # Mailbox names we create: a conservative subset of dot-atom, lower case, no leading dot.
 _MAILBOX_NAME_RE = re.compile(r"[a-z0-9!#$%&'*+=?^_`{|}~-](?:[a-z0-9!#$%&'*+=?^_`{|}~.-]{0,63})\Z")
 
@@ -106,6 +108,13 @@ def normalise_domain(name: str) -> str:
     """
     if not isinstance(name, str) or not name:
         raise AddressError("empty domain")
+    return _normalise_domain(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalise_domain(name: str) -> str:
+    """``normalise_domain`` of a non-empty str; its answers are kept (a server sees the same
+    few domains over and over; an error is not kept)."""
     lowered = name.lower()
     if len(lowered) > 253:
         raise AddressError("domain name too long")
@@ -188,9 +197,9 @@ def parse_address(text: str) -> Address:
     """
     if not text or len(text) > MAX_MAILBOX:
         raise AddressError("address missing or too long")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _CONTROL_RE.search(text):
         raise AddressError("address has control characters")
-    if any(ord(c) > 0x7F for c in text):
+    if not text.isascii():
         raise AddressNeedsUTF8("address has non-ASCII characters")
     if text.startswith("@"):
         raise AddressError("source routes are not accepted")

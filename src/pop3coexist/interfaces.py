@@ -7,7 +7,8 @@
   drained by the delivery runner (smtp/outbound.py).
 - IMessageDelivery / IDeliveryTransaction: the SMTP avatar (policy/delivery.py) that makes
   every sender and recipient decision, and the one message it delivers (policy/stages.py);
-  ICommitter: the group commit (smtp/incoming.py) the last stage hands the message to.
+  ICommitter: the group commit (smtp/incoming.py) the last stage hands the message to;
+  ISpool: the spool file of one message, which the stages read and edit.
 
 Optional capabilities are declared, never probed: an object that has an optional method set
 says so with ``@implementer``, callers ask ``I....providedBy(obj)``, and a test fake provides
@@ -438,6 +439,24 @@ class IDeliveryTransaction(Interface):
 
     def abort() -> None:
         """Give the message up: nothing is stored (idempotent)."""
+
+
+class ISpool(Interface):
+    """The spool file of one message between DATA and the commit (``smtp.incoming.SpoolWriter``):
+    what the stages read and edit. Content is the message with LF line ends (Maildir's form),
+    without the local-only ``Return-Path`` prefix."""
+
+    queue_id = Attribute("The queue id told to the client (str)")
+    size = Attribute("Octets stored, the local-only prefix included (int)")
+
+    def read() -> bytes:
+        """The message's bytes (blocking when the file is on disk; raises OSError)."""
+
+    def replace(data: bytes) -> None:
+        """Make ``data`` the message, keeping the local-only prefix (blocking; OSError)."""
+
+    def abort() -> None:
+        """Remove the spool file: nothing of the message remains (idempotent)."""
 
 
 class ICommitter(Interface):

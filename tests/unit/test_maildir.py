@@ -705,3 +705,27 @@ def test_open_cached_is_a_plain_read_only_open(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert fsutil.open_cached(tmp_path / "missing") is None
+
+
+def test_list_domains_is_kept_until_the_mail_root_changes(store: MaildirStore, monkeypatch) -> None:
+    """A settled root is listed once (every RCPT asks); a domain added or removed (by this
+    store or by hand) shows at once; a listing made right after a change is not kept."""
+    import pop3coexist.store.maildir as maildir
+
+    monkeypatch.setattr(maildir, "ROOT_RACY_WINDOW", 0.0)  # every change counts as settled
+    scans: list = []
+    real = os.scandir
+    monkeypatch.setattr(maildir.os, "scandir", lambda p: (scans.append(p), real(p))[1])
+    assert store.list_domains() == [DOMAIN]
+    assert store.list_domains() == [DOMAIN]
+    assert [p for p in scans if p == store.root] == [store.root]  # one listing for two answers
+    (store.root / "b.test").mkdir()  # by hand: the root's mtime and link count change
+    assert store.list_domains() == sorted([DOMAIN, "b.test"])
+    store.remove_domain("b.test")
+    assert store.list_domains() == [DOMAIN]
+    monkeypatch.setattr(maildir, "ROOT_RACY_WINDOW", 3600.0)  # every change is recent
+    store.add_domain("c.test")
+    n = len(scans)
+    assert store.list_domains() == sorted([DOMAIN, "c.test"])
+    assert store.list_domains() == sorted([DOMAIN, "c.test"])
+    assert len(scans) == n + 2  # just changed: not kept, listed each time

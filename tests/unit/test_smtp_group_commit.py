@@ -289,16 +289,32 @@ def test_one_syncfs_per_file_system(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_lazy_spool_write_error_is_kept_for_the_commit(tmp_path: Path) -> None:
-    """An I/O error while a lazy spool file is written (here: its folder is gone) does not
-    break the session: the data is dropped, and the commit fails with that error (a 451)."""
+    """An I/O error while a lazy spool file is written (here: the folder the spool folder
+    lives in is gone) does not break the session: the data is dropped, and the commit fails
+    with that error (a 451)."""
     store, _, committer, _ = make(tmp_path)
-    w = SpoolWriter(tmp_path / "missing-folder", "id", lazy=True)
+    w = SpoolWriter(tmp_path / "missing-state" / "spool", "id", lazy=True)
     w.write(b"x" * (300 * 1024))  # past the in-memory chunk: the file is created now, and fails
     assert isinstance(w.error, OSError)
     w.write(b"more")  # ignored, no exception
     fired = results([committer.commit(w, [(HOST, "ted")], None)])
     assert fired == ["FileNotFoundError"]
     assert new_files(store, "ted") == []
+
+
+def test_a_spool_folder_removed_at_run_time_is_made_again(tmp_path: Path) -> None:
+    """The store checks its spool folder at most once a second; when the folder was removed
+    meanwhile, the next spool file makes it again (mode 0700) and the message is stored."""
+    store, _, committer, _ = make(tmp_path)
+    folder = store.spool_dir()
+    folder.rmdir()
+    assert store.spool_dir() == folder and not folder.exists()  # the cached answer
+    w = SpoolWriter(folder, "id", lazy=True)
+    w.write(b"Subject: s\n\nbody\n")
+    fired = results([committer.commit(w, [(HOST, "ted")], None)])
+    assert fired == ["ok"]
+    assert folder.is_dir() and folder.stat().st_mode & 0o777 == 0o700
+    assert len(new_files(store, "ted")) == 1
 
 
 def test_queue_bound_messages_commit_in_parallel(tmp_path: Path) -> None:

@@ -323,6 +323,10 @@ class SMTPDelivery:
 
     def validate_from(self, session: SMTPSession, sender: Address | None) -> defer.Deferred:
         """See IMessageDelivery: ``smtp.sender_must_match_login`` for a logged-in client."""
+        user = self.user
+        if (user is None or sender is None or sender.key == user
+                or not self.context.config.smtp.sender_must_match_login):
+            return defer.succeed(None)  # nothing to look up (see _validate_from)
         return defer.ensureDeferred(self._validate_from(sender))
 
     async def _validate_from(self, sender: Address | None) -> None:

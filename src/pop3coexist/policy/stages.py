@@ -33,9 +33,14 @@ failed; a mailbox whose quota refused the message while others got it is a per-r
 REFUSE (552 5.2.2), its delivery report already queued.
 
 What a stage may change: the recipients (expansion only adds or replaces; later stages only
-refuse), each recipient's DSN entry (``address``, ``orcpt``, ``notify``), and, from a later
-version on, header fields to add in front of the message. The sender, the spool file's bytes
-and the queue id never change.
+refuse), each recipient's DSN entry (``address``, ``orcpt``, ``notify``), and the message's
+header section and body through ``Message``'s edit methods (``content``, ``prepend_header``,
+``add_header``, ``insert_header``, ``change_header``, ``remove_headers``, ``replace_body``,
+``replace_content``; pure edits in ``pop3coexist.headers``): each edit rewrites the spool file
+at once (the local-only ``Return-Path`` stays in front), so the next stage and the commit see
+it, and ``size`` follows. A stage that edits should batch its edits into one
+``replace_content`` when it makes several (a milter's end-of-message actions). The sender and
+the queue id never change.
 
 ``run_stages`` returns the per-recipient results: ``{recipient address: Verdict}``.
 """
@@ -43,12 +48,14 @@ and the queue id never change.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from twisted.internet import threads
 from twisted.logger import Logger
 
+from pop3coexist import headers
 from pop3coexist.errors import MailError, QuotaExceeded, StorageFull, disk_full
 from pop3coexist.interfaces import LocalNotes
 
@@ -83,6 +90,7 @@ class Verdict:
 
 CONTINUE = Verdict(Outcome.CONTINUE)
 ACCEPT = Verdict(Outcome.ACCEPT)
+BIG_MESSAGE = 1 << 20  # octets: a message bigger than this is read and rewritten in a thread
 LOCAL_ERROR = "Local error in processing; message not accepted, try again later"
 
 
@@ -124,6 +132,55 @@ class Message:
     def decide(self, recipient: Recipient, verdict: Verdict) -> None:
         """Give one recipient a verdict (a REFUSE or DEFER takes it out after the stage)."""
         recipient.verdict = verdict
+
+    # -- the message's bytes (the spool provides ``interfaces.ISpool``)
+
+    async def content(self) -> bytes:
+        """The message as it stands now (LF line ends, without the local-only Return-Path);
+        a message already on disk is read in a thread. Raises OSError."""
+        if self.spool.size > BIG_MESSAGE:
+            return await threads.deferToThread(self.spool.read)
+        return self.spool.read()
+
+    async def replace_content(self, data: bytes) -> None:
+        """Make ``data`` the message (LF line ends); ``size`` follows. Raises OSError."""
+        if len(data) > BIG_MESSAGE or self.spool.size > BIG_MESSAGE:
+            await threads.deferToThread(self.spool.replace, data)
+        else:
+            self.spool.replace(data)
+        self.size = len(data) + data.count(b"\n") - data.count(b"\r\n")  # CRLF octets
+
+    async def _edit(self, change: Callable[[bytes], bytes]) -> None:
+        data = await self.content()
+        edited = change(data)
+        if edited != data:
+            await self.replace_content(edited)
+
+    async def prepend_header(self, name: str, value: str) -> None:
+        """Add a field at the top (trace fields, RFC 8601 ``Authentication-Results``)."""
+        await self._edit(lambda m: headers.prepend_header(m, name, value))
+
+    async def add_header(self, name: str, value: str) -> None:
+        """Add a field after the last one (milter add header)."""
+        await self._edit(lambda m: headers.add_header(m, name, value))
+
+    async def insert_header(self, index: int, name: str, value: str) -> None:
+        """Add a field at position ``index`` from 0 (milter insert header)."""
+        await self._edit(lambda m: headers.insert_header(m, index, name, value))
+
+    async def change_header(self, name: str, occurrence: int, value: str | None) -> None:
+        """Set (or, with None, delete) the ``occurrence``-th field ``name``, from 1 (milter
+        change header)."""
+        await self._edit(lambda m: headers.change_header(m, name, occurrence, value))
+
+    async def remove_headers(self, name: str,
+                             where: Callable[[str], bool] | None = None) -> None:
+        """Remove the fields ``name`` whose unfolded value ``where`` accepts (all: None)."""
+        await self._edit(lambda m: headers.remove_headers(m, name, where))
+
+    async def replace_body(self, body: bytes) -> None:
+        """Keep the header section, replace the body (milter replace body)."""
+        await self._edit(lambda m: headers.replace_body(m, body))
 
 
 class Stage(Protocol):

@@ -6,6 +6,7 @@ declared stages of ``policy.stages``) and the reply, 250 only once the message i
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -110,16 +111,15 @@ class DataCommands:
         self._messages += 1
         txn.body(reader.sink, reader.size, reader.hops.count + 1, self._arrival,
                  f"{self._helo} ([{self.client_ip}])")
-        return defer.ensureDeferred(self._commit(txn, reader, queue_id))
+        # the declared stages after DATA (policy/stages.py), then the reply
+        return txn.commit().addCallbacks(self._committed, self._not_committed,
+                                         (txn, reader, queue_id))
 
-    async def _commit(self, txn: IDeliveryTransaction, reader: MessageReader,
-                      queue_id: str) -> None:
-        """The declared stages after DATA (policy/stages.py), then the reply."""
-        try:
-            await txn.commit()
-        except Exception:
-            self._error(reply_for(Failure()))
-            return
+    def _not_committed(self, failure: Failure) -> None:
+        self._error(reply_for(failure))
+
+    def _committed(self, _: Any, txn: IDeliveryTransaction, reader: MessageReader,
+                   queue_id: str) -> None:
         log.info(
             "SMTP {id} accepted from {ip}: {size} octets, {n} recipients",
             id=queue_id, ip=self.client_ip, size=reader.size, n=len(txn.recipients),

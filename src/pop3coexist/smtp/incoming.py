@@ -50,7 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3coexist.errors import MailError, QuotaExceeded
-from pop3coexist.interfaces import IBatchDelivery, ICommitter, LocalNotes
+from pop3coexist.interfaces import IBatchDelivery, ICommitter, ISpool, LocalNotes
 from pop3coexist.smtp import dsn
 from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, field_name
 from pop3coexist.store.envelope import Envelope, Recipient
@@ -71,6 +71,7 @@ def new_queue_id() -> str:
     return f"{int(time.time()):x}" + secrets.token_hex(5)
 
 
+@implementer(ISpool)
 class SpoolWriter:
     """A new spool file, written in large chunks; ``abort`` removes it.
 
@@ -94,9 +95,14 @@ class SpoolWriter:
             self._create()
 
     def _create(self) -> None:
-        self.fd = os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
-        )
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            # the spool folder went away since the store last checked it: make it again
+            # (only it: a missing state folder stays an error)
+            os.mkdir(self.path.parent, 0o700)
+            self.fd = os.open(self.path, flags, 0o600)
         self._created = True
 
     def write(self, data: bytes) -> None:
@@ -130,6 +136,48 @@ class SpoolWriter:
             view = view[n:]
         view.release()
         self._buffer.clear()
+
+    def read(self) -> bytes:
+        """The message as stored so far, without the local-only prefix (blocking when the
+        file exists: a stage reads a big message off the reactor). Raises the OSError that
+        stopped an earlier write, or one of its own."""
+        if self.error is not None:
+            raise self.error
+        if not self._created:
+            return bytes(self._buffer[self.local_prefix:])
+        self._flush()
+        assert self.fd is not None
+        out = bytearray()
+        offset = self.local_prefix
+        while True:
+            chunk = os.pread(self.fd, WRITE_CHUNK, offset)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+            offset += len(chunk)
+
+    def replace(self, data: bytes) -> None:
+        """Make ``data`` the message, keeping the local-only prefix before it (a stage's edit:
+        ``policy.stages.Message``). Blocking when the file exists; raises OSError."""
+        if self.error is not None:
+            raise self.error
+        if self._done:
+            raise ValueError("the spool file is closed")
+        if not self._created:
+            del self._buffer[self.local_prefix:]
+            self._buffer += data
+        else:
+            self._flush()
+            assert self.fd is not None
+            os.ftruncate(self.fd, self.local_prefix)
+            view = memoryview(data)
+            offset = self.local_prefix
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+            os.lseek(self.fd, 0, os.SEEK_END)
+        self.size = self.local_prefix + len(data)
 
     def finish(self) -> None:
         """Create the file if still needed and write what is buffered (no fsync: that is the

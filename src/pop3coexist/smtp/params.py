@@ -49,15 +49,34 @@ def split_path(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     hold spaces, ``<``, ``>`` and quoted pairs (RFC 5321 section 4.1.2), and the parameters
     are only what follows the path.
     """
-    usage = fail(501, "5.5.4", f"Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
     if not arg[: len(keyword)].upper() == keyword:
-        raise usage
+        raise _usage(keyword)
     rest = arg[len(keyword) :].lstrip(" ")
     if not rest.startswith("<"):
-        raise usage
+        raise _usage(keyword)
+    if '"' not in rest:  # no quoted string: the path ends at the first ">"
+        end = rest.find(">")
+        if "<" in rest[1:end if end >= 0 else None]:
+            raise _usage(keyword)
+    else:
+        end = _quoted_path_end(rest, keyword)
+    if end < 0:
+        raise _usage(keyword)
+    params = rest[end + 1 :]
+    if params and not params.startswith(" "):
+        raise _usage(keyword)
+    return rest[1:end], parse_params(params) if params else {}
+
+
+def _usage(keyword: str) -> MailError:
+    return fail(501, "5.5.4", f"Syntax: {'MAIL FROM' if keyword == 'FROM:' else 'RCPT TO'}:<address>")
+
+
+def _quoted_path_end(rest: str, keyword: str) -> int:
+    """The index of the ``>`` ending the path ``rest`` (which starts with ``<`` and holds a
+    quoted string), or -1; a ``<`` outside quotes before it is a usage error."""
     quoted = False
     i = 1
-    end = -1
     while i < len(rest):
         c = rest[i]
         if quoted and c == "\\":
@@ -66,15 +85,9 @@ def split_path(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
         if c == '"':
             quoted = not quoted
         elif not quoted and c == ">":
-            end = i
-            break
+            return i
         elif not quoted and c == "<":
-            raise usage
+            raise _usage(keyword)
         i += 1
-    if end < 0:
-        raise usage
-    params = rest[end + 1 :]
-    if params and not params.startswith(" "):
-        raise usage
-    return rest[1:end], parse_params(params)
+    return -1
 

@@ -24,7 +24,7 @@ from twisted.mail import smtp as tsmtp
 from twisted.python.failure import Failure
 
 from pop3coexist.errors import MailError, as_mail_error
-from pop3coexist.interfaces import IDeliveryTransaction, IMessageDelivery
+from pop3coexist.interfaces import IDeliveryTransaction, IMessageDelivery, SMTPSession
 from pop3coexist.netutil import send_now
 from pop3coexist.smtp import auth as sasl
 from pop3coexist.smtp.incoming import MessageReader
@@ -89,6 +89,7 @@ class Session(tsmtp.ESMTP):
         self.secure = False
         self.user: str | None = None
         self._helo: str | None = None
+        self._session_facts: SMTPSession | None = None  # transaction.MailCommands._session
         self._esmtp = False
         self.delivery: IMessageDelivery = factory.realm.anonymous()  # the avatar
         self._txn: IDeliveryTransaction | None = None
@@ -231,7 +232,21 @@ class Session(tsmtp.ESMTP):
             self.transport.pauseProducing()
 
     def _wait(self, d: defer.Deferred) -> None:
-        """Hold the following input until ``d`` fires (answers strictly in order)."""
+        """Hold the following input until ``d`` fires (answers strictly in order). A Deferred
+        that has fired already (a decision made without I/O) is taken at once: the loop goes
+        on without re-arming the idle timer."""
+        now: list = []
+
+        def grab(result):
+            now.append(result)
+            return result
+
+        d.addBoth(grab)
+        if now:
+            d.addErrback(lambda _: None)  # handled here
+            if isinstance(now[0], Failure):
+                self._error(reply_for(now[0]))
+            return
         self._busy = True
         self.setTimeout(None)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.python.failure import Failure
 
@@ -71,26 +70,37 @@ class MailCommands:
                 xtext_decode(value)  # validated; RFC 4954 section 5 lets us ignore it
             else:
                 raise fail(555, "5.5.4", f"Unsupported parameter {key}")
-        return defer.ensureDeferred(self._mail(sender, MailOptions(**opts)))
-
-    async def _mail(self, sender: Address | None, options: MailOptions) -> None:
-        """Ask the avatar whether ``sender`` may start a transaction, then answer MAIL."""
         avatar = self.delivery
-        try:
-            await avatar.validate_from(self._session(), sender)
-            if self.delivery is not avatar:  # the log-in changed meanwhile
-                raise fail(553, "5.7.1", f"Sender address <{sender or ''}> is not yours")
-        except Exception:
-            self._error(reply_for(Failure()))
+        options = MailOptions(**opts)
+        # one step, so a plain callback (not a coroutine: MAIL is on every message's path)
+        return avatar.validate_from(self._session(), sender).addCallbacks(
+            self._mail_ok, self._mail_refused, (avatar, sender, options), None, (sender,))
+
+    def _mail_ok(self, _: None, avatar: Any, sender: Address | None,
+                 options: MailOptions) -> None:
+        """The avatar let ``sender`` start a transaction: answer MAIL."""
+        if self.delivery is not avatar:  # the log-in changed meanwhile
+            self._error(fail(553, "5.7.1", f"Sender address <{sender or ''}> is not yours"))
             return
         self._txn = avatar.begin(self._session(), sender, options)
         self._reply(250, "2.1.0", f"Sender <{sender or ''}> OK")
 
+    def _mail_refused(self, failure: Failure, sender: Address | None) -> None:
+        self._error(reply_for(failure))
+
     def _session(self) -> SMTPSession:
-        """What the delivery policy knows of this session (interfaces.SMTPSession)."""
-        host = self.transport.getHost()
-        listener = host.host if isinstance(host, (IPv4Address, IPv6Address)) else None
-        return SMTPSession(self.client_ip, self._helo, listener)
+        """What the delivery policy knows of this session (interfaces.SMTPSession), made
+        again only when the EHLO name changed (the listener's address is asked once)."""
+        cached = self._session_facts
+        if cached is not None and cached.helo == self._helo:
+            return cached
+        if cached is None:
+            host = self.transport.getHost()
+            listener = host.host if isinstance(host, (IPv4Address, IPv6Address)) else None
+        else:
+            listener = cached.listener_ip
+        self._session_facts = SMTPSession(self.client_ip, self._helo, listener)
+        return self._session_facts
 
     # ------------------------------------------------------------------ RCPT
 
@@ -123,18 +133,18 @@ class MailCommands:
             raise fail(501, "5.1.3", "Bad recipient address syntax: empty")
         if len(txn.recipients) >= cfg.max_recipients:
             raise fail(452, "4.5.3", "Too many recipients")
-        return defer.ensureDeferred(self._rcpt(txn, inner, notify, orcpt))
+        # ask the avatar where the recipient goes (policy/delivery.py), then answer: one
+        # step, so a plain callback (RCPT is on every message's path)
+        return self.delivery.validate_to(self._session(), inner, txn.options.size).addCallbacks(
+            self._rcpt_ok, self._rcpt_refused, (txn, notify, orcpt))
 
-    async def _rcpt(self, txn: IDeliveryTransaction, inner: str, notify: list[str] | None,
-                    orcpt: str | None) -> None:
-        """Ask the avatar where the recipient goes (policy/delivery.py), then answer RCPT."""
-        try:
-            decision = await self.delivery.validate_to(self._session(), inner, txn.options.size)
-        except Exception:
-            self._error(reply_for(Failure(), RCPT_LOCAL_ERROR, "SMTP recipient lookup failed"))
-            return
+    def _rcpt_ok(self, decision: Any, txn: IDeliveryTransaction, notify: list[str] | None,
+                 orcpt: str | None) -> None:
         if self._txn is not txn:  # RSET or a new session meanwhile
             return
         txn.add_recipient(decision, notify, orcpt)
         self._reply(250, "2.1.5", f"Recipient <{decision.given}> OK")
+
+    def _rcpt_refused(self, failure: Failure) -> None:
+        self._error(reply_for(failure, RCPT_LOCAL_ERROR, "SMTP recipient lookup failed"))
 

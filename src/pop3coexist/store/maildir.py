@@ -68,6 +68,8 @@ META_LOCK_NAME = ".pop3coexist.json.lock"
 SESSION_LOCK_NAME = ".pop3coexist.lock"
 QUOTA_LOCK_NAME = ".pop3coexist.quota.lock"  # held while a delivery checks the quota and links
 SPOOL_NAME = ".spool"
+SPOOL_CHECK_INTERVAL = 1.0  # seconds between spool_dir's checks on disk
+ROOT_RACY_WINDOW = 0.1  # seconds: a domain listing this close to the root's last change is not kept
 SUBDIRS = ("tmp", "new", "cur")
 TMP_MAX_AGE = 36 * 3600  # maildir(5): files in tmp/ untouched for 36 hours are garbage
 
@@ -225,6 +227,8 @@ class MaildirStore:
         self.root = Path(root)
         self._host = _sanitise_host(hostname if hostname is not None else socket.gethostname())
         self.quota_grace = quota_grace or QuotaGrace()  # none unless the config gives one
+        self._spool_checked = -SPOOL_CHECK_INTERVAL  # time.monotonic() of spool_dir's last check
+        self._domains_cache: tuple[tuple[int, int, int, int], tuple[str, ...]] | None = None
 
     def __repr__(self) -> str:
         return f"<MaildirStore root={str(self.root)!r}>"
@@ -358,8 +362,20 @@ class MaildirStore:
     # -- domains
 
     def list_domains(self) -> list[str]:
-        """See ``IMailStore.list_domains``."""
+        """See ``IMailStore.list_domains``. Every RCPT asks (through the checkers), so the
+        answer is kept while the mail root's own status (inode, mtime, ctime, link count:
+        a domain folder added, removed or renamed changes them) stays the same; a listing
+        made within ROOT_RACY_WINDOW seconds of the last change is not kept (a second change
+        in the same clock tick would not show in the mtime)."""
         with _io_errors("cannot list the domains"):
+            try:
+                st = os.stat(self.root)
+            except FileNotFoundError:
+                return []
+            signature = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+            cached = self._domains_cache
+            if cached is not None and cached[0] == signature:
+                return list(cached[1])
             try:
                 entries = list(os.scandir(self.root))
             except FileNotFoundError:
@@ -373,7 +389,10 @@ class MaildirStore:
                         names.append(entry.name)
                 except ValueError:
                     continue
-            return sorted(names)
+            names.sort()
+            settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > ROOT_RACY_WINDOW * 1e9
+            self._domains_cache = (signature, tuple(names)) if settled else None
+            return names
 
     def domain_exists(self, domain: str) -> bool:
         """See ``IMailStore.domain_exists``."""
@@ -570,14 +589,20 @@ class MaildirStore:
     # -- delivery
 
     def spool_dir(self) -> Path:
-        """See ``IMailStore.spool_dir``: ``<root>/.spool``, created when missing."""
+        """See ``IMailStore.spool_dir``: ``<root>/.spool``, created when missing. Checked on
+        disk at most once per SPOOL_CHECK_INTERVAL seconds (every message asks; a folder
+        removed meanwhile is made again by the next spool file: ``smtp.incoming.SpoolWriter``)."""
+        now = time.monotonic()
+        spool = self.root / SPOOL_NAME
+        if 0 <= now - self._spool_checked < SPOOL_CHECK_INTERVAL:
+            return spool
         with _io_errors(f"cannot create the spool folder under {self.root}"):
-            spool = self.root / SPOOL_NAME
             if not spool.is_dir():
                 self._ensure_root()
                 spool.mkdir(mode=0o700, exist_ok=True)
                 _fsync_dir(self.root)
-            return spool
+        self._spool_checked = now
+        return spool
 
     def clean_spool(self, max_age: float = TMP_MAX_AGE, now: float | None = None) -> int:
         """Remove spool files older than ``max_age`` seconds (left by a crash); return how many."""
