@@ -471,22 +471,37 @@ class Faults:
     def disk(self, stop: threading.Event) -> str:
         if not self.rig.mounted:
             return "skipped: no tmpfs"
-        ballast = self.rig.state / "ballast"
         before = self.ledger.disk_full_replies
+        end = time.monotonic() + min(self.window, 20)
+        fills = []
+        probe = ""
         try:
-            with open(ballast, "wb") as f:
-                chunk = b"\0" * (1 << 20)
-                while True:
-                    try:
-                        f.write(chunk)
-                        f.flush()
-                    except OSError:
-                        break
-            stop.wait(min(self.window, 20))
+            n = 0
+            while time.monotonic() < end and not stop.is_set():
+                # top it up: the POP3 clients' deletions free space all the time
+                n += 1
+                path = self.rig.state / f"ballast.{n}"
+                fills.append(path)
+                try:
+                    with open(path, "wb", buffering=0) as f:
+                        for size in (1 << 20, 1 << 14, 1 << 10, 1 << 7):
+                            while True:
+                                try:
+                                    f.write(b"\0" * size)
+                                except OSError:
+                                    break
+                except OSError:
+                    pass  # not even room for the file: full already
+                if not probe:
+                    mid = f"soak-{9_000_000_000 + int(time.time())}"
+                    send_one(self.rig.port("smtp"), mid, f"ted@{HOSTNAME}", self.ledger)
+                    probe = self.ledger.why.get(mid, self.ledger.outcome.get(mid, ""))
+                stop.wait(0.2)
         finally:
-            ballast.unlink(missing_ok=True)
+            for path in fills:
+                path.unlink(missing_ok=True)
         return (f"state file system full for {min(self.window, 20):.0f} s: "
-                f"{self.ledger.disk_full_replies - before} replies 452 4.3.1")
+                f"{self.ledger.disk_full_replies - before} replies 452 4.3.1 (probe: {probe})")
 
     def loris(self, stop: threading.Event) -> str:
         """Slow-loris clients: as many SMTP connections from one address as the server allows
@@ -541,7 +556,8 @@ def scan_files(folder: Path) -> dict[str, int]:
     return found
 
 
-def audit(rig: Rig, ledger: Ledger, rss: list[tuple[int, float, float]]) -> dict:
+def audit(rig: Rig, ledger: Ledger, rss: list[tuple[int, float, float]],
+          main_killed: bool = False) -> dict:
     state = rig.state
     mailroot = state / "mailroot" / HOSTNAME
     in_box = {}
@@ -554,8 +570,8 @@ def audit(rig: Rig, ledger: Ledger, rss: list[tuple[int, float, float]]) -> dict
     for r in rig.smarthost.received:
         for m in set(MSGID.findall(r.content)):
             at_sink[m.decode()] = at_sink.get(m.decode(), 0) + 1
-    rows = {"ok": 0, "lost": 0, "duplicated": 0, "in_mailbox": 0, "retrieved": 0,
-            "in_queue": 0, "at_smarthost": 0}
+    rows = {"ok": 0, "lost": 0, "duplicated": 0, "resent_after_kill": 0, "in_mailbox": 0,
+            "retrieved": 0, "in_queue": 0, "at_smarthost": 0}
     unknown = {"count": 0, "found_0": 0, "found_1": 0, "found_2+": 0}
     lost, dup = [], []
     for mid, outcome in ledger.outcome.items():
@@ -571,8 +587,15 @@ def audit(rig: Rig, ledger: Ledger, rss: list[tuple[int, float, float]]) -> dict
                 rows["lost"] += 1
                 lost.append(mid)
             elif places > 1:
-                rows["duplicated"] += 1
-                dup.append(mid)
+                where = (f"mailbox {in_box.get(mid, 0)}, retrieved {ledger.retrieved.get(mid, 0)}, "
+                         f"queue {in_queue.get(mid, 0)}, smart host {at_sink.get(mid, 0)}")
+                if places == at_sink.get(mid, 0) and main_killed:
+                    # the queue runner was killed between the smart host's 250 and writing
+                    # down the delivery: sent again after the restart (README "On disk")
+                    rows["resent_after_kill"] += 1
+                else:
+                    rows["duplicated"] += 1
+                dup.append(f"{mid}: {where}")
         elif outcome == "unknown":
             unknown["count"] += 1
             key = "found_0" if places == 0 else "found_1" if places == 1 else "found_2+"
@@ -628,6 +651,8 @@ def table(result: dict) -> str:
         f"| ... delivered at the smart host | {m['at_smarthost']} |",
         f"| lost (250, found nowhere) | {m['lost']} |",
         f"| duplicated (250, found twice) | {m['duplicated']} |",
+        f"| sent twice to the smart host (queue runner killed with -9 mid-delivery) | "
+        f"{m['resent_after_kill']} |",
         f"| after-dot disconnects (found 0 / 1 / 2+ times) | {u['count']} "
         f"({u['found_0']} / {u['found_1']} / {u['found_2+']}) |",
         f"| refused (4xx/5xx) but stored anyway | {result['refused_but_stored']} |",
@@ -741,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in [*pop3, sampler]:
             t.join(60)
         rig.srv.stop()
-        result.update(audit(rig, ledger, rss))
+        result.update(audit(rig, ledger, rss, main_killed="main" in faults))
         result["smtp_source"] = sent[0]
         result["faults_done"] = injector.done
         print(table(result))

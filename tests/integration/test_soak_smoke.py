@@ -44,7 +44,8 @@ def test_soak_driver_short_run_audits_clean(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert result["ok"]
     assert result["messages"]["ok"] > 0 and result["messages"]["lost"] == 0
-    assert result["messages"]["duplicated"] == 0 and result["refused_but_stored"] == 0
+    assert result["messages"]["duplicated"] == 0, result["duplicated_ids"]
+    assert result["refused_but_stored"] == 0, result["refused_but_stored_ids"]
     assert result["disk_full_replies"] > 0
     assert not result["leftover_files"]
     kinds = {f["fault"] for f in result["faults_done"]}
