@@ -170,7 +170,10 @@ class LoginGate:
         def release() -> None:
             if not released:
                 released.append(True)
-                took = max(0.0, self.clock.seconds() - started)
-                self.clock.callLater(min(took, 5.0), self._places.release)
+                took = self.clock.seconds() - started
+                if took > 0:
+                    self.clock.callLater(min(took, 5.0), self._places.release)
+                else:  # no time passed (a check answered at once): free at once
+                    self._places.release()
 
         return release
