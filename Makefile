@@ -2,7 +2,7 @@
 # README "Benchmarks"); BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--runs 5".
 PYTHON := $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 
-.PHONY: bench
+.PHONY: bench soak
 bench:
 	$(PYTHON) bench/run.py $(BENCH_ARGS)
 
@@ -21,3 +21,7 @@ fuzz:
 	HYPOTHESIS_PROFILE=$(HYPOTHESIS_PROFILE) $(PYTHON) -m pytest -q -p no:cacheprovider --timeout=0 \
 		tests/fuzz/test_smtp_stateful.py tests/fuzz/test_pop3_stateful.py \
 		tests/fuzz/test_harness_properties.py tests/fuzz/test_config_properties.py
+# `make soak`: the soak with faults (soak/run.py, README "Soak with faults"); needs root (tmpfs,
+# slapd). SOAK_ARGS passes options, e.g. make soak SOAK_ARGS="--duration 300 --json soak.json".
+soak:
+	$(PYTHON) soak/run.py $(SOAK_ARGS)

@@ -426,7 +426,7 @@ def _workers(value: Any) -> int:
     return value
 
 
-SASL_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+SASL_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256")
 
 
 def _sasl_mechanisms(value: Any) -> tuple[str, ...]:
@@ -621,7 +621,7 @@ class Pop3Config:
     max_connections: int = key(_positive, 1000, "concurrent sessions", unit="connections")
     max_connections_per_client: int = key(_positive, 50, "concurrent sessions from one address",
                                           unit="connections")
-    sasl_mechanisms: tuple[str, ...] = key(_sasl_mechanisms, ["PLAIN", "LOGIN", "CRAM-MD5"],
+    sasl_mechanisms: tuple[str, ...] = key(_sasl_mechanisms, ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"],
                                            "what AUTH (RFC 5034) may offer")
 
 

@@ -8,6 +8,8 @@ its reply (``as_mail_error`` below). Nothing here touches sockets or files.
 
 from __future__ import annotations
 
+import errno
+
 from twisted.cred.error import LoginFailed
 
 
@@ -151,11 +153,33 @@ class QuotaExceeded(StoreError):
     POP3, POP3_TEXT = None, "mailbox full"
 
 
+class StorageFull(_KnownFailure):
+    """The state file system is full (ENOSPC, EDQUOT): SMTP ``452 4.3.1`` (RFC 3463 "mail
+    system full"; RFC 5321 section 4.2.2 452), POP3 ``-ERR [SYS/TEMP]``. Nothing was stored."""
+
+    CODE, ENHANCED, TEXT = 452, "4.3.1", "Insufficient system storage, try again later"
+    POP3, POP3_TEXT = "SYS/TEMP", "the mail store is full, try again later"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or the exception it was raised from) is an OSError saying the file
+    system is full or over quota."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
 def as_mail_error(exc: BaseException) -> MailError | None:
     """The MailError a client is answered with for ``exc``, or None when ``exc`` says nothing
     a client may see (a bug, an OSError, a generic StoreError): the front-end then answers with
     its own local-error reply for the command. A ``twisted.cred`` ``LoginFailed`` (wrong
     credentials, unhandled credentials) is ``BadCredentials``."""
+    if disk_full(exc):
+        return StorageFull(str(exc))
     if isinstance(exc, MailError):
         return None if exc.generic else exc
     if isinstance(exc, LoginFailed):

@@ -212,6 +212,31 @@ class IAccountChecker(ICredentialsChecker):
         ``errors.AuthUnavailable`` when the source cannot answer now."""
 
 
+class IScramKeyStore(Interface):
+    """An ``IAccountChecker`` that keeps SCRAM-SHA-256 keys (RFC 5802 section 3: salt,
+    iteration count, StoredKey, ServerKey; never the password): the password file. SASL
+    front-ends offer ``SCRAM-SHA-256`` only when the checker provides this and
+    ``offers_scram`` is true, and then also hand ``IScramCredentials`` to ``requestAvatarId``.
+    """
+
+    offers_scram = Attribute("True when every account has its SCRAM keys (so no client that "
+                             "picks SCRAM-SHA-256 is refused for lack of them)")
+
+    def scram_keys(login: str) -> object:
+        """Deferred firing with the ``identity.scram.ScramKeys`` of the account that log-in
+        name ``login`` maps to, or None (unknown name, no keys yet). Fails with
+        ``errors.AuthUnavailable`` when the store cannot be read."""
+
+
+class IScramCredentials(Interface):
+    """A finished SCRAM exchange whose proof the front-end checked (``identity.scram``)."""
+
+    username = Attribute("the log-in name the client sent (str)")
+
+    def matches(keys: object) -> bool:
+        """True when ``keys`` (``ScramKeys`` or None) are the keys the client proved."""
+
+
 class IOutboundQueue(Interface):
     """The durable outbound queue under ``<state_dir>/queue`` (README "On disk")."""
 
@@ -341,7 +366,16 @@ class IAuthThrottle(Interface):
         """Record a failure from ``source``; the seconds to wait before the refusal."""
 
     def success(source: str) -> None:
-        """A successful log-in from ``source`` clears its record."""
+        """A successful log-in from ``source`` clears its failures and marks it trusted."""
+
+    def admit_delay(source: str) -> float:
+        """Before a password check for ``source``: 0.0 when it may run now (a source with
+        failures then has its next slot taken, so parallel connections wait their turn), else
+        the seconds to wait before asking again (its current failure delay has not passed)."""
+
+    def trusted(source: str) -> bool:
+        """True when ``source``'s last log-in succeeded (within the forget time) and none
+        failed since: its checks skip the queue of ``policy.throttle.LoginGate``."""
 
 
 # --------------------------------------------------------------------------- SMTP delivery

@@ -38,7 +38,12 @@ from pop3coexist.errors import ConfigError, StoreError
 from pop3coexist.interfaces import IClosable, ISelfCheck, ISharedConnectionLimiter, IStartStop
 from pop3coexist.policy.limiters import make_limiters, make_throttles
 from pop3coexist.startup import StartupError, StartupReport, StateLock
-from pop3coexist.tls import ensure_self_signed, load_tls_files, server_options
+from pop3coexist.tls import (
+    ensure_self_signed,
+    load_tls_files,
+    reloadable_server_options,
+    server_options,
+)
 
 log = Logger()
 
@@ -323,7 +328,7 @@ class ListenerService(service.Service):
             else:
                 check_unix_folder(self.description)
                 remove_stale_unix_socket(self.description)
-                endpoint = endpoints.serverFromString(reactor, self.description)
+                endpoint = endpoints.serverFromString(reactor, with_backlog(self.description))
                 self._listening = endpoint.listen(self.factory)
         except Exception:  # a description the endpoint parser refuses: a failed listener
             self._listening = defer.fail()
@@ -705,15 +710,19 @@ def _stop_reactor(reactor: Any) -> None:
 def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
                    worker: int = 0, limiters: dict[str, Any] | None = None,
                    throttles: dict[str, Any] | None = None,
+                   tls_options: Any = None,
                    ) -> list[tuple[str, str, Any]]:
     """(role, endpoint description, factory) for every configured listener; a TLS-on-connect
     listener's factory is already wrapped in TLS. Shared by the main process and the worker
-    processes (pop3coexist.worker), so every process serves the same way."""
+    processes (pop3coexist.worker), so every process serves the same way. ``tls_options`` is
+    the process's ``tls.ReloadableServerOptions`` (made here when not given), which SIGHUP
+    reloads."""
     from pop3coexist.policy.masquerade import wrap_queue
     from pop3coexist.pop3.factory import POP3ServerFactory
     from pop3coexist.smtp.server import SMTPServerFactory
 
-    tls_options = server_options(config.tls)
+    if tls_options is None:
+        tls_options = reloadable_server_options(config.tls)
     if limiters is None:
         limiters = make_limiters(config, worker)
     if throttles is None:
@@ -856,8 +865,9 @@ def make_service(config: Config, reactor: Any = None,
     queue = parts.make_queue()
     top.limiters = make_limiters(config, 0)
     top.throttles = make_throttles(config, reactor, 0)
+    tls = reloadable_server_options(config.tls)
     for role, desc, factory in make_frontends(config, parts, queue, reactor, limiters=top.limiters,
-                                              throttles=top.throttles):
+                                              throttles=top.throttles, tls_options=tls):
         top.add_listener(ListenerService(desc, factory, role, reactor=reactor))
 
     from pop3coexist.mailauth.resolver import twisted_resolver
@@ -881,8 +891,10 @@ def make_service(config: Config, reactor: Any = None,
         top.add_side_listener(ListenerService(desc, site, "metrics", reactor=reactor))
 
     def on_hup(signum: int, frame: Any) -> None:
-        # State files are re-read on every use; SIGHUP also asks the queue to run now.
-        reactor.callFromThread(_reload, queue, watcher)
+        # State files are re-read on every use; SIGHUP also asks the queue to run now,
+        # reopens the mail log, reloads the TLS certificate and key, and passes the signal
+        # on to the workers.
+        reactor.callFromThread(_reload, queue, watcher, tls, top.supervisor)
 
     try:
         signal.signal(signal.SIGHUP, on_hup)
@@ -904,17 +916,43 @@ class _CheckerCloser(service.Service):
         return None
 
 
-def _reload(queue: Any, watcher: Any = None) -> None:
+def _reload(queue: Any, watcher: Any = None, tls: Any = None, supervisor: Any = None) -> None:
     log.info("SIGHUP: state is re-read on every use; running the queue now")
     if watcher is not None:
         try:
             watcher.reopen()  # the mail log file, after logrotate
         except OSError as e:
             log.error("SIGHUP: cannot reopen the mail log: {e}", e=e)
+    if tls is not None:
+        tls.reload()
+    if supervisor is not None:
+        for pid in supervisor.pids():
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except OSError:  # a worker that just ended; its replacement loads the new files
+                pass
     try:
         queue.wake()
     except Exception:
         log.failure("queue wake failed")
+
+
+# Twisted's default listen backlog is 50: a burst of more connections than that (a guessing
+# run, a mail client restarting everywhere at 9:00) overflows the accept queue and every
+# connection past it waits for the client's SYN retry, a whole second or more (issue 16 item 4).
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """``description`` with ``backlog=DEFAULT_BACKLOG`` added to a tcp, tcp6 or unix listener
+    that names none (the kernel caps it at net.core.somaxconn)."""
+    try:
+        kind, _args, kwargs = parse_endpoint(description)
+    except ValueError:
+        return description  # the endpoint parser reports it
+    if kind in ("tcp", "tcp6", "unix") and "backlog" not in kwargs:
+        return f"{description}:backlog={DEFAULT_BACKLOG}"
+    return description
 
 
 def read_listeners(state_dir: Path) -> dict[str, list[int]]:

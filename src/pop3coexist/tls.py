@@ -4,6 +4,15 @@ Protocol code asks for ``server_options(config.tls)`` and calls ``transport.star
 (STLS, STARTTLS) or wraps a listener in it (POP3S, SMTPS). ``load_tls_files`` loads and checks
 the files (PEM, the key belongs to the first certificate, dates) for ``check-config`` and the
 start-up check; every error names the key and the file. Nothing here touches sockets.
+
+The shipped defaults (README "TLS"): TLS 1.2 and 1.3 only; for TLS 1.2 only forward-secret
+ECDHE suites, AEAD first (``CIPHERS``); the server's cipher order; no TLS compression (CRIME);
+no renegotiation at all (``OP_NO_RENEGOTIATION``: neither client- nor server-initiated).
+
+``ReloadableServerOptions`` is what the listeners and STLS/STARTTLS hold: an
+``IOpenSSLContextFactory`` whose ``getContext()`` is asked once per new TLS connection, and
+whose ``reload()`` (SIGHUP) swaps in a context made from the files as they are now. A session
+already in TLS keeps the connection object made from the old context, so a reload drops none.
 """
 
 from __future__ import annotations
@@ -17,8 +26,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.logger import Logger
+from zope.interface import implementer
 
 from pop3coexist.config import TlsConfig
 from pop3coexist.errors import ConfigError
@@ -153,6 +165,28 @@ def _public_der(public_key: Any) -> bytes:
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+# TLS 1.3 suites first (OpenSSL picks among them itself), then TLS 1.2: only ECDHE key
+# exchange (forward secrecy; no RSA key transport, so no ROBOT), AEAD before CBC. The
+# ECDHE CBC suites stay for Windows 7 / Outlook 2010-era clients, which have no ECDHE-RSA
+# GCM suite; testssl.sh rates them LOW (LUCKY13), never MEDIUM.
+CIPHERS = (
+    "TLS13-AES-256-GCM-SHA384:TLS13-CHACHA20-POLY1305-SHA256:TLS13-AES-128-GCM-SHA256:"
+    "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE+AES256:ECDHE+AES128:"
+    "!aNULL:!eNULL:!MD5:!DSS:!PSK:!SRP:!CAMELLIA:!ARIA"
+)
+
+_log = Logger()
+
+
+class _Options(ssl.CertificateOptions):
+    """CertificateOptions with renegotiation switched off in every context it makes."""
+
+    def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:  # noqa: N802 (Twisted's)
+        ctx = super()._makeContext(skipCiphers)
+        ctx.set_options(SSL.OP_NO_RENEGOTIATION)
+        return ctx
+
+
 def server_options(cfg: TlsConfig) -> ssl.CertificateOptions | None:
     """A CertificateOptions for the configured chain and key, or None when TLS is off.
 
@@ -162,15 +196,60 @@ def server_options(cfg: TlsConfig) -> ssl.CertificateOptions | None:
     if loaded is None:
         return None
     try:
-        return ssl.CertificateOptions(
+        options = _Options(
             privateKey=crypto.PKey.from_cryptography_key(loaded.key),
             certificate=crypto.X509.from_cryptography(loaded.chain[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in loaded.chain[1:]],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
         )
+        options.getContext()  # make it now: a key OpenSSL refuses fails here, not at a client
+        return options
     except Exception as e:  # OpenSSL refuses a key type or a certificate it cannot use
         raise ConfigError(f"[tls] {cfg.certificate} and {cfg.private_key} cannot be used for "
                           f"TLS: {e.__class__.__name__}: {e}")
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadableServerOptions:
+    """The server TLS settings of one process, reloadable: see the module docstring.
+
+    ``getContext()`` returns the current ``SSL.Context`` (Twisted asks once per connection,
+    for TLS-on-connect listeners and for STLS/STARTTLS alike). ``reload()`` re-reads
+    ``[tls]``; when the new files fail the checks of ``server_options`` it logs the reason
+    and keeps serving the old certificate, and returns False.
+    """
+
+    def __init__(self, cfg: TlsConfig) -> None:
+        self.cfg = cfg
+        options = server_options(cfg)
+        assert options is not None, "ReloadableServerOptions needs [tls] set"
+        self._options = options
+
+    def getContext(self) -> SSL.Context:  # noqa: N802 (IOpenSSLContextFactory)
+        return self._options.getContext()
+
+    def reload(self) -> bool:
+        """Load the certificate and key again; True when the new pair is now in use."""
+        try:
+            options = server_options(self.cfg)
+        except ConfigError as e:
+            _log.error("SIGHUP: TLS certificate not reloaded, the old one stays in use: {why}",
+                       why=str(e))
+            return False
+        assert options is not None
+        self._options = options
+        _log.info("SIGHUP: TLS certificate and key reloaded from {cert}",
+                  cert=str(self.cfg.certificate))
+        return True
+
+
+def reloadable_server_options(cfg: TlsConfig) -> ReloadableServerOptions | None:
+    """``ReloadableServerOptions`` for ``cfg``, or None when TLS is off (ConfigError as
+    ``server_options``)."""
+    if not cfg.enabled:
+        return None
+    return ReloadableServerOptions(cfg)
 
 
 def certificate_path_exists(path: Path | None) -> bool:

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out, recordSeparator="")],
                                      redirectStandardIO=False)
     log = Logger(namespace="pop3coexist.worker")
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the main process handles SIGHUP
+    # Until the TLS settings exist a SIGHUP (the main process passes each one on) is ignored.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     from twisted.application import service
 
@@ -134,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     parts = Components(config, reactor)
     queue = parts.make_queue()
     queue.set_waker(queue_waker(queue, control))
-    frontends = make_frontends(config, parts, queue, reactor, worker=args.worker)
+    from pop3coexist.tls import reloadable_server_options
+
+    tls = reloadable_server_options(config.tls)
+    frontends = make_frontends(config, parts, queue, reactor, worker=args.worker, tls_options=tls)
+    if tls is not None:  # SIGHUP from the main process: load the certificate and key again
+        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(tls.reload))
     listeners = [item.rsplit(":", 1) for item in args.listener]
     if [role for role, _ in listeners] != [role for role, _, _ in frontends]:
         print(f"pop3coexist worker {args.worker}: the listeners passed "

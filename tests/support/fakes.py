@@ -55,6 +55,7 @@ from pop3coexist.interfaces import (
     IMaildrop,
     IMailStore,
     IQuotaCheck,
+    IScramKeyStore,
     ISelfCheck,
 )
 
@@ -444,10 +445,24 @@ class FakeChecker:
         return self.resolve_recipient(address)
 
 
-@implementer(IBlockingRecipientLookup)
+@implementer(IBlockingRecipientLookup, IScramKeyStore)
 class FakePasswordFileChecker(FakeChecker):
     """A FakeChecker with the password file's blocking recipient look-up (as
-    ``PasswordFileChecker``): the ESMTP delivery policy folds it into one thread hop."""
+    ``PasswordFileChecker``): the ESMTP delivery policy folds it into one thread hop. As a
+    password file whose accounts have no SCRAM keys yet, it offers no SCRAM-SHA-256
+    (``scram_keys`` holds ``identity.scram.ScramKeys`` by address when a test sets them)."""
+
+    offers_scram = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scram: dict[str, Any] = {}
+
+    def scram_keys(self, login: str) -> defer.Deferred:
+        """See IScramKeyStore."""
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        return defer.succeed(self.scram.get(login.lower()))
 
     def resolve_recipient_blocking(self, address: str) -> str | None:
         """See IBlockingRecipientLookup: ``resolve_recipient``'s answer, in this thread."""

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     pw = m.add_parser("passwd")
     pw.add_argument("address")
     pw.add_argument("--password-stdin", action="store_true")
+    sk = m.add_parser("scram-keys", help="SCRAM-SHA-256 keys from stored secrets (admin/scram.py)")
+    sk.add_argument("address", nargs="?")
     q = m.add_parser("quota")
     q.add_argument("address")
     q.add_argument("size", help='bytes, "50MB", or none')
@@ -543,6 +545,10 @@ def run(argv: Sequence[str], out: Any = None) -> int:
                 admin.mailbox_passwd(args.address, args.password_stdin)
             elif verb == "quota":
                 admin.mailbox_quota(args.address, args.size)
+            elif verb == "scram-keys":
+                from pop3coexist.admin.scram import run_scram_keys
+
+                run_scram_keys(config, admin._pwfile(), args.address, admin.say)
         elif noun == "stat":
             admin.stat(args.domain)
         elif noun in ("alias", "list"):

@@ -8,7 +8,12 @@
 - when ``keep_secrets`` is true (``auth.apop = true``), the password itself encrypted with
   AES-256-GCM under a 32-byte key kept in a separate key file (``<state_dir>/passwords.key``),
   the address being the associated data (a secret cannot be moved to another address). APOP
-  and CRAM-MD5 need that shared secret.
+  and CRAM-MD5 need that shared secret;
+- SCRAM-SHA-256 keys (RFC 5802 section 3: salt, iteration count, StoredKey, ServerKey; never
+  the password, ``identity.scram``), made whenever a password is set, after a good clear-text
+  log-in of an account that has none yet, and by ``keys_from_secrets`` (the admin verb
+  ``mailbox scram-keys``) from the stored secrets. Files written before they existed keep
+  working: an entry without them simply has none.
 
 The file is JSON, mode 0600, with a format name and version::
 
@@ -16,6 +21,8 @@ The file is JSON, mode 0600, with a format name and version::
      "users": {"ted@pop.contoso.test": {
         "hash": {"alg": "scrypt", "n": 16384, "r": 8, "p": 1, "salt": "<b64>", "dk": "<b64>"},
         "secret": {"alg": "AES-256-GCM", "nonce": "<b64>", "data": "<b64>"},   # optional
+        "scram": {"alg": "SCRAM-SHA-256", "i": 4096, "salt": "<b64>",          # optional
+                  "stored_key": "<b64>", "server_key": "<b64>"},
         "changed": 1700000000}}}
 
 ``key_id`` names the key the secrets were encrypted with, so a wrong key file is reported at
@@ -66,7 +73,14 @@ from pop3coexist.address import AddressError, login_to_address
 from pop3coexist.errors import AdminError, AuthUnavailable, StoreError
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.identity.logins import map_login
-from pop3coexist.interfaces import IAccountChecker, IBlockingRecipientLookup, ISelfCheck
+from pop3coexist.identity.scram import MAX_ITERATIONS, ScramKeys, derive_keys
+from pop3coexist.interfaces import (
+    IAccountChecker,
+    IBlockingRecipientLookup,
+    IScramCredentials,
+    IScramKeyStore,
+    ISelfCheck,
+)
 
 __all__ = ["BadPassword", "PasswordFile", "PasswordFileChecker", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -135,6 +149,7 @@ class _Entry:
     secret_nonce: bytes | None
     secret_data: bytes | None
     changed: int
+    scram: ScramKeys | None = None
 
     @property
     def has_secret(self) -> bool:
@@ -170,7 +185,23 @@ def _parse_entry(address: str, raw: Any) -> _Entry:
     changed = raw.get("changed", 0)
     if isinstance(changed, bool) or not isinstance(changed, int):
         raise ValueError(f"entry for {address} has an invalid 'changed' time")
-    return _Entry(_Hash(n, r, p, salt, dk), nonce, data, changed)
+    return _Entry(_Hash(n, r, p, salt, dk), nonce, data, changed, _parse_scram(address, raw.get("scram")))
+
+
+def _parse_scram(address: str, raw: Any) -> ScramKeys | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.get("alg") != "SCRAM-SHA-256":
+        raise ValueError(f"entry for {address} has an unknown SCRAM key format")
+    i = raw.get("i")
+    if isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= MAX_ITERATIONS:
+        raise ValueError(f"entry for {address} has an invalid SCRAM iteration count")
+    salt = _unb64(raw.get("salt"), f"SCRAM salt of {address}")
+    stored = _unb64(raw.get("stored_key"), f"SCRAM StoredKey of {address}")
+    server = _unb64(raw.get("server_key"), f"SCRAM ServerKey of {address}")
+    if not salt or len(stored) != 32 or len(server) != 32:
+        raise ValueError(f"entry for {address} has SCRAM keys of the wrong length")
+    return ScramKeys(salt, i, stored, server)
 
 
 def _dump_entry(entry: _Entry) -> dict[str, Any]:
@@ -191,7 +222,24 @@ def _dump_entry(entry: _Entry) -> dict[str, Any]:
             "nonce": _b64(entry.secret_nonce),
             "data": _b64(entry.secret_data),
         }
+    if entry.scram is not None:
+        out["scram"] = {
+            "alg": "SCRAM-SHA-256",
+            "i": entry.scram.iterations,
+            "salt": _b64(entry.scram.salt),
+            "stored_key": _b64(entry.scram.stored_key),
+            "server_key": _b64(entry.scram.server_key),
+        }
     return out
+
+
+def _scram_or_none(password: str) -> ScramKeys | None:
+    """SCRAM keys for ``password``, or None when SASLprep refuses it (RFC 4013 prohibited
+    characters): such an account cannot use SCRAM, as no client could either."""
+    try:
+        return derive_keys(password)
+    except Exception:  # scramp's SASLprep error; never shows the password
+        return None
 
 
 @dataclass
@@ -470,6 +518,7 @@ class PasswordFile:
         _check_password(password)
         encoded = password.encode("utf-8")
         new_hash = self._hash(encoded)  # slow: outside the lock
+        scram = _scram_or_none(password)
         with self._locked():
             snap = self._read()
             others_with_secret = sum(1 for a, e in snap.users.items() if a != key and e.has_secret)
@@ -496,7 +545,7 @@ class PasswordFile:
                 data = AESGCM(aes_key).encrypt(nonce, encoded, key.encode("ascii"))
             users = dict(snap.users)
             is_new = key not in users
-            users[key] = _Entry(new_hash, nonce, data, int(self._clock()))
+            users[key] = _Entry(new_hash, nonce, data, int(self._clock()), scram)
             self._write(key_id, users)
         return is_new
 
@@ -531,7 +580,7 @@ class PasswordFile:
             snap = self._read()
             count = sum(1 for e in snap.users.values() if e.has_secret)
             if count:
-                users = {a: _Entry(e.hash, None, None, e.changed) for a, e in snap.users.items()}
+                users = {a: _Entry(e.hash, None, None, e.changed, e.scram) for a, e in snap.users.items()}
                 self._write(None, users)
         return count
 
@@ -629,9 +678,72 @@ class PasswordFile:
             if entry is None or entry.hash != seen.hash:
                 return False  # changed by somebody else since we verified
             users = dict(snap.users)
-            users[key] = _Entry(new_hash, entry.secret_nonce, entry.secret_data, entry.changed)
+            users[key] = _Entry(new_hash, entry.secret_nonce, entry.secret_data, entry.changed,
+                                entry.scram)
             self._write(snap.key_id, users)
         return True
+
+    def scram_keys(self, address: str) -> ScramKeys | None:
+        """The SCRAM-SHA-256 keys of ``address``, or None (unknown address, no keys yet)."""
+        key = _address_key(address)
+        entry = self._current().users.get(key) if key is not None else None
+        return entry.scram if entry is not None else None
+
+    def all_have_scram(self, fresh: bool = True) -> bool:
+        """True when every account has SCRAM keys (an empty file too). ``fresh=False`` reads
+        the snapshot last loaded (refreshed by every log-in and recipient look-up), touching
+        the disk only when this object has read nothing yet; an unreadable file says False."""
+        snap = self._snapshot if not fresh else None
+        if snap is None:  # fresh, or nothing read yet in this process (a one-off small read)
+            try:
+                snap = self._current()
+            except (StoreError, OSError):
+                return False
+        return all(e.scram is not None for e in snap.users.values())
+
+    def add_scram_keys(self, address: str, password: str) -> bool:
+        """Give ``address`` SCRAM keys made from ``password``, right after ``password`` was
+        verified (a clear-text log-in) or decrypted from the stored secret. Compare-and-set:
+        nothing is written when the entry changed meanwhile or already has keys. Returns True
+        when the file was rewritten."""
+        key = _address_key(address)
+        seen = self._current().users.get(key) if key is not None else None
+        if key is None or seen is None or seen.scram is not None or not password:
+            return False
+        scram = _scram_or_none(password)
+        if scram is None:
+            return False
+        with self._locked():
+            snap = self._read()
+            entry = snap.users.get(key)
+            if entry is None or entry != seen:
+                return False
+            users = dict(snap.users)
+            users[key] = _Entry(entry.hash, entry.secret_nonce, entry.secret_data, entry.changed, scram)
+            self._write(snap.key_id, users)
+        return True
+
+    def keys_from_secrets(self, address: str | None = None) -> tuple[list[str], list[str]]:
+        """Make SCRAM keys from the stored secrets (``auth.apop = true`` keeps them) for
+        ``address``, or for every account without keys. Returns (given keys, still without
+        keys: no secret stored, so their password must be set again or used once in a
+        clear-text log-in)."""
+        addresses = [address] if address is not None else self.addresses()
+        made: list[str] = []
+        missing: list[str] = []
+        for a in addresses:
+            key = _address_key(a)
+            entry = self._current().users.get(key) if key is not None else None
+            if entry is None:
+                raise AddressError(f"{a} has no password in {self.path}")
+            if entry.scram is not None:
+                continue
+            secret = self.secret(a) if entry.has_secret else None
+            if secret is not None and self.add_scram_keys(a, secret):
+                made.append(key)
+            elif self.scram_keys(a) is None:
+                missing.append(key)
+        return made, missing
 
     def secret(self, address: str) -> str | None:
         """The clear password of ``address`` for APOP / CRAM-MD5, or None (``keep_secrets``
@@ -748,7 +860,7 @@ def _run_now(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred
     return defer.maybeDeferred(f, *args, **kwargs)
 
 
-@implementer(IAccountChecker, IBlockingRecipientLookup, ISelfCheck)
+@implementer(IAccountChecker, IBlockingRecipientLookup, ISelfCheck, IScramKeyStore)
 class PasswordFileChecker:
     """``IAccountChecker`` over a ``PasswordFile``. See IAccountChecker.
 
@@ -763,7 +875,9 @@ class PasswordFileChecker:
     Every refusal is the same ``UnauthorizedLogin("login failed")``; a password file that
     cannot be read is ``errors.AuthUnavailable`` (logged with the reason, no secret). With
     ``upgrade_hashes`` (the default) a hash made with another scrypt cost than the file's is
-    re-made after a good clear-text log-in (compare-and-set, see ``PasswordFile.rehash``).
+    re-made after a good clear-text log-in (compare-and-set, see ``PasswordFile.rehash``),
+    and an account without SCRAM keys gets them then. ``IScramKeyStore``: SCRAM-SHA-256 is
+    offered while every account has its keys (``offers_scram``, from the snapshot last read).
     """
 
     def __init__(
@@ -780,9 +894,26 @@ class PasswordFileChecker:
         self._run = run_blocking
         self.offers_secrets = pwfile.keep_secrets
         if self.offers_secrets:
-            self.credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+            self.credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IScramCredentials)
         else:
-            self.credentialInterfaces = (IUsernamePassword,)
+            self.credentialInterfaces = (IUsernamePassword, IScramCredentials)
+
+    @property
+    def offers_scram(self) -> bool:
+        """See IScramKeyStore (no disk access: the password file as last read)."""
+        return self.pwfile.all_have_scram(fresh=False)
+
+    def _scram_keys(self, login: str) -> ScramKeys | None:
+        try:
+            address = self._address(login)
+            return self.pwfile.scram_keys(address) if address is not None else None
+        except (StoreError, OSError) as e:
+            _log.error("password file unavailable: {reason}", reason=str(e))
+            raise AuthUnavailable("the password file cannot be read now")
+
+    def scram_keys(self, login: str) -> defer.Deferred:
+        """See IScramKeyStore."""
+        return self._run(self._scram_keys, login)
 
     def __repr__(self) -> str:
         return f"<PasswordFileChecker {self.pwfile!r}>"
@@ -814,6 +945,10 @@ class PasswordFileChecker:
                 if ok and address is not None and password:
                     self._maybe_upgrade(address, password)
                     return address
+            elif IScramCredentials.providedBy(credentials):
+                keys = self.pwfile.scram_keys(address) if address is not None else None
+                if credentials.matches(keys):
+                    return address
             elif self.offers_secrets and IUsernameHashedPassword.providedBy(credentials):
                 secret = self.pwfile.secret(address) if address is not None else None
                 if secret is not None and credentials.checkPassword(secret):
@@ -831,6 +966,8 @@ class PasswordFileChecker:
         try:
             if self.pwfile.needs_rehash(address) and self.pwfile.rehash(address, password):
                 _log.info("password hash of {address} upgraded to the current scrypt cost", address=address)
+            if self.pwfile.scram_keys(address) is None and self.pwfile.add_scram_keys(address, password):
+                _log.info("SCRAM-SHA-256 keys made for {address} at log-in", address=address)
         except (StoreError, OSError) as e:
             _log.warn("could not upgrade the password hash of {address}: {reason}", address=address, reason=str(e))
 

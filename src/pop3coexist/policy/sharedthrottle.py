@@ -8,12 +8,14 @@ over N processes is slowed down as much as by one process.
 
 File layout (little-endian): a 32-byte header (magic ``P3CXTHRT``, version, slots), then
 ``slots`` records of 32 bytes: the 16-byte client key (policy.sharedlimit.client_key: IPv4 and
-IPv4-mapped IPv6 are one key), failures (u32), in use (u32), last failure (f64, the clock's
-seconds). A key lives in one of PROBE consecutive slots from its hash; when all of them are
+IPv4-mapped IPv6 are one key), failures (u32), in use (u32: 1 a failure record, 2 a trusted
+source whose last log-in succeeded), last failure, check slot taken or success (f64, the
+clock's seconds). A key lives in one of PROBE consecutive slots from its hash; when all of them are
 taken by others that are still fresh, the stalest is replaced (an attacker with that many
 addresses colliding loses nothing but a few seconds of delay). Every read-modify-write holds an
-exclusive ``flock`` on the file; ``success`` looks without the lock first, so a log-in from an
-address with no failures (nearly all of them) costs one read of the mapping.
+exclusive ``flock`` on the file; ``trusted`` reads without it. ``admit_delay`` takes the
+source's next check slot under the lock, so two processes never both check a guess from one
+source inside one delay.
 
 The main process creates the table when the server starts (``start``: after twistd's
 ``--uid`` switch); the workers open it when first used. No sockets here.
@@ -118,31 +120,61 @@ class SharedAuthThrottle:
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # type: ignore[arg-type]
         try:
             offset, failures, last = self._find(mm, key, now, for_insert=True)
-            if failures and now - last > self.forget_after:
+            if now - last > self.forget_after:
                 failures = 0
             failures += 1
             _RECORD.pack_into(mm, offset, key, failures, 1, now)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
-        if self.base <= 0:
+        return self._delay(failures)
+
+    def _delay(self, failures: int) -> float:
+        if self.base <= 0 or failures <= 0:
             return 0.0
         return min(self.maximum, self.base * (2 ** min(failures - 1, 62)))
 
     def success(self, source: str) -> None:
-        """A successful log-in from ``source`` clears its record."""
+        """A successful log-in from ``source`` clears its failures and marks it trusted."""
         mm = self._open()
         key = client_key(source)
         now = float(self.clock.seconds())
-        offset, failures, _ = self._find(mm, key, now, for_insert=False)
-        if offset < 0:
-            return
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # type: ignore[arg-type]
         try:
-            offset, failures, _ = self._find(mm, key, now, for_insert=False)
-            if offset >= 0:
-                _RECORD.pack_into(mm, offset, b"\0" * 16, 0, 0, 0.0)
+            offset, _failures, _ = self._find(mm, key, now, for_insert=True)
+            _RECORD.pack_into(mm, offset, key, 0, 2, now)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+
+    def admit_delay(self, source: str) -> float:
+        """See IAuthThrottle."""
+        mm = self._open()
+        key = client_key(source)
+        now = float(self.clock.seconds())
+        offset, failures, last = self._find(mm, key, now, for_insert=False)
+        if offset < 0 or failures == 0 or now - last > self.forget_after:
+            return 0.0  # no lock needed: nothing to wait for, nothing to take
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # type: ignore[arg-type]
+        try:
+            offset, failures, last = self._find(mm, key, now, for_insert=False)
+            if offset < 0 or failures == 0 or now - last > self.forget_after:
+                return 0.0
+            wait = last + self._delay(failures) - now
+            if wait > 0:
+                return wait
+            _RECORD.pack_into(mm, offset, key, failures, 1, now)  # this check takes the slot
+            return 0.0
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
+
+    def trusted(self, source: str) -> bool:
+        """See IAuthThrottle."""
+        mm = self._open()
+        now = float(self.clock.seconds())
+        offset = self._find(mm, client_key(source), now, for_insert=False)[0]
+        if offset < 0:
+            return False
+        _k, failures, used, last = _RECORD.unpack_from(mm, offset)
+        return used == 2 and failures == 0 and now - last <= self.forget_after
 
     def failures(self, source: str) -> int:
         """Failures recorded for ``source`` and not yet forgotten."""

@@ -78,7 +78,14 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from pop3coexist import headers
-from pop3coexist.errors import AuthUnavailable, DirectoryUnavailable, MailError, QuotaExceeded
+from pop3coexist.errors import (
+    AuthUnavailable,
+    DirectoryUnavailable,
+    MailError,
+    QuotaExceeded,
+    StorageFull,
+    disk_full,
+)
 from pop3coexist.interfaces import Distribution, ICopyCommitter, LocalNotes, SMTPSession
 from pop3coexist.policy import authresults
 from pop3coexist.policy.expansion import ListCopy
@@ -413,7 +420,11 @@ class CommitStage:
             # every recipient's mailbox is full: nothing was stored (RFC 3463 5.2.2)
             log.info("SMTP {id} refused: {why}", id=message.queue_id, why=str(e))
             return Verdict.refusal(e)
-        except Exception:
+        except Exception as e:
+            if disk_full(e):  # 452 4.3.1: the client tries again later (issue 16 item 2)
+                log.error("SMTP {id} not stored: the state file system is full ({why})",
+                          id=message.queue_id, why=str(e))
+                return Verdict.refusal(StorageFull(str(e)))
             log.failure("SMTP {id}: could not store the message", id=message.queue_id)
             return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
         full = set(refused or ())

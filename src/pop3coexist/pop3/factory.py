@@ -21,7 +21,7 @@ from twisted.internet.protocol import ServerFactory
 from pop3coexist.config import Config
 from pop3coexist.interfaces import IAccountChecker, IMailStore
 from pop3coexist.policy.connlimit import ConnectionLimiter
-from pop3coexist.policy.throttle import AuthThrottle
+from pop3coexist.policy.throttle import AuthThrottle, LoginGate
 from pop3coexist.pop3.realm import Pop3Realm
 from pop3coexist.pop3.server import POP3Server
 from pop3coexist.pop3.stream import CHUNK_SIZE
@@ -73,6 +73,7 @@ class POP3ServerFactory(ServerFactory):
         p = config.pop3
         self.throttle = throttle if throttle is not None else AuthThrottle(
             reactor, base=p.auth_failure_delay, maximum=p.auth_failure_delay_max)
+        self.gate = LoginGate.for_throttle(self.throttle, reactor)  # every password check waits its turn here
         self.limiter = limiter if limiter is not None else ConnectionLimiter(
             p.max_connections, p.max_connections_per_client)
         self._counter = itertools.count(1)

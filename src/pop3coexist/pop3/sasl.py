@@ -222,3 +222,55 @@ class CramMD5Mechanism:
 
     def __repr__(self) -> str:
         return "<CramMD5Mechanism>"
+
+
+class ScramSha256Mechanism:
+    """SCRAM-SHA-256 (RFC 7677) over ``identity.scram.ScramExchange``: client-first (as the
+    initial response or after an empty challenge), server-first, client-final, server-final
+    (``v=``, sent as a challenge, RFC 5034 section 4), then the client's empty response.
+    ``start``/``step`` return a ``Step`` or, while the keys are looked up, a Deferred firing
+    with one; a malformed message or a wrong proof is ``Fail`` (a refused log-in)."""
+
+    name = "SCRAM-SHA-256"
+
+    def __init__(self, key_store: Any) -> None:
+        from pop3coexist.identity.scram import ScramExchange
+
+        self._exchange = ScramExchange(key_store)
+        self._stage = 0
+
+    def start(self, initial: bytes | None) -> Any:
+        if initial is None or initial == b"":
+            return Challenge(b"")
+        return self.step(initial)
+
+    def step(self, response: bytes) -> Any:
+        from pop3coexist.identity.scram import ScramFailure
+
+        stage, self._stage = self._stage, self._stage + 1
+        try:
+            if stage == 0:
+                d = self._exchange.client_first(response)
+                d.addCallback(Challenge)
+                d.addErrback(_scram_failed)
+                return d
+            if stage == 1:
+                return Challenge(self._exchange.client_final(response))
+            if response:
+                return Fail("SCRAM: the response to the server-final message must be empty")
+            creds = self._exchange.credentials()
+            return Done(creds, creds.username)
+        except ScramFailure as e:
+            return Fail(str(e))
+
+    def __repr__(self) -> str:
+        return "<ScramSha256Mechanism>"
+
+
+def _scram_failed(failure: Any) -> Fail:
+    """A ScramFailure becomes a refused log-in; anything else (the key store cannot be read)
+    stays a failure."""
+    from pop3coexist.identity.scram import ScramFailure
+
+    failure.trap(ScramFailure)
+    return Fail(str(failure.value))

@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 
 from pop3coexist.errors import BadCredentials, MailError, as_mail_error
 from pop3coexist.events import login_outcome
-from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop
+from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop, IScramKeyStore
 from pop3coexist.netutil import send_now
 from pop3coexist.pop3 import mailevents, sasl
 from pop3coexist.pop3.stream import DotStuffer, MessageProducer
@@ -363,12 +363,19 @@ class POP3Server(pop3.POP3):
         return (self.session_state == AUTHORIZATION and not self.secure
                 and self.factory.tls_options is not None)
 
+    def _scram(self) -> bool:
+        checker = self._checker()
+        return IScramKeyStore.providedBy(checker) and bool(checker.offers_scram)
+
     def mechanisms(self) -> list[str]:
-        """The SASL mechanisms offered now, strongest last (PLAIN LOGIN CRAM-MD5), among those
-        that ``pop3.sasl_mechanisms`` allows."""
+        """The SASL mechanisms offered now, strongest last (PLAIN LOGIN CRAM-MD5
+        SCRAM-SHA-256), among those that ``pop3.sasl_mechanisms`` allows. SCRAM-SHA-256 only
+        where the checker keeps SCRAM keys for every account (``IScramKeyStore``)."""
         mechs = ["PLAIN", "LOGIN"] if self._clear_text_allowed() else []
         if self._secrets():
             mechs.append("CRAM-MD5")
+        if self._scram():
+            mechs.append("SCRAM-SHA-256")
         allowed = self.factory.config.pop3.sasl_mechanisms
         return [m for m in mechs if m in allowed]
 
@@ -448,6 +455,8 @@ class POP3Server(pop3.POP3):
             mech: Any = sasl.PlainMechanism()
         elif name == "LOGIN":
             mech = sasl.LoginMechanism()
+        elif name == "SCRAM-SHA-256":
+            mech = sasl.ScramSha256Mechanism(self._checker())
         else:
             mech = sasl.CramMD5Mechanism(self.factory.new_timestamp(), self.factory.hostname)
         self._sasl = mech
@@ -476,6 +485,12 @@ class POP3Server(pop3.POP3):
 
     def _sasl_step(self, step: Any) -> Any:
         method = "AUTH " + self._sasl.name
+        if isinstance(step, defer.Deferred):  # SCRAM looks the keys up first
+            return step.addCallbacks(self._sasl_step, self._sasl_lookup_failed,
+                                     errbackArgs=(method,))
+        if self._gone:
+            self._sasl = None
+            return None
         if isinstance(step, sasl.Challenge):
             self._write(b"+ " + base64.b64encode(step.data) + CRLF)
             return None
@@ -483,6 +498,10 @@ class POP3Server(pop3.POP3):
         if isinstance(step, sasl.Fail):
             return self._login_failed(Failure(BadCredentials(step.reason)), "(unknown)", method)
         return self._login(step.credentials, step.username, method)
+
+    def _sasl_lookup_failed(self, failure: Failure, method: str) -> Any:
+        self._sasl = None
+        return self._login_failed(failure, "(unknown)", method)
 
     def pop3_STLS(self, args: list[bytes]) -> None:  # noqa: N802
         if args:
@@ -505,10 +524,18 @@ class POP3Server(pop3.POP3):
     # ------------------------------------------------------------------ log-in outcomes
 
     def _login(self, credentials: Any, user: str, method: str) -> defer.Deferred:
-        d = self.factory.portal.login(credentials, None, IMaildrop)
+        d = defer.ensureDeferred(self._checked_login(credentials))
         d.addCallbacks(self._login_ok, self._login_failed,
                        callbackArgs=(user, method), errbackArgs=(user, method))
         return d
+
+    async def _checked_login(self, credentials: Any) -> Any:
+        """The portal log-in, after the source's turn at the gate (policy.throttle.LoginGate)."""
+        release = await self.factory.gate.enter(self._peer)
+        try:
+            return await self.factory.portal.login(credentials, None, IMaildrop)
+        finally:
+            release()
 
     def _login_ok(self, result: Any, user: str, method: str) -> None:
         _iface, avatar, logout = result

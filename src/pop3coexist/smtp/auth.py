@@ -1,4 +1,6 @@
-"""SASL mechanisms for SMTP AUTH (RFC 4954): PLAIN (RFC 4616), LOGIN and CRAM-MD5 (RFC 2195).
+"""SASL mechanisms for SMTP AUTH (RFC 4954): PLAIN (RFC 4616), LOGIN, CRAM-MD5 (RFC 2195) and
+SCRAM-SHA-256 (RFC 7677, over ``identity.scram``; its first step returns a Deferred while the
+keys are looked up).
 
 Each mechanism is a small state machine with no I/O: the protocol feeds it the decoded client
 responses and gets back either a challenge to send (``334``) or the credentials to hand to the
@@ -145,21 +147,75 @@ class CramMD5(Mechanism):
         return self.creds
 
 
-def mechanism_names(offers_secrets: bool) -> list[str]:
-    """The mechanisms to advertise, in order; CRAM-MD5 only where the checker has the secret."""
+class ScramSha256(Mechanism):
+    """SCRAM-SHA-256: client-first (initial response, or after an empty ``334``), server-first,
+    client-final, server-final (``v=``, sent as a ``334`` challenge), then an empty response.
+    A malformed message or a wrong proof ends in credentials that no account matches, so it
+    is a refused log-in (``535 5.7.8``, delayed) like a wrong password."""
+
+    name = "SCRAM-SHA-256"
+
+    def __init__(self, key_store) -> None:
+        from pop3coexist.identity.scram import ScramExchange
+
+        self.exchange = ScramExchange(key_store)
+        self.stage = 0
+
+    def start(self, initial: bytes | None) -> bytes | object:
+        if not initial:
+            return b""
+        return self.step(initial)
+
+    def _refused(self, _failure=None) -> object:
+        from pop3coexist.identity.scram import ScramCredentials
+
+        return ScramCredentials(self.exchange.username or "", b"")
+
+    def _first_failed(self, failure) -> object:
+        from pop3coexist.identity.scram import ScramFailure
+
+        failure.trap(ScramFailure)  # anything else (the key store is down) stays a failure
+        return self._refused()
+
+    def step(self, response: bytes) -> bytes | object:
+        from pop3coexist.identity.scram import ScramFailure
+
+        stage, self.stage = self.stage, self.stage + 1
+        try:
+            if stage == 0:
+                d = self.exchange.client_first(response)
+                d.addErrback(self._first_failed)
+                return d
+            if stage == 1:
+                return self.exchange.client_final(response)
+            if response:
+                return self._refused()
+            return self.exchange.credentials()
+        except ScramFailure:
+            return self._refused()
+
+
+def mechanism_names(offers_secrets: bool, scram_store=None) -> list[str]:
+    """The mechanisms to advertise, in order; CRAM-MD5 only where the checker has the secret,
+    SCRAM-SHA-256 only with a ``scram_store`` (an ``IScramKeyStore`` that offers it)."""
     names = ["PLAIN", "LOGIN"]
     if offers_secrets:
         names.append("CRAM-MD5")
+    if scram_store is not None:
+        names.append("SCRAM-SHA-256")
     return names
 
 
-def make_mechanism(name: str, hostname: str, offers_secrets: bool) -> Mechanism | None:
+def make_mechanism(name: str, hostname: str, offers_secrets: bool,
+                   scram_store=None) -> Mechanism | None:
     """A fresh exchange for ``name`` (any case), or None if it is not offered."""
     name = name.upper()
-    if name not in mechanism_names(offers_secrets):
+    if name not in mechanism_names(offers_secrets, scram_store):
         return None
     if name == "PLAIN":
         return Plain()
     if name == "LOGIN":
         return Login()
+    if name == "SCRAM-SHA-256":
+        return ScramSha256(scram_store)
     return CramMD5(hostname)

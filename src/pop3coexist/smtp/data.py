@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from pop3coexist.errors import StorageFull, disk_full
 from pop3coexist.interfaces import IDeliveryTransaction
 from pop3coexist.smtp.incoming import MessageReader, SpoolWriter, new_queue_id
 from pop3coexist.smtp.mailevents import accepted_event
@@ -43,6 +44,8 @@ class DataCommands:
             spool = SpoolWriter(self.factory.store.spool_dir(), queue_id, lazy=True)
         except OSError as e:
             log.error("SMTP: cannot create a spool file: {err}", err=e)
+            if disk_full(e):
+                raise StorageFull(str(e)) from None
             raise fail(451, "4.3.0", "Local error in processing, try again later")
         self._queue_id = queue_id
         self._arrival = time.time()

@@ -45,7 +45,8 @@ class HelloCommands:
         if self._can_starttls():
             ext.append("STARTTLS")
         if self._auth_offered():
-            ext.append("AUTH " + " ".join(sasl.mechanism_names(self.factory.offers_secrets)))
+            ext.append("AUTH " + " ".join(sasl.mechanism_names(self.factory.offers_secrets,
+                                                                     self.factory.scram_store)))
         return ext
 
     def smtp_EHLO(self, arg: str):

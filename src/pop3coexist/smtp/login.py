@@ -43,7 +43,8 @@ class AuthCommands:
         parts = arg.split(" ")
         if len(parts) > 2:
             raise fail(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-        mech = sasl.make_mechanism(parts[0], self.hostname, self.factory.offers_secrets)
+        mech = sasl.make_mechanism(parts[0], self.hostname, self.factory.offers_secrets,
+                                   self.factory.scram_store)
         if mech is None:
             raise fail(504, "5.5.4", "Unrecognized authentication type")
         initial = None
@@ -83,6 +84,8 @@ class AuthCommands:
             self._state = STATE_COMMAND
             self._mech = None
             raise fail(501, "5.5.2", f"Invalid authentication response: {e}")
+        if isinstance(result, defer.Deferred):  # SCRAM looks the keys up first
+            return result.addCallbacks(lambda r: self._sasl(lambda: r), self._sasl_unavailable)
         if isinstance(result, bytes):
             self._state = STATE_AUTH
             self._reply(334, None, base64.b64encode(result).decode("ascii"))
@@ -91,6 +94,11 @@ class AuthCommands:
         method, self._mech = self._mech.name if self._mech else "-", None
         return self._login(result, method)
 
+    def _sasl_unavailable(self, failure: Failure) -> None:
+        self._state = STATE_COMMAND
+        self._mech = None
+        self._error(reply_for(failure, AuthUnavailable(), "SMTP AUTH: key lookup failed"))
+
     def _login(self, credentials, method: str = "-") -> defer.Deferred:
         """Log in through the delivery realm (the checker, then the locks); the session then
         holds the account's avatar."""
@@ -98,9 +106,11 @@ class AuthCommands:
 
     async def _log_in(self, credentials, method: str = "-") -> None:
         factory = self.factory
+        release = await factory.gate.enter(self.client_ip)  # policy.throttle.LoginGate
         try:
             avatar = await factory.realm.login(credentials, self.delivery)
         except Exception:
+            release()
             error = reply_for(Failure(), AuthUnavailable(), "SMTP AUTH: checker error")
             if error.code == 535:  # wrong credentials or a locked account (RFC 4954 section 6)
                 delay = factory.throttle.failure_delay(self.client_ip)
@@ -111,6 +121,7 @@ class AuthCommands:
                 log.info("SMTP AUTH from {ip}: {code} {enhanced}", ip=self.client_ip, code=error.code, enhanced=error.enhanced, **login_fields(self, login_outcome(error.code), getattr(credentials, "username", None), method))  # noqa: E501
                 self._error(error)
             return
+        release()
         factory.throttle.success(self.client_ip)
         self.delivery = avatar
         self.user = avatar.user

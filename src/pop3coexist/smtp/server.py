@@ -34,12 +34,15 @@ command loop, ``reply_for``), ``smtp.hello`` (EHLO, HELO, STARTTLS and the small
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import protocol, threads
 
+from pop3coexist.interfaces import IScramKeyStore
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.policy.delivery import DeliveryContext, DeliveryRealm
-from pop3coexist.policy.throttle import AuthThrottle
+from pop3coexist.policy.throttle import AuthThrottle, LoginGate
 from pop3coexist.smtp.data import DataCommands
 from pop3coexist.smtp.hello import HelloCommands
 from pop3coexist.smtp.incoming import GroupCommitter
@@ -115,6 +118,7 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.committer = GroupCommitter(store, queue, run_blocking)
         smtp_cfg = config.smtp
         self.throttle = throttle or AuthThrottle(reactor, base=smtp_cfg.auth_failure_delay)
+        self.gate = LoginGate.for_throttle(self.throttle, reactor)  # every password check waits its turn here
         self.limiter = limiter or ConnectionLimiter(
             smtp_cfg.max_connections, smtp_cfg.max_connections_per_client
         )
@@ -129,6 +133,14 @@ class SMTPServerFactory(protocol.ServerFactory):
     @property
     def offers_secrets(self) -> bool:
         return bool(self.checker.offers_secrets)  # IAccountChecker declares it
+
+    @property
+    def scram_store(self) -> Any:
+        """The checker when it offers SCRAM-SHA-256 now (``IScramKeyStore``), else None."""
+        checker = self.checker
+        if IScramKeyStore.providedBy(checker) and checker.offers_scram:
+            return checker
+        return None
 
     def buildProtocol(self, addr) -> ESMTPServer:
         p = ESMTPServer(self)

@@ -24,6 +24,7 @@ is moved aside to ``queue/damaged/`` (logged).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -151,30 +152,37 @@ class FileQueue:
                 log.warn("queue: {src} is on another file system; copying", src=str(src))
                 self._copy_durable(src, body)
                 break
-        _fsync_dir(self.msg_dir)
-        now = self.clock()
-        size = body.stat().st_size
-        record = Envelope(
-            id=qid,
-            sender=envelope["sender"],
-            ret=envelope.get("ret"),
-            envid=envelope.get("envid"),
-            body=envelope.get("body"),
-            received_from=envelope.get("received_from", ""),
-            arrival=float(envelope.get("arrival") or now),
-            queued=now,
-            hops=int(envelope.get("hops") or 0),
-            size=size,
-            recipients=[
-                Recipient(
-                    address=r["address"],
-                    orcpt=r.get("orcpt"),
-                    notify=[n.upper() for n in r["notify"]] if r.get("notify") else None,
-                )
-                for r in envelope["recipients"]
-            ],
-        )
-        self.save(record, create=True)
+        try:
+            _fsync_dir(self.msg_dir)
+            now = self.clock()
+            size = body.stat().st_size
+            record = Envelope(
+                id=qid,
+                sender=envelope["sender"],
+                ret=envelope.get("ret"),
+                envid=envelope.get("envid"),
+                body=envelope.get("body"),
+                received_from=envelope.get("received_from", ""),
+                arrival=float(envelope.get("arrival") or now),
+                queued=now,
+                hops=int(envelope.get("hops") or 0),
+                size=size,
+                recipients=[
+                    Recipient(
+                        address=r["address"],
+                        orcpt=r.get("orcpt"),
+                        notify=[n.upper() for n in r["notify"]] if r.get("notify") else None,
+                    )
+                    for r in envelope["recipients"]
+                ],
+            )
+            self.save(record, create=True)
+        except BaseException:
+            # no envelope, no queue entry: a body left alone in msg/ would be a half-written
+            # message nobody delivers or removes (issue 16 soak, the disk-full fault)
+            with contextlib.suppress(OSError):
+                body.unlink()
+            raise
         with self._lock:
             self._new.append(qid)
         self.wake()
