@@ -533,6 +533,8 @@ class POP3Server(pop3.POP3):
         """The portal log-in, after the source's turn at the gate (policy.throttle.LoginGate)."""
         release = await self.factory.gate.enter(self._peer)
         try:
+            if self._gone:  # the client left while it waited: spend no check on it
+                raise BadCredentials("connection closed before the check")
             return await self.factory.portal.login(credentials, None, IMaildrop)
         finally:
             release()

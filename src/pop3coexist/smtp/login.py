@@ -107,6 +107,9 @@ class AuthCommands:
     async def _log_in(self, credentials, method: str = "-") -> None:
         factory = self.factory
         release = await factory.gate.enter(self.client_ip)  # policy.throttle.LoginGate
+        if self._closing:  # the client left while it waited: spend no check on it
+            release()
+            return
         try:
             avatar = await factory.realm.login(credentials, self.delivery)
         except Exception:
