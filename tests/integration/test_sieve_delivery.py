@@ -1,8 +1,9 @@
 """Sieve rules end to end: the real server (twistd) with an aiosmtpd smart host as "the
 outside". Out-of-office replies reach an outside sender once per period (also across a
 restart) and never a list, a bulk sender, an auto-reply or ``<>``; a redirected message
-arrives outside with its SRS envelope sender, and a bounce to that address goes back to the
-original sender; a loop is kept, not redirected again; reject, discard and a failing script
+arrives outside with its SRS envelope sender and passes a real SPF check there (pyspf against
+a twisted.names DNS server, tests/support/dnsserver.py), and a bounce to that address goes
+back to the original sender; a loop is kept, not redirected again; reject, discard and a failing script
 do what RFC 5228 / 5429 say, and the log line tells."""
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from pop3coexist.config import DnsConfig
+from pop3coexist.mailauth.resolver import BlockingDNS, spf_dns
 from pop3coexist.store.maildir import MaildirStore
 from pop3coexist.store.sievestore import SieveScripts
+from tests.support.dnsserver import DnsServer
 from tests.support.server import ServerProcess, require_installed_plugin
 from tests.support.smarthost import SmartHost, wait_until
 
@@ -124,12 +128,27 @@ def test_out_of_office_once_per_sender_and_never_to_lists_bulk_or_null(
     assert "no active script" in server.admin("vacation", TED, "show").stdout
 
 
+def _spf(dns_server: DnsServer, ip: str, mail_from: str, helo: str) -> str:
+    """The SPF result (RFC 7208 section 2.6) an outside receiver gets for ``mail_from`` sent
+    from ``ip``: pyspf's check_host, every look-up asking ``dns_server``."""
+    import spf
+
+    resolver = BlockingDNS(DnsConfig(servers=("127.0.0.1",), port=dns_server.port, timeout=5.0))
+    with spf_dns(resolver):
+        result, _explanation = spf.check2(i=ip, s=mail_from, h=helo)
+    return result
+
+
 def test_redirect_leaves_with_srs_and_a_bounce_finds_the_sender(
-        server: ServerProcess, host: SmartHost) -> None:
+        server: ServerProcess, host: SmartHost, tmp_path: Path) -> None:
     """redirect: the copy reaches the outside target with an SRS0 envelope sender in the
-    forwarder's domain (what an SPF check of the forwarder sees) and the loop marker; the
-    mailbox keeps nothing. A bounce to the SRS address is relayed to the original sender;
-    a forged SRS address is refused 550 5.1.1."""
+    forwarder's domain and the loop marker; the mailbox keeps nothing. A real SPF check of
+    that copy, as the outside receiver does it (pyspf against a real DNS server where the
+    forwarder's domain publishes ``v=spf1 ip4:127.0.0.1 -all`` and example.org publishes
+    ``v=spf1 -all``), from the address the smart host saw the server connect from, gives
+    ``pass``; the same check of the original sender <ann@example.org> from that address
+    gives ``fail``: without SRS the redirect would fail SPF. A bounce to the SRS address is
+    relayed to the original sender; a forged SRS address is refused 550 5.1.1."""
     _put(server, "fwd", 'redirect "far@example.net";\n')
     _send(server, "ann@example.org", [f"fwd@{DOMAIN}"],
           f"From: ann@example.org\r\nTo: fwd@{DOMAIN}\r\nSubject: forward me\r\n")
@@ -139,6 +158,18 @@ def test_redirect_leaves_with_srs_and_a_bounce_finds_the_sender(
     assert b"X-Sieve-Redirected-From: <fwd@pop.contoso.test>" in copy.content
     assert b"Subject: forward me" in copy.content
     assert _stored(server, "fwd") == []
+
+    # the outside receiver's SPF check (RFC 7208 section 2.4: MAIL FROM, the client's IP)
+    assert copy.peer == "127.0.0.1" and copy.helo
+    dns_server = DnsServer(tmp_path / "dns", {
+        DOMAIN: [(DOMAIN, "TXT", "v=spf1 ip4:127.0.0.1 -all")],
+        "example.org": [("example.org", "TXT", "v=spf1 -all")],
+    }).start()
+    try:
+        assert _spf(dns_server, copy.peer, copy.mail_from, copy.helo) == "pass"
+        assert _spf(dns_server, copy.peer, "ann@example.org", copy.helo) == "fail"
+    finally:
+        dns_server.stop()
 
     # the far side bounces: the DSN comes back to the SRS address with <>
     _send(server, "", [copy.mail_from], "From: MAILER-DAEMON@example.net\r\nSubject: bounce\r\n")

@@ -50,7 +50,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = 
 
 @dataclass
 class Received:
-    """One message the smart host accepted."""
+    """One message the smart host accepted. ``peer``: the address the client connected from
+    (what an SPF check of the envelope sender tests, RFC 7208 section 4.1 <ip>); ``helo``: the
+    name it gave in EHLO / HELO (<helo>)."""
 
     mail_from: str
     rcpt_tos: list[str]
@@ -59,6 +61,8 @@ class Received:
     content: bytes
     tls: bool
     login: str | None
+    peer: str | None = None
+    helo: str | None = None
 
 
 @dataclass
@@ -207,7 +211,8 @@ class _Handler:
         self.host.received.append(
             Received(envelope.mail_from, list(envelope.rcpt_tos), list(envelope.mail_options),
                      list(envelope.rcpt_options), envelope.original_content or envelope.content,
-                     session.ssl is not None, login)
+                     session.ssl is not None, login,
+                     session.peer[0] if session.peer else None, session.host_name)
         )
         return "250 2.0.0 OK queued"
 
