@@ -16,7 +16,7 @@ __all__ = ["Atom", "BadSyntax", "tokenize", "parse_seqset", "parse_date", "forma
            "LITERAL_RE"]
 
 LITERAL_RE = re.compile(rb"\{(\d{1,19})(\+?)\}\Z")
-_ATOM_STOP = set(b' (){%"\\]') | set(range(0, 0x20)) | {0x7F}
+_ATOM_STOP = set(b' (){"\\') | set(range(0, 0x20)) | {0x7F}  # list wildcards % * allowed
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 
@@ -84,6 +84,8 @@ def tokenize(data: bytes) -> list:
         else:
             start = pos
             depth = 0
+            if c == 0x5C:  # a flag: "\\" atom (RFC 3501 flag-extension)
+                pos += 1
             while pos < n:
                 ch = data[pos]
                 if ch == 0x5B:  # [

@@ -518,7 +518,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             raise BadSyntax("ENABLE needs a capability")
         self.send(b"* ENABLED")  # none of ours needs enabling (CONDSTORE/UTF8 not offered)
         self.tagged(tag, "OK", "ENABLE completed")
-    do_ENABLE.states = ("auth", "selected")  # type: ignore[attr-defined]
+    do_ENABLE.states = ("auth",)  # RFC 5161 section 3.1  # type: ignore[attr-defined]
 
     async def do_NAMESPACE(self, tag: bytes, args: list) -> None:  # noqa: N802
         self.send(b'* NAMESPACE (("" ".")) NIL NIL')
