@@ -309,6 +309,16 @@ def validate_name(name: str) -> str:
     return name
 
 
+def to_folder_name(text: str) -> str:
+    """A Sieve folder name (UTF-8, RFC 5228 section 4.1; ``/`` taken as a separator too, as
+    Dovecot's Pigeonhole does) as an IMAP folder name (modified UTF-7, ``.`` separator)."""
+    import twisted.mail.imap4  # noqa: F401 - registers the imap4-utf-7 codec
+
+    parts = [p for p in text.replace("/", SEPARATOR).split(SEPARATOR) if p]
+    name = SEPARATOR.join(p.encode("imap4-utf-7").decode("ascii") for p in parts)
+    return validate_name(name)
+
+
 @implementer(IAccountFolders)
 class AccountFolders:
     """See ``IAccountFolders``: one account's folders; made by ``MaildirFolders``."""
