@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -199,7 +198,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         """The SASL mechanisms offered now (``imap.sasl_mechanisms`` allowing): PLAIN, LOGIN
         where clear text is allowed, CRAM-MD5 where the checker keeps shared secrets."""
         mechs = ["PLAIN", "LOGIN"] if self._clear_text_allowed() else []
-        if getattr(self.factory.checker, "offers_secrets", False):
+        if self.factory.checker.offers_secrets:  # IAccountChecker declares it
             mechs.append("CRAM-MD5")
         allowed = self.factory.config.imap.sasl_mechanisms
         return [m for m in mechs if m in allowed]
@@ -971,5 +970,3 @@ def _pattern(pattern: str) -> Any:
         return re.compile(r"(?i:INBOX)" + text[5:] + r"\Z")
     return re.compile(text + r"\Z")
 
-
-_unused = time  # keep the import for monkeypatching clocks in tests
