@@ -115,8 +115,9 @@ def _read(view: Any, msg: Any) -> bytes:
 
 
 def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool) -> bytes | None:
-    """The inside of one ``* n FETCH (...)`` (``\\x00RECENT\\x00`` stands for the session's
-    \\Recent flag); None when the message is gone."""
+    """The inside of one ``* n FETCH (...)`` (``\\x00RECENT\\x00`` after other flags and
+    ``\\x00RECENT0\\x00`` alone stand for the session's \\Recent flag); None when the
+    message is gone."""
     try:
         needs_data = any(i.kind not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE")
                          for i in items)
@@ -131,7 +132,8 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool) -> bytes |
             if i.kind == "UID":
                 out.append(b"UID %d" % msg.uid)
             elif i.kind == "FLAGS":
-                out.append(b"FLAGS (" + " ".join(sorted(msg.flags)).encode() + b"\x00RECENT\x00)")
+                mark = b"\x00RECENT\x00" if msg.flags else b"\x00RECENT0\x00"
+                out.append(b"FLAGS (" + " ".join(sorted(msg.flags)).encode() + mark + b")")
             elif i.kind == "INTERNALDATE":
                 out.append(b'INTERNALDATE "' + format_date(msg.internaldate).encode() + b'"')
             elif i.kind == "RFC822.SIZE":

@@ -863,9 +863,10 @@ class IMAPServer(LineReceiver, TimeoutMixin):
                 if blob is None:
                     continue  # gone meanwhile: reported as EXPUNGE at a later command
                 seq = sel.seq_of(msg.uid)
-                recent = b" \\Recent" if msg.uid in sel.recent else b""
-                self.transport.write(b"* %d FETCH (" % seq + blob.replace(
-                    b"\x00RECENT\x00", recent) + b")\r\n")
+                recent = msg.uid in sel.recent
+                blob = blob.replace(b"\x00RECENT\x00", b" \\Recent" if recent else b"")
+                blob = blob.replace(b"\x00RECENT0\x00", b"\\Recent" if recent else b"")
+                self.transport.write(b"* %d FETCH (" % seq + blob + b")\r\n")
         self.tagged(tag, "OK", "FETCH completed")
     do_FETCH.states = ("selected",)  # type: ignore[attr-defined]
 
