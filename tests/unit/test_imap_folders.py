@@ -136,3 +136,18 @@ def test_wrong_password_waits_the_throttle(tmp_path: Path, store: MaildirStore) 
     assert take(t) == b""
     env.clock.advance(60)
     assert take(t) == b"a1 NO [AUTHENTICATIONFAILED] authentication failed\r\n"
+
+
+def test_store_usage_counts_every_folder(store: MaildirStore) -> None:
+    """The mailbox usage the quota checks (``MaildirStore.usage``: SMTP delivery, admin stat)
+    counts the IMAP folders too, not a deleted folder's leftovers (``..deleted.*``)."""
+    store.deliver_bytes(HOST, "ted", b"Subject: a\n\nx\n")
+    account = MaildirFolders(store).open_account(HOST, "ted")
+    account.create("Archive")
+    account.append("Archive", b"Subject: b\r\n\r\n" + b"y" * 500 + b"\r\n", [], None)
+    count, size = store.usage(HOST, "ted")
+    assert count == 2 and size > 500
+    gone = store.mailbox_folder(HOST, "ted") / "..deleted.x" / "cur"
+    gone.mkdir(parents=True)
+    (gone / "1.M1P1.h,S=9999").write_bytes(b"z")
+    assert store.usage(HOST, "ted") == (count, size)

@@ -27,7 +27,8 @@ taken over); the new content is written into the lock file, fsynced, and renamed
 ``dovecot-uidlist`` (the rename releases the lock), then the folder is fsynced. A crash leaves
 the old list or the new one, never half of either; a stale lock file is taken over later.
 
-Everything here is blocking and knows nothing of Twisted, sockets or IMAP sequence numbers.
+Everything here is blocking and knows nothing of sockets or IMAP sequence numbers (of Twisted
+it uses only the modified UTF-7 codec ``imap4-utf-7`` that ``twisted.mail.imap4`` registers).
 """
 
 from __future__ import annotations
@@ -296,16 +297,13 @@ def validate_name(name: str) -> str:
     if not _FOLDER_NAME.match(name) or "/" in name or name.startswith(SEPARATOR) or \
             name.endswith(SEPARATOR) or ".." in name or name.upper().startswith("INBOX."):
         raise FolderError(f"invalid folder name {name[:60]!r}", "CANNOT")
+    import twisted.mail.imap4  # noqa: F401 - registers the imap4-utf-7 codec
+
     try:
-        name.encode("ascii").decode("imap4-utf-7")  # twisted's codec, registered on import
+        name.encode("ascii").decode("imap4-utf-7")
     except (UnicodeError, LookupError):
-        with contextlib.suppress(ImportError):
-            import twisted.mail.imap4  # noqa: F401 - registers the imap4-utf-7 codec
-        try:
-            name.encode("ascii").decode("imap4-utf-7")
-        except (UnicodeError, LookupError):
-            raise FolderError(f"invalid modified UTF-7 in folder name {name[:60]!r}",
-                              "CANNOT") from None
+        raise FolderError(f"invalid modified UTF-7 in folder name {name[:60]!r}",
+                          "CANNOT") from None
     return name
 
 
