@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from pop3coexist.store.maildir import MaildirStore
+from pop3coexist.store.sievestore import SieveScripts
 from tests.support.server import ServerProcess, require_installed_plugin
 
 pytestmark = pytest.mark.integration
@@ -216,4 +218,31 @@ def test_idle_reports_new_mail(server: ServerProcess) -> None:
         if line.startswith(tag):
             assert b"OK" in line
             break
+    m.logout()
+
+
+def test_sieve_fileinto_files_into_a_folder(server: ServerProcess) -> None:
+    """A Sieve ``fileinto "Lists/Work"`` stores the message in the IMAP folder Lists.Work
+    (made when missing) with the script's imap4flags, and not in INBOX; other mail still goes
+    to INBOX."""
+    scripts = SieveScripts(MaildirStore(server.state_dir / "mailroot"))
+    scripts.put_script("pop.contoso.test", "ted", "lists",
+                       'require ["fileinto", "imap4flags"];\n'
+                       'if header :contains "subject" "[work]" {\n'
+                       '  fileinto :flags "\\\\Flagged" "Lists/Work";\n}\n')
+    scripts.set_active("pop.contoso.test", "ted", "lists")
+    m = _login(server)
+    before = int(m.select("INBOX")[1][0])
+    _send(server, "[work] filed")
+    _send(server, "plain mail")
+    _wait_for(m, before + 1)
+    end = time.monotonic() + 10
+    while time.monotonic() < end and m.select("Lists.Work")[0] != "OK":
+        time.sleep(0.05)
+    typ, data = m.select("Lists.Work")
+    assert typ == "OK" and data == [b"1"]
+    typ, data = m.fetch("1", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert b"\\Flagged" in data[0][0] and b"[work] filed" in data[0][1]
+    m.select("INBOX")
+    assert m.search(None, "SUBJECT", '"[work] filed"')[1] == [b""]
     m.logout()
