@@ -788,6 +788,9 @@ class IFolderView(Interface):
     def sync() -> list:
         """The messages now (records with uid, flags, size, internaldate), ascending UID."""
 
+    def sync_if_changed() -> list | None:
+        """``sync()``, or None when the folder has not changed since this view's last sync."""
+
     def open(msg: object) -> object:
         """The message's file, opened for binary reading."""
 

@@ -151,3 +151,21 @@ def test_store_usage_counts_every_folder(store: MaildirStore) -> None:
     gone.mkdir(parents=True)
     (gone / "1.M1P1.h,S=9999").write_bytes(b"z")
     assert store.usage(HOST, "ted") == (count, size)
+
+
+def test_sync_if_changed_reads_only_a_changed_folder(store: MaildirStore) -> None:
+    """An unchanged folder (new/, cur/, the uid list older than the racy window) costs no
+    scan: ``sync_if_changed`` answers None; a delivery makes it read the folder again."""
+    import os
+
+    store.deliver_bytes(HOST, "ted", b"Subject: a\n\nx\n")
+    view = MaildirFolders(store).open_account(HOST, "ted").open_folder("INBOX")
+    view.sync()
+    root = store.mailbox_folder(HOST, "ted")
+    old = 1_000_000_000
+    for name in ("new", "cur", "dovecot-uidlist"):
+        os.utime(root / name, (old, old))
+    assert [m.uid for m in view.sync()] == [1]
+    assert view.sync_if_changed() is None
+    store.deliver_bytes(HOST, "ted", b"Subject: b\n\ny\n")
+    assert [m.uid for m in view.sync_if_changed()] == [1, 2]

@@ -730,9 +730,9 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         sel = self.sel
         if sel is None:
             return
-        msgs = await self.blocking(sel.view.sync)
-        if self.sel is not sel or self._gone:
-            return
+        msgs = await self.blocking(sel.view.sync_if_changed)
+        if self.sel is not sel or self._gone or msgs is None:
+            return  # unchanged since this session last looked
         now = {m.uid: m for m in msgs}
         for uid in sel.uids:
             if uid not in now:

@@ -64,6 +64,7 @@ SUBSCRIPTIONS = "subscriptions"
 IMAP_META = ".pop3coexist.imap.json"
 STALE_LOCK = 120.0  # seconds: Dovecot's default for dovecot-uidlist.lock
 LOCK_WAIT = 30.0  # seconds to wait for another writer's lock before failing
+RACY_WINDOW = 2.0  # seconds: a folder changed this recently is always read again
 SEPARATOR = "."
 # RFC 6154: the folders every account gets at its first log-in, with their attribute
 SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
@@ -494,6 +495,7 @@ class FolderView:
         self.name = name
         self._cache_key: tuple[int, int, int] | None = None
         self._uidlist: _UidList | None = None
+        self._last_state: tuple | None = None
         self.keywords: list[str] = _read_keywords(self.path)
 
     # -- the uid list
@@ -538,9 +540,35 @@ class FolderView:
                 found.setdefault(unique_part(e.name), (sub, e.name, mtime))
         return found
 
+    def _state(self) -> tuple | None:
+        """What changes when the folder does: new/, cur/ and the uid list's identity and
+        times. None when one of them changed within RACY_WINDOW seconds (a change in the
+        same clock tick would not show): then the folder must be read."""
+        key = []
+        now = time.time()
+        for name in ("new", "cur", UIDLIST):
+            try:
+                st = os.stat(self.path / name)
+            except FileNotFoundError:
+                key.append(None)
+                continue
+            if now - st.st_mtime < RACY_WINDOW:
+                return None
+            key.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(key)
+
+    def sync_if_changed(self) -> list[Message] | None:
+        """``sync()``, or None when nothing in the folder changed since the last ``sync`` of
+        this view (three stat calls: what IDLE polls and every command cost when idle)."""
+        state = self._state()
+        if state is not None and state == self._last_state:
+            return None
+        return self.sync()
+
     def sync(self) -> list[Message]:
         """The folder's messages now, by ascending UID; unknown files get new UIDs (under the
         lock, written before this returns). See the module docstring."""
+        self._last_state = self._state()
         files = self._scan_files()
         ul = self._load()
         if ul is not None and any(u not in files for u in ul.uids):
