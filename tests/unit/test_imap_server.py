@@ -299,3 +299,16 @@ def test_pipelined_commands_answer_in_order_and_bad_syntax(env: Env) -> None:
                        b"d BAD FETCH not allowed now\r\n"
                        b"e BAD unterminated quoted string\r\n"
                        b"f OK NOOP completed\r\n")
+
+
+def test_starttls_drops_clear_text_sent_after_it(tmp_path: Path) -> None:
+    """A command pipelined after STARTTLS in the same clear-text packet (an injection, RFC
+    2595 section 3.1) is never run: only STARTTLS's OK is written before the handshake, and
+    nothing after it."""
+    env = Env(tmp_path, tls=True)
+    proto, t = env.session(TLSTransport())
+    take(t)
+    proto.dataReceived(f'a1 STARTTLS\r\na2 LOGIN {TED} "{PW}"\r\n'.encode())
+    assert t.written_before_tls == b"a1 OK begin TLS negotiation now\r\n"
+    assert take(t) == b"a1 OK begin TLS negotiation now\r\n"
+    assert proto.state == "unauth"

@@ -50,9 +50,11 @@ class LoginCommands:
     async def do_STARTTLS(self, tag: bytes, args: list) -> None:  # noqa: N802
         if self.factory.tls_options is None or self.secure:
             raise BadSyntax("STARTTLS not available")
-        if self._queue or self._buf:  # RFC 3501 section 11.1: nothing may follow in plain text
-            self._queue.clear()
-            self._buf = bytearray()
+        # RFC 3501 section 11.1 / RFC 2595 section 3.1: whatever the client sent after
+        # STARTTLS in clear text is dropped, never run inside the TLS session (injection)
+        self._queue.clear()
+        self._buf = bytearray()
+        self.clearLineBuffer()
         self.tagged(tag, "OK", "begin TLS negotiation now")
         self.transport.startTLS(self.factory.tls_options)
         self.secure = True
