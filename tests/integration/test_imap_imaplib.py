@@ -78,7 +78,7 @@ def test_tls_logins_and_refusals(server: ServerProcess) -> None:
     s.authenticate("PLAIN", lambda _: f"\0{USER}\0{PASSWORD}".encode())
     assert s.state == "AUTH"
     s.logout()
-    for user, pw in ((USER, "wrong"), ("locked@pop.contoso.test", "locked pass")):
+    for user, pw in ((USER, "wrong"), ("locked@pop.contoso.test", "locked pass")):  # refused
         m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
         with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
             m.login(user, pw)
@@ -245,4 +245,35 @@ def test_sieve_fileinto_files_into_a_folder(server: ServerProcess) -> None:
     assert b"\\Flagged" in data[0][0] and b"[work] filed" in data[0][1]
     m.select("INBOX")
     assert m.search(None, "SUBJECT", '"[work] filed"')[1] == [b""]
+    m.logout()
+
+
+def test_scram_sha_256_login(server: ServerProcess) -> None:
+    """AUTHENTICATE SCRAM-SHA-256 (RFC 7677) driven by scramp: the server proves it knows the
+    keys (scramp checks the server signature), the client logs in; a wrong password gets NO
+    [AUTHENTICATIONFAILED]."""
+    from scramp import ScramClient
+
+    def drive(password: str):  # noqa: ANN202
+        client = ScramClient(["SCRAM-SHA-256"], USER, password)
+        steps = iter(range(3))
+
+        def answer(challenge: bytes) -> bytes:
+            step = next(steps)
+            if step == 0:
+                return client.get_client_first().encode()
+            if step == 1:
+                client.set_server_first(challenge.decode())
+                return client.get_client_final().encode()
+            client.set_server_final(challenge.decode())
+            return b""
+        return answer
+
+    m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    assert "AUTH=SCRAM-SHA-256" in m.capabilities
+    assert m.authenticate("SCRAM-SHA-256", drive(PASSWORD))[0] == "OK"
+    m.logout()
+    m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        m.authenticate("SCRAM-SHA-256", drive("wrong password"))
     m.logout()

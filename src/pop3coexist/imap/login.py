@@ -142,6 +142,8 @@ class LoginCommands:
             self._sasl = None
             await self.login(tag, answers[0].decode("utf-8", "replace"),
                              answers[1].decode("utf-8", "replace"), "LOGIN")
+        elif mech == "SCRAM-SHA-256":
+            await self._scram_step(state)
         else:  # CRAM-MD5
             self._sasl = None
             creds = state["creds"]
@@ -154,6 +156,33 @@ class LoginCommands:
                              if isinstance(creds.username, bytes) else creds.username,
                              None, "CRAM-MD5", creds)
 
+    async def _scram_step(self, state: dict[str, Any]) -> None:
+        """SCRAM-SHA-256 (RFC 5802, RFC 7677) over ``identity.scram.ScramExchange``:
+        client-first, server-first, client-final, server-final (``v=``, sent as a challenge:
+        IMAP has no success data), then the client's empty answer. A malformed message or a
+        wrong proof is a refused log-in, delayed like any other."""
+        from pop3coexist.identity.scram import ScramExchange, ScramFailure
+
+        answers, tag = state["answers"], state["tag"]
+        exchange = state.setdefault("exchange", ScramExchange(self.factory.checker))
+        try:
+            if not answers:
+                self.send(b"+ ")
+            elif len(answers) == 1:
+                first = await exchange.client_first(answers[0])
+                self.send(b"+ " + base64.b64encode(first))
+            elif len(answers) == 2:
+                self.send(b"+ " + base64.b64encode(exchange.client_final(answers[1])))
+            else:
+                self._sasl = None
+                if answers[2]:
+                    raise ScramFailure("the answer to the server-final message must be empty")
+                creds = exchange.credentials()
+                await self.login(tag, creds.username, None, "SCRAM-SHA-256", creds)
+        except ScramFailure:
+            self._sasl = None
+            await self.login(tag, "(scram)", None, "SCRAM-SHA-256", SCRAM_FAILED)
+
     async def login(self, tag: bytes, user: str, password: str | None, mech: str,
                     creds: Any = None) -> None:
         """Check the credentials through the factory's gate (one check at a time per source,
@@ -164,6 +193,8 @@ class LoginCommands:
         release = await f.gate.enter(self.peer)
         try:
             try:
+                if creds is SCRAM_FAILED:
+                    raise _Refused()
                 avatar = await defer.maybeDeferred(f.checker.requestAvatarId, creds)
                 if isinstance(avatar, bytes):
                     avatar = avatar.decode("ascii")
@@ -198,6 +229,9 @@ class LoginCommands:
 
 class _Refused(Exception):
     pass
+
+
+SCRAM_FAILED = object()  # stands for the credentials of a SCRAM exchange that failed
 
 
 def _open_account(store: Any, folders: Any, domain: str, box: str) -> Any:

@@ -53,6 +53,7 @@ from pop3coexist.imap.parse import (
     tokenize,
 )
 from pop3coexist.imap.selected import Selected, SelectedCommands
+from pop3coexist.interfaces import IScramKeyStore
 
 __all__ = ["IMAPServer", "PasswordCredentials", "POLL_INTERVAL", "Selected"]
 
@@ -139,11 +140,15 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
         return self.secure or not self.factory.config.imap.require_secure_auth
 
     def mechanisms(self) -> list[str]:
-        """The SASL mechanisms offered now (``imap.sasl_mechanisms`` allowing): PLAIN, LOGIN
-        where clear text is allowed, CRAM-MD5 where the checker keeps shared secrets."""
+        """The SASL mechanisms offered now (``imap.sasl_mechanisms`` allowing), as POP3 offers
+        them: PLAIN, LOGIN where clear text is allowed, CRAM-MD5 where the checker keeps
+        shared secrets, SCRAM-SHA-256 where it keeps SCRAM keys (``IScramKeyStore``)."""
+        checker = self.factory.checker
         mechs = ["PLAIN", "LOGIN"] if self._clear_text_allowed() else []
-        if self.factory.checker.offers_secrets:  # IAccountChecker declares it
+        if checker.offers_secrets:  # IAccountChecker declares it
             mechs.append("CRAM-MD5")
+        if IScramKeyStore.providedBy(checker) and checker.offers_scram:
+            mechs.append("SCRAM-SHA-256")
         allowed = self.factory.config.imap.sasl_mechanisms
         return [m for m in mechs if m in allowed]
 
