@@ -277,3 +277,27 @@ def test_scram_sha_256_login(server: ServerProcess) -> None:
     with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
         m.authenticate("SCRAM-SHA-256", drive("wrong password"))
     m.logout()
+
+
+def test_served_by_worker_processes(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With ``server.workers = 2`` the IMAP and IMAPS listeners are served by every process:
+    eight sessions at once log in and read the same INBOX, and the connection limit per client
+    (shared by the processes) refuses the ninth with BYE."""
+    require_installed_plugin()
+    srv = ServerProcess(tmp_path_factory.mktemp("imapworkers"), server_config="workers = 2",
+                        imap_config="max_connections_per_client = 8")
+    srv.write_config()
+    srv.add_mailbox(USER, PASSWORD)
+    srv.start()
+    try:
+        _send(srv, "to all")
+        sessions = [_login(srv) for _ in range(8)]
+        for m in sessions:
+            assert m.select("INBOX", readonly=True) == ("OK", [b"1"])
+        with pytest.raises((imaplib.IMAP4.error, ConnectionError, OSError), match="UNAVAILABLE"):
+            extra = imaplib.IMAP4("127.0.0.1", srv.port("imap"))
+            extra.login(USER, PASSWORD)
+        for m in sessions:
+            m.logout()
+    finally:
+        srv.stop_cleanly(PASSWORD)
