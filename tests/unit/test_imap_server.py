@@ -312,3 +312,15 @@ def test_starttls_drops_clear_text_sent_after_it(tmp_path: Path) -> None:
     assert t.written_before_tls == b"a1 OK begin TLS negotiation now\r\n"
     assert take(t) == b"a1 OK begin TLS negotiation now\r\n"
     assert proto.state == "unauth"
+
+
+def test_truncated_arguments_get_bad(env: Env) -> None:
+    """Found by a random command fuzz: a SEARCH key missing its argument (``OR ALL``,
+    ``KEYWORD``) and UID EXPUNGE without its set answer BAD, not a server failure."""
+    env.deliver("one")
+    proto, t = env.logged_in()
+    say(proto, t, b"s1 SELECT INBOX")
+    assert say(proto, t, b"q1 SEARCH OR ALL") == b"q1 BAD SEARCH key needs an argument\r\n"
+    assert say(proto, t, b"q2 SEARCH KEYWORD") == b"q2 BAD SEARCH key needs an argument\r\n"
+    assert say(proto, t, b"x1 UID EXPUNGE") == b"x1 BAD UID EXPUNGE uid-set\r\n"
+    assert say(proto, t, b"x2 EXPUNGE 1") == b"x2 BAD EXPUNGE takes no arguments\r\n"

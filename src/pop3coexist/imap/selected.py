@@ -135,6 +135,8 @@ class SelectedCommands:
         assert sel is not None
         if sel.readonly:
             raise Refuse("the folder is read-only", "READ-ONLY")
+        if len(args) != (1 if uid else 0):
+            raise BadSyntax("UID EXPUNGE uid-set" if uid else "EXPUNGE takes no arguments")
         await self.refresh(expunges=True)
         targets = self._targets(args[0], True) if uid else sel.uids
         doomed = [sel.msgs[u] for u in targets if "\\Deleted" in sel.msgs[u].flags]
