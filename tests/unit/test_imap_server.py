@@ -324,3 +324,30 @@ def test_truncated_arguments_get_bad(env: Env) -> None:
     assert say(proto, t, b"q2 SEARCH KEYWORD") == b"q2 BAD SEARCH key needs an argument\r\n"
     assert say(proto, t, b"x1 UID EXPUNGE") == b"x1 BAD UID EXPUNGE uid-set\r\n"
     assert say(proto, t, b"x2 EXPUNGE 1") == b"x2 BAD EXPUNGE takes no arguments\r\n"
+
+
+def test_fetch_waits_for_a_full_send_buffer(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FETCH registers a streaming producer: while the transport has it paused (a client
+    reading slowly) no more messages are read or written; resuming sends the rest, then OK."""
+    from pop3coexist.imap import fetch as fetchmod
+    from twisted.internet.testing import StringTransport
+
+    class Full(StringTransport):
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            if data.startswith(b"* ") and b" FETCH (" in data and self.producer is not None:
+                self.producer.pauseProducing()  # the socket buffer is full after each one
+
+    monkeypatch.setattr(fetchmod, "BATCH_BYTES", 1)
+    for n in range(3):
+        env.deliver(f"m{n}")
+    proto, t = env.session(Full())
+    take(t)
+    say(proto, t, f'a0 LOGIN {TED} "{PW}"'.encode())
+    say(proto, t, b"s1 EXAMINE INBOX")
+    assert say(proto, t, b"f1 FETCH 1:3 (UID)") == b"* 1 FETCH (UID 1)\r\n"
+    t.producer.resumeProducing()
+    assert take(t) == b"* 2 FETCH (UID 2)\r\n"
+    t.producer.resumeProducing()
+    assert take(t) == b"* 3 FETCH (UID 3)\r\nf1 OK FETCH completed\r\n"
+    assert t.producer is None

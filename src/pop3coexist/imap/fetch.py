@@ -173,9 +173,21 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool) -> bytes |
         return None
 
 
+BATCH_BYTES = 4 << 20  # octets of FETCH answers built per trip to a thread
+
+
 def fetch_many(view: Any, msgs: list, items: list[Item], set_seen: bool) -> list[bytes | None]:
-    """``fetch_one`` for each message (blocking)."""
-    return [fetch_one(view, m, items, set_seen) for m in msgs]
+    """``fetch_one`` for the first messages of ``msgs`` (blocking): at least one, and no more
+    once BATCH_BYTES of answers are built (the caller asks again for the rest)."""
+    out: list[bytes | None] = []
+    total = 0
+    for m in msgs:
+        blob = fetch_one(view, m, items, set_seen)
+        out.append(blob)
+        total += len(blob or b"")
+        if total >= BATCH_BYTES:
+            break
+    return out
 
 
 def store_flags(view: Any, msgs: list, mode: str, flags: list[str]) -> None:
