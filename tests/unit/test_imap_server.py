@@ -329,8 +329,9 @@ def test_truncated_arguments_get_bad(env: Env) -> None:
 def test_fetch_waits_for_a_full_send_buffer(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """FETCH registers a streaming producer: while the transport has it paused (a client
     reading slowly) no more messages are read or written; resuming sends the rest, then OK."""
-    from pop3coexist.imap import fetch as fetchmod
     from twisted.internet.testing import StringTransport
+
+    from pop3coexist.imap import fetch as fetchmod
 
     class Full(StringTransport):
         def write(self, data: bytes) -> None:
