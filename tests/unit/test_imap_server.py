@@ -352,3 +352,16 @@ def test_fetch_waits_for_a_full_send_buffer(env: Env, monkeypatch: pytest.Monkey
     t.producer.resumeProducing()
     assert take(t) == b"* 3 FETCH (UID 3)\r\nf1 OK FETCH completed\r\n"
     assert t.producer is None
+
+
+def test_expunge_held_back_during_fetch(env: Env) -> None:
+    """A message POP3 deleted is not announced during FETCH (RFC 3501 section 7.4.1) and not
+    sent either; the next NOOP reports ``* 1 EXPUNGE`` and the numbers shift."""
+    env.deliver("one")
+    env.deliver("two")
+    proto, t = env.logged_in()
+    say(proto, t, b"s1 SELECT INBOX")
+    env.store.open_maildrop(HOST, "ted").commit({0})
+    assert say(proto, t, b"f1 FETCH 1:2 (UID)") == b"* 2 FETCH (UID 2)\r\nf1 OK FETCH completed\r\n"
+    assert say(proto, t, b"n1 NOOP") == b"* 1 EXPUNGE\r\nn1 OK NOOP completed\r\n"
+    assert say(proto, t, b"f2 FETCH 1 (UID)") == b"* 1 FETCH (UID 2)\r\nf2 OK FETCH completed\r\n"

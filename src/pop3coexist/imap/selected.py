@@ -35,6 +35,7 @@ class Selected:
         self.msgs: dict[int, Any] = {}
         self.recent: set[int] = set()
         self.gone: set[int] = set()
+        self.pending: list | None = None  # a snapshot an IDLE poll read but could not tell
 
     def seq_of(self, uid: int) -> int:
         return self.uids.index(uid) + 1
@@ -74,18 +75,35 @@ class _WriteGate:
 class SelectedCommands:
     """Selected-state commands (mixed into ``IMAPServer``)."""
 
-    async def refresh(self, expunges: bool) -> None:
-        """Tell the client what changed in the selected folder (module docstring)."""
+    async def refresh(self, expunges: bool, idle: bool = False) -> None:
+        """Tell the client what changed in the selected folder (module docstring). One
+        refresh at a time per session (an IDLE poll and the command after DONE never
+        interleave); ``idle``: an IDLE poll, whose findings wait for the next command when
+        IDLE ended meanwhile (no EXPUNGE while no command runs, RFC 3501 section 7.4.1)."""
         sel = self.sel
         if sel is None:
             return
+        await self._refresh_lock.acquire()
+        try:
+            await self._refresh(sel, expunges, idle)
+        finally:
+            self._refresh_lock.release()
+
+    async def _refresh(self, sel: Selected, expunges: bool, idle: bool) -> None:
         msgs = await self.blocking(sel.view.sync_if_changed)
-        if self.sel is not sel or self._gone or msgs is None:
-            return  # unchanged since this session last looked
-        now = {m.uid: m for m in msgs}
-        for uid in sel.uids:
-            if uid not in now:
-                sel.gone.add(uid)
+        if self.sel is not sel or self._gone:
+            return
+        if idle and self._idle is None:
+            if msgs is not None:
+                sel.pending = msgs  # told at the next command
+            return
+        if msgs is None:  # unchanged since this session last looked
+            msgs, sel.pending = sel.pending, None
+        if msgs is not None:
+            now = {m.uid: m for m in msgs}
+            for uid in sel.uids:
+                if uid not in now:
+                    sel.gone.add(uid)
         if expunges and sel.gone:
             for uid in sorted(sel.gone, key=sel.seq_of, reverse=True):
                 self.send(b"* %d EXPUNGE" % sel.seq_of(uid))
@@ -93,6 +111,8 @@ class SelectedCommands:
                 sel.msgs.pop(uid, None)
                 sel.recent.discard(uid)
             sel.gone.clear()
+        if msgs is None:
+            return
         for uid in sel.uids:
             m = now.get(uid)
             old = sel.msgs.get(uid)

@@ -695,7 +695,8 @@ class FolderView:
                 msg.sub, msg.name = "cur", f"{base}:2,{info}"
                 moved = True
             except OSError:
-                continue  # another session or POP3 moved it: not recent for us
+                msg.recent = False  # another session or POP3 moved it: not recent for us
+                continue
         if moved:
             with contextlib.suppress(OSError):
                 fsync_dir(self.path / "cur")
