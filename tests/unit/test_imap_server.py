@@ -355,13 +355,16 @@ def test_fetch_waits_for_a_full_send_buffer(env: Env, monkeypatch: pytest.Monkey
 
 
 def test_expunge_held_back_during_fetch(env: Env) -> None:
-    """A message POP3 deleted is not announced during FETCH (RFC 3501 section 7.4.1) and not
-    sent either; the next NOOP reports ``* 1 EXPUNGE`` and the numbers shift."""
+    """A message POP3 deleted is not announced during FETCH (RFC 3501 section 7.4.1): FETCH
+    still answers for it what the session knows (its UID) but not its body, which is gone;
+    the next NOOP reports ``* 1 EXPUNGE`` and the numbers shift."""
     env.deliver("one")
     env.deliver("two")
     proto, t = env.logged_in()
     say(proto, t, b"s1 SELECT INBOX")
     env.store.open_maildrop(HOST, "ted").commit({0})
-    assert say(proto, t, b"f1 FETCH 1:2 (UID)") == b"* 2 FETCH (UID 2)\r\nf1 OK FETCH completed\r\n"
+    assert say(proto, t, b"f1 FETCH 1:2 (UID)") == \
+        b"* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 2)\r\nf1 OK FETCH completed\r\n"
+    assert say(proto, t, b"f0 FETCH 1 (BODY.PEEK[])") == b"f0 OK FETCH completed\r\n"
     assert say(proto, t, b"n1 NOOP") == b"* 1 EXPUNGE\r\nn1 OK NOOP completed\r\n"
     assert say(proto, t, b"f2 FETCH 1 (UID)") == b"* 1 FETCH (UID 2)\r\nf2 OK FETCH completed\r\n"
