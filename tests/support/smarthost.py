@@ -427,6 +427,8 @@ def _outbound_main(config_path: str, log_path: str) -> None:
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from pop3coexist.config import load_config
+    from pop3coexist.mailauth.resolver import twisted_resolver
+    from pop3coexist.smtp.hops import HopResolver
     from pop3coexist.smtp.outbound import OutboundService
     from pop3coexist.store.queue import FileQueue
 
@@ -434,7 +436,9 @@ def _outbound_main(config_path: str, log_path: str) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(out)], redirectStandardIO=False)
     config = load_config(config_path)
     queue = FileQueue(config.server.queue_dir, config.server.hostname)
-    svc = OutboundService(config, queue, reactor=reactor, poll_interval=0.1)
+    # the resolvers of [dns], as service.py wires them (a test may point them at DnsServer)
+    resolver = HopResolver(twisted_resolver(config.dns, reactor))
+    svc = OutboundService(config, queue, reactor=reactor, poll_interval=0.1, resolver=resolver)
     reactor.callWhenRunning(svc.startService)
     reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
     reactor.run()
