@@ -147,6 +147,13 @@ def _positive(value: Any) -> int:
     return value
 
 
+def _port(value: Any) -> int:
+    value = _integer(value)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a port from 1 to 65535")
+    return value
+
+
 def _strings(value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"must be a list of strings, not {value!r}")
@@ -781,6 +788,10 @@ class SmarthostConfig:
                                unit="connections")
     max_connections_per_host: int = key(_positive, 20, "outgoing connections to one host",
                                         unit="connections")
+    # direct delivery's port (clean-up of 2026-11-30: tests and networks that block port 25)
+    mx_port: int = key(_port, 25, "port of direct delivery: a recipient domain's MX hosts (or "
+                       "its own address) and address literals, where no smart host or route "
+                       "applies", unit="port")
 
 
 @dataclass(frozen=True)
@@ -881,13 +892,6 @@ def _dns_servers(value: Any) -> tuple[str, ...]:
             raise ValueError(f"{item!r} is not an IP address (a resolver is named by its "
                              "address)") from None
     return tuple(out)
-
-
-def _port(value: Any) -> int:
-    value = _integer(value)
-    if not 1 <= value <= 65535:
-        raise ValueError("must be a port from 1 to 65535")
-    return value
 
 
 def _selector(value: Any) -> str:
@@ -1388,6 +1392,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     if sh_cfg.ca_file is not None and not sh_cfg.ca_file.is_file():
         raise r.fail("smarthost", "ca_file", _not_a_file(sh_cfg.ca_file))
 
+    if sh_cfg.mx_port != 25:
+        r.warn("smarthost", "mx_port", f"direct delivery goes to port {sh_cfg.mx_port}: MX hosts "
+               "on the Internet listen on port 25 (RFC 5321 section 4.5.4.2)")
     queue_cfg = QueueConfig(**r.keys(data.get("queue", {}), "queue", QueueConfig))
 
     if pop3_cfg.tls_listen and not tls_cfg.enabled:

@@ -202,3 +202,24 @@ def test_smart_host_name_whose_first_address_refuses(tmp_path: Path, cleanup) ->
     wait_until(lambda: queue.ids() == [], what="the queue to empty")
     assert f"{qid} to=<b@example.net> relay=smart.relay.test" in runner.log()
     assert "attempts=1 state=delivered" in runner.log()
+
+
+def test_direct_mx_delivery_on_the_configured_port(tmp_path: Path, cleanup) -> None:  # noqa: ANN001
+    """No smart host: a recipient domain's MX (a real DNS server: example.net MX 10
+    mx.example.net, A 127.0.0.1) is reached on smarthost.mx_port, here the aiosmtpd sink's
+    OS-picked port; the message is delivered at the first attempt."""
+    host = SmartHost().start()
+    cleanup.append(host)
+    dns = DnsServer(tmp_path / "dns", {"example.net": [("example.net", "MX", 10, "mx.example.net"),
+                                                       ("mx.example.net", "A", "127.0.0.1")]})
+    cleanup.append(dns.start())
+    cfg = write_config(tmp_path / "run", "", retry_intervals=("1h",), extra=dns.config(),
+                       mx_port=host.port)
+    queue = _queue(cfg)
+    qid = enqueue(queue, ["b@example.net"], BODY)
+    runner = Runner(cfg).start()
+    cleanup.append(runner)
+    [msg] = host.wait_for(1)
+    assert msg.rcpt_tos == ["b@example.net"]
+    wait_until(lambda: queue.ids() == [], what="the queue to empty")
+    assert f"{qid} to=<b@example.net> relay=mx.example.net" in runner.log()

@@ -325,8 +325,10 @@ def write_config(
     retry_intervals: tuple[str, ...] = ("1s",),
     extra: str = "",
     command_timeout: str = "30s",
+    mx_port: int | None = None,
 ) -> Path:
-    """A config whose state lives in ``directory/state``; returns its path."""
+    """A config whose state lives in ``directory/state``; returns its path. ``mx_port``:
+    ``smarthost.mx_port`` (direct delivery's port), left out when None."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "[server]",
@@ -342,6 +344,8 @@ def write_config(
         f'command_timeout = "{command_timeout}"',
         'connect_timeout = "5s"',
     ]
+    if mx_port is not None:
+        lines.append(f"mx_port = {mx_port}")
     if ca_file is not None:
         lines.append(f'ca_file = "{ca_file}"')
     if username:
