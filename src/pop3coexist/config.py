@@ -685,6 +685,10 @@ class SmtpConfig:
                                         "user's own address")
     bare_newline: str = key(_choice("normalize", "reject"), "normalize",
                             'a bare LF in DATA: "normalize" (a line end) or "reject"')
+    # clean-up of 2026-11-30: SMTPS is a submission port (RFC 8314 section 3.3)
+    tls_listen_requires_auth: bool = key(_boolean, True, "SMTPS (tls_listen) is for submission "
+                                         "(RFC 8314 section 3.3): AUTH required before MAIL, "
+                                         "530 5.7.0; false: anonymous mail too, as on listen")
 
 
 @dataclass(frozen=True)
