@@ -29,7 +29,9 @@ _DOT_ATOM_RE = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _QUOTED_RE = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _SNUM_RE = re.compile(r"[0-9]{1,3}\Z")
-_TAG_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")  # Standardized-tag (Ldh-str)
+_IPV6_HEX_RE = re.compile(r"[0-9A-Fa-f]{1,4}\Z")  # RFC 5321 IPv6-hex
+# Standardized-tag = Ldh-str = *( ALPHA / DIGIT / "-" ) Let-dig (RFC 5321 section 4.1.2)
+_TAG_RE = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]\Z")
 _DCONTENT_RE = re.compile(r"[\x21-\x5a\x5e-\x7e]+\Z")  # RFC 5321 dcontent
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL
 # Mailbox names we create: a conservative subset of dot-atom, lower case, no leading dot.
@@ -133,39 +135,89 @@ def _normalise_domain(name: str) -> str:
 def normalise_literal(text: str) -> str:
     """Return an RFC 5321 address-literal (``[...]``) in canonical form or raise AddressError.
 
-    IPv4 (``[192.0.2.1]``, each Snum 0-255) and IPv6 (``[IPv6:2001:db8::1]``, the tag in any
-    case, no zone index) give ``[192.0.2.1]`` and ``[IPv6:2001:db8::1]`` (compressed, lower-case
-    hex). A General-address-literal (``[tag:content]``) is valid syntax but raises
-    AddressRefused: no other tag is standardised (RFC 5321 section 4.1.3).
+    The grammar is RFC 5321 section 4.1.3's, exactly: an IPv4-address-literal (four Snums, each
+    one to three digits of value 0-255, leading zeros allowed) or ``IPv6:`` (the tag in any case)
+    and an IPv6-addr: IPv6-full (eight groups of one to four hex digits), IPv6-comp (``::`` and
+    at most six groups beside it), IPv6v4-full (six groups, then an IPv4 literal) or IPv6v4-comp
+    (``::`` and at most four groups beside it, then an IPv4 literal). No zone index, no other
+    spelling that a general IP parser would take (``1:2:3:4:5:6::7`` has seven groups beside its
+    ``::``: refused). They give ``[192.0.2.1]`` and ``[IPv6:2001:db8::1]`` (compressed, RFC 5952
+    lower-case hex, which is always inside the grammar again). A General-address-literal
+    (``[tag:content]``, tag an Ldh-str, content dcontent) is valid syntax but raises
+    AddressRefused: no other tag is standardised.
     """
     if not (text.startswith("[") and text.endswith("]")) or len(text) < 3:
         raise AddressError("malformed address literal")
     inner = text[1:-1]
-    parts = inner.split(".")
-    if len(parts) == 4 and all(_SNUM_RE.match(p) for p in parts):
-        if any(int(p) > 255 for p in parts):
-            raise AddressError(f"address literal {text} is not an IPv4 address")
-        return "[" + ".".join(str(int(p)) for p in parts) + "]"
+    ipv4 = _ipv4_literal(inner)
+    if ipv4 is not None:
+        return f"[{ipv4}]"
+    if re.fullmatch(r"[0-9]+(?:\.[0-9]+){3}", inner):
+        raise AddressError(f"address literal {text} is not an IPv4 address")
     tag, colon, content = inner.partition(":")
     if not colon or not _TAG_RE.match(tag) or not content:
         raise AddressError(f"malformed address literal {text}")
     if tag.lower() == "ipv6":
-        if "%" in content or not re.fullmatch(r"[0-9A-Fa-f:.]+", content):
+        canonical = _ipv6_addr(content)
+        if canonical is None:
             raise AddressError(f"address literal {text} is not an IPv6 address")
-        head, colon, tail = content.rpartition(":")
-        snums = tail.split(".")
-        if colon and len(snums) == 4 and all(_SNUM_RE.match(p) for p in snums):
-            # IPv6v4-full / IPv6v4-comp: the IPv4 part is Snums, which may have leading zeros
-            # (RFC 5321 section 4.1.3); ipaddress wants them without
-            content = head + colon + ".".join(str(int(p)) for p in snums)
-        try:
-            ip = ipaddress.IPv6Address(content)
-        except ValueError:
-            raise AddressError(f"address literal {text} is not an IPv6 address") from None
-        return f"[IPv6:{ip.compressed}]"
+        return f"[IPv6:{canonical}]"
     if not _DCONTENT_RE.match(content):
         raise AddressError(f"malformed address literal {text}")
     raise AddressRefused(f"address literal {text}: only IPv4 and IPv6 literals are accepted")
+
+
+def _ipv4_literal(text: str) -> str | None:
+    """``IPv4-address-literal = Snum 3("." Snum)`` (RFC 5321 section 4.1.3; Snum is 1*3DIGIT of
+    value 0-255) in dotted-decimal form without leading zeros, or None when ``text`` is not one
+    (``1.2.3.256`` is not one either)."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(_SNUM_RE.match(p) for p in parts):
+        return None
+    if any(int(p) > 255 for p in parts):
+        return None
+    return ".".join(str(int(p)) for p in parts)
+
+
+def _hex_groups_ok(text: str, full: int, most: int) -> bool:
+    """True when ``text`` is ``full`` IPv6-hex groups joined by ``:``, or groups, one ``::`` and
+    groups with at most ``most`` groups in all (RFC 5321 IPv6-full / IPv6-comp with full=8,
+    most=6; the hex parts of IPv6v4-full / IPv6v4-comp with full=6, most=4)."""
+    if "::" in text:
+        left, sep, right = text.partition("::")
+        groups = (left.split(":") if left else []) + (right.split(":") if right else [])
+        limit = most
+    else:
+        groups = text.split(":")
+        if len(groups) != full:
+            return False
+        limit = full
+    return len(groups) <= limit and all(_IPV6_HEX_RE.match(g) for g in groups)
+
+
+def _ipv6_addr(content: str) -> str | None:
+    """The compressed form of an RFC 5321 ``IPv6-addr`` (section 4.1.3), or None when
+    ``content`` is not one; see ``normalise_literal``."""
+    head, colon, tail = content.rpartition(":")
+    if not colon:
+        return None
+    if "." in tail:  # IPv6v4-full / IPv6v4-comp: hex part, then an IPv4-address-literal
+        ipv4 = _ipv4_literal(tail)
+        if ipv4 is None:
+            return None
+        # "::" right before the IPv4 part belongs to the hex part; a single ":" separates
+        hexpart = head + colon if head.endswith(":") else head
+        if not _hex_groups_ok(hexpart, full=6, most=4):
+            return None
+        text = f"{hexpart}:{ipv4}" if not hexpart.endswith("::") else hexpart + ipv4
+    else:
+        if not _hex_groups_ok(content, full=8, most=6):
+            return None
+        text = content
+    try:
+        return ipaddress.IPv6Address(text).compressed
+    except ValueError:  # pragma: no cover - the grammar above is stricter than ipaddress
+        return None
 
 
 def is_valid_mailbox_name(local: str) -> bool:

@@ -26,6 +26,7 @@ file and line in front of the errors of checks made after parsing (TLS files, st
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -102,6 +103,8 @@ def parse_duration(value: int | float | str) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is seconds or a string such as \"15m\"")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):  # TOML has inf and nan
+            raise ValueError(f"{value!r} is not a duration (a finite number of seconds)")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -141,6 +144,13 @@ def _positive(value: Any) -> int:
     value = _integer(value)
     if value < 1:
         raise ValueError("must be at least 1")
+    return value
+
+
+def _port(value: Any) -> int:
+    value = _integer(value)
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a port from 1 to 65535")
     return value
 
 
@@ -290,6 +300,23 @@ def _size(value: Any) -> int:
 
 def _duration(value: Any) -> float:
     return parse_duration(value)
+
+
+def _period(value: Any) -> float:
+    """A duration that must be longer than zero: a timeout, an interval, an age (zero would
+    time out at once, run in a busy loop or count everything as too old)."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+def _positive_size(value: Any) -> int:
+    """A size that must be at least one byte (a limit of zero would refuse everything)."""
+    size = parse_size(value)
+    if size < 1:
+        raise ValueError("must be at least 1 byte")
+    return size
 
 
 def _durations(value: Any) -> tuple[float, ...]:
@@ -522,7 +549,8 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
-_UNITS = {_size: "bytes", _duration: "seconds", _durations: "seconds"}
+_UNITS = {_size: "bytes", _positive_size: "bytes", _duration: "seconds", _period: "seconds",
+          _durations: "seconds"}
 
 
 _CONVERTED: Any = object()
@@ -613,7 +641,7 @@ class Pop3Config:
     tls_listen: tuple[str, ...] = key(_endpoints, [], "POP3S listeners: TLS from the first byte")
     require_secure_auth: bool = key(_boolean, False,
                                     "USER/PASS, PLAIN, LOGIN only after STLS or on POP3S")
-    idle_timeout: float = key(_duration, "10m", "an idle session is closed; under 10 minutes "
+    idle_timeout: float = key(_period, "10m", "an idle session is closed; under 10 minutes "
                               "(RFC 1939 section 3) is a warning")
     auth_failure_delay: float = key(_duration, "2s", "delay after a failed log-in, doubling per "
                                     "source address")
@@ -644,7 +672,7 @@ class SmtpConfig:
     max_connections: int = key(_positive, 1000, "concurrent sessions", unit="connections")
     max_connections_per_client: int = key(_positive, 50, "concurrent sessions from one address",
                                           unit="connections")
-    idle_timeout: float = key(_duration, "10m", "an idle session is closed; under 5 minutes "
+    idle_timeout: float = key(_period, "10m", "an idle session is closed; under 5 minutes "
                               "(RFC 5321 section 4.5.3.2.7) is a warning")
     auth_failure_delay: float = key(_duration, "2s", "delay after a failed AUTH, doubling per "
                                     "source address")
@@ -657,6 +685,10 @@ class SmtpConfig:
                                         "user's own address")
     bare_newline: str = key(_choice("normalize", "reject"), "normalize",
                             'a bare LF in DATA: "normalize" (a line end) or "reject"')
+    # clean-up of 2026-11-30: SMTPS is a submission port (RFC 8314 section 3.3)
+    tls_listen_requires_auth: bool = key(_boolean, True, "SMTPS (tls_listen) is for submission "
+                                         "(RFC 8314 section 3.3): AUTH required before MAIL, "
+                                         "530 5.7.0; false: anonymous mail too, as on listen")
 
 
 @dataclass(frozen=True)
@@ -692,7 +724,7 @@ class DirectoryConfig:
     bind_password_file: Path | None = key(_path, "", "its password (required)")
     user_filter: str = key(_string, "(objectClass=user)", "which objects are accounts")
     required_group: str = key(_string, "", "DN of a group an account must be in; empty: any")
-    timeout: float = key(_duration, "10s", "per directory request")
+    timeout: float = key(_period, "10s", "per directory request")
     attributes: DirectoryAttributes = table(DirectoryAttributes, "attribute names")
 
 
@@ -754,20 +786,24 @@ class SmarthostConfig:
                                "system's")
     username: str = key(_string, "", "AUTH name at the smart host")
     password_file: Path | None = key(_path, "", "AUTH password file (the secret alone)")
-    connect_timeout: float = key(_duration, "30s", "to open an outgoing connection")
-    command_timeout: float = key(_duration, "5m", "to wait for each reply of the next hop")
+    connect_timeout: float = key(_period, "30s", "to open an outgoing connection")
+    command_timeout: float = key(_period, "5m", "to wait for each reply of the next hop")
     max_connections: int = key(_positive, 100, "outgoing connections at once",
                                unit="connections")
     max_connections_per_host: int = key(_positive, 20, "outgoing connections to one host",
                                         unit="connections")
+    # direct delivery's port (clean-up of 2026-11-30: tests and networks that block port 25)
+    mx_port: int = key(_port, 25, "port of direct delivery: a recipient domain's MX hosts (or "
+                       "its own address) and address literals, where no smart host or route "
+                       "applies", unit="port")
 
 
 @dataclass(frozen=True)
 class QueueConfig:
     retry_intervals: tuple[float, ...] = key(_durations, ["15m", "30m", "60m", "240m"],
                                              "waits between attempts; the last one repeats")
-    delay_notification: float = key(_duration, "12h", "a delay report to the sender after this")
-    expiration: float = key(_duration, "2d", "give up and send a failure report after this")
+    delay_notification: float = key(_period, "12h", "a delay report to the sender after this")
+    expiration: float = key(_period, "2d", "give up and send a failure report after this")
 
 
 @dataclass(frozen=True)
@@ -862,13 +898,6 @@ def _dns_servers(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _port(value: Any) -> int:
-    value = _integer(value)
-    if not 1 <= value <= 65535:
-        raise ValueError("must be a port from 1 to 65535")
-    return value
-
-
 def _selector(value: Any) -> str:
     """A DKIM selector (RFC 6376 section 3.1): dot-separated DNS labels."""
     value = _string(value)
@@ -896,7 +925,7 @@ class DnsConfig:
                                    "nameservers of /etc/resolv.conf",
                                    shown="those of `/etc/resolv.conf`")
     port: int = key(_port, 53, "the resolvers' UDP and TCP port", unit="port")
-    timeout: float = key(_duration, "5s", "to wait for one answer, every resolver tried")
+    timeout: float = key(_period, "5s", "to wait for one answer, every resolver tried")
 
 
 @dataclass(frozen=True)
@@ -925,7 +954,7 @@ class SenderAuthConfig:
                            "fields", shown="`server.hostname`")
     dmarc_reject: str = key(_choice("reject", "mark"), "reject", "dmarc=fail under the "
                             "sender domain's p=reject: refuse with 550 5.7.1, or only mark")
-    spf_timeout: float = key(_duration, "20s", "for all look-ups of one SPF check (RFC 7208 "
+    spf_timeout: float = key(_period, "20s", "for all look-ups of one SPF check (RFC 7208 "
                              "section 4.6.4)")
 
 
@@ -934,7 +963,7 @@ class SieveConfig:
     """Per-mailbox Sieve rules (README "Rules and out-of-office"): run-time limits, the
     out-of-office reply period, forwarding loop protection and SRS."""
 
-    max_run_time: float = key(_duration, "1s", "wall time one script may run (then: keep)")
+    max_run_time: float = key(_period, "1s", "wall time one script may run (then: keep)")
     max_actions: int = key(_positive, 32, "actions one script may take (then: keep)",
                            unit="actions")
     max_redirects: int = key(_positive, 4, "redirects one script may take (then: keep)",
@@ -948,7 +977,7 @@ class SieveConfig:
                     "(SPF passes at the receiver)")
     srs_secret_file: Path | None = key(_path, "", "SRS key (the secret alone)",
                                        shown="`<state_dir>/srs.key`, made at start")
-    srs_max_age: float = key(_duration, "21d", "an SRS bounce address older than this is "
+    srs_max_age: float = key(_period, "21d", "an SRS bounce address older than this is "
                              "refused")
 
 
@@ -959,9 +988,9 @@ class ManageSieveConfig:
     listen: tuple[str, ...] = key(_endpoints, [], "ManageSieve listeners (4190 by "
                                   "convention); STARTTLS offered when [tls] is set")
     require_tls: bool = key(_boolean, True, "SASL PLAIN/LOGIN only after STARTTLS")
-    max_script_size: int = key(_size, "64KB", "largest script", unit="bytes")
+    max_script_size: int = key(_positive_size, "64KB", "largest script", unit="bytes")
     max_scripts: int = key(_positive, 20, "scripts per mailbox", unit="scripts")
-    idle_timeout: float = key(_duration, "10m", "an idle session is closed")
+    idle_timeout: float = key(_period, "10m", "an idle session is closed")
     max_connections: int = key(_positive, 100, "concurrent sessions", unit="connections")
     max_connections_per_client: int = key(_positive, 10, "concurrent sessions from one "
                                           "address", unit="connections")
@@ -981,7 +1010,7 @@ class MetricsConfig:
 
     listen: tuple[str, ...] = key(_endpoints, [], "HTTP listeners for /metrics and /healthz "
                                   '(e.g. "tcp:9154:interface=127.0.0.1"); none: off')
-    store_refresh: float = key(_duration, "5m", "mailbox figures per domain are counted again "
+    store_refresh: float = key(_period, "5m", "mailbox figures per domain are counted again "
                                "at most this often (a scrape reads the last count)")
 
     @property
@@ -1037,10 +1066,10 @@ class MilterConfig:
     listeners: tuple[str, ...] = key(_milter_listeners, list(MILTER_LISTENERS),
                                      "the SMTP listener kinds whose mail it scans (smtp, "
                                      "submission, smtps)")
-    connect_timeout: float = key(_duration, "30s", "to connect and negotiate")
-    command_timeout: float = key(_duration, "30s", "for each reply to a session step (connect, "
+    connect_timeout: float = key(_period, "30s", "to connect and negotiate")
+    command_timeout: float = key(_period, "30s", "for each reply to a session step (connect, "
                                  "HELO, MAIL, RCPT, DATA)")
-    content_timeout: float = key(_duration, "5m", "for each reply to the message steps "
+    content_timeout: float = key(_period, "5m", "for each reply to the message steps "
                                  "(headers, body, end of message)")
     default_action: str = key(_choice("tempfail", "accept"), "tempfail",
                               "when the milter cannot be used: 451 4.7.1, or go on without it")
@@ -1276,8 +1305,6 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     # RFC 1939 section 3 asks for at least 10 minutes, RFC 5321 section 4.5.3.2.7 for 5; a
     # shorter time is the administrator's choice (Postfix's smtpd_timeout, the Windows POP3
     # service's socket timeout take any): a warning, as for max_recipients
-    if pop3_cfg.idle_timeout <= 0:
-        raise r.fail("pop3", "idle_timeout", "must be longer than zero")
     if pop3_cfg.idle_timeout < POP3_MIN_IDLE:
         r.warn("pop3", "idle_timeout",
                f"{pop3_cfg.idle_timeout:g} seconds is under the 10 minutes RFC 1939 (section 3) "
@@ -1291,8 +1318,6 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                f"{smtp_cfg.max_recipients} is under the {RFC5321_MIN_RECIPIENTS} recipients a "
                "server must accept (RFC 5321 section 4.5.3.1.8): clients get 452 4.5.3 past "
                "it and must send to the others in another transaction")
-    if smtp_cfg.idle_timeout <= 0:
-        raise r.fail("smtp", "idle_timeout", "must be longer than zero")
     if smtp_cfg.idle_timeout < SMTP_MIN_IDLE:
         r.warn("smtp", "idle_timeout",
                f"{smtp_cfg.idle_timeout:g} seconds is under the 5 minutes RFC 5321 (section "
@@ -1403,6 +1428,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     if sh_cfg.ca_file is not None and not sh_cfg.ca_file.is_file():
         raise r.fail("smarthost", "ca_file", _not_a_file(sh_cfg.ca_file))
 
+    if sh_cfg.mx_port != 25:
+        r.warn("smarthost", "mx_port", f"direct delivery goes to port {sh_cfg.mx_port}: MX hosts "
+               "on the Internet listen on port 25 (RFC 5321 section 4.5.4.2)")
     queue_cfg = QueueConfig(**r.keys(data.get("queue", {}), "queue", QueueConfig))
 
     if pop3_cfg.tls_listen and not tls_cfg.enabled:
@@ -1421,6 +1449,10 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     sieve_cfg = SieveConfig(**r.keys(data.get("sieve", {}), "sieve", SieveConfig))
     if sieve_cfg.vacation_min_days > sieve_cfg.vacation_max_days:
         raise r.fail("sieve", "vacation_min_days", "is larger than sieve.vacation_max_days")
+    if not sieve_cfg.vacation_min_days <= sieve_cfg.vacation_days <= sieve_cfg.vacation_max_days:
+        raise r.fail("sieve", "vacation_days", f"{sieve_cfg.vacation_days} is outside "
+                     f"sieve.vacation_min_days to sieve.vacation_max_days "
+                     f"({sieve_cfg.vacation_min_days} to {sieve_cfg.vacation_max_days})")
     if sieve_cfg.srs_secret_file is not None and not sieve_cfg.srs_secret_file.is_file():
         raise r.fail("sieve", "srs_secret_file", _not_a_file(sieve_cfg.srs_secret_file))
     msieve_cfg = ManageSieveConfig(**r.listeners(
@@ -1647,8 +1679,6 @@ def _parse_monitoring(r: _Reader, data: Mapping[str, Any]) -> tuple[MetricsConfi
     """[metrics] and [log]: a relative mail_log path is taken from the config file's folder."""
     metrics = MetricsConfig(**r.listeners(r.keys(data.get("metrics", {}), "metrics",
                                                  MetricsConfig), "metrics"))
-    if metrics.store_refresh <= 0:
-        raise r.fail("metrics", "store_refresh", "must be longer than zero")
     values = r.keys(data.get("log", {}), "log", LogConfig)
     dest = values.get("mail_log", "")
     if dest not in ("", "-"):

@@ -900,6 +900,7 @@ def make_service(config: Config, reactor: Any = None,
         from pop3coexist.workers import WorkerSupervisor
 
         top.supervisor = WorkerSupervisor(config, outbound, reactor=reactor)
+        top.supervisor.on_change = top.write_listeners  # a replaced worker: its new pid
         top.supervisor.setServiceParent(top)
     for desc in config.metrics.listen:
         site = metrics_site(config, metrics, parts.store, parts.checker, top.serving_state,

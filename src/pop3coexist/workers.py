@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
@@ -161,10 +162,24 @@ class WorkerSupervisor(service.Service):
         self._failures: dict[int, int] = {}
         self._restarts: dict[int, Any] = {}
         self.serving = False
+        # called when the live workers change while the server serves (one ended, a new one
+        # listens): service.py writes run/listeners.json again
+        self.on_change: Callable[[], None] | None = None
 
     def pids(self) -> list[int]:
-        """The worker processes' pids (numbers 1..N-1), in order."""
-        return [w.pid for _, w in sorted(self.workers.items()) if w.pid is not None]
+        """The live worker processes' pids (numbers 1..N-1), in order: a worker that ended is
+        left out until its replacement runs."""
+        return [w.pid for _, w in sorted(self.workers.items())
+                if w.pid is not None and not w.ended.called]
+
+    def _changed(self) -> None:
+        """Tell ``on_change`` that the live workers changed; its failure is logged."""
+        if self.on_change is None or not self.running:
+            return
+        try:
+            self.on_change()
+        except Exception:  # noqa: BLE001 - a run file that cannot be written must not stop us
+            log.failure("cannot record the worker processes")
 
     # ------------------------------------------------------------------ start
 
@@ -240,15 +255,20 @@ class WorkerSupervisor(service.Service):
                  number=number, pid=proto.pid, why=why, delay=delay,
                  mail_event=events.WORKER_RESTART, worker=number)
         self._restarts[number] = self.reactor.callLater(delay, self._respawn, number)
+        self._changed()
 
     def _respawn(self, number: int) -> None:
         self._restarts.pop(number, None)
         if not self.running:
             return
         proto = self._spawn(number)
+
+        def started(_: Any) -> None:
+            self._changed()
+            log.info("worker {number} started again (pid {pid})", number=number, pid=proto.pid)
+
         proto.ready.addCallbacks(
-            lambda _: log.info("worker {number} started again (pid {pid})", number=number,
-                               pid=proto.pid),
+            started,
             lambda f: None,  # its end is logged (and handled) by ended()
         )
 

@@ -94,7 +94,8 @@ def test_null_sender_after_auth_with_smtplib(server) -> None:
 
 
 def test_null_sender_after_auth_on_the_smtps_port(server) -> None:
-    """SMTPS (TLS from the first byte), smtplib: after AUTH, MAIL FROM:<> gets 250 in any
+    """SMTPS (TLS from the first byte), smtplib: before AUTH, MAIL gets 530 5.7.0 (a
+    submission port, RFC 8314 section 3.3); after AUTH, MAIL FROM:<> gets 250 in any
     spelling (``MAIL FROM: <>`` too) and another user's address gets 553 5.7.1."""
     import ssl
 
@@ -102,6 +103,8 @@ def test_null_sender_after_auth_on_the_smtps_port(server) -> None:
     ctx.check_hostname = False
     with smtplib.SMTP_SSL("127.0.0.1", server.port("smtps"), local_hostname="client.test",
                           timeout=30, context=ctx) as s:
+        s.ehlo()
+        assert s.docmd("MAIL FROM:<a@example.org>") == (530, b"5.7.0 Authentication required")
         s.login(f"ted@{HOSTNAME}", TED_PW)
         assert s.docmd("MAIL FROM: <> BODY=8BITMIME") == (250, b"2.1.0 Sender <> OK")
         assert s.rcpt(f"ann@{HOSTNAME}")[0] == 250

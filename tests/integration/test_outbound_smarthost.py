@@ -10,6 +10,7 @@ import pytest
 
 from pop3coexist.store.queue import FileQueue
 from tests.support.certs import make_ca_and_cert
+from tests.support.dnsserver import DnsServer
 from tests.support.programs import free_port
 from tests.support.smarthost import Runner, SmartHost, enqueue, wait_until, write_config
 
@@ -176,3 +177,49 @@ def test_admin_flush_from_another_process(tmp_path: Path, cleanup) -> None:  # n
     queue.request_flush()
     host.wait_for(1, timeout=10)
     wait_until(lambda: queue.ids() == [], what="the queue to empty")
+
+
+def test_smart_host_name_whose_first_address_refuses(tmp_path: Path, cleanup) -> None:  # noqa: ANN001
+    """RFC 5321 section 5.1 against a real DNS server: the smart host's name has two A records,
+    127.0.0.2 first (nothing listens there: connection refused) and 127.0.0.1 (the aiosmtpd
+    smart host). The message is delivered at the first attempt through the second address,
+    with no retry (the retry interval is an hour)."""
+    host = SmartHost().start()
+    cleanup.append(host)
+    dns = DnsServer(tmp_path / "dns", {"relay.test": [("smart.relay.test", "A", "127.0.0.2"),
+                                                      ("smart.relay.test", "A", "127.0.0.1")]})
+    cleanup.append(dns.start())
+    order = [r.address for r in dns.resolver().resolve("smart.relay.test", "A")]
+    assert order == ["127.0.0.2", "127.0.0.1"]  # the refusing address comes first
+    cfg = write_config(tmp_path / "run", f"smart.relay.test:{host.port}",
+                       retry_intervals=("1h",), extra=dns.config())
+    queue = _queue(cfg)
+    qid = enqueue(queue, ["b@example.net"], BODY)
+    runner = Runner(cfg).start()
+    cleanup.append(runner)
+    [msg] = host.wait_for(1)
+    assert msg.rcpt_tos == ["b@example.net"]
+    wait_until(lambda: queue.ids() == [], what="the queue to empty")
+    assert f"{qid} to=<b@example.net> relay=smart.relay.test" in runner.log()
+    assert "attempts=1 state=delivered" in runner.log()
+
+
+def test_direct_mx_delivery_on_the_configured_port(tmp_path: Path, cleanup) -> None:  # noqa: ANN001
+    """No smart host: a recipient domain's MX (a real DNS server: example.net MX 10
+    mx.example.net, A 127.0.0.1) is reached on smarthost.mx_port, here the aiosmtpd sink's
+    OS-picked port; the message is delivered at the first attempt."""
+    host = SmartHost().start()
+    cleanup.append(host)
+    dns = DnsServer(tmp_path / "dns", {"example.net": [("example.net", "MX", 10, "mx.example.net"),
+                                                       ("mx.example.net", "A", "127.0.0.1")]})
+    cleanup.append(dns.start())
+    cfg = write_config(tmp_path / "run", "", retry_intervals=("1h",), extra=dns.config(),
+                       mx_port=host.port)
+    queue = _queue(cfg)
+    qid = enqueue(queue, ["b@example.net"], BODY)
+    runner = Runner(cfg).start()
+    cleanup.append(runner)
+    [msg] = host.wait_for(1)
+    assert msg.rcpt_tos == ["b@example.net"]
+    wait_until(lambda: queue.ids() == [], what="the queue to empty")
+    assert f"{qid} to=<b@example.net> relay=mx.example.net" in runner.log()

@@ -119,7 +119,8 @@ def test_mail_queued_by_a_worker_is_delivered_by_the_main_process(tmp_path: Path
 
 def test_a_killed_worker_is_replaced(server: ServerProcess) -> None:
     """kill -9 of the worker: the main process logs it, starts a new worker, and the new one
-    serves the same ports."""
+    serves the same ports; run/listeners.json lists the new worker's pid in place of the dead
+    one's."""
     main, worker = _workers(server)
     os.kill(worker, signal.SIGKILL)
     wait_until(lambda: "started again" in server.log_text(), timeout=30, what="a new worker")
@@ -128,6 +129,7 @@ def test_a_killed_worker_is_replaced(server: ServerProcess) -> None:
         new = _greeting_pid(server.port("pop3"))
     assert new not in (main, worker)
     assert _alive(new)
+    assert _workers(server) == [main, new]  # listeners.json: the live pids, not the dead one
 
 
 def test_workers_end_with_the_main_process(server: ServerProcess) -> None:

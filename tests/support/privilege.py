@@ -44,10 +44,14 @@ def system_user() -> SystemUser:
         entry = pwd.getpwnam(USER)
     except KeyError:
         useradd = require_program("useradd", "/usr/sbin/useradd")
-        subprocess.run([useradd, "--system", "--user-group", "--no-create-home",
-                        "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", USER],
-                       check=True, capture_output=True, timeout=60)
-        entry = pwd.getpwnam(USER)
+        made = subprocess.run([useradd, "--system", "--user-group", "--no-create-home",
+                               "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
+                               USER], capture_output=True, timeout=60)
+        try:  # exit 9: another test process made it a moment ago, which is as good
+            entry = pwd.getpwnam(USER)
+        except KeyError:
+            raise AssertionError(f"useradd {USER} failed ({made.returncode}): "
+                                 f"{made.stderr.decode(errors='replace')}") from None
     grp.getgrgid(entry.pw_gid)
     return SystemUser(USER, entry.pw_uid, entry.pw_gid)
 

@@ -325,8 +325,10 @@ def write_config(
     retry_intervals: tuple[str, ...] = ("1s",),
     extra: str = "",
     command_timeout: str = "30s",
+    mx_port: int | None = None,
 ) -> Path:
-    """A config whose state lives in ``directory/state``; returns its path."""
+    """A config whose state lives in ``directory/state``; returns its path. ``mx_port``:
+    ``smarthost.mx_port`` (direct delivery's port), left out when None."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "[server]",
@@ -342,6 +344,8 @@ def write_config(
         f'command_timeout = "{command_timeout}"',
         'connect_timeout = "5s"',
     ]
+    if mx_port is not None:
+        lines.append(f"mx_port = {mx_port}")
     if ca_file is not None:
         lines.append(f'ca_file = "{ca_file}"')
     if username:
@@ -427,6 +431,8 @@ def _outbound_main(config_path: str, log_path: str) -> None:
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from pop3coexist.config import load_config
+    from pop3coexist.mailauth.resolver import twisted_resolver
+    from pop3coexist.smtp.hops import HopResolver
     from pop3coexist.smtp.outbound import OutboundService
     from pop3coexist.store.queue import FileQueue
 
@@ -434,7 +440,9 @@ def _outbound_main(config_path: str, log_path: str) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(out)], redirectStandardIO=False)
     config = load_config(config_path)
     queue = FileQueue(config.server.queue_dir, config.server.hostname)
-    svc = OutboundService(config, queue, reactor=reactor, poll_interval=0.1)
+    # the resolvers of [dns], as service.py wires them (a test may point them at DnsServer)
+    resolver = HopResolver(twisted_resolver(config.dns, reactor))
+    svc = OutboundService(config, queue, reactor=reactor, poll_interval=0.1, resolver=resolver)
     reactor.callWhenRunning(svc.startService)
     reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
     reactor.run()

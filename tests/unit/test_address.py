@@ -12,6 +12,7 @@ from pop3coexist.address import (
     AddressNeedsUTF8,
     AddressRefused,
     login_to_address,
+    normalise_literal,
     parse_address,
     parse_path,
     quote_local,
@@ -112,7 +113,7 @@ SYNTAX_ERRORS = [
     "a@[IPv6:::1/128]",
     "a@[1.2.3.0004]",
     "a@[tag:]",
-    "a@[-tag:x]",
+    "a@[tag-:x]",  # a Standardized-tag (Ldh-str) ends with a letter or digit
     "x" * 65 + "@example.test",
     '"' + "x" * 63 + '"@example.test',  # 65 octets as written (RFC 5321 4.5.3.1.1)
     "a@" + "x" * 250 + ".test",
@@ -129,7 +130,7 @@ def test_malformed_mailboxes_are_syntax_errors(text: str) -> None:
 
 
 @pytest.mark.parametrize("text", ["a@localhost", "a@LOCALHOST", '"a b"@intranet',
-                                  "a@[x-tag:anything]", "a@[tag:192.0.2.1]", "a@[IPv4:192.0.2.1]",
+                                  "a@[x-tag:anything]", "a@[-tag:x]", "a@[tag:192.0.2.1]", "a@[IPv4:192.0.2.1]",
                                   "a@192.0.2.1", "a@127.0.0.1", "a@example.123"])
 def test_valid_but_refused_forms_are_policy(text: str) -> None:
     """A one-label domain, a domain name that is an IP address without brackets (its last
@@ -248,3 +249,98 @@ def test_refused_bare_name_is_logged_with_the_reason(domains: tuple[str, ...]) -
         globalLogPublisher.removeObserver(events.append)
     [line] = [formatEvent(e) for e in events if "bare name" in formatEvent(e)]
     assert "'Ted'" in line and f"it has {len(domains)} " in line
+
+
+# RFC 5321 section 4.1.3 address literals, form by form: (as written, canonical form). Issue of
+# the 2026-11-30 clean-up: ``[IPv6:1:2:3:4:5:6::7]`` was accepted (a general IP parser takes it;
+# the grammar allows at most six groups beside ``::``).
+VALID_LITERALS = [
+    # IPv4-address-literal: Snum is 1*3DIGIT, 0-255, leading zeros allowed
+    ("[0.0.0.0]", "[0.0.0.0]"),
+    ("[255.255.255.255]", "[255.255.255.255]"),
+    ("[010.001.000.099]", "[10.1.0.99]"),
+    # IPv6-full: eight groups of 1-4 hex digits; the tag in any case
+    ("[IPv6:2001:db8:0:0:0:0:0:1]", "[IPv6:2001:db8::1]"),
+    ("[ipv6:1:2:3:4:5:6:7:8]", "[IPv6:1:2:3:4:5:6:7:8]"),
+    ("[IPV6:ABCD:EF01:2345:6789:ABCD:EF01:2345:6789]",
+     "[IPv6:abcd:ef01:2345:6789:abcd:ef01:2345:6789]"),
+    ("[IPv6:1:2:3:4:5:6:0:7]", "[IPv6:1:2:3:4:5:6:0:7]"),
+    # IPv6-comp: "::" and at most six groups beside it, on either side or split
+    ("[IPv6:::]", "[IPv6:::]"),
+    ("[IPv6:::1]", "[IPv6:::1]"),
+    ("[IPv6:1::]", "[IPv6:1::]"),
+    ("[IPv6:1:2:3:4:5:6::]", "[IPv6:1:2:3:4:5:6::]"),
+    ("[IPv6:::1:2:3:4:5:6]", "[IPv6:::1:2:3:4:5:6]"),
+    ("[IPv6:1:2:3::4:5:6]", "[IPv6:1:2:3::4:5:6]"),
+    ("[IPv6:1::2:3:4:5:6]", "[IPv6:1::2:3:4:5:6]"),
+    # IPv6v4-full: six groups, then an IPv4-address-literal
+    ("[IPv6:1:2:3:4:5:6:192.0.2.1]", "[IPv6:1:2:3:4:5:6:c000:201]"),
+    ("[IPv6:0:0:0:0:0:ffff:001.002.003.004]", "[IPv6:::ffff:102:304]"),
+    # IPv6v4-comp: "::" and at most four groups beside it, then the IPv4 literal
+    ("[IPv6:::192.0.2.1]", "[IPv6:::c000:201]"),
+    ("[IPv6:::ffff:192.0.2.1]", "[IPv6:::ffff:c000:201]"),
+    ("[IPv6:1:2:3:4::192.0.2.1]", "[IPv6:1:2:3:4::c000:201]"),
+    ("[IPv6:1::2:3:4:192.0.2.1]", "[IPv6:1::2:3:4:c000:201]"),
+    ("[IPv6:::1:2:3:4:192.0.2.1]", "[IPv6:::1:2:3:4:c000:201]"),
+]
+
+INVALID_LITERALS = [
+    # IPv4: not four Snums, a value over 255, more than three digits
+    "[]", "[1.2.3]", "[1.2.3.4.5]", "[1.2.3.256]", "[1.2.3.0004]", "[1..2.3]", "[1.2.3.4.]",
+    "[+1.2.3.4]", "[1.2.3.-4]", "[ 1.2.3.4]", "[1.2.3.\u0664]",
+    # IPv6-full: not eight groups, a group over four digits, not hex
+    "[IPv6:1:2:3:4:5:6:7]", "[IPv6:1:2:3:4:5:6:7:8:9]", "[IPv6:00001:2:3:4:5:6:7:8]",
+    "[IPv6:1:2:3:4:5:6:7:g]", "[IPv6:1:2:3:4:5:6:7:]", "[IPv6::1:2:3:4:5:6:7]",
+    # IPv6-comp: more than six groups beside "::", two "::", ":::", a lone ":" at either end
+    "[IPv6:1:2:3:4:5:6::7]", "[IPv6:1::2:3:4:5:6:7]", "[IPv6:::1:2:3:4:5:6:7]",
+    "[IPv6:1:2:3:4:5:6:7::]", "[IPv6:1::2::3]", "[IPv6::::]", "[IPv6::::1]", "[IPv6:1:::2]",
+    "[IPv6::1::]", "[IPv6:1::2:]", "[IPv6::]", "[IPv6:]",
+    # IPv6v4-full / -comp: not six groups before the IPv4 part, more than four beside "::",
+    # a bad IPv4 part, the IPv4 part not last
+    "[IPv6:1:2:3:4:5:192.0.2.1]", "[IPv6:1:2:3:4:5:6:7:192.0.2.1]",
+    "[IPv6:1:2:3:4:5::192.0.2.1]", "[IPv6:1::2:3:4:5:192.0.2.1]",
+    "[IPv6:::1:2:3:4:5:192.0.2.1]", "[IPv6:::192.0.2.256]", "[IPv6:::192.0.2]",
+    "[IPv6:::1.2.3.4:5]", "[IPv6:1.2.3.4::]", "[IPv6:192.0.2.1]", "[IPv6::::192.0.2.1]",
+    "[IPv6::192.0.2.1]",
+    # no zone index, no prefix length, no spaces
+    "[IPv6:fe80::1%eth0]", "[IPv6:::1/128]", "[IPv6: ::1]",
+    # General-address-literal: the tag an Ldh-str (ends with a letter or digit), then dcontent
+    # (no "[", "\\", "]", space or control)
+    "[tag-:x]", "[:x]", "[ta g:x]", "[tag:]", "[tag:a[b]", "[tag:a\\b]", "[tag:a b]",
+    # not bracketed
+    "1.2.3.4", "[1.2.3.4", "1.2.3.4]",
+]
+
+REFUSED_LITERALS = [
+    # valid General-address-literals with a tag that is not IPv6: policy, not syntax
+    "[x-tag:anything]", "[-tag:x]", "[IPv4:192.0.2.1]", "[tag:192.0.2.1]", "[9:~!]",
+]
+
+
+@pytest.mark.parametrize(("text", "canonical"), VALID_LITERALS)
+def test_valid_address_literals(text: str, canonical: str) -> None:
+    """Every form of RFC 5321 section 4.1.3's address-literal grammar is accepted and
+    normalised; the canonical form is inside the grammar again (normalising it is a no-op) and
+    an address with that domain has the literal's IP address."""
+    assert normalise_literal(text) == canonical
+    assert normalise_literal(canonical) == canonical
+    assert parse_address(f"a@{text}").domain == canonical
+    assert parse_address(f"a@{text}").literal is not None
+
+
+@pytest.mark.parametrize("text", INVALID_LITERALS)
+def test_invalid_address_literals_are_syntax_errors(text: str) -> None:
+    """Anything outside RFC 5321 section 4.1.3's grammar is a syntax error (AddressError, not a
+    policy refusal), also where a general IP parser would take it (``1:2:3:4:5:6::7``,
+    ``1:2:3:4:5::1.2.3.4``)."""
+    with pytest.raises(AddressError) as e:
+        normalise_literal(text)
+    assert not isinstance(e.value, AddressRefused)
+
+
+@pytest.mark.parametrize("text", REFUSED_LITERALS)
+def test_general_address_literals_are_refused_as_policy(text: str) -> None:
+    """A General-address-literal (Standardized-tag ":" 1*dcontent) of a tag other than IPv6 is
+    valid syntax, refused as policy (AddressRefused): no other tag is standardised."""
+    with pytest.raises(AddressRefused):
+        normalise_literal(text)

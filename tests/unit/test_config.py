@@ -360,3 +360,84 @@ def test_postmaster_and_abuse_keys():
         assert f"[domains.{bad.split(' ')[0]}]" in error_of(f"[domains]\n{bad}\n")
     message = error_of('[domains]\nlocal = ["pop.contoso.test"]\npostmaster = "\\"a b\\"@pop.contoso.test"\n')
     assert "[domains.postmaster]" in message and "mailbox name" in message
+
+
+# Numbers whose zero (or negative, infinite, NaN) value means nothing: refused at start-up,
+# naming file, line and key. (section header as written, key, lines the section needs beside
+# the key.) Clean-up of 2026-11-30: ``connect_timeout = 0`` was accepted.
+MILTER = 'socket = "inet:127.0.0.1:1"\n'
+MUST_BE_POSITIVE = [
+    ("[pop3]", "idle_timeout", ""),
+    ("[smtp]", "idle_timeout", ""),
+    ("[auth.directory]", "timeout", ""),
+    ("[smarthost]", "connect_timeout", ""),
+    ("[smarthost]", "command_timeout", ""),
+    ("[queue]", "delay_notification", ""),
+    ("[queue]", "expiration", ""),
+    ("[dns]", "timeout", ""),
+    ("[sender_authentication]", "spf_timeout", ""),
+    ("[sieve]", "max_run_time", ""),
+    ("[sieve]", "srs_max_age", ""),
+    ("[managesieve]", "idle_timeout", ""),
+    ("[managesieve]", "max_script_size", ""),
+    ("[metrics]", "store_refresh", ""),
+    ("[[milter]]", "connect_timeout", MILTER),
+    ("[[milter]]", "command_timeout", MILTER),
+    ("[[milter]]", "content_timeout", MILTER),
+]
+ZERO_AND_WORSE = ['0', '0.0', '"0s"', '"0m"', '"0"', '-1', '-0.5', 'inf', 'nan', '"-1s"']
+
+
+@pytest.mark.parametrize("value", ZERO_AND_WORSE)
+@pytest.mark.parametrize(("header", "name", "extra"), MUST_BE_POSITIVE)
+def test_meaningless_zero_values_are_refused(tmp_path, header, name, extra, value):
+    """A timeout, interval, age or size limit of zero (or a negative, infinite or NaN one)
+    would time out at once, loop or refuse everything: start-up fails with an error naming the
+    file, the line and the key."""
+    path = tmp_path / "pop3coexist.toml"
+    text = textwrap.dedent(MINIMAL) + f"{header}\n{extra}{name} = {value}\n"
+    path.write_text(text)
+    line = text.splitlines().index(f"{name} = {value}") + 1
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    dotted = header.strip("[]") + "." + name
+    assert str(info.value).startswith(f"{path}:{line}: [{dotted}] "), str(info.value)
+
+
+@pytest.mark.parametrize(("header", "name", "extra"), MUST_BE_POSITIVE)
+def test_the_smallest_positive_values_are_taken(header, name, extra):
+    """The refusal is of zero only: one second (or one byte) is a legal, if unusual, value."""
+    c = cfg(f"{header}\n{extra}{name} = 1\n")
+    assert c is not None
+
+
+def test_every_zero_refusing_key_is_in_the_table():
+    """Every key declared with a must-be-positive duration or size converter is in the table
+    above, so a new one gets a test row (and the table names no key that takes zero)."""
+    from pop3coexist.config import _period, _positive_size, declared_keys
+    declared = {k for k, spec in declared_keys() if spec.convert in (_period, _positive_size)}
+    assert declared == {h.strip("[]") + "." + n for h, n, _ in MUST_BE_POSITIVE}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[smarthost]\nmax_connections = 0\n", "[smarthost.max_connections] must be at least 1"),
+    ('[queue]\nretry_intervals = ["15m", "0s"]\n',
+     "[queue.retry_intervals] every interval must be longer than zero"),
+    ("[sieve]\nvacation_days = 40\n", "[sieve.vacation_days] 40 is outside"),
+    ("[sieve]\nvacation_days = 1\nvacation_min_days = 2\n", "[sieve.vacation_days] 1 is outside"),
+    ("[dns]\nport = 0\n", "[dns.port] must be a port from 1 to 65535"),
+    ("[pop3]\nauth_failure_delay = inf\n", "[pop3.auth_failure_delay] inf is not a duration"),
+])
+def test_counts_and_ranges_are_refused(text, message):
+    """Counts below 1, a zero retry interval, a default vacation period outside the allowed
+    range, a port of 0 and an infinite delay are refused naming the key."""
+    assert message in error_of(text)
+
+
+@pytest.mark.parametrize("text", ["[pop3]\nauth_failure_delay = 0\n",
+                                  "[smtp]\nmax_message_size = 0\n",
+                                  '[domains]\nquota_grace = 0\n'])
+def test_zero_is_kept_where_it_means_off(text):
+    """Where zero has a documented meaning (no log-in delay, no fixed message size, no quota
+    grace) it is taken."""
+    assert cfg(text) is not None

@@ -464,3 +464,68 @@ def test_normalise_dn() -> None:
     """DNs compare without case and spaces around separators; escaped commas stay inside."""
     assert normalise_dn("CN=POP3 Users , OU=Groups,DC=x") == normalise_dn("cn=pop3 users,ou=groups,dc=x")
     assert normalise_dn("cn=a\\,b,dc=x") != normalise_dn("cn=a,b,dc=x")
+
+
+def _searches(directory: FakeDirectory) -> int:
+    return sum(1 for _, op, _ in directory.ops if op == "search")
+
+
+@pytest.fixture
+def with_group(directory: FakeDirectory) -> FakeDirectory:
+    """The directory above with a group sales@ whose one member is Ted."""
+    directory.entries[f"cn=Sales,ou=groups,{BASE}"] = {
+        "objectclass": ["top", "group"], "mail": ["sales@pop.contoso.test"],
+        "member": [f"cn=Ted,ou=people,{BASE}"]}
+    return directory
+
+
+@pytest.mark.parametrize(("address", "searches", "mailbox", "group_members"), [
+    # nothing has the address: one search answers both questions (was two)
+    ("nobody@pop.contoso.test", 1, None, None),
+    # a user: one search, no group look-up needed (the caller stops at the mailbox)
+    ("theodore@pop.contoso.test", 1, "ted@pop.contoso.test", None),
+    # a group: one search for the address, then one read per member (was two searches first)
+    ("sales@pop.contoso.test", 2, None, ["ted@pop.contoso.test"]),
+])
+def test_a_recipient_costs_one_search(tmp_path, with_group, clock, address, searches, mailbox,
+                                      group_members) -> None:
+    """The RCPT look-up as delivery and expansion make it: the account, then (no mailbox) the
+    group with the address. The recipient search finds accounts and groups at once, so an
+    unknown address costs one LDAP search, not a second one for groups."""
+    checker = make_checker(tmp_path, with_group, clock)
+    assert outcome(checker.resolve_recipient(address)) == mailbox
+    if mailbox is None:
+        group = outcome(checker.group(address))
+        assert (group and list(group.targets)) == (group_members or None)
+    assert _searches(with_group) == searches
+
+
+def test_the_group_answer_of_a_recipient_search_is_used_once_and_briefly(
+        tmp_path, with_group, clock) -> None:
+    """The groups a recipient search found are used by the next group look-up of that address
+    only, and only within seconds: a later or second look-up searches again (a group added in
+    the meantime is found)."""
+    checker = make_checker(tmp_path, with_group, clock)
+    address = "new-group@pop.contoso.test"
+    assert outcome(checker.resolve_recipient(address)) is None
+    with_group.entries[f"cn=New,ou=groups,{BASE}"] = {
+        "objectclass": ["group"], "mail": [address], "member": []}
+    assert outcome(checker.group(address)) is None  # the search's answer, taken
+    assert _searches(with_group) == 1
+    assert outcome(checker.group(address)) is not None  # searched again: found
+    assert _searches(with_group) == 2
+    assert outcome(checker.resolve_recipient(address)) is None
+    clock.advance(6)  # past the hint's few seconds
+    assert outcome(checker.group(address)) is not None
+    assert _searches(with_group) == 4
+
+
+def test_a_group_entry_is_not_a_mailbox_even_when_the_user_filter_takes_it(
+        tmp_path, with_group, clock) -> None:
+    """With a user_filter that also matches groups, a group's address is still a group, never
+    a mailbox (the one search tells them apart by objectClass)."""
+    checker = make_checker(tmp_path, with_group, clock,
+                           extra='user_filter = "(objectClass=*)"\n')
+    assert outcome(checker.resolve_recipient("sales@pop.contoso.test")) is None
+    assert list(outcome(checker.group("sales@pop.contoso.test")).targets) == [
+        "ted@pop.contoso.test"]

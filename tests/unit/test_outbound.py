@@ -488,9 +488,33 @@ class FakeDNS:
                    for pref, host in self.mx[name]]
         return defer.succeed((answers, [], []))
 
+    def _records(self, name: str, version: int) -> defer.Deferred:
+        """The A (``version`` 4) or AAAA (6) records of ``name``: ``hosts`` maps a name to
+        one address or a list of them, IPv4 and IPv6 mixed, in answer order."""
+        import ipaddress
+
+        from twisted.names import dns
+        from twisted.names import error as dns_error
+
+        if name not in self.hosts:
+            return defer.fail(dns_error.DNSNameError(name))
+        given = self.hosts[name]
+        ips = [ipaddress.ip_address(ip) for ip in ([given] if isinstance(given, str) else given)]
+        answers = [dns.RRHeader(name, dns.A, payload=dns.Record_A(str(ip))) if version == 4 else
+                   dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(str(ip)))
+                   for ip in ips if ip.version == version]
+        return defer.succeed((answers, [], []))
+
+    def lookupAddress(self, name: str) -> defer.Deferred:
+        return self._records(name, 4)
+
+    def lookupIPV6Address(self, name: str) -> defer.Deferred:
+        return self._records(name, 6)
+
     def getHostByName(self, name: str) -> defer.Deferred:
         if name in self.hosts:
-            return defer.succeed(self.hosts[name])
+            given = self.hosts[name]
+            return defer.succeed(given if isinstance(given, str) else given[0])
         return defer.fail(OSError("no address"))
 
 
@@ -506,6 +530,64 @@ def test_direct_mx_delivery_tries_the_next_mx_when_unreachable(tmp_path: Path) -
     assert [(call.ip, call.port, call.settings.tls_name) for call in env.hop.calls] == [
         ("192.0.2.1", 25, "mx1.example.net"), ("192.0.2.2", 25, "mx2.example.net")]
     assert env.queue.ids() == []
+
+
+def test_smart_host_name_with_several_addresses_tries_each(tmp_path: Path) -> None:
+    """RFC 5321 section 5.1: a smart host name with two A records and an AAAA record is tried
+    at each address in turn, A records first, within one attempt: the first refuses, the
+    second takes the message (no retry, no 4xx)."""
+    dns_ = FakeDNS({"smart.relay.test": []},  # no MX: the name's own addresses
+                   {"smart.relay.test": ["192.0.2.21", "2001:db8::21", "192.0.2.22"]})
+    env = Env(tmp_path, smarthost="smart.relay.test:2525", resolver=HopResolver(dns_))
+    env.hop.responder = lambda call: "refused" if call.ip == "192.0.2.21" else {}
+    env.start()
+    env.enqueue("b@example.net")
+    assert [(call.ip, call.port, call.settings.tls_name) for call in env.hop.calls] == [
+        ("192.0.2.21", 2525, "smart.relay.test"), ("192.0.2.22", 2525, "smart.relay.test")]
+    assert env.queue.ids() == []
+
+
+def test_every_address_of_every_mx_is_tried_before_a_temporary_failure(tmp_path: Path) -> None:
+    """Each address of each MX host, by MX preference and A before AAAA, is tried once before
+    the recipient is deferred (one temporary failure, then the retry schedule)."""
+    dns_ = FakeDNS({"example.net": [(10, "mx1.example.net"), (20, "mx2.example.net")]},
+                   {"mx1.example.net": ["2001:db8::1", "192.0.2.1", "192.0.2.11"],
+                    "mx2.example.net": ["192.0.2.2"]})
+    env = Env(tmp_path, smarthost="", resolver=HopResolver(dns_))
+    env.hop.responder = lambda call: "refused"
+    env.start()
+    qid = env.enqueue("b@example.net")
+    assert [call.ip for call in env.hop.calls] == [
+        "192.0.2.1", "192.0.2.11", "2001:db8::1", "192.0.2.2"]
+    [r] = env.queue.load(qid).recipients
+    assert r.state == "deferred" and r.last_reply == "421 4.4.1 connection refused"
+
+
+@pytest.mark.parametrize(("hosts", "expected"), [
+    ({"h.example.net": "192.0.2.5"}, ["192.0.2.5"]),
+    ({"h.example.net": ["2001:db8::5"]}, ["2001:db8::5"]),
+    ({"h.example.net": ["192.0.2.5", "192.0.2.5", "2001:DB8::5"]}, ["192.0.2.5", "2001:db8::5"]),
+    ({"h.example.net": []}, ["fallback"]),  # no address record: getHostByName (CNAME chase)
+])
+def test_addresses_of_a_host(hosts: dict, expected: list[str]) -> None:
+    """A host's addresses: A records, then AAAA, duplicates dropped; an answer with neither
+    asks getHostByName, which follows a CNAME."""
+    dns_ = FakeDNS({}, hosts)
+    if expected == ["fallback"]:
+        dns_.getHostByName = lambda name: defer.succeed("fallback")  # type: ignore[method-assign]
+    d = defer.ensureDeferred(HopResolver(dns_).addresses("h.example.net"))
+    assert d.result == expected  # type: ignore[attr-defined]
+
+
+def test_unknown_host_name_has_no_address() -> None:
+    """A name in no zone (both look-ups fail) raises the resolver's error: the hop's caller
+    turns it into 451 4.4.3."""
+    from twisted.names import error as dns_error
+
+    d = defer.ensureDeferred(HopResolver(FakeDNS({}, {})).addresses("nowhere.example.net"))
+    failure = d.result  # type: ignore[attr-defined]
+    d.addErrback(lambda f: None)
+    assert isinstance(failure.value, dns_error.DNSNameError)
 
 
 def test_unknown_domain_fails_permanently(tmp_path: Path) -> None:

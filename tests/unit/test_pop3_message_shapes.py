@@ -363,6 +363,36 @@ def test_a_stale_size_in_a_file_name_is_trusted_and_reported(store: MaildirStore
     assert "RETR 2 of" not in text
 
 
+IMPOSSIBLE_W = [
+    # (file name, stored bytes): S= right, W= no canonical form of S octets can have
+    ("1700000201.M1P1.foreign.host,S=27,W=3", b"Subject: W too small\n\nbody\n"),
+    ("1700000202.M1P1.foreign.host,S=25,W=53", b"Subject: W too big\n\nbody\n"),
+    ("1700000203.M1P1.foreign.host,S=25,W=0", b"Subject: W of nothing\n\nx\n"),
+]
+
+
+def test_a_size_field_no_canonical_form_can_have_is_not_trusted(store: MaildirStore) -> None:
+    """A name whose ``,S=`` is right but whose ``,W=`` is under S or over 2 S + 2 (copied from
+    another file, written by another rule) is not believed, at no cost of I/O to decide: LIST
+    and STAT give what RETR sends, and the name is put right at QUIT."""
+    box = store.root / DOMAIN / "ted" / "new"
+    for name, stored in IMPOSSIBLE_W:
+        assert int(name.split(",S=")[1].split(",")[0]) == len(stored)
+        (box / name).write_bytes(stored)
+    canon = [stored.replace(b"\n", b"\r\n") for _, stored in IMPOSSIBLE_W]
+    proto, t, greeting = session(store)
+    assert greeting.endswith(f"has 3 messages ({sum(map(len, canon))} octets)\r\n".encode())
+    for i, canonical in enumerate(canon, start=1):
+        proto.dataReceived(b"LIST %d\r\nRETR %d\r\n" % (i, i))
+        out = take(t)
+        assert out.startswith(b"+OK %d %d\r\n+OK %d octets\r\n" % (i, len(canonical), len(canonical)))
+    proto.dataReceived(b"QUIT\r\n")
+    take(t)
+    names = sorted(p.name for p in (store.root / DOMAIN / "ted" / "cur").iterdir())
+    assert names == [name.split(",", 1)[0] + f",S={len(stored)},W={len(c)}:2,"
+                     for (name, stored), c in zip(IMPOSSIBLE_W, canon, strict=True)]
+
+
 NAMED = [
     # (file name, stored bytes): size fields that do not describe the file, or are missing
     ("1700000101.M1P1.foreign.host,S=5,W=7", b"Subject: wrong S\n\nbody line\n"),

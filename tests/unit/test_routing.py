@@ -210,3 +210,32 @@ def test_a_bad_route_list_is_a_config_error(tmp_path: Path, route: str) -> None:
     with pytest.raises(ConfigError) as e:
         _config(tmp_path, extra=f'[[domains.remote]]\nname = "two.test"\nroute = {route}\n')
     assert "route" in str(e.value)
+
+
+@pytest.mark.parametrize("mx_port", [None, 2526])
+def test_mx_port_is_the_port_of_direct_delivery(tmp_path: Path, mx_port: int | None) -> None:
+    """smarthost.mx_port (default 25) is the port of direct delivery: a domain's MX hosts and
+    an address literal. A route or a smart host keeps its own port (25 when it names none)."""
+    extra = f"mx_port = {mx_port}" if mx_port else ""
+    cfg = _config(tmp_path, extra=extra)
+    port = mx_port or 25
+    mx = routing.next_hop("example.net", cfg)
+    assert (mx.host, mx.port, mx.literal) == ("example.net", port, False)
+    literal = routing.next_hop("[192.0.2.9]", cfg)
+    assert (literal.host, literal.port, literal.literal) == ("192.0.2.9", port, True)
+    assert routing.next_hop("exchange.northwindtraders.test", cfg).port == 2526
+    with_sh = _config(tmp_path, extra=extra, smarthost="relay.example.net")
+    assert routing.next_hop("example.net", with_sh).port == 25
+    assert routing.next_hop("example.net", _config(
+        tmp_path, extra=extra, smarthost="[192.0.2.1]:587")).port == 587
+
+
+def test_mx_port_other_than_25_is_a_warning(tmp_path: Path) -> None:
+    """Another MX port is legal (tests, networks that block 25) but unusual: a warning naming
+    the key, none for 25 or when it is not set; a port outside 1-65535 is an error."""
+    assert not [w for w in _config(tmp_path, extra="mx_port = 25").warnings if "mx_port" in w]
+    [warning] = [w for w in _config(tmp_path, extra="mx_port = 2525").warnings if "mx_port" in w]
+    assert "[smarthost.mx_port] direct delivery goes to port 2525" in warning
+    for bad in ("0", "65536", '"25"'):
+        with pytest.raises(ConfigError, match=r"\[smarthost.mx_port\]"):
+            _config(tmp_path, extra=f"mx_port = {bad}")

@@ -121,6 +121,31 @@ def test_null_sender_without_auth_is_unchanged() -> None:
                  transport=t)
 
 
+@pytest.mark.parametrize(("mode", "requires_auth", "reply"), [
+    ("smtps", True, b"530 5.7.0 Authentication required\r\n"),  # the default: RFC 8314 3.3
+    ("smtps", False, b"250 2.1.0 Sender <a@example.org> OK\r\n"),
+    ("submission", False, b"530 5.7.0 Authentication required\r\n"),  # the key is SMTPS's
+    ("mx", True, b"250 2.1.0 Sender <a@example.org> OK\r\n"),
+])
+def test_smtps_is_a_submission_port(mode: str, requires_auth: bool, reply: bytes) -> None:
+    """SMTPS (implicit TLS, port 465) is a submission port (RFC 8314 section 3.3): MAIL
+    without AUTH is 530 5.7.0 there, as on the submission port, unless
+    smtp.tls_listen_requires_auth = false; the key changes no other listener."""
+    factory, *_ = make_factory(smtp_config(tls_listen_requires_auth=requires_auth), mode=mode)
+    proto, t = session(factory)
+    run_dialogue(proto, [(b"MAIL FROM:<a@example.org>\r\n", reply)], transport=t)
+
+
+def test_smtps_after_auth_takes_mail() -> None:
+    """On SMTPS, once logged in, MAIL is accepted (the default requires AUTH, nothing more)."""
+    factory, *_ = make_factory(mode="smtps")
+    proto, t = session(factory)
+    run_dialogue(proto, [
+        (auth_plain(f"ted@{HOST}", "secret1"), AUTH_OK),
+        (f"MAIL FROM:<ted@{HOST}>\r\n".encode(), f"250 2.1.0 Sender <ted@{HOST}> OK\r\n".encode()),
+    ], transport=t)
+
+
 # ---------------------------------------------------------------------- fault 14: no mailbox
 
 

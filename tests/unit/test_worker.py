@@ -238,3 +238,42 @@ def test_watch_parent_passes_lines_and_stops_at_end_of_file() -> None:
     os.close(r)
     assert [c for c in calls if c[0] == "append"] == [("append", "serve"), ("append", "other")]
     assert calls[-1][0] == "_stop"
+
+
+def test_a_replaced_worker_changes_the_recorded_pids(monkeypatch) -> None:  # noqa: ANN001
+    """The supervisor reports its live workers when they change while serving: a worker that
+    ends is left out at once (no dead pid in listeners.json), its replacement is in once it
+    listens."""
+    from twisted.internet.error import ProcessTerminated
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from pop3coexist.workers import WorkerSupervisor
+
+    class Reactor(Clock):
+        pids = iter([5001, 5002])
+
+        def spawnProcess(self, proto, executable, args, env, childFDs):  # noqa: ANN001, N802, N803
+            transport = _ChildTransport()
+            transport.pid = next(self.pids)
+            proto.makeConnection(transport)
+
+    reactor = Reactor()
+    config = SimpleNamespace(server=SimpleNamespace(workers=2), path=None)
+    sup = WorkerSupervisor(config, reactor=reactor)  # type: ignore[arg-type]
+    monkeypatch.setattr(sup, "_cleanup", lambda proto: None)  # no tables or spool here
+    recorded: list[list[int]] = []
+    sup.on_change = lambda: recorded.append(sup.pids())
+    sup.startService()
+    first = sup._spawn(1)
+    first.childDataReceived(3, b"ready\n")
+    sup.serve()
+    assert sup.pids() == [5001] and recorded == []
+    first.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert recorded == [[]] and sup.pids() == []
+    reactor.advance(30)  # past the restart delay
+    new = sup.workers[1]
+    assert new.pid == 5002 and recorded == [[]]  # spawned, not listening yet
+    new.childDataReceived(3, b"ready\n")
+    assert recorded == [[], [5002]] and sup.pids() == [5002]
+    sup.stopService()

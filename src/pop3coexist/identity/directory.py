@@ -34,6 +34,10 @@ Senders (``sender_owner``): the account that has the address as ``mail`` or any
 Recipients (``resolve_recipient``) match ``mail`` or any ``proxyAddresses`` entry
 (``SMTP:``/``smtp:``, case-insensitively) of an entry that passes ``user_filter``; the address
 must be in a local domain. Disabled accounts still receive mail (as a locked mailbox does).
+The same search also finds the groups (``objectClass=group``) with the address, and the group
+look-up that follows it (``group``, IGroupLookup) uses them instead of searching again: an
+address that nothing has costs one search, not two (a group entry is never a mailbox, even
+where ``user_filter`` would match it).
 ``lookup`` answers for any directory object (users, contacts) with its attributes, for the
 gateway role.
 
@@ -87,6 +91,11 @@ _NO_SUCH_OBJECT = 32
 MAX_GROUP_DEPTH = 16  # nesting levels of groups followed
 MAX_GROUP_ENTRIES = 5000  # member entries read for one group, nested ones included
 GROUP_CLASS = "group"
+# A recipient search also finds groups with the address (one search, not two, for an address
+# nothing here has); its groups are kept this long for the group look-up that follows it
+GROUP_HINT_SECONDS = 5.0
+GROUP_HINTS_MAX = 256
+RECIPIENT_SEARCH_LIMIT = 4  # entries: several users, or a user and a group, are both seen
 _MAX_IDLE_BIND_CONNECTIONS = 4
 
 
@@ -312,11 +321,15 @@ class DirectoryChecker:
         self._service_pending: list[defer.Deferred] | None = None
         self._idle_binders: list[_Connection] = []
         self._closed = False
+        # address key -> (time, group entries with that address) from the last recipient
+        # search, taken by the group look-up that follows (see resolve_recipient)
+        self._group_hints: dict[str, tuple[float, list[_Entry]]] = {}
         a = self.cfg.attributes
         self._attributes = [
             a.user_principal_name, a.account_name, a.mail, a.proxy_addresses,
             a.target_address, a.account_control, a.member_of,
         ]
+        self._group_attributes = [*self._attributes, "objectClass", "member", "managedBy"]
 
     def __repr__(self) -> str:
         return f"<DirectoryChecker {self.cfg.url} base={self.cfg.base_dn!r}>"
@@ -508,10 +521,12 @@ class DirectoryChecker:
     def _domains(self) -> list[str]:
         return [d.lower() for d in self._local_domains()]
 
-    def _search(self, filter_text: str, size_limit: int = 2) -> defer.Deferred:
+    def _search(self, filter_text: str, size_limit: int = 2,
+                attributes: list[str] | None = None) -> defer.Deferred:
         filter_obj = ldapfilter.parse_filter(filter_text)
+        attrs = attributes or self._attributes
         return self._with_service(
-            lambda conn: conn.search(self.cfg.base_dn, filter_obj, self._attributes, size_limit)
+            lambda conn: conn.search(self.cfg.base_dn, filter_obj, attrs, size_limit)
         )
 
     def _address_filter(self, address: str, with_upn: bool) -> str:
@@ -626,16 +641,43 @@ class DirectoryChecker:
         key = _address_key(address)
         if key is None or key.rpartition("@")[2] not in self._domains():
             return defer.succeed(None)
-        filter_text = ldapfilter.all_of(self.cfg.user_filter, self._address_filter(key, with_upn=False))
+        # one search for the accounts and the groups with the address: a group entry can
+        # only have matched as a group, any other entry only through user_filter
+        filter_text = ldapfilter.all_of(
+            self._address_filter(key, with_upn=False),
+            ldapfilter.any_of(self.cfg.user_filter, f"(objectClass={GROUP_CLASS})"))
 
         def found(entries: list[_Entry]) -> str | None:
-            if len(entries) != 1:
-                if entries:
-                    log.warn("directory recipient {a!r}: {n} entries match", a=key, n=len(entries))
+            users = [e for e in entries if not _is_group(e)]
+            if len(entries) < RECIPIENT_SEARCH_LIMIT:  # all of them seen: the groups are known
+                self._remember_groups(key, [e for e in entries if _is_group(e)])
+            if len(users) != 1:
+                if users:
+                    log.warn("directory recipient {a!r}: {n} entries match", a=key, n=len(users))
                 return None
-            return self.mailbox_of(entries[0])
+            return self.mailbox_of(users[0])
 
-        return self._edge(self._search(filter_text).addCallback(found))
+        return self._edge(self._search(filter_text, RECIPIENT_SEARCH_LIMIT,
+                                       self._group_attributes).addCallback(found))
+
+    def _remember_groups(self, key: str, groups: list[_Entry]) -> None:
+        """Keep what a recipient search found of groups with address ``key`` for the group
+        look-up that usually follows at once (``group``), GROUP_HINT_SECONDS at most."""
+        now = self.reactor.seconds()
+        if len(self._group_hints) >= GROUP_HINTS_MAX:
+            self._group_hints = {k: v for k, v in self._group_hints.items()
+                                 if now - v[0] < GROUP_HINT_SECONDS}
+            while len(self._group_hints) >= GROUP_HINTS_MAX:
+                del self._group_hints[next(iter(self._group_hints))]
+        self._group_hints[key] = (now, groups)
+
+    def _take_groups(self, key: str) -> list[_Entry] | None:
+        """The groups a recent recipient search found for ``key`` (taken: used once), or None
+        when there was none within GROUP_HINT_SECONDS."""
+        hint = self._group_hints.pop(key, None)
+        if hint is None or self.reactor.seconds() - hint[0] >= GROUP_HINT_SECONDS:
+            return None
+        return hint[1]
 
     def sender_owner(self, address: str) -> defer.Deferred:
         """See IAccountChecker: ``account_of`` the one entry passing ``user_filter`` that has
@@ -705,7 +747,7 @@ class DirectoryChecker:
         key = _address_key(address)
         if key is None:
             return defer.succeed(None)
-        return self._edge(defer.ensureDeferred(self._group(key)))
+        return self._edge(defer.ensureDeferred(self._group(key, self._take_groups(key))))
 
     def _read_entry(self, dn: str) -> defer.Deferred:
         """The entry ``dn`` (a list of at most one _Entry)."""
@@ -729,13 +771,13 @@ class DirectoryChecker:
                     return key
         return None
 
-    async def _group(self, key: str) -> Distribution | None:
-        filter_text = ldapfilter.all_of(f"(objectClass={GROUP_CLASS})",
-                                        self._address_filter(key, with_upn=False))
-        filter_obj = ldapfilter.parse_filter(filter_text)
-        attrs = [*self._attributes, "objectClass", "member", "managedBy"]
-        found: list[_Entry] = await self._with_service(
-            lambda conn: conn.search(self.cfg.base_dn, filter_obj, attrs, 2))
+    async def _group(self, key: str, found: list[_Entry] | None = None) -> Distribution | None:
+        """``group`` of ``key``; ``found``: the group entries a recipient search just found
+        for it (then there is no search of its own: none found means no group)."""
+        if found is None:
+            filter_text = ldapfilter.all_of(f"(objectClass={GROUP_CLASS})",
+                                            self._address_filter(key, with_upn=False))
+            found = await self._search(filter_text, 2, self._group_attributes)
         if len(found) != 1:
             if found:
                 log.warn("directory group {a!r}: {n} entries match", a=key, n=len(found))
@@ -761,7 +803,7 @@ class DirectoryChecker:
                 log.warn("directory group {a!r}: member {dn!r} does not exist", a=key, dn=dn)
                 continue
             entry = entries[0]
-            if GROUP_CLASS in {c.lower() for c in entry.get("objectClass")}:
+            if _is_group(entry):
                 if depth >= MAX_GROUP_DEPTH:
                     log.warn("directory group {a!r}: {dn!r} is nested deeper than {n} levels",
                              a=key, dn=dn, n=MAX_GROUP_DEPTH)
@@ -798,6 +840,11 @@ class DirectoryChecker:
             return Failure(AuthUnavailable("the directory cannot answer now"))
 
         return d.addErrback(unavailable)
+
+
+def _is_group(entry: _Entry) -> bool:
+    """The entry is a directory group (``objectClass=group``, any case)."""
+    return GROUP_CLASS in {c.lower() for c in entry.get("objectClass")}
 
 
 def _int(value: str | None) -> int:

@@ -248,11 +248,12 @@ def route_for(domain: str, config: Config, local_delivery: bool = True, spread: 
             ))
     if sh:
         return Route((Attempt(parse_next_hop(sh, smarthost=True), "smart host"),))
+    port = config.smarthost.mx_port  # 25 but in tests and unusual networks
     ip = literal_ip(domain)
     if ip is not None:
-        return Route((Attempt(NextHop(host=str(ip), port=SMTP_PORT, literal=True),
+        return Route((Attempt(NextHop(host=str(ip), port=port, literal=True),
                               f"address literal {domain}"),))
-    return Route((Attempt(NextHop(host=domain, port=SMTP_PORT), f"MX of {domain}"),))
+    return Route((Attempt(NextHop(host=domain, port=port), f"MX of {domain}"),))
 
 
 def next_hop(domain: str, config: Config, local_delivery: bool = True) -> NextHop:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,8 @@ from pop3coexist.config import Config
 from pop3coexist.errors import MailError
 from pop3coexist.policy import routing
 
-MAX_HOSTS_PER_ATTEMPT = 5
+MAX_HOSTS_PER_ATTEMPT = 5  # MX host names tried in one attempt
+MAX_ADDRESSES_PER_ATTEMPT = 10  # addresses of those hosts tried in one attempt
 
 
 class HopError(MailError):
@@ -42,7 +44,10 @@ class Candidate:
 class HopResolver:
     """Turns a NextHop into the hosts to try: ``[address]`` as is, else MX (by preference,
     hosts of equal preference in random order as RFC 5321 section 5.1 requires), else the
-    name's own address (RFC 5321 5.1 implicit MX). Uses twisted.names.
+    name's own addresses (RFC 5321 5.1 implicit MX). Every A and AAAA address of each host is
+    a candidate of its own (A first), so that a host whose first address does not answer is
+    reached at the next (RFC 5321 section 5.1); at most ``MAX_HOSTS_PER_ATTEMPT`` names and
+    ``MAX_ADDRESSES_PER_ATTEMPT`` addresses. Uses twisted.names (an ``IResolver``).
 
     ``shuffle`` (default ``random.shuffle``) orders each group of equal preference in place.
     """
@@ -98,13 +103,44 @@ class HopResolver:
                 out.append(Candidate(name, name, hop.port))
                 continue
             try:
-                ip = await self.resolver.getHostByName(name)
-                out.append(Candidate(name, ip, hop.port))
+                ips = await self.addresses(name)
             except Exception as e:
                 failure = HopError(451, "4.4.3", f"no address for {name}: {e.__class__.__name__}")
+                continue
+            out.extend(Candidate(name, ip, hop.port) for ip in ips)
         if not out:
             raise failure or HopError(451, "4.4.3", f"no address for {hop.host}")
-        return out
+        return out[:MAX_ADDRESSES_PER_ATTEMPT]
+
+    async def addresses(self, name: str) -> list[str]:
+        """Every address of host ``name``: its A records, then its AAAA records, each in the
+        order the resolver gave them (RFC 5321 section 5.1: a client tries each address of a
+        host in turn before it gives up on the host). An answer with no address of either
+        type (a CNAME whose target the resolver left out) is asked again through
+        ``getHostByName``, which follows the CNAME. Raises the resolver's error when neither
+        look-up could be made, or when the name has no address."""
+        from twisted.names import dns
+
+        queries = [(dns.A, self.resolver.lookupAddress(name)),
+                   (dns.AAAA, self.resolver.lookupIPV6Address(name))]
+        found: list[str] = []
+        failures: list[Exception] = []
+        for rtype, query in queries:
+            try:
+                answers, _auth, _add = await query
+            except Exception as e:  # noqa: BLE001 - no such name, a time-out: the other type
+                failures.append(e)
+                continue
+            for rr in answers:
+                if rr.type == dns.A and rtype == dns.A:
+                    found.append(rr.payload.dottedQuad())
+                elif rr.type == dns.AAAA and rtype == dns.AAAA:
+                    found.append(socket.inet_ntop(socket.AF_INET6, rr.payload.address))
+        if found:
+            return list(dict.fromkeys(found))
+        if len(failures) == len(queries):
+            raise failures[0]
+        return [await self.resolver.getHostByName(name)]
 
 
 def own_addresses(config: Config) -> routing.OwnAddresses:

@@ -61,7 +61,9 @@ class SMTPServerFactory(protocol.ServerFactory):
     ``mode``: ``"mx"`` (anonymous mail for local and relay domains; AUTH optional),
     ``"submission"`` (AUTH required before MAIL, 530 5.7.0), ``"smtps"`` (TLS from the first
     byte: either the listener is wrapped in ``TLSMemoryBIOFactory``, or on a plain TCP
-    transport the session starts TLS itself before the greeting).
+    transport the session starts TLS itself before the greeting; a submission port, RFC 8314
+    section 3.3: AUTH required too unless ``smtp.tls_listen_requires_auth`` is false).
+    ``auth_required``: whether MAIL needs AUTH first on this listener.
     ``run_blocking(f, *args)`` runs blocking store/queue calls off the reactor and returns a
     Deferred (default: the reactor's thread pool). ``throttle`` and ``limiter`` may be shared
     between listeners (one AuthThrottle with POP3, one ConnectionLimiter for all SMTP ports).
@@ -107,6 +109,9 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.queue = queue
         self.tls_options = tls_options
         self.mode = mode
+        # submission, and SMTPS unless smtp.tls_listen_requires_auth = false (RFC 8314 3.3)
+        self.auth_required = mode == "submission" or (
+            mode == "smtps" and config.smtp.tls_listen_requires_auth)
         self.reactor = reactor
         if run_blocking is None:
 

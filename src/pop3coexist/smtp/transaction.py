@@ -33,7 +33,7 @@ class MailCommands:
             raise fail(503, "5.5.1", "Send HELO or EHLO first")
         if self._txn is not None:
             raise fail(503, "5.5.1", "Sender already specified")
-        if self.factory.mode == "submission" and self.user is None:
+        if self.factory.auth_required and self.user is None:
             raise fail(530, "5.7.0", "Authentication required")
         if self._messages >= cfg.max_messages_per_connection:
             self._hangup(fail(421, "4.7.0", f"{self.hostname} Too many messages in this session, "

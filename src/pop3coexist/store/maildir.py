@@ -952,7 +952,15 @@ class Maildrop:
                 # The name's ,W= is trusted only beside an ,S= that matches the file's real
                 # size: a name copied from another file, or written by a tool with another
                 # rule, must not make LIST disagree with RETR (the file is read instead).
-                trusted = fields.get("S") == st.st_size
+                # And only a W= that the canonical form of S octets can have, as text this
+                # server or a Maildir MTA writes it: S <= W <= 2 S + 2 (each line end gains
+                # a CR at most, a last line without one gains CRLF). A W= outside, or one
+                # under S (only a file the canonical rule shortens: a Ctrl-Z end, an mbox
+                # From_ line, CR CR LF, rare), is read instead.
+                size_hint = fields.get("S")
+                wsize_hint = fields.get("W")
+                trusted = size_hint == st.st_size and (
+                    wsize_hint is None or st.st_size <= wsize_hint <= 2 * st.st_size + 2)
                 msg = _Message(folder, entry.name, st.st_size,
                                fields.get("W") if trusted else None)
                 msg.named = trusted and "W" in fields
