@@ -426,8 +426,9 @@ def fuzz_dsn(data: bytes) -> None:
     report = dsn.build_report(kind, env, recipients, "pop.contoso.test", full, 1_700_000_100.0)
     head, sep, rest = report.partition(b"\r\n\r\n")
     assert sep and head.isascii(), head
-    for line in head.split(b"\r\n"):
-        assert b"\r" not in line and b"\n" not in line and line[:1] not in (b" ", b"\t"), line
+    for i, line in enumerate(head.split(b"\r\n")):
+        assert b"\r" not in line and b"\n" not in line, line
+        assert line[:1] not in (b" ", b"\t") or i > 0, line  # a fold follows a field
         assert not re.search(rb"[\x00-\x1f\x7f]", line), line  # RFC 5322 section 2.2
     msg = email.message_from_bytes(report, policy=email.policy.compat32)
     assert msg.get_content_type() == "multipart/report", msg.get_content_type()
@@ -437,13 +438,34 @@ def fuzz_dsn(data: bytes) -> None:
     status = parts[1].get_payload()
     blocks = status[1:] if isinstance(status, list) else []
     assert len(blocks) == len(recipients), (len(blocks), len(recipients))
-    # the report's own parts (not the returned message) are printable lines
+    # the report's own parts (not the returned message) are ASCII lines of at most 998 octets
     status_part = report.find(b"Content-Type: message/delivery-status")
     own = report[: report.find(b"\r\n--=_report_", status_part)]
-    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", own), own
-    for block in blocks:
+    assert own.isascii() and not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", own), own
+    assert all(len(line) <= 998 for line in own.split(b"\r\n")), own
+    assert own.count(b"\n") == own.count(b"\r\n"), own
+    for block, r in zip(blocks, recipients, strict=True):
         assert re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", block["Status"] or ""), block["Status"]
         assert block["Action"] == kind, (block["Action"], kind)
+        final = block["Final-Recipient"]
+        if len(final) < 900:  # unfolded: the address comes back exactly (RFC 6533 xtext)
+            assert _final_recipient(final) == r.address, (final, r.address)
+    envid_field = status[0]["Original-Envelope-Id"] if isinstance(status, list) else None
+    if envid:  # as it was, or RFC 3461 xtext of its UTF-8 octets (folds aside)
+        got = envid_field or ""
+        xtext = re.sub(r"\s", "", got)
+        assert got == envid or dsn.xtext_decode(xtext).encode("latin-1") == envid.encode(), (
+            got, envid)
+
+
+def _final_recipient(value: str) -> str:
+    """The address of a Final-Recipient value: ``rfc822; a`` or RFC 6533 ``utf-8; xtext``."""
+    kind, _, addr = value.partition(";")
+    addr = addr[1:] if addr.startswith(" ") else addr
+    if kind == "utf-8":
+        return re.sub(r"\\x\{([0-9A-F]+)\}", lambda m: chr(int(m.group(1), 16)), addr)
+    assert kind == "rfc822", value
+    return addr
 
 
 # --------------------------------------------------------------------------- config.py
