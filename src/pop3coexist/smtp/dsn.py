@@ -188,6 +188,7 @@ _SYNTAX = {
 }
 _ATOM_RE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # RFC 5322 atext
 _HOST_RE = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
+_PLAIN_RE = re.compile(r"[\x20-\x7e]*")
 
 
 def _unsafe(ch: str) -> bool:
@@ -202,6 +203,8 @@ def _text(value: object, ascii_only: bool) -> str:
     characters ``?``; with ``ascii_only`` other non-ASCII characters are written as RFC 6533
     ``\\x{HEX}``."""
     text = " ".join(str(value).split())
+    if _PLAIN_RE.fullmatch(text):
+        return text
     out = []
     for ch in text:
         if _unsafe(ch):
@@ -227,7 +230,7 @@ def utf8_addr_xtext(address: str) -> str:
 
 
 def _printable(value: str) -> bool:
-    return bool(value) and all(0x20 <= ord(c) <= 0x7E for c in value)
+    return bool(value) and _PLAIN_RE.fullmatch(value) is not None
 
 
 def _address(address: str) -> str:
@@ -305,7 +308,7 @@ def _value(syntax: str, value: object) -> str:
 def _fold(line: str) -> list[str]:
     """``line`` cut into physical lines of at most MAX_LINE octets (UTF-8), at spaces where
     it can be (RFC 5322 section 2.2.3); a continuation line starts with a space."""
-    if len(line.encode("utf-8")) <= MAX_LINE:
+    if len(line) <= MAX_LINE // 4 or len(line.encode("utf-8")) <= MAX_LINE:
         return [line]
     out: list[str] = []
     rest = line
