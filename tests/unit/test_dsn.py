@@ -279,3 +279,12 @@ def test_field_never_raises_and_returns_one_safe_line() -> None:
             assert not any(dsn._unsafe(c) for c in line.replace("\r\n ", "")), (name, line)
             if name is not None:
                 assert line.isascii(), (name, line)
+
+
+def test_an_orcpt_of_type_utf8_is_not_encoded_twice() -> None:
+    """An ORCPT received as RFC 6533 ``utf-8;`` (already utf-8-addr-xtext) is written once
+    encoded, not with its backslashes encoded again."""
+    rcpt = _rcpt("j@x.test", orcpt="utf-8;j\\x{FC}rgen@x.test")
+    data = dsn.build_report("failed", _env(), [rcpt], "h.test", b"", 1.0)
+    block = _sound(data, 1).get_payload()[1].get_payload()[1]
+    assert block["Original-Recipient"] == "utf-8;j\\x{FC}rgen@x.test"

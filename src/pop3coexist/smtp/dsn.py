@@ -229,6 +229,12 @@ def utf8_addr_xtext(address: str) -> str:
     return "".join(out)
 
 
+def _embedded(m: re.Match) -> str:
+    """One RFC 6533 ``\\x{HEX}`` decoded (kept as it is when it names no character)."""
+    point = int(m.group(1), 16)
+    return chr(point) if point <= 0x10FFFF and not 0xD800 <= point <= 0xDFFF else m.group(0)
+
+
 def _printable(value: str) -> bool:
     return bool(value) and _PLAIN_RE.fullmatch(value) is not None
 
@@ -291,6 +297,8 @@ def _value(syntax: str, value: object) -> str:
     if syntax == "typed-address":
         kind, _, address = raw.partition(";")
         kind, address = kind.strip(), address.strip()
+        if kind.lower() == "utf-8":  # already utf-8-addr-xtext or -unitext: decode once
+            address = re.sub(r"\\x\{([0-9A-Fa-f]{1,6})\}", _embedded, address)
         if kind.lower() in ("rfc822", "utf-8") or not _ATOM_RE.fullmatch(kind):
             return _address(address).replace("; ", ";", 1)
         return f"{kind};{_text(address, ascii_only=True)}"
