@@ -426,8 +426,9 @@ def fuzz_dsn(data: bytes) -> None:
     report = dsn.build_report(kind, env, recipients, "pop.contoso.test", full, 1_700_000_100.0)
     head, sep, rest = report.partition(b"\r\n\r\n")
     assert sep and head.isascii(), head
-    for line in head.split(b"\r\n"):
-        assert b"\r" not in line and b"\n" not in line and line[:1] not in (b" ", b"\t"), line
+    for i, line in enumerate(head.split(b"\r\n")):
+        assert b"\r" not in line and b"\n" not in line, line
+        assert line[:1] not in (b" ", b"\t") or i > 0, line  # a fold follows a field
         assert not re.search(rb"[\x00-\x1f\x7f]", line), line  # RFC 5322 section 2.2
     msg = email.message_from_bytes(report, policy=email.policy.compat32)
     assert msg.get_content_type() == "multipart/report", msg.get_content_type()
@@ -437,13 +438,34 @@ def fuzz_dsn(data: bytes) -> None:
     status = parts[1].get_payload()
     blocks = status[1:] if isinstance(status, list) else []
     assert len(blocks) == len(recipients), (len(blocks), len(recipients))
-    # the report's own parts (not the returned message) are printable lines
+    # the report's own parts (not the returned message) are ASCII lines of at most 998 octets
     status_part = report.find(b"Content-Type: message/delivery-status")
     own = report[: report.find(b"\r\n--=_report_", status_part)]
-    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", own), own
-    for block in blocks:
+    assert own.isascii() and not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", own), own
+    assert all(len(line) <= 998 for line in own.split(b"\r\n")), own
+    assert own.count(b"\n") == own.count(b"\r\n"), own
+    for block, r in zip(blocks, recipients, strict=True):
         assert re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", block["Status"] or ""), block["Status"]
         assert block["Action"] == kind, (block["Action"], kind)
+        final = block["Final-Recipient"]
+        if len(final) < 900:  # unfolded: the address comes back exactly (RFC 6533 xtext)
+            assert _final_recipient(final) == r.address, (final, r.address)
+    envid_field = status[0]["Original-Envelope-Id"] if isinstance(status, list) else None
+    if envid:  # as it was, or RFC 3461 xtext of its UTF-8 octets (folds aside)
+        got = envid_field or ""
+        xtext = re.sub(r"\s", "", got)
+        assert got == envid or dsn.xtext_decode(xtext).encode("latin-1") == envid.encode(), (
+            got, envid)
+
+
+def _final_recipient(value: str) -> str:
+    """The address of a Final-Recipient value: ``rfc822; a`` or RFC 6533 ``utf-8; xtext``."""
+    kind, _, addr = value.partition(";")
+    addr = addr[1:] if addr.startswith(" ") else addr
+    if kind == "utf-8":
+        return re.sub(r"\\x\{([0-9A-F]+)\}", lambda m: chr(int(m.group(1), 16)), addr)
+    assert kind == "rfc822", value
+    return addr
 
 
 # --------------------------------------------------------------------------- config.py
@@ -660,3 +682,214 @@ def _stuffed(body: bytes) -> bytes:
 
 def b64(text: bytes) -> bytes:
     return base64.b64encode(text)
+
+
+# --------------------------------------------------------------------------- policy/sieve.py
+
+
+def _sieve_shape(commands: list) -> tuple:
+    """A parsed script without its line numbers: what a round trip must keep."""
+    from pop3coexist.policy import sieve as S
+
+    def arg(a):
+        if isinstance(a, S.StringList):
+            return ("strings", tuple(a.values), a.single)
+        if isinstance(a, S.Tag):
+            return ("tag", a.name)
+        return ("number", a.value)
+
+    def cmd(c):
+        return (c.name, tuple(arg(a) for a in c.arguments), tuple(cmd(t) for t in c.tests),
+                None if c.block is None else tuple(cmd(b) for b in c.block),
+                tuple((k, None if v is None else arg(v)) for k, v in c.tags.items()),
+                tuple(arg(a) for a in c.positional))
+
+    return tuple(cmd(c) for c in commands)
+
+
+def sieve_text(commands: list) -> str:
+    """A parsed script written back as Sieve (RFC 5228 section 8): quoted strings with ``"``
+    and ``\\`` escaped, numbers in octets, one command per line."""
+    from pop3coexist.policy import sieve as S
+
+    def arg(a) -> str:
+        if isinstance(a, S.StringList):
+            quoted = ['"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in a.values]
+            return quoted[0] if a.single else "[" + ", ".join(quoted) + "]"
+        if isinstance(a, S.Tag):
+            return a.name
+        return str(a.value)
+
+    def test(c) -> str:
+        out = " ".join([c.name, *(arg(a) for a in c.arguments)])
+        if len(c.tests) == 1 and not S.SPECS.get(c.name, S.Spec("test")).tests == "list":
+            return out + " " + test(c.tests[0])
+        if c.tests:
+            return out + " (" + ", ".join(test(t) for t in c.tests) + ")"
+        return out
+
+    def block(cs, indent: str) -> str:
+        lines = []
+        for c in cs:
+            head = indent + test(c)
+            if c.block is None:
+                lines.append(head + ";\n")
+            else:
+                lines.append(head + " {\n" + block(c.block, indent + "  ") + indent + "}\n")
+        return "".join(lines)
+
+    return block(commands, "")
+
+
+_SIEVE_MAIL = (b"Return-Path: <a@example.org>\r\nFrom: Ann <ann@example.org>\r\n"
+               b"To: ted@pop.contoso.test, =?utf-8?q?J=C3=BCrgen?= <j@x.test>\r\n"
+               b"Subject: [list] Re: hello 42\r\nX-Spam-Score: 7\r\n"
+               b"Content-Type: text/plain\r\n\r\nbody text with money\r\n")
+
+
+@harness("sieve")
+def fuzz_sieve(data: bytes) -> None:
+    """policy/sieve.py parse (the lexer, parser and validator ManageSieve, the admin tool and
+    the rules stage share) on any octets, and policy/sieve_run.py over a parsed script.
+    Invariants: parse returns commands or raises SieveSyntaxError (never another exception),
+    with a line between 1 and the script's last line and a message on one line; ``check``
+    agrees; the same octets give the same result; a parsed script written back as Sieve
+    (``sieve_text``) parses to the same tree (round trip); run over a fixed message it returns
+    a Result or raises SieveRuntimeError, never another exception, within its step limit."""
+    from pop3coexist.policy import sieve as S
+    from pop3coexist.policy import sieve_run as R
+
+    try:
+        commands = S.parse(data)
+    except S.SieveSyntaxError as e:
+        assert 1 <= e.line <= data.count(b"\n") + 1, (e.line, data.count(b"\n"))
+        assert e.message and "\n" not in e.message and "\r" not in e.message, e.message
+        assert S.check(data) == str(e)
+        return
+    assert S.check(data) is None
+    shape = _sieve_shape(commands)
+    assert _sieve_shape(S.parse(data)) == shape, "parse is not deterministic"
+    text = sieve_text(commands)
+    try:
+        again = S.parse(text)
+    except S.SieveSyntaxError as e:
+        raise AssertionError(f"the script written back does not parse: {e}\n{text}") from None
+    assert _sieve_shape(again) == shape, (text, _sieve_shape(again), shape)
+    mail = R.MailContext.from_bytes("a@example.org", "ted@pop.contoso.test", _SIEVE_MAIL)
+    try:
+        result = R.run(commands, mail, R.Limits(steps=5000, seconds=5.0))
+    except R.SieveRuntimeError as e:
+        assert e.message, e
+        return
+    assert isinstance(result, R.Result)
+    assert len(result.actions) <= 32, len(result.actions)
+
+
+# --------------------------------------------------------------------------- milter/codec.py
+
+
+def _milter_reference(stream: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The packets in ``stream`` by the protocol's own rule (4-octet length, then that many
+    octets; 0 or over MAX_PACKET is an error), and whether an error ends it."""
+    from pop3coexist.milter import codec
+
+    out, pos = [], 0
+    while len(stream) - pos >= 4:
+        length = int.from_bytes(stream[pos:pos + 4], "big")
+        if length == 0 or length > codec.MAX_PACKET:
+            return out, True
+        if len(stream) - pos - 4 < length:
+            break
+        packet = stream[pos + 4:pos + 4 + length]
+        out.append((packet[:1], packet[1:]))
+        pos += 4 + length
+    return out, False
+
+
+def milter_reply_bytes(reply) -> bytes:
+    """A filter's packet for ``reply`` (codec.Reply) as libmilter writes it (test side)."""
+    import struct
+
+    from pop3coexist.milter import codec
+
+    strings = codec.cstrings(*reply.args) if reply.args else b""
+    if reply.code == codec.REPLBODY:
+        data = reply.body
+    elif reply.code in (codec.CHGHEADER, codec.INSHEADER, codec.SETSYMLIST):
+        data = struct.pack("!I", reply.index) + strings
+    else:
+        data = strings
+    return codec.encode(reply.code, data)
+
+
+@harness("milter")
+def fuzz_milter(data: bytes) -> None:
+    """milter/codec.py: a filter's byte stream (octets 1...) cut as octet 0 says, through
+    ``Decoder`` and ``parse_reply``; and the MTA-side encoders on strings from the input.
+    Invariants: decoding raises only ProtocolError; any cuts give the packets of the
+    protocol's own framing rule (``_milter_reference``) and the error exactly when it has
+    one; every packet either parses to a Reply or raises ProtocolError; a Reply written back
+    (``milter_reply_bytes``) decodes and parses to the same Reply; every packet the MTA side
+    encodes (connect, macros, OPTNEG, any command) decodes to its command and data, with each
+    string as given less its NULs."""
+    import struct
+
+    from pop3coexist.milter import codec
+
+    if len(data) < 1:
+        return
+    stream = data[1:]
+    reference, broken = _milter_reference(stream)
+    decoder = codec.Decoder()
+    packets: list[tuple[bytes, bytes]] = []
+    failed = False
+    for chunk in chunked(stream, data[0]):
+        try:
+            packets += decoder.feed(chunk)
+        except codec.ProtocolError:
+            failed = True
+            break
+    assert failed == broken, (failed, broken)
+    assert packets == reference[: len(packets)], (packets, reference)
+    if not broken:
+        assert packets == reference, (packets, reference)
+    for code, payload in packets:
+        try:
+            reply = codec.parse_reply(code, payload)
+        except codec.ProtocolError as e:
+            assert str(e), e
+            continue
+        assert isinstance(reply, codec.Reply) and reply.code == code
+        again = codec.Decoder().feed(milter_reply_bytes(reply))
+        assert len(again) == 1 and again[0][0] == code, again
+        assert codec.parse_reply(*again[0]) == reply, (reply, again)
+        if len(payload) >= 12:
+            assert len(codec.parse_optneg(payload)) == 3
+    # the MTA side: what we send decodes to what we meant
+    text = stream.decode("utf-8", "surrogateescape")
+    parts = text.split("\x01")[:6] + [""] * 6
+    port = int.from_bytes(data[:2].ljust(2, b"\0"), "big")
+    for family in (codec.FAMILY_INET, codec.FAMILY_INET6, codec.FAMILY_UNIX,
+                   codec.FAMILY_UNKNOWN):
+        [(code, payload)] = codec.Decoder().feed(codec.connect(parts[0], family, port, parts[1]))
+        assert code == codec.CONNECT
+        host, _, rest = payload.partition(b"\0")
+        assert host == parts[0].encode("utf-8", "surrogateescape").replace(b"\0", b"")
+        assert rest[:1] == family
+        if family != codec.FAMILY_UNKNOWN:
+            assert struct.unpack("!H", rest[1:3])[0] == port
+            assert rest[3:] == codec.cstrings(parts[1])
+    macros = {parts[2]: parts[3], parts[4]: parts[5]}
+    [(code, payload)] = codec.Decoder().feed(codec.macros(codec.MAIL, macros))
+    assert code == codec.MACRO and payload[:1] == codec.MAIL
+    expected = [x for k, v in macros.items() if v for x in (k, v)]
+    assert payload[1:] == codec.cstrings(*expected), (payload, expected)
+    assert codec._split(payload[1:]) == [
+        s.encode("utf-8", "surrogateescape").replace(b"\0", b"").decode("utf-8", "surrogateescape")
+        for s in expected]
+    command = data[:1] or b"B"
+    [(code, payload)] = codec.Decoder().feed(codec.encode(command, stream[: codec.MAX_PACKET - 1]))
+    assert (code, payload) == (command, stream[: codec.MAX_PACKET - 1])
+    version, actions, protocol = codec.parse_optneg(codec.optneg()[5:])
+    assert (version, actions, protocol) == (codec.VERSION, codec.ACTIONS_OFFERED,
+                                            codec.PROTOCOL_OFFERED)

@@ -29,6 +29,8 @@ MODULES = {
     "config": ["pop3coexist.config"],
     "ldapfilter": ["pop3coexist.ldapfilter"],
     "smtp_client": ["pop3coexist.smtp.client"],
+    "sieve": ["pop3coexist.policy.sieve", "pop3coexist.policy.sieve_run"],
+    "milter": ["pop3coexist.milter.codec"],
 }
 
 

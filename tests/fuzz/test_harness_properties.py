@@ -44,6 +44,16 @@ _atoms = {
     "pop3_session": [b"USER ted@pop.contoso.test\r\n", b"PASS ted secret 1\r\n", b"LIST\r\n",
                      b"RETR 1\r\n", b"TOP 2 1\r\n", b"DELE 1\r\n", b"STLS\r\n", b"AUTH PLAIN\r\n",
                      b"AUTH LOGIN\r\n", b"*\r\n", b"QUIT\r\n", b"\r\n", b"\n", b"x" * 300, b"CAPA\r\n"],
+    "sieve": [b"require ", b'"fileinto"', b'["variables", "relational"]', b"[", b"]", b",", b";",
+              b"{", b"}", b"(", b")", b"if ", b"elsif ", b"else ", b"header ", b":contains ",
+              b":matches ", b':value "ge" ', b'"*"', b'"subject"', b"fileinto ", b"keep", b"stop",
+              b"text:\r\n", b"\r\n.\r\n", b"#", b"/*", b"*/", b"\\", b'"', b"100K", b"allof ",
+              b"anyof ", b"not ", b"set ", b'"${1}"', b"vacation ", b":days 1 ", b"\n", b"\xc3\xa9",
+              b"\xff"],
+    "milter": [b"\x00\x00\x00\x01a", b"\x00\x00\x00\x01c", b"\x00\x00\x00\x0dy550 5.7.1 x\x00",
+               b"\x00\x00\x00\x05hX\x00y\x00", b"\x00\x00\x00\x09m\x00\x00\x00\x01S\x00v\x00",
+               b"\x00\x00\x00\x0dO\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff", b"\x00\x00\x00",
+               b"\x00", b"\xff\xff\xff\xff", b"\x00\x00\x00\x05b", b"\x01"],
 }
 
 

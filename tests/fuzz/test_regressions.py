@@ -68,3 +68,35 @@ def test_a_malformed_reply_line_is_a_protocol_error(tmp_path: Path) -> None:
     assert h.transport.disconnecting
     [reply] = h.close().replies
     assert reply.code == 451 and reply.reply.startswith("451 4.5.0 protocol error"), reply
+
+
+def test_sieve_errors_that_quote_the_script_are_one_printable_line() -> None:
+    """The sieve fuzzer's input (corpus/sieve/regress-newline-in-error): ``require
+    ["relational, not size ...\\n..."]`` gave the error ``unknown extension "relational, not
+    size :over 100K,\\n    header :count"``, two lines: the admin tool's one-line error and
+    the log took the script's text as it was. Every SieveSyntaxError and SieveRuntimeError
+    message is now one printable line (non-printable characters as escapes) of at most 300
+    characters, whatever it quotes."""
+    from pop3coexist.policy import sieve, sieve_run
+
+    corpus = Path(__file__).parent / "corpus" / "sieve" / "regress-newline-in-error"
+    try:
+        sieve.parse(corpus.read_bytes())
+    except sieve.SieveSyntaxError as e:
+        assert e.line == 1 and "\n" not in str(e) and "100K,\\n    header" in e.message, e
+    else:
+        raise AssertionError("the script parsed")
+    err = sieve.check('require "a\r\nBYE \\"x\\"\u2028' + "b" * 400 + '";')
+    assert err is not None and err.isprintable() and len(err) <= len("line 1: ") + 300, err
+    assert err.startswith('line 1: unknown extension "a\\r\\nBYE "x"\\u2028bbb'), err
+    assert str(sieve_run.SieveRuntimeError(3, "redirect: \"a\nb\" is not an address")) == (
+        'line 3: redirect: "a\\nb" is not an address')
+
+
+def test_xtext_of_an_undecodable_octet_does_not_raise() -> None:
+    """dsn.xtext_encode raised UnicodeEncodeError on a lone surrogate (an ORCPT or ENVID with
+    an undecodable octet kept by surrogateescape) while a report or the next hop's RCPT was
+    being written; the octet is encoded as itself now."""
+    assert dsn.xtext_encode("a\udcffb") == "a+FFb"
+    assert dsn.xtext_encode("\ud800") == "?"  # a surrogate that stands for no octet
+    assert dsn.orcpt_param("rfc822;x\udcfe@y.test") == "rfc822;x+FE@y.test"

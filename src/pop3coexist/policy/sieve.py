@@ -64,10 +64,26 @@ MAX_NESTING = 15  # blocks inside blocks (Pigeonhole's default too)
 MAX_SCRIPT_SIZE = 1024 * 1024  # octets the parser looks at, whatever the quota says
 
 
+MAX_MESSAGE = 300  # characters of an error message (it may quote the script)
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """An error message that quotes a script, made one printable line: every character
+    that is not printable (CR, LF, NUL, other controls, Unicode line and format characters)
+    written as its Python escape (``\\n``, ``\\x00``, ``\\u2028``), at most ``limit``
+    characters (then ``...``). ManageSieve replies, the admin tool's one-line errors and the
+    log all show messages through it."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                  for c in text)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 class SieveSyntaxError(ValueError):
-    """A script that cannot run: ``line`` (1-based) and ``message`` (no line prefix)."""
+    """A script that cannot run: ``line`` (1-based) and ``message`` (no line prefix; one
+    printable line, see ``one_line``, whatever part of the script it quotes)."""
 
     def __init__(self, line: int, message: str) -> None:
+        message = one_line(message)
         super().__init__(f"line {line}: {message}")
         self.line = line
         self.message = message

@@ -29,13 +29,14 @@ from email.header import decode_header, make_header
 from email.message import Message as EmailMessage
 from email.utils import getaddresses
 
-from pop3coexist.policy.sieve import Command, Number, required_extensions
+from pop3coexist.policy.sieve import Command, Number, one_line, required_extensions
 
 
 class SieveRuntimeError(Exception):
     """A script that failed while running (line, message); the message is kept."""
 
     def __init__(self, line: int, message: str) -> None:
+        message = one_line(message)  # it may quote the script or the message
         super().__init__(f"line {line}: {message}")
         self.line = line
         self.message = message

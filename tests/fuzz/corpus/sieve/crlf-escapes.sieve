@@ -1,0 +1,2 @@
+require "fileinto";
+if header :is "Subject" "\"quoted\\" {fileinto "A";}
