@@ -370,13 +370,14 @@ class FileQueue:
         qid = self._check_id(env.id)
         if create:
             path = self.envelope_path(qid)
+        elif self.owner is not None:  # a runner writes only what it has claimed
+            path = self._mine(qid)  # type: ignore[assignment]
+            if not os.path.exists(path):
+                return False  # deleted, or taken back (another runner's now)
         else:
             found = self._find(qid)
             if found is None:
                 return False
-            if self.owner is not None and found.parent.name != self.owner \
-                    and found.parent != self.env_dir:
-                return False  # another runner's claim (ours was taken back): not ours to write
             path = found
         tmp = self.tmp_dir / f"env.{qid}.{secrets.token_hex(4)}"
         data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
