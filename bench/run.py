@@ -19,7 +19,9 @@ Sections (``--only`` takes a comma list of these names):
   Dovecot over identical copies of the same Maildir; messages/s from the first RETR to the last
   QUIT's reply.
 - ``relay``: N messages for a foreign domain from a trusted client into pop3coexist, out
-  through its smart host into ``smtp-sink``; messages/s accepted and fully relayed (queue empty).
+  through its smart host into ``smtp-sink``, and the same into Postfix with ``relayhost`` set
+  to the same ``smtp-sink`` (durable on both sides: each fsyncs its queue file before the 250);
+  runs alternate; messages/s accepted and fully relayed (queue empty).
 - ``milter``: the cost of content filtering: ``smtp-source`` as in ``smtp`` against
   pop3coexist without and with one milter on the MX listener (``--milter accept``: a trivial
   accept-everything milter, bench/milter_accept.py, which is sent every step; ``--milter
@@ -473,36 +475,83 @@ def bench_pop3(tmp: Path, runs: int, peers: dict, boxes: int = 10, per_box: int 
 # ---------------------------------------------------------------- relay
 
 
-def bench_relay(tmp: Path, runs: int, messages: int) -> dict:
+def queue_left(queue_dir: Path) -> int:
+    """Messages still in pop3coexist's queue: unclaimed (env/) and claimed (claimed/*/)."""
+    folders = [queue_dir / "env"]
+    if (queue_dir / "claimed").is_dir():
+        folders += [e.path for e in os.scandir(queue_dir / "claimed") if e.is_dir()]
+    n = 0
+    for folder in folders:
+        try:
+            n += sum(1 for e in os.scandir(folder) if e.name.endswith(".json"))
+        except FileNotFoundError:
+            continue
+    return n
+
+
+def wait_empty(left, start: float, what: str, timeout: float = 600) -> float:
+    while True:
+        n = left()
+        if n == 0:
+            return time.perf_counter() - start
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError(f"relay: {n} messages still queued in {what}")
+        time.sleep(0.05)
+
+
+def bench_relay(tmp: Path, runs: int, messages: int, peers: dict) -> dict:
+    """N messages for a foreign domain in by SMTP, out to one ``smtp-sink`` through the smart
+    host (pop3coexist) or ``relayhost`` (Postfix); runs alternate between the two."""
     sink_port = free_port()
     sink = subprocess.Popen(["smtp-sink", "-u", "nobody", f"127.0.0.1:{sink_port}", "256"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     extra = f'[smarthost]\nhost = "[127.0.0.1]:{sink_port}"\ntls = "none"\n'
     srv = make_server(tmp / "p3c-relay", extra_config=extra)
-    env_dir = srv.state_dir / "queue" / "env"
-    acc_rates, all_rates = [], []
+    queue_dir = srv.state_dir / "queue"
+    pf = None
+    if peers.get("postfix"):
+        pf_root = tmp / "postfix-relay"
+        pf_root.mkdir()
+        pf = PostfixInstance(pf_root, HOSTNAME, ["bench"], relayhost=f"[127.0.0.1]:{sink_port}")
+    rates: dict[str, list[float]] = {"accept": [], "relayed": [], "pf_accept": [], "pf_relayed": []}
     try:
         with srv:
+            if pf is not None:
+                pf.start()
+            smtp_source(srv.port("smtp"), 200, "someone@relay.example")  # warm-up
+            wait_empty(lambda: queue_left(queue_dir), time.perf_counter(), "pop3coexist")
+            if pf is not None:
+                smtp_source(pf.port, 200, "someone@relay.example")
+                wait_empty(pf.queued, time.perf_counter(), "postfix")
             for i in range(runs):
                 start = time.perf_counter()
                 acc = smtp_source(srv.port("smtp"), messages, "someone@relay.example")
-                while True:
-                    left = sum(1 for e in os.scandir(env_dir) if e.name.endswith(".json")) \
-                        if env_dir.exists() else 0
-                    if left == 0:
-                        break
-                    if time.perf_counter() - start > 600:
-                        raise RuntimeError(f"relay: {left} messages still queued")
-                    time.sleep(0.05)
-                total = time.perf_counter() - start
-                acc_rates.append(messages / acc)
-                all_rates.append(messages / total)
-                log(f"relay run {i + 1}: {messages / acc:.0f} msg/s accepted, {messages / total:.0f} "
-                    "msg/s relayed")
+                total = wait_empty(lambda: queue_left(queue_dir), start, "pop3coexist")
+                rates["accept"].append(messages / acc)
+                rates["relayed"].append(messages / total)
+                log(f"relay run {i + 1}: pop3coexist {messages / acc:.0f} msg/s accepted, "
+                    f"{messages / total:.0f} msg/s relayed")
+                if pf is not None:
+                    start = time.perf_counter()
+                    acc = smtp_source(pf.port, messages, "someone@relay.example")
+                    total = wait_empty(pf.queued, start, "postfix")
+                    rates["pf_accept"].append(messages / acc)
+                    rates["pf_relayed"].append(messages / total)
+                    log(f"relay run {i + 1}: postfix {messages / acc:.0f} msg/s accepted, "
+                        f"{messages / total:.0f} msg/s relayed")
     finally:
+        if pf is not None:
+            pf.stop()
         sink.terminate()
         sink.wait(10)
-    return {"messages": messages, "accept": stats(acc_rates), "relayed": stats(all_rates)}
+    out: dict = {"messages": messages, "accept": stats(rates["accept"]),
+                 "relayed": stats(rates["relayed"])}
+    if rates["pf_accept"]:
+        out["postfix_accept"] = stats(rates["pf_accept"])
+        out["postfix_relayed"] = stats(rates["pf_relayed"])
+        out["ratio_relayed"] = (statistics.median(rates["relayed"])
+                                / statistics.median(rates["pf_relayed"]))
+    return out
 
 
 # ---------------------------------------------------------------- memory
@@ -639,8 +688,11 @@ def table(result: dict) -> str:
                      "Dovecot " + fmt(p.get("dovecot")), f"{p['ratio']:.2f}x" if "ratio" in p else "-"))
     if "relay" in result:
         r = result["relay"]
-        rows.append((f"relay to smtp-sink accepted, msg/s ({r['messages']})", fmt(r["accept"]), "", ""))
-        rows.append(("relay all delivered, msg/s", fmt(r["relayed"]), "", ""))
+        rows.append((f"relay to smtp-sink accepted, msg/s ({r['messages']})", fmt(r["accept"]),
+                     "Postfix " + fmt(r.get("postfix_accept")), ""))
+        rows.append(("relay all delivered, msg/s", fmt(r["relayed"]),
+                     "Postfix " + fmt(r.get("postfix_relayed")),
+                     f"{r['ratio_relayed']:.2f}x" if "ratio_relayed" in r else "-"))
     if "milter" in result:
         f = result["milter"]
         rows.append((f"SMTP accepted with a {f['milter']} milter, msg/s ({f['messages']})",
@@ -689,7 +741,7 @@ def main() -> None:
                  "machine' (python3 -m venv .venv && .venv/bin/pip install .), then make bench")
     raise_nofile()
     started = time.perf_counter()
-    peers = ensure_packages() if {"smtp", "pop3"} & set(only) else {}
+    peers = ensure_packages() if {"smtp", "pop3", "relay"} & set(only) else {}
     if not shutil.which("smtp-source") and {"smtp", "relay", "milter"} & set(only):
         sys.exit("smtp-source (Debian package postfix) is needed for the SMTP figures")
     result: dict = {"machine": machine(), "peers": peers, "workers": args.workers,
@@ -709,7 +761,7 @@ def main() -> None:
             elif section == "pop3":
                 result["pop3"] = bench_pop3(tmp, args.runs, peers)
             elif section == "relay":
-                result["relay"] = bench_relay(tmp, args.relay_runs, args.messages)
+                result["relay"] = bench_relay(tmp, args.relay_runs, args.messages, peers)
             elif section == "milter":
                 result["milter"] = bench_milter(tmp, args.relay_runs, args.messages, args.milter)
             elif section == "memory":
