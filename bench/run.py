@@ -22,6 +22,10 @@ Sections (``--only`` takes a comma list of these names):
   through its smart host into ``smtp-sink``, and the same into Postfix with ``relayhost`` set
   to the same ``smtp-sink`` (durable on both sides: each fsyncs its queue file before the 250);
   runs alternate; messages/s accepted and fully relayed (queue empty).
+- ``stages``: ``smtp-source`` as in ``smtp`` against two servers of this build, runs
+  alternating: without the optional stages, and with them configured but idle for this mail
+  (``[sender_authentication]`` on, but the client is inside; a milter on the submission
+  listener only; rules with no scripts); msg/s both ways and the ratio.
 - ``milter``: the cost of content filtering: ``smtp-source`` as in ``smtp`` against
   pop3coexist without and with one milter on the MX listener (``--milter accept``: a trivial
   accept-everything milter, bench/milter_accept.py, which is sent every step; ``--milter
@@ -63,7 +67,7 @@ from bench.peers import DovecotInstance, PostfixInstance, ensure_packages, free_
 from tests.support.server import HOSTNAME, ServerProcess  # noqa: E402
 
 PASSWORD = "bench-Passw0rd"
-SECTIONS = ("fsync", "smtp", "pop3", "relay", "milter", "memory")
+SECTIONS = ("fsync", "smtp", "pop3", "relay", "stages", "milter", "memory")
 MSG_SIZE = 4096
 
 
@@ -87,6 +91,19 @@ def proc_status(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/<pid>/smaps_rollup in kB: Rss, Pss, Private_Clean, Private_Dirty, ... (Linux 4.14)."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                out[name] = int(rest.split()[0])
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 def reset_hwm(pid: int) -> bool:
@@ -132,7 +149,7 @@ def machine() -> dict:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_mb": mem, "kernel": platform.release(),
         "tmp_filesystem": fs, "python": platform.python_version(),
-        "postfix": version(["postconf", "-h", "mail_version"]),
+        "postfix": version(["postconf", "-d", "-h", "mail_version"]),
         "dovecot": version(["dovecot", "--version"]),
     }
 
@@ -333,6 +350,46 @@ def bench_milter(tmp: Path, runs: int, messages: int, kind: str) -> dict:
     without, with_ = statistics.median(rates["without"]), statistics.median(rates["with"])
     return {"milter": kind, "messages": messages, "without": stats(rates["without"]),
             "with": stats(rates["with"]), "cost_ms": 1000 * (1 / with_ - 1 / without)}
+
+
+# ---------------------------------------------------------------- stages configured, idle
+
+
+def bench_stages(tmp: Path, runs: int, messages: int) -> dict:
+    """``smtp-source`` against two servers of this build, runs alternating: one without the
+    optional stages, one with them configured but with nothing to do for this mail: sender
+    authentication on (the client is inside, so no check runs), a milter on the submission
+    listener only (the MX listener has none), rules (Sieve) with no scripts."""
+    socket_, stops = start_milter(tmp, "accept")
+    try:
+        plain = make_server(tmp / "p3c-nostages")
+        staged = make_server(tmp / "p3c-stages", extra_config=(
+            "[sender_authentication]\n"
+            f'[[milter]]\nname = "idle"\nsocket = "{socket_}"\nlisteners = ["submission"]\n'))
+        rates: dict[str, list[float]] = {"without": [], "with": []}
+        servers = {"without": plain, "with": staged}
+        for srv in servers.values():
+            srv.add_mailbox(f"bench@{HOSTNAME}", PASSWORD)
+            srv.start()
+        try:
+            for srv in servers.values():  # warm-up
+                smtp_source(srv.port("smtp"), 200, f"bench@{HOSTNAME}")
+            for i in range(runs):
+                for name, srv in servers.items():
+                    new = srv.state_dir / "mailroot" / HOSTNAME / "bench" / "new"
+                    empty_folder(new)
+                    acc = smtp_source(srv.port("smtp"), messages, f"bench@{HOSTNAME}")
+                    rates[name].append(messages / acc)
+                    log(f"stages run {i + 1}: {name} stages {messages / acc:.0f} msg/s")
+        finally:
+            for srv in servers.values():
+                srv.stop()
+    finally:
+        for stop in stops:
+            stop()
+    without, with_ = statistics.median(rates["without"]), statistics.median(rates["with"])
+    return {"messages": messages, "without": stats(rates["without"]),
+            "with": stats(rates["with"]), "ratio": with_ / without}
 
 
 # ---------------------------------------------------------------- POP3
@@ -582,6 +639,18 @@ def bench_memory(tmp: Path, idle: int = 1000, big_mb: int = 100) -> dict:
 
         time.sleep(0.5)
         out["rss_start_mb"] = total("VmRSS") / 1024
+        # what each process costs: RSS, PSS (shared pages split between their users) and USS
+        # (its private pages: what one more worker adds)
+        per = []
+        for p in pids:
+            r = smaps_rollup(p)
+            per.append({"pid": p, "rss_mb": r.get("Rss", 0) / 1024, "pss_mb": r.get("Pss", 0) / 1024,
+                        "uss_mb": (r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)) / 1024})
+        out["per_process_start"] = per
+        if len(per) > 1:
+            out["worker_uss_mb"] = statistics.median(x["uss_mb"] for x in per[1:])
+            out["worker_rss_mb"] = statistics.median(x["rss_mb"] for x in per[1:])
+        out["pss_start_mb"] = sum(x["pss_mb"] for x in per)
         socks = []
         try:
             for role in ("pop3", "smtp"):
@@ -593,6 +662,7 @@ def bench_memory(tmp: Path, idle: int = 1000, big_mb: int = 100) -> dict:
             time.sleep(0.5)
             out["idle_sessions"] = len(socks)
             out["rss_idle_mb"] = total("VmRSS") / 1024
+            out["pss_idle_mb"] = sum(smaps_rollup(p).get("Pss", 0) for p in pids) / 1024
         finally:
             for s in socks:
                 s.close()
@@ -693,6 +763,11 @@ def table(result: dict) -> str:
         rows.append(("relay all delivered, msg/s", fmt(r["relayed"]),
                      "Postfix " + fmt(r.get("postfix_relayed")),
                      f"{r['ratio_relayed']:.2f}x" if "ratio_relayed" in r else "-"))
+    if "stages" in result:
+        f = result["stages"]
+        rows.append((f"SMTP accepted, stages configured but idle, msg/s ({f['messages']})",
+                     fmt(f["with"]), "without them " + fmt(f["without"]),
+                     f"{f['ratio']:.2f}x"))
     if "milter" in result:
         f = result["milter"]
         rows.append((f"SMTP accepted with a {f['milter']} milter, msg/s ({f['messages']})",
@@ -704,6 +779,10 @@ def table(result: dict) -> str:
         rows.append((f"RSS with {m['idle_sessions']} idle sessions, MB, {procs} process(es)",
                      f"{m['rss_idle_mb']:.0f}",
                      f"(at start {m['rss_start_mb']:.0f})", ""))
+        if "worker_uss_mb" in m:
+            rows.append(("one worker process at start, MB: RSS / private (USS)",
+                         f"{m['worker_rss_mb']:.0f} / {m['worker_uss_mb']:.0f}",
+                         f"(PSS all processes {m['pss_start_mb']:.0f})", ""))
         rows.append(("peak RSS growth, 100 MB in by SMTP + out by POP3, MB", f"{m['peak_growth_mb']:.0f}",
                      f"(peak {m['peak_after_big_mb']:.0f})", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -762,6 +841,8 @@ def main() -> None:
                 result["pop3"] = bench_pop3(tmp, args.runs, peers)
             elif section == "relay":
                 result["relay"] = bench_relay(tmp, args.relay_runs, args.messages, peers)
+            elif section == "stages":
+                result["stages"] = bench_stages(tmp, args.runs, args.messages)
             elif section == "milter":
                 result["milter"] = bench_milter(tmp, args.relay_runs, args.messages, args.milter)
             elif section == "memory":
