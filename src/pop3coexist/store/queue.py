@@ -360,6 +360,10 @@ class FileQueue:
                 return p
         return None
 
+    def envelope_file(self, qid: str) -> Path | None:
+        """Where the envelope of ``qid`` is now (env/ or a runner's claim), or None."""
+        return self._find(qid)
+
     def load(self, qid: str) -> Envelope | None:
         """The envelope of ``qid`` wherever it is (claimed or not), or None if it is no longer
         queued (or damaged: logged and moved aside)."""
