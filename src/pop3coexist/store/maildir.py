@@ -56,7 +56,7 @@ from pop3coexist.address import is_valid_mailbox_name, normalise_domain
 from pop3coexist.canonical import canonical_size
 from pop3coexist.config import QuotaGrace
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.fsutil import open_cached
+from pop3coexist.fsutil import open_cached, retry_stale
 from pop3coexist.interfaces import (
     Distribution,
     IAliasTable,
@@ -331,7 +331,7 @@ class MaildirStore:
     def _read_meta(self, folder: Path) -> dict[str, Any]:
         path = folder / META_NAME
         try:
-            raw = path.read_bytes()
+            raw = retry_stale(path.read_bytes)  # another node may rename a new one over it
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -766,9 +766,11 @@ class MaildirStore:
             except FileExistsError:
                 continue
             except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOSPC):
                     raise
-                # Not linkable (other file system, link limit): copy through tmp/ instead.
+                # Not linkable (other file system, link limit: EMLINK, or ENOSPC from a
+                # GlusterFS brick past storage.max-hardlinks): copy through tmp/ instead. A
+                # disk that is really full fails the copy too, with ENOSPC (452 / 4.3.1).
                 with open(source, "rb") as f:
                     return self._write_message(new.parent, f, size, wsize, fsync_new=False)
         raise OSError(errno.EEXIST, "could not find a free unique file name")

@@ -25,6 +25,7 @@ is moved aside to ``queue/damaged/`` (logged).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -144,12 +145,15 @@ class FileQueue:
                 log.warn("queue: id {qid} is taken; using a new one", qid=qid)
                 qid = self.new_id()
             except OSError as e:
-                if e.errno not in (18,):  # EXDEV: another file system; copy instead (and say so)
+                # EXDEV: another file system; EMLINK, or ENOSPC from a GlusterFS brick past
+                # storage.max-hardlinks: the link limit; copy instead (and say so)
+                if e.errno not in (errno.EXDEV, errno.EMLINK, errno.ENOSPC):
                     raise
                 if body.exists():
                     qid = self.new_id()
                     continue
-                log.warn("queue: {src} is on another file system; copying", src=str(src))
+                log.warn("queue: {src} cannot be linked ({why}); copying", src=str(src),
+                         why=e.strerror)
                 self._copy_durable(src, body)
                 break
         try:
