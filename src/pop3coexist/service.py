@@ -842,12 +842,26 @@ def make_quarantine(config: Config) -> Any:
     return Quarantine(config.server.state_dir / "quarantine")
 
 
+def make_outbound(config: Config, parts: Components, queue: Any, reactor: Any,
+                  worker: int = 0) -> Any:
+    """The delivery runner of one serving process (smtp/outbound.py ``OutboundService``):
+    every process runs one, claiming messages from the shared queue (store/queue.py), with
+    its share of the smart host connection limits."""
+    from pop3coexist.mailauth.resolver import twisted_resolver
+    from pop3coexist.smtp.hops import HopResolver
+    from pop3coexist.smtp.outbound import OutboundService
+
+    # MX and address look-ups of the queue ask the [dns] resolvers (mailauth/resolver.py)
+    return OutboundService(config, queue, store=parts.store, reactor=reactor,
+                           resolver=HopResolver(twisted_resolver(config.dns, reactor)),
+                           checker=parts.checker, worker=worker,
+                           processes=max(1, config.server.workers))
+
+
 def make_service(config: Config, reactor: Any = None,
                  report: StartupReport | None = None) -> Pop3CoexistService:
     """Build the whole server from a validated config (call ``preflight`` first); ``report``
     tells twistd how start-up ended (startup.StartupReport)."""
-    from pop3coexist.smtp.outbound import OutboundService
-
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -872,13 +886,7 @@ def make_service(config: Config, reactor: Any = None,
                                               throttles=top.throttles, tls_options=tls):
         top.add_listener(ListenerService(desc, factory, role, reactor=reactor))
 
-    from pop3coexist.mailauth.resolver import twisted_resolver
-    from pop3coexist.smtp.hops import HopResolver
-
-    # MX and address look-ups of the queue ask the [dns] resolvers (mailauth/resolver.py)
-    outbound = OutboundService(config, queue, store=parts.store, reactor=reactor,
-                               resolver=HopResolver(twisted_resolver(config.dns, reactor)),
-                               checker=parts.checker)
+    outbound = make_outbound(config, parts, queue, reactor, worker=0)
     outbound.setServiceParent(top)
     top.outbound = outbound
     _CheckerCloser(parts.checker).setServiceParent(top)

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 CONTROL_FD = 3
-IDS_PER_LINE = 100  # a control line stays well under PIPE_BUF, so writes from threads are whole
 
 
 class Control:
@@ -43,20 +42,6 @@ class Control:
         except OSError:
             self.lost = True
             return False
-
-
-def queue_waker(queue: Any, control: Control):
-    """The queue's waker in a worker: tell the main process which ids were queued; if it
-    cannot be told, leave the ``rescan`` marker its runner polls for."""
-
-    def wake() -> None:
-        ids = queue.drain_new()
-        for i in range(0, len(ids), IDS_PER_LINE):
-            if not control.send("queued " + " ".join(ids[i:i + IDS_PER_LINE])):
-                queue.request_rescan()
-                return
-
-    return wake
 
 
 def watch_parent(reactor: Any, fd: int = 0,
@@ -123,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         _CheckerCloser,
         adopt_stream_port,
         make_frontends,
+        make_outbound,
         share_accepts,
     )
 
@@ -134,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     control = Control()
     parts = Components(config, reactor)
     queue = parts.make_queue()
-    queue.set_waker(queue_waker(queue, control))
     from pop3coexist.tls import reloadable_server_options
 
     tls = reloadable_server_options(config.tls)
@@ -153,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ObserverService(process_observers(config, main=False)[1]).setServiceParent(top)
     _CheckerCloser(parts.checker).setServiceParent(top)
+    # this process delivers what it queued, and claims its share of the rest (store/queue.py)
+    make_outbound(config, parts, queue, reactor, worker=args.worker).setServiceParent(top)
     ports = []
     for (_role, fd_text), (_, _desc, factory) in zip(listeners, frontends, strict=True):
         fd = int(fd_text)

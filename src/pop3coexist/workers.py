@@ -1,6 +1,6 @@
 """The main process's side of ``server.workers`` > 1: starting, watching and stopping workers.
 
-With ``workers = N`` the main twistd process opens every listener, starts the outbound queue
+With ``workers = N`` the main twistd process opens every listener, starts its outbound queue
 runner, and spawns N - 1 worker processes (``python -m pop3coexist.worker``, see worker.py)
 that inherit the listening sockets and serve POP3 and SMTP exactly as the main process does.
 Every process accepts from the same sockets; the shared connection limits live in
@@ -15,13 +15,14 @@ Each worker's file descriptors:
 - 1 (its stdout): its log, one JSON event per line, re-published here into the main log
   with ``log_system`` set to ``worker N``;
 - 2 (its stderr): anything printed outside the log (a crash at import), logged as errors;
-- 3: control lines to the main process: ``ready`` once it listens, ``queued <id> ...`` for
-  messages it put into the outbound queue (the runner here takes them at once);
+- 3: control lines to the main process: ``ready`` once it listens. (Each worker delivers
+  the messages it queued itself, by the queue's claims: store/queue.py.)
 - 4 and up: the listening sockets, in the order of ``--listener role:fd`` arguments.
 
 A worker that exits while the server runs is logged and replaced (after 1 s, doubling up to
 30 s while it keeps dying young); its connection counts and its unfinished spool files are
-removed first. Stopping the server sends SIGTERM to every worker and waits for them (SIGKILL
+removed first, and the messages it had claimed from the outbound queue are taken back and
+run here at once. Stopping the server sends SIGTERM to every worker and waits for them (SIGKILL
 after ``stop_grace`` seconds).
 """
 
@@ -115,8 +116,6 @@ class _WorkerProtocol(protocol.ProcessProtocol):
                 self.ready.callback(None)
             if self.supervisor.serving:  # a replacement worker, once the server serves
                 self.serve()
-        elif words[0] == "queued":
-            self.supervisor.queued(words[1:])
 
     def serve(self) -> None:
         """Let this worker accept connections."""
@@ -214,11 +213,6 @@ class WorkerSupervisor(service.Service):
 
     # ------------------------------------------------------------------ running
 
-    def queued(self, ids: list[str]) -> None:
-        """A worker queued messages: the runner takes them now."""
-        if self.outbound is not None and ids:
-            self.outbound.enqueued(ids)
-
     def ended(self, proto: _WorkerProtocol, reason: Any) -> None:
         number = proto.number
         if self.workers.get(number) is not proto:
@@ -266,6 +260,8 @@ class WorkerSupervisor(service.Service):
             except (OSError, ValueError) as e:
                 log.error("cannot reset worker {number}'s {name} connection counts: {e}",
                           number=proto.number, name=name, e=e)
+        if self.outbound is not None:  # its claims on the queue: back to env/ and run now
+            self.outbound.worker_ended(proto.number)
         if proto.pid is not None:
             process_dead(proto.pid)  # its open sessions are gone from the metrics
             try:

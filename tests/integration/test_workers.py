@@ -97,9 +97,9 @@ def test_both_processes_serve_the_same_ports(server: ServerProcess) -> None:
     assert PASSWORD not in log
 
 
-def test_mail_queued_by_a_worker_is_delivered_by_the_main_process(tmp_path: Path) -> None:
-    """Remote mail accepted by the worker goes out through the smart host at once: the worker
-    passes the queue id to the main process's runner (no waiting for a queue poll)."""
+def test_mail_queued_by_a_worker_is_delivered_by_the_worker(tmp_path: Path) -> None:
+    """Remote mail accepted by the worker goes out through the smart host at once from the
+    worker itself (it claims what it queued): it arrives while the main process is stopped."""
     require_installed_plugin()
     host = SmartHost().start()
     try:
@@ -110,11 +110,46 @@ def test_mail_queued_by_a_worker_is_delivered_by_the_main_process(tmp_path: Path
             with paused(main):
                 with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=20) as s:
                     s.sendmail("x@example.org", ["far@example.net"], b"Subject: out\r\n\r\nbye\r\n")
-            [msg] = host.wait_for(1)
+                [msg] = host.wait_for(1)
             assert msg.rcpt_tos == ["far@example.net"]
             wait_until(lambda: "to=<far@example.net>" in srv.log_text(), what="the delivery log line")
+            line = next(ln for ln in srv.log_text().splitlines() if "to=<far@example.net>" in ln)
+            assert "[worker 1: pop3coexist.outbound" in line, line
     finally:
         host.stop()
+
+
+def test_a_killed_workers_claims_are_taken_back_at_once(tmp_path: Path) -> None:
+    """kill -9 of a worker in the middle of a delivery (the next hop never answers): the main
+    process takes the message the worker had claimed back at once and claims it itself (no
+    wait for the lease to expire), and nothing is lost."""
+    require_installed_plugin()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts, never greets: the delivery hangs while claimed
+    try:
+        srv = ServerProcess(tmp_path / "srv", tls=False, server_config="workers = 2",
+                            extra_config=f'[smarthost]\nhost = "[127.0.0.1]:{silent.getsockname()[1]}"\n')
+        with srv:
+            main, worker = _workers(srv)
+            claimed = srv.state_dir / "queue" / "claimed"
+
+            def holder() -> str:
+                for d in claimed.iterdir():
+                    if any(p.suffix == ".json" for p in d.iterdir()):
+                        return d.name
+                return ""
+
+            with paused(main):
+                with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=20) as s:
+                    s.sendmail("x@example.org", ["far@example.net"], b"Subject: out\r\n\r\nbye\r\n")
+                wait_until(lambda: ".w1." in holder(), what="the worker to claim the message")
+            os.kill(worker, signal.SIGKILL)
+            wait_until(lambda: ".w0." in holder(), timeout=30,
+                       what="the main process to take the message back and claim it")
+            assert "messages claimed by worker 1 taken back" in srv.log_text()
+    finally:
+        silent.close()
 
 
 def test_a_killed_worker_is_replaced(server: ServerProcess) -> None:

@@ -1,6 +1,5 @@
-"""The worker process's small parts: its queue waker tells the main process which ids were
-queued (whole lines, in chunks), and falls back to the rescan marker when the main process is
-gone; the supervisor turns a worker's JSON log lines into the main log's events."""
+"""The worker process's small parts: the supervisor turns a worker's JSON log lines into the
+main log's events, shares accepts, makes the shared tables, says when to serve."""
 
 from __future__ import annotations
 
@@ -11,53 +10,6 @@ from types import SimpleNamespace
 from zope.interface import implementer
 
 from pop3coexist.interfaces import ISharedConnectionLimiter
-from pop3coexist.store.queue import FileQueue
-from pop3coexist.worker import IDS_PER_LINE, Control, queue_waker
-
-
-class _Queue:
-    def __init__(self, ids: list[str], root: Path) -> None:
-        self.ids = ids
-        self.touched: list[str] = []
-        self.root = root
-
-    def drain_new(self) -> list[str]:
-        ids, self.ids = self.ids, []
-        return ids
-
-    def request_rescan(self) -> None:
-        self.touched.append("rescan")
-
-
-def test_waker_sends_queued_ids_in_whole_lines(tmp_path: Path) -> None:
-    """250 new ids become three ``queued`` lines of at most IDS_PER_LINE ids, each one write."""
-    r, w = os.pipe()
-    ids = [f"{i:024x}" for i in range(250)]
-    q = _Queue(list(ids), tmp_path)
-    queue_waker(q, Control(w))()
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    lines = data.decode().splitlines()
-    assert [len(line.split()) - 1 for line in lines] == [IDS_PER_LINE, IDS_PER_LINE, 50]
-    assert [x for line in lines for x in line.split()[1:]] == ids
-    assert q.touched == []
-
-
-def test_waker_leaves_the_rescan_marker_when_the_main_process_is_gone(tmp_path: Path) -> None:
-    """A broken control pipe: the ids are not lost, the runner's poll finds the rescan marker
-    (the real FileQueue's file), and later wakes do not try the pipe again."""
-    r, w = os.pipe()
-    os.close(r)
-    queue = FileQueue(tmp_path / "queue", "pop.contoso.test")
-    queue._new = ["a" * 24]
-    control = Control(w)
-    queue_waker(queue, control)()
-    os.close(w)
-    assert control.lost
-    assert queue.take_marker("rescan")
 
 
 def test_worker_log_lines_become_events_of_the_main_log() -> None:

@@ -28,11 +28,21 @@ scheduler: which message runs when, how many at once, start, stop, flush and wak
 A crash between steps repeats work (a delivery or a report may happen twice), never loses it.
 ``queue flush`` from another process is a marker file polled every ``poll_interval`` seconds;
 ``queue.wake()`` (new mail, SIGHUP) runs new messages at once.
+
+Every serving process runs one (``server.workers``; over a shared volume, every node): a
+runner claims a message before it works on it and gives it back when it defers it (the claim
+protocol: store/queue.py). Each runner delivers what its own process queued at once, keeps
+the messages it deferred on its own timer, renews its lease at every
+poll, and every ``scan_interval`` seconds takes back expired claims and
+claims due messages nobody took for ``scan_grace`` seconds (those of a process that died).
+``smarthost.max_connections`` and ``max_connections_per_host`` are totals: each of the
+``processes`` runners of a node gets its share (at least one).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -53,7 +63,7 @@ from pop3coexist.smtp.delivery import RouteDelivery, our_reply
 from pop3coexist.smtp.hops import HopResolver
 from pop3coexist.smtp.hostlimits import HopLimiter
 from pop3coexist.store.envelope import Envelope, Notice, Recipient, State
-from pop3coexist.store.queue import FileQueue
+from pop3coexist.store.queue import LEASE, FileQueue, make_owner
 
 log = Logger(namespace="pop3coexist.outbound")
 
@@ -85,6 +95,11 @@ class OutboundService(service.Service):
         poll_interval: float = 5.0,
         stop_grace: float = 10.0,
         checker: Any = None,
+        worker: int = 0,
+        processes: int = 1,
+        node: str | None = None,
+        scan_interval: float = 30.0,
+        scan_grace: float = 5.0,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -108,8 +123,15 @@ class OutboundService(service.Service):
         self.poll_interval = poll_interval
         self.stop_grace = stop_grace
         sh = config.smarthost
-        self.limiter = HopLimiter(sh.max_connections, sh.max_connections_per_host)
-        self.max_jobs = max(10, sh.max_connections * 2)
+        self.worker = worker
+        self.node = node
+        self.scan_interval = scan_interval
+        self.scan_grace = scan_grace
+        self._last_scan = 0.0
+        share = max(1, processes)
+        total = max(1, math.ceil(sh.max_connections / share))
+        self.limiter = HopLimiter(total, max(1, math.ceil(sh.max_connections_per_host / share)))
+        self.max_jobs = max(10, total * 2)
         self._due: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
         self._active: dict[str, defer.Deferred] = {}
@@ -143,25 +165,41 @@ class OutboundService(service.Service):
             self.started.errback(failure)
 
     def _startup_scan(self) -> dict[str, float]:
-        counts = self.queue.recover()
-        if counts["tmp"] or counts["orphans"]:
-            log.info("queue recovery: removed {tmp} temp files and {orphans} unfinished "
-                     "messages", **counts)
+        owner = make_owner(self.node, self.worker)
+        if self.worker == 0:  # the main process: the runners of this node before it are dead
+            node = owner.split(".", 1)[0]
+            counts = self.queue.recover(node=node)
+            if counts["tmp"] or counts["orphans"]:
+                log.info("queue recovery: removed {tmp} temp files and {orphans} unfinished "
+                         "messages", **counts)
+            if counts.get("taken_back"):
+                log.info("queue recovery: {n} claimed messages of this node's earlier "
+                         "processes taken back", n=counts["taken_back"])
+        self.queue.set_owner(owner)
         self.queue.drain_new()
+        if self.worker != 0:
+            return {}  # the main process's scan finds what is queued; the scans share it later
         return self._scan()
 
     def _scan(self) -> dict[str, float]:
+        """Blocking: the due time of every unclaimed message (from its envelope)."""
         due: dict[str, float] = {}
-        for qid in self.queue.ids():
+        for qid in self.queue.ready_ids():
             env = self.queue.load(qid)
             if env is None:
                 continue
             t = env.due_time()
-            if t is None:
-                self.queue.remove(qid)
-            else:
-                due[qid] = t
+            due[qid] = self._now_blocking() if t is None else t  # None: removed by its run
         return due
+
+    def _now_blocking(self) -> float:
+        return float(self.reactor.seconds())
+
+    def _orphan_scan(self) -> list[str]:
+        """Blocking: renew nothing, take back expired claims, and list the unclaimed messages
+        due ``scan_grace`` seconds ago (their runner is gone or busy)."""
+        self.queue.take_back(expired=LEASE)
+        return self.queue.due_ids(self.queue.clock() - self.scan_grace)
 
     def _started(self, due: dict[str, float]) -> None:
         if not self.running:
@@ -185,6 +223,35 @@ class OutboundService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.queue.set_waker(None)
+        d = self._stop_jobs()
+
+        def give_back(result: Any) -> Any:
+            try:  # what this runner still holds goes back to env/ for the others, except a
+                # run that did not end in stop_grace (taken back once this process is gone)
+                self.queue.release_all(keep=set(self._active))
+            except OSError as e:
+                log.error("outbound: cannot give back the claimed messages: {e}", e=e)
+            return result
+
+        return d.addBoth(give_back)
+
+    def worker_ended(self, number: int) -> None:
+        """Worker ``number`` of this node died: take its claims back now and run them."""
+        node = (self.queue.owner or make_owner(self.node)).split(".", 1)[0]
+        d = self._blocking(self.queue.take_back, f"{node}.w{int(number)}.")
+
+        def taken(n: int) -> Any:
+            if n:
+                log.info("{n} messages claimed by worker {number} taken back", n=n,
+                         number=number)
+                return self._blocking(self._scan).addCallback(self._rescanned, force=False)
+            return None
+
+        d.addCallback(taken)
+        d.addErrback(lambda f: log.failure("taking back worker {number}'s claims failed", f,
+                                           number=number))
+
+    def _stop_jobs(self) -> defer.Deferred[None]:
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         if self._timer is not None and self._timer.active():
@@ -224,8 +291,8 @@ class OutboundService(service.Service):
         self._pump()
 
     def enqueued(self, ids: list[str]) -> None:
-        """Another process (a worker, see workers.py) queued ``ids``: deliver them now. Before
-        the start-up scan is done they are kept and added after it."""
+        """``ids`` were queued elsewhere (a restore, a test): try to claim them now. Before the
+        start-up scan is done they are kept and added after it."""
         if not self._ready:
             self._early.extend(ids)
             return
@@ -242,10 +309,22 @@ class OutboundService(service.Service):
         d.addErrback(lambda f: log.failure("queue flush failed", f))
 
     def _poll(self) -> defer.Deferred:
-        d = self._blocking(lambda: (self.queue.take_marker("flush"), self.queue.take_marker("rescan")))
+        now = self._now()
+        scan = now - self._last_scan >= self.scan_interval
+        if scan:
+            self._last_scan = now
 
-        def got(markers: tuple[bool, bool]) -> Any:
-            flush, rescan = markers
+        def blocking() -> tuple[bool, bool, list[str]]:
+            self.queue.touch_lease()
+            orphans = self._orphan_scan() if scan else []
+            return self.queue.take_marker("flush"), self.queue.take_marker("rescan"), orphans
+
+        d = self._blocking(blocking)
+
+        def got(markers: tuple[bool, bool, list[str]]) -> Any:
+            flush, rescan, orphans = markers
+            if orphans and not (flush or rescan):
+                self._adopt(orphans)
             if flush:
                 log.info("queue flush requested: retrying every message now")
             if flush or rescan:
@@ -255,6 +334,14 @@ class OutboundService(service.Service):
         d.addCallback(got)
         d.addErrback(lambda f: log.failure("queue poll failed", f))
         return d
+
+    def _adopt(self, ids: list[str]) -> None:
+        """Unclaimed messages overdue for ``scan_grace``: try to claim them now."""
+        now = self._now()
+        for qid in ids:
+            if qid not in self._active and self._due.get(qid, now + 1) > now:
+                self._set_due(qid, now)
+        self._pump()
 
     def _rescanned(self, due: dict[str, float], force: bool) -> None:
         now = self._now()
@@ -333,9 +420,24 @@ class OutboundService(service.Service):
     # ------------------------------------------------------------------ one message
 
     async def _run_message(self, qid: str, forced: bool) -> float | None:
-        env = await self._blocking(self.queue.load, qid)
-        if env is None:
+        env = await self._blocking(self.queue.claim, qid)
+        if env is None:  # delivered, deleted, or another runner has it
             return None
+        if not self.queue.lease_fresh():  # our claims may be taken back before we end
+            await self._blocking(self.queue.release, qid, self.queue.clock())
+            return None
+        try:
+            next_due = await self._run_claimed(qid, env, forced)
+        except BaseException:
+            await self._blocking(self.queue.release, qid,
+                                 self.queue.clock() + self.config.queue.retry_intervals[0])
+            raise
+        if next_due is not None:  # deferred: back to env/, due then (this runner's timer too)
+            await self._blocking(self.queue.release, qid,
+                                 self.queue.clock() + max(0.0, next_due - self._now()))
+        return next_due
+
+    async def _run_claimed(self, qid: str, env: Envelope, forced: bool) -> float | None:
         if any(r.notice for r in env.recipients):
             if not await self._send_notices(env):
                 return None

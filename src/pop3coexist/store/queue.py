@@ -20,6 +20,31 @@ The envelope is typed (store/envelope.py: ``Envelope``, ``Recipient``, their ``S
 versions load, and a file loaded and saved again is unchanged. ``enqueue`` takes the submission
 dict of IOutboundQueue; ``load`` / ``save`` speak ``Envelope``. A file that is not an envelope
 is moved aside to ``queue/damaged/`` (logged).
+
+Claims: every serving process (and, over a shared volume, every node) runs a delivery runner,
+and a message is delivered by whoever claims it (README "Outbound queue claims"):
+
+- an *owner* is one runner: ``<node>.w<worker>.<boot>`` (node id, worker number, a new id per
+  process start: ``make_owner``); it has a folder ``queue/claimed/<owner>/`` holding a file
+  ``lease`` whose mtime it touches every ``LEASE / 6`` seconds;
+- claim = ``rename(env/<id>.json, claimed/<owner>/<id>.json)``: atomic, so of two runners one
+  gets the envelope and the other ENOENT; nobody else delivers a claimed message;
+- release (a deferral) = set the envelope's mtime to its next attempt, rename it back to env/:
+  in env/, an envelope's mtime is when it is due, so a scan needs no JSON to find due work;
+- delivered or failed = unlink the claimed envelope (fsync its folder), then the body;
+- take back = ``rename(claimed/<owner>, claimed/.takeback.<owner>.<taker>)`` (one taker wins),
+  then each envelope goes back to env/. Done at once for a worker the main process saw die and
+  for every owner of this node at start-up (the state lock says none of them lives), and by
+  any runner for an owner whose lease is older than ``LEASE`` (a dead node);
+- an owner whose lease touch finds its folder gone (taken back) starts a new incarnation, and
+  its saves and removes of the taken messages fail (``save`` returns False, ``remove`` leaves
+  the body), so it drops them; it starts no transaction unless its lease was renewed within
+  ``LEASE / 2``. Two deliveries of one message at once are so excluded while the clocks of
+  the nodes agree within ``LEASE / 2``.
+
+Delivery is at least once: a runner that dies (or loses its lease) after the next hop's reply
+to the final dot but before the envelope says so leaves the message to be sent again after the
+take back (RFC 5321 section 6.1 accepts such duplicates; the next hop sees the same Message-ID).
 """
 
 from __future__ import annotations
@@ -30,6 +55,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +74,19 @@ log = Logger()
 
 _ID_RE = re.compile(r"^[0-9a-f]{16,40}$")
 ORPHAN_AGE = 600.0  # seconds: a body without envelope older than this is a dead enqueue
+LEASE = 120.0  # seconds: an owner whose lease file is older than this is taken back
+LEASE_TOUCH = LEASE / 6  # how often an owner touches its lease
+LEASE_FILE = "lease"
+TAKEBACK = ".takeback."
+_NODE_RE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def make_owner(node: str | None = None, worker: int = 0) -> str:
+    """The owner name of this process's runner: ``<node>.w<worker>.<boot>``. ``node`` defaults
+    to the host name (characters other than letters, digits, ``-`` and ``_`` become ``_``);
+    ``boot`` is new at every call (pid + random), so a restarted process is a new owner."""
+    node = _NODE_RE.sub("_", node or socket.gethostname() or "node") or "node"
+    return f"{node}.w{int(worker)}.{os.getpid():x}{secrets.token_hex(3)}"
 
 
 def _validate(envelope: dict) -> None:
@@ -93,6 +132,9 @@ class FileQueue:
         self.msg_dir = self.root / "msg"
         self.env_dir = self.root / "env"
         self.tmp_dir = self.root / "tmp"
+        self.claimed_dir = self.root / "claimed"
+        self.owner: str | None = None  # claims (set_owner): None for the admin and tests
+        self.lease_renewed = 0.0  # time.monotonic() of the last good lease touch
         self._waker: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._new: list[str] = []
@@ -107,7 +149,7 @@ class FileQueue:
         """Create the queue folders if missing (blocking)."""
         if self._made:
             return
-        for d in (self.root, self.msg_dir, self.env_dir, self.tmp_dir):
+        for d in (self.root, self.msg_dir, self.env_dir, self.tmp_dir, self.claimed_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._made = True
 
@@ -231,44 +273,116 @@ class FileQueue:
     # ------------------------------------------------------------------ runner API
 
     def ids(self) -> list[str]:
-        """Ids of every queued message, oldest first."""
+        """Ids of every queued message, claimed or not, oldest first."""
+        out = set(self._ids_in(self.env_dir))
+        for d in self._claim_dirs():
+            out.update(self._ids_in(d))
+        return sorted(out)
+
+    def ready_ids(self) -> list[str]:
+        """Ids of the queued messages nobody has claimed, oldest first."""
+        return sorted(self._ids_in(self.env_dir))
+
+    def due_ids(self, before: float) -> list[str]:
+        """Unclaimed messages due at ``before`` (an envelope's mtime in env/ is its due time)."""
+        out = []
         try:
-            names = os.listdir(self.env_dir)
+            with os.scandir(self.env_dir) as it:
+                for e in it:
+                    name = e.name
+                    if not name.endswith(".json") or not _ID_RE.match(name[:-5]):
+                        continue
+                    try:
+                        if e.stat().st_mtime <= before:
+                            out.append(name[:-5])
+                    except FileNotFoundError:
+                        continue
         except FileNotFoundError:
             return []
-        out = [n[:-5] for n in names if n.endswith(".json") and _ID_RE.match(n[:-5])]
         out.sort()
         return out
 
-    def load(self, qid: str) -> Envelope | None:
-        """The envelope of ``qid``, or None if it is no longer queued (or damaged: logged and
-        moved aside)."""
-        path = self.envelope_path(qid)
+    @staticmethod
+    def _ids_in(folder: Path) -> list[str]:
         try:
-            data = path.read_bytes()
+            names = os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [n[:-5] for n in names if n.endswith(".json") and _ID_RE.match(n[:-5])]
+
+    def _claim_dirs(self) -> list[Path]:
+        try:
+            return [self.claimed_dir / n for n in os.listdir(self.claimed_dir)]
         except FileNotFoundError:
+            return []
+
+    def _mine(self, qid: str) -> Path | None:
+        if self.owner is None:
             return None
+        return self.claimed_dir / self.owner / f"{self._check_id(qid)}.json"
+
+    def _find(self, qid: str) -> Path | None:
+        """Where the envelope of ``qid`` is now: this owner's claim, env/, another's claim."""
+        mine = self._mine(qid)
+        if mine is not None and os.path.exists(mine):
+            return mine
+        path = self.envelope_path(qid)
+        if os.path.exists(path):
+            return path
+        for d in self._claim_dirs():
+            p = d / path.name
+            if os.path.exists(p):
+                return p
+        return None
+
+    def load(self, qid: str) -> Envelope | None:
+        """The envelope of ``qid`` wherever it is (claimed or not), or None if it is no longer
+        queued (or damaged: logged and moved aside)."""
+        self._check_id(qid)
+        for _ in range(3):  # a claim or release may move it between the look and the read
+            path = self._find(qid)
+            if path is None:
+                return None
+            try:
+                data = path.read_bytes()
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            return None
+        return self._parse(qid, path, data)
+
+    def _parse(self, qid: str, path: Path, data: bytes) -> Envelope | None:
         try:
             env = Envelope.from_json(json.loads(data))
             if env.id != qid:
                 raise ValueError("id mismatch")
         except ValueError as e:
             log.error("queue: envelope {qid} is damaged ({why}); moved aside", qid=qid, why=str(e))
-            self._quarantine(qid)
+            self._quarantine(qid, path)
             return None
         return env
 
     def save(self, env: Envelope, create: bool = False) -> bool:
-        """Durably replace the envelope (temp, fsync, rename, fsync folder).
+        """Durably replace the envelope (temp, fsync, rename, fsync folder), where it is: in
+        this owner's claim when claimed, else in env/ (``create``: a new message).
 
-        Without ``create``, an envelope that was deleted meanwhile (``queue delete``) is not
-        brought back: returns False.
+        Without ``create``, an envelope that was deleted meanwhile (``queue delete``) or taken
+        back from this owner is not brought back: returns False.
         """
         self.ensure_dirs()
         qid = self._check_id(env.id)
-        path = self.envelope_path(qid)
-        if not create and not path.exists():
-            return False
+        if create:
+            path = self.envelope_path(qid)
+        elif self.owner is not None:  # a runner writes only what it has claimed
+            path = self._mine(qid)  # type: ignore[assignment]
+            if not os.path.exists(path):
+                return False  # deleted, or taken back (another runner's now)
+        else:
+            found = self._find(qid)
+            if found is None:
+                return False
+            path = found
         tmp = self.tmp_dir / f"env.{qid}.{secrets.token_hex(4)}"
         data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -278,31 +392,210 @@ class FileQueue:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except FileNotFoundError:  # the claim folder was taken back meanwhile
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return False
         except BaseException:
             try:
                 tmp.unlink()
             except OSError:
                 pass
             raise
-        _fsync_dir(self.env_dir)
+        _fsync_dir(path.parent)
         return True
 
     def remove(self, qid: str) -> None:
-        """Forget a message: envelope first (durably), then its body."""
-        try:
-            self.envelope_path(qid).unlink()
-        except FileNotFoundError:
-            pass
-        _fsync_dir(self.env_dir)
+        """Forget a message: envelope first (durably), then its body. With an owner, a message
+        it has claimed; one that is no longer in its claim (deleted, taken back) keeps its
+        body, which is then not this runner's to remove."""
+        mine = self._mine(qid)
+        if mine is not None:
+            try:
+                mine.unlink()
+            except FileNotFoundError:
+                return  # deleted (with its body) or taken back: not this runner's any more
+            _fsync_dir(mine.parent)
+        else:
+            path = self._find(qid)
+            if path is not None:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                _fsync_dir(path.parent)
         try:
             self.body_path(qid).unlink()
         except FileNotFoundError:
             pass
 
-    def recover(self) -> dict[str, int]:
-        """At start: drop temp files and bodies of enqueues that never finished. Blocking."""
+    # ------------------------------------------------------------------ claims
+
+    def set_owner(self, owner: str) -> None:
+        """Become the runner ``owner`` (make_owner): its claim folder and lease. Blocking."""
+        self.ensure_dirs()
+        d = self.claimed_dir / owner
+        d.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(d / LEASE_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        self.owner = owner
+        self.lease_renewed = time.monotonic()
+
+    def touch_lease(self) -> bool:
+        """Renew this owner's lease (blocking). False when its folder was taken back: the
+        owner then continues as a new incarnation (its old claims are another's now)."""
+        if self.owner is None:
+            return True
+        try:
+            os.utime(self.claimed_dir / self.owner / LEASE_FILE)
+        except FileNotFoundError:
+            old = self.owner
+            node, worker, _boot = old.split(".", 2)
+            self.set_owner(make_owner(node, int(worker[1:])))
+            log.error("queue: the claims of {old} were taken back (its lease expired); "
+                      "continuing as {new}", old=old, new=self.owner)
+            return False
+        self.lease_renewed = time.monotonic()
+        return True
+
+    def lease_fresh(self) -> bool:
+        """True while this owner's lease was renewed within LEASE / 2 (a runner starts no
+        transaction otherwise: its claims may be taken back before it ends)."""
+        return self.owner is None or time.monotonic() - self.lease_renewed < LEASE / 2
+
+    def claim(self, qid: str) -> Envelope | None:
+        """Claim ``qid`` for this owner and return its envelope; None when it is not queued
+        or another runner claimed it first. Blocking. Without an owner: ``load``."""
+        if self.owner is None:
+            return self.load(qid)
+        mine = self._mine(qid)
+        assert mine is not None
+        if not os.path.exists(mine):
+            try:
+                os.rename(self.envelope_path(qid), mine)
+            except FileNotFoundError:
+                if not (self.claimed_dir / self.owner).is_dir():
+                    self.touch_lease()  # taken back: a new incarnation, then try once more
+                    try:
+                        os.rename(self.envelope_path(qid), self._mine(qid))  # type: ignore[arg-type]
+                    except FileNotFoundError:
+                        return None
+                else:
+                    return None
+            mine = self._mine(qid)
+        try:
+            data = mine.read_bytes()  # type: ignore[union-attr]
+        except FileNotFoundError:  # deleted (queue delete) right after the claim
+            return None
+        return self._parse(qid, mine, data)  # type: ignore[arg-type]
+
+    def release(self, qid: str, due: float) -> None:
+        """Give a claimed message back to env/, due at ``due`` (epoch seconds: its mtime).
+        Blocking. Nothing happens if it is no longer in this owner's claim."""
+        mine = self._mine(qid)
+        if mine is None:
+            return
+        try:
+            os.utime(mine, (due, due))
+            os.rename(mine, self.envelope_path(qid))
+        except FileNotFoundError:
+            pass
+
+    def release_all(self, keep: set[str] | frozenset[str] = frozenset()) -> int:
+        """At a clean stop: every claim of this owner but those in ``keep`` (still being
+        delivered) back to env/, due now; the claim folder removed when empty. Blocking. The
+        number released."""
+        if self.owner is None:
+            return 0
+        d = self.claimed_dir / self.owner
+        n = self._move_back(d, keep)
+        if keep and self._ids_in(d):
+            return n  # the rest is taken back when this process is known to be gone
+        with contextlib.suppress(OSError):
+            (d / LEASE_FILE).unlink()
+        with contextlib.suppress(OSError):
+            d.rmdir()
+        self.owner = None
+        return n
+
+    def take_back(self, prefix: str = "", expired: float | None = None) -> int:
+        """Take the claims of other owners back into env/ (blocking); the number of messages.
+
+        ``prefix``: owners whose name starts with it (``"<node>."``: every runner of a node,
+        ``"<node>.w3."``: worker 3), known to be dead. ``expired`` (seconds): also any owner
+        whose lease is older than that. A take back another runner left half done is finished
+        once it is as old.
+        """
+        n = 0
+        now = time.time()
+        for d in self._claim_dirs():
+            name = d.name
+            if name == self.owner:
+                continue
+            if name.startswith(TAKEBACK):
+                try:
+                    old = now - d.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if expired is not None and old > expired:
+                    n += self._finish_take_back(d)
+                continue
+            dead = bool(prefix) and name.startswith(prefix)
+            if not dead and expired is not None:
+                try:
+                    dead = now - (d / LEASE_FILE).stat().st_mtime > expired
+                except FileNotFoundError:
+                    try:
+                        dead = now - d.stat().st_mtime > expired
+                    except FileNotFoundError:
+                        continue
+            if not dead:
+                continue
+            grave = self.claimed_dir / f"{TAKEBACK}{name}.{self.owner or secrets.token_hex(4)}"
+            try:
+                os.rename(d, grave)  # one taker wins; the owner's saves fail from now on
+            except (FileNotFoundError, FileExistsError, OSError):
+                continue
+            log.warn("queue: claims of {owner} taken back", owner=name)
+            n += self._finish_take_back(grave)
+        return n
+
+    def _finish_take_back(self, grave: Path) -> int:
+        n = self._move_back(grave)
+        for name in (LEASE_FILE,):
+            with contextlib.suppress(OSError):
+                (grave / name).unlink()
+        with contextlib.suppress(OSError):
+            grave.rmdir()
+        return n
+
+    def _move_back(self, folder: Path, keep: set[str] | frozenset[str] = frozenset()) -> int:
+        n = 0
+        now = time.time()
+        for qid in self._ids_in(folder):
+            if qid in keep:
+                continue
+            src = folder / f"{qid}.json"
+            try:
+                os.utime(src, (now, now))
+                os.rename(src, self.envelope_path(qid))
+                n += 1
+            except FileNotFoundError:
+                continue
+        if n:
+            with contextlib.suppress(OSError):
+                _fsync_dir(self.env_dir)
+        return n
+
+    def recover(self, node: str | None = None) -> dict[str, int]:
+        """At start: take back the claims of every runner of ``node`` (none of them lives:
+        the state lock says so), drop temp files and bodies of enqueues that never finished.
+        Blocking."""
         self.ensure_dirs()
         counts = {"tmp": 0, "orphans": 0}
+        if node is not None:
+            self.owner = None  # a new start: every earlier claim of this node is taken back
+            counts["taken_back"] = self.take_back(prefix=_NODE_RE.sub("_", node) + ".")
         for name in os.listdir(self.tmp_dir):
             try:
                 (self.tmp_dir / name).unlink()
@@ -317,7 +610,7 @@ class FileQueue:
             p = self.msg_dir / name
             try:
                 # a young body may belong to an enqueue still running in another process
-                if now - p.stat().st_mtime < ORPHAN_AGE or (self.env_dir / f"{name}.json").exists():
+                if now - p.stat().st_mtime < ORPHAN_AGE or self._find(name) is not None:
                     continue
                 p.unlink()
                 counts["orphans"] += 1
@@ -325,11 +618,11 @@ class FileQueue:
                 pass
         return counts
 
-    def _quarantine(self, qid: str) -> None:
+    def _quarantine(self, qid: str, path: Path | None = None) -> None:
         bad = self.root / "damaged"
         bad.mkdir(exist_ok=True)
         try:
-            os.replace(self.envelope_path(qid), bad / f"{qid}.json")
+            os.replace(path or self.envelope_path(qid), bad / f"{qid}.json")
         except OSError:
             pass
 

@@ -1,0 +1,171 @@
+"""The outbound queue's claim protocol (store/queue.py module docstring): one runner at a time
+per message, leases, take back of dead owners, and the fence that keeps a runner whose claims
+were taken back from writing or removing what is no longer its own."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pop3coexist.store.queue import LEASE, FileQueue, make_owner
+
+MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+def _enqueue(queue: FileQueue, tmp_path: Path, n: int = 1) -> list[str]:
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
+    ids = []
+    for i in range(n):
+        src = spool / f"m{i}.{time.time_ns()}"
+        src.write_bytes(MESSAGE)
+        ids.append(queue.enqueue(src, {"sender": "a@example.org", "arrival": 1000.0,
+                                       "recipients": [{"address": f"r{i}@example.net"}]}))
+        src.unlink()
+    return ids
+
+
+def _runner(root: Path, node: str, worker: int) -> FileQueue:
+    q = FileQueue(root, "pop.contoso.test")
+    q.set_owner(make_owner(node, worker))
+    return q
+
+
+def test_owner_names_node_worker_and_a_new_boot_id_each_time() -> None:
+    """``make_owner`` gives ``<node>.w<N>.<boot>``, the node sanitised, a new boot id per call."""
+    a, b = make_owner("mx1.contoso.test", 3), make_owner("mx1.contoso.test", 3)
+    assert a.startswith("mx1_contoso_test.w3.") and b.startswith("mx1_contoso_test.w3.")
+    assert a != b and a.count(".") == 2
+
+
+def test_a_claim_is_exclusive_and_invisible_to_no_one(tmp_path: Path) -> None:
+    """The first runner's claim wins, the second gets None; the message is still listed and
+    loadable (admin, tests) while claimed, and not among the unclaimed ones."""
+    one = _runner(tmp_path / "q", "n1", 0)
+    two = _runner(tmp_path / "q", "n1", 1)
+    [qid] = _enqueue(one, tmp_path)
+    env = one.claim(qid)
+    assert env is not None and env.id == qid
+    assert two.claim(qid) is None
+    assert two.ids() == [qid] and two.ready_ids() == [] and two.load(qid) is not None
+    assert (one.claimed_dir / one.owner / f"{qid}.json").exists()
+
+
+def test_release_sets_the_due_time_as_mtime_and_gives_it_back(tmp_path: Path) -> None:
+    """A released (deferred) message is in env/ with its due time as mtime; due_ids finds it
+    only once it is due; another runner can claim it then."""
+    one = _runner(tmp_path / "q", "n1", 0)
+    two = _runner(tmp_path / "q", "n1", 1)
+    [qid] = _enqueue(one, tmp_path)
+    assert one.claim(qid) is not None
+    due = time.time() + 900
+    one.release(qid, due)
+    assert abs(os.stat(one.envelope_path(qid)).st_mtime - due) < 1
+    assert one.due_ids(time.time()) == [] and one.due_ids(due + 1) == [qid]
+    assert two.claim(qid) is not None
+
+
+def test_save_and_remove_work_on_the_owners_claim(tmp_path: Path) -> None:
+    """A claimed message is saved in place (still claimed) and removed with its body."""
+    one = _runner(tmp_path / "q", "n1", 0)
+    [qid] = _enqueue(one, tmp_path)
+    env = one.claim(qid)
+    env.recipients[0].attempts = 3
+    assert one.save(env)
+    assert one.load(qid).recipients[0].attempts == 3 and one.ready_ids() == []
+    one.remove(qid)
+    assert one.ids() == [] and not one.body_path(qid).exists()
+
+
+def test_take_back_of_a_dead_worker_and_the_fence(tmp_path: Path) -> None:
+    """Worker 1 dies holding a claim: the main process takes back ``<node>.w1.*`` at once;
+    the message is unclaimed again, and if the old owner still ran, its save returns False,
+    its remove leaves the body, and its next lease touch starts a new incarnation."""
+    main = _runner(tmp_path / "q", "n1", 0)
+    w1 = _runner(tmp_path / "q", "n1", 1)
+    [qid] = _enqueue(main, tmp_path)
+    env = w1.claim(qid)
+    old_owner = w1.owner
+    assert main.take_back(prefix="n1.w1.") == 1
+    assert main.ready_ids() == [qid]
+    assert w1.save(env) is False
+    w1.remove(qid)
+    assert main.body_path(qid).exists() and main.ready_ids() == [qid]
+    assert w1.touch_lease() is False and w1.owner != old_owner
+    assert main.claim(qid) is not None
+
+
+def test_an_expired_lease_is_taken_back_by_anyone_a_fresh_one_never(tmp_path: Path) -> None:
+    """Another node's claims come back once its lease is older than LEASE, not before; a
+    half-done take back (a taker that died) is finished by the next one."""
+    here = _runner(tmp_path / "q", "n1", 0)
+    there = _runner(tmp_path / "q", "n2", 0)
+    a, b = _enqueue(here, tmp_path, 2)
+    there.claim(a)
+    there.claim(b)
+    assert here.take_back(expired=LEASE) == 0
+    lease = there.claimed_dir / there.owner / "lease"
+    old = time.time() - LEASE - 10
+    os.utime(lease, (old, old))
+    assert here.take_back(expired=LEASE) == 2
+    assert sorted(here.ready_ids()) == sorted([a, b])
+    # a taker that died after its rename: the .takeback folder is finished later by anyone
+    there2 = _runner(tmp_path / "q", "n2", 1)
+    there2.claim(a)
+    grave = there2.claimed_dir / f".takeback.{there2.owner}.dead"
+    os.rename(there2.claimed_dir / there2.owner, grave)
+    os.utime(grave, (old, old))
+    assert here.take_back(expired=LEASE) == 1 and not grave.exists()
+
+
+def test_start_up_takes_back_this_nodes_claims_only(tmp_path: Path) -> None:
+    """recover(node) at the main process's start takes back every claim of its node (those
+    processes are dead) and leaves another node's live claims alone."""
+    old = _runner(tmp_path / "q", "n1", 1)
+    other = _runner(tmp_path / "q", "n2", 0)
+    a, b = _enqueue(old, tmp_path, 2)
+    old.claim(a)
+    other.claim(b)
+    fresh = FileQueue(tmp_path / "q", "pop.contoso.test")
+    counts = fresh.recover(node="n1")
+    assert counts["taken_back"] == 1 and fresh.ready_ids() == [a]
+    assert other.load(b) is not None and b not in fresh.ready_ids()
+
+
+def test_release_all_keeps_what_is_still_in_flight(tmp_path: Path) -> None:
+    """At a clean stop every claim goes back but the ones still being delivered."""
+    one = _runner(tmp_path / "q", "n1", 0)
+    a, b = _enqueue(one, tmp_path, 2)
+    one.claim(a)
+    one.claim(b)
+    assert one.release_all(keep={b}) == 1
+    assert one.ready_ids() == [a]
+
+
+def _claimer(root: str, worker: int, ids: list[str], out: multiprocessing.Queue) -> None:
+    q = FileQueue(Path(root), "pop.contoso.test")
+    q.set_owner(make_owner("race", worker))
+    out.put([qid for qid in ids if q.claim(qid) is not None])
+
+
+@pytest.mark.parametrize("runners", [4])
+def test_racing_processes_claim_each_message_exactly_once(tmp_path: Path, runners: int) -> None:
+    """Several processes try to claim the same 200 messages at once: every message is claimed
+    by exactly one of them."""
+    q = FileQueue(tmp_path / "q", "pop.contoso.test")
+    ids = _enqueue(q, tmp_path, 200)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claimer, args=(str(tmp_path / "q"), w, ids, out))
+             for w in range(runners)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    claimed = [qid for part in got for qid in part]
+    assert sorted(claimed) == sorted(ids)
