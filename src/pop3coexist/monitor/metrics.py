@@ -250,11 +250,19 @@ def make_registry(metrics: Metrics | None, state: StateCollector | None) -> Any:
 
 def queue_figures(queue_dir: Path, now: Callable[[], float] = time.time) -> tuple[int, float]:
     """Blocking, cheap: (messages queued, age in seconds of the oldest) from the names in
-    ``queue/env/`` (one listing; an id's first 16 hex digits are its enqueue time in ns)."""
+    ``queue/env/`` and in each runner's ``queue/claimed/<owner>/`` (a listing each; an id's
+    first 16 hex digits are its enqueue time in ns)."""
+    names: list[str] = []
+    folders = [queue_dir / "env"]
     try:
-        names = [n for n in os.listdir(queue_dir / "env") if n.endswith(".json")]
+        folders += [queue_dir / "claimed" / d for d in os.listdir(queue_dir / "claimed")]
     except FileNotFoundError:
-        return 0, 0.0
+        pass
+    for folder in folders:
+        try:
+            names += [n for n in os.listdir(folder) if n.endswith(".json")]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
     if not names:
         return 0, 0.0
     oldest = min(names)[:16]
