@@ -836,6 +836,9 @@ class QueueConfig:
                                              "waits between attempts; the last one repeats")
     delay_notification: float = key(_duration, "12h", "a delay report to the sender after this")
     expiration: float = key(_duration, "2d", "give up and send a failure report after this")
+    claim_lease: float = key(_duration, "2m", "a delivery runner's claims on queued messages are "
+                             "taken back by another when its lease is older than this (a dead "
+                             "node); at least 20 s")
 
 
 @dataclass(frozen=True)
@@ -1443,6 +1446,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         raise r.fail("smarthost", "ca_file", _not_a_file(sh_cfg.ca_file))
 
     queue_cfg = QueueConfig(**r.keys(data.get("queue", {}), "queue", QueueConfig))
+    if queue_cfg.claim_lease < 20:
+        raise r.fail("queue", "claim_lease", "must be at least 20 seconds (a runner renews its "
+                     "lease every 5 seconds)")
 
     if pop3_cfg.tls_listen and not tls_cfg.enabled:
         raise r.fail("pop3", "tls_listen", "needs [tls] certificate and private_key")

@@ -64,7 +64,8 @@ class Components:
     def make_queue(self):
         from pop3coexist.store.queue import FileQueue
 
-        return FileQueue(self.config.server.queue_dir, self.config.server.hostname)
+        return FileQueue(self.config.server.queue_dir, self.config.server.hostname,
+                         lease=self.config.queue.claim_lease)
 
 
 def prepare_state(config: Config) -> None:
@@ -855,7 +856,11 @@ def make_outbound(config: Config, parts: Components, queue: Any, reactor: Any,
     return OutboundService(config, queue, store=parts.store, reactor=reactor,
                            resolver=HopResolver(twisted_resolver(config.dns, reactor)),
                            checker=parts.checker, worker=worker,
-                           processes=max(1, config.server.workers))
+                           processes=max(1, config.server.workers),
+                           # claims are named by node (README "Several servers"); expired
+                           # leases are looked for at least twice per lease
+                           node=config.server.node,
+                           scan_interval=min(30.0, config.queue.claim_lease / 2))
 
 
 def make_service(config: Config, reactor: Any = None,

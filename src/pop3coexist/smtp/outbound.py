@@ -63,7 +63,7 @@ from pop3coexist.smtp.delivery import RouteDelivery, our_reply
 from pop3coexist.smtp.hops import HopResolver
 from pop3coexist.smtp.hostlimits import HopLimiter
 from pop3coexist.store.envelope import Envelope, Notice, Recipient, State
-from pop3coexist.store.queue import LEASE, FileQueue, make_owner
+from pop3coexist.store.queue import FileQueue, make_owner
 
 log = Logger(namespace="pop3coexist.outbound")
 
@@ -198,7 +198,7 @@ class OutboundService(service.Service):
     def _orphan_scan(self) -> list[str]:
         """Blocking: renew nothing, take back expired claims, and list the unclaimed messages
         due ``scan_grace`` seconds ago (their runner is gone or busy)."""
-        self.queue.take_back(expired=LEASE)
+        self.queue.take_back(expired=self.queue.lease)
         return self.queue.due_ids(self.queue.clock() - self.scan_grace)
 
     def _started(self, due: dict[str, float]) -> None:

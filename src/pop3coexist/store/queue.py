@@ -125,8 +125,10 @@ class FileQueue:
     All methods except ``wake``, ``set_waker`` and ``drain_new`` are blocking.
     """
 
-    def __init__(self, root: Path, hostname: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: Path, hostname: str, clock: Callable[[], float] = time.time,
+                 lease: float = LEASE) -> None:
         self.root = Path(root)
+        self.lease = lease  # seconds (queue.claim_lease): an older lease file is a dead owner
         self.hostname = hostname
         self.clock = clock
         self.msg_dir = self.root / "msg"
@@ -461,7 +463,7 @@ class FileQueue:
     def lease_fresh(self) -> bool:
         """True while this owner's lease was renewed within LEASE / 2 (a runner starts no
         transaction otherwise: its claims may be taken back before it ends)."""
-        return self.owner is None or time.monotonic() - self.lease_renewed < LEASE / 2
+        return self.owner is None or time.monotonic() - self.lease_renewed < self.lease / 2
 
     def claim(self, qid: str) -> Envelope | None:
         """Claim ``qid`` for this owner and return its envelope; None when it is not queued
