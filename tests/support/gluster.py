@@ -20,7 +20,9 @@
 RST), ``restore(i)`` brings it back. ``stop()`` unmounts, ends every process in the hosts'
 namespaces (by pid: all were started here) and removes the namespaces and the bridge.
 
-Used by tests/integration/test_cluster.py, bench/cluster.py and ``make cluster``
+``ClusterNode`` is a real pop3coexist (``ServerProcess``) whose ``state_dir`` is on the volume
+and whose ``local_dir`` is its own. Used by tests/integration/test_cluster.py, bench/cluster.py
+and ``make cluster``
 (cluster/run.py). Needs root, ``ip``, ``unshare``, ``nsenter``, ``glusterd``, ``gluster``,
 ``mount.glusterfs`` and /dev/fuse (``missing()`` names what is not there).
 """
@@ -29,14 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from tests.support.server import ServerProcess
 
 # The volume options that matter for mail (README "Several servers"): a silently vanished brick
 # host stalls writes for network.ping-timeout (42 s by default) unless the TCP user timeout and
@@ -211,8 +219,11 @@ class GlusterCluster:
             return False
 
     def _peers_connected(self) -> bool:
-        out = self.gluster(self.hosts[0], "pool", "list")
-        return out.count("Connected") == self.hosts_count
+        """Every host sees every other one "Peer in Cluster (Connected)" (``pool list`` says
+        Connected before the probe's handshake has ended)."""
+        want = self.hosts_count - 1
+        return all(self.gluster(h, "peer", "status").count("Peer in Cluster (Connected)") == want
+                   for h in self.hosts)
 
     def _bricks_online(self) -> bool:
         out = self.gluster(self.hosts[0], "volume", "status", self.volume, "detail")
@@ -280,3 +291,35 @@ class GlusterCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ClusterNode(ServerProcess):
+    """A pop3coexist node of several: ``state_dir`` is ``shared`` (a folder on the volume,
+    through this node's mount), ``local_dir`` is ``<root>/local`` on local disk, and
+    ``node_id`` its name. Other arguments as ``ServerProcess``."""
+
+    def __init__(self, root: Path, shared: Path, node_id: str, **kwargs: Any) -> None:
+        super().__init__(root=root, **kwargs)
+        self.shared = shared
+        self.node_id = node_id
+
+    @property
+    def run_root(self) -> Path:
+        return self.root / "local"
+
+    def write_config(self) -> None:
+        super().write_config()
+        text = self.config_path.read_text()
+        text = text.replace('state_dir = "../var"',
+                            f'state_dir = "{self.shared}"\nlocal_dir = "../local"\n'
+                            f'node_id = "{self.node_id}"', 1)
+        self.config_path.write_text(text)
+
+    def health(self) -> tuple[int, dict]:
+        """GET /healthz of the node's ``[metrics]`` listener: (status, JSON body)."""
+        url = f"http://127.0.0.1:{self.port('metrics')}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
