@@ -255,3 +255,19 @@ def test_check_volume_writes_and_reads_back_the_nodes_probe(tmp_path: Path) -> N
     blocked.write_text("a file where the nodes/ folder should be")
     with pytest.raises(OSError):
         check_volume(blocked, "mail1")
+
+
+def test_an_unreachable_volume_is_named_on_one_line() -> None:
+    """errors.volume_unreachable finds ENOTCONN (or ESTALE, EROFS ...) behind a StoreError and
+    names it with the path; a full disk or a bug is not the volume's state."""
+    from pop3coexist.errors import StoreError, volume_unreachable
+
+    try:
+        try:
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected", "/srv/mail/x")
+        except OSError as e:
+            raise StoreError("cannot list the domains") from e
+    except StoreError as wrapped:
+        assert volume_unreachable(wrapped) == "Transport endpoint is not connected (/srv/mail/x)"
+    assert volume_unreachable(OSError(errno.ENOSPC, "No space left on device")) is None
+    assert volume_unreachable(ValueError("a bug")) is None

@@ -332,7 +332,7 @@ class OutboundService(service.Service):
             return None
 
         d.addCallback(got)
-        d.addErrback(lambda f: log.failure("queue poll failed", f))
+        d.addErrback(_poll_failed)
         return d
 
     def _adopt(self, ids: list[str]) -> None:
@@ -546,3 +546,12 @@ class OutboundService(service.Service):
             log.warn("outbound: cannot list the store's domains: {err}", err=e)
             return frozenset()
 
+
+def _poll_failed(failure: Any) -> None:
+    """A queue poll that failed: one line when the shared volume cannot be reached (the next
+    poll tries again), the traceback otherwise."""
+    volume = errors.volume_unreachable(failure.value)
+    if volume is not None:
+        log.error("queue poll failed: the queue cannot be reached: {volume}", volume=volume)
+    else:
+        log.failure("queue poll failed", failure)
