@@ -65,7 +65,7 @@ class Components:
         from pop3coexist.store.queue import FileQueue
 
         return FileQueue(self.config.server.queue_dir, self.config.server.hostname,
-                         lease=self.config.queue.claim_lease)
+                         lease=self.config.queue.claim_lease, shared=self.config.server.shared)
 
 
 def prepare_state(config: Config) -> None:

@@ -271,3 +271,19 @@ def test_an_unreachable_volume_is_named_on_one_line() -> None:
         assert volume_unreachable(wrapped) == "Transport endpoint is not connected (/srv/mail/x)"
     assert volume_unreachable(OSError(errno.ENOSPC, "No space left on device")) is None
     assert volume_unreachable(ValueError("a bug")) is None
+
+
+def test_a_shared_queue_keeps_young_temp_files_at_start(tmp_path: Path) -> None:
+    """At a node's start the queue's recovery removes only temp files older than ORPHAN_AGE
+    when other nodes share the queue (a young one may be another node's envelope being
+    written); alone, it removes them all."""
+    shared = FileQueue(tmp_path / "queue", "mx.test", shared=True)
+    shared.ensure_dirs()
+    young, old = shared.tmp_dir / "env.young", shared.tmp_dir / "env.old"
+    young.write_text("{}")
+    old.write_text("{}")
+    long_ago = time.time() - queue_module.ORPHAN_AGE - 60
+    os.utime(old, (long_ago, long_ago))
+    assert shared.recover()["tmp"] == 1 and young.exists() and not old.exists()
+    assert FileQueue(tmp_path / "queue", "mx.test").recover()["tmp"] == 1
+    assert not young.exists()

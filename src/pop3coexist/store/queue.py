@@ -126,8 +126,10 @@ class FileQueue:
     """
 
     def __init__(self, root: Path, hostname: str, clock: Callable[[], float] = time.time,
-                 lease: float = LEASE) -> None:
+                 lease: float = LEASE, shared: bool = False) -> None:
         self.root = Path(root)
+        # other nodes use this queue too (server.local_dir): their temp files may be live
+        self.shared = shared
         self.lease = lease  # seconds (queue.claim_lease): an older lease file is a dead owner
         self.hostname = hostname
         self.clock = clock
@@ -598,14 +600,17 @@ class FileQueue:
         if node is not None:
             self.owner = None  # a new start: every earlier claim of this node is taken back
             counts["taken_back"] = self.take_back(prefix=_NODE_RE.sub("_", node) + ".")
+        now = time.time()
         for name in os.listdir(self.tmp_dir):
             try:
+                # shared with other nodes: a young temp file may be another node's write
+                if self.shared and now - (self.tmp_dir / name).stat().st_mtime < ORPHAN_AGE:
+                    continue
                 (self.tmp_dir / name).unlink()
                 counts["tmp"] += 1
             except OSError:
                 pass
         envs = set(self.ids())
-        now = time.time()
         for name in os.listdir(self.msg_dir):
             if name in envs or not _ID_RE.match(name):
                 continue
