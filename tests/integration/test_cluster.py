@@ -174,7 +174,8 @@ def test_pop3_lock_holds_across_nodes(nodes: dict[str, ClusterNode]) -> None:
 
 def test_admin_verbs_run_on_any_node(nodes: dict[str, ClusterNode]) -> None:
     """A mailbox added with the admin command of node c can log in on node b at once, and
-    node a's admin command lists it (accounts and mailboxes live on the shared volume)."""
+    node a's admin command lists it (accounts and mailboxes live on the shared volume);
+    `nodes` on node b shows all three running, each with a recent health probe."""
     nodes["c"].add_mailbox(f"ann@{HOSTNAME}", "another-secret-2")
     box = poplib.POP3("127.0.0.1", nodes["b"].port("pop3"), timeout=60)
     box.user(f"ann@{HOSTNAME}")
@@ -182,6 +183,11 @@ def test_admin_verbs_run_on_any_node(nodes: dict[str, ClusterNode]) -> None:
     box.quit()
     listed = nodes["a"].admin("mailbox", "list", HOSTNAME).stdout
     assert f"ann@{HOSTNAME}" in listed and USER in listed
+    for node in nodes.values():
+        node.health()  # each writes its probe
+    table = nodes["b"].admin("nodes").stdout
+    for name in "abc":
+        assert re.search(rf"^{name}  running  pid \d+ on \S+ +probe \d+s ago", table, re.M), table
 
 
 def _relay_batch(node: ClusterNode, numbers: range) -> None:

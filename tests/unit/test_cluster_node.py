@@ -10,6 +10,7 @@ import os
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -287,3 +288,32 @@ def test_a_shared_queue_keeps_young_temp_files_at_start(tmp_path: Path) -> None:
     assert shared.recover()["tmp"] == 1 and young.exists() and not old.exists()
     assert FileQueue(tmp_path / "queue", "mx.test").recover()["tmp"] == 1
     assert not young.exists()
+
+
+def test_admin_nodes_lists_running_and_stopped_nodes(tmp_path: Path) -> None:
+    """`pop3coexist-admin nodes` reads the node locks without disturbing them: a node whose
+    lock is held is running (with its holder), one whose lock is free is stopped; claims
+    are counted per node from queue/claimed/."""
+    import io
+
+    from pop3coexist.admin.nodes import node_rows, run_nodes
+
+    NodeLock.acquire_node(tmp_path, "old").release()
+    live = NodeLock.acquire_node(tmp_path, "mail1")
+    try:
+        check_volume(tmp_path, "mail1")
+        claim = tmp_path / "queue" / "claimed" / "mail1.w0.abc123"
+        claim.mkdir(parents=True)
+        (claim / "0123456789abcdef0123.json").write_text("{}")
+        (claim / "lease").write_text("")
+        rows = {r["node"]: r for r in node_rows(tmp_path)}
+        assert rows["mail1"]["running"] and rows["mail1"]["holder"].startswith(f"pid {os.getpid()}")
+        assert rows["mail1"]["claims"] == 1 and rows["mail1"]["probe_age"] < 60
+        assert not rows["old"]["running"] and rows["old"]["probe_age"] is None
+        out = io.StringIO()
+        run_nodes(SimpleNamespace(server=SimpleNamespace(state_dir=tmp_path)), out)
+        text = out.getvalue()
+        assert "mail1  running" in text and "claims 1" in text and "old    stopped" in text
+        NodeLock.acquire_node(tmp_path, "old").release()  # the look took nothing
+    finally:
+        live.release()
