@@ -329,15 +329,16 @@ def _path(value: Any) -> Path | None:
     return None if value == "" else Path(value)
 
 
-_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
 def _node_id(value: Any) -> str:
-    """A node's name among the servers sharing one state_dir: 1-63 of ``A-Z a-z 0-9 . _ -``,
-    starting with a letter or digit (it names files on the shared volume); "" is the host name."""
+    """A node's name among the servers sharing one state_dir: 1-63 of ``A-Z a-z 0-9 _ -``,
+    starting with a letter or digit (it names files on the shared volume, and the queue's
+    claim folders ``<node>.w<worker>.<boot>`` are split at dots); "" is the host name."""
     value = _string(value)
     if value and not _NODE_ID_RE.match(value):
-        raise ValueError(f"must be 1 to 63 letters, digits, '.', '_' or '-' starting with a "
+        raise ValueError(f"must be 1 to 63 letters, digits, '_' or '-' starting with a "
                          f"letter or digit, not {value!r}")
     return value
 
@@ -347,8 +348,8 @@ def _machine_name() -> str:
     replaced), for ``server.node_id`` = ""."""
     import socket
 
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "node"
-    return name if name[0].isalnum() else f"n{name}"[:63]
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]) or "node"
+    return (name if name[0].isalnum() else f"n{name}")[:63]
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:

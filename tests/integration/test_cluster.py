@@ -190,6 +190,27 @@ def test_admin_verbs_run_on_any_node(nodes: dict[str, ClusterNode]) -> None:
         assert re.search(rf"^{name}  running  pid \d+ on \S+ +probe \d+s ago", table, re.M), table
 
 
+def test_past_the_volumes_link_limit_a_delivery_copies(
+        gluster: GlusterCluster, nodes: dict[str, ClusterNode]) -> None:
+    """With storage.max-hardlinks at 2, one message for two mailboxes (spool file + two
+    links) cannot be linked into the second (EMLINK): the delivery still gets its 250, that
+    mailbox gets a copy, and both mailboxes read the same bytes."""
+    first = gluster.hosts[0]
+    gluster.gluster(first, "volume", "set", gluster.volume, "storage.max-hardlinks", "2")
+    try:
+        body = b"Subject: two boxes\r\nMessage-ID: <links.1@example.org>\r\n\r\nsame bytes\r\n"
+        with smtplib.SMTP("127.0.0.1", nodes["b"].port("smtp"), timeout=60) as s:
+            s.sendmail("ann@example.org", [USER, f"ann@{HOSTNAME}"], body)
+    finally:
+        gluster.gluster(first, "volume", "set", gluster.volume, "storage.max-hardlinks", "100")
+    box = poplib.POP3("127.0.0.1", nodes["a"].port("pop3"), timeout=60)
+    box.user(f"ann@{HOSTNAME}")
+    box.pass_("another-secret-2")
+    ann = b"\r\n".join(box.retr(box.stat()[0])[1])
+    box.quit()
+    assert ann.endswith(b"same bytes") and ann == _retr_all(nodes["c"])[-1]
+
+
 def _relay_batch(node: ClusterNode, numbers: range) -> None:
     """Relay messages ``numbers`` through ``node``, 50 per SMTP session."""
     for start in range(numbers.start, numbers.stop, 50):

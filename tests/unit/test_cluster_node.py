@@ -76,9 +76,9 @@ def test_local_dir_inside_or_around_state_dir_is_refused(tmp_path: Path, local: 
     assert "[server.local_dir]" in text and "pop3coexist.toml" in text, text
 
 
-@pytest.mark.parametrize("bad", ["", ".hidden", "a/b", "x" * 64, "bad name", "-x"])
+@pytest.mark.parametrize("bad", ["", ".hidden", "a/b", "a.b", "x" * 64, "bad name", "-x"])
 def test_node_id_must_name_a_file(tmp_path: Path, bad: str) -> None:
-    """node_id names files on the shared volume: letters, digits, '.', '_', '-' (1-63),
+    """node_id names files on the shared volume: letters, digits, '_', '-' (1-63),
     starting with a letter or digit; "" is the host name."""
     if bad == "":
         assert config(tmp_path, f'node_id = "{bad}"').server.node_id == ""
