@@ -114,8 +114,8 @@ def reply_for(failure: Failure, fallback: MailError = INTERNAL_ERROR,
     if error is None:
         volume = volume_unreachable(failure.value)
         if volume is not None:  # the shared volume's state, not a bug: one line
-            log.error("{why}: the state folder cannot be reached: {volume}", why=why,
-                      volume=volume, **fields)
+            log.error(why + ": the state folder cannot be reached: {volume}", volume=volume,
+                      **fields)
         else:
             log.failure(why, failure, **fields)
         return fallback

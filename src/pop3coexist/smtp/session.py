@@ -61,8 +61,7 @@ def reply_for(failure: Failure, fallback: MailError = LOCAL_ERROR,
     if error is None:
         volume = volume_unreachable(failure.value)
         if volume is not None:  # the shared volume's state, not a bug: one line
-            log.error("{why}: the state folder cannot be reached: {volume}", why=why,
-                      volume=volume)
+            log.error(why + ": the state folder cannot be reached: {volume}", volume=volume)
         else:
             log.failure(why, failure)
         return fallback
