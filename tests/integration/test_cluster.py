@@ -347,10 +347,8 @@ def test_a_cut_off_brick_host_leaves_the_service_up(
             return False
 
     wait_until(all_mail_on_c, 60, "all mail on node c")
-    nodes["a"].stop_cleanly(PASSWORD)
-    nodes["b"].stop_cleanly(PASSWORD)
-    assert nodes["c"].stop() in (0, -signal.SIGTERM)  # its log has the volume's errors
-    assert PASSWORD not in nodes["c"].log_text()
+    for node in nodes.values():  # node c's volume errors are one line each, no traceback
+        node.stop_cleanly(PASSWORD)
 
 
 def test_the_cluster_left_nothing_behind(gluster: GlusterCluster) -> None:
