@@ -5,10 +5,12 @@ throw-away instance in a temporary folder on loopback ports the OS picked.
   Debian packages ``postfix`` and ``dovecot-pop3d`` when run as root with apt-get (the package
   scripts may start system services: they are stopped again at once, and the instances used
   here never touch /etc or the system's spool).
-- ``PostfixInstance(root, domain, mailboxes)``: its own config_directory, queue_directory and
-  data_directory under ``root``; one ``smtpd`` on ``127.0.0.1:<port>``; the domain delivered to
-  Maildir by the ``virtual`` transport (``virtual_mailbox_base``), with Postfix's default
-  durability (cleanup and virtual fsync every file). ``start()`` / ``stop()``.
+- ``PostfixInstance(root, domain, mailboxes, relayhost="")``: its own config_directory,
+  queue_directory and data_directory under ``root``; one ``smtpd`` on ``127.0.0.1:<port>``; the
+  domain delivered to Maildir by the ``virtual`` transport (``virtual_mailbox_base``), with
+  Postfix's default durability (cleanup and virtual fsync every file); every other domain
+  relayed (from loopback) to ``relayhost`` (``[127.0.0.1]:PORT``). ``start()`` / ``stop()``,
+  ``queued()``.
 - ``DovecotInstance(root, maildir_root, users, password)``: pop3 only, on ``127.0.0.1:<port>``,
   plain-text log-in allowed on loopback, users from a passwd-file, mail in
   ``maildir_root/<domain>/<user>`` (the same layout pop3coexist uses, so one copy of the same
@@ -91,10 +93,12 @@ def _sbin(program: str) -> str:
 class PostfixInstance:
     """A private Postfix: see the module docstring."""
 
-    def __init__(self, root: Path, domain: str, mailboxes: list[str]) -> None:
+    def __init__(self, root: Path, domain: str, mailboxes: list[str],
+                 relayhost: str = "") -> None:
         self.root = Path(root)
         self.domain = domain
         self.mailboxes = mailboxes
+        self.relayhost = relayhost
         self.port = free_port()
         self.etc = self.root / "etc"
         self.queue = self.root / "spool"
@@ -128,7 +132,7 @@ mydestination =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relayhost =
+relayhost = {self.relayhost}
 smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
 smtpd_client_connection_rate_limit = 0
 smtpd_client_connection_count_limit = 0
@@ -176,6 +180,14 @@ biff = no
         deadline = time.monotonic() + 20
         while pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+    def queued(self) -> int:
+        """Messages in Postfix's queue (every queue folder but the bounce/defer logs)."""
+        n = 0
+        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
+            for _dirpath, _dirs, files in os.walk(self.queue / sub):
+                n += len(files)
+        return n
 
     def count(self, mailbox: str) -> int:
         try:

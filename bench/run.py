@@ -19,7 +19,13 @@ Sections (``--only`` takes a comma list of these names):
   Dovecot over identical copies of the same Maildir; messages/s from the first RETR to the last
   QUIT's reply.
 - ``relay``: N messages for a foreign domain from a trusted client into pop3coexist, out
-  through its smart host into ``smtp-sink``; messages/s accepted and fully relayed (queue empty).
+  through its smart host into ``smtp-sink``, and the same into Postfix with ``relayhost`` set
+  to the same ``smtp-sink`` (durable on both sides: each fsyncs its queue file before the 250);
+  runs alternate; messages/s accepted and fully relayed (queue empty).
+- ``stages``: ``smtp-source`` as in ``smtp`` against two servers of this build, runs
+  alternating: without the optional stages, and with them configured but idle for this mail
+  (``[sender_authentication]`` on, but the client is inside; a milter on the submission
+  listener only; rules with no scripts); msg/s both ways and the ratio.
 - ``milter``: the cost of content filtering: ``smtp-source`` as in ``smtp`` against
   pop3coexist without and with one milter on the MX listener (``--milter accept``: a trivial
   accept-everything milter, bench/milter_accept.py, which is sent every step; ``--milter
@@ -63,7 +69,7 @@ from bench.peers import DovecotInstance, PostfixInstance, ensure_packages, free_
 from tests.support.server import HOSTNAME, ServerProcess  # noqa: E402
 
 PASSWORD = "bench-Passw0rd"
-SECTIONS = ("fsync", "smtp", "pop3", "relay", "milter", "memory")
+SECTIONS = ("fsync", "smtp", "pop3", "relay", "stages", "milter", "memory")
 OPT_IN = ("cluster",)  # only with --only: bench/cluster.py (GlusterFS in network namespaces)
 MSG_SIZE = 4096
 
@@ -88,6 +94,19 @@ def proc_status(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/<pid>/smaps_rollup in kB: Rss, Pss, Private_Clean, Private_Dirty, ... (Linux 4.14)."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, _, rest = line.partition(":")
+            if rest.strip().endswith("kB"):
+                out[name] = int(rest.split()[0])
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 def reset_hwm(pid: int) -> bool:
@@ -133,7 +152,7 @@ def machine() -> dict:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_mb": mem, "kernel": platform.release(),
         "tmp_filesystem": fs, "python": platform.python_version(),
-        "postfix": version(["postconf", "-h", "mail_version"]),
+        "postfix": version(["postconf", "-d", "-h", "mail_version"]),
         "dovecot": version(["dovecot", "--version"]),
     }
 
@@ -336,6 +355,46 @@ def bench_milter(tmp: Path, runs: int, messages: int, kind: str) -> dict:
             "with": stats(rates["with"]), "cost_ms": 1000 * (1 / with_ - 1 / without)}
 
 
+# ---------------------------------------------------------------- stages configured, idle
+
+
+def bench_stages(tmp: Path, runs: int, messages: int) -> dict:
+    """``smtp-source`` against two servers of this build, runs alternating: one without the
+    optional stages, one with them configured but with nothing to do for this mail: sender
+    authentication on (the client is inside, so no check runs), a milter on the submission
+    listener only (the MX listener has none), rules (Sieve) with no scripts."""
+    socket_, stops = start_milter(tmp, "accept")
+    try:
+        plain = make_server(tmp / "p3c-nostages")
+        staged = make_server(tmp / "p3c-stages", extra_config=(
+            "[sender_authentication]\n"
+            f'[[milter]]\nname = "idle"\nsocket = "{socket_}"\nlisteners = ["submission"]\n'))
+        rates: dict[str, list[float]] = {"without": [], "with": []}
+        servers = {"without": plain, "with": staged}
+        for srv in servers.values():
+            srv.add_mailbox(f"bench@{HOSTNAME}", PASSWORD)
+            srv.start()
+        try:
+            for srv in servers.values():  # warm-up
+                smtp_source(srv.port("smtp"), 200, f"bench@{HOSTNAME}")
+            for i in range(runs):
+                for name, srv in servers.items():
+                    new = srv.state_dir / "mailroot" / HOSTNAME / "bench" / "new"
+                    empty_folder(new)
+                    acc = smtp_source(srv.port("smtp"), messages, f"bench@{HOSTNAME}")
+                    rates[name].append(messages / acc)
+                    log(f"stages run {i + 1}: {name} stages {messages / acc:.0f} msg/s")
+        finally:
+            for srv in servers.values():
+                srv.stop()
+    finally:
+        for stop in stops:
+            stop()
+    without, with_ = statistics.median(rates["without"]), statistics.median(rates["with"])
+    return {"messages": messages, "without": stats(rates["without"]),
+            "with": stats(rates["with"]), "ratio": with_ / without}
+
+
 # ---------------------------------------------------------------- POP3
 
 
@@ -476,36 +535,83 @@ def bench_pop3(tmp: Path, runs: int, peers: dict, boxes: int = 10, per_box: int 
 # ---------------------------------------------------------------- relay
 
 
-def bench_relay(tmp: Path, runs: int, messages: int) -> dict:
+def queue_left(queue_dir: Path) -> int:
+    """Messages still in pop3coexist's queue: unclaimed (env/) and claimed (claimed/*/)."""
+    folders = [queue_dir / "env"]
+    if (queue_dir / "claimed").is_dir():
+        folders += [e.path for e in os.scandir(queue_dir / "claimed") if e.is_dir()]
+    n = 0
+    for folder in folders:
+        try:
+            n += sum(1 for e in os.scandir(folder) if e.name.endswith(".json"))
+        except FileNotFoundError:
+            continue
+    return n
+
+
+def wait_empty(left, start: float, what: str, timeout: float = 600) -> float:
+    while True:
+        n = left()
+        if n == 0:
+            return time.perf_counter() - start
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError(f"relay: {n} messages still queued in {what}")
+        time.sleep(0.05)
+
+
+def bench_relay(tmp: Path, runs: int, messages: int, peers: dict) -> dict:
+    """N messages for a foreign domain in by SMTP, out to one ``smtp-sink`` through the smart
+    host (pop3coexist) or ``relayhost`` (Postfix); runs alternate between the two."""
     sink_port = free_port()
     sink = subprocess.Popen(["smtp-sink", "-u", "nobody", f"127.0.0.1:{sink_port}", "256"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     extra = f'[smarthost]\nhost = "[127.0.0.1]:{sink_port}"\ntls = "none"\n'
     srv = make_server(tmp / "p3c-relay", extra_config=extra)
-    env_dir = srv.state_dir / "queue" / "env"
-    acc_rates, all_rates = [], []
+    queue_dir = srv.state_dir / "queue"
+    pf = None
+    if peers.get("postfix"):
+        pf_root = tmp / "postfix-relay"
+        pf_root.mkdir()
+        pf = PostfixInstance(pf_root, HOSTNAME, ["bench"], relayhost=f"[127.0.0.1]:{sink_port}")
+    rates: dict[str, list[float]] = {"accept": [], "relayed": [], "pf_accept": [], "pf_relayed": []}
     try:
         with srv:
+            if pf is not None:
+                pf.start()
+            smtp_source(srv.port("smtp"), 200, "someone@relay.example")  # warm-up
+            wait_empty(lambda: queue_left(queue_dir), time.perf_counter(), "pop3coexist")
+            if pf is not None:
+                smtp_source(pf.port, 200, "someone@relay.example")
+                wait_empty(pf.queued, time.perf_counter(), "postfix")
             for i in range(runs):
                 start = time.perf_counter()
                 acc = smtp_source(srv.port("smtp"), messages, "someone@relay.example")
-                while True:
-                    left = sum(1 for e in os.scandir(env_dir) if e.name.endswith(".json")) \
-                        if env_dir.exists() else 0
-                    if left == 0:
-                        break
-                    if time.perf_counter() - start > 600:
-                        raise RuntimeError(f"relay: {left} messages still queued")
-                    time.sleep(0.05)
-                total = time.perf_counter() - start
-                acc_rates.append(messages / acc)
-                all_rates.append(messages / total)
-                log(f"relay run {i + 1}: {messages / acc:.0f} msg/s accepted, {messages / total:.0f} "
-                    "msg/s relayed")
+                total = wait_empty(lambda: queue_left(queue_dir), start, "pop3coexist")
+                rates["accept"].append(messages / acc)
+                rates["relayed"].append(messages / total)
+                log(f"relay run {i + 1}: pop3coexist {messages / acc:.0f} msg/s accepted, "
+                    f"{messages / total:.0f} msg/s relayed")
+                if pf is not None:
+                    start = time.perf_counter()
+                    acc = smtp_source(pf.port, messages, "someone@relay.example")
+                    total = wait_empty(pf.queued, start, "postfix")
+                    rates["pf_accept"].append(messages / acc)
+                    rates["pf_relayed"].append(messages / total)
+                    log(f"relay run {i + 1}: postfix {messages / acc:.0f} msg/s accepted, "
+                        f"{messages / total:.0f} msg/s relayed")
     finally:
+        if pf is not None:
+            pf.stop()
         sink.terminate()
         sink.wait(10)
-    return {"messages": messages, "accept": stats(acc_rates), "relayed": stats(all_rates)}
+    out: dict = {"messages": messages, "accept": stats(rates["accept"]),
+                 "relayed": stats(rates["relayed"])}
+    if rates["pf_accept"]:
+        out["postfix_accept"] = stats(rates["pf_accept"])
+        out["postfix_relayed"] = stats(rates["pf_relayed"])
+        out["ratio_relayed"] = (statistics.median(rates["relayed"])
+                                / statistics.median(rates["pf_relayed"]))
+    return out
 
 
 # ---------------------------------------------------------------- memory
@@ -536,6 +642,18 @@ def bench_memory(tmp: Path, idle: int = 1000, big_mb: int = 100) -> dict:
 
         time.sleep(0.5)
         out["rss_start_mb"] = total("VmRSS") / 1024
+        # what each process costs: RSS, PSS (shared pages split between their users) and USS
+        # (its private pages: what one more worker adds)
+        per = []
+        for p in pids:
+            r = smaps_rollup(p)
+            per.append({"pid": p, "rss_mb": r.get("Rss", 0) / 1024, "pss_mb": r.get("Pss", 0) / 1024,
+                        "uss_mb": (r.get("Private_Clean", 0) + r.get("Private_Dirty", 0)) / 1024})
+        out["per_process_start"] = per
+        if len(per) > 1:
+            out["worker_uss_mb"] = statistics.median(x["uss_mb"] for x in per[1:])
+            out["worker_rss_mb"] = statistics.median(x["rss_mb"] for x in per[1:])
+        out["pss_start_mb"] = sum(x["pss_mb"] for x in per)
         socks = []
         try:
             for role in ("pop3", "smtp"):
@@ -547,6 +665,7 @@ def bench_memory(tmp: Path, idle: int = 1000, big_mb: int = 100) -> dict:
             time.sleep(0.5)
             out["idle_sessions"] = len(socks)
             out["rss_idle_mb"] = total("VmRSS") / 1024
+            out["pss_idle_mb"] = sum(smaps_rollup(p).get("Pss", 0) for p in pids) / 1024
         finally:
             for s in socks:
                 s.close()
@@ -642,8 +761,16 @@ def table(result: dict) -> str:
                      "Dovecot " + fmt(p.get("dovecot")), f"{p['ratio']:.2f}x" if "ratio" in p else "-"))
     if "relay" in result:
         r = result["relay"]
-        rows.append((f"relay to smtp-sink accepted, msg/s ({r['messages']})", fmt(r["accept"]), "", ""))
-        rows.append(("relay all delivered, msg/s", fmt(r["relayed"]), "", ""))
+        rows.append((f"relay to smtp-sink accepted, msg/s ({r['messages']})", fmt(r["accept"]),
+                     "Postfix " + fmt(r.get("postfix_accept")), ""))
+        rows.append(("relay all delivered, msg/s", fmt(r["relayed"]),
+                     "Postfix " + fmt(r.get("postfix_relayed")),
+                     f"{r['ratio_relayed']:.2f}x" if "ratio_relayed" in r else "-"))
+    if "stages" in result:
+        f = result["stages"]
+        rows.append((f"SMTP accepted, stages configured but idle, msg/s ({f['messages']})",
+                     fmt(f["with"]), "without them " + fmt(f["without"]),
+                     f"{f['ratio']:.2f}x"))
     if "milter" in result:
         f = result["milter"]
         rows.append((f"SMTP accepted with a {f['milter']} milter, msg/s ({f['messages']})",
@@ -655,6 +782,10 @@ def table(result: dict) -> str:
         rows.append((f"RSS with {m['idle_sessions']} idle sessions, MB, {procs} process(es)",
                      f"{m['rss_idle_mb']:.0f}",
                      f"(at start {m['rss_start_mb']:.0f})", ""))
+        if "worker_uss_mb" in m:
+            rows.append(("one worker process at start, MB: RSS / private (USS)",
+                         f"{m['worker_rss_mb']:.0f} / {m['worker_uss_mb']:.0f}",
+                         f"(PSS all processes {m['pss_start_mb']:.0f})", ""))
         rows.append(("peak RSS growth, 100 MB in by SMTP + out by POP3, MB", f"{m['peak_growth_mb']:.0f}",
                      f"(peak {m['peak_after_big_mb']:.0f})", ""))
     for r in result.get("cluster", {}).get("rows", ()):
@@ -695,7 +826,7 @@ def main() -> None:
                  "machine' (python3 -m venv .venv && .venv/bin/pip install .), then make bench")
     raise_nofile()
     started = time.perf_counter()
-    peers = ensure_packages() if {"smtp", "pop3"} & set(only) else {}
+    peers = ensure_packages() if {"smtp", "pop3", "relay"} & set(only) else {}
     if not shutil.which("smtp-source") and {"smtp", "relay", "milter"} & set(only):
         sys.exit("smtp-source (Debian package postfix) is needed for the SMTP figures")
     result: dict = {"machine": machine(), "peers": peers, "workers": args.workers,
@@ -715,7 +846,9 @@ def main() -> None:
             elif section == "pop3":
                 result["pop3"] = bench_pop3(tmp, args.runs, peers)
             elif section == "relay":
-                result["relay"] = bench_relay(tmp, args.relay_runs, args.messages)
+                result["relay"] = bench_relay(tmp, args.relay_runs, args.messages, peers)
+            elif section == "stages":
+                result["stages"] = bench_stages(tmp, args.runs, args.messages)
             elif section == "milter":
                 result["milter"] = bench_milter(tmp, args.relay_runs, args.messages, args.milter)
             elif section == "memory":

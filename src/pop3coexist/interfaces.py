@@ -323,6 +323,26 @@ class IQuotaCheck(Interface):
         quota (at or over it, or past quota + grace with it)."""
 
 
+class IBatchEnqueue(Interface):
+    """Optional for an IOutboundQueue: enqueues whose syncs a caller batches (the SMTP group
+    commit makes a batch of queued messages durable with one ``syncfs``)."""
+
+    def enqueue_unsynced(source: object, envelope: dict) -> str:
+        """``IOutboundQueue.enqueue`` without any fsync, and not yet handed to the runner:
+        the caller syncs the file system the queue is on (data and folder entries), then
+        calls ``publish``, or ``discard`` when that sync failed. The source's data must be
+        durable already (the body is linked, never copied)."""
+
+    def publish(ids: list[str]) -> None:
+        """The enqueues ``ids`` are durable: hand them to the delivery runner (``wake``)."""
+
+    def discard(qid: str) -> None:
+        """Remove an unsynced, unpublished enqueue (its envelope, then its body)."""
+
+    def sync_target() -> object:
+        """A path on the queue's file system (for the caller's ``syncfs``)."""
+
+
 class IBatchDelivery(Interface):
     """Optional for an IMailStore: delivery whose folder syncs a caller batches (the SMTP group
     commit makes a whole batch durable with one sync)."""

@@ -28,11 +28,11 @@ def run_scenario(tmp_path: Path) -> list[str]:
     written: list[bytes] = []
     save = env.queue.save
 
-    def recording_save(record: object, create: bool = False) -> bool:
-        ok = save(record, create)  # type: ignore[arg-type]
+    def recording_save(record: object, create: bool = False, sync: bool = True) -> bool:
+        ok = save(record, create, sync)  # type: ignore[arg-type]
         if ok:
             qid = record["id"] if isinstance(record, dict) else record.id  # type: ignore[attr-defined]
-            written.append(env.queue.envelope_path(qid).read_bytes())
+            written.append(env.queue.envelope_file(qid).read_bytes())  # env/ or the claim
         return ok
 
     env.queue.save = recording_save  # type: ignore[method-assign]

@@ -318,8 +318,9 @@ def test_a_spool_folder_removed_at_run_time_is_made_again(tmp_path: Path) -> Non
 
 
 def test_queue_bound_messages_commit_in_parallel(tmp_path: Path) -> None:
-    """Messages that also go to the outbound queue do not wait for a batch: each is committed
-    on its own at once (their queue fsyncs then overlap), and still reports its own result."""
+    """With a queue that cannot batch its syncs (no IBatchEnqueue), messages that also go to
+    the outbound queue do not wait for a batch: each is committed on its own at once (their
+    queue fsyncs then overlap), and still reports its own result."""
     runner = ManualRunner()
     store, queue, committer, _ = make(tmp_path, runner)
     env = {"sender": "a@b.test", "recipients": [{"address": "x@foreign.example"}]}
@@ -333,3 +334,61 @@ def test_queue_bound_messages_commit_in_parallel(tmp_path: Path) -> None:
     assert fired == ["ok", "ok"]
     assert sorted(m for m, _ in queue.items) == [b"r0\n", b"r1\n"]
     assert new_files(store, "ann") == [b"r0\n", b"r1\n"]
+
+
+def _batch_queue(tmp_path: Path, runner) -> tuple:
+    from pop3coexist.store.queue import FileQueue
+
+    store = MaildirStore(tmp_path / "mailroot")
+    store.add_domain(HOST)
+    store.add_mailbox(HOST, "ted")
+    sync = SyncLog()
+    queue = FileQueue(tmp_path / "queue", HOST)
+    woken: list[list[str]] = []
+    queue.set_waker(lambda: woken.append(queue.drain_new()))
+    committer = GroupCommitter(store, queue, runner, sync_fs=sync.syncfs, fsync=sync.fsync)
+    return store, queue, committer, sync, woken
+
+
+ENVELOPE = {"sender": "a@example.org", "recipients": [{"address": "far@example.net"}]}
+
+
+def test_relayed_messages_join_the_batch_with_one_syncfs(tmp_path: Path, monkeypatch) -> None:
+    """With a FileQueue (IBatchEnqueue) relayed messages are committed in the batch: no fsync
+    by the queue, one syncfs after the links and envelopes exist, the runner told only then,
+    and the 250 (the Deferred) only after that."""
+    import pop3coexist.store.queue as queue_module
+
+    runner = ManualRunner()
+    store, queue, committer, sync, woken = _batch_queue(tmp_path, runner)
+    dir_syncs: list[str] = []
+    monkeypatch.setattr(queue_module, "_fsync_dir", lambda p: dir_syncs.append(str(p)))
+    fired: list[str] = []
+    d0 = committer.commit(spool(store, b"m0\n"), [], dict(ENVELOPE))
+    d0.addCallback(lambda _: fired.append("m0"))
+    ds = [committer.commit(spool(store, b"m%d\n" % i), [(HOST, "ted")] if i == 1 else [],
+                           dict(ENVELOPE)) for i in range(1, 4)]
+    runner.step()  # batch 1: m0 alone
+    sync.events.clear()
+    assert woken and fired == ["m0"]
+    runner.step()  # batch 2: m1..m3
+    assert results(ds) == ["ok", "ok", "ok"]
+    # one data sync for the spool files, one syncfs for links + envelopes (same file system)
+    assert sync.events == ["syncfs", "syncfs"] and dir_syncs == []
+    assert len(queue.ready_ids()) == 4 and sum(len(w) for w in woken) == 4
+    assert [queue.body_path(q).read_bytes() for q in queue.ready_ids()] == [
+        b"m0\n", b"m1\n", b"m2\n", b"m3\n"]
+    assert new_files(store, "ted") == [b"m1\n"]
+
+
+def test_a_failing_queue_sync_leaves_no_queued_message(tmp_path: Path) -> None:
+    """The syncfs after the enqueues fails: every message of the batch fails (451), their
+    envelopes and bodies are gone, and the runner was never told of them."""
+    runner = ManualRunner()
+    store, queue, committer, sync, woken = _batch_queue(tmp_path, runner)
+    d = committer.commit(spool(store, b"m0\n"), [], dict(ENVELOPE))
+    out = results([d])
+    committer.sync_fs = lambda fd: (_ for _ in ()).throw(OSError(5, "EIO"))
+    runner.step()
+    assert out == ["OSError"]
+    assert queue.ids() == [] and list(queue.msg_dir.iterdir()) == [] and woken == []

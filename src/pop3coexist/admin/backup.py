@@ -335,24 +335,31 @@ class _Writer:
     def _queue(self, queue: Path) -> None:
         env_dir, msg_dir = queue / "env", queue / "msg"
         for name in _listdir(queue):
-            if name not in ("env", "msg"):
+            if name not in ("env", "msg", "claimed"):
                 self._generic(queue / name)
         for sub in (msg_dir, env_dir):
             if sub.is_dir():
                 self.add_dir(sub)
-        for name in _listdir(env_dir):
-            if not name.endswith(".json") or is_excluded(("queue", "env", name), False):
+        # a message a delivery runner has claimed (store/queue.py) is kept as unclaimed:
+        # its envelope goes into the archive as env/<id>.json, the claim itself is not kept
+        sources = [(env_dir, name) for name in _listdir(env_dir)]
+        for owner in _listdir(queue / "claimed"):
+            sources += [(queue / "claimed" / owner, name)
+                        for name in _listdir(queue / "claimed" / owner)]
+        seen: set[str] = set()
+        for folder, name in sources:
+            if (not name.endswith(".json") or name in seen
+                    or is_excluded(("queue", "env", name), False)):
                 continue
             qid = name[:-5]
-            envelope = env_dir / name
-            try:
-                env_data = envelope.read_bytes()  # replaced atomically: old or new, whole
-                env_st = os.stat(envelope)
-            except FileNotFoundError:
+            found = _read_envelope(queue, folder / name)
+            if found is None:
                 continue  # delivered or deleted since the listing
+            env_data, env_st = found
             if not self.add_file(msg_dir / qid, "body", immutable=True):
                 continue  # the body went first: removed (delivered) meanwhile
-            self._add_bytes(envelope, env_data, env_st, "envelope")
+            seen.add(name)
+            self._add_bytes(env_dir / name, env_data, env_st, "envelope")
 
     def _add_bytes(self, path: Path, data: bytes, st: os.stat_result, kind: str) -> None:
         if not self._changed(st):
@@ -393,6 +400,22 @@ class _Writer:
 
 def _is_maildir(path: Path) -> bool:
     return (path / "new").is_dir() and (path / "cur").is_dir()
+
+
+def _read_envelope(queue: Path, path: Path) -> tuple[bytes, os.stat_result] | None:
+    """An envelope's bytes and stat, following it if a runner claimed or released it since
+    the listing (it moves between env/ and claimed/<owner>/); None when it is gone."""
+    for _ in range(3):
+        try:
+            return path.read_bytes(), os.stat(path)  # replaced atomically: old or new, whole
+        except FileNotFoundError:
+            pass
+        places = [queue / "env"] + [queue / "claimed" / o for o in _listdir(queue / "claimed")]
+        moved = [d / path.name for d in places if (d / path.name).exists()]
+        if not moved:
+            return None
+        path = moved[0]
+    return None
 
 
 def _listdir(path: Path) -> list[str]:

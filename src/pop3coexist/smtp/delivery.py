@@ -23,6 +23,7 @@ envelope sender (so a delivery report to an alias sender is not lost). The repli
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,8 @@ from pop3coexist.smtp.hostlimits import HopLimiter
 from pop3coexist.smtp.received import return_path_field
 from pop3coexist.store.envelope import Envelope, Recipient
 from pop3coexist.store.queue import FileQueue
+
+OWN_ADDRESSES_TTL = 1.0  # seconds: how long the listeners' addresses are taken as known
 
 log = Logger(namespace="pop3coexist.outbound")
 
@@ -80,6 +83,7 @@ class RouteDelivery:
         self._deliver = deliver
         self._blocking = blocking
         self._advised: dict[str, str] = {}  # hop key -> advice already logged for it
+        self._own: tuple[float, Any] | None = None  # (monotonic time, own_addresses)
 
     async def deliver_route(
         self, env: Envelope, route: routing.Route, rcpts: list[Recipient]
@@ -155,14 +159,17 @@ class RouteDelivery:
 
         try:
             candidates = await self.resolver.resolve(hop)
-            own = await self._blocking(own_addresses, self.config)
+            own = await self._own_addresses()
             kept = before_self(candidates, own, routing.domain_of(rcpts[0].address))
         except HopError as e:
             result = everyone(e)
             result.hop_failed = True
             return [], rcpts, result
         try:
-            password = await self._blocking(self._password) if hop.smarthost else None
+            sh = self.config.smarthost
+            password = (await self._blocking(self._password)
+                        if hop.smarthost and sh.username and sh.password_file is not None
+                        else None)  # no thread hop when there is nothing to read
         except OSError as e:
             result = everyone(errors.TemporaryFailure(
                 f"cannot read smarthost.password_file: {e.strerror}", "4.3.5"))
@@ -236,6 +243,14 @@ class RouteDelivery:
             connect_timeout=sh.connect_timeout,
             command_timeout=sh.command_timeout,
         )
+
+    async def _own_addresses(self) -> Any:
+        """``own_addresses`` (it reads run/listeners.json), read again at most once a second:
+        one thread hop per second instead of one per message (issue 17 profile)."""
+        now = time.monotonic()
+        if self._own is None or now - self._own[0] >= OWN_ADDRESSES_TTL:
+            self._own = (now, await self._blocking(own_addresses, self.config))
+        return self._own[1]
 
     def _password(self) -> smtp_client.Secret | None:
         sh = self.config.smarthost

@@ -420,14 +420,14 @@ class OutboundService(service.Service):
     # ------------------------------------------------------------------ one message
 
     async def _run_message(self, qid: str, forced: bool) -> float | None:
-        env = await self._blocking(self.queue.claim, qid)
+        env, domains = await self._blocking(self._claim, qid)
         if env is None:  # delivered, deleted, or another runner has it
             return None
         if not self.queue.lease_fresh():  # our claims may be taken back before we end
             await self._blocking(self.queue.release, qid, self.queue.clock())
             return None
         try:
-            next_due = await self._run_claimed(qid, env, forced)
+            next_due = await self._run_claimed(qid, env, forced, domains)
         except BaseException:
             await self._blocking(self.queue.release, qid,
                                  self.queue.clock() + self.config.queue.retry_intervals[0])
@@ -437,7 +437,13 @@ class OutboundService(service.Service):
                                  self.queue.clock() + max(0.0, next_due - self._now()))
         return next_due
 
-    async def _run_claimed(self, qid: str, env: Envelope, forced: bool) -> float | None:
+    def _claim(self, qid: str) -> tuple[Envelope | None, frozenset[str]]:
+        """Blocking: claim ``qid`` and read the store's domains in the same thread hop."""
+        env = self.queue.claim(qid)
+        return env, (self._store_domains() if env is not None else frozenset())
+
+    async def _run_claimed(self, qid: str, env: Envelope, forced: bool,
+                           domains: frozenset[str]) -> float | None:
         if any(r.notice for r in env.recipients):
             if not await self._send_notices(env):
                 return None
@@ -460,7 +466,7 @@ class OutboundService(service.Service):
             groups = routing.group_by_route(
                 [r.address for r in due], self.config, local_delivery=self.store is not None,
                 spread=routing.spread_key(qid),
-                local_domains=await self._blocking(self._store_domains),
+                local_domains=domains,
             )
             by_addr: dict[str, list[Recipient]] = {}
             for r in due:

@@ -65,7 +65,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.interfaces import IOutboundQueue
+from pop3coexist.interfaces import IBatchEnqueue, IOutboundQueue
 from pop3coexist.store.envelope import ENVELOPE_VERSION, Envelope, Notice, Recipient, State
 
 __all__ = ["ENVELOPE_VERSION", "Envelope", "FileQueue", "Notice", "Recipient", "State"]
@@ -118,7 +118,7 @@ def new_queue_id() -> str:
     return f"{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
-@implementer(IOutboundQueue)
+@implementer(IOutboundQueue, IBatchEnqueue)
 class FileQueue:
     """See IOutboundQueue; plus the runner's API (load/save/remove) and the admin API.
 
@@ -177,6 +177,37 @@ class FileQueue:
 
     def enqueue(self, source: object, envelope: dict) -> str:
         """See IOutboundQueue.enqueue. Raises ValueError for a malformed envelope."""
+        qid = self._enqueue(source, envelope, sync=True)
+        with self._lock:
+            self._new.append(qid)
+        self.wake()
+        return qid
+
+    def enqueue_unsynced(self, source: object, envelope: dict) -> str:
+        """See IBatchEnqueue: the body link, the envelope's data and its name are made durable
+        by the caller's sync (one ``syncfs`` for a whole batch of messages)."""
+        return self._enqueue(source, envelope, sync=False)
+
+    def publish(self, ids: list[str]) -> None:
+        """See IBatchEnqueue."""
+        if not ids:
+            return
+        with self._lock:
+            self._new.extend(ids)
+        self.wake()
+
+    def discard(self, qid: str) -> None:
+        """See IBatchEnqueue."""
+        for path in (self.envelope_path(qid), self.body_path(qid)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def sync_target(self) -> Path:
+        """See IBatchEnqueue."""
+        self.ensure_dirs()
+        return self.env_dir
+
+    def _enqueue(self, source: object, envelope: dict, sync: bool) -> str:
         _validate(envelope)
         self.ensure_dirs()
         given = envelope.get("id")
@@ -203,7 +234,8 @@ class FileQueue:
                 self._copy_durable(src, body)
                 break
         try:
-            _fsync_dir(self.msg_dir)
+            if sync:
+                _fsync_dir(self.msg_dir)
             now = self.clock()
             size = body.stat().st_size
             record = Envelope(
@@ -226,16 +258,13 @@ class FileQueue:
                     for r in envelope["recipients"]
                 ],
             )
-            self.save(record, create=True)
+            self.save(record, create=True, sync=sync)
         except BaseException:
             # no envelope, no queue entry: a body left alone in msg/ would be a half-written
             # message nobody delivers or removes (issue 16 soak, the disk-full fault)
             with contextlib.suppress(OSError):
                 body.unlink()
             raise
-        with self._lock:
-            self._new.append(qid)
-        self.wake()
         return qid
 
     def enqueue_bytes(self, data: bytes, envelope: dict) -> str:
@@ -339,6 +368,10 @@ class FileQueue:
                 return p
         return None
 
+    def envelope_file(self, qid: str) -> Path | None:
+        """Where the envelope of ``qid`` is now (env/ or a runner's claim), or None."""
+        return self._find(qid)
+
     def load(self, qid: str) -> Envelope | None:
         """The envelope of ``qid`` wherever it is (claimed or not), or None if it is no longer
         queued (or damaged: logged and moved aside)."""
@@ -367,9 +400,10 @@ class FileQueue:
             return None
         return env
 
-    def save(self, env: Envelope, create: bool = False) -> bool:
+    def save(self, env: Envelope, create: bool = False, sync: bool = True) -> bool:
         """Durably replace the envelope (temp, fsync, rename, fsync folder), where it is: in
-        this owner's claim when claimed, else in env/ (``create``: a new message).
+        this owner's claim when claimed, else in env/ (``create``: a new message). ``sync``
+        False: no fsync (the caller syncs the file system: ``enqueue_unsynced``).
 
         Without ``create``, an envelope that was deleted meanwhile (``queue delete``) or taken
         back from this owner is not brought back: returns False.
@@ -393,8 +427,9 @@ class FileQueue:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except FileNotFoundError:  # the claim folder was taken back meanwhile
             with contextlib.suppress(OSError):
@@ -406,7 +441,8 @@ class FileQueue:
             except OSError:
                 pass
             raise
-        _fsync_dir(path.parent)
+        if sync:
+            _fsync_dir(path.parent)
         return True
 
     def remove(self, qid: str) -> None:
@@ -611,6 +647,16 @@ class FileQueue:
             except OSError:
                 pass
         envs = set(self.ids())
+        bodies = set(os.listdir(self.msg_dir))
+        for qid in sorted(set(self.ready_ids()) - bodies):
+            # an envelope whose body never reached the disk (a crash inside a batched enqueue
+            # on a file system that does not keep the order of names): never delivered. Look
+            # again first: another node (or process) may have queued it since the listing
+            if (self.msg_dir / qid).exists():
+                continue
+            log.error("queue: envelope {qid} has no body; moved aside", qid=qid)
+            self._quarantine(qid)
+            envs.discard(qid)
         for name in os.listdir(self.msg_dir):
             if name in envs or not _ID_RE.match(name):
                 continue
