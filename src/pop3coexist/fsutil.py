@@ -83,3 +83,41 @@ def retry_stale(read: Callable[[], T], attempts: int = STALE_ATTEMPTS) -> T:
             if e.errno != errno.ESTALE or attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+# File systems whose syncfs(2) does not make a write durable where it is kept: FUSE (GlusterFS's
+# client holds writes in its write-behind cache, and the kernel sends no FUSE_SYNCFS to it),
+# and the network file systems, whose servers only sync on fsync. fsync of each file and
+# folder does reach them.
+_SYNCFS_UNTRUSTED = ("fuse", "nfs", "nfs4", "cifs", "smb3", "ceph", "9p", "glusterfs", "lustre",
+                     "gpfs", "ocfs2", "gfs2")
+
+
+def file_system_type(path: Path | str, mountinfo: str | None = None) -> str:
+    """The type of the file system holding ``path`` (``ext4``, ``fuse.glusterfs``, ...) from
+    /proc/self/mountinfo (the longest mount point that contains the path); "" when unknown."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                mountinfo = f.read()
+        except OSError:
+            return ""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ")
+        after = line.split(" - ", 1)[1].split()
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if after and inside and len(point) >= len(best):
+            best, kind = point, after[0]
+    return kind
+
+
+def syncfs_is_durable(path: Path | str, mountinfo: str | None = None) -> bool:
+    """False when the file system holding ``path`` is one whose syncfs(2) does not make data
+    durable (FUSE, NFS and other network or cluster file systems): sync each file instead."""
+    kind = file_system_type(path, mountinfo)
+    return not kind.startswith(_SYNCFS_UNTRUSTED)

@@ -317,3 +317,25 @@ def test_admin_nodes_lists_running_and_stopped_nodes(tmp_path: Path) -> None:
         NodeLock.acquire_node(tmp_path, "old").release()  # the look took nothing
     finally:
         live.release()
+
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:40 / /srv/mail rw,relatime shared:2 - fuse.glusterfs host1:/mail rw,user_id=0
+41 22 0:41 / /srv/nfs\\040share rw shared:3 - nfs4 server:/x rw
+"""
+
+
+def test_syncfs_is_not_trusted_on_fuse_or_nfs() -> None:
+    """The group commit's syncfs is used only where it makes data durable: a local file
+    system yes; a GlusterFS FUSE mount or NFS (the mount of a path found by its longest mount
+    point, escaped spaces read) no: there each file is fsynced."""
+    from pop3coexist.fsutil import file_system_type, syncfs_is_durable
+
+    assert file_system_type("/var/spool/x", MOUNTINFO) == "ext4"
+    assert file_system_type("/srv/mail/state/mailroot", MOUNTINFO) == "fuse.glusterfs"
+    assert file_system_type("/srv/nfs share/state", MOUNTINFO) == "nfs4"
+    assert syncfs_is_durable("/var/spool", MOUNTINFO)
+    assert not syncfs_is_durable("/srv/mail/state", MOUNTINFO)
+    assert not syncfs_is_durable("/srv/nfs share", MOUNTINFO)
+    assert syncfs_is_durable("/srv/mailbox", MOUNTINFO)  # on /, not under /srv/mail
