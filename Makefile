@@ -25,3 +25,13 @@ fuzz:
 # slapd). SOAK_ARGS passes options, e.g. make soak SOAK_ARGS="--duration 300 --json soak.json".
 soak:
 	$(PYTHON) soak/run.py $(SOAK_ARGS)
+
+# `make cluster`: a 3-host test cluster (README "Several servers"): three GlusterFS brick hosts
+# in network namespaces, a replica-3 volume, three pop3coexist nodes over it, until Ctrl-C; needs
+# root, glusterfs-server and glusterfs-client. CLUSTER_ARGS passes options ("--check": one
+# message across nodes, then stop). `make cluster-test`: the cluster integration test alone.
+.PHONY: cluster cluster-test
+cluster:
+	$(PYTHON) cluster/run.py $(CLUSTER_ARGS)
+cluster-test:
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m cluster tests/integration/test_cluster.py

@@ -32,6 +32,8 @@ Sections (``--only`` takes a comma list of these names):
   clamav``: clamd + clamav-milter with a one-signature database, as the tests start them);
   msg/s both ways and the milliseconds each message costs (1/with - 1/without), runs
   alternating.
+- ``cluster`` (only when named in ``--only``): bench/cluster.py, SMTP acceptance and POP3
+  retrieval with one server on local disk and 1, 2, 3 nodes over a replica-3 GlusterFS volume.
 - ``memory``: server RSS with 1,000 idle POP3 and 1,000 idle SMTP sessions; peak RSS growth
   while one 100 MB message goes in by SMTP and out by POP3; both summed over every process of
   the server.
@@ -68,6 +70,7 @@ from tests.support.server import HOSTNAME, ServerProcess  # noqa: E402
 
 PASSWORD = "bench-Passw0rd"
 SECTIONS = ("fsync", "smtp", "pop3", "relay", "stages", "milter", "memory")
+OPT_IN = ("cluster",)  # only with --only: bench/cluster.py (GlusterFS in network namespaces)
 MSG_SIZE = 4096
 
 
@@ -785,6 +788,9 @@ def table(result: dict) -> str:
                          f"(PSS all processes {m['pss_start_mb']:.0f})", ""))
         rows.append(("peak RSS growth, 100 MB in by SMTP + out by POP3, MB", f"{m['peak_growth_mb']:.0f}",
                      f"(peak {m['peak_after_big_mb']:.0f})", ""))
+    for r in result.get("cluster", {}).get("rows", ()):
+        rows.append((f"{r['where']}, {r['nodes']} node(s): SMTP accepted / POP3 RETR+DELE, msg/s",
+                     f"{r['smtp_msg_s']:.0f} / {r['pop3_msg_s']:.0f}", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for n, r in enumerate(rows):
@@ -810,7 +816,7 @@ def main() -> None:
     global WORKERS
     WORKERS = args.workers
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(only) - set(SECTIONS)
+    unknown = set(only) - set(SECTIONS) - set(OPT_IN)
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
     try:
@@ -828,7 +834,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="p3c-bench-") as tmp_name:
         tmp = Path(tmp_name)
         os.chmod(tmp, 0o755)
-        for section in SECTIONS:
+        for section in (*SECTIONS, *OPT_IN):
             if section not in only:
                 continue
             log(f"{section} ...")
@@ -847,6 +853,10 @@ def main() -> None:
                 result["milter"] = bench_milter(tmp, args.relay_runs, args.messages, args.milter)
             elif section == "memory":
                 result["memory"] = bench_memory(tmp)
+            elif section == "cluster":
+                from bench.cluster import bench_cluster
+
+                result["cluster"] = bench_cluster(tmp)
             log(f"{section} done in {time.perf_counter() - t:.0f}s")
     result["seconds"] = time.perf_counter() - started
     text = table(result)

@@ -356,6 +356,29 @@ def _path(value: Any) -> Path | None:
     return None if value == "" else Path(value)
 
 
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+def _node_id(value: Any) -> str:
+    """A node's name among the servers sharing one state_dir: 1-63 of ``A-Z a-z 0-9 _ -``,
+    starting with a letter or digit (it names files on the shared volume, and the queue's
+    claim folders ``<node>.w<worker>.<boot>`` are split at dots); "" is the host name."""
+    value = _string(value)
+    if value and not _NODE_ID_RE.match(value):
+        raise ValueError(f"must be 1 to 63 letters, digits, '_' or '-' starting with a "
+                         f"letter or digit, not {value!r}")
+    return value
+
+
+def _machine_name() -> str:
+    """The machine's host name in the form a node id takes (first label, unsafe characters
+    replaced), for ``server.node_id`` = ""."""
+    import socket
+
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0]) or "node"
+    return (name if name[0].isalnum() else f"n{name}")[:63]
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def conv(value: Any) -> str:
         value = _string(value)
@@ -616,6 +639,39 @@ class ServerConfig:
     state_dir: Path = key(_path, REQUIRED, "mailroot/, queue/, passwords.json, passwords.key, run/")
     workers: int = key(_workers, 1, 'processes that serve POP3 and SMTP, 1 to 64, or "auto": one '
                        "per CPU", unit="processes")
+    # -- several servers over one shared state_dir (README "Several servers")
+    local_dir: Path | None = key(_path, "", "this node's own files, on local disk: run/ (the "
+                                 "server lock, listeners.json, connection and log-in tables, "
+                                 "metrics); empty: state_dir (one server alone)")
+    node_id: str = key(_node_id, "", "this node's name among the servers that share state_dir "
+                       "(its spool folder, its lock on the volume, health probe, queue claims); "
+                       "empty: the machine's host name")
+
+    @property
+    def local_root(self) -> Path:
+        """Where this node keeps its own files: ``local_dir``, or ``state_dir`` alone."""
+        return self.local_dir if self.local_dir is not None else self.state_dir
+
+    @property
+    def run_dir(self) -> Path:
+        """This node's run files (lock, listeners.json, tables, metrics): never shared."""
+        return self.local_root / "run"
+
+    @property
+    def node(self) -> str:
+        """This node's id: ``node_id``, or the machine's host name."""
+        return self.node_id or _machine_name()
+
+    @property
+    def spool_node(self) -> str:
+        """The name of this node's spool folder (``<mailroot>/.spool/<node>``) when several
+        nodes share state_dir, else "" (``<mailroot>/.spool``)."""
+        return self.node if self.shared else ""
+
+    @property
+    def shared(self) -> bool:
+        """True when other nodes may share ``state_dir`` (``local_dir`` is set)."""
+        return self.local_dir is not None
 
     @property
     def mailroot(self) -> Path:
@@ -632,6 +688,19 @@ class ServerConfig:
     @property
     def key_file(self) -> Path:
         return self.state_dir / "passwords.key"
+
+
+def _check_local_dir(r: Any, server: ServerConfig) -> None:
+    """``server.local_dir`` must be a folder of its own, neither state_dir nor inside it (its
+    run files would then be shared by every node), nor holding state_dir."""
+    local = Path(os.path.abspath(server.local_root))
+    state = Path(os.path.abspath(server.state_dir))
+    if local == state or state in local.parents:
+        raise r.fail("server", "local_dir", f"{server.local_root} is inside state_dir "
+                     f"{server.state_dir}: each node's own files must stay out of the shared folder")
+    if local in state.parents:
+        raise r.fail("server", "local_dir", f"{server.local_root} holds state_dir "
+                     f"{server.state_dir}: give each node a folder of its own beside it")
 
 
 @dataclass(frozen=True)
@@ -804,6 +873,9 @@ class QueueConfig:
                                              "waits between attempts; the last one repeats")
     delay_notification: float = key(_period, "12h", "a delay report to the sender after this")
     expiration: float = key(_period, "2d", "give up and send a failure report after this")
+    claim_lease: float = key(_period, "2m", "a delivery runner's claims on queued messages are "
+                             "taken back by another when its lease is older than this (a dead "
+                             "node); at least 20 s")
 
 
 @dataclass(frozen=True)
@@ -1298,8 +1370,11 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     if server.get("state_dir") is None:
         raise r.fail("server", "state_dir", "is required")
     server_cfg = ServerConfig(
-        hostname=server["hostname"], state_dir=server["state_dir"], workers=server.get("workers", 1)
+        hostname=server["hostname"], state_dir=server["state_dir"], workers=server.get("workers", 1),
+        local_dir=server.get("local_dir"), node_id=server.get("node_id", ""),
     )
+    if server_cfg.local_dir is not None:
+        _check_local_dir(r, server_cfg)
 
     pop3_cfg = Pop3Config(**r.listeners(r.keys(data.get("pop3", {}), "pop3", Pop3Config), "pop3"))
     # RFC 1939 section 3 asks for at least 10 minutes, RFC 5321 section 4.5.3.2.7 for 5; a
@@ -1432,6 +1507,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         r.warn("smarthost", "mx_port", f"direct delivery goes to port {sh_cfg.mx_port}: MX hosts "
                "on the Internet listen on port 25 (RFC 5321 section 4.5.4.2)")
     queue_cfg = QueueConfig(**r.keys(data.get("queue", {}), "queue", QueueConfig))
+    if queue_cfg.claim_lease < 20:
+        raise r.fail("queue", "claim_lease", "must be at least 20 seconds (a runner renews its "
+                     "lease every 5 seconds)")
 
     if pop3_cfg.tls_listen and not tls_cfg.enabled:
         raise r.fail("pop3", "tls_listen", "needs [tls] certificate and private_key")

@@ -173,6 +173,27 @@ def disk_full(exc: BaseException) -> bool:
     return False
 
 
+# A shared volume that cannot be reached (a GlusterFS or NFS mount cut off, without quorum, or
+# a file replaced under a reader more often than it is read again): README "Several servers"
+_VOLUME_ERRNOS = frozenset({errno.ENOTCONN, errno.ESTALE, errno.EROFS, errno.ETIMEDOUT,
+                            errno.EHOSTDOWN, errno.EHOSTUNREACH})
+
+
+def volume_unreachable(exc: BaseException) -> str | None:
+    """One line naming the failure when ``exc`` (or what it was raised from) is an OSError
+    of an unreachable shared volume (ENOTCONN, ESTALE, EROFS, ETIMEDOUT, EHOSTDOWN,
+    EHOSTUNREACH), else None. The front-ends log such a failure on one line (no traceback: it
+    is the volume's state, not a bug) and answer with their temporary local error."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OSError) and exc.errno in _VOLUME_ERRNOS:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return f"{exc.strerror or exc}{where}"
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
 def as_mail_error(exc: BaseException) -> MailError | None:
     """The MailError a client is answered with for ``exc``, or None when ``exc`` says nothing
     a client may see (a bug, an OSError, a generic StoreError): the front-end then answers with

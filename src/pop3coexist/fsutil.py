@@ -1,7 +1,9 @@
 """Small file-system helpers shared by the modules that touch files: ``fsync_dir`` for
 durability (store, queue, passwords) and ``open_cached``, an open that never waits for the disk
 (Linux openat2 with RESOLVE_CACHED), so the reactor thread may open a file itself when the
-kernel already has the path in its cache."""
+kernel already has the path in its cache; ``retry_stale``, a read that starts again when a
+shared file system (GlusterFS, NFS) answers ESTALE because another machine renamed a new
+version over the file while it was read."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ import ctypes
 import errno
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+STALE_ATTEMPTS = 5
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -61,3 +68,56 @@ def open_cached(path: Path | str) -> int | None:
     if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.E2BIG):
         _cached_open_works = False  # an old kernel or a sandbox: always use the thread
     return None
+
+
+def retry_stale(read: Callable[[], T], attempts: int = STALE_ATTEMPTS) -> T:
+    """``read()``, called again (it must open the file by its path each time) while it fails
+    with ESTALE, at most ``attempts`` times in all; the last ESTALE, or any other OSError,
+    propagates. On a shared volume a reader can open a file's old version just as another
+    node renames a new one over it (measured on GlusterFS: 1-2 reads in 45,000); the path
+    names the new version at once, so the next attempt reads it."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except OSError as e:
+            if e.errno != errno.ESTALE or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+# File systems whose syncfs(2) does not make a write durable where it is kept: FUSE (GlusterFS's
+# client holds writes in its write-behind cache, and the kernel sends no FUSE_SYNCFS to it),
+# and the network file systems, whose servers only sync on fsync. fsync of each file and
+# folder does reach them.
+_SYNCFS_UNTRUSTED = ("fuse", "nfs", "nfs4", "cifs", "smb3", "ceph", "9p", "glusterfs", "lustre",
+                     "gpfs", "ocfs2", "gfs2")
+
+
+def file_system_type(path: Path | str, mountinfo: str | None = None) -> str:
+    """The type of the file system holding ``path`` (``ext4``, ``fuse.glusterfs``, ...) from
+    /proc/self/mountinfo (the longest mount point that contains the path); "" when unknown."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                mountinfo = f.read()
+        except OSError:
+            return ""
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        point = fields[4].replace("\\040", " ")
+        after = line.split(" - ", 1)[1].split()
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if after and inside and len(point) >= len(best):
+            best, kind = point, after[0]
+    return kind
+
+
+def syncfs_is_durable(path: Path | str, mountinfo: str | None = None) -> bool:
+    """False when the file system holding ``path`` is one whose syncfs(2) does not make data
+    durable (FUSE, NFS and other network or cluster file systems): sync each file instead."""
+    kind = file_system_type(path, mountinfo)
+    return not kind.startswith(_SYNCFS_UNTRUSTED)

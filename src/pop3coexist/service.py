@@ -57,13 +57,15 @@ class Components:
 
         self.config = config
         self.reactor = reactor
-        self.store = MaildirStore(config.server.mailroot, quota_grace=config.domains.quota_grace)
+        self.store = MaildirStore(config.server.mailroot, quota_grace=config.domains.quota_grace,
+                                  node=config.server.spool_node)
         self.checker = make_checker(config, self.store, reactor)
 
     def make_queue(self):
         from pop3coexist.store.queue import FileQueue
 
-        return FileQueue(self.config.server.queue_dir, self.config.server.hostname)
+        return FileQueue(self.config.server.queue_dir, self.config.server.hostname,
+                         lease=self.config.queue.claim_lease, shared=self.config.server.shared)
 
 
 def prepare_state(config: Config) -> None:
@@ -74,10 +76,10 @@ def prepare_state(config: Config) -> None:
     state = config.server.state_dir
     try:
         state.mkdir(parents=True, exist_ok=True)
-        (state / "run").mkdir(exist_ok=True)
+        config.server.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"[server.state_dir] cannot create {state}: {e.strerror}")
-    store = MaildirStore(config.server.mailroot)
+    store = MaildirStore(config.server.mailroot, node=config.server.spool_node)
     try:
         store.check_writable()
         for domain in config.domains.local:
@@ -106,7 +108,7 @@ def preflight(config: Config) -> None:
     """
     from pop3coexist.startup import check_state_dir
 
-    check_state_dir(config.server.state_dir)
+    check_state_dir(config.server.state_dir, config.server.local_dir)
     prepare_state(config)
     try:
         from pop3coexist.store.queue import FileQueue
@@ -529,6 +531,7 @@ class Pop3CoexistService(service.MultiService):
         self.reactor = reactor
         self.report = report if report is not None else StartupReport()
         self.state_lock: StateLock | None = None  # held for the life of the process (tap.py)
+        self.node_lock: StateLock | None = None  # the node's lock on a shared state_dir (tap.py)
         self.listeners: list[ListenerService] = []
         # listeners of the main process alone (the monitoring HTTP): not given to workers
         self.side_listeners: list[ListenerService] = []
@@ -667,7 +670,7 @@ class Pop3CoexistService(service.MultiService):
         reactor.callWhenRunning(_stop_reactor, reactor)
 
     def write_listeners(self) -> None:
-        run = self.config.server.state_dir / "run"
+        run = self.config.server.run_dir
         data: dict[str, list[int]] = {}
         for ls in [*self.listeners, *self.side_listeners]:
             port = ls.bound_port()
@@ -686,7 +689,7 @@ class Pop3CoexistService(service.MultiService):
 
     def stopService(self) -> Any:
         try:
-            (self.config.server.state_dir / "run" / "listeners.json").unlink()
+            (self.config.server.run_dir / "listeners.json").unlink()
         except OSError:
             pass
         if not self._children_started:  # start-up ended before anything but the listeners
@@ -869,7 +872,11 @@ def make_outbound(config: Config, parts: Components, queue: Any, reactor: Any,
     return OutboundService(config, queue, store=parts.store, reactor=reactor,
                            resolver=HopResolver(twisted_resolver(config.dns, reactor)),
                            checker=parts.checker, worker=worker,
-                           processes=max(1, config.server.workers))
+                           processes=max(1, config.server.workers),
+                           # claims are named by node (README "Several servers"); expired
+                           # leases are looked for at least twice per lease
+                           node=config.server.node,
+                           scan_interval=min(30.0, config.queue.claim_lease / 2))
 
 
 def make_service(config: Config, reactor: Any = None,
@@ -885,7 +892,7 @@ def make_service(config: Config, reactor: Any = None,
     if config.metrics.enabled:  # before prometheus_client is imported; workers inherit it
         from pop3coexist.monitor.metrics import enable_multiprocess
 
-        enable_multiprocess(config.server.state_dir / "run" / "metrics")
+        enable_multiprocess(config.server.run_dir / "metrics")
     from pop3coexist.monitor.wiring import ObserverService, metrics_site, process_observers
 
     metrics, observers = process_observers(config, main=True)
@@ -982,6 +989,6 @@ def with_backlog(description: str) -> str:
 
 def read_listeners(state_dir: Path) -> dict[str, list[int]]:
     """The ports a running server bound, by role (pop3, pop3s, smtp, submission, smtps, imap,
-    imaps)."""
+    imaps); ``state_dir`` is the folder that holds ``run/``: ``server.local_dir`` when set."""
     data = json.loads((state_dir / "run" / "listeners.json").read_text())
     return data["listeners"]

@@ -6,7 +6,15 @@
   second server on the same state folder is refused with a message naming the holder's pid
   (written into the lock file). The kernel drops the lock when the holder ends, however it
   ends (``kill -9`` too), so a stale lock file never blocks the next start. The admin command
-  does not take it: it must keep working while the server runs.
+  does not take it: it must keep working while the server runs. With ``server.local_dir`` (several
+  nodes over one shared ``state_dir``, README "Several servers") it is
+  ``<local_dir>/run/server.lock``, and ``NodeLock`` adds the node's lock on the shared volume.
+- ``NodeLock``: an exclusive ``flock`` on ``<state_dir>/nodes/<node_id>.lock`` on the shared
+  volume, held for the life of the main process: a second node started with the same
+  ``server.node_id`` is refused (claims and spool folders are named by node id). GlusterFS
+  passes ``flock`` to the bricks, so it excludes across machines, and the lock ends with the
+  holder's process (its FUSE client releases it) or, if the whole machine vanished, when the
+  bricks drop its connection (``network.ping-timeout`` / TCP user timeout).
 - ``StartupReport``: how a start that ends after twistd's own report tells twistd's waiting
   parent (daemon mode: the "status pipe" twistd opens when it forks, see
   ``twisted.scripts._twistd_unix.UnixApplicationRunner.daemonize``) and the exit status. The
@@ -26,7 +34,7 @@ import errno
 import fcntl
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -56,32 +64,35 @@ class StateLock:
         self.fd: int | None = fd
 
     @classmethod
-    def acquire(cls, state_dir: Path) -> StateLock:
-        """Lock ``state_dir`` (creating it and its ``run/`` folder if missing).
+    def acquire(cls, state_dir: Path, key: str = "state_dir") -> StateLock:
+        """Lock ``state_dir`` (creating it and its ``run/`` folder if missing); ``key`` names
+        the setting the folder comes from (``local_dir`` for a node of several).
 
         Raises StateInUse, naming the holder's pid, when a live server holds the lock, and
         ConfigError when the folder or the lock file cannot be created.
         """
-        run = Path(state_dir) / "run"
-        path = run / LOCK_NAME
+        path = Path(state_dir) / "run" / LOCK_NAME
+        return cls._take(path, key, lambda who: (
+            f"{key} {state_dir} is in use by another running pop3coexist server "
+            f"({who}; lock file {path}); stop that server first, or give this one "
+            f"its own {key}"))
+
+    @classmethod
+    def _take(cls, path: Path, key: str, in_use: Callable[[str], str]) -> StateLock:
         try:
-            run.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            raise ConfigError(f"[server.state_dir] cannot create the lock file {path}: "
+            raise ConfigError(f"[server.{key}] cannot create the lock file {path}: "
                               f"{e.strerror}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = _read_pid(fd)
+            holder = _read_holder(fd)
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ConfigError(f"[server.state_dir] cannot lock {path}: {e.strerror}")
-            who = f"pid {holder}" if holder else "pid not yet recorded"
-            raise StateInUse(
-                f"state_dir {state_dir} is in use by another running pop3coexist server "
-                f"({who}; lock file {path}); stop that server first, or give this one "
-                "its own state_dir")
+                raise ConfigError(f"[server.{key}] cannot lock {path}: {e.strerror}")
+            raise StateInUse(in_use(f"pid {holder}" if holder else "pid not yet recorded"))
         lock = cls(path, fd)
         lock.record_pid()
         return lock
@@ -101,44 +112,79 @@ class StateLock:
             self.fd = None
 
 
+class NodeLock(StateLock):
+    """A node's lock on the shared volume (see the module docstring); ``release`` as StateLock."""
+
+    @classmethod
+    def acquire_node(cls, state_dir: Path, node: str) -> NodeLock:
+        """Lock ``<state_dir>/nodes/<node>.lock``. StateInUse (naming the holder's pid and
+        host) when a live node with the same id holds it; ConfigError when the volume cannot
+        take the file (the message names ``server.node_id`` or the path)."""
+        path = Path(state_dir) / "nodes" / f"{node}.lock"
+        lock = cls._take(path, "node_id", lambda who: (
+            f"node_id {node!r} is in use by another running node on state_dir {state_dir} "
+            f"({who}; lock file {path}); give each node its own server.node_id"))
+        assert isinstance(lock, NodeLock)
+        return lock
+
+    def record_pid(self) -> None:
+        """Write this process's pid and the machine's name (the holder may be another machine)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()} {_host()}\n".encode("ascii", "replace"), 0)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname().replace(" ", "-")
+
+
 # The folders under state_dir the server writes in, and the files it writes in run/
 STATE_FOLDERS = ("", "run", "mailroot", "queue", "queue/msg", "queue/env", "queue/tmp")
 RUN_FILES = (LOCK_NAME, "listeners.json", "connections-pop3.table", "connections-smtp.table",
              "auth-failures-pop3.table", "auth-failures-smtp.table")
 
 
-def check_state_dir(state_dir: Path) -> None:
+def check_state_dir(state_dir: Path, local_dir: Path | None = None) -> None:
     """Check, without changing anything, that the server can write its state folder: each of
     STATE_FOLDERS is a folder it can write in, or can be created (its nearest existing parent
-    is a folder that can be written), and none of RUN_FILES is a folder.
+    is a folder that can be written), and none of RUN_FILES is a folder. With ``local_dir``
+    (``server.local_dir``) ``run/`` is looked for there, and the rest in ``state_dir``.
 
-    Raises ConfigError naming ``server.state_dir`` and the path: a file where a folder should
-    be, a folder that cannot be written (a read-only file system, permissions).
+    Raises ConfigError naming ``server.state_dir`` (or ``server.local_dir``) and the path: a
+    file where a folder should be, a folder that cannot be written (a read-only file system,
+    permissions).
     """
     state_dir = Path(state_dir)
-    for rel in STATE_FOLDERS:
-        path = state_dir / rel if rel else state_dir
+    places = [(state_dir / rel if rel else state_dir, "state_dir") for rel in STATE_FOLDERS
+              if not (local_dir is not None and rel == "run")]
+    if local_dir is not None:
+        places += [(Path(local_dir), "local_dir"), (Path(local_dir) / "run", "local_dir")]
+    run_root = Path(local_dir) if local_dir is not None else state_dir
+    for path, key in places:
         if path.exists() or path.is_symlink():
             if not path.is_dir():
-                raise ConfigError(f"[server.state_dir] {path} is a file where the server needs a "
+                raise ConfigError(f"[server.{key}] {path} is a file where the server needs a "
                                   "folder; move it away")
             if not os.access(path, os.W_OK | os.X_OK):
-                raise ConfigError(f"[server.state_dir] the folder {path} cannot be written "
+                raise ConfigError(f"[server.{key}] the folder {path} cannot be written "
                                   f"({_why_not_writable(path)})")
             continue
         parent = path.parent
         while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
             parent = parent.parent
         if not parent.is_dir():
-            raise ConfigError(f"[server.state_dir] cannot create the folder {path}: {parent} is a "
+            raise ConfigError(f"[server.{key}] cannot create the folder {path}: {parent} is a "
                               "file, not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"[server.state_dir] cannot create the folder {path}: {parent} "
+            raise ConfigError(f"[server.{key}] cannot create the folder {path}: {parent} "
                               f"cannot be written ({_why_not_writable(parent)})")
+    run_key = "local_dir" if local_dir is not None else "state_dir"
     for name in RUN_FILES:
-        path = state_dir / "run" / name
+        path = run_root / "run" / name
         if path.is_dir():
-            raise ConfigError(f"[server.state_dir] {path} is a folder where the server writes a "
+            raise ConfigError(f"[server.{run_key}] {path} is a folder where the server writes a "
                               "file; move it away")
 
 
@@ -151,12 +197,16 @@ def _why_not_writable(path: Path) -> str:
     return "permission denied"
 
 
-def _read_pid(fd: int) -> int | None:
+def _read_holder(fd: int) -> str | None:
+    """``pid N`` or ``pid N on HOST`` from a lock file, None when not recorded yet."""
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        words = os.pread(fd, 128, 0).decode("ascii", "replace").split()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    if not words or not words[0].isdigit():
+        return None
+    host = f" on {words[1]}" if len(words) > 1 else ""
+    return f"{words[0]}{host}"
 
 
 class StartupReport:

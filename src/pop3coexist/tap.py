@@ -44,6 +44,7 @@ def makeService(options: Options) -> Any:
     from pop3coexist.config import load_config, locate
     from pop3coexist.service import make_service, preflight
     from pop3coexist.startup import (
+        NodeLock,
         StartupReport,
         StateInUse,
         StateLock,
@@ -54,14 +55,19 @@ def makeService(options: Options) -> Any:
 
     try:
         config = load_config(options["config"])
-        check_state_dir(config.server.state_dir)
-        lock = StateLock.acquire(config.server.state_dir)
+        server = config.server
+        check_state_dir(server.state_dir, server.local_dir)
+        lock = StateLock.acquire(server.local_root, "local_dir" if server.shared else "state_dir")
+        # several nodes over one state_dir: no two with one node id (README "Several servers")
+        node_lock = NodeLock.acquire_node(server.state_dir, server.node) if server.shared else None
         preflight(config)
         ids = switch_ids(options.parent)
         if ids is not None:  # twistd --uid: what was made as root goes to the mail user
             tls = config.tls
             own = (tls.certificate, tls.private_key) if tls.self_signed else ()
             hand_over(config.server.state_dir, *ids, extra=tuple(p for p in own if p))
+            if server.shared:
+                hand_over(server.local_root, *ids)
         report = StartupReport(options.parent)  # twistd's own options: its status pipe
         report.install_exit_status()
         top = make_service(config, report=report)
@@ -70,4 +76,5 @@ def makeService(options: Options) -> Any:
     except ConfigError as e:
         raise SystemExit(f"pop3coexist: configuration error: {locate(options['config'], str(e))}")
     top.state_lock = lock
+    top.node_lock = node_lock
     return top

@@ -285,7 +285,8 @@ class WorkerSupervisor(service.Service):
         if proto.pid is not None:
             process_dead(proto.pid)  # its open sessions are gone from the metrics
             try:
-                clean_spool(MaildirStore(self.config.server.mailroot).spool_dir(), pid=proto.pid)
+                clean_spool(MaildirStore(self.config.server.mailroot,
+                                         node=self.config.server.spool_node).spool_dir(), pid=proto.pid)
             except OSError as e:
                 log.error("cannot clean the spool after worker {number}: {e}",
                           number=proto.number, e=e)

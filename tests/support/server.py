@@ -82,6 +82,11 @@ class ServerProcess:
         return self.root / "var"
 
     @property
+    def run_root(self) -> Path:
+        """The folder that holds ``run/`` (listeners.json): ``server.local_dir`` when set."""
+        return self.state_dir
+
+    @property
     def log_path(self) -> Path:
         return self.root / "twistd.log"
 
@@ -162,7 +167,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         if not self.config_path.exists():
             self.write_config()
-        listeners = self.state_dir / "run" / "listeners.json"
+        listeners = self.run_root / "run" / "listeners.json"
         if listeners.exists():
             listeners.unlink()
         self.proc = subprocess.Popen(

@@ -89,6 +89,7 @@ class SmartHost:
     auth_require_tls: bool = True
     dsn: bool = False
     address: str = "127.0.0.1"
+    gate: threading.Event | None = None  # RCPT waits (in a thread) until it is set
     received: list[Received] = field(default_factory=list)
     commands: list[tuple[str, bool]] = field(default_factory=list)  # (verb, inside TLS)
     auth_attempts: list[tuple[str, bool]] = field(default_factory=list)  # (mechanism, success)
@@ -198,6 +199,8 @@ class _Handler:
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
         self.host.commands.append(("RCPT", session.ssl is not None))
+        if self.host.gate is not None and not self.host.gate.is_set():
+            await asyncio.get_running_loop().run_in_executor(None, self.host.gate.wait)
         reply = self.host.rcpt_replies.get(address)
         if reply is not None and not reply.startswith("2"):
             return reply

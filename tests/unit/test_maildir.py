@@ -255,11 +255,11 @@ def test_deliver_file_rolls_back_when_a_link_fails(
     def failing_link(src, dst, *args, **kwargs):
         calls.append(dst)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
+            raise OSError(5, "Input/output error")
         return real_link(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(maildir_module.os, "link", failing_link)
-    with pytest.raises(errors.StoreError, match="No space left"):
+    with pytest.raises(errors.StoreError, match="Input/output error"):
         store.deliver_file(source, [(DOMAIN, "ted"), (DOMAIN, "ann")])
     assert files(box(store, "ted") / "new") == [] and files(box(store, "ann") / "new") == []
 

@@ -88,7 +88,7 @@ def _taken_port() -> tuple[socket.socket, int]:
 
 def _server(tmp_path: Path, descriptions: list[str], reactor: _Reactor,
             twistd: dict | None = None) -> tuple[Pop3CoexistService, _Recorder]:
-    config = SimpleNamespace(server=SimpleNamespace(state_dir=tmp_path))
+    config = SimpleNamespace(server=SimpleNamespace(state_dir=tmp_path, run_dir=tmp_path / "run"))
     top = Pop3CoexistService(config, reactor, StartupReport(twistd))  # type: ignore[arg-type]
     for i, desc in enumerate(descriptions):
         top.add_listener(ListenerService(desc, protocol.Factory.forProtocol(protocol.Protocol),

@@ -91,7 +91,7 @@ def is_excluded(parts: tuple[str, ...], is_dir: bool) -> bool:
     so it is not excluded here.
     """
     name = parts[-1]
-    if len(parts) == 1 and name == "run":
+    if len(parts) == 1 and name in ("run", "nodes"):  # nodes/: locks and probes of live nodes
         return True
     if parts[:2] == ("mailroot", ".spool"):
         return True

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("release", "delete"):
         qv.add_parser(verb).add_argument("id")
 
+    top.add_parser("nodes", help="the nodes sharing state_dir (admin/nodes.py)")
+
     cc = top.add_parser("check-config", help="validate the config and the state it names")
     cc.add_argument("--peer", default=None, help="the other side's config (coexistence checks)")
 
@@ -513,7 +515,7 @@ def run(argv: Sequence[str], out: Any = None) -> int:
         if args.noun == "check-config":
             from pop3coexist.startup import check_state_dir
 
-            check_state_dir(config.server.state_dir)  # before Admin() creates anything there
+            check_state_dir(config.server.state_dir, config.server.local_dir)  # before Admin() writes
             Admin(config, out).check_config(args.peer)
             return 0
         if args.noun == "dkim":
@@ -563,6 +565,10 @@ def run(argv: Sequence[str], out: Any = None) -> int:
             from pop3coexist.admin import vacation
 
             vacation.run(config, admin.store, args, admin.out)
+        elif noun == "nodes":
+            from pop3coexist.admin.nodes import run_nodes
+
+            run_nodes(config, admin.out)
         elif noun == "quarantine":
             from pop3coexist.admin.quarantine import run_quarantine
 

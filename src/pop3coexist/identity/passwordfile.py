@@ -72,6 +72,7 @@ from zope.interface import implementer
 from pop3coexist.address import AddressError, login_to_address
 from pop3coexist.errors import AdminError, AuthUnavailable, StoreError
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
+from pop3coexist.fsutil import retry_stale
 from pop3coexist.identity.logins import map_login
 from pop3coexist.identity.scram import MAX_ITERATIONS, ScramKeys, derive_keys
 from pop3coexist.interfaces import (
@@ -311,20 +312,28 @@ class PasswordFile:
             raise StoreError(f"password file {self.path}: cannot read it: {e.strerror}")
         return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
-    def _read(self) -> _Snapshot:
-        """Parse the file as it is now (no cache)."""
+    def _read_raw(self) -> tuple[os.stat_result, bytes] | None:
         try:
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
         except FileNotFoundError:
-            return _Snapshot(None, None, {})
-        except OSError as e:
-            raise StoreError(f"password file {self.path}: cannot read it: {e.strerror}")
+            return None
         try:
             st = os.fstat(fd)
             with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read()
+                return st, f.read()
         finally:
             os.close(fd)
+
+    def _read(self) -> _Snapshot:
+        """Parse the file as it is now (no cache); read again on ESTALE (another node renamed
+        a new version over it: ``fsutil.retry_stale``)."""
+        try:
+            raw = retry_stale(self._read_raw)
+        except OSError as e:
+            raise StoreError(f"password file {self.path}: cannot read it: {e.strerror}")
+        if raw is None:
+            return _Snapshot(None, None, {})
+        st, data = raw
         signature = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         try:
             doc = json.loads(data.decode("utf-8"))

@@ -7,7 +7,11 @@
   ``listeners`` (every listener bound and accepting, every worker process alive),
   ``store`` (the mail root takes a fsynced probe file), ``queue`` (the queue folders can be
   listed and written), ``directory`` (the account source answers its self-check: the
-  password file, the LDAP directory, PAM). Each check has ``CHECK_TIMEOUT`` seconds.
+  password file, the LDAP directory, PAM), and on a node of several sharing ``state_dir``
+  (``server.local_dir`` set) ``volume`` (the shared volume takes, and gives back, this node's
+  fsynced probe ``<state_dir>/nodes/<node_id>.alive``: false while the volume is unreachable,
+  ENOTCONN or a stalled write, true again by itself when it returns). Each check has
+  ``CHECK_TIMEOUT`` seconds.
 
 Only the main process listens here; it serves nothing else (no mail protocol).
 """
@@ -192,3 +196,31 @@ def check_accounts(checker: Any, method: str, directory_url: str = "") -> str:
             pass
         return f"directory server {parts.hostname}:{port} answers"
     return f"{method} accounts readable"
+
+
+def check_volume(state_dir: Any, node: str) -> str:
+    """Blocking: the shared volume under ``state_dir`` takes this node's probe file
+    (``nodes/<node>.alive``: written to a temporary name, fsynced, renamed into place and read
+    back), so another node or an administrator also sees when this node last wrote. Raises
+    OSError (ENOTCONN when the volume is cut off, EROFS without quorum) with the path."""
+    import os
+    import time
+    from pathlib import Path
+
+    folder = Path(state_dir) / "nodes"
+    started = time.monotonic()
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    final = folder / f"{node}.alive"
+    tmp = folder / f".{node}.alive.{os.getpid()}.tmp"
+    text = f"{node} pid {os.getpid()} at {time.time():.3f}\n".encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    if final.read_bytes() != text:
+        raise OSError(f"the probe {final} read back differs from what was written")
+    took = (time.monotonic() - started) * 1000
+    return f"shared volume writable by node {node} ({took:.0f} ms)"

@@ -79,6 +79,7 @@ def metrics_site(config: Config, metrics: Metrics | None, store: Any, checker: A
         check_accounts,
         check_queue,
         check_store,
+        check_volume,
         make_site,
     )
     from pop3coexist.monitor.storestats import StoreStats
@@ -95,5 +96,8 @@ def metrics_site(config: Config, metrics: Metrics | None, store: Any, checker: A
         "directory": lambda: check_accounts(checker, config.auth.method,
                                             config.auth.directory.url),
     }
+    if config.server.shared:  # several nodes over one state_dir (README "Several servers")
+        state_dir, node = config.server.state_dir, config.server.node
+        checks["volume"] = lambda: check_volume(state_dir, node)
     return make_site(MetricsPage(metrics, queue_dir, stats, run_blocking),
                      HealthPage(listeners, checks, run_blocking, reactor))

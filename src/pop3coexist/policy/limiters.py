@@ -24,7 +24,7 @@ from pop3coexist.interfaces import ISharedConnectionLimiter, IStartStop
 def limiter_table(config: Config, protocol: str) -> Path:
     """The shared connection-count table of ``protocol`` ("pop3", "smtp" or "imap") when
     ``server.workers`` > 1 (policy/sharedlimit.py)."""
-    return config.server.state_dir / "run" / f"connections-{protocol}.table"
+    return config.server.run_dir / f"connections-{protocol}.table"
 
 
 def make_limiters(config: Config, worker: int) -> dict[str, Any]:
@@ -109,7 +109,7 @@ def make_throttles(config: Config, reactor: Any, worker: int) -> dict[str, Any]:
         return {name: AuthThrottle(reactor, base=b, maximum=m) for name, (b, m) in delays.items()}
     from pop3coexist.policy.sharedthrottle import SharedAuthThrottle
 
-    run = config.server.state_dir / "run"
+    run = config.server.run_dir
     return {
         name: SharedAuthThrottle(reactor, run / f"auth-failures-{name}.table", base=b, maximum=m,
                                  create=worker == 0)

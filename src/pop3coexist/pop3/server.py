@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.python.failure import Failure
 
-from pop3coexist.errors import BadCredentials, MailError, as_mail_error
+from pop3coexist.errors import BadCredentials, MailError, as_mail_error, volume_unreachable
 from pop3coexist.events import login_outcome
 from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop, IScramKeyStore
 from pop3coexist.netutil import send_now
@@ -112,7 +112,12 @@ def reply_for(failure: Failure, fallback: MailError = INTERNAL_ERROR,
     client may see (a bug, an I/O error, a StoreError)."""
     error = as_mail_error(failure.value)
     if error is None:
-        log.failure(why, failure, **fields)
+        volume = volume_unreachable(failure.value)
+        if volume is not None:  # the shared volume's state, not a bug: one line
+            log.error(why + ": the state folder cannot be reached: {volume}", volume=volume,
+                      **fields)
+        else:
+            log.failure(why, failure, **fields)
         return fallback
     return error
 

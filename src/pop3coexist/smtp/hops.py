@@ -149,7 +149,7 @@ def own_addresses(config: Config) -> routing.OwnAddresses:
     Blocking (reads a file)."""
     ports: list[int] = []
     try:
-        data = json.loads((config.server.state_dir / "run" / "listeners.json").read_text())
+        data = json.loads((config.server.run_dir / "listeners.json").read_text())
         for role in ("smtp", "submission", "smtps"):
             ports.extend(int(p) for p in data.get("listeners", {}).get(role, []))
     except (OSError, ValueError, AttributeError):

@@ -63,7 +63,7 @@ from pop3coexist.smtp.delivery import RouteDelivery, our_reply
 from pop3coexist.smtp.hops import HopResolver
 from pop3coexist.smtp.hostlimits import HopLimiter
 from pop3coexist.store.envelope import Envelope, Notice, Recipient, State
-from pop3coexist.store.queue import LEASE, FileQueue, make_owner
+from pop3coexist.store.queue import FileQueue, make_owner
 
 log = Logger(namespace="pop3coexist.outbound")
 
@@ -198,7 +198,7 @@ class OutboundService(service.Service):
     def _orphan_scan(self) -> list[str]:
         """Blocking: renew nothing, take back expired claims, and list the unclaimed messages
         due ``scan_grace`` seconds ago (their runner is gone or busy)."""
-        self.queue.take_back(expired=LEASE)
+        self.queue.take_back(expired=self.queue.lease)
         return self.queue.due_ids(self.queue.clock() - self.scan_grace)
 
     def _started(self, due: dict[str, float]) -> None:
@@ -332,7 +332,7 @@ class OutboundService(service.Service):
             return None
 
         d.addCallback(got)
-        d.addErrback(lambda f: log.failure("queue poll failed", f))
+        d.addErrback(_poll_failed)
         return d
 
     def _adopt(self, ids: list[str]) -> None:
@@ -552,3 +552,12 @@ class OutboundService(service.Service):
             log.warn("outbound: cannot list the store's domains: {err}", err=e)
             return frozenset()
 
+
+def _poll_failed(failure: Any) -> None:
+    """A queue poll that failed: one line when the shared volume cannot be reached (the next
+    poll tries again), the traceback otherwise."""
+    volume = errors.volume_unreachable(failure.value)
+    if volume is not None:
+        log.error("queue poll failed: the queue cannot be reached: {volume}", volume=volume)
+    else:
+        log.failure("queue poll failed", failure)

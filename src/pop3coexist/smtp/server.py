@@ -38,6 +38,7 @@ from typing import Any
 
 from twisted.internet import protocol, threads
 
+from pop3coexist.fsutil import syncfs_is_durable
 from pop3coexist.interfaces import IScramKeyStore
 from pop3coexist.policy.connections import ConnectionPolicy
 from pop3coexist.policy.connlimit import ConnectionLimiter
@@ -119,8 +120,12 @@ class SMTPServerFactory(protocol.ServerFactory):
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
 
         self.run_blocking = run_blocking
-        # one batch of fsyncs for all sessions' messages that end meanwhile (incoming.py)
-        self.committer = GroupCommitter(store, queue, run_blocking)
+        # one batch of fsyncs for all sessions' messages that end meanwhile (incoming.py); on
+        # FUSE or a network file system (a shared volume) syncfs does not reach the disks
+        # where the data is kept: each file is fsynced (README "Several servers")
+        durable = syncfs_is_durable(config.server.mailroot) if config is not None else True
+        self.committer = (GroupCommitter(store, queue, run_blocking) if durable
+                          else GroupCommitter(store, queue, run_blocking, sync_fs=None))
         smtp_cfg = config.smtp
         self.throttle = throttle or AuthThrottle(reactor, base=smtp_cfg.auth_failure_delay)
         self.gate = LoginGate.for_throttle(self.throttle, reactor)  # every password check waits its turn here

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp as tsmtp
 from twisted.python.failure import Failure
 
-from pop3coexist.errors import MailError, as_mail_error
+from pop3coexist.errors import MailError, as_mail_error, volume_unreachable
 from pop3coexist.interfaces import IDeliveryTransaction, IMessageDelivery, SMTPSession
 from pop3coexist.netutil import send_now
 from pop3coexist.smtp import auth as sasl
@@ -59,7 +59,11 @@ def reply_for(failure: Failure, fallback: MailError = LOCAL_ERROR,
     ``why`` when it says nothing a client may see (a bug, an I/O error, a StoreError)."""
     error = as_mail_error(failure.value)
     if error is None:
-        log.failure(why, failure)
+        volume = volume_unreachable(failure.value)
+        if volume is not None:  # the shared volume's state, not a bug: one line
+            log.error(why + ": the state folder cannot be reached: {volume}", volume=volume)
+        else:
+            log.failure(why, failure)
         return fallback
     return error
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from pop3coexist import errors
 from pop3coexist.address import AddressError, is_valid_mailbox_name, normalise_domain, parse_address
-from pop3coexist.fsutil import fsync_dir
+from pop3coexist.fsutil import fsync_dir, retry_stale
 from pop3coexist.interfaces import SENDERS_CHOICES, Distribution
 
 ALIASES_NAME = ".pop3coexist.aliases.json"
@@ -91,7 +91,7 @@ class AliasFiles:
             if cached is not None and cached[0] == stamp:
                 return cached[1]
         try:
-            data = json.loads(path.read_bytes())
+            data = json.loads(retry_stale(path.read_bytes))
         except OSError as e:
             raise errors.StoreError(f"cannot read {path}: {e.strerror}") from e
         except ValueError as e:

@@ -10,6 +10,9 @@ On disk (README "On disk")::
     <root>/<domain>/<mailbox>/.pop3coexist.quota.lock  quota check + delivery (flock; only
                                                 when the mailbox has a quota)
     <root>/.spool/                              where writers build a message before delivery
+    <root>/.spool/<node>/                       the same, for node ``<node>`` of several sharing
+                                                the mail root (``server.local_dir``): each node
+                                                cleans only its own at start
 
 Messages get maildir(5) unique names ``<sec>.M<usec>P<pid>Q<n>R<hex>.<host>`` plus the
 Dovecot-style ``,S=<bytes>,W=<POP3 bytes>`` fields, so neither quota nor POP3 sizes need to
@@ -53,7 +56,7 @@ from pop3coexist.address import is_valid_mailbox_name, normalise_domain
 from pop3coexist.canonical import canonical_size
 from pop3coexist.config import QuotaGrace
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.fsutil import open_cached
+from pop3coexist.fsutil import open_cached, retry_stale
 from pop3coexist.interfaces import (
     Distribution,
     IAliasTable,
@@ -225,9 +228,11 @@ class MaildirStore:
     """
 
     def __init__(
-        self, root: Path | str, *, hostname: str | None = None, quota_grace: QuotaGrace | None = None
+        self, root: Path | str, *, hostname: str | None = None, quota_grace: QuotaGrace | None = None,
+        node: str = "",
     ) -> None:
         self.root = Path(root)
+        self.node = node  # "" alone; a node id when several servers share the mail root
         self._host = _sanitise_host(hostname if hostname is not None else socket.gethostname())
         self.quota_grace = quota_grace or QuotaGrace()  # none unless the config gives one
         self._spool_checked = -SPOOL_CHECK_INTERVAL  # time.monotonic() of spool_dir's last check
@@ -326,7 +331,7 @@ class MaildirStore:
     def _read_meta(self, folder: Path) -> dict[str, Any]:
         path = folder / META_NAME
         try:
-            raw = path.read_bytes()
+            raw = retry_stale(path.read_bytes)  # another node may rename a new one over it
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -615,18 +620,19 @@ class MaildirStore:
     # -- delivery
 
     def spool_dir(self) -> Path:
-        """See ``IMailStore.spool_dir``: ``<root>/.spool``, created when missing. Checked on
+        """See ``IMailStore.spool_dir``: ``<root>/.spool`` (``<root>/.spool/<node>`` for a node of
+        several: on the shared volume, so single-instance links still work), created when missing. Checked on
         disk at most once per SPOOL_CHECK_INTERVAL seconds (every message asks; a folder
         removed meanwhile is made again by the next spool file: ``smtp.incoming.SpoolWriter``)."""
         now = time.monotonic()
-        spool = self.root / SPOOL_NAME
+        spool = self.root / SPOOL_NAME / self.node if self.node else self.root / SPOOL_NAME
         if 0 <= now - self._spool_checked < SPOOL_CHECK_INTERVAL:
             return spool
         with _io_errors(f"cannot create the spool folder under {self.root}"):
             if not spool.is_dir():
                 self._ensure_root()
-                spool.mkdir(mode=0o700, exist_ok=True)
-                _fsync_dir(self.root)
+                spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _fsync_dir(spool.parent)
         self._spool_checked = now
         return spool
 
@@ -769,9 +775,11 @@ class MaildirStore:
             except FileExistsError:
                 continue
             except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOSPC):
                     raise
-                # Not linkable (other file system, link limit): copy through tmp/ instead.
+                # Not linkable (other file system, link limit: EMLINK, or ENOSPC from a
+                # GlusterFS brick past storage.max-hardlinks): copy through tmp/ instead. A
+                # disk that is really full fails the copy too, with ENOSPC (452 / 4.3.1).
                 with open(source, "rb") as f:
                     return self._write_message(new.parent, f, size, wsize, fsync_new=False)
         raise OSError(errno.EEXIST, "could not find a free unique file name")

@@ -50,6 +50,7 @@ take back (RFC 5321 section 6.1 accepts such duplicates; the next hop sees the s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -124,8 +125,12 @@ class FileQueue:
     All methods except ``wake``, ``set_waker`` and ``drain_new`` are blocking.
     """
 
-    def __init__(self, root: Path, hostname: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: Path, hostname: str, clock: Callable[[], float] = time.time,
+                 lease: float = LEASE, shared: bool = False) -> None:
         self.root = Path(root)
+        # other nodes use this queue too (server.local_dir): their temp files may be live
+        self.shared = shared
+        self.lease = lease  # seconds (queue.claim_lease): an older lease file is a dead owner
         self.hostname = hostname
         self.clock = clock
         self.msg_dir = self.root / "msg"
@@ -217,12 +222,15 @@ class FileQueue:
                 log.warn("queue: id {qid} is taken; using a new one", qid=qid)
                 qid = self.new_id()
             except OSError as e:
-                if e.errno not in (18,):  # EXDEV: another file system; copy instead (and say so)
+                # EXDEV: another file system; EMLINK, or ENOSPC from a GlusterFS brick past
+                # storage.max-hardlinks: the link limit; copy instead (and say so)
+                if e.errno not in (errno.EXDEV, errno.EMLINK, errno.ENOSPC):
                     raise
                 if body.exists():
                     qid = self.new_id()
                     continue
-                log.warn("queue: {src} is on another file system; copying", src=str(src))
+                log.warn("queue: {src} cannot be linked ({why}); copying", src=str(src),
+                         why=e.strerror)
                 self._copy_durable(src, body)
                 break
         try:
@@ -493,7 +501,7 @@ class FileQueue:
     def lease_fresh(self) -> bool:
         """True while this owner's lease was renewed within LEASE / 2 (a runner starts no
         transaction otherwise: its claims may be taken back before it ends)."""
-        return self.owner is None or time.monotonic() - self.lease_renewed < LEASE / 2
+        return self.owner is None or time.monotonic() - self.lease_renewed < self.lease / 2
 
     def claim(self, qid: str) -> Envelope | None:
         """Claim ``qid`` for this owner and return its envelope; None when it is not queued
@@ -628,18 +636,24 @@ class FileQueue:
         if node is not None:
             self.owner = None  # a new start: every earlier claim of this node is taken back
             counts["taken_back"] = self.take_back(prefix=_NODE_RE.sub("_", node) + ".")
+        now = time.time()
         for name in os.listdir(self.tmp_dir):
             try:
+                # shared with other nodes: a young temp file may be another node's write
+                if self.shared and now - (self.tmp_dir / name).stat().st_mtime < ORPHAN_AGE:
+                    continue
                 (self.tmp_dir / name).unlink()
                 counts["tmp"] += 1
             except OSError:
                 pass
         envs = set(self.ids())
-        now = time.time()
         bodies = set(os.listdir(self.msg_dir))
         for qid in sorted(set(self.ready_ids()) - bodies):
             # an envelope whose body never reached the disk (a crash inside a batched enqueue
-            # on a file system that does not keep the order of names): never delivered
+            # on a file system that does not keep the order of names): never delivered. Look
+            # again first: another node (or process) may have queued it since the listing
+            if (self.msg_dir / qid).exists():
+                continue
             log.error("queue: envelope {qid} has no body; moved aside", qid=qid)
             self._quarantine(qid)
             envs.discard(qid)
