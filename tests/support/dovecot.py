@@ -13,6 +13,8 @@ dovecot.conf under ``root`` and runs ``dovecot -F`` with it. The knobs:
   ``{SCRAM-SHA-256}4096,<salt>,<StoredKey>,<ServerKey>`` from ``dovecot_scram_entry``: salted
   keys, never the password). The passwd-file (mode 0600) is read by the auth process, run as
   root here.
+- ``static_password``: one password every address logs in with (``passdb static``, in
+  dovecot.conf, mode 0600; no passwd-file to rewrite when a test adds a mailbox).
 - ``mail_root``: the folder holding ``<domain>/<mailbox>`` Maildirs (pop3coexist's own layout,
   so Dovecot can be pointed at our Maildir); default ``root/mail``. Dovecot's own index and
   ``dovecot-uidlist`` files go to ``root/index`` (``INDEX=`` and ``CONTROL=``), never into the
@@ -32,6 +34,7 @@ deadline (polling, no sleep of fixed length).
 from __future__ import annotations
 
 import base64
+import os
 import pwd
 import shutil
 import socket
@@ -64,9 +67,23 @@ def make_root() -> Path:
 
 
 def give_to_nobody(path: Path) -> None:
-    """chown -R ``path`` to nobody (Dovecot's mail processes run as nobody)."""
+    """chown -R ``path`` to nobody (Dovecot's mail processes run as nobody); a file that a
+    running server renames or removes meanwhile is left alone."""
     nobody = pwd.getpwnam("nobody")
-    subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(path)], check=True)
+    ids = (nobody.pw_uid, nobody.pw_gid)
+
+    def give(p: str) -> None:
+        try:
+            st = os.lstat(p)
+            if (st.st_uid, st.st_gid) != ids:
+                os.lchown(p, *ids)
+        except FileNotFoundError:
+            pass
+
+    give(str(path))
+    for top, dirs, files in os.walk(path):
+        for name in dirs + files:
+            give(os.path.join(top, name))
 
 
 def _free_port() -> int:
@@ -85,7 +102,8 @@ class Dovecot:
 
     def __init__(self, root: Path, users: dict[str, str], *, protocols: Iterable[str] = ("pop3",),
                  mechanisms: Iterable[str] = ("plain",), mail_root: Path | None = None,
-                 certs: CertFiles | None = None, autocreate: bool = True) -> None:
+                 certs: CertFiles | None = None, autocreate: bool = True,
+                 static_password: str | None = None) -> None:
         self.root = Path(root)
         self.users = dict(users)
         self.protocols = tuple(protocols)
@@ -93,6 +111,7 @@ class Dovecot:
         self.mail_root = Path(mail_root) if mail_root is not None else self.root / "mail"
         self.certs = certs
         self.autocreate = autocreate
+        self.static_password = static_password
         roles = list(self.protocols)
         if certs is not None:
             roles += [p + "s" for p in self.protocols]
@@ -128,6 +147,12 @@ class Dovecot:
             ssl = "ssl = no\n"
         services = ""
         auto = "subscribe" if self.autocreate else "no"
+        if self.static_password is not None:
+            # dovecot.conf is mode 0600 (root's): the password is in no argv and no log
+            passdb = ("passdb {\n  driver = static\n"
+                      f"  args = password={self.static_password}\n}}\n")
+        else:
+            passdb = f"passdb {{\n  driver = passwd-file\n  args = {self.root / 'passwd'}\n}}\n"
         for proto in ("pop3", "imap"):
             services += (f"service {proto}-login {{\n" + self._listener(proto)
                          + self._listener(proto + "s") + "}\n")
@@ -176,10 +201,7 @@ namespace inbox {{
   }}
 }}
 {quota}imap_idle_notify_interval = 2 mins
-passdb {{
-  driver = passwd-file
-  args = {self.root / "passwd"}
-}}
+{passdb}
 userdb {{
   driver = static
   args = uid={nobody.pw_uid} gid={nobody.pw_gid} home={self.root}/home/%d/%n
@@ -206,6 +228,7 @@ service auth-worker {{
                 (self.maildir(user) / sub).mkdir(parents=True, exist_ok=True)
         for d in (self.mail_root, self.root / "index", self.root / "home"):
             give_to_nobody(d)
+        self.conf.touch(mode=0o600)
         self.conf.write_text(self.config_text())
 
     def start(self, timeout: float = 30.0) -> Dovecot:

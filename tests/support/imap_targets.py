@@ -1,0 +1,126 @@
+"""The IMAP servers the client tests run against, behind one shape: our real server
+(``ServerProcess``, twistd) and Dovecot's imapd (tests/support/dovecot.py's template), so that
+every client test is first proven against the reference server and then run against ours.
+
+``ImapTarget``: ``name`` ("pop3coexist" or "dovecot"), ``port`` (clear text, STARTTLS),
+``tls_port`` (implicit TLS), ``cafile`` (the CA of the server certificate), ``new_mailbox(
+messages)`` -> address (a fresh mailbox holding ``messages`` as raw files in ``new/``, as a
+delivery leaves them), ``maildir(address)``, ``drop(address, data)`` (one more message in
+``new/``, as the SMTP delivery writes it) and ``password`` (every mailbox's).
+
+``pop3coexist_target(root)`` and ``dovecot_target(root)`` are context managers; ``root`` must be
+reachable by ``nobody`` (``tests.support.dovecot.make_root()``), so that Dovecot can later be
+pointed at our Maildir.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.certs import make_ca_and_cert
+from tests.support.dovecot import Dovecot, give_to_nobody
+from tests.support.programs import in_ci
+from tests.support.server import HOSTNAME, ServerProcess, require_installed_plugin
+
+PASSWORD = "Corr3ct-horse-imap-battery"  # no space: Dovecot's static passdb args split on spaces
+_names = itertools.count(1)
+_files = itertools.count(1)
+
+
+@dataclass
+class ImapTarget:
+    """One IMAP server under test; see the module docstring."""
+
+    name: str
+    port: int
+    tls_port: int
+    cafile: Path
+    maildir: Callable[[str], Path]
+    _add: Callable[[str], None]
+    _settle: Callable[[Path], None]
+    password: str = PASSWORD
+
+    def new_mailbox(self, messages: list[bytes] = ()) -> str:
+        """A fresh mailbox (its own address) holding ``messages`` in ``new/``."""
+        address = f"imap{next(_names)}@{HOSTNAME}"
+        self._add(address)
+        for data in messages:
+            self.drop(address, data, settle=False)
+        self._settle(self.maildir(address))
+        return address
+
+    def drop(self, address: str, data: bytes, settle: bool = True) -> str:
+        """One more message in the mailbox's ``new/`` (written in tmp/, renamed); its name."""
+        box = self.maildir(address)
+        name = f"{int(time.time())}.M{next(_files)}P{os.getpid()}.client-tests"
+        tmp = box / "tmp" / name
+        tmp.write_bytes(data)
+        os.rename(tmp, box / "new" / name)
+        if settle:
+            self._settle(box)
+        return name
+
+
+def imap_server_available() -> bool:
+    """True once ServerProcess knows the [imap] section (issue 18's server is merged)."""
+    return "imap_config" in getattr(ServerProcess, "__dataclass_fields__", {})
+
+
+def require_imap_server() -> None:
+    """Skip (fail in CI) when our IMAP server is not there yet."""
+    require_installed_plugin()
+    if not imap_server_available():
+        message = "pop3coexist has no IMAP server yet (ServerProcess.imap_config is missing)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@contextmanager
+def pop3coexist_target(root: Path, **server_args: object) -> Iterator[tuple[ImapTarget, ServerProcess]]:
+    """Our real server with POP3 and IMAP (clear text and TLS) on OS-picked ports."""
+    require_imap_server()
+    srv = ServerProcess(root, **server_args)
+    srv.write_config()
+    srv.start()
+    try:
+        assert srv.certs is not None
+        target = ImapTarget(
+            name="pop3coexist", port=srv.port("imap"), tls_port=srv.port("imaps"),
+            cafile=srv.certs.ca_cert,
+            maildir=lambda a: srv.state_dir / "mailroot" / a.partition("@")[2] / a.partition("@")[0],
+            _add=lambda a: srv.add_mailbox(a, PASSWORD), _settle=lambda p: None,
+        )
+        yield target, srv
+    finally:
+        srv.stop()
+
+
+@contextmanager
+def dovecot_target(root: Path) -> Iterator[tuple[ImapTarget, Dovecot]]:
+    """Dovecot's imapd (and pop3d) with TLS on OS-picked ports; every address logs in with
+    ``PASSWORD`` (a static passdb), so a new mailbox is a new Maildir."""
+    certs = make_ca_and_cert(root / "certs", hostname="localhost")
+    dv = Dovecot(root, {}, protocols=("imap", "pop3"), mechanisms=("plain", "login"), certs=certs,
+                 static_password=PASSWORD)
+    dv.start()
+
+    def add(address: str) -> None:
+        for sub in ("tmp", "new", "cur"):
+            (dv.maildir(address) / sub).mkdir(parents=True, exist_ok=True)
+        give_to_nobody(dv.maildir(address).parent)
+
+    try:
+        yield ImapTarget(name="dovecot", port=dv.ports["imap"], tls_port=dv.ports["imaps"],
+                         cafile=certs.ca_cert, maildir=dv.maildir, _add=add,
+                         _settle=give_to_nobody), dv
+    finally:
+        dv.stop()
