@@ -1048,6 +1048,37 @@ class MilterConfig:
                               "infected mail: the postmaster is told")
 
 
+# --- [imap] (issue 18: IMAP4rev1 over the same mailboxes) ------------------------------
+
+
+IMAP_MIN_IDLE = 1800  # seconds; RFC 3501 section 5.4 (the autologout timer: at least 30 minutes)
+
+
+@dataclass(frozen=True)
+class ImapConfig:
+    """The IMAP4rev1 server (RFC 3501): the same mailboxes as POP3, with folders."""
+
+    listen: tuple[str, ...] = key(_endpoints, [], "IMAP listeners (143 by convention); "
+                                  "STARTTLS offered when [tls] is set; none: no IMAP")
+    tls_listen: tuple[str, ...] = key(_endpoints, [], "IMAPS listeners (993 by convention): "
+                                      "TLS from the first byte")
+    require_secure_auth: bool = key(_boolean, False, "LOGIN, AUTHENTICATE PLAIN/LOGIN only "
+                                    "after STARTTLS or on IMAPS (LOGINDISABLED before)")
+    idle_timeout: float = key(_duration, "30m", "an idle session is closed; under 30 minutes "
+                              "(RFC 3501 section 5.4) is a warning")
+    auth_failure_delay: float = key(_duration, "2s", "delay after a failed log-in, doubling per "
+                                    "source address")
+    auth_failure_delay_max: float = key(_duration, "30s", "the longest log-in failure delay")
+    max_connections: int = key(_positive, 1000, "concurrent sessions", unit="connections")
+    max_connections_per_client: int = key(_positive, 50, "concurrent sessions from one address",
+                                          unit="connections")
+    sasl_mechanisms: tuple[str, ...] = key(_sasl_mechanisms, ["PLAIN", "LOGIN", "CRAM-MD5",
+                                                              "SCRAM-SHA-256"],
+                                           "what AUTHENTICATE may offer")
+    max_literal: int = key(_size, "64MB", "largest APPEND literal (RFC 7888 LITERAL+ included); "
+                           "past it the command gets NO [TOOBIG]", unit="bytes")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``path`` is the file it came from (or None);
@@ -1071,6 +1102,7 @@ class Config:
     sender_authentication: SenderAuthConfig = table(SenderAuthConfig)
     sieve: SieveConfig = table(SieveConfig)
     managesieve: ManageSieveConfig = table(ManageSieveConfig)
+    imap: ImapConfig = table(ImapConfig)
     metrics: MetricsConfig = table(MetricsConfig)
     log: LogConfig = table(LogConfig)
     milter: tuple[MilterConfig, ...] = tables(MilterConfig, "content filters, in order")
@@ -1398,6 +1430,17 @@ def parse_config(text: str, path: Path | None = None) -> Config:
                      "(or require_tls = false)")
     metrics_cfg, log_cfg = _parse_monitoring(r, data)
     milters = _parse_milters(r, data)
+    imap_cfg = ImapConfig(**r.listeners(r.keys(data.get("imap", {}), "imap", ImapConfig), "imap"))
+    if imap_cfg.idle_timeout <= 0:
+        raise r.fail("imap", "idle_timeout", "must be longer than zero")
+    if imap_cfg.idle_timeout < IMAP_MIN_IDLE:
+        r.warn("imap", "idle_timeout",
+               f"{imap_cfg.idle_timeout:g} seconds is under the 30 minutes RFC 3501 (section "
+               "5.4) asks for: an IDLE client that renews every 29 minutes is logged out")
+    if imap_cfg.tls_listen and not tls_cfg.enabled:
+        raise r.fail("imap", "tls_listen", "needs [tls] certificate and private_key")
+    if imap_cfg.require_secure_auth and not tls_cfg.enabled:
+        raise r.fail("imap", "require_secure_auth", "needs [tls] certificate and private_key")
 
     return Config(
         dns=dns_cfg,
@@ -1405,6 +1448,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         sender_authentication=sender_auth_cfg,
         sieve=sieve_cfg,
         managesieve=msieve_cfg,
+        imap=imap_cfg,
         milter=milters,
         gateway=gateway_cfg,
         masquerade=masq_cfg,

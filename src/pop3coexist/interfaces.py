@@ -725,3 +725,89 @@ class IQuarantine(Interface):
 
     def delete(entry_id: str) -> None:
         """Forget the message. ``KeyError`` for an unknown id."""
+
+
+# --- IMAP folders (issue 18) -------------------------------------------------------------
+
+
+class IFolderStore(Interface):
+    """The IMAP folders of every mailbox (store/folders.py ``MaildirFolders``). Blocking."""
+
+    def open_account(domain: str, mailbox: str) -> IAccountFolders:
+        """One account's folders; raises NoSuchMailbox."""
+
+
+class IAccountFolders(Interface):
+    """One account's folders: INBOX is POP3's maildrop, the others Maildir++ subfolders.
+    Blocking; errors the client should see are ``FolderError`` (a StoreError with ``code``)."""
+
+    def list_folders() -> list[str]:
+        """Every folder name, INBOX first."""
+
+    def exists(name: str) -> bool:
+        """True when the folder exists."""
+
+    def special_use(name: str) -> str | None:
+        """The RFC 6154 attribute (``\\Sent``...) of a folder, or None."""
+
+    def ensure_special_folders() -> None:
+        """Create Sent, Drafts, Trash, Junk once (first log-in)."""
+
+    def create(name: str) -> None:
+        """Create a folder (and its parents)."""
+
+    def delete(name: str) -> None:
+        """Delete a folder and its messages."""
+
+    def rename(old: str, new: str) -> None:
+        """Rename a folder (RFC 3501 section 6.3.5; INBOX: moves its messages)."""
+
+    def subscriptions() -> list[str]:
+        """Subscribed folder names."""
+
+    def subscribe(name: str, on: bool) -> None:
+        """Add or remove a subscription."""
+
+    def open_folder(name: str) -> IFolderView:
+        """A view of one folder's messages."""
+
+    def quota() -> tuple[int, int | None]:
+        """(bytes used over all folders, limit or None)."""
+
+    def append(name: str, data: bytes, flags: object, internaldate: float | None
+               ) -> tuple[int, int]:
+        """Store a message; returns (uidvalidity, uid)."""
+
+
+class IFolderView(Interface):
+    """One folder's messages by UID, read fresh from disk by ``sync``. Blocking."""
+
+    uidvalidity = Attribute("the folder's UIDVALIDITY (int)")
+    uidnext = Attribute("the next UID the folder will give (int)")
+
+    def sync() -> list:
+        """The messages now (records with uid, flags, size, internaldate), ascending UID."""
+
+    def sync_if_changed() -> list | None:
+        """``sync()``, or None when the folder has not changed since this view's last sync."""
+
+    def open(msg: object) -> object:
+        """The message's file, opened for binary reading."""
+
+    def size(msg: object) -> int:
+        """The message's RFC822.SIZE (canonical CRLF form)."""
+
+    def set_flags(msg: object, flags: object) -> frozenset:
+        """Give the message exactly these flags; returns the flags now stored."""
+
+    def claim_recent(messages: list) -> None:
+        """Move messages still in new/ to cur/ (this session's \\Recent)."""
+
+    def expunge(messages: list) -> list[int]:
+        """Remove the messages; returns their UIDs."""
+
+    def add(data: bytes, flags: object, internaldate: float | None) -> tuple[int, int]:
+        """Store a new message; returns (uidvalidity, uid)."""
+
+    def copy_to(messages: list, dest: IFolderView) -> list[tuple[int, int]]:
+        """Copy messages into another folder; returns (source uid, new uid) pairs."""

@@ -272,7 +272,9 @@ def listener_keys(config: Config) -> list[tuple[str, str]]:
                        ("smtp.listen", config.smtp.listen),
                        ("smtp.submission_listen", config.smtp.submission_listen),
                        ("smtp.tls_listen", config.smtp.tls_listen),
-                       ("managesieve.listen", config.managesieve.listen)):
+                       ("managesieve.listen", config.managesieve.listen),
+                       ("imap.listen", config.imap.listen),
+                       ("imap.tls_listen", config.imap.tls_listen)):
         out.extend((key, d) for d in descs)
     return out
 
@@ -774,6 +776,20 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
                                            tls_options=tls_options, reactor=reactor)
         for desc in config.managesieve.listen:
             out.append(("managesieve", desc, sieve_factory))
+    if config.imap.listen or config.imap.tls_listen:  # [imap] (issue 18)
+        from pop3coexist.imap.factory import IMAPServerFactory
+
+        def imap_factory(implicit_tls: bool) -> Any:
+            return IMAPServerFactory(
+                config, parts.store, parts.checker, tls_options=tls_options,
+                implicit_tls=implicit_tls, reactor=reactor, throttle=throttles["imap"],
+                limiter=limiters["imap"],
+            )
+
+        for desc in config.imap.listen:
+            out.append(("imap", desc, imap_factory(False)))
+        for desc in config.imap.tls_listen:
+            out.append(("imaps", desc, TLSMemoryBIOFactory(tls_options, False, imap_factory(True))))
     return out
 
 
@@ -956,6 +972,7 @@ def with_backlog(description: str) -> str:
 
 
 def read_listeners(state_dir: Path) -> dict[str, list[int]]:
-    """The ports a running server bound, by role (pop3, pop3s, smtp, submission, smtps)."""
+    """The ports a running server bound, by role (pop3, pop3s, smtp, submission, smtps, imap,
+    imaps)."""
     data = json.loads((state_dir / "run" / "listeners.json").read_text())
     return data["listeners"]

@@ -258,7 +258,7 @@ class WorkerSupervisor(service.Service):
         from pop3coexist.smtp.incoming import clean_spool
         from pop3coexist.store.maildir import MaildirStore
 
-        for name in ("pop3", "smtp"):
+        for name in ("pop3", "smtp", "imap"):
             try:
                 from pop3coexist.policy.sharedlimit import reset_worker
 

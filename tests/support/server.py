@@ -67,6 +67,7 @@ class ServerProcess:
     method_config: str = '[auth]\nmethod = "passwordfile"\napop = true\n'
     pop3_config: str = ""
     smtp_config: str = ""
+    imap_config: str = ""  # more [imap] keys, e.g. "require_secure_auth = true"
     server_config: str = ""  # more [server] keys, e.g. "workers = 2"
     certs: CertFiles | None = None
     ports: dict[str, list[int]] = field(default_factory=dict)
@@ -109,6 +110,12 @@ class ServerProcess:
             tls_listen = {pop3_tls}
             auth_failure_delay = "0.05s"
             {self.pop3_config}
+
+            [imap]
+            listen = ["tcp:0:interface=127.0.0.1"]
+            tls_listen = {pop3_tls}
+            auth_failure_delay = "0.05s"
+            {self.imap_config}
 
             [smtp]
             listen = ["tcp:0:interface=127.0.0.1"]

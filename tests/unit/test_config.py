@@ -95,7 +95,7 @@ def test_unknown_key_names_key_file_and_line(tmp_path):
 
 def test_unknown_section_is_refused():
     """A section nobody knows is an error, not silently ignored."""
-    assert "[imap]" in error_of("[imap]\nlisten = []\n")
+    assert "[nntp]" in error_of("[nntp]\nlisten = []\n")
 
 
 @pytest.mark.parametrize(

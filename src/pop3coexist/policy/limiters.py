@@ -22,7 +22,7 @@ from pop3coexist.interfaces import ISharedConnectionLimiter, IStartStop
 
 
 def limiter_table(config: Config, protocol: str) -> Path:
-    """The shared connection-count table of ``protocol`` ("pop3" or "smtp") when
+    """The shared connection-count table of ``protocol`` ("pop3", "smtp" or "imap") when
     ``server.workers`` > 1 (policy/sharedlimit.py)."""
     return config.server.state_dir / "run" / f"connections-{protocol}.table"
 
@@ -35,6 +35,7 @@ def make_limiters(config: Config, worker: int) -> dict[str, Any]:
     limits = {
         "pop3": (config.pop3.max_connections, config.pop3.max_connections_per_client),
         "smtp": (config.smtp.max_connections, config.smtp.max_connections_per_client),
+        "imap": (config.imap.max_connections, config.imap.max_connections_per_client),
     }
     if config.server.workers <= 1:
         return {name: ConnectionLimiter(*lim) for name, lim in limits.items()}
@@ -102,6 +103,7 @@ def make_throttles(config: Config, reactor: Any, worker: int) -> dict[str, Any]:
     delays = {
         "pop3": (config.pop3.auth_failure_delay, config.pop3.auth_failure_delay_max),
         "smtp": (config.smtp.auth_failure_delay, config.smtp.auth_failure_delay_max),
+        "imap": (config.imap.auth_failure_delay, config.imap.auth_failure_delay_max),
     }
     if config.server.workers <= 1:
         return {name: AuthThrottle(reactor, base=b, maximum=m) for name, (b, m) in delays.items()}

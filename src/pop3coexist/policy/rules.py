@@ -12,8 +12,8 @@ hop; a script activated meanwhile applies from the next second on):
    (RFC 5228 section 2.10.6) and the log line says so, with the script, the line and why;
 2. the result is carried out:
 
-   - keep, fileinto (any folder: the store has one folder per mailbox, so ``fileinto`` stores
-     in it, the INBOX that POP3 serves, and the log names the folder), implicit keep: the
+   - keep, fileinto (into the IMAP folder it names, a Maildir++ subfolder made when missing;
+     a name the store cannot hold keeps the message in the INBOX that POP3 serves), implicit keep: the
      recipient stays for the commit stage; imap4flags' flags are not stored (POP3 has none);
    - discard: the recipient leaves the message without a reply (the client still gets 250);
    - reject / ereject (RFC 5429): the recipient is refused with ``550 5.7.1 <reason>``; when
@@ -234,14 +234,20 @@ class SieveRules:
         for action in result.of("vacation"):
             did.append(self._vacation(message, mail, action, r_address=d.recipient.address,
                                       own=own, domain=domain, box=box))
+        inbox = bool(result.implicit_keep or result.of("keep"))
         for action in result.of("fileinto"):
-            did.append(f"fileinto \"{action.argument}\" (stored in the mailbox: one folder)")
+            stored = self._fileinto(data, domain, box, action.argument, action.flags)
+            if stored is None:
+                inbox = True
+                did.append(f"fileinto \"{action.argument}\" (kept in INBOX)")
+            else:
+                did.append(f"fileinto \"{stored}\"")
         if result.of("keep"):
             did.append("keep")
         if result.of("discard") and not result.keeps:
             did.append("discard")
         if d.fate != "reject":
-            if result.keeps or keep_instead:
+            if inbox or keep_instead:
                 d.fate = "keep"
                 if result.implicit_keep:
                     did.append("implicit keep")
@@ -249,6 +255,29 @@ class SieveRules:
                 d.fate = "discard"
         log.info("SIEVE {id} <{rcpt}>: script \"{script}\": {did}", id=message.queue_id,
                  rcpt=d.recipient.address, script=d.script, did="; ".join(did) or "keep")
+
+    # -- fileinto (issue 18: folders are IMAP folders, Maildir++ subfolders)
+    def _fileinto(self, data: bytes, domain: str, box: str, folder: str,
+                  flags: Any) -> str | None:
+        """Blocking: store the message in ``folder`` of the recipient's mailbox, creating the
+        folder when missing (as RFC 5490's ``:create``, always: a script that names a folder
+        means it); returns the folder's name, or None for INBOX or a folder that cannot be
+        (a bad name, a store failure: the message is kept in INBOX instead, nothing lost)."""
+        if not folder or folder.upper() == "INBOX":
+            return None
+        from pop3coexist.store.folders import FolderError, MaildirFolders, to_folder_name
+
+        try:
+            name = to_folder_name(folder)
+            account = MaildirFolders(self.store).open_account(domain, box)
+            if not account.exists(name):
+                account.create(name)
+            account.open_folder(name).add(data, [str(f) for f in (flags or ())], None)
+        except (FolderError, OSError, ValueError) as e:
+            log.info("SIEVE fileinto \"{folder}\" for {box}@{domain} not done: {e}",
+                     folder=folder, box=box, domain=domain, e=e)
+            return None
+        return name
 
     # -- redirect
     def _redirect_loop(self, mail: MailContext, message: Message, own: str) -> str | None:

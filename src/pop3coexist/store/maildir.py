@@ -560,10 +560,19 @@ class MaildirStore:
 
     @staticmethod
     def _usage(path: Path) -> tuple[int, int]:
+        """(messages, bytes) in the mailbox: INBOX and its IMAP folders (the Maildir++
+        subfolders ``.Name`` with a ``cur/``, README "IMAP"), as the quota counts them."""
         count = 0
         total = 0
-        for sub in ("new", "cur"):
-            for entry in _scan(path / sub):
+        folders = [path]
+        with contextlib.suppress(OSError), os.scandir(path) as it:
+            for entry in it:
+                if entry.name.startswith(".") and not entry.name.startswith("..") and \
+                        entry.is_dir(follow_symlinks=False) and os.path.isdir(
+                            os.path.join(entry.path, "cur")):
+                    folders.append(Path(entry.path))
+        for folder, sub in ((f, s) for f in folders for s in ("new", "cur")):
+            for entry in _scan(folder / sub):
                 size = _size_fields(entry.name).get("S")
                 if size is None:
                     try:

@@ -1,0 +1,178 @@
+"""IMAP command syntax (RFC 3501 section 9): a tokenizer for one complete command (its
+literals already read), sequence sets, flag lists and dates. Pure functions; no I/O.
+
+Tokens: ``Atom`` (str subclass; ``BODY.PEEK[HEADER.FIELDS (FROM)]<0.10>`` is one atom, the
+bracket may hold spaces and parentheses), ``bytes`` for a quoted string or a literal, and
+``list`` for a parenthesised list.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import time
+
+__all__ = ["Atom", "BadSyntax", "tokenize", "parse_seqset", "parse_date", "format_date",
+           "LITERAL_RE"]
+
+LITERAL_RE = re.compile(rb"\{(\d{1,19})(\+?)\}\Z")
+_ATOM_STOP = set(b' (){"\\') | set(range(0, 0x20)) | {0x7F}  # list wildcards % * allowed
+_MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+
+class BadSyntax(ValueError):
+    """The command cannot be read: answered BAD, the session goes on."""
+
+
+class Atom(str):
+    """An atom (or NIL, a number, a sequence set, a fetch attribute)."""
+
+    __slots__ = ()
+
+
+def tokenize(data: bytes) -> list:
+    """The tokens of one command (without its tag); see the module docstring."""
+    pos = 0
+    stack: list[list] = [[]]
+    n = len(data)
+    while pos < n:
+        c = data[pos]
+        if c == 0x20:
+            pos += 1
+            continue
+        if c == 0x28:  # (
+            stack.append([])
+            pos += 1
+        elif c == 0x29:  # )
+            if len(stack) == 1:
+                raise BadSyntax("unbalanced parenthesis")
+            done = stack.pop()
+            stack[-1].append(done)
+            pos += 1
+        elif c == 0x22:  # "
+            out = bytearray()
+            pos += 1
+            while True:
+                if pos >= n:
+                    raise BadSyntax("unterminated quoted string")
+                ch = data[pos]
+                if ch == 0x5C and pos + 1 < n:
+                    out.append(data[pos + 1])
+                    pos += 2
+                elif ch == 0x22:
+                    pos += 1
+                    break
+                elif ch in (0x0D, 0x0A):
+                    raise BadSyntax("line end in a quoted string")
+                else:
+                    out.append(ch)
+                    pos += 1
+            stack[-1].append(bytes(out))
+        elif c == 0x7B:  # { literal: {n}CRLF then n octets
+            end = data.find(b"}\r\n", pos)
+            if end < 0:
+                raise BadSyntax("malformed literal")
+            m = LITERAL_RE.match(data[pos:end + 1])
+            if not m:
+                raise BadSyntax("malformed literal")
+            size = int(m.group(1))
+            start = end + 3
+            if start + size > n:
+                raise BadSyntax("literal shorter than announced")
+            stack[-1].append(data[start:start + size])
+            pos = start + size
+        else:
+            start = pos
+            depth = 0
+            if c == 0x5C:  # a flag: "\\" atom (RFC 3501 flag-extension)
+                pos += 1
+            while pos < n:
+                ch = data[pos]
+                if ch == 0x5B:  # [
+                    depth += 1
+                elif ch == 0x5D:  # ]
+                    if depth == 0:
+                        break
+                    depth -= 1
+                elif depth == 0 and ch in _ATOM_STOP:
+                    break
+                elif depth and ch in (0x0D, 0x0A):
+                    break
+                pos += 1
+            if pos == start:
+                raise BadSyntax(f"unexpected character {chr(c)!r}")
+            stack[-1].append(Atom(data[start:pos].decode("latin-1")))
+    if len(stack) != 1:
+        raise BadSyntax("unbalanced parenthesis")
+    return stack[0]
+
+
+def parse_seqset(text: str, largest: int) -> list[int]:
+    """The numbers of a sequence set (RFC 3501 ``sequence-set``), ``*`` being ``largest``;
+    ascending, without repeats. Raises BadSyntax."""
+    if not isinstance(text, str) or not text:
+        raise BadSyntax("missing sequence set")
+    out: set[int] = set()
+    for item in text.split(","):
+        lo, colon, hi = item.partition(":")
+        try:
+            a = largest if lo == "*" else int(lo)
+            b = (largest if hi == "*" else int(hi)) if colon else a
+        except ValueError:
+            raise BadSyntax(f"bad sequence set {text[:40]!r}") from None
+        if a < 1 or b < 1 or (lo != "*" and not lo.isdigit()) or \
+                (colon and hi != "*" and not hi.isdigit()):
+            raise BadSyntax(f"bad sequence set {text[:40]!r}")
+        if a > b:
+            a, b = b, a
+        if b - a > 10_000_000:
+            raise BadSyntax("sequence range too large")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def format_seqset(numbers: list[int]) -> str:
+    """A compact sequence set for ``numbers`` (COPYUID, APPENDUID)."""
+    numbers = sorted(numbers)
+    out = []
+    i = 0
+    while i < len(numbers):
+        j = i
+        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
+            j += 1
+        out.append(str(numbers[i]) if i == j else f"{numbers[i]}:{numbers[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def parse_date(text: str | bytes) -> float:
+    """A SEARCH date (``1-Feb-1994``) as the epoch seconds of its UTC midnight."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    try:
+        d, m, y = text.split("-")
+        return float(calendar.timegm((int(y), _MONTHS.index(m.capitalize()) + 1, int(d),
+                                      0, 0, 0)))
+    except (ValueError, IndexError):
+        raise BadSyntax(f"bad date {text[:30]!r}") from None
+
+
+def parse_datetime(text: bytes) -> float:
+    """An APPEND date-time (``"17-Jul-1996 02:44:25 -0700"``) as epoch seconds."""
+    try:
+        date, clock, zone = text.decode("ascii").strip().split(" ")
+        d, m, y = date.split("-")
+        hh, mm, ss = (int(x) for x in clock.split(":"))
+        base = calendar.timegm((int(y), _MONTHS.index(m.capitalize()) + 1, int(d), hh, mm, ss))
+        sign = -1 if zone[0] == "-" else 1
+        offset = sign * (int(zone[1:3]) * 3600 + int(zone[3:5]) * 60)
+        return float(base - offset)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        raise BadSyntax("bad date-time") from None
+
+
+def format_date(seconds: float) -> str:
+    """INTERNALDATE (``"17-Jul-1996 02:44:25 +0000"``), in UTC."""
+    t = time.gmtime(seconds)
+    return f"{t.tm_mday:02d}-{_MONTHS[t.tm_mon - 1]}-{t.tm_year} " \
+           f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"

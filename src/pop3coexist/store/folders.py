@@ -1,0 +1,775 @@
+"""IMAP folders over the Maildir store: implements ``interfaces.IFolderStore``,
+``interfaces.IAccountFolders`` and ``interfaces.IFolderView``.
+
+On disk, inside one mailbox's Maildir (the folder POP3 serves; README "IMAP")::
+
+    <mailbox>/{tmp,new,cur}                 INBOX (POP3's maildrop)
+    <mailbox>/.Sent/{tmp,new,cur}           a Maildir++ subfolder, with a ``maildirfolder`` file
+    <mailbox>/.a.b/                         folder "b" inside "a" (``.`` is the separator)
+    <folder>/dovecot-uidlist                UIDVALIDITY, UIDNEXT and one UID per message
+    <folder>/dovecot-keywords               keyword letters (``0 $Forwarded`` -> ``a``)
+    <mailbox>/subscriptions                 subscribed folder names, one a line
+    <mailbox>/.pop3coexist.imap.json        {"special": done} once Sent/Drafts/Trash/Junk exist
+
+This is Dovecot's own Maildir++ layout: folder names on disk are the IMAP modified UTF-7 names
+(RFC 3501 section 5.1.3), flags live in the file name's info (``:2,`` then sorted letters: D
+draft, F flagged, R answered, S seen, T deleted, ``a``-``z`` keywords), and the uid list is
+Dovecot's version 3 format (``3 V<uidvalidity> N<uidnext> G<guid>`` then ``<uid> :<file name
+without its :2, info>``), so Dovecot pointed at the same Maildir sees the same UIDs and flags.
+
+A message is known by the maildir(5) unique part of its name (``maildir.unique_part``), which
+neither a new/ -> cur/ rename nor a flag change alters: so a UID (and POP3's UIDL, which is the
+unique part too) survives both, and two sessions that rename the same file do not lose it.
+
+Crash safety of the uid list: it is rewritten only under Dovecot's lock, the file
+``dovecot-uidlist.lock`` created with O_EXCL (a lock older than ``STALE_LOCK`` seconds is
+taken over); the new content is written into the lock file, fsynced, and renamed over
+``dovecot-uidlist`` (the rename releases the lock), then the folder is fsynced. A crash leaves
+the old list or the new one, never half of either; a stale lock file is taken over later.
+
+Everything here is blocking and knows nothing of sockets or IMAP sequence numbers (of Twisted
+it uses only the modified UTF-7 codec ``imap4-utf-7`` that ``twisted.mail.imap4`` registers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from zope.interface import implementer
+
+from pop3coexist import errors
+from pop3coexist.canonical import canonical_size
+from pop3coexist.fsutil import fsync_dir
+from pop3coexist.interfaces import IAccountFolders, IFolderStore, IFolderView
+from pop3coexist.store.maildir import MaildirStore, unique_part
+
+__all__ = ["FolderError", "MaildirFolders", "Message", "SPECIAL_USE", "flags_from_info",
+           "info_from_flags"]
+
+UIDLIST = "dovecot-uidlist"
+UIDLIST_LOCK = "dovecot-uidlist.lock"
+KEYWORDS = "dovecot-keywords"
+SUBSCRIPTIONS = "subscriptions"
+IMAP_META = ".pop3coexist.imap.json"
+STALE_LOCK = 120.0  # seconds: Dovecot's default for dovecot-uidlist.lock
+LOCK_WAIT = 30.0  # seconds to wait for another writer's lock before failing
+RACY_WINDOW = 2.0  # seconds: a folder changed this recently is always read again
+SEPARATOR = "."
+# RFC 6154: the folders every account gets at its first log-in, with their attribute
+SPECIAL_USE = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
+
+SYSTEM_FLAGS = {"D": "\\Draft", "F": "\\Flagged", "R": "\\Answered", "S": "\\Seen",
+                "T": "\\Deleted"}
+_LETTER_OF = {v.lower(): k for k, v in SYSTEM_FLAGS.items()}
+_FOLDER_NAME = re.compile(r"[\x20-\x7e]+\Z")
+_KEYWORD = re.compile(r"[\x21-\x7e]+\Z")
+_proc_lock = threading.Lock()
+_path_locks: dict[str, threading.Lock] = {}
+
+
+class FolderError(errors.StoreError):
+    """A folder operation the client asked for cannot be done (no such folder, exists, bad
+    name); the message is for the client. ``code``: an RFC 5530 response code or ""."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Message:
+    """One message of a folder view: ``uid``, ``flags`` (system flags and keywords, as IMAP
+    names), the file's ``sub`` folder ("new"/"cur") and ``name``, ``size`` (octets of the
+    canonical CRLF form, RFC822.SIZE), ``internaldate`` (seconds since the epoch)."""
+
+    uid: int
+    unique: str
+    sub: str
+    name: str
+    flags: frozenset[str]
+    size: int | None
+    internaldate: float
+    recent: bool = False
+
+
+def flags_from_info(info: str, keywords: list[str]) -> frozenset[str]:
+    """IMAP flags of a Maildir ``:2,`` info string (without the ``2,``)."""
+    out = set()
+    for ch in info:
+        if ch in SYSTEM_FLAGS:
+            out.add(SYSTEM_FLAGS[ch])
+        elif "a" <= ch <= "z" and ord(ch) - 97 < len(keywords):
+            out.add(keywords[ord(ch) - 97])
+    return frozenset(out)
+
+
+def info_from_flags(flags: Iterable[str], keywords: list[str], keep: str = "") -> str:
+    """The sorted letters for ``flags`` (Dovecot order: ASCII); ``keep``: letters of the old
+    info this server does not manage (``P``, unknown keywords), kept as they are."""
+    letters = set(ch for ch in keep if ch not in SYSTEM_FLAGS and not ("a" <= ch <= "z"
+                                                                        and ord(ch) - 97 < len(keywords)))
+    lower = {k.lower(): i for i, k in enumerate(keywords)}
+    for f in flags:
+        if f.lower() in _LETTER_OF:
+            letters.add(_LETTER_OF[f.lower()])
+        elif f.lower() in lower:
+            letters.add(chr(97 + lower[f.lower()]))
+    return "".join(sorted(letters))
+
+
+def _split(name: str) -> tuple[str, str]:
+    """(base, info) of a Maildir file name: info is what follows ``:2,``."""
+    base, sep, info = name.partition(":")
+    return base, info[2:] if sep and info.startswith("2,") else ""
+
+
+def _scan(folder: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if not entry.name.startswith("."):
+                    try:
+                        if entry.is_file(follow_symlinks=False):
+                            yield entry
+                    except OSError:
+                        continue
+    except FileNotFoundError:
+        return
+
+
+_TIME_RE = re.compile(r"(\d+)(?:\.M(\d+))?")
+_SIZE_W = re.compile(r",W=(\d+)(?=,|:|\Z)")
+_SIZE_S = re.compile(r",S=(\d+)(?=,|:|\Z)")
+
+
+def _order(name: str, mtime: float) -> tuple[int, int, str]:
+    m = _TIME_RE.match(name)
+    return (int(m.group(1)), int(m.group(2) or 0), name) if m else (int(mtime), 0, name)
+
+
+def _path_lock(path: Path) -> threading.Lock:
+    with _proc_lock:
+        return _path_locks.setdefault(str(path), threading.Lock())
+
+
+@contextlib.contextmanager
+def _dotlock(folder: Path) -> Iterator[int]:
+    """Dovecot's uid-list lock: ``dovecot-uidlist.lock`` made with O_EXCL; yields its
+    descriptor (the caller writes the new list into it and renames it). A lock older than
+    STALE_LOCK seconds is someone's crash: taken over. Raises StoreError after LOCK_WAIT."""
+    lock = folder / UIDLIST_LOCK
+    deadline = time.monotonic() + LOCK_WAIT
+    delay = 0.005
+    with _path_lock(folder):
+        while True:
+            try:
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - lock.stat().st_mtime > STALE_LOCK:
+                        os.unlink(lock)
+                        continue
+                if time.monotonic() > deadline:
+                    raise errors.StoreError(f"{lock} is held by another writer") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)  # still there: the caller did not rename it (an error)
+
+
+@dataclass
+class _UidList:
+    validity: int
+    next_uid: int
+    guid: str
+    uids: dict[str, int] = field(default_factory=dict)  # unique part -> uid
+    names: dict[str, str] = field(default_factory=dict)  # unique part -> base name
+
+
+def _read_uidlist(folder: Path) -> _UidList | None:
+    try:
+        text = (folder / UIDLIST).read_text("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return None
+    lines = text.splitlines()
+    if not lines:
+        return None
+    head = lines[0].split()
+    if not head or head[0] != "3":
+        return None  # another version: rebuilt (UIDVALIDITY changes, as Dovecot does)
+    fields = {h[0]: h[1:] for h in head[1:] if h}
+    try:
+        out = _UidList(int(fields["V"]), int(fields["N"]), fields.get("G", ""))
+    except (KeyError, ValueError):
+        return None
+    for line in lines[1:]:
+        uid_text, _, rest = line.partition(" ")
+        name = rest.partition(":")[2] if ":" in rest else ""
+        try:
+            uid = int(uid_text)
+        except ValueError:
+            continue
+        if name:
+            u = unique_part(name)
+            out.uids[u] = uid
+            out.names[u] = name
+            out.next_uid = max(out.next_uid, uid + 1)
+    return out
+
+
+def _write_uidlist(folder: Path, fd: int, ul: _UidList) -> None:
+    lines = [f"3 V{ul.validity} N{ul.next_uid} G{ul.guid}"]
+    for unique, uid in sorted(ul.uids.items(), key=lambda kv: kv[1]):
+        lines.append(f"{uid} :{ul.names.get(unique, unique)}")
+    data = ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+    os.write(fd, data)
+    os.fsync(fd)
+    os.rename(folder / UIDLIST_LOCK, folder / UIDLIST)
+    fsync_dir(folder)
+
+
+def _new_validity(folder: Path) -> int:
+    # distinct per folder and never reused after a folder is deleted and made again
+    return max(int(time.time()), 1) ^ (secrets.randbits(8) << 23) & 0x7FFFFFFF or 1
+
+
+def _read_keywords(folder: Path) -> list[str]:
+    try:
+        text = (folder / KEYWORDS).read_text("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return []
+    out: list[str] = []
+    for line in text.splitlines():
+        idx, _, name = line.partition(" ")
+        if idx.isdigit() and int(idx) == len(out) and name:
+            out.append(name)
+    return out[:26]
+
+
+def _write_keywords(folder: Path, keywords: list[str]) -> None:
+    tmp = folder / f"{KEYWORDS}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(f"{i} {k}\n" for i, k in enumerate(keywords)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, folder / KEYWORDS)
+    fsync_dir(folder)
+
+
+def _canonical_size_of(path: Path) -> int:
+    with open(path, "rb") as f:
+        return canonical_size(iter(lambda: f.read(1 << 16), b""))
+
+
+@implementer(IFolderStore)
+class MaildirFolders:
+    """See ``IFolderStore``: the folders of every mailbox of a ``MaildirStore``."""
+
+    def __init__(self, store: MaildirStore) -> None:
+        self.store = store
+
+    def open_account(self, domain: str, mailbox: str) -> AccountFolders:
+        """See ``IFolderStore.open_account``. Raises NoSuchMailbox."""
+        return AccountFolders(self.store, self.store.mailbox_folder(domain, mailbox),
+                              domain, mailbox)
+
+
+def validate_name(name: str) -> str:
+    """The on-disk form of an IMAP folder name (modified UTF-7 as received, RFC 3501 section
+    5.1.3); raises FolderError for a name Maildir++ cannot hold."""
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if not _FOLDER_NAME.match(name) or "/" in name or name.startswith(SEPARATOR) or \
+            name.endswith(SEPARATOR) or ".." in name or name.upper().startswith("INBOX."):
+        raise FolderError(f"invalid folder name {name[:60]!r}", "CANNOT")
+    import twisted.mail.imap4  # noqa: F401 - registers the imap4-utf-7 codec
+
+    try:
+        name.encode("ascii").decode("imap4-utf-7")
+    except (UnicodeError, LookupError):
+        raise FolderError(f"invalid modified UTF-7 in folder name {name[:60]!r}",
+                          "CANNOT") from None
+    return name
+
+
+def to_folder_name(text: str) -> str:
+    """A Sieve folder name (UTF-8, RFC 5228 section 4.1; ``/`` taken as a separator too, as
+    Dovecot's Pigeonhole does) as an IMAP folder name (modified UTF-7, ``.`` separator)."""
+    import twisted.mail.imap4  # noqa: F401 - registers the imap4-utf-7 codec
+
+    parts = [p for p in text.replace("/", SEPARATOR).split(SEPARATOR) if p]
+    name = SEPARATOR.join(p.encode("imap4-utf-7").decode("ascii") for p in parts)
+    return validate_name(name)
+
+
+@implementer(IAccountFolders)
+class AccountFolders:
+    """See ``IAccountFolders``: one account's folders; made by ``MaildirFolders``."""
+
+    def __init__(self, store: MaildirStore, root: Path, domain: str, mailbox: str) -> None:
+        self.store = store
+        self.root = Path(root)
+        self.domain = domain
+        self.mailbox = mailbox
+
+    def path(self, name: str) -> Path:
+        """The Maildir of folder ``name`` (INBOX: the mailbox itself)."""
+        name = validate_name(name)
+        return self.root if name == "INBOX" else self.root / (SEPARATOR + name)
+
+    def exists(self, name: str) -> bool:
+        """True when folder ``name`` exists."""
+        try:
+            p = self.path(name)
+        except FolderError:
+            return False
+        return (p / "cur").is_dir()
+
+    def list_folders(self) -> list[str]:
+        """Every folder's name, INBOX first, then sorted."""
+        out = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root) as it:
+            for e in it:
+                if e.name.startswith(".") and len(e.name) > 1 and e.name not in (".", "..") \
+                        and e.is_dir(follow_symlinks=False) and (Path(e.path) / "cur").is_dir():
+                    out.append(e.name[1:])
+        return ["INBOX", *sorted(out)]
+
+    def special_use(self, name: str) -> str | None:
+        """The RFC 6154 attribute of a folder name, or None."""
+        return SPECIAL_USE.get(name)
+
+    def ensure_special_folders(self) -> None:
+        """Create Sent, Drafts, Trash and Junk (subscribed) at the first log-in; idempotent.
+        Done once: a user who deletes Junk later does not get it back."""
+        meta = self.root / IMAP_META
+        if meta.exists():
+            return
+        for name in SPECIAL_USE:
+            if not self.exists(name):
+                with contextlib.suppress(FolderError):
+                    self.create(name)
+            self.subscribe(name, True)
+        tmp = meta.with_name(meta.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"special": True}))
+        os.rename(tmp, meta)
+
+    def create(self, name: str) -> None:
+        """Create folder ``name`` (and the parents its name implies, RFC 3501 section 6.3.3).
+        Raises FolderError ALREADYEXISTS when it exists."""
+        name = validate_name(name.rstrip(SEPARATOR)) if name.endswith(SEPARATOR) else \
+            validate_name(name)
+        if name == "INBOX" or self.exists(name):
+            raise FolderError(f"folder {name} already exists", "ALREADYEXISTS")
+        parts = name.split(SEPARATOR)
+        for i in range(1, len(parts) + 1):
+            sub = SEPARATOR.join(parts[:i])
+            p = self.path(sub)
+            for d in ("tmp", "new", "cur"):
+                (p / d).mkdir(parents=True, exist_ok=True)
+            (p / "maildirfolder").touch()
+        fsync_dir(self.root)
+
+    def delete(self, name: str) -> None:
+        """Delete folder ``name`` and its messages. INBOX cannot be deleted; a folder with
+        subfolders neither (RFC 3501 section 6.3.4 allows keeping it \\Noselect; we refuse)."""
+        name = validate_name(name)
+        if name == "INBOX":
+            raise FolderError("INBOX cannot be deleted", "CANNOT")
+        if not self.exists(name):
+            raise FolderError(f"no folder {name}", "NONEXISTENT")
+        if any(f.startswith(name + SEPARATOR) for f in self.list_folders()):
+            raise FolderError(f"folder {name} has subfolders: delete them first", "INUSE")
+        p = self.path(name)
+        trash = self.root / f"..deleted.{name}.{secrets.token_hex(4)}"  # Dovecot's way: rename first
+        os.rename(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        fsync_dir(self.root)
+        self.subscribe(name, False)
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename a folder and its subfolders (RFC 3501 section 6.3.5). Renaming INBOX moves
+        its messages into the new folder and leaves INBOX empty."""
+        old, new = validate_name(old), validate_name(new)
+        if not self.exists(old):
+            raise FolderError(f"no folder {old}", "NONEXISTENT")
+        if new == "INBOX" or self.exists(new):
+            raise FolderError(f"folder {new} already exists", "ALREADYEXISTS")
+        if old == "INBOX":
+            self.create(new)
+            src, dst = self.path("INBOX"), self.path(new)
+            for sub in ("new", "cur"):
+                for e in _scan(src / sub):
+                    os.rename(e.path, dst / sub / e.name)
+            return
+        if new.startswith(old + SEPARATOR):
+            raise FolderError("a folder cannot move inside itself", "CANNOT")
+        parent = new.rpartition(SEPARATOR)[0]
+        if parent and not self.exists(parent):
+            self.create(parent)
+        moves = [f for f in self.list_folders() if f == old or f.startswith(old + SEPARATOR)]
+        for f in moves:
+            os.rename(self.path(f), self.path(new + f[len(old):]))
+        fsync_dir(self.root)
+        subs = self.subscriptions()
+        if old in subs:
+            self.subscribe(old, False)
+            self.subscribe(new, True)
+
+    def subscriptions(self) -> list[str]:
+        """Subscribed names (Dovecot's ``subscriptions`` file)."""
+        try:
+            text = (self.root / SUBSCRIPTIONS).read_text("utf-8", "surrogateescape")
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines() if line and not line.startswith("V\t")]
+
+    def subscribe(self, name: str, on: bool) -> None:
+        """Add or remove ``name`` in the subscriptions (it need not exist: RFC 3501 6.3.6)."""
+        with _path_lock(self.root / SUBSCRIPTIONS):
+            subs = [s for s in self.subscriptions() if s != name]
+            if on:
+                subs.append(name)
+            tmp = self.root / f"{SUBSCRIPTIONS}.tmp.{os.getpid()}.{threading.get_ident()}"
+            tmp.write_text("".join(s + "\n" for s in subs), "utf-8", "surrogateescape")
+            os.rename(tmp, self.root / SUBSCRIPTIONS)
+
+    def open_folder(self, name: str) -> FolderView:
+        """A view of folder ``name``; raises FolderError NONEXISTENT."""
+        if not self.exists(name):
+            raise FolderError(f"no folder {name}", "NONEXISTENT")
+        return FolderView(self.path(name), validate_name(name))
+
+    def quota(self) -> tuple[int, int | None]:
+        """(bytes used over all folders, limit in bytes or None): RFC 2087's STORAGE."""
+        used = 0
+        for name in self.list_folders():
+            p = self.path(name)
+            for sub in ("new", "cur"):
+                for e in _scan(p / sub):
+                    m = _SIZE_S.search(e.name.split(":", 1)[0])
+                    if m:
+                        used += int(m.group(1))
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            used += e.stat(follow_symlinks=False).st_size
+        return used, self.store.get_quota(self.domain, self.mailbox)
+
+    def append(self, name: str, data: bytes, flags: Iterable[str], internaldate: float | None
+               ) -> tuple[int, int]:
+        """Store ``data`` in folder ``name`` with ``flags`` (RFC 3501 section 6.3.11); returns
+        (uidvalidity, uid) for UIDPLUS's APPENDUID. The file is fsynced before its rename into
+        cur/ and cur/ after it. Raises FolderError TRYCREATE when the folder does not exist,
+        OVERQUOTA when the account's quota refuses it."""
+        if not self.exists(name):
+            raise FolderError(f"no folder {name}", "TRYCREATE")
+        used, limit = self.quota()
+        if self.store.quota_refuses(used, len(data), limit):
+            raise FolderError("over quota", "OVERQUOTA")
+        view = FolderView(self.path(name), validate_name(name))
+        return view.add(data, flags, internaldate)
+
+
+@implementer(IFolderView)
+class FolderView:
+    """See ``IFolderView``: one folder's messages by UID, read fresh by ``sync``."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path = Path(path)
+        self.name = name
+        self._cache_key: tuple[int, int, int] | None = None
+        self._uidlist: _UidList | None = None
+        self._last_state: tuple | None = None
+        self.keywords: list[str] = _read_keywords(self.path)
+
+    # -- the uid list
+    def _load(self) -> _UidList | None:
+        try:
+            st = os.stat(self.path / UIDLIST)
+        except FileNotFoundError:
+            self._cache_key, self._uidlist = None, None
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._cache_key:
+            self._uidlist = _read_uidlist(self.path)
+            self._cache_key = key
+        return self._uidlist
+
+    @property
+    def uidvalidity(self) -> int:
+        ul = self._load()
+        if ul is None:
+            self.sync()
+            ul = self._load()
+        assert ul is not None
+        return ul.validity
+
+    @property
+    def uidnext(self) -> int:
+        ul = self._load()
+        if ul is None:
+            self.sync()
+            ul = self._load()
+        assert ul is not None
+        return ul.next_uid
+
+    def _scan_files(self) -> dict[str, tuple[str, str, float]]:
+        found: dict[str, tuple[str, str, float]] = {}
+        for sub in ("new", "cur"):  # new/ first: a file moving to cur/ meanwhile is seen there
+            for e in _scan(self.path / sub):
+                try:
+                    mtime = e.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                found.setdefault(unique_part(e.name), (sub, e.name, mtime))
+        return found
+
+    def _state(self) -> tuple | None:
+        """What changes when the folder does: new/, cur/ and the uid list's identity and
+        times. None when one of them changed within RACY_WINDOW seconds (a change in the
+        same clock tick would not show): then the folder must be read."""
+        key = []
+        now = time.time()
+        for name in ("new", "cur", UIDLIST):
+            try:
+                st = os.stat(self.path / name)
+            except FileNotFoundError:
+                key.append(None)
+                continue
+            if now - st.st_mtime < RACY_WINDOW:
+                return None
+            key.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(key)
+
+    def sync_if_changed(self) -> list[Message] | None:
+        """``sync()``, or None when nothing in the folder changed since the last ``sync`` of
+        this view (three stat calls: what IDLE polls and every command cost when idle)."""
+        state = self._state()
+        if state is not None and state == self._last_state:
+            return None
+        return self.sync()
+
+    def sync(self) -> list[Message]:
+        """The folder's messages now, by ascending UID; unknown files get new UIDs (under the
+        lock, written before this returns). See the module docstring."""
+        self._last_state = self._state()
+        files = self._scan_files()
+        ul = self._load()
+        if ul is not None and any(u not in files for u in ul.uids):
+            files.update(self._scan_files())  # a flag rename raced the scan: look again
+        if ul is None or any(u not in ul.uids for u in files) or \
+                len(ul.uids) > len(files) + 64:
+            ul = self._assign(files)
+        self.keywords = _read_keywords(self.path)
+        out = []
+        for unique, (sub, name, mtime) in files.items():
+            uid = ul.uids.get(unique)
+            if uid is None:
+                continue  # arrived after the lock's scan: the next sync sees it
+            base, info = _split(name)
+            m = _SIZE_W.search(base)
+            out.append(Message(uid, unique, sub, name, flags_from_info(info, self.keywords),
+                               int(m.group(1)) if m and _SIZE_S.search(base) else None, mtime,
+                               sub == "new"))
+        out.sort(key=lambda m: m.uid)
+        return out
+
+    def _assign(self, files: dict[str, tuple[str, str, float]]) -> _UidList:
+        with _dotlock(self.path) as fd:
+            ul = _read_uidlist(self.path)
+            files = {**files, **self._scan_files()}
+            if ul is None:
+                ul = _UidList(_new_validity(self.path), 1, secrets.token_hex(16))
+            fresh = sorted((u for u in files if u not in ul.uids),
+                           key=lambda u: _order(files[u][1], files[u][2]))
+            for u in fresh:
+                ul.uids[u] = ul.next_uid
+                ul.next_uid += 1
+            ul.uids = {u: uid for u, uid in ul.uids.items() if u in files}
+            ul.names = {u: files[u][1].split(":", 1)[0] for u in ul.uids}
+            _write_uidlist(self.path, fd, ul)
+        self._cache_key = None
+        self._uidlist = None
+        return self._load() or ul
+
+    # -- messages
+    def locate(self, msg: Message) -> Path | None:
+        """The message's path now (another client may have renamed it), or None when gone."""
+        p = self.path / msg.sub / msg.name
+        if os.path.lexists(p):
+            return p
+        for sub in ("cur", "new"):
+            for e in _scan(self.path / sub):
+                if unique_part(e.name) == msg.unique:
+                    msg.sub, msg.name = sub, e.name
+                    return Path(e.path)
+        return None
+
+    def open(self, msg: Message) -> BinaryIO:
+        """The message file, opened for reading; raises StoreError when it is gone."""
+        p = self.locate(msg)
+        if p is not None:
+            with contextlib.suppress(FileNotFoundError):
+                return open(p, "rb")  # noqa: SIM115 - the caller closes it
+        raise errors.StoreError(f"message UID {msg.uid} is no longer in the folder")
+
+    def size(self, msg: Message) -> int:
+        """RFC822.SIZE: octets of the canonical CRLF form (read once when the name lacks W=)."""
+        if msg.size is None:
+            p = self.locate(msg)
+            if p is None:
+                raise errors.StoreError(f"message UID {msg.uid} is no longer in the folder")
+            msg.size = _canonical_size_of(p)
+        return msg.size
+
+    def _keyword_letters(self, flags: Iterable[str]) -> None:
+        wanted = [f for f in flags if not f.startswith("\\") and _KEYWORD.match(f)]
+        have = {k.lower() for k in self.keywords}
+        missing = [f for f in wanted if f.lower() not in have]
+        if missing:
+            with _path_lock(self.path / KEYWORDS):
+                self.keywords = _read_keywords(self.path)
+                have = {k.lower() for k in self.keywords}
+                for f in missing:
+                    if f.lower() not in have and len(self.keywords) < 26:
+                        self.keywords.append(f)
+                        have.add(f.lower())
+                _write_keywords(self.path, self.keywords)
+
+    def set_flags(self, msg: Message, flags: Iterable[str]) -> frozenset[str]:
+        """Give the message exactly ``flags`` (\\Recent is not stored): the file is renamed
+        into cur/ with the new ``:2,`` info. Returns the flags now on disk; a message gone
+        meanwhile raises StoreError."""
+        flags = [f for f in flags if f.lower() != "\\recent"]
+        self._keyword_letters(flags)
+        for _ in range(5):
+            p = self.locate(msg)
+            if p is None:
+                raise errors.StoreError(f"message UID {msg.uid} is no longer in the folder")
+            base, info = _split(msg.name)
+            new_info = info_from_flags(flags, self.keywords, info)
+            target = self.path / "cur" / f"{base}:2,{new_info}"
+            if target == p:
+                break
+            try:
+                os.rename(p, target)
+            except FileNotFoundError:
+                continue  # renamed by someone else meanwhile: look again
+            msg.sub, msg.name = "cur", target.name
+            break
+        msg.flags = flags_from_info(_split(msg.name)[1], self.keywords)
+        return msg.flags
+
+    def claim_recent(self, messages: list[Message]) -> None:
+        """Move the messages still in new/ to cur/ (``:2,`` + their flags): this session saw
+        them first, so they are \\Recent to it alone (RFC 3501 section 2.3.2)."""
+        moved = False
+        for msg in messages:
+            if msg.sub != "new":
+                continue
+            base, info = _split(msg.name)
+            try:
+                os.rename(self.path / "new" / msg.name, self.path / "cur" / f"{base}:2,{info}")
+                msg.sub, msg.name = "cur", f"{base}:2,{info}"
+                moved = True
+            except OSError:
+                continue  # another session or POP3 moved it: not recent for us
+        if moved:
+            with contextlib.suppress(OSError):
+                fsync_dir(self.path / "cur")
+                fsync_dir(self.path / "new")
+
+    def expunge(self, messages: list[Message]) -> list[int]:
+        """Unlink the messages (one already gone counts as expunged); returns their UIDs."""
+        done = []
+        for msg in messages:
+            p = self.locate(msg)
+            if p is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+            done.append(msg.uid)
+        with contextlib.suppress(OSError):
+            fsync_dir(self.path / "cur")
+        return done
+
+    def add(self, data: bytes, flags: Iterable[str], internaldate: float | None,
+            unique: str | None = None) -> tuple[int, int]:
+        """Write a new message into cur/ with ``flags``; returns (uidvalidity, uid)."""
+        flags = [f for f in flags if f.lower() != "\\recent"]
+        self._keyword_letters(flags)
+        size = len(data)
+        wsize = canonical_size((data,))
+        if unique is None:
+            unique = _unique_name()
+        base = f"{unique},S={size},W={wsize}"
+        tmp = self.path / "tmp" / base
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if internaldate is not None:
+            os.utime(tmp, (internaldate, internaldate))
+        target = self.path / "cur" / f"{base}:2,{info_from_flags(flags, self.keywords)}"
+        os.rename(tmp, target)
+        fsync_dir(self.path / "cur")
+        with _dotlock(self.path) as fd:
+            ul = _read_uidlist(self.path) or _UidList(_new_validity(self.path), 1,
+                                                      secrets.token_hex(16))
+            uid = ul.uids.get(unique)
+            if uid is None:
+                uid = ul.next_uid
+                ul.uids[unique] = uid
+                ul.names[unique] = base
+                ul.next_uid += 1
+            _write_uidlist(self.path, fd, ul)
+        self._cache_key = None
+        return ul.validity, uid
+
+    def copy_to(self, messages: list[Message], dest: FolderView) -> list[tuple[int, int]]:
+        """Copy the messages (their flags too) into ``dest``; returns (source uid, new uid)
+        pairs (UIDPLUS's COPYUID). A hard link where possible (same file system), else a copy.
+        A message gone meanwhile is skipped."""
+        pairs: list[tuple[int, int]] = []
+        for msg in messages:
+            p = self.locate(msg)
+            if p is None:
+                continue
+            try:
+                data = p.read_bytes()
+            except FileNotFoundError:
+                continue
+            _, uid = dest.add(data, msg.flags, msg.internaldate)
+            pairs.append((msg.uid, uid))
+        return pairs
+
+
+_counter = [0]
+_counter_lock = threading.Lock()
+
+
+def _unique_name() -> str:
+    """A maildir(5) unique name, as ``MaildirStore`` makes them."""
+    import socket
+
+    with _counter_lock:
+        _counter[0] += 1
+        n = _counter[0]
+    now = time.time()
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{n}R{secrets.token_hex(8)}.{host}"
