@@ -321,7 +321,7 @@ def test_imaplib_move_uid_move(target):
     target folder, none left behind."""
     address = target.new_mailbox([message(1), message(2), message(3)])
     m = login(target, address)
-    ok(m.create("Trash"))  # may exist already
+    m.create("Trash")  # NO [ALREADYEXISTS] when the server made it at log-in
     ok(m.select("INBOX"))
     typ, data = m._simple_command("MOVE", "1", "Trash")
     assert typ == "OK", data
@@ -453,6 +453,7 @@ def test_imaplib_getquotaroot(target):
     """GETQUOTAROOT INBOX (RFC 2087) names a quota root and its STORAGE usage and limit in
     KiB; the usage counts the mailbox's messages."""
     address = target.new_mailbox([message(1, body="x" * 5000)])
+    target.set_quota_1g(address)
     m = login(target, address)
     ok(m.select("INBOX"))
     typ, data = m.getquotaroot("INBOX")

@@ -5,7 +5,7 @@ every client test is first proven against the reference server and then run agai
 ``ImapTarget``: ``name`` ("pop3coexist" or "dovecot"), ``port`` (clear text, STARTTLS),
 ``tls_port`` (implicit TLS), ``cafile`` (the CA of the server certificate), ``new_mailbox(
 messages)`` -> address (a fresh mailbox holding ``messages`` as raw files in ``new/``, as a
-delivery leaves them), ``maildir(address)``, ``drop(address, data)`` (one more message in
+delivery leaves them), ``maildir(address)``, ``drop(address, data)``, ``set_quota_1g(address)`` (one more message in
 ``new/``, as the SMTP delivery writes it) and ``password`` (every mailbox's).
 
 ``pop3coexist_target(root)`` and ``dovecot_target(root)`` are context managers; ``root`` must be
@@ -46,7 +46,12 @@ class ImapTarget:
     maildir: Callable[[str], Path]
     _add: Callable[[str], None]
     _settle: Callable[[Path], None]
+    _quota: Callable[[str], None] = lambda address: None
     password: str = PASSWORD
+
+    def set_quota_1g(self, address: str) -> None:
+        """Give the mailbox a 1 GB storage quota (Dovecot's template has it for everyone)."""
+        self._quota(address)
 
     def new_mailbox(self, messages: list[bytes] = ()) -> str:
         """A fresh mailbox (its own address) holding ``messages`` in ``new/``."""
@@ -98,6 +103,7 @@ def pop3coexist_target(root: Path, **server_args: object) -> Iterator[tuple[Imap
             cafile=srv.certs.ca_cert,
             maildir=lambda a: srv.state_dir / "mailroot" / a.partition("@")[2] / a.partition("@")[0],
             _add=lambda a: srv.add_mailbox(a, PASSWORD), _settle=lambda p: None,
+            _quota=lambda a: srv.admin("mailbox", "quota", a, "1GB") and None,
         )
         yield target, srv
     finally:
