@@ -48,7 +48,7 @@ def _dovecot():
 def _ours():
     root = make_root()
     try:
-        with pop3coexist_target(root) as (target, srv):
+        with pop3coexist_target(root, pool_size=24) as (target, srv):
             yield target
             log = srv.log_text()
             assert "Traceback" not in log, log[-4000:]

@@ -44,7 +44,7 @@ class ImapTarget:
     tls_port: int
     cafile: Path
     maildir: Callable[[str], Path]
-    _add: Callable[[str], None]
+    _add: Callable[[str], str]  # makes a mailbox; returns its address (maybe another one)
     _settle: Callable[[Path], None]
     _quota: Callable[[str], None] = lambda address: None
     password: str = PASSWORD
@@ -55,8 +55,7 @@ class ImapTarget:
 
     def new_mailbox(self, messages: list[bytes] = ()) -> str:
         """A fresh mailbox (its own address) holding ``messages`` in ``new/``."""
-        address = f"imap{next(_names)}@{HOSTNAME}"
-        self._add(address)
+        address = self._add(f"imap{next(_names)}@{HOSTNAME}")
         for data in messages:
             self.drop(address, data, settle=False)
         self._settle(self.maildir(address))
@@ -89,20 +88,57 @@ def require_imap_server() -> None:
         pytest.skip(message)
 
 
+_BULK_ADD = """
+import io, json, sys
+from pop3coexist.admin.cli import run
+job = json.loads(sys.stdin.readline())
+for address in job["addresses"]:
+    sys.stdin = io.StringIO(job["password"] + "\\n")
+    code = run(["-c", job["config"], "mailbox", "add", address, "--password-stdin"], io.StringIO())
+    if code:
+        raise SystemExit(f"mailbox add {address}: exit {code}")
+"""
+
+
+def add_mailboxes(srv: ServerProcess, addresses: list[str], password: str = PASSWORD) -> None:
+    """``pop3coexist-admin mailbox add`` for many addresses in one interpreter (the real admin
+    code, its ``run()``; one Python start-up instead of one per mailbox). The password goes
+    through stdin, never argv."""
+    import json
+    import subprocess
+    import sys
+
+    job = json.dumps({"addresses": addresses, "password": password, "config": str(srv.config_path)})
+    result = subprocess.run([sys.executable, "-c", _BULK_ADD], input=job + "\n", text=True,
+                            capture_output=True, timeout=300, env=srv.env())
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @contextmanager
-def pop3coexist_target(root: Path, **server_args: object) -> Iterator[tuple[ImapTarget, ServerProcess]]:
-    """Our real server with POP3 and IMAP (clear text and TLS) on OS-picked ports."""
+def pop3coexist_target(root: Path, pool_size: int = 0, **server_args: object) -> Iterator[tuple[ImapTarget, ServerProcess]]:
+    """Our real server with POP3 and IMAP (clear text and TLS) on OS-picked ports;
+    ``pool_size`` mailboxes are made before it starts (``new_mailbox`` hands them out)."""
     require_imap_server()
     srv = ServerProcess(root, **server_args)
     srv.write_config()
+    pool = [f"imap{next(_names)}@{HOSTNAME}" for _ in range(pool_size)]
+    if pool:
+        add_mailboxes(srv, pool)
     srv.start()
+
+    def add(address: str) -> str:
+        if pool:
+            return pool.pop(0)
+        srv.add_mailbox(address, PASSWORD)
+        return address
+
     try:
         assert srv.certs is not None
         target = ImapTarget(
             name="pop3coexist", port=srv.port("imap"), tls_port=srv.port("imaps"),
             cafile=srv.certs.ca_cert,
             maildir=lambda a: srv.state_dir / "mailroot" / a.partition("@")[2] / a.partition("@")[0],
-            _add=lambda a: srv.add_mailbox(a, PASSWORD), _settle=lambda p: None,
+            _add=add, _settle=lambda p: None,
             _quota=lambda a: srv.admin("mailbox", "quota", a, "1GB") and None,
         )
         yield target, srv
@@ -119,10 +155,11 @@ def dovecot_target(root: Path) -> Iterator[tuple[ImapTarget, Dovecot]]:
                  static_password=PASSWORD)
     dv.start()
 
-    def add(address: str) -> None:
+    def add(address: str) -> str:
         for sub in ("tmp", "new", "cur"):
             (dv.maildir(address) / sub).mkdir(parents=True, exist_ok=True)
         give_to_nobody(dv.maildir(address).parent)
+        return address
 
     try:
         yield ImapTarget(name="dovecot", port=dv.ports["imap"], tls_port=dv.ports["imaps"],
