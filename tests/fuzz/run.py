@@ -29,6 +29,9 @@ MODULES = {
     "config": ["pop3coexist.config"],
     "ldapfilter": ["pop3coexist.ldapfilter"],
     "smtp_client": ["pop3coexist.smtp.client"],
+    "imap_parse": ["pop3coexist.imap.parse"],
+    "imap_session": ["pop3coexist.imap.parse", "pop3coexist.imap.server", "pop3coexist.imap.fetch",
+                     "pop3coexist.imap.message"],
 }
 
 
