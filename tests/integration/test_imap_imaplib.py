@@ -78,7 +78,7 @@ def test_tls_logins_and_refusals(server: ServerProcess) -> None:
     s.authenticate("PLAIN", lambda _: f"\0{USER}\0{PASSWORD}".encode())
     assert s.state == "AUTH"
     s.logout()
-    for user, pw in ((USER, "wrong"), ("locked@pop.contoso.test", "locked pass")):
+    for user, pw in ((USER, "wrong"), ("locked@pop.contoso.test", "locked pass")):  # refused
         m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
         with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
             m.login(user, pw)
@@ -246,3 +246,58 @@ def test_sieve_fileinto_files_into_a_folder(server: ServerProcess) -> None:
     m.select("INBOX")
     assert m.search(None, "SUBJECT", '"[work] filed"')[1] == [b""]
     m.logout()
+
+
+def test_scram_sha_256_login(server: ServerProcess) -> None:
+    """AUTHENTICATE SCRAM-SHA-256 (RFC 7677) driven by scramp: the server proves it knows the
+    keys (scramp checks the server signature), the client logs in; a wrong password gets NO
+    [AUTHENTICATIONFAILED]."""
+    from scramp import ScramClient
+
+    def drive(password: str):  # noqa: ANN202
+        client = ScramClient(["SCRAM-SHA-256"], USER, password)
+        steps = iter(range(3))
+
+        def answer(challenge: bytes) -> bytes:
+            step = next(steps)
+            if step == 0:
+                return client.get_client_first().encode()
+            if step == 1:
+                client.set_server_first(challenge.decode())
+                return client.get_client_final().encode()
+            client.set_server_final(challenge.decode())
+            return b""
+        return answer
+
+    m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    assert "AUTH=SCRAM-SHA-256" in m.capabilities
+    assert m.authenticate("SCRAM-SHA-256", drive(PASSWORD))[0] == "OK"
+    m.logout()
+    m = imaplib.IMAP4("127.0.0.1", server.port("imap"))
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        m.authenticate("SCRAM-SHA-256", drive("wrong password"))
+    m.logout()
+
+
+def test_served_by_worker_processes(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With ``server.workers = 2`` the IMAP and IMAPS listeners are served by every process:
+    eight sessions at once log in and read the same INBOX, and the connection limit per client
+    (shared by the processes) refuses the ninth with BYE."""
+    require_installed_plugin()
+    srv = ServerProcess(tmp_path_factory.mktemp("imapworkers"), server_config="workers = 2",
+                        imap_config="max_connections_per_client = 8")
+    srv.write_config()
+    srv.add_mailbox(USER, PASSWORD)
+    srv.start()
+    try:
+        _send(srv, "to all")
+        sessions = [_login(srv) for _ in range(8)]
+        for m in sessions:
+            assert m.select("INBOX", readonly=True) == ("OK", [b"1"])
+        with pytest.raises((imaplib.IMAP4.error, ConnectionError, OSError), match="UNAVAILABLE"):
+            extra = imaplib.IMAP4("127.0.0.1", srv.port("imap"))
+            extra.login(USER, PASSWORD)
+        for m in sessions:
+            m.logout()
+    finally:
+        srv.stop_cleanly(PASSWORD)

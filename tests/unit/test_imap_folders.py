@@ -169,3 +169,42 @@ def test_sync_if_changed_reads_only_a_changed_folder(store: MaildirStore) -> Non
     assert view.sync_if_changed() is None
     store.deliver_bytes(HOST, "ted", b"Subject: b\n\ny\n")
     assert [m.uid for m in view.sync_if_changed()] == [1, 2]
+
+
+def test_concurrent_views_agree_on_uids(store: MaildirStore) -> None:
+    """Four views syncing in threads while messages arrive and a POP3 session moves them to
+    cur/ assign each message exactly one UID (no two messages share one, no message gets two):
+    the dovecot-uidlist lock serialises the writers."""
+    import threading
+
+    account = MaildirFolders(store).open_account(HOST, "ted")
+    seen: list[dict[str, int]] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        view = account.open_folder("INBOX")
+        mine: dict[str, int] = {}
+        try:
+            while not stop.is_set():
+                for m in view.sync():
+                    assert mine.setdefault(m.unique, m.uid) == m.uid
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        seen.append(mine)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for n in range(40):
+        store.deliver_bytes(HOST, "ted", f"Subject: {n}\n\nx\n".encode())
+        if n % 10 == 9:
+            store.open_maildrop(HOST, "ted").commit(set())  # POP3 QUIT: new/ -> cur/
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    final = {m.unique: m.uid for m in account.open_folder("INBOX").sync()}
+    assert len(final) == 40 and len(set(final.values())) == 40
+    for mine in seen:
+        assert all(final[u] == uid for u, uid in mine.items())

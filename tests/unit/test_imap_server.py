@@ -299,3 +299,28 @@ def test_pipelined_commands_answer_in_order_and_bad_syntax(env: Env) -> None:
                        b"d BAD FETCH not allowed now\r\n"
                        b"e BAD unterminated quoted string\r\n"
                        b"f OK NOOP completed\r\n")
+
+
+def test_starttls_drops_clear_text_sent_after_it(tmp_path: Path) -> None:
+    """A command pipelined after STARTTLS in the same clear-text packet (an injection, RFC
+    2595 section 3.1) is never run: only STARTTLS's OK is written before the handshake, and
+    nothing after it."""
+    env = Env(tmp_path, tls=True)
+    proto, t = env.session(TLSTransport())
+    take(t)
+    proto.dataReceived(f'a1 STARTTLS\r\na2 LOGIN {TED} "{PW}"\r\n'.encode())
+    assert t.written_before_tls == b"a1 OK begin TLS negotiation now\r\n"
+    assert take(t) == b"a1 OK begin TLS negotiation now\r\n"
+    assert proto.state == "unauth"
+
+
+def test_truncated_arguments_get_bad(env: Env) -> None:
+    """Found by a random command fuzz: a SEARCH key missing its argument (``OR ALL``,
+    ``KEYWORD``) and UID EXPUNGE without its set answer BAD, not a server failure."""
+    env.deliver("one")
+    proto, t = env.logged_in()
+    say(proto, t, b"s1 SELECT INBOX")
+    assert say(proto, t, b"q1 SEARCH OR ALL") == b"q1 BAD SEARCH key needs an argument\r\n"
+    assert say(proto, t, b"q2 SEARCH KEYWORD") == b"q2 BAD SEARCH key needs an argument\r\n"
+    assert say(proto, t, b"x1 UID EXPUNGE") == b"x1 BAD UID EXPUNGE uid-set\r\n"
+    assert say(proto, t, b"x2 EXPUNGE 1") == b"x2 BAD EXPUNGE takes no arguments\r\n"

@@ -216,7 +216,7 @@ def _take(tokens: list) -> Any:
 
 
 def _one(tokens: list) -> tuple:
-    t = tokens.pop(0)
+    t = _take(tokens)
     if isinstance(t, list):
         return ("AND", compile_search(t))
     if isinstance(t, bytes):
@@ -227,8 +227,11 @@ def _one(tokens: list) -> tuple:
     if key in _FLAG_KEYS:
         return ("FLAG", _FLAG_KEYS[key])
     if key in ("KEYWORD", "UNKEYWORD"):
-        return ("FLAG", (str(_take(tokens)) if not isinstance(tokens[0], bytes)
-                         else tokens.pop(0).decode(), key == "KEYWORD"))
+        word = _take(tokens)
+        if isinstance(word, list):
+            raise BadSyntax(f"{key} needs a flag")
+        return ("FLAG", (word.decode("utf-8", "replace") if isinstance(word, bytes) else
+                         str(word), key == "KEYWORD"))
     if key == "NOT":
         return ("NOT", _one(tokens))
     if key == "OR":

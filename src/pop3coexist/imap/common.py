@@ -1,0 +1,38 @@
+"""What the IMAP session modules share: limits, the folder separator, the permanent flags,
+``Refuse`` (a command answered NO with a response code) and argument helpers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from pop3coexist.imap.parse import BadSyntax
+
+log = Logger(namespace="pop3coexist.imap")
+
+MAX_LINE = 65536
+POLL_INTERVAL = 2.0  # seconds between mailbox checks during IDLE
+SEPARATOR = "."
+IMPLEMENTATION = "pop3coexist"
+_NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}  # RFC 3501 section 7.4.1 (not in their UID form)
+PERMANENT = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
+
+class Refuse(Exception):
+    """A command refused with NO (``code``: a response code such as TRYCREATE)."""
+
+    def __init__(self, text: str, code: str = "") -> None:
+        super().__init__(text)
+        self.code = code
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    raise BadSyntax("expected a string")
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)[:100]
