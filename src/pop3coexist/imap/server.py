@@ -215,7 +215,7 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
             self.tagged(tag, "OK", "IDLE terminated")
             return
         tag, _, rest = command.partition(b" ")
-        if not tag or not rest or any(c in tag for c in b'(){%*"\\+') or len(tag) > 64:
+        if not tag or not rest or any(c in b'(){%*"\\+' or c < 0x21 or c > 0x7E for c in tag) or len(tag) > 64:
             self.send(b"* BAD missing tag or command")
             return
         name, _, args_raw = rest.partition(b" ")
