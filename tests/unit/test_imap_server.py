@@ -324,3 +324,47 @@ def test_truncated_arguments_get_bad(env: Env) -> None:
     assert say(proto, t, b"q2 SEARCH KEYWORD") == b"q2 BAD SEARCH key needs an argument\r\n"
     assert say(proto, t, b"x1 UID EXPUNGE") == b"x1 BAD UID EXPUNGE uid-set\r\n"
     assert say(proto, t, b"x2 EXPUNGE 1") == b"x2 BAD EXPUNGE takes no arguments\r\n"
+
+
+def test_fetch_waits_for_a_full_send_buffer(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FETCH registers a streaming producer: while the transport has it paused (a client
+    reading slowly) no more messages are read or written; resuming sends the rest, then OK."""
+    from twisted.internet.testing import StringTransport
+
+    from pop3coexist.imap import fetch as fetchmod
+
+    class Full(StringTransport):
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            if data.startswith(b"* ") and b" FETCH (" in data and self.producer is not None:
+                self.producer.pauseProducing()  # the socket buffer is full after each one
+
+    monkeypatch.setattr(fetchmod, "BATCH_BYTES", 1)
+    for n in range(3):
+        env.deliver(f"m{n}")
+    proto, t = env.session(Full())
+    take(t)
+    say(proto, t, f'a0 LOGIN {TED} "{PW}"'.encode())
+    say(proto, t, b"s1 EXAMINE INBOX")
+    assert say(proto, t, b"f1 FETCH 1:3 (UID)") == b"* 1 FETCH (UID 1)\r\n"
+    t.producer.resumeProducing()
+    assert take(t) == b"* 2 FETCH (UID 2)\r\n"
+    t.producer.resumeProducing()
+    assert take(t) == b"* 3 FETCH (UID 3)\r\nf1 OK FETCH completed\r\n"
+    assert t.producer is None
+
+
+def test_expunge_held_back_during_fetch(env: Env) -> None:
+    """A message POP3 deleted is not announced during FETCH (RFC 3501 section 7.4.1): FETCH
+    still answers for it what the session knows (its UID) but not its body, which is gone;
+    the next NOOP reports ``* 1 EXPUNGE`` and the numbers shift."""
+    env.deliver("one")
+    env.deliver("two")
+    proto, t = env.logged_in()
+    say(proto, t, b"s1 SELECT INBOX")
+    env.store.open_maildrop(HOST, "ted").commit({0})
+    assert say(proto, t, b"f1 FETCH 1:2 (UID)") == \
+        b"* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 2)\r\nf1 OK FETCH completed\r\n"
+    assert say(proto, t, b"f0 FETCH 1 (BODY.PEEK[])") == b"f0 OK FETCH completed\r\n"
+    assert say(proto, t, b"n1 NOOP") == b"* 1 EXPUNGE\r\nn1 OK NOOP completed\r\n"
+    assert say(proto, t, b"f2 FETCH 1 (UID)") == b"* 1 FETCH (UID 2)\r\nf2 OK FETCH completed\r\n"

@@ -126,7 +126,13 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool) -> bytes |
             view.set_flags(msg, set(msg.flags) | {"\\Seen"})
             if not any(i.kind == "FLAGS" for i in items):
                 items = [*items, Item("FLAGS", "FLAGS")]
-        part = Part(data) if data is not None else None
+        parsed: list[Part] = []
+
+        def tree() -> Part:  # parsed only for what needs the MIME structure
+            if not parsed:
+                parsed.append(Part(data))
+            return parsed[0]
+
         out: list[bytes] = []
         for i in items:
             if i.kind == "UID":
@@ -139,19 +145,22 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool) -> bytes |
             elif i.kind == "RFC822.SIZE":
                 out.append(b"RFC822.SIZE %d" % (len(data) if data is not None else view.size(msg)))
             elif i.kind == "ENVELOPE":
-                out.append(b"ENVELOPE " + envelope(part))
+                out.append(b"ENVELOPE " + envelope(tree()))
             elif i.kind == "BODYSTRUCTURE":
-                out.append(b"BODYSTRUCTURE " + bodystructure(part, True))
+                out.append(b"BODYSTRUCTURE " + bodystructure(tree(), True))
             elif i.kind == "BODY":
-                out.append(b"BODY " + bodystructure(part, False))
+                out.append(b"BODY " + bodystructure(tree(), False))
             elif i.kind == "RFC822":
                 out.append(b"RFC822 " + literal(data))
             elif i.kind == "RFC822.HEADER":
-                out.append(b"RFC822.HEADER " + literal(part.header))
+                out.append(b"RFC822.HEADER " + literal(tree().header))
             elif i.kind == "RFC822.TEXT":
-                out.append(b"RFC822.TEXT " + literal(part.body))
+                out.append(b"RFC822.TEXT " + literal(tree().body))
             else:
-                content = part.section(list(i.spec), i.part, list(i.fields))
+                if not i.spec and not i.part:
+                    content = data  # BODY[]: the whole message, no parsing
+                else:
+                    content = tree().section(list(i.spec), i.part, list(i.fields))
                 if content is None:
                     content = b""
                 if i.start is not None:
@@ -164,9 +173,21 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool) -> bytes |
         return None
 
 
+BATCH_BYTES = 4 << 20  # octets of FETCH answers built per trip to a thread
+
+
 def fetch_many(view: Any, msgs: list, items: list[Item], set_seen: bool) -> list[bytes | None]:
-    """``fetch_one`` for each message (blocking)."""
-    return [fetch_one(view, m, items, set_seen) for m in msgs]
+    """``fetch_one`` for the first messages of ``msgs`` (blocking): at least one, and no more
+    once BATCH_BYTES of answers are built (the caller asks again for the rest)."""
+    out: list[bytes | None] = []
+    total = 0
+    for m in msgs:
+        blob = fetch_one(view, m, items, set_seen)
+        out.append(blob)
+        total += len(blob or b"")
+        if total >= BATCH_BYTES:
+            break
+    return out
 
 
 def store_flags(view: Any, msgs: list, mode: str, flags: list[str]) -> None:

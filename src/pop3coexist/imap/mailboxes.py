@@ -205,7 +205,7 @@ class MailboxCommands:
     def _idle_poll(self) -> defer.Deferred | None:
         if self._idle is None or self._busy or self.sel is None:
             return None
-        return defer.ensureDeferred(self.refresh(expunges=True)).addErrback(
+        return defer.ensureDeferred(self.refresh(expunges=True, idle=True)).addErrback(
             lambda f: log.failure("IMAP IDLE poll failed", f))
 
     def _stop_idle(self) -> None:

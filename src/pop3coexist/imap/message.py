@@ -242,13 +242,17 @@ def bodystructure(part: Part, extended: bool = True) -> bytes:
               b"%d" % len(part.body)]
     if part.maintype == "message" and part.subtype == "rfc822" and part.children:
         inner = part.children[0]
-        fields += [envelope(inner), bodystructure(inner, extended),
-                   b"%d" % part.body.count(b"\r\n")]
+        fields += [envelope(inner), bodystructure(inner, extended), b"%d" % _lines(part.body)]
     elif part.maintype == "text":
-        fields.append(b"%d" % part.body.count(b"\r\n"))
+        fields.append(b"%d" % _lines(part.body))
     if extended:
         fields += [b"NIL", _disposition(part), nstring(part.get("content-language")), b"NIL"]
     return b"(" + b" ".join(fields) + b")"
+
+
+def _lines(body: bytes) -> int:
+    """body-fld-lines: the lines of a body, a last one without its line end included."""
+    return body.count(b"\r\n") + (1 if body and not body.endswith(b"\n") else 0)
 
 
 def _disposition(part: Part) -> bytes:

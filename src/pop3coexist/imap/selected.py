@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
 from pop3coexist.imap import fetch as fetchmod
 from pop3coexist.imap.common import (
     Refuse,
@@ -31,27 +35,75 @@ class Selected:
         self.msgs: dict[int, Any] = {}
         self.recent: set[int] = set()
         self.gone: set[int] = set()
+        self.pending: list | None = None  # a snapshot an IDLE poll read but could not tell
 
     def seq_of(self, uid: int) -> int:
         return self.uids.index(uid) + 1
 
 
 
+@implementer(IPushProducer)
+class _WriteGate:
+    """A streaming producer registered with the transport while FETCH writes: the transport
+    pauses it when its send buffer is full (a client that reads slowly), and FETCH waits
+    (``wait``) before building more, so a large FETCH never piles up in memory."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._waiters: list[defer.Deferred] = []
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self.paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self.paused = False
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def stopProducing(self) -> None:  # noqa: N802 (Twisted's name)
+        self.resumeProducing()
+
+    def wait(self) -> defer.Deferred:
+        if not self.paused:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
 class SelectedCommands:
     """Selected-state commands (mixed into ``IMAPServer``)."""
 
-    async def refresh(self, expunges: bool) -> None:
-        """Tell the client what changed in the selected folder (module docstring)."""
+    async def refresh(self, expunges: bool, idle: bool = False) -> None:
+        """Tell the client what changed in the selected folder (module docstring). One
+        refresh at a time per session (an IDLE poll and the command after DONE never
+        interleave); ``idle``: an IDLE poll, whose findings wait for the next command when
+        IDLE ended meanwhile (no EXPUNGE while no command runs, RFC 3501 section 7.4.1)."""
         sel = self.sel
         if sel is None:
             return
+        await self._refresh_lock.acquire()
+        try:
+            await self._refresh(sel, expunges, idle)
+        finally:
+            self._refresh_lock.release()
+
+    async def _refresh(self, sel: Selected, expunges: bool, idle: bool) -> None:
         msgs = await self.blocking(sel.view.sync_if_changed)
-        if self.sel is not sel or self._gone or msgs is None:
-            return  # unchanged since this session last looked
-        now = {m.uid: m for m in msgs}
-        for uid in sel.uids:
-            if uid not in now:
-                sel.gone.add(uid)
+        if self.sel is not sel or self._gone:
+            return
+        if idle and self._idle is None:
+            if msgs is not None:
+                sel.pending = msgs  # told at the next command
+            return
+        if msgs is None:  # unchanged since this session last looked
+            msgs, sel.pending = sel.pending, None
+        if msgs is not None:
+            now = {m.uid: m for m in msgs}
+            for uid in sel.uids:
+                if uid not in now:
+                    sel.gone.add(uid)
         if expunges and sel.gone:
             for uid in sorted(sel.gone, key=sel.seq_of, reverse=True):
                 self.send(b"* %d EXPUNGE" % sel.seq_of(uid))
@@ -59,6 +111,8 @@ class SelectedCommands:
                 sel.msgs.pop(uid, None)
                 sel.recent.discard(uid)
             sel.gone.clear()
+        if msgs is None:
+            return
         for uid in sel.uids:
             m = now.get(uid)
             old = sel.msgs.get(uid)
@@ -170,13 +224,28 @@ class SelectedCommands:
         items = fetchmod.compile_fetch(args[1], uid)
         targets = self._targets(args[0], uid)
         sets_seen = fetchmod.sets_seen(items) and not sel.readonly
-        batch = 50
-        for i in range(0, len(targets), batch):
-            chunk = [sel.msgs[u] for u in targets[i:i + batch]]
-            blobs = await self.blocking(fetchmod.fetch_many, sel.view, chunk, items, sets_seen)
-            if self.sel is not sel or self._gone:
-                return
-            for msg, blob in zip(chunk, blobs, strict=True):
+        gate = _WriteGate()
+        self.transport.registerProducer(gate, True)  # the socket's buffer paces the reads
+        try:
+            i = 0
+            while i < len(targets):
+                await gate.wait()
+                chunk = [sel.msgs[u] for u in targets[i:i + 50]]
+                blobs = await self.blocking(fetchmod.fetch_many, sel.view, chunk, items,
+                                            sets_seen)
+                if self.sel is not sel or self._gone:
+                    return
+                i += len(blobs)
+                self._write_fetches(sel, chunk, blobs)
+        finally:
+            gate.stopProducing()
+            if not self._gone:
+                self.transport.unregisterProducer()
+        self.tagged(tag, "OK", "FETCH completed")
+    do_FETCH.states = ("selected",)  # type: ignore[attr-defined]
+
+    def _write_fetches(self, sel: Selected, chunk: list, blobs: list) -> None:
+        for msg, blob in zip(chunk, blobs, strict=False):
                 if blob is None:
                     continue  # gone meanwhile: reported as EXPUNGE at a later command
                 seq = sel.seq_of(msg.uid)
@@ -184,8 +253,6 @@ class SelectedCommands:
                 blob = blob.replace(b"\x00RECENT\x00", b" \\Recent" if recent else b"")
                 blob = blob.replace(b"\x00RECENT0\x00", b"\\Recent" if recent else b"")
                 self.transport.write(b"* %d FETCH (" % seq + blob + b")\r\n")
-        self.tagged(tag, "OK", "FETCH completed")
-    do_FETCH.states = ("selected",)  # type: ignore[attr-defined]
 
     async def do_STORE(self, tag: bytes, args: list, uid: bool = False) -> None:  # noqa: N802
         sel = self.sel

@@ -79,7 +79,7 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
         self._acquired = False
         self._sasl: Any = None  # (tag, generator step function) while AUTHENTICATE runs
         self._idle: Any = None  # (tag, LoopingCall) during IDLE
-        self._enabled: set[str] = set()
+        self._refresh_lock = defer.DeferredLock()
         self.peer = ""
 
     # ------------------------------------------------------------------ connection

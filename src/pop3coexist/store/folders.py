@@ -21,6 +21,12 @@ A message is known by the maildir(5) unique part of its name (``maildir.unique_p
 neither a new/ -> cur/ rename nor a flag change alters: so a UID (and POP3's UIDL, which is the
 unique part too) survives both, and two sessions that rename the same file do not lose it.
 
+POP3 and IMAP together (README "IMAP"): IMAP never takes POP3's maildrop lock
+(``.pop3coexist.lock``); POP3 keeps it, so one POP3 session at a time beside any number of
+IMAP sessions. Both find a file by its unique part and remove files by name, so a rename by
+one (new/ -> cur/, flags, size fields) never makes the other lose or mistake a message; a file
+POP3 deletes is gone from the next ``sync`` (the IMAP session reports EXPUNGE).
+
 Crash safety of the uid list: it is rewritten only under Dovecot's lock, the file
 ``dovecot-uidlist.lock`` created with O_EXCL (a lock older than ``STALE_LOCK`` seconds is
 taken over); the new content is written into the lock file, fsynced, and renamed over
@@ -689,7 +695,8 @@ class FolderView:
                 msg.sub, msg.name = "cur", f"{base}:2,{info}"
                 moved = True
             except OSError:
-                continue  # another session or POP3 moved it: not recent for us
+                msg.recent = False  # another session or POP3 moved it: not recent for us
+                continue
         if moved:
             with contextlib.suppress(OSError):
                 fsync_dir(self.path / "cur")
