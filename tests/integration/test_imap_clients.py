@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import imaplib
 import re
-import shutil
 import ssl
 import subprocess
 import time
@@ -24,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.dovecot import make_root
-from tests.support.imap_targets import ImapTarget, dovecot_target, pop3coexist_target
+from tests.support.imap_targets import ImapTarget, dovecot_for_module, ours_for_module
 from tests.support.programs import require_program
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -35,26 +33,12 @@ TARGETS = ["pop3coexist", "dovecot"]
 
 @pytest.fixture(scope="module")
 def _dovecot():
-    require_program("dovecot", "/usr/sbin/dovecot")
-    root = make_root()
-    try:
-        with dovecot_target(root) as (target, dv):
-            yield target
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    yield from dovecot_for_module()
 
 
 @pytest.fixture(scope="module")
 def _ours():
-    root = make_root()
-    try:
-        with pop3coexist_target(root, pool_size=24) as (target, srv):
-            yield target
-            log = srv.log_text()
-            assert "Traceback" not in log, log[-4000:]
-            assert target.password not in log
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    yield from ours_for_module(pool_size=24)
 
 
 @pytest.fixture(params=TARGETS)

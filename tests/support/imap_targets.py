@@ -3,7 +3,7 @@
 every client test is first proven against the reference server and then run against ours.
 
 ``ImapTarget``: ``name`` ("pop3coexist" or "dovecot"), ``port`` (clear text, STARTTLS),
-``tls_port`` (implicit TLS), ``cafile`` (the CA of the server certificate), ``new_mailbox(
+``tls_port`` (implicit TLS), ``pop3_port`` (the same mailboxes over POP3), ``cafile`` (the CA of the server certificate), ``new_mailbox(
 messages)`` -> address (a fresh mailbox holding ``messages`` as raw files in ``new/``, as a
 delivery leaves them), ``maildir(address)``, ``drop(address, data)``, ``set_quota_1g(address)`` (one more message in
 ``new/``, as the SMTP delivery writes it) and ``password`` (every mailbox's).
@@ -43,6 +43,7 @@ class ImapTarget:
     port: int
     tls_port: int
     cafile: Path
+    pop3_port: int
     maildir: Callable[[str], Path]
     _add: Callable[[str], str]  # makes a mailbox; returns its address (maybe another one)
     _settle: Callable[[Path], None]
@@ -136,7 +137,7 @@ def pop3coexist_target(root: Path, pool_size: int = 0, **server_args: object) ->
         assert srv.certs is not None
         target = ImapTarget(
             name="pop3coexist", port=srv.port("imap"), tls_port=srv.port("imaps"),
-            cafile=srv.certs.ca_cert,
+            cafile=srv.certs.ca_cert, pop3_port=srv.port("pop3"),
             maildir=lambda a: srv.state_dir / "mailroot" / a.partition("@")[2] / a.partition("@")[0],
             _add=add, _settle=lambda p: None,
             _quota=lambda a: srv.admin("mailbox", "quota", a, "1GB") and None,
@@ -163,7 +164,41 @@ def dovecot_target(root: Path) -> Iterator[tuple[ImapTarget, Dovecot]]:
 
     try:
         yield ImapTarget(name="dovecot", port=dv.ports["imap"], tls_port=dv.ports["imaps"],
-                         cafile=certs.ca_cert, maildir=dv.maildir, _add=add,
+                         cafile=certs.ca_cert, pop3_port=dv.ports["pop3"], maildir=dv.maildir, _add=add,
                          _settle=give_to_nobody), dv
     finally:
         dv.stop()
+
+
+def dovecot_for_module() -> Iterator[ImapTarget]:
+    """The body of a module-scoped fixture: one Dovecot target in a fresh root."""
+    import shutil
+
+    from tests.support.dovecot import make_root
+    from tests.support.programs import require_program
+
+    require_program("dovecot", "/usr/sbin/dovecot")
+    root = make_root()
+    try:
+        with dovecot_target(root) as (target, _):
+            yield target
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def ours_for_module(pool_size: int) -> Iterator[ImapTarget]:
+    """The body of a module-scoped fixture: our server with ``pool_size`` mailboxes made; at
+    the end its log holds no traceback and no password."""
+    import shutil
+
+    from tests.support.dovecot import make_root
+
+    root = make_root()
+    try:
+        with pop3coexist_target(root, pool_size=pool_size) as (target, srv):
+            yield target
+            log = srv.log_text()
+            assert "Traceback" not in log, log[-4000:]
+            assert target.password not in log
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
