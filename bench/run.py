@@ -26,6 +26,9 @@ Sections (``--only`` takes a comma list of these names):
   clamav``: clamd + clamav-milter with a one-signature database, as the tests start them);
   msg/s both ways and the milliseconds each message costs (1/with - 1/without), runs
   alternating.
+- ``imap``: IMAP ``FETCH n BODY.PEEK[]`` of every message, 10 clients over the ``pop3``
+  section's mailboxes, against pop3coexist and Dovecot's imapd; and RSS with 1,000 sessions in
+  IDLE (bench/imap_fetch.py).
 - ``memory``: server RSS with 1,000 idle POP3 and 1,000 idle SMTP sessions; peak RSS growth
   while one 100 MB message goes in by SMTP and out by POP3; both summed over every process of
   the server.
@@ -61,7 +64,7 @@ from bench.peers import DovecotInstance, PostfixInstance, ensure_packages, free_
 from tests.support.server import HOSTNAME, ServerProcess  # noqa: E402
 
 PASSWORD = "bench-Passw0rd"
-SECTIONS = ("fsync", "smtp", "pop3", "relay", "milter", "memory")
+SECTIONS = ("fsync", "smtp", "pop3", "relay", "milter", "memory", "imap")
 MSG_SIZE = 4096
 
 
@@ -173,13 +176,14 @@ def bench_fsync(tmp: Path, seconds: float = 2.0) -> dict:
 WORKERS = "auto"  # server.workers of every pop3coexist run (--workers)
 
 
-def make_server(root: Path, extra_config: str = "") -> ServerProcess:
+def make_server(root: Path, extra_config: str = "", imap_config: str = "") -> ServerProcess:
     limits = ("max_connections = 5000\nmax_connections_per_client = 5000\n")
     workers = WORKERS if WORKERS.isdigit() else f'"{WORKERS}"'
     srv = ServerProcess(
         root, tls=False, extra_config=extra_config, server_config=f"workers = {workers}",
         pop3_config=limits,
         smtp_config=limits + 'max_message_size = "200MB"\nmax_messages_per_connection = 1000\n',
+        imap_config=imap_config,
     )
     srv.write_config()
     return srv
@@ -654,6 +658,13 @@ def table(result: dict) -> str:
                      f"(at start {m['rss_start_mb']:.0f})", ""))
         rows.append(("peak RSS growth, 100 MB in by SMTP + out by POP3, MB", f"{m['peak_growth_mb']:.0f}",
                      f"(peak {m['peak_after_big_mb']:.0f})", ""))
+    if "imap" in result:
+        m = result["imap"]
+        rows.append(("IMAP FETCH whole messages, 10 clients, msg/s", fmt(m["pop3coexist"]),
+                     "Dovecot " + fmt(m.get("dovecot")), f"{m['ratio']:.2f}x" if "ratio" in m else "-"))
+        rows.append((f"RSS with {m['idle_sessions']} idle IMAP IDLE sessions, MB, "
+                     f"{m['processes']} process(es)", f"{m['rss_idle_mb']:.0f}",
+                     f"(at start {m['rss_start_mb']:.0f})", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for n, r in enumerate(rows):
@@ -714,6 +725,13 @@ def main() -> None:
                 result["milter"] = bench_milter(tmp, args.relay_runs, args.messages, args.milter)
             elif section == "memory":
                 result["memory"] = bench_memory(tmp)
+            elif section == "imap":
+                from bench.imap_fetch import bench_imap
+
+                result["imap"] = bench_imap(tmp, args.runs, peers, make_server=make_server,
+                                            fill_template=fill_template, copy_boxes=copy_boxes,
+                                            proc_status=proc_status, log=log, hostname=HOSTNAME,
+                                            password=PASSWORD)
             log(f"{section} done in {time.perf_counter() - t:.0f}s")
     result["seconds"] = time.perf_counter() - started
     text = table(result)
