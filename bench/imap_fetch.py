@@ -102,7 +102,7 @@ def idle_sessions(port: int, users: list[str], password: str, count: int) -> lis
     (the three commands pipelined; each waits for its ``+`` continuation)."""
     socks = []
     for i in range(count):
-        s = socket.create_connection(("127.0.0.1", port), timeout=120)
+        s = socket.create_connection(("127.0.0.1", port), timeout=900)  # log-ins take turns
         s.sendall(f'a LOGIN {users[i % len(users)]} "{password}"\r\nb SELECT INBOX\r\nc IDLE\r\n'.encode())
         socks.append(s)
     for s in socks:

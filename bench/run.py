@@ -700,7 +700,7 @@ def main() -> None:
                  "machine' (python3 -m venv .venv && .venv/bin/pip install .), then make bench")
     raise_nofile()
     started = time.perf_counter()
-    peers = ensure_packages() if {"smtp", "pop3"} & set(only) else {}
+    peers = ensure_packages() if {"smtp", "pop3", "imap"} & set(only) else {}
     if not shutil.which("smtp-source") and {"smtp", "relay", "milter"} & set(only):
         sys.exit("smtp-source (Debian package postfix) is needed for the SMTP figures")
     result: dict = {"machine": machine(), "peers": peers, "workers": args.workers,
