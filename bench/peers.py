@@ -11,10 +11,11 @@ throw-away instance in a temporary folder on loopback ports the OS picked.
   Postfix's default durability (cleanup and virtual fsync every file); every other domain
   relayed (from loopback) to ``relayhost`` (``[127.0.0.1]:PORT``). ``start()`` / ``stop()``,
   ``queued()``.
-- ``DovecotInstance(root, maildir_root, users, password)``: pop3 only, on ``127.0.0.1:<port>``,
-  plain-text log-in allowed on loopback, users from a passwd-file, mail in
-  ``maildir_root/<domain>/<user>`` (the same layout pop3coexist uses, so one copy of the same
-  Maildir serves both). ``start()`` / ``stop()``.
+- ``DovecotInstance(root, maildir_root, users, password, imap=False)``: pop3 (and imap) on
+  ``127.0.0.1:<port>`` (``port``, ``ports["imap"]``), plain-text log-in allowed on loopback,
+  users from a passwd-file, mail in ``maildir_root/<domain>/<user>`` (the same layout
+  pop3coexist uses, so one copy of the same Maildir serves both): the one Dovecot template of
+  tests/support/dovecot.py. ``start()`` / ``stop()``.
 - ``free_port()``: a port the OS says is free now (the peers need a number in their config).
 """
 
@@ -27,6 +28,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+from tests.support.dovecot import Dovecot
 
 
 def free_port() -> int:
@@ -55,12 +58,14 @@ def _have(program: str, *extra: str) -> bool:
 
 
 def ensure_packages() -> dict[str, bool]:
-    """Find or install postfix and dovecot-pop3d; return which peers are usable."""
+    """Find or install postfix, dovecot-pop3d and dovecot-imapd; return which peers are usable."""
     need = []
     if not _have("postfix") or not _have("smtp-source"):
         need.append("postfix")
     if not _have("dovecot", "/usr/lib/dovecot/pop3"):
         need.append("dovecot-pop3d")
+    if not _have("dovecot", "/usr/lib/dovecot/imap"):
+        need.append("dovecot-imapd")
     if need and os.geteuid() == 0 and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         # no system services from the package scripts (a policy-rc.d that says "no")
@@ -83,6 +88,7 @@ def ensure_packages() -> dict[str, bool]:
     return {
         "postfix": _have("postfix") and _have("smtp-source") and os.geteuid() == 0,
         "dovecot": _have("dovecot", "/usr/lib/dovecot/pop3") and os.geteuid() == 0,
+        "dovecot-imap": _have("dovecot", "/usr/lib/dovecot/imap") and os.geteuid() == 0,
     }
 
 
@@ -202,92 +208,14 @@ biff = no
         self.stop()
 
 
-class DovecotInstance:
-    """A private Dovecot POP3 server: see the module docstring."""
+class DovecotInstance(Dovecot):
+    """A private Dovecot (tests/support/dovecot.py's template): POP3, and IMAP with
+    ``imap=True``; see the module docstring."""
 
-    def __init__(self, root: Path, maildir_root: Path, domain: str, users: list[str], password: str) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Path, maildir_root: Path, domain: str, users: list[str], password: str,
+                 imap: bool = False) -> None:
+        super().__init__(root, {f"{u}@{domain}": "{PLAIN}" + password for u in users},
+                         protocols=("pop3", "imap") if imap else ("pop3",), mail_root=maildir_root,
+                         autocreate=False)
         self.maildir_root = Path(maildir_root)
         self.domain = domain
-        self.users = users
-        self.password = password
-        self.port = free_port()
-        self.conf = self.root / "dovecot.conf"
-        self.proc: subprocess.Popen | None = None
-
-    def write_config(self) -> None:
-        run = self.root / "run"
-        run.mkdir(parents=True, exist_ok=True)
-        nobody = pwd.getpwnam("nobody")
-        (self.root / "passwd").write_text(
-            "".join(f"{u}@{self.domain}:{{PLAIN}}{self.password}::::::\n" for u in self.users)
-        )
-        subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(self.maildir_root)], check=True)
-        self.conf.write_text(
-            f"""base_dir = {run}
-state_dir = {self.root / "state"}
-protocols = pop3
-listen = 127.0.0.1
-log_path = {self.root / "dovecot.log"}
-ssl = no
-disable_plaintext_auth = no
-auth_mechanisms = plain
-first_valid_uid = 1
-mail_location = maildir:{self.maildir_root}/%d/%n
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN {self.root / "passwd"}
-}}
-userdb {{
-  driver = static
-  args = uid={nobody.pw_uid} gid={nobody.pw_gid} home={self.root}/home/%d/%n
-}}
-service pop3-login {{
-  inet_listener pop3 {{
-    address = 127.0.0.1
-    port = {self.port}
-  }}
-  inet_listener pop3s {{
-    port = 0
-  }}
-}}
-service imap-login {{
-  inet_listener imap {{
-    port = 0
-  }}
-}}
-service anvil {{
-  chroot =
-}}
-"""
-        )
-        (self.root / "state").mkdir(exist_ok=True)
-
-    def start(self) -> DovecotInstance:
-        self.write_config()
-        self.proc = subprocess.Popen([_sbin("dovecot"), "-F", "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_port(self.port)
-        except RuntimeError:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def __enter__(self) -> DovecotInstance:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -34,6 +34,9 @@ Sections (``--only`` takes a comma list of these names):
   alternating.
 - ``cluster`` (only when named in ``--only``): bench/cluster.py, SMTP acceptance and POP3
   retrieval with one server on local disk and 1, 2, 3 nodes over a replica-3 GlusterFS volume.
+- ``imap``: IMAP ``FETCH n BODY.PEEK[]`` of every message, 10 clients over the ``pop3``
+  section's mailboxes, against pop3coexist and Dovecot's imapd; and RSS with 1,000 sessions in
+  IDLE (bench/imap_fetch.py).
 - ``memory``: server RSS with 1,000 idle POP3 and 1,000 idle SMTP sessions; peak RSS growth
   while one 100 MB message goes in by SMTP and out by POP3; both summed over every process of
   the server.
@@ -69,7 +72,7 @@ from bench.peers import DovecotInstance, PostfixInstance, ensure_packages, free_
 from tests.support.server import HOSTNAME, ServerProcess  # noqa: E402
 
 PASSWORD = "bench-Passw0rd"
-SECTIONS = ("fsync", "smtp", "pop3", "relay", "stages", "milter", "memory")
+SECTIONS = ("fsync", "smtp", "pop3", "relay", "stages", "milter", "memory", "imap")
 OPT_IN = ("cluster",)  # only with --only: bench/cluster.py (GlusterFS in network namespaces)
 MSG_SIZE = 4096
 
@@ -195,13 +198,14 @@ def bench_fsync(tmp: Path, seconds: float = 2.0) -> dict:
 WORKERS = "auto"  # server.workers of every pop3coexist run (--workers)
 
 
-def make_server(root: Path, extra_config: str = "") -> ServerProcess:
+def make_server(root: Path, extra_config: str = "", imap_config: str = "") -> ServerProcess:
     limits = ("max_connections = 5000\nmax_connections_per_client = 5000\n")
     workers = WORKERS if WORKERS.isdigit() else f'"{WORKERS}"'
     srv = ServerProcess(
         root, tls=False, extra_config=extra_config, server_config=f"workers = {workers}",
         pop3_config=limits,
         smtp_config=limits + 'max_message_size = "200MB"\nmax_messages_per_connection = 1000\n',
+        imap_config=imap_config,
     )
     srv.write_config()
     return srv
@@ -791,6 +795,13 @@ def table(result: dict) -> str:
     for r in result.get("cluster", {}).get("rows", ()):
         rows.append((f"{r['where']}, {r['nodes']} node(s): SMTP accepted / POP3 RETR+DELE, msg/s",
                      f"{r['smtp_msg_s']:.0f} / {r['pop3_msg_s']:.0f}", "", ""))
+    if "imap" in result:
+        m = result["imap"]
+        rows.append(("IMAP FETCH whole messages, 10 clients, msg/s", fmt(m["pop3coexist"]),
+                     "Dovecot " + fmt(m.get("dovecot")), f"{m['ratio']:.2f}x" if "ratio" in m else "-"))
+        rows.append((f"RSS with {m['idle_sessions']} idle IMAP IDLE sessions, MB, "
+                     f"{m['processes']} process(es)", f"{m['rss_idle_mb']:.0f}",
+                     f"(at start {m['rss_start_mb']:.0f})", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for n, r in enumerate(rows):
@@ -826,7 +837,7 @@ def main() -> None:
                  "machine' (python3 -m venv .venv && .venv/bin/pip install .), then make bench")
     raise_nofile()
     started = time.perf_counter()
-    peers = ensure_packages() if {"smtp", "pop3", "relay"} & set(only) else {}
+    peers = ensure_packages() if {"smtp", "pop3", "relay", "imap"} & set(only) else {}
     if not shutil.which("smtp-source") and {"smtp", "relay", "milter"} & set(only):
         sys.exit("smtp-source (Debian package postfix) is needed for the SMTP figures")
     result: dict = {"machine": machine(), "peers": peers, "workers": args.workers,
@@ -857,6 +868,13 @@ def main() -> None:
                 from bench.cluster import bench_cluster
 
                 result["cluster"] = bench_cluster(tmp)
+            elif section == "imap":
+                from bench.imap_fetch import bench_imap
+
+                result["imap"] = bench_imap(tmp, args.runs, peers, make_server=make_server,
+                                            fill_template=fill_template, copy_boxes=copy_boxes,
+                                            proc_status=proc_status, log=log, hostname=HOSTNAME,
+                                            password=PASSWORD)
             log(f"{section} done in {time.perf_counter() - t:.0f}s")
     result["seconds"] = time.perf_counter() - started
     text = table(result)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = ROOT / "tests" / "fuzz" / "corpus"
 # inputs longer than libFuzzer's default of 4096 octets where the parser reads whole files
-MAX_LEN = {"config": 16384, "smtp_session": 8192, "pop3_session": 8192}
+MAX_LEN = {"config": 16384, "smtp_session": 8192, "pop3_session": 8192, "imap_session": 8192}
 
 
 def harness_names() -> list[str]:

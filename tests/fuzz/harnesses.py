@@ -893,3 +893,164 @@ def fuzz_milter(data: bytes) -> None:
     version, actions, protocol = codec.parse_optneg(codec.optneg()[5:])
     assert (version, actions, protocol) == (codec.VERSION, codec.ACTIONS_OFFERED,
                                             codec.PROTOCOL_OFFERED)
+# --------------------------------------------------------------------------- IMAP
+
+
+class _ImapRig:
+    """The IMAP factory (imap/factory.py) over the real Maildir store in a temporary folder
+    (ted with three messages: plain, multipart, a bare-CR one; a ``Sent`` folder), the unit
+    tier's fake checker and a synchronous ``run_blocking``, in /dev/shm where it exists; reused
+    across inputs. After an
+    input that may have changed the mailbox, ted's Maildir is put back from a copy."""
+
+    MUTATING = re.compile(rb"(?i)APPEND|STORE|COPY|MOVE|EXPUNGE|CREATE|DELETE|RENAME|SUBSCRIBE|"
+                          rb"CLOSE|BODY\[|RFC822")
+
+    def __init__(self) -> None:
+        import atexit
+        import os
+        import shutil
+        import tempfile
+
+        from twisted.internet import task
+
+        from pop3coexist.config import Config, DomainsConfig, ImapConfig, ServerConfig
+        from pop3coexist.imap.factory import IMAPServerFactory
+        from pop3coexist.store.maildir import MaildirStore
+        from tests.support.fakes import FakeChecker, sync_run_blocking
+
+        # on tmpfs where there is one: the store fsyncs, and a million inputs on a disk crawl
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self.tmp = Path(tempfile.mkdtemp(prefix="imap-fuzz-", dir=shm))
+        atexit.register(shutil.rmtree, self.tmp, True)
+        host = "pop.contoso.test"
+        self.clock = task.Clock()
+        store = MaildirStore(self.tmp / "mailroot")
+        store.add_domain(host)
+        store.add_mailbox(host, "ted")
+        self.box = self.tmp / "mailroot" / host / "ted"
+        for i, data in enumerate((b"From: a@b.test\nSubject: one\n\nbody\n.dot\n",
+                                  b"Subject: two\nContent-Type: multipart/mixed; boundary=b\n\n"
+                                  b"--b\nContent-Type: text/plain\n\nx\n--b--\n",
+                                  b"Subject: three\r\rbare CR\r")):
+            (self.box / "new" / f"170000000{i}.M{i}P1.fuzz").write_bytes(data)
+        for sub in ("cur", "new", "tmp"):
+            (self.box / ".Sent" / sub).mkdir(parents=True)
+        self.template = self.tmp / "template"
+        shutil.copytree(self.box, self.template)
+        checker = FakeChecker({f"ted@{host}": "pw"}, local_domains=(host,), offers_secrets=False)
+        config = Config(server=ServerConfig(host, self.tmp), domains=DomainsConfig(local=(host,)),
+                        imap=ImapConfig(max_literal=4096, auth_failure_delay=0.0))
+        self.factory = IMAPServerFactory(config, store, checker, reactor=self.clock,
+                                         run_blocking=sync_run_blocking, tls_options=None)
+
+    def reset(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.box)
+        shutil.copytree(self.template, self.box)
+
+
+_imap_rig: _ImapRig | None = None
+
+
+@harness("imap_session")
+def fuzz_imap_session(data: bytes) -> None:
+    """The IMAP session (imap/server.py line and literal framing, states, every command,
+    AUTHENTICATE, IDLE, over the real Maildir store) fed any bytes in any cuts. Octet 0: the
+    cuts; octet 1: bit 0 a ``LOGIN`` line goes first (the fuzzer reaches the authenticated
+    states at once), bit 1 a ``SELECT INBOX`` after it, bit 2 the idle timeout passes at the
+    end. Invariants (tests/fuzz/imap_oracles.py): nothing is logged as a failure; every output
+    line ends in CRLF and is an untagged, continuation or tagged response; the tagged replies
+    come in the order of the commands (line + literals) that carried them, at most one each;
+    the session ends with a BYE or stays open; an idle session is closed."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from tests.fuzz import imap_oracles
+
+    global _imap_rig
+    if len(data) < 2:
+        return
+    if _imap_rig is None:
+        _imap_rig = _ImapRig()
+    rig = _imap_rig
+    prefix = b""
+    if data[1] & 1:
+        prefix += b"L1 LOGIN ted@pop.contoso.test pw\r\n"
+        if data[1] & 2:
+            prefix += b"S1 SELECT INBOX\r\n"
+    body = prefix + data[2:]
+    chunks = chunked(body, data[0])
+    dirty = bool(rig.MUTATING.search(body))
+    try:
+        with oracles.no_logged_failures():
+            proto = rig.factory.buildProtocol(None)
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+                                        hostAddress=IPv4Address("TCP", "127.0.0.1", 143))
+            proto.makeConnection(transport)
+            greeting = transport.value()
+            assert greeting.startswith(b"* OK [CAPABILITY IMAP4rev1"), greeting
+            for chunk in chunks:
+                if transport.disconnecting:
+                    break
+                proto.dataReceived(chunk)
+                settle(rig.clock, lambda: proto._busy)
+            if data[1] & 4 and not transport.disconnecting:
+                rig.clock.advance(rig.factory.config.imap.idle_timeout + 1)
+                assert transport.disconnecting, "an idle IMAP session stays open"
+            output = transport.value()[len(greeting):]
+            proto.connectionLost(None)
+            settle(rig.clock, lambda: False)
+        if not transport.disconnecting:
+            commands = imap_oracles.frame_commands(body, rig.factory.max_literal)
+            imap_oracles.check_transcript(commands, output)
+        else:
+            imap_oracles.split_responses(output)  # still well framed up to the end
+    finally:
+        if dirty:
+            rig.reset()
+
+
+@harness("imap_parse")
+def fuzz_imap_parse(data: bytes) -> None:
+    """imap/parse.py on any octets: ``tokenize`` raises only BadSyntax and gives atoms (str,
+    printable, no space), strings (bytes) and lists; ``parse_seqset`` over the text (largest
+    from octet 0) raises only BadSyntax or gives sorted, distinct numbers from 1 (above ``largest``
+    is the caller's to refuse: a UID set may name what is gone), and
+    ``format_seqset`` of them parses back to the same numbers; ``parse_date`` and
+    ``parse_datetime`` raise only BadSyntax/ValueError."""
+    from pop3coexist.imap import parse as P
+
+    if not data:
+        return
+    largest = data[0]
+    text = data[1:]
+
+    def walk(tokens: list) -> None:
+        for t in tokens:
+            if isinstance(t, list):
+                walk(t)
+            elif isinstance(t, P.Atom):
+                assert t and " " not in t.split("[", 1)[0], repr(t)
+            else:
+                assert isinstance(t, bytes), repr(t)
+
+    try:
+        walk(P.tokenize(text))
+    except P.BadSyntax:
+        pass
+    seq = text.decode("latin-1")
+    try:
+        numbers = P.parse_seqset(seq, largest)
+    except P.BadSyntax:
+        numbers = None
+    if numbers:
+        assert numbers == sorted(set(numbers)), numbers
+        assert numbers[0] >= 1, (seq, largest, numbers)
+        assert P.parse_seqset(P.format_seqset(numbers), largest) == numbers
+    for fn in (P.parse_date, P.parse_datetime):
+        try:
+            fn(text)
+        except (P.BadSyntax, ValueError):
+            pass

@@ -31,6 +31,9 @@ MODULES = {
     "smtp_client": ["pop3coexist.smtp.client"],
     "sieve": ["pop3coexist.policy.sieve", "pop3coexist.policy.sieve_run"],
     "milter": ["pop3coexist.milter.codec"],
+    "imap_parse": ["pop3coexist.imap.parse"],
+    "imap_session": ["pop3coexist.imap.parse", "pop3coexist.imap.server", "pop3coexist.imap.fetch",
+                     "pop3coexist.imap.message"],
 }
 
 

@@ -167,7 +167,7 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
                 if m.group(2):  # LITERAL+: the octets follow anyway; read and drop them
                     self._literal_left = -size
                     self.setRawMode()
-                self.tagged(tag or b"*", "NO", "literal too large", "TOOBIG")
+                self.tagged(tag if tag and not any(c in b'(){%*"\\+' or c < 0x21 or c > 0x7E for c in tag) else b"*", "NO", "literal too large", "TOOBIG")
                 return
             self._buf += b"\r\n"
             if not m.group(2):
@@ -215,7 +215,7 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
             self.tagged(tag, "OK", "IDLE terminated")
             return
         tag, _, rest = command.partition(b" ")
-        if not tag or not rest or any(c in tag for c in b'(){%*"\\+') or len(tag) > 64:
+        if not tag or not rest or any(c in b'(){%*"\\+' or c < 0x21 or c > 0x7E for c in tag) or len(tag) > 64:
             self.send(b"* BAD missing tag or command")
             return
         name, _, args_raw = rest.partition(b" ")

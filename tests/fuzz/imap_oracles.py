@@ -1,0 +1,105 @@
+"""Test-side IMAP oracles (written here, apart from src/pop3coexist/imap): how a client's bytes
+frame into commands (RFC 3501 section 4.3 literals, RFC 7888 LITERAL+), how a server's output
+frames into responses, and the checks every IMAP transcript must pass.
+
+- ``frame_commands(data, max_literal)``: the complete commands in ``data`` (each a line, with
+  each ``{n}``/``{n+}`` literal's n octets and the line after it joined in), as the server must
+  read them; a literal above ``max_literal`` ends its command there (refused; a LITERAL+
+  one's octets are skipped).
+- ``split_responses(output)``: the server's response lines, each with the literals it carries.
+- ``check_transcript(commands, output)``: every output line ends in CRLF and is ``* ...``,
+  ``+ ...`` or ``<tag> OK|NO|BAD ...``; the tags of the tagged replies come in the order of the
+  commands that carried them (a subsequence: a SASL answer or IDLE's DONE is no command), at
+  most one per command. Raises AssertionError naming the transcript.
+"""
+
+from __future__ import annotations
+
+import re
+
+LITERAL = re.compile(rb"\{(\d{1,19})(\+?)\}\Z")
+TAGGED = re.compile(rb"([^\s(){%*\"\\+]+) (OK|NO|BAD)( .*)?\Z", re.S)
+
+
+def frame_commands(data: bytes, max_literal: int, max_line: int = 65536) -> list[bytes]:
+    """The complete commands in ``data``; see the module docstring."""
+    out: list[bytes] = []
+    buf = b""
+    pos = 0
+    n = len(data)
+    while pos < n:
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            break
+        line = data[pos:end]
+        if len(line) > max_line:
+            break  # the server says BYE and closes
+        pos = end + 2
+        buf += line
+        m = LITERAL.search(line)
+        if m:
+            size = int(m.group(1))
+            if len(buf) + size > max_literal:
+                out.append(buf)
+                buf = b""
+                if m.group(2):
+                    pos += size
+                continue
+            if pos + size > n:
+                break
+            buf += b"\r\n" + data[pos:pos + size]
+            pos += size
+            continue
+        out.append(buf)
+        buf = b""
+    return out
+
+
+def split_responses(output: bytes) -> list[bytes]:
+    """The server's responses, each one line plus the literals it carries (CRLFs kept out of
+    the last line). A response that is cut short is returned as it is."""
+    out: list[bytes] = []
+    pos = 0
+    n = len(output)
+    cur = b""
+    while pos < n:
+        end = output.find(b"\r\n", pos)
+        if end < 0:
+            raise AssertionError(f"output does not end in CRLF: {output[pos:][:200]!r}")
+        line = output[pos:end]
+        pos = end + 2
+        cur += line
+        m = LITERAL.search(line)
+        if m and not m.group(2):
+            size = int(m.group(1))
+            cur += b"\r\n" + output[pos:pos + size]
+            pos += size
+            continue
+        out.append(cur)
+        cur = b""
+    if cur:
+        out.append(cur)
+    return out
+
+
+def tag_of(command: bytes) -> bytes:
+    return command.split(b" ", 1)[0]
+
+
+def check_transcript(commands: list[bytes], output: bytes) -> list[bytes]:
+    """Check the transcript; return the tags of the tagged replies in order."""
+    tags = []
+    for resp in split_responses(output):
+        if resp.startswith((b"* ", b"+ ")) or resp == b"+":
+            continue
+        m = TAGGED.match(resp)
+        assert m, f"not an IMAP response: {resp[:200]!r}\ncommands: {commands[:20]!r}"
+        tags.append(m.group(1))
+    sent = [tag_of(c) for c in commands]
+    i = 0
+    for t in tags:
+        while i < len(sent) and sent[i] != t:
+            i += 1
+        assert i < len(sent), f"tagged reply {t!r} out of order or unasked: {tags!r} for {sent!r}"
+        i += 1
+    return tags
