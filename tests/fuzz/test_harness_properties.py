@@ -54,6 +54,13 @@ _atoms = {
                b"\x00\x00\x00\x05hX\x00y\x00", b"\x00\x00\x00\x09m\x00\x00\x00\x01S\x00v\x00",
                b"\x00\x00\x00\x0dO\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff", b"\x00\x00\x00",
                b"\x00", b"\xff\xff\xff\xff", b"\x00\x00\x00\x05b", b"\x01"],
+    "imap_parse": [b"1:*", b"1:10", b",", b"*", b"5:2", b"4294967295", b"0", b'"', b"\\", b"(",
+                   b")", b"{5}\r\n", b"{3+}\r\n", b"BODY[HEADER.FIELDS (FROM)]", b"<0.10>",
+                   b'"01-Jan-2024 00:00:00 +0000"', b"NIL", b" ", b"\xff", b"&AOk-"],
+    "imap_session": [b"a LOGIN ted@pop.contoso.test secret\r\n", b"b SELECT INBOX\r\n",
+                     b"c FETCH 1:* (FLAGS BODY[])\r\n", b"d UID STORE 1 +FLAGS (\\Seen)\r\n",
+                     b"e APPEND INBOX {3+}\r\nabc\r\n", b"f IDLE\r\n", b"DONE\r\n",
+                     b"g EXPUNGE\r\n", b"h LOGOUT\r\n", b"\r\n", b"{2}\r\n", b"\x00", b"x" * 80],
 }
 
 
