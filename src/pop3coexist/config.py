@@ -873,7 +873,7 @@ class QueueConfig:
                                              "waits between attempts; the last one repeats")
     delay_notification: float = key(_period, "12h", "a delay report to the sender after this")
     expiration: float = key(_period, "2d", "give up and send a failure report after this")
-    claim_lease: float = key(_period, "2m", "a delivery runner's claims on queued messages are "
+    claim_lease: float = key(_duration, "2m", "a delivery runner's claims on queued messages are "
                              "taken back by another when its lease is older than this (a dead "
                              "node); at least 20 s")
 
@@ -1165,7 +1165,7 @@ class ImapConfig:
                                       "TLS from the first byte")
     require_secure_auth: bool = key(_boolean, False, "LOGIN, AUTHENTICATE PLAIN/LOGIN only "
                                     "after STARTTLS or on IMAPS (LOGINDISABLED before)")
-    idle_timeout: float = key(_duration, "30m", "an idle session is closed; under 30 minutes "
+    idle_timeout: float = key(_period, "30m", "an idle session is closed; under 30 minutes "
                               "(RFC 3501 section 5.4) is a warning")
     auth_failure_delay: float = key(_duration, "2s", "delay after a failed log-in, doubling per "
                                     "source address")
@@ -1176,7 +1176,7 @@ class ImapConfig:
     sasl_mechanisms: tuple[str, ...] = key(_sasl_mechanisms, ["PLAIN", "LOGIN", "CRAM-MD5",
                                                               "SCRAM-SHA-256"],
                                            "what AUTHENTICATE may offer")
-    max_literal: int = key(_size, "64MB", "largest APPEND literal (RFC 7888 LITERAL+ included); "
+    max_literal: int = key(_positive_size, "64MB", "largest APPEND literal (RFC 7888 LITERAL+ included); "
                            "past it the command gets NO [TOOBIG]", unit="bytes")
 
 
@@ -1509,7 +1509,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     queue_cfg = QueueConfig(**r.keys(data.get("queue", {}), "queue", QueueConfig))
     if queue_cfg.claim_lease < 20:
         raise r.fail("queue", "claim_lease", "must be at least 20 seconds (a runner renews its "
-                     "lease every 5 seconds)")
+                     "lease every sixth of it)")
 
     if pop3_cfg.tls_listen and not tls_cfg.enabled:
         raise r.fail("pop3", "tls_listen", "needs [tls] certificate and private_key")

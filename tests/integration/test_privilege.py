@@ -68,9 +68,10 @@ def test_root_binds_low_ports_then_everything_belongs_to_the_mail_user() -> None
         srv.write_config()
         pop3_port, smtp_port = free_low_ports(2)
         text = srv.config_path.read_text()
-        for port in (pop3_port, smtp_port):  # [pop3] listen, then [smtp] listen
-            text = text.replace('listen = ["tcp:0:interface=127.0.0.1"]',
-                                f'listen = ["tcp:{port}:interface=127.0.0.1"]', 1)
+        for section, port in (("[pop3]", pop3_port), ("[smtp]", smtp_port)):  # their `listen`
+            line = '\nlisten = ["tcp:0:interface=127.0.0.1"]'
+            at = text.index(line, text.index(section))
+            text = text[:at] + f'\nlisten = ["tcp:{port}:interface=127.0.0.1"]' + text[at + len(line):]
         srv.config_path.write_text(text)
         srv.add_mailbox(TED, PASSWORD)  # as root, before the server ever ran
         assert srv.state_dir.stat().st_uid == 0

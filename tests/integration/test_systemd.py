@@ -10,6 +10,7 @@ runs under ``systemd-socket-activate`` with the sockets the shipped .socket file
 from __future__ import annotations
 
 import configparser
+import imaplib
 import json
 import poplib
 import shutil
@@ -37,7 +38,8 @@ PASSWORD = "Systemd-pw-1"
 # the config key of each listener role, as in etc/systemd/pop3coexist.toml
 ROLE_KEYS = {"pop3": ("pop3", "listen"), "pop3s": ("pop3", "tls_listen"),
              "smtp": ("smtp", "listen"), "submission": ("smtp", "submission_listen"),
-             "smtps": ("smtp", "tls_listen")}
+             "smtps": ("smtp", "tls_listen"), "imap": ("imap", "listen"),
+             "imaps": ("imap", "tls_listen")}
 
 
 def unit(path: Path) -> configparser.ConfigParser:
@@ -103,13 +105,14 @@ def free_v6_port() -> int:
 def test_server_runs_under_systemd_socket_activate(tmp_path) -> None:
     """The server started by systemd-socket-activate with the shipped socket definitions
     adopts every socket by name (listeners.json names the ports passed), serves POP3, POP3S,
-    SMTP, submission and SMTPS on them, keeps serving after SIGHUP (ExecReload), and stops
+    SMTP, submission, SMTPS, IMAP and IMAPS on them, keeps serving after SIGHUP (ExecReload), and stops
     cleanly on SIGTERM."""
     activate = require_program("systemd-socket-activate")
     sockets = shipped_sockets()
     assert sorted(name for name, _ in sockets) == sorted(ROLE_KEYS)
     assert {name: port for name, port in sockets} == {
-        "pop3": "110", "pop3s": "995", "smtp": "25", "submission": "587", "smtps": "465"}
+        "pop3": "110", "pop3s": "995", "smtp": "25", "submission": "587", "smtps": "465",
+        "imap": "143", "imaps": "993"}
     shipped = tomllib.loads((UNITS / "pop3coexist.toml").read_text())
     srv = make_server(tmp_path, tls=True)
     srv.write_config()
@@ -170,6 +173,10 @@ def test_server_runs_under_systemd_socket_activate(tmp_path) -> None:
                     assert s.ehlo()[0] == 250
             with smtplib.SMTP_SSL("::1", ports["smtps"], context=context, timeout=30) as s:
                 assert s.ehlo()[0] == 250
+            with imaplib.IMAP4("::1", ports["imap"], timeout=30) as m:
+                m.login(f"ted@{HOSTNAME}", PASSWORD)
+            with imaplib.IMAP4_SSL("::1", ports["imaps"], ssl_context=context, timeout=30) as m:
+                m.login(f"ted@{HOSTNAME}", PASSWORD)
             with smtplib.SMTP("::1", ports["smtp"], timeout=30) as s:
                 s.sendmail("a@example.test", [f"ted@{HOSTNAME}"], b"Subject: hi\r\n\r\nhi\r\n")
 

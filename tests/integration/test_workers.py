@@ -136,8 +136,11 @@ def test_a_killed_workers_claims_are_taken_back_at_once(tmp_path: Path) -> None:
 
             def holder() -> str:
                 for d in claimed.iterdir():
-                    if any(p.suffix == ".json" for p in d.iterdir()):
-                        return d.name
+                    try:
+                        if any(p.suffix == ".json" for p in d.iterdir()):
+                            return d.name
+                    except FileNotFoundError:  # taken back (renamed) between the two listings
+                        continue
                 return ""
 
             with paused(main):

@@ -374,6 +374,8 @@ MUST_BE_POSITIVE = [
     ("[smarthost]", "command_timeout", ""),
     ("[queue]", "delay_notification", ""),
     ("[queue]", "expiration", ""),
+    ("[imap]", "idle_timeout", ""),
+    ("[imap]", "max_literal", ""),
     ("[dns]", "timeout", ""),
     ("[sender_authentication]", "spf_timeout", ""),
     ("[sieve]", "max_run_time", ""),
