@@ -120,7 +120,9 @@ class SeqSet:
     as sorted, merged, inclusive ``ranges``: memory is the number of ranges the client typed,
     never the numbers they span. ``*`` is ``largest`` and a range ``5:2`` is ``2:5``; a range
     reaching past ``largest`` is clipped to it (``largest:n`` when both ends are past it, so a
-    UID set ``n:*`` always names the last message, section 6.4.8)."""
+    UID set ``n:*`` always names the last message, section 6.4.8), so iterating one costs at
+    most ``largest`` steps; ``highest`` keeps the largest number typed, for the caller that
+    must refuse a message sequence number past the end (BAD)."""
 
     __slots__ = ("ranges", "highest")
 
@@ -190,13 +192,11 @@ def parse_seqset(text: str, largest: int) -> SeqSet:
             highest = max(highest, n)
             ends.append(n)
         a, b = min(ends), max(ends)
-        if largest >= 1:
-            if a > largest:
-                a = largest  # wholly past the end: the last one (section 6.4.8)
-            b = min(b, largest)
-        if a < 1:
-            continue  # "*" of an empty folder
-        raw.append((a, b))
+        if largest < 1:
+            continue  # an empty folder: nothing to name (``highest`` tells what was typed)
+        if a > largest:
+            a = largest  # wholly past the end: the last one (section 6.4.8)
+        raw.append((a, min(b, largest)))
     raw.sort()
     merged: list[tuple[int, int]] = []
     for a, b in raw:
