@@ -806,7 +806,8 @@ class IFolderView(Interface):
     uidnext = Attribute("the next UID the folder will give (int)")
 
     def sync() -> list:
-        """The messages now (records with uid, flags, size, internaldate), ascending UID."""
+        """The messages now (records with uid, flags, size, internaldate), ascending UID.
+        The list and its records may be shared with other views of the folder: read only."""
 
     def sync_if_changed() -> list | None:
         """``sync()``, or None when the folder has not changed since this view's last sync."""
@@ -818,10 +819,12 @@ class IFolderView(Interface):
         """The message's RFC822.SIZE (canonical CRLF form)."""
 
     def set_flags(msg: object, flags: object) -> frozenset:
-        """Give the message exactly these flags; returns the flags now stored."""
+        """Give the message exactly these flags; returns the flags now stored (the record's
+        own ``flags`` stay those of its ``sync``)."""
 
-    def claim_recent(messages: list) -> None:
-        """Move messages still in new/ to cur/ (this session's \\Recent)."""
+    def claim_recent(messages: list) -> list[int]:
+        """Move messages still in new/ to cur/; returns the UIDs moved by this call (this
+        session's \\Recent)."""
 
     def expunge(messages: list) -> list[int]:
         """Remove the messages; returns their UIDs."""

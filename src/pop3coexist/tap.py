@@ -50,8 +50,11 @@ def makeService(options: Options) -> Any:
         StateLock,
         check_state_dir,
         hand_over,
+        limit_malloc_retention,
         switch_ids,
     )
+
+    limit_malloc_retention()
 
     try:
         config = load_config(options["config"])

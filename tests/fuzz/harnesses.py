@@ -1016,8 +1016,8 @@ def fuzz_imap_session(data: bytes) -> None:
 def fuzz_imap_parse(data: bytes) -> None:
     """imap/parse.py on any octets: ``tokenize`` raises only BadSyntax and gives atoms (str,
     printable, no space), strings (bytes) and lists; ``parse_seqset`` over the text (largest
-    from octet 0) raises only BadSyntax or gives sorted, distinct numbers from 1 (above ``largest``
-    is the caller's to refuse: a UID set may name what is gone), and
+    from octet 0) raises only BadSyntax or gives sorted, merged ranges within 1..largest (a
+    number typed past ``largest`` is in ``highest``, the caller's to refuse), and
     ``format_seqset`` of them parses back to the same numbers; ``parse_date`` and
     ``parse_datetime`` raise only BadSyntax/ValueError."""
     from pop3coexist.imap import parse as P
@@ -1045,10 +1045,14 @@ def fuzz_imap_parse(data: bytes) -> None:
         numbers = P.parse_seqset(seq, largest)
     except P.BadSyntax:
         numbers = None
-    if numbers:
-        assert numbers == sorted(set(numbers)), numbers
-        assert numbers[0] >= 1, (seq, largest, numbers)
-        assert P.parse_seqset(P.format_seqset(numbers), largest) == numbers
+    if numbers is not None:  # ranges: sorted, apart, within 1..largest (never expanded)
+        flat = [n for r in numbers.ranges for n in r]
+        assert flat == sorted(flat) and all(1 <= n <= largest for n in flat), numbers
+        assert all(b[0] > a[1] + 1 for a, b in zip(numbers.ranges, numbers.ranges[1:],
+                                                        strict=False)), numbers
+        listed = list(numbers)
+        if listed:
+            assert P.parse_seqset(P.format_seqset(listed), largest) == numbers
     for fn in (P.parse_date, P.parse_datetime):
         try:
             fn(text)

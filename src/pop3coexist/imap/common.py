@@ -12,6 +12,7 @@ from pop3coexist.imap.parse import BadSyntax
 log = Logger(namespace="pop3coexist.imap")
 
 MAX_LINE = 65536
+MAX_LITERALS = 64  # literals in one command (its octets together stay under max_literal)
 POLL_INTERVAL = 2.0  # seconds between mailbox checks during IDLE
 SEPARATOR = "."
 IMPLEMENTATION = "pop3coexist"

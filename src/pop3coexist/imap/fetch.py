@@ -17,7 +17,14 @@ from typing import Any
 from pop3coexist.canonical import LineEnds
 from pop3coexist.errors import StoreError
 from pop3coexist.imap.message import Part, bodystructure, decoded, envelope, literal
-from pop3coexist.imap.parse import Atom, BadSyntax, format_date, parse_date, parse_seqset
+from pop3coexist.imap.parse import (
+    Atom,
+    BadSyntax,
+    SeqSet,
+    format_date,
+    parse_date,
+    parse_seqset,
+)
 
 _SECTION = re.compile(r"(BODY(?:\.PEEK)?|BINARY(?:\.PEEK)?)\[([^\]]*)\](?:<(\d+)(?:\.(\d+))?>)?\Z",
                       re.I)
@@ -54,8 +61,13 @@ _SIMPLE = {"FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY", "BODYSTRU
            "RFC822", "RFC822.HEADER", "RFC822.TEXT"}
 
 
+MAX_FETCH_ITEMS = 64  # items in one FETCH list: each may copy the whole message
+
+
 def compile_fetch(spec: Any, uid: bool) -> list[Item]:
-    """The items of a FETCH (an atom, a macro or a list); UID FETCH always includes UID."""
+    """The items of a FETCH (an atom, a macro or a list); UID FETCH always includes UID. An
+    item named twice is answered once; more than MAX_FETCH_ITEMS items is BadSyntax (each
+    item of a section may hold a copy of the message, built in memory)."""
     raw = spec if isinstance(spec, list) else [spec]
     names: list[str] = []
     for r in raw:
@@ -66,6 +78,10 @@ def compile_fetch(spec: Any, uid: bool) -> list[Item]:
             names += _MACROS[up]
         else:
             names.append(str(r))
+    if len(names) > MAX_FETCH_ITEMS:
+        raise BadSyntax(f"more than {MAX_FETCH_ITEMS} FETCH items")
+    seen_names: set[str] = set()
+    names = [n for n in names if not (n.upper() in seen_names or seen_names.add(n.upper()))]
     items: list[Item] = []
     if uid and not any(n.upper() == "UID" for n in names):
         items.append(Item("UID", "UID"))
@@ -114,16 +130,30 @@ def _read(view: Any, msg: Any) -> bytes:
         return canonical_bytes(f.read())
 
 
-def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool) -> bytes | None:
-    """The inside of one ``* n FETCH (...)`` (``\\x00RECENT\\x00`` after other flags and
-    ``\\x00RECENT0\\x00`` alone stand for the session's \\Recent flag); None when the
-    message is gone."""
+def format_flags(flags: frozenset[str], recent: bool) -> bytes:
+    """The inside of a flag list: the flags sorted, then ``\\Recent`` when the session has
+    it (RFC 3501 section 2.3.2; a session-only flag, never stored)."""
+    names = sorted(flags)
+    if recent:
+        names.append("\\Recent")
+    return " ".join(names).encode("utf-8")
+
+
+def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool,
+              flags: frozenset[str] | None = None, recent: bool = False
+              ) -> tuple[bytes | None, frozenset[str]]:
+    """The inside of one ``* n FETCH (...)`` and the message's flags afterwards (``flags``:
+    what the session knows, default the record's; ``recent``: the session's \\Recent, put
+    in the FLAGS list as it is built: nothing is ever substituted in the answer's bytes,
+    which hold message content). The answer is None when the message is gone."""
+    if flags is None:
+        flags = msg.flags
     try:
         needs_data = any(i.kind not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE")
                          for i in items)
         data = _read(view, msg) if needs_data else None
-        if set_seen and "\\Seen" not in msg.flags:
-            view.set_flags(msg, set(msg.flags) | {"\\Seen"})
+        if set_seen and "\\Seen" not in flags:
+            flags = view.set_flags(msg, set(flags) | {"\\Seen"})
             if not any(i.kind == "FLAGS" for i in items):
                 items = [*items, Item("FLAGS", "FLAGS")]
         parsed: list[Part] = []
@@ -138,8 +168,7 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool) -> bytes |
             if i.kind == "UID":
                 out.append(b"UID %d" % msg.uid)
             elif i.kind == "FLAGS":
-                mark = b"\x00RECENT\x00" if msg.flags else b"\x00RECENT0\x00"
-                out.append(b"FLAGS (" + " ".join(sorted(msg.flags)).encode() + mark + b")")
+                out.append(b"FLAGS (" + format_flags(flags, recent) + b")")
             elif i.kind == "INTERNALDATE":
                 out.append(b'INTERNALDATE "' + format_date(msg.internaldate).encode() + b'"')
             elif i.kind == "RFC822.SIZE":
@@ -168,34 +197,38 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool) -> bytes |
                     if i.length is not None:
                         content = content[:i.length]
                 out.append(i.name.encode("latin-1") + b" " + literal(content))
-        return b" ".join(out)
+        return b" ".join(out), flags
     except (StoreError, FileNotFoundError):
-        return None
+        return None, flags
 
 
 BATCH_BYTES = 4 << 20  # octets of FETCH answers built per trip to a thread
 
 
-def fetch_many(view: Any, msgs: list, items: list[Item], set_seen: bool) -> list[bytes | None]:
-    """``fetch_one`` for the first messages of ``msgs`` (blocking): at least one, and no more
-    once BATCH_BYTES of answers are built (the caller asks again for the rest)."""
-    out: list[bytes | None] = []
+def fetch_many(view: Any, msgs: list, items: list[Item], set_seen: bool
+               ) -> list[tuple[bytes | None, frozenset[str]]]:
+    """``fetch_one`` for the first of ``msgs`` ((record, session flags, \\Recent) triples;
+    blocking): at least one, and no more once BATCH_BYTES of answers are built (the caller
+    asks again for the rest)."""
+    out: list[tuple[bytes | None, frozenset[str]]] = []
     total = 0
-    for m in msgs:
-        blob = fetch_one(view, m, items, set_seen)
-        out.append(blob)
+    for m, flags, recent in msgs:
+        blob, flags = fetch_one(view, m, items, set_seen, flags, recent)
+        out.append((blob, flags))
         total += len(blob or b"")
         if total >= BATCH_BYTES:
             break
     return out
 
 
-def store_flags(view: Any, msgs: list, mode: str, flags: list[str]) -> None:
-    """STORE: replace (FLAGS), add (+FLAGS) or remove (-FLAGS) flags (blocking); a message
-    gone meanwhile keeps its old flags in the session until the next refresh."""
+def store_flags(view: Any, msgs: list, mode: str, flags: list[str]) -> list[frozenset[str]]:
+    """STORE: replace (FLAGS), add (+FLAGS) or remove (-FLAGS) flags (blocking) on
+    (record, flags the session knows) pairs; returns each message's flags afterwards (a
+    message gone meanwhile keeps its old flags in the session until the next refresh)."""
     given = {f for f in flags if f.lower() != "\\recent"}
-    for m in msgs:
-        current = set(m.flags)
+    result: list[frozenset[str]] = []
+    for m, known in msgs:
+        current = set(known)
         if mode == "FLAGS":
             new = given
         elif mode == "+FLAGS":
@@ -203,11 +236,14 @@ def store_flags(view: Any, msgs: list, mode: str, flags: list[str]) -> None:
         else:
             low = {f.lower() for f in given}
             new = {f for f in current if f.lower() not in low}
+        now = frozenset(known)
         if new != current:
             try:
-                view.set_flags(m, new)
+                now = view.set_flags(m, new)
             except StoreError:
-                continue
+                pass
+        result.append(now)
+    return result
 
 
 # -- SEARCH ------------------------------------------------------------------------------
@@ -219,12 +255,20 @@ _FLAG_KEYS = {"ANSWERED": ("\\Answered", True), "DELETED": ("\\Deleted", True),
               "UNFLAGGED": ("\\Flagged", False), "UNSEEN": ("\\Seen", False)}
 
 
-def compile_search(args: list) -> list:
-    """SEARCH keys as a list of (key, argument) nodes; raises BadSyntax."""
+MAX_SEARCH_DEPTH = 16  # nesting of NOT / OR / parentheses in one SEARCH
+MAX_SEARCH_KEYS = 256  # search keys in one SEARCH
+
+
+def compile_search(args: list, depth: int = 0, budget: list[int] | None = None) -> list:
+    """SEARCH keys as a list of (key, argument) nodes; raises BadSyntax (also for more than
+    MAX_SEARCH_KEYS keys or nesting deeper than MAX_SEARCH_DEPTH: the matcher recurses)."""
+    if budget is None:
+        budget = [MAX_SEARCH_KEYS]
     tokens = list(args)
+    tokens.reverse()  # popped from the end: linear in the number of keys
     out = []
     while tokens:
-        out.append(_one(tokens))
+        out.append(_one(tokens, depth, budget))
     if not out:
         raise BadSyntax("SEARCH needs a key")
     return out
@@ -233,13 +277,18 @@ def compile_search(args: list) -> list:
 def _take(tokens: list) -> Any:
     if not tokens:
         raise BadSyntax("SEARCH key needs an argument")
-    return tokens.pop(0)
+    return tokens.pop()
 
 
-def _one(tokens: list) -> tuple:
+def _one(tokens: list, depth: int, budget: list[int]) -> tuple:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise BadSyntax(f"more than {MAX_SEARCH_KEYS} SEARCH keys")
+    if depth >= MAX_SEARCH_DEPTH:
+        raise BadSyntax(f"SEARCH nested deeper than {MAX_SEARCH_DEPTH}")
     t = _take(tokens)
     if isinstance(t, list):
-        return ("AND", compile_search(t))
+        return ("AND", compile_search(t, depth + 1, budget))
     if isinstance(t, bytes):
         raise BadSyntax("unexpected string in SEARCH")
     key = t.upper()
@@ -254,9 +303,9 @@ def _one(tokens: list) -> tuple:
         return ("FLAG", (word.decode("utf-8", "replace") if isinstance(word, bytes) else
                          str(word), key == "KEYWORD"))
     if key == "NOT":
-        return ("NOT", _one(tokens))
+        return ("NOT", _one(tokens, depth + 1, budget))
     if key == "OR":
-        return ("OR", _one(tokens), _one(tokens))
+        return ("OR", _one(tokens, depth + 1, budget), _one(tokens, depth + 1, budget))
     if key in ("LARGER", "SMALLER"):
         try:
             return (key, int(str(_take(tokens))))
@@ -273,25 +322,43 @@ def _one(tokens: list) -> tuple:
         return (key, ((name.decode() if isinstance(name, bytes) else str(name)).lower(),
                       (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)).lower()))
     if key == "UID":
-        return ("UID", str(_take(tokens)))
+        spec = _take(tokens)
+        if not isinstance(spec, str):
+            raise BadSyntax("UID needs a sequence set")
+        parse_seqset(str(spec), 1)  # syntax checked now: BAD before any message is read
+        return ("UID", str(spec))
     if re.fullmatch(r"[0-9*:,]+", key):
+        parse_seqset(key, 1)
         return ("SEQ", key)
     raise BadSyntax(f"unknown SEARCH key {key[:30]}")
 
 
-def search(sel: Any, query: list, uids: list[int]) -> list[int]:
-    """The UIDs (of ``uids``, in order) that match every node (blocking)."""
+def search(sel: Any, query: list, uids: list[int], flags: list[frozenset[str]]) -> list[int]:
+    """The UIDs (of ``uids``, in order, ``flags`` aligned with them: the session's) that
+    match every node (blocking). Sequence and UID sets are parsed once (parse.SeqSet)."""
     out = []
     largest_uid = uids[-1] if uids else 0
+    sets: dict[tuple[str, int], SeqSet] = {}
     for pos, uid in enumerate(uids):
-        msg = sel.msgs[uid]
-        cache: dict[str, Any] = {}
+        msg = sel.msg(uid)
+        if msg is None:
+            continue
+        cache: dict[str, Any] = {"sets": sets, "flags": flags[pos]}
         try:
             if all(_match(n, sel, msg, pos + 1, len(uids), largest_uid, cache) for n in query):
                 out.append(uid)
         except (StoreError, FileNotFoundError):
             continue
     return out
+
+
+def _seqset(cache: dict, text: str, largest: int) -> SeqSet:
+    """The parsed set, once per SEARCH (``cache["sets"]`` is shared by all messages)."""
+    sets = cache["sets"]
+    key = (text, largest)
+    if key not in sets:
+        sets[key] = parse_seqset(text, largest)
+    return sets[key]
 
 
 def _content(sel: Any, msg: Any, cache: dict) -> Part:
@@ -329,17 +396,17 @@ def _match(node: tuple, sel: Any, msg: Any, seq: int, count: int, largest: int,
             _match(node[2], sel, msg, seq, count, largest, cache)
     if key == "FLAG":
         name, want = arg
-        return (name.lower() in {f.lower() for f in msg.flags}) == want
+        return (name.lower() in {f.lower() for f in cache["flags"]}) == want
     if key == "RECENT":
         return msg.uid in sel.recent
     if key == "NEW":
-        return msg.uid in sel.recent and "\\Seen" not in msg.flags
+        return msg.uid in sel.recent and "\\Seen" not in cache["flags"]
     if key == "OLD":
         return msg.uid not in sel.recent
     if key == "UID":
-        return msg.uid in set(parse_seqset(arg, max(largest, 1)))
+        return msg.uid in _seqset(cache, arg, largest)
     if key == "SEQ":
-        return seq in set(parse_seqset(arg, max(count, 1)))
+        return seq in _seqset(cache, arg, count)
     if key in ("LARGER", "SMALLER"):
         size = sel.view.size(msg)
         return size > arg if key == "LARGER" else size < arg

@@ -54,19 +54,16 @@ class MailboxCommands:
         view = await self.blocking(self.account.open_folder, name)
         sel = Selected(name, view, readonly)
         msgs = await self.blocking(view.sync)
-        if not readonly:
-            await self.blocking(view.claim_recent, msgs)
-        sel.uids = [m.uid for m in msgs]
-        sel.msgs = {m.uid: m for m in msgs}
-        sel.recent = {m.uid for m in msgs if m.recent} if not readonly else set()
+        claimed = await self.blocking(view.claim_recent, msgs) if not readonly else None
+        sel.load(msgs)
+        sel.recent = set(claimed or ())
         validity, uidnext = await self.blocking(lambda: (view.uidvalidity, view.uidnext))
         self.sel, self.state = sel, "selected"
         self.send(b"* FLAGS (" + PERMANENT.encode() + b")")
         self.send(b"* OK [PERMANENTFLAGS (" + PERMANENT.encode() + b" \\*)] flags")
         self.send(b"* %d EXISTS" % len(sel.uids))
         self.send(b"* %d RECENT" % len(sel.recent))
-        unseen = next((i + 1 for i, u in enumerate(sel.uids)
-                       if "\\Seen" not in sel.msgs[u].flags), None)
+        unseen = next((i + 1 for i, f in enumerate(sel.flags) if "\\Seen" not in f), None)
         if unseen:
             self.send(b"* OK [UNSEEN %d] first unseen" % unseen)
         self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % validity)

@@ -8,11 +8,13 @@ bracket may hold spaces and parentheses), ``bytes`` for a quoted string or a lit
 
 from __future__ import annotations
 
+import bisect
 import calendar
 import re
 import time
+from collections.abc import Iterator, Sequence
 
-__all__ = ["Atom", "BadSyntax", "tokenize", "parse_seqset", "parse_date", "format_date",
+__all__ = ["Atom", "BadSyntax", "SeqSet", "tokenize", "parse_seqset", "parse_date", "format_date",
            "LITERAL_RE"]
 
 LITERAL_RE = re.compile(rb"\{(\d{1,19})(\+?)\}\Z")
@@ -41,6 +43,8 @@ def tokenize(data: bytes) -> list:
             pos += 1
             continue
         if c == 0x28:  # (
+            if len(stack) > MAX_DEPTH:
+                raise BadSyntax(f"parentheses nested deeper than {MAX_DEPTH}")
             stack.append([])
             pos += 1
         elif c == 0x29:  # )
@@ -107,28 +111,101 @@ def tokenize(data: bytes) -> list:
     return stack[0]
 
 
-def parse_seqset(text: str, largest: int) -> list[int]:
-    """The numbers of a sequence set (RFC 3501 ``sequence-set``), ``*`` being ``largest``;
-    ascending, without repeats. Raises BadSyntax."""
+MAX_NZ = 4294967295  # nz-number: a 32-bit unsigned number (RFC 3501 section 9)
+MAX_DEPTH = 16  # parenthesis nesting of one command (SEARCH groups, BODY[...] lists)
+
+
+class SeqSet:
+    """A sequence set (RFC 3501 ``sequence-set``, section 9 ``seq-range`` and section 6.4.8)
+    as sorted, merged, inclusive ``ranges``: memory is the number of ranges the client typed,
+    never the numbers they span. ``*`` is ``largest`` and a range ``5:2`` is ``2:5``; a range
+    reaching past ``largest`` is clipped to it (``largest:n`` when both ends are past it, so a
+    UID set ``n:*`` always names the last message, section 6.4.8), so iterating one costs at
+    most ``largest`` steps; ``highest`` keeps the largest number typed, for the caller that
+    must refuse a message sequence number past the end (BAD)."""
+
+    __slots__ = ("ranges", "highest")
+
+    def __init__(self, ranges: list[tuple[int, int]], highest: int) -> None:
+        self.ranges = ranges
+        self.highest = highest  # the largest number typed (before clipping), ``*`` counted
+
+    def __contains__(self, n: int) -> bool:
+        i = bisect.bisect_right(self.ranges, (n, MAX_NZ + 1)) - 1
+        return i >= 0 and self.ranges[i][0] <= n <= self.ranges[i][1]
+
+    def __iter__(self) -> Iterator[int]:
+        for lo, hi in self.ranges:
+            yield from range(lo, hi + 1)
+
+    def __len__(self) -> int:
+        return sum(hi - lo + 1 for lo, hi in self.ranges)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SeqSet):
+            return self.ranges == other.ranges
+        if isinstance(other, list):
+            return list(self) == other
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"SeqSet({self.ranges!r})"
+
+    def select(self, ordered: Sequence[int]) -> list[int]:
+        """The members of ``ordered`` (ascending numbers, a UID list) in this set, found by
+        bisection per range: the work is the ranges plus the matches, not the span."""
+        out: list[int] = []
+        for lo, hi in self.ranges:
+            a = bisect.bisect_left(ordered, lo)
+            b = bisect.bisect_right(ordered, hi)
+            out.extend(ordered[a:b])
+        return out
+
+    def positions(self, count: int) -> list[int]:
+        """The 0-based indexes of message sequence numbers ``1..count`` in this set."""
+        out: list[int] = []
+        for lo, hi in self.ranges:
+            out.extend(range(lo - 1, min(hi, count)))
+        return out
+
+
+def parse_seqset(text: str, largest: int) -> SeqSet:
+    """A sequence set (``SeqSet``; ``*`` being ``largest``, 0 for an empty folder). Raises
+    BadSyntax for anything but ``nz-number`` / ``*`` ranges separated by commas."""
     if not isinstance(text, str) or not text:
         raise BadSyntax("missing sequence set")
-    out: set[int] = set()
+    raw: list[tuple[int, int]] = []
+    highest = 0
     for item in text.split(","):
         lo, colon, hi = item.partition(":")
-        try:
-            a = largest if lo == "*" else int(lo)
-            b = (largest if hi == "*" else int(hi)) if colon else a
-        except ValueError:
-            raise BadSyntax(f"bad sequence set {text[:40]!r}") from None
-        if a < 1 or b < 1 or (lo != "*" and not lo.isdigit()) or \
-                (colon and hi != "*" and not hi.isdigit()):
-            raise BadSyntax(f"bad sequence set {text[:40]!r}")
-        if a > b:
-            a, b = b, a
-        if b - a > 10_000_000:
-            raise BadSyntax("sequence range too large")
-        out.update(range(a, b + 1))
-    return sorted(out)
+        ends = []
+        for end in ((lo, hi) if colon else (lo,)):
+            if end == "*":
+                ends.append(largest)
+                highest = max(highest, largest)
+                continue
+            if not end.isdigit() or not end.isascii() or len(end) > 10 or end[0] == "0":
+                raise BadSyntax(f"bad sequence set {text[:40]!r}")
+            n = int(end)
+            if n > MAX_NZ:
+                raise BadSyntax(f"bad sequence set {text[:40]!r}")
+            highest = max(highest, n)
+            ends.append(n)
+        a, b = min(ends), max(ends)
+        if largest < 1:
+            continue  # an empty folder: nothing to name (``highest`` tells what was typed)
+        if a > largest:
+            a = largest  # wholly past the end: the last one (section 6.4.8)
+        raw.append((a, min(b, largest)))
+    raw.sort()
+    merged: list[tuple[int, int]] = []
+    for a, b in raw:
+        if merged and a <= merged[-1][1] + 1:
+            if b > merged[-1][1]:
+                merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return SeqSet(merged, highest)
 
 
 def format_seqset(numbers: list[int]) -> str:

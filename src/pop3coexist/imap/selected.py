@@ -5,6 +5,10 @@ CHECK, CLOSE, UNSELECT, EXPUNGE, SEARCH, FETCH, STORE, COPY and MOVE."""
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+from array import array
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -23,23 +27,70 @@ from pop3coexist.imap.parse import (
 )
 
 
+def _uid_key(msg: Any) -> int:
+    return msg.uid
+
+
 class Selected:
-    """The selected folder as this session knows it: ``uids`` in sequence order (position + 1
-    is the message sequence number), ``msgs`` by UID, the UIDs gone but not yet reported."""
+    """The selected folder as this session knows it: ``uids`` (an ``array('I')``, ascending,
+    in sequence order: position + 1 is the message sequence number) and, aligned with it,
+    ``flags`` (the flags this session last told the client); ``snap``, the folder's messages
+    at the last sync (ascending UID; the store shares that list between the sessions of the
+    process, so it is never changed here); the \\Recent UIDs and the UIDs gone but not yet
+    reported (``lost`` keeps their records until then). Per session this costs about 12
+    octets a message; the message records are shared."""
 
     def __init__(self, name: str, view: Any, readonly: bool) -> None:
         self.name = name
         self.view = view
         self.readonly = readonly
-        self.uids: list[int] = []
-        self.msgs: dict[int, Any] = {}
+        self.uids: array[int] = array("I")
+        self.flags: list[frozenset[str]] = []
+        self.snap: Sequence[Any] = ()
+        self.lost: dict[int, Any] = {}
         self.recent: set[int] = set()
         self.gone: set[int] = set()
         self.pending: list | None = None  # a snapshot an IDLE poll read but could not tell
 
-    def seq_of(self, uid: int) -> int:
-        return self.uids.index(uid) + 1
+    def load(self, msgs: Sequence[Any]) -> None:
+        """Start from a ``sync``'s messages (SELECT, EXAMINE)."""
+        self.snap = msgs
+        self.uids = array("I", [m.uid for m in msgs])
+        self.flags = [m.flags for m in msgs]
 
+    def seq_of(self, uid: int) -> int:
+        """The message sequence number of ``uid``; raises ValueError when not known."""
+        i = bisect.bisect_left(self.uids, uid)
+        if i < len(self.uids) and self.uids[i] == uid:
+            return i + 1
+        raise ValueError(uid)
+
+    def msg(self, uid: int) -> Any:
+        """The store's record of ``uid`` (the last sync's, or the one it had before it was
+        found gone), or None."""
+        snap = self.snap
+        i = bisect.bisect_left(snap, uid, key=_uid_key)
+        if i < len(snap) and snap[i].uid == uid:
+            return snap[i]
+        return self.lost.get(uid)
+
+    def flags_of(self, uid: int) -> frozenset[str]:
+        return self.flags[self.seq_of(uid) - 1]
+
+    def set_flags_of(self, uid: int, flags: frozenset[str]) -> None:
+        with contextlib.suppress(ValueError):
+            self.flags[self.seq_of(uid) - 1] = flags
+
+    def append(self, msg: Any) -> None:
+        self.uids.append(msg.uid)
+        self.flags.append(msg.flags)
+
+    def remove(self, uid: int) -> None:
+        i = self.seq_of(uid) - 1
+        del self.uids[i]
+        del self.flags[i]
+        self.recent.discard(uid)
+        self.lost.pop(uid, None)
 
 
 @implementer(IPushProducer)
@@ -100,68 +151,69 @@ class SelectedCommands:
         if msgs is None:  # unchanged since this session last looked
             msgs, sel.pending = sel.pending, None
         if msgs is not None:
-            now = {m.uid: m for m in msgs}
-            for uid in sel.uids:
-                if uid not in now:
-                    sel.gone.add(uid)
+            j, n = 0, len(msgs)
+            for uid in sel.uids:  # both ascending: one merge walk
+                while j < n and msgs[j].uid < uid:
+                    j += 1
+                if j >= n or msgs[j].uid != uid:
+                    if uid not in sel.gone:
+                        sel.gone.add(uid)
+                        old = sel.msg(uid)
+                        if old is not None:
+                            sel.lost[uid] = old
+            sel.snap = msgs
         if expunges and sel.gone:
-            for uid in sorted(sel.gone, key=sel.seq_of, reverse=True):
+            for uid in sorted(sel.gone, reverse=True):  # descending UID: descending number
                 self.send(b"* %d EXPUNGE" % sel.seq_of(uid))
-                sel.uids.remove(uid)
-                sel.msgs.pop(uid, None)
-                sel.recent.discard(uid)
+                sel.remove(uid)
             sel.gone.clear()
         if msgs is None:
             return
-        for uid in sel.uids:
-            m = now.get(uid)
-            old = sel.msgs.get(uid)
-            if m is not None and old is not None and m.flags != old.flags:
-                old.flags, old.sub, old.name = m.flags, m.sub, m.name
-                self.send(b"* %d FETCH (FLAGS (%s))" % (sel.seq_of(uid), self._flags(uid)))
-            elif m is not None and old is not None:
-                old.sub, old.name = m.sub, m.name
-        known = set(sel.uids)
-        fresh = [m for m in msgs if m.uid not in known and m.uid > (sel.uids[-1] if sel.uids
-                                                                    else 0)]
+        j, n = 0, len(msgs)
+        for i, uid in enumerate(sel.uids):
+            while j < n and msgs[j].uid < uid:
+                j += 1
+            if j < n and msgs[j].uid == uid and msgs[j].flags != sel.flags[i]:
+                sel.flags[i] = msgs[j].flags
+                self.send(b"* %d FETCH (FLAGS (%s))" % (i + 1, self._flags(uid)))
+        last = sel.uids[-1] if sel.uids else 0
+        fresh = [m for m in msgs if m.uid > last]
         if fresh:
             if not sel.readonly:
-                await self.blocking(sel.view.claim_recent, fresh)
-                sel.recent.update(m.uid for m in fresh if m.recent)
+                claimed = await self.blocking(sel.view.claim_recent, fresh)
+                sel.recent.update(claimed or ())
             for m in fresh:
-                sel.uids.append(m.uid)
-                sel.msgs[m.uid] = m
+                sel.append(m)
             self.send(b"* %d EXISTS" % len(sel.uids))
             self.send(b"* %d RECENT" % len(sel.recent))
 
     def _flags(self, uid: int) -> bytes:
         sel = self.sel
         assert sel is not None
-        flags = sorted(sel.msgs[uid].flags)
-        if uid in sel.recent:
-            flags.append("\\Recent")
-        return " ".join(flags).encode("utf-8")
+        return fetchmod.format_flags(sel.flags_of(uid), uid in sel.recent)
 
     def _targets(self, spec: Any, uid: bool) -> list[int]:
-        """UIDs named by a sequence set (``uid``: a UID set), in sequence order."""
+        """UIDs named by a sequence set (``uid``: a UID set), in sequence order: only the
+        messages that exist, found range by range (parse.SeqSet), whatever span was typed."""
         sel = self.sel
         assert sel is not None
         if not isinstance(spec, str):
             raise BadSyntax("missing sequence set")
         if uid:
-            largest = sel.uids[-1] if sel.uids else 0
-            if spec.endswith("*") and not sel.uids:
-                return []
-            wanted = set(parse_seqset(spec, max(largest, 1)))
-            if "*" in spec and sel.uids:
-                wanted.add(largest)
-            return [u for u in sel.uids if u in wanted]
+            return parse_seqset(spec, sel.uids[-1] if sel.uids else 0).select(sel.uids)
         if not sel.uids:
             raise BadSyntax("no messages")
-        numbers = parse_seqset(spec, len(sel.uids))
-        if numbers[-1] > len(sel.uids):
+        count = len(sel.uids)
+        numbers = parse_seqset(spec, count)
+        if numbers.highest > count:
             raise BadSyntax("no such message")
-        return [sel.uids[n - 1] for n in numbers]
+        return [sel.uids[i] for i in numbers.positions(count)]
+
+    def _records(self, uids: list[int]) -> list:
+        """The store's records of these UIDs (one gone without a trace is left out)."""
+        sel = self.sel
+        assert sel is not None
+        return [m for m in map(sel.msg, uids) if m is not None]
 
     async def do_CHECK(self, tag: bytes, args: list) -> None:  # noqa: N802
         await self.refresh(expunges=True)
@@ -192,8 +244,8 @@ class SelectedCommands:
         if len(args) != (1 if uid else 0):
             raise BadSyntax("UID EXPUNGE uid-set" if uid else "EXPUNGE takes no arguments")
         await self.refresh(expunges=True)
-        targets = self._targets(args[0], True) if uid else sel.uids
-        doomed = [sel.msgs[u] for u in targets if "\\Deleted" in sel.msgs[u].flags]
+        targets = self._targets(args[0], True) if uid else list(sel.uids)
+        doomed = self._records([u for u in targets if "\\Deleted" in sel.flags_of(u)])
         await self.blocking(sel.view.expunge, doomed)
         await self.refresh(expunges=True)
         self.tagged(tag, "OK", "EXPUNGE completed")
@@ -209,7 +261,8 @@ class SelectedCommands:
                 raise Refuse("charset not supported", "BADCHARSET (UTF-8 US-ASCII)")
             args = args[2:]
         query = fetchmod.compile_search(args)
-        found = await self.blocking(fetchmod.search, sel, query, list(sel.uids))
+        found = await self.blocking(fetchmod.search, sel, query, list(sel.uids),
+                                    list(sel.flags))
         numbers = found if uid else [sel.seq_of(u) for u in found]
         self.send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
         self.tagged(tag, "OK", "SEARCH completed")
@@ -222,15 +275,16 @@ class SelectedCommands:
             raise BadSyntax("FETCH sequence-set items")
         await self.refresh(expunges=uid)
         items = fetchmod.compile_fetch(args[1], uid)
-        targets = self._targets(args[0], uid)
+        records = self._records(self._targets(args[0], uid))
         sets_seen = fetchmod.sets_seen(items) and not sel.readonly
         gate = _WriteGate()
         self.transport.registerProducer(gate, True)  # the socket's buffer paces the reads
         try:
             i = 0
-            while i < len(targets):
+            while i < len(records):
                 await gate.wait()
-                chunk = [sel.msgs[u] for u in targets[i:i + 50]]
+                chunk = [(m, sel.flags_of(m.uid), m.uid in sel.recent)
+                         for m in records[i:i + 50]]
                 blobs = await self.blocking(fetchmod.fetch_many, sel.view, chunk, items,
                                             sets_seen)
                 if self.sel is not sel or self._gone:
@@ -245,14 +299,11 @@ class SelectedCommands:
     do_FETCH.states = ("selected",)  # type: ignore[attr-defined]
 
     def _write_fetches(self, sel: Selected, chunk: list, blobs: list) -> None:
-        for msg, blob in zip(chunk, blobs, strict=False):
-                if blob is None:
-                    continue  # gone meanwhile: reported as EXPUNGE at a later command
-                seq = sel.seq_of(msg.uid)
-                recent = msg.uid in sel.recent
-                blob = blob.replace(b"\x00RECENT\x00", b" \\Recent" if recent else b"")
-                blob = blob.replace(b"\x00RECENT0\x00", b"\\Recent" if recent else b"")
-                self.transport.write(b"* %d FETCH (" % seq + blob + b")\r\n")
+        for (msg, _, _), (blob, flags) in zip(chunk, blobs, strict=False):
+            if blob is None:
+                continue  # gone meanwhile: reported as EXPUNGE at a later command
+            sel.set_flags_of(msg.uid, flags)
+            self.transport.write(b"* %d FETCH (" % sel.seq_of(msg.uid) + blob + b")\r\n")
 
     async def do_STORE(self, tag: bytes, args: list, uid: bool = False) -> None:  # noqa: N802
         sel = self.sel
@@ -270,8 +321,11 @@ class SelectedCommands:
         flags = [str(f) for f in flags]
         if any(not isinstance(f, str) or not f for f in flags):
             raise BadSyntax("bad flag")
-        targets = [sel.msgs[u] for u in self._targets(args[0], uid)]
-        await self.blocking(fetchmod.store_flags, sel.view, targets, mode, flags)
+        targets = self._records(self._targets(args[0], uid))
+        now = await self.blocking(fetchmod.store_flags, sel.view,
+                                  [(m, sel.flags_of(m.uid)) for m in targets], mode, flags)
+        for msg, new in zip(targets, now, strict=True):
+            sel.set_flags_of(msg.uid, new)
         for msg in targets:
             if silent:
                 continue
@@ -293,7 +347,7 @@ class SelectedCommands:
         name = self._name(args[1])
         if not await self.blocking(self.account.exists, name):
             raise Refuse(f"no folder {name}", "TRYCREATE")
-        targets = [sel.msgs[u] for u in self._targets(args[0], uid)]
+        targets = self._records(self._targets(args[0], uid))
         used, limit = await self.blocking(self.account.quota)
         size = sum(await self.blocking(lambda: [sel.view.size(m) for m in targets]))
         if limit is not None and used + size > limit:
@@ -307,7 +361,7 @@ class SelectedCommands:
         if move:
             if code:
                 self.send(b"* OK [" + code.encode() + b"] moved")
-            await self.blocking(sel.view.expunge, [sel.msgs[a] for a, _ in pairs])
+            await self.blocking(sel.view.expunge, self._records([a for a, _ in pairs]))
             await self.refresh(expunges=True)
             self.tagged(tag, "OK", "MOVE completed")
             return

@@ -39,6 +39,7 @@ from twisted.protocols.policies import TimeoutMixin
 from pop3coexist.errors import StoreError
 from pop3coexist.imap.common import (
     MAX_LINE,
+    MAX_LITERALS,
     POLL_INTERVAL,
     Refuse,
     _printable,
@@ -73,6 +74,7 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
         self.sel: Selected | None = None
         self._buf = bytearray()  # the command read so far (lines and literals)
         self._literal_left = 0
+        self._literals = 0  # literals of the command being read
         self._queue: list[bytes] = []
         self._busy = False
         self._gone = False
@@ -161,13 +163,22 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
         m = LITERAL_RE.search(line)
         if m and not self._sasl:
             size = int(m.group(1))
-            if len(self._buf) + size > self.factory.max_literal:
+            self._literals += 1
+            too_big = len(self._buf) + size > self.factory.max_literal
+            if too_big or self._literals > MAX_LITERALS:
                 tag = bytes(self._buf.split(b" ", 1)[0])[:64]
                 self._buf = bytearray()
+                self._literals = 0
                 if m.group(2):  # LITERAL+: the octets follow anyway; read and drop them
                     self._literal_left = -size
-                    self.setRawMode()
-                self.tagged(tag if tag and not any(c in b'(){%*"\\+' or c < 0x21 or c > 0x7E for c in tag) else b"*", "NO", "literal too large", "TOOBIG")
+                    if size:
+                        self.setRawMode()
+                tag = tag if tag and not any(c in b'(){%*"\\+' or c < 0x21 or c > 0x7E
+                                             for c in tag) else b"*"
+                if too_big:
+                    self.tagged(tag, "NO", "literal too large", "TOOBIG")
+                else:
+                    self.tagged(tag, "BAD", f"more than {MAX_LITERALS} literals in one command")
                 return
             self._buf += b"\r\n"
             if not m.group(2):
@@ -177,6 +188,7 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
                 self.setRawMode()
             return
         command, self._buf = bytes(self._buf), bytearray()
+        self._literals = 0
         if self._busy or self._queue:
             self._queue.append(command)
             return

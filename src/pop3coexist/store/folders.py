@@ -47,6 +47,7 @@ import secrets
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +94,15 @@ class FolderError(errors.StoreError):
         self.code = code
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class Message:
     """One message of a folder view: ``uid``, ``flags`` (system flags and keywords, as IMAP
     names), the file's ``sub`` folder ("new"/"cur") and ``name``, ``size`` (octets of the
-    canonical CRLF form, RFC822.SIZE), ``internaldate`` (seconds since the epoch)."""
+    canonical CRLF form, RFC822.SIZE), ``internaldate`` (seconds since the epoch).
+
+    The records of one ``sync`` are shared by every view of the folder in this process (see
+    ``Snapshot``): ``flags`` and ``recent`` are what the folder held at that ``sync`` and are
+    never changed afterwards; ``sub``/``name`` follow the file when it is found renamed."""
 
     uid: int
     unique: str
@@ -109,6 +114,59 @@ class Message:
     recent: bool = False
 
 
+_FLAGSETS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _intern_flags(flags: frozenset[str]) -> frozenset[str]:
+    """One object per distinct flag set in the process (a folder has few distinct sets)."""
+    if len(_FLAGSETS) > 4096:
+        _FLAGSETS.clear()
+    return _FLAGSETS.setdefault(flags, flags)
+
+
+class Snapshot(list):
+    """The messages of one ``sync`` (a list of ``Message``, ascending UID), shared by every
+    ``FolderView`` of the folder in this process while the folder's stat signature (new/, cur/
+    and the uid list, ``FolderView._state``) is unchanged: 1,000 sessions IDLE on one folder
+    hold one list, not 1,000. Treat it as immutable (the views never change it)."""
+
+    __slots__ = ("__weakref__",)
+
+
+# folder path -> (stat signature, the snapshot read under it); the snapshot is weakly held, so
+# it lives as long as a session still uses it. Guarded by _SHARED_LOCK (threads sync).
+_SNAPSHOTS: dict[str, tuple[tuple, weakref.ref]] = {}
+_UIDLISTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_snapshot(path: str, state: tuple | None) -> Snapshot | None:
+    if state is None:
+        return None
+    with _SHARED_LOCK:
+        entry = _SNAPSHOTS.get(path)
+        if entry is None or entry[0] != state:
+            return None
+        return entry[1]()
+
+
+def _share_snapshot(path: str, state: tuple | None, snap: Snapshot) -> Snapshot:
+    """Publish ``snap`` (read under ``state``) or return the one already published for it."""
+    if state is None:
+        return snap
+    with _SHARED_LOCK:
+        entry = _SNAPSHOTS.get(path)
+        if entry is not None and entry[0] == state:
+            have = entry[1]()
+            if have is not None:
+                return have
+        _SNAPSHOTS[path] = (state, weakref.ref(snap))
+        if len(_SNAPSHOTS) > 256:
+            for key in [k for k, (_, ref) in _SNAPSHOTS.items() if ref() is None]:
+                del _SNAPSHOTS[key]
+    return snap
+
+
 def flags_from_info(info: str, keywords: list[str]) -> frozenset[str]:
     """IMAP flags of a Maildir ``:2,`` info string (without the ``2,``)."""
     out = set()
@@ -117,7 +175,7 @@ def flags_from_info(info: str, keywords: list[str]) -> frozenset[str]:
             out.add(SYSTEM_FLAGS[ch])
         elif "a" <= ch <= "z" and ord(ch) - 97 < len(keywords):
             out.add(keywords[ord(ch) - 97])
-    return frozenset(out)
+    return _intern_flags(frozenset(out))
 
 
 def info_from_flags(flags: Iterable[str], keywords: list[str], keep: str = "") -> str:
@@ -513,7 +571,14 @@ class FolderView:
             return None
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key != self._cache_key:
-            self._uidlist = _read_uidlist(self.path)
+            # one parsed list per folder and signature in the process, whatever the views
+            shared_key = (str(self.path), *key)
+            ul = _UIDLISTS.get(shared_key)
+            if ul is None:
+                ul = _read_uidlist(self.path)
+                if ul is not None:
+                    _UIDLISTS[shared_key] = ul
+            self._uidlist = ul
             self._cache_key = key
         return self._uidlist
 
@@ -573,8 +638,14 @@ class FolderView:
 
     def sync(self) -> list[Message]:
         """The folder's messages now, by ascending UID; unknown files get new UIDs (under the
-        lock, written before this returns). See the module docstring."""
-        self._last_state = self._state()
+        lock, written before this returns). See the module docstring. The list (a
+        ``Snapshot``) is the one every view of this folder in the process shares while the
+        folder's stat signature stays the same: do not change it or its records."""
+        state = self._last_state = self._state()
+        shared = _shared_snapshot(str(self.path), state)
+        if shared is not None:
+            self._load()
+            return shared
         files = self._scan_files()
         ul = self._load()
         if ul is not None and any(u not in files for u in ul.uids):
@@ -594,7 +665,7 @@ class FolderView:
                                int(m.group(1)) if m and _SIZE_S.search(base) else None, mtime,
                                sub == "new"))
         out.sort(key=lambda m: m.uid)
-        return out
+        return _share_snapshot(str(self.path), state, Snapshot(out))
 
     def _assign(self, files: dict[str, tuple[str, str, float]]) -> _UidList:
         with _dotlock(self.path) as fd:
@@ -679,28 +750,29 @@ class FolderView:
                 continue  # renamed by someone else meanwhile: look again
             msg.sub, msg.name = "cur", target.name
             break
-        msg.flags = flags_from_info(_split(msg.name)[1], self.keywords)
-        return msg.flags
+        # msg.flags stays what the folder held at its sync (other sessions share the record)
+        return flags_from_info(_split(msg.name)[1], self.keywords)
 
-    def claim_recent(self, messages: list[Message]) -> None:
+    def claim_recent(self, messages: list[Message]) -> list[int]:
         """Move the messages still in new/ to cur/ (``:2,`` + their flags): this session saw
-        them first, so they are \\Recent to it alone (RFC 3501 section 2.3.2)."""
-        moved = False
+        them first, so they are \\Recent to it alone (RFC 3501 section 2.3.2). Returns the
+        UIDs this call moved (another session or POP3 that moved one first has it)."""
+        moved: list[int] = []
         for msg in messages:
             if msg.sub != "new":
                 continue
             base, info = _split(msg.name)
             try:
                 os.rename(self.path / "new" / msg.name, self.path / "cur" / f"{base}:2,{info}")
-                msg.sub, msg.name = "cur", f"{base}:2,{info}"
-                moved = True
             except OSError:
-                msg.recent = False  # another session or POP3 moved it: not recent for us
-                continue
+                continue  # another session or POP3 moved it: not recent for us
+            msg.sub, msg.name = "cur", f"{base}:2,{info}"
+            moved.append(msg.uid)
         if moved:
             with contextlib.suppress(OSError):
                 fsync_dir(self.path / "cur")
                 fsync_dir(self.path / "new")
+        return moved
 
     def expunge(self, messages: list[Message]) -> list[int]:
         """Unlink the messages (one already gone counts as expunged); returns their UIDs."""
