@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import poplib
+import re
 import signal
 import smtplib
 import socket
@@ -69,9 +70,10 @@ def test_root_binds_low_ports_then_everything_belongs_to_the_mail_user() -> None
         pop3_port, smtp_port = free_low_ports(2)
         text = srv.config_path.read_text()
         for section, port in (("[pop3]", pop3_port), ("[smtp]", smtp_port)):  # their `listen`
-            line = '\nlisten = ["tcp:0:interface=127.0.0.1"]'
-            at = text.index(line, text.index(section))
-            text = text[:at] + f'\nlisten = ["tcp:{port}:interface=127.0.0.1"]' + text[at + len(line):]
+            start = text.index(section)  # the section's own `listen` (not tls_/submission_)
+            m = re.compile(r'(?m)^\s*listen = \["tcp:0:interface=127.0.0.1"\]').search(text, start)
+            text = (text[:m.start()] + f'\nlisten = ["tcp:{port}:interface=127.0.0.1"]'
+                    + text[m.end():])
         srv.config_path.write_text(text)
         srv.add_mailbox(TED, PASSWORD)  # as root, before the server ever ran
         assert srv.state_dir.stat().st_uid == 0

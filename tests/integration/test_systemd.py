@@ -69,7 +69,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path) -> None:
         program.write_text("#!/bin/sh\n")
         program.chmod(0o755)
     units = sorted(str(p) for p in system.iterdir())
-    assert len(units) == 6
+    assert len(units) == 8
     result = subprocess.run([analyze, "verify", f"--root={root}", "--man=no", *units],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
