@@ -307,8 +307,11 @@ def _one(tokens: list, depth: int, budget: list[int]) -> tuple:
     if key == "OR":
         return ("OR", _one(tokens, depth + 1, budget), _one(tokens, depth + 1, budget))
     if key in ("LARGER", "SMALLER"):
-        try:
-            return (key, int(str(_take(tokens))))
+        try:  # RFC 3501 section 9: number = 1*DIGIT (ASCII digits only: no sign, no "_")
+            text = str(_take(tokens))
+            if not (text.isascii() and text.isdigit()):
+                raise ValueError(text)
+            return (key, int(text))
         except ValueError:
             raise BadSyntax(f"{key} needs a number") from None
     if key in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"):

@@ -9,7 +9,7 @@ bracket may hold spaces and parentheses), ``bytes`` for a quoted string or a lit
 from __future__ import annotations
 
 import bisect
-import calendar
+import datetime
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -222,29 +222,53 @@ def format_seqset(numbers: list[int]) -> str:
     return ",".join(out)
 
 
+# RFC 3501 section 9: date = date-text / DQUOTE date-text DQUOTE; date-text = date-day "-"
+# date-month "-" date-year; date-day = 1*2DIGIT; date-year = 4DIGIT; date-time = DQUOTE
+# date-day-fixed "-" date-month "-" date-year SP time SP zone DQUOTE; time = 2DIGIT ":" 2DIGIT
+# ":" 2DIGIT; zone = ("+" / "-") 4DIGIT. Digits are ASCII only (no int() leniency: "+1", "1_0").
+_DATE_TEXT = re.compile(rb"(\d{1,2})-([A-Za-z]{3})-(\d{4})")
+_DATE_TIME = re.compile(rb" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d{2}):(\d{2}):(\d{2}) ([+-])(\d{2})(\d{2})")
+
+
+def _epoch(day: bytes, month: bytes, year: bytes, hh: int = 0, mm: int = 0, ss: int = 0) -> int:
+    """UTC epoch seconds of a checked calendar date and time; ValueError when no such moment
+    (day 31 of a 30-day month, hour 24, minute 60; a leap second 60 counts as 59)."""
+    name = month.decode("ascii").capitalize()
+    if name not in _MONTHS or ss > 60:
+        raise ValueError(name)
+    moment = datetime.datetime(int(year), _MONTHS.index(name) + 1, int(day), hh, mm, min(ss, 59),
+                               tzinfo=datetime.UTC)
+    return int(moment.timestamp())
+
+
 def parse_date(text: str | bytes) -> float:
-    """A SEARCH date (``1-Feb-1994``) as the epoch seconds of its UTC midnight."""
-    if isinstance(text, bytes):
-        text = text.decode("ascii", "replace")
+    """A SEARCH date (``1-Feb-1994``, RFC 3501 section 9 ``date``) as the epoch seconds of its
+    UTC midnight. Raises BadSyntax for anything else, an impossible date included."""
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    m = _DATE_TEXT.fullmatch(raw)
     try:
-        d, m, y = text.split("-")
-        return float(calendar.timegm((int(y), _MONTHS.index(m.capitalize()) + 1, int(d),
-                                      0, 0, 0)))
-    except (ValueError, IndexError):
-        raise BadSyntax(f"bad date {text[:30]!r}") from None
+        if m is None:
+            raise ValueError(raw)
+        return float(_epoch(*m.groups()))
+    except (ValueError, OverflowError):
+        raise BadSyntax(f"bad date {raw[:30].decode('ascii', 'replace')!r}") from None
 
 
 def parse_datetime(text: bytes) -> float:
-    """An APPEND date-time (``"17-Jul-1996 02:44:25 -0700"``) as epoch seconds."""
+    """An APPEND date-time (``"17-Jul-1996 02:44:25 -0700"``, RFC 3501 section 9
+    ``date-time`` without its quotes) as epoch seconds. Raises BadSyntax for anything else,
+    an impossible date, time or zone included."""
+    m = _DATE_TIME.fullmatch(text.strip())
     try:
-        date, clock, zone = text.decode("ascii").strip().split(" ")
-        d, m, y = date.split("-")
-        hh, mm, ss = (int(x) for x in clock.split(":"))
-        base = calendar.timegm((int(y), _MONTHS.index(m.capitalize()) + 1, int(d), hh, mm, ss))
-        sign = -1 if zone[0] == "-" else 1
-        offset = sign * (int(zone[1:3]) * 3600 + int(zone[3:5]) * 60)
+        if m is None:
+            raise ValueError(text)
+        d, mon, y, hh, mm, ss, sign, zh, zm = m.groups()
+        if int(zm) > 59:
+            raise ValueError(zm)
+        base = _epoch(d, mon, y, int(hh), int(mm), int(ss))
+        offset = (-1 if sign == b"-" else 1) * (int(zh) * 3600 + int(zm) * 60)
         return float(base - offset)
-    except (ValueError, IndexError, UnicodeDecodeError):
+    except (ValueError, OverflowError):
         raise BadSyntax("bad date-time") from None
 
 
