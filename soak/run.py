@@ -557,7 +557,7 @@ def scan_files(folder: Path) -> dict[str, int]:
 
 
 def audit(rig: Rig, ledger: Ledger, rss: list[tuple[int, float, float]],
-          main_killed: bool = False) -> dict:
+          runner_killed: bool = False) -> dict:
     state = rig.state
     mailroot = state / "mailroot" / HOSTNAME
     in_box = {}
@@ -589,9 +589,11 @@ def audit(rig: Rig, ledger: Ledger, rss: list[tuple[int, float, float]],
             elif places > 1:
                 where = (f"mailbox {in_box.get(mid, 0)}, retrieved {ledger.retrieved.get(mid, 0)}, "
                          f"queue {in_queue.get(mid, 0)}, smart host {at_sink.get(mid, 0)}")
-                if places == at_sink.get(mid, 0) and main_killed:
-                    # the queue runner was killed between the smart host's 250 and writing
-                    # down the delivery: sent again after the restart (README "On disk")
+                if places == at_sink.get(mid, 0) and runner_killed:
+                    # a delivery runner (the main process or, since every process delivers
+                    # what it queued, a worker) was killed between the smart host's 250 and
+                    # writing down the delivery: sent again by the runner that took its claims
+                    # back (README "Outbound queue claims", at least once)
                     rows["resent_after_kill"] += 1
                 else:
                     rows["duplicated"] += 1
@@ -766,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in [*pop3, sampler]:
             t.join(60)
         rig.srv.stop()
-        result.update(audit(rig, ledger, rss, main_killed="main" in faults))
+        result.update(audit(rig, ledger, rss, runner_killed=bool({"main", "worker"} & set(faults))))
         result["smtp_source"] = sent[0]
         result["faults_done"] = injector.done
         print(table(result))
