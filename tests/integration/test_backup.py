@@ -56,15 +56,25 @@ def make(root: Path, **kw):
     return srv
 
 
-def seed(srv, address: str, count: int, prefix: str) -> list[str]:
-    """Drop ``count`` messages into ``address``'s new/ as any Maildir writer would."""
+def noise_message(token: str, n: int) -> bytes:
+    """A message whose body does not compress (base64 of random bytes, about 8 KB), so that an
+    archive of a few of them passes 64 KiB of zstd output at once."""
+    import base64
+    body = base64.encodebytes(os.urandom(6000)).replace(b"\n", b"\r\n")
+    return (f"From: a@example.test\r\nSubject: {token}\r\n\r\n").encode() + body + TRAILER + b"\r\n"
+
+
+def seed(srv, address: str, count: int, prefix: str, make_message=None) -> list[str]:
+    """Drop ``count`` messages into ``address``'s new/ as any Maildir writer would
+    (``make_message(token, n)`` builds each; ``message`` by default)."""
+    make_message = make_message or message
     local = address.split("@")[0]
     new = srv.state_dir / "mailroot" / HOSTNAME / local / "new"
     tokens = []
     for n in range(count):
         token = f"tok-{prefix}-{n}"
         tmp = new.parent / "tmp" / f"{1_700_000_000 + n}.M{n}P1.seed{prefix}"
-        tmp.write_bytes(message(token, n))
+        tmp.write_bytes(make_message(token, n))
         os.rename(tmp, new / tmp.name)
         tokens.append(token)
     return tokens
@@ -255,7 +265,11 @@ def test_backup_killed_halfway_leaves_nothing(loaded, tmp_path) -> None:
     is only named when complete)."""
     srv = make(tmp_path / "kill")
     srv.add_mailbox(STEADY[0], PASSWORD)
-    seed(srv, STEADY[0], 1500, "k")
+    # incompressible bodies: the archive is about 12 MB, past 64 KiB after a few messages, so the
+    # poll below always sees it half-way however loaded the machine is (with the compressible
+    # filler of the other tests the whole archive was a few hundred KiB: under parallel test
+    # load it could end between two polls)
+    seed(srv, STEADY[0], 1500, "k", noise_message)
     srv.start()
     try:
         before = _state_files(srv.state_dir)

@@ -24,6 +24,7 @@ from pop3coexist.identity.factory import make_checker, make_password_file
 from pop3coexist.identity.passwordfile import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    RECHECK_INTERVAL,
     BadPassword,
     PasswordFile,
     PasswordFileChecker,
@@ -661,3 +662,53 @@ def test_logs_never_hold_passwords(tmp_path: Path) -> None:
     assert any("upgraded" in t for t in texts) and any("unavailable" in t for t in texts)
     for t in texts:
         assert SECRET not in t
+
+
+class _Stale:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stale_attributes_do_not_hide_an_account_added_elsewhere(tmp_path: Path) -> None:
+    """On a shared volume stat() may describe the old file after another node renamed a new
+    one over it (NFS attribute cache, GlusterFS FUSE timeouts): with the signature frozen, an
+    account added by another writer is still found, its password verified, its SCRAM keys
+    and secret returned, and a changed password takes effect, because a miss is looked up
+    again in a fresh read. Within RECHECK_INTERVAL of the last read the file is not read
+    again (a stranger guessing names cannot make every attempt a read)."""
+    clock = _Stale()
+    reader = make(tmp_path, keep=True, monotonic=clock)
+    writer = make(tmp_path, keep=True)
+    writer.set_password("old@pop.contoso.test", "Old-password-1")
+    assert reader.verify("old@pop.contoso.test", "Old-password-1")
+    frozen = reader._signature()
+    reader._signature = lambda: frozen  # the attribute cache keeps describing this version
+    reads = []
+    real_read = reader._read
+    reader._read = lambda: reads.append(1) or real_read()
+
+    writer.set_password("new@pop.contoso.test", "New-password-1")
+    writer.set_password("old@pop.contoso.test", "Changed-password-1")
+    # read less than RECHECK_INTERVAL ago: the cached view answers, nothing is read
+    assert not reader.exists("new@pop.contoso.test")
+    assert reads == []
+    clock.now += RECHECK_INTERVAL
+    assert reader.exists("new@pop.contoso.test")
+    assert reads == [1]
+    clock.now += RECHECK_INTERVAL
+    assert reader.verify("old@pop.contoso.test", "Changed-password-1")
+    assert not reader.verify("old@pop.contoso.test", "Old-password-1")
+    assert reader.secret("new@pop.contoso.test") == "New-password-1"
+    assert reader.scram_keys("new@pop.contoso.test") is not None
+    # a stranger's misses, all within one interval: at most one read
+    before = len(reads)
+    clock.now += RECHECK_INTERVAL
+    for n in range(50):
+        assert not reader.exists(f"guess{n}@pop.contoso.test")
+        assert not reader.verify(f"guess{n}@pop.contoso.test", "Guess-1")
+    assert len(reads) - before == 1

@@ -34,7 +34,13 @@ Every change is a whole-file rewrite (temp file, fsync, rename, fsync of the fol
 under an exclusive ``fcntl`` lock on ``passwords.json.lock``, after re-reading the file under
 that lock: two admin commands at once lose nothing. Readers never lock: they see the old or
 the new file. A reader re-reads the file when its (inode, mtime_ns, ctime_ns, size) changed,
-so the running server sees ``pop3coexist-admin`` changes without a restart.
+so the running server sees ``pop3coexist-admin`` changes without a restart. On a shared volume
+``stat`` can describe the old file for a while after another node renamed a new one over it
+(NFS keeps attributes up to ``acregmax``, 60 s; GlusterFS's FUSE client its attribute and entry
+timeouts) while ``open`` already reaches the new one (close-to-open consistency): so a name not
+found, or a password that does not match, is looked up once more in a fresh read of the file,
+at most once per ``RECHECK_INTERVAL`` seconds per process (a stranger guessing names cannot
+make every attempt a file read).
 
 ``PasswordFileChecker`` implements ``interfaces.IAccountChecker`` over a ``PasswordFile``.
 
@@ -93,6 +99,9 @@ SALT_BYTES = 16
 HASH_BYTES = 32
 NONCE_BYTES = 12
 MAX_PASSWORD_CHARS = 1024
+# seconds: a name not found or a password refused is looked up again in a fresh read of the
+# file at most this often per process (module docstring: stale attributes on shared volumes)
+RECHECK_INTERVAL = 1.0
 # Bounds for parameters read from the file: a corrupt or hostile entry must not make a log-in
 # allocate gigabytes or loop for minutes.
 _MAX_SCRYPT_N = 2**20
@@ -284,6 +293,7 @@ class PasswordFile:
         scrypt_r: int = 8,
         scrypt_p: int = 1,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > _MAX_SCRYPT_N:
             raise ValueError("scrypt_n must be a power of two between 2 and 2**20")
@@ -293,7 +303,10 @@ class PasswordFile:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._n, self._r, self._p = scrypt_n, scrypt_r, scrypt_p
         self._clock = clock
+        self._monotonic = monotonic
         self._snapshot: _Snapshot | None = None
+        self._read_at: float | None = None  # monotonic time of the last read of the file
+        self._seen_signature: tuple[int, int, int, int] | None = None  # stat's, at that read
         self._key: bytes | None = None
         # The hash an unknown user is checked against, so a miss costs what a hit costs.
         self._dummy = _Hash(scrypt_n, scrypt_r, scrypt_p, secrets.token_bytes(SALT_BYTES), b"\0" * HASH_BYTES)
@@ -374,10 +387,28 @@ class PasswordFile:
         """The cached snapshot, re-read when the file changed on disk."""
         signature = self._signature()
         snap = self._snapshot
-        if snap is None or snap.signature != signature:
+        if snap is None or self._seen_signature != signature:
             snap = self._read()
             self._snapshot = snap
+            self._seen_signature = signature
+            self._read_at = self._monotonic()
         return snap
+
+    def _recheck(self, key: str | None, seen: _Entry | None) -> tuple[bool, _Entry | None]:
+        """``(changed, entry)``: ``key``'s entry in a fresh read of the file (its ``stat``
+        not trusted, see the module docstring) and whether it differs from ``seen``; no read
+        (``False, seen``) when ``key`` is None or the file was read less than
+        RECHECK_INTERVAL seconds ago."""
+        now = self._monotonic()
+        if key is None or (self._read_at is not None and now - self._read_at < RECHECK_INTERVAL):
+            return False, seen
+        snap = self._read()
+        self._snapshot = snap
+        # what stat says now (maybe still the old version): _current reads again when it changes
+        self._seen_signature = self._signature()
+        self._read_at = now
+        entry = snap.users.get(key)
+        return entry != seen, entry
 
     # ------------------------------------------------------------------ the key
 
@@ -626,7 +657,11 @@ class PasswordFile:
     def exists(self, address: str) -> bool:
         """True when ``address`` (any case) has a password."""
         key = _address_key(address)
-        return key is not None and key in self._current().users
+        if key is None:
+            return False
+        if key in self._current().users:
+            return True
+        return self._recheck(key, None)[1] is not None
 
     def addresses(self) -> list[str]:
         """Every address with a password, sorted, lower case."""
@@ -651,10 +686,16 @@ class PasswordFile:
             candidate = b""
         # No stored password holds a NUL (set_password refuses them), and HMAC (inside scrypt)
         # pads short keys with zero bytes, so "pw" and "pw\0" would hash alike: refuse NULs.
-        good = entry is not None and candidate != b"" and b"\0" not in candidate
+        usable = candidate != b"" and b"\0" not in candidate
         h = entry.hash if entry is not None else self._dummy
         got = _scrypt(candidate, h.salt, h.n, h.r, h.p, len(h.dk))
-        return hmac.compare_digest(got, h.dk) and good
+        if hmac.compare_digest(got, h.dk) and entry is not None and usable:
+            return True
+        changed, entry = self._recheck(key, entry)
+        if not changed or entry is None or not usable:
+            return False
+        h = entry.hash  # added or changed on another node since the last read
+        return hmac.compare_digest(_scrypt(candidate, h.salt, h.n, h.r, h.p, len(h.dk)), h.dk)
 
     def needs_rehash(self, address: str) -> bool:
         """True when the stored hash of ``address`` was made with other scrypt parameters
@@ -696,6 +737,8 @@ class PasswordFile:
         """The SCRAM-SHA-256 keys of ``address``, or None (unknown address, no keys yet)."""
         key = _address_key(address)
         entry = self._current().users.get(key) if key is not None else None
+        if entry is None or entry.scram is None:
+            entry = self._recheck(key, entry)[1]
         return entry.scram if entry is not None else None
 
     def all_have_scram(self, fresh: bool = True) -> bool:
@@ -761,8 +804,9 @@ class PasswordFile:
         if not self.keep_secrets:
             return None
         key = _address_key(address)
-        snap = self._current()
-        entry = snap.users.get(key) if key is not None else None
+        entry = self._current().users.get(key) if key is not None else None
+        if entry is None or entry.secret_data is None:
+            entry = self._recheck(key, entry)[1]
         if entry is None or entry.secret_data is None or entry.secret_nonce is None:
             return None
         plain = None
