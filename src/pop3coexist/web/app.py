@@ -190,7 +190,8 @@ class WebApp(resource.Resource):
         req.session = None
         req.raw.setHeader(b"Set-Cookie", self.sessions.set_cookie(None, req.secure))
 
-    def page(self, req: WebRequest, template: str, status: int = 200, **context: Any) -> Response:
+    def page(self, req: WebRequest, template: str, status: int = 200, /,
+             **context: Any) -> Response:
         """A rendered page; every template gets ``user``, ``csrf_token`` and ``path``."""
         body = self.renderer.render(
             template, user=req.user, csrf_token=req.session.csrf if req.session else "",

@@ -39,9 +39,9 @@ class Renderer:
         self.env.globals.update(globals or {})
         self.static_dirs = (*static_dirs, CORE_STATIC)
 
-    def render(self, name: str, **context: Any) -> bytes:
-        """The template ``name`` rendered with ``context``, as UTF-8."""
-        return self.env.get_template(name).render(**context).encode("utf-8")
+    def render(self, template: str, /, **context: Any) -> bytes:
+        """The template named ``template`` rendered with ``context``, as UTF-8."""
+        return self.env.get_template(template).render(**context).encode("utf-8")
 
     def static_file(self, name: str) -> tuple[bytes, str] | None:
         """(content, media type) of a static file by its bare name, or None (unknown, or a
