@@ -120,6 +120,7 @@ class LimitedRequest(server.Request):
     and leaves the body's parsing to WebApp (``parsePOSTFormSubmission`` off)."""
 
     too_big = False
+    web_user: str | None = None  # the logged-in user, once the session is known
 
     def __init__(self, channel: Any, *args: Any, **kw: Any) -> None:
         kw["parsePOSTFormSubmission"] = False
@@ -224,7 +225,7 @@ class WebApp(resource.Resource):
     def _write(self, resp: Response, request: Any) -> None:
         if request._disconnected:
             return
-        session_user = getattr(request, "_web_user", None)
+        session_user = request.web_user
         request.setResponseCode(resp.status)
         headers.apply(request, bool(session_user), resp.csp or headers.CSP, frame=resp.frame)
         request.setHeader(b"Content-Type", resp.content_type.encode("ascii"))
@@ -268,7 +269,7 @@ class WebApp(resource.Resource):
             session = self.sessions.new()
             request.setHeader(b"Set-Cookie", self.sessions.set_cookie(session,
                                                                        request.isSecure()))
-        request._web_user = session.user
+        request.web_user = session.user
         form: dict[str, list[str]] = {}
         files: list[Upload] = []
         if method == "POST":
@@ -288,7 +289,7 @@ class WebApp(resource.Resource):
                 return redirect(self.login_path)
             return self.error_page(req, 403, "Please log in first.")
         resp = await handler(req, **m.groupdict())
-        request._web_user = req.user
+        request.web_user = req.user
         return resp
 
 
