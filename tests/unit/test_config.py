@@ -386,6 +386,9 @@ MUST_BE_POSITIVE = [
     ("[[milter]]", "connect_timeout", MILTER),
     ("[[milter]]", "command_timeout", MILTER),
     ("[[milter]]", "content_timeout", MILTER),
+    ("[web]", "session_idle_timeout", ""),
+    ("[web]", "session_max_age", ""),
+    ("[web]", "max_upload", ""),
 ]
 ZERO_AND_WORSE = ['0', '0.0', '"0s"', '"0m"', '"0"', '-1', '-0.5', 'inf', 'nan', '"-1s"']
 
