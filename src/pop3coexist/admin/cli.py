@@ -8,13 +8,13 @@ stderr), 2 usage error. Passwords are never taken from argv: a prompt or --passw
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from pop3coexist.admin.blocking import wait
+from pop3coexist.admin.verbs import read_password as _read_password
 from pop3coexist.config import Config, load_config, locate
 from pop3coexist.errors import AdminError, AuthUnavailable, ConfigError, StoreError
 
@@ -143,24 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fail(message: str) -> NoReturn:
     raise AdminError(message)
-
-
-def _read_password(from_stdin: bool) -> str:
-    if from_stdin:
-        line = sys.stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
-        if password.endswith("\r"):
-            password = password[:-1]
-    else:
-        if not sys.stdin.isatty():
-            _fail("no terminal to prompt for the password: use --password-stdin")
-        password = getpass.getpass("Password: ")
-        again = getpass.getpass("Password again: ")
-        if password != again:
-            _fail("the passwords do not match")
-    if not password:
-        _fail("empty passwords are not allowed")
-    return password
 
 
 class Admin:

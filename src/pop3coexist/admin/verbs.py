@@ -9,10 +9,13 @@ admin/remote.py), so both print the same lines and exit with the same codes.
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
+
+from pop3coexist.errors import AdminError
 
 PROG = "pop3coexist-admin"
 
@@ -69,6 +72,26 @@ def call_for(args: argparse.Namespace) -> tuple[str, dict[str, Any], bool] | Non
     if verb in ("add", "set"):
         params.update(senders=args.senders, owner=args.owner)
     return f"list.{verb}", params, False
+
+
+def read_password(from_stdin: bool) -> str:
+    """One line of standard input (``--password-stdin``) or a prompt asked twice; AdminError
+    when there is no terminal, the two differ, or the password is empty."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        if password.endswith("\r"):
+            password = password[:-1]
+    else:
+        if not sys.stdin.isatty():
+            raise AdminError("no terminal to prompt for the password: use --password-stdin")
+        password = getpass.getpass("Password: ")
+        again = getpass.getpass("Password again: ")
+        if password != again:
+            raise AdminError("the passwords do not match")
+    if not password:
+        raise AdminError("empty passwords are not allowed")
+    return password
 
 
 def _human_time(when: float) -> str:

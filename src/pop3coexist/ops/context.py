@@ -73,7 +73,8 @@ class Context:
     queued message after queueing a failure report to its sender (smtp/bounce.py
     ``delete_with_report``; the face passes it in because the reports are the SMTP
     front-end's); ``actor`` and ``via`` name who acts for the audit log (``alice``, ``cli`` |
-    ``api`` | ``console``)."""
+    ``api`` | ``console``); ``flush()`` tells the delivery runner of this process to retry now
+(the server's faces; the command leaves a marker the runner polls)."""
 
     config: Config
     store: Any = None
@@ -81,6 +82,7 @@ class Context:
     bounce: Callable[[Any, str], None] | None = None
     actor: str = "?"
     via: str = "cli"
+    flush: Callable[[], None] | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

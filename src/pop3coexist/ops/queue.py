@@ -31,8 +31,11 @@ def queue_list(ctx: Context) -> dict:
 
 def queue_flush(ctx: Context) -> dict:
     """Ask the running server to retry every queued message now (a marker its delivery runner
-    polls every few seconds)."""
+    polls every few seconds, and ``Context.flush`` at once when the server itself runs
+    this)."""
     ctx.queue().request_flush()
+    if ctx.flush is not None:
+        ctx.flush()
     return done("queue flush requested")
 
 
