@@ -1243,6 +1243,65 @@ class AdminWebConfig:
         return self.tokens_file or Path(state_dir) / "admin" / "tokens.json"
 
 
+# --- [web] (issue 19: web mail over twisted.web) -------------------------------------------
+
+
+def is_loopback_endpoint(description: str) -> bool:
+    """True when a listener description can only be reached from this host: a ``tcp:`` or
+    ``tcp6:`` listener whose ``interface=`` is a loopback address (127.0.0.0/8, ::1,
+    ``localhost``), or a ``unix:`` socket (a reverse proxy on this host). Anything else (no
+    ``interface=``: every address; ``systemd:``: unknown) is not. Raises ValueError for a
+    malformed description (``parse_endpoint``)."""
+    kind, _args, kw = parse_endpoint(description)
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
+        return False
+    interface = kw.get("interface", "")
+    if interface.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def check_web_listeners(r: Any, section: str, listen: tuple[str, ...],
+                        tls_listen: tuple[str, ...], tls_enabled: bool) -> None:
+    """The rule of every HTTP front-end (``[web]``, and any console beside it): TLS is
+    required except on loopback. A plain ``listen`` entry that is not loopback
+    (``is_loopback_endpoint``) is a ConfigError naming file, line and key; ``tls_listen``
+    needs ``[tls]``. ``r`` is the reader (its ``fail`` names where)."""
+    for desc in listen:
+        if not is_loopback_endpoint(desc):
+            raise r.fail(section, "listen",
+                         f"{desc!r} is not a loopback address: passwords and session cookies "
+                         "would cross the network in clear text; put it in tls_listen, or "
+                         "listen on 127.0.0.1, ::1 or a unix: socket behind a TLS proxy")
+    if tls_listen and not tls_enabled:
+        raise r.fail(section, "tls_listen", "needs [tls] certificate and private_key")
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """Web mail (README "Web mail"): server-rendered pages over twisted.web, in the main
+    process, over the same store, checker, throttle and submission path as POP3 and SMTP."""
+
+    listen: tuple[str, ...] = key(_endpoints, [], "plain HTTP listeners: loopback or unix: "
+                                  "only (TLS is required elsewhere); none: no web mail")
+    tls_listen: tuple[str, ...] = key(_endpoints, [], "HTTPS listeners: TLS from the first "
+                                      "byte, with [tls]")
+    session_idle_timeout: float = key(_period, "30m", "a session unused this long is logged "
+                                      "out")
+    session_max_age: float = key(_period, "12h", "a session is logged out this long after "
+                                 "its log-in, used or not")
+    max_sessions: int = key(_positive, 10000, "sessions at once (the oldest idle one goes "
+                            "first)", unit="sessions")
+    max_upload: int = key(_positive_size, "25MB", "largest request body (a message with its "
+                          "attachments)", unit="bytes")
+    page_size: int = key(_positive, 50, "messages per page of a folder", unit="messages")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration. ``path`` is the file it came from (or None);
@@ -1267,6 +1326,7 @@ class Config:
     sieve: SieveConfig = table(SieveConfig)
     managesieve: ManageSieveConfig = table(ManageSieveConfig)
     imap: ImapConfig = table(ImapConfig)
+    web: WebConfig = table(WebConfig)
     metrics: MetricsConfig = table(MetricsConfig)
     log: LogConfig = table(LogConfig)
     milter: tuple[MilterConfig, ...] = tables(MilterConfig, "content filters, in order")
@@ -1615,8 +1675,11 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         raise r.fail("imap", "tls_listen", "needs [tls] certificate and private_key")
     if imap_cfg.require_secure_auth and not tls_cfg.enabled:
         raise r.fail("imap", "require_secure_auth", "needs [tls] certificate and private_key")
+    web_cfg = WebConfig(**r.listeners(r.keys(data.get("web", {}), "web", WebConfig), "web"))
+    check_web_listeners(r, "web", web_cfg.listen, web_cfg.tls_listen, tls_cfg.enabled)
 
     return Config(
+        web=web_cfg,
         dns=dns_cfg,
         dkim=dkim_cfg,
         sender_authentication=sender_auth_cfg,
@@ -1852,31 +1915,13 @@ def _parse_milters(r: _Reader, data: Mapping[str, Any]) -> tuple[MilterConfig, .
     return tuple(out)
 
 
-def is_loopback_endpoint(description: str) -> bool:
-    """True for a listener only this machine can reach: ``unix:``, or ``tcp``/``tcp6`` with
-    ``interface`` a loopback address (no interface: every address, so False)."""
-    kind, _, kwargs = parse_endpoint(description)
-    if kind == "unix":
-        return True
-    if kind == "systemd":
-        return kwargs.get("domain") == "UNIX"
-    try:
-        return ipaddress.ip_address(kwargs.get("interface", "")).is_loopback
-    except ValueError:
-        return False
-
-
 def _parse_admin_web(r: _Reader, data: Mapping[str, Any], tls_cfg: TlsConfig) -> AdminWebConfig:
     """``[admin_web]`` and its ``[[admin_web.peers]]``: plain listeners on loopback only, TLS
     listeners need [tls], the files named must exist, peer names are unique."""
     raw = data.get("admin_web", {})
     values = r.listeners(r.keys(raw, "admin_web", AdminWebConfig), "admin_web")
-    for desc in values.get("listen", ()):
-        if not is_loopback_endpoint(desc):
-            raise r.fail("admin_web", "listen", f"{desc!r} is plain HTTP on an address other "
-                         "machines reach: put it in tls_listen, or bind it to 127.0.0.1 / ::1")
-    if values.get("tls_listen") and not tls_cfg.enabled:
-        raise r.fail("admin_web", "tls_listen", "needs [tls] certificate and private_key")
+    check_web_listeners(r, "admin_web", values.get("listen", ()), values.get("tls_listen", ()),
+                        tls_cfg.enabled)
     ca = values.get("client_ca")
     if ca is not None and not ca.is_file():
         raise r.fail("admin_web", "client_ca", _not_a_file(ca))

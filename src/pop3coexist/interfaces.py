@@ -834,3 +834,38 @@ class IFolderView(Interface):
 
     def copy_to(messages: list, dest: IFolderView) -> list[tuple[int, int]]:
         """Copy messages into another folder; returns (source uid, new uid) pairs."""
+
+
+# --- the web front-ends (issue 19) ------------------------------------------------------
+
+
+class IWebSessions(Interface):
+    """Server-side sessions of one web front-end (web/sessions.py ``SessionStore``)."""
+
+    def new(user: str | None = None) -> object:
+        """A new session (fresh random id and CSRF token)."""
+
+    def get(session_id: str | None) -> object | None:
+        """The live session of an id, or None (unknown or timed out)."""
+
+    def login(old: object | None, user: str) -> object:
+        """The session after a log-in: always a new id; ``old`` is destroyed."""
+
+    def logout(session: object | None) -> None:
+        """Destroy a session."""
+
+    def set_cookie(session: object | None, secure: bool) -> bytes:
+        """A Set-Cookie header value for the session (None: clear the cookie)."""
+
+
+class IMessageSubmission(Interface):
+    """Hands a message to the SMTP submission path in-process, as if ``user`` had logged in
+    with SMTP AUTH on the submission port (smtp/submit.py ``Submitter``): the sender-ownership
+    rule, relay rules, the stages of policy/stages.py (expansion, content check, rules,
+    commit) and DKIM signing at enqueue apply exactly as for SMTP."""
+
+    def submit(user: str, sender: str, recipients: list, data: bytes,
+               client_ip: str) -> object:
+        """Deferred firing with a ``SubmissionResult`` (queue id, refused recipients with
+        their replies) once the message is durable; fails with ``errors.MailError`` when the
+        whole message is refused (no recipient accepted, sender not the user's, too big)."""

@@ -276,7 +276,9 @@ def listener_keys(config: Config) -> list[tuple[str, str]]:
                        ("smtp.tls_listen", config.smtp.tls_listen),
                        ("managesieve.listen", config.managesieve.listen),
                        ("imap.listen", config.imap.listen),
-                       ("imap.tls_listen", config.imap.tls_listen)):
+                       ("imap.tls_listen", config.imap.tls_listen),
+                       ("web.listen", config.web.listen),
+                       ("web.tls_listen", config.web.tls_listen)):
         out.extend((key, d) for d in descs)
     return out
 
@@ -796,6 +798,43 @@ def make_frontends(config: Config, parts: Components, queue: Any, reactor: Any,
     return out
 
 
+def make_webmail(config: Config, parts: Components, queue: Any, reactor: Any,
+                 throttles: dict[str, Any], tls_options: Any) -> list[tuple[str, str, Any]]:
+    """(role, description, site) of the ``[web]`` listeners (roles ``web`` and ``web_tls``):
+    web mail over the store and checker, with POP3's failed-log-in throttle (a failure on the
+    web delays POP3 from that address and the other way round), and an in-process
+    ``smtp.submit.Submitter`` over an SMTP factory of mode "submission" built like the
+    submission listener's (masquerading and DKIM around the queue, the Sieve rules, the
+    submission milters, the quarantine). Sessions live in memory, so only the main process
+    serves these listeners (side listeners, never given to the workers). Sender
+    authentication (SPF, DKIM, DMARC) never applies to logged-in mail, so no verifier."""
+    from pop3coexist.policy.dkimsign import dkim_queue
+    from pop3coexist.policy.masquerade import wrap_queue
+    from pop3coexist.smtp.server import SMTPServerFactory
+    from pop3coexist.smtp.submit import Submitter
+    from pop3coexist.web.app import make_site
+    from pop3coexist.web.listen import listeners
+    from pop3coexist.web.sessions import SessionStore
+    from pop3coexist.web.webmail import WebMail
+
+    smtp_queue = wrap_queue(dkim_queue(queue, config), config)
+    rules, srs = make_rules(config, parts, smtp_queue, reactor)
+    factory = SMTPServerFactory(
+        config, parts.store, parts.checker, smtp_queue, tls_options=tls_options,
+        mode="submission", reactor=reactor, throttle=throttles["smtp"], rules=rules, srs=srs,
+        content_filters=make_milters(config, "submission", reactor),
+        quarantine=make_quarantine(config))
+    web = config.web
+    sessions = SessionStore(reactor, idle_timeout=web.session_idle_timeout,
+                            max_age=web.session_max_age, max_sessions=web.max_sessions,
+                            cookie_name="pop3coexist_mail")
+    app = WebMail(config, parts.store, parts.checker, throttles["pop3"], Submitter(factory),
+                  sessions, reactor)
+    site = make_site(app, web.max_upload)
+    return listeners("web", "web", web.listen, web.tls_listen, site,
+                     tls_options if config.tls.enabled else None)
+
+
 VERIFY_THREADS = 20  # SPF, DKIM and DMARC checks at once (each mostly waits for DNS)
 
 
@@ -917,6 +956,9 @@ def make_service(config: Config, reactor: Any = None,
         top.supervisor = WorkerSupervisor(config, outbound, reactor=reactor)
         top.supervisor.on_change = top.write_listeners  # a replaced worker: its new pid
         top.supervisor.setServiceParent(top)
+    if config.web.listen or config.web.tls_listen:  # [web] (issue 19): the main process only
+        for role, desc, site in make_webmail(config, parts, queue, reactor, top.throttles, tls):
+            top.add_side_listener(ListenerService(desc, site, role, reactor=reactor))
     for desc in config.metrics.listen:
         site = metrics_site(config, metrics, parts.store, parts.checker, top.serving_state,
                             reactor)

@@ -1,0 +1,335 @@
+"""``WebApp``: the request handling every web front-end shares (a ``twisted.web`` resource).
+
+A front-end subclasses ``WebApp`` and declares routes with ``route(method, pattern,
+handler, auth=True)``: ``pattern`` is a regular expression over the URL path (its named
+groups are passed to the handler), ``handler`` an ``async def handler(req) -> Response``
+that gets a ``WebRequest``. For every request WebApp:
+
+1. finds the session from the cookie (``sessions.SessionStore``); a request without one gets
+   an anonymous session (its CSRF token is the log-in form's);
+2. refuses a POST whose ``csrf_token`` field is not the session's token: 403 with a page
+   saying why (``csrf``), before the handler runs;
+3. sends a route with ``auth=True`` and no logged-in user to the log-in page (a GET) or
+   refuses it with 403 (anything else);
+4. reads the body (at most ``max_body`` bytes, else 413): ``application/x-www-form-urlencoded``
+   and ``multipart/form-data`` (files with their names and types, ``WebRequest.files``);
+5. sets the security headers (``headers.apply``) on every response, errors included, and
+   ``Cache-Control: no-store`` when a user is logged in;
+6. turns an exception into a 500 page (logged with the path, never the body or cookie).
+
+``/static/NAME`` serves the shared stylesheet (``render.Renderer.static_file``).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import http, resource, server
+
+from pop3coexist.web import csrf, headers
+
+log = Logger()
+
+
+@dataclass
+class Upload:
+    """One uploaded file of a multipart/form-data body."""
+
+    field: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class Response:
+    """What a handler returns: a body (bytes) with status and headers, or a redirect."""
+
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "text/html; charset=utf-8"
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    csp: str | None = None  # a stricter policy for this response (None: headers.CSP)
+    frame: bool = False  # meant for a frame of our own pages (X-Frame-Options SAMEORIGIN)
+
+
+def redirect(location: str, status: int = 303) -> Response:
+    """A redirect to a path of this site (303 See Other after a POST)."""
+    if not location.startswith("/") or location.startswith("//"):
+        location = "/"
+    return Response(status=status, headers={b"Location": location.encode("utf-8")})
+
+
+class WebRequest:
+    """One request as a handler sees it: ``method``, ``path``, ``query`` and ``form`` (str ->
+    list of str), ``files`` (list of Upload), ``session`` (``sessions.Session``), ``user``
+    (the logged-in account or None), ``peer`` (client address), ``secure`` (HTTPS), and
+    ``raw`` (the twisted.web request). ``new_session`` is set by ``WebApp.log_in``."""
+
+    def __init__(self, raw: Any, session: Any, form: dict[str, list[str]],
+                 files: list[Upload]) -> None:
+        self.raw = raw
+        self.method = raw.method.decode("ascii", "replace")
+        self.path = raw.path.decode("utf-8", "replace")
+        self.query = _query_of(raw.uri)
+        self.form = form
+        self.files = files
+        self.session = session
+        self.peer = _peer(raw)
+        self.secure = raw.isSecure()
+
+    @property
+    def user(self) -> str | None:
+        return self.session.user if self.session is not None else None
+
+    def arg(self, name: str, default: str = "") -> str:
+        """The first value of a form field, or of a query parameter, or ``default``."""
+        for source in (self.form, self.query):
+            if source.get(name):
+                return source[name][0]
+        return default
+
+    def args(self, name: str) -> list[str]:
+        """Every value of a form field (checkboxes)."""
+        return self.form.get(name, [])
+
+
+def _query_of(uri: bytes) -> dict[str, list[str]]:
+    q = urllib.parse.urlsplit(uri.decode("utf-8", "replace")).query
+    return urllib.parse.parse_qs(q, keep_blank_values=True)
+
+
+def _peer(raw: Any) -> str:
+    addr = raw.getClientAddress()
+    return getattr(addr, "host", None) or "unix"
+
+
+Handler = Callable[[WebRequest], Awaitable[Response]]
+
+
+class LimitedRequest(server.Request):
+    """A twisted.web request that keeps at most ``site.max_body`` bytes of body (more: 413)
+    and leaves the body's parsing to WebApp (``parsePOSTFormSubmission`` off)."""
+
+    too_big = False
+
+    def __init__(self, channel: Any, *args: Any, **kw: Any) -> None:
+        kw["parsePOSTFormSubmission"] = False
+        super().__init__(channel, *args, **kw)
+        self._received = 0
+
+    def _limit(self) -> int:
+        return getattr(self.channel.site, "max_body", 25 * 1024 * 1024)
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted's name)
+        if length is not None and length > self._limit():
+            self.too_big = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        self._received += len(data)
+        if self._received > self._limit():
+            self.too_big = True
+        if not self.too_big:
+            super().handleContentChunk(data)
+
+
+def make_site(app: WebApp, max_body: int) -> server.Site:
+    """The twisted.web Site of ``app``: ``LimitedRequest``, no server version header, and
+    request logs without query strings (the access log never shows a token)."""
+    site = server.Site(app, logFormatter=_log_line)
+    site.requestFactory = LimitedRequest
+    site.max_body = max_body
+    site.displayTracebacks = False
+    return site
+
+
+def _log_line(timestamp: str, request: Any) -> str:
+    path = request.path.decode("utf-8", "replace")
+    return (f'"{_peer(request)}" - - {timestamp} "{request.method.decode("ascii", "replace")} '
+            f'{path}" {request.code} {request.sentLength or "-"}')
+
+
+class WebApp(resource.Resource):
+    """See the module docstring. ``sessions`` is a ``SessionStore``; ``renderer`` a
+    ``render.Renderer``; ``login_path`` where an anonymous browser is sent."""
+
+    isLeaf = True
+
+    def __init__(self, sessions: Any, renderer: Any, login_path: str = "/login") -> None:
+        super().__init__()
+        self.sessions = sessions
+        self.renderer = renderer
+        self.login_path = login_path
+        self._routes: list[tuple[str, re.Pattern, Handler, bool]] = []
+
+    def route(self, method: str, pattern: str, handler: Handler, auth: bool = True) -> None:
+        """Serve ``method`` requests whose path matches ``pattern`` (whole) with ``handler``;
+        ``auth``: only for a logged-in session."""
+        self._routes.append((method, re.compile(pattern + r"\Z"), handler, auth))
+
+    # -- log-in and log-out (the front-end checks the password, WebApp rotates the session)
+
+    def log_in(self, req: WebRequest, account: str) -> None:
+        """Give ``req``'s browser a NEW session for ``account`` (the old id is destroyed)."""
+        req.session = self.sessions.login(req.session, account)
+        req.raw.setHeader(b"Set-Cookie", self.sessions.set_cookie(req.session, req.secure))
+
+    def log_out(self, req: WebRequest) -> None:
+        """Destroy ``req``'s session and clear its cookie."""
+        self.sessions.logout(req.session)
+        req.session = None
+        req.raw.setHeader(b"Set-Cookie", self.sessions.set_cookie(None, req.secure))
+
+    def page(self, req: WebRequest, template: str, status: int = 200, /,
+             **context: Any) -> Response:
+        """A rendered page; every template gets ``user``, ``csrf_token`` and ``path``."""
+        body = self.renderer.render(
+            template, user=req.user, csrf_token=req.session.csrf if req.session else "",
+            path=req.path, **context)
+        return Response(body, status)
+
+    def error_page(self, req: WebRequest | None, status: int, message: str) -> Response:
+        """A small error page (403, 404, 413, 500...) in the site's frame."""
+        body = self.renderer.render("error.html", user=req.user if req else None,
+                                    csrf_token="", path="", status=status,
+                                    reason=http.RESPONSES.get(status, b"").decode(),
+                                    message=message)
+        return Response(body, status)
+
+    # -- twisted.web
+
+    def render(self, request: Any) -> Any:
+        d = defer.ensureDeferred(self._handle(request))
+        d.addErrback(self._crashed, request)
+        d.addCallback(self._write, request)
+        return server.NOT_DONE_YET
+
+    def _crashed(self, failure: Any, request: Any) -> Response:
+        log.failure("web: {method} {path} failed", failure,
+                    method=request.method.decode("ascii", "replace"),
+                    path=request.path.decode("utf-8", "replace"))
+        return self.error_page(None, 500, "Something went wrong on the server. Please try "
+                                          "again; if it keeps failing, tell the administrator.")
+
+    def _write(self, resp: Response, request: Any) -> None:
+        if request._disconnected:
+            return
+        session_user = getattr(request, "_web_user", None)
+        request.setResponseCode(resp.status)
+        headers.apply(request, bool(session_user), resp.csp or headers.CSP, frame=resp.frame)
+        request.setHeader(b"Content-Type", resp.content_type.encode("ascii"))
+        for k, v in resp.headers.items():
+            request.setHeader(k, v)
+        request.setHeader(b"Content-Length", str(len(resp.body)).encode("ascii"))
+        if request.method != b"HEAD":
+            request.write(resp.body)
+        request.finish()
+
+    async def _handle(self, request: Any) -> Response:
+        request.setHeader(b"Server", b"pop3coexist")
+        cookie = request.getCookie(self.sessions.cookie_name.encode("ascii"))
+        session = self.sessions.get(cookie.decode("ascii", "replace") if cookie else None)
+        if request.too_big:
+            return self.error_page(None, 413, "The upload is larger than this server takes.")
+        method = request.method.decode("ascii", "replace")
+        path = request.path.decode("utf-8", "replace")
+        if method in ("GET", "HEAD") and path.startswith("/static/"):
+            found = self.renderer.static_file(path[len("/static/"):])
+            if found is None:
+                return self.error_page(None, 404, "No such file.")
+            return Response(found[0], content_type=found[1],
+                            headers={b"Cache-Control": b"public, max-age=3600"})
+        match = None
+        allowed = False
+        for r_method, pattern, handler, auth in self._routes:
+            m = pattern.match(path)
+            if m is None:
+                continue
+            allowed = True
+            if r_method == method or (r_method == "GET" and method == "HEAD"):
+                match = (m, handler, auth)
+                break
+        if match is None:
+            if allowed:
+                return self.error_page(None, 405, "That is not something this page does.")
+            return self.error_page(None, 404, "There is no such page.")
+        m, handler, auth = match
+        if session is None:
+            session = self.sessions.new()
+            request.setHeader(b"Set-Cookie", self.sessions.set_cookie(session,
+                                                                       request.isSecure()))
+        request._web_user = session.user
+        form: dict[str, list[str]] = {}
+        files: list[Upload] = []
+        if method == "POST":
+            try:
+                form, files = parse_body(request)
+            except ValueError:
+                return self.error_page(None, 400, "The form could not be read.")
+            if not csrf.token_ok(session, (form.get(csrf.FIELD) or [""])[0]):
+                log.info("web: {method} {path} from {peer} refused: no valid CSRF token",
+                         method=method, path=path, peer=_peer(request))
+                return self.error_page(None, 403, "This form has expired or did not come from "
+                                                  "this site. Go back, reload the page and try "
+                                                  "again.")
+        req = WebRequest(request, session, form, files)
+        if auth and session.user is None:
+            if method in ("GET", "HEAD"):
+                return redirect(self.login_path)
+            return self.error_page(req, 403, "Please log in first.")
+        resp = await handler(req, **m.groupdict())
+        request._web_user = req.user
+        return resp
+
+
+def parse_body(request: Any) -> tuple[dict[str, list[str]], list[Upload]]:
+    """(form fields, uploaded files) of a POST body; ValueError when it cannot be read."""
+    request.content.seek(0)
+    body = request.content.read()
+    ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+    kind = ctype.split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        return _multipart(body, ctype)
+    if kind in ("application/x-www-form-urlencoded", ""):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8") from None
+        return urllib.parse.parse_qs(text, keep_blank_values=True), []
+    raise ValueError(f"unsupported body type {kind}")
+
+
+def _multipart(body: bytes, ctype: str) -> tuple[dict[str, list[str]], list[Upload]]:
+    head = f"MIME-Version: 1.0\r\nContent-Type: {ctype}\r\n\r\n".encode("latin-1")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not msg.is_multipart():
+        raise ValueError("not multipart")
+    form: dict[str, list[str]] = {}
+    files: list[Upload] = []
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        data = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename is not None:
+            if filename or data:
+                files.append(Upload(str(name), filename, part.get_content_type(), data))
+            continue
+        charset = part.get_content_charset() or "utf-8"
+        try:
+            value = data.decode(charset)
+        except (UnicodeDecodeError, LookupError):
+            raise ValueError("a field is not UTF-8") from None
+        form.setdefault(str(name), []).append(value)
+    return form, files
