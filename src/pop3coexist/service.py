@@ -967,7 +967,7 @@ def make_service(config: Config, reactor: Any = None,
     from pop3coexist.adminweb.site import admin_listeners
 
     for role, desc, factory in admin_listeners(config, parts.store, parts.checker, reactor,
-                                               flush=outbound.flush):
+                                               flush=outbound.flush, metrics=metrics):
         top.add_side_listener(ListenerService(desc, factory, role, reactor=reactor))
 
     def on_hup(signum: int, frame: Any) -> None:

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from pop3coexist.identity.adminaccounts import NAME, AdminTokens
+from pop3coexist.ops.client import ON_BEHALF
 from pop3coexist.ops.context import EXPECTED, Context, error_line
 from pop3coexist.ops.registry import OPERATIONS, run
 
@@ -133,7 +134,9 @@ class AdminApi(resource.Resource):
                 return params
         else:
             params = self._query(request, op.params)
-        d = self.blocking(self._run, admin, op.name, params)
+        behalf = header(request, ON_BEHALF.lower().encode()).strip()
+        actor = f"{admin}(for {behalf[:100]})" if behalf else admin
+        d = self.blocking(self._run, actor, op.name, params)
         d.addCallbacks(lambda result: self._finish(request, 200, result),
                        lambda f: self._failed(request, f))
         return server.NOT_DONE_YET
@@ -142,10 +145,13 @@ class AdminApi(resource.Resource):
         return run(self.make_context(admin, "api"), name, params)
 
     def _body(self, request: Any) -> dict[str, Any] | bytes:
+        if getattr(request, "too_big", False):
+            return send_json(request, 413, {"error": "the request is over 1 MB"})
         kind = header(request, b"content-type").split(";")[0].strip().lower()
         if kind != "application/json":
             return send_json(request, 415, {"error": "a change takes a JSON object "
                                                      "(Content-Type: application/json)"})
+        request.content.seek(0)
         raw = request.content.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:
             return send_json(request, 413, {"error": "the request is over 1 MB"})

@@ -6,7 +6,8 @@ sends ``GET /api/v1/<noun>/<verb>?...`` for a read or ``POST`` with a JSON objec
 (ops/registry.py names both) and returns the operation's JSON result, or raises ``OpsError``
 with the one line the server gave (or one saying why the server could not be asked).
 Blocking (urllib); HTTPS certificates are verified (the system's CAs, or ``ca_file``); the
-token goes in an ``Authorization: Bearer`` header, never in the URL.
+token goes in an ``Authorization: Bearer`` header, never in the URL. A console passes
+``on_behalf`` (the administrator logged in to it), sent as ``ON_BEHALF``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from typing import Any
 
 from pop3coexist.ops.context import OpsError
 from pop3coexist.ops.registry import OPERATIONS
+
+#: the header a console sends with the name of the administrator it acts for (the peer's
+#: audit log shows ``admin=<token's name>(for <that name>)``)
+ON_BEHALF = "X-Pop3coexist-Admin-For"
 
 #: the largest answer read (a long queue listing fits many times over)
 MAX_ANSWER = 64 * 1024 * 1024
@@ -43,13 +48,14 @@ class ApiClient:
 
     def __init__(self, url: str, *, token: str | None = None, ca_file: str | Path | None = None,
                  certificate: str | Path | None = None, private_key: str | Path | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, on_behalf: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise OpsError(f"{url!r} is not a server URL (https://host:port/)")
         self.base = f"{parsed.scheme}://{parsed.netloc}"
         self.token = token
         self.timeout = timeout
+        self.on_behalf = on_behalf
         self.context: ssl.SSLContext | None = None
         if parsed.scheme == "https":
             try:
@@ -84,6 +90,8 @@ class ApiClient:
         headers = {"Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
+        if self.on_behalf:
+            headers[ON_BEHALF] = self.on_behalf
         return headers
 
     def _request(self, request: urllib.request.Request) -> dict:
