@@ -179,7 +179,7 @@ class AdminApi(resource.Resource):
         return params
 
     def _finish(self, request: Any, code: int, value: Any) -> None:
-        if request._disconnected:
+        if getattr(request, "_disconnected", False):  # the client went away meanwhile
             return
         request.write(send_json(request, code, value))
         request.finish()

@@ -136,8 +136,9 @@ class Context:
         """Write one audit line (module docstring): who, through what, did what to what, and
         how it ended (``ok`` or ``error: <the one line>``)."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        safe = {k: _clean(v) for k, v in (("actor", self.actor), ("target", target),
-                                           ("outcome", outcome))}
+        safe = {k: _clean(v) for k, v in (("actor", self.actor), ("target", target))}
+        # the outcome is the line's last field: spaces stay, control characters do not
+        safe["outcome"] = "".join(c if c.isprintable() else "?" for c in outcome)[:300]
         line = (f"{stamp} admin={safe['actor']} via={self.via} action={action} "
                 f"target={safe['target'] or '-'} {safe['outcome']}")
         log.info("{line}", line=line, admin=self.actor, action=action)
