@@ -55,7 +55,8 @@ def run_verb(config: Config, args: argparse.Namespace, out: TextIO, actor: str,
                 made = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["created"] or 0))
                 print(f"{e['id']}  {e['admin']}  made {made}", file=out)
             return
-        action, target = f"admin.token.{args.token_verb}", getattr(args, "name", None) or args.which
+        action, target = f"admin.token.{args.token_verb}", (
+            args.name if args.token_verb == "add" else args.which)
     else:
         accounts = AdminAccounts(web.accounts_path(state))
         if args.verb == "list":

@@ -43,8 +43,8 @@ def certificate_admin(request: Any) -> str | None:
     """The CN of the verified client certificate of ``request``'s TLS connection, or None
     (no TLS, no certificate). A certificate is only there when the handshake verified it
     against ``client_ca`` (adminweb/site.py asks for one only then)."""
-    transport = getattr(request, "transport", None)
-    if transport is None or not ISSLTransport.providedBy(transport):
+    transport = request.transport
+    if not ISSLTransport.providedBy(transport):
         return None
     cert = transport.getPeerCertificate()
     if cert is None:
