@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.adminweb import admin_web_server, make_token
+from tests.support.adminweb import admin_here, admin_web_server, make_token
 from tests.support.programs import in_ci
 from tests.support.server import HOSTNAME, require_installed_plugin
 from tests.support.smarthost import wait_until
@@ -53,7 +53,7 @@ def pair(tmp_path_factory):
         f'{b.port("admin_web")}"\ntoken_file = "{token}"\n\n'
         '[metrics]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'))
     a.write_config()
-    a.admin("admin", "add", ALICE, password=ALICE_PW)
+    admin_here(a, "admin", "add", ALICE, "--password-stdin", stdin=ALICE_PW + "\n")
     a.start()
     try:
         yield a, b
@@ -98,7 +98,7 @@ def test_console_refuses_mail_accounts_forms_without_csrf_and_anonymous_changes(
     CSRF token is refused (403) and changes nothing; an anonymous change is refused; a GET
     without a session goes to the log-in page."""
     a, _ = pair
-    a.add_mailbox(ERIN, "erin-Mail-Pw-3")
+    admin_here(a, "mailbox", "add", ERIN, "--password-stdin", stdin="erin-Mail-Pw-3\n")
     client = Http(a)
     resp, _ = client.request("GET", "/mailboxes")
     assert resp.status == 303 and resp.headers["Location"] == "/login"
@@ -114,7 +114,7 @@ def test_console_refuses_mail_accounts_forms_without_csrf_and_anonymous_changes(
     assert resp.status == 303
     resp, _ = client.request("POST", "/do/mailbox.lock", {"address": ERIN, "back": "/mailboxes"})
     assert resp.status == 403
-    assert f"{ERIN} (locked)" not in a.admin("mailbox", "list").stdout
+    assert f"{ERIN} (locked)" not in admin_here(a, "mailbox", "list")
     resp, page = client.request("GET", "/stat")
     assert resp.status == 200 and ERIN in page
     assert "script-src" in resp.headers["Content-Security-Policy"] \
@@ -261,8 +261,8 @@ def test_browser_manages_the_peer_server_through_its_api(pair, browser):
     drv.find_element(By.ID, "mailbox-add").click()
     wait_until(lambda: f"mailbox frank@{HOSTNAME} added" in notice(drv), 20, "added on B")
     shot(drv, "peer")
-    assert f"frank@{HOSTNAME}" in b.admin("mailbox", "list").stdout
-    assert f"frank@{HOSTNAME}" not in a.admin("mailbox", "list").stdout
+    assert f"frank@{HOSTNAME}" in admin_here(b, "mailbox", "list")
+    assert f"frank@{HOSTNAME}" not in admin_here(a, "mailbox", "list")
     audit = (b.state_dir / "admin-audit.log").read_text()
     assert (f"admin=console-a(for_alice@{HOSTNAME}) via=api action=mailbox.add "
             f"target=frank@{HOSTNAME} ok") in audit

@@ -79,9 +79,28 @@ def admin_web_server(root: Path, client_ca: Path | None = None, extra: str = "")
         + extra))
 
 
+def admin_here(server: ServerProcess, *args: str, stdin: str = "") -> str:
+    """``pop3coexist-admin -c CONFIG ARGS`` run in this process (the console script's code;
+    a process start costs seconds on a busy machine); its standard output, or AssertionError
+    with its exit code."""
+    import io
+    import sys
+
+    from pop3coexist.admin import cli
+
+    out, saved = io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        code = cli.run(["-c", str(server.config_path), *args], out)
+    finally:
+        sys.stdin = saved
+    assert code == 0, f"admin {args} failed ({code})"
+    return out.getvalue()
+
+
 def make_token(server: ServerProcess, name: str) -> Path:
-    """``admin token add NAME`` with the real command; the token in a 0600 file."""
-    token = server.admin("admin", "token", "add", name).stdout.strip()
+    """``admin token add NAME``; the token in a 0600 file."""
+    token = admin_here(server, "admin", "token", "add", name).strip()
     path = server.root / f"{name}.token"
     path.touch(mode=0o600)
     path.write_text(token + "\n")
