@@ -1180,6 +1180,69 @@ class ImapConfig:
                            "past it the command gets NO [TOOBIG]", unit="bytes")
 
 
+# --- [admin_web] (issue 19: the admin API and console) ---------------------------------
+
+
+def _admin_peer_name(value: Any) -> str:
+    text = _string(value)
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", text):
+        raise ValueError(f"{text!r}: a peer's name is 1-63 letters, digits, '.', '_' or '-'")
+    return text
+
+
+def _admin_url(value: Any) -> str:
+    text = _string(value)
+    if not re.match(r"^https?://[^/\s?#]+/?$", text):
+        raise ValueError(f"{text!r} is not a server URL (https://host:port/)")
+    return text.rstrip("/")
+
+
+@dataclass(frozen=True)
+class AdminPeerConfig:
+    """A ``[[admin_web.peers]]`` entry: another pop3coexist server the console manages through
+    its admin API."""
+
+    name: str = key(_admin_peer_name, REQUIRED, "the name the console's server picker shows")
+    url: str = key(_admin_url, REQUIRED, "its admin API (https://host:port; http:// only to "
+                   "a loopback address)")
+    token_file: Path | None = key(_path, "", "a file with its API token (the token alone)")
+    certificate: Path | None = key(_path, "", "a client certificate (PEM) instead of a token")
+    private_key: Path | None = key(_path, "", "the client certificate's key (default: in "
+                                   "certificate)")
+    ca_file: Path | None = key(_path, "", "CA certificates (PEM) to verify it with; default: "
+                               "the system's")
+
+
+@dataclass(frozen=True)
+class AdminWebConfig:
+    """The admin API and console (README "Admin console"), in the main process only."""
+
+    listen: tuple[str, ...] = key(_endpoints, [], "plain HTTP listeners, loopback or unix: "
+                                  'only (e.g. "tcp:8025:interface=127.0.0.1"); none: off')
+    tls_listen: tuple[str, ...] = key(_endpoints, [], "HTTPS listeners (the [tls] certificate); "
+                                      "client certificates are asked for when client_ca is set")
+    accounts_file: Path | None = key(_path, "", "administrator accounts (scrypt)",
+                                     shown="`<state_dir>/admin/accounts.json`")
+    tokens_file: Path | None = key(_path, "", "API tokens (SHA-256 of each)",
+                                   shown="`<state_dir>/admin/tokens.json`")
+    client_ca: Path | None = key(_path, "", "CA (PEM) of the client certificates that log in "
+                                 "as the administrator named by their CN; none: tokens only")
+    session_timeout: float = key(_period, "30m", "a console session idle this long ends")
+    graph_interval: float = key(_period, "15s", "the graphs' sampling interval")
+    graph_history: float = key(_period, "3h", "how far back the graphs go (kept in memory)")
+    peers: tuple[AdminPeerConfig, ...] = tables(AdminPeerConfig, "servers the console manages")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen or self.tls_listen)
+
+    def accounts_path(self, state_dir: Path) -> Path:
+        return self.accounts_file or Path(state_dir) / "admin" / "accounts.json"
+
+    def tokens_path(self, state_dir: Path) -> Path:
+        return self.tokens_file or Path(state_dir) / "admin" / "tokens.json"
+
+
 # --- [web] (issue 19: web mail over twisted.web) -------------------------------------------
 
 
@@ -1267,6 +1330,7 @@ class Config:
     metrics: MetricsConfig = table(MetricsConfig)
     log: LogConfig = table(LogConfig)
     milter: tuple[MilterConfig, ...] = tables(MilterConfig, "content filters, in order")
+    admin_web: AdminWebConfig = table(AdminWebConfig)
     warnings: tuple[str, ...] = ()
 
     @property
@@ -1637,6 +1701,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
         smarthost=sh_cfg,
         queue=queue_cfg,
         path=path,
+        admin_web=_parse_admin_web(r, data, tls_cfg),
         warnings=tuple(r.warnings),
     )
 
@@ -1848,3 +1913,38 @@ def _parse_milters(r: _Reader, data: Mapping[str, Any]) -> tuple[MilterConfig, .
             m["socket"] = "unix:" + os.path.normpath(r.base / sock[5:])
         out.append(MilterConfig(name=name, **m))
     return tuple(out)
+
+
+def _parse_admin_web(r: _Reader, data: Mapping[str, Any], tls_cfg: TlsConfig) -> AdminWebConfig:
+    """``[admin_web]`` and its ``[[admin_web.peers]]``: plain listeners on loopback only, TLS
+    listeners need [tls], the files named must exist, peer names are unique."""
+    raw = data.get("admin_web", {})
+    values = r.listeners(r.keys(raw, "admin_web", AdminWebConfig), "admin_web")
+    check_web_listeners(r, "admin_web", values.get("listen", ()), values.get("tls_listen", ()),
+                        tls_cfg.enabled)
+    ca = values.get("client_ca")
+    if ca is not None and not ca.is_file():
+        raise r.fail("admin_web", "client_ca", _not_a_file(ca))
+    peer_list = raw.get("peers", []) if isinstance(raw, Mapping) else []
+    if not isinstance(peer_list, list):
+        raise r.fail("admin_web", "peers", "must be an array of tables ([[admin_web.peers]])")
+    peers: list[AdminPeerConfig] = []
+    for item in peer_list:
+        p = r.keys(item, "admin_web.peers", AdminPeerConfig)
+        for required in ("name", "url"):
+            if required not in p:
+                raise r.fail("admin_web.peers", required, "is required")
+        if any(x.name == p["name"] for x in peers):
+            raise r.fail("admin_web.peers", "name", f"{p['name']!r} is used twice")
+        if p.get("token_file") is None and p.get("certificate") is None:
+            raise r.fail("admin_web.peers", "token_file", f"peer {p['name']!r} needs "
+                         "token_file or certificate")
+        for name in ("token_file", "certificate", "private_key", "ca_file"):
+            if p.get(name) is not None and not p[name].is_file():
+                raise r.fail("admin_web.peers", name, _not_a_file(p[name]))
+        host = p["url"].split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+        if p["url"].startswith("http://") and host not in ("localhost", "127.0.0.1", "::1"):
+            raise r.fail("admin_web.peers", "url", f"{p['url']!r}: plain http:// only to a "
+                         "loopback address; use https://")
+        peers.append(AdminPeerConfig(**p))
+    return AdminWebConfig(**values, peers=tuple(peers))

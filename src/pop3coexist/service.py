@@ -963,6 +963,12 @@ def make_service(config: Config, reactor: Any = None,
         site = metrics_site(config, metrics, parts.store, parts.checker, top.serving_state,
                             reactor)
         top.add_side_listener(ListenerService(desc, site, "metrics", reactor=reactor))
+    # [admin_web]: the admin API and console, main process only (adminweb/site.py)
+    from pop3coexist.adminweb.site import admin_listeners
+
+    for role, desc, factory in admin_listeners(config, parts.store, parts.checker, reactor,
+                                               flush=outbound.flush, metrics=metrics):
+        top.add_side_listener(ListenerService(desc, factory, role, reactor=reactor))
 
     def on_hup(signum: int, frame: Any) -> None:
         # State files are re-read on every use; SIGHUP also asks the queue to run now,

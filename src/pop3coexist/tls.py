@@ -210,6 +210,37 @@ def server_options(cfg: TlsConfig) -> ssl.CertificateOptions | None:
                           f"TLS: {e.__class__.__name__}: {e}")
 
 
+def client_certificate_options(cfg: TlsConfig, client_ca: Path) -> ssl.CertificateOptions:
+    """Server options for ``cfg`` that ask for a client certificate (not require one) and
+    verify it against the CA certificates in ``client_ca`` (a certificate that does not verify
+    fails the handshake): the admin API's ``tls_listen`` with ``[admin_web] client_ca``.
+    ConfigError as ``server_options``, or for a ``client_ca`` without a PEM certificate."""
+    loaded = load_tls_files(cfg)
+    if loaded is None:
+        raise ConfigError("[admin_web] tls_listen needs [tls] certificate and private_key")
+    try:
+        cas = x509.load_pem_x509_certificates(client_ca.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"[admin_web] client_ca: cannot read {client_ca}: {e.strerror}")
+    except ValueError as e:
+        raise ConfigError(f"[admin_web] client_ca {client_ca}: no PEM certificate ({e})")
+    try:
+        options = _Options(
+            privateKey=crypto.PKey.from_cryptography_key(loaded.key),
+            certificate=crypto.X509.from_cryptography(loaded.chain[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in loaded.chain[1:]],
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+            verify=True, requireCertificate=False,
+            caCerts=[crypto.X509.from_cryptography(c) for c in cas],
+        )
+        options.getContext()
+        return options
+    except Exception as e:
+        raise ConfigError(f"[tls] {cfg.certificate} with [admin_web] client_ca {client_ca} "
+                          f"cannot be used for TLS: {e.__class__.__name__}: {e}")
+
+
 @implementer(IOpenSSLContextFactory)
 class ReloadableServerOptions:
     """The server TLS settings of one process, reloadable: see the module docstring.

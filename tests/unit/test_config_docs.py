@@ -69,7 +69,8 @@ def test_every_section_is_declared():
             "sender_authentication", "milter", "sieve", "managesieve", "metrics",
             "log"} <= SECTIONS
     assert set(declared_arrays()) == {"domains.remote", "gateway.connectors",
-                                      "gateway.recipient_policies", "dkim", "milter"}
+                                      "gateway.recipient_policies", "dkim", "milter",
+                                      "admin_web.peers"}
 
 
 @pytest.mark.parametrize("name", sorted(DECLARED))

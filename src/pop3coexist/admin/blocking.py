@@ -1,26 +1,8 @@
-"""Running the reactor from the blocking ``pop3coexist-admin`` command.
-
-The admin verbs are plain blocking code; the few that need Twisted (a directory look-up, the
-LDAP writes of ``policy apply``) start the reactor with ``wait`` until their Deferred fires.
-Shared by ``cli.py`` and ``policy.py``, which therefore need not import each other.
-"""
+"""``wait``: running the reactor from the blocking ``pop3coexist-admin`` command (it lives in
+ops/blocking.py, where the operations use it too)."""
 
 from __future__ import annotations
 
-from typing import Any
+from pop3coexist.ops.blocking import wait
 
-
-def wait(d: Any) -> Any:
-    """Run the reactor until a Deferred fires (directory look-ups); return or raise."""
-    from twisted.internet import reactor
-    from twisted.python.failure import Failure
-
-    box: list[Any] = []
-    d.addBoth(box.append)
-    if not box:
-        d.addBoth(lambda _: reactor.callLater(0, reactor.stop))
-        reactor.run(installSignalHandlers=False)
-    result = box[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
+__all__ = ["wait"]

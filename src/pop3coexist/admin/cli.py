@@ -8,17 +8,15 @@ stderr), 2 usage error. Passwords are never taken from argv: a prompt or --passw
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from pop3coexist.address import AddressError, is_valid_mailbox_name, normalise_domain
 from pop3coexist.admin.blocking import wait
-from pop3coexist.config import Config, load_config, locate, parse_size
-from pop3coexist.errors import AdminError, AuthUnavailable, ConfigError, NoSuchMailbox, StoreError
+from pop3coexist.admin.verbs import read_password as _read_password
+from pop3coexist.config import Config, load_config, locate
+from pop3coexist.errors import AdminError, AuthUnavailable, ConfigError, StoreError
 
 PROG = "pop3coexist-admin"
 DEFAULT_CONFIG = "etc/pop3coexist.toml"
@@ -34,6 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Administer pop3coexist domains, mailboxes and the queue.")
     p.add_argument("-c", "--config", default=None,
                    help=f"config file (default: $POP3COEXIST_CONFIG or {DEFAULT_CONFIG})")
+    remote = p.add_argument_group("another server's admin API (README \"Admin console\")")
+    remote.add_argument("--server", default=None, metavar="URL",
+                        help="run the verb on the server at URL (https://host:port/)")
+    remote.add_argument("--token-file", default=None, metavar="FILE",
+                        help="its API token (default: $POP3COEXIST_ADMIN_TOKEN)")
+    remote.add_argument("--ca", default=None, metavar="FILE", help="CA certificates (PEM) to "
+                        "verify the server with (default: the system's)")
+    remote.add_argument("--cert", default=None, metavar="FILE",
+                        help="a client certificate (PEM) instead of a token")
+    remote.add_argument("--key", default=None, metavar="FILE",
+                        help="the client certificate's private key (default: in --cert)")
     top = p.add_subparsers(dest="noun", required=True, parser_class=_Parser)
 
     d = top.add_parser("domain", help="mail domains").add_subparsers(dest="verb", required=True)
@@ -74,13 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     qd.add_argument("id")
     qd.add_argument("--bounce", action="store_true", help="send a failure report to the sender")
 
-    qq = top.add_parser("quarantine", help="messages a milter held (admin/quarantine.py)")
+    qq = top.add_parser("quarantine", help="messages a milter held (ops/queue.py)")
     qv = qq.add_subparsers(dest="verb", required=True)
     qv.add_parser("list")
     for verb in ("release", "delete"):
         qv.add_parser(verb).add_argument("id")
 
     top.add_parser("nodes", help="the nodes sharing state_dir (admin/nodes.py)")
+    from pop3coexist.admin.accounts import register as register_accounts
+
+    register_accounts(top)  # admin add|remove|list|passwd, admin token add|remove|list
 
     cc = top.add_parser("check-config", help="validate the config and the state it names")
     cc.add_argument("--peer", default=None, help="the other side's config (coexistence checks)")
@@ -133,285 +145,24 @@ def _fail(message: str) -> NoReturn:
     raise AdminError(message)
 
 
-def _split_address(text: str) -> tuple[str, str]:
-    """USER@DOMAIN -> (mailbox, domain), lower case, or AdminError."""
-    if "@" not in text:
-        _fail(f"{text!r} is not USER@DOMAIN")
-    local, _, domain = text.rpartition("@")
-    try:
-        domain = normalise_domain(domain)
-    except AddressError as e:
-        _fail(f"{text!r}: {e}")
-    local = local.lower()
-    if not is_valid_mailbox_name(local):
-        _fail(f"{text!r}: mailbox names are 1-64 characters of letters, digits and .!#$%&'*+=?^_`{{|}}~-")
-    return local, domain
-
-
-def _domain(text: str) -> str:
-    try:
-        return normalise_domain(text)
-    except AddressError as e:
-        _fail(str(e))
-
-
-def _read_password(from_stdin: bool) -> str:
-    if from_stdin:
-        line = sys.stdin.readline()
-        password = line[:-1] if line.endswith("\n") else line
-        if password.endswith("\r"):
-            password = password[:-1]
-    else:
-        if not sys.stdin.isatty():
-            _fail("no terminal to prompt for the password: use --password-stdin")
-        password = getpass.getpass("Password: ")
-        again = getpass.getpass("Password again: ")
-        if password != again:
-            _fail("the passwords do not match")
-    if not password:
-        _fail("empty passwords are not allowed")
-    return password
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
-
-
 class Admin:
-    """The verbs, over the store, the password file and the queue named by one config."""
+    """The local verbs that are not operations (check-config, scram-keys, vacation, ...),
+    over the state one config names; the operations (ops/) get ``context``."""
 
-    def __init__(self, config: Config, out: Any = None) -> None:
+    def __init__(self, config: Config, out: Any = None, actor: str = "?") -> None:
         self.config = config
         self.out = out or sys.stdout
-        from pop3coexist.store.maildir import MaildirStore
+        from pop3coexist.ops.context import Context
+        from pop3coexist.smtp.bounce import delete_with_report
 
-        self.store = MaildirStore(config.server.mailroot)
-        # The domains the config names exist from the start, for the server and for us.
-        for domain in config.domains.local:
-            if not self.store.domain_exists(domain):
-                self.store.add_domain(domain)
-        from pop3coexist.policy.relay import role_mailboxes
-
-        for domain, mailbox in role_mailboxes(config, config.domains.local):
-            self.store.add_mailbox(domain, mailbox)  # as at start: postmaster can receive
+        self.context = Context(config, bounce=delete_with_report, actor=actor, via="cli")
+        self.store = self.context.store
 
     def say(self, text: str) -> None:
         print(text, file=self.out)
 
     def _pwfile(self) -> Any:
-        from pop3coexist.identity.factory import make_password_file
-
-        return make_password_file(self.config)
-
-    def _need_domain(self, domain: str) -> None:
-        if not self.store.domain_exists(domain):
-            _fail(f"domain {domain} does not exist (pop3coexist-admin domain add {domain})")
-
-    # -- domains
-
-    def domain_add(self, name: str) -> None:
-        """Add a local domain. When it is the second one, warn on stderr (the exit code stays
-        0) that bare-name log-ins end: a bare name (``ted``) logs in only while the server has
-        exactly one local domain (README "Log-in names")."""
-        domain = _domain(name)
-        before = self.store.list_domains()
-        if self.config.auth.method == "local":
-            others = [d for d in before if d != domain]
-            if others:
-                _fail(f"auth.method \"local\" allows one mail domain only; {others[0]} exists")
-        if not self.store.add_domain(domain):
-            _fail(f"domain {domain} already exists")
-        self.say(f"domain {domain} added")
-        from pop3coexist.policy.relay import RoleAddresses, primary_domain, role_mailboxes
-
-        domains = self.store.list_domains()
-        for box_domain, mailbox in role_mailboxes(self.config, domains):
-            if box_domain == domain and self.store.add_mailbox(box_domain, mailbox):
-                self.say(f"mailbox {mailbox}@{domain} added (postmaster mail lands there)")
-        roles = RoleAddresses.from_config(self.config)
-        target = roles.postmaster_for(primary_domain(self.config, domains))
-        if target is not None:
-            self.say(f"mail for postmaster@{domain} lands in <{target}> unless a mailbox "
-                      f"postmaster@{domain} exists (RFC 5321 section 4.5.1)")
-        if len(before) == 1 and domain not in before:
-            print(
-                f"{PROG}: warning: the server now has two local domains, so bare-name log-ins "
-                f"end: users must log in with their full address (ted@{before[0]}, not ted) for "
-                "POP3 and SMTP AUTH; a bare name works only while there is exactly one local domain",
-                file=sys.stderr,
-            )
-
-    def domain_remove(self, name: str, yes: bool) -> None:
-        domain = _domain(name)
-        if domain in self.config.domains.local:
-            _fail(f"domain {domain} is named in [domains] local of {self.config.path}; remove it there first")
-        self._need_domain(domain)
-        if not yes:
-            _fail(f"removing {domain} deletes all its mailboxes and mail: add --yes")
-        if self.config.auth.method == "passwordfile":
-            self._pwfile().remove_domain(domain)
-        self.store.remove_domain(domain)
-        self.say(f"domain {domain} removed")
-
-    def domain_list(self) -> None:
-        for domain in self.store.list_domains():
-            flags = " (locked)" if self.store.is_domain_locked(domain) else ""
-            self.say(f"{domain}\t{len(self.store.list_mailboxes(domain))} mailboxes{flags}")
-
-    def domain_lock(self, name: str, locked: bool) -> None:
-        domain = _domain(name)
-        self._need_domain(domain)
-        self.store.set_domain_locked(domain, locked)
-        self.say(f"domain {domain} {'locked' if locked else 'unlocked'}")
-
-    # -- mailboxes
-
-    def mailbox_add(self, address: str, password_stdin: bool) -> None:
-        local, domain = _split_address(address)
-        self._need_domain(domain)
-        if self.store.mailbox_exists(domain, local):
-            _fail(f"mailbox {local}@{domain} already exists")
-        method = self.config.auth.method
-        if method == "passwordfile":
-            password = _read_password(password_stdin)
-            self._pwfile().set_password(f"{local}@{domain}", password)
-        else:
-            if password_stdin:
-                _fail(f"with auth.method \"{method}\" the password lives in the "
-                      f"{'directory' if method == 'directory' else 'system'}; drop --password-stdin")
-            self._check_account(f"{local}@{domain}")
-        self.store.add_mailbox(domain, local)
-        self.say(f"mailbox {local}@{domain} added")
-
-    def _check_account(self, address: str) -> None:
-        from pop3coexist.identity.factory import make_checker
-
-        checker = make_checker(self.config, self.store)
-        try:
-            found = wait(checker.resolve_recipient(address))
-        except AuthUnavailable as e:
-            _fail(f"cannot reach the account source: {e}")
-        where = "directory" if self.config.auth.method == "directory" else "system accounts"
-        if found is None:
-            _fail(f"no account {address} in the {where}")
-        if found.lower() != address.lower():
-            _fail(f"{address} belongs to the account whose mailbox is {found}")
-
-    def mailbox_remove(self, address: str, yes: bool) -> None:
-        local, domain = _split_address(address)
-        if not self.store.mailbox_exists(domain, local):
-            _fail(f"mailbox {local}@{domain} does not exist")
-        if not yes:
-            _fail(f"removing {local}@{domain} deletes its mail: add --yes")
-        # the log-in goes first: a failure half-way leaves mail that nobody can log in to,
-        # never a log-in without its mail
-        if self.config.auth.method == "passwordfile":
-            pw = self._pwfile()
-            if pw.exists(f"{local}@{domain}"):
-                pw.remove(f"{local}@{domain}")
-        self.store.remove_mailbox(domain, local)
-        self.say(f"mailbox {local}@{domain} removed")
-
-    def mailbox_list(self, domain: str | None) -> None:
-        domains = [_domain(domain)] if domain else self.store.list_domains()
-        for d in domains:
-            self._need_domain(d)
-            for mb in self.store.list_mailboxes(d):
-                flags = " (locked)" if self.store.is_mailbox_locked(d, mb) else ""
-                self.say(f"{mb}@{d}{flags}")
-
-    def mailbox_lock(self, address: str, locked: bool) -> None:
-        local, domain = _split_address(address)
-        if not self.store.mailbox_exists(domain, local):
-            _fail(f"mailbox {local}@{domain} does not exist")
-        self.store.set_mailbox_locked(domain, local, locked)
-        self.say(f"mailbox {local}@{domain} {'locked' if locked else 'unlocked'}")
-
-    def mailbox_passwd(self, address: str, password_stdin: bool) -> None:
-        local, domain = _split_address(address)
-        method = self.config.auth.method
-        if method != "passwordfile":
-            where = "the directory" if method == "directory" else "the system (passwd)"
-            _fail(f"with auth.method \"{method}\" the password of {local}@{domain} lives in {where}; change it there")
-        if not self.store.mailbox_exists(domain, local):
-            _fail(f"mailbox {local}@{domain} does not exist")
-        password = _read_password(password_stdin)
-        self._pwfile().set_password(f"{local}@{domain}", password)
-        self.say(f"password of {local}@{domain} changed")
-
-    def mailbox_quota(self, address: str, size: str) -> None:
-        local, domain = _split_address(address)
-        if not self.store.mailbox_exists(domain, local):
-            _fail(f"mailbox {local}@{domain} does not exist")
-        if size.lower() == "none":
-            limit = None
-        else:
-            try:
-                limit = parse_size(size)
-            except ValueError as e:
-                _fail(str(e))
-        self.store.set_quota(domain, local, limit)
-        self.say(f"quota of {local}@{domain}: {'none' if limit is None else limit}")
-
-    # -- stat
-
-    def stat(self, domain: str | None) -> None:
-        domains = [_domain(domain)] if domain else self.store.list_domains()
-        self.say(f"{'mailbox':40} {'messages':>8} {'bytes':>12} {'locked':>6}  quota")
-        total_m = total_b = 0
-        for d in domains:
-            self._need_domain(d)
-            for mb in self.store.list_mailboxes(d):
-                messages, size = self.store.usage(d, mb)
-                total_m += messages
-                total_b += size
-                quota = self.store.get_quota(d, mb)
-                use = "none" if quota is None else f"{size}/{quota} ({100 * size // max(quota, 1)}%)"
-                locked = "yes" if self.store.is_mailbox_locked(d, mb) else "no"
-                self.say(f"{mb + '@' + d:40} {messages:8} {size:12} {locked:>6}  {use}")
-        self.say(f"{'total':40} {total_m:8} {total_b:12}")
-
-    # -- queue
-
-    def _queue(self) -> Any:
-        from pop3coexist.store.queue import FileQueue
-
-        return FileQueue(self.config.server.queue_dir, self.config.server.hostname)
-
-    def queue_list(self) -> None:
-        entries = self._queue().entries()
-        if not entries:
-            self.say("queue is empty")
-            return
-        now = time.time()
-        for e in entries:
-            age = int(now - float(e.get("arrival", now)))
-            self.say(f"{e['id']}  age {age}s  from <{e.get('sender', '')}>")
-            for r in e.get("recipients", []):
-                nxt = r.get("next_attempt")
-                when = f"  next {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(nxt))}" if nxt else ""
-                reply = f"  last: {r['last_reply']}" if r.get("last_reply") else ""
-                self.say(f"    {r.get('address')}  {r.get('state')}{when}{reply}")
-
-    def queue_flush(self) -> None:
-        self._queue().request_flush()
-        self.say("queue flush requested")
-
-    def queue_delete(self, ident: str, bounce: bool) -> None:
-        from pop3coexist.smtp.bounce import delete_with_report
-
-        try:
-            if bounce:
-                delete_with_report(self._queue(), ident)
-            else:
-                self._queue().delete(ident)
-        except KeyError:
-            _fail(f"no message {ident} in the queue")
-        self.say(f"message {ident} deleted{' (report sent)' if bounce else ''}")
+        return self.context.password_file()
 
     # -- check-config
 
@@ -497,9 +248,26 @@ class Admin:
         return out
 
 
+def _unix_user() -> str:
+    """Who runs the command, for the audit log: the real user (``sudo``: the one who asked)."""
+    import pwd
+
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"uid{uid}"
+    sudo = os.environ.get("SUDO_USER")
+    return f"{sudo}(sudo)" if uid == 0 and sudo else name
+
+
 def run(argv: Sequence[str], out: Any = None) -> int:
     """Parse and run one command; return the exit code (errors go to stderr)."""
     args = build_parser().parse_args(list(argv))
+    if args.server:  # the same verbs through another server's admin API (admin/remote.py)
+        from pop3coexist.admin.remote import run_remote
+
+        return run_remote(args, out or sys.stdout)
     path = args.config or os.environ.get("POP3COEXIST_CONFIG") or DEFAULT_CONFIG
     owner = None
     try:
@@ -523,40 +291,29 @@ def run(argv: Sequence[str], out: Any = None) -> int:
 
             keygen(config, args.domain, args.selector, args.bits, out or sys.stdout)
             return 0
-        admin = Admin(config, out)
-        noun, verb = args.noun, getattr(args, "verb", None)
-        if noun == "domain":
-            if verb == "add":
-                admin.domain_add(args.name)
-            elif verb == "remove":
-                admin.domain_remove(args.name, args.yes)
-            elif verb == "list":
-                admin.domain_list()
-            else:
-                admin.domain_lock(args.name, verb == "lock")
-        elif noun == "mailbox":
-            if verb == "add":
-                admin.mailbox_add(args.address, args.password_stdin)
-            elif verb == "remove":
-                admin.mailbox_remove(args.address, args.yes)
-            elif verb == "list":
-                admin.mailbox_list(args.domain)
-            elif verb in ("lock", "unlock"):
-                admin.mailbox_lock(args.address, verb == "lock")
-            elif verb == "passwd":
-                admin.mailbox_passwd(args.address, args.password_stdin)
-            elif verb == "quota":
-                admin.mailbox_quota(args.address, args.size)
-            elif verb == "scram-keys":
-                from pop3coexist.admin.scram import run_scram_keys
+        if args.noun == "admin":  # admin accounts and API tokens (admin/accounts.py)
+            from pop3coexist.admin.accounts import run_verb as run_admin_verb
 
-                run_scram_keys(config, admin._pwfile(), args.address, admin.say)
-        elif noun == "stat":
-            admin.stat(args.domain)
-        elif noun in ("alias", "list"):
-            from pop3coexist.admin.aliases import run_verb
+            run_admin_verb(config, args, out or sys.stdout, _unix_user(), _read_password)
+            return 0
+        admin = Admin(config, out, _unix_user())
+        from pop3coexist.admin.verbs import call_for, show
 
-            run_verb(admin, args)
+        call = call_for(args)
+        if call is not None:  # an operation (ops/): the same code the admin API runs
+            from pop3coexist.ops.registry import run as run_operation
+
+            name, params, needs_password = call
+            raw: dict[str, Any] = {}
+            if needs_password and (args.password_stdin or config.auth.method == "passwordfile"):
+                raw["password"] = lambda: _read_password(args.password_stdin)
+            show(name, run_operation(admin.context, name, params, raw=raw), admin.out)
+            return 0
+        noun = args.noun
+        if noun == "mailbox":  # scram-keys
+            from pop3coexist.admin.scram import run_scram_keys
+
+            run_scram_keys(config, admin._pwfile(), args.address, admin.say)
         elif noun == "policy":
             from pop3coexist.admin.policy import run_apply
 
@@ -565,29 +322,15 @@ def run(argv: Sequence[str], out: Any = None) -> int:
             from pop3coexist.admin import vacation
 
             vacation.run(config, admin.store, args, admin.out)
-        elif noun == "nodes":
-            from pop3coexist.admin.nodes import run_nodes
-
-            run_nodes(config, admin.out)
-        elif noun == "quarantine":
-            from pop3coexist.admin.quarantine import run_quarantine
-
-            run_quarantine(config, verb, None if verb == "list" else args.id, admin.out)
-        elif noun == "queue":
-            if verb == "list":
-                admin.queue_list()
-            elif verb == "flush":
-                admin.queue_flush()
-            else:
-                admin.queue_delete(args.id, args.bounce)
         return 0
     except (AdminError, ConfigError, StoreError, ValueError) as e:
-        text = str(e) or e.__class__.__name__
+        from pop3coexist.ops.context import error_line
+
         if isinstance(e, ConfigError):  # a check after parsing: name the config file and line
-            text = locate(os.path.abspath(path), text)
-        if isinstance(e, NoSuchMailbox):
-            text = f"no such domain or mailbox: {text}"
-        print(f"{PROG}: error: {text.splitlines()[0]}", file=sys.stderr)
+            text = locate(os.path.abspath(path), str(e) or "ConfigError").splitlines()[0]
+        else:
+            text = error_line(e)
+        print(f"{PROG}: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

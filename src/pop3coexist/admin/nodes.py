@@ -15,64 +15,12 @@ single server (no ``nodes/`` folder: "no nodes: server.local_dir is not set anyw
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
-import time
-from pathlib import Path
 from typing import TextIO
 
 from pop3coexist.config import Config
+from pop3coexist.ops.nodes import node_rows
 
-
-def node_rows(state_dir: Path, now: float | None = None) -> list[dict]:
-    """Each node of ``state_dir``: ``{"node", "running", "holder", "probe_age", "claims"}``
-    (``probe_age`` in seconds or None; ``holder`` "pid N on HOST" or ""). Blocking."""
-    now = time.time() if now is None else now
-    folder = Path(state_dir) / "nodes"
-    try:
-        names = sorted(n[: -len(".lock")] for n in os.listdir(folder) if n.endswith(".lock"))
-    except FileNotFoundError:
-        return []
-    claimed = Path(state_dir) / "queue" / "claimed"
-    try:
-        owners = [d for d in os.listdir(claimed) if not d.startswith(".")]
-    except FileNotFoundError:
-        owners = []
-    rows = []
-    for name in names:
-        running, holder = _held(folder / f"{name}.lock")
-        try:
-            probe_age: float | None = now - (folder / f"{name}.alive").stat().st_mtime
-        except FileNotFoundError:
-            probe_age = None
-        claims = 0
-        for owner in owners:
-            if owner.split(".", 1)[0] == name:
-                try:
-                    claims += sum(1 for e in os.listdir(claimed / owner) if e.endswith(".json"))
-                except FileNotFoundError:
-                    pass
-        rows.append({"node": name, "running": running, "holder": holder if running else "",
-                     "probe_age": probe_age, "claims": claims})
-    return rows
-
-
-def _held(path: Path) -> tuple[bool, str]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            words = os.pread(fd, 128, 0).decode("ascii", "replace").split()
-            holder = f"pid {words[0]}" + (f" on {words[1]}" if len(words) > 1 else "") if words else ""
-            return True, holder
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False, ""
-    finally:
-        os.close(fd)
+__all__ = ["node_rows", "run_nodes", "format_nodes"]
 
 
 def _age(seconds: float | None) -> str:
@@ -87,7 +35,11 @@ def _age(seconds: float | None) -> str:
 
 def run_nodes(config: Config, out: TextIO) -> None:
     """Print the node table (see the module docstring)."""
-    rows = node_rows(config.server.state_dir)
+    format_nodes(node_rows(config.server.state_dir), out)
+
+
+def format_nodes(rows: list[dict], out: TextIO) -> None:
+    """Print ``rows`` (ops/nodes.py ``node_rows``) as the node table."""
     if not rows:
         print("no nodes: server.local_dir is not set anywhere (one server alone)", file=out)
         return
