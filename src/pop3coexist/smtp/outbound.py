@@ -110,7 +110,9 @@ class OutboundService(service.Service):
         self.store = store
         self.reactor = reactor
         self.resolver = resolver or HopResolver()
-        self._deliver = deliver or (lambda *a, **kw: smtp_client.deliver(reactor, *a, **kw))
+        # SMTP connection reuse: the sessions to each next hop are kept for the next messages
+        self.connections = smtp_client.ConnectionCache(reactor)
+        self._deliver = deliver or self.connections.deliver
         if blocking is None:
             if hasattr(reactor, "getThreadPool"):
                 from twisted.internet import threads
@@ -223,6 +225,7 @@ class OutboundService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.queue.set_waker(None)
+        self.connections.close_all()
         d = self._stop_jobs()
 
         def give_back(result: Any) -> Any:
