@@ -478,8 +478,17 @@ class OutboundESMTP(smtp.ESMTPClient):
         self._okresponse = self._pipelineReply
         self._failresponse = self._pipelineReply
         self._mail_sent = True
-        self.last_command = "MAIL"
+        self._pipeLabel()
         self.transport.write(b"".join(x + b"\r\n" for x in lines))
+
+    def _pipeLabel(self) -> None:
+        """``last_command`` names the pipelined commands still unanswered ("MAIL/RCPT/DATA")."""
+        names = []
+        for kind in self._pipeline:
+            name = kind.upper() if isinstance(kind, str) else "RCPT"
+            if name not in names:
+                names.append(name)
+        self.last_command = "/".join(names)
 
     def _pipelineReply(self, code: int, resp: bytes) -> None:
         kind = self._pipeline.popleft()
@@ -490,9 +499,10 @@ class OutboundESMTP(smtp.ESMTPClient):
         if kind == "rset":
             if code != 250:
                 self._pipe_rset = (code, resp)
+            self._pipeLabel()
             return
         if kind == "mail":
-            self.last_command = "RCPT"
+            self._pipeLabel()
             self._pipe_mail = (code, resp)
             return
         if kind != "data":  # a recipient
@@ -500,7 +510,7 @@ class OutboundESMTP(smtp.ESMTPClient):
                     and self._pipe_mail[0] == 250:
                 self._current = kind
                 self._recordRcpt(code, resp)
-            self.last_command = "DATA" if self._pipeline[0] == "data" else "RCPT"
+            self._pipeLabel()
             return
         # the reply to DATA: every earlier reply is in
         self._current = None
