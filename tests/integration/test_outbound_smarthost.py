@@ -61,6 +61,32 @@ def test_relay_over_verified_tls_with_each_auth_mechanism(tmp_path: Path, certs,
     assert "pa ss" not in log
 
 
+def test_one_session_carries_many_messages_with_their_own_replies(tmp_path: Path, certs, cleanup) -> None:  # noqa: ANN001
+    """Connection reuse over verified TLS and AUTH (one connection allowed to the smart host):
+    five queued messages and the failure report go over one session with one log-in; a 550
+    and a 450 to one message's RCPT fail and defer that message alone."""
+    host = SmartHost(cert=certs.cert, key=certs.key, users={"relay@contoso.test": "pa ss"},
+                     mechanisms=("PLAIN",),
+                     rcpt_replies={"x@example.net": "550 5.1.1 no such user",
+                                   "y@example.net": "450 4.2.1 try again"}).start()
+    cleanup.append(host)
+    cfg = write_config(tmp_path / "run", host.hop, tls="required", ca_file=certs.ca_cert,
+                       username="relay@contoso.test", password="pa ss",
+                       retry_intervals=("1h",), max_connections_per_host=1)
+    queue = _queue(cfg)
+    ids = {r: enqueue(queue, [f"{r}@example.net"], BODY) for r in "bxycd"}
+    runner = Runner(cfg).start()
+    cleanup.append(runner)
+    msgs = host.wait_for(4)
+    assert sorted(tuple(m.rcpt_tos) for m in msgs) == [
+        ("a@example.org",), ("b@example.net",), ("c@example.net",), ("d@example.net",)]
+    wait_until(lambda: queue.ids() == [ids["y"]], what="all but the deferred message to leave")
+    assert host.auth_attempts == [("PLAIN", True)] and all(m.tls for m in msgs)
+    log = runner.log()
+    assert f"{ids['x']} to=<x@example.net>" in log and "state=failed" in log
+    assert f"{ids['y']} to=<y@example.net>" in log and "reply=450 4.2.1 try again" in log
+
+
 def test_wrong_password_defers_and_logs_the_reply(tmp_path: Path, certs, cleanup) -> None:  # noqa: ANN001
     """A refused log-in at the smart host defers the mail and the log carries the 535 reply;
     the password appears nowhere in the log."""

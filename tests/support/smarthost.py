@@ -329,9 +329,11 @@ def write_config(
     extra: str = "",
     command_timeout: str = "30s",
     mx_port: int | None = None,
+    max_connections_per_host: int | None = None,
 ) -> Path:
     """A config whose state lives in ``directory/state``; returns its path. ``mx_port``:
-    ``smarthost.mx_port`` (direct delivery's port), left out when None."""
+    ``smarthost.mx_port`` (direct delivery's port), left out when None; likewise
+    ``max_connections_per_host``."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "[server]",
@@ -349,6 +351,8 @@ def write_config(
     ]
     if mx_port is not None:
         lines.append(f"mx_port = {mx_port}")
+    if max_connections_per_host is not None:
+        lines.append(f"max_connections_per_host = {max_connections_per_host}")
     if ca_file is not None:
         lines.append(f'ca_file = "{ca_file}"')
     if username:

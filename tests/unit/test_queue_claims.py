@@ -169,3 +169,45 @@ def test_racing_processes_claim_each_message_exactly_once(tmp_path: Path, runner
         p.join(30)
     claimed = [qid for part in got for qid in part]
     assert sorted(claimed) == sorted(ids)
+
+
+def test_remove_many_removes_claimed_messages_and_leaves_taken_ones(tmp_path: Path) -> None:
+    """``remove_many`` (the runner's group removal) drops each claimed envelope and its body;
+    a message no longer in this owner's claim (taken back) keeps its envelope and body."""
+    one = _runner(tmp_path / "q", "n1", 0)
+    ids = _enqueue(one, tmp_path, 3)
+    for qid in ids:
+        assert one.claim(qid) is not None
+    one.release(ids[2], time.time())  # no longer ours
+    one.remove_many(ids)
+    assert one.ids() == [ids[2]]
+    assert not one.body_path(ids[0]).exists() and not one.body_path(ids[1]).exists()
+    assert one.body_path(ids[2]).exists()
+
+
+def test_group_call_batches_the_requests_made_while_a_batch_runs() -> None:
+    """outbound.GroupCall: the first request runs at once; those made while it runs go
+    together into one next call; each request's Deferred fires with its batch's result."""
+    from twisted.internet import defer
+
+    from pop3coexist.smtp.outbound import GroupCall
+
+    calls: list[list[str]] = []
+    pending: list[defer.Deferred] = []
+
+    def blocking(f, items):  # type: ignore[no-untyped-def]
+        calls.append(list(items))
+        d: defer.Deferred = defer.Deferred()
+        d.addCallback(lambda _: f(items))
+        pending.append(d)
+        return d
+
+    group = GroupCall(blocking, lambda items: {i: i.upper() for i in items})
+    got: list = []
+    for item in ("a", "b", "c"):
+        group(item).addCallback(lambda r, i=item: got.append(r[i]))
+    assert calls == [["a"]]
+    pending.pop(0).callback(None)
+    assert got == ["A"] and calls == [["a"], ["b", "c"]]
+    pending.pop(0).callback(None)
+    assert got == ["A", "B", "C"]

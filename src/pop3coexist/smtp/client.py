@@ -32,7 +32,9 @@ SMTP or network trouble: a failure is a reply for each recipient).
 
 from __future__ import annotations
 
+import os
 import re
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ log = Logger()
 
 _ENHANCED_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(\s|$)")
 _REPLY_LINE_RE = re.compile(rb"[2-5][0-9][0-9](?:[ \t-]|\Z)")
+SMALL_BODY = 256 * 1024  # bytes: a body up to this size is read and sent in one write
 
 
 class Secret:
@@ -190,7 +193,10 @@ class OutboundESMTP(smtp.ESMTPClient):
     debug = False  # the Twisted transcript would contain AUTH secrets
 
     def __init__(self, settings: ClientSettings, transaction: Transaction,
-                 finished: Callable[[TransactionResult], None]) -> None:
+                 finished: Callable[[TransactionResult], None] | None,
+                 on_idle: Callable[[OutboundESMTP], None] | None = None,
+                 on_lost: Callable[[OutboundESMTP], None] | None = None,
+                 max_messages: int = 1) -> None:
         secret = settings.password.reveal() if settings.password is not None else None
         context = _tls_context(settings)
         smtp.ESMTPClient.__init__(self, secret, context, settings.helo)
@@ -222,6 +228,19 @@ class OutboundESMTP(smtp.ESMTPClient):
         self._dot_sent = False  # the end of the message was sent: from here a reply is final
         self._tls_failed = False
         self.advice = ""
+        # connection reuse (ConnectionCache): after a transaction's final reply the session
+        # waits for the next one instead of QUIT, when ``on_idle`` is given and fewer than
+        # ``max_messages`` transactions went over it
+        self.on_idle = on_idle
+        self.on_lost = on_lost
+        self.max_messages = max_messages
+        self.messages = 0  # transactions ended on this connection
+        self.parked = False  # waiting, with no transaction, in a ConnectionCache
+        self.reused = False  # the current transaction is not the connection's first
+        self._need_rset = False  # MAIL was accepted but the transaction had no DATA
+        self._pipeline: deque[Any] = deque()
+        self._pipe_mail: tuple[int, bytes] | None = None
+        self._pipe_rset: tuple[int, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<OutboundESMTP to {self.settings.tls_name!r}>"
@@ -418,11 +437,121 @@ class OutboundESMTP(smtp.ESMTPClient):
                 line += b" ENVID=" + xtext_encode(t.envid).encode("ascii")
         self._rcpt_iter = iter(t.recipients)
         self._current: dict | None = None
+        if b"PIPELINING" in ext:
+            self._sendPipelined(line)
+            return
+        if self._need_rset:  # the last transaction had MAIL accepted and no DATA
+            self._need_rset = False
+            self._expected = [250]
+            self._okresponse = self.smtpState_from
+            self._failresponse = self._rsetRefused
+            self.sendLine(b"RSET")
+            return
         self._expected = [250]
         self._okresponse = self._mailAccepted
         self._failresponse = self._mailRefused
         self._mail_sent = True
         self.sendLine(line)
+
+    def _rsetRefused(self, code: int, resp: bytes) -> None:
+        self._fail(code, "4.5.0 RSET refused: " + _one_line(code, resp), code4=True, site=True)
+
+    # -- PIPELINING (RFC 2920): MAIL, every RCPT and DATA in one write, the replies in order
+
+    def _sendPipelined(self, mail: bytes) -> None:
+        lines = []
+        kinds: deque[Any] = deque()
+        if self._need_rset:
+            self._need_rset = False
+            lines.append(b"RSET")
+            kinds.append("rset")
+        lines.append(mail)
+        kinds.append("mail")
+        for r in self.transaction.recipients:
+            lines.append(self._rcptLine(r))
+            kinds.append(r)
+        lines.append(b"DATA")
+        kinds.append("data")
+        self._pipeline = kinds
+        self._pipe_mail = self._pipe_rset = None
+        self._expected = range(0, 1000)
+        self._okresponse = self._pipelineReply
+        self._failresponse = self._pipelineReply
+        self._mail_sent = True
+        self._pipeLabel()
+        self.transport.write(b"".join(x + b"\r\n" for x in lines))
+
+    def _pipeLabel(self) -> None:
+        """``last_command`` names the pipelined commands still unanswered ("MAIL/RCPT/DATA")."""
+        names = []
+        for kind in self._pipeline:
+            name = kind.upper() if isinstance(kind, str) else "RCPT"
+            if name not in names:
+                names.append(name)
+        self.last_command = "/".join(names)
+
+    def _pipelineReply(self, code: int, resp: bytes) -> None:
+        kind = self._pipeline.popleft()
+        if code == 421:  # the server closes the session (RFC 5321 section 3.8)
+            self._pipeline.clear()
+            self._fail(code, _one_line(code, resp).split(" ", 1)[-1], site=True)
+            return
+        if kind == "rset":
+            if code != 250:
+                self._pipe_rset = (code, resp)
+            self._pipeLabel()
+            return
+        if kind == "mail":
+            self._pipeLabel()
+            self._pipe_mail = (code, resp)
+            return
+        if kind != "data":  # a recipient
+            if self._pipe_rset is None and self._pipe_mail is not None \
+                    and self._pipe_mail[0] == 250:
+                self._current = kind
+                self._recordRcpt(code, resp)
+            self._pipeLabel()
+            return
+        # the reply to DATA: every earlier reply is in
+        self._current = None
+        if self._pipe_rset is not None:
+            if code == 354:  # never send a body after a refused RSET
+                self._finish()
+                self.accepted = []
+            self._rsetRefused(*self._pipe_rset)
+            return
+        assert self._pipe_mail is not None
+        if self._pipe_mail[0] != 250:
+            if code == 354:  # a broken server: no body, no QUIT (it would be message text)
+                self._fail(451, "4.5.0 protocol error: 354 to DATA after MAIL was refused",
+                           remote=False, abort=True)
+                return
+            self._mailRefused(*self._pipe_mail)
+            return
+        if code == 354:
+            if self.accepted:
+                self._sendBody(code, resp)
+            else:  # 354 with no recipient accepted: end without a message (RFC 2920 3.1)
+                self._fail(451, "4.5.0 protocol error: 354 to DATA with no recipient",
+                           remote=False, abort=True)
+            return
+        if self.accepted:
+            self._dataRefused(code, resp)
+        else:  # every RCPT refused, DATA refused as it must be: the transaction is left open
+            self._need_rset = True
+            self._endTransaction()
+
+    def _rcptLine(self, r: dict) -> bytes:
+        line = b"RCPT TO:<" + r["address"].encode("utf-8") + b">"
+        if b"DSN" in self.extensions:
+            from pop3coexist.smtp.dsn import orcpt_param
+
+            if r.get("notify"):
+                line += b" NOTIFY=" + ",".join(r["notify"]).encode()
+            orcpt = orcpt_param(r.get("orcpt"))
+            if orcpt:
+                line += b" ORCPT=" + orcpt.encode("ascii")
+        return line
 
     def _mailAccepted(self, code: int, resp: bytes) -> None:
         self._expected = range(0, 1000)
@@ -459,33 +588,27 @@ class OutboundESMTP(smtp.ESMTPClient):
                 self._failresponse = self._dataRefused
                 self.sendLine(b"DATA")
             else:
-                self._quit()
+                self._need_rset = True  # MAIL accepted, no DATA: RSET before the next MAIL
+                self._endTransaction()
             return
         self._current = r
-        line = b"RCPT TO:<" + r["address"].encode("utf-8") + b">"
-        if b"DSN" in self.extensions:
-            from pop3coexist.smtp.dsn import orcpt_param
-
-            if r.get("notify"):
-                line += b" NOTIFY=" + ",".join(r["notify"]).encode()
-            orcpt = orcpt_param(r.get("orcpt"))
-            if orcpt:
-                line += b" ORCPT=" + orcpt.encode("ascii")
-        self.sendLine(line)
+        self.sendLine(self._rcptLine(r))
 
     def _rcptReply(self, code: int, resp: bytes) -> None:
-        r = self._current
-        assert r is not None
-        addr = r["address"]
         if code == 421:  # the server closes the session (RFC 5321 section 3.8): no answer
             self._fail(code, _one_line(code, resp).split(" ", 1)[-1], site=True)
             return
-        reply = RecipientReply(addr, code, _one_line(code, resp))
+        self._recordRcpt(code, resp)
+        self._nextRcpt()
+
+    def _recordRcpt(self, code: int, resp: bytes) -> None:
+        r = self._current
+        assert r is not None
+        addr = r["address"]
         if code in smtp.SUCCESS:
             self.accepted.append(addr)
         else:
-            self.replies[addr] = reply
-        self._nextRcpt()
+            self.replies[addr] = RecipientReply(addr, code, _one_line(code, resp))
 
     def _sendBody(self, code: int, resp: bytes) -> None:
         try:
@@ -496,6 +619,21 @@ class OutboundESMTP(smtp.ESMTPClient):
             return
         transform = _BodyTransform()
         self._transform = transform
+        self._expected = smtp.SUCCESS
+        self._okresponse = self._dataReply
+        self._failresponse = self._dataReply
+        self.last_command = "DATA (end of message)"
+        try:
+            small = os.fstat(self._body_file.fileno()).st_size <= SMALL_BODY
+            data = self._body_file.read() if small else b""
+        except OSError as e:
+            self._bodyFailed(Failure(e))
+            return
+        if small:  # one write for the body and the final dot: no producer, no reactor turns
+            self._closeBody()
+            self._dot_sent = True
+            self.transport.write(transform(data) + transform.tail())
+            return
 
         def chunk(data: bytes) -> bytes:
             self.resetTimeout()
@@ -504,10 +642,6 @@ class OutboundESMTP(smtp.ESMTPClient):
         sender = smtp.basic.FileSender()
         d = sender.beginFileTransfer(self._body_file, self.transport, chunk)
         d.addCallbacks(self._bodySent, self._bodyFailed)
-        self._expected = smtp.SUCCESS
-        self._okresponse = self._dataReply
-        self._failresponse = self._dataReply
-        self.last_command = "DATA (end of message)"
 
     def _bodySent(self, _: Any) -> None:
         self._closeBody()
@@ -540,7 +674,61 @@ class OutboundESMTP(smtp.ESMTPClient):
             # a 421 refuses the message for the whole session: nothing was accepted
             self.replies[addr] = RecipientReply(addr, code, line, elsewhere=code == 421)
         self.accepted = []
-        self._quit()
+        if code == 421:
+            self._quit()
+        else:
+            self._endTransaction()
+
+    # -- connection reuse (ConnectionCache)
+
+    def _endTransaction(self) -> None:
+        """The transaction got its final reply: wait for the next one (``on_idle``) or QUIT."""
+        self.messages += 1
+        if self.on_idle is None or self.messages >= self.max_messages or self._lost:
+            self._quit()
+            return
+        self._finish()
+        self.parked = True
+        self.setTimeout(None)
+        self._expected = range(0, 1000)
+        self._okresponse = self._spokeWhileIdle
+        self._failresponse = self._spokeWhileIdle
+        self.on_idle(self)  # into the cache first: the result's callbacks may reuse it
+        cb, self._finished_cb = self._finished_cb, None
+        if cb is not None:
+            cb(self.result())
+
+    def _spokeWhileIdle(self, code: int, resp: bytes) -> None:
+        """A reply with no command (a 421 before the server's idle close): drop the session."""
+        self.transport.loseConnection()
+
+    def resume(self, transaction: Transaction,
+               finished: Callable[[TransactionResult], None]) -> None:
+        """Run ``transaction`` over this parked session (RFC 5321 section 4.1.1.5: MAIL right
+        after the last transaction's final reply, RSET first when that one had no DATA);
+        ``finished`` gets its result, as for a new connection."""
+        assert self.parked and not self._lost
+        self.parked = False
+        self.reused = True
+        self.done = False
+        self.transaction = transaction
+        self._finished_cb = finished
+        self.replies = {}
+        self.accepted = []
+        self._mail_sent = False
+        self._dot_sent = False
+        self.advice = ""
+        self.setTimeout(self.settings.command_timeout)
+        self.smtpState_from(250, b"")
+
+    def close_idle(self) -> None:
+        """QUIT a parked session (its idle time is over, or the runner stops)."""
+        if self.parked and not self._lost and not self._quitting:
+            self._quitting = True
+            self.setTimeout(self.settings.command_timeout)
+            self._okresponse = self.smtpState_disconnect
+            self._failresponse = self.smtpState_disconnect
+            self.sendLine(b"QUIT")
 
     def _quit(self) -> None:
         self._finish()
@@ -661,6 +849,8 @@ class OutboundESMTP(smtp.ESMTPClient):
         cb, self._finished_cb = self._finished_cb, None
         if cb is not None:
             cb(self.result())
+        if self.on_lost is not None:
+            self.on_lost(self)
 
     def _finish(self) -> None:
         self.done = True
@@ -717,9 +907,16 @@ class OutboundClientFactory(protocol.ClientFactory):
         self.remote_mta = remote_mta
         self.deferred: defer.Deferred[TransactionResult] = defer.Deferred()
         self.proto: OutboundESMTP | None = None
+        # ConnectionCache: (on_idle, on_lost, max_messages), or None: QUIT after the message
+        self.keep: tuple[Callable, Callable, int] | None = None
 
     def buildProtocol(self, addr: Any) -> OutboundESMTP:
-        p = OutboundESMTP(self.settings, self.transaction, self._done)
+        if self.keep is not None:
+            on_idle, on_lost, limit = self.keep
+            p = OutboundESMTP(self.settings, self.transaction, self._done, on_idle, on_lost,
+                              limit)
+        else:
+            p = OutboundESMTP(self.settings, self.transaction, self._done)
         p.factory = self
         self.proto = p
         return p
@@ -759,3 +956,126 @@ def deliver(
     factory = OutboundClientFactory(settings, transaction, remote_mta or host)
     reactor.connectTCP(host, port, factory, timeout=settings.connect_timeout)
     return factory.deferred
+
+
+REUSE_MESSAGES = 100  # transactions over one connection before it is closed
+REUSE_IDLE = 2.0  # seconds a connection waits, unused, for the next message (Postfix: 2 s)
+REUSE_IDLE_PER_HOST = 8  # idle connections kept per host; more are closed
+
+
+class ConnectionCache:
+    """SMTP connection reuse for the delivery runner, as Postfix's ``smtp_connection_cache``.
+
+    ``deliver(host, port, settings, transaction, remote_mta)`` is ``deliver`` above, but a
+    session whose transaction ended with its final reply is kept, idle, for the next message
+    to the same host, port and settings: at most ``max_messages`` transactions per
+    connection, ``idle`` seconds unused, ``per_host`` idle connections per host (the others
+    QUIT). The next transaction starts with MAIL at once (RFC 5321 section 4.1.1.5; RSET first
+    when the last one ended before DATA). A reused session that fails before it says anything
+    about the message (closed while idle, ``421`` or a refused RSET: ``hop_failed``) is
+    retried once on a new connection, so reuse never changes a message's fate. A reply is
+    final for its message only; a 4xx or 5xx to one message leaves the session for the next.
+    """
+
+    def __init__(self, reactor: Any, max_messages: int = REUSE_MESSAGES,
+                 idle: float = REUSE_IDLE, per_host: int = REUSE_IDLE_PER_HOST) -> None:
+        self.reactor = reactor
+        self.max_messages = max(1, max_messages)
+        self.idle = idle
+        self.per_host = per_host
+        self._idle: dict[tuple, list[tuple[OutboundESMTP, Any]]] = {}
+        self._keys: dict[int, tuple] = {}  # id(proto) -> its key
+        self.opened = 0  # connections opened (for tests and the log)
+        self.closed = False
+
+    @staticmethod
+    def _key(host: str, port: int, settings: ClientSettings) -> tuple:
+        return (host, port, settings.helo, settings.tls, settings.tls_name, settings.ca_file,
+                settings.username, settings.starttls, settings.connect_timeout,
+                settings.command_timeout)
+
+    def deliver(self, host: str, port: int, settings: ClientSettings, transaction: Transaction,
+                remote_mta: str | None = None) -> defer.Deferred[TransactionResult]:
+        """Relay ``transaction`` to ``host:port`` over an idle session when there is one."""
+        return defer.ensureDeferred(self._deliver(host, port, settings, transaction,
+                                                  remote_mta or host))
+
+    async def _deliver(self, host: str, port: int, settings: ClientSettings,
+                       transaction: Transaction, remote_mta: str) -> TransactionResult:
+        key = self._key(host, port, settings)
+        proto = self._take(key)
+        if proto is not None:
+            d: defer.Deferred[TransactionResult] = defer.Deferred()
+            proto.resume(transaction, d.callback)
+            result = await d
+            result.remote_mta = remote_mta
+            if not hop_failed_result(result):
+                return result
+            # the idle session was gone or refused the next message: a new connection decides
+        factory = OutboundClientFactory(settings, transaction, remote_mta)
+        if not self.closed and self.max_messages > 1:
+            factory.keep = (lambda p: self._park(key, p), self._lost, self.max_messages)
+        self.opened += 1
+        self.reactor.connectTCP(host, port, factory, timeout=settings.connect_timeout)
+        return await factory.deferred
+
+    def _take(self, key: tuple) -> OutboundESMTP | None:
+        sessions = self._idle.get(key)
+        while sessions:
+            proto, timer = sessions.pop()
+            if timer.active():
+                timer.cancel()
+            self._keys.pop(id(proto), None)
+            if proto.parked and not proto._lost and not proto._quitting:
+                return proto
+        return None
+
+    def _park(self, key: tuple, proto: OutboundESMTP) -> None:
+        sessions = self._idle.setdefault(key, [])
+        if self.closed or len(sessions) >= self.per_host:
+            self.reactor.callLater(0, proto.close_idle)  # after the result is handed over
+            return
+        timer = self.reactor.callLater(self.idle, self._expire, key, proto)
+        sessions.append((proto, timer))
+        self._keys[id(proto)] = key
+
+    def _expire(self, key: tuple, proto: OutboundESMTP) -> None:
+        self._remove(proto)
+        proto.close_idle()
+
+    def _remove(self, proto: OutboundESMTP) -> None:
+        key = self._keys.pop(id(proto), None)
+        if key is None:
+            return
+        sessions = self._idle.get(key, [])
+        for i, (p, timer) in enumerate(sessions):
+            if p is proto:
+                if timer.active():
+                    timer.cancel()
+                del sessions[i]
+                break
+        if not sessions:
+            self._idle.pop(key, None)
+
+    def _lost(self, proto: OutboundESMTP) -> None:
+        self._remove(proto)
+
+    def idle_count(self) -> int:
+        """Idle sessions now kept."""
+        return sum(len(v) for v in self._idle.values())
+
+    def close_all(self) -> None:
+        """QUIT every idle session and keep no more (the runner stops)."""
+        self.closed = True
+        for sessions in list(self._idle.values()):
+            for proto, timer in list(sessions):
+                if timer.active():
+                    timer.cancel()
+                proto.close_idle()
+        self._idle.clear()
+        self._keys.clear()
+
+
+def hop_failed_result(result: TransactionResult) -> bool:
+    """True when ``result`` says nothing about the message (as delivery.hop_failed)."""
+    return not result.connected or result.hop_failed

@@ -72,6 +72,48 @@ def _sync_blocking(f: Callable, *a: Any, **kw: Any) -> defer.Deferred:
     return defer.maybeDeferred(f, *a, **kw)
 
 
+class GroupCall:
+    """Group commit for a blocking call on a list: ``call(item)`` returns a Deferred that
+    fires when ``work(items)`` (run by ``blocking``, one call at a time) has done a batch
+    holding ``item``; every request made while a batch runs goes into the next batch. A
+    failed batch fails each of its requests with the same error."""
+
+    def __init__(self, blocking: Callable[..., defer.Deferred],
+                 work: Callable[[list[Any]], Any]) -> None:
+        self._blocking = blocking
+        self._work = work
+        self._pending: list[tuple[Any, defer.Deferred]] = []
+        self._running = False
+
+    def __call__(self, item: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._pending.append((item, d))
+        if not self._running:
+            self._run()
+        return d
+
+    def _run(self) -> None:
+        batch, self._pending = self._pending, []
+        self._running = True
+        done = self._blocking(self._work, [item for item, _ in batch])
+
+        def ok(result: Any) -> None:
+            for _, d in batch:
+                d.callback(result)
+
+        def failed(failure: Any) -> None:
+            for _, d in batch:
+                d.errback(failure)
+
+        def next_batch(_: Any) -> None:
+            self._running = False
+            if self._pending:
+                self._run()
+
+        done.addCallbacks(ok, failed)
+        done.addBoth(next_batch)
+
+
 class OutboundService(service.Service):
     """Delivers the queue; see the module docstring.
 
@@ -110,7 +152,9 @@ class OutboundService(service.Service):
         self.store = store
         self.reactor = reactor
         self.resolver = resolver or HopResolver()
-        self._deliver = deliver or (lambda *a, **kw: smtp_client.deliver(reactor, *a, **kw))
+        # SMTP connection reuse: the sessions to each next hop are kept for the next messages
+        self.connections = smtp_client.ConnectionCache(reactor)
+        self._deliver = deliver or self.connections.deliver
         if blocking is None:
             if hasattr(reactor, "getThreadPool"):
                 from twisted.internet import threads
@@ -144,6 +188,10 @@ class OutboundService(service.Service):
         expander = None
         if checker is not None and store is not None:
             expander = Expander(config, store, checker, self._blocking)
+        # delivered messages leave the queue in groups: one folder sync per group
+        self._remove = GroupCall(self._blocking, queue.remove_many)
+        # and are claimed in groups: one thread hop for the jobs started meanwhile
+        self._claims = GroupCall(self._blocking, self._claim_many)
         self.routes = RouteDelivery(config, queue, store, self.resolver, self.limiter,
                                     self._deliver, self._blocking, expander)
         self.started: defer.Deferred[None] = defer.Deferred()
@@ -223,6 +271,7 @@ class OutboundService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.queue.set_waker(None)
+        self.connections.close_all()
         d = self._stop_jobs()
 
         def give_back(result: Any) -> Any:
@@ -420,7 +469,10 @@ class OutboundService(service.Service):
     # ------------------------------------------------------------------ one message
 
     async def _run_message(self, qid: str, forced: bool) -> float | None:
-        env, domains = await self._blocking(self._claim, qid)
+        claimed, domains = await self._claims(qid)
+        env = claimed.get(qid)
+        if isinstance(env, Exception):
+            raise env
         if env is None:  # delivered, deleted, or another runner has it
             return None
         if not self.queue.lease_fresh():  # our claims may be taken back before we end
@@ -437,10 +489,17 @@ class OutboundService(service.Service):
                                  self.queue.clock() + max(0.0, next_due - self._now()))
         return next_due
 
-    def _claim(self, qid: str) -> tuple[Envelope | None, frozenset[str]]:
-        """Blocking: claim ``qid`` and read the store's domains in the same thread hop."""
-        env = self.queue.claim(qid)
-        return env, (self._store_domains() if env is not None else frozenset())
+    def _claim_many(self, qids: list[str]) -> tuple[dict[str, Envelope | None], frozenset[str]]:
+        """Blocking: claim each of ``qids`` (the jobs started while the last group ran) and
+        read the store's domains, in one thread hop."""
+        claimed: dict[str, Any] = {}
+        for qid in qids:
+            try:
+                claimed[qid] = self.queue.claim(qid)
+            except Exception as e:  # noqa: BLE001 - that job fails alone (retried later)
+                claimed[qid] = e
+        any_claimed = any(isinstance(env, Envelope) for env in claimed.values())
+        return claimed, (self._store_domains() if any_claimed else frozenset())
 
     async def _run_claimed(self, qid: str, env: Envelope, forced: bool,
                            domains: frozenset[str]) -> float | None:
@@ -500,7 +559,7 @@ class OutboundService(service.Service):
                 return None
         next_due = env.due_time()
         if next_due is None:
-            await self._blocking(self.queue.remove, qid)
+            await self._remove(qid)
             log.info("{qid} done: removed from the queue", qid=qid)
         return next_due
 

@@ -1057,8 +1057,18 @@ class Maildrop:
         doomed = {self._message(i).uidl for i in deleted}  # bad indexes: error, nothing done
         failures: list[str] = []
         try:
+            base = str(self.path)
             for index in sorted(deleted):
                 msg = self._messages[index]
+                try:
+                    # where the session saw it (the common case: one syscall per message)
+                    os.unlink(f"{base}/{msg.folder}/{msg.name}")
+                    continue
+                except FileNotFoundError:
+                    pass  # moved meanwhile by another Maildir client: look for it
+                except OSError as exc:
+                    failures.append(f"message {index + 1}: {exc.strerror}")
+                    continue
                 path = self._locate(msg)
                 if path is None:
                     continue

@@ -469,6 +469,34 @@ class FileQueue:
         except FileNotFoundError:
             pass
 
+    def remove_many(self, qids: list[str]) -> None:
+        """``remove`` for several messages with one folder sync: every envelope unlinked,
+        each folder they were in fsynced once, then the bodies (the group removal of the
+        delivery runner: a body is never removed before its envelope's removal is durable)."""
+        folders: set[Path] = set()
+        bodies = []
+        for qid in qids:
+            mine = self._mine(qid)
+            path = mine if mine is not None else self._find(qid)
+            if path is None:
+                if mine is None:
+                    bodies.append(qid)
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                if mine is not None:
+                    continue  # deleted (with its body) or taken back: not ours any more
+            folders.add(path.parent)
+            bodies.append(qid)
+        for folder in folders:
+            _fsync_dir(folder)
+        for qid in bodies:
+            try:
+                self.body_path(qid).unlink()
+            except FileNotFoundError:
+                pass
+
     # ------------------------------------------------------------------ claims
 
     def set_owner(self, owner: str) -> None:
