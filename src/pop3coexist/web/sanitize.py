@@ -26,6 +26,7 @@ run no script and load no remote resource (defence in depth).
 
 from __future__ import annotations
 
+import html as html_module
 import re
 from collections.abc import Callable
 from copy import deepcopy
@@ -109,3 +110,19 @@ def frame_csp(remote_images: bool) -> str:
     return ("sandbox allow-popups allow-popups-to-escape-sandbox; default-src 'none'; "
             f"img-src {img}; style-src 'unsafe-inline'; font-src 'none'; "
             "frame-ancestors 'self'; base-uri 'none'; form-action 'none'")
+
+
+_BREAKS = re.compile(r"<\s*(br|/p|/div|/tr|/li|/h[1-6]|/blockquote|/table)\b[^>]*>", re.I)
+
+
+def html_text(html: str) -> str:
+    """The text of an HTML part (a reply's quote of a message without text/plain): tags and
+    their script/style content removed, entities decoded, block ends as line breaks."""
+    text = nh3.clean(_BREAKS.sub("\n", html), tags=set(), clean_content_tags=CLEAN_CONTENT,
+                     strip_comments=True)
+    lines = [" ".join(ln.split()) for ln in html_module.unescape(text).splitlines()]
+    out: list[str] = []
+    for ln in lines:
+        if ln or (out and out[-1]):
+            out.append(ln)
+    return "\n".join(out).strip()
