@@ -11,9 +11,18 @@ import email.policy
 import time
 
 import pytest
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 
+from pop3coexist.policy.throttle import AuthThrottle
 from pop3coexist.web import compose, mailview
+from pop3coexist.web.app import MAX_FIELDS, Response, make_site, redirect
+from pop3coexist.web.login import WebLogin
 from pop3coexist.web.sanitize import html_text
+from pop3coexist.web.sessions import SessionStore
+from tests.support.fakes import FakeChecker
+from tests.unit.test_web_core import Client, EchoApp, _login
 
 # --------------------------------------------------------------------------- hostile MIME
 
@@ -210,3 +219,147 @@ def test_sender_is_always_the_user():
     From or Reply-To, and the headers a form can reach never include them."""
     _, msg = _built(subject="x\r\nFrom: boss@example.org", to="Boss <boss@example.org>")
     assert msg.get_all("From") == ["ted@pop.contoso.test"] and "Reply-To" not in msg
+
+
+# --------------------------------------------------------------------------- the web core
+
+
+@pytest.mark.parametrize("target", ["//evil.example/", "/\\evil.example/", "/\\/evil.example",
+                                    "https://evil.example/", "/ok\r\nSet-Cookie: x=1",
+                                    "javascript:alert(1)", "/\t/evil.example", " /x",
+                                    "/caf\u00e9"])
+def test_redirect_never_leaves_the_site(target):
+    """redirect() sends anything but a plain path of this site to "/": no scheme, no
+    //host, no /\\host (browsers read it as //host), no white space or control characters."""
+    assert redirect(target).headers[b"Location"] == b"/"
+
+
+def test_redirect_keeps_plain_paths():
+    """A plain path with a query stays as it is."""
+    assert redirect("/folder/INBOX?page=2").headers[b"Location"] == b"/folder/INBOX?page=2"
+
+
+class AttackApp(EchoApp):
+    """EchoApp plus a page whose content type cannot be encoded, and a form."""
+
+    def __init__(self, sessions, login):
+        super().__init__(sessions, login)
+        self.route("GET", "/badtype", self.badtype, auth=False)
+        self.route("POST", "/form", self.form, auth=False)
+
+    async def badtype(self, req):
+        return Response(b"x", content_type="image/p\u00f1g")
+
+    async def form(self, req):
+        return Response(f"{len(req.form)} fields".encode())
+
+
+@pytest.fixture
+def aenv():
+    clock = task.Clock()
+    sessions = SessionStore(clock, idle_timeout=600, max_age=3600, cookie_name="s",
+                            max_sessions=50)
+    throttle = AuthThrottle(clock, base=1.0, maximum=8.0)
+    app = AttackApp(sessions, WebLogin(FakeChecker({"ted@pop.contoso.test": "secret"}),
+                                       throttle, clock))
+    return clock, sessions, app, Client(make_site(app, 4 * 1024 * 1024), clock=clock)
+
+
+def _raw(client, head: str, body: bytes = b""):
+    """Send a raw request (head without the blank line) and return (status, headers, body)."""
+    ch = client.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    t = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    ch.makeConnection(t)
+    ch.dataReceived(head.encode("latin-1") + b"\r\n\r\n" + body)
+    out = t.value()
+    ch.connectionLost(None)
+    if not out:
+        return None, {}, b""
+    top, _, content = out.partition(b"\r\n\r\n")
+    hdrs = {}
+    for line in top.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b": ")
+        hdrs.setdefault(k.decode().lower(), []).append(v.decode())
+    return int(top.split(b" ")[1]), hdrs, content
+
+
+def _token(sessions, client) -> str:
+    return sessions.get(client.cookie.split("=", 1)[1]).csrf
+
+
+def test_a_response_that_cannot_be_encoded_still_ends(aenv):
+    """A handler's content type that is not ASCII is served as application/octet-stream
+    (before: an exception after the handler, and a connection left open forever)."""
+    _, _, _, client = aenv
+    status, hdrs, _ = client.request("GET", "/badtype")
+    assert status == 200 and hdrs["content-type"] == ["application/octet-stream"]
+
+
+def test_form_bodies_are_bounded_before_the_csrf_check(aenv):
+    """Anyone can POST before a token is checked: a body of more than MAX_FIELDS fields, a
+    multipart body without a boundary, with too many parts or nested 5,000 deep, or not
+    UTF-8, is refused with 400 quickly; a normal form passes."""
+    _, sessions, _, client = aenv
+    client.request("GET", "/login")
+    token = _token(sessions, client)
+    cookie = f"Cookie: {client.cookie}\r\n"
+
+    def post(ctype: str, body: bytes):
+        return _raw(client, f"POST /form HTTP/1.1\r\nHost: x\r\n{cookie}Content-Type: {ctype}\r\n"
+                            f"Content-Length: {len(body)}", body)
+
+    started = time.monotonic()
+    many = f"csrf_token={token}".encode() + b"&a=1" * (MAX_FIELDS + 5)
+    assert post("application/x-www-form-urlencoded", many)[0] == 400
+    assert post("application/x-www-form-urlencoded", b"\xff\xfe")[0] == 400
+    assert post("multipart/form-data", b"--x\r\n\r\n--x--\r\n")[0] == 400
+    parts = b"".join(b"--x\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nv\r\n" % i
+                     for i in range(MAX_FIELDS + 5))
+    assert post("multipart/form-data; boundary=x", parts + b"--x--\r\n")[0] == 400
+    nested = b"".join(b"--b%d\r\nContent-Type: multipart/mixed; boundary=b%d\r\n\r\n" % (i, i + 1)
+                      for i in range(5000))
+    assert post("multipart/form-data; boundary=b0", nested)[0] == 400
+    assert time.monotonic() - started < 10
+    ok = post("application/x-www-form-urlencoded", f"csrf_token={token}&a=1&b=2".encode())
+    assert ok[0] == 200 and ok[2] == b"3 fields"
+
+
+def test_every_dynamic_response_is_no_store(aenv):
+    """The log-in page (it carries a CSRF token and a Set-Cookie), 404 and 403 pages are
+    no-store like a logged-in page; only static files say they may be cached."""
+    _, _, _, client = aenv
+    for method, path in (("GET", "/login"), ("GET", "/nope"), ("POST", "/act")):
+        _, hdrs, _ = client.request(method, path)
+        assert hdrs["cache-control"] == ["no-store"], path
+        assert hdrs["x-frame-options"] == ["DENY"]
+    _, hdrs, _ = client.request("GET", "/static/style.css")
+    assert hdrs["cache-control"] == ["public, max-age=3600"]
+
+
+def test_methods(aenv):
+    """HEAD of a page has its headers and no body; OPTIONS, TRACE or an unknown method on a
+    page is 405 with Allow (RFC 9110 section 15.5.6) and the security headers; on no page,
+    404."""
+    _, _, _, client = aenv
+    status, hdrs, body = _raw(client, "HEAD /login HTTP/1.1\r\nHost: x\r\nConnection: close")
+    assert status == 200 and body == b"" and int(hdrs["content-length"][0]) > 0
+    for method in ("OPTIONS", "TRACE", "FOO"):
+        status, hdrs, _ = _raw(client, f"{method} /login HTTP/1.1\r\nHost: x")
+        assert status == 405 and hdrs["allow"] == ["GET, HEAD, POST"], method
+        assert "frame-ancestors 'none'" in hdrs["content-security-policy"][0]
+    assert _raw(client, "OPTIONS /nope HTTP/1.1\r\nHost: x")[0] == 404
+
+
+def test_anonymous_flood_never_logs_a_user_out(aenv):
+    """max_sessions anonymous sessions made by a stranger (any GET makes one) push out
+    other anonymous sessions, never a logged-in one: the user stays logged in."""
+    clock, sessions, _, client = aenv
+    assert _login(client)[0] == 303
+    stranger = Client(client.site)
+    for _ in range(sessions.max_sessions * 3):
+        stranger.cookie = None
+        stranger.request("GET", "/login")
+        clock.advance(1)
+    status, _, body = client.request("GET", "/")
+    assert status == 200 and body == b"home ted@pop.contoso.test"
+    assert len(sessions) <= sessions.max_sessions

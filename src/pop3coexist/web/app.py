@@ -61,11 +61,17 @@ class Response:
     frame: bool = False  # meant for a frame of our own pages (X-Frame-Options SAMEORIGIN)
 
 
+_LOCAL_PATH = re.compile(r"/(?![/\\])[!-~]*\Z")
+MAX_FIELDS = 1000  # form fields (or multipart parts) of one request body at most
+
+
 def redirect(location: str, status: int = 303) -> Response:
-    """A redirect to a path of this site (303 See Other after a POST)."""
-    if not location.startswith("/") or location.startswith("//"):
+    """A redirect to a path of this site (303 See Other after a POST). Anything that is not
+    a plain path of this site (a scheme, ``//host``, ``/\\host`` which browsers read as
+    ``//host``, white space or control characters) becomes ``/``: never an open redirect."""
+    if not _LOCAL_PATH.match(location) or "\\" in location:
         location = "/"
-    return Response(status=status, headers={b"Location": location.encode("utf-8")})
+    return Response(status=status, headers={b"Location": location.encode("ascii")})
 
 
 class WebRequest:
@@ -213,7 +219,22 @@ class WebApp(resource.Resource):
         d = defer.ensureDeferred(self._handle(request))
         d.addErrback(self._crashed, request)
         d.addCallback(self._write, request)
+        d.addErrback(self._write_failed, request)
         return server.NOT_DONE_YET
+
+    def _write_failed(self, failure: Any, request: Any) -> None:
+        """A response that could not be written (a bad header value): a plain 500, so the
+        browser is never left waiting on an open connection."""
+        log.failure("web: {method} {path}: the response could not be written", failure,
+                    method=request.method.decode("ascii", "replace"),
+                    path=request.path.decode("utf-8", "replace"))
+        if request._disconnected or request.finished:
+            return
+        try:
+            self._write(Response(b"Internal server error", 500,
+                                 content_type="text/plain; charset=utf-8"), request)
+        except Exception:  # pragma: no cover - nothing more can be said
+            request.loseConnection()
 
     def _crashed(self, failure: Any, request: Any) -> Response:
         log.failure("web: {method} {path} failed", failure,
@@ -227,8 +248,14 @@ class WebApp(resource.Resource):
             return
         session_user = request.web_user
         request.setResponseCode(resp.status)
-        headers.apply(request, bool(session_user), resp.csp or headers.CSP, frame=resp.frame)
-        request.setHeader(b"Content-Type", resp.content_type.encode("ascii"))
+        # no-store on every response but those that say how to cache (static files): a page
+        # carries a CSRF token or a Set-Cookie even before log-in
+        headers.apply(request, bool(session_user) or b"Cache-Control" not in resp.headers,
+                      resp.csp or headers.CSP, frame=resp.frame)
+        ctype = resp.content_type
+        if not ctype.isascii() or not ctype.isprintable():
+            ctype = "application/octet-stream"
+        request.setHeader(b"Content-Type", ctype.encode("ascii"))
         for k, v in resp.headers.items():
             request.setHeader(k, v)
         request.setHeader(b"Content-Length", str(len(resp.body)).encode("ascii"))
@@ -262,7 +289,12 @@ class WebApp(resource.Resource):
                 break
         if match is None:
             if allowed:
-                return self.error_page(None, 405, "That is not something this page does.")
+                resp = self.error_page(None, 405, "That is not something this page does.")
+                methods = {r for r, p, _, _ in self._routes if p.match(path)}
+                if "GET" in methods:
+                    methods.add("HEAD")
+                resp.headers[b"Allow"] = ", ".join(sorted(methods)).encode("ascii")
+                return resp
             return self.error_page(None, 404, "There is no such page.")
         m, handler, auth = match
         if session is None:
@@ -294,23 +326,32 @@ class WebApp(resource.Resource):
 
 
 def parse_body(request: Any) -> tuple[dict[str, list[str]], list[Upload]]:
-    """(form fields, uploaded files) of a POST body; ValueError when it cannot be read."""
+    """(form fields, uploaded files) of a POST body; ValueError when it cannot be read,
+    including a body of more than MAX_FIELDS fields or parts (bounded work for a body that
+    anyone, logged in or not, can send before its CSRF token is checked)."""
     request.content.seek(0)
     body = request.content.read()
     ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
     kind = ctype.split(";")[0].strip().lower()
-    if kind == "multipart/form-data":
-        return _multipart(body, ctype)
-    if kind in ("application/x-www-form-urlencoded", ""):
-        try:
+    try:
+        if kind == "multipart/form-data":
+            return _multipart(body, ctype)
+        if kind in ("application/x-www-form-urlencoded", ""):
             text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError("not UTF-8") from None
-        return urllib.parse.parse_qs(text, keep_blank_values=True), []
+            return urllib.parse.parse_qs(text, keep_blank_values=True,
+                                         max_num_fields=MAX_FIELDS), []
+    except ValueError:
+        raise
+    except Exception as e:  # RecursionError, UnicodeError...: a body we will not read
+        raise ValueError(f"unreadable body: {type(e).__name__}") from None
     raise ValueError(f"unsupported body type {kind}")
 
 
 def _multipart(body: bytes, ctype: str) -> tuple[dict[str, list[str]], list[Upload]]:
+    if "\r" in ctype or "\n" in ctype:
+        raise ValueError("bad content type")
+    if body.count(b"\n--") > MAX_FIELDS + 1:  # every part (nested too) starts so
+        raise ValueError("too many parts")
     head = f"MIME-Version: 1.0\r\nContent-Type: {ctype}\r\n\r\n".encode("latin-1")
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not msg.is_multipart():
