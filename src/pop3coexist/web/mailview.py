@@ -25,6 +25,7 @@ that is not a plain ``type/subtype`` token pair becomes ``application/octet-stre
 
 from __future__ import annotations
 
+import base64
 import codecs
 import email.header
 import email.parser
@@ -306,6 +307,37 @@ def part(data: bytes, index: int) -> tuple[bytes, str, str] | None:
                     content = b""
             return content, ctype, _filename(p) or f"part-{index}"
     return None
+
+
+INLINE_TYPES = ("image/png", "image/gif", "image/jpeg", "image/webp")
+
+
+def cid_images(data: bytes, max_bytes: int = 5 * 1024 * 1024) -> dict[str, str]:
+    """Content-ID -> ``data:`` URI of the message's inline images (PNG, GIF, JPEG, WebP; at
+    most ``max_bytes`` decoded in all), for ``<img src="cid:...">`` of its HTML part.
+
+    Inlined, not linked: the sanitised HTML is shown in a sandboxed frame whose origin is
+    opaque, so its requests are cross-site and the SameSite=Strict session cookie does not
+    go with them (a part URL answered with the log-in page: cid: images never showed)."""
+    msg = _structure(data)
+    out: dict[str, str] = {}
+    if msg is None:
+        return out
+    budget = max_bytes
+    for _, p in _leaves(msg):
+        cid = _clean(_unraw(str(p.get("Content-ID", "")))).strip("<>")
+        ctype = content_type(p)
+        if not cid or ctype not in INLINE_TYPES or cid in out:
+            continue
+        try:
+            content = p.get_payload(decode=True) or b""
+        except Exception:
+            continue
+        if not isinstance(content, bytes) or len(content) > budget:
+            continue
+        budget -= len(content)
+        out[cid] = f"data:{ctype};base64," + base64.b64encode(content).decode("ascii")
+    return out
 
 
 @dataclass
