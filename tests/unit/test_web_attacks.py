@@ -137,6 +137,24 @@ def test_odd_messages_a_client_must_read_and_answer():
     assert html_text("<div>a<br>b</div>") == "a\nb"
 
 
+def test_deeply_nested_html_is_shown_as_text_in_bounded_time():
+    """100,000 nested block elements (html5ever's tree building is quadratic in that
+    nesting: minutes) are not parsed: the frame gets the text, escaped, in a <pre>, and a
+    reply quotes it, both at once; ordinary nesting is sanitised as before."""
+    from pop3coexist.web.sanitize import clean_html, too_deep
+
+    for tag in ("div", "blockquote", "ul"):
+        html = f"<{tag}>" * 100_000 + "<b>x&amp;y</b><script>1</script>" + f"</{tag}>" * 100_000
+        started = time.monotonic()
+        out = clean_html(html).html
+        assert out.startswith("<pre>") and "x&amp;y" in out and "<b>" not in out
+        assert "x&y" in html_text(html)
+        assert time.monotonic() - started < 3
+    normal = "<table><tr><td>" * 40 + "<p>deep<br>ok" + "</td></tr></table>" * 40
+    assert not too_deep(normal) and "<table>" in clean_html(normal).html
+    assert not too_deep("<p>x" * 10_000 + "<br><img src=x>" * 10_000)
+
+
 # --------------------------------------------------------------------------- compose
 
 

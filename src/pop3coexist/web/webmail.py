@@ -21,7 +21,10 @@ Trash, Junk and their own), made at the first log-in as IMAP does. Pages:
 - ``/settings``: the out-of-office reply and filing rules (``mailrules``: a Sieve script);
 - ``/logout`` (a POST with the CSRF token).
 
-Everything that touches files runs in the reactor's thread pool (``run_blocking``).
+Everything that touches files, and everything that costs CPU in proportion to a message
+(MIME parsing, HTML sanitising, building a message to send), runs in the reactor's thread pool
+(``run_blocking``): a hostile message may cost its reader a second, never the POP3, SMTP and
+IMAP sessions the main process serves meanwhile.
 """
 
 from __future__ import annotations
@@ -389,6 +392,23 @@ class WebMail(WebApp):
                 view.set_flags(m, flags)
         return data
 
+    @staticmethod
+    def _view(data: bytes) -> tuple[mailview.MessageView, int]:
+        """Blocking (CPU): the message's view and how many remote images its HTML has."""
+        view = mailview.parse_message(data)
+        blocked = sanitize.clean_html(view.html, False).blocked if view.html is not None else 0
+        return view, blocked
+
+    @staticmethod
+    def _frame(data: bytes, images: bool) -> bytes:
+        """Blocking (CPU): the page of the message frame, its HTML part sanitised."""
+        view = mailview.parse_message(data)
+        inline = mailview.cid_images(data) if view.cid else {}
+        cleaned = sanitize.clean_html(view.html or "", images, inline.get)
+        return ("<!doctype html><html><head><meta charset=\"utf-8\">"
+                "<meta name=\"referrer\" content=\"no-referrer\"></head><body>"
+                + cleaned.html + "</body></html>").encode("utf-8")
+
     async def message_page(self, req: WebRequest, folder: str, uid: str) -> Response:
         name = self._folder_name(folder)
         account = self._account(req)
@@ -398,11 +418,8 @@ class WebMail(WebApp):
         if data is None:
             return self.error_page(req, 404, "This message is no longer in the folder.")
         folders = await self.run_blocking(self._side, account)
-        view = mailview.parse_message(data)
+        view, blocked = await self.run_blocking(self._view, data)
         images = req.arg("images") == "1"
-        blocked = 0
-        if view.html is not None:
-            blocked = sanitize.clean_html(view.html, False).blocked
         moves = [f for f in folders if f["name"] != name]
         return self.mail_page(req, "message.html", account, folders, current=name,
                               uid=int(uid), m=view, images=images, blocked=blocked,
@@ -418,13 +435,8 @@ class WebMail(WebApp):
         data = await self.run_blocking(self._read, account, name, int(uid), False)
         if data is None:
             return self.error_page(req, 404, "This message is no longer in the folder.")
-        view = mailview.parse_message(data)
         images = req.arg("images") == "1"
-        inline = mailview.cid_images(data) if view.cid else {}
-        cleaned = sanitize.clean_html(view.html or "", images, inline.get)
-        page = ("<!doctype html><html><head><meta charset=\"utf-8\">"
-                "<meta name=\"referrer\" content=\"no-referrer\"></head><body>"
-                + cleaned.html + "</body></html>").encode("utf-8")
+        page = await self.run_blocking(self._frame, data, images)
         return Response(page, csp=sanitize.frame_csp(images), frame=True,
                         headers={b"Referrer-Policy": b"no-referrer"})
 
@@ -436,7 +448,8 @@ class WebMail(WebApp):
         if not account.exists(name):
             return self.error_page(req, 404, "There is no such folder.")
         data = await self.run_blocking(self._read, account, name, int(uid), False)
-        found = mailview.part(data, int(n)) if data is not None else None
+        found = await self.run_blocking(mailview.part, data, int(n)) \
+            if data is not None else None
         if found is None:
             return self.error_page(req, 404, "There is no such attachment.")
         content, ctype, filename = found
@@ -485,12 +498,13 @@ class WebMail(WebApp):
             data = await self.run_blocking(self._read, account, fname, int(uid), False)
             if data is None:
                 return self.error_page(req, 404, "This message is no longer in the folder.")
-            view = mailview.parse_message(data)
+            view = await self.run_blocking(mailview.parse_message, data)
             if kind == "reply":
-                fields.update(compose.reply_fields(view, req.user or "", req.arg("all") == "1"))
+                fields.update(await self.run_blocking(compose.reply_fields, view,
+                                                      req.user or "", req.arg("all") == "1"))
             else:
                 inline = req.arg("inline") == "1"
-                fields.update(compose.forward_fields(view, inline))
+                fields.update(await self.run_blocking(compose.forward_fields, view, inline))
                 if not inline:
                     source = ref
             fields["source"] = ref
@@ -519,7 +533,7 @@ class WebMail(WebApp):
                                   f=f, attach_source=attach_source, reply_source=reply_source,
                                   error=error, max_upload=human_size(self.config.web.max_upload))
 
-        try:
+        def build() -> tuple[list[str], bytes]:
             rcpts = compose.parse_recipients(f["to"], f["cc"], f["bcc"])
             if not rcpts and not draft:
                 raise compose.ComposeError("Add at least one recipient.")
@@ -527,9 +541,12 @@ class WebMail(WebApp):
                 sender=req.user or "", to=f["to"], cc=f["cc"], subject=f["subject"],
                 body=f["body"], hostname=self.hostname, in_reply_to=f["in_reply_to"],
                 references=f["references"], attachments=uploads, forwarded=forwarded)
+            return rcpts, msg.as_bytes()
+
+        try:
+            rcpts, data = await self.run_blocking(build)
         except (compose.ComposeError, ValueError) as e:
             return await again(str(e))
-        data = msg.as_bytes()
         if draft:
             await self.run_blocking(self._store_copy, account, "Drafts", data, ["\\Seen",
                                                                                 "\\Draft"])
