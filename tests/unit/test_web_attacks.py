@@ -404,3 +404,31 @@ def test_anonymous_flood_never_logs_a_user_out(aenv):
     status, _, body = client.request("GET", "/")
     assert status == 200 and body == b"home ted@pop.contoso.test"
     assert len(sessions) <= sessions.max_sessions
+
+
+def test_trusted_proxy_names_the_client_for_the_throttle():
+    """Behind a reverse proxy listed in web.trusted_proxies, a failed log-in counts for the
+    address the proxy put last in X-Forwarded-For (not for the proxy, which every user
+    shares); from a peer not listed the header is ignored, and a malformed value falls back
+    to the peer."""
+    import ipaddress
+
+    clock = task.Clock()
+    sessions = SessionStore(clock, cookie_name="s")
+    throttle = AuthThrottle(clock, base=1.0, maximum=8.0)
+    app = EchoApp(sessions, WebLogin(FakeChecker({"ted@pop.contoso.test": "secret"}),
+                                     throttle, clock))
+    cases = [((ipaddress.ip_network("127.0.0.0/8"),), "198.51.100.7, 203.0.113.9",
+              "203.0.113.9"),
+             ((), "203.0.113.9", "127.0.0.1"),
+             ((ipaddress.ip_network("10.0.0.0/8"),), "203.0.113.9", "127.0.0.1"),
+             ((ipaddress.ip_network("127.0.0.1/32"),), "not-an-address", "127.0.0.1")]
+    for proxies, header, counted in cases:
+        client = Client(make_site(app, 4096, proxies), clock=clock)
+        _, _, token = client.request("GET", "/login")
+        body = f"csrf_token={token.decode()}&user=ted@pop.contoso.test&password=wrong"
+        status, _, _ = client.request("POST", "/login", body.encode(),
+                                      headers={"X-Forwarded-For": header})
+        assert status == 403
+        assert throttle.failures(counted) == 1, (proxies, header)
+        throttle.success(counted)

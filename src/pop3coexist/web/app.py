@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import ipaddress
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -114,8 +115,24 @@ def _query_of(uri: bytes) -> dict[str, list[str]]:
 
 
 def _peer(raw: Any) -> str:
+    """The client's address: the TCP peer, or, when that is one of the site's
+    ``trusted_proxies``, the last address of X-Forwarded-For (the one the proxy added)."""
     addr = raw.getClientAddress()
-    return getattr(addr, "host", None) or "unix"
+    host = getattr(addr, "host", None) or "unix"
+    proxies = raw.channel.site.trusted_proxies if isinstance(raw, LimitedRequest) else ()
+    if proxies and host != "unix":
+        try:
+            trusted = any(ipaddress.ip_address(host) in net for net in proxies)
+        except ValueError:
+            trusted = False
+        forwarded = raw.getHeader(b"x-forwarded-for") if trusted else None
+        if forwarded:
+            last = forwarded.decode("latin-1").split(",")[-1].strip()
+            try:
+                return str(ipaddress.ip_address(last))
+            except ValueError:
+                pass
+    return host
 
 
 Handler = Callable[[WebRequest], Awaitable[Response]]
@@ -150,12 +167,15 @@ class LimitedRequest(server.Request):
             super().handleContentChunk(data)
 
 
-def make_site(app: WebApp, max_body: int) -> server.Site:
+def make_site(app: WebApp, max_body: int, trusted_proxies: tuple = ()) -> server.Site:
     """The twisted.web Site of ``app``: ``LimitedRequest``, no server version header, and
-    request logs without query strings (the access log never shows a token)."""
+    request logs without query strings (the access log never shows a token).
+    ``trusted_proxies``: ``ipaddress`` networks of reverse proxies whose X-Forwarded-For names
+    the client (``_peer``)."""
     site = server.Site(app, logFormatter=_log_line)
     site.requestFactory = LimitedRequest
     site.max_body = max_body
+    site.trusted_proxies = tuple(trusted_proxies)
     site.displayTracebacks = False
     return site
 
