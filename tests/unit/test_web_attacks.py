@@ -432,3 +432,25 @@ def test_trusted_proxy_names_the_client_for_the_throttle():
         assert status == 403
         assert throttle.failures(counted) == 1, (proxies, header)
         throttle.success(counted)
+
+
+def test_access_log_lines_cannot_be_forged():
+    """The access log line of a request whose path or method holds control characters, a
+    quote or a terminal escape shows them as "?": one request, one line, no forged fields;
+    the query string (where a token could be) is never shown."""
+    from pop3coexist.web.app import _log_line
+
+    class Raw:
+        path = b'/x"\r\n127.0.0.1 - - "GET /admin" 200\x1b[2J\xff'
+        uri = path + b"?csrf_token=SECRET"
+        method = b"GE\nT"
+        code = 404
+        sentLength = 12
+
+        def getClientAddress(self):  # noqa: N802 (Twisted's name)
+            return IPv4Address("TCP", "192.0.2.1", 4000)
+
+    line = _log_line("[ts]", Raw())
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert line.count('"') == 4 and "SECRET" not in line
+    assert line.startswith('"192.0.2.1" - - [ts] "GE?T /x?')

@@ -180,9 +180,16 @@ def make_site(app: WebApp, max_body: int, trusted_proxies: tuple = ()) -> server
     return site
 
 
+def _printable(raw: bytes, limit: int = 400) -> str:
+    """Request bytes safe for a log line: control characters (a forged line, a terminal
+    escape), quotes and non-UTF-8 octets replaced by ``?``, cut at ``limit``."""
+    text = raw[:limit].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() and c not in '"\\\ufffd' else "?" for c in text)
+
+
 def _log_line(timestamp: str, request: Any) -> str:
-    path = request.path.decode("utf-8", "replace")
-    return (f'"{_peer(request)}" - - {timestamp} "{request.method.decode("ascii", "replace")} '
+    path = _printable(request.path)
+    return (f'"{_peer(request)}" - - {timestamp} "{_printable(request.method, 20)} '
             f'{path}" {request.code} {request.sentLength or "-"}')
 
 
