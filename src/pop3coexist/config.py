@@ -1300,6 +1300,9 @@ class WebConfig:
     max_upload: int = key(_positive_size, "25MB", "largest request body (a message with its "
                           "attachments)", unit="bytes")
     page_size: int = key(_positive, 50, "messages per page of a folder", unit="messages")
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = key(
+        _networks, [], "reverse proxies (on a plain listener) whose X-Forwarded-For names the "
+        "client: its address then counts for the log-in throttle, the log and Received")
 
 
 @dataclass(frozen=True)

@@ -830,7 +830,7 @@ def make_webmail(config: Config, parts: Components, queue: Any, reactor: Any,
                             cookie_name="pop3coexist_mail")
     app = WebMail(config, parts.store, parts.checker, throttles["pop3"], Submitter(factory),
                   sessions, reactor)
-    site = make_site(app, web.max_upload)
+    site = make_site(app, web.max_upload, web.trusted_proxies)
     return listeners("web", "web", web.listen, web.tls_listen, site,
                      tls_options if config.tls.enabled else None)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import ipaddress
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -61,11 +62,17 @@ class Response:
     frame: bool = False  # meant for a frame of our own pages (X-Frame-Options SAMEORIGIN)
 
 
+_LOCAL_PATH = re.compile(r"/(?![/\\])[!-~]*\Z")
+MAX_FIELDS = 1000  # form fields (or multipart parts) of one request body at most
+
+
 def redirect(location: str, status: int = 303) -> Response:
-    """A redirect to a path of this site (303 See Other after a POST)."""
-    if not location.startswith("/") or location.startswith("//"):
+    """A redirect to a path of this site (303 See Other after a POST). Anything that is not
+    a plain path of this site (a scheme, ``//host``, ``/\\host`` which browsers read as
+    ``//host``, white space or control characters) becomes ``/``: never an open redirect."""
+    if not _LOCAL_PATH.match(location) or "\\" in location:
         location = "/"
-    return Response(status=status, headers={b"Location": location.encode("utf-8")})
+    return Response(status=status, headers={b"Location": location.encode("ascii")})
 
 
 class WebRequest:
@@ -108,8 +115,24 @@ def _query_of(uri: bytes) -> dict[str, list[str]]:
 
 
 def _peer(raw: Any) -> str:
+    """The client's address: the TCP peer, or, when that is one of the site's
+    ``trusted_proxies``, the last address of X-Forwarded-For (the one the proxy added)."""
     addr = raw.getClientAddress()
-    return getattr(addr, "host", None) or "unix"
+    host = getattr(addr, "host", None) or "unix"
+    proxies = raw.channel.site.trusted_proxies if isinstance(raw, LimitedRequest) else ()
+    if proxies and host != "unix":
+        try:
+            trusted = any(ipaddress.ip_address(host) in net for net in proxies)
+        except ValueError:
+            trusted = False
+        forwarded = raw.getHeader(b"x-forwarded-for") if trusted else None
+        if forwarded:
+            last = forwarded.decode("latin-1").split(",")[-1].strip()
+            try:
+                return str(ipaddress.ip_address(last))
+            except ValueError:
+                pass
+    return host
 
 
 Handler = Callable[[WebRequest], Awaitable[Response]]
@@ -144,19 +167,29 @@ class LimitedRequest(server.Request):
             super().handleContentChunk(data)
 
 
-def make_site(app: WebApp, max_body: int) -> server.Site:
+def make_site(app: WebApp, max_body: int, trusted_proxies: tuple = ()) -> server.Site:
     """The twisted.web Site of ``app``: ``LimitedRequest``, no server version header, and
-    request logs without query strings (the access log never shows a token)."""
+    request logs without query strings (the access log never shows a token).
+    ``trusted_proxies``: ``ipaddress`` networks of reverse proxies whose X-Forwarded-For names
+    the client (``_peer``)."""
     site = server.Site(app, logFormatter=_log_line)
     site.requestFactory = LimitedRequest
     site.max_body = max_body
+    site.trusted_proxies = tuple(trusted_proxies)
     site.displayTracebacks = False
     return site
 
 
+def _printable(raw: bytes, limit: int = 400) -> str:
+    """Request bytes safe for a log line: control characters (a forged line, a terminal
+    escape), quotes and non-UTF-8 octets replaced by ``?``, cut at ``limit``."""
+    text = raw[:limit].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() and c not in '"\\\ufffd' else "?" for c in text)
+
+
 def _log_line(timestamp: str, request: Any) -> str:
-    path = request.path.decode("utf-8", "replace")
-    return (f'"{_peer(request)}" - - {timestamp} "{request.method.decode("ascii", "replace")} '
+    path = _printable(request.path)
+    return (f'"{_peer(request)}" - - {timestamp} "{_printable(request.method, 20)} '
             f'{path}" {request.code} {request.sentLength or "-"}')
 
 
@@ -213,7 +246,22 @@ class WebApp(resource.Resource):
         d = defer.ensureDeferred(self._handle(request))
         d.addErrback(self._crashed, request)
         d.addCallback(self._write, request)
+        d.addErrback(self._write_failed, request)
         return server.NOT_DONE_YET
+
+    def _write_failed(self, failure: Any, request: Any) -> None:
+        """A response that could not be written (a bad header value): a plain 500, so the
+        browser is never left waiting on an open connection."""
+        log.failure("web: {method} {path}: the response could not be written", failure,
+                    method=request.method.decode("ascii", "replace"),
+                    path=request.path.decode("utf-8", "replace"))
+        if request._disconnected or request.finished:
+            return
+        try:
+            self._write(Response(b"Internal server error", 500,
+                                 content_type="text/plain; charset=utf-8"), request)
+        except Exception:  # pragma: no cover - nothing more can be said
+            request.loseConnection()
 
     def _crashed(self, failure: Any, request: Any) -> Response:
         log.failure("web: {method} {path} failed", failure,
@@ -227,8 +275,14 @@ class WebApp(resource.Resource):
             return
         session_user = request.web_user
         request.setResponseCode(resp.status)
-        headers.apply(request, bool(session_user), resp.csp or headers.CSP, frame=resp.frame)
-        request.setHeader(b"Content-Type", resp.content_type.encode("ascii"))
+        # no-store on every response but those that say how to cache (static files): a page
+        # carries a CSRF token or a Set-Cookie even before log-in
+        headers.apply(request, bool(session_user) or b"Cache-Control" not in resp.headers,
+                      resp.csp or headers.CSP, frame=resp.frame)
+        ctype = resp.content_type
+        if not ctype.isascii() or not ctype.isprintable():
+            ctype = "application/octet-stream"
+        request.setHeader(b"Content-Type", ctype.encode("ascii"))
         for k, v in resp.headers.items():
             request.setHeader(k, v)
         request.setHeader(b"Content-Length", str(len(resp.body)).encode("ascii"))
@@ -262,7 +316,12 @@ class WebApp(resource.Resource):
                 break
         if match is None:
             if allowed:
-                return self.error_page(None, 405, "That is not something this page does.")
+                resp = self.error_page(None, 405, "That is not something this page does.")
+                methods = {r for r, p, _, _ in self._routes if p.match(path)}
+                if "GET" in methods:
+                    methods.add("HEAD")
+                resp.headers[b"Allow"] = ", ".join(sorted(methods)).encode("ascii")
+                return resp
             return self.error_page(None, 404, "There is no such page.")
         m, handler, auth = match
         if session is None:
@@ -294,23 +353,32 @@ class WebApp(resource.Resource):
 
 
 def parse_body(request: Any) -> tuple[dict[str, list[str]], list[Upload]]:
-    """(form fields, uploaded files) of a POST body; ValueError when it cannot be read."""
+    """(form fields, uploaded files) of a POST body; ValueError when it cannot be read,
+    including a body of more than MAX_FIELDS fields or parts (bounded work for a body that
+    anyone, logged in or not, can send before its CSRF token is checked)."""
     request.content.seek(0)
     body = request.content.read()
     ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
     kind = ctype.split(";")[0].strip().lower()
-    if kind == "multipart/form-data":
-        return _multipart(body, ctype)
-    if kind in ("application/x-www-form-urlencoded", ""):
-        try:
+    try:
+        if kind == "multipart/form-data":
+            return _multipart(body, ctype)
+        if kind in ("application/x-www-form-urlencoded", ""):
             text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError("not UTF-8") from None
-        return urllib.parse.parse_qs(text, keep_blank_values=True), []
+            return urllib.parse.parse_qs(text, keep_blank_values=True,
+                                         max_num_fields=MAX_FIELDS), []
+    except ValueError:
+        raise
+    except Exception as e:  # RecursionError, UnicodeError...: a body we will not read
+        raise ValueError(f"unreadable body: {type(e).__name__}") from None
     raise ValueError(f"unsupported body type {kind}")
 
 
 def _multipart(body: bytes, ctype: str) -> tuple[dict[str, list[str]], list[Upload]]:
+    if "\r" in ctype or "\n" in ctype:
+        raise ValueError("bad content type")
+    if body.count(b"\n--") > MAX_FIELDS + 1:  # every part (nested too) starts so
+        raise ValueError("too many parts")
     head = f"MIME-Version: 1.0\r\nContent-Type: {ctype}\r\n\r\n".encode("latin-1")
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not msg.is_multipart():

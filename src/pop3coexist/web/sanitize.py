@@ -26,6 +26,7 @@ run no script and load no remote resource (defence in depth).
 
 from __future__ import annotations
 
+import html as html_module
 import re
 from collections.abc import Callable
 from copy import deepcopy
@@ -67,10 +68,47 @@ class Cleaned:
     blocked: int = 0
 
 
+MAX_NESTING = 256  # open elements at once (estimated) before HTML is shown as text
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9-]{0,30})\b[^>]*?(/?)>")
+_VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+         "source", "track", "wbr", "keygen", "basefont", "bgsound", "frame", "image"}
+_OPTIONAL_END = {"p", "li", "dt", "dd", "tr", "td", "th", "tbody", "thead", "tfoot", "option",
+                 "optgroup", "colgroup", "caption", "rb", "rt", "rp", "rtc", "html", "head",
+                 "body"}
+
+
+def too_deep(html: str, limit: int = MAX_NESTING) -> bool:
+    """True when ``html`` nests more than ``limit`` elements (estimated from its tags: void
+    elements and those whose end tag is optional do not count). html5ever's tree building is
+    quadratic in the nesting of block elements (10,000 nested ``<div>`` cost 3 s, 100,000
+    minutes: a 600 KB message could hold a server thread that long)."""
+    depth = 0
+    for m in _TAG.finditer(html):
+        name = m.group(2).lower()
+        if name in _VOID or name in _OPTIONAL_END or m.group(3):
+            continue
+        if m.group(1):
+            depth = max(depth - 1, 0)
+        else:
+            depth += 1
+            if depth > limit:
+                return True
+    return False
+
+
+def _plain_text(html: str) -> str:
+    """The text of ``html`` without an HTML parser (tags cut out, entities decoded)."""
+    return html_module.unescape(re.sub(r"<[^>]*>", " ", html))
+
+
 def clean_html(html: str, remote_images: bool = False,
                cid_url: Callable[[str], str | None] | None = None) -> Cleaned:
     """Sanitise a message's HTML part (see the module docstring). ``cid_url(content_id)``
-    gives the URL of an inline part, or None when the message has no such part."""
+    gives the URL of an inline part, or None when the message has no such part. HTML nested
+    deeper than MAX_NESTING (``too_deep``) is not parsed: its text is shown, escaped, in a
+    ``<pre>``."""
+    if too_deep(html):
+        return Cleaned("<pre>" + html_module.escape(_plain_text(html)) + "</pre>")
     blocked = 0
 
     def attribute_filter(tag: str, attr: str, value: str) -> str | None:
@@ -109,3 +147,22 @@ def frame_csp(remote_images: bool) -> str:
     return ("sandbox allow-popups allow-popups-to-escape-sandbox; default-src 'none'; "
             f"img-src {img}; style-src 'unsafe-inline'; font-src 'none'; "
             "frame-ancestors 'self'; base-uri 'none'; form-action 'none'")
+
+
+_BREAKS = re.compile(r"<\s*(br|/p|/div|/tr|/li|/h[1-6]|/blockquote|/table)\b[^>]*>", re.I)
+
+
+def html_text(html: str) -> str:
+    """The text of an HTML part (a reply's quote of a message without text/plain): tags and
+    their script/style content removed, entities decoded, block ends as line breaks."""
+    if too_deep(html):
+        text = html_module.escape(_plain_text(_BREAKS.sub("\n", html)))
+    else:
+        text = nh3.clean(_BREAKS.sub("\n", html), tags=set(),
+                         clean_content_tags=CLEAN_CONTENT, strip_comments=True)
+    lines = [" ".join(ln.split()) for ln in html_module.unescape(text).splitlines()]
+    out: list[str] = []
+    for ln in lines:
+        if ln or (out and out[-1]):
+            out.append(ln)
+    return "\n".join(out).strip()

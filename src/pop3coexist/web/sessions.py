@@ -64,20 +64,25 @@ class SessionStore:
         self.cookie_name = cookie_name
         self.path = path
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently seen first
+        self._anonymous: OrderedDict[str, None] = OrderedDict()  # ids without a user, oldest first
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def new(self, user: str | None = None) -> Session:
-        """A new session with a fresh id and CSRF token (the oldest idle one is dropped past
-        ``max_sessions``)."""
+        """A new session with a fresh id and CSRF token. Past ``max_sessions`` the longest
+        idle session WITHOUT a user is dropped first (anyone can make anonymous sessions by
+        the thousand: they must never push a logged-in user out); only when every session
+        is logged in does the longest idle one go."""
         now = self.clock.seconds()
         self._expire(now)
         while len(self._sessions) >= self.max_sessions:
-            self._sessions.popitem(last=False)
+            self._drop_one()
         s = Session(secrets.token_urlsafe(ID_BYTES), secrets.token_urlsafe(ID_BYTES), now, now,
                     user)
         self._sessions[s.id] = s
+        if user is None:
+            self._anonymous[s.id] = None
         return s
 
     def get(self, session_id: str | None) -> Session | None:
@@ -94,7 +99,18 @@ class SessionStore:
             return None
         s.seen = now
         self._sessions.move_to_end(s.id)
+        if s.id in self._anonymous:
+            self._anonymous.move_to_end(s.id)
         return s
+
+    def _drop_one(self) -> None:
+        """Drop the longest idle anonymous session, else the longest idle one."""
+        if self._anonymous:
+            sid = next(iter(self._anonymous))
+            self._sessions.pop(sid, None)
+            del self._anonymous[sid]
+        else:
+            self._sessions.popitem(last=False)
 
     def login(self, old: Session | None, user: str) -> Session:
         """The session after a successful log-in of ``user``: always a NEW id and CSRF token
@@ -112,12 +128,14 @@ class SessionStore:
     def destroy(self, session: Session) -> None:
         """Forget ``session``: its id no longer opens anything."""
         self._sessions.pop(session.id, None)
+        self._anonymous.pop(session.id, None)
 
     def _expire(self, now: float) -> None:
         while self._sessions:
             oldest = next(iter(self._sessions.values()))
             if now - oldest.seen > self.idle_timeout:
                 self._sessions.popitem(last=False)
+                self._anonymous.pop(oldest.id, None)
             else:
                 break
 

@@ -21,7 +21,10 @@ Trash, Junk and their own), made at the first log-in as IMAP does. Pages:
 - ``/settings``: the out-of-office reply and filing rules (``mailrules``: a Sieve script);
 - ``/logout`` (a POST with the CSRF token).
 
-Everything that touches files runs in the reactor's thread pool (``run_blocking``).
+Everything that touches files, and everything that costs CPU in proportion to a message
+(MIME parsing, HTML sanitising, building a message to send), runs in the reactor's thread pool
+(``run_blocking``): a hostile message may cost its reader a second, never the POP3, SMTP and
+IMAP sessions the main process serves meanwhile.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from pop3coexist.errors import MailError, NoSuchMailbox, StoreError
+from pop3coexist.errors import AuthUnavailable, MailError, NoSuchMailbox, StoreError
 from pop3coexist.identity.logins import login_locked
 from pop3coexist.store.folders import FolderError, MaildirFolders
 from pop3coexist.web import compose, mailrules, mailview, sanitize
@@ -183,6 +186,49 @@ class WebMail(WebApp):
         context.setdefault("current", "")
         return self.page(req, template, status, folders=folders, **context)
 
+    # -- notices and the account's standing
+
+    def flash_redirect(self, req: WebRequest, location: str, notice: str) -> Response:
+        """A redirect to ``location`` whose page shows ``notice`` once. The notice travels in
+        the session, never in the URL: a link cannot make our pages say an attacker's words
+        (content spoofing), and nothing of it lands in logs or history."""
+        if req.session is not None:
+            req.session.data["notice"] = notice[:400]
+        return redirect(location)
+
+    def notice(self, req: WebRequest) -> str:
+        """The notice a ``flash_redirect`` left for this page (shown once), or ""."""
+        return req.session.data.pop("notice", "") if req.session is not None else ""
+
+    def route(self, method: str, pattern: str, handler: Any, auth: bool = True) -> None:
+        """WebApp.route; a logged-in route first checks that the mailbox still exists and is
+        not locked (two small reads, off the reactor): locking a mailbox or its domain, or
+        removing it, ends its web sessions at their next request, not only new log-ins."""
+        if auth:
+            handler = self._guarded(handler)
+        super().route(method, pattern, handler, auth)
+
+    def _guarded(self, handler: Any) -> Any:
+        async def guarded(req: WebRequest, **kw: Any) -> Response:
+            if req.user and not await self.run_blocking(self._still_open, req.user):
+                log.info("web mail: {user} logged out: the mailbox is locked or gone",
+                         user=req.user)
+                self.log_out(req)
+                return redirect(self.login_path)
+            return await handler(req, **kw)
+
+        return guarded
+
+    def _still_open(self, account: str) -> bool:
+        box, _, domain = account.rpartition("@")
+        try:
+            return bool(self.store.mailbox_exists(domain, box)) and \
+                not login_locked(self.store, account)
+        except (NoSuchMailbox, ValueError, StoreError, OSError):
+            return False
+        except AuthUnavailable:  # the store cannot be read now: keep the session
+            return True
+
     # -- log-in and log-out
 
     async def login_page(self, req: WebRequest) -> Response:
@@ -191,9 +237,12 @@ class WebMail(WebApp):
         return self.page(req, "login.html", error="", name="")
 
     async def do_login(self, req: WebRequest) -> Response:
-        name = req.arg("username").strip()
+        # the form only: a user name or password in the query string (a URL, logged and kept
+        # in history) is not read
+        name = (req.form.get("username") or [""])[0].strip()
+        password = (req.form.get("password") or [""])[0]
         try:
-            account = await self.login.authenticate(name, req.arg("password"), req.peer)
+            account = await self.login.authenticate(name, password, req.peer)
         except LoginFailed:
             return self.page(req, "login.html", 403, name=name,
                              error="The address or password is not right, or the mailbox "
@@ -265,7 +314,7 @@ class WebMail(WebApp):
         data = await self.run_blocking(self._list, account, name, page)
         moves = [f for f in data["folders"] if f["name"] != name]
         return self.mail_page(req, "folder.html", account, data["folders"], current=name,
-                              moves=moves, notice=req.arg("notice")[:200], **{
+                              moves=moves, notice=self.notice(req), **{
                                   k: v for k, v in data.items() if k != "folders"})
 
     def _find(self, view: Any, uid: int) -> Any:
@@ -316,12 +365,12 @@ class WebMail(WebApp):
             n = await self.run_blocking(self._delete_or_move, account, name, uids, action,
                                         req.arg("target"))
         except FolderError as e:
-            return redirect(folder_url(name) + "?notice=" + urllib.parse.quote(str(e)))
+            return self.flash_redirect(req, folder_url(name), str(e))
         note = {"delete": "deleted" if name != "Trash" else "deleted for good",
                 "move": "moved", "read": "marked read", "unread": "marked unread"}.get(action,
                                                                                       "changed")
-        return redirect(folder_url(name) + "?notice=" + urllib.parse.quote(
-            f"{n} message{'s' if n != 1 else ''} {note}"))
+        return self.flash_redirect(req, folder_url(name),
+                                   f"{n} message{'s' if n != 1 else ''} {note}")
 
     # -- one message
 
@@ -343,6 +392,23 @@ class WebMail(WebApp):
                 view.set_flags(m, flags)
         return data
 
+    @staticmethod
+    def _view(data: bytes) -> tuple[mailview.MessageView, int]:
+        """Blocking (CPU): the message's view and how many remote images its HTML has."""
+        view = mailview.parse_message(data)
+        blocked = sanitize.clean_html(view.html, False).blocked if view.html is not None else 0
+        return view, blocked
+
+    @staticmethod
+    def _frame(data: bytes, images: bool) -> bytes:
+        """Blocking (CPU): the page of the message frame, its HTML part sanitised."""
+        view = mailview.parse_message(data)
+        inline = mailview.cid_images(data) if view.cid else {}
+        cleaned = sanitize.clean_html(view.html or "", images, inline.get)
+        return ("<!doctype html><html><head><meta charset=\"utf-8\">"
+                "<meta name=\"referrer\" content=\"no-referrer\"></head><body>"
+                + cleaned.html + "</body></html>").encode("utf-8")
+
     async def message_page(self, req: WebRequest, folder: str, uid: str) -> Response:
         name = self._folder_name(folder)
         account = self._account(req)
@@ -352,16 +418,13 @@ class WebMail(WebApp):
         if data is None:
             return self.error_page(req, 404, "This message is no longer in the folder.")
         folders = await self.run_blocking(self._side, account)
-        view = mailview.parse_message(data)
+        view, blocked = await self.run_blocking(self._view, data)
         images = req.arg("images") == "1"
-        blocked = 0
-        if view.html is not None:
-            blocked = sanitize.clean_html(view.html, False).blocked
         moves = [f for f in folders if f["name"] != name]
         return self.mail_page(req, "message.html", account, folders, current=name,
                               uid=int(uid), m=view, images=images, blocked=blocked,
                               show_html=view.html is not None and req.arg("plain") != "1",
-                              moves=moves, notice=req.arg("notice")[:200])
+                              moves=moves, notice=self.notice(req))
 
     async def message_body(self, req: WebRequest, folder: str, uid: str) -> Response:
         """The sanitised HTML part, for the sandboxed frame of the message page."""
@@ -372,18 +435,8 @@ class WebMail(WebApp):
         data = await self.run_blocking(self._read, account, name, int(uid), False)
         if data is None:
             return self.error_page(req, 404, "This message is no longer in the folder.")
-        view = mailview.parse_message(data)
         images = req.arg("images") == "1"
-        base = msg_url(name, int(uid))
-
-        def cid_url(cid: str) -> str | None:
-            n = view.cid.get(cid)
-            return f"{base}/part/{n}?inline=1" if n is not None else None
-
-        cleaned = sanitize.clean_html(view.html or "", images, cid_url)
-        page = ("<!doctype html><html><head><meta charset=\"utf-8\">"
-                "<meta name=\"referrer\" content=\"no-referrer\"></head><body>"
-                + cleaned.html + "</body></html>").encode("utf-8")
+        page = await self.run_blocking(self._frame, data, images)
         return Response(page, csp=sanitize.frame_csp(images), frame=True,
                         headers={b"Referrer-Policy": b"no-referrer"})
 
@@ -395,7 +448,8 @@ class WebMail(WebApp):
         if not account.exists(name):
             return self.error_page(req, 404, "There is no such folder.")
         data = await self.run_blocking(self._read, account, name, int(uid), False)
-        found = mailview.part(data, int(n)) if data is not None else None
+        found = await self.run_blocking(mailview.part, data, int(n)) \
+            if data is not None else None
         if found is None:
             return self.error_page(req, 404, "There is no such attachment.")
         content, ctype, filename = found
@@ -421,11 +475,11 @@ class WebMail(WebApp):
             await self.run_blocking(self._delete_or_move, account, name, [int(uid)], action,
                                     req.arg("target"))
         except FolderError as e:
-            return redirect(msg_url(name, int(uid)) + "?notice=" + urllib.parse.quote(str(e)))
+            return self.flash_redirect(req, msg_url(name, int(uid)), str(e))
         if action in ("read", "unread"):
             return redirect(folder_url(name))
         note = "Message moved" if action == "move" else "Message deleted"
-        return redirect(folder_url(name) + "?notice=" + urllib.parse.quote(note))
+        return self.flash_redirect(req, folder_url(name), note)
 
     # -- compose and send
 
@@ -444,12 +498,13 @@ class WebMail(WebApp):
             data = await self.run_blocking(self._read, account, fname, int(uid), False)
             if data is None:
                 return self.error_page(req, 404, "This message is no longer in the folder.")
-            view = mailview.parse_message(data)
+            view = await self.run_blocking(mailview.parse_message, data)
             if kind == "reply":
-                fields.update(compose.reply_fields(view, req.user or "", req.arg("all") == "1"))
+                fields.update(await self.run_blocking(compose.reply_fields, view,
+                                                      req.user or "", req.arg("all") == "1"))
             else:
                 inline = req.arg("inline") == "1"
-                fields.update(compose.forward_fields(view, inline))
+                fields.update(await self.run_blocking(compose.forward_fields, view, inline))
                 if not inline:
                     source = ref
             fields["source"] = ref
@@ -478,7 +533,7 @@ class WebMail(WebApp):
                                   f=f, attach_source=attach_source, reply_source=reply_source,
                                   error=error, max_upload=human_size(self.config.web.max_upload))
 
-        try:
+        def build() -> tuple[list[str], bytes]:
             rcpts = compose.parse_recipients(f["to"], f["cc"], f["bcc"])
             if not rcpts and not draft:
                 raise compose.ComposeError("Add at least one recipient.")
@@ -486,14 +541,16 @@ class WebMail(WebApp):
                 sender=req.user or "", to=f["to"], cc=f["cc"], subject=f["subject"],
                 body=f["body"], hostname=self.hostname, in_reply_to=f["in_reply_to"],
                 references=f["references"], attachments=uploads, forwarded=forwarded)
+            return rcpts, msg.as_bytes()
+
+        try:
+            rcpts, data = await self.run_blocking(build)
         except (compose.ComposeError, ValueError) as e:
             return await again(str(e))
-        data = msg.as_bytes()
         if draft:
             await self.run_blocking(self._store_copy, account, "Drafts", data, ["\\Seen",
                                                                                 "\\Draft"])
-            return redirect(folder_url("Drafts") + "?notice=" + urllib.parse.quote(
-                "Draft saved"))
+            return self.flash_redirect(req, folder_url("Drafts"), "Draft saved")
         try:
             result = await self.submission.submit(req.user, req.user, rcpts, data, req.peer)
         except MailError as e:
@@ -507,7 +564,7 @@ class WebMail(WebApp):
         note = f"Message sent (queue id {result.queue_id})"
         if result.refused:
             note += "; refused: " + "; ".join(f"{a}: {why}" for a, why in result.refused.items())
-        return redirect(folder_url("INBOX") + "?notice=" + urllib.parse.quote(note[:400]))
+        return self.flash_redirect(req, folder_url("INBOX"), note)
 
     def _store_copy(self, account: Any, name: str, data: bytes, flags: list[str]) -> None:
         account.ensure_special_folders()
@@ -531,7 +588,7 @@ class WebMail(WebApp):
                                                   account.mailbox)
         folders = await self.run_blocking(self._side, account)
         return self.mail_page(req, "settings.html", account, folders, s=settings,
-                              other_active=other, notice=req.arg("notice")[:200],
+                              other_active=other, notice=self.notice(req),
                               actions=mailrules.ACTIONS, problems=[])
 
     async def do_settings(self, req: WebRequest) -> Response:
@@ -570,4 +627,4 @@ class WebMail(WebApp):
         note = "Settings saved"
         if replaced:
             note += f" (they replace the active script {replaced!r})"
-        return redirect("/settings?notice=" + urllib.parse.quote(note))
+        return self.flash_redirect(req, "/settings", note)
