@@ -102,3 +102,22 @@ def test_canonical_fast_path_agrees_with_line_ends(text: bytes) -> None:
     """``fetch.canonical_bytes`` (with its already-CRLF shortcut) equals the canonical form
     built by ``canonical.LineEnds`` for any mix of CR, LF, CRLF, Ctrl-Z and a From_ line."""
     assert fetchmod.canonical_bytes(text) == _slow(text)
+
+
+def test_partial_copies_of_one_message_are_bounded_by_octets(env: Env, monkeypatch) -> None:
+    """``BODY.PEEK[]<0> BODY.PEEK[]<1> ...`` (each item a near-whole copy of the message) is
+    refused with ``NO [LIMIT]`` once one message's answer would pass ANSWER_COPIES times its
+    size plus the slack; the session goes on, and two whole copies (``BODY[] RFC822``) or
+    separate partial fetches of the same message are answered."""
+    monkeypatch.setattr(fetchmod, "ANSWER_SLACK", 0)
+    env.deliver("big", "y" * 20000)
+    proto, t = env.logged_in()
+    say(proto, t, b"s SELECT INBOX")
+    items = b" ".join(b"BODY.PEEK[]<%d>" % i for i in range(8))
+    out = say(proto, t, b"f FETCH 1 (" + items + b")")
+    assert out.startswith(b"f NO [LIMIT] ") and b"* 1 FETCH" not in out, out[:200]
+    out = say(proto, t, b"h FETCH 1 (BODY.PEEK[] BODY.PEEK[TEXT])")
+    assert out.endswith(b"h OK FETCH completed\r\n")
+    for i in range(4):
+        assert say(proto, t, b"p%d FETCH 1 BODY.PEEK[]<%d.5000>" % (i, i * 5000)).endswith(
+            b"p%d OK FETCH completed\r\n" % i)

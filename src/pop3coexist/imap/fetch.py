@@ -16,6 +16,7 @@ from typing import Any
 
 from pop3coexist.canonical import LineEnds
 from pop3coexist.errors import StoreError
+from pop3coexist.imap.common import Refuse
 from pop3coexist.imap.message import Part, bodystructure, decoded, envelope, literal
 from pop3coexist.imap.parse import (
     Atom,
@@ -68,6 +69,17 @@ _SIMPLE = {"FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY", "BODYSTRU
 
 
 MAX_FETCH_ITEMS = 64  # items in one FETCH list: each may copy the whole message
+ANSWER_COPIES = 2  # the items of one message's answer copy at most this many times its size
+ANSWER_SLACK = 1 << 20  # ... plus this many octets (small messages, headers, structures)
+
+
+def answer_budget(size: int) -> int:
+    """The most octets one message's FETCH answer may hold: ANSWER_COPIES times its
+    canonical size plus ANSWER_SLACK. Items past it (``BODY[]<0> BODY[]<1> ...``, each a
+    near-whole copy) are refused with ``NO [LIMIT]`` instead of holding up to
+    MAX_FETCH_ITEMS copies of a large message in memory at once; ``BODY[HEADER]
+    BODY[TEXT]``, ``BODY[] RFC822`` and partial fetches in separate commands stay within it."""
+    return ANSWER_COPIES * size + ANSWER_SLACK
 
 
 def compile_fetch(spec: Any, uid: bool) -> list[Item]:
@@ -182,7 +194,11 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool,
             return parsed[0]
 
         out: list[bytes] = []
+        budget = answer_budget(len(data)) if data is not None else 0
         for i in items:
+            if data is not None and sum(map(len, out)) > budget:
+                raise Refuse(f"the FETCH items would copy the message more than "
+                             f"{ANSWER_COPIES} times", "LIMIT")
             if i.kind == "UID":
                 out.append(b"UID %d" % msg.uid)
             elif i.kind == "FLAGS":
@@ -215,6 +231,9 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool,
                     if i.length is not None:
                         content = content[:i.length]
                 out.append(i.name.encode("latin-1") + b" " + literal(content))
+        if data is not None and sum(map(len, out)) > budget:
+            raise Refuse(f"the FETCH items would copy the message more than {ANSWER_COPIES} "
+                         "times", "LIMIT")
         return b" ".join(out), flags
     except (StoreError, FileNotFoundError):
         return None, flags
