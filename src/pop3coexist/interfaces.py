@@ -869,3 +869,18 @@ class IMessageSubmission(Interface):
         """Deferred firing with a ``SubmissionResult`` (queue id, refused recipients with
         their replies) once the message is durable; fails with ``errors.MailError`` when the
         whole message is refused (no recipient accepted, sender not the user's, too big)."""
+
+class ICachedFolderView(Interface):
+    """Optional for an IFolderView: answers that never wait for the disk, so an IMAP session
+    saves a thread hop per command when the folder is unchanged and per FETCH of a small
+    message (the store's path look-ups go through ``fsutil.open_cached``)."""
+
+    def unchanged_cached() -> bool | None:
+        """True when the folder is as this view's last ``sync`` saw it (``sync_if_changed``
+        would return None), False when it changed; None when that cannot be told without
+        the disk or without a full ``sync`` (then call ``sync_if_changed`` off the reactor).
+        Never blocks on the disk."""
+
+    def open_cached(msg: object) -> object | None:
+        """The message file (binary, to be closed by the caller) when it can be opened
+        without waiting for the disk, else None (then use ``open`` off the reactor)."""

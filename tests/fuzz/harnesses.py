@@ -898,13 +898,18 @@ def fuzz_milter(data: bytes) -> None:
 
 class _ImapRig:
     """The IMAP factory (imap/factory.py) over the real Maildir store in a temporary folder
-    (ted with three messages: plain, multipart, a bare-CR one; a ``Sent`` folder), the unit
-    tier's fake checker and a synchronous ``run_blocking``, in /dev/shm where it exists; reused
-    across inputs. After an
-    input that may have changed the mailbox, ted's Maildir is put back from a copy."""
+    (ted with three messages in new/: plain, multipart, a bare-CR one; a ``Sent`` folder and
+    the special-use folders a first log-in makes), the unit tier's fake checker and a
+    synchronous ``run_blocking``, in /dev/shm where it exists; made once per process and
+    reused across inputs.
 
-    MUTATING = re.compile(rb"(?i)APPEND|STORE|COPY|MOVE|EXPUNGE|CREATE|DELETE|RENAME|SUBSCRIBE|"
-                          rb"CLOSE|BODY\[|RFC822")
+    Between inputs ted's Maildir is put back as the template was, cheaply: ``changed`` compares
+    the mtimes of the mailbox's folders (every create, rename and unlink the store does changes
+    one; the store never rewrites a file in place) with those recorded after the last reset,
+    and ``reset`` removes what the template lacks and hard-links back what it has (message
+    files are never written in place, so a link shares the template's octets safely). So every
+    input starts from the same mailbox, whatever the input before it did (a SELECT that moved
+    messages from new/ to cur/, an APPEND, a RENAME), and no input pays for a copy."""
 
     def __init__(self) -> None:
         import atexit
@@ -916,6 +921,7 @@ class _ImapRig:
 
         from pop3coexist.config import Config, DomainsConfig, ImapConfig, ServerConfig
         from pop3coexist.imap.factory import IMAPServerFactory
+        from pop3coexist.store.folders import MaildirFolders
         from pop3coexist.store.maildir import MaildirStore
         from tests.support.fakes import FakeChecker, sync_run_blocking
 
@@ -929,26 +935,137 @@ class _ImapRig:
         store.add_domain(host)
         store.add_mailbox(host, "ted")
         self.box = self.tmp / "mailroot" / host / "ted"
-        for i, data in enumerate((b"From: a@b.test\nSubject: one\n\nbody\n.dot\n",
-                                  b"Subject: two\nContent-Type: multipart/mixed; boundary=b\n\n"
-                                  b"--b\nContent-Type: text/plain\n\nx\n--b--\n",
-                                  b"Subject: three\r\rbare CR\r")):
+        messages = (b"From: a@b.test\nSubject: one\n\nbody\n.dot\n",
+                    b"Subject: two\nContent-Type: multipart/mixed; boundary=b\n\n"
+                    b"--b\nContent-Type: text/plain\n\nx\n--b--\n",
+                    b"Subject: three\r\rbare CR\r")
+        for i, data in enumerate(messages):
             (self.box / "new" / f"170000000{i}.M{i}P1.fuzz").write_bytes(data)
+        # what BODY[] of each must be: LF -> CRLF; a lone CR is a line end too (canonical.py)
+        self.stored = [messages[0].replace(b"\n", b"\r\n"), messages[1].replace(b"\n", b"\r\n"),
+                       b"Subject: three\r\n\r\nbare CR\r\n"]
         for sub in ("cur", "new", "tmp"):
             (self.box / ".Sent" / sub).mkdir(parents=True)
+        # what the first log-in makes (Sent, Drafts, Trash, Junk, subscriptions): in the template
+        account = MaildirFolders(store).open_account(host, "ted")
+        account.ensure_special_folders()
+        account.open_folder("INBOX").sync()  # the uid list; the messages stay in new/ (\\Recent)
         self.template = self.tmp / "template"
         shutil.copytree(self.box, self.template)
+        self.manifest = self._walk(self.template)
+        self.inodes = {f"{rel}/{name}": os.lstat(self.template / rel / name).st_ino
+                       for rel, entries in self.manifest.items()
+                       for name, is_dir in entries.items() if not is_dir}
+        shutil.rmtree(self.box)
+        self._fill("")
+        self._clean: tuple = ()
+        self.reset()
         checker = FakeChecker({f"ted@{host}": "pw"}, local_domains=(host,), offers_secrets=False)
         config = Config(server=ServerConfig(host, self.tmp), domains=DomainsConfig(local=(host,)),
                         imap=ImapConfig(max_literal=4096, auth_failure_delay=0.0))
         self.factory = IMAPServerFactory(config, store, checker, reactor=self.clock,
                                          run_blocking=sync_run_blocking, tls_options=None)
 
+    _WHOLE_BODY = re.compile(rb"\* \d+ FETCH \((?:UID \d+ )?BODY\[\] \{(\d+)\}\r\n")
+    _LITERAL = re.compile(rb"\{(\d{1,5})\+?\}\r\n")
+
+    def check_bodies(self, body: bytes, output: bytes) -> None:
+        """Every whole ``BODY[]`` that opens a FETCH answer is a stored message or one of the
+        literals of ``body`` (an APPEND), in CRLF form (see ``fuzz_imap_session``)."""
+        from pop3coexist.imap.fetch import canonical_bytes
+        from tests.fuzz import imap_oracles
+
+        found = [r for r in imap_oracles.split_responses(output) if r.startswith(b"* ")]
+        wanted = []
+        for resp in found:
+            m = self._WHOLE_BODY.match(resp)
+            if m:
+                wanted.append(resp[m.end():m.end() + int(m.group(1))])
+        if not wanted:
+            return
+        known = set(self.stored)
+        for m in self._LITERAL.finditer(body):
+            known.add(canonical_bytes(body[m.end():m.end() + int(m.group(1))]))
+        for got in wanted:
+            assert got in known, f"BODY[] is no stored message: {got[:200]!r}"
+
+    @staticmethod
+    def _walk(root: Path) -> dict[str, dict[str, bool]]:
+        """Every folder under ``root`` (relative path, "" for root) -> its entries (name ->
+        True for a folder)."""
+        import os
+
+        out: dict[str, dict[str, bool]] = {}
+        todo = [""]
+        while todo:
+            rel = todo.pop()
+            entries = out[rel] = {}
+            with os.scandir(root / rel if rel else root) as it:
+                for e in it:
+                    entries[e.name] = d = e.is_dir(follow_symlinks=False)
+                    if d:
+                        todo.append(f"{rel}/{e.name}" if rel else e.name)
+        return out
+
+    def changed(self) -> bool:
+        """True when the last input changed ted's Maildir: one of its folders has another
+        mtime or is gone (a folder made inside one changes that one's mtime)."""
+        import os
+
+        try:
+            return any(os.stat(p).st_mtime_ns != m for p, m in self._clean)
+        except FileNotFoundError:
+            return True
+
+    def _fill(self, rel: str) -> None:
+        """Make folder ``rel`` of the mailbox as the template has it (links for files)."""
+        import os
+
+        box, tpl = str(self.box), str(self.template)
+        os.mkdir(f"{box}/{rel}" if rel else box)
+        for name, is_dir in self.manifest[rel].items():
+            r = f"{rel}/{name}" if rel else name
+            if is_dir:
+                self._fill(r)
+            else:
+                os.link(f"{tpl}/{r}", f"{box}/{r}")
+
     def reset(self) -> None:
+        """Put ted's Maildir back as the template is (see the class docstring): only the
+        folders whose mtime changed are compared with the template."""
+        import os
         import shutil
 
-        shutil.rmtree(self.box)
-        shutil.copytree(self.template, self.box)
+        box, tpl = str(self.box), str(self.template)
+        before = dict(self._clean)
+        clean = []
+        for rel, want in self.manifest.items():
+            path = f"{box}/{rel}" if rel else box
+            try:
+                mtime = os.stat(path).st_mtime_ns
+            except FileNotFoundError:
+                continue  # its parent changed too: made again there
+            if before.get(path) != mtime:
+                with os.scandir(path) as it:
+                    have = {e.name: e for e in it}
+                for name, e in have.items():
+                    is_dir = e.is_dir(follow_symlinks=False)
+                    if want.get(name) is None or want[name] != is_dir:
+                        (shutil.rmtree if is_dir else os.unlink)(e.path)
+                    elif not is_dir and e.inode() != self.inodes[f"{rel}/{name}"]:
+                        os.unlink(e.path)
+                        os.link(f"{tpl}/{rel}/{name}", e.path)
+                for name, is_dir in want.items():
+                    if name not in have:
+                        r = f"{rel}/{name}" if rel else name
+                        if is_dir:
+                            self._fill(r)
+                        else:
+                            os.link(f"{tpl}/{r}", f"{box}/{r}")
+        for rel in self.manifest:
+            path = f"{box}/{rel}" if rel else box
+            clean.append((path, os.stat(path).st_mtime_ns))
+        self._clean = tuple(clean)
 
 
 _imap_rig: _ImapRig | None = None
@@ -963,7 +1080,9 @@ def fuzz_imap_session(data: bytes) -> None:
     end. Invariants (tests/fuzz/imap_oracles.py): nothing is logged as a failure; every output
     line ends in CRLF and is an untagged, continuation or tagged response; the tagged replies
     come in the order of the commands (line + literals) that carried them, at most one each;
-    the session ends with a BYE or stays open; an idle session is closed."""
+    the session ends with a BYE or stays open; an idle session is closed; a ``FETCH`` answer
+    whose first item (after UID) is the whole ``BODY[]`` carries the octets of a stored message
+    or of a message the input appended (their CRLF form), never anything else."""
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
@@ -982,7 +1101,6 @@ def fuzz_imap_session(data: bytes) -> None:
             prefix += b"S1 SELECT INBOX\r\n"
     body = prefix + data[2:]
     chunks = chunked(body, data[0])
-    dirty = bool(rig.MUTATING.search(body))
     try:
         with oracles.no_logged_failures():
             proto = rig.factory.buildProtocol(None)
@@ -1003,12 +1121,12 @@ def fuzz_imap_session(data: bytes) -> None:
             proto.connectionLost(None)
             settle(rig.clock, lambda: False)
         if not transport.disconnecting:
-            commands = imap_oracles.frame_commands(body, rig.factory.max_literal)
-            imap_oracles.check_transcript(commands, output)
+            imap_oracles.check_any(body, rig.factory.max_literal, output)
         else:
             imap_oracles.split_responses(output)  # still well framed up to the end
+        rig.check_bodies(body, output)
     finally:
-        if dirty:
+        if rig.changed():
             rig.reset()
 
 

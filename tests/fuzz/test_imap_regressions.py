@@ -56,3 +56,50 @@ def test_fetch_body_keeps_both_old_marker_shapes_and_flags_carry_recent():
     assert b"FLAGS (\\Recent)" in resp, resp
     m = re.search(rb"BODY\[\] \{(\d+)\}\r\n", resp)
     assert m and resp[m.end():m.end() + int(m.group(1))] == stored
+
+
+def test_sasl_answer_ending_like_a_literal_is_one_line():
+    """A SASL answer line that ends in ``{1+}`` is one line of the exchange, not a command
+    with a literal (RFC 3501 section 6.2.2): the server answers the AUTHENTICATE (bad base64)
+    and then each following command once, in order. The fuzz oracle once framed that line as
+    a literal and reported a reply "out of order" (corpus
+    regression-sasl-answer-ending-in-literal); ``check_any`` accepts the SASL framing."""
+    from tests.fuzz import imap_oracles
+
+    machine = ImapSession()
+    try:
+        machine.fill([b"Subject: s\r\n\r\nhello\r\n"])
+        body = (b"a AUTHENTICATE PLAIN\r\nAHRlZEBwb+AuY29u{1+}\r\n"
+                b"x SUBJECT {1+}\r\nx y NOOP\r\ne LOGOUT\r\n")
+        machine.proto.dataReceived(body)
+        out = machine.take()
+    finally:
+        machine.teardown()
+    tags = imap_oracles.check_any(body, 4096, out)
+    assert tags[0] == b"a" and tags[-1] == b"e", out
+    assert b"a BAD bad base64" in out, out
+    assert imap_oracles.frame_commands(body, 4096, sasl=True)[1].startswith(b"x SUBJECT {1+}")
+
+
+def test_fuzz_rig_puts_the_mailbox_back_exactly():
+    """The imap_session harness restores ted's Maildir between inputs (hard links from its
+    template, only the folders whose mtime changed): after inputs that move messages to cur/,
+    append, create, rename and delete folders and expunge, the mailbox holds exactly the
+    template's entries, each file the template's own inode, so every input starts alike."""
+    import os
+
+    from tests.fuzz import harnesses
+
+    run = harnesses.HARNESSES["imap_session"]
+    run(b"\x00\x03x FETCH 1 BODY[]\r\n")
+    rig = harnesses._imap_rig
+    for data in (b"\x00\x03a STORE 1:* +FLAGS (\\Deleted $Junk)\r\nb EXPUNGE\r\n",
+                 b"\x00\x01c APPEND INBOX {3+}\r\nabc\r\nd CREATE x.y\r\ne RENAME Sent S2\r\n",
+                 b"\x00\x01f DELETE Junk\r\ng SUBSCRIBE q\r\n"):
+        run(data)
+        assert not rig.changed()
+        assert rig._walk(rig.box) == rig.manifest
+        for rel, entries in rig.manifest.items():
+            for name, is_dir in entries.items():
+                if not is_dir:
+                    assert os.lstat(rig.box / rel / name).st_ino == rig.inodes[f"{rel}/{name}"]

@@ -28,7 +28,14 @@ Consistency while the server serves (the rules, README "Backup and restore"):
    before ``cur/``, a file seen twice (by its maildir unique part) is kept once, and a file
    that vanished is looked for again by unique part (renamed: taken under its new name;
    gone: deleted by its owner, not in the snapshot).
-5. The queue is read before the mailboxes: a message the runner moves from the queue into a
+5. An IMAP folder of a mailbox (Maildir++ ``.<name>/`` with its ``new/``, ``cur/``,
+   ``maildirfolder``, ``dovecot-uidlist``, ``dovecot-keywords``; store/folders.py) is a
+   Maildir like the INBOX: its messages are read by the same rules (an IMAP flag change
+   renames a file, as QUIT does), their ``:2,`` flag letters are in their names, and the
+   uid list comes along so a restored folder keeps its UIDVALIDITY and UIDs (clients do not
+   fetch it again); the mailbox's ``subscriptions`` is a state file like any other. A folder
+   being deleted (``..deleted.*``) is left out.
+6. The queue is read before the mailboxes: a message the runner moves from the queue into a
    mailbox is in the queue part (envelope still there) or already in the mailbox.
    A queue message is its body and its envelope, read body-after-envelope-listing; a pair
    whose body vanished was delivered meanwhile and is left out.
@@ -37,7 +44,8 @@ Restore reads the whole archive into a staging folder inside ``state_dir`` and c
 checksum against the manifest before anything is put in place; a damaged archive changes
 nothing. Files are then hard-linked into place (atomic: a reader sees the whole file or none),
 queue bodies before their envelopes, without replacing anything: a message whose maildir
-unique part is already in its mailbox (``new/`` or ``cur/``) is skipped, so restoring twice,
+unique part is already in its folder (``new/`` or ``cur/`` of the INBOX or of the IMAP
+folder it was in) is skipped, so restoring twice,
 or restoring into a running server, makes no duplicates. A state file that exists with other
 contents is kept and reported. The password file is merged address by address
 (``PasswordFile.merge_from``).
@@ -78,7 +86,8 @@ STAGING_PREFIX = ".restore-"
 SMALL_FILE = 64 << 20  # state files up to this size are read whole (a consistent copy)
 SINCE_MARGIN = 2.0  # seconds taken off an earlier backup's start (file time granularity)
 
-_MAILDIR_MESSAGE = re.compile(r"^mailroot/[^/]+/[^/]+/(new|cur)/[^/]+$")
+# a message of a mailbox's INBOX or of one of its IMAP folders (Maildir++ ``.<name>/``)
+_MAILDIR_MESSAGE = re.compile(r"^mailroot/[^/]+/[^/]+/(?:\.[^/]+/)?(new|cur)/[^/]+$")
 
 
 # --------------------------------------------------------------------------- what is state
@@ -97,7 +106,7 @@ def is_excluded(parts: tuple[str, ...], is_dir: bool) -> bool:
         return True
     if parts in (("queue", "flush"), ("queue", "rescan")):
         return True
-    if name.startswith((".removed.", ".new.", ".probe.", STAGING_PREFIX)):
+    if name.startswith((".removed.", ".new.", ".probe.", "..deleted.", STAGING_PREFIX)):
         return True
     if not is_dir and (name.endswith((".lock", ".lck", ".tmp")) or ".tmp." in name):
         return True
@@ -324,8 +333,9 @@ class _Writer:
                 self._queue(path)
             elif parts[-1] == "tmp":
                 return  # a message being written: never in a backup
-            elif len(parts) == 3 and parts[0] == "mailroot" and _is_maildir(path):
-                self._maildir(path)
+            elif parts[0] == "mailroot" and (len(parts) == 3 or (
+                    len(parts) == 4 and parts[3].startswith("."))) and _is_maildir(path):
+                self._maildir(path)  # a mailbox (INBOX) or one of its IMAP folders
             else:
                 for name in _listdir(path):
                     self._generic(path / name)

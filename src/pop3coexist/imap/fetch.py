@@ -16,6 +16,7 @@ from typing import Any
 
 from pop3coexist.canonical import LineEnds
 from pop3coexist.errors import StoreError
+from pop3coexist.imap.common import Refuse
 from pop3coexist.imap.message import Part, bodystructure, decoded, envelope, literal
 from pop3coexist.imap.parse import (
     Atom,
@@ -31,7 +32,13 @@ _SECTION = re.compile(r"(BODY(?:\.PEEK)?|BINARY(?:\.PEEK)?)\[([^\]]*)\](?:<(\d+)
 
 
 def canonical_bytes(data: bytes) -> bytes:
-    """The canonical CRLF form of a stored file's bytes (canonical.py)."""
+    """The canonical CRLF form of a stored file's bytes (canonical.py). A file that is already
+    in that form (every line end CRLF, the last line ended, no ``From `` line first: what
+    APPEND and most Maildir writers store) is returned as it is, found by C-speed counts."""
+    if data.endswith(b"\r\n") and not data.startswith(b"From "):
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+            return data
     ends = LineEnds()
     text = ends.feed(data) + ends.finish()
     if text and not text.endswith(b"\n"):
@@ -62,6 +69,17 @@ _SIMPLE = {"FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY", "BODYSTRU
 
 
 MAX_FETCH_ITEMS = 64  # items in one FETCH list: each may copy the whole message
+ANSWER_COPIES = 2  # the items of one message's answer copy at most this many times its size
+ANSWER_SLACK = 1 << 20  # ... plus this many octets (small messages, headers, structures)
+
+
+def answer_budget(size: int) -> int:
+    """The most octets one message's FETCH answer may hold: ANSWER_COPIES times its
+    canonical size plus ANSWER_SLACK. Items past it (``BODY[]<0> BODY[]<1> ...``, each a
+    near-whole copy) are refused with ``NO [LIMIT]`` instead of holding up to
+    MAX_FETCH_ITEMS copies of a large message in memory at once; ``BODY[HEADER]
+    BODY[TEXT]``, ``BODY[] RFC822`` and partial fetches in separate commands stay within it."""
+    return ANSWER_COPIES * size + ANSWER_SLACK
 
 
 def compile_fetch(spec: Any, uid: bool) -> list[Item]:
@@ -125,8 +143,18 @@ def sets_seen(items: list[Item]) -> bool:
     return any(i.seen for i in items)
 
 
-def _read(view: Any, msg: Any) -> bytes:
-    with view.open(msg) as f:
+class NotCached(Exception):
+    """``fetch_one(cached=True)``: the message cannot be read without waiting for the disk."""
+
+
+def _read(view: Any, msg: Any, cached: bool = False) -> bytes:
+    if cached:
+        f = view.open_cached(msg)
+        if f is None:
+            raise NotCached()
+    else:
+        f = view.open(msg)
+    with f:
         return canonical_bytes(f.read())
 
 
@@ -140,18 +168,20 @@ def format_flags(flags: frozenset[str], recent: bool) -> bytes:
 
 
 def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool,
-              flags: frozenset[str] | None = None, recent: bool = False
-              ) -> tuple[bytes | None, frozenset[str]]:
+              flags: frozenset[str] | None = None, recent: bool = False,
+              cached: bool = False) -> tuple[bytes | None, frozenset[str]]:
     """The inside of one ``* n FETCH (...)`` and the message's flags afterwards (``flags``:
     what the session knows, default the record's; ``recent``: the session's \\Recent, put
     in the FLAGS list as it is built: nothing is ever substituted in the answer's bytes,
-    which hold message content). The answer is None when the message is gone."""
+    which hold message content). The answer is None when the message is gone. ``cached``:
+    read through ``ICachedFolderView.open_cached`` (on the reactor: no set_seen, ``msg.size``
+    known), raising NotCached when the file cannot be opened without the disk."""
     if flags is None:
         flags = msg.flags
     try:
         needs_data = any(i.kind not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE")
                          for i in items)
-        data = _read(view, msg) if needs_data else None
+        data = _read(view, msg, cached) if needs_data else None
         if set_seen and "\\Seen" not in flags:
             flags = view.set_flags(msg, set(flags) | {"\\Seen"})
             if not any(i.kind == "FLAGS" for i in items):
@@ -164,7 +194,11 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool,
             return parsed[0]
 
         out: list[bytes] = []
+        budget = answer_budget(len(data)) if data is not None else 0
         for i in items:
+            if data is not None and sum(map(len, out)) > budget:
+                raise Refuse(f"the FETCH items would copy the message more than "
+                             f"{ANSWER_COPIES} times", "LIMIT")
             if i.kind == "UID":
                 out.append(b"UID %d" % msg.uid)
             elif i.kind == "FLAGS":
@@ -197,6 +231,9 @@ def fetch_one(view: Any, msg: Any, items: list[Item], set_seen: bool,
                     if i.length is not None:
                         content = content[:i.length]
                 out.append(i.name.encode("latin-1") + b" " + literal(content))
+        if data is not None and sum(map(len, out)) > budget:
+            raise Refuse(f"the FETCH items would copy the message more than {ANSWER_COPIES} "
+                         "times", "LIMIT")
         return b" ".join(out), flags
     except (StoreError, FileNotFoundError):
         return None, flags
@@ -216,6 +253,33 @@ def fetch_many(view: Any, msgs: list, items: list[Item], set_seen: bool
         blob, flags = fetch_one(view, m, items, set_seen, flags, recent)
         out.append((blob, flags))
         total += len(blob or b"")
+        if total >= BATCH_BYTES:
+            break
+    return out
+
+
+CACHED_MAX = 256 << 10  # octets: the largest message FETCH reads on the reactor
+
+
+def fetch_cached(view: Any, msgs: list, items: list[Item]) -> list[tuple[bytes | None,
+                                                                          frozenset[str]]]:
+    """``fetch_many`` without a thread, for the leading ``msgs`` the reactor may read: each
+    of known size up to CACHED_MAX whose file opens without waiting for the disk
+    (``ICachedFolderView.open_cached``); stops at the first other one (the caller takes the
+    rest to a thread). Never sets \\Seen (that renames files: the thread's work)."""
+    out: list[tuple[bytes | None, frozenset[str]]] = []
+    total = 0
+    for m, flags, recent in msgs:
+        if m.size is None or m.size > CACHED_MAX:
+            break
+        try:
+            blob, flags = fetch_one(view, m, items, False, flags, recent, cached=True)
+        except NotCached:
+            break
+        if blob is None:
+            break  # gone or renamed: the thread's look-up decides
+        out.append((blob, flags))
+        total += len(blob)
         if total >= BATCH_BYTES:
             break
     return out

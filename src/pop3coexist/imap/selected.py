@@ -25,6 +25,8 @@ from pop3coexist.imap.parse import (
     format_seqset,
     parse_seqset,
 )
+from pop3coexist.interfaces import ICachedFolderView
+from pop3coexist.netutil import send_now
 
 
 def _uid_key(msg: Any) -> int:
@@ -141,7 +143,11 @@ class SelectedCommands:
             self._refresh_lock.release()
 
     async def _refresh(self, sel: Selected, expunges: bool, idle: bool) -> None:
-        msgs = await self.blocking(sel.view.sync_if_changed)
+        view = sel.view
+        if ICachedFolderView.providedBy(view) and view.unchanged_cached():
+            msgs = None  # told without the disk: no thread hop
+        else:
+            msgs = await self.blocking(view.sync_if_changed)
         if self.sel is not sel or self._gone:
             return
         if idle and self._idle is None:
@@ -277,33 +283,49 @@ class SelectedCommands:
         items = fetchmod.compile_fetch(args[1], uid)
         records = self._records(self._targets(args[0], uid))
         sets_seen = fetchmod.sets_seen(items) and not sel.readonly
+        # small messages are read on the reactor when the kernel has their paths cached and
+        # nothing is renamed (no \\Seen): no thread hop (ICachedFolderView)
+        cached = not sets_seen and ICachedFolderView.providedBy(sel.view)
+        done = tag + b" OK FETCH completed\r\n"
         gate = _WriteGate()
         self.transport.registerProducer(gate, True)  # the socket's buffer paces the reads
+        registered = True
         try:
             i = 0
             while i < len(records):
                 await gate.wait()
                 chunk = [(m, sel.flags_of(m.uid), m.uid in sel.recent)
                          for m in records[i:i + 50]]
-                blobs = await self.blocking(fetchmod.fetch_many, sel.view, chunk, items,
-                                            sets_seen)
+                blobs = fetchmod.fetch_cached(sel.view, chunk, items) if cached else []
+                if not blobs:
+                    blobs = await self.blocking(fetchmod.fetch_many, sel.view, chunk, items,
+                                                sets_seen)
                 if self.sel is not sel or self._gone:
                     return
                 i += len(blobs)
-                self._write_fetches(sel, chunk, blobs)
+                out = self._fetch_bytes(sel, chunk, blobs)
+                if i >= len(records):  # the last answers and the tagged reply: one send
+                    registered = False
+                    self.transport.unregisterProducer()
+                    send_now(self.transport, out + done)
+                    return
+                self.transport.write(out)
         finally:
             gate.stopProducing()
-            if not self._gone:
+            if registered and not self._gone:
                 self.transport.unregisterProducer()
-        self.tagged(tag, "OK", "FETCH completed")
+        self.send(done[:-2])
     do_FETCH.states = ("selected",)  # type: ignore[attr-defined]
 
-    def _write_fetches(self, sel: Selected, chunk: list, blobs: list) -> None:
+    def _fetch_bytes(self, sel: Selected, chunk: list, blobs: list) -> bytes:
+        """The ``* n FETCH (...)`` answers of one chunk, as one string of octets."""
+        out = []
         for (msg, _, _), (blob, flags) in zip(chunk, blobs, strict=False):
             if blob is None:
                 continue  # gone meanwhile: reported as EXPUNGE at a later command
             sel.set_flags_of(msg.uid, flags)
-            self.transport.write(b"* %d FETCH (" % sel.seq_of(msg.uid) + blob + b")\r\n")
+            out.append(b"* %d FETCH (" % sel.seq_of(msg.uid) + blob + b")\r\n")
+        return b"".join(out)
 
     async def do_STORE(self, tag: bytes, args: list, uid: bool = False) -> None:  # noqa: N802
         sel = self.sel

@@ -1,5 +1,6 @@
 """IMAP folders over the Maildir store: implements ``interfaces.IFolderStore``,
-``interfaces.IAccountFolders`` and ``interfaces.IFolderView``.
+``interfaces.IAccountFolders``, ``interfaces.IFolderView`` and ``interfaces.ICachedFolderView``
+(the answers that never wait for the disk: ``fsutil.open_cached``).
 
 On disk, inside one mailbox's Maildir (the folder POP3 serves; README "IMAP")::
 
@@ -57,8 +58,8 @@ from zope.interface import implementer
 
 from pop3coexist import errors
 from pop3coexist.canonical import canonical_size
-from pop3coexist.fsutil import fsync_dir
-from pop3coexist.interfaces import IAccountFolders, IFolderStore, IFolderView
+from pop3coexist.fsutil import fsync_dir, open_cached
+from pop3coexist.interfaces import IAccountFolders, ICachedFolderView, IFolderStore, IFolderView
 from pop3coexist.store.maildir import MaildirStore, unique_part
 
 __all__ = ["FolderError", "MaildirFolders", "Message", "SPECIAL_USE", "flags_from_info",
@@ -550,7 +551,7 @@ class AccountFolders:
         return view.add(data, flags, internaldate)
 
 
-@implementer(IFolderView)
+@implementer(IFolderView, ICachedFolderView)
 class FolderView:
     """See ``IFolderView``: one folder's messages by UID, read fresh by ``sync``."""
 
@@ -627,6 +628,36 @@ class FolderView:
                 return None
             key.append((st.st_ino, st.st_mtime_ns, st.st_size))
         return tuple(key)
+
+    def unchanged_cached(self) -> bool | None:
+        """See ``ICachedFolderView.unchanged_cached``: ``_state`` through descriptors opened
+        only when the kernel has the path cached (``fsutil.open_cached``), compared with the
+        last ``sync``'s; None when a path is not cached, is missing, or changed within
+        RACY_WINDOW (then ``sync_if_changed`` decides, off the reactor)."""
+        last = self._last_state
+        if last is None:
+            return None
+        key = []
+        now = time.time()
+        base = str(self.path)
+        for name in ("new", "cur", UIDLIST):
+            fd = open_cached(f"{base}/{name}")
+            if fd is None:
+                return None
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if now - st.st_mtime < RACY_WINDOW:
+                return None
+            key.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(key) == last
+
+    def open_cached(self, msg: Message) -> BinaryIO | None:
+        """See ``ICachedFolderView.open_cached``: the file at its last known name, if the
+        kernel can open it without waiting for the disk (a renamed file: None)."""
+        fd = open_cached(f"{self.path}/{msg.sub}/{msg.name}")
+        return None if fd is None else os.fdopen(fd, "rb")
 
     def sync_if_changed(self) -> list[Message] | None:
         """``sync()``, or None when nothing in the folder changed since the last ``sync`` of
