@@ -37,8 +37,8 @@ EXTENSIONS = (
 REFUSED = {
     "regex": "regular expressions can take exponential time on crafted mail (draft, not an RFC)",
     "enotify": "no notification method (mailto, xmpp) is offered",
-    "mailbox": "the store has one folder per mailbox: there is nothing to create",
-    "mboxmetadata": "the store has one folder per mailbox",
+    "mailbox": "not implemented (fileinto creates a missing folder, as :create would)",
+    "mboxmetadata": "not implemented",
     "servermetadata": "no server metadata is exposed",
     "include": "one active script per mailbox; scripts do not include others",
     "editheader": "rules do not rewrite messages",
@@ -55,8 +55,8 @@ REFUSED = {
     "foreverypart": "not implemented",
     "mime": "not implemented",
     "extracttext": "not implemented",
-    "special-use": "the store has one folder",
-    "fcc": "the store has one folder",
+    "special-use": "not implemented",
+    "fcc": "not implemented",
     "imapsieve": "POP3 has no IMAP events",
 }
 
