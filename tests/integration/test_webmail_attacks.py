@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     require_installed_plugin()
     smarthost = SmartHost().start()
     srv = ServerProcess(tmp_path_factory.mktemp("webattacks"), tls=False, extra_config=(
-        '[web]\nlisten = ["tcp:0:interface=127.0.0.1"]\npage_size = 20\nmax_upload = "2MB"\n'
+        '[web]\nlisten = ["tcp:0:interface=127.0.0.1"]\npage_size = 200\nmax_upload = "2MB"\n'
         f'[smarthost]\nhost = "[127.0.0.1]:{smarthost.port}"\ntls = "none"\n'))
     srv.write_config()
     for addr, pw in ((VIC, VIC_PW), (EVE, EVE_PW)):
