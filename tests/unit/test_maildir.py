@@ -729,3 +729,39 @@ def test_list_domains_is_kept_until_the_mail_root_changes(store: MaildirStore, m
     assert store.list_domains() == sorted([DOMAIN, "c.test"])
     assert store.list_domains() == sorted([DOMAIN, "c.test"])
     assert len(scans) == n + 2  # just changed: not kept, listed each time
+
+
+@pytest.mark.parametrize("err", ["EIO", "ENOTCONN", "EACCES", "ESTALE"])
+def test_a_volume_fault_is_never_no_such_mailbox(store: MaildirStore, monkeypatch, err: str) -> None:
+    """A stat() of a mailbox's folders that fails with an I/O error (a shared volume's passing
+    fault) is a StoreError (POP3 [SYS/TEMP], SMTP 4xx), never NoSuchMailbox (which POP3 answers
+    "[AUTH] authentication failed" and SMTP with a permanent refusal); ESTALE is asked again
+    and then answered from the volume. ENOENT stays "no such mailbox"."""
+    import errno as errno_mod
+
+    real_stat = os.stat
+    failures = {"left": 1 if err == "ESTALE" else 10**6}
+
+    def flaky_stat(path, *a, **kw):
+        if str(path).endswith("/ted/new") and failures["left"] > 0:
+            failures["left"] -= 1
+            code = getattr(errno_mod, err)
+            raise OSError(code, os.strerror(code), str(path))
+        return real_stat(path, *a, **kw)
+
+    monkeypatch.setattr(os, "stat", flaky_stat)
+    if err == "ESTALE":
+        assert store.mailbox_exists(DOMAIN, "ted")
+        failures["left"] = 1
+        store.open_maildrop(DOMAIN, "ted").close()
+    else:
+        with pytest.raises(errors.StoreError) as caught:
+            store.mailbox_exists(DOMAIN, "ted")
+        assert not isinstance(caught.value, errors.NoSuchMailbox)
+        with pytest.raises(errors.StoreError) as caught:
+            store.open_maildrop(DOMAIN, "ted")
+        assert not isinstance(caught.value, errors.NoSuchMailbox)
+    monkeypatch.setattr(os, "stat", real_stat)
+    assert not store.mailbox_exists(DOMAIN, "nobody")
+    with pytest.raises(errors.NoSuchMailbox):
+        store.open_maildrop(DOMAIN, "nobody")

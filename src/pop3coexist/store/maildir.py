@@ -43,6 +43,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -270,7 +271,7 @@ class MaildirStore:
 
     def _existing_domain(self, domain: str) -> tuple[str, Path]:
         name, path = self._domain_path(domain)
-        if not path.is_dir():
+        if not _is_folder(path):
             raise errors.NoSuchMailbox(f"no such domain: {name}")
         return name, path
 
@@ -282,14 +283,14 @@ class MaildirStore:
     def _existing_mailbox(self, domain: str, mailbox: str) -> tuple[str, str, Path]:
         dname, mname, path = self._mailbox_path(domain, mailbox)
         if not self._is_maildir(path):
-            if not path.parent.is_dir():
+            if not _is_folder(path.parent):
                 raise errors.NoSuchMailbox(f"no such domain: {dname}")
             raise errors.NoSuchMailbox(f"no such mailbox: {mname}@{dname}")
         return dname, mname, path
 
     @staticmethod
     def _is_maildir(path: Path) -> bool:
-        return (path / "new").is_dir() and (path / "cur").is_dir()
+        return _is_folder(path / "new") and _is_folder(path / "cur")
 
     def _unique_name(self) -> str:
         ns = time.time_ns()
@@ -414,7 +415,7 @@ class MaildirStore:
     def domain_exists(self, domain: str) -> bool:
         """See ``IMailStore.domain_exists``."""
         _, path = self._domain_path(domain)
-        return path.is_dir()
+        return _is_folder(path)
 
     def add_domain(self, domain: str) -> bool:
         """See ``IMailStore.add_domain``."""
@@ -901,6 +902,21 @@ class MaildirStore:
             lock.close()
             raise
 
+
+def _is_folder(path: Path) -> bool:
+    """True when ``path`` is a folder, False when nothing (or something else) is there;
+    ``errors.StoreError`` when the file system cannot say now (EIO, ENOTCONN, EACCES, ... on a
+    shared volume; ESTALE is asked again, ``fsutil.retry_stale``). ``Path.is_dir()`` reads every
+    such error as "no folder", so a passing fault of the volume became "no such mailbox": a
+    POP3 ``-ERR [AUTH]`` for the right password, an SMTP recipient refused for good, where a
+    temporary failure (``[SYS/TEMP]``, 4xx) is the truth."""
+    try:
+        st = retry_stale(lambda: os.stat(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise errors.StoreError(f"cannot look at {path}: {e.strerror}") from e
+    return stat.S_ISDIR(st.st_mode)
 
 class _Prefixed:
     """A binary reader: ``prefix``, then the rest of ``f`` (for ``shutil.copyfileobj``)."""
