@@ -220,7 +220,9 @@ from that opaque-origin frame went without the SameSite=Strict cookie: the log-i
 
         no_alert()
         assert "pwned" not in drv.title
-        drv.find_element(By.PARTIAL_LINK_TEXT, "pwned-subject").click()
+        # the URL changes when the navigation commits, before the list is rendered: wait for it
+        wait_until(lambda: drv.find_elements(By.PARTIAL_LINK_TEXT, "pwned-subject"), 20,
+                   "the hostile message in the list")[0].click()
         wait_until(lambda: drv.find_elements(By.ID, "textbody"), 20, "the message")
         no_alert()
         assert drv.title.startswith("<script>") and "pwned" not in drv.title.split("-")[-1]
