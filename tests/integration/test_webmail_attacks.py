@@ -141,6 +141,13 @@ def test_paths_and_ids_never_leave_the_account(world):
 
 
 def _deliver_hostile(world) -> None:
+    """Deliver the hostile message and make its folder, once per module (each test that needs
+    them calls this: the tests must not depend on their order)."""
+    import twisted.mail.imap4  # noqa: F401 - the imap4-utf-7 codec
+
+    if world.get("hostile"):
+        return
+    world["hostile"] = True
     msg = (f'From: "{XSS["name"]}" <x@example.org>\r\nTo: {VIC}\r\nSubject: {XSS["subject"]}'
            f'\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=zz\r\n\r\n'
            f'--zz\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{XSS["text"]}\r\n'
@@ -181,6 +188,7 @@ from that opaque-origin frame went without the SameSite=Strict cookie: the log-i
     from selenium.common.exceptions import NoAlertPresentException
     from selenium.webdriver.common.by import By
 
+    _deliver_hostile(world)
     binary, driver_path = _chromium()
     os.environ.setdefault("SE_OFFLINE", "true")
     from selenium import webdriver
@@ -319,6 +327,7 @@ def test_every_kind_of_response_has_the_security_headers(world):
     """Pages, 404, 405, 400, 413, static files, the message frame and an attachment all
     carry nosniff, a CSP with frame-ancestors and X-Frame-Options (SAMEORIGIN only for the
     frame and an inline image); authenticated ones and attachments are no-store."""
+    _deliver_hostile(world)
     c = Client(world).logged_in(VIC, VIC_PW)
     uid = first_uid(c, subject="pwned-subject")
     _, page = c.request("GET", f"/msg/INBOX/{uid}")
