@@ -1,7 +1,8 @@
 """How the suite runs in parallel (pytest-xdist, ``-n auto --dist loadgroup`` in pyproject's
 ``addopts``): every test module is one ``xdist_group`` of its own, so a module's tests run on
-one worker, in order, and its module-scoped fixtures (a real server, slapd, Dovecot, clamd)
-start once, as in a serial run. Modules that change the machine itself (Unix accounts made
+one worker and its module-scoped fixtures (a real server, slapd, Dovecot, clamd) start once, as
+in a serial run. Not always in file order (seen in CI): a test that needs state makes it itself
+(e.g. ``_ensure_ann`` in test_cluster.py), never relying on an earlier test. Modules that change the machine itself (Unix accounts made
 with ``useradd``, PAM service files, the shared ``pop3ctest`` mail user) share the group
 ``system-accounts``, so they run one after the other on one worker: ``useradd`` and
 ``userdel`` lock ``/etc/passwd`` and a second one at the same moment may fail.
