@@ -519,6 +519,11 @@ def bench_pop3(tmp: Path, runs: int, peers: dict, boxes: int = 10, per_box: int 
                 ours.append(n / elapsed)
                 log(f"pop3 run {i + 1}: pop3coexist {n / elapsed:.0f} msg/s")
                 if dv is not None:
+                    # Dovecot keeps its uid lists and indexes apart (INDEX=/CONTROL= under
+                    # root/index): drop them with the boxes, or the next run's copies of the
+                    # same file names are taken for messages already expunged
+                    for box in mailboxes:
+                        shutil.rmtree(dv.root / "index" / HOSTNAME / box, ignore_errors=True)
                     copy_boxes(template, dv.maildir_root / HOSTNAME, mailboxes)
                     subprocess.run(["chown", "-R", "nobody:nogroup", str(dv.maildir_root)], check=True)
                     n, elapsed = pop3_round(dv.port, users)
