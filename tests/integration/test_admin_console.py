@@ -12,14 +12,13 @@ import http.client
 import os
 import poplib
 import re
-import shutil
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
 from tests.support.adminweb import admin_here, admin_web_server, make_token
-from tests.support.programs import in_ci
+from tests.support.browser import headless_chrome
 from tests.support.server import HOSTNAME, require_installed_plugin
 from tests.support.smarthost import wait_until
 
@@ -124,35 +123,12 @@ def test_console_refuses_mail_accounts_forms_without_csrf_and_anonymous_changes(
 # --------------------------------------------------------------------------- the browser
 
 
-def _chromium() -> tuple[str, str]:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or (
-        "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
-    if not binary or not driver:
-        message = "Debian's chromium and chromium-driver are not installed (.ci/debian-packages)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary, driver
-
-
 @pytest.fixture(scope="module")
 def browser(pair):
     """Headless Chromium, logged in to server A's console as alice."""
-    binary, driver_path = _chromium()
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,800", "--no-first-run", "--disable-extensions",
-                "--disable-background-networking", "--lang=en-US"):
-        opts.add_argument(arg)
-    drv = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
-    drv.set_page_load_timeout(30)
+    drv = headless_chrome(1200, 800)
     a, _ = pair
     drv.get(base(a) + "/login")
     drv.find_element(By.ID, "username").send_keys(ALICE)

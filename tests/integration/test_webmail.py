@@ -14,7 +14,6 @@ import http.server
 import os
 import poplib
 import re
-import shutil
 import smtplib
 import socket
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.programs import in_ci
+from tests.support.browser import headless_chrome
 from tests.support.server import ServerProcess, require_installed_plugin
 from tests.support.smarthost import SmartHost, wait_until
 
@@ -276,33 +275,9 @@ def test_attachment_download_headers(world):
 # --------------------------------------------------------------------------- the browser
 
 
-def _chromium() -> tuple[str, str]:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or (
-        "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
-    if not binary or not driver:
-        message = "Debian's chromium and chromium-driver are not installed (.ci/debian-packages)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary, driver
-
-
 @pytest.fixture(scope="module")
 def browser(world):
-    binary, driver_path = _chromium()
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1100,760", "--no-first-run", "--disable-extensions",
-                "--disable-background-networking", "--lang=en-US"):
-        opts.add_argument(arg)
-    drv = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
-    drv.set_page_load_timeout(30)
+    drv = headless_chrome(1100, 760)
     yield drv
     drv.quit()
 

@@ -19,7 +19,8 @@ import urllib.parse
 
 import pytest
 
-from tests.integration.test_webmail import Http, _chromium, artifacts, smtp_deliver
+from tests.integration.test_webmail import Http, artifacts, smtp_deliver
+from tests.support.browser import headless_chrome
 from tests.support.server import ServerProcess, require_installed_plugin
 from tests.support.smarthost import SmartHost, wait_until
 
@@ -189,19 +190,7 @@ from that opaque-origin frame went without the SameSite=Strict cookie: the log-i
     from selenium.webdriver.common.by import By
 
     _deliver_hostile(world)
-    binary, driver_path = _chromium()
-    os.environ.setdefault("SE_OFFLINE", "true")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1100,760", "--no-first-run", "--disable-extensions",
-                "--disable-background-networking"):
-        opts.add_argument(arg)
-    drv = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
-    drv.set_page_load_timeout(30)
+    drv = headless_chrome(1100, 760)
     png = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00"
            b"\x00\x00\x1f\x15\xc4\x89\x00\x00\x00\rIDATx\x9cc\xf8\x0f\x00\x00\x01\x01\x00\x05"
            b"\x18\xd8N\x00\x00\x00\x00IEND\xaeB`\x82")
