@@ -187,6 +187,19 @@ class _Options(ssl.CertificateOptions):
         return ctx
 
 
+def _options(loaded: Any, **extra: Any) -> ssl.CertificateOptions:
+    """The server options every listener shares (the chain and key of ``loaded``, TLS 1.2 at
+    least, CIPHERS), with ``extra`` CertificateOptions arguments (client verification)."""
+    return _Options(
+        privateKey=crypto.PKey.from_cryptography_key(loaded.key),
+        certificate=crypto.X509.from_cryptography(loaded.chain[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in loaded.chain[1:]],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+        **extra,
+    )
+
+
 def server_options(cfg: TlsConfig) -> ssl.CertificateOptions | None:
     """A CertificateOptions for the configured chain and key, or None when TLS is off.
 
@@ -196,13 +209,7 @@ def server_options(cfg: TlsConfig) -> ssl.CertificateOptions | None:
     if loaded is None:
         return None
     try:
-        options = _Options(
-            privateKey=crypto.PKey.from_cryptography_key(loaded.key),
-            certificate=crypto.X509.from_cryptography(loaded.chain[0]),
-            extraCertChain=[crypto.X509.from_cryptography(c) for c in loaded.chain[1:]],
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
-        )
+        options = _options(loaded)
         options.getContext()  # make it now: a key OpenSSL refuses fails here, not at a client
         return options
     except Exception as e:  # OpenSSL refuses a key type or a certificate it cannot use
@@ -225,15 +232,8 @@ def client_certificate_options(cfg: TlsConfig, client_ca: Path) -> ssl.Certifica
     except ValueError as e:
         raise ConfigError(f"[admin_web] client_ca {client_ca}: no PEM certificate ({e})")
     try:
-        options = _Options(
-            privateKey=crypto.PKey.from_cryptography_key(loaded.key),
-            certificate=crypto.X509.from_cryptography(loaded.chain[0]),
-            extraCertChain=[crypto.X509.from_cryptography(c) for c in loaded.chain[1:]],
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
-            verify=True, requireCertificate=False,
-            caCerts=[crypto.X509.from_cryptography(c) for c in cas],
-        )
+        options = _options(loaded, verify=True, requireCertificate=False,
+                           caCerts=[crypto.X509.from_cryptography(c) for c in cas])
         options.getContext()
         return options
     except Exception as e:
