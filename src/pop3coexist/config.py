@@ -1295,6 +1295,10 @@ class WebConfig:
                                       "out")
     session_max_age: float = key(_period, "12h", "a session is logged out this long after "
                                  "its log-in, used or not")
+    session_recheck: float = key(_duration, "10s", "a logged-in session is asked this often "
+                                 "whether its account's password changed or the account "
+                                 "was removed, disabled or locked (it then ends); 0: at "
+                                 "every request")
     max_sessions: int = key(_positive, 10000, "sessions at once (the oldest idle one goes "
                             "first)", unit="sessions")
     max_upload: int = key(_positive_size, "25MB", "largest request body (a message with its "

@@ -228,6 +228,22 @@ class IScramKeyStore(Interface):
         ``errors.AuthUnavailable`` when the store cannot be read."""
 
 
+class ICredentialStamp(Interface):
+    """Optional for an ``IAccountChecker``: tells a front-end that keeps a log-in alive for
+    long (a web session) whether the account's credentials changed since. Web mail and the
+    admin console ask it at most every ``web.session_recheck`` seconds and end the session
+    when the answer differs from the one taken at log-in (OWASP ASVS 3.3.3: a password change
+    ends the other sessions of the account)."""
+
+    def credential_stamp(account: str) -> object:
+        """Deferred firing with ``bytes`` (opaque, a digest: never a password or a hash of one
+        that could be attacked) that change whenever ``account``'s password changes or it is
+        disabled or locked, and stay the same otherwise; or None when ``account`` (the avatar
+        id a log-in gave) no longer exists or can no longer log in. Fails with
+        ``errors.AuthUnavailable`` when the accounts cannot be read now (the caller keeps
+        the session and asks again later)."""
+
+
 class IScramCredentials(Interface):
     """A finished SCRAM exchange whose proof the front-end checked (``identity.scram``)."""
 

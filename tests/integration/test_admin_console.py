@@ -57,7 +57,8 @@ def pair(tmp_path_factory):
     try:
         yield a, b
     finally:
-        a.stop_cleanly(ALICE_PW, DAVE_PW, token.read_text().strip())
+        a.stop_cleanly(ALICE_PW, DAVE_PW, "carol-Console-Pw-5", "carol-Console-Pw-6",
+                       token.read_text().strip())
         b.stop_cleanly(token.read_text().strip())
 
 
@@ -118,6 +119,30 @@ def test_console_refuses_mail_accounts_forms_without_csrf_and_anonymous_changes(
     assert resp.status == 200 and ERIN in page
     assert "script-src" in resp.headers["Content-Security-Policy"] \
         and "<script" not in page
+
+
+def test_a_new_password_or_removal_ends_the_administrators_console_session(pair):
+    """The console asks for the administrator's credential stamp at every page: after
+    ``pop3coexist-admin admin passwd`` the session logged in with the old password goes to
+    the log-in page, the new password logs in, and ``admin remove`` ends that session too."""
+    a, _ = pair
+    carol, old_pw, new_pw = "carol", "carol-Console-Pw-5", "carol-Console-Pw-6"
+    admin_here(a, "admin", "add", carol, "--password-stdin", stdin=old_pw + "\n")
+    client = Http(a)
+
+    def log_in(password: str) -> int:
+        return client.request("POST", "/login", {"csrf_token": client.token("/login"),
+                                                 "username": carol,
+                                                 "password": password})[0].status
+
+    assert log_in(old_pw) == 303 and client.request("GET", "/stat")[0].status == 200
+    admin_here(a, "admin", "passwd", carol, "--password-stdin", stdin=new_pw + "\n")
+    resp, _ = client.request("GET", "/stat")
+    assert resp.status == 303 and resp.headers["Location"] == "/login"
+    assert log_in(old_pw) == 200  # the form again: wrong password
+    assert log_in(new_pw) == 303 and client.request("GET", "/stat")[0].status == 200
+    admin_here(a, "admin", "remove", carol)
+    assert client.request("GET", "/stat")[0].status == 303
 
 
 # --------------------------------------------------------------------------- the browser

@@ -165,3 +165,26 @@ def test_logins_per_second(make, capsys) -> None:
     with capsys.disabled():
         print(f"\n[directory] {rate:.0f} log-ins per second (one client, loopback, plain LDAP)")
     assert rate > 20
+
+
+def test_credential_stamp_follows_password_and_disabled_flag(make, slapd) -> None:  # noqa: F811
+    """ICredentialStamp against slapd (no ppolicy overlay, so the stamp comes from
+    modifyTimestamp and entryCSN): the same value while nothing changes, a new one after the
+    password is replaced (even within the same second), None while the account is disabled,
+    None for an address no entry has."""
+    checker = make()
+    kim = DIRECTORY_USERS["kim"]
+    account = "kim@pop.contoso.test"
+    first = in_reactor(checker.credential_stamp, account)
+    assert isinstance(first, bytes) and first == in_reactor(checker.credential_stamp, account)
+    slapd.modify(f"dn: {kim.dn}\nchangetype: modify\nreplace: userPassword\n"
+                 f"userPassword: {kim.password}\n")
+    second = in_reactor(checker.credential_stamp, account)
+    assert second is not None and second != first
+    change = "dn: {dn}\nchangetype: modify\nreplace: userAccountControl\nuserAccountControl: {v}\n"
+    slapd.modify(change.format(dn=kim.dn, v=514))
+    try:
+        assert in_reactor(checker.credential_stamp, account) is None
+    finally:
+        slapd.modify(change.format(dn=kim.dn, v=512))
+    assert in_reactor(checker.credential_stamp, "nobody-here@pop.contoso.test") is None

@@ -77,6 +77,7 @@ def world(tmp_path_factory):
     images = ImageHost()
     srv = ServerProcess(tmp_path_factory.mktemp("webmail"), tls=False, extra_config=(
         '[web]\nlisten = ["tcp:0:interface=127.0.0.1"]\npage_size = 20\n'
+        'session_recheck = "0s"\n'
         f'[smarthost]\nhost = "[127.0.0.1]:{smarthost.port}"\ntls = "none"\n'))
     srv.write_config()
     # POP3's failure delay long enough to see (the throttle test), short enough to be quick
@@ -200,6 +201,33 @@ def test_session_fixation_is_impossible(world):
     stale.cookie = logged_in
     resp, _ = stale.request("GET", "/folder/INBOX")
     assert resp.status == 303
+
+
+def test_password_change_and_lock_end_the_web_sessions(world):
+    """OWASP ASVS 3.3.3 with the real server and the real admin tool (``web.session_recheck``
+    0 here): after ``pop3coexist-admin mailbox passwd`` the session logged in with the old
+    password is sent to the log-in page at its next request and the new password logs in;
+    ``mailbox lock`` ends that session too, and ``unlock`` lets the user in again."""
+    pat, old_pw, new_pw = "pat@pop.contoso.test", "pat-web-Secret-3", "pat-web-Secret-4"
+    world["secrets"] += [old_pw, new_pw]
+    world["srv"].add_mailbox(pat, old_pw)
+    c = Http(world)
+    assert c.login(pat, old_pw)[0].status == 303
+    assert c.request("GET", "/folder/INBOX")[0].status == 200
+    world["srv"].admin("mailbox", "passwd", pat, password=new_pw)
+    resp, _ = c.request("GET", "/folder/INBOX")
+    assert resp.status == 303 and resp.getheader("Location") == "/login"
+    assert c.login(pat, old_pw)[0].status == 403
+    assert c.login(pat, new_pw)[0].status == 303
+    assert c.request("GET", "/folder/INBOX")[0].status == 200
+    world["srv"].admin("mailbox", "lock", pat)
+    try:
+        assert c.request("GET", "/folder/INBOX")[0].status == 303
+        assert c.login(pat, new_pw)[0].status == 403
+    finally:
+        world["srv"].admin("mailbox", "unlock", pat)
+    assert c.login(pat, new_pw)[0].status == 303
+    assert "session of pat@pop.contoso.test ended" in world["srv"].log_text()
 
 
 def test_cookie_attributes_on_the_wire(world):

@@ -50,6 +50,7 @@ from pop3coexist.interfaces import (
     IBlockingRecipientLookup,
     ICachedMessageOpen,
     IClosable,
+    ICredentialStamp,
     IDirectoryLookup,
     IGroupLookup,
     IMaildrop,
@@ -443,6 +444,20 @@ class FakeChecker:
         if key in self.sender_aliases:
             return defer.succeed(self.sender_aliases[key])
         return self.resolve_recipient(address)
+
+
+@implementer(ICredentialStamp)
+class StampingChecker(FakeChecker):
+    """A FakeChecker that also tells when an account's credentials changed (as the real
+    checkers do): the stamp is the account's password itself (test data, never logged), None
+    once the account is removed; ``fail`` (an exception) fails it as a directory outage."""
+
+    def credential_stamp(self, account: str) -> defer.Deferred:
+        """See ICredentialStamp."""
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        password = self.accounts.get(account.lower())
+        return defer.succeed(password.encode() if password else None)
 
 
 @implementer(IBlockingRecipientLookup, IScramKeyStore)

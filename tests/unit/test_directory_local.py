@@ -179,3 +179,38 @@ def test_login_defs(tmp_path) -> None:
     p.write_text("# x\nUID_MIN\t\t 500\nUID_MAX 40000\n")
     assert login_defs_uid_range(p) == (500, 40000)
     assert login_defs_uid_range(tmp_path / "missing") == (1000, 60000)
+
+
+def test_credential_stamp_from_the_shadow_entry(tmp_path, pam) -> None:
+    """ICredentialStamp of local accounts: from the shadow(5) line, so a new password hash or
+    last-change day gives a new stamp; a locked (``!``) or expired account, a system account
+    or one not in the shadow file gives None; a shadow file this process may not read gives
+    a stamp of the account's existence only (the same before and after a password change)."""
+    from pop3coexist.interfaces import ICredentialStamp
+
+    shadow = tmp_path / "shadow"
+    line = "ted:{pw}:{day}:0:99999:7::{expires}:\nkim:$y$kim:19000:0:99999:7:::\n"
+    shadow.write_text(line.format(pw="$y$one", day=19000, expires=""))
+    checker = LocalChecker(cfg(tmp_path), None, authenticate=pam, getpwnam=getpwnam,
+                           uid_range=(1000, 60000), run_blocking=run_now, shadow_path=shadow,
+                           clock=lambda: 20000 * 86400.0)
+    verifyObject(ICredentialStamp, checker)
+    ted = f"ted@{DOMAIN}"
+    first = result(checker.credential_stamp(ted))
+    assert isinstance(first, bytes) and result(checker.credential_stamp(ted)) == first
+    shadow.write_text(line.format(pw="$y$two", day=19000, expires=""))
+    second = result(checker.credential_stamp(ted))
+    assert second not in (None, first)
+    shadow.write_text(line.format(pw="$y$two", day=19001, expires=""))
+    assert result(checker.credential_stamp(ted)) not in (None, first, second)
+    shadow.write_text(line.format(pw="!$y$two", day=19001, expires=""))
+    assert result(checker.credential_stamp(ted)) is None
+    shadow.write_text(line.format(pw="$y$two", day=19001, expires=19999))
+    assert result(checker.credential_stamp(ted)) is None
+    assert result(checker.credential_stamp(f"root@{DOMAIN}")) is None
+    assert result(checker.credential_stamp(f"nobody-at-all@{DOMAIN}")) is None
+    shadow.write_text("kim:$y$kim:19000:0:99999:7:::\n")
+    assert result(checker.credential_stamp(ted)) is None  # no shadow line
+    checker._shadow_fields = lambda name: None  # as when not root: the file unreadable
+    plain = result(checker.credential_stamp(ted))
+    assert isinstance(plain, bytes) and plain == result(checker.credential_stamp(ted))

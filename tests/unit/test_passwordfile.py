@@ -712,3 +712,35 @@ def test_stale_attributes_do_not_hide_an_account_added_elsewhere(tmp_path: Path)
         assert not reader.exists(f"guess{n}@pop.contoso.test")
         assert not reader.verify(f"guess{n}@pop.contoso.test", "Guess-1")
     assert len(reads) - before == 1
+
+
+# ---------------------------------------------------------------- credential stamps
+
+
+def test_credential_stamp_changes_with_every_password_change(tmp_path: Path) -> None:
+    """ICredentialStamp: the stamp stays while nothing changes, differs after each password
+    change (two in the same second too: 'changed' grows by at least one), survives a
+    re-hash at a higher scrypt cost (same password), and is None once the account is removed
+    or for an address with no password."""
+    from pop3coexist.interfaces import ICredentialStamp
+
+    pw = make(tmp_path, clock=lambda: 1_700_000_000.0)
+    pw.set_password("ted@a.test", SECRET)
+    checker = PasswordFileChecker(pw, lambda: ["a.test"], _run_now)
+    verifyObject(ICredentialStamp, checker)
+
+    def stamp(account: str = "ted@a.test"):
+        return run_sync(checker.credential_stamp(account))
+
+    first = stamp()
+    assert isinstance(first, bytes) and stamp() == first
+    pw.set_password("ted@a.test", "other")
+    second = stamp()
+    pw.set_password("ted@a.test", "third")  # the same clock second
+    third = stamp()
+    assert len({first, second, third}) == 3
+    stronger = PasswordFile(pw.path, pw.key_path, True, scrypt_n=FAST_N * 2)
+    assert stronger.rehash("ted@a.test", "third")
+    assert stamp() == third
+    pw.remove("ted@a.test")
+    assert stamp() is None and stamp("nobody@a.test") is None

@@ -6,13 +6,13 @@ from __future__ import annotations
 import re
 
 import pytest
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
 from pop3coexist.config import is_loopback_endpoint
-from pop3coexist.errors import ConfigError
+from pop3coexist.errors import AuthUnavailable, ConfigError
 from pop3coexist.interfaces import IWebSessions
 from pop3coexist.policy.throttle import AuthThrottle
 from pop3coexist.web import csrf, headers, listen
@@ -20,14 +20,14 @@ from pop3coexist.web.app import Response, WebApp, make_site, redirect
 from pop3coexist.web.login import LoginFailed, WebLogin
 from pop3coexist.web.render import Renderer
 from pop3coexist.web.sessions import SessionStore
-from tests.support.fakes import FakeChecker
+from tests.support.fakes import FakeChecker, StampingChecker
 
 
 class EchoApp(WebApp):
     """A tiny front-end over the core: a log-in form, a page echoing a value, a POST."""
 
-    def __init__(self, sessions, login):
-        super().__init__(sessions, Renderer())
+    def __init__(self, sessions, login, recheck=10.0):
+        super().__init__(sessions, Renderer(), checker=login.checker, recheck=recheck)
         self.login = login
         self.route("GET", "/login", self.login_form, auth=False)
         self.route("POST", "/login", self.do_login, auth=False)
@@ -45,7 +45,8 @@ class EchoApp(WebApp):
                                                     req.peer)
         except LoginFailed:
             return self.error_page(req, 403, "refused")
-        self.log_in(req, account)
+        if not await self.log_in(req, account):
+            return self.error_page(req, 403, "refused")
         return redirect("/")
 
     async def home(self, req):
@@ -274,3 +275,75 @@ def test_config_error_names_file_line_and_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(cfg)
     assert re.search(r"c\.toml:6: \[web\.listen\]", str(e.value)), str(e.value)
+
+
+@pytest.fixture
+def stamped():
+    clock = task.Clock()
+    clock.advance(1000)
+    sessions = SessionStore(clock, idle_timeout=600, max_age=3600, cookie_name="s")
+    checker = StampingChecker({"ted@pop.contoso.test": "secret"})
+    app = EchoApp(sessions, WebLogin(checker, AuthThrottle(clock, base=1.0, maximum=8.0),
+                                     clock), recheck=10.0)
+    return clock, sessions, checker, app, Client(make_site(app, 1000), clock=clock)
+
+
+def test_a_password_change_ends_the_session_at_the_next_recheck(stamped):
+    """OWASP ASVS 3.3.3: once the account's password changed, its logged-in session is
+    served only until the next re-check (``recheck`` seconds), then destroyed: a GET goes to
+    the log-in page with a new anonymous cookie and the old cookie opens nothing again."""
+    clock, sessions, checker, _, client = stamped
+    assert _login(client)[0] == 303
+    old = client.cookie
+    assert client.request("GET", "/")[2] == b"home ted@pop.contoso.test"
+    checker.accounts["ted@pop.contoso.test"] = "changed"
+    clock.advance(5)
+    assert client.request("GET", "/")[0] == 200  # not asked again within 10 s
+    clock.advance(6)
+    status, hdrs, _ = client.request("GET", "/")
+    assert status == 303 and hdrs["location"] == ["/login"] and client.cookie != old
+    assert sessions.get(old.split("=", 1)[1]) is None
+    client.cookie = old
+    assert client.request("GET", "/")[0] == 303
+
+
+def test_removed_account_ends_the_session_and_an_outage_does_not(stamped):
+    """A session survives while the accounts cannot be read (AuthUnavailable: asked again
+    later, nobody logged out by an outage) and ends once the account is gone."""
+    clock, _, checker, _, client = stamped
+    assert _login(client)[0] == 303
+    checker.fail = AuthUnavailable("directory down")
+    clock.advance(11)
+    assert client.request("GET", "/")[0] == 200
+    checker.fail = None
+    del checker.accounts["ted@pop.contoso.test"]
+    clock.advance(11)
+    assert client.request("GET", "/")[0] == 303
+
+
+def test_an_unchanged_account_keeps_its_session(stamped):
+    """Re-checks of an unchanged account never end its session, and with ``recheck`` 0 the
+    account is asked at every request."""
+    clock, _, checker, app, client = stamped
+    app.recheck = 0.0
+    assert _login(client)[0] == 303
+    for _ in range(5):
+        clock.advance(1)
+        assert client.request("GET", "/")[0] == 200
+    checker.accounts["ted@pop.contoso.test"] = "changed"
+    assert client.request("GET", "/")[0] == 303
+
+
+def test_a_stamp_unreadable_at_log_in_is_taken_at_the_first_check(stamped):
+    """A log-in while the stamp cannot be read still logs in; the stamp is taken at the
+    first re-check, and a change after that still ends the session."""
+    clock, _, checker, app, client = stamped
+    real = checker.credential_stamp
+    checker.credential_stamp = lambda a: defer.fail(AuthUnavailable("down"))
+    assert _login(client)[0] == 303
+    checker.credential_stamp = real
+    clock.advance(11)
+    assert client.request("GET", "/")[0] == 200
+    checker.accounts["ted@pop.contoso.test"] = "changed"
+    clock.advance(11)
+    assert client.request("GET", "/")[0] == 303

@@ -31,7 +31,10 @@ from zope.interface import implementer
 
 from pop3coexist.adminweb.graphs import Sampler, svg_chart
 from pop3coexist.config import Config
+from pop3coexist.errors import AdminError, AuthUnavailable
 from pop3coexist.identity.adminaccounts import AdminAccounts
+from pop3coexist.identity.stamps import stamp_of
+from pop3coexist.interfaces import ICredentialStamp
 from pop3coexist.ops.client import ApiClient, read_token
 from pop3coexist.ops.context import EXPECTED, Context, error_line
 from pop3coexist.ops.registry import OPERATIONS, run
@@ -44,7 +47,7 @@ PAGES = ("stat", "domains", "mailboxes", "aliases", "queue", "quarantine", "node
 LOCAL = ""  # the server picker's value for this server
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, ICredentialStamp)
 class AdminChecker:
     """Checks an administrator's name and password against the admin accounts file (scrypt, in
     a thread: tens of milliseconds of CPU); the avatar id is the name."""
@@ -67,6 +70,19 @@ class AdminChecker:
     def requestAvatarId(self, credentials: Any) -> defer.Deferred:  # noqa: N802 (cred name)
         return defer.ensureDeferred(self._check(credentials))
 
+    def _stamp(self, name: str) -> bytes | None:
+        try:
+            entry = self.accounts.read().get(name)
+        except (AdminError, OSError) as e:
+            raise AuthUnavailable(f"the admin accounts cannot be read now: {e}") from None
+        stored = entry.get("scrypt") if isinstance(entry, dict) else None
+        return stamp_of(b"admin", name, stored) if isinstance(stored, str) else None
+
+    def credential_stamp(self, account: str) -> defer.Deferred:
+        """See ICredentialStamp: from the administrator's stored scrypt hash (a new one at
+        every ``admin passwd``); None once the administrator is removed."""
+        return self.blocking(self._stamp, account)
+
 
 class AdminConsole(WebApp):
     """The console's pages (module docstring)."""
@@ -76,7 +92,9 @@ class AdminConsole(WebApp):
                  sampler: Sampler | None) -> None:
         renderer = Renderer(HERE / "templates", globals={"site_title": "pop3coexist admin",
                                                          "logout_path": "/logout"})
-        super().__init__(sessions, renderer, login_path="/login")
+        # an administrator removed or given a new password is logged out at the next page
+        super().__init__(sessions, renderer, login_path="/login", checker=login.checker,
+                         recheck=0.0)
         self.config = config
         self.make_context = make_context
         self.login = login
@@ -109,7 +127,9 @@ class AdminConsole(WebApp):
         except LoginUnavailable:
             return self.page(req, "console/login.html", 503, name=name,
                              error="The accounts cannot be checked now; try again later.")
-        self.log_in(req, account)
+        if not await self.log_in(req, account):
+            return self.page(req, "console/login.html", 200, name=name,
+                             error="Wrong administrator name or password.")
         return redirect("/stat")
 
     async def logout(self, req: WebRequest) -> Response:

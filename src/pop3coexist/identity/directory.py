@@ -69,10 +69,12 @@ from pop3coexist import ldapfilter
 from pop3coexist.config import Config, read_secret
 from pop3coexist.errors import AuthUnavailable, ConfigError
 from pop3coexist.identity.logins import map_login
+from pop3coexist.identity.stamps import stamp_of
 from pop3coexist.interfaces import (
     Distribution,
     IAccountChecker,
     IClosable,
+    ICredentialStamp,
     IDirectoryLookup,
     IGroupLookup,
     ISelfCheck,
@@ -82,6 +84,8 @@ log = Logger()
 
 UF_ACCOUNTDISABLE = 0x2
 UF_LOCKOUT = 0x10
+# what says an entry's password changed, in the order asked (credential_stamp)
+_STAMP_ATTRIBUTES = ("pwdLastSet", "pwdChangedTime", "modifyTimestamp", "entryCSN")
 
 # Bind results that mean "these credentials do not log in" (not "the directory is broken").
 _REFUSED_BIND_CODES = frozenset({48, 49, 50, 53, 19})
@@ -285,7 +289,8 @@ class _Connection:
 Connector = Callable[[], defer.Deferred]
 
 
-@implementer(IAccountChecker, IDirectoryLookup, ISelfCheck, IClosable, IGroupLookup)
+@implementer(IAccountChecker, IDirectoryLookup, ISelfCheck, IClosable, IGroupLookup,
+             ICredentialStamp)
 class DirectoryChecker:
     """See IAccountChecker; the AD-style LDAP method (module docstring has the rules)."""
 
@@ -635,6 +640,42 @@ class DirectoryChecker:
         if not await self._check_password(entry.dn, password):
             raise UnauthorizedLogin()
         return account
+
+    def credential_stamp(self, account: str) -> defer.Deferred:
+        """See ICredentialStamp. One search for the entry whose log-ins give ``account``;
+        the stamp covers its DN and its password-change time: ``pwdLastSet`` (Active
+        Directory) or ``pwdChangedTime`` (OpenLDAP's ppolicy overlay, RFC draft
+        behera-ldap-password-policy section 5.3.2); a directory that keeps neither gives
+        ``modifyTimestamp`` (RFC 4512 section 3.4, to the second) and OpenLDAP's
+        ``entryCSN`` (to the microsecond), so any change of the entry counts. None
+        when no single entry passing ``user_filter`` has the address any more, it is
+        disabled or locked (``userAccountControl``), left the required group, or its
+        addresses now give another account."""
+        key = _address_key(account)
+        if key is None:
+            return defer.succeed(None)
+        filter_text = ldapfilter.all_of(self.cfg.user_filter,
+                                        self._address_filter(key, with_upn=True))
+        attrs = [*self._attributes, *_STAMP_ATTRIBUTES]
+
+        def found(entries: list[_Entry]) -> bytes | None:
+            a = self.cfg.attributes
+            if len(entries) != 1:
+                return None
+            entry = entries[0]
+            if _int(entry.first(a.account_control)) & (UF_ACCOUNTDISABLE | UF_LOCKOUT):
+                return None
+            if self.cfg.required_group and normalise_dn(self.cfg.required_group) not in {
+                    normalise_dn(g) for g in entry.get(a.member_of)}:
+                return None
+            if self.account_of(entry) != key:
+                return None
+            changed = [entry.first(n) or "" for n in _STAMP_ATTRIBUTES[:2]]
+            if not any(changed):  # any change of the entry, to the microsecond where kept
+                changed += [entry.first(n) or "" for n in _STAMP_ATTRIBUTES[2:]]
+            return stamp_of(b"ldap", normalise_dn(entry.dn), *changed)
+
+        return self._edge(self._search(filter_text, 2, attrs).addCallback(found))
 
     def resolve_recipient(self, address: str) -> defer.Deferred:
         """See IAccountChecker."""

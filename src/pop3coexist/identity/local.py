@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ from pop3coexist import address as addr_mod
 from pop3coexist.config import Config
 from pop3coexist.errors import AuthUnavailable, ConfigError
 from pop3coexist.identity.logins import map_login
-from pop3coexist.interfaces import IAccountChecker, ISelfCheck
+from pop3coexist.identity.stamps import stamp_of
+from pop3coexist.interfaces import IAccountChecker, ICredentialStamp, ISelfCheck
 
 log = Logger()
 
@@ -87,7 +89,7 @@ def pam_authenticate(service: str, username: str, password: bytes) -> tuple[int,
     return int(authenticator.code), str(authenticator.reason)
 
 
-@implementer(IAccountChecker, ISelfCheck)
+@implementer(IAccountChecker, ISelfCheck, ICredentialStamp)
 class LocalChecker:
     """See IAccountChecker; local Unix accounts through PAM (module docstring has the rules)."""
 
@@ -105,10 +107,12 @@ class LocalChecker:
         uid_range: tuple[int, int] | None = None,
         run_blocking: Callable[..., defer.Deferred] | None = None,
         max_concurrent: int = 4,
+        shadow_path: Path = Path("/etc/shadow"),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``store`` (an IMailStore) names the domain when ``[domains] local`` is empty.
-        ``authenticate``, ``getpwnam``, ``uid_range`` and ``run_blocking`` (a deferToThread
-        equivalent) are for tests."""
+        ``authenticate``, ``getpwnam``, ``uid_range``, ``run_blocking`` (a deferToThread
+        equivalent), ``shadow_path`` and ``clock`` are for tests."""
         self.config = config
         self.store = store
         self.service = config.auth.local.pam_service
@@ -129,6 +133,8 @@ class LocalChecker:
 
         self._run = run_blocking
         self._limit = defer.DeferredSemaphore(max(1, max_concurrent))
+        self.shadow_path = Path(shadow_path)
+        self._clock = clock
 
     def __repr__(self) -> str:
         return f"<LocalChecker pam_service={self.service!r}>"
@@ -229,6 +235,49 @@ class LocalChecker:
         if not password or b"\x00" in password:
             return defer.fail(UnauthorizedLogin())
         return self._limit.run(self._run, self._login, login, password)
+
+    def _shadow_fields(self, name: str) -> list[str] | None:
+        """Blocking: ``name``'s line of the shadow file split at ``:`` (shadow(5)), or None
+        when this process may not read the file (not root); ``[]`` when it has no line."""
+        try:
+            with open(self.shadow_path, encoding="utf-8", errors="surrogateescape") as f:
+                for line in f:
+                    fields = line.rstrip("\n").split(":")
+                    if fields[0] == name and len(fields) >= 8:
+                        return fields
+        except PermissionError:
+            return None
+        return []
+
+    def _stamp(self, account: str) -> bytes | None:
+        """Blocking: see ``credential_stamp``."""
+        try:
+            if self._map_login(account) != account:
+                return None
+            name = account.partition("@")[0]
+            uid = str(self._getpwnam(name).pw_uid)
+            fields = self._shadow_fields(name)
+        except (OSError, KeyError) as e:
+            log.warn("account database failed: {err}", err=e.__class__.__name__)
+            raise AuthUnavailable("the account database cannot answer now")
+        if fields is None:  # not root: what the account database shows to anyone
+            return stamp_of(b"local", account, uid)
+        if not fields:
+            return None
+        password, changed, expires = fields[1], fields[2], fields[7]
+        if password.startswith("!"):  # passwd -l, usermod -L
+            return None
+        if expires.isdigit() and int(expires) * 86400 <= self._clock():
+            return None  # the account expired (shadow(5): days since 1970-01-01)
+        return stamp_of(b"local", account, uid, password, changed)
+
+    def credential_stamp(self, account: str) -> defer.Deferred:
+        """See ICredentialStamp: from the account's shadow(5) entry (its password hash and
+        last-change day), so ``passwd``, ``passwd -l``, ``usermod -L`` and an expiry date
+        count; None once the account is gone, locked or expired. Without read access to the
+        shadow file (the server not running as root), only the account's existence and uid
+        count (``pam_unix`` cannot check passwords then either, see the module docstring)."""
+        return self._run(self._stamp, account)
 
     def resolve_recipient(self, address: str) -> defer.Deferred:
         """See IAccountChecker: ``account@<the local domain>`` for an ordinary account."""

@@ -81,9 +81,11 @@ from pop3coexist.fsutil import fsync_dir as _fsync_dir
 from pop3coexist.fsutil import retry_stale
 from pop3coexist.identity.logins import map_login
 from pop3coexist.identity.scram import MAX_ITERATIONS, ScramKeys, derive_keys
+from pop3coexist.identity.stamps import stamp_of
 from pop3coexist.interfaces import (
     IAccountChecker,
     IBlockingRecipientLookup,
+    ICredentialStamp,
     IScramCredentials,
     IScramKeyStore,
     ISelfCheck,
@@ -585,7 +587,12 @@ class PasswordFile:
                 data = AESGCM(aes_key).encrypt(nonce, encoded, key.encode("ascii"))
             users = dict(snap.users)
             is_new = key not in users
-            users[key] = _Entry(new_hash, nonce, data, int(self._clock()), scram)
+            # 'changed' grows with every change, even two in one second: it is what
+            # credential_stamp compares (a web session of the old password ends)
+            changed = int(self._clock())
+            if not is_new:
+                changed = max(changed, users[key].changed + 1)
+            users[key] = _Entry(new_hash, nonce, data, changed, scram)
             self._write(key_id, users)
         return is_new
 
@@ -662,6 +669,18 @@ class PasswordFile:
         if key in self._current().users:
             return True
         return self._recheck(key, None)[1] is not None
+
+    def changed_at(self, address: str) -> int | None:
+        """When the password of ``address`` was last set (seconds since the epoch, growing
+        with every change), or None when it has none. Reads the file when it changed, and
+        once more (``_recheck``) before saying None."""
+        key = _address_key(address)
+        if key is None:
+            return None
+        entry = self._current().users.get(key)
+        if entry is None:
+            entry = self._recheck(key, None)[1]
+        return entry.changed if entry is not None else None
 
     def addresses(self) -> list[str]:
         """Every address with a password, sorted, lower case."""
@@ -913,7 +932,8 @@ def _run_now(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred
     return defer.maybeDeferred(f, *args, **kwargs)
 
 
-@implementer(IAccountChecker, IBlockingRecipientLookup, ISelfCheck, IScramKeyStore)
+@implementer(IAccountChecker, IBlockingRecipientLookup, ISelfCheck, IScramKeyStore,
+             ICredentialStamp)
 class PasswordFileChecker:
     """``IAccountChecker`` over a ``PasswordFile``. See IAccountChecker.
 
@@ -1046,6 +1066,19 @@ class PasswordFileChecker:
         """See IAccountChecker: an address with a password is its own account's only
         address, so this is ``resolve_recipient``."""
         return self._run(self._resolve, address)
+
+    def _stamp(self, account: str) -> bytes | None:
+        try:
+            changed = self.pwfile.changed_at(account)
+        except (StoreError, OSError) as e:
+            _log.error("password file unavailable: {reason}", reason=str(e))
+            raise AuthUnavailable("the password file cannot be read now")
+        return None if changed is None else stamp_of(b"pwfile", account, str(changed))
+
+    def credential_stamp(self, account: str) -> defer.Deferred:
+        """See ICredentialStamp: from the time the account's password was last set (a
+        re-hash at a higher scrypt cost keeps it); None once the account is removed."""
+        return self._run(self._stamp, account)
 
     def resolve_recipient_blocking(self, address: str) -> str | None:
         """Blocking form of resolve_recipient, for callers already off the reactor thread

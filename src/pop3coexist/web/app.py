@@ -9,8 +9,10 @@ that gets a ``WebRequest``. For every request WebApp:
    an anonymous session (its CSRF token is the log-in form's);
 2. refuses a POST whose ``csrf_token`` field is not the session's token: 403 with a page
    saying why (``csrf``), before the handler runs;
-3. sends a route with ``auth=True`` and no logged-in user to the log-in page (a GET) or
-   refuses it with 403 (anything else);
+3. ends a logged-in session whose account changed (``check_session``: the password was
+   changed, the account disabled, locked or removed; asked at most every ``recheck``
+   seconds), and sends a route with ``auth=True`` and no logged-in user to the log-in page
+   (a GET) or refuses it with 403 (anything else);
 4. reads the body (at most ``max_body`` bytes, else 413): ``application/x-www-form-urlencoded``
    and ``multipart/form-data`` (files with their names and types, ``WebRequest.files``);
 5. sets the security headers (``headers.apply``) on every response, errors included, and
@@ -35,6 +37,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from pop3coexist.errors import AuthUnavailable
+from pop3coexist.interfaces import ICredentialStamp
 from pop3coexist.web import csrf, headers
 
 log = Logger()
@@ -199,11 +203,20 @@ class WebApp(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, sessions: Any, renderer: Any, login_path: str = "/login") -> None:
+    def __init__(self, sessions: Any, renderer: Any, login_path: str = "/login", *,
+                 checker: Any = None, still_allowed: Callable[[str], Any] | None = None,
+                 recheck: float = 10.0) -> None:
+        """``checker``: the IAccountChecker whose accounts log in here; when it provides
+        ``ICredentialStamp`` a session ends once its account's stamp differs from the one
+        taken at log-in, or ``still_allowed(account)`` (may return a Deferred) says False;
+        both are asked at most every ``recheck`` seconds per session (0: every request)."""
         super().__init__()
         self.sessions = sessions
         self.renderer = renderer
         self.login_path = login_path
+        self.stamps = checker if ICredentialStamp.providedBy(checker) else None
+        self.still_allowed = still_allowed
+        self.recheck = recheck
         self._routes: list[tuple[str, re.Pattern, Handler, bool]] = []
 
     def route(self, method: str, pattern: str, handler: Handler, auth: bool = True) -> None:
@@ -213,10 +226,50 @@ class WebApp(resource.Resource):
 
     # -- log-in and log-out (the front-end checks the password, WebApp rotates the session)
 
-    def log_in(self, req: WebRequest, account: str) -> None:
-        """Give ``req``'s browser a NEW session for ``account`` (the old id is destroyed)."""
+    async def log_in(self, req: WebRequest, account: str) -> bool:
+        """Give ``req``'s browser a NEW session for ``account`` (the old id is destroyed),
+        with the account's credential stamp as it is now; False (and no session) when the
+        account cannot log in any more (its stamp is None: removed or locked meanwhile).
+        When the stamp cannot be read now, it is taken at the session's first check."""
+        stamp = None
+        if self.stamps is not None:
+            try:
+                stamp = await defer.maybeDeferred(self.stamps.credential_stamp, account)
+            except AuthUnavailable:
+                stamp = None
+            else:
+                if stamp is None:
+                    return False
         req.session = self.sessions.login(req.session, account)
+        req.session.stamp = stamp
+        req.session.checked = self.sessions.clock.seconds()
         req.raw.setHeader(b"Set-Cookie", self.sessions.set_cookie(req.session, req.secure))
+        return True
+
+    async def check_session(self, session: Any) -> bool:
+        """False when ``session``'s account changed since its log-in (see ``__init__``);
+        True when it did not, when nothing is checked, or when the accounts cannot be read
+        now (asked again after ``recheck`` seconds: a directory outage logs nobody out)."""
+        if session.user is None or (self.stamps is None and self.still_allowed is None):
+            return True
+        now = self.sessions.clock.seconds()
+        if session.checked and now - session.checked < self.recheck:
+            return True
+        session.checked = now
+        try:
+            if self.stamps is not None:
+                stamp = await defer.maybeDeferred(self.stamps.credential_stamp, session.user)
+                if stamp is None:
+                    return False
+                if session.stamp is None:
+                    session.stamp = stamp
+                elif stamp != session.stamp:
+                    return False
+            if self.still_allowed is not None:
+                return bool(await defer.maybeDeferred(self.still_allowed, session.user))
+        except AuthUnavailable:
+            return True
+        return True
 
     def log_out(self, req: WebRequest) -> None:
         """Destroy ``req``'s session and clear its cookie."""
@@ -294,6 +347,12 @@ class WebApp(resource.Resource):
         request.setHeader(b"Server", b"pop3coexist")
         cookie = request.getCookie(self.sessions.cookie_name.encode("ascii"))
         session = self.sessions.get(cookie.decode("ascii", "replace") if cookie else None)
+        if session is not None and session.user is not None \
+                and not await self.check_session(session):
+            log.info("web: session of {user} ended: its password changed or the account can "
+                     "no longer log in", user=session.user)
+            self.sessions.destroy(session)
+            session = None
         if request.too_big:
             return self.error_page(None, 413, "The upload is larger than this server takes.")
         method = request.method.decode("ascii", "replace")

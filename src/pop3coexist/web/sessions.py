@@ -9,7 +9,9 @@ never come back). Nothing about the user lives in the cookie.
 Session fixation is impossible: a log-in never reuses the id the browser presented; it
 destroys that session and makes a new one (``login``). Log-out destroys the session
 (``logout``). A session ends when unused for ``idle_timeout`` seconds or ``max_age`` seconds
-after its log-in, whichever comes first. Ids are compared by dictionary look-up of the full
+after its log-in, whichever comes first, and when the account's password changes or the
+account is disabled, locked or removed (``web.app.WebApp`` compares the checker's
+credential stamp, ``Session.stamp``). Ids are compared by dictionary look-up of the full
 id; they never appear in logs (``Session.__repr__`` shows a short hash).
 
 With ``server.workers`` > 1 only the main process serves the web listeners, so one table
@@ -43,6 +45,10 @@ class Session:
     seen: float
     user: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    # the account's credential stamp taken at log-in (interfaces.ICredentialStamp; None: not
+    # taken yet, or the checker gives none) and when it was last compared (clock seconds)
+    stamp: bytes | None = None
+    checked: float = 0.0
 
     def __repr__(self) -> str:
         tag = hashlib.sha256(self.id.encode()).hexdigest()[:8]

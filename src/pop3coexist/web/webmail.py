@@ -109,7 +109,9 @@ class WebMail(WebApp):
                                                      "folder_url": folder_url,
                                                      "msg_url": msg_url,
                                                      "display_name": display_name,
-                                                     "human_size": human_size}))
+                                                     "human_size": human_size}),
+                         checker=checker, still_allowed=self._still_open,
+                         recheck=config.web.session_recheck)
         self.config = config
         self.store = store
         self.folders = MaildirFolders(store)
@@ -151,15 +153,23 @@ class WebMail(WebApp):
     def _may_log_in(self, account: str) -> defer.Deferred:
         return self.run_blocking(self._open_for_login, account)
 
-    def _open_for_login(self, account: str) -> bool:
+    def _still_open(self, account: str) -> defer.Deferred:
+        """For a session's re-check: the mailbox still exists and is not locked."""
+        return self.run_blocking(self._mailbox_open, account)
+
+    def _mailbox_open(self, account: str) -> bool:
         box, _, domain = account.rpartition("@")
         try:
             if not self.store.mailbox_exists(domain, box):
                 return False
         except (NoSuchMailbox, ValueError):
             return False
-        if login_locked(self.store, account):
+        return not login_locked(self.store, account)
+
+    def _open_for_login(self, account: str) -> bool:
+        if not self._mailbox_open(account):
             return False
+        box, _, domain = account.rpartition("@")
         self.folders.open_account(domain, box).ensure_special_folders()
         return True
 
@@ -251,7 +261,10 @@ class WebMail(WebApp):
             return self.page(req, "login.html", 503, name=name,
                              error="The accounts cannot be checked right now. Try again in a "
                                    "minute.")
-        self.log_in(req, account)
+        if not await self.log_in(req, account):
+            return self.page(req, "login.html", 403, name=name,
+                             error="The address or password is not right, or the mailbox "
+                                   "is locked.")
         return redirect("/")
 
     async def do_logout(self, req: WebRequest) -> Response:
