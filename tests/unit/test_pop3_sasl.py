@@ -13,7 +13,7 @@ def test_apop_rfc1939_example():
     """RFC 1939 section 7: <1896.697170952@dbc.mtview.ca.us> + tanstaaf -> c4c9334b..."""
     magic = b"<1896.697170952@dbc.mtview.ca.us>"
     digest = b"c4c9334bac560ecc979e58001b3e22fb"
-    for cls in (sasl.APOPCredentials, sasl.LocalAPOPCredentials):
+    for cls in (sasl.APOPCredentials,):
         creds = cls(magic, b"mrose", digest)
         verifyObject(IUsernameHashedPassword, creds)
         assert creds.checkPassword("tanstaaf") and creds.checkPassword(b"tanstaaf")
@@ -31,7 +31,7 @@ def test_cram_md5_rfc2195_example_through_mechanism():
     assert isinstance(done, sasl.Done) and done.username == "tim"
     assert done.credentials.checkPassword("tanstaaftanstaaf")
     assert not done.credentials.checkPassword("tanstaaf")
-    local = sasl.LocalCramMD5Credentials("x")
+    local = sasl.CramMD5Credentials("x")
     local.challenge = challenge
     local.setResponse(b"tim B913A602C7EDA7A495B4E6E7334D3890")
     assert local.checkPassword(b"tanstaaftanstaaf")
@@ -78,3 +78,25 @@ def test_no_secret_in_reprs():
     done = sasl.Done(creds, "ted")
     for text in (repr(creds), repr(done), str(done)):
         assert "s3cret-value" not in text
+
+
+def test_one_password_credentials_class_for_every_front_end():
+    """POP3, SMTP, IMAP, ManageSieve and the web log-in hand the same
+    ``identity.credentials.PasswordCredentials`` to the checkers: str or UTF-8 bytes in, the
+    stored secret as str or bytes, octets that are not UTF-8 compared exactly (surrogate
+    escapes), and no password in its repr."""
+    from pop3coexist.identity.credentials import PasswordCredentials
+    from pop3coexist.imap import login as imap_login
+    from pop3coexist.managesieve import server as sieve_server
+    from pop3coexist.smtp import auth as smtp_auth
+    from pop3coexist.web import login as web_login
+
+    for module in (sasl, smtp_auth, imap_login, sieve_server, web_login):
+        assert module.PasswordCredentials is PasswordCredentials
+    creds = PasswordCredentials(b"ted", "s\u00e9cret")
+    verifyObject(IUsernamePassword, creds)
+    assert creds.username == "ted"
+    assert creds.checkPassword("s\u00e9cret") and creds.checkPassword("s\u00e9cret".encode())
+    assert not creds.checkPassword("secret") and "cret" not in repr(creds)
+    raw = PasswordCredentials("ted", b"\xff\xfepw")
+    assert raw.checkPassword(b"\xff\xfepw") and not raw.checkPassword("\u00ff\u00fepw")

@@ -1,5 +1,10 @@
-"""Shared-secret credentials that work on Python 3: APOP (RFC 1939) and CRAM-MD5 (RFC 2195).
+"""The credentials every front-end hands to an account checker.
 
+``PasswordCredentials`` implements ``twisted.cred.credentials.IUsernamePassword``: a user name
+and clear-text password, from POP3 USER/PASS and AUTH PLAIN/LOGIN, SMTP AUTH PLAIN/LOGIN,
+IMAP LOGIN and AUTHENTICATE, ManageSieve and the web log-in forms.
+
+Shared-secret credentials that work on Python 3: APOP (RFC 1939) and CRAM-MD5 (RFC 2195).
 Both classes implement ``twisted.cred.credentials.IUsernameHashedPassword``: an account checker
 that keeps the shared secret calls ``checkPassword(secret)`` with it (str or bytes).
 
@@ -25,12 +30,37 @@ import secrets
 import time
 
 from twisted.cred import credentials as tcredentials
-from twisted.cred.credentials import IUsernameHashedPassword
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from zope.interface import implementer
 
-__all__ = ["APOPCredentials", "CramMD5Credentials", "MalformedResponse", "apop_digest", "cram_md5_response"]
+__all__ = ["APOPCredentials", "CramMD5Credentials", "MalformedResponse", "PasswordCredentials",
+           "apop_digest", "cram_md5_response"]
 
 _HEX = frozenset(b"0123456789abcdef")
+
+
+def _text(value: str | bytes) -> str:
+    """``value`` as str: octets are read as UTF-8, any that are not kept as surrogate escapes
+    (an SMTP AUTH password of other octets still compares by its exact octets)."""
+    return value if isinstance(value, str) else bytes(value).decode("utf-8", "surrogateescape")
+
+
+@implementer(IUsernamePassword)
+class PasswordCredentials:
+    """A user name and clear-text password (given as str or UTF-8 bytes, kept as str);
+    ``checkPassword(stored)`` takes the stored secret as str or bytes and compares the
+    octets in constant time. ``repr`` never shows the password."""
+
+    def __init__(self, username: str | bytes, password: str | bytes) -> None:
+        self.username = _text(username)
+        self.password = _text(password)
+
+    def checkPassword(self, password: str | bytes) -> bool:  # noqa: N802 (zope interface name)
+        return hmac.compare_digest(self.password.encode("utf-8", "surrogateescape"),
+                                   _secret_bytes(password))
+
+    def __repr__(self) -> str:
+        return f"<PasswordCredentials username={self.username!r} password=<hidden>>"
 
 
 class MalformedResponse(ValueError):

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 from typing import Any
 
-from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer, task
-from zope.interface import implementer
 
 from pop3coexist.errors import AuthUnavailable, NoSuchMailbox
+from pop3coexist.identity.credentials import PasswordCredentials
 from pop3coexist.identity.logins import login_locked
 from pop3coexist.imap.common import (
     Refuse,
@@ -25,23 +23,6 @@ from pop3coexist.imap.common import (
 from pop3coexist.imap.parse import (
     BadSyntax,
 )
-
-
-@implementer(IUsernamePassword)
-class PasswordCredentials:
-    """LOGIN, AUTHENTICATE PLAIN and LOGIN credentials; never shows the password."""
-
-    def __init__(self, username: str, password: str) -> None:
-        self.username = username
-        self.password = password
-
-    def checkPassword(self, password: str | bytes) -> bool:  # noqa: N802 (zope name)
-        given = password.encode("utf-8") if isinstance(password, str) else bytes(password)
-        return hmac.compare_digest(given, self.password.encode("utf-8"))
-
-    def __repr__(self) -> str:
-        return f"<PasswordCredentials username={self.username!r}>"
-
 
 
 class LoginCommands:

@@ -31,20 +31,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import re
 from collections.abc import Callable
 from typing import Any
 
-from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer, protocol, task, threads
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from pop3coexist.errors import AuthUnavailable, NoSuchMailbox
+from pop3coexist.identity.credentials import PasswordCredentials
 from pop3coexist.identity.logins import login_locked
 from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.policy.sieve import EXTENSIONS, SieveSyntaxError, parse
@@ -54,22 +52,6 @@ log = Logger(namespace="pop3coexist.managesieve")
 
 MAX_LINE = 8192
 IMPLEMENTATION = "pop3coexist"
-
-
-@implementer(IUsernamePassword)
-class PasswordCredentials:
-    """SASL PLAIN / LOGIN credentials (str); never shows the password."""
-
-    def __init__(self, username: str, password: str) -> None:
-        self.username = username
-        self.password = password
-
-    def checkPassword(self, password: str | bytes) -> bool:  # noqa: N802 (zope interface name)
-        given = password.encode("utf-8") if isinstance(password, str) else bytes(password)
-        return hmac.compare_digest(given, self.password.encode("utf-8"))
-
-    def __repr__(self) -> str:
-        return f"<PasswordCredentials username={self.username!r}>"
 
 
 class ProtocolError(ValueError):

@@ -1,10 +1,8 @@
 """Credentials and SASL mechanisms for POP3 log-in (RFC 1939 APOP, RFC 5034 AUTH).
 
-- ``PasswordCredentials``: USER/PASS, AUTH PLAIN and AUTH LOGIN (``IUsernamePassword``).
-- ``APOPCredentials`` / ``CramMD5Credentials``: ``IUsernameHashedPassword`` whose
-  ``checkPassword(secret)`` takes the shared secret (str or bytes) and compares digests in
-  constant time. The identity package's fixed classes (``pop3coexist.identity.credentials``)
-  are used when that module exists; the local ones below are the fallback with the same API.
+- ``PasswordCredentials`` (USER/PASS, AUTH PLAIN and AUTH LOGIN), ``APOPCredentials`` and
+  ``CramMD5Credentials``: the identity package's classes (``pop3coexist.identity.credentials``),
+  re-exported here for the POP3 code.
 - ``PlainMechanism``, ``LoginMechanism``, ``CramMD5Mechanism``: server-side SASL state
   machines that know nothing of sockets or base64 framing. ``start(initial)`` and
   ``step(response)`` return a ``Challenge``, ``Done`` (credentials to check) or ``Fail``.
@@ -14,89 +12,15 @@ No object here ever puts a password or SASL payload into its ``repr`` or an exce
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from zope.interface import implementer
-
-
-def _to_bytes(value: str | bytes) -> bytes:
-    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
-
-
-@implementer(IUsernamePassword)
-class PasswordCredentials:
-    """A clear-text user name and password (both str). ``checkPassword`` accepts str or bytes."""
-
-    def __init__(self, username: str, password: str) -> None:
-        self.username = username
-        self.password = password
-
-    def checkPassword(self, password: str | bytes) -> bool:  # noqa: N802 (zope interface name)
-        return hmac.compare_digest(_to_bytes(password), _to_bytes(self.password))
-
-    def __repr__(self) -> str:
-        return f"<PasswordCredentials username={self.username!r} password=<hidden>>"
-
-
-@implementer(IUsernameHashedPassword)
-class LocalAPOPCredentials:
-    """APOP (RFC 1939 section 7): ``digest`` is md5(timestamp + secret) in lower-case hex."""
-
-    def __init__(self, magic: bytes, username: bytes, digest: bytes) -> None:
-        self.magic = magic
-        self.username = username
-        self.digest = digest
-
-    def checkPassword(self, password: str | bytes) -> bool:  # noqa: N802
-        mine = hashlib.md5(self.magic + _to_bytes(password)).hexdigest().encode("ascii")
-        return hmac.compare_digest(mine, _to_bytes(self.digest).lower())
-
-    def __repr__(self) -> str:
-        return f"<APOPCredentials username={self.username!r}>"
-
-
-@implementer(IUsernameHashedPassword)
-class LocalCramMD5Credentials:
-    """CRAM-MD5 (RFC 2195) with the API of ``twisted.cred.credentials.CramMD5Credentials``:
-    ``getChallenge()``, ``setResponse(b"user hexdigest")``, ``checkPassword(secret)``."""
-
-    username: bytes | None = None
-    challenge: bytes = b""
-    response: bytes = b""
-
-    def __init__(self, host: str | bytes | None = None) -> None:
-        self.host = host
-
-    def getChallenge(self) -> bytes:  # noqa: N802
-        return self.challenge
-
-    def setResponse(self, response: bytes) -> None:  # noqa: N802
-        self.username, self.response = response.split(None, 1)
-
-    def moreChallenges(self) -> bool:  # noqa: N802
-        return False
-
-    def checkPassword(self, password: str | bytes) -> bool:  # noqa: N802
-        mine = hmac.new(_to_bytes(password), self.challenge, hashlib.md5).hexdigest()
-        return hmac.compare_digest(mine.encode("ascii"), _to_bytes(self.response).lower())
-
-    def __repr__(self) -> str:
-        return f"<CramMD5Credentials username={self.username!r}>"
-
-
-try:  # the identity engineer's fixed classes, when present
-    from pop3coexist.identity.credentials import APOPCredentials  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the checkout
-    APOPCredentials = LocalAPOPCredentials  # type: ignore[misc,assignment]
-try:
-    from pop3coexist.identity.credentials import CramMD5Credentials  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover
-    CramMD5Credentials = LocalCramMD5Credentials  # type: ignore[misc,assignment]
-
+# the POP3 code takes the credentials from here
+from pop3coexist.identity.credentials import (  # noqa: F401 (re-exported)
+    APOPCredentials,
+    CramMD5Credentials,
+    PasswordCredentials,
+)
 
 # --------------------------------------------------------------------------- SASL steps
 

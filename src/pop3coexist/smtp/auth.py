@@ -11,40 +11,15 @@ repr without the secret.
 
 from __future__ import annotations
 
-import hmac
 import os
 import time
 
-from twisted.cred import credentials as tcred
-from zope.interface import implementer
-
-try:  # the identity engineer's CRAM-MD5 credentials, if present
-    from pop3coexist.identity.credentials import CramMD5Credentials as _Cram  # type: ignore
-except Exception:  # pragma: no cover - depends on the identity module
-    _Cram = tcred.CramMD5Credentials
+from pop3coexist.identity.credentials import CramMD5Credentials as _Cram
+from pop3coexist.identity.credentials import PasswordCredentials
 
 
 class SaslSyntaxError(ValueError):
     """The client's SASL response is malformed (reply 501 5.5.2)."""
-
-
-@implementer(tcred.IUsernamePassword)
-class PasswordCredentials:
-    """A clear-text user name and password (str, from UTF-8); the repr never shows the password.
-
-    ``checkPassword`` takes the stored secret as str or bytes and compares in constant time.
-    """
-
-    def __init__(self, username: bytes | str, password: bytes | str) -> None:
-        self.username = _text(username)
-        self.password = _text(password)
-
-    def checkPassword(self, password: str | bytes) -> bool:  # noqa: N802 (zope interface name)
-        expected = password.encode("utf-8") if isinstance(password, str) else bytes(password)
-        return hmac.compare_digest(self.password.encode("utf-8", "surrogateescape"), expected)
-
-    def __repr__(self) -> str:
-        return f"<PasswordCredentials username={self.username!r}>"
 
 
 def _identity(name: bytes) -> bytes:
@@ -53,12 +28,6 @@ def _identity(name: bytes) -> bytes:
     if any(b < 0x20 or b == 0x7F for b in name):
         raise SaslSyntaxError("control character in the user name")
     return name
-
-
-def _text(value: bytes | str) -> str:
-    if isinstance(value, str):
-        return value
-    return value.decode("utf-8", "surrogateescape")
 
 
 class Mechanism:

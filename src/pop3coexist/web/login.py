@@ -17,16 +17,14 @@ locked). Passwords are never logged; the log line names the user (printable) and
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from typing import Any
 
-from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from pop3coexist.errors import AuthUnavailable
+from pop3coexist.identity.credentials import PasswordCredentials
 from pop3coexist.policy.throttle import LoginGate
 
 log = Logger()
@@ -39,22 +37,6 @@ class LoginFailed(Exception):
 
 class LoginUnavailable(Exception):
     """The accounts cannot be read now (directory down): try later."""
-
-
-@implementer(IUsernamePassword)
-class WebCredentials:
-    """A web form's user name and password; ``repr`` never shows the password."""
-
-    def __init__(self, username: str, password: str) -> None:
-        self.username = username
-        self.password = password
-
-    def checkPassword(self, password: str | bytes) -> bool:  # noqa: N802 (zope name)
-        given = password.encode("utf-8") if isinstance(password, str) else bytes(password)
-        return hmac.compare_digest(given, self.password.encode("utf-8"))
-
-    def __repr__(self) -> str:
-        return f"<WebCredentials username={self.username!r}>"
 
 
 def printable(text: str, limit: int = 80) -> str:
@@ -84,7 +66,7 @@ class WebLogin:
         try:
             try:
                 avatar = await defer.maybeDeferred(
-                    self.checker.requestAvatarId, WebCredentials(username.strip(), password))
+                    self.checker.requestAvatarId, PasswordCredentials(username.strip(), password))
                 if isinstance(avatar, bytes):
                     avatar = avatar.decode("ascii")
                 account = str(avatar).lower()
