@@ -230,6 +230,26 @@ def test_password_change_and_lock_end_the_web_sessions(world):
     assert "session of pat@pop.contoso.test ended" in world["srv"].log_text()
 
 
+def test_a_forward_rule_to_an_idn_domain_is_stored_as_a_labels(world):
+    """A settings rule forwarding to ``user@bücher.example`` is stored in the Sieve script
+    with the domain's A-labels (``xn--bcher-kva.example``, RFC 5890), the form the envelope
+    and the smart host take, never as typed."""
+    quinn, pw = "quinn@pop.contoso.test", "quinn-web-Secret-7"
+    world["secrets"].append(pw)
+    world["srv"].add_mailbox(quinn, pw)
+    c = Http(world)
+    assert c.login(quinn, pw)[0].status == 303
+    _, page = c.request("GET", "/settings")
+    resp, _ = c.request("POST", "/settings", {
+        "csrf_token": c.token(page), "days": "7", "rule_field": "subject",
+        "rule_text": "invoice", "rule_action": "redirect",
+        "rule_target": "Kim <kim@b\u00fccher.example>"})
+    assert resp.status == 303
+    box = world["srv"].state_dir / "mailroot" / "pop.contoso.test" / "quinn"
+    text = "".join(p.read_text("utf-8") for p in box.rglob("*.sieve"))
+    assert 'redirect "kim@xn--bcher-kva.example";' in text and "b\u00fccher" not in text
+
+
 def test_cookie_attributes_on_the_wire(world):
     """The session cookie is HttpOnly, SameSite=Strict, with a Path (no Secure on a plain
     loopback listener, where the browser would never send it back)."""

@@ -369,9 +369,11 @@ class FakeMailStore:
         return drop
 
 
-@implementer(IAccountChecker, ISelfCheck)
+@implementer(IAccountChecker, ISelfCheck, ICredentialStamp)
 class FakeChecker:
-    """See IAccountChecker. ``accounts`` maps ``"user@domain"`` to its password."""
+    """See IAccountChecker. ``accounts`` maps ``"user@domain"`` to its password. As the real
+    checkers, it tells when an account's credentials changed (``credential_stamp``: the
+    password itself, test data never logged; None once the account is removed)."""
 
     def __init__(self, accounts: dict[str, str] | None = None,
                  local_domains: tuple[str, ...] = ("pop.contoso.test",),
@@ -427,6 +429,13 @@ class FakeChecker:
     def check(self) -> None:
         """See ISelfCheck: the accounts are in memory, so there is nothing to test."""
 
+    def credential_stamp(self, account: str) -> defer.Deferred:
+        """See ICredentialStamp; ``fail`` fails it as a directory outage would."""
+        if self.fail is not None:
+            return defer.fail(self.fail)
+        password = self.accounts.get(account.lower())
+        return defer.succeed(password.encode() if password else None)
+
     def resolve_recipient(self, address: str) -> defer.Deferred:
         if self.fail is not None:
             return defer.fail(self.fail)
@@ -444,20 +453,6 @@ class FakeChecker:
         if key in self.sender_aliases:
             return defer.succeed(self.sender_aliases[key])
         return self.resolve_recipient(address)
-
-
-@implementer(ICredentialStamp)
-class StampingChecker(FakeChecker):
-    """A FakeChecker that also tells when an account's credentials changed (as the real
-    checkers do): the stamp is the account's password itself (test data, never logged), None
-    once the account is removed; ``fail`` (an exception) fails it as a directory outage."""
-
-    def credential_stamp(self, account: str) -> defer.Deferred:
-        """See ICredentialStamp."""
-        if self.fail is not None:
-            return defer.fail(self.fail)
-        password = self.accounts.get(account.lower())
-        return defer.succeed(password.encode() if password else None)
 
 
 @implementer(IBlockingRecipientLookup, IScramKeyStore)

@@ -20,7 +20,7 @@ from pop3coexist.web.app import Response, WebApp, make_site, redirect
 from pop3coexist.web.login import LoginFailed, WebLogin
 from pop3coexist.web.render import Renderer
 from pop3coexist.web.sessions import SessionStore
-from tests.support.fakes import FakeChecker, StampingChecker
+from tests.support.fakes import FakeChecker
 
 
 class EchoApp(WebApp):
@@ -282,7 +282,7 @@ def stamped():
     clock = task.Clock()
     clock.advance(1000)
     sessions = SessionStore(clock, idle_timeout=600, max_age=3600, cookie_name="s")
-    checker = StampingChecker({"ted@pop.contoso.test": "secret"})
+    checker = FakeChecker({"ted@pop.contoso.test": "secret"})
     app = EchoApp(sessions, WebLogin(checker, AuthThrottle(clock, base=1.0, maximum=8.0),
                                      clock), recheck=10.0)
     return clock, sessions, checker, app, Client(make_site(app, 1000), clock=clock)

@@ -627,6 +627,9 @@ class WebMail(WebApp):
             except compose.ComposeError:
                 return False
 
+        for r in s.rules:  # forward to the address as the envelope takes it (A-labels)
+            if r.action.startswith("redirect") and address_ok(r.target):
+                r.target = compose.parse_recipients(r.target)[0]
         problems = mailrules.validate(s, account.exists, address_ok)
         if problems:
             folders = await self.run_blocking(self._side, account)
