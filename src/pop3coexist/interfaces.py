@@ -864,6 +864,10 @@ class IWebSessions(Interface):
     def get(session_id: str | None) -> object | None:
         """The live session of an id, or None (unknown or timed out)."""
 
+    def revive(session_id: str | None) -> object | None:
+        """An anonymous session again under an id the store no longer has (its log-in form
+        token still valid), or None for a malformed or live id."""
+
     def login(old: object | None, user: str) -> object:
         """The session after a log-in: always a new id; ``old`` is destroyed."""
 

@@ -406,6 +406,30 @@ def test_anonymous_flood_never_logs_a_user_out(aenv):
     assert len(sessions) <= sessions.max_sessions
 
 
+def test_a_log_in_form_loaded_before_an_anonymous_flood_still_logs_in(aenv):
+    """A stranger's flood of anonymous sessions (3x max_sessions) pushes out the anonymous
+    session of a browser that has the log-in form open; its POST still logs in (the form's
+    token is derived from the cookie's id, which revives the session), and the logged-in
+    session gets a new id. A forged token or a malformed cookie id is still refused."""
+    clock, sessions, _, client = aenv
+    _, _, token = client.request("GET", "/login")
+    before = client.cookie
+    stranger = Client(client.site)
+    for _ in range(sessions.max_sessions * 3):
+        stranger.cookie = None
+        stranger.request("GET", "/login")
+        clock.advance(1)
+    assert sessions.get(before.split("=", 1)[1]) is None  # pushed out
+    forged = f"csrf_token={'A' * 43}&user=ted@pop.contoso.test&password=secret"
+    assert client.request("POST", "/login", forged.encode())[0] == 403
+    client.cookie = before
+    body = f"csrf_token={token.decode()}&user=ted@pop.contoso.test&password=secret"
+    status, _, _ = client.request("POST", "/login", body.encode())
+    assert status == 303 and client.cookie != before
+    assert client.request("GET", "/")[2] == b"home ted@pop.contoso.test"
+    assert sessions.revive("not-an-id") is None and sessions.revive("x" * 500) is None
+
+
 def test_trusted_proxy_names_the_client_for_the_throttle():
     """Behind a reverse proxy listed in web.trusted_proxies, a failed log-in counts for the
     address the proxy put last in X-Forwarded-For (not for the proxy, which every user

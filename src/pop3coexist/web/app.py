@@ -346,7 +346,8 @@ class WebApp(resource.Resource):
     async def _handle(self, request: Any) -> Response:
         request.setHeader(b"Server", b"pop3coexist")
         cookie = request.getCookie(self.sessions.cookie_name.encode("ascii"))
-        session = self.sessions.get(cookie.decode("ascii", "replace") if cookie else None)
+        cookie_id = cookie.decode("ascii", "replace") if cookie else None
+        session = self.sessions.get(cookie_id)
         if session is not None and session.user is not None \
                 and not await self.check_session(session):
             log.info("web: session of {user} ended: its password changed or the account can "
@@ -384,9 +385,13 @@ class WebApp(resource.Resource):
             return self.error_page(None, 404, "There is no such page.")
         m, handler, auth = match
         if session is None:
-            session = self.sessions.new()
-            request.setHeader(b"Set-Cookie", self.sessions.set_cookie(session,
-                                                                       request.isSecure()))
+            # a POST from a page loaded before its anonymous session was pushed out or timed
+            # out: the same id again, whose token the form carries (sessions.revive)
+            revived = self.sessions.revive(cookie_id) if method == "POST" else None
+            session = revived or self.sessions.new()
+            if revived is None:
+                request.setHeader(b"Set-Cookie", self.sessions.set_cookie(session,
+                                                                           request.isSecure()))
         request.web_user = session.user
         form: dict[str, list[str]] = {}
         files: list[Upload] = []

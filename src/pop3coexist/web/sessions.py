@@ -7,7 +7,11 @@ listener is loopback only, see ``config.check_web_listeners``, and there a Secur
 never come back). Nothing about the user lives in the cookie.
 
 Session fixation is impossible: a log-in never reuses the id the browser presented; it
-destroys that session and makes a new one (``login``). Log-out destroys the session
+destroys that session and makes a new one (``login``). Before log-in a session is anonymous:
+its CSRF token is derived from its id (an HMAC under a key of this store), so when anonymous
+sessions are pushed out by a flood of them (anyone can make them by the thousand), the
+browser's cookie still revives its anonymous session and the log-in form it loaded still
+works (``revive``). Log-out destroys the session
 (``logout``). A session ends when unused for ``idle_timeout`` seconds or ``max_age`` seconds
 after its log-in, whichever comes first, and when the account's password changes or the
 account is disabled, locked or removed (``web.app.WebApp`` compares the checker's
@@ -21,8 +25,11 @@ disk).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
+import string
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +39,8 @@ from zope.interface import implementer
 from pop3coexist.interfaces import IWebSessions
 
 ID_BYTES = 32  # 256 bits
+_ID_CHARS = len(secrets.token_urlsafe(ID_BYTES))  # 43
+_ID_ALPHABET = frozenset(string.ascii_letters + string.digits + "-_")
 
 
 @dataclass(eq=False)
@@ -71,6 +80,7 @@ class SessionStore:
         self.path = path
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently seen first
         self._anonymous: OrderedDict[str, None] = OrderedDict()  # ids without a user, oldest first
+        self._key = secrets.token_bytes(32)  # anonymous sessions' CSRF tokens (revive)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -84,11 +94,38 @@ class SessionStore:
         self._expire(now)
         while len(self._sessions) >= self.max_sessions:
             self._drop_one()
-        s = Session(secrets.token_urlsafe(ID_BYTES), secrets.token_urlsafe(ID_BYTES), now, now,
-                    user)
+        sid = secrets.token_urlsafe(ID_BYTES)
+        token = secrets.token_urlsafe(ID_BYTES) if user is not None else self._anonymous_token(sid)
+        s = Session(sid, token, now, now, user)
         self._sessions[s.id] = s
         if user is None:
             self._anonymous[s.id] = None
+        return s
+
+    def _anonymous_token(self, session_id: str) -> str:
+        """The CSRF token of the anonymous session ``session_id``: an HMAC of the id under
+        this store's key, so the same id always has the same token (``revive``)."""
+        mac = hmac.new(self._key, session_id.encode("ascii"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+    def revive(self, session_id: str | None) -> Session | None:
+        """The anonymous session of a browser whose cookie names a session this store no
+        longer has (pushed out by a flood of anonymous sessions, timed out, or logged out):
+        a new anonymous session with the SAME id, so a log-in form the browser loaded before
+        still carries a valid token (the token of an anonymous session is derived from its
+        id, ``_anonymous_token``: a signed double-submit cookie, OWASP's CSRF cheat sheet).
+        None for a malformed id. Such an id opens nothing but a log-in form: a log-in always
+        makes a new id (``login``), so a revived id planted by someone else is worthless."""
+        if (not session_id or len(session_id) != _ID_CHARS
+                or not _ID_ALPHABET.issuperset(session_id) or session_id in self._sessions):
+            return None
+        now = self.clock.seconds()
+        self._expire(now)
+        while len(self._sessions) >= self.max_sessions:
+            self._drop_one()
+        s = Session(session_id, self._anonymous_token(session_id), now, now)
+        self._sessions[s.id] = s
+        self._anonymous[s.id] = None
         return s
 
     def get(self, session_id: str | None) -> Session | None:
