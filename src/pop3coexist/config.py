@@ -1304,6 +1304,11 @@ class WebConfig:
     max_upload: int = key(_positive_size, "25MB", "largest request body (a message with its "
                           "attachments)", unit="bytes")
     page_size: int = key(_positive, 50, "messages per page of a folder", unit="messages")
+    max_connections: int = key(_positive, 1000, "concurrent HTTP connections (past it: 503)",
+                               unit="connections")
+    max_connections_per_client: int = key(_positive, 50, "concurrent HTTP connections from "
+                                          "one address (a reverse proxy in trusted_proxies "
+                                          "counts only in the total)", unit="connections")
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = key(
         _networks, [], "reverse proxies (on a plain listener) whose X-Forwarded-For names the "
         "client: its address then counts for the log-in throttle, the log and Received")

@@ -808,6 +808,7 @@ def make_webmail(config: Config, parts: Components, queue: Any, reactor: Any,
     submission milters, the quarantine). Sessions live in memory, so only the main process
     serves these listeners (side listeners, never given to the workers). Sender
     authentication (SPF, DKIM, DMARC) never applies to logged-in mail, so no verifier."""
+    from pop3coexist.policy.connlimit import ConnectionLimiter
     from pop3coexist.policy.dkimsign import dkim_queue
     from pop3coexist.policy.masquerade import wrap_queue
     from pop3coexist.smtp.server import SMTPServerFactory
@@ -832,7 +833,9 @@ def make_webmail(config: Config, parts: Components, queue: Any, reactor: Any,
                   sessions, reactor)
     site = make_site(app, web.max_upload, web.trusted_proxies)
     return listeners("web", "web", web.listen, web.tls_listen, site,
-                     tls_options if config.tls.enabled else None)
+                     tls_options if config.tls.enabled else None,
+                     ConnectionLimiter(web.max_connections, web.max_connections_per_client),
+                     web.trusted_proxies)
 
 
 VERIFY_THREADS = 20  # SPF, DKIM and DMARC checks at once (each mostly waits for DNS)

@@ -347,3 +347,38 @@ def test_a_stamp_unreadable_at_log_in_is_taken_at_the_first_check(stamped):
     checker.accounts["ted@pop.contoso.test"] = "changed"
     clock.advance(11)
     assert client.request("GET", "/")[0] == 303
+
+
+def test_connection_limits_per_address_total_and_trusted_proxies(env):
+    """Web listeners count connections like the mail listeners (``listen.LimitedFactory`` over
+    the real ConnectionLimiter): past the per-address limit one more connection gets a 503
+    with Retry-After and is closed while the others go on; closing one frees its place; a
+    trusted reverse proxy counts only in the total; the total holds for everyone."""
+    import ipaddress
+
+    from pop3coexist.policy.connlimit import ConnectionLimiter
+
+    _, _, _, app, _ = env
+    limiter = ConnectionLimiter(4, 2)
+    factory = listen.LimitedFactory(make_site(app, 1000), limiter,
+                                    (ipaddress.ip_network("10.0.0.0/8"),))
+
+    def connect(host):
+        addr = IPv4Address("TCP", host, 40000)
+        proto = factory.buildProtocol(addr)
+        t = StringTransport(peerAddress=addr, hostAddress=IPv4Address("TCP", "127.0.0.1", 80))
+        proto.makeConnection(t)
+        return proto, t
+
+    first, _second = connect("192.0.2.1"), connect("192.0.2.1")
+    _busy, t = connect("192.0.2.1")
+    assert t.value().startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in t.value()
+    assert t.disconnecting and not first[1].disconnecting
+    first[0].connectionLost(None)
+    ok, ok_t = connect("192.0.2.1")
+    assert ok_t.value() == b"" and not ok_t.disconnecting
+    proxied = [connect("10.1.2.3"), connect("10.1.2.3")]  # the total is now 4
+    assert all(not t.disconnecting for _, t in proxied)
+    assert connect("198.51.100.7")[1].value().startswith(b"HTTP/1.1 503 ")
+    ok.dataReceived(b"GET /echo?v=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert ok_t.value().startswith(b"HTTP/1.1 200 ")

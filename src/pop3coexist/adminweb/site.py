@@ -116,6 +116,10 @@ def make_console(config: Config, make_context: Callable[[str, str], Context], re
     return AdminConsole(config, make_context, sessions, login, blocking, sampler)
 
 
+ADMIN_MAX_CONNECTIONS = 100  # the console and API's connections at once (past it: 503)
+ADMIN_MAX_PER_CLIENT = 20  # ... from one address
+
+
 def admin_listeners(config: Config, store: Any, checker: Any, reactor: Any,
                     flush: Callable[[], None] | None = None, metrics: Any = None
                     ) -> list[tuple[str, str, Any]]:
@@ -125,7 +129,12 @@ def admin_listeners(config: Config, store: Any, checker: Any, reactor: Any,
     web = config.admin_web
     if not web.enabled:
         return []
-    site = admin_site(config, store, checker, reactor, flush, metrics)
+    from pop3coexist.policy.connlimit import ConnectionLimiter
+    from pop3coexist.web.listen import LimitedFactory
+
+    site = LimitedFactory(admin_site(config, store, checker, reactor, flush, metrics),
+                          ConnectionLimiter(ADMIN_MAX_CONNECTIONS, ADMIN_MAX_PER_CLIENT),
+                          name="admin_web")
     out: list[tuple[str, str, Any]] = [("admin_web", desc, site) for desc in web.listen]
     if web.tls_listen:
         from pop3coexist.tls import client_certificate_options, reloadable_server_options
