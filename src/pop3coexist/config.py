@@ -1304,6 +1304,10 @@ class WebConfig:
     max_upload: int = key(_positive_size, "25MB", "largest request body (a message with its "
                           "attachments)", unit="bytes")
     page_size: int = key(_positive, 50, "messages per page of a folder", unit="messages")
+    parse_budget: int = key(_positive_size, "64MB", "message bytes parsed at once to show "
+                            "a message or cut out an attachment (each parse holds several "
+                            "times its message's size; more wait their turn, a larger "
+                            "message runs alone)", unit="bytes")
     max_connections: int = key(_positive, 1000, "concurrent HTTP connections (past it: 503)",
                                unit="connections")
     max_connections_per_client: int = key(_positive, 50, "concurrent HTTP connections from "

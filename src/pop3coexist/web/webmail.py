@@ -45,6 +45,7 @@ from pop3coexist.identity.logins import login_locked
 from pop3coexist.store.folders import FolderError, MaildirFolders
 from pop3coexist.web import compose, mailrules, mailview, sanitize
 from pop3coexist.web.app import Response, WebApp, WebRequest, redirect
+from pop3coexist.web.budget import ByteBudget
 from pop3coexist.web.login import LoginFailed, LoginUnavailable, WebLogin
 from pop3coexist.web.render import Renderer
 
@@ -128,6 +129,7 @@ class WebMail(WebApp):
 
             sieve = SieveScripts(store)
         self.sieve = sieve
+        self.parse_budget = ByteBudget(config.web.parse_budget)
         self.login = WebLogin(checker, throttle, reactor, allowed=self._may_log_in,
                               name="web mail")
         self._summaries: OrderedDict[tuple[str, str], mailview.Summary] = OrderedDict()
@@ -431,7 +433,8 @@ class WebMail(WebApp):
         if data is None:
             return self.error_page(req, 404, "This message is no longer in the folder.")
         folders = await self.run_blocking(self._side, account)
-        view, blocked = await self.run_blocking(self._view, data)
+        async with self.parse_budget.taking(len(data)):
+            view, blocked = await self.run_blocking(self._view, data)
         images = req.arg("images") == "1"
         moves = [f for f in folders if f["name"] != name]
         return self.mail_page(req, "message.html", account, folders, current=name,
@@ -449,7 +452,8 @@ class WebMail(WebApp):
         if data is None:
             return self.error_page(req, 404, "This message is no longer in the folder.")
         images = req.arg("images") == "1"
-        page = await self.run_blocking(self._frame, data, images)
+        async with self.parse_budget.taking(len(data)):
+            page = await self.run_blocking(self._frame, data, images)
         return Response(page, csp=sanitize.frame_csp(images), frame=True,
                         headers={b"Referrer-Policy": b"no-referrer"})
 
@@ -461,8 +465,10 @@ class WebMail(WebApp):
         if not account.exists(name):
             return self.error_page(req, 404, "There is no such folder.")
         data = await self.run_blocking(self._read, account, name, int(uid), False)
-        found = await self.run_blocking(mailview.part, data, int(n)) \
-            if data is not None else None
+        found = None
+        if data is not None:
+            async with self.parse_budget.taking(len(data)):
+                found = await self.run_blocking(mailview.part, data, int(n))
         if found is None:
             return self.error_page(req, 404, "There is no such attachment.")
         content, ctype, filename = found
@@ -511,7 +517,8 @@ class WebMail(WebApp):
             data = await self.run_blocking(self._read, account, fname, int(uid), False)
             if data is None:
                 return self.error_page(req, 404, "This message is no longer in the folder.")
-            view = await self.run_blocking(mailview.parse_message, data)
+            async with self.parse_budget.taking(len(data)):
+                view = await self.run_blocking(mailview.parse_message, data)
             if kind == "reply":
                 fields.update(await self.run_blocking(compose.reply_fields, view,
                                                       req.user or "", req.arg("all") == "1"))
