@@ -865,6 +865,14 @@ class SmarthostConfig:
     mx_port: int = key(_port, 25, "port of direct delivery: a recipient domain's MX hosts (or "
                        "its own address) and address literals, where no smart host or route "
                        "applies", unit="port")
+    # outgoing connection reuse (smtp/client.py ConnectionCache; Postfix's connection cache)
+    reuse_messages: int = key(_positive, 100, "messages sent over one outgoing connection "
+                              "before it is closed; 1: no reuse", unit="messages")
+    reuse_idle: float = key(_duration, "2s", "an outgoing connection waits this long, unused, "
+                            "for the next message to the same next hop (Postfix: 2 s); 0: "
+                            "closed at once")
+    reuse_idle_per_host: int = key(_integer, 8, "idle outgoing connections kept per next hop; "
+                                   "more are closed", unit="connections")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from twisted.internet import error
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -298,3 +299,26 @@ def test_without_a_cache_the_client_still_quits_after_one_message(tmp_path: Path
     conn.server(b"221 bye")
     conn.lose()
     assert got[0].replies[0].delivered
+
+
+def test_reuse_limits_come_from_the_smarthost_keys(tmp_path: Path) -> None:
+    """``smarthost.reuse_messages``, ``reuse_idle`` and ``reuse_idle_per_host`` set the
+    delivery runner's connection cache (defaults: 100 messages, 2 s, 8 per host); 0 s and 0
+    connections are allowed (no idle connection kept), 0 messages is a config error."""
+    from pop3coexist.config import parse_config
+    from pop3coexist.errors import ConfigError
+    from pop3coexist.smtp.outbound import OutboundService
+    from pop3coexist.store.queue import FileQueue
+
+    base = f'[server]\nhostname = "mx.example.test"\nstate_dir = "{tmp_path}"\n'
+    queue = FileQueue(tmp_path / "queue", "mx.example.test")
+    runner = OutboundService(parse_config(base), queue, reactor=Clock())
+    assert (runner.connections.max_messages, runner.connections.idle,
+            runner.connections.per_host) == (100, 2.0, 8)
+    tuned = parse_config(base + '[smarthost]\nreuse_messages = 1\nreuse_idle = "0s"\n'
+                                'reuse_idle_per_host = 0\n')
+    runner = OutboundService(tuned, queue, reactor=Clock())
+    assert (runner.connections.max_messages, runner.connections.idle,
+            runner.connections.per_host) == (1, 0.0, 0)
+    with pytest.raises(ConfigError, match="reuse_messages"):
+        parse_config(base + "[smarthost]\nreuse_messages = 0\n")

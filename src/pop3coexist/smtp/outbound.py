@@ -153,7 +153,9 @@ class OutboundService(service.Service):
         self.reactor = reactor
         self.resolver = resolver or HopResolver()
         # SMTP connection reuse: the sessions to each next hop are kept for the next messages
-        self.connections = smtp_client.ConnectionCache(reactor)
+        sh = config.smarthost
+        self.connections = smtp_client.ConnectionCache(
+            reactor, sh.reuse_messages, sh.reuse_idle, sh.reuse_idle_per_host)
         self._deliver = deliver or self.connections.deliver
         if blocking is None:
             if hasattr(reactor, "getThreadPool"):
