@@ -41,6 +41,7 @@ from pop3coexist.startup import StartupError, StartupReport, StateLock
 from pop3coexist.tls import (
     ensure_self_signed,
     load_tls_files,
+    reload_all,
     reloadable_server_options,
     server_options,
 )
@@ -1007,7 +1008,7 @@ def _reload(queue: Any, watcher: Any = None, tls: Any = None, supervisor: Any = 
         except OSError as e:
             log.error("SIGHUP: cannot reopen the mail log: {e}", e=e)
     if tls is not None:
-        tls.reload()
+        reload_all()  # the listeners' certificate, and the admin API's with its client CA
     if supervisor is not None:
         for pid in supervisor.pids():
             try:

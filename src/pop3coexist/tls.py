@@ -11,14 +11,18 @@ no renegotiation at all (``OP_NO_RENEGOTIATION``: neither client- nor server-ini
 
 ``ReloadableServerOptions`` is what the listeners and STLS/STARTTLS hold: an
 ``IOpenSSLContextFactory`` whose ``getContext()`` is asked once per new TLS connection, and
-whose ``reload()`` (SIGHUP) swaps in a context made from the files as they are now. A session
-already in TLS keeps the connection object made from the old context, so a reload drops none.
+whose ``reload()`` (SIGHUP, ``reload_all`` for every one of the process: the mail listeners'
+and the admin API's with its client CA) swaps in a context made from the files as they are
+now. A session already in TLS keeps the connection object made from the old context, so a
+reload drops none.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,11 +255,18 @@ class ReloadableServerOptions:
     and keeps serving the old certificate, and returns False.
     """
 
-    def __init__(self, cfg: TlsConfig) -> None:
+    def __init__(self, cfg: TlsConfig,
+                 build: Callable[[TlsConfig], ssl.CertificateOptions | None] | None = None,
+                 ) -> None:
+        """``build(cfg)`` makes the options from the files (``server_options``, or the
+        admin API's ``client_certificate_options``); every instance is reloaded by
+        ``reload_all``."""
         self.cfg = cfg
-        options = server_options(cfg)
+        self._build = build or server_options
+        options = self._build(cfg)
         assert options is not None, "ReloadableServerOptions needs [tls] set"
         self._options = options
+        _LIVE.add(self)
 
     def getContext(self) -> SSL.Context:  # noqa: N802 (IOpenSSLContextFactory)
         return self._options.getContext()
@@ -263,7 +274,7 @@ class ReloadableServerOptions:
     def reload(self) -> bool:
         """Load the certificate and key again; True when the new pair is now in use."""
         try:
-            options = server_options(self.cfg)
+            options = self._build(self.cfg)
         except ConfigError as e:
             _log.error("SIGHUP: TLS certificate not reloaded, the old one stays in use: {why}",
                        why=str(e))
@@ -273,6 +284,22 @@ class ReloadableServerOptions:
         _log.info("SIGHUP: TLS certificate and key reloaded from {cert}",
                   cert=str(self.cfg.certificate))
         return True
+
+
+_LIVE: weakref.WeakSet[ReloadableServerOptions] = weakref.WeakSet()
+
+
+def reload_all() -> int:
+    """SIGHUP: ``reload()`` every ReloadableServerOptions of this process (the mail
+    listeners' and the admin API's); how many took their new files."""
+    return sum(1 for options in list(_LIVE) if options.reload())
+
+
+def reloadable_client_certificate_options(cfg: TlsConfig,
+                                          client_ca: Path) -> ReloadableServerOptions:
+    """``client_certificate_options`` that SIGHUP reloads (the certificate, key and the
+    client CA file), like the mail listeners' (ConfigError as it raises)."""
+    return ReloadableServerOptions(cfg, lambda c: client_certificate_options(c, client_ca))
 
 
 def reloadable_server_options(cfg: TlsConfig) -> ReloadableServerOptions | None:

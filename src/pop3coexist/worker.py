@@ -123,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     control = Control()
     parts = Components(config, reactor)
     queue = parts.make_queue()
-    from pop3coexist.tls import reloadable_server_options
+    from pop3coexist.tls import reload_all, reloadable_server_options
 
     tls = reloadable_server_options(config.tls)
     frontends = make_frontends(config, parts, queue, reactor, worker=args.worker, tls_options=tls)
     if tls is not None:  # SIGHUP from the main process: load the certificate and key again
-        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(tls.reload))
+        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload_all))
     listeners = [item.rsplit(":", 1) for item in args.listener]
     if [role for role, _ in listeners] != [role for role, _, _ in frontends]:
         print(f"pop3coexist worker {args.worker}: the listeners passed "

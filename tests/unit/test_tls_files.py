@@ -226,3 +226,40 @@ def test_errors_after_parsing_name_the_config_file_and_line(setup, capsys):
     line = next(n for n, text in enumerate(path.read_text().splitlines(), 1)
                 if text.startswith("private_key"))
     assert code == 1 and f"{path}:{line}: [tls.private_key] {certs.key} is empty" in err
+
+
+def test_sighup_reloads_the_admin_apis_client_certificate_options_too(setup, tmp_path):
+    """``tls.reload_all`` (SIGHUP, in the main process and each worker) reloads every
+    reloadable TLS setting of the process: the mail listeners' AND the admin API's, which
+    also asks for client certificates of ``[admin_web] client_ca``; before, the admin
+    listener kept its first certificate until a restart. A bad new file keeps the old one."""
+    import shutil
+
+    from pop3coexist.tls import (
+        reload_all,
+        reloadable_client_certificate_options,
+        reloadable_server_options,
+    )
+    from tests.support.adminweb import make_client_ca
+
+    path, certs = setup
+    cfg = load_config(path).tls
+    ca = make_client_ca(tmp_path / "clientca")
+    listeners = reloadable_server_options(cfg)
+    admin = reloadable_client_certificate_options(cfg, ca.ca_pem)
+
+    def fingerprint(options) -> bytes:
+        return options._options.certificate.to_cryptography().fingerprint(hashes.SHA256())
+
+    before = fingerprint(admin)
+    assert fingerprint(listeners) == before
+    fresh = make_ca_and_cert(tmp_path / "fresh", hostname="pop.contoso.test", ca_name="next")
+    shutil.copy(fresh.key, certs.key)
+    shutil.copy(fresh.cert, certs.cert)
+    assert reload_all() >= 2
+    assert fingerprint(admin) == fingerprint(listeners) != before
+    assert admin.getContext() is not None
+    current = fingerprint(admin)
+    certs.cert.write_text("not a certificate")
+    reload_all()
+    assert fingerprint(admin) == current

@@ -137,9 +137,13 @@ def admin_listeners(config: Config, store: Any, checker: Any, reactor: Any,
                           name="admin_web")
     out: list[tuple[str, str, Any]] = [("admin_web", desc, site) for desc in web.listen]
     if web.tls_listen:
-        from pop3coexist.tls import client_certificate_options, reloadable_server_options
+        from pop3coexist.tls import (
+            reloadable_client_certificate_options,
+            reloadable_server_options,
+        )
 
-        options = (client_certificate_options(config.tls, web.client_ca)
+        # both reloaded by SIGHUP (tls.reload_all), like the mail listeners' certificate
+        options = (reloadable_client_certificate_options(config.tls, web.client_ca)
                    if web.client_ca is not None else reloadable_server_options(config.tls))
         for desc in web.tls_listen:
             out.append(("admin_webs", desc, TLSMemoryBIOFactory(options, False, site)))
