@@ -1,5 +1,6 @@
 """Small file-system helpers shared by the modules that touch files: ``fsync_dir`` for
-durability (store, queue, passwords) and ``open_cached``, an open that never waits for the disk
+durability (store, queue, passwords); ``write_atomic``, a whole small file replaced so that
+a reader (or a crash) sees the old contents or the new, never a part; and ``open_cached``, an open that never waits for the disk
 (Linux openat2 with RESOLVE_CACHED), so the reactor thread may open a file itself when the
 kernel already has the path in its cache; ``retry_stale``, a read that starts again when a
 shared file system (GlusterFS, NFS) answers ESTALE because another machine renamed a new
@@ -7,10 +8,12 @@ version over the file while it was read."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -26,6 +29,35 @@ def fsync_dir(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o600, durable: bool = True,
+                 sync_dir: bool = True) -> None:
+    """Replace the file ``path`` by one holding ``data`` (bytes), atomically: a temporary
+    file with a unique name in the same folder (``mkstemp``: never shared by two threads or
+    processes), permissions ``mode``, written whole, fsynced when ``durable``, renamed over
+    ``path``; then the folder is fsynced (``durable`` and ``sync_dir``; a caller writing
+    several files in one folder syncs it once itself). Raises OSError (the temporary file
+    is removed)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable and sync_dir:
+        fsync_dir(path.parent)
 
 
 _SYS_OPENAT2 = 437  # the same number in every Linux architecture's table (since 5.6)

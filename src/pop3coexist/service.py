@@ -35,6 +35,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from pop3coexist.config import Config, parse_endpoint
 from pop3coexist.errors import ConfigError, StoreError
+from pop3coexist.fsutil import write_atomic
 from pop3coexist.interfaces import IClosable, ISelfCheck, ISharedConnectionLimiter, IStartStop
 from pop3coexist.policy.limiters import make_limiters, make_throttles
 from pop3coexist.startup import StartupError, StartupReport, StateLock
@@ -682,11 +683,11 @@ class Pop3CoexistService(service.MultiService):
         record: dict[str, Any] = {"pid": os.getpid(), "listeners": data}
         if self.supervisor is not None:
             record["workers"] = [os.getpid(), *self.supervisor.pids()]
-        tmp = run / f".listeners.{os.getpid()}.tmp"
         try:
             run.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, run / "listeners.json")
+            # not durable: rewritten at every start, gone at every stop
+            write_atomic(run / "listeners.json", json.dumps(record, indent=1).encode(),
+                         mode=0o644, durable=False)
         except OSError as e:
             raise StartupError(f"cannot write {run / 'listeners.json'}: {e.strerror or e}")
 

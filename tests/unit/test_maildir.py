@@ -765,3 +765,39 @@ def test_a_volume_fault_is_never_no_such_mailbox(store: MaildirStore, monkeypatc
     assert not store.mailbox_exists(DOMAIN, "nobody")
     with pytest.raises(errors.NoSuchMailbox):
         store.open_maildrop(DOMAIN, "nobody")
+
+
+def test_write_atomic_replaces_whole_files_with_unique_temporary_names(tmp_path, monkeypatch):
+    """``fsutil.write_atomic`` (the password file, admin accounts, Sieve scripts, quarantine,
+    the node probe and listeners.json all write through it): the new contents replace the old
+    whole, with the mode asked; two threads writing the same file at once each use their own
+    temporary file (the old per-process names collided); a failed write leaves the old file
+    and no temporary file behind."""
+    import os
+    import threading
+
+    from pop3coexist import fsutil
+
+    target = tmp_path / "f.json"
+    target.write_bytes(b"old")
+    fsutil.write_atomic(target, b"new contents")
+    assert target.read_bytes() == b"new contents" and (target.stat().st_mode & 0o777) == 0o600
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for _ in range(50):
+                fsutil.write_atomic(target, str(n).encode() * 1000, durable=False)
+        except BaseException as e:  # pragma: no cover - the failure this test looks for
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(target.read_bytes())) == 1
+    monkeypatch.setattr(fsutil.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(OSError):
+        fsutil.write_atomic(target, b"lost")
+    assert target.read_bytes() != b"lost" and os.listdir(tmp_path) == ["f.json"]

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from pop3coexist.errors import AdminError
-from pop3coexist.fsutil import fsync_dir
+from pop3coexist.fsutil import write_atomic
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _N, _R, _P = 2 ** 14, 8, 1
@@ -121,15 +121,7 @@ class _JsonFile:
             entries = self.read()
             yield entries
             text = json.dumps({"version": 1, self.section: entries}, indent=1, sort_keys=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, text.encode() + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            fsync_dir(self.path.parent)
+            write_atomic(self.path, text.encode() + b"\n")
         finally:
             os.close(lock)
 

@@ -58,7 +58,6 @@ import json
 import os
 import secrets
 import stat
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -78,7 +77,7 @@ from zope.interface import implementer
 from pop3coexist.address import AddressError, login_to_address
 from pop3coexist.errors import AdminError, AuthUnavailable, StoreError
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.fsutil import retry_stale
+from pop3coexist.fsutil import retry_stale, write_atomic
 from pop3coexist.identity.logins import map_login
 from pop3coexist.identity.scram import MAX_ITERATIONS, ScramKeys, derive_keys
 from pop3coexist.identity.stamps import stamp_of
@@ -514,28 +513,9 @@ class PasswordFile:
             "users": {a: _dump_entry(users[a]) for a in sorted(users)},
         }
         data = (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode("utf-8")
-        folder = self.path.parent
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
+            write_atomic(self.path, data)
         except OSError as e:
-            raise StoreError(f"password file {self.path}: cannot write in {folder}: {e.strerror}")
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp_name, self.path)
-            _fsync_dir(folder)
-        except OSError as e:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
             raise StoreError(f"password file {self.path}: cannot write it: {e.strerror}")
         self._snapshot = None  # re-read (and re-stat) on next use
 

@@ -207,19 +207,14 @@ def check_volume(state_dir: Any, node: str) -> str:
     import time
     from pathlib import Path
 
+    from pop3coexist.fsutil import write_atomic
+
     folder = Path(state_dir) / "nodes"
     started = time.monotonic()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     final = folder / f"{node}.alive"
-    tmp = folder / f".{node}.alive.{os.getpid()}.tmp"
     text = f"{node} pid {os.getpid()} at {time.time():.3f}\n".encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, text)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
+    write_atomic(final, text, sync_dir=False)
     if final.read_bytes() != text:
         raise OSError(f"the probe {final} read back differs from what was written")
     took = (time.monotonic() - started) * 1000

@@ -19,14 +19,13 @@ and relays the others), then removes the entry.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
 
 from zope.interface import implementer
 
-from pop3coexist.fsutil import fsync_dir
+from pop3coexist.fsutil import fsync_dir, write_atomic
 from pop3coexist.interfaces import IOutboundQueue, IQuarantine
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
@@ -55,17 +54,7 @@ class Quarantine:
         meta = {"id": entry_id, "time": time.time(), "size": len(data), "envelope": envelope,
                 "info": info}
         for path, content in ((eml, data), (record, json.dumps(meta, indent=1).encode())):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(content)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            write_atomic(path, content, sync_dir=False)
         fsync_dir(self.root)
         return entry_id
 

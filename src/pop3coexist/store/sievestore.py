@@ -34,7 +34,7 @@ from typing import Any
 
 from zope.interface import implementer
 
-from pop3coexist.fsutil import fsync_dir
+from pop3coexist.fsutil import fsync_dir, write_atomic
 from pop3coexist.interfaces import ISieveScripts
 
 SCRIPTS = "sieve"
@@ -139,17 +139,7 @@ class SieveScripts:
         folder = self._folder(domain, mailbox)
         path = self._script(folder, name)
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = path.parent / f".tmp.{os.getpid()}.{time.monotonic_ns()}"
-        try:
-            with open(tmp, "xb") as f:
-                f.write(text.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-        fsync_dir(path.parent)
+        write_atomic(path, text.encode("utf-8"))
 
     def set_active(self, domain: str, mailbox: str, name: str) -> None:
         """See ISieveScripts."""
