@@ -392,6 +392,7 @@ MUST_BE_POSITIVE = [
     ("[web]", "session_idle_timeout", ""),
     ("[web]", "session_max_age", ""),
     ("[web]", "max_upload", ""),
+    ("[web]", "parse_budget", ""),
 ]
 ZERO_AND_WORSE = ['0', '0.0', '"0s"', '"0m"', '"0"', '-1', '-0.5', 'inf', 'nan', '"-1s"']
 
