@@ -75,11 +75,12 @@ def cache_log_time_stamps(size: int = 64) -> bool:
     Twisted's module no longer has that function (the log then formats as before)."""
     try:
         from twisted.logger import _file
-    except ImportError:
+
+        original = _file.formatTime
+    except (ImportError, AttributeError):
         return False
-    original = getattr(_file, "formatTime", None)
-    if original is None or getattr(original, "cached_per_second", False):
-        return original is not None
+    if original in _CACHED_TIME_FORMATTERS:
+        return True
     memo: dict[tuple[int, str], str] = {}
 
     def formatTime(when: float | None, timeFormat: str | None = _file.timeFormatRFC3339,  # noqa: N802, N803 - Twisted's names
@@ -94,9 +95,12 @@ def cache_log_time_stamps(size: int = 64) -> bool:
             text = memo[key] = original(when, timeFormat, default)
         return text
 
-    formatTime.cached_per_second = True  # type: ignore[attr-defined]
+    _CACHED_TIME_FORMATTERS.add(formatTime)
     _file.formatTime = formatTime
     return True
+
+
+_CACHED_TIME_FORMATTERS: set[Any] = set()  # what cache_log_time_stamps installed
 
 
 LOCK_NAME = "server.lock"

@@ -62,6 +62,7 @@ STABLE_AFTER = 60.0  # a worker that lived this long starts the restart delays a
 # One line per event, one write: nothing is buffered, so a kill -9 loses no line.
 
 _LINE_MARK = b'{"w":'
+_LEVELS = frozenset(LogLevel.iterconstants())
 
 
 def encode_worker_event(event: Mapping[str, Any]) -> bytes | None:
@@ -73,7 +74,7 @@ def encode_worker_event(event: Mapping[str, Any]) -> bytes | None:
         return None
     level = event.get("log_level")
     record: dict[str, Any] = {"w": 1, "t": event.get("log_time"),
-                              "l": getattr(level, "name", None),
+                              "l": level.name if level in _LEVELS else None,
                               "n": event.get("log_namespace"), "x": text}
     if mail:
         record["m"] = {k: event[k] for k in events.EVENT_FIELDS if k in event}
