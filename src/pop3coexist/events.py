@@ -68,6 +68,8 @@ _JSON_FIELDS = ("protocol", "listener", "client", "queue_id", "sender", "size", 
                 "recipient", "mailboxes", "user", "method", "outcome", "delay", "command",
                 "code", "enhanced", "reply", "reason", "route", "relay", "attempts",
                 "retr_octets", "worker", "pid", "why", "milter", "verdict")
+# every field the mail log reads from an event (a worker sends these to the main process)
+EVENT_FIELDS = (FIELD, *_JSON_FIELDS)
 
 
 def name_of(event: Mapping[str, Any]) -> str | None:

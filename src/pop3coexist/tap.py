@@ -48,6 +48,7 @@ def makeService(options: Options) -> Any:
         StartupReport,
         StateInUse,
         StateLock,
+        cache_log_time_stamps,
         check_state_dir,
         hand_over,
         limit_malloc_retention,
@@ -55,6 +56,7 @@ def makeService(options: Options) -> Any:
     )
 
     limit_malloc_retention()
+    cache_log_time_stamps()
 
     try:
         config = load_config(options["config"])

@@ -7,14 +7,13 @@ until the main process writes ``serve`` on its stdin, once start-up is complete 
 process), and serves until it gets SIGTERM or its stdin ends (the main process is gone). It does no start-up work of the main
 process (no spool cleaning, no queue recovery, no outbound delivery): messages for remote
 recipients go into the shared queue and their ids are passed to the main process's runner on
-the control descriptor. Its log goes to stdout as JSON events, which the main process writes
-into the server's log. The file descriptors are described in workers.py.
+the control descriptor. Its log goes to stdout, one event a line (workers.encode_worker_event),
+which the main process writes into the server's log. The file descriptors are described in workers.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import signal
 import socket
@@ -24,6 +23,31 @@ from collections.abc import Callable
 from typing import Any
 
 CONTROL_FD = 3
+
+
+class LogWriter:
+    """This worker's log observer: each event as one line on ``fd`` (its stdout, a pipe to the
+    main process), written at once with one ``write`` (no buffer: a kill -9 loses no line)."""
+
+    def __init__(self, fd: int = 1) -> None:
+        from pop3coexist.workers import encode_worker_event
+
+        self.fd = fd
+        self.encode = encode_worker_event
+
+    def __call__(self, event: Any) -> None:
+        try:
+            line = self.encode(event)
+        except Exception:  # noqa: BLE001 - never raise into the log system
+            return
+        if line is None:
+            return
+        view = memoryview(line)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            pass  # the main process is gone; the worker stops when its stdin ends
 
 
 class Control:
@@ -92,12 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     limit_malloc_retention()
     from twisted.internet import reactor
-    from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import Logger, globalLogBeginner
 
-    out = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), encoding="utf-8",
-                           line_buffering=True, write_through=True)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out, recordSeparator="")],
-                                     redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([LogWriter(1)], redirectStandardIO=False)
     log = Logger(namespace="pop3coexist.worker")
     # Until the TLS settings exist a SIGHUP (the main process passes each one on) is ignored.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

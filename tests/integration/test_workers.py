@@ -69,7 +69,8 @@ def _greeting_pid(port: int) -> int:
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
     require_installed_plugin()
     srv = ServerProcess(tmp_path / "srv", tls=False, server_config="workers = 2",
-                        pop3_config="max_connections_per_client = 3")
+                        pop3_config="max_connections_per_client = 3",
+                        extra_config='[log]\nmail_log = "../mail.log"\n')
     srv.write_config()
     srv.add_mailbox(USER, PASSWORD)
     with srv:
@@ -78,7 +79,11 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
 
 def test_both_processes_serve_the_same_ports(server: ServerProcess) -> None:
     """listeners.json names two processes; with either one paused, the other answers POP3 and
-    SMTP on the same ports, and mail taken in by one is read through the other."""
+    SMTP on the same ports, and mail taken in by one is read through the other. The worker's
+    mail events reach both logs, written by the main process as before: the mail log has the
+    message's ``accepted`` and ``delivered`` lines with the worker's pid and fields, the
+    server log its text lines under ``[worker 1: ...]`` (issue 17: a worker sends lean lines,
+    not Twisted's JSON events)."""
     main, worker = _workers(server)
     assert main == server.proc.pid and worker != main
     with paused(main):
@@ -95,6 +100,18 @@ def test_both_processes_serve_the_same_ports(server: ServerProcess) -> None:
     log = server.log_text()
     assert "[worker 1: " in log and "worker 1 (pid" in log
     assert PASSWORD not in log
+    mail_log = server.root / "mail.log"
+    wait_until(lambda: mail_log.exists() and "status=sent" in mail_log.read_text(), 20)
+    log = server.log_text()
+    lines = mail_log.read_text().splitlines()
+    accepted = [line for line in lines if " accepted from=<x@example.org>" in line]
+    assert len(accepted) == 1 and f"pop3coexist[{worker}]:" in accepted[0], lines
+    assert f"to=<{USER}>" in accepted[0] and "size=" in accepted[0]
+    qid = accepted[0].split(f"pop3coexist[{worker}]: ", 1)[1].split(":", 1)[0]
+    assert any(f"{qid}: to=<{USER}>, relay=local" in line and "status=sent" in line
+               for line in lines), lines
+    assert f"[worker 1: pop3coexist.smtp.server#info] SMTP {qid} accepted from 127.0.0.1" in log
+    assert "[worker 1: pop3coexist.smtp.server#info] SMTP connect from 127.0.0.1 (smtp)" in log
 
 
 def test_mail_queued_by_a_worker_is_delivered_by_the_worker(tmp_path: Path) -> None:
@@ -253,3 +270,4 @@ def test_failed_log_ins_are_counted_across_processes(server: ServerProcess) -> N
     p.quit()
     assert table.failures("127.0.0.1") == 0
     assert PASSWORD not in server.log_text() and "not the password" not in server.log_text()
+

@@ -445,3 +445,38 @@ def test_a_unix_listener_in_a_missing_folder_names_the_folder(tmp_path: Path) ->
                                   "first, or name another)")
     top.stopService()
     reactor.advance(0)
+
+
+def test_the_text_log_time_stamps_are_the_same_once_cached_per_second(monkeypatch) -> None:  # noqa: ANN001
+    """``cache_log_time_stamps`` gives twistd's text log the very stamps Twisted's own
+    ``formatTime`` gives (times within one second, across seconds, None, a format with
+    sub-second fields), and a line of the text observer is unchanged."""
+    import random
+
+    from twisted.logger import _file, formatTime, textFileLogObserver
+
+    from pop3coexist.startup import cache_log_time_stamps
+
+    monkeypatch.setattr(_file, "formatTime", _file.formatTime)  # restored after the test
+    lines: list[str] = []
+
+    class Out:
+        def write(self, text: str) -> None:
+            lines.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    event = {"log_format": "hello", "log_time": 1_700_000_000.25, "log_system": "s"}
+    textFileLogObserver(Out())(event)
+    assert cache_log_time_stamps(size=4) is True
+    assert cache_log_time_stamps() is True  # once only
+    textFileLogObserver(Out())(event)
+    assert lines[0] == lines[1]
+    rng = random.Random(17)
+    base = 1_700_000_000.0
+    for _ in range(300):
+        when = base + rng.choice([0, 1, 2, 3600, 86400 * 180]) + rng.random()
+        for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%H:%M:%S.%f", "%s"):
+            assert _file.formatTime(when, fmt) == formatTime(when, fmt)
+    assert _file.formatTime(None) == "-" and _file.formatTime(base, None) == "-"

@@ -229,3 +229,80 @@ def test_a_replaced_worker_changes_the_recorded_pids(monkeypatch) -> None:  # no
     new.childDataReceived(3, b"ready\n")
     assert recorded == [[], [5002]] and sup.pids() == [5002]
     sup.stopService()
+
+
+def _classic(event: dict, system: str) -> str:
+    from twisted.logger import formatEventAsClassicLogText
+
+    return formatEventAsClassicLogText({**event, "log_system": system}) or ""
+
+
+def test_a_worker_event_line_gives_the_main_log_the_same_line_and_mail_fields() -> None:
+    """A worker's event, sent as one lean line (``encode_worker_event``), is written to the
+    main log as the same text line as the event itself would give there (text, time, level,
+    namespace, a failure's traceback); a mail event keeps the fields the mail log reads."""
+    from twisted.logger import Logger, globalLogPublisher
+    from twisted.python.failure import Failure
+
+    from pop3coexist import events
+    from pop3coexist.workers import _WorkerProtocol, encode_worker_event
+
+    captured: list[dict] = []
+    log = Logger(namespace="pop3coexist.smtp.server", observer=captured.append)
+    log.info("SMTP {queue_id} accepted from {client}: {{braces}} kept", mail_event=events.ACCEPTED,
+             queue_id="Q1", client="127.0.0.1", sender="a@b.test", size=42,
+             recipients=["x@y.test", "z@y.test"], listener="smtp")
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        log.failure("it broke for {who}", Failure(), who="me")
+    lines = [encode_worker_event(e) for e in captured]
+    for line in lines:
+        assert line is not None and line.endswith(b"\n") and line.count(b"\n") == 1
+    published: list[dict] = []
+    globalLogPublisher.addObserver(published.append)
+    try:
+        proto = _WorkerProtocol(supervisor=None, number=2)  # type: ignore[arg-type]
+        proto.pid = 4242
+        data = b"".join(lines)  # type: ignore[arg-type]
+        for i in range(0, len(data), 7):  # split anywhere: lines are joined again
+            proto.childDataReceived(1, data[i:i + 7])
+    finally:
+        globalLogPublisher.removeObserver(published.append)
+    assert len(published) == 2
+    for original, got in zip(captured, published, strict=True):
+        want = _classic(original, f"worker 2: {original['log_namespace']}"
+                                  f"#{original['log_level'].name}")
+        assert _classic(got, got["log_system"]) == want
+    assert "{braces} kept" in _classic(published[0], "x")
+    assert "ZeroDivisionError" in _classic(published[1], "x")
+    mail = published[0]
+    assert events.name_of(mail) == events.ACCEPTED and mail["worker_event"] == 2
+    assert events.expand(mail) == events.expand(captured[0])
+    assert mail["worker_pid"] == 4242
+
+
+def test_the_worker_log_writer_writes_each_event_as_one_whole_line() -> None:
+    """``worker.LogWriter`` writes each event with one write of a whole line (nothing kept in
+    a buffer, so a kill -9 of the worker loses no logged line), and never raises."""
+    from twisted.logger import Logger
+
+    from pop3coexist.worker import LogWriter
+
+    r, w = os.pipe()
+    try:
+        writer = LogWriter(w)
+        log = Logger(namespace="t", observer=writer)
+        for i in range(50):
+            log.info("line {i} {pad}", i=i, pad="x" * 500)
+        data = os.read(r, 1 << 20)
+        lines = data.split(b"\n")
+        assert lines.pop() == b"" and len(lines) == 50
+        assert all(b'"x":"line %d ' % i in line for i, line in enumerate(lines))
+        os.close(r)
+        r = -1
+        log.info("the main process is gone")  # EPIPE: ignored (SIGPIPE is ignored by Python)
+    finally:
+        if r >= 0:
+            os.close(r)
+        os.close(w)
