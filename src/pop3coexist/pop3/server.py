@@ -165,6 +165,7 @@ class POP3Server(pop3.POP3):
         self._user: str | None = None
         self._sasl: Any = None
         self._mailbox: Any = None
+        self._cached_open = False  # the mailbox provides ICachedMessageOpen (set at log-in)
         self._logout: Any = None
         self._deleted: set[int] = set()
         self._finished = False  # commit or close done/started: do not close again
@@ -551,6 +552,7 @@ class POP3Server(pop3.POP3):
                 lambda f: log.failure("releasing a maildrop after a lost connection failed", f))
             return
         self._mailbox = avatar
+        self._cached_open = ICachedMessageOpen.providedBy(avatar)
         self._logout = logout
         self._user = None
         self.session_state = TRANSACTION
@@ -681,8 +683,7 @@ class POP3Server(pop3.POP3):
         f = self.factory
         # the common case: the kernel has the path cached and the reactor opens it at once
         mailbox = self._mailbox
-        cached = (mailbox.open_message_cached(index)
-                  if ICachedMessageOpen.providedBy(mailbox) else None)
+        cached = mailbox.open_message_cached(index) if self._cached_open else None
         if (cached is not None and body_lines is None and announced is not None
                 and self._send_whole(index, cached, first, announced)):
             return None
