@@ -808,6 +808,9 @@ class AuthConfig:
                       "where accounts live")
     apop: bool = key(_boolean, True, "keep secrets so APOP and CRAM-MD5 work",
                      shown="`true` for passwordfile, `false` otherwise")
+    login_cache: float = key(_duration, "5m", "passwordfile: how long a process remembers a "
+                             "password scrypt verified (a keyed hash of it; only successes), "
+                             "so the next log-in with it skips scrypt; 0: off")
     directory: DirectoryConfig = table(DirectoryConfig, 'method = "directory"')
     local: LocalConfig = table(LocalConfig, 'method = "local"')
 
@@ -1584,7 +1587,8 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     local_cfg = LocalConfig(**r.keys(
         auth_data.get("local", {}) if isinstance(auth_data, Mapping) else {}, "auth.local",
         LocalConfig))
-    auth_cfg = AuthConfig(method=method, apop=apop, directory=dir_cfg, local=local_cfg)
+    auth_cfg = AuthConfig(method=method, apop=apop, directory=dir_cfg, local=local_cfg,
+                          **({"login_cache": auth["login_cache"]} if "login_cache" in auth else {}))
     if method == "directory":
         for key in ("base_dn", "bind_dn"):
             if not getattr(dir_cfg, key):

@@ -21,7 +21,9 @@ __all__ = ["make_checker", "make_password_file"]
 def make_password_file(config: Config, **options: Any) -> PasswordFile:
     """The password file of ``config``: ``<state_dir>/passwords.json`` with its key at
     ``<state_dir>/passwords.key``, keeping APOP / CRAM-MD5 secrets when ``auth.apop`` is true.
-    ``options`` go to ``PasswordFile`` (e.g. ``scrypt_n`` in tests)."""
+    ``options`` go to ``PasswordFile`` (e.g. ``scrypt_n`` in tests); verified passwords are
+    remembered for ``auth.login_cache`` seconds unless ``options`` says otherwise."""
+    options.setdefault("verified_ttl", config.auth.login_cache)
     return PasswordFile(
         config.server.password_file,
         config.server.key_file,

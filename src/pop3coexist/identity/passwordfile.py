@@ -42,6 +42,17 @@ found, or a password that does not match, is looked up once more in a fresh read
 at most once per ``RECHECK_INTERVAL`` seconds per process (a stranger guessing names cannot
 make every attempt a file read).
 
+A password that scrypt has just verified is remembered for ``verified_ttl`` seconds
+(``auth.login_cache``, default 5 minutes; 0 turns it off), per process, as an HMAC-SHA-256
+of the stored hash and the password under a random key made at start (never written
+anywhere): the next log-in with the same password (a mail client polling every few minutes,
+POP3 and SMTP AUTH alike) costs a hash instead of 16 MB and ~80 ms of scrypt. Only successes
+are remembered; a wrong password, or a password changed since (the stored hash differs), still
+runs scrypt, so a guess costs what it cost before, and a password change or removal is seen at
+the next log-in. At most ``VERIFIED_MAX`` addresses are remembered (then the memory starts
+afresh). The same idea as Dovecot's ``auth_cache`` and saslauthd's ``-c``; the price is that a
+dump of the server's memory holds fast-to-test digests of recently used passwords for the TTL.
+
 ``PasswordFileChecker`` implements ``interfaces.IAccountChecker`` over a ``PasswordFile``.
 
 Nothing here logs, raises or ``repr``s a password, a secret, a hash or the key.
@@ -100,6 +111,7 @@ SALT_BYTES = 16
 HASH_BYTES = 32
 NONCE_BYTES = 12
 MAX_PASSWORD_CHARS = 1024
+VERIFIED_MAX = 100_000  # addresses whose verified password a process remembers at most
 # seconds: a name not found or a password refused is looked up again in a fresh read of the
 # file at most this often per process (module docstring: stale attributes on shared volumes)
 RECHECK_INTERVAL = 1.0
@@ -295,6 +307,7 @@ class PasswordFile:
         scrypt_p: int = 1,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        verified_ttl: float = 0.0,
     ) -> None:
         if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > _MAX_SCRYPT_N:
             raise ValueError("scrypt_n must be a power of two between 2 and 2**20")
@@ -311,6 +324,10 @@ class PasswordFile:
         self._key: bytes | None = None
         # The hash an unknown user is checked against, so a miss costs what a hit costs.
         self._dummy = _Hash(scrypt_n, scrypt_r, scrypt_p, secrets.token_bytes(SALT_BYTES), b"\0" * HASH_BYTES)
+        # passwords scrypt verified lately (module docstring): address -> (tag, expiry)
+        self.verified_ttl = float(verified_ttl)
+        self._verified: dict[str, tuple[bytes, float]] = {}
+        self._verified_key = secrets.token_bytes(32)
 
     def __repr__(self) -> str:
         return f"<PasswordFile {str(self.path)!r} keep_secrets={self.keep_secrets}>"
@@ -686,15 +703,47 @@ class PasswordFile:
         # No stored password holds a NUL (set_password refuses them), and HMAC (inside scrypt)
         # pads short keys with zero bytes, so "pw" and "pw\0" would hash alike: refuse NULs.
         usable = candidate != b"" and b"\0" not in candidate
+        if entry is not None and usable and self._verified_lately(key, entry.hash, candidate):
+            return True
         h = entry.hash if entry is not None else self._dummy
         got = _scrypt(candidate, h.salt, h.n, h.r, h.p, len(h.dk))
         if hmac.compare_digest(got, h.dk) and entry is not None and usable:
+            self._remember_verified(key, h, candidate)
             return True
         changed, entry = self._recheck(key, entry)
         if not changed or entry is None or not usable:
             return False
         h = entry.hash  # added or changed on another node since the last read
-        return hmac.compare_digest(_scrypt(candidate, h.salt, h.n, h.r, h.p, len(h.dk)), h.dk)
+        if hmac.compare_digest(_scrypt(candidate, h.salt, h.n, h.r, h.p, len(h.dk)), h.dk):
+            self._remember_verified(key, h, candidate)
+            return True
+        return False
+
+    def _verified_tag(self, h: _Hash, candidate: bytes) -> bytes:
+        """What is remembered of a verified password: an HMAC over the stored hash (so a
+        changed password never matches) and the password, under this process's random key."""
+        return hmac.new(self._verified_key, h.dk + h.salt + b"\0" + candidate, "sha256").digest()
+
+    def _verified_lately(self, key: str | None, h: _Hash, candidate: bytes) -> bool:
+        """True when scrypt verified this very password against this very hash less than
+        ``verified_ttl`` seconds ago (in this process)."""
+        if key is None or self.verified_ttl <= 0:
+            return False
+        hit = self._verified.get(key)
+        if hit is None:
+            return False
+        tag, until = hit
+        if until <= self._monotonic():
+            self._verified.pop(key, None)
+            return False
+        return hmac.compare_digest(tag, self._verified_tag(h, candidate))
+
+    def _remember_verified(self, key: str | None, h: _Hash, candidate: bytes) -> None:
+        if key is None or self.verified_ttl <= 0:
+            return
+        if len(self._verified) >= VERIFIED_MAX:
+            self._verified.clear()  # bounded memory; the next log-ins run scrypt again
+        self._verified[key] = (self._verified_tag(h, candidate), self._monotonic() + self.verified_ttl)
 
     def needs_rehash(self, address: str) -> bool:
         """True when the stored hash of ``address`` was made with other scrypt parameters

@@ -39,6 +39,7 @@ class POP3Mailbox:
         self._sizes = sizes
         self._uids = uids
         self._closed = False
+        self._cached_open = ICachedMessageOpen.providedBy(maildrop)  # asked once, not per RETR
 
     def __len__(self) -> int:
         return len(self._sizes)
@@ -53,7 +54,7 @@ class POP3Mailbox:
         return self.maildrop.open_message(index)
 
     def open_message_cached(self, index: int) -> Any:
-        if ICachedMessageOpen.providedBy(self.maildrop):
+        if self._cached_open:
             return self.maildrop.open_message_cached(index)
         return None
 

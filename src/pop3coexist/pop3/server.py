@@ -42,9 +42,9 @@ from twisted.python.failure import Failure
 from pop3coexist.errors import BadCredentials, MailError, as_mail_error, volume_unreachable
 from pop3coexist.events import login_outcome
 from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop, IScramKeyStore
-from pop3coexist.netutil import send_now
+from pop3coexist.netutil import nothing_queued, send_now
 from pop3coexist.pop3 import mailevents, sasl
-from pop3coexist.pop3.stream import DotStuffer, MessageProducer
+from pop3coexist.pop3.stream import DotStuffer, MessageProducer, read_whole_cached, wire_form
 
 if TYPE_CHECKING:
     from twisted.cred.portal import Portal
@@ -165,6 +165,7 @@ class POP3Server(pop3.POP3):
         self._user: str | None = None
         self._sasl: Any = None
         self._mailbox: Any = None
+        self._cached_open = False  # the mailbox provides ICachedMessageOpen (set at log-in)
         self._logout: Any = None
         self._deleted: set[int] = set()
         self._finished = False  # commit or close done/started: do not close again
@@ -551,6 +552,7 @@ class POP3Server(pop3.POP3):
                 lambda f: log.failure("releasing a maildrop after a lost connection failed", f))
             return
         self._mailbox = avatar
+        self._cached_open = ICachedMessageOpen.providedBy(avatar)
         self._logout = logout
         self._user = None
         self.session_state = TRANSACTION
@@ -625,14 +627,50 @@ class POP3Server(pop3.POP3):
                  for i in range(len(box)) if i not in self._deleted]
         self._multiline("unique-id listing follows", lines)
 
-    def pop3_RETR(self, args: list[bytes]) -> defer.Deferred:  # noqa: N802
+    def pop3_RETR(self, args: list[bytes]) -> defer.Deferred | None:  # noqa: N802
         if len(args) != 1:
             raise _Refuse("syntax: RETR message")
         i = self._index(args[0])
         size = self._mailbox.size(i)
         return self._send(i, f"{size} octets", None, size)
 
-    def pop3_TOP(self, args: list[bytes]) -> defer.Deferred:  # noqa: N802
+    def _send_whole(self, index: int, fileobj: Any, first: str, announced: int) -> bool:
+        """RETR's short cut (``stream.read_whole_cached``, ``stream.wire_form``): the whole
+        reply in one write, on the reactor, when the message fits in one chunk, the page cache
+        has it and nothing is queued for this client (so at most one chunk can wait in memory:
+        a client that pipelines RETRs without reading gets the streaming path, paused by the
+        transport). Returns False, having sent nothing, when the stream must do it; closes
+        ``fileobj`` when it sent the message."""
+        if not nothing_queued(self.transport):
+            return False
+        try:
+            data = read_whole_cached(fileobj, self.factory.chunk_size)
+        except OSError:
+            return False  # the stream reads again and reports what fails
+        if data is None:
+            return False
+        fileobj.close()
+        wire, octets = wire_form(data)
+        send_now(self.transport, b"+OK " + first.encode("ascii") + CRLF + wire)
+        self._sent(index, octets, announced)
+        return True
+
+    def _sent(self, index: int, octets: int, announced: int | None) -> None:
+        """Count a message sent; warn once per session when its size was not the announced."""
+        self._octets_sent += octets
+        if announced is not None and octets != announced and not self._size_warned:
+            # The size came from somewhere else than this file's bytes (a ,W= in the name
+            # from another program or an older version, a file changed in place): a client
+            # that trusts the count may lose step. Say so, once per session (a store full
+            # of such names must not cost a log line per message); the sizes cannot be
+            # taken back.
+            self._size_warned = True
+            log.warn("RETR {n} of {box}: {sent} octets sent, {said} announced (a stale size "
+                     "in the Maildir file name?; not logged again in this session)",
+                     n=index + 1, sent=octets,
+                     said=announced, box=getattr(self._mailbox, "address", "?"))
+
+    def pop3_TOP(self, args: list[bytes]) -> defer.Deferred | None:  # noqa: N802
         if len(args) != 2:
             raise _Refuse("syntax: TOP message lines")
         i = self._index(args[0])
@@ -641,8 +679,14 @@ class POP3Server(pop3.POP3):
         return self._send(i, "top of message follows", int(args[1]))
 
     def _send(self, index: int, first: str, body_lines: int | None,
-              announced: int | None = None) -> defer.Deferred:
+              announced: int | None = None) -> defer.Deferred | None:
         f = self.factory
+        # the common case: the kernel has the path cached and the reactor opens it at once
+        mailbox = self._mailbox
+        cached = mailbox.open_message_cached(index) if self._cached_open else None
+        if (cached is not None and body_lines is None and announced is not None
+                and self._send_whole(index, cached, first, announced)):
+            return None
         stuffer = DotStuffer(body_lines)
 
         def opened(fileobj: Any) -> Any:
@@ -664,18 +708,7 @@ class POP3Server(pop3.POP3):
 
         def done(_: Any) -> None:
             self._producer = None
-            self._octets_sent += stuffer.octets
-            if announced is not None and stuffer.octets != announced and not self._size_warned:
-                # The size came from somewhere else than this file's bytes (a ,W= in the name
-                # from another program or an older version, a file changed in place): a client
-                # that trusts the count may lose step. Say so, once per session (a store full
-                # of such names must not cost a log line per message); the sizes cannot be
-                # taken back.
-                self._size_warned = True
-                log.warn("RETR {n} of {box}: {sent} octets sent, {said} announced (a stale size "
-                         "in the Maildir file name?; not logged again in this session)",
-                         n=index + 1, sent=stuffer.octets,
-                         said=announced, box=getattr(self._mailbox, "address", "?"))
+            self._sent(index, stuffer.octets, announced)
 
         def broken(failure: Failure) -> None:
             # Part of the message is out already: the only honest end is to drop the line.
@@ -684,10 +717,6 @@ class POP3Server(pop3.POP3):
                 self._closing = True
                 self.transport.loseConnection()
 
-        # the common case: the kernel has the path cached and the reactor opens it at once
-        mailbox = self._mailbox
-        cached = (mailbox.open_message_cached(index)
-                  if ICachedMessageOpen.providedBy(mailbox) else None)
         if cached is not None:
             return opened(cached)
         d = f.run_blocking(self._mailbox.open_message, index)
