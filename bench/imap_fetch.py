@@ -111,6 +111,47 @@ def idle_sessions(port: int, users: list[str], password: str, count: int) -> lis
     return socks
 
 
+def idle_memory(srv: Any, users: list[str], password: str, idle: int, proc_status: Any) -> dict:
+    """``idle`` sessions opened at once (as clients reconnecting after a restart do), each
+    logged in, INBOX selected and IDLE; the RSS summed over every serving process before and
+    with them, and each process's RSS at the end (MB)."""
+    record = json.loads((srv.state_dir / "run" / "listeners.json").read_text())
+    pids = record.get("workers", [srv.proc.pid])
+    out: dict = {"processes": len(pids)}
+    out["rss_start_mb"] = sum(proc_status(p, "VmRSS") for p in pids) / 1024
+    started = time.perf_counter()
+    socks = idle_sessions(srv.port("imap"), users, password, idle)
+    try:
+        out["idle_setup_seconds"] = time.perf_counter() - started
+        time.sleep(1.0)
+        out["idle_sessions"] = len(socks)
+        per = [proc_status(p, "VmRSS") / 1024 for p in pids]
+        out["rss_idle_mb"] = sum(per)
+        out["rss_idle_per_process_mb"] = [round(x, 1) for x in per]
+    finally:
+        for s in socks:
+            s.close()
+    return out
+
+
+def bench_imap_idle(tmp: Path, *, make_server: Any, fill_template: Any, copy_boxes: Any,
+                    proc_status: Any, hostname: str, password: str, boxes: int = 10,
+                    per_box: int = 1000, idle: int = 1000) -> dict:
+    """Only the memory half of the section (``--only imapidle``): fresh copies of the
+    mailboxes, then ``idle_memory``."""
+    mailboxes = [f"imap{i}" for i in range(boxes)]
+    template = tmp / "imapidle-template"
+    fill_template(template, mailboxes, per_box)
+    srv = make_server(tmp / "p3c-imapidle",
+                      imap_config="max_connections = 5000\nmax_connections_per_client = 5000\n")
+    for box in mailboxes:
+        srv.add_mailbox(f"{box}@{hostname}", password)
+    with srv:
+        copy_boxes(template, srv.state_dir / "mailroot" / hostname, mailboxes)
+        return idle_memory(srv, [f"{b}@{hostname}" for b in mailboxes], password, idle,
+                           proc_status)
+
+
 def bench_imap(tmp: Path, runs: int, peers: dict, *, make_server: Any, fill_template: Any,
                copy_boxes: Any, proc_status: Any, log: Any, hostname: str, password: str,
                boxes: int = 10, per_box: int = 1000, idle: int = 1000) -> dict:
@@ -158,21 +199,7 @@ def bench_imap(tmp: Path, runs: int, peers: dict, *, make_server: Any, fill_temp
         finally:
             if dv is not None:
                 dv.stop()
-        # memory: idle IDLE sessions, summed over every serving process
-        record = json.loads((srv.state_dir / "run" / "listeners.json").read_text())
-        pids = record.get("workers", [srv.proc.pid])
-        out["processes"] = len(pids)
-        out["rss_start_mb"] = sum(proc_status(p, "VmRSS") for p in pids) / 1024
-        started = time.perf_counter()
-        socks = idle_sessions(srv.port("imap"), users, password, idle)
-        try:
-            out["idle_setup_seconds"] = time.perf_counter() - started
-            time.sleep(1.0)
-            out["idle_sessions"] = len(socks)
-            out["rss_idle_mb"] = sum(proc_status(p, "VmRSS") for p in pids) / 1024
-        finally:
-            for s in socks:
-                s.close()
+        out.update(idle_memory(srv, users, password, idle, proc_status))
     out["pop3coexist"] = {"median": statistics.median(ours), "min": min(ours), "max": max(ours),
                           "runs": [round(v, 1) for v in ours]}
     if dove:

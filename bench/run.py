@@ -37,6 +37,8 @@ Sections (``--only`` takes a comma list of these names):
 - ``imap``: IMAP ``FETCH n BODY.PEEK[]`` of every message, 10 clients over the ``pop3``
   section's mailboxes, against pop3coexist and Dovecot's imapd; and RSS with 1,000 sessions in
   IDLE (bench/imap_fetch.py).
+- ``imapidle`` (opt-in, ``--only imapidle``): the ``imap`` section's 1,000 IDLE sessions
+  alone (no FETCH, no Dovecot): RSS summed over every process, and each process's.
 - ``memory``: server RSS with 1,000 idle POP3 and 1,000 idle SMTP sessions; peak RSS growth
   while one 100 MB message goes in by SMTP and out by POP3; both summed over every process of
   the server.
@@ -73,7 +75,8 @@ from tests.support.server import HOSTNAME, ServerProcess  # noqa: E402
 
 PASSWORD = "bench-Passw0rd"
 SECTIONS = ("fsync", "smtp", "pop3", "relay", "stages", "milter", "memory", "imap")
-OPT_IN = ("cluster",)  # only with --only: bench/cluster.py (GlusterFS in network namespaces)
+OPT_IN = ("cluster", "imapidle")  # only with --only: bench/cluster.py (GlusterFS in network
+# namespaces); the IMAP section's 1,000 IDLE sessions alone (bench/imap_fetch.py)
 MSG_SIZE = 4096
 
 
@@ -807,6 +810,12 @@ def table(result: dict) -> str:
         rows.append((f"RSS with {m['idle_sessions']} idle IMAP IDLE sessions, MB, "
                      f"{m['processes']} process(es)", f"{m['rss_idle_mb']:.0f}",
                      f"(at start {m['rss_start_mb']:.0f})", ""))
+    if "imapidle" in result:
+        m = result["imapidle"]
+        rows.append((f"RSS with {m['idle_sessions']} IMAP IDLE sessions opened at once, MB, "
+                     f"{m['processes']} process(es) (target 150)", f"{m['rss_idle_mb']:.0f}",
+                     f"(at start {m['rss_start_mb']:.0f}; per process "
+                     f"{' + '.join(f'{x:.0f}' for x in m['rss_idle_per_process_mb'])})", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for n, r in enumerate(rows):
@@ -873,6 +882,13 @@ def main() -> None:
                 from bench.cluster import bench_cluster
 
                 result["cluster"] = bench_cluster(tmp)
+            elif section == "imapidle":
+                from bench.imap_fetch import bench_imap_idle
+
+                result["imapidle"] = bench_imap_idle(
+                    tmp, make_server=make_server, fill_template=fill_template,
+                    copy_boxes=copy_boxes, proc_status=proc_status, hostname=HOSTNAME,
+                    password=PASSWORD)
             elif section == "imap":
                 from bench.imap_fetch import bench_imap
 

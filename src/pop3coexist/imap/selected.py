@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import weakref
 from array import array
 from collections.abc import Sequence
 from typing import Any
@@ -33,14 +34,43 @@ def _uid_key(msg: Any) -> int:
     return msg.uid
 
 
+# id(snapshot) -> (weak reference to it, its uids, its flags): the lists every session that
+# SELECTs the same snapshot starts from (reactor thread only; an entry goes with its snapshot)
+_LISTS: dict[int, tuple[weakref.ref, array, list]] = {}
+
+
+def _shared_lists(msgs: Sequence[Any]) -> tuple[array, list] | None:
+    """The (uids, flags) of ``msgs`` that sessions share until they change them; None when
+    ``msgs`` cannot be weakly referenced (a plain list): then each session makes its own."""
+    key = id(msgs)
+    entry = _LISTS.get(key)
+    if entry is not None and entry[0]() is msgs:
+        return entry[1], entry[2]
+
+    def gone(ref: weakref.ref, key: int = key) -> None:
+        current = _LISTS.get(key)
+        if current is not None and current[0] is ref:
+            del _LISTS[key]
+
+    try:
+        ref = weakref.ref(msgs, gone)
+    except TypeError:
+        return None
+    uids, flags = array("I", [m.uid for m in msgs]), [m.flags for m in msgs]
+    _LISTS[key] = (ref, uids, flags)
+    return uids, flags
+
+
 class Selected:
     """The selected folder as this session knows it: ``uids`` (an ``array('I')``, ascending,
     in sequence order: position + 1 is the message sequence number) and, aligned with it,
     ``flags`` (the flags this session last told the client); ``snap``, the folder's messages
     at the last sync (ascending UID; the store shares that list between the sessions of the
     process, so it is never changed here); the \\Recent UIDs and the UIDs gone but not yet
-    reported (``lost`` keeps their records until then). Per session this costs about 12
-    octets a message; the message records are shared."""
+    reported (``lost`` keeps their records until then). The message records are shared,
+    and so are ``uids`` and ``flags`` while they are what the snapshot holds (a ``Snapshot``
+    makes them once for all its sessions): a session copies them (about 12 octets a message)
+    only when they first differ, so 1,000 sessions IDLE on one folder hold one pair."""
 
     def __init__(self, name: str, view: Any, readonly: bool) -> None:
         self.name = name
@@ -53,12 +83,32 @@ class Selected:
         self.recent: set[int] = set()
         self.gone: set[int] = set()
         self.pending: list | None = None  # a snapshot an IDLE poll read but could not tell
+        self._shared = False  # uids and flags are the snapshot's: copy before changing them
 
     def load(self, msgs: Sequence[Any]) -> None:
         """Start from a ``sync``'s messages (SELECT, EXAMINE)."""
         self.snap = msgs
-        self.uids = array("I", [m.uid for m in msgs])
-        self.flags = [m.flags for m in msgs]
+        lists = _shared_lists(msgs)
+        if lists is not None:
+            self.uids, self.flags = lists
+            self._shared = True
+        else:
+            self.uids = array("I", [m.uid for m in msgs])
+            self.flags = [m.flags for m in msgs]
+            self._shared = False
+
+    def _own(self) -> None:
+        """Take copies of the shared ``uids`` and ``flags`` before the first change."""
+        if self._shared:
+            self.uids = array("I", self.uids)
+            self.flags = list(self.flags)
+            self._shared = False
+
+    def set_flags_at(self, index: int, flags: frozenset[str]) -> None:
+        """The flags told for the message at ``index`` (sequence number - 1)."""
+        if self.flags[index] is not flags:
+            self._own()
+            self.flags[index] = flags
 
     def seq_of(self, uid: int) -> int:
         """The message sequence number of ``uid``; raises ValueError when not known."""
@@ -81,14 +131,16 @@ class Selected:
 
     def set_flags_of(self, uid: int, flags: frozenset[str]) -> None:
         with contextlib.suppress(ValueError):
-            self.flags[self.seq_of(uid) - 1] = flags
+            self.set_flags_at(self.seq_of(uid) - 1, flags)
 
     def append(self, msg: Any) -> None:
+        self._own()
         self.uids.append(msg.uid)
         self.flags.append(msg.flags)
 
     def remove(self, uid: int) -> None:
         i = self.seq_of(uid) - 1
+        self._own()
         del self.uids[i]
         del self.flags[i]
         self.recent.discard(uid)
@@ -180,7 +232,7 @@ class SelectedCommands:
             while j < n and msgs[j].uid < uid:
                 j += 1
             if j < n and msgs[j].uid == uid and msgs[j].flags != sel.flags[i]:
-                sel.flags[i] = msgs[j].flags
+                sel.set_flags_at(i, msgs[j].flags)
                 self.send(b"* %d FETCH (FLAGS (%s))" % (i + 1, self._flags(uid)))
         last = sel.uids[-1] if sel.uids else 0
         fresh = [m for m in msgs if m.uid > last]

@@ -137,8 +137,19 @@ class Snapshot(list):
 # folder path -> (stat signature, the snapshot read under it); the snapshot is weakly held, so
 # it lives as long as a session still uses it. Guarded by _SHARED_LOCK (threads sync).
 _SNAPSHOTS: dict[str, tuple[tuple, weakref.ref]] = {}
+# folder path -> the last snapshot any view of it read (weakly held), shared or not: a sync
+# whose stat signature cannot be trusted (a folder changed within RACY_WINDOW) reads the
+# folder again but takes each unchanged message's record from it, so that the many sessions
+# that SELECT a just-changed folder hold a list of the same records, not a copy each (1,000
+# records of a 1,000-message folder are about 400 KB; a burst of SELECTs made that much per
+# session and left the allocator's arenas fragmented once they were dropped).
+_LAST_READ: dict[str, weakref.ref] = {}
 _UIDLISTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
+
+
+def _uid_of(msg: Message) -> int:
+    return msg.uid
 
 
 def _shared_snapshot(path: str, state: tuple | None) -> Snapshot | None:
@@ -250,12 +261,17 @@ def _dotlock(folder: Path) -> Iterator[int]:
                     raise errors.StoreError(f"{lock} is held by another writer") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
+        mine = os.fstat(fd)
         try:
             yield fd
         finally:
             os.close(fd)
+            # still there: the caller did not rename it (an error). Once renamed, the name
+            # may already be another writer's lock (another process): never unlink that one
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)  # still there: the caller did not rename it (an error)
+                st = os.stat(lock)
+                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                    os.unlink(lock)
 
 
 @dataclass
@@ -431,7 +447,8 @@ class AccountFolders:
                 with contextlib.suppress(FolderError):
                     self.create(name)
             self.subscribe(name, True)
-        tmp = meta.with_name(meta.name + f".tmp{os.getpid()}")
+        # unique per thread: two first log-ins of one account may run here at once
+        tmp = meta.with_name(meta.name + f".tmp{os.getpid()}.{threading.get_ident()}")
         tmp.write_text(json.dumps({"special": True}))
         os.rename(tmp, meta)
 
@@ -685,18 +702,36 @@ class FolderView:
                 len(ul.uids) > len(files) + 64:
             ul = self._assign(files)
         self.keywords = _read_keywords(self.path)
+        path = str(self.path)
+        with _SHARED_LOCK:
+            ref = _LAST_READ.get(path)
+            last = ref() if ref is not None else None
+        known = {m.uid: m for m in last} if last else {}
         out = []
         for unique, (sub, name, mtime) in files.items():
             uid = ul.uids.get(unique)
             if uid is None:
                 continue  # arrived after the lock's scan: the next sync sees it
             base, info = _split(name)
+            flags = flags_from_info(info, self.keywords)
+            old = known.get(uid)
+            if old is not None and old.name == name and old.sub == sub and \
+                    old.unique == unique and old.flags is flags and \
+                    old.internaldate == mtime and old.recent == (sub == "new"):
+                out.append(old)  # unchanged: the record the last read made
+                continue
             m = _SIZE_W.search(base)
-            out.append(Message(uid, unique, sub, name, flags_from_info(info, self.keywords),
+            out.append(Message(uid, unique, sub, name, flags,
                                int(m.group(1)) if m and _SIZE_S.search(base) else None, mtime,
                                sub == "new"))
-        out.sort(key=lambda m: m.uid)
-        return _share_snapshot(str(self.path), state, Snapshot(out))
+        out.sort(key=_uid_of)
+        snap = _share_snapshot(path, state, Snapshot(out))
+        with _SHARED_LOCK:
+            _LAST_READ[path] = weakref.ref(snap)
+            if len(_LAST_READ) > 256:
+                for key in [k for k, r in _LAST_READ.items() if r() is None]:
+                    del _LAST_READ[key]
+        return snap
 
     def _assign(self, files: dict[str, tuple[str, str, float]]) -> _UidList:
         with _dotlock(self.path) as fd:
