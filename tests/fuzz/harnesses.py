@@ -909,7 +909,18 @@ class _ImapRig:
     and ``reset`` removes what the template lacks and hard-links back what it has (message
     files are never written in place, so a link shares the template's octets safely). So every
     input starts from the same mailbox, whatever the input before it did (a SELECT that moved
-    messages from new/ to cur/, an APPEND, a RENAME), and no input pays for a copy."""
+    messages from new/ to cur/, an APPEND, a RENAME), and no input pays for a copy.
+
+    A folder's mtime only shows a change made in a later clock tick than the one recorded:
+    Linux stamps files with a coarse clock (one jiffy, up to 10 ms) unless the file system
+    has fine-grained timestamps (tmpfs since 6.13), and a whole input can run within one
+    tick. So a folder whose recorded mtime is less than ``racy_window_ns`` before the moment
+    it was recorded is "racy": it is compared entry by entry after every input until it is
+    older (as the store's own ``RACY_WINDOW``). The factory's failed-log-in throttle is
+    emptied and the clock's pending calls are run out after each input, so nothing of one
+    session (a success that marks the source trusted, a timer) reaches the next."""
+
+    racy_window_ns = 50_000_000  # 50 ms: five ticks of the coarsest kernel clock (HZ=100)
 
     def __init__(self) -> None:
         import atexit
@@ -959,6 +970,7 @@ class _ImapRig:
         shutil.rmtree(self.box)
         self._fill("")
         self._clean: tuple = ()
+        self._racy: frozenset[str] = frozenset()
         self.reset()
         checker = FakeChecker({f"ted@{host}": "pw"}, local_domains=(host,), offers_secrets=False)
         config = Config(server=ServerConfig(host, self.tmp), domains=DomainsConfig(local=(host,)),
@@ -1008,10 +1020,13 @@ class _ImapRig:
         return out
 
     def changed(self) -> bool:
-        """True when the last input changed ted's Maildir: one of its folders has another
-        mtime or is gone (a folder made inside one changes that one's mtime)."""
+        """True when the last input may have changed ted's Maildir: one of its folders has
+        another mtime or is gone (a folder made inside one changes that one's mtime), or one
+        is racy (see the class docstring)."""
         import os
 
+        if self._racy:
+            return True
         try:
             return any(os.stat(p).st_mtime_ns != m for p, m in self._clean)
         except FileNotFoundError:
@@ -1032,9 +1047,10 @@ class _ImapRig:
 
     def reset(self) -> None:
         """Put ted's Maildir back as the template is (see the class docstring): only the
-        folders whose mtime changed are compared with the template."""
+        folders whose mtime changed, and the racy ones, are compared with the template."""
         import os
         import shutil
+        import time
 
         box, tpl = str(self.box), str(self.template)
         before = dict(self._clean)
@@ -1045,7 +1061,7 @@ class _ImapRig:
                 mtime = os.stat(path).st_mtime_ns
             except FileNotFoundError:
                 continue  # its parent changed too: made again there
-            if before.get(path) != mtime:
+            if before.get(path) != mtime or path in self._racy:
                 with os.scandir(path) as it:
                     have = {e.name: e for e in it}
                 for name, e in have.items():
@@ -1062,10 +1078,25 @@ class _ImapRig:
                             self._fill(r)
                         else:
                             os.link(f"{tpl}/{r}", f"{box}/{r}")
+        racy = []
         for rel in self.manifest:
             path = f"{box}/{rel}" if rel else box
-            clean.append((path, os.stat(path).st_mtime_ns))
+            mtime = os.stat(path).st_mtime_ns
+            clean.append((path, mtime))
+            if time.time_ns() - mtime < self.racy_window_ns:
+                racy.append(path)
         self._clean = tuple(clean)
+        self._racy = frozenset(racy)
+
+    def end_session(self) -> None:
+        """After an input's session closed: run the clock's pending calls out, then forget
+        the session's log-ins and failures (the throttle). A call still pending after 400
+        steps of 31 s (over three hours of fake time) is a timer the closed session left
+        running."""
+        settle(self.clock, lambda: bool(self.clock.getDelayedCalls()))
+        self.factory.throttle._entries.clear()
+        left = self.clock.getDelayedCalls()
+        assert not left, f"a closed IMAP session left timers running: {left!r}"
 
 
 _imap_rig: _ImapRig | None = None
@@ -1119,7 +1150,7 @@ def fuzz_imap_session(data: bytes) -> None:
                 assert transport.disconnecting, "an idle IMAP session stays open"
             output = transport.value()[len(greeting):]
             proto.connectionLost(None)
-            settle(rig.clock, lambda: False)
+            rig.end_session()
         if not transport.disconnecting:
             imap_oracles.check_any(body, rig.factory.max_literal, output)
         else:
