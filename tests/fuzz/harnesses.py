@@ -909,7 +909,13 @@ class _ImapRig:
     and ``reset`` removes what the template lacks and hard-links back what it has (message
     files are never written in place, so a link shares the template's octets safely). So every
     input starts from the same mailbox, whatever the input before it did (a SELECT that moved
-    messages from new/ to cur/, an APPEND, a RENAME), and no input pays for a copy.
+    messages from new/ to cur/, an APPEND, a RENAME), and no input pays for a copy. The
+    template's folders and files are stamped an hour old, and ``reset`` stamps every folder it
+    touched back to that time: each input meets a mailbox that did not change lately, as a
+    server mostly does (the store reads a folder changed within its ``RACY_WINDOW`` again on
+    every command; with fresh stamps every input paid that on every command and the store's
+    cached path was never fuzzed). The store's shared snapshots are dropped before each input
+    (a new process's view), so no input reuses what the one before read.
 
     A folder's mtime only shows a change made in a later clock tick than the one recorded:
     Linux stamps files with a coarse clock (one jiffy, up to 10 ms) unless the file system
@@ -927,6 +933,7 @@ class _ImapRig:
         import os
         import shutil
         import tempfile
+        import time
 
         from twisted.internet import task
 
@@ -964,6 +971,11 @@ class _ImapRig:
         self.template = self.tmp / "template"
         shutil.copytree(self.box, self.template)
         self.manifest = self._walk(self.template)
+        # every folder and file an hour old, as a mailbox nobody changed lately
+        self.stamp = time.time_ns() - 3600 * 10**9
+        for rel, entries in self.manifest.items():
+            for name in [*entries, ""]:
+                os.utime(self.template / rel / name, ns=(self.stamp, self.stamp))
         self.inodes = {f"{rel}/{name}": os.lstat(self.template / rel / name).st_ino
                        for rel, entries in self.manifest.items()
                        for name, is_dir in entries.items() if not is_dir}
@@ -1081,12 +1093,25 @@ class _ImapRig:
         racy = []
         for rel in self.manifest:
             path = f"{box}/{rel}" if rel else box
-            mtime = os.stat(path).st_mtime_ns
+            st = os.stat(path)
+            mtime = st.st_mtime_ns
+            if mtime != self.stamp:
+                os.utime(path, ns=(st.st_atime_ns, self.stamp))
+                mtime = os.stat(path).st_mtime_ns
             clean.append((path, mtime))
             if time.time_ns() - mtime < self.racy_window_ns:
                 racy.append(path)
         self._clean = tuple(clean)
         self._racy = frozenset(racy)
+
+    @staticmethod
+    def fresh_process() -> None:
+        """Drop the store's snapshots shared between sessions (``store.folders``): what the
+        input before read is not reused."""
+        from pop3coexist.store import folders
+
+        with folders._SHARED_LOCK:
+            folders._SNAPSHOTS.clear()
 
     def end_session(self) -> None:
         """After an input's session closed: run the clock's pending calls out, then forget
@@ -1125,6 +1150,7 @@ def fuzz_imap_session(data: bytes) -> None:
     if _imap_rig is None:
         _imap_rig = _ImapRig()
     rig = _imap_rig
+    rig.fresh_process()
     prefix = b""
     if data[1] & 1:
         prefix += b"L1 LOGIN ted@pop.contoso.test pw\r\n"

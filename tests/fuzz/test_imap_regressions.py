@@ -85,7 +85,8 @@ def test_fuzz_rig_puts_the_mailbox_back_exactly():
     """The imap_session harness restores ted's Maildir between inputs (hard links from its
     template, only the folders whose mtime changed): after inputs that move messages to cur/,
     append, create, rename and delete folders and expunge, the mailbox holds exactly the
-    template's entries, each file the template's own inode, so every input starts alike."""
+    template's entries, each file the template's own inode, each folder the template's mtime
+    (an hour old), so every input starts alike."""
     import os
 
     from tests.fuzz import harnesses
@@ -99,6 +100,8 @@ def test_fuzz_rig_puts_the_mailbox_back_exactly():
         run(data)
         assert not rig.changed() or rig._racy  # racy folders are always compared
         assert rig._walk(rig.box) == rig.manifest
+        for rel in rig.manifest:  # stamped an hour old again: the store's cached path is fuzzed
+            assert os.stat(rig.box / rel).st_mtime_ns == rig.stamp, rel
         for rel, entries in rig.manifest.items():
             for name, is_dir in entries.items():
                 if not is_dir:
