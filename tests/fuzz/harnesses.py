@@ -1142,6 +1142,7 @@ def fuzz_imap_session(data: bytes) -> None:
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
+    from pop3coexist.imap.common import MAX_LITERALS
     from tests.fuzz import imap_oracles
 
     global _imap_rig
@@ -1178,7 +1179,7 @@ def fuzz_imap_session(data: bytes) -> None:
             proto.connectionLost(None)
             rig.end_session()
         if not transport.disconnecting:
-            imap_oracles.check_any(body, rig.factory.max_literal, output)
+            imap_oracles.check_any(body, rig.factory.max_literal, output, MAX_LITERALS)
         else:
             imap_oracles.split_responses(output)  # still well framed up to the end
         rig.check_bodies(body, output)

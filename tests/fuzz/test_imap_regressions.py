@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.fuzz.imap_oracles import split_responses
 from tests.fuzz.test_imap_stateful import ImapSession
 
@@ -168,3 +170,28 @@ def test_fuzz_rig_ends_each_session_without_state_for_the_next():
     with pytest.raises(AssertionError, match="left timers running"):
         rig.end_session()
     late.cancel()
+
+
+def test_oracle_frames_a_command_past_the_literal_cap_as_the_server_does():
+    """The server refuses a command at its 65th literal (``imap.common.MAX_LITERALS``) and
+    reads what follows as the next command; a synchronizing ``{1}`` there gets no "+", so the
+    octet after it is no literal. The fuzz oracle once framed on as if there were no cap (one
+    command t1; the server's ``t2 OK`` looked unasked: corpus regress-literal-cap-framing);
+    ``frame_commands`` now takes every framing limit of the server, the literal count too."""
+    from pop3coexist.imap.common import MAX_LITERALS
+    from tests.fuzz import imap_oracles
+
+    body = (b"t1 SEARCH" + b" SUBJECT {1+}\r\nx" * MAX_LITERALS + b" SUBJECT {1}\r\n"
+            b"t2 NOOP\r\n")
+    machine = ImapSession()
+    try:
+        machine.fill([b"Subject: s\r\n\r\nhello\r\n"])
+        machine.proto.dataReceived(body)
+        out = machine.take()
+    finally:
+        machine.teardown()
+    assert f"t1 BAD more than {MAX_LITERALS} literals".encode() in out, out
+    assert b"t2 OK" in out, out
+    assert imap_oracles.check_any(body, 4096, out, MAX_LITERALS) == [b"t1", b"t2"]
+    with pytest.raises(AssertionError, match="unasked"):
+        imap_oracles.check_any(body, 4096, out, 10**6)
