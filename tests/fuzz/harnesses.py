@@ -909,13 +909,31 @@ class _ImapRig:
     and ``reset`` removes what the template lacks and hard-links back what it has (message
     files are never written in place, so a link shares the template's octets safely). So every
     input starts from the same mailbox, whatever the input before it did (a SELECT that moved
-    messages from new/ to cur/, an APPEND, a RENAME), and no input pays for a copy."""
+    messages from new/ to cur/, an APPEND, a RENAME), and no input pays for a copy. The
+    template's folders and files are stamped an hour old, and ``reset`` stamps every folder it
+    touched back to that time: each input meets a mailbox that did not change lately, as a
+    server mostly does (the store reads a folder changed within its ``RACY_WINDOW`` again on
+    every command; with fresh stamps every input paid that on every command and the store's
+    cached path was never fuzzed). The store's shared snapshots are dropped before each input
+    (a new process's view), so no input reuses what the one before read.
+
+    A folder's mtime only shows a change made in a later clock tick than the one recorded:
+    Linux stamps files with a coarse clock (one jiffy, up to 10 ms) unless the file system
+    has fine-grained timestamps (tmpfs since 6.13), and a whole input can run within one
+    tick. So a folder whose recorded mtime is less than ``racy_window_ns`` before the moment
+    it was recorded is "racy": it is compared entry by entry after every input until it is
+    older (as the store's own ``RACY_WINDOW``). The factory's failed-log-in throttle is
+    emptied and the clock's pending calls are run out after each input, so nothing of one
+    session (a success that marks the source trusted, a timer) reaches the next."""
+
+    racy_window_ns = 50_000_000  # 50 ms: five ticks of the coarsest kernel clock (HZ=100)
 
     def __init__(self) -> None:
         import atexit
         import os
         import shutil
         import tempfile
+        import time
 
         from twisted.internet import task
 
@@ -953,12 +971,18 @@ class _ImapRig:
         self.template = self.tmp / "template"
         shutil.copytree(self.box, self.template)
         self.manifest = self._walk(self.template)
+        # every folder and file an hour old, as a mailbox nobody changed lately
+        self.stamp = time.time_ns() - 3600 * 10**9
+        for rel, entries in self.manifest.items():
+            for name in [*entries, ""]:
+                os.utime(self.template / rel / name, ns=(self.stamp, self.stamp))
         self.inodes = {f"{rel}/{name}": os.lstat(self.template / rel / name).st_ino
                        for rel, entries in self.manifest.items()
                        for name, is_dir in entries.items() if not is_dir}
         shutil.rmtree(self.box)
         self._fill("")
         self._clean: tuple = ()
+        self._racy: frozenset[str] = frozenset()
         self.reset()
         checker = FakeChecker({f"ted@{host}": "pw"}, local_domains=(host,), offers_secrets=False)
         config = Config(server=ServerConfig(host, self.tmp), domains=DomainsConfig(local=(host,)),
@@ -1008,10 +1032,13 @@ class _ImapRig:
         return out
 
     def changed(self) -> bool:
-        """True when the last input changed ted's Maildir: one of its folders has another
-        mtime or is gone (a folder made inside one changes that one's mtime)."""
+        """True when the last input may have changed ted's Maildir: one of its folders has
+        another mtime or is gone (a folder made inside one changes that one's mtime), or one
+        is racy (see the class docstring)."""
         import os
 
+        if self._racy:
+            return True
         try:
             return any(os.stat(p).st_mtime_ns != m for p, m in self._clean)
         except FileNotFoundError:
@@ -1032,9 +1059,10 @@ class _ImapRig:
 
     def reset(self) -> None:
         """Put ted's Maildir back as the template is (see the class docstring): only the
-        folders whose mtime changed are compared with the template."""
+        folders whose mtime changed, and the racy ones, are compared with the template."""
         import os
         import shutil
+        import time
 
         box, tpl = str(self.box), str(self.template)
         before = dict(self._clean)
@@ -1045,7 +1073,7 @@ class _ImapRig:
                 mtime = os.stat(path).st_mtime_ns
             except FileNotFoundError:
                 continue  # its parent changed too: made again there
-            if before.get(path) != mtime:
+            if before.get(path) != mtime or path in self._racy:
                 with os.scandir(path) as it:
                     have = {e.name: e for e in it}
                 for name, e in have.items():
@@ -1062,10 +1090,38 @@ class _ImapRig:
                             self._fill(r)
                         else:
                             os.link(f"{tpl}/{r}", f"{box}/{r}")
+        racy = []
         for rel in self.manifest:
             path = f"{box}/{rel}" if rel else box
-            clean.append((path, os.stat(path).st_mtime_ns))
+            st = os.stat(path)
+            mtime = st.st_mtime_ns
+            if mtime != self.stamp:
+                os.utime(path, ns=(st.st_atime_ns, self.stamp))
+                mtime = os.stat(path).st_mtime_ns
+            clean.append((path, mtime))
+            if time.time_ns() - mtime < self.racy_window_ns:
+                racy.append(path)
         self._clean = tuple(clean)
+        self._racy = frozenset(racy)
+
+    @staticmethod
+    def fresh_process() -> None:
+        """Drop the store's snapshots shared between sessions (``store.folders``): what the
+        input before read is not reused."""
+        from pop3coexist.store import folders
+
+        with folders._SHARED_LOCK:
+            folders._SNAPSHOTS.clear()
+
+    def end_session(self) -> None:
+        """After an input's session closed: run the clock's pending calls out, then forget
+        the session's log-ins and failures (the throttle). A call still pending after 400
+        steps of 31 s (over three hours of fake time) is a timer the closed session left
+        running."""
+        settle(self.clock, lambda: bool(self.clock.getDelayedCalls()))
+        self.factory.throttle._entries.clear()
+        left = self.clock.getDelayedCalls()
+        assert not left, f"a closed IMAP session left timers running: {left!r}"
 
 
 _imap_rig: _ImapRig | None = None
@@ -1086,6 +1142,7 @@ def fuzz_imap_session(data: bytes) -> None:
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
+    from pop3coexist.imap.common import MAX_LITERALS
     from tests.fuzz import imap_oracles
 
     global _imap_rig
@@ -1094,6 +1151,7 @@ def fuzz_imap_session(data: bytes) -> None:
     if _imap_rig is None:
         _imap_rig = _ImapRig()
     rig = _imap_rig
+    rig.fresh_process()
     prefix = b""
     if data[1] & 1:
         prefix += b"L1 LOGIN ted@pop.contoso.test pw\r\n"
@@ -1119,9 +1177,9 @@ def fuzz_imap_session(data: bytes) -> None:
                 assert transport.disconnecting, "an idle IMAP session stays open"
             output = transport.value()[len(greeting):]
             proto.connectionLost(None)
-            settle(rig.clock, lambda: False)
+            rig.end_session()
         if not transport.disconnecting:
-            imap_oracles.check_any(body, rig.factory.max_literal, output)
+            imap_oracles.check_any(body, rig.factory.max_literal, output, MAX_LITERALS)
         else:
             imap_oracles.split_responses(output)  # still well framed up to the end
         rig.check_bodies(body, output)

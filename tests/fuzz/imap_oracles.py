@@ -4,8 +4,11 @@ frames into responses, and the checks every IMAP transcript must pass.
 
 - ``frame_commands(data, max_literal)``: the complete commands in ``data`` (each a line, with
   each ``{n}``/``{n+}`` literal's n octets and the line after it joined in), as the server must
-  read them; a literal above ``max_literal`` ends its command there (refused; a LITERAL+
-  one's octets are skipped).
+  read them; a literal above ``max_literal``, or past the ``max_literals``-th of one command
+  (the server's cap, ``imap.common.MAX_LITERALS``), ends its command there (refused; a
+  LITERAL+ one's octets are skipped, and what follows them on the line starts the next
+  command, as for any refused command). Every framing limit of the server is a parameter
+  here: a limit the oracle does not know frames the rest of a refused command differently.
   With ``sasl=True`` the lines answering an ``AUTHENTICATE`` are no commands and carry no
   literals (RFC 3501 section 6.2.2: a SASL answer is one line of base64, or ``*``): PLAIN one
   line (none with an initial response), LOGIN two (one with it), CRAM-MD5 one, SCRAM three;
@@ -41,10 +44,11 @@ def _sasl_lines(command: bytes) -> int:
 
 
 def frame_commands(data: bytes, max_literal: int, max_line: int = 65536,
-                   sasl: bool = False) -> list[bytes]:
+                   sasl: bool = False, max_literals: int = 64) -> list[bytes]:
     """The complete commands in ``data``; see the module docstring."""
     out: list[bytes] = []
     buf = b""
+    literals = 0  # in the command being read
     pos = 0
     n = len(data)
     raw = 0  # SASL answer lines still expected (``sasl``)
@@ -65,9 +69,11 @@ def frame_commands(data: bytes, max_literal: int, max_line: int = 65536,
         m = LITERAL.search(line)
         if m:
             size = int(m.group(1))
-            if len(buf) + size > max_literal:
+            literals += 1
+            if len(buf) + size > max_literal or literals > max_literals:
                 out.append(buf)
                 buf = b""
+                literals = 0
                 if m.group(2):
                     pos += size
                 continue
@@ -80,6 +86,7 @@ def frame_commands(data: bytes, max_literal: int, max_line: int = 65536,
         if sasl:
             raw = _sasl_lines(buf)
         buf = b""
+        literals = 0
     return out
 
 
@@ -133,18 +140,21 @@ def check_transcript(commands: list[bytes], output: bytes) -> list[bytes]:
     return tags
 
 
-def check_any(data: bytes, max_literal: int, output: bytes) -> list[bytes]:
+def check_any(data: bytes, max_literal: int, output: bytes, max_literals: int = 64
+              ) -> list[bytes]:
     """``check_transcript`` of ``output`` against the commands of ``data`` framed as plain
     commands, or else (when ``data`` holds an AUTHENTICATE) framed with its SASL answer lines
     taken out (``frame_commands(..., sasl=True)``); raises the first framing's AssertionError
     when neither holds."""
     try:
-        return check_transcript(frame_commands(data, max_literal), output)
+        return check_transcript(frame_commands(data, max_literal, max_literals=max_literals),
+                                output)
     except AssertionError:
         if b"AUTHENTICATE" not in data.upper():
             raise
         try:
-            return check_transcript(frame_commands(data, max_literal, sasl=True), output)
+            return check_transcript(frame_commands(data, max_literal, sasl=True,
+                                                   max_literals=max_literals), output)
         except AssertionError:
             pass
         raise

@@ -6,7 +6,8 @@
 NAME is a key of ``tests.fuzz.harnesses.HARNESSES``. The libFuzzer options are the usual
 ones (``-runs=N``, ``-max_total_time=S``, ``-seed=N``, ``-artifact_prefix=DIR/``); the first
 corpus folder receives new inputs, so pass a scratch folder first and the seed corpus
-(``tests/fuzz/corpus/NAME``) after it. The pop3coexist package is instrumented for coverage;
+(``tests/fuzz/corpus/NAME``) after it. The pop3coexist modules the harness judges are
+instrumented for coverage (``MODULES``; for the harnesses of ``ONLY`` exactly those, see there);
 an input that breaks an invariant is written as ``crash-*`` under ``-artifact_prefix`` and the
 exit status is non-zero. libFuzzer's last line ``Done N runs in S second(s)`` gives the
 number of inputs run (``make fuzz`` prints it per harness).
@@ -33,8 +34,38 @@ MODULES = {
     "milter": ["pop3coexist.milter.codec"],
     "imap_parse": ["pop3coexist.imap.parse"],
     "imap_session": ["pop3coexist.imap.parse", "pop3coexist.imap.server", "pop3coexist.imap.fetch",
-                     "pop3coexist.imap.message"],
+                     "pop3coexist.imap.message", "pop3coexist.imap.factory",
+                     "pop3coexist.store.folders"],
 }
+
+# Harnesses instrumented in exactly these packages/modules (a name covers its submodules):
+# atheris's ``include`` is by top-level package, so without this every pop3coexist module
+# the listed ones import (config, identity, policy, address, ...) is instrumented too. The
+# IMAP session runs the real server over the real store: its own code and the folder store
+# it calls guide the fuzzer; the rest only costs time per input (every instrumented line
+# and comparison is a call into atheris).
+ONLY = {
+    "imap_session": ("pop3coexist.imap", "pop3coexist.store.folders"),
+}
+
+
+def _instrumented_only(prefixes: tuple[str, ...]) -> list[str]:
+    """Every pop3coexist module name outside ``prefixes`` (for atheris's ``exclude``), found
+    from the source files, without importing them."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pop3coexist")
+    root = Path(spec.origin).parent
+    names = []
+    for f in root.rglob("*.py"):
+        parts = ["pop3coexist", *f.relative_to(root).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        name = ".".join(parts)
+        if not any(name == p or name.startswith(p + ".") or p.startswith(name + ".")
+                   for p in prefixes):
+            names.append(name)
+    return names
 
 
 def _replay(name: str, paths: list[str]) -> int:
@@ -60,7 +91,8 @@ def main(argv: list[str]) -> int:
     import atheris
 
     # only the modules the harness judges are instrumented (instrumenting costs seconds)
-    with atheris.instrument_imports(include=["pop3coexist"]):
+    exclude = _instrumented_only(ONLY[name]) if name in ONLY else None
+    with atheris.instrument_imports(include=["pop3coexist"], exclude=exclude):
         for module in MODULES[name]:
             importlib.import_module(module)
     from tests.fuzz import harnesses

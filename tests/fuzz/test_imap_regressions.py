@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.fuzz.imap_oracles import split_responses
 from tests.fuzz.test_imap_stateful import ImapSession
 
@@ -85,7 +87,8 @@ def test_fuzz_rig_puts_the_mailbox_back_exactly():
     """The imap_session harness restores ted's Maildir between inputs (hard links from its
     template, only the folders whose mtime changed): after inputs that move messages to cur/,
     append, create, rename and delete folders and expunge, the mailbox holds exactly the
-    template's entries, each file the template's own inode, so every input starts alike."""
+    template's entries, each file the template's own inode, each folder the template's mtime
+    (an hour old), so every input starts alike."""
     import os
 
     from tests.fuzz import harnesses
@@ -97,9 +100,98 @@ def test_fuzz_rig_puts_the_mailbox_back_exactly():
                  b"\x00\x01c APPEND INBOX {3+}\r\nabc\r\nd CREATE x.y\r\ne RENAME Sent S2\r\n",
                  b"\x00\x01f DELETE Junk\r\ng SUBSCRIBE q\r\n"):
         run(data)
-        assert not rig.changed()
+        assert not rig.changed() or rig._racy  # racy folders are always compared
         assert rig._walk(rig.box) == rig.manifest
+        for rel in rig.manifest:  # stamped an hour old again: the store's cached path is fuzzed
+            assert os.stat(rig.box / rel).st_mtime_ns == rig.stamp, rel
         for rel, entries in rig.manifest.items():
             for name, is_dir in entries.items():
                 if not is_dir:
                     assert os.lstat(rig.box / rel / name).st_ino == rig.inodes[f"{rel}/{name}"]
+
+
+def _forge_same_tick_change(folder) -> None:
+    """Link a stray file into ``folder`` and give the folder back its mtime, as a change
+    made in the clock tick of the last reset looks on a file system with coarse stamps."""
+    import os
+
+    st = os.stat(folder)
+    (folder / "stray").write_bytes(b"x")
+    os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_fuzz_rig_sees_a_change_made_in_the_clock_tick_of_its_reset(monkeypatch):
+    """A change to a folder within the clock tick in which the rig recorded that folder's
+    mtime leaves the mtime as it was (Linux stamps with a coarse clock where the file system
+    has no fine-grained timestamps): the mtime check alone misses it, so the rig compares a
+    folder recorded less than ``racy_window_ns`` after its last change entry by entry, and
+    the next input still starts from the template (no input depends on the one before)."""
+    import os
+
+    from tests.fuzz import harnesses
+
+    run = harnesses.HARNESSES["imap_session"]
+    run(b"\x00\x00a NOOP\r\n")
+    rig = harnesses._imap_rig
+    cur = rig.box / "cur"
+    monkeypatch.setattr(rig, "racy_window_ns", 0)
+    rig.reset()
+    _forge_same_tick_change(cur)
+    assert not rig.changed(), "the forged change shows in the mtime: the test proves nothing"
+    os.unlink(cur / "stray")
+    monkeypatch.setattr(rig, "racy_window_ns", 10**15)
+    rig.reset()
+    _forge_same_tick_change(cur)
+    assert rig.changed()
+    run(b"\x00\x00b NOOP\r\n")
+    assert not (cur / "stray").exists()
+    assert rig._walk(rig.box) == rig.manifest
+
+
+def test_fuzz_rig_ends_each_session_without_state_for_the_next():
+    """After an input, the rig runs the fake clock's pending calls out and empties the
+    failed-log-in throttle (a success marks the source trusted, failures delay it), so the
+    next input meets the same server; a timer still pending hours after the session closed
+    fails the input as a leak."""
+    import pytest
+
+    from tests.fuzz import harnesses
+
+    run = harnesses.HARNESSES["imap_session"]
+    run(b"\x00\x01a NOOP\r\nb LOGIN ted@pop.contoso.test wrong\r\n")
+    rig = harnesses._imap_rig
+    assert rig.factory.throttle._entries == {}
+    assert rig.clock.getDelayedCalls() == []
+    fired = []
+    rig.clock.callLater(5, fired.append, 1)
+    rig.end_session()
+    assert fired == [1]
+    late = rig.clock.callLater(10**6, fired.append, 2)
+    with pytest.raises(AssertionError, match="left timers running"):
+        rig.end_session()
+    late.cancel()
+
+
+def test_oracle_frames_a_command_past_the_literal_cap_as_the_server_does():
+    """The server refuses a command at its 65th literal (``imap.common.MAX_LITERALS``) and
+    reads what follows as the next command; a synchronizing ``{1}`` there gets no "+", so the
+    octet after it is no literal. The fuzz oracle once framed on as if there were no cap (one
+    command t1; the server's ``t2 OK`` looked unasked: corpus regress-literal-cap-framing);
+    ``frame_commands`` now takes every framing limit of the server, the literal count too."""
+    from pop3coexist.imap.common import MAX_LITERALS
+    from tests.fuzz import imap_oracles
+
+    body = (b"t1 SEARCH" + b" SUBJECT {1+}\r\nx" * MAX_LITERALS + b" SUBJECT {1}\r\n"
+            b"t2 NOOP\r\n")
+    machine = ImapSession()
+    try:
+        machine.fill([b"Subject: s\r\n\r\nhello\r\n"])
+        machine.proto.dataReceived(body)
+        out = machine.take()
+    finally:
+        machine.teardown()
+    assert f"t1 BAD more than {MAX_LITERALS} literals".encode() in out, out
+    assert b"t2 OK" in out, out
+    assert imap_oracles.check_any(body, 4096, out, MAX_LITERALS) == [b"t1", b"t2"]
+    with pytest.raises(AssertionError, match="unasked"):
+        imap_oracles.check_any(body, 4096, out, 10**6)
