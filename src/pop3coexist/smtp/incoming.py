@@ -761,16 +761,12 @@ class GroupCommitter:
 
     # -- the worker side (blocking)
 
-    def _sync(self, fds: list[int], folders: list[str] | None = None) -> None:
+    def _sync(self, fds: list[int]) -> None:
         """Make the data (and the folder entries) behind ``fds`` durable: one syncfs per file
         system for ``syncfs_min`` or more, else an fsync each (a syncfs also writes out other
-        dirty data of that file system, which only pays off when it replaces several fsyncs).
-        ``folders``: the folder of each file of ``fds``; files in one folder are on one file
-        system, so only one of them is asked its device (issue 17: not one fstat a message)."""
+        dirty data of that file system, which only pays off when it replaces several fsyncs)."""
         if self.sync_fs is not None and len(fds) >= self.syncfs_min:
             by_device: dict[int, int] = {}
-            if folders is not None:
-                fds = list({folder: fd for folder, fd in zip(folders, fds, strict=True)}.values())
             for fd in fds:
                 by_device.setdefault(os.fstat(fd).st_dev, fd)
             for fd in by_device.values():
@@ -793,8 +789,7 @@ class GroupCommitter:
         try:
             # 1. the spool files' data (and their size) on disk, before any link to them
             try:
-                self._sync([item.spool.fd for item in live],  # type: ignore[misc]
-                           [str(item.spool.path.parent) for item in live])
+                self._sync([item.spool.fd for item in live])  # type: ignore[misc]
             except BaseException as e:
                 for item in live:
                     item.error = e

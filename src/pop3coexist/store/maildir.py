@@ -767,19 +767,9 @@ class MaildirStore:
     ) -> tuple[list[Path], list[tuple[str, str]]]:
         """See ``ISizedDelivery``: ``deliver_within_quota`` of ``source`` (no prefix) with its
         size on disk ``size`` and its POP3 size ``wsize`` as the caller counted them, so the
-        file is linked without being stat'ed or read here. The mailboxes are not looked at
-        before the links either (RCPT just did): a link that finds no ``new/`` is undone, and
-        then ``NoSuchMailbox`` names the mailbox that is gone, as ``deliver_within_quota``."""
-        targets = [self._mailbox_path(d, m) for d, m in recipients]
-        try:
-            return self._deliver_within(Path(source), recipients, targets, size, wsize, sync,
-                                        b"")
-        except errors.StoreError as exc:
-            if not isinstance(exc.__cause__, FileNotFoundError):
-                raise
-            for d, m in recipients:  # a mailbox went away since RCPT: say which
-                self._existing_mailbox(d, m)
-            raise
+        file is linked without being stat'ed or read here."""
+        targets = [self._existing_mailbox(d, m) for d, m in recipients]
+        return self._deliver_within(Path(source), recipients, targets, size, wsize, sync, b"")
 
     def _deliver_within(
         self, source: Path, recipients: list[tuple[str, str]],
