@@ -383,20 +383,6 @@ class IBatchDelivery(Interface):
         ``sync=False`` the fsync of the ``new/`` folders."""
 
 
-class ISizedDelivery(Interface):
-    """Optional for an IMailStore with IBatchDelivery: ``deliver_within_quota`` of a spool file
-    whose two sizes the caller already knows (the SMTP commit counted them while it wrote the
-    file), so the store neither stats nor reads the file again (issue 17)."""
-
-    def deliver_sized(
-        source: object, recipients: list[tuple[str, str]], size: int, wsize: int, *,
-        sync: bool = True,
-    ) -> tuple[list[object], list[tuple[str, str]]]:
-        """``IBatchDelivery.deliver_within_quota`` (no prefix) of ``source``, whose size on
-        disk is ``size`` octets and whose POP3 size (``canonical.canonical_size``) is
-        ``wsize`` octets."""
-
-
 class IConnectionLimiter(Interface):
     """Concurrent connections, in total and per client address (policy/connlimit.py)."""
 

@@ -59,7 +59,6 @@ from pop3coexist.interfaces import (
     IQuotaCheck,
     IScramKeyStore,
     ISelfCheck,
-    ISizedDelivery,
 )
 
 
@@ -148,8 +147,7 @@ class FakeMaildrop:
         self.store.sessions.discard((self.domain, self.mailbox))
 
 
-@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ISizedDelivery, ICachedMailboxCheck,
-             IAliasTable)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ICachedMailboxCheck, IAliasTable)
 class FakeMailStore:
     """See IMailStore. ``mail[domain][mailbox]`` is a list of ``(uid, bytes)``."""
 
@@ -345,16 +343,6 @@ class FakeMailStore:
             return self._deliver(data, room), refused
         finally:
             self.enforce_quota = saved
-
-    def deliver_sized(self, source: Any, recipients: list[tuple[str, str]], size: int,
-                      wsize: int, *, sync: bool = True) -> tuple[list[Any], list[tuple[str, str]]]:
-        """See ISizedDelivery: ``deliver_within_quota`` (recorded under that name), after
-        checking that the sizes the caller counted are the file's."""
-        from pop3coexist.canonical import canonical_size
-
-        data = Path(source).read_bytes()
-        assert (size, wsize) == (len(data), canonical_size((data,))), "sizes counted wrong"
-        return self.deliver_within_quota(source, recipients, sync=sync)
 
     def deliver_bytes(self, domain: str, mailbox: str, data: bytes) -> Any:
         self._call("deliver_bytes", domain, mailbox)

@@ -132,13 +132,13 @@ def test_no_success_before_data_and_entries_are_durable(tmp_path: Path) -> None:
     runner = ManualRunner()
     store, _, committer, sync = make(tmp_path, runner)
     seen: list[str] = []
-    real_deliver = store.deliver_sized  # a small message: its sizes are counted in memory
+    real_deliver = store.deliver_within_quota
 
-    def deliver(source, recipients, *sizes, **kw):
+    def deliver(source, recipients, **kw):
         seen.append("link after " + ",".join(sync.events))
-        return real_deliver(source, recipients, *sizes, **kw)
+        return real_deliver(source, recipients, **kw)
 
-    store.deliver_sized = deliver  # type: ignore[method-assign]
+    store.deliver_within_quota = deliver  # type: ignore[method-assign]
     committer._deferred_sync = True
     d = committer.commit(spool(store, b"a\n"), [(HOST, "ted"), (HOST, "ann")], None)
     fired = results([d])

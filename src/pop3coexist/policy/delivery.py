@@ -171,10 +171,8 @@ def _lookup_cached(checker: Any, store: Any, key: str,
 
 
 def _mailbox_state(store: Any, domain: str, mailbox: str, size: int) -> MailboxState:
-    """Blocking: (the mailbox exists, a message of ``size`` octets would be over its quota).
-    ``mailbox_exists`` alone (a mailbox is a Maildir inside its domain's folder): RCPT asks it
-    for every message, so no ``domain_exists`` before it (issue 17)."""
-    if not store.mailbox_exists(domain, mailbox):
+    """Blocking: (the mailbox exists, a message of ``size`` octets would be over its quota)."""
+    if not store.domain_exists(domain) or not store.mailbox_exists(domain, mailbox):
         return False, False
     over = IQuotaCheck.providedBy(store) and bool(store.would_exceed_quota(domain, mailbox, size))
     return True, over

@@ -48,14 +48,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3coexist.canonical import canonical_size
 from pop3coexist.errors import MailError, QuotaExceeded
 from pop3coexist.interfaces import (
     IBatchDelivery,
     IBatchEnqueue,
     ICommitter,
     ICopyCommitter,
-    ISizedDelivery,
     ISpool,
     LocalNotes,
 )
@@ -99,9 +97,6 @@ class SpoolWriter:
         self._buffer = bytearray()
         self.size = 0
         self.error: OSError | None = None
-        # the POP3 size (canonical.canonical_size) of the whole file, counted by ``finish``
-        # while the message was still all in memory; None when unknown (a big message)
-        self.wsize: int | None = None
         self._created = False
         self._done = False  # closed or aborted: nothing more is written
         if not lazy:
@@ -122,7 +117,6 @@ class SpoolWriter:
         """Append ``data``; reaches the file in chunks of WRITE_CHUNK bytes or more."""
         if self._done or self.error is not None:
             return
-        self.wsize = None
         self._buffer += data
         self.size += len(data)
         if len(self._buffer) >= WRITE_CHUNK:
@@ -177,7 +171,6 @@ class SpoolWriter:
             raise self.error
         if self._done:
             raise ValueError("the spool file is closed")
-        self.wsize = None
         if not self._created:
             del self._buffer[self.local_prefix:]
             self._buffer += data
@@ -196,23 +189,13 @@ class SpoolWriter:
 
     def finish(self) -> None:
         """Create the file if still needed and write what is buffered (no fsync: that is the
-        committer's job, off the reactor); a message that was all in memory gets its POP3 size
-        counted (``known_sizes``). Raises the OSError that stopped an earlier write."""
+        committer's job, off the reactor). Raises the OSError that stopped an earlier write."""
         if self.error is not None:
             raise self.error
         if self._done:
             return
-        if not self._created:  # all of it is here: count its POP3 size now, not from the disk
-            self.wsize = canonical_size((bytes(self._buffer),))
         if self._buffer or self.fd is None:
             self._flush()
-
-    def known_sizes(self) -> tuple[int, int] | None:
-        """``(size on disk, POP3 size)`` of the finished file when ``finish`` counted them
-        from memory, else None (the store reads the file: ``ISizedDelivery``)."""
-        if self.wsize is None or self.error is not None:
-            return None
-        return self.size, self.wsize
 
     def close(self) -> None:
         """Close the file descriptor (idempotent); nothing more is written."""
@@ -466,12 +449,7 @@ def deliver_local(
     refused and ``others`` is false: the whole message then gets ``552 5.2.2``, nothing stored.
     """
     options = {"sync": False} if not sync and IBatchDelivery.providedBy(store) else {}
-    sizes = spool.known_sizes()
-    if sizes is not None and ISizedDelivery.providedBy(store):
-        # the sizes counted while the file was written: the store need not read it again
-        written, refused = store.deliver_sized(spool.path, local, *sizes, **options)
-    else:
-        written, refused = store.deliver_within_quota(spool.path, local, **options)
+    written, refused = store.deliver_within_quota(spool.path, local, **options)
     if refused and not written and not others:
         domain, mailbox = refused[0]
         exc = QuotaExceeded(f"mailbox {mailbox}@{domain} is over its quota")

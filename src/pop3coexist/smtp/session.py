@@ -173,11 +173,7 @@ class Session(tsmtp.ESMTP):
         send_now(self.transport, text.encode("ascii", "replace") + b"\r\n")
 
     def _reply(self, code: int, enhanced: str | None, text: str) -> None:
-        """Send a (possibly multi-line) reply; ``enhanced`` prefixes every line. One send."""
-        if "\n" not in text:  # the replies of every message: one line, formatted once
-            line = f"{code} {enhanced} {text}\r\n" if enhanced else f"{code} {text}\r\n"
-            send_now(self.transport, line.encode("ascii", "replace"))
-            return
+        """Send a (possibly multi-line) reply; ``enhanced`` prefixes every line."""
         lines = text.split("\n")
         out = []
         for i, line in enumerate(lines):

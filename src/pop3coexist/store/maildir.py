@@ -67,7 +67,6 @@ from pop3coexist.interfaces import (
     IMaildrop,
     IMailStore,
     IQuotaCheck,
-    ISizedDelivery,
 )
 
 __all__ = ["MaildirStore", "Maildrop", "crlf_size", "unique_part", "uidl_for_name"]
@@ -223,8 +222,7 @@ def _flocked(lock_path: Path) -> Iterator[None]:
 # -- the store ---------------------------------------------------------------------------------
 
 
-@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ISizedDelivery, ICachedMailboxCheck,
-             IAliasTable)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ICachedMailboxCheck, IAliasTable)
 class MaildirStore:
     """Mail domains and Maildir mailboxes under ``root``. See ``IMailStore``.
 
@@ -594,11 +592,9 @@ class MaildirStore:
 
     def would_exceed_quota(self, domain: str, mailbox: str, size: int) -> bool:
         """True when a message of ``size`` bytes would be refused by the mailbox's quota (RCPT
-        check, ``quota_refuses``): at or over its quota, or past quota + grace with it. The
-        caller has just asked ``mailbox_exists``: the Maildir is not looked at again (a
-        mailbox that is not there has no quota: False)."""
+        check, ``quota_refuses``): at or over its quota, or past quota + grace with it."""
         with _io_errors(f"cannot check the quota of {mailbox}@{domain}"):
-            _, _, path = self._mailbox_path(domain, mailbox)
+            _, _, path = self._existing_mailbox(domain, mailbox)
             return self._would_exceed(path, size)
 
     def mailbox_fits_cached(self, domain: str, mailbox: str) -> bool:
@@ -754,27 +750,6 @@ class MaildirStore:
             raise errors.StoreError(f"cannot read spooled message {source}: {exc.strerror}") from exc
         size += len(prefix)
         wsize += _crlf_size_of_bytes(prefix)
-        return self._deliver_within(source, recipients, targets, size, wsize, sync, prefix)
-
-    def deliver_sized(
-        self,
-        source: Path | str,
-        recipients: list[tuple[str, str]],
-        size: int,
-        wsize: int,
-        *,
-        sync: bool = True,
-    ) -> tuple[list[Path], list[tuple[str, str]]]:
-        """See ``ISizedDelivery``: ``deliver_within_quota`` of ``source`` (no prefix) with its
-        size on disk ``size`` and its POP3 size ``wsize`` as the caller counted them, so the
-        file is linked without being stat'ed or read here."""
-        targets = [self._existing_mailbox(d, m) for d, m in recipients]
-        return self._deliver_within(Path(source), recipients, targets, size, wsize, sync, b"")
-
-    def _deliver_within(
-        self, source: Path, recipients: list[tuple[str, str]],
-        targets: list[tuple[str, str, Path]], size: int, wsize: int, sync: bool, prefix: bytes,
-    ) -> tuple[list[Path], list[tuple[str, str]]]:
         written: list[Path] = []
         refused: list[tuple[str, str]] = []
         folders: list[Path] = []
