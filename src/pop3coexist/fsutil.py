@@ -2,7 +2,8 @@
 durability (store, queue, passwords); ``write_atomic``, a whole small file replaced so that
 a reader (or a crash) sees the old contents or the new, never a part; and ``open_cached``, an open that never waits for the disk
 (Linux openat2 with RESOLVE_CACHED), so the reactor thread may open a file itself when the
-kernel already has the path in its cache; ``retry_stale``, a read that starts again when a
+kernel already has the path in its cache, and ``stat_cached`` / ``missing_cached`` on the same terms;
+``retry_stale``, a read that starts again when a
 shared file system (GlusterFS, NFS) answers ESTALE because another machine renamed a new
 version over the file while it was read."""
 
@@ -100,6 +101,46 @@ def open_cached(path: Path | str) -> int | None:
     if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.E2BIG):
         _cached_open_works = False  # an old kernel or a sandbox: always use the thread
     return None
+
+
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+def stat_cached(path: Path | str) -> os.stat_result | None:
+    """``os.stat(path)`` (symlinks followed) when the kernel's cache alone can answer, else
+    None: the path is not all in the dentry cache, it is missing, or this kernel cannot say.
+    Never blocks on the disk (openat2 with O_PATH and RESOLVE_CACHED, then fstat of that
+    descriptor: an inode in memory); the reactor thread may call it, and takes None as
+    "ask off the reactor"."""
+    fd = _path_cached(path)
+    if fd < 0:
+        return None
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def missing_cached(path: Path | str) -> bool:
+    """True when the kernel's cache alone says that ``path`` does not exist (a cached negative
+    entry: ENOENT); False when it exists, or when only the disk could say. Never blocks."""
+    fd = _path_cached(path)
+    if fd >= 0:
+        os.close(fd)
+        return False
+    return -fd == errno.ENOENT
+
+
+def _path_cached(path: Path | str) -> int:
+    """An O_PATH descriptor of ``path`` resolved from the cache alone, or -errno (-EAGAIN:
+    the disk is needed; -ENOSYS: this kernel cannot say)."""
+    if not _cached_open_works:
+        return -errno.ENOSYS
+    how = _OpenHow(_O_PATH | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        return int(fd)
+    return -(ctypes.get_errno() or errno.EAGAIN)
 
 
 def retry_stale(read: Callable[[], T], attempts: int = STALE_ATTEMPTS) -> T:

@@ -298,6 +298,27 @@ class IBlockingRecipientLookup(Interface):
         None; raises ``errors.AuthUnavailable`` when the source cannot answer now."""
 
 
+class ICachedRecipientLookup(Interface):
+    """Optional for an IAccountChecker with IBlockingRecipientLookup: the common answer of a
+    RCPT look-up given on the reactor thread from what is cached, checked fresh against the
+    kernel's cache, with no thread hop (issue 17); every other answer is the blocking one's."""
+
+    def resolve_recipient_cached(address: str, domains: list[str]) -> str | None:
+        """Never blocks on the disk: ``"mailbox@domain"`` when the cached data alone shows
+        that ``address`` has a mailbox and its domain is one of ``domains`` (lower case);
+        None when only ``resolve_recipient_blocking`` can say (no such recipient included)."""
+
+
+class ICachedMailboxCheck(Interface):
+    """Optional for an IMailStore with IQuotaCheck: RCPT's mailbox check on the reactor thread
+    from the kernel's cache, with no thread hop (issue 17)."""
+
+    def mailbox_fits_cached(domain: str, mailbox: str) -> bool:
+        """Never blocks on the disk: True when the cache alone shows that the mailbox exists
+        and has no quota (any message fits); False when only ``mailbox_exists`` and
+        ``would_exceed_quota``, off the reactor, can say."""
+
+
 class IDirectoryLookup(Interface):
     """Optional for an IAccountChecker backed by a directory (LDAP / Active Directory): the
     gateway role (policy/gateway.py) resolves recipients with it."""

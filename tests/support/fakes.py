@@ -48,7 +48,9 @@ from pop3coexist.interfaces import (
     IAliasTable,
     IBatchDelivery,
     IBlockingRecipientLookup,
+    ICachedMailboxCheck,
     ICachedMessageOpen,
+    ICachedRecipientLookup,
     IClosable,
     ICredentialStamp,
     IDirectoryLookup,
@@ -146,7 +148,7 @@ class FakeMaildrop:
         self.store.sessions.discard((self.domain, self.mailbox))
 
 
-@implementer(IMailStore, IQuotaCheck, IBatchDelivery, IAliasTable)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ICachedMailboxCheck, IAliasTable)
 class FakeMailStore:
     """See IMailStore. ``mail[domain][mailbox]`` is a list of ``(uid, bytes)``."""
 
@@ -241,6 +243,14 @@ class FakeMailStore:
         if domain.lower() not in self.mail:
             raise NoSuchMailbox(f"no domain {domain}")
         return sorted(self.mail[domain.lower()])
+
+    cached = False  # ICachedMailboxCheck answers only when a test sets this
+
+    def mailbox_fits_cached(self, domain: str, mailbox: str) -> bool:
+        """See ICachedMailboxCheck: with ``cached`` set, an existing mailbox with no quota."""
+        self._call("mailbox_fits_cached", domain, mailbox)
+        key = (domain.lower(), mailbox.lower())
+        return self.cached and key[1] in self.mail.get(key[0], {}) and key not in self.quotas
 
     def mailbox_exists(self, domain: str, mailbox: str) -> bool:
         self._call("mailbox_exists", domain, mailbox)
@@ -455,7 +465,7 @@ class FakeChecker:
         return self.resolve_recipient(address)
 
 
-@implementer(IBlockingRecipientLookup, IScramKeyStore)
+@implementer(IBlockingRecipientLookup, ICachedRecipientLookup, IScramKeyStore)
 class FakePasswordFileChecker(FakeChecker):
     """A FakeChecker with the password file's blocking recipient look-up (as
     ``PasswordFileChecker``): the ESMTP delivery policy folds it into one thread hop. As a
@@ -473,6 +483,15 @@ class FakePasswordFileChecker(FakeChecker):
         if self.fail is not None:
             return defer.fail(self.fail)
         return defer.succeed(self.scram.get(login.lower()))
+
+    cached = False  # ICachedRecipientLookup answers only when a test sets this
+
+    def resolve_recipient_cached(self, address: str, domains: list[str]) -> str | None:
+        """See ICachedRecipientLookup: with ``cached`` set, an account of a listed domain."""
+        key = address.lower()
+        if not self.cached or self.fail is not None or key.rpartition("@")[2] not in domains:
+            return None
+        return key if key in self.accounts else None
 
     def resolve_recipient_blocking(self, address: str) -> str | None:
         """See IBlockingRecipientLookup: ``resolve_recipient``'s answer, in this thread."""

@@ -88,13 +88,14 @@ from zope.interface import implementer
 from pop3coexist.address import AddressError, login_to_address
 from pop3coexist.errors import AdminError, AuthUnavailable, StoreError
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.fsutil import retry_stale, write_atomic
+from pop3coexist.fsutil import retry_stale, stat_cached, write_atomic
 from pop3coexist.identity.logins import map_login
 from pop3coexist.identity.scram import MAX_ITERATIONS, ScramKeys, derive_keys
 from pop3coexist.identity.stamps import stamp_of
 from pop3coexist.interfaces import (
     IAccountChecker,
     IBlockingRecipientLookup,
+    ICachedRecipientLookup,
     ICredentialStamp,
     IScramCredentials,
     IScramKeyStore,
@@ -679,6 +680,18 @@ class PasswordFile:
             entry = self._recheck(key, None)[1]
         return entry.changed if entry is not None else None
 
+    def exists_cached(self, key: str) -> bool:
+        """Never blocks on the disk: True when the snapshot in memory has ``key`` (an address
+        key, lower case) and the file's status, from the kernel's cache, is the one that
+        snapshot was read at (what ``exists`` would then answer without a read); False when
+        only ``exists`` can say."""
+        snap = self._snapshot
+        if snap is None or key not in snap.users:
+            return False
+        st = stat_cached(self.path)
+        return st is not None and self._seen_signature == (
+            st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
     def addresses(self) -> list[str]:
         """Every address with a password, sorted, lower case."""
         return sorted(self._current().users)
@@ -961,8 +974,8 @@ def _run_now(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred
     return defer.maybeDeferred(f, *args, **kwargs)
 
 
-@implementer(IAccountChecker, IBlockingRecipientLookup, ISelfCheck, IScramKeyStore,
-             ICredentialStamp)
+@implementer(IAccountChecker, IBlockingRecipientLookup, ICachedRecipientLookup, ISelfCheck,
+             IScramKeyStore, ICredentialStamp)
 class PasswordFileChecker:
     """``IAccountChecker`` over a ``PasswordFile``. See IAccountChecker.
 
@@ -1108,6 +1121,14 @@ class PasswordFileChecker:
         """See ICredentialStamp: from the time the account's password was last set (a
         re-hash at a higher scrypt cost keeps it); None once the account is removed."""
         return self._run(self._stamp, account)
+
+    def resolve_recipient_cached(self, address: str, domains: list[str]) -> str | None:
+        """See ICachedRecipientLookup: an address with a password in the snapshot in memory,
+        while the password file is unchanged (``PasswordFile.exists_cached``)."""
+        key = _address_key(address)
+        if key is None or key.rpartition("@")[2] not in domains:
+            return None
+        return key if self.pwfile.exists_cached(key) else None
 
     def resolve_recipient_blocking(self, address: str) -> str | None:
         """Blocking form of resolve_recipient, for callers already off the reactor thread

@@ -62,6 +62,8 @@ from pop3coexist.identity.logins import login_locked
 from pop3coexist.interfaces import (
     Distribution,
     IBlockingRecipientLookup,
+    ICachedMailboxCheck,
+    ICachedRecipientLookup,
     IDeliveryTransaction,
     IMessageDelivery,
     IQuotaCheck,
@@ -149,6 +151,23 @@ def _lookup_local(resolve: Callable[[str], Any], store: Any, key: str,
         mailbox = mailbox.decode("ascii")
     box, _, domain = str(mailbox).lower().rpartition("@")
     return domain, box, _mailbox_state(store, domain, box, size)
+
+
+def _lookup_cached(checker: Any, store: Any, key: str,
+                   domains: list[str]) -> tuple[str, str, MailboxState] | None:
+    """On the reactor thread, never waiting for the disk: ``_lookup_local``'s answer when the
+    checker and the store can give it from what is cached (a mailbox that exists, with no
+    quota: ``ICachedRecipientLookup``, ``ICachedMailboxCheck``), else None (the thread hop
+    gives every other answer, a refusal included)."""
+    if not (ICachedRecipientLookup.providedBy(checker) and ICachedMailboxCheck.providedBy(store)):
+        return None
+    mailbox = checker.resolve_recipient_cached(key, [d.lower() for d in domains])
+    if mailbox is None:
+        return None
+    box, _, domain = str(mailbox).lower().rpartition("@")
+    if not store.mailbox_fits_cached(domain, box):
+        return None
+    return domain, box, (True, False)
 
 
 def _mailbox_state(store: Any, domain: str, mailbox: str, size: int) -> MailboxState:
@@ -603,6 +622,9 @@ class SMTPDelivery:
         if r.kind is not RouteKind.LOCAL:
             return _Found(r)
         if IBlockingRecipientLookup.providedBy(ctx.checker):
+            box = _lookup_cached(ctx.checker, ctx.store, address.key, domains)
+            if box is not None:  # answered from what is cached: no thread hop (issue 17)
+                return _Found(r, box)
             # one thread hop for the look-up and the mailbox check together
             box = await ctx.run_blocking(_lookup_local, ctx.checker.resolve_recipient_blocking,
                                          ctx.store, address.key, size)

@@ -58,11 +58,12 @@ from pop3coexist.address import is_valid_mailbox_name, normalise_domain
 from pop3coexist.canonical import canonical_size
 from pop3coexist.config import QuotaGrace
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.fsutil import open_cached, retry_stale
+from pop3coexist.fsutil import missing_cached, open_cached, retry_stale, stat_cached
 from pop3coexist.interfaces import (
     Distribution,
     IAliasTable,
     IBatchDelivery,
+    ICachedMailboxCheck,
     ICachedMessageOpen,
     IMaildrop,
     IMailStore,
@@ -222,7 +223,7 @@ def _flocked(lock_path: Path) -> Iterator[None]:
 # -- the store ---------------------------------------------------------------------------------
 
 
-@implementer(IMailStore, IQuotaCheck, IBatchDelivery, IAliasTable)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ICachedMailboxCheck, IAliasTable)
 class MaildirStore:
     """Mail domains and Maildir mailboxes under ``root``. See ``IMailStore``.
 
@@ -596,6 +597,20 @@ class MaildirStore:
         with _io_errors(f"cannot check the quota of {mailbox}@{domain}"):
             _, _, path = self._existing_mailbox(domain, mailbox)
             return self._would_exceed(path, size)
+
+    def mailbox_fits_cached(self, domain: str, mailbox: str) -> bool:
+        """See ``ICachedMailboxCheck``: ``new/`` and ``cur/`` are folders and the metadata file
+        (where a quota is kept) is known to be absent, all from the kernel's cache (no
+        metadata file: no quota, as ``_would_exceed`` reads it)."""
+        try:
+            _, _, path = self._mailbox_path(domain, mailbox)
+        except ValueError:
+            return False
+        for sub in ("new", "cur"):
+            st = stat_cached(path / sub)
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                return False
+        return missing_cached(path / META_NAME)
 
     def _would_exceed(self, path: Path, size: int) -> bool:
         quota = self._read_meta(path).get("quota")
