@@ -172,10 +172,17 @@ def shot(drv, name: str) -> Path:
 
 
 def notice(drv) -> str:
+    """The page's notice or error line; "" while there is none, or while the page is being
+    replaced (a click's navigation can make the element found stale before its text is
+    read: the caller's wait_until asks again)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    found = drv.find_elements(By.CSS_SELECTOR, "p.notice, p.error")
-    return found[0].text if found else ""
+    try:
+        found = drv.find_elements(By.CSS_SELECTOR, "p.notice, p.error")
+        return found[0].text if found else ""
+    except StaleElementReferenceException:
+        return ""
 
 
 def test_browser_add_a_mailbox_lock_it_and_pop3_refuses_it(pair, browser):
