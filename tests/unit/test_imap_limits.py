@@ -162,3 +162,23 @@ def test_memory_per_idle_session_is_small(env: Env) -> None:
     tracemalloc.stop()
     grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
     assert grown / len(sessions) < 12 * 1024, grown / len(sessions)
+
+
+def test_a_refused_command_never_echoes_a_tag_the_client_did_not_send(env: Env) -> None:
+    """Found by the imap_session campaign: a command with a 72-octet tag refused at its
+    literal (too large, or past 64 literals) was answered with the tag cut to 64 octets, a
+    tag no command had. A tag the server will not echo (longer than 64 octets, or with a
+    character RFC 3501 section 9 does not allow in a tag) now gets an untagged ``* BAD`` on
+    every path, the literal refusals as the ordinary parse; a valid tag still gets its tagged
+    reply, and the session goes on."""
+    proto, t = env.logged_in()
+    long_tag = b"K" * 71 + b"c"
+    out = say(proto, t, long_tag + b" SEARCH TEXT {99999999}")
+    assert out == b"* NO [TOOBIG] literal too large\r\n" and long_tag[:64] not in out
+    assert say(proto, t, long_tag + b" NOOP") == b"* BAD missing tag or command\r\n"
+    line = b"".join(b"SUBJECT {1+}\r\nx " for _ in range(65))
+    out = say(proto, t, long_tag + b" SEARCH " + line + b"ALL")
+    assert out.startswith(b"* BAD more than 64 literals in one command\r\n")
+    assert say(proto, t, b"K" * 64 + b" SEARCH TEXT {99999999}") == \
+        b"K" * 64 + b" NO [TOOBIG] literal too large\r\n"
+    assert say(proto, t, b"n NOOP").endswith(b"n OK NOOP completed\r\n")

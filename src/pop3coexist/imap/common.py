@@ -19,6 +19,19 @@ IMPLEMENTATION = "pop3coexist"
 _NO_EXPUNGE = {"FETCH", "STORE", "SEARCH"}  # RFC 3501 section 7.4.1 (not in their UID form)
 PERMANENT = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
+MAX_TAG = 64  # octets of a tag this server echoes; a longer one is answered untagged
+
+
+def valid_tag(tag: bytes) -> bool:
+    """True when ``tag`` (bytes) can be echoed in a tagged reply: 1 to MAX_TAG octets of
+    ASTRING-CHAR other than ``+`` (RFC 3501 section 9: ``tag = 1*<any ASTRING-CHAR except
+    "+">``). A command whose tag fails gets an untagged ``* BAD``: never a tagged reply
+    with a tag the client did not send (a cut-down one would answer a command it never
+    issued)."""
+    return 0 < len(tag) <= MAX_TAG and not any(
+        c in b'(){%*"\\+' or c < 0x21 or c > 0x7E for c in tag)
+
+
 class Refuse(Exception):
     """A command refused with NO (``code``: a response code such as TRYCREATE)."""
 

@@ -45,6 +45,7 @@ from pop3coexist.imap.common import (
     _printable,
     _text,
     log,
+    valid_tag,
 )
 from pop3coexist.imap.login import LoginCommands, PasswordCredentials
 from pop3coexist.imap.mailboxes import MailboxCommands
@@ -166,15 +167,14 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
             self._literals += 1
             too_big = len(self._buf) + size > self.factory.max_literal
             if too_big or self._literals > MAX_LITERALS:
-                tag = bytes(self._buf.split(b" ", 1)[0])[:64]
+                tag = bytes(self._buf.split(b" ", 1)[0])
                 self._buf = bytearray()
                 self._literals = 0
                 if m.group(2):  # LITERAL+: the octets follow anyway; read and drop them
                     self._literal_left = -size
                     if size:
                         self.setRawMode()
-                tag = tag if tag and not any(c in b'(){%*"\\+' or c < 0x21 or c > 0x7E
-                                             for c in tag) else b"*"
+                tag = tag if valid_tag(tag) else b"*"
                 if too_big:
                     self.tagged(tag, "NO", "literal too large", "TOOBIG")
                 else:
@@ -227,7 +227,7 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
             self.tagged(tag, "OK", "IDLE terminated")
             return
         tag, _, rest = command.partition(b" ")
-        if not tag or not rest or any(c in b'(){%*"\\+' or c < 0x21 or c > 0x7E for c in tag) or len(tag) > 64:
+        if not rest or not valid_tag(tag):
             self.send(b"* BAD missing tag or command")
             return
         name, _, args_raw = rest.partition(b" ")
