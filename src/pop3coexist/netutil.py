@@ -36,16 +36,7 @@ def nothing_queued(transport: Any) -> bool:
 def send_now(transport: Any, data: bytes) -> None:
     """Write ``data`` to ``transport``: directly to the socket when nothing is queued ahead of
     it on a plain (not TLS) TCP connection, else by ``transport.write``."""
-    if (
-        data
-        and type(transport) in _DIRECT
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not transport._writeDisconnected
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-    ):
+    if data and nothing_queued(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:  # would block, or an error the normal path will find and report
