@@ -1126,7 +1126,7 @@ def _milter_socket(value: Any) -> str:
             port, _, host = rest.partition("@")
         else:
             host, _, port = rest.rpartition(":")
-        if host.strip("[]") and port.isdigit() and 0 < int(port) < 65536:
+        if host.strip("[]") and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
             return value
     raise ValueError(f"{value!r} is not inet:host:port or unix:/path")
 

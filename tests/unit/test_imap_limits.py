@@ -182,3 +182,18 @@ def test_a_refused_command_never_echoes_a_tag_the_client_did_not_send(env: Env) 
     assert say(proto, t, b"K" * 64 + b" SEARCH TEXT {99999999}") == \
         b"K" * 64 + b" NO [TOOBIG] literal too large\r\n"
     assert say(proto, t, b"n NOOP").endswith(b"n OK NOOP completed\r\n")
+
+
+def test_digits_that_are_not_ascii_are_not_numbers(env: Env) -> None:
+    """Found by the imap_session campaign: ``FETCH 1 BODY[1.²]`` crashed the command
+    (``str.isdigit`` is true for '²' and other Unicode digits, ``int`` refuses '²' and reads
+    '٣' as 3). Protocol numbers are ASCII digits only, on every path that took isdigit (an
+    IMAP section part, an SMTP SIZE parameter, ManageSieve HAVESPACE, milter reply codes,
+    web mail uids, Sieve match variables). Here: a tagged BAD, the session goes on."""
+    env.deliver("one")
+    proto, t = env.logged_in()
+    say(proto, t, b"s SELECT INBOX")
+    for section in ("1.\u00b2", "\u0663", "1.\u0663.MIME"):
+        out = say(proto, t, b"f FETCH 1 BODY[" + section.encode() + b"]")
+        assert out.startswith(b"f BAD "), out
+    assert say(proto, t, b"n NOOP").endswith(b"n OK NOOP completed\r\n")

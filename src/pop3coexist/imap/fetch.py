@@ -119,7 +119,7 @@ def compile_fetch(spec: Any, uid: bool) -> list[Item]:
         sec = section.strip()
         head, _, rest = sec.partition(" ")
         pieces = head.split(".") if head else []
-        while pieces and pieces[0].isdigit():
+        while pieces and pieces[0].isascii() and pieces[0].isdigit():
             spec_nums.append(int(pieces.pop(0)))
         part = ".".join(pieces).upper()
         if part not in ("", "HEADER", "TEXT", "MIME", "HEADER.FIELDS", "HEADER.FIELDS.NOT"):

@@ -392,7 +392,7 @@ class ManageSieveProtocol(LineReceiver, TimeoutMixin):
         return None
 
     def do_HAVESPACE(self, name: str, size: str) -> defer.Deferred | None:  # noqa: N802
-        if not size.isdigit():
+        if not (size.isascii() and size.isdigit()):
             self.no("HAVESPACE needs a number of octets")
             return None
         try:

@@ -44,7 +44,7 @@ def endpoint_for(reactor: Any, socket: str, timeout: float) -> Any:
         else:
             host, _, port = rest.rpartition(":")
         host = host.strip("[]")
-        if not port.isdigit() or not host or not 0 < int(port) < 65536:
+        if not (port.isascii() and port.isdigit()) or not host or not 0 < int(port) < 65536:
             raise ValueError(f"{socket!r}: inet:host:port with a port from 1 to 65535")
         cls = TCP6ClientEndpoint if kind == "inet6" or ":" in host else TCP4ClientEndpoint
         return cls(reactor, host, int(port), timeout=timeout)

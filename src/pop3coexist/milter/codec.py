@@ -195,7 +195,7 @@ def parse_reply(code: bytes, data: bytes) -> Reply:
         return Reply(code)
     if code == REPLYCODE:
         (text,) = _split(data, 1)[:1]
-        if len(text) < 3 or not text[:3].isdigit() or text[0] not in "45":
+        if len(text) < 3 or not (text[:3].isascii() and text[:3].isdigit()) or text[0] not in "45":
             raise ProtocolError(f"reply code {text[:40]!r} is not a 4xx or 5xx SMTP reply")
         return Reply(code, [text])
     if code in (ADDRCPT, DELRCPT, QUARANTINE):

@@ -90,7 +90,7 @@ def reply_error(text: str, step: str) -> MailError:
     enhanced = None
     out = []
     for line in lines:
-        rest = line[4:] if len(line) > 3 and line[:3].isdigit() else line
+        rest = line[4:] if len(line) > 3 and line[:3].isascii() and line[:3].isdigit() else line
         m = _ENHANCED.match(rest)
         if m:
             enhanced = enhanced or ".".join(m.groups())

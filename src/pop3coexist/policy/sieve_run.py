@@ -270,7 +270,7 @@ class Interpreter:
 
         def one(m: re.Match) -> str:
             name = m.group(1)
-            if name.isdigit():
+            if name.isascii() and name.isdigit():
                 k = int(name)
                 return self.match[k] if k < len(self.match) else ""
             if "." in name:  # a namespace: none is supported, so it expands to ""

@@ -44,7 +44,7 @@ class MailCommands:
         opts: dict[str, Any] = {}
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                     raise fail(501, "5.5.4", "Syntax: SIZE=octets")
                 opts["size"] = int(value)
                 if 0 < cfg.max_message_size < opts["size"]:  # 0: no fixed maximum (RFC 1870)

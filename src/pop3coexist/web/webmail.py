@@ -374,7 +374,7 @@ class WebMail(WebApp):
     async def folder_action(self, req: WebRequest, folder: str) -> Response:
         name = self._folder_name(folder)
         account = self._account(req)
-        uids = [int(u) for u in req.args("uid") if u.isdigit()]
+        uids = [int(u) for u in req.args("uid") if u.isascii() and u.isdigit()]
         action = req.arg("action")
         try:
             n = await self.run_blocking(self._delete_or_move, account, name, uids, action,
@@ -512,7 +512,7 @@ class WebMail(WebApp):
             if not ref:
                 continue
             fname, _, uid = ref.rpartition("/")
-            if not uid.isdigit() or not account.exists(fname):
+            if not (uid.isascii() and uid.isdigit()) or not account.exists(fname):
                 return self.error_page(req, 404, "There is no such message.")
             data = await self.run_blocking(self._read, account, fname, int(uid), False)
             if data is None:
@@ -542,7 +542,7 @@ class WebMail(WebApp):
         forwarded = None
         if attach_source:
             fname, _, uid = attach_source.rpartition("/")
-            if uid.isdigit() and account.exists(fname):
+            if uid.isascii() and uid.isdigit() and account.exists(fname):
                 forwarded = await self.run_blocking(self._read, account, fname, int(uid), False)
         uploads = [(u.filename, u.content_type, u.data) for u in req.files if u.filename]
         draft = req.arg("send") == "draft"
@@ -592,7 +592,7 @@ class WebMail(WebApp):
 
     def _mark_answered(self, account: Any, ref: str) -> None:
         fname, _, uid = ref.rpartition("/")
-        if not uid.isdigit() or not account.exists(fname):
+        if not (uid.isascii() and uid.isdigit()) or not account.exists(fname):
             return
         view = account.open_folder(fname)
         m = self._find(view, int(uid))
