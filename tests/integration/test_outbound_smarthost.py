@@ -103,8 +103,11 @@ def test_wrong_password_defers_and_logs_the_reply(tmp_path: Path, certs, cleanup
     assert "smart host refused AUTH" in log and "535" in log
     assert "wrong-secret" not in log
     # the attempt is logged before its new state is saved: wait for the save
-    wait_until(lambda: queue.entries() and queue.entries()[0]["recipients"][0]["state"] == "deferred",
-               what="the recipient to be saved as deferred")
+    def saved_deferred() -> bool:  # one read: the envelope may be replaced between two
+        entries = queue.entries()
+        return bool(entries) and entries[0]["recipients"][0]["state"] == "deferred"
+
+    wait_until(saved_deferred, what="the recipient to be saved as deferred")
     [entry] = queue.entries()
     assert entry["id"] == qid
     assert host.received == []
@@ -126,8 +129,11 @@ def test_tls_required_with_wrong_certificate_sends_nothing_in_clear(tmp_path: Pa
     assert "TLS failure" in runner.log() and "certificate" in runner.log()
     assert host.commands == [] and host.received == [] and host.auth_attempts == []
     # the attempt is logged before its new state is saved: wait for the save
-    wait_until(lambda: queue.entries() and queue.entries()[0]["recipients"][0]["state"] == "deferred",
-               what="the recipient to be saved as deferred")
+    def saved_deferred() -> bool:  # one read: the envelope may be replaced between two
+        entries = queue.entries()
+        return bool(entries) and entries[0]["recipients"][0]["state"] == "deferred"
+
+    wait_until(saved_deferred, what="the recipient to be saved as deferred")
 
 
 def test_opportunistic_tls_without_verification(tmp_path: Path, certs, cleanup) -> None:  # noqa: ANN001
