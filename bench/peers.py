@@ -29,14 +29,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support import programs
 from tests.support.dovecot import Dovecot
 
 
 def free_port() -> int:
-    """A loopback TCP port that is free at this moment."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port that is free at this moment (never one handed out before)."""
+    return programs.free_port()
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:

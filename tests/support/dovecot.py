@@ -86,12 +86,6 @@ def give_to_nobody(path: Path) -> None:
             give(os.path.join(top, name))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dovecot_program() -> str | None:
     """The dovecot binary, or None."""
     return shutil.which("dovecot") or shutil.which("dovecot", path="/usr/sbin:/usr/local/sbin")
@@ -115,7 +109,7 @@ class Dovecot:
         roles = list(self.protocols)
         if certs is not None:
             roles += [p + "s" for p in self.protocols]
-        self.ports: dict[str, int] = {role: _free_port() for role in roles}
+        self.ports: dict[str, int] = self._pick_ports(roles)
         self.conf = self.root / "dovecot.conf"
         self.proc: subprocess.Popen | None = None
 
@@ -231,7 +225,26 @@ service auth-worker {{
         self.conf.touch(mode=0o600)
         self.conf.write_text(self.config_text())
 
+    @staticmethod
+    def _pick_ports(roles: list[str]) -> dict[str, int]:
+        from tests.support.programs import free_ports
+
+        return dict(zip(roles, free_ports(len(roles)), strict=True))
+
     def start(self, timeout: float = 30.0) -> Dovecot:
+        """Start Dovecot and wait for every listener's greeting. A port another process took
+        between picking and binding ("Address already in use") is picked again, up to 5 times.
+        AssertionError: it did not start (its stderr and log)."""
+        for attempt in range(5):
+            try:
+                return self._start_once(timeout)
+            except AssertionError as exc:
+                if attempt == 4 or "already in use" not in str(exc):
+                    raise
+                self.ports = self._pick_ports(list(self.ports))
+        return self
+
+    def _start_once(self, timeout: float) -> Dovecot:
         from tests.support.programs import require_program
 
         exe = require_program("dovecot", "/usr/sbin/dovecot")

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.programs import free_port, require_program
+from tests.support.programs import free_port, free_ports, require_program
 
 VIRUS_MARKER = "POP3COEXIST-TEST-VIRUS-MARKER-6d2f9a41"
 SIGNATURE = "Pop3coexist.Test.Marker"
@@ -136,8 +136,7 @@ class Rspamd:
         local = root / "local"
         for d in (local / "local.d", local / "override.d", root / "run", root / "db", root / "log"):
             d.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        normal, controller = free_port(), free_port()
+        self.port, normal, controller = free_ports(3)
         (root / "tld.dat").write_text("com\norg\nnet\ntest\nexample\n")
         (local / "override.d" / "worker-proxy.inc").write_text(
             f'bind_socket = "127.0.0.1:{self.port}";\nmilter = yes;\ntimeout = 60s;\ncount = 1;\n'

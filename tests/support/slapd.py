@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from pop3coexist.interfaces import IAccountChecker
 from tests.support.certs import make_ca_and_cert
-from tests.support.programs import free_port, require_program
+from tests.support.programs import free_ports, require_program
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "etc" / "ldap" / "pop3coexist-ad.schema"
@@ -239,7 +239,7 @@ class Slapd:
             return
         for _attempt in range(5):
             if not self.port:
-                self.port, self.ldaps_port = free_port(), free_port()
+                self.port, self.ldaps_port = free_ports(2)
             urls = f"{self.url}/ {self.ldaps_url}/"
             log = open(self.log_file, "ab")
             self.proc = subprocess.Popen(
