@@ -2,7 +2,9 @@
 durability (store, queue, passwords); ``write_atomic``, a whole small file replaced so that
 a reader (or a crash) sees the old contents or the new, never a part; and ``open_cached``, an open that never waits for the disk
 (Linux openat2 with RESOLVE_CACHED), so the reactor thread may open a file itself when the
-kernel already has the path in its cache, and ``stat_cached`` / ``missing_cached`` on the same terms;
+kernel already has the path in its cache, and ``stat_cached`` / ``missing_cached`` on the same terms
+(local file systems only: on NFS, CIFS or a FUSE mount such as GlusterFS an open or an fstat may
+wait for a server, so paths there always answer "ask off the reactor"; ``refresh_mounts``);
 ``retry_stale``, a read that starts again when a
 shared file system (GlusterFS, NFS) answers ESTALE because another machine renamed a new
 version over the file while it was read."""
@@ -15,7 +17,7 @@ import errno
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -85,6 +87,63 @@ def _load_syscall():  # noqa: ANN202
 
 _syscall = _load_syscall()
 _cached_open_works = _syscall is not None
+_remote_prefixes: tuple[str, ...] = ()
+
+
+# File systems where an open or an fstat may wait for another machine or a user-space daemon
+# even when the kernel has the path cached: FUSE sends FUSE_OPEN on every open and FUSE_GETATTR
+# once its attribute timeout passed (GlusterFS, sshfs, virtiofs), NFS revalidates attributes
+# with GETATTR (close-to-open consistency, RFC 7530 section 10.3.1), CIFS and the cluster file
+# systems likewise. The cached paths below never answer for paths on them.
+_REMOTE_TYPES = ("fuse", "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "9p", "glusterfs",
+                 "lustre", "gpfs", "ocfs2", "gfs2", "afs", "virtiofs", "beegfs", "orangefs")
+_noted_roots: set[str] = set()
+
+
+def _remote_mounts(mountinfo: str | None = None) -> tuple[str, ...]:
+    """Mount points (with a trailing "/") of the file systems in ``_REMOTE_TYPES``, from
+    /proc/self/mountinfo (or the text given); () when it cannot be read."""
+    if mountinfo is None:
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                mountinfo = f.read()
+        except OSError:
+            return ()
+    points = []
+    for line in mountinfo.splitlines():
+        if " - " not in line:
+            continue
+        fields, after = line.split(" - ", 1)[0].split(), line.split(" - ", 1)[1].split()
+        if len(fields) >= 5 and after and after[0].startswith(_REMOTE_TYPES):
+            points.append(fields[4].replace("\\040", " ").rstrip("/") + "/")
+    return tuple(points)
+
+
+def refresh_mounts(roots: Iterable[Path | str] = (), mountinfo: str | None = None) -> bool:
+    """Read the mount table again (at start and on SIGHUP: a volume mounted later counts) and
+    note ``roots`` (the mail root, the queue, the state folder): a root that lies on a remote
+    or FUSE file system through a symlink is matched by the name it is configured with too.
+    Returns True when any noted root is on such a file system (the cached paths are then off
+    for it). Paths are compared as given: callers pass absolute paths under a noted root."""
+    global _remote_prefixes
+    _noted_roots.update(os.fspath(r) for r in roots)
+    prefixes = list(_remote_mounts(mountinfo))
+    remote_root = False
+    for root in sorted(_noted_roots):
+        if file_system_type(root, mountinfo).startswith(_REMOTE_TYPES):
+            remote_root = True
+            for name in {root, os.path.realpath(root)}:
+                prefixes.append(name.rstrip("/") + "/")
+    _remote_prefixes = tuple(dict.fromkeys(prefixes))
+    return remote_root
+
+
+def _on_remote(path: Path | str) -> bool:
+    name = os.fspath(path)
+    return name.startswith(_remote_prefixes) or name + "/" in _remote_prefixes
+
+
+_remote_prefixes = _remote_mounts()
 
 
 def open_cached(path: Path | str) -> int | None:
@@ -92,7 +151,7 @@ def open_cached(path: Path | str) -> int | None:
     (the path is not in the cache, the file is gone, or this kernel cannot say: the caller
     then opens it off the reactor). Never blocks on the disk."""
     global _cached_open_works
-    if not _cached_open_works:
+    if not _cached_open_works or (_remote_prefixes and _on_remote(path)):
         return None
     how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
     fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
@@ -134,7 +193,7 @@ def missing_cached(path: Path | str) -> bool:
 def _path_cached(path: Path | str) -> int:
     """An O_PATH descriptor of ``path`` resolved from the cache alone, or -errno (-EAGAIN:
     the disk is needed; -ENOSYS: this kernel cannot say)."""
-    if not _cached_open_works:
+    if not _cached_open_works or (_remote_prefixes and _on_remote(path)):
         return -errno.ENOSYS
     how = _OpenHow(_O_PATH | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
     fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))

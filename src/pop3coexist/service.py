@@ -35,7 +35,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from pop3coexist.config import Config, parse_endpoint
 from pop3coexist.errors import ConfigError, StoreError
-from pop3coexist.fsutil import write_atomic
+from pop3coexist.fsutil import refresh_mounts, write_atomic
 from pop3coexist.interfaces import IClosable, ISelfCheck, ISharedConnectionLimiter, IStartStop
 from pop3coexist.policy.limiters import make_limiters, make_throttles
 from pop3coexist.startup import StartupError, StartupReport, StateLock
@@ -59,9 +59,21 @@ class Components:
 
         self.config = config
         self.reactor = reactor
+        # The reactor thread's "never waits for the disk" paths stay off on NFS or FUSE
+        # (fsutil.refresh_mounts); SIGHUP reads the mount table again.
+        if refresh_mounts(self.fs_roots(config)):
+            log.info("state_dir, mailroot or queue is on a network or FUSE file system: "
+                     "its files are opened and looked up off the reactor thread")
         self.store = MaildirStore(config.server.mailroot, quota_grace=config.domains.quota_grace,
                                   node=config.server.spool_node)
         self.checker = make_checker(config, self.store, reactor)
+
+    @staticmethod
+    def fs_roots(config: Config) -> list[Path]:
+        """The folders whose files the processes open: state_dir, mailroot, queue, and this
+        node's local folder."""
+        server = config.server
+        return [server.state_dir, server.mailroot, server.queue_dir, server.local_root]
 
     def make_queue(self):
         from pop3coexist.store.queue import FileQueue
@@ -1003,6 +1015,7 @@ class _CheckerCloser(service.Service):
 
 def _reload(queue: Any, watcher: Any = None, tls: Any = None, supervisor: Any = None) -> None:
     log.info("SIGHUP: state is re-read on every use; running the queue now")
+    refresh_mounts()  # a volume mounted since the start (fsutil.refresh_mounts)
     if watcher is not None:
         try:
             watcher.reopen()  # the mail log file, after logrotate

@@ -148,8 +148,15 @@ def main(argv: list[str] | None = None) -> int:
 
     tls = reloadable_server_options(config.tls)
     frontends = make_frontends(config, parts, queue, reactor, worker=args.worker, tls_options=tls)
-    if tls is not None:  # SIGHUP from the main process: load the certificate and key again
-        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload_all))
+    from pop3coexist.fsutil import refresh_mounts
+
+    def on_hup() -> None:
+        refresh_mounts()  # a volume mounted since the start: no cached opens there
+        if tls is not None:
+            reload_all()  # the certificate and key again
+
+    # SIGHUP from the main process
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(on_hup))
     listeners = [item.rsplit(":", 1) for item in args.listener]
     if [role for role, _ in listeners] != [role for role, _, _ in frontends]:
         print(f"pop3coexist worker {args.worker}: the listeners passed "
