@@ -368,3 +368,22 @@ def test_expunge_held_back_during_fetch(env: Env) -> None:
     assert say(proto, t, b"f0 FETCH 1 (BODY.PEEK[])") == b"f0 OK FETCH completed\r\n"
     assert say(proto, t, b"n1 NOOP") == b"* 1 EXPUNGE\r\nn1 OK NOOP completed\r\n"
     assert say(proto, t, b"f2 FETCH 1 (UID)") == b"* 1 FETCH (UID 2)\r\nf2 OK FETCH completed\r\n"
+
+
+def test_a_refused_log_in_frees_its_gate_place_before_the_delay(env: Env) -> None:
+    """A wrong password's check frees its place at the gate when it has its outcome, not after
+    the failure delay: with one place, another unknown source is checked at once while the
+    first waits out its 2 s (before, a guesser held the place through every delay)."""
+    from pop3coexist.policy.throttle import LoginGate
+
+    env.factory.gate = LoginGate(env.factory.throttle, env.clock, concurrency=1)
+    guesser = env.factory.buildProtocol(None)
+    tg = connect(guesser, peer="198.51.100.1", host_port=143)
+    take(tg)
+    assert say(guesser, tg, f'g1 LOGIN {TED} "wrong"'.encode()) == b""
+    user = env.factory.buildProtocol(None)
+    tu = connect(user, peer="198.51.100.2", host_port=143)
+    take(tu)
+    assert say(user, tu, f'u1 LOGIN {TED} "{PW}"'.encode()).startswith(b"u1 OK [CAPABILITY")
+    env.clock.advance(60)
+    assert take(tg) == b"g1 NO [AUTHENTICATIONFAILED] authentication failed\r\n"

@@ -90,3 +90,27 @@ def test_gate_waits_out_the_failure_delay(throttle):
     clock.advance(0.2)
     assert d.called
     d.result()
+
+
+def test_trusted_sources_have_bounded_places_of_their_own(throttle):
+    """A trusted source never queues behind unknown ones, but a storm of its connections runs
+    at most ``concurrency`` checks at once (scrypt is 16 MiB and a CPU each): the next waits
+    until one ends, and a trusted place is free again at once (no hold as for unknown ones);
+    releasing twice frees one place only."""
+    clock = throttle.clock
+    gate = LoginGate(throttle, clock, concurrency=2)
+    throttle.success("203.0.113.7")
+    unknown = gate.enter("198.51.100.1")
+    assert unknown.called
+    storm = [gate.enter("203.0.113.7") for _ in range(4)]
+    assert [d.called for d in storm] == [True, True, False, False]
+    first = storm[0].result
+    clock.advance(0.3)
+    first()
+    first()
+    assert [d.called for d in storm] == [True, True, True, False]
+    storm[1].result()
+    assert storm[3].called
+    storm[2].result()
+    storm[3].result()
+    unknown.result()

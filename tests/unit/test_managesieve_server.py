@@ -239,3 +239,21 @@ def test_too_many_sessions_from_one_address_get_bye(tmp_path: Path) -> None:
     first.connectionLost()
     third, t3 = env.session()
     assert take(t3).endswith(b'OK "pop3coexist ManageSieve ready"\r\n')
+
+
+def test_password_checks_pass_the_log_in_gate(env: Env) -> None:
+    """ManageSieve checks a password only when the gate it shares with POP3 lets it: a source
+    with a failure is not checked again before its delay, however many sessions it opens (a
+    guesser cannot use port 4190 to check passwords in parallel)."""
+    proto, t = env.session()
+    take(t)
+    proto.dataReceived(b'AUTHENTICATE "PLAIN" "' + plain(TED, "wrong") + b'"\r\n')
+    second, t2 = env.session()
+    take(t2)
+    second.dataReceived(b'AUTHENTICATE "PLAIN" "' + plain(TED, TED_PW) + b'"\r\n')
+    env.clock.advance(1.9)  # the failure delay (2 s) has not passed: no check, no answer yet
+    assert take(t) == b""
+    assert take(t2) == b""  # (without the gate a right password answers OK at once)
+    env.clock.advance(0.2)
+    assert take(t) == b'NO "Authentication failed"\r\n'
+    assert take(t2) == b'OK "Logged in"\r\n'

@@ -189,6 +189,7 @@ class LoginCommands:
                             "UNAVAILABLE")
                 return
             except Exception as e:
+                release()  # the check has its outcome: the place is not held through the delay
                 if not isinstance(e, _Refused):
                     log.info("IMAP log-in {user}: {why}", user=_printable(user),
                              why=type(e).__name__)

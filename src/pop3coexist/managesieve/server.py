@@ -21,8 +21,10 @@ Protocol notes (RFC 5804):
 - PUTSCRIPT and CHECKSCRIPT answer ``NO "line N: ..."`` for a script that does not parse;
   HAVESPACE and PUTSCRIPT answer ``NO (QUOTA/MAXSIZE)`` or ``NO (QUOTA/MAXSCRIPTS)``;
   unknown or active scripts get ``NO (NONEXISTENT)``, ``NO (ALREADYEXISTS)``, ``NO (ACTIVE)``;
-- a failed log-in waits POP3's throttle delay before its NO (per source address); a locked
-  mailbox or domain, or an account with no mailbox here, cannot log in;
+- every password check passes POP3's log-in gate (``policy.throttle.LoginGate``: a source with
+  failures is checked once per delay, unknown sources share limited places); a failed log-in
+  waits POP3's throttle delay before its NO (per source address); a locked mailbox or domain,
+  or an account with no mailbox here, cannot log in;
 - an idle session is closed (``idle_timeout``) with ``BYE``; past ``max_connections`` (or
   ``max_connections_per_client`` from one address) a new session gets ``BYE`` at once.
 """
@@ -46,6 +48,7 @@ from pop3coexist.identity.credentials import PasswordCredentials
 from pop3coexist.identity.logins import login_locked
 from pop3coexist.policy.connlimit import ConnectionLimiter
 from pop3coexist.policy.sieve import EXTENSIONS, SieveSyntaxError, parse
+from pop3coexist.policy.throttle import LoginGate
 from pop3coexist.store.sievestore import BadScriptName, ScriptError, check_name
 
 log = Logger(namespace="pop3coexist.managesieve")
@@ -348,8 +351,12 @@ class ManageSieveProtocol(LineReceiver, TimeoutMixin):
         d.addBoth(self._done)
 
     async def login(self, user: str, password: str, mech: str) -> None:
+        """Check the credentials through the log-in gate (policy.throttle.LoginGate: the
+        source's failure delay first, then a place among the process's checks, as for POP3,
+        IMAP and SMTP AUTH); a locked or absent mailbox cannot log in."""
         f = self.factory
         creds = PasswordCredentials(user, password)
+        release = await f.gate.enter(self.peer)
         try:
             avatar = await defer.maybeDeferred(f.checker.requestAvatarId, creds)
             if isinstance(avatar, bytes):
@@ -360,11 +367,13 @@ class ManageSieveProtocol(LineReceiver, TimeoutMixin):
             if not usable:
                 raise _Refused()
         except AuthUnavailable:
+            release()
             log.info("ManageSieve log-in {user} from {peer} by {mech}: temporary failure",
                      user=_printable(user), peer=self.peer, mech=mech)
             self.no("the accounts cannot be read now, try again later", "TRYLATER")
             return
         except Exception as e:
+            release()  # the check has its outcome: the place is not held through the delay
             if not isinstance(e, _Refused):
                 log.info("ManageSieve log-in {user}: {why}", user=_printable(user),
                          why=type(e).__name__)
@@ -375,6 +384,7 @@ class ManageSieveProtocol(LineReceiver, TimeoutMixin):
                 await task.deferLater(f.reactor, delay, lambda: None)
             self.no("Authentication failed")
             return
+        release()
         f.throttle.success(self.peer)
         self.user, self.address = (domain, box), address
         log.info("ManageSieve log-in {address} from {peer} by {mech}: success",
@@ -542,6 +552,7 @@ class ManageSieveFactory(protocol.ServerFactory):
         self.checker = checker
         self.scripts = scripts
         self.throttle = throttle
+        self.gate = LoginGate.for_throttle(throttle, reactor)  # every password check waits its turn here
         self.tls_options = tls_options
         self.reactor = reactor
         if run_blocking is None:

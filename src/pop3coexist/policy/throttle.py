@@ -13,12 +13,15 @@ guessing rate is bounded by the schedule (one guess, then base, 2 x base, ... up
 maximum).
 
 ``LoginGate`` orders the checks of one process (the expensive part: scrypt, or a directory
-round trip): a source whose last log-in succeeded (``trusted``) is checked at once; every other
-source's check waits for one of ``concurrency`` places (half the CPUs, at least one), and a
-place is free again only as long after a check as the check took. Checks from unknown sources
-(guessers from many addresses among them) therefore never take more than half of the places'
-time, and a real user polling from a known address gets in without queueing behind them
-(issue 16 item 4, tests/integration/test_login_abuse.py).
+round trip): every unknown source's check waits for one of ``concurrency`` places (half the
+CPUs, at least one), and a place is free again only as long after a check as the check took.
+Checks from unknown sources (guessers from many addresses among them) therefore never take more
+than half of the places' time. A source whose last log-in succeeded (``trusted``) never queues
+behind them: it has ``concurrency`` places of its own, free again as soon as its check ends, so
+a real user polling from a known address gets in at once (issue 16 item 4,
+tests/integration/test_login_abuse.py) while a reconnect storm from one trusted address (an
+office behind NAT, a client opening many IMAP connections) runs at most that many checks at
+once: scrypt takes 16 MiB and a CPU for ~80 ms per check, and ten at once doubled the process.
 """
 
 from __future__ import annotations
@@ -124,11 +127,12 @@ class LoginGate:
     """Where every password check of one process waits its turn (see the module docstring).
 
     ``enter(source)`` returns a Deferred firing with a ``release`` callable once the check may
-    run: after the source's failure delay (``IAuthThrottle.admit_delay``) and, unless the
-    source is ``trusted``, after one of ``concurrency`` places is free (first come, first
-    served). Call ``release()`` as soon as the check has an outcome (before any delayed
-    reply); it may be called more than once. The place is free again after as long as the
-    check took (at most 5 s), so unknown sources get at most half of each place's time.
+    run: after the source's failure delay (``IAuthThrottle.admit_delay``) and after one of
+    ``concurrency`` places is free (first come, first served): the shared places for unknown
+    sources, the trusted sources' own places for a ``trusted`` one. Call ``release()`` as soon
+    as the check has an outcome (before any delayed reply); it may be called more than once.
+    An unknown source's place is free again after as long as the check took (at most 5 s), so
+    unknown sources get at most half of each place's time; a trusted one's at once.
     """
 
     @classmethod
@@ -145,6 +149,7 @@ class LoginGate:
         self.clock = clock
         self.concurrency = concurrency or max(1, (os.cpu_count() or 2) // 2)
         self._places = defer.DeferredSemaphore(self.concurrency)
+        self._trusted_places = defer.DeferredSemaphore(self.concurrency)
 
     @property
     def waiting(self) -> int:
@@ -162,7 +167,8 @@ class LoginGate:
                 break
             await task.deferLater(self.clock, wait, _noop)
         if self.throttle.trusted(source):
-            return _noop
+            await self._trusted_places.acquire()
+            return _Once(self._trusted_places.release)
         await self._places.acquire()
         started = self.clock.seconds()
         released = []
@@ -177,3 +183,17 @@ class LoginGate:
                     self._places.release()
 
         return release
+
+
+class _Once:
+    """``release`` for a trusted source's place: frees it at the first call only."""
+
+    __slots__ = ("_release",)
+
+    def __init__(self, release: Callable[[], Any]) -> None:
+        self._release: Callable[[], Any] | None = release
+
+    def __call__(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
