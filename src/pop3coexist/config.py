@@ -51,6 +51,13 @@ _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 RFC5321_MIN_RECIPIENTS = 100  # RFC 5321 section 4.5.3.1.8
 POP3_MIN_IDLE = 600  # seconds; RFC 1939 section 3 (the autologout timer)
 SMTP_MIN_IDLE = 300  # seconds; RFC 5321 section 4.5.3.2.7 (server timeout)
+# seconds: the log-in throttle forgets a source this long after its last failure
+# (policy/throttle.py, policy/sharedthrottle.py), so a longer delay is never reached
+THROTTLE_MEMORY = 900
+# seconds: mail clients give up on a reply after about a minute (Outlook 60 s, Thunderbird's
+# network.tcp timeouts, fetchmail's default 300 s for the whole session) and try again: each
+# try is one more failure, so a longer delay locks the owner out instead of slowing a guesser
+CLIENT_REPLY_PATIENCE = 60
 
 
 def parse_size(value: int | str) -> int:
@@ -688,6 +695,26 @@ class ServerConfig:
     @property
     def key_file(self) -> Path:
         return self.state_dir / "passwords.key"
+
+
+def _check_failure_delays(r: Any, section: str, cfg: Any) -> None:
+    """``auth_failure_delay`` and ``auth_failure_delay_max`` of ``[section]`` make sense
+    together: the maximum is at least the first delay and at most what the throttle
+    remembers (``THROTTLE_MEMORY``); a maximum over ``CLIENT_REPLY_PATIENCE`` is a warning."""
+    base, top = cfg.auth_failure_delay, cfg.auth_failure_delay_max
+    if top < base:
+        raise r.fail(section, "auth_failure_delay_max",
+                     f"{top:g} seconds is shorter than auth_failure_delay ({base:g} seconds)")
+    if top > THROTTLE_MEMORY:
+        raise r.fail(section, "auth_failure_delay_max",
+                     f"{top:g} seconds is over {THROTTLE_MEMORY // 60} minutes: the throttle "
+                     "forgets a source that long after its last failure, so the delay would "
+                     "never be reached")
+    if top > CLIENT_REPLY_PATIENCE:
+        r.warn(section, "auth_failure_delay_max",
+               f"{top:g} seconds is over the minute mail clients wait for a reply: a client "
+               "that gives up and tries again fails again, so its owner is locked out for "
+               "as long as it keeps trying")
 
 
 def _check_local_dir(r: Any, server: ServerConfig) -> None:
@@ -1531,12 +1558,14 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     # RFC 1939 section 3 asks for at least 10 minutes, RFC 5321 section 4.5.3.2.7 for 5; a
     # shorter time is the administrator's choice (Postfix's smtpd_timeout, the Windows POP3
     # service's socket timeout take any): a warning, as for max_recipients
+    _check_failure_delays(r, "pop3", pop3_cfg)
     if pop3_cfg.idle_timeout < POP3_MIN_IDLE:
         r.warn("pop3", "idle_timeout",
                f"{pop3_cfg.idle_timeout:g} seconds is under the 10 minutes RFC 1939 (section 3) "
                "asks for: a client that pauses longer is logged out")
 
     smtp_cfg = SmtpConfig(**r.listeners(r.keys(data.get("smtp", {}), "smtp", SmtpConfig), "smtp"))
+    _check_failure_delays(r, "smtp", smtp_cfg)
     if smtp_cfg.max_recipients < RFC5321_MIN_RECIPIENTS:
         # RFC 5321 section 4.5.3.1.8: a server must be able to take 100 recipients; a lower
         # limit is the administrator's choice (clients get 452 4.5.3 and send the rest later).
@@ -1693,6 +1722,7 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     metrics_cfg, log_cfg = _parse_monitoring(r, data)
     milters = _parse_milters(r, data)
     imap_cfg = ImapConfig(**r.listeners(r.keys(data.get("imap", {}), "imap", ImapConfig), "imap"))
+    _check_failure_delays(r, "imap", imap_cfg)
     if imap_cfg.idle_timeout <= 0:
         raise r.fail("imap", "idle_timeout", "must be longer than zero")
     if imap_cfg.idle_timeout < IMAP_MIN_IDLE:

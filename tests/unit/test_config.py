@@ -450,3 +450,33 @@ def test_zero_is_kept_where_it_means_off(text):
     """Where zero has a documented meaning (no log-in delay, no fixed message size, no quota
     grace) it is taken."""
     assert cfg(text) is not None
+
+
+@pytest.mark.parametrize("section", ["pop3", "smtp", "imap"])
+@pytest.mark.parametrize(("values", "message"), [
+    ('auth_failure_delay = "10s"\nauth_failure_delay_max = "5s"\n',
+     "5 seconds is shorter than auth_failure_delay (10 seconds)"),
+    ('auth_failure_delay_max = "1h"\n', "3600 seconds is over 15 minutes: the throttle forgets"),
+    ('auth_failure_delay_max = "901s"\n', "901 seconds is over 15 minutes"),
+])
+def test_failure_delay_maximum_out_of_its_range_is_refused(section, values, message):
+    """The longest log-in failure delay must be at least the first delay and at most the 15
+    minutes the throttle remembers a source (a longer one is never reached): an error naming
+    the key, for each protocol's throttle."""
+    assert f"[{section}.auth_failure_delay_max] {message}" in error_of(f"[{section}]\n{values}")
+
+
+@pytest.mark.parametrize("section", ["pop3", "smtp", "imap"])
+def test_failure_delay_maximum_over_a_minute_is_a_warning(tmp_path, section):
+    """A maximum over a minute is taken, with a warning naming file, line and key: mail
+    clients give up on a reply after about a minute and try again, each try one more failure,
+    which locks the owner out; a minute exactly (and the default 30 s) gives none."""
+    path = tmp_path / "pop3coexist.toml"
+    path.write_text(textwrap.dedent(MINIMAL) + f'[{section}]\nauth_failure_delay_max = "2m"\n')
+    c = load_config(path)
+    assert getattr(c, section).auth_failure_delay_max == 120.0
+    (warning,) = c.warnings
+    assert warning.startswith(f"{path}:6: [{section}.auth_failure_delay_max]")
+    assert "locked out" in warning
+    path.write_text(textwrap.dedent(MINIMAL) + f'[{section}]\nauth_failure_delay_max = "1m"\n')
+    assert load_config(path).warnings == ()
