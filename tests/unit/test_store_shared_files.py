@@ -170,6 +170,8 @@ def test_concurrent_create_one_wins_and_shared_parents_are_whole(store: MaildirS
         p = account.path(name)
         assert all((p / d).is_dir() for d in ("tmp", "new", "cur")) and (p / "maildirfolder").is_file()
     assert os.listdir(account.path("INBOX") / "tmp") == []
+    (account.root / "..deleted.Same.x" / "cur").mkdir(parents=True)  # DELETE's rename-first
+    assert "Same.x" not in account.list_folders() and ".deleted.Same.x" not in account.list_folders()
 
 
 def test_concurrent_appends_in_processes_get_distinct_uids(store: MaildirStore) -> None:
@@ -287,6 +289,27 @@ def test_append_refused_over_quota_until_pop3_frees_room(store: MaildirStore) ->
     drop.commit(set(doomed))
     account.append("INBOX", b"c" * 10, [], None)
     assert account.quota() == (410, 1000)
+
+
+def test_copy_follows_the_quota_rule_of_append(store: MaildirStore) -> None:
+    """COPY / MOVE (``copy_within_quota``) refuse with OVERQUOTA exactly when APPEND of the
+    same octets would (``quota_refuses``: the grace counts, a mailbox at its quota takes
+    nothing), count the stored octets, and copy when they fit; an empty set is no copy."""
+    store.set_quota(HOST, "ann", 1000)
+    account = MaildirFolders(store).open_account(HOST, "ann")
+    account.create("Keep")
+    account.append("INBOX", b"a" * 300, [], None)
+    account.append("INBOX", b"b" * 300, [], None)
+    view, dest = account.open_folder("INBOX"), account.open_folder("Keep")
+    msgs = view.sync()
+    assert len(view.copy_to([], dest)) == 0
+    pairs = account.copy_within_quota(view, msgs[:1], dest)  # 600 + 300 <= 1000
+    assert [a for a, _ in pairs] == [msgs[0].uid]
+    with pytest.raises(FolderError) as err:  # 900 + 600 > 1000 + the default grace (none)
+        account.copy_within_quota(view, msgs, dest)
+    assert err.value.code == "OVERQUOTA"
+    assert account.quota() == (900, 1000)
+    assert account.copy_within_quota(view, [], dest) == []
 
 
 def test_usage_cache_is_bounded(store: MaildirStore, monkeypatch) -> None:

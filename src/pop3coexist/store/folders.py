@@ -432,7 +432,8 @@ class AccountFolders:
         out = []
         with contextlib.suppress(FileNotFoundError), os.scandir(self.root) as it:
             for e in it:
-                if e.name.startswith(".") and len(e.name) > 1 and e.name not in (".", "..") \
+                # "..name": a folder DELETE is removing (the quota skips it too)
+                if e.name.startswith(".") and len(e.name) > 1 and not e.name.startswith("..") \
                         and e.is_dir(follow_symlinks=False) and (Path(e.path) / "cur").is_dir():
                     out.append(e.name[1:])
         return ["INBOX", *sorted(out)]
@@ -604,6 +605,27 @@ class AccountFolders:
                 raise FolderError("over quota", "OVERQUOTA")
             view = FolderView(self.path(name), validate_name(name))
             return view.add(data, flags, internaldate)
+
+    def copy_within_quota(self, view: FolderView, messages: list[Message], dest: FolderView
+                          ) -> list[tuple[int, int]]:
+        """See ``IAccountFolders.copy_within_quota``: the messages' stored octets (``,S=``
+        of their names, else their files' sizes) against ``quota_refuses``, under the quota
+        lock; then ``view.copy_to``. Raises FolderError OVERQUOTA."""
+        with self.store.quota_locked(self.domain, self.mailbox) as limit:
+            if limit is not None and messages:
+                size = 0
+                for msg in messages:
+                    m = _SIZE_S.search(msg.name.split(":", 1)[0])
+                    if m:
+                        size += int(m.group(1))
+                        continue
+                    p = view.locate(msg)  # None: gone meanwhile, copy_to skips it
+                    with contextlib.suppress(FileNotFoundError):
+                        size += p.stat().st_size if p is not None else 0
+                used = self.store.usage(self.domain, self.mailbox)[1]
+                if self.store.quota_refuses(used, size, limit):
+                    raise FolderError("over quota", "OVERQUOTA")
+            return view.copy_to(messages, dest)
 
 
 @implementer(IFolderView, ICachedFolderView)
