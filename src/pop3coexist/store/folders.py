@@ -486,6 +486,7 @@ class AccountFolders:
             for d in ("tmp", "new", "cur"):
                 (stage / d).mkdir(parents=True)
             (stage / "maildirfolder").touch()
+            fsync_dir(stage)
             try:
                 os.rename(stage, p)  # fails on a non-empty p: the folder exists
                 return True
