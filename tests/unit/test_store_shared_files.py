@@ -95,6 +95,12 @@ def _append_many(root: str, start, me: int, n: int, out) -> None:
              for i in range(n)])
 
 
+def _drop_in(box: str) -> None:
+    with open(f"{box}/tmp/x", "wb") as f:
+        f.write(b"d" * 77)
+    os.rename(f"{box}/tmp/x", f"{box}/.Archive/cur/999.M1P2Q3.other:2,S")
+
+
 def _run(target, args_of, queue=None) -> list:  # noqa: ANN001
     """Start PROCS processes on ``target`` at once (a barrier), wait for them; their
     queue results, if any."""
@@ -252,8 +258,10 @@ def test_quota_sees_smtp_pop3_and_other_process_changes(store: MaildirStore, mon
     drop = store.open_maildrop(HOST, "ann")
     drop.commit({0})
     assert account.quota()[0] == _full_count(box)[1]
-    (box / "tmp" / "x").write_bytes(b"d" * 77)
-    os.rename(box / "tmp" / "x", box / ".Archive" / "cur" / "999.M1P2Q3.other:2,S")
+    other = _ctx.Process(target=_drop_in, args=(str(box),))  # not through the store
+    other.start()
+    other.join(60)
+    assert other.exitcode == 0
     assert account.quota()[0] == _full_count(box)[1]
 
 

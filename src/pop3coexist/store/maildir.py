@@ -99,7 +99,7 @@ _counter_lock = threading.Lock()
 # key (a second change in the same clock tick would leave the same mtime): it is listed again
 # at the next check. Per process, in memory: no shared file to lock.
 USAGE_RACY_WINDOW = 2.0  # seconds (as Dovecot's maildir "dirty" window; NFS clocks differ)
-USAGE_CACHE_NAMES = 100_000  # file names kept over all folders (about 100 bytes each)
+USAGE_CACHE_NAMES = 50_000  # file names kept over all folders (about 175 bytes each: ~9 MB)
 _usage_cache: dict[str, _FolderUsage] = {}
 _usage_names = [0]  # names held by _usage_cache
 _usage_lock = threading.Lock()
