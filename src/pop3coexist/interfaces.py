@@ -835,6 +835,12 @@ class IAccountFolders(Interface):
                ) -> tuple[int, int]:
         """Store a message; returns (uidvalidity, uid)."""
 
+    def copy_within_quota(view: IFolderView, messages: list, dest: IFolderView
+                          ) -> list[tuple[int, int]]:
+        """COPY / MOVE: ``view.copy_to(messages, dest)`` when the quota takes their octets
+        (the rule APPEND and SMTP delivery apply, checked and written under the mailbox's
+        quota lock), else FolderError OVERQUOTA."""
+
 
 class IFolderView(Interface):
     """One folder's messages by UID, read fresh from disk by ``sync``. Blocking."""

@@ -90,6 +90,7 @@ def test_fetch_falls_back_to_the_thread_when_not_cached(env: Env, monkeypatch) -
     _age_folder(env)
     say(proto, t, b"n NOOP")
     monkeypatch.setattr("pop3coexist.store.folders.open_cached", lambda path: None)
+    monkeypatch.setattr("pop3coexist.fsutil.open_cached", lambda path: None)
     calls = _counting(env)
     out = say(proto, t, b"f FETCH 1 BODY.PEEK[]")
     assert out.endswith(b"x\r\n)\r\nf OK FETCH completed\r\n")

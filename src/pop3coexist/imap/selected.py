@@ -422,12 +422,9 @@ class SelectedCommands:
         if not await self.blocking(self.account.exists, name):
             raise Refuse(f"no folder {name}", "TRYCREATE")
         targets = self._records(self._targets(args[0], uid))
-        used, limit = await self.blocking(self.account.quota)
-        size = sum(await self.blocking(lambda: [sel.view.size(m) for m in targets]))
-        if limit is not None and used + size > limit:
-            raise Refuse("over quota", "OVERQUOTA")
         dest = await self.blocking(self.account.open_folder, name)
-        pairs = await self.blocking(sel.view.copy_to, targets, dest)
+        # the quota rule of APPEND and SMTP (grace included), checked under the quota lock
+        pairs = await self.blocking(self.account.copy_within_quota, sel.view, targets, dest)
         code = ""
         if pairs:
             code = (f"COPYUID {dest.uidvalidity} {format_seqset([a for a, _ in pairs])} "

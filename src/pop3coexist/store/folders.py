@@ -41,6 +41,7 @@ it uses only the modified UTF-7 codec ``imap4-utf-7`` that ``twisted.mail.imap4`
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -49,7 +50,7 @@ import shutil
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -58,7 +59,7 @@ from zope.interface import implementer
 
 from pop3coexist import errors
 from pop3coexist.canonical import canonical_size
-from pop3coexist.fsutil import fsync_dir, open_cached
+from pop3coexist.fsutil import fsync_dir, open_cached, open_cached_file, write_atomic
 from pop3coexist.interfaces import IAccountFolders, ICachedFolderView, IFolderStore, IFolderView
 from pop3coexist.store.maildir import MaildirStore, unique_part
 
@@ -240,14 +241,18 @@ def _path_lock(path: Path) -> threading.Lock:
 
 
 @contextlib.contextmanager
-def _dotlock(folder: Path) -> Iterator[int]:
-    """Dovecot's uid-list lock: ``dovecot-uidlist.lock`` made with O_EXCL; yields its
-    descriptor (the caller writes the new list into it and renames it). A lock older than
-    STALE_LOCK seconds is someone's crash: taken over. Raises StoreError after LOCK_WAIT."""
-    lock = folder / UIDLIST_LOCK
+def _dotlock(folder: Path, name: str = UIDLIST) -> Iterator[int]:
+    """Dovecot's lock of the shared file ``folder/name``: ``<name>.lock`` made with O_EXCL
+    (``dovecot-uidlist.lock``, ``dovecot-keywords.lock``, ``subscriptions.lock``: the locks
+    Dovecot itself takes on these files, so it and every process of this server exclude each
+    other); yields its descriptor (the uid list's writer writes the new list into it and
+    renames it; the others replace their file with ``fsutil.write_atomic`` and leave the lock
+    to be removed here). A lock older than STALE_LOCK seconds is someone's crash: taken over.
+    Raises StoreError after LOCK_WAIT."""
+    lock = folder / f"{name}.lock"
     deadline = time.monotonic() + LOCK_WAIT
     delay = 0.005
-    with _path_lock(folder):
+    with _path_lock(lock):
         while True:
             try:
                 fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -265,13 +270,17 @@ def _dotlock(folder: Path) -> Iterator[int]:
         try:
             yield fd
         finally:
-            os.close(fd)
             # still there: the caller did not rename it (an error). Once renamed, the name
-            # may already be another writer's lock (another process): never unlink that one
-            with contextlib.suppress(FileNotFoundError):
-                st = os.stat(lock)
-                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
-                    os.unlink(lock)
+            # may already be another writer's lock (another process): never unlink that one.
+            # Compared while fd is open: a closed, replaced file's inode number can be given
+            # to the next writer's lock at once (seen with four processes appending)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(lock)
+                    if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                        os.unlink(lock)
+            finally:
+                os.close(fd)
 
 
 @dataclass
@@ -344,13 +353,9 @@ def _read_keywords(folder: Path) -> list[str]:
 
 
 def _write_keywords(folder: Path, keywords: list[str]) -> None:
-    tmp = folder / f"{KEYWORDS}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(f"{i} {k}\n" for i, k in enumerate(keywords)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, folder / KEYWORDS)
-    fsync_dir(folder)
+    """Replace ``dovecot-keywords`` (the caller holds its ``_dotlock``)."""
+    data = "".join(f"{i} {k}\n" for i, k in enumerate(keywords))
+    write_atomic(folder / KEYWORDS, data.encode("utf-8", "surrogateescape"), mode=0o644)
 
 
 def _canonical_size_of(path: Path) -> int:
@@ -427,7 +432,8 @@ class AccountFolders:
         out = []
         with contextlib.suppress(FileNotFoundError), os.scandir(self.root) as it:
             for e in it:
-                if e.name.startswith(".") and len(e.name) > 1 and e.name not in (".", "..") \
+                # "..name": a folder DELETE is removing (the quota skips it too)
+                if e.name.startswith(".") and len(e.name) > 1 and not e.name.startswith("..") \
                         and e.is_dir(follow_symlinks=False) and (Path(e.path) / "cur").is_dir():
                     out.append(e.name[1:])
         return ["INBOX", *sorted(out)]
@@ -442,15 +448,16 @@ class AccountFolders:
         meta = self.root / IMAP_META
         if meta.exists():
             return
-        for name in SPECIAL_USE:
-            if not self.exists(name):
-                with contextlib.suppress(FolderError):
-                    self.create(name)
-            self.subscribe(name, True)
-        # unique per thread: two first log-ins of one account may run here at once
-        tmp = meta.with_name(meta.name + f".tmp{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps({"special": True}))
-        os.rename(tmp, meta)
+        # two first log-ins of one account (any processes) run this one at a time
+        with _dotlock(self.root, IMAP_META):
+            if meta.exists():
+                return
+            for name in SPECIAL_USE:
+                if not self.exists(name):
+                    with contextlib.suppress(FolderError):
+                        self.create(name)
+            self._change_subscriptions(lambda subs: [*subs, *SPECIAL_USE])
+            write_atomic(meta, json.dumps({"special": True}).encode("ascii"), mode=0o644)
 
     def create(self, name: str) -> None:
         """Create folder ``name`` (and the parents its name implies, RFC 3501 section 6.3.3).
@@ -462,11 +469,38 @@ class AccountFolders:
         parts = name.split(SEPARATOR)
         for i in range(1, len(parts) + 1):
             sub = SEPARATOR.join(parts[:i])
-            p = self.path(sub)
-            for d in ("tmp", "new", "cur"):
-                (p / d).mkdir(parents=True, exist_ok=True)
-            (p / "maildirfolder").touch()
+            if not self._make_folder(self.path(sub)) and i == len(parts):
+                raise FolderError(f"folder {name} already exists", "ALREADYEXISTS")
         fsync_dir(self.root)
+
+    def _make_folder(self, p: Path) -> bool:
+        """Make the Maildir++ folder ``p`` whole or not at all: ``tmp``, ``new``, ``cur`` and
+        ``maildirfolder`` are made in a staging folder under the mailbox's ``tmp/`` and renamed
+        to ``p`` (another process or Dovecot never sees half a folder; of two processes
+        creating it at once one wins). False when ``p`` exists already (as a folder; a
+        non-folder directory of that name is completed in place)."""
+        if (p / "cur").is_dir():
+            return False
+        stage = self.root / "tmp" / f".folder.{os.getpid()}.{secrets.token_hex(6)}"
+        try:
+            for d in ("tmp", "new", "cur"):
+                (stage / d).mkdir(parents=True)
+            (stage / "maildirfolder").touch()
+            fsync_dir(stage)
+            try:
+                os.rename(stage, p)  # fails on a non-empty p: the folder exists
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        if (p / "cur").is_dir():
+            return False
+        for d in ("tmp", "new", "cur"):
+            (p / d).mkdir(exist_ok=True)
+        (p / "maildirfolder").touch()
+        return True
 
     def delete(self, name: str) -> None:
         """Delete folder ``name`` and its messages. INBOX cannot be deleted; a folder with
@@ -507,12 +541,16 @@ class AccountFolders:
             self.create(parent)
         moves = [f for f in self.list_folders() if f == old or f.startswith(old + SEPARATOR)]
         for f in moves:
-            os.rename(self.path(f), self.path(new + f[len(old):]))
+            try:
+                os.rename(self.path(f), self.path(new + f[len(old):]))
+            except OSError as exc:  # made by another session meanwhile
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                raise FolderError(f"folder {new + f[len(old):]} already exists",
+                                  "ALREADYEXISTS") from None
         fsync_dir(self.root)
-        subs = self.subscriptions()
-        if old in subs:
-            self.subscribe(old, False)
-            self.subscribe(new, True)
+        self._change_subscriptions(
+            lambda subs: [new if s == old else s for s in subs] if old in subs else subs)
 
     def subscriptions(self) -> list[str]:
         """Subscribed names (Dovecot's ``subscriptions`` file)."""
@@ -524,13 +562,20 @@ class AccountFolders:
 
     def subscribe(self, name: str, on: bool) -> None:
         """Add or remove ``name`` in the subscriptions (it need not exist: RFC 3501 6.3.6)."""
-        with _path_lock(self.root / SUBSCRIPTIONS):
-            subs = [s for s in self.subscriptions() if s != name]
-            if on:
-                subs.append(name)
-            tmp = self.root / f"{SUBSCRIPTIONS}.tmp.{os.getpid()}.{threading.get_ident()}"
-            tmp.write_text("".join(s + "\n" for s in subs), "utf-8", "surrogateescape")
-            os.rename(tmp, self.root / SUBSCRIPTIONS)
+        self._change_subscriptions(
+            lambda subs: [*(s for s in subs if s != name), *([name] if on else [])])
+
+    def _change_subscriptions(self, change: Callable[[list[str]], list[str]]) -> None:
+        """Read-modify-write the ``subscriptions`` file: under its lock (``_dotlock``,
+        ``subscriptions.lock``: held across processes, and by Dovecot), read again, ``change``
+        the list, replace the file atomically (``fsutil.write_atomic``; not written when
+        unchanged). Names are kept once each, in their order."""
+        with _dotlock(self.root, SUBSCRIPTIONS):
+            before = self.subscriptions()
+            after = list(dict.fromkeys(change(before)))
+            if after != before:
+                data = "".join(s + "\n" for s in after).encode("utf-8", "surrogateescape")
+                write_atomic(self.root / SUBSCRIPTIONS, data, mode=0o644)
 
     def open_folder(self, name: str) -> FolderView:
         """A view of folder ``name``; raises FolderError NONEXISTENT."""
@@ -539,18 +584,10 @@ class AccountFolders:
         return FolderView(self.path(name), validate_name(name))
 
     def quota(self) -> tuple[int, int | None]:
-        """(bytes used over all folders, limit in bytes or None): RFC 2087's STORAGE."""
-        used = 0
-        for name in self.list_folders():
-            p = self.path(name)
-            for sub in ("new", "cur"):
-                for e in _scan(p / sub):
-                    m = _SIZE_S.search(e.name.split(":", 1)[0])
-                    if m:
-                        used += int(m.group(1))
-                    else:
-                        with contextlib.suppress(FileNotFoundError):
-                            used += e.stat(follow_symlinks=False).st_size
+        """(bytes used over all folders, limit in bytes or None): RFC 2087's STORAGE. The
+        store's count (``MaildirStore.usage``: each folder scanned again only when changed,
+        by any process, since this process last did)."""
+        _, used = self.store.usage(self.domain, self.mailbox)
         return used, self.store.get_quota(self.domain, self.mailbox)
 
     def append(self, name: str, data: bytes, flags: Iterable[str], internaldate: float | None
@@ -561,11 +598,35 @@ class AccountFolders:
         OVERQUOTA when the account's quota refuses it."""
         if not self.exists(name):
             raise FolderError(f"no folder {name}", "TRYCREATE")
-        used, limit = self.quota()
-        if self.store.quota_refuses(used, len(data), limit):
-            raise FolderError("over quota", "OVERQUOTA")
-        view = FolderView(self.path(name), validate_name(name))
-        return view.add(data, flags, internaldate)
+        # check and write under the quota lock, as a delivery does: two writers at once (any
+        # processes, SMTP or IMAP) cannot both slip under the limit
+        with self.store.quota_locked(self.domain, self.mailbox) as limit:
+            if limit is not None and self.store.quota_refuses(
+                    self.store.usage(self.domain, self.mailbox)[1], len(data), limit):
+                raise FolderError("over quota", "OVERQUOTA")
+            view = FolderView(self.path(name), validate_name(name))
+            return view.add(data, flags, internaldate)
+
+    def copy_within_quota(self, view: FolderView, messages: list[Message], dest: FolderView
+                          ) -> list[tuple[int, int]]:
+        """See ``IAccountFolders.copy_within_quota``: the messages' stored octets (``,S=``
+        of their names, else their files' sizes) against ``quota_refuses``, under the quota
+        lock; then ``view.copy_to``. Raises FolderError OVERQUOTA."""
+        with self.store.quota_locked(self.domain, self.mailbox) as limit:
+            if limit is not None and messages:
+                size = 0
+                for msg in messages:
+                    m = _SIZE_S.search(msg.name.split(":", 1)[0])
+                    if m:
+                        size += int(m.group(1))
+                        continue
+                    p = view.locate(msg)  # None: gone meanwhile, copy_to skips it
+                    with contextlib.suppress(FileNotFoundError):
+                        size += p.stat().st_size if p is not None else 0
+                used = self.store.usage(self.domain, self.mailbox)[1]
+                if self.store.quota_refuses(used, size, limit):
+                    raise FolderError("over quota", "OVERQUOTA")
+            return view.copy_to(messages, dest)
 
 
 @implementer(IFolderView, ICachedFolderView)
@@ -672,9 +733,9 @@ class FolderView:
 
     def open_cached(self, msg: Message) -> BinaryIO | None:
         """See ``ICachedFolderView.open_cached``: the file at its last known name, if the
-        kernel can open it without waiting for the disk (a renamed file: None)."""
-        fd = open_cached(f"{self.path}/{msg.sub}/{msg.name}")
-        return None if fd is None else os.fdopen(fd, "rb")
+        kernel can open it without waiting for the disk (a renamed file: None); an unbuffered
+        ``io.FileIO``, as POP3's RETR reads (``fsutil.open_cached_file``)."""
+        return open_cached_file(f"{self.path}/{msg.sub}/{msg.name}")
 
     def sync_if_changed(self) -> list[Message] | None:
         """``sync()``, or None when nothing in the folder changed since the last ``sync`` of
@@ -785,15 +846,18 @@ class FolderView:
         wanted = [f for f in flags if not f.startswith("\\") and _KEYWORD.match(f)]
         have = {k.lower() for k in self.keywords}
         missing = [f for f in wanted if f.lower() not in have]
-        if missing:
-            with _path_lock(self.path / KEYWORDS):
+        if missing:  # read-modify-write under the file's lock: letters are never reused
+            with _dotlock(self.path, KEYWORDS):
                 self.keywords = _read_keywords(self.path)
                 have = {k.lower() for k in self.keywords}
+                added = False
                 for f in missing:
                     if f.lower() not in have and len(self.keywords) < 26:
                         self.keywords.append(f)
                         have.add(f.lower())
-                _write_keywords(self.path, self.keywords)
+                        added = True
+                if added:
+                    _write_keywords(self.path, self.keywords)
 
     def set_flags(self, msg: Message, flags: Iterable[str]) -> frozenset[str]:
         """Give the message exactly ``flags`` (\\Recent is not stored): the file is renamed

@@ -36,7 +36,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -48,6 +47,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -58,7 +58,7 @@ from pop3coexist.address import is_valid_mailbox_name, normalise_domain
 from pop3coexist.canonical import canonical_size
 from pop3coexist.config import QuotaGrace
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.fsutil import missing_cached, open_cached, retry_stale, stat_cached
+from pop3coexist.fsutil import missing_cached, open_cached_file, retry_stale, stat_cached
 from pop3coexist.interfaces import (
     Distribution,
     IAliasTable,
@@ -90,6 +90,31 @@ _UIDL_OK_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")
 
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
+
+# Quota usage, kept per new/ or cur/ folder (README "IMAP", quota): the folder's path ->
+# _FolderUsage. Adding, removing or renaming a file in a folder changes its mtime, whichever
+# process does it (a delivery, POP3, an IMAP session, Dovecot), so an entry whose key still
+# matches is still right; a changed folder is listed again and only the names that came or
+# went are sized. A folder changed within USAGE_RACY_WINDOW seconds of its listing gets no
+# key (a second change in the same clock tick would leave the same mtime): it is listed again
+# at the next check. Per process, in memory: no shared file to lock.
+USAGE_RACY_WINDOW = 2.0  # seconds (as Dovecot's maildir "dirty" window; NFS clocks differ)
+USAGE_CACHE_NAMES = 50_000  # file names kept over all folders (about 175 bytes each: ~9 MB)
+_usage_cache: dict[str, _FolderUsage] = {}
+_usage_names = [0]  # names held by _usage_cache
+_usage_lock = threading.Lock()
+_SIZE_S_RE = re.compile(r",S=(\d+)(?=,|\Z)")
+
+
+@dataclass(frozen=True, slots=True)
+class _FolderUsage:
+    """One new/ or cur/ folder's usage: ``key`` (st_dev, st_ino, st_mtime_ns) of the folder
+    when listed, or None (changed too recently to trust); ``sizes``: message file name ->
+    bytes (``,S=`` or the file's size); ``total``: their sum."""
+
+    key: tuple[int, int, int] | None
+    sizes: dict[str, int]
+    total: int
 
 
 # -- helpers for callers ----------------------------------------------------------------------
@@ -218,6 +243,69 @@ def _flocked(lock_path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _file_size(folder: str, name: str) -> int | None:
+    """The bytes a message file counts for the quota: its name's ``,S=`` (maildir(5) as
+    Dovecot writes it; such a name is taken to be a file), else its size when it is a
+    regular file; None for a dot-file, a folder, a symlink or a file gone meanwhile."""
+    if name.startswith("."):
+        return None
+    m = _SIZE_S_RE.search(name.partition(":")[0])
+    if m:
+        return int(m.group(1))
+    try:
+        st = os.lstat(f"{folder}/{name}")
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _folder_usage(folder: str, now: float) -> tuple[int, int] | None:
+    """(messages, bytes) in one new/ or cur/ folder (see ``_file_size``); None when it is
+    not a folder. From ``_usage_cache`` while the folder's (device, inode, mtime) is what it
+    was when last listed; else listed again (its mtime read first, so a change during or
+    after the listing shows as a new mtime) and only the names not in the last listing are
+    sized. The key is kept only when that mtime is USAGE_RACY_WINDOW seconds old or more."""
+    try:
+        st = os.stat(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    entry = _usage_cache.get(folder)
+    if entry is not None and entry.key == key:
+        return len(entry.sizes), entry.total
+    try:
+        listing = set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if entry is None:
+        sizes: dict[str, int] = {}
+        total = 0
+        added = listing
+    else:
+        sizes = dict(entry.sizes)
+        total = entry.total
+        for name in sizes.keys() - listing:
+            total -= sizes.pop(name)
+        added = listing - sizes.keys()
+    for name in added:
+        size = _file_size(folder, name)
+        if size is not None:
+            sizes[name] = size
+            total += size
+    fresh = _FolderUsage(key if now - st.st_mtime >= USAGE_RACY_WINDOW else None, sizes, total)
+    with _usage_lock:
+        old = _usage_cache.pop(folder, None)
+        _usage_names[0] -= len(old.sizes) if old is not None else 0
+        while _usage_cache and _usage_names[0] + len(sizes) > USAGE_CACHE_NAMES:
+            _usage_names[0] -= len(_usage_cache.pop(next(iter(_usage_cache))).sizes)
+        if len(sizes) <= USAGE_CACHE_NAMES:
+            _usage_cache[folder] = fresh  # the most recent last: evicted last
+            _usage_names[0] += len(sizes)
+    return len(sizes), total
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -569,26 +657,26 @@ class MaildirStore:
     @staticmethod
     def _usage(path: Path) -> tuple[int, int]:
         """(messages, bytes) in the mailbox: INBOX and its IMAP folders (the Maildir++
-        subfolders ``.Name`` with a ``cur/``, README "IMAP"), as the quota counts them."""
+        subfolders ``.Name`` with a ``cur/``, README "IMAP"), as the quota counts them. Each
+        folder's new/ and cur/ are scanned only when changed since this process last did
+        (``_folder_usage``): a quota check costs a listing of the mailbox and two stat calls
+        a folder, plus a scan of what changed."""
         count = 0
         total = 0
-        folders = [path]
+        now = time.time()
+        folders = [str(path)]
         with contextlib.suppress(OSError), os.scandir(path) as it:
             for entry in it:
                 if entry.name.startswith(".") and not entry.name.startswith("..") and \
-                        entry.is_dir(follow_symlinks=False) and os.path.isdir(
-                            os.path.join(entry.path, "cur")):
-                    folders.append(Path(entry.path))
-        for folder, sub in ((f, s) for f in folders for s in ("new", "cur")):
-            for entry in _scan(folder / sub):
-                size = _size_fields(entry.name).get("S")
-                if size is None:
-                    try:
-                        size = entry.stat(follow_symlinks=False).st_size
-                    except FileNotFoundError:
-                        continue  # deleted meanwhile
-                count += 1
-                total += size
+                        entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+        for folder in folders:
+            cur = _folder_usage(f"{folder}/cur", now)
+            if cur is None:
+                continue  # no cur/: not a folder
+            new = _folder_usage(f"{folder}/new", now) or (0, 0)
+            count += cur[0] + new[0]
+            total += cur[1] + new[1]
         return count, total
 
     def would_exceed_quota(self, domain: str, mailbox: str, size: int) -> bool:
@@ -617,6 +705,19 @@ class MaildirStore:
         if quota is None:
             return False
         return self.quota_refuses(self._usage(path)[1], size, quota)
+
+    @contextlib.contextmanager
+    def quota_locked(self, domain: str, mailbox: str) -> Iterator[int | None]:
+        """Hold the mailbox's quota lock (the flock ``deliver_within_quota`` takes, across
+        processes) while a caller checks the quota and writes (IMAP APPEND); yields the
+        quota in bytes, or None (no quota: no lock is taken). StoreError on an I/O error."""
+        with _io_errors(f"cannot check the quota of {mailbox}@{domain}"):
+            _, _, path = self._existing_mailbox(domain, mailbox)
+            quota = self._read_meta(path).get("quota")
+            lock = _flocked(path / QUOTA_LOCK_NAME) if quota is not None else \
+                contextlib.nullcontext()
+        with lock:
+            yield quota
 
     def quota_refuses(self, usage: int, size: int, quota: int | None) -> bool:
         """The quota rule, in bytes: a message of ``size`` fits when ``usage + size <= quota``;
@@ -1074,10 +1175,7 @@ class Maildrop:
         """See ``ICachedMessageOpen.open_message_cached``: the file if the kernel can open it without
         waiting for the disk (fsutil.open_cached), else None."""
         msg = self._message(index)
-        # a str path and an unbuffered FileIO: on the reactor, once per RETR, pathlib's join
-        # and io.open's buffered reader cost more than the open itself (issue 17)
-        fd = open_cached(f"{self._base}/{msg.folder}/{msg.name}")
-        return None if fd is None else io.FileIO(fd, "rb")
+        return open_cached_file(f"{self._base}/{msg.folder}/{msg.name}")
 
     def commit(self, deleted: set[int]) -> None:
         """See ``IMaildrop.commit``.
