@@ -9,7 +9,8 @@ process and its workers, all their threads), read before and after one ``smtp-so
 -m N -l 4096`` run, until every message is in the Maildir (``local``) or the queue is empty
 after relaying to an ``smtp-sink`` (``relay``). Prints ms per message per run and the
 medians. ``--b`` defaults to the twistd beside the Python running this script.
-``--py-spy OUT`` records B's first worker during B's first timed run (raw folded stacks).
+``--py-spy OUT`` records B's first worker during B's first timed run (raw folded stacks), and
+the main process into ``OUT.main``.
 """
 
 from __future__ import annotations
@@ -97,18 +98,21 @@ def main() -> None:
                 if args.mode == "local":
                     bench.empty_folder(srv.state_dir / "mailroot" / bench.HOSTNAME / "bench" / "new")
                 procs = pids(srv)
-                spy = None
+                spies = []
                 if args.py_spy and name == "B" and i == 0 and len(procs) > 1:
-                    spy = subprocess.Popen(["py-spy", "record", "-r", "200", "--nonblocking", "-p",
-                                            str(procs[1]), "-f", "raw", "-o", args.py_spy],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    for pid, out in ((procs[1], args.py_spy), (procs[0], args.py_spy + ".main")):
+                        spies.append(subprocess.Popen(
+                            ["py-spy", "record", "-r", "200", "--nonblocking", "-p", str(pid),
+                             "-f", "raw", "-o", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     time.sleep(1.0)
                 c0 = [cpu(p) for p in procs]
                 t = bench.smtp_source(srv.port("smtp"), args.messages, rcpt)
                 done(srv)
                 c1 = [cpu(p) for p in procs]
-                if spy is not None:
+                for spy in spies:
                     spy.send_signal(signal.SIGINT)
+                for spy in spies:
                     spy.wait(30)
                 ms = [1000 * (b - a) / args.messages for a, b in zip(c0, c1, strict=True)]
                 results[name].append(sum(ms))

@@ -49,6 +49,7 @@ def makeService(options: Options) -> Any:
         StateInUse,
         StateLock,
         cache_log_time_stamps,
+        fast_log_text,
         check_state_dir,
         hand_over,
         limit_malloc_retention,
@@ -57,6 +58,7 @@ def makeService(options: Options) -> Any:
 
     limit_malloc_retention()
     cache_log_time_stamps()
+    fast_log_text()
 
     try:
         config = load_config(options["config"])

@@ -277,16 +277,19 @@ class SharedConnectionLimiter:
         h = _key_hash(key)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            total = self._open
+            others = 0
             for off in self._others:
-                total += _U32.unpack_from(mm, off)[0]
-            if total >= self.total:
+                others += _U32.unpack_from(mm, off)[0]
+            if self._open + others >= self.total:
                 return False
-            per_client = mine
-            for off in self._others:
-                per_client += self._lookup(off, key, h)[1]
-            if per_client >= self.per_client:
-                return False
+            # the others hold at most ``others`` connections from this client: when even
+            # that leaves room, their entries need not be looked up (issue 17)
+            if mine + others >= self.per_client:
+                per_client = mine
+                for off in self._others:
+                    per_client += self._lookup(off, key, h)[1]
+                if per_client >= self.per_client:
+                    return False
             self._counts[key] = mine + 1
             self._open += 1
             self._sync(key, h, mine)
@@ -446,7 +449,7 @@ class SharedConnectionLimiter:
 
     def _write_region_header(self) -> None:
         assert self._mm is not None
-        _REGION.pack_into(self._mm, self._mine, self._open, len(self._counts), os.getpid())
+        _REGION.pack_into(self._mm, self._mine, self._open, len(self._counts), self._pid)
 
     def _rebuild(self) -> None:
         """Rewrite this worker's region from its own counts (the truth)."""
