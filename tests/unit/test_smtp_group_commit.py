@@ -392,3 +392,82 @@ def test_a_failing_queue_sync_leaves_no_queued_message(tmp_path: Path) -> None:
     runner.step()
     assert out == ["OSError"]
     assert queue.ids() == [] and list(queue.msg_dir.iterdir()) == [] and woken == []
+
+
+def _chained(tmp_path: Path, runner):
+    """A committer whose batches chain in one job; its hand-backs wait in ``back``."""
+    back: list[tuple] = []
+    store, queue, _, sync = make(tmp_path, runner)
+    committer = GroupCommitter(store, queue, runner, sync_fs=sync.syncfs, fsync=sync.fsync,
+                               hand_back=lambda f, *a: back.append((f, a)))
+    return store, committer, sync, back
+
+
+def test_chained_job_takes_what_arrived_meanwhile_as_its_next_batch(tmp_path: Path) -> None:
+    """With ``hand_back`` one run_blocking job runs batch after batch: messages that end while
+    a batch runs (here: committed from inside its data sync, as the reactor would meanwhile)
+    form the next batch of the same job, with no second job; each batch's results reach the
+    reactor through ``hand_back``, in order, and no Deferred fires before its hand-back runs.
+    Once nothing waits the job ends, and the next message starts a new job."""
+    runner = ManualRunner()
+    store, committer, sync, back = _chained(tmp_path, runner)
+    order: list[int] = []
+    extra: list[defer.Deferred] = []
+    real_syncfs = committer.sync_fs
+
+    def syncfs_then_more(fd: int) -> None:
+        real_syncfs(fd)
+        if not extra:  # the first batch's data sync: three more messages end meanwhile
+            for i in range(1, 4):
+                d = committer.commit(spool(store, b"m%d\n" % i), [(HOST, "ted")], None)
+                d.addCallback(lambda _, i=i: order.append(i))
+                extra.append(d)
+
+    committer.sync_fs = syncfs_then_more
+    committer.syncfs_min = 1  # the first batch (one message) syncs by syncfs too
+    d0 = committer.commit(spool(store, b"m0\n"), [(HOST, "ted")], None)
+    d0.addCallback(lambda _: order.append(0))
+    assert len(runner.calls) == 1
+    runner.step()  # the one job: batch m0, then batch m1..m3
+    assert len(runner.calls) == 0 and len(back) == 2 and order == []
+    assert new_files(store, "ted") == [b"m%d\n" % i for i in range(4)]
+    f, args = back.pop(0)
+    f(*args)
+    assert order == [0]
+    f, args = back.pop(0)
+    f(*args)
+    assert order == [0, 1, 2, 3] and committer.batches == 2 and committer.messages == 4
+    d4 = committer.commit(spool(store, b"m4\n"), [(HOST, "ted")], None)
+    assert len(runner.calls) == 1  # nothing ran: a new job
+    runner.step()
+    f, args = back.pop(0)
+    f(*args)
+    assert results([d4]) == ["ok"] and list(store.spool_dir().iterdir()) == []
+
+
+def test_chained_job_answers_every_message_when_it_fails_or_is_refused(tmp_path: Path) -> None:
+    """A chained batch that raises past its per-message handling fails each of its messages
+    (451 in the session), and a thread pool that refuses the job fails the waiting messages
+    at once; either way the next message starts a new job."""
+    runner = ManualRunner()
+    store, committer, _sync, back = _chained(tmp_path, runner)
+    d0 = committer.commit(spool(store, b"m0\n"), [(HOST, "ted")], None)
+    committer._run_batch = lambda batch: (_ for _ in ()).throw(OSError("disk gone"))
+    runner.step()
+    f, args = back.pop(0)
+    f(*args)
+    assert results([d0]) == ["OSError"]
+
+    def refuse(f, *a):
+        raise RuntimeError("pool stopped")
+
+    committer.run_blocking = refuse
+    d1 = committer.commit(spool(store, b"m1\n"), [(HOST, "ted")], None)
+    assert results([d1]) == ["RuntimeError"]
+    del committer._run_batch
+    committer.run_blocking = runner
+    d2 = committer.commit(spool(store, b"m2\n"), [(HOST, "ted")], None)
+    runner.step()
+    f, args = back.pop(0)
+    f(*args)
+    assert results([d2]) == ["ok"]
