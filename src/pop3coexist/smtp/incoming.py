@@ -760,14 +760,14 @@ class GroupCommitter:
                 self._run_batch(batch)
             except BaseException:  # noqa: BLE001 - every message of the batch is answered
                 result = Failure()
-            with self._lock:
-                following = self._take()
-                if not following:
-                    self._running = False
+            # handed back before "not running": a job started after this one ends hands its
+            # batches back after this one's, so the replies keep the batches' order
             self.hand_back(self._chained_done, result, batch)  # type: ignore[misc]
-            if not following:
-                return
-            batch = following
+            with self._lock:
+                batch = self._take()
+                if not batch:
+                    self._running = False
+                    return
 
     def _chained_done(self, result: object, batch: list[_Pending]) -> None:
         """In the reactor: a chained batch's results (as ``_batch_done``, with no next kick)."""
