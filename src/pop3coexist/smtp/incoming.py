@@ -38,7 +38,6 @@ import ctypes
 import ctypes.util
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -634,16 +633,6 @@ class GroupCommitter:
     Messages for the outbound queue are the exception: see ``commit``.
 
     ``sync_fs(fd)`` and ``fsync(fd)`` are injectable for tests (a failing disk, an order log).
-
-    ``hand_back`` (the reactor's ``callFromThread``; None: each batch is one ``run_blocking``
-    call whose Deferred brings its results back) lets one ``run_blocking`` job run batch
-    after batch: when a batch ends, its results go to the reactor by ``hand_back`` and the
-    job takes what arrived meanwhile as the next batch at once; it ends when nothing is
-    waiting. Under load the thread then is not woken (and the job not dispatched through the
-    thread pool) once per batch (issue 17: ``Condition.notify`` of the pool's queue alone was
-    4 % of the GIL's samples). The waiting list and the running flag are shared with that
-    thread under a lock: the reactor adds to the list and starts a job only when none runs;
-    the job sets "not running" in the same locked step in which it finds the list empty.
     """
 
     def __init__(
@@ -656,11 +645,8 @@ class GroupCommitter:
         syncfs_min: int = 3,
         sync_fs: Callable[[int], None] | None = SYNCFS,
         fsync: Callable[[int], None] = os.fsync,
-        hand_back: Callable[..., Any] | None = None,
     ) -> None:
         self.store = store
-        self.hand_back = hand_back
-        self._lock = threading.Lock()  # _pending and _running, with hand_back's chained job
         self.queue = queue
         self.run_blocking = run_blocking
         self.max_batch = max_batch
@@ -714,15 +700,6 @@ class GroupCommitter:
                                      list(local_recipients), envelope, self.fsync, notes,
                                      partial)
         item = _Pending(spool, list(local_recipients), envelope, notes, partial)
-        if self.hand_back is not None:
-            with self._lock:
-                self._pending.append(item)
-                if self._running:
-                    return item.deferred  # the running job takes it as its next batch
-                batch = self._take()
-                self._running = True
-            self._start_chain(batch)
-            return item.deferred
         self._pending.append(item)
         self._kick()
         return item.deferred
@@ -731,57 +708,6 @@ class GroupCommitter:
         """See ICopyCommitter: a new spool file (made off the reactor) with ``Return-Path:
         <sender>``, ``header``, then the message of ``spool``."""
         return self.run_blocking(copy_spool, spool, sender, header)
-
-    def _take(self) -> list[_Pending]:
-        """The next batch from the waiting list (callers hold the lock when chaining)."""
-        batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-        return batch
-
-    def _start_chain(self, batch: list[_Pending]) -> None:
-        try:
-            d = self.run_blocking(self._run_chain, batch)
-        except Exception as e:  # the thread pool refused the work
-            with self._lock:
-                batch += self._pending
-                self._pending = []
-                self._running = False
-            for item in batch:
-                item.error = item.error or e
-            self._chained_done(None, batch)
-            return
-        d.addErrback(lambda f: log.failure("SMTP group commit failed", f))
-
-    def _run_chain(self, batch: list[_Pending]) -> None:
-        """Blocking (the chained job): run ``batch``, hand its results back, and go on with
-        whatever arrived meanwhile until nothing waits."""
-        while True:
-            result: object = None
-            try:
-                self._run_batch(batch)
-            except BaseException:  # noqa: BLE001 - every message of the batch is answered
-                result = Failure()
-            # handed back before "not running": a job started after this one ends hands its
-            # batches back after this one's, so the replies keep the batches' order
-            self.hand_back(self._chained_done, result, batch)  # type: ignore[misc]
-            with self._lock:
-                batch = self._take()
-                if not batch:
-                    self._running = False
-                    return
-
-    def _chained_done(self, result: object, batch: list[_Pending]) -> None:
-        """In the reactor: a chained batch's results (as ``_batch_done``, with no next kick)."""
-        if isinstance(result, Failure):
-            log.failure("SMTP group commit failed", result)
-            for item in batch:
-                item.error = item.error or result.value
-        self.batches += 1
-        for item in batch:
-            if item.error is None:
-                self.messages += 1
-                item.deferred.callback(list(item.refused))
-            else:
-                item.deferred.errback(Failure(item.error))
 
     def _kick(self) -> None:
         if self._running or not self._pending:

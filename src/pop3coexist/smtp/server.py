@@ -114,22 +114,18 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.auth_required = mode == "submission" or (
             mode == "smtps" and config.smtp.tls_listen_requires_auth)
         self.reactor = reactor
-        hand_back = None  # a test's own run_blocking: one call per commit batch
         if run_blocking is None:
 
             def run_blocking(f, *args, **kwargs):
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
 
-            hand_back = reactor.callFromThread  # batches chained in one pool job (incoming.py)
         self.run_blocking = run_blocking
         # one batch of fsyncs for all sessions' messages that end meanwhile (incoming.py); on
         # FUSE or a network file system (a shared volume) syncfs does not reach the disks
         # where the data is kept: each file is fsynced (README "Several servers")
         durable = syncfs_is_durable(config.server.mailroot) if config is not None else True
-        self.committer = (GroupCommitter(store, queue, run_blocking, hand_back=hand_back)
-                          if durable else
-                          GroupCommitter(store, queue, run_blocking, sync_fs=None,
-                                         hand_back=hand_back))
+        self.committer = (GroupCommitter(store, queue, run_blocking) if durable
+                          else GroupCommitter(store, queue, run_blocking, sync_fs=None))
         smtp_cfg = config.smtp
         self.throttle = throttle or AuthThrottle(reactor, base=smtp_cfg.auth_failure_delay)
         self.gate = LoginGate.for_throttle(self.throttle, reactor)  # every password check waits its turn here
