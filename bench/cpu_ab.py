@@ -9,7 +9,10 @@ process and its workers, all their threads), read before and after one ``smtp-so
 -m N -l 4096`` run, until every message is in the Maildir (``local``) or the queue is empty
 after relaying to an ``smtp-sink`` (``relay``). Prints ms per message per run and the
 medians. ``--b`` defaults to the twistd beside the Python running this script.
-``--py-spy OUT`` records B's first worker during B's first timed run (raw folded stacks).
+``--together`` runs A and B at the same time in each round (two ``smtp-source`` at once), so
+both meet the same load from the rest of a shared machine; the pairs' ratios B/A are printed
+with their median. ``--py-spy OUT`` records B's first worker during B's first timed run (raw folded stacks), and
+the main process into ``OUT.main``.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=3000)
     p.add_argument("--workers", default="2")
     p.add_argument("--py-spy", default="")
+    p.add_argument("--together", action="store_true")
     args = p.parse_args()
     bench.WORKERS = args.workers
     tmp = Path(tempfile.mkdtemp(prefix="cpu-ab-"))
@@ -92,23 +96,28 @@ def main() -> None:
             args.messages = 300
             done(srv)
             args.messages = done_n
+        if args.together:
+            return _together(args, servers, rcpt, done)
         for i in range(args.runs):
             for name, srv in servers.items():
                 if args.mode == "local":
                     bench.empty_folder(srv.state_dir / "mailroot" / bench.HOSTNAME / "bench" / "new")
                 procs = pids(srv)
-                spy = None
+                spies = []
                 if args.py_spy and name == "B" and i == 0 and len(procs) > 1:
-                    spy = subprocess.Popen(["py-spy", "record", "-r", "200", "--nonblocking", "-p",
-                                            str(procs[1]), "-f", "raw", "-o", args.py_spy],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    for pid, out in ((procs[1], args.py_spy), (procs[0], args.py_spy + ".main")):
+                        spies.append(subprocess.Popen(
+                            ["py-spy", "record", "-r", "200", "--nonblocking", "-p", str(pid),
+                             "-f", "raw", "-o", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                     time.sleep(1.0)
                 c0 = [cpu(p) for p in procs]
                 t = bench.smtp_source(srv.port("smtp"), args.messages, rcpt)
                 done(srv)
                 c1 = [cpu(p) for p in procs]
-                if spy is not None:
+                for spy in spies:
                     spy.send_signal(signal.SIGINT)
+                for spy in spies:
                     spy.wait(30)
                 ms = [1000 * (b - a) / args.messages for a, b in zip(c0, c1, strict=True)]
                 results[name].append(sum(ms))
@@ -127,6 +136,42 @@ def main() -> None:
         if sink is not None:
             sink.terminate()
             sink.wait(10)
+
+
+def _together(args: argparse.Namespace, servers: dict, rcpt: str, done) -> None:  # noqa: ANN001
+    """Each round: A and B fed at once, CPU per message of each; the ratio B/A per round."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: dict[str, list[float]] = {"A": [], "B": []}
+    ratios: list[float] = []
+
+    def one(srv: support.ServerProcess) -> tuple[float, list[float]]:
+        procs = pids(srv)
+        c0 = [cpu(p) for p in procs]
+        t = bench.smtp_source(srv.port("smtp"), args.messages, rcpt)
+        done(srv)
+        c1 = [cpu(p) for p in procs]
+        return t, [1000 * (b - a) / args.messages for a, b in zip(c0, c1, strict=True)]
+
+    with ThreadPoolExecutor(2) as pool:
+        for i in range(args.runs):
+            if args.mode == "local":
+                for srv in servers.values():
+                    bench.empty_folder(srv.state_dir / "mailroot" / bench.HOSTNAME / "bench" / "new")
+            futures = {name: pool.submit(one, srv) for name, srv in servers.items()}
+            line = []
+            for name, fut in futures.items():
+                t, ms = fut.result()
+                results[name].append(sum(ms))
+                line.append(f"{name} {sum(ms):.3f} ({' + '.join(f'{m:.2f}' for m in ms)}, "
+                            f"{args.messages / t:.0f} msg/s)")
+            ratios.append(results["B"][-1] / results["A"][-1])
+            print(f"round {i + 1}: " + "  ".join(line) + f"  B/A {ratios[-1]:.3f}", flush=True)
+    for name in ("A", "B"):
+        print(f"{name} median {statistics.median(results[name]):.3f} ms/msg "
+              f"runs {[round(v, 3) for v in results[name]]}")
+    print(f"B/A median of rounds {statistics.median(ratios):.3f}, B lower in "
+          f"{sum(r < 1 for r in ratios)} of {len(ratios)}")
 
 
 if __name__ == "__main__":

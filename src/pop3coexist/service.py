@@ -524,6 +524,9 @@ def share_accepts(port: Any) -> None:
     """
     if type(port) is tcp.Port:
         port.__class__ = _SharedAcceptPort
+        # Twisted's doRead reads ``self._logger`` twice per wake-up, and that class attribute
+        # (a Logger descriptor) builds a new Logger at each read: keep one (issue 17)
+        port._logger = tcp.Port._logger.__get__(port, _SharedAcceptPort)
 
 
 class Pop3CoexistService(service.MultiService):

@@ -50,6 +50,7 @@ def makeService(options: Options) -> Any:
         StateLock,
         cache_log_time_stamps,
         check_state_dir,
+        fast_log_text,
         hand_over,
         limit_malloc_retention,
         switch_ids,
@@ -57,6 +58,7 @@ def makeService(options: Options) -> Any:
 
     limit_malloc_retention()
     cache_log_time_stamps()
+    fast_log_text()
 
     try:
         config = load_config(options["config"])

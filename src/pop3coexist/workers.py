@@ -63,6 +63,7 @@ STABLE_AFTER = 60.0  # a worker that lived this long starts the restart delays a
 
 _LINE_MARK = b'{"w":'
 _LEVELS = frozenset(LogLevel.iterconstants())
+_LEVEL_NAMES = {level.name: level for level in _LEVELS}
 
 
 def encode_worker_event(event: Mapping[str, Any]) -> bytes | None:
@@ -91,11 +92,8 @@ def decode_worker_event(line: bytes) -> dict[str, Any] | None:
     level = record.get("l")
     event.update(log_time=record.get("t"), log_namespace=record.get("n"),
                  log_format="{log_text}", log_text=record.get("x") or "")
-    if level:
-        try:
-            event["log_level"] = LogLevel.levelWithName(level)
-        except Exception:  # noqa: BLE001 - an unknown level name: keep the event, no level
-            pass
+    if type(level) is str and level in _LEVEL_NAMES:  # else keep the event, with no level
+        event["log_level"] = _LEVEL_NAMES[level]
     return event
 
 

@@ -159,6 +159,35 @@ def test_per_client_limit_holds_across_workers(table: Path) -> None:
     assert not a.acquire("198.51.100.9")
 
 
+def test_per_client_limit_exact_on_both_sides_of_the_look_up_shortcut(table: Path) -> None:
+    """acquire looks up the other workers' entries for the client only when their total
+    could reach the per-client limit: below it (others hold fewer connections than the
+    limit) and above it (others hold many, from other clients and from this one) the
+    per-client limit holds exactly, and a random mix agrees with one process's counts."""
+    a, b, c = _limiters(table, 3, total=1000, per_client=4)
+    assert b.acquire("203.0.113.1") and c.acquire("203.0.113.1")  # others: 2 < 4, no look-up
+    assert a.acquire("203.0.113.1") and a.acquire("203.0.113.1")  # 4 in all
+    assert not a.acquire("203.0.113.1")
+    for i in range(20):  # others' totals far above the limit, from other clients
+        assert b.acquire(f"198.51.100.{i}")
+    assert a.acquire("203.0.113.2") and not b.acquire("203.0.113.1")
+    b.release("203.0.113.1")
+    assert a.acquire("203.0.113.1") and not c.acquire("203.0.113.1")
+    rng = random.Random(17)
+    held: list[tuple[SharedConnectionLimiter, str]] = []
+    for _ in range(2000):
+        who = rng.choice((a, b, c))
+        client = f"192.0.2.{rng.randrange(4)}"
+        if held and rng.random() < 0.45:
+            lim, cl = held.pop(rng.randrange(len(held)))
+            lim.release(cl)
+            continue
+        count = sum(1 for _, cl in held if cl == client)
+        assert who.acquire(client) == (count < 4)
+        if count < 4:
+            held.append((who, client))
+
+
 def test_refused_acquire_counts_nothing(table: Path) -> None:
     """A refusal leaves this worker's open count and the table unchanged."""
     a, b = _limiters(table, 2, total=2, per_client=1)

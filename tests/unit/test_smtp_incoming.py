@@ -216,3 +216,23 @@ def test_clean_spool_of_one_ended_process_leaves_the_others(tmp_path: Path) -> N
     other.write_bytes(b"y")
     assert clean_spool(tmp_path, pid=4242) == 1
     assert not mine.exists() and other.exists()
+
+
+def test_received_date_is_the_formatted_second_of_the_time() -> None:
+    """The Received field's date, memoised per whole second, is what email.utils gives for
+    that time in UTC (times within one second, across seconds, before 1970-01-02, far ahead),
+    and the memo stays bounded."""
+    import datetime
+    import email.utils
+    import random
+
+    from pop3coexist.smtp import received
+
+    rng = random.Random(17)
+    base = 1_764_547_059.0
+    for _ in range(500):
+        when = rng.choice([base, 3600.0, 4_102_444_800.0]) + rng.choice([0, 1, 59, 86400]) \
+            + rng.random()
+        want = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
+        assert received.received_date(when) == want
+    assert len(received._DATES) <= 64

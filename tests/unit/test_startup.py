@@ -480,3 +480,63 @@ def test_the_text_log_time_stamps_are_the_same_once_cached_per_second(monkeypatc
         for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%H:%M:%S.%f", "%s"):
             assert _file.formatTime(when, fmt) == formatTime(when, fmt)
     assert _file.formatTime(None) == "-" and _file.formatTime(base, None) == "-"
+
+
+def test_fast_log_text_gives_twisteds_text(monkeypatch):
+    """``fast_log_text`` renders every event as Twisted's own ``_formatEvent`` does: plain and
+    repeated fields, conversions, format specs, attribute and index look-ups, escaped braces,
+    ``{call()}`` fields (Twisted calls them), bytes formats, flattened events, missing keys
+    and values whose formatting raises (Twisted's "Unable to format event" text), no format."""
+    from twisted.logger import Logger, _format, eventAsText
+    from twisted.logger._flatten import flattenEvent
+
+    from pop3coexist.startup import fast_log_text
+
+    original = _format._formatEvent
+    monkeypatch.setattr(_format, "_formatEvent", original)  # restored after the test
+
+    class Thing:
+        name = "thing"
+
+        def __repr__(self) -> str:
+            return "<Thing>"
+
+        def hello(self) -> str:
+            return "hi"
+
+    class Bad:
+        def __format__(self, spec: str) -> str:
+            raise RuntimeError("no")
+
+    events = [
+        {"log_format": "SMTP connect from {client} ({listener})", "client": "127.0.0.1",
+         "listener": "smtp"},
+        {"log_format": "{a!r} {a!s} {n:>5} {n:05.1f} {{literal}} {a}", "a": "x", "n": 3.5},
+        {"log_format": "{t.name} {d[k]} {l[0]} {t}", "t": Thing(), "d": {"k": 1}, "l": [7]},
+        {"log_format": "{t.hello()} {f()}", "t": Thing(), "f": lambda: "called"},
+        {"log_format": b"bytes {x}", "x": 1},
+        {"log_format": "missing {nothere}"},
+        {"log_format": "bad {b}", "b": Bad()},
+        {"log_format": "{0}"},
+        {"log_format": None},
+        {},
+        {"log_format": "stored in {mailboxes}", "mailboxes": ["a@b", "c@d"]},
+    ]
+    flat = {"log_format": "flat {x()}", "x": lambda: "value"}
+    flattenEvent(flat)
+    flat["x"] = lambda: "changed"
+    events.append(flat)
+    want = [original(dict(e)) for e in events]
+    assert fast_log_text() is True
+    assert fast_log_text() is True  # once only
+    assert _format._formatEvent is not original
+    got = [_format._formatEvent(dict(e)) for e in events]
+    assert got == want
+    assert "Unable to format event" in got[5]
+    assert eventAsText({"log_format": "{a}", "a": 1}, includeTimestamp=False,
+                       includeSystem=False) == "1"
+    seen: list[str] = []
+    log = Logger(observer=lambda e: seen.append(eventAsText(e, includeTimestamp=False,
+                                                            includeSystem=False)))
+    log.info("queued {id} for {who!r}", id="Q1", who="x@y")
+    assert seen == ["queued Q1 for 'x@y'"]

@@ -73,7 +73,7 @@ def received_header(
     disclose the other recipients). ``tls`` is a short description like ``TLSv1.3:AES256``.
     """
     ip = _clean(client_ip, 60)
-    date = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
+    date = received_date(when)
     lines = [f"Received: from {_clean(helo)} ([{ip}])"]
     by = f"\tby {hostname} (pop3coexist) with {protocol}"
     if tls:
@@ -85,6 +85,22 @@ def received_header(
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\n".join(lines) + "\n").encode("ascii")
+
+
+_DATES: dict[int, str] = {}  # whole second -> its RFC 5322 date (issue 17: one format a second)
+
+
+def received_date(when: float) -> str:
+    """The RFC 5322 date-time of ``when`` (seconds since the epoch) in UTC, as the Received
+    field gives it: ``Mon, 30 Nov 2026 23:57:39 +0000``; formatted once per whole second."""
+    second = int(when // 1)
+    date = _DATES.get(second)
+    if date is None:
+        if len(_DATES) >= 64:
+            _DATES.clear()
+        date = _DATES[second] = email.utils.format_datetime(
+            datetime.datetime.fromtimestamp(second, datetime.UTC))
+    return date
 
 
 class HopCounter:
