@@ -1,14 +1,17 @@
 """Server CPU per message, A/B: two builds of pop3coexist side by side, runs alternating.
 
-    python bench/cpu_ab.py --a /path/to/venv-A/bin/twistd [--b twistd-B] [--mode local|relay]
+    python bench/cpu_ab.py --a /path/to/venv-A/bin/twistd [--b twistd-B] [--mode local|relay|pop3]
                            [--runs 3] [--messages 3000] [--workers 2] [--py-spy OUT]
 
 The measure is CPU time, not throughput (a shared machine makes wall-clock rates noise):
 utime + stime from /proc/<pid>/stat summed over every serving process of the server (the main
 process and its workers, all their threads), read before and after one ``smtp-source -s 20
 -m N -l 4096`` run, until every message is in the Maildir (``local``) or the queue is empty
-after relaying to an ``smtp-sink`` (``relay``). Prints ms per message per run and the
-medians. ``--b`` defaults to the twistd beside the Python running this script.
+after relaying to an ``smtp-sink`` (``relay``); or read around one POP3 round of bench/run.py
+(``pop3``: 10 mailboxes x ``--messages / 10`` messages of 4 KB, fresh copies each run, 10
+clients doing RETR + DELE of every message and QUIT; log-ins included, warmed by a first round
+so that ``auth.login_cache`` holds them, as in ``make bench``). Prints ms per message per run
+and the medians. ``--b`` defaults to the twistd beside the Python running this script.
 ``--py-spy OUT`` records B's first worker during B's first timed run (raw folded stacks).
 """
 
@@ -41,6 +44,25 @@ def cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / TCK
 
 
+def split(pid: int) -> tuple[float, float, float, float]:
+    """CPU seconds of ``pid`` as (reactor thread, other threads, user, system): the reactor is
+    the thread whose id is the process id; the others are the thread pool's."""
+    reactor = other = user = system = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile: its time is in no sum
+            continue
+        u, s = int(f[11]), int(f[12])
+        user += u
+        system += s
+        if int(tid) == pid:
+            reactor += u + s
+        else:
+            other += u + s
+    return reactor / TCK, other / TCK, user / TCK, system / TCK
+
+
 def pids(srv: support.ServerProcess) -> list[int]:
     record = json.loads((srv.state_dir / "run" / "listeners.json").read_text())
     return record.get("workers", [srv.proc.pid])
@@ -50,7 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--a", required=True)
     p.add_argument("--b", default=str(Path(sys.executable).parent / "twistd"))
-    p.add_argument("--mode", choices=("local", "relay"), default="local")
+    p.add_argument("--mode", choices=("local", "relay", "pop3"), default="local")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--messages", type=int, default=3000)
     p.add_argument("--workers", default="2")
@@ -67,11 +89,18 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         extra = f'[smarthost]\nhost = "[127.0.0.1]:{port}"\ntls = "none"\n'
         rcpt = "someone@relay.example"
+    boxes = [f"pop{i}" for i in range(10)]
+    users = [f"{b}@{bench.HOSTNAME}" for b in boxes]
+    if args.mode == "pop3":
+        bench.fill_template(tmp / "pop3-template", boxes, args.messages // len(boxes))
     servers = {}
     try:
         for name, twistd in (("A", args.a), ("B", args.b)):
             srv = bench.make_server(tmp / name, extra_config=extra)
             srv.add_mailbox(f"bench@{bench.HOSTNAME}", bench.PASSWORD)
+            if args.mode == "pop3":
+                for user in users:
+                    srv.add_mailbox(user, bench.PASSWORD)
             support.twistd_path = lambda t=twistd: t
             srv.start()
             servers[name] = srv
@@ -86,7 +115,21 @@ def main() -> None:
             else:
                 bench.wait_empty(lambda: bench.queue_left(srv.state_dir / "queue"), start, "p3c")
 
+        def pop3_boxes(srv: support.ServerProcess) -> None:
+            bench.copy_boxes(tmp / "pop3-template", srv.state_dir / "mailroot" / bench.HOSTNAME,
+                             boxes)
+
+        def pop3_round(srv: support.ServerProcess) -> float:
+            n, elapsed = bench.pop3_round(srv.port("pop3"), users)
+            if n != len(boxes) * (args.messages // len(boxes)):
+                raise RuntimeError(f"the POP3 clients saw {n} messages")
+            return elapsed
+
         for srv in servers.values():  # warm-up
+            if args.mode == "pop3":
+                pop3_boxes(srv)
+                pop3_round(srv)
+                continue
             bench.smtp_source(srv.port("smtp"), 300, rcpt)
             done_n = args.messages
             args.messages = 300
@@ -96,6 +139,8 @@ def main() -> None:
             for name, srv in servers.items():
                 if args.mode == "local":
                     bench.empty_folder(srv.state_dir / "mailroot" / bench.HOSTNAME / "bench" / "new")
+                elif args.mode == "pop3":
+                    pop3_boxes(srv)
                 procs = pids(srv)
                 spy = None
                 if args.py_spy and name == "B" and i == 0 and len(procs) > 1:
@@ -104,9 +149,14 @@ def main() -> None:
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)
                 c0 = [cpu(p) for p in procs]
-                t = bench.smtp_source(srv.port("smtp"), args.messages, rcpt)
-                done(srv)
+                s0 = [split(p) for p in procs]
+                if args.mode == "pop3":
+                    t = pop3_round(srv)
+                else:
+                    t = bench.smtp_source(srv.port("smtp"), args.messages, rcpt)
+                    done(srv)
                 c1 = [cpu(p) for p in procs]
+                s1 = [split(p) for p in procs]
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(30)
@@ -114,7 +164,9 @@ def main() -> None:
                 results[name].append(sum(ms))
                 per_proc[name].append(ms)
                 print(f"run {i + 1} {name}: {sum(ms):.3f} ms/msg "
-                      f"({' + '.join(f'{m:.2f}' for m in ms)}), {args.messages / t:.0f} msg/s",
+                      f"({' + '.join(f'{m:.2f}' for m in ms)}), {args.messages / t:.0f} msg/s; "
+                      + ", ".join(f"{what} {1000 * sum(b[k] - a[k] for a, b in zip(s0, s1, strict=True)) / args.messages:.3f}"
+                                  for k, what in enumerate(("reactor", "pool", "user", "sys"))),
                       flush=True)
         for name in ("A", "B"):
             print(f"{name} median {statistics.median(results[name]):.3f} ms/msg "
