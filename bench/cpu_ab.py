@@ -9,9 +9,10 @@ process and its workers, all their threads), read before and after one ``smtp-so
 -m N -l 4096`` run, until every message is in the Maildir (``local``) or the queue is empty
 after relaying to an ``smtp-sink`` (``relay``); or read around one POP3 round of bench/run.py
 (``pop3``: 10 mailboxes x ``--messages / 10`` messages of 4 KB, fresh copies each run, 10
-clients doing RETR + DELE of every message and QUIT; log-ins included, warmed by a first round
-so that ``auth.login_cache`` holds them, as in ``make bench``). Prints ms per message per run
-and the medians. ``--b`` defaults to the twistd beside the Python running this script.
+clients doing RETR + DELE of every message and QUIT; the CPU is read after every client has
+logged in and listed the messages, and after the last QUIT reply: the window bench/run.py
+times, without the log-ins' scrypt, which lands on either process). Prints ms per message per
+run and the medians. ``--b`` defaults to the twistd beside the Python running this script.
 ``--py-spy OUT`` records B's first worker during B's first timed run (raw folded stacks).
 """
 
@@ -19,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -61,6 +65,56 @@ def split(pid: int) -> tuple[float, float, float, float]:
         else:
             other += u + s
     return reactor / TCK, other / TCK, user / TCK, system / TCK
+
+
+def pop3_client(port: int, user: str, ready: Any, go: Any, result: Any) -> None:
+    """One POP3 client process (as bench/run.py's): log in and STAT, wait for ``go``, RETR
+    + DELE every message, QUIT; put the message count."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=300)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray()
+    bench._line(sock, buf)
+    for command in (f"USER {user}", f"PASS {bench.PASSWORD}"):
+        sock.sendall(command.encode() + b"\r\n")
+        bench._line(sock, buf)
+    sock.sendall(b"STAT\r\n")
+    count = int(bench._line(sock, buf).split()[1])
+    ready.wait()
+    go.wait()
+    for i in range(1, count + 1):
+        sock.sendall(b"RETR %d\r\n" % i)
+        bench._line(sock, buf)
+        end = bench._read_until(sock, buf, b"\r\n.\r\n")
+        del buf[:end]
+        sock.sendall(b"DELE %d\r\n" % i)
+        bench._line(sock, buf)
+    sock.sendall(b"QUIT\r\n")
+    bench._line(sock, buf)
+    sock.close()
+    result.put(count)
+
+
+def pop3_window(port: int, users: list[str], probe: Any) -> tuple[int, float, Any, Any]:
+    """One POP3 round; returns (messages, seconds, ``probe()`` at the start, ``probe()`` at the
+    end) of the window from the moment all clients are logged in to the last QUIT reply."""
+    ctx = multiprocessing.get_context("fork")
+    ready, go = ctx.Barrier(len(users) + 1), ctx.Barrier(len(users) + 1)
+    result = ctx.Queue()
+    clients = [ctx.Process(target=pop3_client, args=(port, u, ready, go, result)) for u in users]
+    for c in clients:
+        c.start()
+    ready.wait()
+    before = probe()
+    start = time.perf_counter()
+    go.wait()
+    n = sum(result.get(timeout=600) for _ in clients)
+    elapsed = time.perf_counter() - start
+    after = probe()
+    for c in clients:
+        c.join(60)
+    if any(c.exitcode != 0 for c in clients):
+        raise RuntimeError("a POP3 client failed")
+    return n, elapsed, before, after
 
 
 def pids(srv: support.ServerProcess) -> list[int]:
@@ -119,11 +173,11 @@ def main() -> None:
             bench.copy_boxes(tmp / "pop3-template", srv.state_dir / "mailroot" / bench.HOSTNAME,
                              boxes)
 
-        def pop3_round(srv: support.ServerProcess) -> float:
-            n, elapsed = bench.pop3_round(srv.port("pop3"), users)
+        def pop3_round(srv: support.ServerProcess, probe: Any = list) -> tuple[float, Any, Any]:
+            n, elapsed, before, after = pop3_window(srv.port("pop3"), users, probe)
             if n != len(boxes) * (args.messages // len(boxes)):
                 raise RuntimeError(f"the POP3 clients saw {n} messages")
-            return elapsed
+            return elapsed, before, after
 
         for srv in servers.values():  # warm-up
             if args.mode == "pop3":
@@ -148,15 +202,17 @@ def main() -> None:
                                             str(procs[1]), "-f", "raw", "-o", args.py_spy],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)
-                c0 = [cpu(p) for p in procs]
-                s0 = [split(p) for p in procs]
+
+                def probe(procs: list[int] = procs) -> tuple[list[float], list[tuple]]:
+                    return [cpu(p) for p in procs], [split(p) for p in procs]
+
                 if args.mode == "pop3":
-                    t = pop3_round(srv)
+                    t, (c0, s0), (c1, s1) = pop3_round(srv, probe)
                 else:
+                    c0, s0 = probe()
                     t = bench.smtp_source(srv.port("smtp"), args.messages, rcpt)
                     done(srv)
-                c1 = [cpu(p) for p in procs]
-                s1 = [split(p) for p in procs]
+                    c1, s1 = probe()
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(30)
