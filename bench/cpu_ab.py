@@ -13,7 +13,8 @@ clients doing RETR + DELE of every message and QUIT; the CPU is read after every
 logged in and listed the messages, and after the last QUIT reply: the window bench/run.py
 times, without the log-ins' scrypt, which lands on either process). Prints ms per message per
 run and the medians. ``--b`` defaults to the twistd beside the Python running this script.
-``--py-spy OUT`` records B's first worker during B's first timed run (raw folded stacks).
+``--py-spy OUT`` records B's first worker during B's first timed run (raw folded stacks;
+``--py-spy-gil``: only the thread holding the GIL).
 """
 
 from __future__ import annotations
@@ -94,13 +95,17 @@ def pop3_client(port: int, user: str, ready: Any, go: Any, result: Any) -> None:
     result.put(count)
 
 
-def pop3_window(port: int, users: list[str], probe: Any) -> tuple[int, float, Any, Any]:
+def pop3_window(port: int | list[int], users: list[str], probe: Any) -> tuple[int, float, Any, Any]:
     """One POP3 round; returns (messages, seconds, ``probe()`` at the start, ``probe()`` at the
-    end) of the window from the moment all clients are logged in to the last QUIT reply."""
+    end) of the window from the moment all clients are logged in to the last QUIT reply. With a
+    list of ports, ``users`` log in to each, all at once (``--together``)."""
+    ports = port if isinstance(port, list) else [port]
     ctx = multiprocessing.get_context("fork")
-    ready, go = ctx.Barrier(len(users) + 1), ctx.Barrier(len(users) + 1)
+    parties = len(users) * len(ports) + 1
+    ready, go = ctx.Barrier(parties), ctx.Barrier(parties)
     result = ctx.Queue()
-    clients = [ctx.Process(target=pop3_client, args=(port, u, ready, go, result)) for u in users]
+    clients = [ctx.Process(target=pop3_client, args=(pt, u, ready, go, result))
+               for pt in ports for u in users]
     for c in clients:
         c.start()
     ready.wait()
@@ -131,6 +136,10 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=3000)
     p.add_argument("--workers", default="2")
     p.add_argument("--py-spy", default="")
+    p.add_argument("--together", action="store_true",
+                   help="pop3: A's and B's clients in the same window (same machine load)")
+    p.add_argument("--py-spy-gil", action="store_true",
+                   help="sample only the thread holding the GIL (Python CPU, not waits)")
     args = p.parse_args()
     bench.WORKERS = args.workers
     tmp = Path(tempfile.mkdtemp(prefix="cpu-ab-"))
@@ -189,7 +198,25 @@ def main() -> None:
             args.messages = 300
             done(srv)
             args.messages = done_n
+        ratios: list[float] = []
         for i in range(args.runs):
+            if args.together:  # both servers in one window: the same load for A and B
+                for srv in servers.values():
+                    pop3_boxes(srv)
+                all_procs = {name: pids(srv) for name, srv in servers.items()}
+
+                def probe_all(all_procs: dict = all_procs) -> dict[str, list[float]]:
+                    return {name: [cpu(p) for p in procs] for name, procs in all_procs.items()}
+
+                n, t, c0, c1 = pop3_window([srv.port("pop3") for srv in servers.values()],
+                                           users, probe_all)
+                for name in servers:
+                    results[name].append(1000 * sum(c1[name][k] - c0[name][k] for k in
+                                                    range(len(c0[name]))) / args.messages)
+                ratios.append(results["B"][-1] / results["A"][-1])
+                print(f"run {i + 1}: A {results['A'][-1]:.3f} B {results['B'][-1]:.3f} ms/msg, "
+                      f"B/A {ratios[-1]:.3f}, {n / t:.0f} msg/s both", flush=True)
+                continue
             for name, srv in servers.items():
                 if args.mode == "local":
                     bench.empty_folder(srv.state_dir / "mailroot" / bench.HOSTNAME / "bench" / "new")
@@ -199,7 +226,8 @@ def main() -> None:
                 spy = None
                 if args.py_spy and name == "B" and i == 0 and len(procs) > 1:
                     spy = subprocess.Popen(["py-spy", "record", "-r", "200", "--nonblocking", "-p",
-                                            str(procs[1]), "-f", "raw", "-o", args.py_spy],
+                                            str(procs[1]), "-f", "raw", "-o", args.py_spy,
+                                            *(["--gil"] if args.py_spy_gil else [])],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1.0)
 
@@ -229,6 +257,9 @@ def main() -> None:
                   f"runs {[round(v, 3) for v in results[name]]}")
         a, b = statistics.median(results["A"]), statistics.median(results["B"])
         print(f"B/A {b / a:.3f} ({100 * (b - a) / a:+.1f}%)")
+        if ratios:
+            print(f"median of the runs' B/A {statistics.median(ratios):.3f}, B lower in "
+                  f"{sum(r < 1 for r in ratios)} of {len(ratios)}")
     finally:
         for srv in servers.values():
             srv.stop()
