@@ -23,6 +23,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -271,6 +272,7 @@ def main() -> None:
         if sink is not None:
             sink.terminate()
             sink.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)  # the servers' state and the POP3 template
 
 
 if __name__ == "__main__":
