@@ -90,6 +90,11 @@ def _load_syscall():  # noqa: ANN202
 
 _syscall = _load_syscall()
 _cached_open_works = _syscall is not None
+# open_cached's request, made once (never changed): building it per RETR cost more than the
+# call (issue 17)
+_READ_CACHED = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+_READ_CACHED_REF = ctypes.byref(_READ_CACHED)
+_OPEN_HOW_SIZE = ctypes.sizeof(_OpenHow)
 _remote_prefixes: tuple[str, ...] = ()
 
 
@@ -156,8 +161,7 @@ def open_cached(path: Path | str) -> int | None:
     global _cached_open_works
     if not _cached_open_works or (_remote_prefixes and _on_remote(path)):
         return None
-    how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
-    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), _READ_CACHED_REF, _OPEN_HOW_SIZE)
     if fd >= 0:
         return int(fd)
     if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.E2BIG):

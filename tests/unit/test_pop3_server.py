@@ -840,6 +840,23 @@ def test_idle_timeout_closes_without_update():
     assert env.store.maildrops[0].closed and env.store.maildrops[0].committed is None
 
 
+def test_idle_timeout_counts_from_the_last_command_across_re_arms():
+    """Commands only note the time (the timer is not moved per line): when the timer fires
+    early it sets itself again for the rest, so the session still closes exactly
+    idle_timeout after the last command, however many times the timer fired meanwhile."""
+    env = Env(idle_timeout=600)
+    proto, transport = env.login()
+    env.clock.advance(100)
+    dialogue(proto, transport, [(b"NOOP", b"+OK\r\n")])
+    env.clock.advance(550)  # t=650: the timer fired at 600 and waits until 700
+    dialogue(proto, transport, [(b"NOOP", b"+OK\r\n")])
+    env.clock.advance(599)  # t=1249: fired again at 700, now waits until 1250
+    assert not transport.disconnecting
+    env.clock.advance(1)
+    assert transport.disconnecting
+    assert take(transport) == b""
+
+
 def test_idle_timeout_in_authorization():
     """An idle client that never logs in is disconnected too."""
     env = Env(idle_timeout=600)

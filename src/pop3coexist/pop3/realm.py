@@ -40,6 +40,8 @@ class POP3Mailbox:
         self._uids = uids
         self._closed = False
         self._cached_open = ICachedMessageOpen.providedBy(maildrop)  # asked once, not per RETR
+        if self._cached_open:  # RETR calls the maildrop's own method: no wrapper call (issue 17)
+            self.open_message_cached = maildrop.open_message_cached
 
     def __len__(self) -> int:
         return len(self._sizes)

@@ -1174,7 +1174,9 @@ class Maildrop:
     def open_message_cached(self, index: int) -> BinaryIO | None:
         """See ``ICachedMessageOpen.open_message_cached``: the file if the kernel can open it without
         waiting for the disk (fsutil.open_cached), else None."""
-        msg = self._message(index)
+        msgs = self._messages
+        # the common case without _message's checks (a bad index still gets its error)
+        msg = msgs[index] if type(index) is int and 0 <= index < len(msgs) else self._message(index)
         return open_cached_file(f"{self._base}/{msg.folder}/{msg.name}")
 
     def commit(self, deleted: set[int]) -> None:
@@ -1189,13 +1191,19 @@ class Maildrop:
             return
         doomed = {self._message(i).uidl for i in deleted}  # bad indexes: error, nothing done
         failures: list[str] = []
+        folders: dict[str, int] = {}  # new/, cur/ -> an open descriptor (unlinks, fsync)
         try:
             base = str(self.path)
             for index in sorted(deleted):
                 msg = self._messages[index]
                 try:
-                    # where the session saw it (the common case: one syscall per message)
-                    os.unlink(f"{base}/{msg.folder}/{msg.name}")
+                    # where the session saw it (the common case: one syscall per message,
+                    # relative to its folder's descriptor: no walk of the whole path, issue 17)
+                    fd = folders.get(msg.folder)
+                    if fd is None:
+                        fd = folders[msg.folder] = os.open(
+                            f"{base}/{msg.folder}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    os.unlink(msg.name, dir_fd=fd)
                     continue
                 except FileNotFoundError:
                     pass  # moved meanwhile by another Maildir client: look for it
@@ -1220,8 +1228,13 @@ class Maildrop:
                     self._rename_in_cur(msg)
             for folder in ("new", "cur"):
                 with contextlib.suppress(OSError):
-                    _fsync_dir(self.path / folder)
+                    if folder in folders:
+                        os.fsync(folders[folder])
+                    else:
+                        _fsync_dir(self.path / folder)
         finally:
+            for fd in folders.values():
+                os.close(fd)
             self.close()
         if failures:
             raise errors.StoreError(
