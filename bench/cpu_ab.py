@@ -1,7 +1,7 @@
 """Server CPU per message, A/B: two builds of pop3coexist side by side, runs alternating.
 
     python bench/cpu_ab.py --a /path/to/venv-A/bin/twistd [--b twistd-B] [--mode local|relay]
-                           [--runs 3] [--messages 3000] [--workers 2] [--py-spy OUT]
+                           [--runs 3] [--messages 3000] [--workers 2] [--py-spy OUT [--gil]]
 
 The measure is CPU time, not throughput (a shared machine makes wall-clock rates noise):
 utime + stime from /proc/<pid>/stat summed over every serving process of the server (the main
@@ -9,7 +9,8 @@ process and its workers, all their threads), read before and after one ``smtp-so
 -m N -l 4096`` run, until every message is in the Maildir (``local``) or the queue is empty
 after relaying to an ``smtp-sink`` (``relay``). Prints ms per message per run and the
 medians. ``--b`` defaults to the twistd beside the Python running this script.
-``--py-spy OUT`` records B's first worker during B's first timed run (raw folded stacks).
+``--py-spy OUT`` records every process of B during B's first timed run (raw folded stacks,
+``OUT.0`` the main process, ``OUT.1`` the first worker, ...).
 """
 
 from __future__ import annotations
@@ -37,8 +38,13 @@ TCK = os.sysconf("SC_CLK_TCK")
 
 def cpu(pid: int) -> float:
     """utime + stime of ``pid`` (all its threads) in seconds."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` (all its threads) in seconds: Python and the kernel."""
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TCK
+    return int(f[11]) / TCK, int(f[12]) / TCK
 
 
 def pids(srv: support.ServerProcess) -> list[int]:
@@ -55,6 +61,7 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=3000)
     p.add_argument("--workers", default="2")
     p.add_argument("--py-spy", default="")
+    p.add_argument("--gil", action="store_true", help="py-spy samples the GIL holder only")
     args = p.parse_args()
     bench.WORKERS = args.workers
     tmp = Path(tempfile.mkdtemp(prefix="cpu-ab-"))
@@ -97,24 +104,32 @@ def main() -> None:
                 if args.mode == "local":
                     bench.empty_folder(srv.state_dir / "mailroot" / bench.HOSTNAME / "bench" / "new")
                 procs = pids(srv)
-                spy = None
-                if args.py_spy and name == "B" and i == 0 and len(procs) > 1:
-                    spy = subprocess.Popen(["py-spy", "record", "-r", "200", "--nonblocking", "-p",
-                                            str(procs[1]), "-f", "raw", "-o", args.py_spy],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spies = []
+                if args.py_spy and name == "B" and i == 0:
+                    spies = [subprocess.Popen(["py-spy", "record", "-r", "200", "--nonblocking",
+                                               *(["--gil"] if args.gil else []),
+                                               "-p", str(pid), "-f", "raw",
+                                               "-o", f"{args.py_spy}.{n}"],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             for n, pid in enumerate(procs)]
                     time.sleep(1.0)
-                c0 = [cpu(p) for p in procs]
+                s0 = [cpu_split(p) for p in procs]
+                c0 = [u + k for u, k in s0]
                 t = bench.smtp_source(srv.port("smtp"), args.messages, rcpt)
                 done(srv)
-                c1 = [cpu(p) for p in procs]
-                if spy is not None:
+                s1 = [cpu_split(p) for p in procs]
+                c1 = [u + k for u, k in s1]
+                sys_ms = 1000 * sum(b[1] - a[1] for a, b in zip(s0, s1, strict=True)) / args.messages
+                for spy in spies:
                     spy.send_signal(signal.SIGINT)
+                for spy in spies:
                     spy.wait(30)
                 ms = [1000 * (b - a) / args.messages for a, b in zip(c0, c1, strict=True)]
                 results[name].append(sum(ms))
                 per_proc[name].append(ms)
                 print(f"run {i + 1} {name}: {sum(ms):.3f} ms/msg "
-                      f"({' + '.join(f'{m:.2f}' for m in ms)}), {args.messages / t:.0f} msg/s",
+                      f"({' + '.join(f'{m:.2f}' for m in ms)}; kernel {sys_ms:.2f}), "
+                      f"{args.messages / t:.0f} msg/s",
                       flush=True)
         for name in ("A", "B"):
             print(f"{name} median {statistics.median(results[name]):.3f} ms/msg "

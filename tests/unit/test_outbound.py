@@ -184,6 +184,27 @@ def test_new_mail_is_delivered_at_once_and_removed(tmp_path: Path, logs: list[di
     assert f"{qid} to=<c@example.net>" in text
 
 
+def test_mail_queued_while_running_is_run_without_a_claim_or_a_read(tmp_path: Path) -> None:
+    """What the runner's own process queues is born claimed (store/queue.py): the runner takes
+    its envelope from memory, so no ``claim`` (rename, read, thread hop) runs for it; the
+    store's domains are read once for several messages within a second."""
+    env = Env(tmp_path)
+    env.start()
+    claims: list[str] = []
+    claim = env.queue.claim
+
+    def counting_claim(qid: str) -> object:
+        claims.append(qid)
+        return claim(qid)
+
+    env.queue.claim = counting_claim  # type: ignore[method-assign]
+    env.enqueue("b@example.net")
+    env.enqueue("c@example.net")
+    env.enqueue("d@example.net")
+    assert len(env.hop.calls) == 3 and env.queue.ids() == []
+    assert len(claims) <= 1  # the first one may read the domain list (and so claim) once
+
+
 def test_smarthost_down_then_up_delivers_after_retry(tmp_path: Path) -> None:
     """Connection refused defers on the retry schedule; when the host is back it is delivered."""
     env = Env(tmp_path)

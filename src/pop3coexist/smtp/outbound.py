@@ -44,6 +44,7 @@ from __future__ import annotations
 import heapq
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,8 @@ from pop3coexist.store.envelope import Envelope, Notice, Recipient, State
 from pop3coexist.store.queue import FileQueue, make_owner
 
 log = Logger(namespace="pop3coexist.outbound")
+
+DOMAINS_TTL = 1.0  # seconds: how long the store's domain list is taken as known
 
 
 def _sync_blocking(f: Callable, *a: Any, **kw: Any) -> defer.Deferred:
@@ -186,6 +189,7 @@ class OutboundService(service.Service):
         self._poller: task.LoopingCall | None = None
         self._ready = False
         self._early: list[str] = []
+        self._domains: tuple[float, frozenset[str]] | None = None  # (monotonic time, domains)
         # the local hop: an alias, list or proxy address reaches its mailboxes (issue 14)
         expander = None
         if checker is not None and store is not None:
@@ -227,6 +231,7 @@ class OutboundService(service.Service):
                          "processes taken back", n=counts["taken_back"])
         self.queue.set_owner(owner)
         self.queue.drain_new()
+        self.queue.claim_new = True  # what this process queues from now on is born claimed
         if self.worker != 0:
             return {}  # the main process's scan finds what is queued; the scans share it later
         return self._scan()
@@ -273,6 +278,7 @@ class OutboundService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.queue.set_waker(None)
+        self.queue.forget_born()
         self.connections.close_all()
         d = self._stop_jobs()
 
@@ -471,10 +477,13 @@ class OutboundService(service.Service):
     # ------------------------------------------------------------------ one message
 
     async def _run_message(self, qid: str, forced: bool) -> float | None:
-        claimed, domains = await self._claims(qid)
-        env = claimed.get(qid)
-        if isinstance(env, Exception):
-            raise env
+        env: Any = self.queue.take_born(qid)
+        domains = self._fresh_domains()
+        if env is None or domains is None:  # claim it, or read the domains: one thread hop
+            claimed, domains = await self._claims(qid)
+            env = claimed.get(qid, env)
+            if isinstance(env, Exception):
+                raise env
         if env is None:  # delivered, deleted, or another runner has it
             return None
         if not self.queue.lease_fresh():  # our claims may be taken back before we end
@@ -500,8 +509,19 @@ class OutboundService(service.Service):
                 claimed[qid] = self.queue.claim(qid)
             except Exception as e:  # noqa: BLE001 - that job fails alone (retried later)
                 claimed[qid] = e
-        any_claimed = any(isinstance(env, Envelope) for env in claimed.values())
-        return claimed, (self._store_domains() if any_claimed else frozenset())
+        domains = self._fresh_domains()
+        if domains is None:
+            domains = self._store_domains()
+            self._domains = (time.monotonic(), domains)
+        return claimed, domains
+
+    def _fresh_domains(self) -> frozenset[str] | None:
+        """The store's domains read within ``DOMAINS_TTL`` (a ``domain add`` routes mail to
+        the store within a second), or None: read them again (blocking)."""
+        known = self._domains
+        if known is None or time.monotonic() - known[0] >= DOMAINS_TTL:
+            return None
+        return known[1]
 
     async def _run_claimed(self, qid: str, env: Envelope, forced: bool,
                            domains: frozenset[str]) -> float | None:
