@@ -125,7 +125,8 @@ expiration = "{expiration}"
 
     def new_service(self) -> OutboundService:
         return OutboundService(self.config, self.queue, store=self.store, reactor=self.clock,
-                               deliver=self.hop, poll_interval=5, resolver=self.resolver)
+                               deliver=self.hop, poll_interval=5, resolver=self.resolver,
+                               remove_linger=0)
 
     def start(self) -> None:
         self.svc.startService()

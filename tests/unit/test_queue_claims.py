@@ -260,3 +260,29 @@ def test_group_call_batches_the_requests_made_while_a_batch_runs() -> None:
     assert got == ["A"] and calls == [["a"], ["b", "c"]]
     pending.pop(0).callback(None)
     assert got == ["A", "B", "C"]
+
+
+def test_group_call_with_a_linger_gathers_the_requests_of_that_time() -> None:
+    """outbound.GroupCall with ``linger`` (the runner's removals): the first request starts a
+    batch ``linger`` seconds later, and every request made until then goes into it."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from pop3coexist.smtp.outbound import GroupCall
+
+    clock = Clock()
+    calls: list[list[str]] = []
+    group = GroupCall(lambda f, items: (calls.append(list(items)), defer.succeed(f(items)))[1],
+                      lambda items: None, linger=0.02, clock=clock)
+    fired: list[str] = []
+    for item in ("a", "b"):
+        group(item).addCallback(lambda _, i=item: fired.append(i))
+    assert calls == [] and fired == []
+    clock.advance(0.01)
+    group("c").addCallback(lambda _: fired.append("c"))
+    clock.advance(0.01)
+    assert calls == [["a", "b", "c"]] and fired == ["a", "b", "c"]
+    group("d")
+    assert calls == [["a", "b", "c"]]
+    clock.advance(0.02)
+    assert calls == [["a", "b", "c"], ["d"]]

@@ -69,6 +69,7 @@ from pop3coexist.store.queue import FileQueue, make_owner
 log = Logger(namespace="pop3coexist.outbound")
 
 DOMAINS_TTL = 1.0  # seconds: how long the store's domain list is taken as known
+REMOVE_LINGER = 0.02  # seconds: delivered messages gathered for one removal call
 
 
 def _sync_blocking(f: Callable, *a: Any, **kw: Any) -> defer.Deferred:
@@ -79,20 +80,31 @@ class GroupCall:
     """Group commit for a blocking call on a list: ``call(item)`` returns a Deferred that
     fires when ``work(items)`` (run by ``blocking``, one call at a time) has done a batch
     holding ``item``; every request made while a batch runs goes into the next batch. A
-    failed batch fails each of its requests with the same error."""
+    failed batch fails each of its requests with the same error.
+
+    ``linger`` (seconds, with ``clock``: an IReactorTime): a batch starts that long after
+    its first request rather than at once, so that more requests share its thread call
+    (the removals of delivered messages: nobody waits for them but their own job)."""
 
     def __init__(self, blocking: Callable[..., defer.Deferred],
-                 work: Callable[[list[Any]], Any]) -> None:
+                 work: Callable[[list[Any]], Any], linger: float = 0.0,
+                 clock: Any = None) -> None:
         self._blocking = blocking
         self._work = work
         self._pending: list[tuple[Any, defer.Deferred]] = []
         self._running = False
+        self._linger = linger if clock is not None else 0.0
+        self._clock = clock
 
     def __call__(self, item: Any) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self._pending.append((item, d))
         if not self._running:
-            self._run()
+            if self._linger > 0:
+                self._running = True  # the batch is on its way: the others join it
+                self._clock.callLater(self._linger, self._run)
+            else:
+                self._run()
         return d
 
     def _run(self) -> None:
@@ -122,7 +134,8 @@ class OutboundService(service.Service):
 
     ``checker``: the IAccountChecker, so the local hop finds aliases and proxy addresses.
     ``resolver`` (a HopResolver), ``deliver`` (like ``client.deliver``) and ``blocking``
-    (like ``threads.deferToThread``) can be replaced by tests.
+    (like ``threads.deferToThread``) can be replaced by tests. ``remove_linger`` (seconds):
+    how long delivered messages are gathered for one removal call (0: each group at once).
     """
 
     name = "outbound"
@@ -145,6 +158,7 @@ class OutboundService(service.Service):
         node: str | None = None,
         scan_interval: float = 30.0,
         scan_grace: float = 5.0,
+        remove_linger: float = REMOVE_LINGER,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -195,7 +209,7 @@ class OutboundService(service.Service):
         if checker is not None and store is not None:
             expander = Expander(config, store, checker, self._blocking)
         # delivered messages leave the queue in groups: one folder sync per group
-        self._remove = GroupCall(self._blocking, queue.remove_many)
+        self._remove = GroupCall(self._blocking, queue.remove_many, remove_linger, reactor)
         # and are claimed in groups: one thread hop for the jobs started meanwhile
         self._claims = GroupCall(self._blocking, self._claim_many)
         self.routes = RouteDelivery(config, queue, store, self.resolver, self.limiter,
