@@ -20,7 +20,11 @@ for it is still to be queued. For a due message the runner:
    deferred on the ``retry_intervals`` schedule (the last interval repeats), logging one line
    per recipient;
 5. writes the envelope durably, then queues the RFC 3464 reports it owes (smtp/dsn.py), then
-   clears those notices and removes the message once every recipient is final.
+   clears those notices and removes the message once every recipient is final. The removal
+   gets its own log line ("done: removed from the queue") only when the run logged no
+   recipient line (a run that only sent the reports owed): after a run that logged each
+   recipient's final state, that line would say nothing new (one log line per message less:
+   issue 17).
 
 The queue state is typed (store/envelope.py ``Envelope`` / ``Recipient``); this module is the
 scheduler: which message runs when, how many at once, start, stop, flush and wake.
@@ -596,7 +600,8 @@ class OutboundService(service.Service):
         next_due = env.due_time()
         if next_due is None:
             await self._remove(qid)
-            log.info("{qid} done: removed from the queue", qid=qid)
+            if not changed:  # a line per recipient of this run says it ended (issue 17)
+                log.info("{qid} done: removed from the queue", qid=qid)
         return next_due
 
     # ------------------------------------------------------------------ reports
