@@ -7,10 +7,11 @@ The measure is CPU time, not throughput (a shared machine makes wall-clock rates
 utime + stime from /proc/<pid>/stat summed over every serving process of the server (the main
 process and its workers, all their threads), read before and after one ``smtp-source -s 20
 -m N -l 4096`` run, until every message is in the Maildir (``local``) or the queue is empty
-after relaying to an ``smtp-sink`` (``relay``). Prints ms per message per run and the
-medians. ``--b`` defaults to the twistd beside the Python running this script.
-``--py-spy OUT`` records every process of B during B's first timed run (raw folded stacks,
-``OUT.0`` the main process, ``OUT.1`` the first worker, ...).
+after relaying to an ``smtp-sink`` (``relay``). Prints ms per message per run (per process,
+and the kernel's share: stime) and the medians. ``--b`` defaults to the twistd beside the
+Python running this script. ``--py-spy OUT`` records every process of B during B's first
+timed run (raw folded stacks, ``OUT.0`` the main process, ``OUT.1`` the first worker, ...;
+``--gil``: only the thread holding the GIL, i.e. Python's CPU).
 """
 
 from __future__ import annotations
