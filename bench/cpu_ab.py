@@ -1,7 +1,8 @@
 """Server CPU per message, A/B: two builds of pop3coexist side by side, runs alternating.
 
     python bench/cpu_ab.py --a /path/to/venv-A/bin/twistd [--b twistd-B] [--mode local|relay|pop3]
-                           [--runs 3] [--messages 3000] [--workers 2] [--py-spy OUT]
+                           [--runs 3] [--messages 3000] [--workers 2] [--together]
+                           [--py-spy OUT [--gil]]
 
 The measure is CPU time, not throughput (a shared machine makes wall-clock rates noise):
 utime + stime from /proc/<pid>/stat summed over every serving process of the server (the main
@@ -16,8 +17,9 @@ run and the medians. ``--b`` defaults to the twistd beside the Python running th
 ``--together`` runs A and B at the same time in each round (two ``smtp-source`` at once, or
 A's and B's POP3 clients in one window), so both meet the same load from the rest of a shared
 machine; the pairs' ratios B/A are printed with their median. ``--py-spy OUT`` records B's
-first worker during B's first timed run (raw folded stacks; ``--py-spy-gil``: only the thread
-holding the GIL), and the main process into ``OUT.main``.
+processes during B's first timed run (raw folded stacks, ``OUT.0`` the main process, ``OUT.1``
+the first worker, ...; ``--gil``: only the thread holding the GIL, i.e. Python's CPU). Each run
+prints the CPU split into reactor and pool threads, user and kernel (stime).
 """
 
 from __future__ import annotations
@@ -49,8 +51,13 @@ TCK = os.sysconf("SC_CLK_TCK")
 
 def cpu(pid: int) -> float:
     """utime + stime of ``pid`` (all its threads) in seconds."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` (all its threads) in seconds: Python and the kernel."""
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TCK
+    return int(f[11]) / TCK, int(f[12]) / TCK
 
 
 def split(pid: int) -> tuple[float, float, float, float]:
@@ -142,8 +149,8 @@ def main() -> None:
     p.add_argument("--py-spy", default="")
     p.add_argument("--together", action="store_true",
                    help="A and B in the same window each round (same machine load)")
-    p.add_argument("--py-spy-gil", action="store_true",
-                   help="sample only the thread holding the GIL (Python CPU, not waits)")
+    p.add_argument("--gil", "--py-spy-gil", dest="gil", action="store_true",
+                   help="py-spy samples the GIL holder only (Python CPU, not waits)")
     args = p.parse_args()
     bench.WORKERS = args.workers
     tmp = Path(tempfile.mkdtemp(prefix="cpu-ab-"))
@@ -235,12 +242,13 @@ def main() -> None:
                     pop3_boxes(srv)
                 procs = pids(srv)
                 spies = []
-                if args.py_spy and name == "B" and i == 0 and len(procs) > 1:
-                    for pid, out in ((procs[1], args.py_spy), (procs[0], args.py_spy + ".main")):
-                        spies.append(subprocess.Popen(
-                            ["py-spy", "record", "-r", "200", "--nonblocking", "-p", str(pid),
-                             "-f", "raw", "-o", out, *(["--gil"] if args.py_spy_gil else [])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                if args.py_spy and name == "B" and i == 0:
+                    spies = [subprocess.Popen(["py-spy", "record", "-r", "200", "--nonblocking",
+                                               *(["--gil"] if args.gil else []),
+                                               "-p", str(pid), "-f", "raw",
+                                               "-o", f"{args.py_spy}.{n}"],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             for n, pid in enumerate(procs)]
                     time.sleep(1.0)
 
                 def probe(procs: list[int] = procs) -> tuple[list[float], list[tuple]]:

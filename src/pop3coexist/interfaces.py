@@ -319,6 +319,16 @@ class ICachedMailboxCheck(Interface):
         ``would_exceed_quota``, off the reactor, can say."""
 
 
+class ICachedDomainList(Interface):
+    """Optional for an IMailStore: its domain list from the kernel's cache, with no thread hop
+    (issue 17: every RCPT to a foreign domain asks whether that domain was just added)."""
+
+    def list_domains_cached() -> list[str] | None:
+        """Never blocks on the disk: ``list_domains()`` when the kernel's cache shows that the
+        store's domains are unchanged since the last ``list_domains``; None when only
+        ``list_domains``, off the reactor, can say."""
+
+
 class IDirectoryLookup(Interface):
     """Optional for an IAccountChecker backed by a directory (LDAP / Active Directory): the
     gateway role (policy/gateway.py) resolves recipients with it."""

@@ -83,8 +83,10 @@ def find(server, address: str, *markers: bytes, timeout: float = 20.0) -> list[b
 
 
 def queue_empty(server) -> bool:
-    env = server.state_dir / "queue" / "env"
-    return not env.exists() or not any(env.iterdir())
+    """No envelope in the queue, unclaimed (env/) or claimed by a runner (claimed/<owner>/:
+    mail a runner's own process queued is there from the start)."""
+    queue = server.state_dir / "queue"
+    return not any(queue.glob("env/*.json")) and not any(queue.glob("claimed/*/*.json"))
 
 
 def pop(address: str, server) -> poplib.POP3:

@@ -178,7 +178,8 @@ def test_mx_delivery_preference_fallback_null_mx_and_implicit_mx(tmp_path: Path,
         assert not [m for m in (*mx_b.received, *mx_c.received) if "multi.test" in m.rcpt_tos[0]]
         [report] = mailbox(srv, TED, 1)
         assert b"user@nullmx.test" in report and b"5.1.10" in report and b"556" in report
-        wait_until(lambda: not any((srv.state_dir / "queue" / "env").iterdir()),
+        queue = srv.state_dir / "queue"
+        wait_until(lambda: not any(queue.glob("env/*.json")) and not any(queue.glob("claimed/*/*.json")),
                    what="the queue to empty")
         log = srv.log_text()
         assert "to=<user@fallback.test> relay=up.fallback.test" in log

@@ -48,6 +48,7 @@ from pop3coexist.interfaces import (
     IAliasTable,
     IBatchDelivery,
     IBlockingRecipientLookup,
+    ICachedDomainList,
     ICachedMailboxCheck,
     ICachedMessageOpen,
     ICachedRecipientLookup,
@@ -148,7 +149,8 @@ class FakeMaildrop:
         self.store.sessions.discard((self.domain, self.mailbox))
 
 
-@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ICachedMailboxCheck, IAliasTable)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ICachedMailboxCheck, IAliasTable,
+             ICachedDomainList)
 class FakeMailStore:
     """See IMailStore. ``mail[domain][mailbox]`` is a list of ``(uid, bytes)``."""
 
@@ -245,6 +247,11 @@ class FakeMailStore:
         return sorted(self.mail[domain.lower()])
 
     cached = False  # ICachedMailboxCheck answers only when a test sets this
+
+    def list_domains_cached(self) -> list[str] | None:
+        """See ICachedDomainList: with ``cached`` set, the domains (no ``list_domains`` call)."""
+        self._call("list_domains_cached")
+        return sorted(self.mail) if self.cached else None
 
     def mailbox_fits_cached(self, domain: str, mailbox: str) -> bool:
         """See ICachedMailboxCheck: with ``cached`` set, an existing mailbox with no quota."""

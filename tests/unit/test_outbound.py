@@ -125,7 +125,8 @@ expiration = "{expiration}"
 
     def new_service(self) -> OutboundService:
         return OutboundService(self.config, self.queue, store=self.store, reactor=self.clock,
-                               deliver=self.hop, poll_interval=5, resolver=self.resolver)
+                               deliver=self.hop, poll_interval=5, resolver=self.resolver,
+                               remove_linger=0)
 
     def start(self) -> None:
         self.svc.startService()
@@ -182,6 +183,27 @@ def test_new_mail_is_delivered_at_once_and_removed(tmp_path: Path, logs: list[di
     text = _text(logs)
     assert f"{qid} to=<b@example.net> relay=192.0.2.10" in text and "reply=250 2.0.0 ok" in text
     assert f"{qid} to=<c@example.net>" in text
+
+
+def test_mail_queued_while_running_is_run_without_a_claim_or_a_read(tmp_path: Path) -> None:
+    """What the runner's own process queues is born claimed (store/queue.py): the runner takes
+    its envelope from memory, so no ``claim`` (rename, read, thread hop) runs for it; the
+    store's domains are read once for several messages within a second."""
+    env = Env(tmp_path)
+    env.start()
+    claims: list[str] = []
+    claim = env.queue.claim
+
+    def counting_claim(qid: str) -> object:
+        claims.append(qid)
+        return claim(qid)
+
+    env.queue.claim = counting_claim  # type: ignore[method-assign]
+    env.enqueue("b@example.net")
+    env.enqueue("c@example.net")
+    env.enqueue("d@example.net")
+    assert len(env.hop.calls) == 3 and env.queue.ids() == []
+    assert len(claims) <= 1  # the first one may read the domain list (and so claim) once
 
 
 def test_smarthost_down_then_up_delivers_after_retry(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ class AliasEnv(Env):
     def new_service(self) -> OutboundService:
         return OutboundService(self.config, self.queue, store=self.store, reactor=self.clock,
                                deliver=self.hop, poll_interval=5, resolver=self.resolver,
-                               checker=self.checker)
+                               checker=self.checker, remove_linger=0)
 
 
 def test_reports_to_alias_owner_and_proxy_senders_reach_their_mailboxes(tmp_path: Path) -> None:

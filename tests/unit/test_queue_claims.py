@@ -185,6 +185,55 @@ def test_remove_many_removes_claimed_messages_and_leaves_taken_ones(tmp_path: Pa
     assert one.body_path(ids[2]).exists()
 
 
+def test_a_message_queued_by_a_running_runner_is_born_claimed(tmp_path: Path) -> None:
+    """With ``claim_new`` (the runner runs), what this process queues is written into its own
+    claim and its envelope handed over in memory once (``take_born``); nobody else can claim
+    it, and a plain ``claim`` by its owner still reads it from the claim."""
+    one = _runner(tmp_path / "q", "n1", 0)
+    two = _runner(tmp_path / "q", "n1", 1)
+    one.claim_new = True
+    [qid] = _enqueue(one, tmp_path)
+    assert one.ready_ids() == [] and one.ids() == [qid]
+    assert (one.claimed_dir / one.owner / f"{qid}.json").exists()
+    born = one.take_born(qid)
+    assert born is not None and born.id == qid and born.recipients[0].address == "r0@example.net"
+    assert one.take_born(qid) is None  # handed over once
+    assert two.claim(qid) is None
+    assert one.claim(qid) == born
+
+
+def test_a_born_claim_of_a_dead_worker_is_taken_back(tmp_path: Path) -> None:
+    """A worker that queued a message born claimed and died (kill -9: nothing released) loses
+    it to the main process's take back, which another runner then delivers."""
+    main = _runner(tmp_path / "q", "n1", 0)
+    w1 = _runner(tmp_path / "q", "n1", 1)
+    w1.claim_new = True
+    [qid] = _enqueue(w1, tmp_path)
+    assert main.ready_ids() == []
+    assert main.take_back(prefix="n1.w1.") == 1
+    assert main.ready_ids() == [qid] and main.claim(qid) is not None
+
+
+def test_born_claimed_falls_back_to_env_when_the_claim_was_taken(tmp_path: Path) -> None:
+    """When this owner's claim folder was taken back, a new message goes to env/ (claimable
+    by anyone, nothing handed over in memory); ``discard`` removes a born claim whole;
+    ``forget_born`` (the runner stops) sends new messages to env/ again."""
+    main = _runner(tmp_path / "q", "n1", 0)
+    w1 = _runner(tmp_path / "q", "n1", 1)
+    w1.claim_new = True
+    main.take_back(prefix="n1.w1.")
+    [qid] = _enqueue(w1, tmp_path)
+    assert w1.ready_ids() == [qid] and w1.take_born(qid) is None
+    w1.touch_lease()  # a new incarnation
+    [born] = _enqueue(w1, tmp_path)
+    assert w1.ready_ids() == [qid]
+    w1.discard(born)
+    assert w1.ids() == [qid] and not w1.body_path(born).exists() and w1.take_born(born) is None
+    w1.forget_born()
+    [later] = _enqueue(w1, tmp_path)
+    assert sorted(w1.ready_ids()) == sorted([qid, later]) and w1.take_born(later) is None
+
+
 def test_group_call_batches_the_requests_made_while_a_batch_runs() -> None:
     """outbound.GroupCall: the first request runs at once; those made while it runs go
     together into one next call; each request's Deferred fires with its batch's result."""
@@ -211,3 +260,29 @@ def test_group_call_batches_the_requests_made_while_a_batch_runs() -> None:
     assert got == ["A"] and calls == [["a"], ["b", "c"]]
     pending.pop(0).callback(None)
     assert got == ["A", "B", "C"]
+
+
+def test_group_call_with_a_linger_gathers_the_requests_of_that_time() -> None:
+    """outbound.GroupCall with ``linger`` (the runner's removals): the first request starts a
+    batch ``linger`` seconds later, and every request made until then goes into it."""
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    from pop3coexist.smtp.outbound import GroupCall
+
+    clock = Clock()
+    calls: list[list[str]] = []
+    group = GroupCall(lambda f, items: (calls.append(list(items)), defer.succeed(f(items)))[1],
+                      lambda items: None, linger=0.02, clock=clock)
+    fired: list[str] = []
+    for item in ("a", "b"):
+        group(item).addCallback(lambda _, i=item: fired.append(i))
+    assert calls == [] and fired == []
+    clock.advance(0.01)
+    group("c").addCallback(lambda _: fired.append("c"))
+    clock.advance(0.01)
+    assert calls == [["a", "b", "c"]] and fired == ["a", "b", "c"]
+    group("d")
+    assert calls == [["a", "b", "c"]]
+    clock.advance(0.02)
+    assert calls == [["a", "b", "c"], ["d"]]

@@ -36,6 +36,15 @@ def run_scenario(tmp_path: Path) -> list[str]:
         return ok
 
     env.queue.save = recording_save  # type: ignore[method-assign]
+    create_claimed = env.queue._create_claimed
+
+    def recording_create(record: Envelope, sync: bool) -> bool:  # a new message, born claimed
+        ok = create_claimed(record, sync)
+        if ok:
+            written.append(env.queue.envelope_file(record.id).read_bytes())
+        return ok
+
+    env.queue._create_claimed = recording_create  # type: ignore[method-assign]
     env.start()
     answers = {"b@example.net": "250 2.0.0 ok", "c@example.net": "550 5.1.1 no such user",
                "d@example.net": "451 4.3.0 try later"}

@@ -68,6 +68,37 @@ def test_what_the_cache_cannot_say_takes_the_blocking_path(rcpt: str, quota: boo
 
 
 @needs_cache
+def test_rcpt_to_a_foreign_domain_reads_the_domains_from_the_cache() -> None:
+    """A foreign recipient makes RCPT ask whether its domain was just added: with the store's
+    domain list known unchanged from the cache (``ICachedDomainList``), no blocking
+    ``list_domains`` (the thread hop) runs; without it, the list is read."""
+    for cached, reads in ((True, 0), (False, 1)):
+        factory, store = factory_with(cached=cached)
+        store.calls.clear()
+        decide(factory, "someone@relay.example", "203.0.113.9", False)
+        assert names(store).count("list_domains") >= reads
+        if cached:
+            assert "list_domains" not in names(store)
+
+
+@needs_cache
+def test_maildir_domain_list_from_the_cache_follows_the_mail_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``list_domains_cached`` gives the list ``list_domains`` kept while the mail root is
+    unchanged, and None before any listing or once a domain was added."""
+    from pop3coexist.store import maildir
+
+    monkeypatch.setattr(maildir, "ROOT_RACY_WINDOW", 0.0)  # every listing is settled
+    store = MaildirStore(tmp_path / "mail", hostname="test")
+    store.add_domain(HOST)
+    assert store.list_domains_cached() is None
+    assert store.list_domains() == [HOST]
+    assert store.list_domains_cached() == [HOST]
+    store.add_domain("fabrikam.test")
+    assert store.list_domains_cached() is None
+    assert store.list_domains() == ["fabrikam.test", HOST]
+
+
 def test_stat_cached_and_missing_cached(tmp_path: Path) -> None:
     """``stat_cached`` gives ``os.stat``'s answer for a cached path and None for a missing one;
     ``missing_cached`` is True only for a path known not to exist."""

@@ -62,6 +62,7 @@ from pop3coexist.identity.logins import login_locked
 from pop3coexist.interfaces import (
     Distribution,
     IBlockingRecipientLookup,
+    ICachedDomainList,
     ICachedMailboxCheck,
     ICachedRecipientLookup,
     IDeliveryTransaction,
@@ -281,6 +282,13 @@ class DeliveryContext:
         now = self.clock.seconds()
         if not refresh and self._domains is not None and 0 <= now - self._domains_at < DOMAINS_TTL:
             return defer.succeed(self._domains)
+        if self._reading is None and ICachedDomainList.providedBy(self.store):
+            # the store's list, when the kernel's cache shows it unchanged: a read, no hop
+            cached = self.store.list_domains_cached()
+            if cached is not None:
+                self._reads += 1
+                self._domains, self._domains_at, self._domains_read = cached, now, self._reads
+                return defer.succeed(cached)
         d: defer.Deferred = defer.Deferred()
         if self._reading is not None and not refresh:
             self._reading.append(d)  # the read in progress is fresh enough for the TTL

@@ -428,7 +428,8 @@ class CommitStage:
             log.failure("SMTP {id}: could not store the message", id=message.queue_id)
             return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
         full = set(refused or ())
-        log.debug("SMTP {queue_id} stored in {mailboxes}", mail_event="stored", queue_id=message.queue_id, arrival=message.arrival, mailboxes=[r.address for r in local if r.mailbox not in full])  # noqa: E501
+        if local:  # a message only relayed is stored in no mailbox: no line (issue 17)
+            log.debug("SMTP {queue_id} stored in {mailboxes}", mail_event="stored", queue_id=message.queue_id, arrival=message.arrival, mailboxes=[r.address for r in local if r.mailbox not in full])  # noqa: E501
         for r in local:
             if r.mailbox in full:  # its "failed" delivery report is queued
                 message.decide(r, Verdict.refusal(QuotaExceeded()))

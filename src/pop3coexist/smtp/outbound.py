@@ -20,7 +20,11 @@ for it is still to be queued. For a due message the runner:
    deferred on the ``retry_intervals`` schedule (the last interval repeats), logging one line
    per recipient;
 5. writes the envelope durably, then queues the RFC 3464 reports it owes (smtp/dsn.py), then
-   clears those notices and removes the message once every recipient is final.
+   clears those notices and removes the message once every recipient is final. The removal
+   gets its own log line ("done: removed from the queue") only when the run logged no
+   recipient line (a run that only sent the reports owed): after a run that logged each
+   recipient's final state, that line would say nothing new (one log line per message less:
+   issue 17).
 
 The queue state is typed (store/envelope.py ``Envelope`` / ``Recipient``); this module is the
 scheduler: which message runs when, how many at once, start, stop, flush and wake.
@@ -44,6 +48,7 @@ from __future__ import annotations
 import heapq
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +72,9 @@ from pop3coexist.store.queue import FileQueue, make_owner
 
 log = Logger(namespace="pop3coexist.outbound")
 
+DOMAINS_TTL = 1.0  # seconds: how long the store's domain list is taken as known
+REMOVE_LINGER = 0.02  # seconds: delivered messages gathered for one removal call
+
 
 def _sync_blocking(f: Callable, *a: Any, **kw: Any) -> defer.Deferred:
     return defer.maybeDeferred(f, *a, **kw)
@@ -76,20 +84,31 @@ class GroupCall:
     """Group commit for a blocking call on a list: ``call(item)`` returns a Deferred that
     fires when ``work(items)`` (run by ``blocking``, one call at a time) has done a batch
     holding ``item``; every request made while a batch runs goes into the next batch. A
-    failed batch fails each of its requests with the same error."""
+    failed batch fails each of its requests with the same error.
+
+    ``linger`` (seconds, with ``clock``: an IReactorTime): a batch starts that long after
+    its first request rather than at once, so that more requests share its thread call
+    (the removals of delivered messages: nobody waits for them but their own job)."""
 
     def __init__(self, blocking: Callable[..., defer.Deferred],
-                 work: Callable[[list[Any]], Any]) -> None:
+                 work: Callable[[list[Any]], Any], linger: float = 0.0,
+                 clock: Any = None) -> None:
         self._blocking = blocking
         self._work = work
         self._pending: list[tuple[Any, defer.Deferred]] = []
         self._running = False
+        self._linger = linger if clock is not None else 0.0
+        self._clock = clock
 
     def __call__(self, item: Any) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self._pending.append((item, d))
         if not self._running:
-            self._run()
+            if self._linger > 0:
+                self._running = True  # the batch is on its way: the others join it
+                self._clock.callLater(self._linger, self._run)
+            else:
+                self._run()
         return d
 
     def _run(self) -> None:
@@ -119,7 +138,8 @@ class OutboundService(service.Service):
 
     ``checker``: the IAccountChecker, so the local hop finds aliases and proxy addresses.
     ``resolver`` (a HopResolver), ``deliver`` (like ``client.deliver``) and ``blocking``
-    (like ``threads.deferToThread``) can be replaced by tests.
+    (like ``threads.deferToThread``) can be replaced by tests. ``remove_linger`` (seconds):
+    how long delivered messages are gathered for one removal call (0: each group at once).
     """
 
     name = "outbound"
@@ -142,6 +162,7 @@ class OutboundService(service.Service):
         node: str | None = None,
         scan_interval: float = 30.0,
         scan_grace: float = 5.0,
+        remove_linger: float = REMOVE_LINGER,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -186,12 +207,13 @@ class OutboundService(service.Service):
         self._poller: task.LoopingCall | None = None
         self._ready = False
         self._early: list[str] = []
+        self._domains: tuple[float, frozenset[str]] | None = None  # (monotonic time, domains)
         # the local hop: an alias, list or proxy address reaches its mailboxes (issue 14)
         expander = None
         if checker is not None and store is not None:
             expander = Expander(config, store, checker, self._blocking)
         # delivered messages leave the queue in groups: one folder sync per group
-        self._remove = GroupCall(self._blocking, queue.remove_many)
+        self._remove = GroupCall(self._blocking, queue.remove_many, remove_linger, reactor)
         # and are claimed in groups: one thread hop for the jobs started meanwhile
         self._claims = GroupCall(self._blocking, self._claim_many)
         self.routes = RouteDelivery(config, queue, store, self.resolver, self.limiter,
@@ -227,6 +249,7 @@ class OutboundService(service.Service):
                          "processes taken back", n=counts["taken_back"])
         self.queue.set_owner(owner)
         self.queue.drain_new()
+        self.queue.claim_new = True  # what this process queues from now on is born claimed
         if self.worker != 0:
             return {}  # the main process's scan finds what is queued; the scans share it later
         return self._scan()
@@ -273,6 +296,7 @@ class OutboundService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.queue.set_waker(None)
+        self.queue.forget_born()
         self.connections.close_all()
         d = self._stop_jobs()
 
@@ -471,10 +495,13 @@ class OutboundService(service.Service):
     # ------------------------------------------------------------------ one message
 
     async def _run_message(self, qid: str, forced: bool) -> float | None:
-        claimed, domains = await self._claims(qid)
-        env = claimed.get(qid)
-        if isinstance(env, Exception):
-            raise env
+        env: Any = self.queue.take_born(qid)
+        domains = self._fresh_domains()
+        if env is None or domains is None:  # claim it, or read the domains: one thread hop
+            claimed, domains = await self._claims(qid)
+            env = claimed.get(qid, env)
+            if isinstance(env, Exception):
+                raise env
         if env is None:  # delivered, deleted, or another runner has it
             return None
         if not self.queue.lease_fresh():  # our claims may be taken back before we end
@@ -500,8 +527,19 @@ class OutboundService(service.Service):
                 claimed[qid] = self.queue.claim(qid)
             except Exception as e:  # noqa: BLE001 - that job fails alone (retried later)
                 claimed[qid] = e
-        any_claimed = any(isinstance(env, Envelope) for env in claimed.values())
-        return claimed, (self._store_domains() if any_claimed else frozenset())
+        domains = self._fresh_domains()
+        if domains is None:
+            domains = self._store_domains()
+            self._domains = (time.monotonic(), domains)
+        return claimed, domains
+
+    def _fresh_domains(self) -> frozenset[str] | None:
+        """The store's domains read within ``DOMAINS_TTL`` (a ``domain add`` routes mail to
+        the store within a second), or None: read them again (blocking)."""
+        known = self._domains
+        if known is None or time.monotonic() - known[0] >= DOMAINS_TTL:
+            return None
+        return known[1]
 
     async def _run_claimed(self, qid: str, env: Envelope, forced: bool,
                            domains: frozenset[str]) -> float | None:
@@ -562,7 +600,8 @@ class OutboundService(service.Service):
         next_due = env.due_time()
         if next_due is None:
             await self._remove(qid)
-            log.info("{qid} done: removed from the queue", qid=qid)
+            if not changed:  # a line per recipient of this run says it ended (issue 17)
+                log.info("{qid} done: removed from the queue", qid=qid)
         return next_due
 
     # ------------------------------------------------------------------ reports

@@ -63,6 +63,7 @@ from pop3coexist.interfaces import (
     Distribution,
     IAliasTable,
     IBatchDelivery,
+    ICachedDomainList,
     ICachedMailboxCheck,
     ICachedMessageOpen,
     IMaildrop,
@@ -311,7 +312,8 @@ def _folder_usage(folder: str, now: float) -> tuple[int, int] | None:
 # -- the store ---------------------------------------------------------------------------------
 
 
-@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ICachedMailboxCheck, IAliasTable)
+@implementer(IMailStore, IQuotaCheck, IBatchDelivery, ICachedMailboxCheck, IAliasTable,
+             ICachedDomainList)
 class MaildirStore:
     """Mail domains and Maildir mailboxes under ``root``. See ``IMailStore``.
 
@@ -685,6 +687,17 @@ class MaildirStore:
         with _io_errors(f"cannot check the quota of {mailbox}@{domain}"):
             _, _, path = self._existing_mailbox(domain, mailbox)
             return self._would_exceed(path, size)
+
+    def list_domains_cached(self) -> list[str] | None:
+        """See ``ICachedDomainList``: the list ``list_domains`` kept, while the mail root's
+        status from the kernel's cache (``stat_cached``) has the signature it was kept for."""
+        cached = self._domains_cache
+        if cached is None:
+            return None
+        st = stat_cached(self.root)
+        if st is None or (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink) != cached[0]:
+            return None
+        return list(cached[1])
 
     def mailbox_fits_cached(self, domain: str, mailbox: str) -> bool:
         """See ``ICachedMailboxCheck``: ``new/`` and ``cur/`` are folders and the metadata file

@@ -29,6 +29,11 @@ and a message is delivered by whoever claims it (README "Outbound queue claims")
   ``lease`` whose mtime it touches every ``LEASE / 6`` seconds;
 - claim = ``rename(env/<id>.json, claimed/<owner>/<id>.json)``: atomic, so of two runners one
   gets the envelope and the other ENOENT; nobody else delivers a claimed message;
+- born claimed: while a runner is running (``claim_new``), a message its own process queues
+  is written straight into its claim folder and its ``Envelope`` kept in memory
+  (``take_born``), so the runner starts it with no rename, no read and no thread hop; a crash
+  leaves it claimed by a dead owner, taken back like any other claim. When the claim folder
+  was taken back meanwhile, the envelope goes to env/ as before;
 - release (a deferral) = set the envelope's mtime to its next attempt, rename it back to env/:
   in env/, an envelope's mtime is when it is due, so a scan needs no JSON to find due work;
 - delivered or failed = unlink the claimed envelope (fsync its folder), then the body;
@@ -45,6 +50,19 @@ and a message is delivered by whoever claims it (README "Outbound queue claims")
 Delivery is at least once: a runner that dies (or loses its lease) after the next hop's reply
 to the final dot but before the envelope says so leaves the message to be sent again after the
 take back (RFC 5321 section 6.1 accepts such duplicates; the next hop sees the same Message-ID).
+
+What is fsynced (the rule, issue 17): a change that creates or keeps work is durable before
+anyone acts on it: a new message before its 250 (``enqueue``, or the group commit's syncfs
+for ``enqueue_unsynced``), a deferral (attempts, next attempt, last reply) and a report owed
+or cleared (``save``) before the runner goes on. A change that only ends work the next hop has
+already taken is not synced: the removal of a delivered or failed message (``remove_many``:
+envelope unlinked, then its body; the file system writes the names out within its commit
+interval, 5 s on ext4). A crash that undoes such a removal brings the envelope back, and the
+message is sent again (the duplicate RFC 5321 section 6.1 accepts, as after a crash between
+the next hop's 250 and the removal); on a file system that does not keep the order of the two
+unlinks, it can leave an envelope without its body, which start-up moves aside to damaged/
+(logged; that message was delivered). A failure's report is queued durably and the notice
+cleared durably before the removal, so a re-run never sends a report twice.
 """
 
 from __future__ import annotations
@@ -143,6 +161,9 @@ class FileQueue:
         self._lock = threading.Lock()
         self._new: list[str] = []
         self._made = False
+        # messages queued straight into this owner's claim (module docstring: born claimed)
+        self.claim_new = False
+        self._born: dict[str, Envelope] = {}
 
     def __repr__(self) -> str:
         return f"<FileQueue {self.root}>"
@@ -198,9 +219,25 @@ class FileQueue:
 
     def discard(self, qid: str) -> None:
         """See IBatchEnqueue."""
-        for path in (self.envelope_path(qid), self.body_path(qid)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        with self._lock:
+            self._born.pop(qid, None)
+        for path in (self._mine(qid), self.envelope_path(qid), self.body_path(qid)):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def take_born(self, qid: str) -> Envelope | None:
+        """The envelope of ``qid`` when this process queued it into this owner's claim (born
+        claimed: module docstring) and nobody took it yet; None otherwise (then ``claim``).
+        Never blocks. The caller owns the object from then on."""
+        with self._lock:
+            return self._born.pop(qid, None)
+
+    def forget_born(self) -> None:
+        """Stop queueing into the claim (the runner stops): new messages go to env/."""
+        with self._lock:
+            self.claim_new = False
+            self._born.clear()
 
     def sync_target(self) -> Path:
         """See IBatchEnqueue."""
@@ -258,7 +295,14 @@ class FileQueue:
                     for r in envelope["recipients"]
                 ],
             )
-            self.save(record, create=True, sync=sync)
+            born = self.claim_new and self.owner is not None
+            if not (born and self._create_claimed(record, sync)):
+                born = False
+                self.save(record, create=True, sync=sync)
+            if born:
+                with self._lock:
+                    if self.claim_new:
+                        self._born[qid] = record
         except BaseException:
             # no envelope, no queue entry: a body left alone in msg/ would be a half-written
             # message nobody delivers or removes (issue 16 soak, the disk-full fault)
@@ -266,6 +310,37 @@ class FileQueue:
                 body.unlink()
             raise
         return qid
+
+    def _create_claimed(self, env: Envelope, sync: bool) -> bool:
+        """Write a new envelope into this owner's claim (born claimed); False when the claim
+        folder is gone (taken back: the caller writes it to env/)."""
+        qid = env.id
+        owner = self.owner
+        if owner is None:
+            return False
+        folder = f"{self.claimed_dir}/{owner}"
+        tmp = f"{self.tmp_dir}/env.{qid}.{secrets.token_hex(4)}"
+        data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.write(fd, data)  # a regular file takes a small write whole
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, f"{folder}/{qid}.json")
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if sync:
+            _fsync_dir(Path(folder))
+        return True
 
     def enqueue_bytes(self, data: bytes, envelope: dict) -> str:
         """Write ``data`` to a fsynced temp file and enqueue it (used for delivery reports)."""
@@ -470,32 +545,30 @@ class FileQueue:
             pass
 
     def remove_many(self, qids: list[str]) -> None:
-        """``remove`` for several messages with one folder sync: every envelope unlinked,
-        each folder they were in fsynced once, then the bodies (the group removal of the
-        delivery runner: a body is never removed before its envelope's removal is durable)."""
-        folders: set[Path] = set()
+        """``remove`` for several delivered or failed messages (the group removal of the
+        delivery runner): every envelope unlinked, then the bodies, with no folder sync
+        (module docstring, "What is fsynced": a crash may only bring a removed message back
+        for a second delivery)."""
         bodies = []
+        mine_dir = None if self.owner is None else f"{self.claimed_dir}/{self.owner}"
         for qid in qids:
-            mine = self._mine(qid)
-            path = mine if mine is not None else self._find(qid)
-            if path is None:
-                if mine is None:
-                    bodies.append(qid)
-                continue
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                if mine is not None:
+            self._check_id(qid)
+            if mine_dir is not None:
+                try:
+                    os.unlink(f"{mine_dir}/{qid}.json")
+                except FileNotFoundError:
                     continue  # deleted (with its body) or taken back: not ours any more
-            folders.add(path.parent)
+                bodies.append(qid)
+                continue
+            path = self._find(qid)
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
             bodies.append(qid)
-        for folder in folders:
-            _fsync_dir(folder)
+        msg_dir = str(self.msg_dir)
         for qid in bodies:
-            try:
-                self.body_path(qid).unlink()
-            except FileNotFoundError:
-                pass
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{msg_dir}/{qid}")
 
     # ------------------------------------------------------------------ claims
 
@@ -682,7 +755,8 @@ class FileQueue:
             # again first: another node (or process) may have queued it since the listing
             if (self.msg_dir / qid).exists():
                 continue
-            log.error("queue: envelope {qid} has no body; moved aside", qid=qid)
+            log.error("queue: envelope {qid} has no body (an enqueue that never got its 250, "
+                      "or a removal cut short by a crash); moved aside", qid=qid)
             self._quarantine(qid)
             envs.discard(qid)
         for name in os.listdir(self.msg_dir):
