@@ -275,6 +275,34 @@ def test_idle_reports_new_mail_and_pop3_deletion(env: Env) -> None:
     assert say(proto, t, b"DONE") == b"i1 OK IDLE terminated\r\n"
 
 
+def test_idle_sessions_of_a_folder_share_one_poll(env: Env) -> None:
+    """Three sessions IDLE on one folder make one timer (idle.IdleHub), not one each; new mail
+    reaches all three at the next poll; a change one session finds by a command (outside
+    IDLE) reaches the IDLE ones at the next poll; the timer goes with the last DONE."""
+    from pop3coexist.imap.idle import idle_hub
+
+    env.deliver("old")
+    sessions = [env.logged_in() for _ in range(3)]
+    for proto, t in sessions:
+        say(proto, t, b"s1 SELECT INBOX")
+        assert say(proto, t, b"i1 IDLE") == b"+ idling\r\n"
+    hub = idle_hub(env.clock)
+    assert hub.folders() == 1 and len(env.clock.getDelayedCalls()) == 1 + 3  # + 3 log-out timers
+    env.deliver("new")
+    env.clock.advance(imap_server.POLL_INTERVAL)
+    assert sorted(take(t) for _, t in sessions) == \
+        [b"* 2 EXISTS\r\n* 0 RECENT\r\n"] * 2 + [b"* 2 EXISTS\r\n* 2 RECENT\r\n"]
+    other, ot = env.logged_in()
+    say(other, ot, b"s1 SELECT INBOX")
+    say(other, ot, b"f1 STORE 1 +FLAGS (\\Flagged)")
+    env.clock.advance(imap_server.POLL_INTERVAL)
+    for _, t in sessions:  # (the session that saw message 1 first adds \\Recent)
+        assert take(t).startswith(b"* 1 FETCH (FLAGS (\\Flagged")
+    for proto, t in sessions:
+        assert say(proto, t, b"DONE") == b"i1 OK IDLE terminated\r\n"
+    assert hub.folders() == 0 and len(env.clock.getDelayedCalls()) == 4
+
+
 def test_quota(env: Env) -> None:
     """GETQUOTAROOT names the root "" and its STORAGE in KiB over all folders; no quota: an
     empty list; SETQUOTA NO [NOPERM]."""

@@ -28,7 +28,6 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from scramp import ScramException, ScramMechanism
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -37,11 +36,28 @@ from pop3coexist.interfaces import IScramCredentials, IScramKeyStore
 MECHANISM = "SCRAM-SHA-256"
 DEFAULT_ITERATIONS = 4096  # RFC 7677 section 4: at least 4096
 MAX_ITERATIONS = 1_000_000  # a corrupt entry must not make a log-in spin for minutes
-_MECH = ScramMechanism(MECHANISM)
+_MECHS: list[Any] = []  # the scramp.ScramMechanism, made at first use (_mech)
 _DECOY_SECRET = secrets.token_bytes(32)
 
 __all__ = ["MECHANISM", "ScramCredentials", "ScramExchange", "ScramFailure", "ScramKeys",
            "derive_keys"]
+
+
+def _mech() -> Any:
+    """scramp's ScramMechanism for SCRAM-SHA-256. scramp (with asn1crypto: 3.7 MB of RSS in
+    every serving process) is imported at the first SCRAM exchange or key derivation, not at
+    start: most processes never need it (issue 18, the IDLE memory target)."""
+    if not _MECHS:
+        from scramp import ScramMechanism
+
+        _MECHS.append(ScramMechanism(MECHANISM))
+    return _MECHS[0]
+
+
+def _scram_exception() -> type[Exception]:
+    from scramp import ScramException
+
+    return ScramException
 
 
 class ScramFailure(Exception):
@@ -63,7 +79,7 @@ def derive_keys(password: str, iterations: int = DEFAULT_ITERATIONS,
                 salt: bytes | None = None) -> ScramKeys:
     """The SCRAM-SHA-256 keys of ``password`` (SASLprep applied by scramp; a new random
     16-byte salt unless one is given). Takes a few milliseconds per 1,000 iterations."""
-    salt_out, stored, server, i = _MECH.make_auth_info(password, iteration_count=iterations,
+    salt_out, stored, server, i = _mech().make_auth_info(password, iteration_count=iterations,
                                                       salt=salt)
     return ScramKeys(bytes(salt_out), int(i), bytes(stored), bytes(server))
 
@@ -147,8 +163,8 @@ class ScramExchange:
             return decoy.salt, decoy.stored_key, decoy.server_key, decoy.iterations
 
         try:  # scramp checks the whole message; this pass only learns the user name
-            _MECH.make_server(record).set_client_first(text)
-        except ScramException as e:
+            _mech().make_server(record).set_client_first(text)
+        except _scram_exception() as e:
             raise ScramFailure(f"SCRAM client-first message refused: {_reason(e)}") from None
         username = _saslname(names[0])
         if not username:
@@ -164,12 +180,12 @@ class ScramExchange:
         if keys is None or not 1 <= keys.iterations <= MAX_ITERATIONS:
             keys = _decoy(username)
         self._keys = keys
-        server = _MECH.make_server(
+        server = _mech().make_server(
             lambda _user: (keys.salt, keys.stored_key, keys.server_key, keys.iterations))
         try:
             server.set_client_first(text)
             first = server.get_server_first()
-        except ScramException as e:
+        except _scram_exception() as e:
             raise ScramFailure(f"SCRAM client-first message refused: {_reason(e)}") from None
         self._server = server
         return first.encode("utf-8")
@@ -182,7 +198,7 @@ class ScramExchange:
         try:
             self._server.set_client_final(data.decode("utf-8"))
             final = self._server.get_server_final()
-        except (ScramException, UnicodeDecodeError) as e:
+        except (_scram_exception(), UnicodeDecodeError) as e:
             raise ScramFailure(f"SCRAM proof refused: {_reason(e)}") from None
         self._proven = True
         return final.encode("utf-8")
@@ -195,7 +211,7 @@ class ScramExchange:
 
 
 def _reason(e: Exception) -> str:
-    if isinstance(e, ScramException):
+    if isinstance(e, _scram_exception()):
         text = str(e.args[0]) if e.args else "refused"
         return text.split("\n")[0][:120]
     return e.__class__.__name__

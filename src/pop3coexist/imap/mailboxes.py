@@ -6,16 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, task
-
 from pop3coexist.imap.common import (
     PERMANENT,
-    POLL_INTERVAL,
     SEPARATOR,
     Refuse,
     _text,
-    log,
 )
+from pop3coexist.imap.idle import idle_hub
 from pop3coexist.imap.message import astring
 from pop3coexist.imap.parse import (
     BadSyntax,
@@ -193,24 +190,30 @@ class MailboxCommands:
     async def do_IDLE(self, tag: bytes, args: list) -> None:  # noqa: N802
         await self.refresh(expunges=True)
         self.send(b"+ idling")
-        loop = task.LoopingCall(self._idle_poll)
-        loop.clock = self.factory.reactor
-        self._idle = (tag, loop)
-        loop.start(POLL_INTERVAL, now=False).addErrback(lambda f: None)
+        key = self._idle_key()
+        self._idle = (tag, key)
+        if key is not None:  # polled with the other IDLE sessions of the folder (idle.py)
+            idle_hub(self.factory.reactor).join(key, self)
     do_IDLE.states = ("auth", "selected")  # type: ignore[attr-defined]
 
-    def _idle_poll(self) -> defer.Deferred | None:
+    def _idle_key(self) -> tuple | None:
+        """The selected folder as ``idle.IdleHub`` knows it: (address, folder name)."""
+        sel = self.sel
+        return None if sel is None else (self.address, sel.name)
+
+    async def idle_poll(self) -> bool:
+        """One IDLE check (``idle.IdleHub`` asks): tell the client what changed; True when
+        the folder had changed since this session last looked."""
         if self._idle is None or self._busy or self.sel is None:
-            return None
-        return defer.ensureDeferred(self.refresh(expunges=True, idle=True)).addErrback(
-            lambda f: log.failure("IMAP IDLE poll failed", f))
+            return False
+        return await self.refresh(expunges=True, idle=True)
 
     def _stop_idle(self) -> None:
         if self._idle is not None:
-            _, loop = self._idle
+            _, key = self._idle
             self._idle = None
-            if loop.running:
-                loop.stop()
+            if key is not None:
+                idle_hub(self.factory.reactor).leave(key, self)
 
     async def do_GETQUOTAROOT(self, tag: bytes, args: list) -> None:  # noqa: N802
         if len(args) != 1:

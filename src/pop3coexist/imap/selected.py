@@ -21,6 +21,7 @@ from pop3coexist.imap.common import (
     Refuse,
     _text,
 )
+from pop3coexist.imap.idle import idle_hub
 from pop3coexist.imap.parse import (
     BadSyntax,
     format_seqset,
@@ -180,32 +181,38 @@ class _WriteGate:
 class SelectedCommands:
     """Selected-state commands (mixed into ``IMAPServer``)."""
 
-    async def refresh(self, expunges: bool, idle: bool = False) -> None:
+    async def refresh(self, expunges: bool, idle: bool = False) -> bool:
         """Tell the client what changed in the selected folder (module docstring). One
         refresh at a time per session (an IDLE poll and the command after DONE never
         interleave); ``idle``: an IDLE poll, whose findings wait for the next command when
-        IDLE ended meanwhile (no EXPUNGE while no command runs, RFC 3501 section 7.4.1)."""
+        IDLE ended meanwhile (no EXPUNGE while no command runs, RFC 3501 section 7.4.1).
+        True when the folder had changed since this session last read it; a change found
+        outside IDLE is passed on to the folder's IDLE sessions (``idle.IdleHub.changed``)."""
         sel = self.sel
         if sel is None:
-            return
+            return False
         await self._refresh_lock.acquire()
         try:
-            await self._refresh(sel, expunges, idle)
+            changed = await self._refresh(sel, expunges, idle)
         finally:
             self._refresh_lock.release()
+        if changed and not idle:
+            idle_hub(self.factory.reactor).changed((self.address, sel.name))
+        return changed
 
-    async def _refresh(self, sel: Selected, expunges: bool, idle: bool) -> None:
+    async def _refresh(self, sel: Selected, expunges: bool, idle: bool) -> bool:
         view = sel.view
         if ICachedFolderView.providedBy(view) and view.unchanged_cached():
             msgs = None  # told without the disk: no thread hop
         else:
             msgs = await self.blocking(view.sync_if_changed)
+        changed = msgs is not None
         if self.sel is not sel or self._gone:
-            return
+            return changed
         if idle and self._idle is None:
             if msgs is not None:
                 sel.pending = msgs  # told at the next command
-            return
+            return changed
         if msgs is None:  # unchanged since this session last looked
             msgs, sel.pending = sel.pending, None
         if msgs is not None:
@@ -226,7 +233,7 @@ class SelectedCommands:
                 sel.remove(uid)
             sel.gone.clear()
         if msgs is None:
-            return
+            return changed
         j, n = 0, len(msgs)
         for i, uid in enumerate(sel.uids):
             while j < n and msgs[j].uid < uid:
@@ -244,6 +251,7 @@ class SelectedCommands:
                 sel.append(m)
             self.send(b"* %d EXISTS" % len(sel.uids))
             self.send(b"* %d RECENT" % len(sel.recent))
+        return changed
 
     def _flags(self, uid: int) -> bytes:
         sel = self.sel

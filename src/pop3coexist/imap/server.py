@@ -81,7 +81,7 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
         self._gone = False
         self._acquired = False
         self._sasl: Any = None  # (tag, generator step function) while AUTHENTICATE runs
-        self._idle: Any = None  # (tag, LoopingCall) during IDLE
+        self._idle: Any = None  # (tag, idle.IdleHub key or None) during IDLE
         self._refresh_lock = defer.DeferredLock()
         self.peer = ""
 
@@ -219,7 +219,7 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
             self._sasl_answer(command)
             return
         if self._idle is not None:
-            tag, loop = self._idle
+            tag, _ = self._idle
             if command.strip().upper() != b"DONE":
                 self.send(b"* BAD expected DONE")
                 return

@@ -145,6 +145,18 @@ _SNAPSHOTS: dict[str, tuple[tuple, weakref.ref]] = {}
 # records of a 1,000-message folder are about 400 KB; a burst of SELECTs made that much per
 # session and left the allocator's arenas fragmented once they were dropped).
 _LAST_READ: dict[str, weakref.ref] = {}
+# folder path -> (stat signature, the snapshot read under it) for a folder changed within
+# RACY_WINDOW: its signature cannot prove that nothing changed since (a change in the same
+# clock tick would not show), so it is never published in _SNAPSHOTS; but the views of this
+# process that see the same signature meanwhile take that read (provisionally) instead of
+# reading the folder again each: a burst of 500 SELECTs just after the first one moved the
+# mail out of new/ made 500 reads (CPU, and transient records that left pymalloc's arenas
+# fragmented). Once the window has passed, a view that took a provisional read reads the
+# folder again (the trusted read, shared through _SNAPSHOTS): a change the provisional read
+# missed shows then, RACY_WINDOW seconds late at most. A change made through a FolderView of
+# this process drops the folder's entry (``_drop_racy``), so a session sees its own changes
+# (and the other sessions of its process see them) at once, as before.
+_RACY: dict[str, tuple[tuple, weakref.ref]] = {}
 _UIDLISTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _SHARED_LOCK = threading.Lock()
 
@@ -178,6 +190,32 @@ def _share_snapshot(path: str, state: tuple | None, snap: Snapshot) -> Snapshot:
             for key in [k for k, (_, ref) in _SNAPSHOTS.items() if ref() is None]:
                 del _SNAPSHOTS[key]
     return snap
+
+
+def _racy_read(path: str, key: tuple) -> tuple[tuple, Snapshot] | None:
+    """The provisional read of ``path`` under ``key`` (see ``_RACY``): (entry, snapshot)."""
+    with _SHARED_LOCK:
+        entry = _RACY.get(path)
+    if entry is None or entry[0] != key:
+        return None
+    snap = entry[1]()
+    return None if snap is None else (entry, snap)
+
+
+def _keep_racy(path: str, key: tuple, snap: Snapshot) -> tuple:
+    entry = (key, weakref.ref(snap))
+    with _SHARED_LOCK:
+        _RACY[path] = entry
+        if len(_RACY) > 256:
+            for k in [k for k, (_, ref) in _RACY.items() if ref() is None]:
+                del _RACY[k]
+    return entry
+
+
+def _drop_racy(path: str) -> None:
+    """This process changed the folder: no view may take its provisional read any more."""
+    with _SHARED_LOCK:
+        _RACY.pop(path, None)
 
 
 def flags_from_info(info: str, keywords: list[str]) -> frozenset[str]:
@@ -639,6 +677,7 @@ class FolderView:
         self._cache_key: tuple[int, int, int] | None = None
         self._uidlist: _UidList | None = None
         self._last_state: tuple | None = None
+        self._racy_entry: tuple | None = None  # the _RACY entry the last sync took or made
         self.keywords: list[str] = _read_keywords(self.path)
 
     # -- the uid list
@@ -694,18 +733,23 @@ class FolderView:
         """What changes when the folder does: new/, cur/ and the uid list's identity and
         times. None when one of them changed within RACY_WINDOW seconds (a change in the
         same clock tick would not show): then the folder must be read."""
+        key, racy = self._signature()
+        return None if racy else key
+
+    def _signature(self) -> tuple[tuple, bool]:
+        """(``_state``'s key, racy): racy when one of them changed within RACY_WINDOW."""
         key = []
         now = time.time()
+        racy = False
         for name in ("new", "cur", UIDLIST):
             try:
                 st = os.stat(self.path / name)
             except FileNotFoundError:
                 key.append(None)
                 continue
-            if now - st.st_mtime < RACY_WINDOW:
-                return None
+            racy = racy or now - st.st_mtime < RACY_WINDOW
             key.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        return tuple(key)
+        return tuple(key), racy
 
     def unchanged_cached(self) -> bool | None:
         """See ``ICachedFolderView.unchanged_cached``: ``_state`` through descriptors opened
@@ -713,8 +757,8 @@ class FolderView:
         last ``sync``'s; None when a path is not cached, is missing, or changed within
         RACY_WINDOW (then ``sync_if_changed`` decides, off the reactor)."""
         last = self._last_state
-        if last is None:
-            return None
+        if last is None or self._racy_entry is not None:
+            return None  # never read, or read provisionally (sync_if_changed decides)
         key = []
         now = time.time()
         base = str(self.path)
@@ -740,18 +784,34 @@ class FolderView:
     def sync_if_changed(self) -> list[Message] | None:
         """``sync()``, or None when nothing in the folder changed since the last ``sync`` of
         this view (three stat calls: what IDLE polls and every command cost when idle)."""
-        state = self._state()
-        if state is not None and state == self._last_state:
-            return None
+        key, racy = self._signature()
+        if key == self._last_state:
+            entry = self._racy_entry
+            if entry is None and not racy:
+                return None  # a trusted read under the same signature
+            if entry is not None and racy:
+                with _SHARED_LOCK:
+                    if _RACY.get(str(self.path)) is entry:
+                        return None  # still the provisional read this view took
         return self.sync()
 
     def sync(self) -> list[Message]:
         """The folder's messages now, by ascending UID; unknown files get new UIDs (under the
         lock, written before this returns). See the module docstring. The list (a
         ``Snapshot``) is the one every view of this folder in the process shares while the
-        folder's stat signature stays the same: do not change it or its records."""
-        state = self._last_state = self._state()
-        shared = _shared_snapshot(str(self.path), state)
+        folder's stat signature stays the same (within RACY_WINDOW of a change, provisionally:
+        ``_RACY``): do not change it or its records."""
+        key, racy = self._signature()
+        path = str(self.path)
+        state = None if racy else key
+        self._last_state, self._racy_entry = state, None
+        if racy:
+            taken = _racy_read(path, key)
+            if taken is not None:
+                self._load()
+                self._last_state, self._racy_entry = key, taken[0]
+                return taken[1]
+        shared = _shared_snapshot(path, state)
         if shared is not None:
             self._load()
             return shared
@@ -763,7 +823,6 @@ class FolderView:
                 len(ul.uids) > len(files) + 64:
             ul = self._assign(files)
         self.keywords = _read_keywords(self.path)
-        path = str(self.path)
         with _SHARED_LOCK:
             ref = _LAST_READ.get(path)
             last = ref() if ref is not None else None
@@ -787,6 +846,8 @@ class FolderView:
                                sub == "new"))
         out.sort(key=_uid_of)
         snap = _share_snapshot(path, state, Snapshot(out))
+        if racy:
+            self._last_state, self._racy_entry = key, _keep_racy(path, key, snap)
         with _SHARED_LOCK:
             _LAST_READ[path] = weakref.ref(snap)
             if len(_LAST_READ) > 256:
@@ -879,6 +940,7 @@ class FolderView:
             except FileNotFoundError:
                 continue  # renamed by someone else meanwhile: look again
             msg.sub, msg.name = "cur", target.name
+            _drop_racy(str(self.path))
             break
         # msg.flags stays what the folder held at its sync (other sessions share the record)
         return flags_from_info(_split(msg.name)[1], self.keywords)
@@ -899,6 +961,7 @@ class FolderView:
             msg.sub, msg.name = "cur", f"{base}:2,{info}"
             moved.append(msg.uid)
         if moved:
+            _drop_racy(str(self.path))
             with contextlib.suppress(OSError):
                 fsync_dir(self.path / "cur")
                 fsync_dir(self.path / "new")
@@ -913,6 +976,7 @@ class FolderView:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
             done.append(msg.uid)
+        _drop_racy(str(self.path))
         with contextlib.suppress(OSError):
             fsync_dir(self.path / "cur")
         return done
@@ -936,6 +1000,7 @@ class FolderView:
             os.utime(tmp, (internaldate, internaldate))
         target = self.path / "cur" / f"{base}:2,{info_from_flags(flags, self.keywords)}"
         os.rename(tmp, target)
+        _drop_racy(str(self.path))
         fsync_dir(self.path / "cur")
         with _dotlock(self.path) as fd:
             ul = _read_uidlist(self.path) or _UidList(_new_validity(self.path), 1,
