@@ -274,7 +274,9 @@ def test_web_login_failures_count_in_pops_throttle(world):
     """Web log-in failures from an address go into POP3's failed-log-in table: after two of
     them (answered after 0.3 and 0.6 s, pop3.auth_failure_delay = 0.3s, doubling), a wrong
     POP3 password from that address is the third failure of the row and waits 1.2 s (a
-    fresh address waits 0.3 s); a POP3 success then clears the row for the web too."""
+    fresh address waits 0.3 s: a lower bound, the server's own delay, which load only
+    lengthens); a POP3 success then lets the web log-in in (that a success clears the row is
+    proved on a task.Clock in tests/unit; how long anything takes is for bench/)."""
     c = Http(world, OTHER_SOURCE)
     for _ in range(2):
         resp, page = c.login(TED, "wrong-password")
@@ -291,9 +293,8 @@ def test_web_login_failures_count_in_pops_throttle(world):
     pop.user(TED)
     pop.pass_(TED_PW)
     pop.quit()
-    started = time.monotonic()
-    resp, _ = c.login(TED, TED_PW)  # the POP3 success cleared the row: no wait now
-    assert resp.status == 303 and time.monotonic() - started < 0.5
+    resp, _ = c.login(TED, TED_PW)  # the POP3 success cleared the row
+    assert resp.status == 303
 
 
 def test_attachment_download_headers(world):
