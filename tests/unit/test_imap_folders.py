@@ -208,3 +208,31 @@ def test_concurrent_views_agree_on_uids(store: MaildirStore) -> None:
     assert len(final) == 40 and len(set(final.values())) == 40
     for mine in seen:
         assert all(final[u] == uid for u, uid in mine.items())
+
+
+def test_a_canonical_size_is_read_once_per_process(store: MaildirStore, monkeypatch) -> None:
+    """A message whose name lacks ``W=`` is read whole for its RFC822.SIZE once per process,
+    not once per folder read: new accounts, views and reads (each web mail listing, each IMAP
+    session) take the size remembered by folder and unique name (web mail read a 50 MB message
+    whole at every listing); a new message is read for its own size."""
+    from pop3coexist.store import folders as folders_module
+
+    box = store.mailbox_folder(HOST, "ted")
+    (box / "cur" / "1700000001.M1P1.big:2,S").write_bytes(b"Subject: x\n\n" + b"y\n" * 1000)
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        if "M1P1.big" in str(path) or "M2P1.more" in str(path):
+            opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(folders_module, "open", counting_open, raising=False)
+    sizes = []
+    for _ in range(3):
+        view = MaildirFolders(store).open_account(HOST, "ted").open_folder("INBOX")
+        sizes += [view.size(m) for m in view.sync()]
+    assert sizes == [3014] * 3 and len(opened) == 1
+    (box / "cur" / "1700000002.M2P1.more:2,S").write_bytes(b"Subject: y\n\nz\n")
+    view = MaildirFolders(store).open_account(HOST, "ted").open_folder("INBOX")
+    assert sorted(view.size(m) for m in view.sync()) == [17, 3014] and len(opened) == 2

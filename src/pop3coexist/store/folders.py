@@ -396,9 +396,28 @@ def _write_keywords(folder: Path, keywords: list[str]) -> None:
     write_atomic(folder / KEYWORDS, data.encode("utf-8", "surrogateescape"), mode=0o644)
 
 
+# Canonical sizes this process has read from files whose names lack W=, by (folder, unique
+# part of the name): a Maildir message never changes in place, so its size holds for as long
+# as the name does, whatever views, sessions or web requests ask (each folder read makes new
+# records; without this a web mail listing read a 50 MB message whole at every page). Bounded
+# (about 200 bytes an entry); the oldest go first.
+_SIZES: dict[tuple[str, str], int] = {}
+_SIZES_MAX = 50_000
+
+
 def _canonical_size_of(path: Path) -> int:
-    with open(path, "rb") as f:
-        return canonical_size(iter(lambda: f.read(1 << 16), b""))
+    """Octets of the file's canonical CRLF form (RFC822.SIZE, POP3's sizes), read once per
+    process per message. OSError propagates."""
+    key = (str(path.parent.parent), unique_part(path.name))
+    size = _SIZES.get(key)
+    if size is None:
+        with open(path, "rb") as f:
+            size = canonical_size(iter(lambda: f.read(1 << 16), b""))
+        if len(_SIZES) >= _SIZES_MAX:
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+                del _SIZES[next(iter(_SIZES))]
+        _SIZES[key] = size
+    return size
 
 
 @implementer(IFolderStore)
