@@ -195,3 +195,31 @@ def test_oracle_frames_a_command_past_the_literal_cap_as_the_server_does():
     assert imap_oracles.check_any(body, 4096, out, MAX_LITERALS) == [b"t1", b"t2"]
     with pytest.raises(AssertionError, match="unasked"):
         imap_oracles.check_any(body, 4096, out, 10**6)
+
+
+@pytest.mark.parametrize(("command", "quoted"), [
+    (b"d COPY 1 {24+}\r\nSubject: s\r\n\r\n\x00RECENT\x00\r\n", b"d NO [TRYCREATE] no folder "),
+    (b"q3 SEARCH UID 95 \xff3:1", b"q3 BAD "),
+    (b"c SELECT {8+}\r\na\rb\x00c\x7fd\x1b", b"c NO "),
+])
+def test_client_text_quoted_in_a_response_stays_on_its_line(command, quoted):
+    """A folder name or search key the client sent (from a literal: any octets) and the server
+    quotes in its NO or BAD text never splits the response (the imap_session campaign found
+    ``COPY`` to a folder named by a literal holding CR LF answered with three lines, the last
+    two forged by the client) nor puts a control or 8-bit octet in it: each becomes ``?``
+    (RFC 3501 section 9, TEXT-CHAR), and the session goes on."""
+    machine = ImapSession()
+    try:
+        machine.fill([b"Subject: one\r\n\r\nbody\r\n"])
+        machine.login(True)
+        machine.select(False)
+        machine.proto.dataReceived(command + b"\r\n")
+        machine.proto.dataReceived(b"n NOOP\r\n")
+        out = machine.take()
+    finally:
+        machine.teardown()
+    lines = out.split(b"\r\n")
+    answer = [line for line in lines if line.startswith(quoted)]
+    assert len(answer) == 1, out
+    assert all(0x20 <= c <= 0x7E for c in answer[0]), answer
+    assert lines[lines.index(answer[0]) + 1].startswith((b"n OK", b"* ")), out

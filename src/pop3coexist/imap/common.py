@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.logger import Logger
@@ -30,6 +31,22 @@ def valid_tag(tag: bytes) -> bool:
     issued)."""
     return 0 < len(tag) <= MAX_TAG and not any(
         c in b'(){%*"\\+' or c < 0x21 or c > 0x7E for c in tag)
+
+
+_NOT_TEXT_CHAR = re.compile(r"[^\x20-\x7e]")
+MAX_RESP_TEXT = 300  # characters of a response's human-readable text
+
+
+def resp_text(text: str, limit: int = MAX_RESP_TEXT) -> str:
+    """``text`` as a response's ``resp-text`` may carry it (RFC 3501 section 9: ``TEXT-CHAR``
+    is any 7-bit CHAR but CR and LF): every control character, CR, LF, NUL and non-ASCII
+    character as ``?``, at most ``limit`` characters (0: any length, for response codes such
+    as CAPABILITY). Texts quote what a client sent (a
+    folder name from a literal, a SEARCH key); a CR LF in one split the response and let the
+    client forge the lines after it."""
+    if limit and len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return _NOT_TEXT_CHAR.sub("?", text)
 
 
 class Refuse(Exception):

@@ -45,6 +45,7 @@ from pop3coexist.imap.common import (
     _printable,
     _text,
     log,
+    resp_text,
     valid_tag,
 )
 from pop3coexist.imap.login import LoginCommands, PasswordCredentials
@@ -125,8 +126,10 @@ class IMAPServer(LoginCommands, MailboxCommands, SelectedCommands, LineReceiver,
             self.transport.write(line + b"\r\n")
 
     def tagged(self, tag: bytes, status: str, text: str, code: str = "") -> None:
-        c = f"[{code}] " if code else ""
-        self.send(tag + f" {status} {c}{text}".encode())
+        """``tag status [code] text``; the text and code pass ``resp_text`` (client input
+        they quote never adds a line or an 8-bit octet to the response)."""
+        c = f"[{resp_text(code, 0)}] " if code else ""
+        self.send(tag + f" {status} {c}{resp_text(text)}".encode("ascii"))
 
     def capabilities(self) -> bytes:
         caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS",
