@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.adminweb import admin_here, admin_web_server, make_token
-from tests.support.browser import headless_chrome
+from tests.support.browser import element_text, headless_chrome, wait_for
 from tests.support.server import HOSTNAME, require_installed_plugin
 from tests.support.smarthost import wait_until
 
@@ -160,7 +160,7 @@ def browser(pair):
     drv.find_element(By.ID, "password").send_keys(ALICE_PW)
     shot(drv, "login")
     drv.find_element(By.ID, "login").click()
-    wait_until(lambda: drv.current_url.endswith("/stat"), 20, "the overview after log-in")
+    wait_for(drv, lambda: drv.current_url.endswith("/stat"), 20, "the overview after log-in")
     yield drv
     drv.quit()
 
@@ -172,17 +172,11 @@ def shot(drv, name: str) -> Path:
 
 
 def notice(drv) -> str:
-    """The page's notice or error line; "" while there is none, or while the page is being
-    replaced (a click's navigation can make the element found stale before its text is
-    read: the caller's wait_until asks again)."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    """The page's notice or error line; "" while there is none or while a click's navigation
+    replaces the page (``element_text``: the caller's wait asks again)."""
     from selenium.webdriver.common.by import By
 
-    try:
-        found = drv.find_elements(By.CSS_SELECTOR, "p.notice, p.error")
-        return found[0].text if found else ""
-    except StaleElementReferenceException:
-        return ""
+    return element_text(drv, By.CSS_SELECTOR, "p.notice, p.error")
 
 
 def test_browser_add_a_mailbox_lock_it_and_pop3_refuses_it(pair, browser):
@@ -196,14 +190,14 @@ def test_browser_add_a_mailbox_lock_it_and_pop3_refuses_it(pair, browser):
     drv.find_element(By.ID, "mb-address").send_keys(DAVE)
     drv.find_element(By.ID, "mb-password").send_keys(DAVE_PW)
     drv.find_element(By.ID, "mailbox-add").click()
-    wait_until(lambda: f"mailbox {DAVE} added" in notice(drv), 20, "the added notice")
+    wait_for(drv, lambda: f"mailbox {DAVE} added" in notice(drv), 20, "the added notice")
     pop = poplib.POP3("127.0.0.1", a.port("pop3"), timeout=10)
     pop.user(DAVE)
     assert pop.pass_(DAVE_PW).startswith(b"+OK")
     pop.quit()
     row = drv.find_element(By.ID, f"mailbox-{DAVE}")
     row.find_element(By.CSS_SELECTOR, "button[value=lock]").click()
-    wait_until(lambda: f"mailbox {DAVE} locked" in notice(drv), 20, "the locked notice")
+    wait_for(drv, lambda: f"mailbox {DAVE} locked" in notice(drv), 20, "the locked notice")
     shot(drv, "mailboxes")
     pop = poplib.POP3("127.0.0.1", a.port("pop3"), timeout=10)
     pop.user(DAVE)
@@ -223,7 +217,7 @@ def test_browser_flush_the_queue(pair, browser):
     drv = browser
     drv.get(base(a) + "/queue")
     drv.find_element(By.ID, "queue-flush").click()
-    wait_until(lambda: "queue flush requested" in notice(drv), 20, "the flush notice")
+    wait_for(drv, lambda: "queue flush requested" in notice(drv), 20, "the flush notice")
     shot(drv, "queue")
     wait_until(lambda: "queue flush requested: retrying every message now" in a.log_text(), 20,
                "the delivery runner's flush")
@@ -245,7 +239,7 @@ def test_browser_every_page_and_the_graphs(pair, browser):
         drv.get(base(a) + "/graphs")
         return len(drv.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) >= 2
 
-    wait_until(charted, 20, "two charts with samples")
+    wait_for(drv, charted, 20, "two charts with samples")
     assert len(drv.find_elements(By.CSS_SELECTOR, "svg.chart")) == 4
     assert not drv.find_elements(By.TAG_NAME, "script")
     shot(drv, "graphs")
@@ -262,12 +256,12 @@ def test_browser_manages_the_peer_server_through_its_api(pair, browser):
     drv.get(base(a) + "/mailboxes")
     Select(drv.find_element(By.ID, "server")).select_by_value("server-b")
     drv.find_element(By.ID, "pick").click()
-    wait_until(lambda: "server-b" in drv.find_element(By.ID, "server-label").text, 20,
-               "server B picked")
+    wait_for(drv, lambda: "server-b" in element_text(drv, By.ID, "server-label"), 20,
+             "server B picked")
     drv.find_element(By.ID, "mb-address").send_keys(f"frank@{HOSTNAME}")
     drv.find_element(By.ID, "mb-password").send_keys("frank-Mail-Pw-4")
     drv.find_element(By.ID, "mailbox-add").click()
-    wait_until(lambda: f"mailbox frank@{HOSTNAME} added" in notice(drv), 20, "added on B")
+    wait_for(drv, lambda: f"mailbox frank@{HOSTNAME} added" in notice(drv), 20, "added on B")
     shot(drv, "peer")
     assert f"frank@{HOSTNAME}" in admin_here(b, "mailbox", "list")
     assert f"frank@{HOSTNAME}" not in admin_here(a, "mailbox", "list")
@@ -276,5 +270,5 @@ def test_browser_manages_the_peer_server_through_its_api(pair, browser):
             f"target=frank@{HOSTNAME} ok") in audit
     Select(drv.find_element(By.ID, "server")).select_by_value("")
     drv.find_element(By.ID, "pick").click()
-    wait_until(lambda: "this server" in drv.find_element(By.ID, "server-label").text, 20,
-               "server A picked again")
+    wait_for(drv, lambda: "this server" in element_text(drv, By.ID, "server-label"), 20,
+             "server A picked again")

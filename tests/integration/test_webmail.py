@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.browser import headless_chrome
+from tests.support.browser import headless_chrome, present, wait_for
 from tests.support.server import ServerProcess, require_installed_plugin
 from tests.support.smarthost import SmartHost, wait_until
 
@@ -346,7 +346,7 @@ def browser_login(drv, world, user: str, password: str) -> None:
     drv.find_element(By.ID, "password").send_keys(password)
     shot(drv, "login")
     drv.find_element(By.ID, "login").click()
-    wait_until(lambda: "/folder/INBOX" in drv.current_url, 20, "the inbox after log-in")
+    wait_for(drv, lambda: "/folder/INBOX" in drv.current_url, 20, "the inbox after log-in")
     for c in drv.get_cookies():
         world["secrets"].append(c["value"])
 
@@ -365,7 +365,7 @@ def test_browser_login_and_read_a_message_delivered_by_smtp(world, browser):
     assert row.text == "Quarterly numbers"
     shot(browser, "inbox")
     row.click()
-    wait_until(lambda: browser.find_elements(By.ID, "textbody"), 20, "the message page")
+    wait_for(browser, lambda: browser.find_elements(By.ID, "textbody"), 20, "the message page")
     assert "the numbers are attached in spirit." in browser.find_element(By.ID, "textbody").text
     shot(browser, "read")
     cur = world["srv"].state_dir / "mailroot" / "pop.contoso.test" / "ted" / "cur"
@@ -400,11 +400,11 @@ def test_browser_html_message_runs_nothing_and_loads_no_remote_image(world, brow
                   + html + "\r\n").encode())
     browser_login(browser, world, TED, TED_PW)
     browser.find_element(By.LINK_TEXT, "Shiny").click()
-    wait_until(lambda: browser.find_elements(By.ID, "htmlbody"), 20, "the HTML frame")
+    wait_for(browser, lambda: browser.find_elements(By.ID, "htmlbody"), 20, "the HTML frame")
     title = browser.title
     frame = browser.find_element(By.ID, "htmlbody")
     browser.switch_to.frame(frame)
-    wait_until(lambda: browser.find_elements(By.ID, "p") or
+    wait_for(browser, lambda: browser.find_elements(By.ID, "p") or
                browser.find_elements(By.TAG_NAME, "p"), 20, "the frame's content")
     assert "Hello" in browser.find_element(By.TAG_NAME, "body").text
     assert not browser.find_elements(By.TAG_NAME, "script")
@@ -429,13 +429,13 @@ def test_browser_send_reaches_the_smart_host(world, browser):
     before = len(world["smarthost"].received)
     browser_login(browser, world, TED, TED_PW)
     browser.find_element(By.ID, "nav-compose").click()
-    browser.find_element(By.ID, "to").send_keys("Partner <partner@example.org>")
+    present(browser, By.ID, "to").send_keys("Partner <partner@example.org>")
     browser.find_element(By.ID, "subject").send_keys("Web mail works")
     browser.find_element(By.ID, "body").send_keys("Sent from the browser.\n.leading dot\n")
     browser.find_element(By.ID, "attachments").send_keys(str(upload))
     shot(browser, "compose")
     browser.find_element(By.ID, "send").click()
-    wait_until(lambda: "Message sent" in browser.page_source, 20, "the sent notice")
+    wait_for(browser, lambda: "Message sent" in browser.page_source, 20, "the sent notice")
     got = world["smarthost"].wait_for(before + 1)[-1]
     assert got.mail_from == TED and got.rcpt_tos == ["partner@example.org"]
     assert b"Subject: Web mail works" in got.content
@@ -452,12 +452,12 @@ def test_browser_out_of_office_answers(world, browser):
 
     browser_login(browser, world, TED, TED_PW)
     browser.find_element(By.ID, "nav-settings").click()
-    browser.find_element(By.ID, "vacation").click()
+    present(browser, By.ID, "vacation").click()
     browser.find_element(By.ID, "vsubject").send_keys("Away until Monday")
     browser.find_element(By.ID, "vtext").send_keys("I am out of the office.")
     shot(browser, "settings")
     browser.find_element(By.ID, "save-settings").click()
-    wait_until(lambda: "Settings saved" in browser.page_source, 20, "the saved notice")
+    wait_for(browser, lambda: "Settings saved" in browser.page_source, 20, "the saved notice")
     before = len(world["smarthost"].received)
     smtp_deliver(world, "client@example.org", TED,
                  b"From: client@example.org\r\nTo: ted@pop.contoso.test\r\n"

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_webmail import Http, artifacts, smtp_deliver
-from tests.support.browser import headless_chrome
+from tests.support.browser import headless_chrome, wait_for
 from tests.support.server import ServerProcess, require_installed_plugin
-from tests.support.smarthost import SmartHost, wait_until
+from tests.support.smarthost import SmartHost
 
 # one server for the module, tests in order (the browser test reads the hostile message)
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180),
@@ -227,7 +227,7 @@ from that opaque-origin frame went without the SameSite=Strict cookie: the log-i
         drv.find_element(By.ID, "username").send_keys(VIC)
         drv.find_element(By.ID, "password").send_keys(VIC_PW)
         drv.find_element(By.ID, "login").click()
-        wait_until(lambda: "/folder/INBOX" in drv.current_url, 20, "the inbox")
+        wait_for(drv, lambda: "/folder/INBOX" in drv.current_url, 20, "the inbox")
         world["secrets"].extend(c["value"] for c in drv.get_cookies())
 
         def no_alert() -> None:
@@ -237,9 +237,9 @@ from that opaque-origin frame went without the SameSite=Strict cookie: the log-i
         no_alert()
         assert "pwned" not in drv.title
         # the URL changes when the navigation commits, before the list is rendered: wait for it
-        wait_until(lambda: drv.find_elements(By.PARTIAL_LINK_TEXT, "pwned-subject"), 20,
+        wait_for(drv, lambda: drv.find_elements(By.PARTIAL_LINK_TEXT, "pwned-subject"), 20,
                    "the hostile message in the list")[0].click()
-        wait_until(lambda: drv.find_elements(By.ID, "textbody"), 20, "the message")
+        wait_for(drv, lambda: drv.find_elements(By.ID, "textbody"), 20, "the message")
         no_alert()
         assert drv.title.startswith("<script>") and "pwned" not in drv.title.split("-")[-1]
         assert drv.find_element(By.ID, "textbody").text == XSS["text"]
@@ -247,11 +247,11 @@ from that opaque-origin frame went without the SameSite=Strict cookie: the log-i
         drv.save_screenshot(str(artifacts() / "webmail-attack-xss.png"))
         drv.get(base + "/folder/INBOX")
         drv.find_element(By.LINK_TEXT, "with logo").click()
-        wait_until(lambda: drv.find_elements(By.ID, "htmlbody"), 20, "the HTML frame")
+        wait_for(drv, lambda: drv.find_elements(By.ID, "htmlbody"), 20, "the HTML frame")
         drv.switch_to.frame(drv.find_element(By.ID, "htmlbody"))
-        logo = wait_until(lambda: drv.find_elements(By.TAG_NAME, "img"), 20, "the logo")[0]
+        logo = wait_for(drv, lambda: drv.find_elements(By.TAG_NAME, "img"), 20, "the logo")[0]
         assert logo.get_attribute("src").startswith("data:image/png;base64,")
-        wait_until(lambda: logo.get_attribute("naturalWidth") == "1", 20, "the logo shown")
+        wait_for(drv, lambda: logo.get_attribute("naturalWidth") == "1", 20, "the logo shown")
         drv.switch_to.default_content()
         no_alert()
     finally:

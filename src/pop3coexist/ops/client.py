@@ -12,6 +12,7 @@ token goes in an ``Authorization: Bearer`` header, never in the URL. A console p
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
 import urllib.error
@@ -114,6 +115,12 @@ class ApiClient:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise OpsError(f"cannot reach {self.base}: {reason}") from None
+        except http.client.HTTPException as e:
+            # not an OSError: a status line that is not HTTP (BadStatusLine), an answer cut
+            # short (IncompleteRead), too many header lines...: the peer is not answering as
+            # an HTTP server; one line naming the kind, never the bytes it sent
+            raise OpsError(f"{self.base} broke off or garbled its answer "
+                           f"({type(e).__name__})") from None
 
     def info(self) -> dict:
         """``GET /api/v1/``: ``{"server": {"hostname", "auth_method"}, "admin": name,
