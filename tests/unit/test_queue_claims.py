@@ -286,3 +286,74 @@ def test_group_call_with_a_linger_gathers_the_requests_of_that_time() -> None:
     assert calls == [["a", "b", "c"]]
     clock.advance(0.02)
     assert calls == [["a", "b", "c"], ["d"]]
+
+
+def _shuttle(env: str, claimed: str, stop_after: float) -> None:
+    """Move one envelope between env/ and a claim folder for ``stop_after`` seconds, leaving it
+    0.3 ms in each place: a runner that claims it, tries to deliver and releases it, far
+    faster than a real one (an attempt is a connection to a smart host, a deferral waits a
+    retry interval), yet every listing pass meets a move often."""
+    end = time.monotonic() + stop_after
+    while time.monotonic() < end:
+        os.rename(env, claimed)
+        time.sleep(0.0003)
+        os.rename(claimed, env)
+        time.sleep(0.0003)
+
+
+def test_a_message_moving_between_env_and_a_claim_is_always_listed(tmp_path: Path) -> None:
+    """While another process claims and releases a message every fraction of a millisecond,
+    every listing
+    (``ids``, ``entries``: the admin's queue list and the console's queue page) and every
+    ``load`` still finds it: one pass over env/ then the claim folders could miss a release
+    made between the two reads (stop 26's CI: an admin listing of one deferred message came
+    back empty)."""
+    root = tmp_path / "q"
+    runner = _runner(root, "n1", 0)
+    runner.touch_lease()
+    [qid] = _enqueue(runner, tmp_path)
+    admin = FileQueue(root, "pop.contoso.test")  # no owner: the admin's and the API's view
+    env = str(runner.envelope_path(qid))
+    claimed = str(runner.claimed_dir / runner.owner / f"{qid}.json")
+    mover = multiprocessing.get_context("fork").Process(target=_shuttle,
+                                                        args=(env, claimed, 30.0))
+    mover.start()
+    try:
+        misses = {"ids": 0, "entries": 0, "load": 0}
+        for _ in range(3000):
+            misses["ids"] += admin.ids() != [qid]
+            misses["entries"] += [e["id"] for e in admin.entries()] != [qid]
+            misses["load"] += admin.load(qid) is None
+    finally:
+        mover.terminate()
+        mover.join(10)
+    assert misses == {"ids": 0, "entries": 0, "load": 0}
+
+
+def test_an_admin_delete_of_a_moving_message_leaves_nothing_behind(tmp_path: Path) -> None:
+    """``delete`` by the admin while a runner claims and releases the message (as above):
+    envelope and body are both gone, never an envelope without its body (which the next
+    start would move aside as damaged) nor a body without its envelope."""
+    root = tmp_path / "q"
+    runner = _runner(root, "n1", 0)
+    runner.touch_lease()
+    admin = FileQueue(root, "pop.contoso.test")
+    for _ in range(30):
+        [qid] = _enqueue(runner, tmp_path)
+        env = str(runner.envelope_path(qid))
+        claimed = str(runner.claimed_dir / runner.owner / f"{qid}.json")
+        mover = multiprocessing.get_context("fork").Process(target=_shuttle_until_gone,
+                                                            args=(env, claimed, 10.0))
+        mover.start()
+        time.sleep(0.002)
+        admin.delete(qid)
+        mover.join(10)
+        assert admin.ids() == [] and not admin.body_path(qid).exists()
+
+
+def _shuttle_until_gone(env: str, claimed: str, stop_after: float) -> None:
+    """``_shuttle`` until the envelope is deleted under it."""
+    try:
+        _shuttle(env, claimed, stop_after)
+    except FileNotFoundError:
+        pass

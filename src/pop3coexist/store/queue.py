@@ -381,10 +381,18 @@ class FileQueue:
     # ------------------------------------------------------------------ runner API
 
     def ids(self) -> list[str]:
-        """Ids of every queued message, claimed or not, oldest first."""
-        out = set(self._ids_in(self.env_dir))
-        for d in self._claim_dirs():
-            out.update(self._ids_in(d))
+        """Ids of every queued message, claimed or not, oldest first.
+
+        Two passes over env/ and the claim folders, their union: a runner may move an
+        envelope (claim, release, take back: one rename) while a pass reads the folders one
+        after the other, and a release into env/ after env/ was read but before its claim
+        folder was would hide it from that pass; the second pass, after the move, sees it
+        where it went (an admin's listing showed a queued message as gone)."""
+        out: set[str] = set()
+        for _ in range(2):
+            out.update(self._ids_in(self.env_dir))
+            for d in self._claim_dirs():
+                out.update(self._ids_in(d))
         return sorted(out)
 
     def ready_ids(self) -> list[str]:
@@ -451,10 +459,17 @@ class FileQueue:
         """The envelope of ``qid`` wherever it is (claimed or not), or None if it is no longer
         queued (or damaged: logged and moved aside)."""
         self._check_id(qid)
-        for _ in range(3):  # a claim or release may move it between the look and the read
+        # a claim, release or take back may move it between the looks (``_find`` reads env/
+        # and the claims one after the other: see ``ids``) or between the look and the read:
+        # look again; not found twice in a row is gone (delivered, failed or deleted)
+        missed = 0
+        for _ in range(4):
             path = self._find(qid)
             if path is None:
-                return None
+                missed += 1
+                if missed == 2:
+                    return None
+                continue
             try:
                 data = path.read_bytes()
                 break
@@ -532,17 +547,33 @@ class FileQueue:
                 return  # deleted (with its body) or taken back: not this runner's any more
             _fsync_dir(mine.parent)
         else:
-            path = self._find(qid)
+            path = self._unlink_envelope(qid)
             if path is not None:
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
                 _fsync_dir(path.parent)
         try:
             self.body_path(qid).unlink()
         except FileNotFoundError:
             pass
+
+    def _unlink_envelope(self, qid: str) -> Path | None:
+        """Unlink the envelope of ``qid`` wherever it is (no owner: the admin); where it was,
+        or None when it was not found twice in a row. A runner may move it (claim, release,
+        take back) between the look and the unlink: look again, as ``load`` does, so that a
+        deleted message never leaves its envelope behind without its body."""
+        missed = 0
+        for _ in range(4):
+            path = self._find(qid)
+            if path is None:
+                missed += 1
+                if missed == 2:
+                    return None
+                continue
+            try:
+                path.unlink()
+                return path
+            except FileNotFoundError:
+                continue
+        return None
 
     def remove_many(self, qids: list[str]) -> None:
         """``remove`` for several delivered or failed messages (the group removal of the
@@ -560,10 +591,7 @@ class FileQueue:
                     continue  # deleted (with its body) or taken back: not ours any more
                 bodies.append(qid)
                 continue
-            path = self._find(qid)
-            if path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            self._unlink_envelope(qid)
             bodies.append(qid)
         msg_dir = str(self.msg_dir)
         for qid in bodies:
