@@ -33,7 +33,8 @@ Content filters: with milters configured for the listener, the realm opens one c
 reply); the content-check stage runs its message steps, and ``policy.content.FilterOutcomes``
 applies the verdict (quarantine, discard, the infected-mail notice, added recipients).
 
-Every multi-step flow here is an ``async def`` run with ``defer.ensureDeferred``.
+Every multi-step flow here is an ``async def`` run with ``defer.ensureDeferred``, or with
+``policy.inline.run_now`` where the answer is often known at once (RCPT from the caches).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from pop3coexist.policy.content import FilterOutcomes
 from pop3coexist.policy.expansion import Expander
 from pop3coexist.policy.gateway import LOCAL as GATEWAY_LOCAL
 from pop3coexist.policy.gateway import GatewayPolicy, Peer
+from pop3coexist.policy.inline import run_now
 from pop3coexist.policy.relay import (
     Client,
     RelayPolicy,
@@ -482,8 +484,9 @@ class SMTPDelivery:
 
     def validate_to(self, session: SMTPSession, address: str, size: int,
                     sender: Address | None = None) -> defer.Deferred:
-        """See IMessageDelivery: a RecipientDecision for the inside of a RCPT path."""
-        return defer.ensureDeferred(self._validate_to(session, address, size, sender))
+        """See IMessageDelivery: a RecipientDecision for the inside of a RCPT path; fired
+        already when nothing had to wait (the caches answered: ``policy.inline.run_now``)."""
+        return run_now(self._validate_to(session, address, size, sender))
 
     async def _validate_to(self, session: SMTPSession, inner: str, size: int,
                            sender: Address | None = None) -> RecipientDecision:

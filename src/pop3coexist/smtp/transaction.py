@@ -143,9 +143,13 @@ class MailCommands:
             raise fail(452, "4.5.3", "Too many recipients")
         # ask the avatar where the recipient goes (policy/delivery.py), then answer: one
         # step, so a plain callback (RCPT is on every message's path)
-        return self.delivery.validate_to(
+        d = self.delivery.validate_to(
             self._session(), inner, txn.options.size, txn.sender,  # sender: a list's rule
-        ).addCallbacks(self._rcpt_ok, self._rcpt_refused, (txn, notify, orcpt))
+        )
+        if d.called and not isinstance(d.result, Failure):  # decided at once (the caches)
+            self._rcpt_ok(d.result, txn, notify, orcpt)
+            return None
+        return d.addCallbacks(self._rcpt_ok, self._rcpt_refused, (txn, notify, orcpt))
 
     def _rcpt_ok(self, decision: Any, txn: IDeliveryTransaction, notify: list[str] | None,
                  orcpt: str | None) -> None:
