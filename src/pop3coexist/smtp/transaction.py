@@ -72,9 +72,14 @@ class MailCommands:
                 raise fail(555, "5.5.4", f"Unsupported parameter {key}")
         avatar = self.delivery
         options = MailOptions(**opts)
-        # one step, so a plain callback (not a coroutine: MAIL is on every message's path)
-        return avatar.validate_from(self._session(), sender, options).addCallbacks(
-            self._mail_ok, self._mail_refused, (avatar, sender, options), None, (sender,))
+        # one step, so a plain callback (not a coroutine: MAIL is on every message's path);
+        # a decision fired already (no log-in rule to look up, no milter) is taken at once
+        d = avatar.validate_from(self._session(), sender, options)
+        if d.called and not isinstance(d.result, Failure):
+            self._mail_ok(d.result, avatar, sender, options)
+            return None
+        return d.addCallbacks(self._mail_ok, self._mail_refused, (avatar, sender, options), None,
+                              (sender,))
 
     def _mail_ok(self, _: None, avatar: Any, sender: Address | None,
                  options: MailOptions) -> None:
