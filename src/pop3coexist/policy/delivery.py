@@ -574,12 +574,14 @@ class SMTPDelivery:
             if address.domain not in reread:
                 break
             domains = reread  # added since the cached read: decide again with it
-        target = ctx.roles.target(address, ctx.authoritative(domains), primary)
         try:
             return given, await self._resolve(session, address, domains, size)
         except MailError as e:
             if (e.code, e.enhanced) != (550, "5.1.1"):
                 raise
+            # unknown: a role address (of the domains this RCPT decided with)? Asked only
+            # now: pure, and most recipients exist (issue 17)
+            target = ctx.roles.target(address, ctx.authoritative(domains), primary)
             if not fresh and address.domain not in ctx.authoritative([]):
                 # a domain added at run time: if `domain remove` took it meanwhile, it is a
                 # foreign domain now (relayed for a trusted client, 554 for others)
