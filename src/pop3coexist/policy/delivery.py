@@ -92,7 +92,7 @@ from pop3coexist.policy.stages import (
     Message,
     Recipient,
     default_stages,
-    run_stages,
+    start_stages,
 )
 
 log = Logger(namespace="pop3coexist.smtp.server")
@@ -760,7 +760,7 @@ class DeliveryTransaction:
         message is durable, or fails with MailError (nothing stored)."""
         if self._message is None or self._aborted:
             return defer.fail(Failure(RuntimeError("commit without a body, or after abort")))
-        return defer.ensureDeferred(run_stages(self._message, self._stages()))
+        return start_stages(self._message, self._stages())
 
     def _stages(self) -> list:
         """The context's stages, or with a content check over the session's milters."""
