@@ -65,6 +65,9 @@ the queue id never change. The list copies are made from the spool file at commi
 they carry every edit of the earlier stages.
 
 ``run_stages`` returns the per-recipient results: ``{recipient address: Verdict}``.
+``start_stages`` gives them as a Deferred: when every stage before the commit is idle for the
+message (each stage's ``idle``), the commit's Deferred carries the run with plain callbacks
+through the same steps, else ``run_stages`` runs as a coroutine (issue 17: CPU per message).
 """
 
 from __future__ import annotations
