@@ -33,7 +33,8 @@ Content filters: with milters configured for the listener, the realm opens one c
 reply); the content-check stage runs its message steps, and ``policy.content.FilterOutcomes``
 applies the verdict (quarantine, discard, the infected-mail notice, added recipients).
 
-Every multi-step flow here is an ``async def`` run with ``defer.ensureDeferred``.
+Every multi-step flow here is an ``async def`` run with ``defer.ensureDeferred``, or with
+``policy.inline.run_now`` where the answer is often known at once (RCPT from the caches).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from pop3coexist.policy.content import FilterOutcomes
 from pop3coexist.policy.expansion import Expander
 from pop3coexist.policy.gateway import LOCAL as GATEWAY_LOCAL
 from pop3coexist.policy.gateway import GatewayPolicy, Peer
+from pop3coexist.policy.inline import run_now
 from pop3coexist.policy.relay import (
     Client,
     RelayPolicy,
@@ -90,7 +92,7 @@ from pop3coexist.policy.stages import (
     Message,
     Recipient,
     default_stages,
-    run_stages,
+    start_stages,
 )
 
 log = Logger(namespace="pop3coexist.smtp.server")
@@ -482,8 +484,9 @@ class SMTPDelivery:
 
     def validate_to(self, session: SMTPSession, address: str, size: int,
                     sender: Address | None = None) -> defer.Deferred:
-        """See IMessageDelivery: a RecipientDecision for the inside of a RCPT path."""
-        return defer.ensureDeferred(self._validate_to(session, address, size, sender))
+        """See IMessageDelivery: a RecipientDecision for the inside of a RCPT path; fired
+        already when nothing had to wait (the caches answered: ``policy.inline.run_now``)."""
+        return run_now(self._validate_to(session, address, size, sender))
 
     async def _validate_to(self, session: SMTPSession, inner: str, size: int,
                            sender: Address | None = None) -> RecipientDecision:
@@ -571,12 +574,14 @@ class SMTPDelivery:
             if address.domain not in reread:
                 break
             domains = reread  # added since the cached read: decide again with it
-        target = ctx.roles.target(address, ctx.authoritative(domains), primary)
         try:
             return given, await self._resolve(session, address, domains, size)
         except MailError as e:
             if (e.code, e.enhanced) != (550, "5.1.1"):
                 raise
+            # unknown: a role address (of the domains this RCPT decided with)? Asked only
+            # now: pure, and most recipients exist (issue 17)
+            target = ctx.roles.target(address, ctx.authoritative(domains), primary)
             if not fresh and address.domain not in ctx.authoritative([]):
                 # a domain added at run time: if `domain remove` took it meanwhile, it is a
                 # foreign domain now (relayed for a trusted client, 554 for others)
@@ -755,7 +760,7 @@ class DeliveryTransaction:
         message is durable, or fails with MailError (nothing stored)."""
         if self._message is None or self._aborted:
             return defer.fail(Failure(RuntimeError("commit without a body, or after abort")))
-        return defer.ensureDeferred(run_stages(self._message, self._stages()))
+        return start_stages(self._message, self._stages())
 
     def _stages(self) -> list:
         """The context's stages, or with a content check over the session's milters."""

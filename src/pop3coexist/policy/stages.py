@@ -65,6 +65,9 @@ the queue id never change. The list copies are made from the spool file at commi
 they carry every edit of the earlier stages.
 
 ``run_stages`` returns the per-recipient results: ``{recipient address: Verdict}``.
+``start_stages`` gives them as a Deferred: when every stage before the commit is idle for the
+message (each stage's ``idle``), the commit's Deferred carries the run with plain callbacks
+through the same steps, else ``run_stages`` runs as a coroutine (issue 17: CPU per message).
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ from typing import Any, Protocol
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pop3coexist import headers
 from pop3coexist.errors import (
@@ -237,8 +241,13 @@ class ExpandRecipients:
     def __init__(self, expander: Any = None) -> None:
         self.expander = expander
 
+    def idle(self, message: Message) -> bool:
+        """True when this stage would CONTINUE at once, touching nothing (no recipient to
+        expand)."""
+        return self.expander is None or all(r.expand is None for r in message.recipients)
+
     async def __call__(self, message: Message) -> Verdict:
-        if self.expander is None or all(r.expand is None for r in message.recipients):
+        if self.idle(message):
             return CONTINUE
         kept = [r for r in message.recipients if r.expand is None]
         boxes = {r.mailbox for r in kept if r.mailbox is not None}
@@ -308,6 +317,10 @@ class CheckAuthentication:
         self.authserv_id = authserv_id
         self.dmarc_reject = dmarc_reject
 
+    def idle(self, message: Message) -> bool:
+        """True when this stage would CONTINUE at once, touching nothing (mail from inside)."""
+        return message.session is None or from_inside(message, self.trusted)
+
     async def __call__(self, message: Message) -> Verdict:
         session = message.session
         if session is None or from_inside(message, self.trusted):
@@ -344,6 +357,10 @@ class CheckContent:
         self.content_filter = content_filter
         self.outcomes = outcomes
 
+    def idle(self, message: Message) -> bool:
+        """True when this stage would CONTINUE at once, touching nothing (no milter)."""
+        return self.content_filter is None
+
     async def __call__(self, message: Message) -> Verdict:
         if self.content_filter is None:
             return CONTINUE
@@ -361,6 +378,10 @@ class RecipientRules:
 
     def __init__(self, rules: Any = None) -> None:
         self.rules = rules
+
+    def idle(self, message: Message) -> bool:
+        """True when this stage would CONTINUE at once, touching nothing (no rules)."""
+        return self.rules is None
 
     async def __call__(self, message: Message) -> Verdict:
         if self.rules is None:
@@ -411,22 +432,44 @@ class CommitStage:
     async def __call__(self, message: Message) -> Verdict:
         if any(r.copy is not None for r in message.recipients):
             return await self._with_copies(message)
+        local, d = self._begin(message)
+        try:
+            refused = await d
+        except Exception:
+            return self._failed(Failure(), message)
+        return self._stored(refused, message, local)
+
+    def _begin(self, message: Message) -> tuple[list[Recipient], defer.Deferred]:
+        """Hand the message (no list copies) to the group commit: (its local recipients, the
+        committer's Deferred; a commit that raised at once is that Deferred's failure)."""
         local = [r for r in message.recipients if r.mailbox is not None]
         envelope, notes = self._envelope(message, message.sender, message.recipients)
         try:
-            refused = await self.committer.commit(  # group commit
+            d = self.committer.commit(  # group commit
                 message.spool, [r.mailbox for r in local], envelope, notes)
-        except QuotaExceeded as e:
+        except Exception:
+            d = defer.fail()
+        return local, d
+
+    def _failed(self, failure: Failure, message: Message) -> Verdict:
+        """The verdict of a commit that failed with ``failure``."""
+        e = failure.value
+        if isinstance(e, QuotaExceeded):
             # every recipient's mailbox is full: nothing was stored (RFC 3463 5.2.2)
             log.info("SMTP {id} refused: {why}", id=message.queue_id, why=str(e))
             return Verdict.refusal(e)
-        except Exception as e:
-            if disk_full(e):  # 452 4.3.1: the client tries again later (issue 16 item 2)
-                log.error("SMTP {id} not stored: the state file system is full ({why})",
-                          id=message.queue_id, why=str(e))
-                return Verdict.refusal(StorageFull(str(e)))
-            log.failure("SMTP {id}: could not store the message", id=message.queue_id)
-            return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
+        if not isinstance(e, Exception):  # as ``except Exception``: not ours to answer
+            failure.raiseException()
+        if disk_full(e):  # 452 4.3.1: the client tries again later (issue 16 item 2)
+            log.error("SMTP {id} not stored: the state file system is full ({why})",
+                      id=message.queue_id, why=str(e))
+            return Verdict.refusal(StorageFull(str(e)))
+        log.failure("SMTP {id}: could not store the message", failure, id=message.queue_id)
+        return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
+
+    def _stored(self, refused: Any, message: Message, local: list[Recipient]) -> Verdict:
+        """The verdict once the committer stored the message (``refused``: the full local
+        mailboxes, whose delivery reports are queued)."""
         full = set(refused or ())
         if local:  # a message only relayed is stored in no mailbox: no line (issue 17)
             log.debug("SMTP {queue_id} stored in {mailboxes}", mail_event="stored", queue_id=message.queue_id, arrival=message.arrival, mailboxes=[r.address for r in local if r.mailbox not in full])  # noqa: E501
@@ -505,20 +548,75 @@ async def run_stages(message: Message, stages: Sequence[Stage]) -> dict[str, Ver
     for stage in stages:
         try:
             verdict = await stage(message)
-        except MailError as e:
-            verdict = Verdict.refusal(e)
         except Exception:
-            log.failure("SMTP {id}: stage {stage} failed", id=message.queue_id, stage=stage.name)
-            verdict = Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
-        if verdict.outcome is Outcome.ACCEPT:
+            verdict = _stage_failed(Failure(), message, stage)
+        if _after_stage(message, verdict):
             break
-        gone = [r for r in message.recipients if r.verdict.refused]
-        if gone:
-            message.dropped.extend(gone)
-            message.recipients = [r for r in message.recipients if not r.verdict.refused]
-        if verdict.refused or not message.recipients:
-            message.spool.abort()
-            error = verdict.error if verdict.refused else message.dropped[0].verdict.error
-            assert error is not None
-            raise error
+    return _results(everyone)
+
+
+def _stage_failed(failure: Failure, message: Message, stage: Stage) -> Verdict:
+    """The verdict of a stage that raised: its MailError's reply, else a logged 451."""
+    if isinstance(failure.value, MailError):
+        return Verdict.refusal(failure.value)
+    if not isinstance(failure.value, Exception):
+        failure.raiseException()
+    log.failure("SMTP {id}: stage {stage} failed", failure, id=message.queue_id,
+                stage=stage.name)
+    return Verdict.refusal(MailError(451, "4.3.0", LOCAL_ERROR))
+
+
+def _after_stage(message: Message, verdict: Verdict) -> bool:
+    """After one stage: True when it accepted (no later stage runs); the recipients it refused
+    leave the message; raises the reply of a refusal of the whole message, or of the first
+    recipient's refusal when none is left (the spool file is removed then)."""
+    if verdict.outcome is Outcome.ACCEPT:
+        return True
+    gone = [r for r in message.recipients if r.verdict.refused]
+    if gone:
+        message.dropped.extend(gone)
+        message.recipients = [r for r in message.recipients if not r.verdict.refused]
+    if verdict.refused or not message.recipients:
+        message.spool.abort()
+        error = verdict.error if verdict.refused else message.dropped[0].verdict.error
+        assert error is not None
+        raise error
+    return False
+
+
+def _results(everyone: list[Recipient]) -> dict[str, Verdict]:
+    """The per-recipient results of a run that accepted the message."""
     return {r.address: (r.verdict if r.verdict.refused else ACCEPT) for r in everyone}
+
+
+IDLE_ABLE = (ExpandRecipients, CheckAuthentication, CheckContent, RecipientRules)
+
+
+def start_stages(message: Message, stages: Sequence[Stage]) -> defer.Deferred:
+    """``run_stages`` as a Deferred (issue 17: CPU per message). When every stage before the
+    commit is idle for ``message`` (``idle``: it would CONTINUE at once, touching nothing), no
+    recipient is refused yet and there is no list copy, the commit's Deferred carries the run
+    with plain callbacks through the same steps (``CommitStage._begin``, ``_stored`` or
+    ``_failed``, ``_stage_failed``, ``_after_stage``; an idle stage's CONTINUE changes nothing
+    then); otherwise ``run_stages`` runs under ``defer.ensureDeferred``."""
+    if not stages:
+        return defer.ensureDeferred(run_stages(message, stages))
+    *before, last = stages
+    recipients = message.recipients
+    if not (isinstance(last, CommitStage) and recipients
+            and all(r.copy is None and not r.verdict.refused for r in recipients)
+            and all(isinstance(s, IDLE_ABLE) and s.idle(message) for s in before)):
+        return defer.ensureDeferred(run_stages(message, stages))
+    everyone = list(recipients)
+    try:
+        local, d = last._begin(message)
+        d.addCallbacks(last._stored, last._failed, (message, local), None, (message,))
+    except Exception:
+        d = defer.fail()
+    return d.addErrback(_stage_failed, message, last).addCallback(_accepted, message, everyone)
+
+
+def _accepted(verdict: Verdict, message: Message, everyone: list[Recipient]) -> dict[str, Verdict]:
+    """``start_stages``' end: the commit's verdict as ``run_stages`` takes it."""
+    _after_stage(message, verdict)
+    return _results(everyone)

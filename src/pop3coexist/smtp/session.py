@@ -129,19 +129,25 @@ class Session(tsmtp.ESMTP):
             self._hangup(fail(421, "4.7.0", f"{self.hostname} Too many connections, try again later"))
             return
         self._acquired = True
-        # the content filters' connect step (policy/delivery.py): fires at once without milters
-        self._wait(defer.ensureDeferred(self._greet()))
-
-    async def _greet(self) -> None:
+        # the content filters' connect step (policy/delivery.py): fires at once without milters,
+        # and the greeting goes out without a Deferred chain (issue 17)
         try:
-            await self.delivery.connect(self._session())
+            d = self.delivery.connect(self._session())
         except Exception:
-            error = reply_for(Failure())
-            if error.temporary:
-                error = MailError(421, error.enhanced, f"{self.hostname} {error.text}")
-            self._hangup(error)
+            d = defer.fail()
+        if d.called and not isinstance(d.result, Failure):
+            self._greet(None)
             return
+        self._wait(d.addCallbacks(self._greet, self._greet_refused))
+
+    def _greet(self, _: object) -> None:
         self._send(f"220 {self.hostname} ESMTP pop3coexist")
+
+    def _greet_refused(self, failure: Failure) -> None:
+        error = reply_for(failure)
+        if error.temporary:
+            error = MailError(421, error.enhanced, f"{self.hostname} {error.text}")
+        self._hangup(error)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._closing = True  # a pending commit still finishes; nothing more is read or armed

@@ -72,9 +72,14 @@ class MailCommands:
                 raise fail(555, "5.5.4", f"Unsupported parameter {key}")
         avatar = self.delivery
         options = MailOptions(**opts)
-        # one step, so a plain callback (not a coroutine: MAIL is on every message's path)
-        return avatar.validate_from(self._session(), sender, options).addCallbacks(
-            self._mail_ok, self._mail_refused, (avatar, sender, options), None, (sender,))
+        # one step, so a plain callback (not a coroutine: MAIL is on every message's path);
+        # a decision fired already (no log-in rule to look up, no milter) is taken at once
+        d = avatar.validate_from(self._session(), sender, options)
+        if d.called and not isinstance(d.result, Failure):
+            self._mail_ok(d.result, avatar, sender, options)
+            return None
+        return d.addCallbacks(self._mail_ok, self._mail_refused, (avatar, sender, options), None,
+                              (sender,))
 
     def _mail_ok(self, _: None, avatar: Any, sender: Address | None,
                  options: MailOptions) -> None:
@@ -143,9 +148,13 @@ class MailCommands:
             raise fail(452, "4.5.3", "Too many recipients")
         # ask the avatar where the recipient goes (policy/delivery.py), then answer: one
         # step, so a plain callback (RCPT is on every message's path)
-        return self.delivery.validate_to(
+        d = self.delivery.validate_to(
             self._session(), inner, txn.options.size, txn.sender,  # sender: a list's rule
-        ).addCallbacks(self._rcpt_ok, self._rcpt_refused, (txn, notify, orcpt))
+        )
+        if d.called and not isinstance(d.result, Failure):  # decided at once (the caches)
+            self._rcpt_ok(d.result, txn, notify, orcpt)
+            return None
+        return d.addCallbacks(self._rcpt_ok, self._rcpt_refused, (txn, notify, orcpt))
 
     def _rcpt_ok(self, decision: Any, txn: IDeliveryTransaction, notify: list[str] | None,
                  orcpt: str | None) -> None:
