@@ -82,6 +82,8 @@ class Session(tsmtp.ESMTP):
         self.hostname = cfg.server.hostname
         self.timeout = cfg.smtp.idle_timeout
         self.callLater = factory.reactor.callLater  # TimeoutMixin uses it: task.Clock in tests
+        self._seconds = factory.reactor.seconds
+        self._last_input = 0.0  # when input last came in while no command waited (idle timer)
         self._buf = b""
         self._state = STATE_COMMAND
         self._busy = False
@@ -120,6 +122,7 @@ class Session(tsmtp.ESMTP):
             if not ISSLTransport.providedBy(self.transport):
                 self.transport.startTLS(self.factory.tls_options)
             self.secure = True
+        self._last_input = self._seconds()
         self.setTimeout(self.timeout)
         refusal = self.factory.connections.check(self.client_ip)
         if refusal is not None:
@@ -129,19 +132,24 @@ class Session(tsmtp.ESMTP):
             self._hangup(fail(421, "4.7.0", f"{self.hostname} Too many connections, try again later"))
             return
         self._acquired = True
-        # the content filters' connect step (policy/delivery.py): fires at once without milters
-        self._wait(defer.ensureDeferred(self._greet()))
-
-    async def _greet(self) -> None:
+        # the content filters' connect step (policy/delivery.py): fires at once without milters,
+        # and then the greeting goes out now, without a coroutine (issue 17)
         try:
-            await self.delivery.connect(self._session())
+            d = self.delivery.connect(self._session())
         except Exception:
-            error = reply_for(Failure())
-            if error.temporary:
-                error = MailError(421, error.enhanced, f"{self.hostname} {error.text}")
-            self._hangup(error)
-            return
+            d = defer.fail()
+        d.addCallbacks(self._greet, self._connect_refused)
+        if not d.called:
+            self._wait(d)
+
+    def _greet(self, _: object = None) -> None:
         self._send(f"220 {self.hostname} ESMTP pop3coexist")
+
+    def _connect_refused(self, failure: Failure) -> None:
+        error = reply_for(failure)
+        if error.temporary:
+            error = MailError(421, error.enhanced, f"{self.hostname} {error.text}")
+        self._hangup(error)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._closing = True  # a pending commit still finishes; nothing more is read or armed
@@ -156,7 +164,20 @@ class Session(tsmtp.ESMTP):
         self.delivery.close()
 
     def timeoutConnection(self) -> None:
-        # RFC 5321 section 4.5.3.2.7: the server closes an idle session
+        """RFC 5321 section 4.5.3.2.7: the server closes an idle session.
+
+        The timer is not moved at each input nor stopped while a command waits (a
+        ``DelayedCall`` reset, cancel or new one per command costs more than the command's
+        own checks, issue 17): input and the end of a wait note the time, and when the timer
+        fires early it is set again for the rest of the idle time (while a command waits: for
+        a whole idle time, as the wait does not count)."""
+        if self._busy and not self._closing:
+            self.setTimeout(self.timeout)
+            return
+        left = self._last_input + self.timeout - self._seconds()
+        if left > 1e-6 and not self._closing:
+            self.setTimeout(left)
+            return
         if self._reader is not None:
             self._reader.abort()
             self._reader = None
@@ -198,7 +219,7 @@ class Session(tsmtp.ESMTP):
         if self._closing:
             return
         if not self._busy:
-            self.resetTimeout()
+            self._last_input = self._seconds()  # the idle timer checks it (timeoutConnection)
         self._buf += data
         self._pump()
 
@@ -274,7 +295,6 @@ class Session(tsmtp.ESMTP):
                 self._error(reply_for(now[0]))
             return
         self._busy = True
-        self.setTimeout(None)
 
         def done(result):
             if isinstance(result, Failure):
@@ -282,7 +302,7 @@ class Session(tsmtp.ESMTP):
             self._busy = False
             if self._closing:
                 return None
-            self.setTimeout(self.timeout)
+            self._last_input = self._seconds()  # idle from now (see timeoutConnection)
             if self._paused:
                 self._paused = False
                 self.transport.resumeProducing()
