@@ -19,18 +19,18 @@ from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import ISSLTransport
-from twisted.logger import Logger
 from twisted.mail import smtp as tsmtp
 from twisted.python.failure import Failure
 
 from pop3coexist.errors import MailError, as_mail_error, volume_unreachable
+from pop3coexist.events import FastLogger
 from pop3coexist.interfaces import IDeliveryTransaction, IMessageDelivery, SMTPSession
 from pop3coexist.netutil import send_now
 from pop3coexist.smtp import auth as sasl
 from pop3coexist.smtp import mailevents
 from pop3coexist.smtp.incoming import MessageReader
 
-log = Logger(namespace="pop3coexist.smtp.server")
+log = FastLogger(namespace="pop3coexist.smtp.server")
 
 MODES = ("mx", "submission", "smtps")
 MAX_COMMAND_LINE = 2048  # RFC 5321 4.5.3.1.4 (512) plus room for extension parameters
