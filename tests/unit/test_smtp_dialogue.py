@@ -547,6 +547,25 @@ def test_closing_stops_the_idle_timer() -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_the_helo_steps_session_facts_are_the_sessions_after_ehlo() -> None:
+    """The content filters' HELO step sees the EHLO name, client and listener; once the EHLO
+    succeeded the session's own facts (MAIL, RCPT, DATA) are that same object, not made
+    again (issue 17); a failed or new EHLO, TLS or a log-in still make new ones."""
+    factory, *_ = make_factory()
+    proto, t = start(factory)
+    seen = []
+    hello = proto.delivery.hello
+    proto.delivery.hello = lambda session: (seen.append(session), hello(session))[1]
+    proto.dataReceived(b"EHLO c.test\r\n")
+    assert take(t).startswith(b"250-pop.contoso.test Hello [203.0.113.5]\r\n")
+    assert (seen[0].helo, seen[0].client_ip, seen[0].listener_ip) == ("c.test", "203.0.113.5",
+                                                                       "127.0.0.1")
+    assert proto._session() is seen[0]
+    proto.dataReceived(b"EHLO other.test\r\n")
+    take(t)
+    assert proto._session() is seen[1] and seen[1].helo == "other.test"
+
+
 def test_messages_per_connection() -> None:
     """After max_messages_per_connection accepted messages, MAIL gets 421 4.7.0 and a close."""
     factory, *_ = make_factory(smtp_config(max_messages_per_connection=1))
