@@ -31,6 +31,12 @@ class QuickCloseServer(tcp.Server):
 
     _in_read = False
     _close_after_read = False
+    # the listening port's own address when it is bound to one (not a wildcard): then it is
+    # this connection's local address too, and getHost needs no getsockname (issue 17)
+    local_address: Any = None
+
+    def getHost(self):  # noqa: ANN201, N802 (Twisted's name)
+        return self.local_address or tcp.Server.getHost(self)
 
     def doRead(self):  # noqa: ANN201, N802 (Twisted's name)
         self._in_read = True

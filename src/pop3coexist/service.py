@@ -485,6 +485,7 @@ class _SharedAcceptPort(tcp.Port):
     _yielded = False
     _shared_limiter: Any = None  # the factory's ISharedConnectionLimiter (share_accepts)
     _log_prefix = ""  # Twisted's logPrefix, made once (it is asked at each wake-up)
+    _local_address: Any = None  # the bound address, unless a wildcard (QuickCloseServer)
     transport = QuickCloseServer
 
     @property  # type: ignore[override]
@@ -531,7 +532,9 @@ class _SharedAcceptPort(tcp.Port):
                 return
             s = self.sessionno
             self.sessionno = s + 1
-            protocol.makeConnection(self.transport(skt, protocol, addr, self, s, self.reactor))
+            transport = self.transport(skt, protocol, addr, self, s, self.reactor)
+            transport.local_address = self._local_address
+            protocol.makeConnection(transport)
         except BaseException:
             log.failure("accepting a connection failed")
 
@@ -565,6 +568,12 @@ def share_accepts(port: Any) -> None:
         # asked once, not at each accept (issue 17): the factory and its limiter stay
         port._shared_limiter = _shared_limiter(port.factory)
         port._log_prefix = tcp.Port.logPrefix(port)
+        try:
+            host = port.getHost()
+        except OSError:  # not listening (yet): getHost asks each connection's socket
+            return
+        if host.host not in ("0.0.0.0", "::"):  # bound to one address: every connection's
+            port._local_address = host
 
 
 class Pop3CoexistService(service.MultiService):

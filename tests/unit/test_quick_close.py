@@ -154,6 +154,9 @@ def test_a_shared_port_accepts_one_connection_per_wake_up_onto_a_quick_close_tra
         transport = factory.built[0].transport
         assert type(transport) is QuickCloseServer
         assert transport.getPeer().port == clients[0].getsockname()[1]
+        # the port is bound to 127.0.0.1: the local address is the port's, no getsockname
+        assert transport.local_address is not None
+        assert (transport.getHost().host, transport.getHost().port) == transport.socket.getsockname()
         port.doRead()
         port.doRead()  # nothing waiting: Twisted's accept loop finds EAGAIN and returns
         assert len(factory.built) == 2
@@ -161,6 +164,28 @@ def test_a_shared_port_accepts_one_connection_per_wake_up_onto_a_quick_close_tra
     finally:
         for c in clients:
             c.close()
+        port.socket.close()
+
+
+def test_a_port_on_all_addresses_asks_each_connection_its_local_address() -> None:
+    """Bound to the wildcard address, the local address depends on the connection: getHost
+    asks the socket (getsockname), as Twisted does."""
+    from twisted.internet import tcp
+
+    from pop3coexist import service
+
+    factory = _Factory()
+    port = tcp.Port(0, factory, interface="0.0.0.0", reactor=MemoryReactorClock())
+    port.startListening()
+    service.share_accepts(port)
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        port.doRead()
+        transport = factory.built[0].transport
+        assert transport.local_address is None
+        assert transport.getHost().host == "127.0.0.1"
+    finally:
+        client.close()
         port.socket.close()
 
 
