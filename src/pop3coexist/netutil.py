@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import error, tcp
+from twisted.internet.interfaces import IHalfCloseableProtocol
 
 
 class QuickCloseServer(tcp.Server):
@@ -56,8 +57,10 @@ class QuickCloseServer(tcp.Server):
         return why
 
     def loseConnection(self) -> None:  # noqa: N802 (Twisted's name)
+        # (a half-closeable protocol would be told of the end of input only, not closed)
         if (self._in_read and not self.TLS and self.connected and not self.disconnecting
-                and not self._writeDisconnected):
+                and not self._writeDisconnected
+                and not IHalfCloseableProtocol.providedBy(self.protocol)):
             self.disconnecting = True
             self._close_after_read = True
             return

@@ -11,6 +11,7 @@ import socket
 from typing import Any
 
 from twisted.internet import error, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
@@ -201,3 +202,25 @@ def test_a_refused_connection_is_closed_at_once() -> None:
     finally:
         client.close()
         port.socket.close()
+
+
+def test_a_half_closeable_protocol_takes_twisteds_way() -> None:
+    """A protocol that handles the end of input itself (IHalfCloseableProtocol) would only
+    be told that input ended: its close takes Twisted's way (wait for writability, then
+    close), so it is closed, not half-closed."""
+    from zope.interface import implementer
+
+    @implementer(IHalfCloseableProtocol)
+    class _HalfCloseable(_Session):
+        def readConnectionLost(self) -> None:  # noqa: N802
+            raise AssertionError("closed, not half-closed")
+
+        def writeConnectionLost(self) -> None:  # noqa: N802
+            pass
+
+    proto = _HalfCloseable()
+    transport, peer, reactor = _connection(proto)
+    peer.sendall(b"QUIT\r\n")
+    assert transport.doRead() is None
+    assert transport.disconnecting and transport in reactor.getWriters()
+    peer.close()
