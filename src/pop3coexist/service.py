@@ -479,11 +479,14 @@ def remove_stale_unix_socket(description: str) -> bool:
 YIELD_DELAY = 0.003  # seconds a busier process leaves a new connection to the others
 
 
+_UNSET: Any = object()
+
+
 class _SharedAcceptPort(tcp.Port):
     """A listening port shared by several processes (see ``share_accepts``)."""
 
     _yielded = False
-    _shared_limiter: Any = None  # the factory's ISharedConnectionLimiter (share_accepts)
+    _shared_limiter: Any = _UNSET  # the factory's ISharedConnectionLimiter, or None (asked once)
     _log_prefix = ""  # Twisted's logPrefix, made once (it is asked at each wake-up)
     _local_address: Any = None  # the bound address, unless a wildcard (QuickCloseServer)
     transport = QuickCloseServer
@@ -501,6 +504,8 @@ class _SharedAcceptPort(tcp.Port):
 
     def doRead(self) -> None:  # noqa: N802 (Twisted's name)
         limiter = self._shared_limiter
+        if limiter is _UNSET:  # asked at the first wake-up, not at each (issue 17)
+            limiter = self._shared_limiter = _shared_limiter(self.factory)
         if not self._yielded and limiter is not None and limiter.busier_than_others():
             # another process holds fewer connections: let it take this one; if it has not
             # after YIELD_DELAY (busy, or just died), take it here
@@ -565,8 +570,6 @@ def share_accepts(port: Any) -> None:
         # Twisted's doRead reads ``self._logger`` twice per wake-up, and that class attribute
         # (a Logger descriptor) builds a new Logger at each read: keep one (issue 17)
         port._logger = tcp.Port._logger.__get__(port, _SharedAcceptPort)
-        # asked once, not at each accept (issue 17): the factory and its limiter stay
-        port._shared_limiter = _shared_limiter(port.factory)
         port._log_prefix = tcp.Port.logPrefix(port)
         try:
             host = port.getHost()

@@ -84,7 +84,6 @@ def test_a_busier_process_leaves_a_new_connection_to_the_others_for_a_moment(mon
     service.share_accepts(port)  # only exact tcp.Port instances are changed
     assert type(port) is Port
     port.__class__ = type("SharedPort", (service._SharedAcceptPort, Port), {})
-    port._shared_limiter = service._shared_limiter(port.factory)
     monkeypatch.setattr(service._SharedAcceptPort, "_accept_one",
                         lambda self: accepted.append("accept"))
     port.doRead()
