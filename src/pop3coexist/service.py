@@ -37,6 +37,7 @@ from pop3coexist.config import Config, parse_endpoint
 from pop3coexist.errors import ConfigError, StoreError
 from pop3coexist.fsutil import refresh_mounts, write_atomic
 from pop3coexist.interfaces import IClosable, ISelfCheck, ISharedConnectionLimiter, IStartStop
+from pop3coexist.netutil import QuickCloseServer
 from pop3coexist.policy.limiters import make_limiters, make_throttles
 from pop3coexist.startup import StartupError, StartupReport, StateLock
 from pop3coexist.tls import (
@@ -478,10 +479,17 @@ def remove_stale_unix_socket(description: str) -> bool:
 YIELD_DELAY = 0.003  # seconds a busier process leaves a new connection to the others
 
 
+_UNSET: Any = object()
+
+
 class _SharedAcceptPort(tcp.Port):
     """A listening port shared by several processes (see ``share_accepts``)."""
 
     _yielded = False
+    _shared_limiter: Any = _UNSET  # the factory's ISharedConnectionLimiter, or None (asked once)
+    _log_prefix = ""  # Twisted's logPrefix, made once (it is asked at each wake-up)
+    _local_address: Any = None  # the bound address, unless a wildcard (QuickCloseServer)
+    transport = QuickCloseServer
 
     @property  # type: ignore[override]
     def numberAccepts(self) -> int:
@@ -491,8 +499,14 @@ class _SharedAcceptPort(tcp.Port):
     def numberAccepts(self, value: int) -> None:
         pass
 
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        return self._log_prefix or tcp.Port.logPrefix(self)
+
     def doRead(self) -> None:  # noqa: N802 (Twisted's name)
-        if not self._yielded and _busier(self.factory):
+        limiter = self._shared_limiter
+        if limiter is _UNSET:  # asked at the first wake-up, not at each (issue 17)
+            limiter = self._shared_limiter = _shared_limiter(self.factory)
+        if not self._yielded and limiter is not None and limiter.busier_than_others():
             # another process holds fewer connections: let it take this one; if it has not
             # after YIELD_DELAY (busy, or just died), take it here
             self._yielded = True
@@ -500,17 +514,45 @@ class _SharedAcceptPort(tcp.Port):
             self.reactor.callLater(YIELD_DELAY, self._take_turn)
             return
         self._yielded = False
-        super().doRead()
+        self._accept_one()
+
+    def _accept_one(self) -> None:
+        """Accept one connection, as Twisted's ``Port.doRead`` does with ``numberAccepts``
+        1, without its per-wake-up log buffer, generator and accept-count bookkeeping
+        (issue 17). Any accept error (none waiting, EMFILE, ...) is left to Twisted's
+        ``doRead``, which tries once more and handles it its way (EMFILE's reserved
+        descriptor, the "Could not accept" log line)."""
+        try:
+            skt, addr = self.socket.accept()
+        except OSError:
+            tcp.Port.doRead(self)
+            return
+        try:
+            if len(addr) == 4:  # IPv6: keep the scope id, as Twisted does
+                host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                addr = (host[0], *addr[1:])
+            protocol = self.factory.buildProtocol(self._buildAddr(addr))
+            if protocol is None:
+                skt.close()
+                return
+            s = self.sessionno
+            self.sessionno = s + 1
+            transport = self.transport(skt, protocol, addr, self, s, self.reactor)
+            transport.local_address = self._local_address
+            protocol.makeConnection(transport)
+        except BaseException:
+            log.failure("accepting a connection failed")
 
     def _take_turn(self) -> None:
         if self.connected and not self.disconnecting:
             self.startReading()
 
 
-def _busier(factory: Any) -> bool:
+def _shared_limiter(factory: Any) -> Any:
+    """The factory's connection limiter when it is shared with the other processes, else None."""
     inner = factory.wrappedFactory if isinstance(factory, WrappingFactory) else factory
     limiter = inner.limiter  # the POP3 and the ESMTP factory both have one
-    return ISharedConnectionLimiter.providedBy(limiter) and bool(limiter.busier_than_others())
+    return limiter if ISharedConnectionLimiter.providedBy(limiter) else None
 
 
 def share_accepts(port: Any) -> None:
@@ -520,13 +562,21 @@ def share_accepts(port: Any) -> None:
     first process to wake would take a whole burst. A shared port accepts one connection per
     wake-up, and a process that holds more connections than another (the shared connection
     table says) first leaves the new one to the others for a moment, so long sessions such as
-    POP3 downloads end up evenly spread over the processes.
+    POP3 downloads end up evenly spread over the processes. Its connections close sooner
+    after a QUIT (``netutil.QuickCloseServer``).
     """
     if type(port) is tcp.Port:
         port.__class__ = _SharedAcceptPort
         # Twisted's doRead reads ``self._logger`` twice per wake-up, and that class attribute
         # (a Logger descriptor) builds a new Logger at each read: keep one (issue 17)
         port._logger = tcp.Port._logger.__get__(port, _SharedAcceptPort)
+        port._log_prefix = tcp.Port.logPrefix(port)
+        try:
+            host = port.getHost()
+        except OSError:  # not listening (yet): getHost asks each connection's socket
+            return
+        if host.host not in ("0.0.0.0", "::"):  # bound to one address: every connection's
+            port._local_address = host
 
 
 class Pop3CoexistService(service.MultiService):

@@ -66,6 +66,9 @@ STABLE_AFTER = 60.0  # a worker that lived this long starts the restart delays a
 
 _LINE_MARK = b'{"w":'
 _LEVELS = frozenset(LogLevel.iterconstants())
+# made once: json.dumps with these arguments builds a new encoder at each call (issue 17:
+# 7.4 -> 5.4 us per log event of a worker); the same text
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 _LEVEL_NAMES = {level.name: level for level in _LEVELS}
 
 
@@ -82,7 +85,7 @@ def encode_worker_event(event: Mapping[str, Any]) -> bytes | None:
                               "n": event.get("log_namespace"), "x": text}
     if mail:
         record["m"] = {k: event[k] for k in events.EVENT_FIELDS if k in event}
-    return json.dumps(record, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
+    return _ENCODER.encode(record).encode("utf-8") + b"\n"
 
 
 def decode_worker_event(line: bytes) -> dict[str, Any] | None:

@@ -500,6 +500,72 @@ def test_connection_control_and_limits() -> None:
     assert take(t3) == GREETING
 
 
+def test_idle_timeout_counts_from_the_last_input() -> None:
+    """The idle timer is not moved per command (issue 17) but the timeout still counts from
+    the last input: a NOOP at 400 s keeps the session past 600 s; it ends 600 s after the
+    NOOP with 421 4.4.2, and only one timer is ever pending."""
+    factory, _, _, _, clock = make_factory()
+    proto, t = start(factory)
+    clock.advance(400)
+    proto.dataReceived(b"NOOP\r\n")
+    assert take(t) == b"250 2.0.0 OK\r\n"
+    clock.advance(300)  # the timer set at the greeting fires at 600 and is set again
+    assert take(t) == b"" and not t.disconnecting
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(299)
+    assert take(t) == b""
+    clock.advance(1)
+    assert take(t) == b"421 4.4.2 pop.contoso.test Error: timeout exceeded\r\n"
+    assert t.disconnecting
+
+
+def test_a_waiting_command_does_not_time_out_and_the_idle_time_starts_when_it_ends() -> None:
+    """While a command waits (a held log-in) the session does not time out, however long;
+    the idle time counts from the reply: 599 s later it is still open, at 600 s it ends."""
+    factory, _, checker, _, clock = make_factory(mode="submission")
+    checker.hold = True
+    proto, t = start(factory)
+    proto.dataReceived(b"EHLO c.test\r\n")
+    take(t)
+    proto.dataReceived(b"AUTH PLAIN " + b64(b"\0ted@pop.contoso.test\0secret1") + b"\r\n")
+    clock.advance(1500)
+    assert take(t) == b"" and not t.disconnecting
+    checker.release()
+    assert take(t) == b"235 2.7.0 Authentication successful\r\n"
+    clock.advance(599)
+    assert take(t) == b""
+    clock.advance(1)
+    assert take(t) == b"421 4.4.2 pop.contoso.test Error: timeout exceeded\r\n"
+
+
+def test_closing_stops_the_idle_timer() -> None:
+    """A session that ends (QUIT, then the connection is lost) leaves no timer behind."""
+    factory, _, _, _, clock = make_factory()
+    proto, t = start(factory)
+    proto.dataReceived(b"QUIT\r\n")
+    proto.connectionLost(None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_helo_steps_session_facts_are_the_sessions_after_ehlo() -> None:
+    """The content filters' HELO step sees the EHLO name, client and listener; once the EHLO
+    succeeded the session's own facts (MAIL, RCPT, DATA) are that same object, not made
+    again (issue 17); a failed or new EHLO, TLS or a log-in still make new ones."""
+    factory, *_ = make_factory()
+    proto, t = start(factory)
+    seen = []
+    hello = proto.delivery.hello
+    proto.delivery.hello = lambda session: (seen.append(session), hello(session))[1]
+    proto.dataReceived(b"EHLO c.test\r\n")
+    assert take(t).startswith(b"250-pop.contoso.test Hello [203.0.113.5]\r\n")
+    assert (seen[0].helo, seen[0].client_ip, seen[0].listener_ip) == ("c.test", "203.0.113.5",
+                                                                       "127.0.0.1")
+    assert proto._session() is seen[0]
+    proto.dataReceived(b"EHLO other.test\r\n")
+    take(t)
+    assert proto._session() is seen[1] and seen[1].helo == "other.test"
+
+
 def test_messages_per_connection() -> None:
     """After max_messages_per_connection accepted messages, MAIL gets 421 4.7.0 and a close."""
     factory, *_ = make_factory(smtp_config(max_messages_per_connection=1))

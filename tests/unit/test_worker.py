@@ -84,7 +84,8 @@ def test_a_busier_process_leaves_a_new_connection_to_the_others_for_a_moment(mon
     service.share_accepts(port)  # only exact tcp.Port instances are changed
     assert type(port) is Port
     port.__class__ = type("SharedPort", (service._SharedAcceptPort, Port), {})
-    monkeypatch.setattr(tcp.Port, "doRead", lambda self: accepted.append("accept"))
+    monkeypatch.setattr(service._SharedAcceptPort, "_accept_one",
+                        lambda self: accepted.append("accept"))
     port.doRead()
     assert accepted == [] and not port.reading
     port.reactor.advance(service.YIELD_DELAY)
@@ -334,3 +335,27 @@ def test_the_worker_log_writer_writes_each_event_as_one_whole_line() -> None:
         if r >= 0:
             os.close(r)
         os.close(w)
+
+
+def test_a_workers_event_line_is_the_same_json_as_before() -> None:
+    """encode_worker_event's one encoder made once (issue 17) writes the bytes json.dumps
+    wrote: compact separators, non-ASCII escaped, values JSON cannot hold as their str()."""
+    import json
+    from pathlib import PurePosixPath
+
+    from twisted.logger import LogLevel
+
+    from pop3coexist.workers import encode_worker_event
+
+    event = {"log_format": "SMTP {queue_id} accepted from <{sender}>", "log_level": LogLevel.info,
+             "log_namespace": "pop3coexist.smtp.server", "log_time": 1796093191.5,
+             "mail_event": "accepted", "queue_id": "Q1", "sender": "jörg@example.test",
+             "recipients": ["a@b.test"], "client": PurePosixPath("/run/sock")}
+    line = encode_worker_event(event)
+    record = {"w": 1, "t": 1796093191.5, "l": "info", "n": "pop3coexist.smtp.server",
+              "x": "SMTP Q1 accepted from <jörg@example.test>"}
+    assert line is not None
+    decoded = json.loads(line)
+    record["m"] = decoded["m"]
+    assert line == json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
+    assert decoded["m"]["client"] == "/run/sock" and "\\u00f6" in line.decode()

@@ -78,7 +78,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet import defer, threads
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pop3coexist import headers
@@ -90,11 +89,12 @@ from pop3coexist.errors import (
     StorageFull,
     disk_full,
 )
+from pop3coexist.events import FastLogger
 from pop3coexist.interfaces import Distribution, ICopyCommitter, LocalNotes, SMTPSession
 from pop3coexist.policy import authresults
 from pop3coexist.policy.expansion import ListCopy
 
-log = Logger(namespace="pop3coexist.smtp.server")
+log = FastLogger(namespace="pop3coexist.smtp.server")
 
 
 class Outcome(enum.Enum):

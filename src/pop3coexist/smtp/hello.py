@@ -6,8 +6,6 @@ and the session starts over).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from twisted.internet.interfaces import ITLSTransport
 from twisted.python.failure import Failure
 
@@ -60,7 +58,7 @@ class HelloCommands:
             raise fail(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
         self._txn = None
         self.delivery.reset()
-        d = self.delivery.hello(replace(self._session(), helo=arg))  # the content filters'
+        d = self.delivery.hello(self._session(arg))  # the content filters'
         if d.called and not isinstance(d.result, Failure):  # at once: no milter to wait for
             d.addErrback(lambda _f: None)
             self._hello_ok(arg, esmtp)

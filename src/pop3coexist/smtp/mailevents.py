@@ -8,12 +8,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from twisted.logger import Logger
-
 from pop3coexist import events
 from pop3coexist.errors import MailError
+from pop3coexist.events import FastLogger
 
-log = Logger(namespace="pop3coexist.smtp.server")
+log = FastLogger(namespace="pop3coexist.smtp.server")
 
 _PATH_RE = re.compile(r"<([^>]*)>")
 # replies that say the client misspoke, not that mail was refused (syntax, sequence)

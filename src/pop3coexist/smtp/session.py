@@ -19,18 +19,18 @@ from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import ISSLTransport
-from twisted.logger import Logger
 from twisted.mail import smtp as tsmtp
 from twisted.python.failure import Failure
 
 from pop3coexist.errors import MailError, as_mail_error, volume_unreachable
+from pop3coexist.events import FastLogger
 from pop3coexist.interfaces import IDeliveryTransaction, IMessageDelivery, SMTPSession
 from pop3coexist.netutil import send_now
 from pop3coexist.smtp import auth as sasl
 from pop3coexist.smtp import mailevents
 from pop3coexist.smtp.incoming import MessageReader
 
-log = Logger(namespace="pop3coexist.smtp.server")
+log = FastLogger(namespace="pop3coexist.smtp.server")
 
 MODES = ("mx", "submission", "smtps")
 MAX_COMMAND_LINE = 2048  # RFC 5321 4.5.3.1.4 (512) plus room for extension parameters
@@ -82,6 +82,8 @@ class Session(tsmtp.ESMTP):
         self.hostname = cfg.server.hostname
         self.timeout = cfg.smtp.idle_timeout
         self.callLater = factory.reactor.callLater  # TimeoutMixin uses it: task.Clock in tests
+        self._seconds = factory.reactor.seconds
+        self._last_input = 0.0  # when input last came in while no command waited (idle timer)
         self._buf = b""
         self._state = STATE_COMMAND
         self._busy = False
@@ -120,6 +122,7 @@ class Session(tsmtp.ESMTP):
             if not ISSLTransport.providedBy(self.transport):
                 self.transport.startTLS(self.factory.tls_options)
             self.secure = True
+        self._last_input = self._seconds()
         self.setTimeout(self.timeout)
         refusal = self.factory.connections.check(self.client_ip)
         if refusal is not None:
@@ -162,7 +165,20 @@ class Session(tsmtp.ESMTP):
         self.delivery.close()
 
     def timeoutConnection(self) -> None:
-        # RFC 5321 section 4.5.3.2.7: the server closes an idle session
+        """RFC 5321 section 4.5.3.2.7: the server closes an idle session.
+
+        The timer is not moved at each input nor stopped while a command waits (a
+        ``DelayedCall`` reset, cancel or new one per command costs more than the command's
+        own checks, issue 17): input and the end of a wait note the time, and when the timer
+        fires early it is set again for the rest of the idle time (while a command waits: for
+        a whole idle time, as the wait does not count)."""
+        if self._busy and not self._closing:
+            self.setTimeout(self.timeout)
+            return
+        left = self._last_input + self.timeout - self._seconds()
+        if left > 1e-6 and not self._closing:
+            self.setTimeout(left)
+            return
         if self._reader is not None:
             self._reader.abort()
             self._reader = None
@@ -204,7 +220,7 @@ class Session(tsmtp.ESMTP):
         if self._closing:
             return
         if not self._busy:
-            self.resetTimeout()
+            self._last_input = self._seconds()  # the idle timer checks it (timeoutConnection)
         self._buf += data
         self._pump()
 
@@ -280,7 +296,6 @@ class Session(tsmtp.ESMTP):
                 self._error(reply_for(now[0]))
             return
         self._busy = True
-        self.setTimeout(None)
 
         def done(result):
             if isinstance(result, Failure):
@@ -288,7 +303,7 @@ class Session(tsmtp.ESMTP):
             self._busy = False
             if self._closing:
                 return None
-            self.setTimeout(self.timeout)
+            self._last_input = self._seconds()  # idle from now (see timeoutConnection)
             if self._paused:
                 self._paused = False
                 self.transport.resumeProducing()

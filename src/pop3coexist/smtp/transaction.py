@@ -93,12 +93,15 @@ class MailCommands:
     def _mail_refused(self, failure: Failure, sender: Address | None) -> None:
         self._error(reply_for(failure))
 
-    def _session(self) -> SMTPSession:
+    def _session(self, helo: str | None = None) -> SMTPSession:
         """What the delivery policy knows of this session (interfaces.SMTPSession), made
         again only when the EHLO name, TLS or the log-in changed (the listener's address is
-        asked once)."""
+        asked once). ``helo``: the EHLO name being given (the HELO step's view, which the
+        session's own view is once the EHLO succeeds: made once for both, issue 17)."""
+        if helo is None:
+            helo = self._helo
         cached = self._session_facts
-        if (cached is not None and cached.helo == self._helo and cached.tls == self.secure
+        if (cached is not None and cached.helo == helo and cached.tls == self.secure
                 and cached.auth_type == self.auth_type):
             return cached
         if cached is None:
@@ -110,7 +113,7 @@ class MailCommands:
         if self.secure:
             info = self._tls_info()  # "TLSv1.3:cipher"
             tls_version = info.split(":", 1)[0] if info else None
-        self._session_facts = SMTPSession(self.client_ip, self._helo, listener, tls=self.secure,
+        self._session_facts = SMTPSession(self.client_ip, helo, listener, tls=self.secure,
                                           client_port=self.client_port,
                                           auth_type=self.auth_type, tls_version=tls_version)
         return self._session_facts
