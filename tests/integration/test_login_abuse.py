@@ -101,7 +101,9 @@ def pop3_guess_loop(source: str, port: int, stop: float, tally: Tally) -> None:
                         tally.errors.append(f"{source}: unexpected {reply!r}")
                         return
         except TimeoutError:
-            return  # a guess the server held past the end of the run: held, not answered
+            # a guess held past the socket timeout (the gate's queue on a loaded machine):
+            # held, not answered; a source with no answer yet tries again while ``going``
+            continue
         except OSError as e:
             if time.monotonic() < stop:
                 tally.errors.append(f"{source}: {e}")
@@ -136,7 +138,9 @@ def smtp_guess_loop(source: str, port: int, stop: float, tally: Tally) -> None:
                         tally.errors.append(f"{source}: unexpected {reply!r}")
                         return
         except TimeoutError:
-            return  # a guess the server held past the end of the run: held, not answered
+            # a guess held past the socket timeout (the gate's queue on a loaded machine):
+            # held, not answered; a source with no answer yet tries again while ``going``
+            continue
         except OSError as e:
             if time.monotonic() < stop:
                 tally.errors.append(f"{source}: {e}")
