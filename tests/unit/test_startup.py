@@ -558,7 +558,7 @@ def test_fast_log_lines_writes_twisteds_own_lines_and_emits_twisteds_own_events(
     monkeypatch.setattr(Logger, "emit", Logger.emit)
     original_emit = Logger.emit
     try:
-        1 / 0
+        raise ZeroDivisionError("division by zero")
     except ZeroDivisionError:
         failure = Failure()
     events = [
