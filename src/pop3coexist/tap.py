@@ -50,6 +50,7 @@ def makeService(options: Options) -> Any:
         StateLock,
         cache_log_time_stamps,
         check_state_dir,
+        fast_log_context,
         fast_log_lines,
         fast_log_text,
         hand_over,
@@ -61,6 +62,7 @@ def makeService(options: Options) -> Any:
     cache_log_time_stamps()
     fast_log_text()
     fast_log_lines()
+    fast_log_context()
 
     try:
         config = load_config(options["config"])

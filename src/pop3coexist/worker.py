@@ -116,11 +116,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from pop3coexist.startup import fast_log_lines, fast_log_text, limit_malloc_retention
+    from pop3coexist.startup import (
+        fast_log_context,
+        fast_log_lines,
+        fast_log_text,
+        limit_malloc_retention,
+    )
 
     limit_malloc_retention()
     fast_log_text()
     fast_log_lines()
+    fast_log_context()
     from twisted.internet import reactor
     from twisted.logger import Logger, globalLogBeginner
 

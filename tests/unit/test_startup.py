@@ -604,3 +604,72 @@ def test_fast_log_lines_writes_twisteds_own_lines_and_emits_twisteds_own_events(
     fast_emit = Logger.emit
     assert fast_emit is not original_emit
     assert events_of(fast_emit) == events_of(original_emit)
+
+
+def test_fast_log_context_gives_each_call_twisteds_own_log_context(monkeypatch) -> None:  # noqa: ANN001
+    """``fast_log_context``'s ``callWithLogger`` (the reactor's wrapper of every I/O event)
+    does what Twisted's does: the call sees the same log context (``system`` = the
+    selectable's ``logPrefix()``, nested calls too), its result is returned, an exception is
+    logged with that system and swallowed, ``KeyboardInterrupt`` passes, a ``logPrefix`` that
+    raises is logged as Twisted logs it, and the context stack is as before afterwards."""
+    from twisted.logger import globalLogPublisher
+    from twisted.python import context, log
+
+    from pop3coexist.startup import fast_log_context
+
+    monkeypatch.setattr(log, "callWithLogger", log.callWithLogger)
+    original = log.callWithLogger
+
+    class Selectable:
+        def __init__(self, prefix: str) -> None:
+            self.prefix = prefix
+
+        def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+            if self.prefix == "buggy":
+                raise RuntimeError("no prefix")
+            return self.prefix
+
+    def run(call) -> list:  # noqa: ANN001
+        seen: list = []
+        published: list[dict] = []
+        globalLogPublisher.addObserver(published.append)
+        depth = len(context.theContextTracker.currentContext().contexts)
+
+        def inner(x: int) -> int:
+            seen.append(dict(context.get(log.ILogContext)))
+            seen.append(call(Selectable("Inner,1"), lambda: dict(context.get(log.ILogContext))))
+            log.msg("legacy message")
+            return x * 2
+
+        def boom() -> None:
+            raise ValueError("it broke")
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        try:
+            seen.append(call(Selectable("SMTPServerFactory,3,127.0.0.1"), inner, 21))
+            seen.append(call(Selectable("Port,7"), boom))
+            seen.append(call(Selectable("buggy"), inner, 1))
+            try:
+                call(Selectable("Port,8"), interrupt)
+            except KeyboardInterrupt:
+                seen.append("interrupted")
+            seen.append(len(context.theContextTracker.currentContext().contexts) == depth)
+        finally:
+            globalLogPublisher.removeObserver(published.append)
+        texts = [(e.get("log_text") or e.get("log_format") or "").strip().splitlines()
+                 for e in published]  # a traceback's frames differ: first and last lines
+        seen.append([(e.get("log_system"), t[0], t[-1]) for e, t in zip(published, texts, strict=True)])
+        return seen
+
+    want = run(original)
+    assert fast_log_context() is True
+    assert fast_log_context() is True  # once only
+    assert log.callWithLogger is not original
+    got = run(log.callWithLogger)
+    assert got == want
+    assert got[0] == {"system": "SMTPServerFactory,3,127.0.0.1"} and got[1] == {"system": "Inner,1"}
+    assert got[2] == 42 and got[3] is None and got[-2] is True
+    assert ("Port,7", "Unhandled Error", "builtins.ValueError: it broke") in got[-1]
+    assert ("SMTPServerFactory,3,127.0.0.1", "legacy message", "legacy message") in got[-1]
