@@ -12,11 +12,32 @@ OS (port 0, read back) or by ``free_port()`` just before use, each test has its 
 and no test uses a fixed pid file, socket path or shared daemon. A module that breaks that
 rule sets ``pytestmark = pytest.mark.xdist_group("...")`` itself; an explicit group wins.
 Without xdist (``-p no:xdist`` or ``-n 0``) the markers do nothing.
+
+Hypothesis profiles, for every tier (they were in tests/fuzz/conftest.py, which a run of
+tests/unit alone never loaded: a property test there then had Hypothesis's default deadline
+and "too slow" health checks, which fail on a loaded machine): ``ci`` (the default: bounded
+examples, a fixed seed, no example database, no deadline on a shared machine), ``dev`` (more
+examples) and ``long`` (``make fuzz``: many examples). Choose with ``HYPOTHESIS_PROFILE``. A
+test's own ``@settings`` still wins for what it names.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import HealthCheck, settings
+
+_COMMON = dict(deadline=None, database=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.filter_too_much])
+settings.register_profile("ci", max_examples=60, stateful_step_count=30, derandomize=True,
+                          print_blob=True, **_COMMON)
+settings.register_profile("dev", max_examples=300, stateful_step_count=40, print_blob=True,
+                          **_COMMON)
+settings.register_profile("long", max_examples=20000, stateful_step_count=60,
+                          print_blob=True, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # modules that make or remove Unix accounts or PAM service files (tests/support/pam.py,
 # tests/support/privilege.py): one at a time

@@ -676,7 +676,20 @@ class Pop3CoexistService(service.MultiService):
                                f"listening after {START_TIMEOUT:.0f} s")
         except Exception as e:
             raise StartupError(f"the worker processes did not start: {e or repr(e)}")
-        self.supervisor.serve()
+        # listeners.json (next) says every process accepts: wait until the workers do
+        from pop3coexist.workers import START_TIMEOUT
+
+        serving = self.supervisor.serve()
+        timer = self._reactor().callLater(START_TIMEOUT, serving.cancel)
+        try:
+            await serving
+        except defer.CancelledError:
+            raise StartupError(f"the worker processes did not start: not all of them were "
+                               f"accepting connections {START_TIMEOUT:.0f} s after being "
+                               "told to") from None
+        finally:
+            if timer.active():
+                timer.cancel()
 
     def _abort(self, line: str) -> None:
         """Start-up failed: accept nothing, report, and stop (twistd then stops every service

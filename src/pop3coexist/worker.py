@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             for port in ports:
                 if port.connected:
                     port.startReading()
+            control.send("serving")  # the main process announces the ports after this
 
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

@@ -16,8 +16,11 @@ Each worker's file descriptors:
   the worker, plus the fields of a mail event when this process writes a mail log),
   re-published here into the main log with ``log_system`` set to ``worker N``;
 - 2 (its stderr): anything printed outside the log (a crash at import), logged as errors;
-- 3: control lines to the main process: ``ready`` once it listens. (Each worker delivers
-  the messages it queued itself, by the queue's claims: store/queue.py.)
+- 3: control lines to the main process: ``ready`` once it listens (paused), ``serving`` once
+  it accepts after ``serve``: the main process writes ``run/listeners.json`` only when every
+  worker said ``serving`` (a client that reads the file may connect at once, and may find the
+  main process stopped: the workers must be accepting). (Each worker delivers the messages it
+  queued itself, by the queue's claims: store/queue.py.)
 - 4 and up: the listening sockets, in the order of ``--listener role:fd`` arguments.
 
 A worker that exits while the server runs is logged and replaced (after 1 s, doubling up to
@@ -148,6 +151,7 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.number = number
         self.pid: int | None = None
         self.ready: defer.Deferred[None] = defer.Deferred()
+        self.serving: defer.Deferred[None] = defer.Deferred()  # it accepts (after ``serve``)
         self.ended: defer.Deferred[None] = defer.Deferred()
         self._buffers: dict[int, bytes] = {1: b"", 2: b"", 3: b""}
 
@@ -196,6 +200,9 @@ class _WorkerProtocol(protocol.ProcessProtocol):
                 self.ready.callback(None)
             if self.supervisor.serving:  # a replacement worker, once the server serves
                 self.serve()
+        elif words[0] == "serving":
+            if not self.serving.called:
+                self.serving.callback(None)
 
     def serve(self) -> None:
         """Let this worker accept connections."""
@@ -215,6 +222,13 @@ class _WorkerProtocol(protocol.ProcessProtocol):
                 "it listened"))
         self.ended.callback(None)
         self.supervisor.ended(self, reason)
+
+
+def _fire_once(result: Any, target: defer.Deferred[None]) -> Any:
+    """Fire ``target`` (once) when the first of several Deferreds fires; pass ``result`` on."""
+    if not target.called:
+        target.callback(None)
+    return result
 
 
 class WorkerSupervisor(service.Service):
@@ -283,12 +297,23 @@ class WorkerSupervisor(service.Service):
         d.addBoth(done)
         return d
 
-    def serve(self) -> None:
+    def serve(self) -> defer.Deferred[None]:
         """Start-up is complete: every worker accepts connections from now on (and each
-        replacement as soon as it listens)."""
+        replacement as soon as it listens). The result fires once every live worker said
+        ``serving`` (or ended meanwhile: ``ended`` handles that one), so that what is
+        announced next (``run/listeners.json``) is true of every process; the caller may
+        cancel it (a time limit)."""
         self.serving = True
+        waits = []
         for proto in list(self.workers.values()):
+            if proto.ended.called:
+                continue
             proto.serve()
+            either = defer.Deferred()
+            for d in (proto.serving, proto.ended):
+                d.addBoth(_fire_once, either)
+            waits.append(either)
+        return defer.DeferredList(waits).addCallback(lambda _: None)
 
     def _spawn(self, number: int) -> _WorkerProtocol:
         proto = _WorkerProtocol(self, number)
@@ -340,7 +365,8 @@ class WorkerSupervisor(service.Service):
             self._changed()
             log.info("worker {number} started again (pid {pid})", number=number, pid=proto.pid)
 
-        proto.ready.addCallbacks(
+        # recorded (listeners.json) once it accepts, as at start-up (``serve``)
+        proto.serving.addCallbacks(
             started,
             lambda f: None,  # its end is logged (and handled) by ended()
         )

@@ -288,72 +288,77 @@ def test_group_call_with_a_linger_gathers_the_requests_of_that_time() -> None:
     assert calls == [["a", "b", "c"], ["d"]]
 
 
-def _shuttle(env: str, claimed: str, stop_after: float) -> None:
-    """Move one envelope between env/ and a claim folder for ``stop_after`` seconds, leaving it
-    0.3 ms in each place: a runner that claims it, tries to deliver and releases it, far
-    faster than a real one (an attempt is a connection to a smart host, a deferral waits a
-    retry interval), yet every listing pass meets a move often."""
-    end = time.monotonic() + stop_after
-    while time.monotonic() < end:
-        os.rename(env, claimed)
-        time.sleep(0.0003)
-        os.rename(claimed, env)
-        time.sleep(0.0003)
+class _MoveWhileLooking(FileQueue):
+    """The admin's view of the queue (no owner) where a runner's rename of the envelope
+    (``move(envelope path) -> new path``) happens at the worst moment: right after env/ was
+    read, before the claim folders are (``_claim_dirs``), the first ``times`` times."""
+
+    def __init__(self, root: Path, move, times: int = 1) -> None:  # noqa: ANN001
+        super().__init__(root, "pop.contoso.test")
+        self.move, self.times = move, times
+
+    def _claim_dirs(self) -> list[Path]:
+        if self.times > 0:
+            self.times -= 1
+            self.move()
+        return super()._claim_dirs()
 
 
-def test_a_message_moving_between_env_and_a_claim_is_always_listed(tmp_path: Path) -> None:
-    """While another process claims and releases a message every fraction of a millisecond,
-    every listing
-    (``ids``, ``entries``: the admin's queue list and the console's queue page) and every
-    ``load`` still finds it: one pass over env/ then the claim folders could miss a release
-    made between the two reads (stop 26's CI: an admin listing of one deferred message came
-    back empty)."""
-    root = tmp_path / "q"
-    runner = _runner(root, "n1", 0)
-    runner.touch_lease()
+def _claimed(tmp_path: Path) -> tuple[FileQueue, str, Path, Path]:
+    """A runner holding one claimed message: (runner, id, its env/ path, its claim path)."""
+    runner = _runner(tmp_path / "q", "n1", 0)
     [qid] = _enqueue(runner, tmp_path)
-    admin = FileQueue(root, "pop.contoso.test")  # no owner: the admin's and the API's view
-    env = str(runner.envelope_path(qid))
-    claimed = str(runner.claimed_dir / runner.owner / f"{qid}.json")
-    mover = multiprocessing.get_context("fork").Process(target=_shuttle,
-                                                        args=(env, claimed, 30.0))
-    mover.start()
-    try:
-        misses = {"ids": 0, "entries": 0, "load": 0}
-        for _ in range(3000):
-            misses["ids"] += admin.ids() != [qid]
-            misses["entries"] += [e["id"] for e in admin.entries()] != [qid]
-            misses["load"] += admin.load(qid) is None
-    finally:
-        mover.terminate()
-        mover.join(10)
-    assert misses == {"ids": 0, "entries": 0, "load": 0}
+    assert runner.claim(qid) is not None
+    claim = runner.claimed_dir / runner.owner / f"{qid}.json"
+    return runner, qid, runner.envelope_path(qid), claim
+
+
+def test_a_release_between_the_reads_hides_nothing(tmp_path: Path) -> None:
+    """A runner releasing a message (claim -> env/) after a listing read env/ and before it
+    read the claims: ``ids``, ``entries`` (the admin's queue list, the console's queue page)
+    and ``load`` still find it; the same for a claim (env/ -> claim) in that gap (stop 27's
+    CI: an admin listing of one deferred message came back empty)."""
+    runner, qid, env, claim = _claimed(tmp_path)
+
+    def release() -> None:
+        os.rename(claim, env)
+
+    def take() -> None:
+        os.rename(env, claim)
+
+    looks = {
+        "ids": lambda q: q.ids() == [qid],
+        "entries": lambda q: [e["id"] for e in q.entries()] == [qid],
+        "load": lambda q: q.load(qid) is not None,
+    }
+    for move_back, move in ((take, release), (release, take)):
+        if move is take:
+            release()  # from env/ this time
+        for name, look in looks.items():
+            view = _MoveWhileLooking(tmp_path / "q", move)
+            assert look(view), (name, move.__name__)
+            if view.times == 0:  # it moved: put it back for the next look
+                move_back()
 
 
 def test_an_admin_delete_of_a_moving_message_leaves_nothing_behind(tmp_path: Path) -> None:
-    """``delete`` by the admin while a runner claims and releases the message (as above):
-    envelope and body are both gone, never an envelope without its body (which the next
-    start would move aside as damaged) nor a body without its envelope."""
-    root = tmp_path / "q"
-    runner = _runner(root, "n1", 0)
-    runner.touch_lease()
-    admin = FileQueue(root, "pop.contoso.test")
-    for _ in range(30):
-        [qid] = _enqueue(runner, tmp_path)
-        env = str(runner.envelope_path(qid))
-        claimed = str(runner.claimed_dir / runner.owner / f"{qid}.json")
-        mover = multiprocessing.get_context("fork").Process(target=_shuttle_until_gone,
-                                                            args=(env, claimed, 10.0))
-        mover.start()
-        time.sleep(0.002)
-        admin.delete(qid)
-        mover.join(10)
-        assert admin.ids() == [] and not admin.body_path(qid).exists()
+    """``delete`` by the admin while the runner releases the message between the admin's look
+    and its unlink: envelope and body are both gone, never an envelope without its body
+    (which the next start would move aside as damaged)."""
+    runner, qid, env, claim = _claimed(tmp_path)
+    admin = FileQueue(tmp_path / "q", "pop.contoso.test")
+    found = admin._find
+    looks = []
 
+    def find_then_release(q: str) -> Path | None:
+        path = found(q)
+        looks.append(path)
+        if len(looks) == 2 and path == claim:  # delete's load looked first; now its removal
+            os.rename(claim, env)  # the runner defers it: this look is stale now
+        return path
 
-def _shuttle_until_gone(env: str, claimed: str, stop_after: float) -> None:
-    """``_shuttle`` until the envelope is deleted under it."""
-    try:
-        _shuttle(env, claimed, stop_after)
-    except FileNotFoundError:
-        pass
+    admin._find = find_then_release  # type: ignore[method-assign]
+    admin.delete(qid)
+    assert looks[:2] == [claim, claim]
+    assert admin.ids() == [] and not admin.body_path(qid).exists()
+    assert not env.exists() and not claim.exists()

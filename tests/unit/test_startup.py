@@ -72,8 +72,9 @@ class _Supervisor(service.Service):
     def start_workers(self, ports: list) -> defer.Deferred:
         return self.outcome
 
-    def serve(self) -> None:
+    def serve(self) -> defer.Deferred:
         self.served = True
+        return defer.succeed(None)  # every worker said "serving"
 
     def pids(self) -> list[int]:
         return [4242]

@@ -161,6 +161,32 @@ def test_workers_are_told_to_serve_only_when_start_up_is_complete() -> None:
     assert replacement.transport.written == [(0, b"serve\n")]
 
 
+def test_serve_fires_once_every_worker_accepts_or_ended() -> None:
+    """``serve()`` (after which the main process writes listeners.json) fires only when every
+    live worker answered ``serving`` to its ``serve`` line, or ended meanwhile: a test or
+    client that reads listeners.json and finds the main process stopped still gets its
+    connection accepted by a worker (stop 27's CI: the worker had not been told yet)."""
+    from twisted.python.failure import Failure
+
+    from pop3coexist.workers import WorkerSupervisor, _WorkerProtocol
+
+    config = SimpleNamespace(server=SimpleNamespace(workers=3))
+    sup = WorkerSupervisor(config, reactor=object())  # type: ignore[arg-type]
+    sup._cleanup = lambda proto: None  # type: ignore[method-assign]  # no tables here
+    one, two = _WorkerProtocol(sup, 1), _WorkerProtocol(sup, 2)
+    for n, proto in ((1, one), (2, two)):
+        proto.makeConnection(_ChildTransport())  # type: ignore[arg-type]
+        sup.workers[n] = proto
+        proto.childDataReceived(3, b"ready\n")
+    done = sup.serve()
+    assert one.transport.written == two.transport.written == [(0, b"serve\n")]
+    assert not done.called
+    one.childDataReceived(3, b"serving\n")
+    assert not done.called
+    two.processEnded(Failure(RuntimeError("killed")))  # ended instead: no wait for it
+    assert done.called
+
+
 def test_watch_parent_passes_lines_and_stops_at_end_of_file() -> None:
     """The worker's stdin watcher hands each whole line (split across reads or not) to the
     reactor thread, and stops the reactor when the main process's end of the pipe closes."""
@@ -195,7 +221,7 @@ def test_watch_parent_passes_lines_and_stops_at_end_of_file() -> None:
 def test_a_replaced_worker_changes_the_recorded_pids(monkeypatch) -> None:  # noqa: ANN001
     """The supervisor reports its live workers when they change while serving: a worker that
     ends is left out at once (no dead pid in listeners.json), its replacement is in once it
-    listens."""
+    accepts (its ``serving`` line after ``serve``)."""
     from twisted.internet.error import ProcessTerminated
     from twisted.internet.task import Clock
     from twisted.python.failure import Failure
@@ -227,6 +253,8 @@ def test_a_replaced_worker_changes_the_recorded_pids(monkeypatch) -> None:  # no
     new = sup.workers[1]
     assert new.pid == 5002 and recorded == [[]]  # spawned, not listening yet
     new.childDataReceived(3, b"ready\n")
+    assert new.transport.written == [(0, b"serve\n")] and recorded == [[]]  # told, not yet
+    new.childDataReceived(3, b"serving\n")
     assert recorded == [[], [5002]] and sup.pids() == [5002]
     sup.stopService()
 
