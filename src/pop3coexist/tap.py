@@ -50,6 +50,8 @@ def makeService(options: Options) -> Any:
         StateLock,
         cache_log_time_stamps,
         check_state_dir,
+        fast_log_context,
+        fast_log_lines,
         fast_log_text,
         hand_over,
         limit_malloc_retention,
@@ -59,6 +61,8 @@ def makeService(options: Options) -> Any:
     limit_malloc_retention()
     cache_log_time_stamps()
     fast_log_text()
+    fast_log_lines()
+    fast_log_context()
 
     try:
         config = load_config(options["config"])

@@ -7,7 +7,8 @@ until the main process writes ``serve`` on its stdin, once start-up is complete 
 process), and serves until it gets SIGTERM or its stdin ends (the main process is gone). It does no start-up work of the main
 process (no spool cleaning, no queue recovery, no outbound delivery): messages for remote
 recipients go into the shared queue and their ids are passed to the main process's runner on
-the control descriptor. Its log goes to stdout, one event a line (workers.encode_worker_event),
+the control descriptor. Its log goes to stdout, one event a line (workers.encode_worker_event:
+lean text, or JSON with a mail event's fields when the main process writes a mail log),
 which the main process writes into the server's log. The file descriptors are described in workers.py.
 """
 
@@ -27,17 +28,20 @@ CONTROL_FD = 3
 
 class LogWriter:
     """This worker's log observer: each event as one line on ``fd`` (its stdout, a pipe to the
-    main process), written at once with one ``write`` (no buffer: a kill -9 loses no line)."""
+    main process), written at once with one ``write`` (no buffer: a kill -9 loses no line).
+    ``fields``: whether the main process reads mail events' fields (it writes a mail log,
+    ``[log] mail_log``); until the config is read, they are sent."""
 
-    def __init__(self, fd: int = 1) -> None:
+    def __init__(self, fd: int = 1, fields: bool = True) -> None:
         from pop3coexist.workers import encode_worker_event
 
         self.fd = fd
+        self.fields = fields
         self.encode = encode_worker_event
 
     def __call__(self, event: Any) -> None:
         try:
-            line = self.encode(event)
+            line = self.encode(event, self.fields)
         except Exception:  # noqa: BLE001 - never raise into the log system
             return
         if line is None:
@@ -112,14 +116,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from pop3coexist.startup import fast_log_text, limit_malloc_retention
+    from pop3coexist.startup import (
+        fast_log_context,
+        fast_log_lines,
+        fast_log_text,
+        limit_malloc_retention,
+    )
 
     limit_malloc_retention()
     fast_log_text()
+    fast_log_lines()
+    fast_log_context()
     from twisted.internet import reactor
     from twisted.logger import Logger, globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([LogWriter(1)], redirectStandardIO=False)
+    writer = LogWriter(1)
+    globalLogBeginner.beginLoggingTo([writer], redirectStandardIO=False)
     log = Logger(namespace="pop3coexist.worker")
     # Until the TLS settings exist a SIGHUP (the main process passes each one on) is ignored.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -142,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pop3coexist worker {args.worker}: configuration error: {e}", file=sys.stderr)
         return 1
+    # the main process reads a mail event's fields only to write the mail log (the same config)
+    writer.fields = bool(config.log.mail_log)
     control = Control()
     parts = Components(config, reactor)
     queue = parts.make_queue()

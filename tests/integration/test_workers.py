@@ -271,3 +271,36 @@ def test_failed_log_ins_are_counted_across_processes(server: ServerProcess) -> N
     assert table.failures("127.0.0.1") == 0
     assert PASSWORD not in server.log_text() and "not the password" not in server.log_text()
 
+
+
+def test_without_a_mail_log_worker_lines_reach_the_server_log_in_order_before_a_kill(
+        tmp_path: Path) -> None:
+    """With no mail log (``[log] mail_log = ""``, the default: a worker sends lean text lines,
+    issue 17), a message the worker takes while the main process is paused leaves its
+    connect, stored and accepted lines in the server log under ``[worker 1:
+    pop3coexist.smtp.server#LEVEL]``, in that order, with the queue id of the 250; the worker
+    is killed with -9 right after the 250 (before QUIT) and before the main process runs
+    again, so the accepted line was not held in any buffer of the worker."""
+    require_installed_plugin()
+    srv = ServerProcess(tmp_path / "srv", tls=False, server_config="workers = 2")
+    srv.write_config()
+    srv.add_mailbox(USER, PASSWORD)
+    with srv:
+        main, worker = _workers(srv)
+        with paused(main):
+            with smtplib.SMTP("127.0.0.1", srv.port("smtp"), timeout=20) as s:
+                s.ehlo()
+                s.mail("x@example.org")
+                s.rcpt(USER)
+                code, reply = s.data(b"Subject: lean\r\n\r\nhello\r\n")
+                assert code == 250
+                os.kill(worker, signal.SIGKILL)  # right after the 250, before QUIT
+            qid = reply.split(b"queued as ", 1)[1].decode().strip()
+        wait_until(lambda: "started again" in srv.log_text(), timeout=30, what="a new worker")
+        prefix = "[worker 1: pop3coexist.smtp.server#"
+        lines = [line.split(prefix, 1)[1] for line in srv.log_text().splitlines()
+                 if prefix in line]
+        assert lines == ["info] SMTP connect from 127.0.0.1 (smtp)",
+                         f"debug] SMTP {qid} stored in ['{USER}']",
+                         f"info] SMTP {qid} accepted from 127.0.0.1: 24 octets, 1 recipients"
+                         ], lines  # killed before QUIT: no disconnect line

@@ -541,3 +541,136 @@ def test_fast_log_text_gives_twisteds_text(monkeypatch):
                                                             includeSystem=False)))
     log.info("queued {id} for {who!r}", id="Q1", who="x@y")
     assert seen == ["queued Q1 for 'x@y'"]
+
+
+def test_fast_log_lines_writes_twisteds_own_lines_and_emits_twisteds_own_events(monkeypatch) -> None:  # noqa: ANN001, E501
+    """``fast_log_lines`` gives twistd's text log the very line Twisted's
+    ``formatEventAsClassicLogText`` gives, for events with and without ``log_system``, a
+    missing namespace or level, a multi-line text, no text, a failure, a system that is not
+    a string; and ``Logger.emit`` builds the same event as Twisted's (same keys and values
+    but the time), still reports an unknown level, and passes a ``log_trace`` on."""
+    from twisted.logger import Logger, LogLevel, _file
+    from twisted.logger._format import formatEventAsClassicLogText
+    from twisted.python.failure import Failure
+
+    from pop3coexist.startup import fast_log_lines
+
+    monkeypatch.setattr(_file, "formatEventAsClassicLogText", _file.formatEventAsClassicLogText)
+    monkeypatch.setattr(Logger, "emit", Logger.emit)
+    original_emit = Logger.emit
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        failure = Failure()
+    events = [
+        {"log_format": "SMTP connect from {client}", "client": "127.0.0.1", "log_time": 1.5,
+         "log_namespace": "pop3coexist.smtp.server", "log_level": LogLevel.info},
+        {"log_format": "{log_text}", "log_text": "x", "log_time": 2.0,
+         "log_system": "worker 1: a#debug", "log_level": LogLevel.debug},
+        {"log_format": "two\nlines {a}", "a": "and\nthree", "log_time": 3.0},
+        {"log_format": "no level", "log_namespace": None, "log_time": None},
+        {"log_format": "", "log_time": 4.0},
+        {"log_format": "it broke", "log_failure": failure, "log_time": 5.0},
+        {"log_format": "odd system", "log_system": 42, "log_time": 6.0},
+        {},
+    ]
+
+    def stamp(when: float | None) -> str:
+        return _file.formatTime(when, _file.timeFormatRFC3339)
+
+    want = [formatEventAsClassicLogText(dict(e), stamp) for e in events]
+    assert fast_log_lines() is True
+    assert fast_log_lines() is True  # once only
+    assert _file.formatEventAsClassicLogText is not formatEventAsClassicLogText
+    got = [_file.formatEventAsClassicLogText(dict(e), stamp) for e in events]
+    assert got == want
+    assert got[0].endswith(" [pop3coexist.smtp.server#info] SMTP connect from 127.0.0.1\n")
+    assert got[4] is None and "ZeroDivisionError" in got[5]
+
+    def events_of(emit) -> list[list]:  # noqa: ANN001
+        seen: list[dict] = []
+        trace: list = []
+        monkeypatch.setattr(Logger, "emit", emit)
+        log = Logger(namespace="n", source="src", observer=seen.append)
+        log.info("hello {who}", who="you")
+        log.emit("not a level", "bad")  # type: ignore[arg-type]
+        log.warn("traced", log_trace=trace)
+        assert trace == [(log, seen.append)]
+        for e in seen:
+            assert e.pop("log_logger") is log or e["log_namespace"] != "n"
+            for k in ("log_time", "log_failure", "log_trace", "logger"):
+                e.pop(k, None)
+        return [sorted((k, repr(v)) for k, v in e.items()) for e in seen]
+
+    fast_emit = Logger.emit
+    assert fast_emit is not original_emit
+    assert events_of(fast_emit) == events_of(original_emit)
+
+
+def test_fast_log_context_gives_each_call_twisteds_own_log_context(monkeypatch) -> None:  # noqa: ANN001
+    """``fast_log_context``'s ``callWithLogger`` (the reactor's wrapper of every I/O event)
+    does what Twisted's does: the call sees the same log context (``system`` = the
+    selectable's ``logPrefix()``, nested calls too), its result is returned, an exception is
+    logged with that system and swallowed, ``KeyboardInterrupt`` passes, a ``logPrefix`` that
+    raises is logged as Twisted logs it, and the context stack is as before afterwards."""
+    from twisted.logger import globalLogPublisher
+    from twisted.python import context, log
+
+    from pop3coexist.startup import fast_log_context
+
+    monkeypatch.setattr(log, "callWithLogger", log.callWithLogger)
+    original = log.callWithLogger
+
+    class Selectable:
+        def __init__(self, prefix: str) -> None:
+            self.prefix = prefix
+
+        def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+            if self.prefix == "buggy":
+                raise RuntimeError("no prefix")
+            return self.prefix
+
+    def run(call) -> list:  # noqa: ANN001
+        seen: list = []
+        published: list[dict] = []
+        globalLogPublisher.addObserver(published.append)
+        depth = len(context.theContextTracker.currentContext().contexts)
+
+        def inner(x: int) -> int:
+            seen.append(dict(context.get(log.ILogContext)))
+            seen.append(call(Selectable("Inner,1"), lambda: dict(context.get(log.ILogContext))))
+            log.msg("legacy message")
+            return x * 2
+
+        def boom() -> None:
+            raise ValueError("it broke")
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        try:
+            seen.append(call(Selectable("SMTPServerFactory,3,127.0.0.1"), inner, 21))
+            seen.append(call(Selectable("Port,7"), boom))
+            seen.append(call(Selectable("buggy"), inner, 1))
+            try:
+                call(Selectable("Port,8"), interrupt)
+            except KeyboardInterrupt:
+                seen.append("interrupted")
+            seen.append(len(context.theContextTracker.currentContext().contexts) == depth)
+        finally:
+            globalLogPublisher.removeObserver(published.append)
+        texts = [(e.get("log_text") or e.get("log_format") or "").strip().splitlines()
+                 for e in published]  # a traceback's frames differ: first and last lines
+        seen.append([(e.get("log_system"), t[0], t[-1]) for e, t in zip(published, texts, strict=True)])
+        return seen
+
+    want = run(original)
+    assert fast_log_context() is True
+    assert fast_log_context() is True  # once only
+    assert log.callWithLogger is not original
+    got = run(log.callWithLogger)
+    assert got == want
+    assert got[0] == {"system": "SMTPServerFactory,3,127.0.0.1"} and got[1] == {"system": "Inner,1"}
+    assert got[2] == 42 and got[3] is None and got[-2] is True
+    assert ("Port,7", "Unhandled Error", "builtins.ValueError: it broke") in got[-1]
+    assert ("SMTPServerFactory,3,127.0.0.1", "legacy message", "legacy message") in got[-1]

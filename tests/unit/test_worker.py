@@ -327,7 +327,10 @@ def test_the_worker_log_writer_writes_each_event_as_one_whole_line() -> None:
         data = os.read(r, 1 << 20)
         lines = data.split(b"\n")
         assert lines.pop() == b"" and len(lines) == 50
-        assert all(b'"x":"line %d ' % i in line for i, line in enumerate(lines))
+        from pop3coexist.workers import decode_worker_event
+
+        texts = [decode_worker_event(line)["log_text"] for line in lines]  # type: ignore[index]
+        assert all(text.startswith(f"line {i} ") for i, text in enumerate(texts))
         os.close(r)
         r = -1
         log.info("the main process is gone")  # EPIPE: ignored (SIGPIPE is ignored by Python)
@@ -359,3 +362,122 @@ def test_a_workers_event_line_is_the_same_json_as_before() -> None:
     record["m"] = decoded["m"]
     assert line == json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
     assert decoded["m"]["client"] == "/run/sock" and "\\u00f6" in line.decode()
+
+
+def _through_the_pipe(captured: list[dict], fields: bool) -> tuple[list[bytes], list[dict]]:
+    """Encode ``captured`` as a worker does (``fields``: the main process writes a mail log),
+    feed the lines to the main process's side in odd pieces; (lines, events published)."""
+    from twisted.logger import globalLogPublisher
+
+    from pop3coexist.workers import _WorkerProtocol, encode_worker_event
+
+    lines = [encode_worker_event(e, fields) for e in captured]
+    published: list[dict] = []
+    globalLogPublisher.addObserver(published.append)
+    try:
+        proto = _WorkerProtocol(supervisor=None, number=1)  # type: ignore[arg-type]
+        proto.pid = 77
+        data = b"".join(line for line in lines if line is not None)
+        for i in range(0, len(data), 5):
+            proto.childDataReceived(1, data[i:i + 5])
+    finally:
+        globalLogPublisher.removeObserver(published.append)
+    return lines, published  # type: ignore[return-value]
+
+
+def _smtp_events() -> list[dict]:
+    """One SMTP message's events as the worker logs them (connect, stored at debug level,
+    accepted, disconnect), plus an event that is no mail event and one with no text."""
+    from twisted.logger import Logger
+
+    from pop3coexist import events
+
+    captured: list[dict] = []
+    log = Logger(namespace="pop3coexist.smtp.server", observer=captured.append)
+    log.info("SMTP connect from {client} ({listener})", mail_event=events.CONNECT,
+             protocol="smtp", listener="smtp", client="127.0.0.1")
+    log.debug("SMTP {queue_id} stored in {mailboxes}", mail_event=events.STORED,
+              queue_id="Q9", mailboxes=["ann@pop.test"])
+    log.info("SMTP {id} accepted from {ip}: {size} octets, {n} recipients: caf\u00e9",
+             id="Q9", ip="127.0.0.1", size=42, n=1, mail_event=events.ACCEPTED,
+             protocol="smtp", listener="smtp", client="127.0.0.1", queue_id="Q9",
+             sender="a@b.test", recipients=["ann@pop.test"], user=None)
+    log.info("SMTP disconnect from {client} ({listener})", mail_event=events.DISCONNECT,
+             protocol="smtp", listener="smtp", client="127.0.0.1")
+    log.warn("a plain warning {x}", x="\x1f inside")
+    log.info("", mail_event=events.CONNECT, client="127.0.0.1")  # no text: nothing to write
+    return captured
+
+
+def test_without_a_mail_log_a_worker_sends_lean_text_lines_that_give_the_same_main_log() -> None:
+    """With no mail log in the main process (``fields`` False), every event of an SMTP message
+    goes down the pipe as one lean text line (no JSON), and the main process publishes an
+    event per line that renders as the same classic log line (time, ``[worker N: namespace#
+    level]``, text, non-ASCII and a separator character in the text kept), in order; an event
+    with no text writes nothing."""
+    captured = _smtp_events()
+    lines, published = _through_the_pipe(captured, fields=False)
+    assert lines[-1] is None
+    sent = [line for line in lines if line is not None]
+    assert all(line.startswith(b"\x1e") and line.count(b"\n") == 1 for line in sent)
+    assert not any(b'{"w":' in line for line in sent)
+    assert len(published) == 5
+    for original, got in zip(captured, published, strict=False):
+        want = _classic(original, f"worker 1: {original['log_namespace']}"
+                                  f"#{original['log_level'].name}")
+        assert _classic(got, got["log_system"]) == want
+        assert got["log_system"] == (f"worker 1: pop3coexist.smtp.server"
+                                     f"#{original['log_level'].name}")
+        assert got["worker_event"] == 1 and got["worker_pid"] == 77
+    assert "caf\u00e9" in _classic(published[2], "x")
+
+
+def test_with_a_mail_log_a_worker_sends_mail_events_with_their_fields() -> None:
+    """With a mail log in the main process (``fields`` True), a worker's mail events go as
+    JSON lines with the fields the mail log reads (its lines are the worker's own), and an
+    event that is no mail event still goes lean; the text lines are the same either way."""
+    from pop3coexist import events
+
+    captured = _smtp_events()
+    lines, published = _through_the_pipe(captured, fields=True)
+    assert [line[:5] == b'{"w":' for line in lines[:5]] == [True] * 4 + [False]  # type: ignore[index]
+    assert lines[-1] is not None and lines[-1].startswith(b'{"w":')  # a mail event, no text
+    for original, got in zip(captured, published, strict=True):
+        assert events.expand(got) == events.expand(original)
+    lean, _ = _through_the_pipe(captured, fields=False)
+    assert [_classic(e, "x") for e in published[:5]] == \
+        [_classic(e, "x") for e in _through_the_pipe(captured, fields=False)[1]]
+    assert lean[4] == lines[4]
+
+
+def test_a_traceback_or_a_backslash_goes_as_json_even_without_a_mail_log() -> None:
+    """An event whose text has a line break (a failure's traceback) or a backslash is sent in
+    the JSON form even when lean lines are allowed (the lean form has no escapes), and the
+    main log gets its whole text; a lean line cut short is logged as the worker's raw text,
+    never dropped silently."""
+    from twisted.logger import Logger
+    from twisted.python.failure import Failure
+
+    captured: list[dict] = []
+    log = Logger(namespace="pop3coexist.x", observer=captured.append)
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        log.failure("it broke", Failure())
+    log.info("a path C:\\temp\\new")
+    lines, published = _through_the_pipe(captured, fields=False)
+    assert all(line.startswith(b'{"w":') for line in lines)  # type: ignore[union-attr]
+    assert "ZeroDivisionError" in _classic(published[0], "x")
+    assert _classic(published[1], "x").endswith("a path C:\\temp\\new\n")
+    from twisted.logger import globalLogPublisher
+
+    from pop3coexist.workers import _WorkerProtocol
+
+    got: list[dict] = []
+    globalLogPublisher.addObserver(got.append)
+    try:
+        proto = _WorkerProtocol(supervisor=None, number=1)  # type: ignore[arg-type]
+        proto.childDataReceived(1, b"\x1e1.5\x1finfo\n")  # cut short: two fields
+    finally:
+        globalLogPublisher.removeObserver(got.append)
+    assert len(got) == 1 and "worker 1: " in _classic(got[0], "x")
