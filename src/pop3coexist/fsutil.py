@@ -27,6 +27,26 @@ from typing import TypeVar
 T = TypeVar("T")
 STALE_ATTEMPTS = 5
 
+# This process's id, kept up to date across fork (os.register_at_fork): per message the store
+# and the spool writer name files after it, and a getpid() system call each time was 2 of
+# them per accepted message (issue 17).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def current_pid() -> int:
+    """``os.getpid()`` without a system call: the id is read once at import and again in
+    each child after ``os.fork`` (the worker processes are started with fork or exec, both
+    covered)."""
+    return _pid
+
 
 def fsync_dir(path: Path | str) -> None:
     """Make a folder's entries (new, renamed or removed names) durable."""

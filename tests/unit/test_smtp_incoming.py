@@ -236,3 +236,22 @@ def test_received_date_is_the_formatted_second_of_the_time() -> None:
         want = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
         assert received.received_date(when) == want
     assert len(received._DATES) <= 64
+
+
+def test_spool_writer_names_its_file_as_str_and_path(tmp_path: Path) -> None:
+    """The spool file's name is kept as a str (``file``: the os calls take it as it is) with
+    this process's pid, and ``path`` is the same name as a Path; a spool folder gone since the
+    store checked it is made again by the first write."""
+    import os
+
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    w = SpoolWriter(folder, "q9", lazy=True)
+    assert w.file == f"{folder}/q9.{os.getpid()}.smtp-spool"
+    assert w.path == Path(w.file)
+    folder.rmdir()
+    w.write(b"hello\n")
+    w.finish()
+    assert Path(w.file).read_bytes() == b"hello\n"
+    w.abort()
+    assert not w.path.exists()

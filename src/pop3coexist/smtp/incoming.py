@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3coexist.errors import MailError, QuotaExceeded
+from pop3coexist.fsutil import current_pid
 from pop3coexist.interfaces import (
     IBatchDelivery,
     IBatchEnqueue,
@@ -89,9 +90,13 @@ class SpoolWriter:
     writing is kept and raised by ``finish``, so the session answers 451 at the end of DATA.
     """
 
-    def __init__(self, spool_dir: Path, queue_id: str, lazy: bool = False) -> None:
+    def __init__(self, spool_dir: Path | str, queue_id: str, lazy: bool = False) -> None:
         self.queue_id = queue_id
-        self.path = Path(spool_dir) / f"{queue_id}.{os.getpid()}{SPOOL_SUFFIX}"
+        # the file's name as a str (os calls take it as it is; per message, pathlib's join
+        # and its str() on every os call cost more than the calls, issue 17); ``path``
+        # gives it as a Path
+        self.file = f"{os.fspath(spool_dir)}/{queue_id}.{current_pid()}{SPOOL_SUFFIX}"
+        self._path: Path | None = None
         self.local_prefix = 0  # leading octets for local mailboxes only (Return-Path)
         self.fd: int | None = None
         self._buffer = bytearray()
@@ -102,15 +107,22 @@ class SpoolWriter:
         if not lazy:
             self._create()
 
+    @property
+    def path(self) -> Path:
+        """The spool file's path (it exists once created: see the class docstring)."""
+        if self._path is None:
+            self._path = Path(self.file)
+        return self._path
+
     def _create(self) -> None:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
-            self.fd = os.open(self.path, flags, 0o600)
+            self.fd = os.open(self.file, flags, 0o600)
         except FileNotFoundError:
             # the spool folder went away since the store last checked it: make it again
             # (only it: a missing state folder stays an error)
-            os.mkdir(self.path.parent, 0o700)
-            self.fd = os.open(self.path, flags, 0o600)
+            os.mkdir(os.path.dirname(self.file), 0o700)
+            self.fd = os.open(self.file, flags, 0o600)
         self._created = True
 
     def write(self, data: bytes) -> None:
@@ -212,7 +224,7 @@ class SpoolWriter:
         self._buffer = bytearray()
         if self._created:
             try:
-                os.unlink(self.path)
+                os.unlink(self.file)
             except FileNotFoundError:
                 pass
 
@@ -449,7 +461,7 @@ def deliver_local(
     refused and ``others`` is false: the whole message then gets ``552 5.2.2``, nothing stored.
     """
     options = {"sync": False} if not sync and IBatchDelivery.providedBy(store) else {}
-    written, refused = store.deliver_within_quota(spool.path, local, **options)
+    written, refused = store.deliver_within_quota(spool.file, local, **options)
     if refused and not written and not others:
         domain, mailbox = refused[0]
         exc = QuotaExceeded(f"mailbox {mailbox}@{domain} is over its quota")
