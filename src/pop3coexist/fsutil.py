@@ -199,6 +199,11 @@ def open_cached_file(path: str) -> io.FileIO | None:
 
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
+# _path_cached's request, made once (never changed), and the encoding os.fsencode uses
+_PATH_CACHED = _OpenHow(_O_PATH | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+_PATH_CACHED_REF = ctypes.byref(_PATH_CACHED)
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 
 def stat_cached(path: Path | str) -> os.stat_result | None:
@@ -231,8 +236,10 @@ def _path_cached(path: Path | str) -> int:
     the disk is needed; -ENOSYS: this kernel cannot say)."""
     if not _cached_open_works or (_remote_prefixes and _on_remote(path)):
         return -errno.ENOSYS
-    how = _OpenHow(_O_PATH | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
-    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    # a str is encoded as os.fsencode would, without its Python-level checks (issue 17:
+    # RCPT's cached look-up calls this three times per recipient)
+    name = path.encode(_FS_ENCODING, _FS_ERRORS) if type(path) is str else os.fsencode(path)
+    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, name, _PATH_CACHED_REF, _OPEN_HOW_SIZE)
     if fd >= 0:
         return int(fd)
     return -(ctypes.get_errno() or errno.EAGAIN)

@@ -357,7 +357,8 @@ class MaildirStore:
     ) -> None:
         self.root = Path(root)
         self._root_str = str(self.root)
-        self.node = node  # "" alone; a node id when several servers share the mail root
+        self.node = node
+        self._spool = self.root / SPOOL_NAME / node if node else self.root / SPOOL_NAME  # "" alone; a node id when several servers share the mail root
         self._host = _sanitise_host(hostname if hostname is not None else socket.gethostname())
         self.quota_grace = quota_grace or QuotaGrace()  # none unless the config gives one
         self._spool_checked = -SPOOL_CHECK_INTERVAL  # time.monotonic() of spool_dir's last check
@@ -736,14 +737,15 @@ class MaildirStore:
         (where a quota is kept) is known to be absent, all from the kernel's cache (no
         metadata file: no quota, as ``_would_exceed`` reads it)."""
         try:
-            _, _, path = self._mailbox_path(domain, mailbox)
+            # str paths: RCPT asks this for every recipient (issue 17)
+            path = f"{self._root_str}/{self._domain_name(domain)}/{self._mailbox_name(mailbox)}"
         except ValueError:
             return False
-        for sub in ("new", "cur"):
-            st = stat_cached(path / sub)
+        for sub in ("/new", "/cur"):
+            st = stat_cached(path + sub)
             if st is None or not stat.S_ISDIR(st.st_mode):
                 return False
-        return missing_cached(path / META_NAME)
+        return missing_cached(f"{path}/{META_NAME}")
 
     def _would_exceed(self, path: Path, size: int) -> bool:
         quota = self._read_meta(path).get("quota")
@@ -788,9 +790,9 @@ class MaildirStore:
         disk at most once per SPOOL_CHECK_INTERVAL seconds (every message asks; a folder
         removed meanwhile is made again by the next spool file: ``smtp.incoming.SpoolWriter``)."""
         now = time.monotonic()
-        spool = self.root / SPOOL_NAME / self.node if self.node else self.root / SPOOL_NAME
         if 0 <= now - self._spool_checked < SPOOL_CHECK_INTERVAL:
-            return spool
+            return self._spool  # made once: the same Path (and its str) for every message
+        spool = self._spool
         with _io_errors(f"cannot create the spool folder under {self.root}"):
             if not spool.is_dir():
                 self._ensure_root()
