@@ -868,3 +868,24 @@ def test_deliver_within_quota_reads_without_buffered_open(
         store.deliver_within_quota(str(src), [(DOMAIN, "nobody")])
     with pytest.raises(errors.NoSuchMailbox, match="no such domain: nowhere.test"):
         store.deliver_within_quota(str(src), [("nowhere.test", "ted")])
+
+
+def test_mailbox_fits_cached_and_spool_dir_answers(store: MaildirStore) -> None:
+    """RCPT's cached check (str paths now) says yes for a mailbox without metadata, no for one
+    whose metadata file holds a quota, an unknown mailbox or an invalid name; ``spool_dir``
+    is the same folder each call and is made again once its check interval has passed."""
+    for sub in ("new", "cur"):
+        os.stat(box(store) / sub)
+    with pytest.raises(FileNotFoundError):
+        os.stat(box(store) / maildir_module.META_NAME)
+    if maildir_module.stat_cached("/") is not None:
+        assert store.mailbox_fits_cached(DOMAIN, "TED") is True
+    store.set_quota(DOMAIN, "ann", 1000)
+    assert store.mailbox_fits_cached(DOMAIN, "ann") is False
+    assert store.mailbox_fits_cached(DOMAIN, "nobody") is False
+    assert store.mailbox_fits_cached(DOMAIN, "bad..name") is False
+    first = store.spool_dir()
+    assert store.spool_dir() is first and first == store.root / maildir_module.SPOOL_NAME
+    first.rmdir()
+    store._spool_checked = -maildir_module.SPOOL_CHECK_INTERVAL
+    assert store.spool_dir().is_dir()
