@@ -848,7 +848,7 @@ def test_deliver_within_quota_reads_without_buffered_open(
     """``deliver_within_quota`` (SMTP's commit) reads the spool file and the metadata with
     os-level calls only (no buffered ``open()``, whose isatty ioctl and lseek cost per
     message), takes a str source, and returns the links as Paths with the right S= and W=
-    (quota mailboxes included)."""
+    (quota mailboxes included), or as str with ``sync=False`` (the group commit)."""
     store.set_quota(DOMAIN, "ann", 10_000)
     src = tmp_path / "spool"
     src.write_bytes(b"Subject: s\n\nbody\n")
@@ -857,11 +857,12 @@ def test_deliver_within_quota_reads_without_buffered_open(
         raise AssertionError("buffered open() on the delivery path")
 
     monkeypatch.setattr(maildir_module, "open", no_open, raising=False)
-    written, refused = store.deliver_within_quota(str(src), [(DOMAIN, "ted"), (DOMAIN, "ann")],
-                                                  sync=False)
+    written, refused = store.deliver_within_quota(str(src), [(DOMAIN, "ted"), (DOMAIN, "ann")])
+    batch, _ = store.deliver_within_quota(str(src), [(DOMAIN, "ted")], sync=False)
     monkeypatch.undo()
     assert refused == [] and len(written) == 2
-    for p in written:
+    assert [type(p) for p in batch] == [str]  # the group commit's form: it syncs the folders
+    for p in [*written, Path(batch[0])]:
         assert isinstance(p, Path) and p.parent.name == "new"
         assert p.name.endswith(",S=17,W=20") and p.read_bytes() == src.read_bytes()
     with pytest.raises(errors.NoSuchMailbox, match="no such mailbox: nobody@"):

@@ -887,11 +887,12 @@ class MaildirStore:
         Without ``prefix`` the file is hard-linked (single-instance storage); with it (the
         ``Return-Path`` line of a local delivery from the queue) each mailbox gets a copy that
         starts with ``prefix``. ``sync=False`` skips the fsync of the ``new/`` folders (the
-        caller syncs them). ``NoSuchMailbox`` for an unknown recipient is raised before
+        caller syncs them) and returns the paths written as str. ``NoSuchMailbox`` for an unknown recipient is raised before
         anything is written; an I/O error removes what was written and raises ``StoreError``.
         """
         # str paths throughout (issue 17: per accepted message, pathlib's joins and str()
-        # cost more than the system calls); the paths written are returned as Path
+        # cost more than the system calls); the paths written are returned as Path, or
+        # with sync=False (IBatchDelivery: the SMTP group commit) as str
         source = os.fspath(source)
         targets = [self._existing_mailbox_str(d, m) for d, m in recipients]
         try:
@@ -931,6 +932,8 @@ class MaildirStore:
             if isinstance(exc, errors.StoreError):
                 raise
             raise errors.StoreError(f"delivery failed: {exc.strerror or exc}") from exc
+        if not sync:  # the group commit: it only syncs the folders (and may unlink the files)
+            return written, refused
         return [Path(p) for p in written], refused
 
     def _existing_mailbox_str(self, domain: str, mailbox: str) -> tuple[str, str, str]:
