@@ -59,7 +59,7 @@ from pop3coexist.interfaces import (
     LocalNotes,
 )
 from pop3coexist.smtp import dsn
-from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, field_name, return_path_field
+from pop3coexist.smtp.received import BODY, END, FIELD, HopCounter, return_path_field
 from pop3coexist.store.envelope import Envelope, Recipient
 from pop3coexist.store.queue import new_queue_id as queue_id
 
@@ -331,25 +331,29 @@ class MessageReader:
         ``line_start``: the body starts right after a CRLF, where a dot is stuffing."""
         if not body or self.error is not None:
             return
-        crlf = body.count(b"\r\n")
-        bare_cr = body.count(b"\r") != crlf
-        bare_lf = body.count(b"\n") != crlf
-        if bare_cr or (bare_lf and not self.allow_bare_lf):
+        # issue 17: each pass over the bytes counts (a 4 KB message in one piece: 30 us of
+        # counts and replaces before); the same checks, in fewer passes
+        n_cr = body.count(b"\r")
+        n_lf = body.count(b"\n")
+        # dot-stuffing is undone at CRLF line starts only (RFC 5321 section 4.5.2); a
+        # removed dot never makes or breaks a CRLF
+        unstuffed = body.replace(b"\r\n.", b"\r\n")
+        dots = len(body) - len(unstuffed)
+        if line_start and body[:1] == b".":
+            unstuffed = unstuffed[1:]
+            dots += 1
+        lines = unstuffed.split(b"\r\n")
+        crlf = len(lines) - 1
+        bare_lf = n_lf != crlf
+        if n_cr != crlf or (bare_lf and not self.allow_bare_lf):
             what = "CR or LF" if not self.allow_bare_lf else "CR"
             self.error_now(MailError(550, "5.5.2",
                                      f"Message refused: bare {what} in data (RFC 5321 section 2.3.8)"))
             return
-        # dot-stuffing is undone at CRLF line starts only (RFC 5321 section 4.5.2)
-        lead_dot = line_start and body[:1] == b"."
-        dots = body.count(b"\r\n.") + (1 if lead_dot else 0)
-        unstuffed = body
-        if dots:
-            if lead_dot:
-                unstuffed = unstuffed[1:]
-            unstuffed = unstuffed.replace(b"\r\n.", b"\r\n")
-        out = unstuffed.replace(b"\r\n", b"\n")
-        lines = out.split(b"\n")
-        lines.pop()  # body ends with a line end
+        out = b"\n".join(lines)
+        if bare_lf:  # a bare LF ends a line too
+            lines = out.split(b"\n")
+        # body ends with a line end: the last item is empty and does not change the maximum
         if max(map(len, lines)) > self.max_line:
             self.error_now(self._too_long())
             return
@@ -373,25 +377,28 @@ class MessageReader:
         content leaves the header section without one (RFC 5322 section 2.1: a line that is
         not a header field, first or later, starts the body), as Postfix does; so our trace
         fields never swallow the client's first line, and TOP n 0 shows only header fields."""
-        lines = out.split(b"\n")
-        tail = lines.pop()  # b"": out ends with a line end
+        # line by line only up to the end of the header section; the rest is one slice
+        # (issue 17: splitting and joining a whole message cost more than its header)
+        hops = self.hops
         kept: list[bytes] = []
-        for i, line in enumerate(lines):
-            kind = self.hops.line(line)
+        pos = 0
+        end = len(out)
+        while pos < end:
+            eol = out.find(b"\n", pos) + 1  # out ends with a line end: eol > pos
+            kind = hops.line(out[pos : eol - 1])
             if kind == BODY:
-                kept.append(b"")
-                kept.extend(lines[i:])
+                kept.append(b"\n")
+                kept.append(out[pos:])
                 break
             if kind == FIELD:
-                self._dropping = field_name(line) in DROP_FIELDS
+                self._dropping = hops.name in DROP_FIELDS
             elif kind == END:
-                kept.append(line)
-                kept.extend(lines[i + 1 :])
+                kept.append(out[pos:])
                 break
             if not self._dropping:
-                kept.append(line)
-        kept.append(tail)
-        return b"\n".join(kept)
+                kept.append(out[pos:eol])
+            pos = eol
+        return b"".join(kept)
 
     def error_now(self, error: MailError) -> None:
         """Stop storing: remove the spool file and only look for the end from now on."""
