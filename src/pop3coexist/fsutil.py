@@ -27,6 +27,26 @@ from typing import TypeVar
 T = TypeVar("T")
 STALE_ATTEMPTS = 5
 
+# This process's id, kept up to date across fork (os.register_at_fork): per message the store
+# and the spool writer name files after it, and a getpid() system call each time was 2 of
+# them per accepted message (issue 17).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def current_pid() -> int:
+    """``os.getpid()`` without a system call: the id is read once at import and again in
+    each child after ``os.fork`` (the worker processes are started with fork or exec, both
+    covered)."""
+    return _pid
+
 
 def fsync_dir(path: Path | str) -> None:
     """Make a folder's entries (new, renamed or removed names) durable."""
@@ -179,6 +199,11 @@ def open_cached_file(path: str) -> io.FileIO | None:
 
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
+# _path_cached's request, made once (never changed), and the encoding os.fsencode uses
+_PATH_CACHED = _OpenHow(_O_PATH | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+_PATH_CACHED_REF = ctypes.byref(_PATH_CACHED)
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 
 def stat_cached(path: Path | str) -> os.stat_result | None:
@@ -211,8 +236,10 @@ def _path_cached(path: Path | str) -> int:
     the disk is needed; -ENOSYS: this kernel cannot say)."""
     if not _cached_open_works or (_remote_prefixes and _on_remote(path)):
         return -errno.ENOSYS
-    how = _OpenHow(_O_PATH | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
-    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    # a str is encoded as os.fsencode would, without its Python-level checks (issue 17:
+    # RCPT's cached look-up calls this three times per recipient)
+    name = path.encode(_FS_ENCODING, _FS_ERRORS) if type(path) is str else os.fsencode(path)
+    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, name, _PATH_CACHED_REF, _OPEN_HOW_SIZE)
     if fd >= 0:
         return int(fd)
     return -(ctypes.get_errno() or errno.EAGAIN)

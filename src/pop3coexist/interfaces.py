@@ -399,7 +399,7 @@ class IBatchDelivery(Interface):
         prefix: bytes = b"",
     ) -> tuple[list[object], list[tuple[str, str]]]:
         """``IMailStore.deliver_within_quota``; ``sync=False``: the caller fsyncs the ``new/``
-        folders of the returned paths."""
+        folders of the returned paths (then str or os.PathLike: the caller takes either)."""
 
     def deliver_file(
         source: object, recipients: list[tuple[str, str]], *, enforce_quota: bool = True,

@@ -84,3 +84,22 @@ def test_local_roots_keep_the_cached_paths(tmp_path: Path, mounts: None) -> None
     fd = fsutil.open_cached(local / "msg")
     assert fd is not None
     os.close(fd)
+
+
+def test_cached_look_ups_take_str_bytes_and_path_alike(tmp_path: Path) -> None:
+    """``stat_cached`` and ``missing_cached`` answer the same for a str (encoded directly, as
+    RCPT's look-up passes it), bytes and a Path, a name outside UTF-8 (surrogate-escaped)
+    included; a missing name is a cached miss, never a stat."""
+    odd = os.fsdecode(b"caf\xe9")  # not UTF-8: a lone surrogate in the str
+    for name in ("plain", odd):
+        f = tmp_path / name
+        f.write_bytes(b"x")
+        os.stat(f)  # into the cache
+        forms = (str(f), os.fsencode(f), f)
+        inodes = {fsutil.stat_cached(p).st_ino for p in forms}  # type: ignore[union-attr]
+        assert inodes == {os.stat(f).st_ino}
+        assert not any(fsutil.missing_cached(p) for p in forms)
+        gone = tmp_path / f"{name}-gone"
+        with pytest.raises(FileNotFoundError):
+            os.stat(gone)  # a negative entry in the cache
+        assert all(fsutil.missing_cached(p) for p in (str(gone), os.fsencode(gone), gone))

@@ -801,3 +801,92 @@ def test_write_atomic_replaces_whole_files_with_unique_temporary_names(tmp_path,
     with pytest.raises(OSError):
         fsutil.write_atomic(target, b"lost")
     assert target.read_bytes() != b"lost" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_current_pid_follows_fork() -> None:
+    """``fsutil.current_pid`` (the pid in Maildir unique names and spool file names, read
+    without a getpid system call) is this process's id, and a forked child's own id there."""
+    from pop3coexist.fsutil import current_pid
+
+    assert current_pid() == os.getpid()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its view, then leave without running pytest's exit
+        try:
+            os.write(w, f"{current_pid()} {os.getpid()}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        got = os.read(r, 100).decode().split()
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert got[0] == got[1] == str(pid)
+
+
+def test_unique_names_carry_the_pid(store: MaildirStore) -> None:
+    """A delivered file's unique name names this process (``P<pid>``, maildir(5))."""
+    path = store.deliver_bytes(DOMAIN, "ted", b"x\n")
+    assert f"P{os.getpid()}Q" in path.name
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"a", b"a\n", b"a\r\nb\rc\r\r\nd", b"x" * 70000 + b"\r", b"\r" + b"\n" * 65535 + b"\n",
+    (b"line\n" * 20000) + b"tail",
+])
+def test_sizes_of_matches_stat_and_crlf_size(tmp_path: Path, data: bytes) -> None:
+    """``_sizes_of`` (the delivery's os-level read of the spool file) gives the same size and
+    POP3 size as ``os.stat`` and ``crlf_size``, line ends split across its read chunks too."""
+    f = tmp_path / "m"
+    f.write_bytes(data)
+    assert maildir_module._sizes_of(str(f)) == (len(data), crlf_size(f))
+
+
+def test_deliver_within_quota_reads_without_buffered_open(
+        store: MaildirStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``deliver_within_quota`` (SMTP's commit) reads the spool file and the metadata with
+    os-level calls only (no buffered ``open()``, whose isatty ioctl and lseek cost per
+    message), takes a str source, and returns the links as Paths with the right S= and W=
+    (quota mailboxes included), or as str with ``sync=False`` (the group commit)."""
+    store.set_quota(DOMAIN, "ann", 10_000)
+    src = tmp_path / "spool"
+    src.write_bytes(b"Subject: s\n\nbody\n")
+
+    def no_open(*_a, **_k):
+        raise AssertionError("buffered open() on the delivery path")
+
+    monkeypatch.setattr(maildir_module, "open", no_open, raising=False)
+    written, refused = store.deliver_within_quota(str(src), [(DOMAIN, "ted"), (DOMAIN, "ann")])
+    batch, _ = store.deliver_within_quota(str(src), [(DOMAIN, "ted")], sync=False)
+    monkeypatch.undo()
+    assert refused == [] and len(written) == 2
+    assert [type(p) for p in batch] == [str]  # the group commit's form: it syncs the folders
+    for p in [*written, Path(batch[0])]:
+        assert isinstance(p, Path) and p.parent.name == "new"
+        assert p.name.endswith(",S=17,W=20") and p.read_bytes() == src.read_bytes()
+    with pytest.raises(errors.NoSuchMailbox, match="no such mailbox: nobody@"):
+        store.deliver_within_quota(str(src), [(DOMAIN, "nobody")])
+    with pytest.raises(errors.NoSuchMailbox, match="no such domain: nowhere.test"):
+        store.deliver_within_quota(str(src), [("nowhere.test", "ted")])
+
+
+def test_mailbox_fits_cached_and_spool_dir_answers(store: MaildirStore) -> None:
+    """RCPT's cached check (str paths now) says yes for a mailbox without metadata, no for one
+    whose metadata file holds a quota, an unknown mailbox or an invalid name; ``spool_dir``
+    is the same folder each call and is made again once its check interval has passed."""
+    for sub in ("new", "cur"):
+        os.stat(box(store) / sub)
+    with pytest.raises(FileNotFoundError):
+        os.stat(box(store) / maildir_module.META_NAME)
+    if maildir_module.stat_cached("/") is not None:
+        assert store.mailbox_fits_cached(DOMAIN, "TED") is True
+    store.set_quota(DOMAIN, "ann", 1000)
+    assert store.mailbox_fits_cached(DOMAIN, "ann") is False
+    assert store.mailbox_fits_cached(DOMAIN, "nobody") is False
+    assert store.mailbox_fits_cached(DOMAIN, "bad..name") is False
+    first = store.spool_dir()
+    assert store.spool_dir() is first and first == store.root / maildir_module.SPOOL_NAME
+    first.rmdir()
+    store._spool_checked = -maildir_module.SPOOL_CHECK_INTERVAL
+    assert store.spool_dir().is_dir()

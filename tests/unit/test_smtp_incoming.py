@@ -236,3 +236,141 @@ def test_received_date_is_the_formatted_second_of_the_time() -> None:
         want = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
         assert received.received_date(when) == want
     assert len(received._DATES) <= 64
+
+
+def test_spool_writer_names_its_file_as_str_and_path(tmp_path: Path) -> None:
+    """The spool file's name is kept as a str (``file``: the os calls take it as it is) with
+    this process's pid, and ``path`` is the same name as a Path; a spool folder gone since the
+    store checked it is made again by the first write."""
+    import os
+
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    w = SpoolWriter(folder, "q9", lazy=True)
+    assert w.file == f"{folder}/q9.{os.getpid()}.smtp-spool"
+    assert w.path == Path(w.file)
+    folder.rmdir()
+    w.write(b"hello\n")
+    w.finish()
+    assert Path(w.file).read_bytes() == b"hello\n"
+    w.abort()
+    assert not w.path.exists()
+
+
+class _Collect:
+    """A SpoolWriter stand-in that keeps what is written (the reader's output)."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class _ReferenceReader(MessageReader):
+    """``MessageReader`` with its content and header steps as they were before issue 17's
+    fewer-passes rewrite: the reference the property below compares against."""
+
+    def _content(self, body: bytes, line_start: bool = True) -> None:
+        from pop3coexist.errors import MailError
+
+        if not body or self.error is not None:
+            return
+        crlf = body.count(b"\r\n")
+        bare_cr = body.count(b"\r") != crlf
+        bare_lf = body.count(b"\n") != crlf
+        if bare_cr or (bare_lf and not self.allow_bare_lf):
+            what = "CR or LF" if not self.allow_bare_lf else "CR"
+            self.error_now(MailError(550, "5.5.2",
+                                     f"Message refused: bare {what} in data (RFC 5321 section 2.3.8)"))
+            return
+        lead_dot = line_start and body[:1] == b"."
+        dots = body.count(b"\r\n.") + (1 if lead_dot else 0)
+        unstuffed = body
+        if dots:
+            if lead_dot:
+                unstuffed = unstuffed[1:]
+            unstuffed = unstuffed.replace(b"\r\n.", b"\r\n")
+        out = unstuffed.replace(b"\r\n", b"\n")
+        lines = out.split(b"\n")
+        lines.pop()
+        if max(map(len, lines)) > self.max_line:
+            self.error_now(self._too_long())
+            return
+        self.size += len(body) - dots
+        if self.size > self.max_size:
+            self.error_now(MailError(552, "5.3.4",
+                                     f"Message too big: the limit is {self.max_size} octets"))
+            return
+        if self.hops.in_header:
+            out = self._header_section(out)
+            if self.hops.count + 1 > self.max_hops:
+                self.error_now(MailError(554, "5.4.6",
+                                         f"Too many hops ({self.hops.count} Received headers): "
+                                         "probably a mail loop"))
+                return
+        self.sink.write(out)
+
+    def _header_section(self, out: bytes) -> bytes:
+        from pop3coexist.smtp.incoming import BODY, DROP_FIELDS, END, FIELD
+        from pop3coexist.smtp.received import field_name
+
+        lines = out.split(b"\n")
+        tail = lines.pop()
+        kept: list[bytes] = []
+        for i, line in enumerate(lines):
+            kind = self.hops.line(line)
+            if kind == BODY:
+                kept.append(b"")
+                kept.extend(lines[i:])
+                break
+            if kind == FIELD:
+                self._dropping = field_name(line) in DROP_FIELDS
+            elif kind == END:
+                kept.append(line)
+                kept.extend(lines[i + 1 :])
+                break
+            if not self._dropping:
+                kept.append(line)
+        kept.append(tail)
+        return b"\n".join(kept)
+
+
+_PIECES = [b"a", b"b c", b".", b"..", b"\r\n", b"\n", b"\r", b":", b" ", b"\t", b"Received: x",
+           b"Return-Path: <e@x>", b"return-path :y", b"X-A: 1", b"From x", b"\r\n.\r\n"]
+
+
+@pytest.mark.parametrize("allow_bare_lf", [True, False])
+def test_reader_passes_agree_with_the_reference(allow_bare_lf: bool) -> None:
+    """The fewer-passes ``MessageReader`` (issue 17) stores the same bytes, counts the same
+    size and hops, and refuses with the same reply as the reference implementation, for
+    random mixes of line ends, dots, header fields and chunk splits."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=400)
+    @given(st.lists(st.sampled_from(_PIECES), max_size=40), st.lists(st.integers(1, 30),
+           max_size=8), st.integers(4, 30))
+    def check(pieces: list[bytes], cuts: list[int], max_line: int) -> None:
+        data = b"".join(pieces) + b"\r\n.\r\n"
+        results = []
+        for cls in (MessageReader, _ReferenceReader):
+            sink = _Collect()
+            reader = cls(sink, 10_000, 3, max_line=max_line,  # type: ignore[arg-type]
+                         allow_bare_lf=allow_bare_lf)
+            rest, used = data, None
+            for n in [*cuts, len(data)]:
+                used = reader.feed(rest[:n])
+                if used is not None:
+                    break
+                rest = rest[n:]
+            error = reader.error.reply() if reader.error else None
+            results.append((used, error, sink.aborted, reader.size, reader.hops.count,
+                            sink.data if error is None else None))
+        assert results[0] == results[1]
+
+    check()

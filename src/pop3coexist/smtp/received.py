@@ -19,7 +19,8 @@ import re
 _HELO_SAFE = re.compile(rb"[^\x21-\x7e]|[()\\]")
 # RFC 5322 section 3.6.8: field-name = 1*ftext (printable US-ASCII except ":"), then ":";
 # white space before the colon is the obsolete syntax of section 4.5, which readers accept.
-_FIELD_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+# The name is the match's group (issue 17: one regex call gives "is a field" and its name).
+_FIELD_RE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 
 FIELD, CONTINUATION, END, BODY = "field", "continuation", "end", "body"
 
@@ -114,6 +115,7 @@ class HopCounter:
         self.count = 0
         self.in_header = True
         self.fields = 0  # header fields seen so far
+        self.name = b""  # the lower-case name of the last FIELD (``field_name`` of its line)
 
     def line(self, line: bytes) -> str:
         """Look at one line; return what it is: ``FIELD`` (a header field starts),
@@ -128,10 +130,12 @@ class HopCounter:
             return END
         if line[:1] in (b" ", b"\t") and self.fields:
             return CONTINUATION  # folded (RFC 5322 section 2.2.3)
-        if not is_header_field(line):
+        m = _FIELD_RE.match(line)  # is_header_field, with the name
+        if m is None:
             self.in_header = False  # not a header field: the body has begun
             return BODY
         self.fields += 1
-        if field_name(line) == b"received":
+        name = self.name = m.group(1).lower()
+        if name == b"received":
             self.count += 1
         return FIELD

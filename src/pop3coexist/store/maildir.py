@@ -57,8 +57,14 @@ from pop3coexist import errors
 from pop3coexist.address import is_valid_mailbox_name, normalise_domain
 from pop3coexist.canonical import canonical_size
 from pop3coexist.config import QuotaGrace
+from pop3coexist.fsutil import (
+    current_pid,
+    missing_cached,
+    open_cached_file,
+    retry_stale,
+    stat_cached,
+)
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.fsutil import missing_cached, open_cached_file, retry_stale, stat_cached
 from pop3coexist.interfaces import (
     Distribution,
     IAliasTable,
@@ -147,6 +153,31 @@ def crlf_size(path_or_file: str | os.PathLike[str] | IO[bytes]) -> int:
         return _crlf_size_of(f)
     finally:
         f.seek(position)
+
+
+def _read_whole(path: str) -> bytes:
+    """The contents of the file ``path``, read with os-level calls (open, read until the end,
+    close): no buffered reader, so none of its isatty ioctl and lseek (issue 17). OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, _CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _sizes_of(path: str) -> tuple[int, int]:
+    """``(size in octets, crlf_size)`` of the file ``path``: one open, one fstat, the reads;
+    the same figures as ``os.stat(path).st_size`` and ``crlf_size(path)`` without the
+    buffered reader's isatty ioctl and lseek (issue 17). OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        return size, canonical_size(iter(lambda: os.read(fd, _CHUNK), b""))
+    finally:
+        os.close(fd)
 
 
 def _crlf_size_of(f: IO[bytes]) -> int:
@@ -325,7 +356,9 @@ class MaildirStore:
         node: str = "",
     ) -> None:
         self.root = Path(root)
-        self.node = node  # "" alone; a node id when several servers share the mail root
+        self._root_str = str(self.root)
+        self.node = node
+        self._spool = self.root / SPOOL_NAME / node if node else self.root / SPOOL_NAME  # "" alone; a node id when several servers share the mail root
         self._host = _sanitise_host(hostname if hostname is not None else socket.gethostname())
         self.quota_grace = quota_grace or QuotaGrace()  # none unless the config gives one
         self._spool_checked = -SPOOL_CHECK_INTERVAL  # time.monotonic() of spool_dir's last check
@@ -389,7 +422,7 @@ class MaildirStore:
         with _counter_lock:
             n = next(_counter)
         return (
-            f"{ns // 1_000_000_000}.M{(ns // 1000) % 1_000_000}P{os.getpid()}Q{n}"
+            f"{ns // 1_000_000_000}.M{(ns // 1000) % 1_000_000}P{current_pid()}Q{n}"
             f"R{secrets.token_hex(8)}.{self._host}"
         )
 
@@ -421,10 +454,10 @@ class MaildirStore:
 
     # -- metadata
 
-    def _read_meta(self, folder: Path) -> dict[str, Any]:
-        path = folder / META_NAME
+    def _read_meta(self, folder: Path | str) -> dict[str, Any]:
+        path = f"{os.fspath(folder)}/{META_NAME}"
         try:
-            raw = retry_stale(path.read_bytes)  # another node may rename a new one over it
+            raw = retry_stale(lambda: _read_whole(path))  # another node may rename a new one over it
         except FileNotFoundError:
             return {}
         except OSError as exc:
@@ -704,14 +737,15 @@ class MaildirStore:
         (where a quota is kept) is known to be absent, all from the kernel's cache (no
         metadata file: no quota, as ``_would_exceed`` reads it)."""
         try:
-            _, _, path = self._mailbox_path(domain, mailbox)
+            # str paths: RCPT asks this for every recipient (issue 17)
+            path = f"{self._root_str}/{self._domain_name(domain)}/{self._mailbox_name(mailbox)}"
         except ValueError:
             return False
-        for sub in ("new", "cur"):
-            st = stat_cached(path / sub)
+        for sub in ("/new", "/cur"):
+            st = stat_cached(path + sub)
             if st is None or not stat.S_ISDIR(st.st_mode):
                 return False
-        return missing_cached(path / META_NAME)
+        return missing_cached(f"{path}/{META_NAME}")
 
     def _would_exceed(self, path: Path, size: int) -> bool:
         quota = self._read_meta(path).get("quota")
@@ -756,9 +790,9 @@ class MaildirStore:
         disk at most once per SPOOL_CHECK_INTERVAL seconds (every message asks; a folder
         removed meanwhile is made again by the next spool file: ``smtp.incoming.SpoolWriter``)."""
         now = time.monotonic()
-        spool = self.root / SPOOL_NAME / self.node if self.node else self.root / SPOOL_NAME
         if 0 <= now - self._spool_checked < SPOOL_CHECK_INTERVAL:
-            return spool
+            return self._spool  # made once: the same Path (and its str) for every message
+        spool = self._spool
         with _io_errors(f"cannot create the spool folder under {self.root}"):
             if not spool.is_dir():
                 self._ensure_root()
@@ -824,7 +858,7 @@ class MaildirStore:
         try:
             for _dname, _mname, path in targets:
                 new = path / "new"
-                written.append(self._link_into(source, new, size, wsize))
+                written.append(Path(self._link_into(source, new, size, wsize)))
                 if new not in folders:
                     folders.append(new)
             for folder in folders if sync else ():
@@ -853,35 +887,38 @@ class MaildirStore:
         Without ``prefix`` the file is hard-linked (single-instance storage); with it (the
         ``Return-Path`` line of a local delivery from the queue) each mailbox gets a copy that
         starts with ``prefix``. ``sync=False`` skips the fsync of the ``new/`` folders (the
-        caller syncs them). ``NoSuchMailbox`` for an unknown recipient is raised before
+        caller syncs them) and returns the paths written as str. ``NoSuchMailbox`` for an unknown recipient is raised before
         anything is written; an I/O error removes what was written and raises ``StoreError``.
         """
-        source = Path(source)
-        targets = [self._existing_mailbox(d, m) for d, m in recipients]
+        # str paths throughout (issue 17: per accepted message, pathlib's joins and str()
+        # cost more than the system calls); the paths written are returned as Path, or
+        # with sync=False (IBatchDelivery: the SMTP group commit) as str
+        source = os.fspath(source)
+        targets = [self._existing_mailbox_str(d, m) for d, m in recipients]
         try:
-            size = os.stat(source).st_size
-            wsize = crlf_size(source)
+            size, wsize = _sizes_of(source)
         except OSError as exc:
             raise errors.StoreError(f"cannot read spooled message {source}: {exc.strerror}") from exc
         size += len(prefix)
         wsize += _crlf_size_of_bytes(prefix)
-        written: list[Path] = []
+        written: list[str | Path] = []
         refused: list[tuple[str, str]] = []
-        folders: list[Path] = []
+        folders: list[str] = []
         try:
             for recipient, (dname, mname, path) in zip(recipients, targets, strict=True):
                 with _io_errors(f"cannot check the quota of {mname}@{dname}"):
                     quota = self._read_meta(path).get("quota")
-                lock = _flocked(path / QUOTA_LOCK_NAME) if quota is not None else contextlib.nullcontext()
-                new = path / "new"
+                lock = _flocked(f"{path}/{QUOTA_LOCK_NAME}") if quota is not None else \
+                    contextlib.nullcontext()
+                new = f"{path}/new"
                 with lock:
                     if quota is not None and self.quota_refuses(self._usage(path)[1], size, quota):
                         refused.append(recipient)
                         continue
                     if prefix:
                         with open(source, "rb") as f:
-                            written.append(self._write_message(path, _Prefixed(prefix, f), size,
-                                                               wsize, fsync_new=False))
+                            written.append(self._write_message(Path(path), _Prefixed(prefix, f),
+                                                               size, wsize, fsync_new=False))
                     else:
                         written.append(self._link_into(source, new, size, wsize))
                 if new not in folders:
@@ -895,11 +932,24 @@ class MaildirStore:
             if isinstance(exc, errors.StoreError):
                 raise
             raise errors.StoreError(f"delivery failed: {exc.strerror or exc}") from exc
-        return written, refused
+        if not sync:  # the group commit: it only syncs the folders (and may unlink the files)
+            return written, refused
+        return [Path(p) for p in written], refused
 
-    def _link_into(self, source: Path, new: Path, size: int, wsize: int) -> Path:
+    def _existing_mailbox_str(self, domain: str, mailbox: str) -> tuple[str, str, str]:
+        """``_existing_mailbox`` with the mailbox's path as a str (the delivery's hot path)."""
+        dname = self._domain_name(domain)
+        mname = self._mailbox_name(mailbox)
+        path = f"{self._root_str}/{dname}/{mname}"
+        if not (_is_folder(f"{path}/new") and _is_folder(f"{path}/cur")):
+            if not _is_folder(f"{self._root_str}/{dname}"):
+                raise errors.NoSuchMailbox(f"no such domain: {dname}")
+            raise errors.NoSuchMailbox(f"no such mailbox: {mname}@{dname}")
+        return dname, mname, path
+
+    def _link_into(self, source: Path | str, new: Path | str, size: int, wsize: int) -> Path | str:
         for _attempt in range(10):
-            target = new / f"{self._unique_name()},S={size},W={wsize}"
+            target = f"{os.fspath(new)}/{self._unique_name()},S={size},W={wsize}"
             try:
                 os.link(source, target)
                 return target
@@ -912,7 +962,8 @@ class MaildirStore:
                 # GlusterFS brick past storage.max-hardlinks): copy through tmp/ instead. A
                 # disk that is really full fails the copy too, with ENOSPC (452 / 4.3.1).
                 with open(source, "rb") as f:
-                    return self._write_message(new.parent, f, size, wsize, fsync_new=False)
+                    return self._write_message(Path(new).parent, f, size, wsize,
+                                               fsync_new=False)
         raise OSError(errno.EEXIST, "could not find a free unique file name")
 
     def deliver_bytes(
