@@ -996,28 +996,38 @@ class ConnectionCache:
 
     def deliver(self, host: str, port: int, settings: ClientSettings, transaction: Transaction,
                 remote_mta: str | None = None) -> defer.Deferred[TransactionResult]:
-        """Relay ``transaction`` to ``host:port`` over an idle session when there is one."""
-        return defer.ensureDeferred(self._deliver(host, port, settings, transaction,
-                                                  remote_mta or host))
+        """Relay ``transaction`` to ``host:port`` over an idle session when there is one.
 
-    async def _deliver(self, host: str, port: int, settings: ClientSettings,
-                       transaction: Transaction, remote_mta: str) -> TransactionResult:
+        The reused session's result is handed over by plain callbacks (no coroutine per
+        message: issue 17's relay profile); only the fallback to a new connection after a
+        reused session failed before saying anything (``hop_failed``) opens one."""
+        remote_mta = remote_mta or host
         key = self._key(host, port, settings)
         proto = self._take(key)
-        if proto is not None:
-            d: defer.Deferred[TransactionResult] = defer.Deferred()
-            proto.resume(transaction, d.callback)
-            result = await d
+        if proto is None:
+            return self._connect(key, host, port, settings, transaction, remote_mta)
+        d: defer.Deferred[TransactionResult] = defer.Deferred()
+
+        def reused(result: TransactionResult) -> Any:
             result.remote_mta = remote_mta
             if not hop_failed_result(result):
                 return result
             # the idle session was gone or refused the next message: a new connection decides
+            return self._connect(key, host, port, settings, transaction, remote_mta)
+
+        d.addCallback(reused)
+        proto.resume(transaction, d.callback)
+        return d
+
+    def _connect(self, key: tuple, host: str, port: int, settings: ClientSettings,
+                 transaction: Transaction, remote_mta: str) -> defer.Deferred[TransactionResult]:
+        """A new connection for ``transaction``, kept for the next messages when it ends well."""
         factory = OutboundClientFactory(settings, transaction, remote_mta)
         if not self.closed and self.max_messages > 1:
             factory.keep = (lambda p: self._park(key, p), self._lost, self.max_messages)
         self.opened += 1
         self.reactor.connectTCP(host, port, factory, timeout=settings.connect_timeout)
-        return await factory.deferred
+        return factory.deferred
 
     def _take(self, key: tuple) -> OutboundESMTP | None:
         sessions = self._idle.get(key)
