@@ -31,6 +31,7 @@ Nothing here resolves names or opens sockets: the delivery runner (smtp/outbound
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import zlib
@@ -304,19 +305,26 @@ class OwnAddresses:
             return True
         if ip is None:
             return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        for own_ip, own_port in self.endpoints:
-            if own_port != port:
-                continue
-            own = ipaddress.ip_address(own_ip)
-            if own == addr:
-                return True
-            if own.is_unspecified and (addr.is_loopback or addr.is_unspecified):
-                return True
+        return _ip_is_self(self.endpoints, ip, port)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_is_self(endpoints: frozenset[tuple[str, int]], ip: str, port: int) -> bool:
+    """True when ``ip:port`` is one of ``endpoints`` (OwnAddresses.is_self), kept per
+    argument: the smart host's address is asked about once, not parsed per message."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
         return False
+    for own_ip, own_port in endpoints:
+        if own_port != port:
+            continue
+        own = ipaddress.ip_address(own_ip)
+        if own == addr:
+            return True
+        if own.is_unspecified and (addr.is_loopback or addr.is_unspecified):
+            return True
+    return False
 
 
 def own_addresses(config: Config, bound_ports: Iterable[int] = ()) -> OwnAddresses:
