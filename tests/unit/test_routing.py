@@ -239,3 +239,17 @@ def test_mx_port_other_than_25_is_a_warning(tmp_path: Path) -> None:
     for bad in ("0", "65536", '"25"'):
         with pytest.raises(ConfigError, match=r"\[smarthost.mx_port\]"):
             _config(tmp_path, extra=f"mx_port = {bad}")
+
+
+def test_is_self_answers_stay_right_when_kept_per_address(tmp_path: Path) -> None:
+    """The per-address answer kept by ``is_self`` (issue 17: no address parse per message)
+    belongs to its own listeners: a server with other listeners asked about the same
+    address and port gets its own answer, and asking again gives the same answer."""
+    own = routing.own_addresses(_config(tmp_path))
+    other = routing.OwnAddresses(hostname="other.example",
+                                 endpoints=frozenset({("127.0.0.9", 2525)}))
+    for _ in range(2):
+        assert own.is_self("mx.example", "127.0.0.1", 2525)
+        assert not other.is_self("mx.example", "127.0.0.1", 2525)
+        assert other.is_self("mx.example", "127.0.0.9", 2525)
+        assert not own.is_self("mx.example", "not-an-address", 2525)
