@@ -127,11 +127,14 @@ class Route:
 LOCAL_ROUTE = Route((Attempt(LOCAL, "local delivery"),))
 
 
+@functools.lru_cache(maxsize=256)
 def parse_next_hop(spec: str, smarthost: bool = False, configured: bool = False) -> NextHop:
     """Parse ``name[:port]`` or ``[address][:port]`` (as checked by config) into a NextHop.
 
     ``smarthost`` marks the smart host (it gets the AUTH credentials) and implies
-    ``configured``. Raises ValueError for any other form.
+    ``configured``. Raises ValueError for any other form. The answers are kept (a NextHop is
+    immutable; the specs are the config's few): the smart host is not parsed again for each
+    message (issue 17).
     """
     configured = configured or smarthost
     m = _BRACKET_RE.match(spec)
