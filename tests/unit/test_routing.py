@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,19 @@ def test_is_self_answers_stay_right_when_kept_per_address(tmp_path: Path) -> Non
         assert not other.is_self("mx.example", "127.0.0.1", 2525)
         assert other.is_self("mx.example", "127.0.0.9", 2525)
         assert not own.is_self("mx.example", "not-an-address", 2525)
+
+
+def test_kept_next_hop_parses_are_per_spec_and_errors_are_not_kept() -> None:
+    """``parse_next_hop`` keeps its answers (issue 17: the smart host is not parsed per
+    message): the same spec gives an equal, immutable NextHop, the ``smarthost`` flag is
+    part of the key (a route to the same host never gets the smart host's credentials), and
+    a bad spec raises ValueError every time."""
+    a = routing.parse_next_hop("[127.0.0.1]:2526", smarthost=True)
+    b = routing.parse_next_hop("[127.0.0.1]:2526")
+    assert a.smarthost and a.configured and not b.smarthost
+    assert routing.parse_next_hop("[127.0.0.1]:2526", smarthost=True) == a
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.port = 25  # type: ignore[misc]
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            routing.parse_next_hop("no such:form")
