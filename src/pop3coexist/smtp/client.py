@@ -616,7 +616,9 @@ class OutboundESMTP(smtp.ESMTPClient):
 
     def _sendBody(self, code: int, resp: bytes) -> None:
         try:
-            self._body_file = open(self.transaction.body_path, "rb")
+            # unbuffered: no isatty ioctl and no lseek per message (a buffered open makes
+            # both); the body is read whole or in FileSender's large chunks (issue 17)
+            self._body_file = open(self.transaction.body_path, "rb", buffering=0)
         except OSError as e:
             # the message vanished (deleted from the queue): end without a final dot
             self._fail(451, f"4.3.0 message file unreadable: {e.strerror}", remote=False, abort=True)
