@@ -179,6 +179,10 @@ def open_cached_file(path: str) -> io.FileIO | None:
 
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
+# _path_cached's request, made once (never changed), as _READ_CACHED (issue 17: a stat of the
+# mail root per foreign RCPT)
+_PATH_CACHED = _OpenHow(_O_PATH | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+_PATH_CACHED_REF = ctypes.byref(_PATH_CACHED)
 
 
 def stat_cached(path: Path | str) -> os.stat_result | None:
@@ -211,8 +215,7 @@ def _path_cached(path: Path | str) -> int:
     the disk is needed; -ENOSYS: this kernel cannot say)."""
     if not _cached_open_works or (_remote_prefixes and _on_remote(path)):
         return -errno.ENOSYS
-    how = _OpenHow(_O_PATH | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
-    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), _PATH_CACHED_REF, _OPEN_HOW_SIZE)
     if fd >= 0:
         return int(fd)
     return -(ctypes.get_errno() or errno.EAGAIN)

@@ -325,6 +325,7 @@ class MaildirStore:
         node: str = "",
     ) -> None:
         self.root = Path(root)
+        self._root_str = str(self.root)  # for the reactor's cached stat (no pathlib per call)
         self.node = node  # "" alone; a node id when several servers share the mail root
         self._host = _sanitise_host(hostname if hostname is not None else socket.gethostname())
         self.quota_grace = quota_grace or QuotaGrace()  # none unless the config gives one
@@ -694,7 +695,7 @@ class MaildirStore:
         cached = self._domains_cache
         if cached is None:
             return None
-        st = stat_cached(self.root)
+        st = stat_cached(self._root_str)
         if st is None or (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink) != cached[0]:
             return None
         return list(cached[1])
