@@ -322,3 +322,34 @@ def test_reuse_limits_come_from_the_smarthost_keys(tmp_path: Path) -> None:
             runner.connections.per_host) == (1, 0.0, 0)
     with pytest.raises(ConfigError, match="reuse_messages"):
         parse_config(base + "[smarthost]\nreuse_messages = 0\n")
+
+
+def test_reused_and_retried_results_name_the_remote_mta_and_fire_once(tmp_path: Path) -> None:
+    """The result handed over by plain callbacks (no coroutine per reused message, issue 17)
+    names the remote MTA given to ``deliver``, on a reused session and on the new connection
+    that decides after the reused one died before MAIL's reply; each Deferred fires once."""
+    reactor = FakeReactor()
+    cache = c.ConnectionCache(reactor)
+    conn = first_message(reactor, cache, tmp_path)
+    got: list[c.TransactionResult] = []
+    cache.deliver("127.0.0.1", 25, SETTINGS, txn(tmp_path), "mx.example.net").addCallback(
+        got.append)
+    conn.server(b"250 ok")
+    conn.server(b"250 ok")
+    conn.server(b"354 go")
+    conn.server(b"250 reused")
+    assert [r.remote_mta for r in got] == ["mx.example.net"]
+    got.clear()
+    cache.deliver("127.0.0.1", 25, SETTINGS, txn(tmp_path), "mx.example.net").addCallback(
+        got.append)
+    conn.lose()  # dies after MAIL: nothing said about the message
+    assert not got and len(reactor.conns) == 2
+    conn2 = reactor.conns[1]
+    conn2.server(b"220 x")
+    conn2.server(*EHLO)
+    conn2.server(b"250 ok")
+    conn2.server(b"250 ok")
+    conn2.server(b"354 go")
+    conn2.server(b"250 fresh")
+    assert [(r.remote_mta, r.replies[0].reply) for r in got] == [("mx.example.net",
+                                                                   "250 fresh")]

@@ -521,3 +521,48 @@ def test_an_exchange_2003_smart_host_gets_the_reply_docs_coexistence_shows(tmp_p
         'the password without TLS; to change: give the smart host a certificate, or set '
         'smarthost.tls = "none" to allow clear-text AUTH')
     assert reply in (Path(__file__).parents[2] / "docs" / "coexistence.md").read_text()
+
+
+def test_a_whole_transaction_sets_attributes_without_twisteds_deprecation_hook(
+        tmp_path: Path) -> None:
+    """OutboundESMTP sets its attributes plainly (issue 17: ESMTPClient's ``__setattr__``,
+    there only to warn about the deprecated ``tlsMode``, ran on every attribute set): a
+    whole transaction emits no DeprecationWarning, its TLS state stays in ``_tlsMode``,
+    and the result is the same as ever."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        h = Harness(tmp_path)
+        assert h.server(b"220 mx.example.net ESMTP") == b"EHLO pop.contoso.test\r\n"
+        h.server(*EHLO_DSN)
+        h.server(b"250 2.1.0 ok")
+        h.server(b"250 2.1.5 ok")
+        h.server(b"354 go ahead")
+        assert h.server(b"250 2.0.0 queued") == b"QUIT\r\n"
+        h.server(b"221 bye")
+        result = h.close()
+    assert "tlsMode" not in vars(h.proto) and h.proto._tlsMode is False
+    assert result.replies[0].delivered and not result.tls
+
+
+@pytest.mark.parametrize("size", [10, c.SMALL_BODY + 70_001])
+def test_body_read_unbuffered_goes_out_whole_small_and_large(tmp_path: Path,
+                                                              size: int) -> None:
+    """The queued body, opened unbuffered (issue 17: no isatty ioctl nor lseek per message),
+    goes out whole, CRLF and dot-stuffed, both in one write (small) and through the file
+    producer's chunks (larger than SMALL_BODY), and the file is closed after the dot."""
+    line = b".dot line\n" + b"x" * 88 + b"\n"
+    body = (line * (size // len(line) + 1))[:size]
+    h = Harness(tmp_path, body_bytes=body)
+    h.server(b"220 mx.example.net ESMTP")
+    h.server(*EHLO_DSN)
+    h.server(b"250 2.1.0 ok")
+    h.server(b"250 2.1.5 ok")
+    sent = h.server(b"354 go ahead")
+    want = body.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+    want = (b"." + want if want.startswith(b".") else want)
+    want += (b"" if want.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+    assert sent == want
+    assert h.server(b"250 2.0.0 queued") == b"QUIT\r\n"
+    assert h.proto._body_file is None

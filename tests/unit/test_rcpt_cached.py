@@ -143,3 +143,19 @@ def test_password_file_exists_cached_follows_the_file(tmp_path: Path) -> None:
     mine.set_password(f"ann@{HOST}", "secret-two")
     assert not reader.exists_cached(f"ted@{HOST}")
     assert reader.exists(f"ann@{HOST}") and reader.exists_cached(f"ann@{HOST}")
+
+
+@needs_cache
+def test_stat_cached_request_made_once_answers_each_path_alike(tmp_path: Path) -> None:
+    """``stat_cached`` with its request made once (issue 17) answers every call on its own:
+    a str and a Path of the same file give ``os.stat``'s inode, a missing path in between
+    changes nothing for the next call, and a folder is followed like ``os.stat``."""
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    os.stat(f)
+    want = os.stat(f).st_ino
+    for _ in range(3):
+        assert fsutil.stat_cached(str(f)).st_ino == want  # type: ignore[union-attr]
+        assert fsutil.stat_cached(tmp_path / "missing") is None
+        assert fsutil.stat_cached(f).st_ino == want  # type: ignore[union-attr]
+    assert fsutil.stat_cached(str(tmp_path)).st_ino == os.stat(tmp_path).st_ino  # type: ignore[union-attr]

@@ -368,3 +368,22 @@ def test_the_avatar_and_its_transaction_are_what_the_interfaces_declare() -> Non
         txn = a.begin(SMTPSession(UNTRUSTED), None, MailOptions())
         verifyObject(IDeliveryTransaction, txn)
     assert anonymous.user is None and ted.user == "ted@pop.contoso.test"
+
+
+def test_trust_kept_per_address_is_per_policy_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``is_trusted`` keeps its answer per client address (issue 17: one parse per client,
+    not per RCPT): asking again answers the same, another policy (a reload with other
+    ``relay.networks``) answers from its own networks, and the kept answers are cleared
+    when there are ``TRUSTED_CACHE`` of them, never growing past it."""
+    import pop3coexist.policy.relay as relay_mod
+
+    monkeypatch.setattr(relay_mod, "TRUSTED_CACHE", 3)
+    policy = RelayPolicy(networks=[ipaddress.ip_network("192.0.2.0/24")])
+    reloaded = RelayPolicy(networks=[ipaddress.ip_network("203.0.113.0/24")])
+    for _ in range(2):
+        assert policy.is_trusted(TRUSTED) and not policy.is_trusted(UNTRUSTED)
+        assert reloaded.is_trusted(UNTRUSTED) and not reloaded.is_trusted(TRUSTED)
+    for n in range(10):
+        assert not policy.is_trusted(f"198.51.100.{n}")
+        assert len(policy._trusted) <= 3
+    assert policy.is_trusted(TRUSTED) and not policy.is_trusted("unix-socket")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,33 @@ def test_mx_port_other_than_25_is_a_warning(tmp_path: Path) -> None:
     for bad in ("0", "65536", '"25"'):
         with pytest.raises(ConfigError, match=r"\[smarthost.mx_port\]"):
             _config(tmp_path, extra=f"mx_port = {bad}")
+
+
+def test_is_self_answers_stay_right_when_kept_per_address(tmp_path: Path) -> None:
+    """The per-address answer kept by ``is_self`` (issue 17: no address parse per message)
+    belongs to its own listeners: a server with other listeners asked about the same
+    address and port gets its own answer, and asking again gives the same answer."""
+    own = routing.own_addresses(_config(tmp_path))
+    other = routing.OwnAddresses(hostname="other.example",
+                                 endpoints=frozenset({("127.0.0.9", 2525)}))
+    for _ in range(2):
+        assert own.is_self("mx.example", "127.0.0.1", 2525)
+        assert not other.is_self("mx.example", "127.0.0.1", 2525)
+        assert other.is_self("mx.example", "127.0.0.9", 2525)
+        assert not own.is_self("mx.example", "not-an-address", 2525)
+
+
+def test_kept_next_hop_parses_are_per_spec_and_errors_are_not_kept() -> None:
+    """``parse_next_hop`` keeps its answers (issue 17: the smart host is not parsed per
+    message): the same spec gives an equal, immutable NextHop, the ``smarthost`` flag is
+    part of the key (a route to the same host never gets the smart host's credentials), and
+    a bad spec raises ValueError every time."""
+    a = routing.parse_next_hop("[127.0.0.1]:2526", smarthost=True)
+    b = routing.parse_next_hop("[127.0.0.1]:2526")
+    assert a.smarthost and a.configured and not b.smarthost
+    assert routing.parse_next_hop("[127.0.0.1]:2526", smarthost=True) == a
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.port = 25  # type: ignore[misc]
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            routing.parse_next_hop("no such:form")

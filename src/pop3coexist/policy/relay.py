@@ -47,6 +47,8 @@ from pop3coexist.address import (
 from pop3coexist.errors import MailError, PermanentFailure
 from pop3coexist.policy.connections import Network, ip_in_networks
 
+TRUSTED_CACHE = 4096  # client addresses whose relay.networks answer is kept (then cleared)
+
 
 class RouteKind(enum.Enum):
     """Where an accepted recipient goes."""
@@ -248,6 +250,7 @@ class RelayPolicy:
         self.routed_domains = {k.lower(): v for k, v in (routed_domains or {}).items()}
         self.networks = tuple(networks)
         self.authenticated_may_relay = authenticated_may_relay
+        self._trusted: dict[str, bool] = {}  # client address -> in networks (is_trusted)
 
     @classmethod
     def from_config(cls, config) -> RelayPolicy:
@@ -264,8 +267,15 @@ class RelayPolicy:
         return cls(relay, config.relay.networks, config.relay.authenticated, routed)
 
     def is_trusted(self, client_ip: str) -> bool:
-        """True when the client address is in ``relay.networks``."""
-        return ip_in_networks(client_ip, self.networks)
+        """True when the client address is in ``relay.networks``. The answer per address is
+        kept (``networks`` never changes in a policy; a reload builds a new one): one parse
+        of the address per client, not one per RCPT (issue 17's relay profile)."""
+        known = self._trusted.get(client_ip)
+        if known is None:
+            if len(self._trusted) >= TRUSTED_CACHE:
+                self._trusted.clear()
+            known = self._trusted[client_ip] = ip_in_networks(client_ip, self.networks)
+        return known
 
     def may_relay(self, client: Client) -> bool:
         """True when this client may send to any domain."""

@@ -31,6 +31,7 @@ Nothing here resolves names or opens sockets: the delivery runner (smtp/outbound
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import zlib
@@ -126,11 +127,14 @@ class Route:
 LOCAL_ROUTE = Route((Attempt(LOCAL, "local delivery"),))
 
 
+@functools.lru_cache(maxsize=256)
 def parse_next_hop(spec: str, smarthost: bool = False, configured: bool = False) -> NextHop:
     """Parse ``name[:port]`` or ``[address][:port]`` (as checked by config) into a NextHop.
 
     ``smarthost`` marks the smart host (it gets the AUTH credentials) and implies
-    ``configured``. Raises ValueError for any other form.
+    ``configured``. Raises ValueError for any other form. The answers are kept (a NextHop is
+    immutable; the specs are the config's few): the smart host is not parsed again for each
+    message (issue 17).
     """
     configured = configured or smarthost
     m = _BRACKET_RE.match(spec)
@@ -304,19 +308,26 @@ class OwnAddresses:
             return True
         if ip is None:
             return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        for own_ip, own_port in self.endpoints:
-            if own_port != port:
-                continue
-            own = ipaddress.ip_address(own_ip)
-            if own == addr:
-                return True
-            if own.is_unspecified and (addr.is_loopback or addr.is_unspecified):
-                return True
+        return _ip_is_self(self.endpoints, ip, port)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_is_self(endpoints: frozenset[tuple[str, int]], ip: str, port: int) -> bool:
+    """True when ``ip:port`` is one of ``endpoints`` (OwnAddresses.is_self), kept per
+    argument: the smart host's address is asked about once, not parsed per message."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
         return False
+    for own_ip, own_port in endpoints:
+        if own_port != port:
+            continue
+        own = ipaddress.ip_address(own_ip)
+        if own == addr:
+            return True
+        if own.is_unspecified and (addr.is_loopback or addr.is_unspecified):
+            return True
+    return False
 
 
 def own_addresses(config: Config, bound_ports: Iterable[int] = ()) -> OwnAddresses:

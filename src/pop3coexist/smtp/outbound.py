@@ -579,8 +579,13 @@ class OutboundService(service.Service):
                         continue
                     seen.add(a)
                     rcpts.extend(by_addr[a])
-                jobs.append(defer.ensureDeferred(self.routes.deliver_route(env, route, rcpts)))
-            results = await defer.gatherResults(jobs, consumeErrors=True)
+                jobs.append((route, rcpts))
+            if len(jobs) == 1:  # one route (the usual case): awaited here, no Deferred for it
+                results = [await self.routes.deliver_route(env, *jobs[0])]
+            else:  # the routes at once
+                results = await defer.gatherResults(
+                    [defer.ensureDeferred(self.routes.deliver_route(env, route, rcpts))
+                     for route, rcpts in jobs], consumeErrors=True)
             now = self._now()
             for rcpts, attempt, result in (part for parts in results for part in parts):
                 replies = {rep.address: rep for rep in result.replies}

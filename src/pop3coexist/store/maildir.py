@@ -727,7 +727,7 @@ class MaildirStore:
         cached = self._domains_cache
         if cached is None:
             return None
-        st = stat_cached(self.root)
+        st = stat_cached(self._root_str)
         if st is None or (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink) != cached[0]:
             return None
         return list(cached[1])
