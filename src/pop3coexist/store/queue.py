@@ -78,6 +78,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -88,6 +89,7 @@ from pop3coexist.store.envelope import ENVELOPE_VERSION, Envelope, Notice, Recip
 
 __all__ = ["ENVELOPE_VERSION", "Envelope", "FileQueue", "Notice", "Recipient", "State"]
 
+T = TypeVar("T")
 log = Logger()
 
 _ID_RE = re.compile(r"^[0-9a-f]{16,40}$")
@@ -459,9 +461,17 @@ class FileQueue:
         """The envelope of ``qid`` wherever it is (claimed or not), or None if it is no longer
         queued (or damaged: logged and moved aside)."""
         self._check_id(qid)
-        # a claim, release or take back may move it between the looks (``_find`` reads env/
-        # and the claims one after the other: see ``ids``) or between the look and the read:
-        # look again; not found twice in a row is gone (delivered, failed or deleted)
+        found = self._at_envelope(qid, lambda path: (path, path.read_bytes()))
+        if found is None:
+            return None
+        path, data = found
+        return self._parse(qid, path, data)
+
+    def _at_envelope(self, qid: str, act: Callable[[Path], T]) -> T | None:
+        """``act(path)`` on the envelope of ``qid`` wherever it is; None when it was not found
+        twice in a row (delivered, failed or deleted). A claim, release or take back may move
+        it between the looks (``_find`` reads env/ and the claims one after the other: see
+        ``ids``) or between the look and ``act`` (FileNotFoundError): look again."""
         missed = 0
         for _ in range(4):
             path = self._find(qid)
@@ -471,13 +481,10 @@ class FileQueue:
                     return None
                 continue
             try:
-                data = path.read_bytes()
-                break
+                return act(path)
             except FileNotFoundError:
                 continue
-        else:
-            return None
-        return self._parse(qid, path, data)
+        return None
 
     def _parse(self, qid: str, path: Path, data: bytes) -> Envelope | None:
         try:
@@ -557,23 +564,15 @@ class FileQueue:
 
     def _unlink_envelope(self, qid: str) -> Path | None:
         """Unlink the envelope of ``qid`` wherever it is (no owner: the admin); where it was,
-        or None when it was not found twice in a row. A runner may move it (claim, release,
-        take back) between the look and the unlink: look again, as ``load`` does, so that a
-        deleted message never leaves its envelope behind without its body."""
-        missed = 0
-        for _ in range(4):
-            path = self._find(qid)
-            if path is None:
-                missed += 1
-                if missed == 2:
-                    return None
-                continue
-            try:
-                path.unlink()
-                return path
-            except FileNotFoundError:
-                continue
-        return None
+        or None when it was not found twice in a row (``_at_envelope``: a runner moving it
+        between the look and the unlink is looked for again), so that a deleted message never
+        leaves its envelope behind without its body."""
+
+        def unlink(path: Path) -> Path:
+            path.unlink()
+            return path
+
+        return self._at_envelope(qid, unlink)
 
     def remove_many(self, qids: list[str]) -> None:
         """``remove`` for several delivered or failed messages (the group removal of the
