@@ -110,8 +110,10 @@ def _serve(files: list[str]) -> None:
 
     authorities = [authority.PySourceAuthority(f) for f in files]
     factory = server.DNSServerFactory(authorities=authorities)
-    protocol = dns.DNSDatagramProtocol(factory)
     for _attempt in range(20):  # UDP first on port 0, then TCP on the same port
+        # a new protocol each attempt: a stopped UDP port lets go of its protocol only at the
+        # next reactor turn, and a protocol takes one transport (Twisted asserts it)
+        protocol = dns.DNSDatagramProtocol(factory)
         udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
         port = udp.getHost().port
         try:
