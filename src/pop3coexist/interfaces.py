@@ -28,6 +28,7 @@ exactly what its real class declares (``verifyObject`` checks both):
 - IBatchDelivery (a store): ``deliver_within_quota`` / ``deliver_file`` with ``sync`` and
   ``enforce_quota`` (the caller syncs the folders of a whole batch at once);
 - ICachedMessageOpen (a maildrop): open a message without waiting for the disk;
+- ICachedMessageRead (a maildrop): read a small message whole without waiting for the disk;
 - IConnectionLimiter, ISharedConnectionLimiter: concurrent connections (the shared one also
   tells whether this process is busier than the others); IAuthThrottle: failed log-in delays;
 - IAliasTable (a store): the administrator's aliases and distribution lists of its domains;
@@ -286,6 +287,17 @@ class ICachedMessageOpen(Interface):
         """The one method that never blocks: ``open_message``'s file if it can be opened
         without waiting for the disk, else None (then call ``open_message`` off the reactor).
         Callers use it when provided, so the reactor saves a thread hop per RETR."""
+
+
+class ICachedMessageRead(Interface):
+    """Optional for an IMaildrop: a small message's stored bytes at once when the kernel has
+    its path and all its pages cached (RETR's short cut without a file object, issue 17)."""
+
+    def read_message_cached(index: int, limit: int) -> bytes | None:
+        """Never blocks: the whole stored file of message ``index`` (0-based; the bytes as
+        stored, no line-end conversion) if it holds at most ``limit`` octets, is still the
+        size the snapshot saw, and can be opened and read without waiting for the disk; else
+        None (then use ``open_message_cached`` or ``open_message``). OSError propagates."""
 
 
 class IBlockingRecipientLookup(Interface):

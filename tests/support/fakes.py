@@ -51,6 +51,7 @@ from pop3coexist.interfaces import (
     ICachedDomainList,
     ICachedMailboxCheck,
     ICachedMessageOpen,
+    ICachedMessageRead,
     ICachedRecipientLookup,
     IClosable,
     ICredentialStamp,
@@ -97,7 +98,7 @@ class _FailingFile(io.BytesIO):
                                 self._after - self.tell()))
 
 
-@implementer(IMaildrop, ICachedMessageOpen)
+@implementer(IMaildrop, ICachedMessageOpen, ICachedMessageRead)
 class FakeMaildrop:
     """See IMaildrop. A snapshot of ``(uid, bytes)`` pairs of one FakeMailStore mailbox."""
 
@@ -130,6 +131,10 @@ class FakeMaildrop:
 
     def open_message_cached(self, index: int) -> Any:
         """Never cached: the server under test takes the thread path, which tests control."""
+        return None
+
+    def read_message_cached(self, index: int, limit: int) -> bytes | None:
+        """Never cached, like ``open_message_cached``."""
         return None
 
     def commit(self, deleted: set[int]) -> None:

@@ -687,6 +687,34 @@ def test_open_message_cached_opens_without_a_thread_or_says_none(store: MaildirS
     drop.close()
 
 
+def test_read_message_cached_gives_the_stored_bytes_or_none(store: MaildirStore) -> None:
+    """``read_message_cached`` (RETR's short cut) gives a cached message's stored bytes as they
+    are; None, never an error, for one over the limit, one moved meanwhile (the other paths
+    find it) and one whose size changed since the snapshot (grown or shrunk: never a
+    truncated or longer message than the snapshot's)."""
+    first = store.deliver_bytes(DOMAIN, "ted", b"one\n")
+    second = store.deliver_bytes(DOMAIN, "ted", b"two\r\n.dot\n")
+    third = store.deliver_bytes(DOMAIN, "ted", b"three\n")
+    fourth = store.deliver_bytes(DOMAIN, "ted", b"four\n")
+    store.deliver_bytes(DOMAIN, "ted", b"")
+    drop = store.open_maildrop(DOMAIN, "ted")
+    if drop.read_message_cached(1, 1000) is None:
+        pytest.skip("this kernel cannot open or read without waiting for the disk")
+    assert drop.read_message_cached(1, 1000) == b"two\r\n.dot\n"
+    assert drop.read_message_cached(1, 9) is None  # over the limit
+    assert drop.read_message_cached(4, 1000) == b""
+    os.rename(first, box(store) / "cur" / (first.name + ":2,S"))
+    assert drop.read_message_cached(0, 1000) is None
+    third.write_bytes(b"three more\n")
+    fourth.write_bytes(b"4\n")
+    assert drop.read_message_cached(2, 1000) is None
+    assert drop.read_message_cached(3, 1000) is None
+    with pytest.raises(IndexError):
+        drop.read_message_cached(5, 1000)
+    assert second.exists()
+    drop.close()
+
+
 def test_open_cached_is_a_plain_read_only_open(tmp_path: Path) -> None:
     """fsutil.open_cached gives a read-only descriptor of a cached file and None for a missing
     one (on a kernel without openat2 RESOLVE_CACHED it is always None)."""

@@ -21,10 +21,10 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import defer, threads
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from pop3coexist.errors import LoginRefused, NoSuchMailbox
-from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop, IMailStore
+from pop3coexist.interfaces import ICachedMessageOpen, ICachedMessageRead, IMaildrop, IMailStore
 
 log = Logger(namespace="pop3coexist.pop3.realm")
 
@@ -42,6 +42,9 @@ class POP3Mailbox:
         self._cached_open = ICachedMessageOpen.providedBy(maildrop)  # asked once, not per RETR
         if self._cached_open:  # RETR calls the maildrop's own method: no wrapper call (issue 17)
             self.open_message_cached = maildrop.open_message_cached
+        if ICachedMessageRead.providedBy(maildrop):  # RETR's short cut, likewise direct
+            alsoProvides(self, ICachedMessageRead)
+            self.read_message_cached = maildrop.read_message_cached
 
     def __len__(self) -> int:
         return len(self._sizes)

@@ -41,7 +41,12 @@ from twisted.python.failure import Failure
 
 from pop3coexist.errors import BadCredentials, MailError, as_mail_error, volume_unreachable
 from pop3coexist.events import login_outcome
-from pop3coexist.interfaces import ICachedMessageOpen, IMaildrop, IScramKeyStore
+from pop3coexist.interfaces import (
+    ICachedMessageOpen,
+    ICachedMessageRead,
+    IMaildrop,
+    IScramKeyStore,
+)
 from pop3coexist.netutil import nothing_queued, send_now
 from pop3coexist.pop3 import mailevents, sasl
 from pop3coexist.pop3.stream import DotStuffer, MessageProducer, read_whole_cached, wire_form
@@ -171,6 +176,7 @@ class POP3Server(pop3.POP3):
         self._sasl: Any = None
         self._mailbox: Any = None
         self._cached_open = False  # the mailbox provides ICachedMessageOpen (set at log-in)
+        self._cached_read = False  # the mailbox provides ICachedMessageRead (set at log-in)
         self._logout: Any = None
         self._deleted: set[int] = set()
         self._finished = False  # commit or close done/started: do not close again
@@ -581,6 +587,7 @@ class POP3Server(pop3.POP3):
             return
         self._mailbox = avatar
         self._cached_open = ICachedMessageOpen.providedBy(avatar)
+        self._cached_read = ICachedMessageRead.providedBy(avatar)
         self._logout = logout
         self._user = None
         self.session_state = TRANSACTION
@@ -709,8 +716,21 @@ class POP3Server(pop3.POP3):
     def _send(self, index: int, first: str, body_lines: int | None,
               announced: int | None = None) -> defer.Deferred | None:
         f = self.factory
-        # the common case: the kernel has the path cached and the reactor opens it at once
         mailbox = self._mailbox
+        # the commonest case (RETR of a small message in the page cache, nothing queued for
+        # this client): the stored bytes at once, no file object (ICachedMessageRead)
+        if (self._cached_read and body_lines is None and announced is not None
+                and nothing_queued(self.transport)):
+            try:
+                data = mailbox.read_message_cached(index, f.chunk_size)
+            except OSError:
+                data = None  # the paths below read again and report what fails
+            if data is not None:
+                wire, octets = wire_form(data)
+                send_now(self.transport, b"+OK " + first.encode("ascii") + CRLF + wire)
+                self._sent(index, octets, announced)
+                return None
+        # the common case: the kernel has the path cached and the reactor opens it at once
         cached = mailbox.open_message_cached(index) if self._cached_open else None
         if (cached is not None and body_lines is None and announced is not None
                 and self._send_whole(index, cached, first, announced)):

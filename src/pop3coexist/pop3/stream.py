@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,7 @@ CHUNK_SIZE = 256 * 1024
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _nowait_works = RWF_NOWAIT is not None and hasattr(os, "preadv")
 TERMINATOR = b".\r\n"
+_LINE_DOT = re.compile(rb"\n\.")
 
 log = Logger(namespace="pop3coexist.pop3.stream")
 
@@ -196,7 +198,9 @@ def wire_form(data: bytes) -> tuple[bytes, int]:
     if wire and not wire.endswith(b"\n"):
         wire += b"\r\n"
     octets = len(wire)
-    if b"\n." in wire:
+    # a line that starts with "." (the same lines in ``lf``): re's search finds "\n." in
+    # about half the time of ``in`` (whose skip table stalls at every LF, issue 17)
+    if _LINE_DOT.search(lf) is not None:
         wire = wire.replace(b"\r\n.", b"\r\n..")
     if wire.startswith(b"."):
         wire = b"." + wire

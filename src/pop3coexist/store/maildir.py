@@ -61,6 +61,7 @@ from pop3coexist.fsutil import (
     current_pid,
     missing_cached,
     open_cached_file,
+    read_cached,
     retry_stale,
     stat_cached,
 )
@@ -72,6 +73,7 @@ from pop3coexist.interfaces import (
     ICachedDomainList,
     ICachedMailboxCheck,
     ICachedMessageOpen,
+    ICachedMessageRead,
     IMaildrop,
     IMailStore,
     IQuotaCheck,
@@ -1126,7 +1128,7 @@ class _Message:
         self.named = False  # the name holds the right ,S= and ,W= fields
 
 
-@implementer(IMaildrop, ICachedMessageOpen)
+@implementer(IMaildrop, ICachedMessageOpen, ICachedMessageRead)
 class Maildrop:
     """One POP3 session's snapshot of one Maildir, holding its session lock. See ``IMaildrop``.
 
@@ -1242,6 +1244,16 @@ class Maildrop:
         # the common case without _message's checks (a bad index still gets its error)
         msg = msgs[index] if type(index) is int and 0 <= index < len(msgs) else self._message(index)
         return open_cached_file(f"{self._base}/{msg.folder}/{msg.name}")
+
+    def read_message_cached(self, index: int, limit: int) -> bytes | None:
+        """See ``ICachedMessageRead.read_message_cached``: ``fsutil.read_cached`` of the path
+        where the session saw the message, with the size the snapshot saw."""
+        msgs = self._messages
+        msg = msgs[index] if type(index) is int and 0 <= index < len(msgs) else self._message(index)
+        size = msg.size
+        if size is None or size > limit:
+            return None
+        return read_cached(f"{self._base}/{msg.folder}/{msg.name}", size)
 
     def commit(self, deleted: set[int]) -> None:
         """See ``IMaildrop.commit``.
