@@ -715,6 +715,44 @@ def test_read_message_cached_gives_the_stored_bytes_or_none(store: MaildirStore)
     drop.close()
 
 
+def test_commit_syncs_the_folders_it_changed_only(store: MaildirStore,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """QUIT's commit fsyncs each folder it changed (an unlink, a move from new/ to cur/, a
+    rename in cur/) and no other: removing from new/ only syncs new/, moving the rest syncs
+    both, a session that changes nothing syncs nothing."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(maildir_module.os, "fsync", fsync)
+    monkeypatch.setattr(maildir_module, "_fsync_dir",
+                        lambda path: synced.append(Path(path).name))
+    for i in range(4):
+        store.deliver_bytes(DOMAIN, "ted", b"message %d\n" % i)
+    synced.clear()
+    drop = store.open_maildrop(DOMAIN, "ted")
+    drop.commit({0, 1, 2, 3})  # everything in new/, all removed
+    assert synced == ["new"]
+    for i in range(3):
+        store.deliver_bytes(DOMAIN, "ted", b"again %d\n" % i)
+    synced.clear()
+    drop = store.open_maildrop(DOMAIN, "ted")
+    drop.commit({0})  # one removed from new/, two moved to cur/
+    assert sorted(synced) == ["cur", "new"]
+    synced.clear()
+    drop = store.open_maildrop(DOMAIN, "ted")
+    drop.commit({0})  # one removed from cur/
+    assert synced == ["cur"]
+    synced.clear()
+    drop = store.open_maildrop(DOMAIN, "ted")
+    drop.commit(set())  # nothing changed
+    assert synced == []
+    assert len(files(box(store) / "cur")) == 1 and files(box(store) / "new") == []
+
+
 def test_open_cached_is_a_plain_read_only_open(tmp_path: Path) -> None:
     """fsutil.open_cached gives a read-only descriptor of a cached file and None for a missing
     one (on a kernel without openat2 RESOLVE_CACHED it is always None)."""

@@ -1259,7 +1259,8 @@ class Maildrop:
         """See ``IMaildrop.commit``.
 
         Deleted messages are unlinked (one already gone is fine); the others still in ``new/``
-        move to ``cur/`` with ``:2,`` (their UIDLs do not change); both folders are fsynced and
+        move to ``cur/`` with ``:2,`` (their UIDLs do not change); each folder this changed is
+        fsynced (one it did not change has nothing of this session's to sync: issue 17) and
         the lock is released. A message that could not be removed raises ``StoreError`` after
         the lock is released. A second call does nothing.
         """
@@ -1268,6 +1269,7 @@ class Maildrop:
         doomed = {self._message(i).uidl for i in deleted}  # bad indexes: error, nothing done
         failures: list[str] = []
         folders: dict[str, int] = {}  # new/, cur/ -> an open descriptor (unlinks, fsync)
+        changed: set[str] = set()  # the folders to fsync
         try:
             base = str(self.path)
             for index in sorted(deleted):
@@ -1280,6 +1282,7 @@ class Maildrop:
                         fd = folders[msg.folder] = os.open(
                             f"{base}/{msg.folder}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                     os.unlink(msg.name, dir_fd=fd)
+                    changed.add(msg.folder)
                     continue
                 except FileNotFoundError:
                     pass  # moved meanwhile by another Maildir client: look for it
@@ -1291,6 +1294,7 @@ class Maildrop:
                     continue
                 try:
                     os.unlink(path)
+                    changed.add(msg.folder)
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
@@ -1299,10 +1303,14 @@ class Maildrop:
                 if msg.uidl in doomed:
                     continue
                 if msg.folder == "new":
-                    self._move_to_cur(msg)
+                    if self._move_to_cur(msg):
+                        changed.update(("new", "cur"))
                 elif not msg.named and msg.wsize is not None:
-                    self._rename_in_cur(msg)
+                    if self._rename_in_cur(msg):
+                        changed.add("cur")
             for folder in ("new", "cur"):
+                if folder not in changed:
+                    continue
                 with contextlib.suppress(OSError):
                     if folder in folders:
                         os.fsync(folders[folder])
@@ -1317,36 +1325,40 @@ class Maildrop:
                 f"some deleted messages not removed from {self._label}: " + "; ".join(failures)
             )
 
-    def _move_to_cur(self, msg: _Message) -> None:
+    def _move_to_cur(self, msg: _Message) -> bool:
+        """Move ``msg`` from new/ to cur/ (``:2,``); True when it was renamed."""
         base = msg.name.split(":", 1)[0]
         source = self.path / "new" / msg.name
         if not msg.named and msg.size is not None:
             base = self._sized_base(msg, source, base)
         target = self.path / "cur" / f"{base}:2,"
         if os.path.lexists(target):
-            return
+            return False
         try:
             os.rename(source, target)
         except OSError:
-            return  # gone or moved by another client: it stays where it is, nothing is lost
+            return False  # gone or moved by another client: it stays where it is, nothing is lost
         msg.folder, msg.name = "cur", target.name
+        return True
 
-    def _rename_in_cur(self, msg: _Message) -> None:
+    def _rename_in_cur(self, msg: _Message) -> bool:
         """A message in cur/ whose size this session had to read: its name gets the right
-        size fields (its ``:2,`` flags are kept), so the next session need not read it."""
+        size fields (its ``:2,`` flags are kept), so the next session need not read it. True
+        when it was renamed."""
         base, colon, info = msg.name.partition(":")
         source = self.path / "cur" / msg.name
         sized = self._sized_base(msg, source, base)
         if sized == base:
-            return
+            return False
         target = self.path / "cur" / f"{sized}{colon}{info}"
         if os.path.lexists(target):
-            return
+            return False
         try:
             os.rename(source, target)
         except OSError:
-            return  # gone or renamed by another client: nothing is lost
+            return False  # gone or renamed by another client: nothing is lost
         msg.name = target.name
+        return True
 
     @staticmethod
     def _sized_base(msg: _Message, source: Path, base: str) -> str:
