@@ -86,6 +86,10 @@ _ALL_COMMANDS = _AUTH_COMMANDS | _TRANSACTION_COMMANDS
 # takes the general path.
 _VERB_NAMES = {spelling.encode("ascii"): name for name in _ALL_COMMANDS
                for spelling in (name, name.lower())}
+# RETR n and DELE n, two of every message a client fetches: with 1-9 ASCII digits after one
+# space in TRANSACTION every check of the general path passes, so they go straight to their
+# handler (issue 17); anything else takes the general path
+_ONE_NUMBER = {"RETR": "pop3_RETR", "DELE": "pop3_DELE"}
 
 
 class _Refuse(Exception):
@@ -362,6 +366,9 @@ class POP3Server(pop3.POP3):
             return self._sasl_response(line)
         verb, _, rest = line.partition(b" ")
         name = _VERB_NAMES.get(verb)
+        if (name in _ONE_NUMBER and self.session_state == TRANSACTION and len(rest) < 10
+                and rest.isdigit()):
+            return getattr(self, _ONE_NUMBER[name])([rest])
         if name is None:
             if not _VERB.fullmatch(verb):
                 if not _PRINTABLE.fullmatch(line):
