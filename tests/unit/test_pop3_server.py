@@ -632,6 +632,28 @@ def test_transaction_errors_keep_the_session(line, reply):
     assert not transport.disconnecting
 
 
+def test_retr_and_dele_short_dispatch_answers_as_the_general_path(monkeypatch):
+    """RETR n and DELE n go straight to their handler (issue 17); every spelling, number and
+    state gets the very replies the general path gives (the short cut turned off)."""
+    from pop3coexist.pop3 import server as server_module
+
+    script = [b"RETR 1", b"retr 2", b"RETR 01", b"RETR 0", b"RETR 3", b"RETR 999999999",
+              b"RETR 4294967296", b"RETR  1", b"RETR 1 ", b"RETR +1", b"DELE 1", b"RETR 1",
+              b"DELE 1", b"dele 000000002", b"DELE 0000000003", b"DELE 9", b"RSET", b"DELE 2",
+              b"QUIT", b"RETR 2"]
+    replies = []
+    for table in (dict(server_module._ONE_NUMBER), {}):
+        monkeypatch.setattr(server_module, "_ONE_NUMBER", table)
+        proto, transport, _ = Env().connect()
+        proto.dataReceived(b"RETR 1\r\nDELE 1\r\n")  # AUTHORIZATION: refused
+        proto.dataReceived(f"USER {TED}\r\nPASS {TED_PW}\r\n".encode())
+        proto.dataReceived(b"".join(line + b"\r\n" for line in script))
+        replies.append(take(transport))
+    assert replies[0] == replies[1]
+    assert replies[0].startswith(b"-ERR RETR not valid in the AUTHORIZATION state\r\n")
+    assert b"+OK message 2 deleted\r\n" in replies[0]
+
+
 @pytest.mark.parametrize("line", [b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"NOOP", b"RSET",
                                   b"TOP 1 1", b"UIDL"])
 def test_transaction_commands_before_login(line):
