@@ -181,7 +181,9 @@ def open_cached(path: Path | str) -> int | None:
     global _cached_open_works
     if not _cached_open_works or (_remote_prefixes and _on_remote(path)):
         return None
-    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), _READ_CACHED_REF, _OPEN_HOW_SIZE)
+    # a str encoded as os.fsencode would, without its Python-level checks (once per RETR)
+    name = path.encode(_FS_ENCODING, _FS_ERRORS) if type(path) is str else os.fsencode(path)
+    fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, name, _READ_CACHED_REF, _OPEN_HOW_SIZE)
     if fd >= 0:
         return int(fd)
     if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.E2BIG):
