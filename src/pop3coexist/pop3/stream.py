@@ -24,7 +24,10 @@
   LF text with no line that starts with ``.`` needs no per-line work at all), sent in one
   write, with no producer, no Deferred and no thread. Anything unusual (a bare CR, CR CR LF, a
   Ctrl-Z at the end, an mbox ``From `` first line) goes through ``DotStuffer`` instead, so
-  the output is always byte for byte what the streaming path sends.
+  the output is always byte for byte what the streaming path sends. A maildrop that
+  provides ``ICachedMessageRead`` hands the session the stored bytes itself (one ``openat2``,
+  one ``preadv``, one ``close``: no file object, no ``fstat``); ``read_whole_cached`` is
+  then the second try, for an open file.
 
 No sockets are opened here and no file formats are interpreted beyond line ends (whose rule
 is ``pop3coexist.canonical``'s).
