@@ -864,6 +864,10 @@ def main() -> None:
     ap.add_argument("--milter", choices=("accept", "clamav"), default="accept",
                     help="the milter of the milter section: a trivial accept-everything one "
                          "(default) or clamd + clamav-milter")
+    ap.add_argument("--settle", type=float, default=60.0,
+                    help="seconds to wait after a sync before the first section (default 60): "
+                         "files deleted just before the benchmark (a test run's clean-up) make "
+                         "new files slow to create on ext4 without a journal (empty_folder)")
     ap.add_argument("--workers", default="auto",
                     help='server.workers for pop3coexist: a number or "auto" (default)')
     args = ap.parse_args()
@@ -888,6 +892,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="p3c-bench-") as tmp_name:
         tmp = Path(tmp_name)
         os.chmod(tmp, 0o755)
+        if args.settle > 0:
+            log(f"sync, then {args.settle:.0f} s for earlier deletions to age (--settle)")
+            os.sync()
+            time.sleep(args.settle)
         for section in (*SECTIONS, *OPT_IN):
             if section not in only:
                 continue
