@@ -390,6 +390,19 @@ class IBatchEnqueue(Interface):
         """A path on the queue's file system (for the caller's ``syncfs``)."""
 
 
+class IFileRecycler(Interface):
+    """Optional for an IOutboundQueue: spent message files reused for new spool files
+    (issue 17: on ext4 without a journal, a new inode after many deletions is costly;
+    store/recycle.py)."""
+
+    def take_file(dest: str) -> int | None:
+        """Rename a spent file (one link, nobody else's) to the path ``dest`` (a new spool
+        file's name, on the same file system; it must not exist) and return a descriptor open
+        for reading and writing at offset 0, its old bytes still there: the caller overwrites
+        them, cuts the file to its length and syncs it as a new file; None when there is none
+        (the caller creates the file as before)."""
+
+
 class IBatchDelivery(Interface):
     """Optional for an IMailStore: delivery whose folder syncs a caller batches (the SMTP group
     commit makes a whole batch durable with one sync)."""

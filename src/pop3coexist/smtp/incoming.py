@@ -55,6 +55,7 @@ from pop3coexist.interfaces import (
     IBatchEnqueue,
     ICommitter,
     ICopyCommitter,
+    IFileRecycler,
     ISpool,
     LocalNotes,
 )
@@ -199,15 +200,27 @@ class SpoolWriter:
             os.lseek(self.fd, 0, os.SEEK_END)
         self.size = self.local_prefix + len(data)
 
-    def finish(self) -> None:
+    def finish(self, recycler: IFileRecycler | None = None) -> None:
         """Create the file if still needed and write what is buffered (no fsync: that is the
-        committer's job, off the reactor). Raises the OSError that stopped an earlier write."""
+        committer's job, off the reactor). Raises the OSError that stopped an earlier write.
+
+        With ``recycler`` (the queue: store/recycle.py), a file still to be created is a
+        spent queue file renamed to the spool file's name, overwritten from its start and cut
+        to the message's length here, before the committer's sync: a crash before that leaves
+        a spool file that ``clean_spool`` removes at start, as a new one would."""
         if self.error is not None:
             raise self.error
         if self._done:
             return
+        reused = False
+        if self.fd is None and recycler is not None:
+            self.fd = recycler.take_file(self.file)
+            if self.fd is not None:
+                self._created = reused = True
         if self._buffer or self.fd is None:
             self._flush()
+        if reused:
+            os.ftruncate(self.fd, self.size)
 
     def close(self) -> None:
         """Close the file descriptor (idempotent); nothing more is written."""
@@ -679,6 +692,8 @@ class GroupCommitter:
         self._deferred_sync = IBatchDelivery.providedBy(store)
         # relayed messages join the batch when the queue's syncs can be batched (one syncfs)
         self._batch_queue = IBatchEnqueue.providedBy(queue) and sync_fs is not None
+        # spool files made from the queue's spent files (store/recycle.py)
+        self._recycler = queue if IFileRecycler.providedBy(queue) else None
 
     def commit(
         self,
@@ -776,7 +791,7 @@ class GroupCommitter:
         live: list[_Pending] = []
         for item in batch:
             try:
-                item.spool.finish()
+                item.spool.finish(self._recycler)
                 if item.spool.fd is None:
                     raise OSError("the spool file is gone")
                 live.append(item)

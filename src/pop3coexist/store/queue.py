@@ -84,8 +84,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.interfaces import IBatchEnqueue, IOutboundQueue
+from pop3coexist.interfaces import IBatchEnqueue, IFileRecycler, IOutboundQueue
 from pop3coexist.store.envelope import ENVELOPE_VERSION, Envelope, Notice, Recipient, State
+from pop3coexist.store.recycle import FilePool
 
 __all__ = ["ENVELOPE_VERSION", "Envelope", "FileQueue", "Notice", "Recipient", "State"]
 
@@ -98,6 +99,7 @@ LEASE = 120.0  # seconds: an owner whose lease file is older than this is taken 
 LEASE_TOUCH = LEASE / 6  # how often an owner touches its lease
 LEASE_FILE = "lease"
 TAKEBACK = ".takeback."
+RECYCLE = 128  # spent files kept for reuse per process and kind (queue.recycle; 0: off)
 _NODE_RE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -138,7 +140,7 @@ def new_queue_id() -> str:
     return f"{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
-@implementer(IOutboundQueue, IBatchEnqueue)
+@implementer(IOutboundQueue, IBatchEnqueue, IFileRecycler)
 class FileQueue:
     """See IOutboundQueue; plus the runner's API (load/save/remove) and the admin API.
 
@@ -146,7 +148,7 @@ class FileQueue:
     """
 
     def __init__(self, root: Path, hostname: str, clock: Callable[[], float] = time.time,
-                 lease: float = LEASE, shared: bool = False) -> None:
+                 lease: float = LEASE, shared: bool = False, recycle: int = RECYCLE) -> None:
         self.root = Path(root)
         # other nodes use this queue too (server.local_dir): their temp files may be live
         self.shared = shared
@@ -157,6 +159,11 @@ class FileQueue:
         self.env_dir = self.root / "env"
         self.tmp_dir = self.root / "tmp"
         self.claimed_dir = self.root / "claimed"
+        self.free_dir = self.root / "free"
+        # spent bodies and envelopes reused (store/recycle.py); off on a shared volume
+        limit = 0 if shared else recycle
+        self.bodies = FilePool(str(self.free_dir), "b.", limit)
+        self.envelopes = FilePool(str(self.free_dir), "e.", limit)
         self.owner: str | None = None  # claims (set_owner): None for the admin and tests
         self.lease_renewed = 0.0  # time.monotonic() of the last good lease touch
         self._waker: Callable[[], None] | None = None
@@ -323,10 +330,10 @@ class FileQueue:
         folder = f"{self.claimed_dir}/{owner}"
         tmp = f"{self.tmp_dir}/env.{qid}.{secrets.token_hex(4)}"
         data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, reused = self._new_file(tmp)
         try:
             try:
-                os.write(fd, data)  # a regular file takes a small write whole
+                self._write_all(fd, data, reused)
                 if sync:
                     os.fsync(fd)
             finally:
@@ -343,6 +350,45 @@ class FileQueue:
         if sync:
             _fsync_dir(Path(folder))
         return True
+
+    def _new_file(self, tmp: str) -> tuple[int, bool]:
+        """A new temp file for an envelope, open for writing at offset 0, and whether it is a
+        spent envelope from the pool (``_write_all`` cuts it to its new length)."""
+        fd = self.envelopes.take(tmp)
+        if fd is not None:
+            return fd, True
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        return os.open(tmp, flags, 0o600), False
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes, reused: bool) -> None:
+        """Write ``data`` at the start of ``fd``; a ``reused`` file is cut there (it may be
+        longer; one the same length frees and allocates no blocks)."""
+        n = os.write(fd, data)  # a regular file takes a small write whole
+        if n < len(data):
+            view = memoryview(data)[n:]
+            while view:
+                k = os.write(fd, view)
+                view = view[k:]
+        if reused:
+            os.ftruncate(fd, len(data))
+
+    # ------------------------------------------------------------------ IFileRecycler
+
+    def take_file(self, dest: str) -> int | None:
+        """See IFileRecycler: a spent message body renamed to ``dest``, open at offset 0."""
+        return self.bodies.take(dest)
+
+    def trim_pool(self) -> int:
+        """Unlink the spent files pooled longer than a minute (privacy: they hold delivered
+        messages); return how many. Blocking; the delivery runner's periodic work calls it."""
+        return self.bodies.trim() + self.envelopes.trim()
+
+    def _spend(self, pool: FilePool, path: str, check_links: bool) -> None:
+        """Put a spent queue file into ``pool``, or unlink it (pool off or full, or another
+        name still points at it). Raises FileNotFoundError when it is gone."""
+        if not pool.put(path, check_links):
+            os.unlink(path)
 
     def enqueue_bytes(self, data: bytes, envelope: dict) -> str:
         """Write ``data`` to a fsynced temp file and enqueue it (used for delivery reports)."""
@@ -520,13 +566,14 @@ class FileQueue:
             path = found
         tmp = self.tmp_dir / f"env.{qid}.{secrets.token_hex(4)}"
         data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, reused = self._new_file(str(tmp))
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                self._write_all(fd, data, reused)
                 if sync:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except FileNotFoundError:  # the claim folder was taken back meanwhile
             with contextlib.suppress(OSError):
@@ -549,7 +596,7 @@ class FileQueue:
         mine = self._mine(qid)
         if mine is not None:
             try:
-                mine.unlink()
+                self._spend(self.envelopes, str(mine), False)
             except FileNotFoundError:
                 return  # deleted (with its body) or taken back: not this runner's any more
             _fsync_dir(mine.parent)
@@ -557,10 +604,8 @@ class FileQueue:
             path = self._unlink_envelope(qid)
             if path is not None:
                 _fsync_dir(path.parent)
-        try:
-            self.body_path(qid).unlink()
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):
+            self._spend(self.bodies, str(self.body_path(qid)), True)
 
     def _unlink_envelope(self, qid: str) -> Path | None:
         """Unlink the envelope of ``qid`` wherever it is (no owner: the admin); where it was,
@@ -585,7 +630,7 @@ class FileQueue:
             self._check_id(qid)
             if mine_dir is not None:
                 try:
-                    os.unlink(f"{mine_dir}/{qid}.json")
+                    self._spend(self.envelopes, f"{mine_dir}/{qid}.json", False)
                 except FileNotFoundError:
                     continue  # deleted (with its body) or taken back: not ours any more
                 bodies.append(qid)
@@ -595,7 +640,7 @@ class FileQueue:
         msg_dir = str(self.msg_dir)
         for qid in bodies:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{msg_dir}/{qid}")
+                self._spend(self.bodies, f"{msg_dir}/{qid}", True)
 
     # ------------------------------------------------------------------ claims
 
@@ -761,6 +806,9 @@ class FileQueue:
         Blocking."""
         self.ensure_dirs()
         counts = {"tmp": 0, "orphans": 0}
+        # spent files of earlier processes (store/recycle.py): delivered messages' bytes
+        self.bodies.empty()
+        self.envelopes.empty()
         if node is not None:
             self.owner = None  # a new start: every earlier claim of this node is taken back
             counts["taken_back"] = self.take_back(prefix=_NODE_RE.sub("_", node) + ".")
