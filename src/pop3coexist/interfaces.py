@@ -402,6 +402,10 @@ class IFileRecycler(Interface):
         them, cuts the file to its length and syncs it as a new file; None when there is none
         (the caller creates the file as before)."""
 
+    def trim_pool() -> int:
+        """Unlink the spent files kept longer than a minute (they hold delivered messages);
+        return how many. Blocking: the delivery runner's periodic work."""
+
 
 class IBatchDelivery(Interface):
     """Optional for an IMailStore: delivery whose folder syncs a caller batches (the SMTP group

@@ -99,7 +99,7 @@ LEASE = 120.0  # seconds: an owner whose lease file is older than this is taken 
 LEASE_TOUCH = LEASE / 6  # how often an owner touches its lease
 LEASE_FILE = "lease"
 TAKEBACK = ".takeback."
-RECYCLE = 128  # spent files kept for reuse per process and kind (queue.recycle; 0: off)
+RECYCLE = 0  # spent files kept for reuse per process and kind (queue.recycle; 0: off)
 _NODE_RE = re.compile(r"[^A-Za-z0-9_-]")
 
 
