@@ -244,3 +244,16 @@ def test_shared_queue_does_not_recycle(tmp_path: Path) -> None:
     src.unlink()
     q.remove_many([qid])
     assert len(q.bodies) == 0 and not q.free_dir.exists()
+
+
+def test_file_open_elsewhere_is_never_reused(tmp_path: Path) -> None:
+    """A spent file that a reader opened before it was spent (a backup streaming the body)
+    is not handed out (no write lease while another opener has it): the reader's bytes stay
+    those of the old message."""
+    pool = FilePool(str(tmp_path / "free"), "b.", 8)
+    (path,) = _files(tmp_path, 1, b"old message")
+    with open(path, "rb") as reader:
+        assert pool.put(path)
+        assert pool.take(str(tmp_path / "dest")) is None
+        assert reader.read() == b"old message"
+    assert not (tmp_path / "dest").exists() and os.listdir(tmp_path / "free") == []

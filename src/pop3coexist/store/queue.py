@@ -5,6 +5,8 @@ Layout (README "On disk")::
     queue/msg/<id>         the message, stored once (a hard link of the fsynced spool file)
     queue/env/<id>.json    the envelope: sender, DSN parameters, per-recipient state
     queue/tmp/             files being written (temp + fsync + rename)
+    queue/free/            spent bodies and envelopes kept for reuse (store/recycle.py; never read
+                           as messages, emptied by ``recover``, trimmed after a minute idle)
     queue/flush            marker: ``queue flush`` from another process (polled by the runner)
     queue/rescan           marker: a message was added or removed by another process
 
@@ -63,6 +65,15 @@ the next hop's 250 and the removal); on a file system that does not keep the ord
 unlinks, it can leave an envelope without its body, which start-up moves aside to damaged/
 (logged; that message was delivered). A failure's report is queued durably and the notice
 cleared durably before the removal, so a re-run never sends a report twice.
+
+Recycling (``recycle`` > 0, README "On disk"; issue 17): a removed message's envelope, and its
+body when it has no other link (``st_nlink == 1``: no mailbox shares it), are renamed into
+``queue/free/`` instead of unlinked (``FilePool.put``, bounded); a new envelope temp file, and
+through ``take_file`` (IFileRecycler) a new spool file, is one of them renamed back and
+overwritten in place, then cut to its length and synced as a new file is. A crash leaves a
+reused file only under a temp or spool name (removed at start) or in free/ (emptied by
+``recover``). A pooled file holds a delivered message's bytes until it is reused or trimmed
+(``trim_pool``, a minute). Off on a shared queue.
 """
 
 from __future__ import annotations

@@ -15,8 +15,11 @@ Rules that keep it safe:
 - a pooled file is never a message: ``queue/free/`` is read by nobody but the pool; a file taken
   is renamed to a name that a crash leaves to the existing clean-ups (a spool file: removed at
   start by ``smtp.incoming.clean_spool``; a queue temp file: ``FileQueue.recover``);
-- ``take`` returns an open descriptor whose ``fstat`` shows one link: a file another name
-  still points to is never overwritten (it is unlinked from the pool instead);
+- ``take`` returns an open descriptor whose ``fstat`` shows one link and that nobody else has
+  open (a write lease, fcntl(2) ``F_SETLEASE``, is granted only to a file's one opener): a
+  file another name still points to, or that a reader opened before it was spent (a backup
+  streaming the body), is never overwritten (it is unlinked instead). Where leases are
+  missing the pool turns itself off;
 - two processes taking the same name: ``rename`` is atomic, one wins, the other gets ENOENT and
   tries the next name (or the caller creates a new file as before);
 - durability is the caller's as before: the data (and the length) of a taken file are synced
@@ -33,6 +36,7 @@ SMTP side reaches it through ``interfaces.IFileRecycler`` (``FileQueue.take_file
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
 import threading
@@ -43,6 +47,7 @@ from collections.abc import Callable
 __all__ = ["FilePool"]
 
 DEFAULT_MAX_AGE = 60.0  # seconds a spent file may wait in the pool before it is unlinked
+_SETLEASE: int | None = getattr(fcntl, "F_SETLEASE", None)  # Linux only: else the pool is off
 _OPEN_FLAGS = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -130,14 +135,20 @@ class FilePool:
                 _unlink(dest)
                 continue
             try:
-                if os.fstat(fd).st_nlink == 1:
-                    with self._lock:
-                        self.taken_count += 1
-                    return fd
+                alone = os.fstat(fd).st_nlink == 1 and _alone(fd)
             except OSError:
-                pass
+                alone = False
+            if alone:
+                with self._lock:
+                    self.taken_count += 1
+                return fd
             os.close(fd)
             _unlink(dest)
+            if alone is None:  # no leases here: nobody can tell; spent files are unlinked
+                with self._lock:
+                    self.limit = 0
+                    self._names.clear()
+                return None
 
     def trim(self, max_age: float | None = None) -> int:
         """Unlink the files pooled more than ``max_age`` seconds ago (default ``self.max_age``);
@@ -190,6 +201,21 @@ class FilePool:
             if name.startswith(self.prefix) and _unlink(f"{self.folder}/{name}"):
                 n += 1
         return n
+
+
+def _alone(fd: int) -> bool | None:
+    """True when no other open file description refers to ``fd``'s file (a reader that opened
+    the message before it was spent, e.g. a backup still streaming it), False when one does,
+    None when this system cannot tell. A write lease (fcntl(2) F_SETLEASE, Linux) is granted
+    only to the file's one opener; it is given back at once."""
+    if _SETLEASE is None:
+        return None
+    try:
+        fcntl.fcntl(fd, _SETLEASE, fcntl.F_WRLCK)
+    except OSError as e:
+        return False if e.errno in (errno.EAGAIN, errno.EBUSY) else None
+    fcntl.fcntl(fd, _SETLEASE, fcntl.F_UNLCK)
+    return True
 
 
 def _unlink(path: str) -> bool:
