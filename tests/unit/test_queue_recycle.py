@@ -257,3 +257,36 @@ def test_file_open_elsewhere_is_never_reused(tmp_path: Path) -> None:
         assert pool.take(str(tmp_path / "dest")) is None
         assert reader.read() == b"old message"
     assert not (tmp_path / "dest").exists() and os.listdir(tmp_path / "free") == []
+
+
+def test_unsynced_reused_envelope_is_emptied_before_writing(tmp_path: Path, monkeypatch) -> None:
+    """A reused envelope written for a batched enqueue (no fsync before its rename: the
+    group commit's syncfs comes later) is cut to nothing before the new bytes are written, so
+    a crash that keeps its new name but not its new data never shows the spent envelope; a
+    synced write overwrites in place and cuts after."""
+    q = _queue(tmp_path)
+    q.set_owner(make_owner("n", 0))
+    q.claim_new = True  # born claimed: the runner's own remove_many pools the envelope
+    calls: list[tuple[str, int]] = []
+    real_truncate, real_write = os.ftruncate, os.write
+    monkeypatch.setattr(os, "ftruncate", lambda fd, n: (calls.append(("cut", n)),
+                                                        real_truncate(fd, n))[1])
+    monkeypatch.setattr(os, "write", lambda fd, b: (calls.append(("write", len(b))),
+                                                    real_write(fd, b))[1])
+    for sync in (False, True):
+        src = _spool(tmp_path, BIG)
+        qid = q.enqueue(src, _env("b@example.net"))
+        q.remove_many([qid])
+        assert len(q.envelopes) == 1
+        calls.clear()
+        put = q.enqueue_unsynced if not sync else q.enqueue
+        qid2 = put(src, _env("c@example.net"))
+        path = q.envelope_file(qid2)
+        assert path is not None
+        n = len(path.read_bytes())
+        if sync:
+            assert calls == [("write", n), ("cut", n)]
+        else:
+            assert calls == [("cut", 0), ("write", n)]
+        q.remove_many([qid2])
+        src.unlink()

@@ -344,7 +344,7 @@ class FileQueue:
         fd, reused = self._new_file(tmp)
         try:
             try:
-                self._write_all(fd, data, reused)
+                self._write_all(fd, data, reused, sync)
                 if sync:
                     os.fsync(fd)
             finally:
@@ -372,9 +372,15 @@ class FileQueue:
         return os.open(tmp, flags, 0o600), False
 
     @staticmethod
-    def _write_all(fd: int, data: bytes, reused: bool) -> None:
+    def _write_all(fd: int, data: bytes, reused: bool, synced: bool) -> None:
         """Write ``data`` at the start of ``fd``; a ``reused`` file is cut there (it may be
-        longer; one the same length frees and allocates no blocks)."""
+        longer; one the same length frees and allocates no blocks). A reused file that is
+        not ``synced`` before its rename (a batched enqueue) is emptied first instead: after a
+        crash before the batch's syncfs its name may be on disk before its data, and it must
+        then read as nothing (damaged, moved aside), never as the spent envelope it was."""
+        if reused and not synced:
+            os.ftruncate(fd, 0)
+            reused = False
         n = os.write(fd, data)  # a regular file takes a small write whole
         if n < len(data):
             view = memoryview(data)[n:]
@@ -580,7 +586,7 @@ class FileQueue:
         fd, reused = self._new_file(str(tmp))
         try:
             try:
-                self._write_all(fd, data, reused)
+                self._write_all(fd, data, reused, sync)
                 if sync:
                     os.fsync(fd)
             finally:

@@ -23,7 +23,13 @@ Rules that keep it safe:
 - two processes taking the same name: ``rename`` is atomic, one wins, the other gets ENOENT and
   tries the next name (or the caller creates a new file as before);
 - durability is the caller's as before: the data (and the length) of a taken file are synced
-  by the same fsync / syncfs that a new file gets before anyone relies on it;
+  by the same fsync / syncfs that a new file gets before anyone relies on it. A file reused in
+  place must have its new data on disk before any name that means "message" points at it,
+  or a crash (ext4 without a journal keeps no order) could show the spent message's bytes
+  under the new name: a spool file is synced before it is linked into a mailbox or the queue
+  (the group commit's first sync; ``commit_message``'s fsync), a synced envelope before its
+  rename; an envelope of a batched enqueue (synced after its rename) is emptied first
+  (``FileQueue._write_all``), so it reads as nothing, never as the old envelope;
 - privacy: a pooled file holds a delivered message's bytes until reused, so the pool is small
   (``limit`` files per process and kind), ``trim`` unlinks files pooled longer than ``max_age``
   seconds (the delivery runner calls it from its periodic work), and ``empty`` (at start,
