@@ -402,6 +402,16 @@ class IFileRecycler(Interface):
         them, cuts the file to its length and syncs it as a new file; None when there is none
         (the caller creates the file as before)."""
 
+    def prepare_envelope(source: str, envelope: dict) -> int | None:
+        """Before ``IBatchEnqueue.enqueue_unsynced(source, envelope)`` (``envelope`` naming
+        its ``id``): write its envelope now into a spent file under a temp name and return the
+        descriptor, for the caller to sync with the spool files' data (then close it) BEFORE
+        the enqueue names it; None when there is no spent file (the enqueue writes a new one).
+        A reused file's name never reaches the disk before its new data."""
+
+    def drop_prepared(qids: list[str]) -> None:
+        """Forget the prepared envelopes of ``qids`` that were not enqueued."""
+
     def trim_pool() -> int:
         """Unlink the spent files kept longer than a minute (they hold delivered messages);
         return how many. Blocking: the delivery runner's periodic work."""

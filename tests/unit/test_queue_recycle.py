@@ -259,34 +259,97 @@ def test_file_open_elsewhere_is_never_reused(tmp_path: Path) -> None:
     assert not (tmp_path / "dest").exists() and os.listdir(tmp_path / "free") == []
 
 
-def test_unsynced_reused_envelope_is_emptied_before_writing(tmp_path: Path, monkeypatch) -> None:
-    """A reused envelope written for a batched enqueue (no fsync before its rename: the
-    group commit's syncfs comes later) is cut to nothing before the new bytes are written, so
-    a crash that keeps its new name but not its new data never shows the spent envelope; a
-    synced write overwrites in place and cuts after."""
+def _pool_one_envelope(q: FileQueue, tmp_path: Path) -> None:
+    src = _spool(tmp_path, BIG)
+    qid = q.enqueue(src, _env("b@example.net"))
+    src.unlink()
+    q.remove_many([qid])
+    assert len(q.envelopes) == 1
+
+
+def test_batched_envelope_reuses_a_file_only_when_prepared(tmp_path: Path) -> None:
+    """A batched enqueue (no fsync before the envelope's rename) never overwrites a spent
+    envelope in place by itself (its name could reach the disk before its data); with
+    prepare_envelope the spent file is written first under a temp name (for the caller's
+    data sync) and the enqueue only renames it into the owner's claim."""
     q = _queue(tmp_path)
     q.set_owner(make_owner("n", 0))
-    q.claim_new = True  # born claimed: the runner's own remove_many pools the envelope
-    calls: list[tuple[str, int]] = []
-    real_truncate, real_write = os.ftruncate, os.write
-    monkeypatch.setattr(os, "ftruncate", lambda fd, n: (calls.append(("cut", n)),
-                                                        real_truncate(fd, n))[1])
-    monkeypatch.setattr(os, "write", lambda fd, b: (calls.append(("write", len(b))),
-                                                    real_write(fd, b))[1])
-    for sync in (False, True):
-        src = _spool(tmp_path, BIG)
-        qid = q.enqueue(src, _env("b@example.net"))
-        q.remove_many([qid])
-        assert len(q.envelopes) == 1
-        calls.clear()
-        put = q.enqueue_unsynced if not sync else q.enqueue
-        qid2 = put(src, _env("c@example.net"))
-        path = q.envelope_file(qid2)
-        assert path is not None
-        n = len(path.read_bytes())
-        if sync:
-            assert calls == [("write", n), ("cut", n)]
-        else:
-            assert calls == [("cut", 0), ("write", n)]
-        q.remove_many([qid2])
-        src.unlink()
+    q.claim_new = True
+    _pool_one_envelope(q, tmp_path)
+    src = _spool(tmp_path, b"small\n")
+    q.enqueue_unsynced(src, {**_env("c@example.net"), "id": "0123456789abcdef0000000a"})
+    assert len(q.envelopes) == 1  # a new file: the spent one waits
+
+    env = {**_env("d@example.net"), "id": "0123456789abcdef0000000b"}
+    fd = q.prepare_envelope(str(src), env)
+    assert fd is not None and len(q.envelopes) == 0
+    ino = os.fstat(fd).st_ino
+    os.close(fd)
+    (tmp_name,) = [n for n in os.listdir(q.tmp_dir) if "0000000b" in n]
+    assert q.envelope_file(env["id"]) is None  # no name means "queued" yet
+    assert q.enqueue_unsynced(src, env) == env["id"]
+    path = q.envelope_file(env["id"])
+    assert path is not None and os.stat(path).st_ino == ino
+    data = json.loads(path.read_bytes())
+    assert data["id"] == env["id"] and data["size"] == 6
+    assert data["recipients"][0]["address"] == "d@example.net"
+    born = q.take_born(env["id"])
+    assert born is not None and born.id == env["id"]
+    assert tmp_name not in os.listdir(q.tmp_dir)
+
+
+def test_prepared_envelope_of_a_failed_message_is_dropped(tmp_path: Path) -> None:
+    """A prepared envelope whose message never gets enqueued (it failed in the batch) is
+    unlinked by drop_prepared: nothing is left in tmp/ and nothing is queued."""
+    q = _queue(tmp_path)
+    q.set_owner(make_owner("n", 0))
+    q.claim_new = True
+    _pool_one_envelope(q, tmp_path)
+    src = _spool(tmp_path, b"x\n")
+    env = {**_env("d@example.net"), "id": "0123456789abcdef0000000c"}
+    fd = q.prepare_envelope(str(src), env)
+    assert fd is not None
+    os.close(fd)
+    q.drop_prepared([env["id"]])
+    assert os.listdir(q.tmp_dir) == [] and q.ids() == []
+
+
+def test_group_commit_syncs_prepared_envelopes_with_the_spool_data(tmp_path: Path) -> None:
+    """In the SMTP group commit with a recycling queue, a relayed message's spool file is a
+    spent body and its envelope a spent envelope written before the batch's first sync (the
+    sync of the spool files' data), so both have their data on disk before any name points
+    at them; the message is queued whole and the pool is used."""
+    from pop3coexist.smtp.incoming import GroupCommitter
+    from pop3coexist.store.maildir import MaildirStore
+    from tests.support.fakes import sync_run_blocking
+
+    store = MaildirStore(tmp_path / "mailroot")
+    q = FileQueue(store.root.parent / "queue", "mx.example", recycle=16)
+    q.ensure_dirs()
+    q.set_owner(make_owner("n", 0))
+    q.claim_new = True
+    src = _spool(tmp_path, BIG)
+    first = q.enqueue(src, _env("b@example.net"))
+    src.unlink()
+    q.remove_many([first])
+    assert len(q.bodies) == 1 and len(q.envelopes) == 1
+    order: list[str] = []
+
+    def syncfs(fd: int) -> None:
+        order.append("sync:" + ",".join(sorted(os.listdir(q.tmp_dir))))
+        os.fsync(fd)
+
+    committer = GroupCommitter(store, q, sync_run_blocking, sync_fs=syncfs, syncfs_min=2)
+    qid = "0123456789abcdef0000000d"
+    w = SpoolWriter(store.spool_dir(), qid, lazy=True)
+    w.write(b"relayed\n")
+    d = committer.commit(w, [], {**_env("far@example.net"), "id": qid})
+    done: list[object] = []
+    d.addBoth(done.append)
+    assert done == [[]]
+    assert order[0].startswith("sync:env.") and qid in order[0]  # the prepared envelope
+    assert len(q.bodies) == 0 and len(q.envelopes) == 0
+    assert q.body_path(qid).read_bytes() == b"relayed\n"
+    env = q.take_born(qid)
+    assert env is not None and env.size == len(b"relayed\n")
+    assert os.listdir(q.tmp_dir) == []

@@ -798,14 +798,20 @@ class GroupCommitter:
             except BaseException as e:
                 item.error = e
                 item.spool.abort()
+        # the envelopes of queued messages written ahead into spent files (store/recycle.py),
+        # so that step 1 makes their data durable before step 2 names them
+        prepared = self._prepare_envelopes(live)
         try:
             # 1. the spool files' data (and their size) on disk, before any link to them
             try:
-                self._sync([item.spool.fd for item in live])  # type: ignore[misc]
+                self._sync([item.spool.fd for item in live] + prepared)  # type: ignore[misc]
             except BaseException as e:
                 for item in live:
                     item.error = e
                 live = []
+            finally:
+                for fd in prepared:
+                    os.close(fd)
             for item in live:
                 item.spool.close()
             # 2. link into the mailboxes, enqueue for the others
@@ -840,12 +846,29 @@ class GroupCommitter:
             if published:
                 self.queue.publish(published)
         finally:
+            if prepared:  # those not enqueued (a failed message): their temp files go
+                self._recycler.drop_prepared(  # type: ignore[union-attr]
+                    [item.envelope["id"] for item in live if item.envelope and "id" in item.envelope])
             for item in batch:
                 if item.queued and item.error is not None:
                     with contextlib.suppress(OSError):
                         self.queue.discard(item.queued)
                     item.queued = None
                 item.spool.abort()
+
+    def _prepare_envelopes(self, live: list[_Pending]) -> list[int]:
+        """IFileRecycler.prepare_envelope for each message the batch will enqueue unsynced;
+        the descriptors to sync in step 1 (and close)."""
+        fds: list[int] = []
+        if self._recycler is None or not self._batch_queue:
+            return fds
+        for item in live:
+            env = item.envelope
+            if env is not None and env.get("recipients") and not item.spool.local_prefix:
+                fd = self._recycler.prepare_envelope(item.spool.file, env)
+                if fd is not None:
+                    fds.append(fd)
+        return fds
 
     def _deliver(self, item: _Pending) -> None:
         queued = bool(item.envelope is not None and item.envelope.get("recipients"))

@@ -122,6 +122,11 @@ def make_owner(node: str | None = None, worker: int = 0) -> str:
     return f"{node}.w{int(worker)}.{os.getpid():x}{secrets.token_hex(3)}"
 
 
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def _validate(envelope: dict) -> None:
     """Raise ValueError with a clear message if ``envelope`` is not the documented shape."""
     if not isinstance(envelope, dict):
@@ -184,6 +189,8 @@ class FileQueue:
         # messages queued straight into this owner's claim (module docstring: born claimed)
         self.claim_new = False
         self._born: dict[str, Envelope] = {}
+        # envelopes written ahead into spent files for batched enqueues (prepare_envelope)
+        self._prepared: dict[str, tuple[str, Envelope]] = {}
 
     def __repr__(self) -> str:
         return f"<FileQueue {self.root}>"
@@ -290,12 +297,39 @@ class FileQueue:
                          why=e.strerror)
                 self._copy_durable(src, body)
                 break
+        prepared = None if sync else self._pop_prepared(given)
+        if prepared is not None and qid != given:  # written for another id: not this one
+            _unlink_quiet(prepared[0])
+            prepared = None
         try:
+            if prepared is not None:  # its data is on disk already (prepare_envelope)
+                self._place_prepared(*prepared)
+                return qid
             if sync:
                 _fsync_dir(self.msg_dir)
-            now = self.clock()
-            size = body.stat().st_size
-            record = Envelope(
+            record = self._record(qid, envelope, body.stat().st_size)
+            born = self.claim_new and self.owner is not None
+            if not (born and self._create_claimed(record, sync)):
+                born = False
+                self.save(record, create=True, sync=sync)
+            if born:
+                with self._lock:
+                    if self.claim_new:
+                        self._born[qid] = record
+        except BaseException:
+            # no envelope, no queue entry: a body left alone in msg/ would be a half-written
+            # message nobody delivers or removes (issue 16 soak, the disk-full fault)
+            with contextlib.suppress(OSError):
+                body.unlink()
+            if prepared is not None:
+                _unlink_quiet(prepared[0])
+            raise
+        return qid
+
+    def _record(self, qid: str, envelope: dict, size: int) -> Envelope:
+        """The Envelope of a new message ``qid`` of ``size`` octets from the submission dict."""
+        now = self.clock()
+        return Envelope(
                 id=qid,
                 sender=envelope["sender"],
                 ret=envelope.get("ret"),
@@ -315,21 +349,28 @@ class FileQueue:
                     for r in envelope["recipients"]
                 ],
             )
-            born = self.claim_new and self.owner is not None
-            if not (born and self._create_claimed(record, sync)):
-                born = False
-                self.save(record, create=True, sync=sync)
-            if born:
+
+    def _place_prepared(self, tmp: str, record: Envelope) -> None:
+        """Rename a prepared envelope (``prepare_envelope``) to its place: this owner's claim
+        (born claimed) or env/ when there is no claim to go to."""
+        qid = record.id
+        if self.claim_new and self.owner is not None:
+            try:
+                os.rename(tmp, f"{self.claimed_dir}/{self.owner}/{qid}.json")
+            except FileNotFoundError:  # the claim folder was taken back: env/ as before
+                pass
+            else:
                 with self._lock:
                     if self.claim_new:
                         self._born[qid] = record
-        except BaseException:
-            # no envelope, no queue entry: a body left alone in msg/ would be a half-written
-            # message nobody delivers or removes (issue 16 soak, the disk-full fault)
-            with contextlib.suppress(OSError):
-                body.unlink()
-            raise
-        return qid
+                return
+        os.replace(tmp, self.envelope_path(qid))
+
+    def _pop_prepared(self, qid: object) -> tuple[str, Envelope] | None:
+        if not self._prepared or not isinstance(qid, str):
+            return None
+        with self._lock:
+            return self._prepared.pop(qid, None)
 
     def _create_claimed(self, env: Envelope, sync: bool) -> bool:
         """Write a new envelope into this owner's claim (born claimed); False when the claim
@@ -341,10 +382,10 @@ class FileQueue:
         folder = f"{self.claimed_dir}/{owner}"
         tmp = f"{self.tmp_dir}/env.{qid}.{secrets.token_hex(4)}"
         data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
-        fd, reused = self._new_file(tmp)
+        fd, reused = self._new_file(tmp, sync)
         try:
             try:
-                self._write_all(fd, data, reused, sync)
+                self._write_all(fd, data, reused)
                 if sync:
                     os.fsync(fd)
             finally:
@@ -362,25 +403,23 @@ class FileQueue:
             _fsync_dir(Path(folder))
         return True
 
-    def _new_file(self, tmp: str) -> tuple[int, bool]:
+    def _new_file(self, tmp: str, synced: bool) -> tuple[int, bool]:
         """A new temp file for an envelope, open for writing at offset 0, and whether it is a
-        spent envelope from the pool (``_write_all`` cuts it to its new length)."""
-        fd = self.envelopes.take(tmp)
+        spent envelope from the pool (``_write_all`` cuts it to its new length). Only for an
+        envelope ``synced`` before its rename: a reused file's name must never reach the disk
+        before its new data, or a crash could show the spent envelope (or a mix of the two)
+        under the new name; a batched enqueue gets a reused file through
+        ``prepare_envelope`` instead, whose data the group commit syncs before any name."""
+        fd = self.envelopes.take(tmp) if synced else None
         if fd is not None:
             return fd, True
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         return os.open(tmp, flags, 0o600), False
 
     @staticmethod
-    def _write_all(fd: int, data: bytes, reused: bool, synced: bool) -> None:
+    def _write_all(fd: int, data: bytes, reused: bool) -> None:
         """Write ``data`` at the start of ``fd``; a ``reused`` file is cut there (it may be
-        longer; one the same length frees and allocates no blocks). A reused file that is
-        not ``synced`` before its rename (a batched enqueue) is emptied first instead: after a
-        crash before the batch's syncfs its name may be on disk before its data, and it must
-        then read as nothing (damaged, moved aside), never as the spent envelope it was."""
-        if reused and not synced:
-            os.ftruncate(fd, 0)
-            reused = False
+        longer; one the same length frees and allocates no blocks)."""
         n = os.write(fd, data)  # a regular file takes a small write whole
         if n < len(data):
             view = memoryview(data)[n:]
@@ -391,6 +430,44 @@ class FileQueue:
             os.ftruncate(fd, len(data))
 
     # ------------------------------------------------------------------ IFileRecycler
+
+    def prepare_envelope(self, source: str, envelope: dict) -> int | None:
+        """See IFileRecycler: the envelope of a coming ``enqueue_unsynced(source, envelope)``
+        written now into a spent envelope file under a temp name, so that the caller's sync of
+        the spool files' data covers it before any name points at it; None when no spent
+        envelope is at hand (or the submission names no id): the enqueue writes a new file."""
+        given = envelope.get("id")
+        if not isinstance(given, str) or not _ID_RE.match(given) or not len(self.envelopes):
+            return None
+        tmp = f"{self.tmp_dir}/env.{given}.{secrets.token_hex(4)}"
+        fd = self.envelopes.take(tmp)
+        if fd is None:
+            return None
+        try:
+            _validate(envelope)
+            record = self._record(given, envelope, os.stat(source).st_size)
+            data = json.dumps(record.to_json(), separators=(",", ":"), sort_keys=True).encode()
+            self._write_all(fd, data, True)
+        except (OSError, ValueError, KeyError, TypeError):
+            os.close(fd)
+            _unlink_quiet(tmp)
+            return None  # the enqueue meets (and reports) the same trouble
+        with self._lock:
+            old = self._prepared.pop(given, None)
+            self._prepared[given] = (tmp, record)
+        if old is not None:
+            _unlink_quiet(old[0])
+        return fd
+
+    def drop_prepared(self, qids: list[str]) -> None:
+        """See IFileRecycler: forget the prepared envelopes of ``qids`` not enqueued (their
+        message failed before): their temp files are unlinked."""
+        if not self._prepared:
+            return
+        with self._lock:
+            gone = [self._prepared.pop(q) for q in qids if q in self._prepared]
+        for tmp, _ in gone:
+            _unlink_quiet(tmp)
 
     def take_file(self, dest: str) -> int | None:
         """See IFileRecycler: a spent message body renamed to ``dest``, open at offset 0."""
@@ -583,10 +660,10 @@ class FileQueue:
             path = found
         tmp = self.tmp_dir / f"env.{qid}.{secrets.token_hex(4)}"
         data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
-        fd, reused = self._new_file(str(tmp))
+        fd, reused = self._new_file(str(tmp), sync)
         try:
             try:
-                self._write_all(fd, data, reused, sync)
+                self._write_all(fd, data, reused)
                 if sync:
                     os.fsync(fd)
             finally:
