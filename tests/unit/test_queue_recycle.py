@@ -353,3 +353,35 @@ def test_group_commit_syncs_prepared_envelopes_with_the_spool_data(tmp_path: Pat
     env = q.take_born(qid)
     assert env is not None and env.size == len(b"relayed\n")
     assert os.listdir(q.tmp_dir) == []
+
+
+def test_failed_data_sync_leaves_no_prepared_envelope(tmp_path: Path) -> None:
+    """The group commit's first sync fails: the message fails (no 250), its prepared
+    envelope's temp file is unlinked and nothing is queued."""
+    from pop3coexist.smtp.incoming import GroupCommitter
+    from pop3coexist.store.maildir import MaildirStore
+    from tests.support.fakes import sync_run_blocking
+
+    store = MaildirStore(tmp_path / "mailroot")
+    q = FileQueue(store.root.parent / "queue", "mx.example", recycle=16)
+    q.ensure_dirs()
+    q.set_owner(make_owner("n", 0))
+    q.claim_new = True
+    src = _spool(tmp_path, BIG)
+    first = q.enqueue(src, _env("b@example.net"))
+    src.unlink()
+    q.remove_many([first])
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "EIO")
+
+    committer = GroupCommitter(store, q, sync_run_blocking, sync_fs=failing, fsync=failing)
+    qid = "0123456789abcdef0000000e"
+    w = SpoolWriter(store.spool_dir(), qid, lazy=True)
+    w.write(b"relayed\n")
+    done: list[object] = []
+    committer.commit(w, [], {**_env("far@example.net"), "id": qid}).addBoth(done.append)
+    assert len(done) == 1 and not isinstance(done[0], list)
+    done.clear()  # the failure is handled
+    assert os.listdir(q.tmp_dir) == [] and q.ids() == [] and q.take_born(qid) is None
+    assert not q.body_path(qid).exists() and os.listdir(store.spool_dir()) == []

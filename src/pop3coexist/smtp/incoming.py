@@ -800,7 +800,7 @@ class GroupCommitter:
                 item.spool.abort()
         # the envelopes of queued messages written ahead into spent files (store/recycle.py),
         # so that step 1 makes their data durable before step 2 names them
-        prepared = self._prepare_envelopes(live)
+        prepared, prepared_ids = self._prepare_envelopes(live)
         try:
             # 1. the spool files' data (and their size) on disk, before any link to them
             try:
@@ -846,9 +846,8 @@ class GroupCommitter:
             if published:
                 self.queue.publish(published)
         finally:
-            if prepared:  # those not enqueued (a failed message): their temp files go
-                self._recycler.drop_prepared(  # type: ignore[union-attr]
-                    [item.envelope["id"] for item in live if item.envelope and "id" in item.envelope])
+            if prepared_ids:  # those not enqueued (a failed message): their temp files go
+                self._recycler.drop_prepared(prepared_ids)  # type: ignore[union-attr]
             for item in batch:
                 if item.queued and item.error is not None:
                     with contextlib.suppress(OSError):
@@ -856,19 +855,21 @@ class GroupCommitter:
                     item.queued = None
                 item.spool.abort()
 
-    def _prepare_envelopes(self, live: list[_Pending]) -> list[int]:
-        """IFileRecycler.prepare_envelope for each message the batch will enqueue unsynced;
-        the descriptors to sync in step 1 (and close)."""
+    def _prepare_envelopes(self, live: list[_Pending]) -> tuple[list[int], list[str]]:
+        """IFileRecycler.prepare_envelope for each message the batch will enqueue unsynced:
+        the descriptors to sync in step 1 (and close), and the queue ids prepared."""
         fds: list[int] = []
+        ids: list[str] = []
         if self._recycler is None or not self._batch_queue:
-            return fds
+            return fds, ids
         for item in live:
             env = item.envelope
             if env is not None and env.get("recipients") and not item.spool.local_prefix:
                 fd = self._recycler.prepare_envelope(item.spool.file, env)
                 if fd is not None:
                     fds.append(fd)
-        return fds
+                    ids.append(env["id"])
+        return fds, ids
 
     def _deliver(self, item: _Pending) -> None:
         queued = bool(item.envelope is not None and item.envelope.get("recipients"))

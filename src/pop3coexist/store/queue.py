@@ -70,7 +70,9 @@ Recycling (``recycle`` > 0, README "On disk"; issue 17): a removed message's env
 body when it has no other link (``st_nlink == 1``: no mailbox shares it), are renamed into
 ``queue/free/`` instead of unlinked (``FilePool.put``, bounded); a new envelope temp file, and
 through ``take_file`` (IFileRecycler) a new spool file, is one of them renamed back and
-overwritten in place, then cut to its length and synced as a new file is. A crash leaves a
+overwritten in place, then cut to its length and synced as a new file is, its data always
+before any name that means "queued" points at it (a batched enqueue's envelope is written
+ahead by ``prepare_envelope``, synced with the spool files' data). A crash leaves a
 reused file only under a temp or spool name (removed at start) or in free/ (emptied by
 ``recover``). A pooled file holds a delivered message's bytes until it is reused or trimmed
 (``trim_pool``, a minute). Off on a shared queue.
@@ -330,25 +332,25 @@ class FileQueue:
         """The Envelope of a new message ``qid`` of ``size`` octets from the submission dict."""
         now = self.clock()
         return Envelope(
-                id=qid,
-                sender=envelope["sender"],
-                ret=envelope.get("ret"),
-                envid=envelope.get("envid"),
-                body=envelope.get("body"),
-                received_from=envelope.get("received_from", ""),
-                arrival=float(envelope.get("arrival") or now),
-                queued=now,
-                hops=int(envelope.get("hops") or 0),
-                size=size,
-                recipients=[
-                    Recipient(
-                        address=r["address"],
-                        orcpt=r.get("orcpt"),
-                        notify=[n.upper() for n in r["notify"]] if r.get("notify") else None,
-                    )
-                    for r in envelope["recipients"]
-                ],
-            )
+            id=qid,
+            sender=envelope["sender"],
+            ret=envelope.get("ret"),
+            envid=envelope.get("envid"),
+            body=envelope.get("body"),
+            received_from=envelope.get("received_from", ""),
+            arrival=float(envelope.get("arrival") or now),
+            queued=now,
+            hops=int(envelope.get("hops") or 0),
+            size=size,
+            recipients=[
+                Recipient(
+                    address=r["address"],
+                    orcpt=r.get("orcpt"),
+                    notify=[n.upper() for n in r["notify"]] if r.get("notify") else None,
+                )
+                for r in envelope["recipients"]
+            ],
+        )
 
     def _place_prepared(self, tmp: str, record: Envelope) -> None:
         """Rename a prepared envelope (``prepare_envelope``) to its place: this owner's claim

@@ -28,8 +28,9 @@ Rules that keep it safe:
   or a crash (ext4 without a journal keeps no order) could show the spent message's bytes
   under the new name: a spool file is synced before it is linked into a mailbox or the queue
   (the group commit's first sync; ``commit_message``'s fsync), a synced envelope before its
-  rename; an envelope of a batched enqueue (synced after its rename) is emptied first
-  (``FileQueue._write_all``), so it reads as nothing, never as the old envelope;
+  rename; an envelope of a batched enqueue (whose sync comes after its rename) gets a spent
+  file only through ``FileQueue.prepare_envelope``, written before the group commit's first
+  sync, else a new file (which a crash shows empty, never as an old envelope);
 - privacy: a pooled file holds a delivered message's bytes until reused, so the pool is small
   (``limit`` files per process and kind), ``trim`` unlinks files pooled longer than ``max_age``
   seconds (the delivery runner calls it from its periodic work), and ``empty`` (at start,
