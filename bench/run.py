@@ -14,14 +14,14 @@ Sections (``--only`` takes a comma list of these names):
   against Postfix (virtual transport to Maildir, default durability); messages/s for the
   acceptance (smtp-source's wall time) and for "all N messages in the Maildir". Runs alternate
   between the two servers.
-- ``pop3``: 10 mailboxes x 1,000 messages of 4 KB; 10 concurrent clients (one process each, a
-  lean socket client) log in, then RETR + DELE every message and QUIT; against pop3coexist and
-  Dovecot over identical copies of the same Maildir; messages/s from the first RETR to the last
-  QUIT's reply.
 - ``relay``: N messages for a foreign domain from a trusted client into pop3coexist, out
   through its smart host into ``smtp-sink``, and the same into Postfix with ``relayhost`` set
   to the same ``smtp-sink`` (durable on both sides: each fsyncs its queue file before the 250);
   runs alternate; messages/s accepted and fully relayed (queue empty).
+- ``pop3``: 10 mailboxes x 1,000 messages of 4 KB; 10 concurrent clients (one process each, a
+  lean socket client) log in, then RETR + DELE every message and QUIT; against pop3coexist and
+  Dovecot over identical copies of the same Maildir; messages/s from the first RETR to the last
+  QUIT's reply.
 - ``stages``: ``smtp-source`` as in ``smtp`` against two servers of this build, runs
   alternating: without the optional stages, and with them configured but idle for this mail
   (``[sender_authentication]`` on, but the client is inside; a milter on the submission
@@ -74,7 +74,9 @@ from bench.peers import DovecotInstance, PostfixInstance, ensure_packages, free_
 from tests.support.server import HOSTNAME, ServerProcess  # noqa: E402
 
 PASSWORD = "bench-Passw0rd"
-SECTIONS = ("fsync", "smtp", "pop3", "relay", "stages", "milter", "memory", "imap")
+# in this order: the sections that create many files (smtp, relay) before the one whose
+# measured work deletes many (pop3's QUIT), see empty_folder
+SECTIONS = ("fsync", "smtp", "relay", "pop3", "stages", "milter", "memory", "imap")
 OPT_IN = ("cluster", "imapidle")  # only with --only: bench/cluster.py (GlusterFS in network
 # namespaces); the IMAP section's 1,000 IDLE sessions alone (bench/imap_fetch.py)
 MSG_SIZE = 4096
@@ -142,9 +144,18 @@ def machine() -> dict:
     try:
         tmpdir = os.path.realpath(tempfile.gettempdir())
         for line in Path("/proc/mounts").read_text().splitlines():
-            _dev, mnt, kind = line.split()[:3]
+            dev, mnt, kind, options = line.split()[:4]
             if (tmpdir == mnt or tmpdir.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
                 fs, best = kind, mnt
+                if kind == "ext4":  # both change what a create and an unlink cost (empty_folder)
+                    name = os.path.basename(dev)
+                    jbd2 = Path("/proc/fs/jbd2")
+                    if Path("/proc/fs/ext4", name).exists() and not (
+                            jbd2.is_dir() and any(e.name.startswith(f"{name}-")
+                                                  for e in jbd2.iterdir())):
+                        fs += " without a journal"
+                    if "discard" in options.split(","):
+                        fs += ", mounted with discard"
     except (OSError, ValueError):
         pass
 
@@ -191,7 +202,8 @@ def bench_fsync(tmp: Path, seconds: float = 2.0) -> dict:
         n += 1
     os.close(dfd)
     syncfs_rate = n / (time.perf_counter() - start)
-    shutil.rmtree(d)
+    # the files stay until the benchmark's temporary folder is removed at the end: deleting
+    # thousands here would make the next section's file creations walk them (empty_folder)
     return {"fsync_per_s": fsync_rate, "syncfs_per_s": syncfs_rate}
 
 
@@ -244,8 +256,27 @@ def wait_count(folder: Path, want: int, start: float, timeout: float = 300) -> f
 
 
 def empty_folder(folder: Path) -> None:
-    for entry in os.scandir(folder):
-        os.unlink(entry.path)
+    """Leave ``folder`` empty for the next run without deleting a file: the folder is renamed
+    to a sibling with the same owner and mode (``new.1``, ``new.2``, ...: removed with the benchmark's temporary folder at
+    the end) and made again.
+
+    Deleting the last run's messages here charged the next run for the harness's work: on
+    ext4 without a journal (as on the machine the README describes), every new inode's
+    allocation scans the free inodes of its group deleted in the last 60 s (360 s while their
+    inode table block is dirty; ``recently_deleted`` in ext4's ialloc.c) one by one, so 10,000
+    deletions just before a run made each of its file creations walk thousands of them
+    (perf: about a quarter of the server's CPU in that scan). Moving the files aside frees no
+    inode, for pop3coexist and for the peer alike.
+    """
+    st = folder.stat()
+    mode = st.st_mode & 0o7777
+    n = 1
+    while folder.with_name(f"{folder.name}.{n}").exists():
+        n += 1
+    folder.rename(folder.with_name(f"{folder.name}.{n}"))
+    folder.mkdir(mode=mode)
+    os.chmod(folder, mode)
+    os.chown(folder, st.st_uid, st.st_gid)
 
 
 def bench_smtp(tmp: Path, runs: int, messages: int, peers: dict) -> dict:
@@ -835,6 +866,10 @@ def main() -> None:
     ap.add_argument("--milter", choices=("accept", "clamav"), default="accept",
                     help="the milter of the milter section: a trivial accept-everything one "
                          "(default) or clamd + clamav-milter")
+    ap.add_argument("--settle", type=float, default=60.0,
+                    help="seconds to wait after a sync before the first section (default 60): "
+                         "files deleted just before the benchmark (a test run's clean-up) make "
+                         "new files slow to create on ext4 without a journal (empty_folder)")
     ap.add_argument("--workers", default="auto",
                     help='server.workers for pop3coexist: a number or "auto" (default)')
     args = ap.parse_args()
@@ -859,6 +894,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="p3c-bench-") as tmp_name:
         tmp = Path(tmp_name)
         os.chmod(tmp, 0o755)
+        if args.settle > 0:
+            log(f"sync, then {args.settle:.0f} s for earlier deletions to age (--settle)")
+            os.sync()
+            time.sleep(args.settle)
         for section in (*SECTIONS, *OPT_IN):
             if section not in only:
                 continue

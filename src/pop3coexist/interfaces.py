@@ -753,6 +753,11 @@ class IMailboxRules(Interface):
         ``policy.stages.Message``): it may refuse recipients (``Message.decide``), take
         discarded ones out of ``message.recipients``, and queue copies; ACCEPT when nothing is
         left to store (the spool file is then removed)."""
+
+    def idle(message: object) -> bool:
+        """True when ``apply`` would CONTINUE at once for ``message``, touching nothing (every
+        local recipient's mailbox is known to have no active script): the stages may then
+        skip the rules stage (``policy.stages.start_stages``, issue 17)."""
 # --------------------------------------------------------------------------- content filters
 
 

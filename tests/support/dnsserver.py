@@ -103,27 +103,37 @@ class DnsServer:
                 self.proc.wait()
 
 
+def listen_both(reactor: object, factory: object, make_protocol: object,
+                attempts: int = 20) -> int:
+    """Listen for DNS on one loopback port for UDP and TCP: UDP on port 0 (the OS picks), then
+    TCP on the same number; when TCP finds it taken, stop that UDP port and try again. Returns
+    the port number; raises SystemExit after ``attempts`` tries.
+
+    ``make_protocol()`` gives a new datagram protocol for each attempt: a stopped UDP port lets
+    go of its protocol only at the next reactor turn, and a protocol takes one transport
+    (Twisted asserts it; seen in a CI run when the TCP port was taken).
+    """
+    from twisted.internet.error import CannotListenError
+
+    for _attempt in range(attempts):
+        udp = reactor.listenUDP(0, make_protocol(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        port = udp.getHost().port
+        try:
+            reactor.listenTCP(port, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        except CannotListenError:
+            udp.stopListening()
+            continue
+        return port
+    sys.exit("no port free for both UDP and TCP")
+
+
 def _serve(files: list[str]) -> None:
     from twisted.internet import reactor
-    from twisted.internet.error import CannotListenError
     from twisted.names import authority, dns, server
 
     authorities = [authority.PySourceAuthority(f) for f in files]
     factory = server.DNSServerFactory(authorities=authorities)
-    for _attempt in range(20):  # UDP first on port 0, then TCP on the same port
-        # a new protocol each attempt: a stopped UDP port lets go of its protocol only at the
-        # next reactor turn, and a protocol takes one transport (Twisted asserts it)
-        protocol = dns.DNSDatagramProtocol(factory)
-        udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
-        port = udp.getHost().port
-        try:
-            reactor.listenTCP(port, factory, interface="127.0.0.1")
-        except CannotListenError:
-            udp.stopListening()
-            continue
-        break
-    else:
-        sys.exit("no port free for both UDP and TCP")
+    port = listen_both(reactor, factory, lambda: dns.DNSDatagramProtocol(factory))
     sys.stdout.write(f"port {port}\n")
     sys.stdout.flush()
     reactor.run()

@@ -20,9 +20,10 @@ import pytest
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from pop3coexist.errors import MailError, QuotaExceeded
-from pop3coexist.interfaces import SMTPSession
+from pop3coexist.interfaces import IMailboxRules, SMTPSession
 from pop3coexist.policy.inline import run_now
 from pop3coexist.policy.stages import (
     ACCEPT,
@@ -273,7 +274,11 @@ def test_a_stage_with_work_to_do_takes_run_stages() -> None:
     run as coroutines (the rules and the content check are asked; same results)."""
     asked: list[str] = []
 
+    @implementer(IMailboxRules)
     class Rules:
+        def idle(self, msg: Message) -> bool:
+            return False  # a script to run
+
         async def apply(self, msg: Message) -> Verdict:
             asked.append("rules")
             return CONTINUE

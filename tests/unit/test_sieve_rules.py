@@ -28,6 +28,7 @@ from pop3coexist.policy.stages import (
     Recipient,
     RecipientRules,
     run_stages,
+    start_stages,
 )
 from pop3coexist.smtp.incoming import SpoolWriter
 from pop3coexist.store.maildir import MaildirStore
@@ -324,3 +325,35 @@ def test_mailboxes_without_rules_cost_no_thread_hop_for_a_second(env) -> None:  
     now[0] += 1.5
     msg = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))])
     assert apply(rules, msg).outcome is Outcome.ACCEPT and len(calls) == 2
+
+
+def test_rules_known_empty_make_the_stage_idle(env) -> None:  # noqa: ANN001
+    """``idle`` is True only while every local recipient's mailbox is known to have no active
+    script (a look found none less than NO_SCRIPT_TTL seconds ago): then start_stages takes
+    its plain-callback path (the rules are not asked) with the same result; a mailbox not yet
+    looked at, or looked at too long ago, makes the stage run (and a script found then acts)."""
+    store, scripts, queue, _ = env
+    now = [100.0]
+    rules = SieveRules(RulesSettings(hostname="mx"), scripts, queue, store, blocking,
+                       monotonic=lambda: now[0])
+    stage = RecipientRules(rules)
+    first = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted")), ("far@example.net", None)])
+    assert not stage.idle(first)  # never looked at
+    apply(rules, first)
+    second = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted")), ("far@example.net", None)])
+    assert stage.idle(second)  # known without rules; the outside recipient is not the rules'
+    assert not stage.idle(message(store, MAIL, [("ann@pop.contoso.test", (D, "ann"))]))
+
+    committer = FakeCommitter()
+    asked: list = []
+    rules.apply = lambda msg: asked.append(msg)  # type: ignore[method-assign]
+    d = start_stages(second, [ExpandRecipients(), RecipientRules(rules), CommitStage(committer)])
+    assert d.called and committer.local == [(D, "ted")] and asked == []
+    del rules.apply
+
+    scripts.put_script(D, "ted", "d", "discard;")
+    scripts.set_active(D, "ted", "d")
+    now[0] += 1.5
+    third = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))])
+    assert not stage.idle(third)
+    assert apply(rules, third).outcome is Outcome.ACCEPT  # the script ran: discarded

@@ -420,3 +420,19 @@ def test_config_default_grace_reaches_the_service_store(tmp_path: Path) -> None:
     cfg = parse_config(f'[server]\nhostname = "h.test"\nstate_dir = "{tmp_path}"\n'
                        '[domains]\nquota_grace = "2KB"\n')
     assert Components(cfg).store.quota_grace == QuotaGrace(bytes=2000)
+
+
+def test_which_local_recipients_ask_for_a_delivered_report() -> None:
+    """The committer's quick test for "no report owed" agrees with dsn.wants_notice: a
+    "delivered" report only where NOTIFY lists SUCCESS (any case) and not NEVER; no NOTIFY
+    (None, empty) asks for failures and delays only (RFC 3461 section 4.1)."""
+    from pop3coexist.smtp.dsn import wants_notice
+    from pop3coexist.smtp.incoming import _asks_success
+    from pop3coexist.store.envelope import Recipient
+
+    for notify in (None, [], ["SUCCESS"], ["success", "FAILURE"], ["NEVER"], ["FAILURE"],
+                   ["DELAY", "Success"], ["NEVER", "SUCCESS"]):
+        given = {"address": "ted@pop.contoso.test", "orcpt": None, "notify": notify}
+        entry = Recipient(given["address"], notify=notify or None)
+        assert _asks_success(given) == wants_notice(entry, "delivered"), notify
+    assert not _asks_success(None)

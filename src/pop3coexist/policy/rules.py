@@ -122,12 +122,19 @@ class SieveRules:
         self._compiled: dict[tuple[str, str], tuple[Any, list[Command] | SieveSyntaxError]] = {}
         self._no_script: dict[tuple[str, str], float] = {}  # mailbox -> known until (monotonic)
 
+    def idle(self, message: Message) -> bool:
+        """See IMailboxRules: every local recipient's mailbox known to have no active script
+        (looked at less than ``NO_SCRIPT_TTL`` seconds ago)."""
+        now = self.monotonic()
+        known = self._no_script
+        return all(known.get(r.mailbox, 0.0) > now  # type: ignore[arg-type]
+                   for r in message.recipients if r.mailbox is not None)
+
     async def apply(self, message: Message) -> Verdict:
         """See IMailboxRules."""
-        local = [r for r in message.recipients if r.mailbox is not None]
-        now = self.monotonic()
-        if all(self._no_script.get(r.mailbox, 0.0) > now for r in local):  # type: ignore[arg-type]
+        if self.idle(message):
             return CONTINUE  # no thread hop for mailboxes known to have no rules
+        local = [r for r in message.recipients if r.mailbox is not None]
         decisions = await self.run_blocking(self.decide_and_act, message, local)
         gone = {id(d.recipient) for d in decisions if d.fate == "discard"}
         for d in decisions:

@@ -380,8 +380,9 @@ class RecipientRules:
         self.rules = rules
 
     def idle(self, message: Message) -> bool:
-        """True when this stage would CONTINUE at once, touching nothing (no rules)."""
-        return self.rules is None
+        """True when this stage would CONTINUE at once, touching nothing: no rules, or none
+        for any local recipient (``IMailboxRules.idle``)."""
+        return self.rules is None or self.rules.idle(message)
 
     async def __call__(self, message: Message) -> Verdict:
         if self.rules is None:

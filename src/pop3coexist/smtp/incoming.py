@@ -552,6 +552,8 @@ def send_local_reports(
             log.warn("{id}: {n} mailbox(es) over quota and nobody to report it to",
                      id=spool.queue_id, n=len(refused))
         return
+    if not refused and not any(_asks_success(notes.recipients.get(key)) for key in local):
+        return  # the usual case: nobody refused, nobody asked for NOTIFY=SUCCESS
     gone = set(refused)
     kinds: dict[str, list[Recipient]] = {"failed": [], "delivered": []}
     for key in local:
@@ -594,6 +596,16 @@ def send_local_reports(
         log.info("{id}: {kind} report for {addrs} queued to <{sender}>", id=spool.queue_id,
                  kind=kind, addrs=", ".join(f"<{r.address}>" for r in rcpts),
                  sender=notes.sender)
+
+
+def _asks_success(given: dict | None) -> bool:
+    """Whether a local recipient's NOTIFY (as the client gave it) asks for a "delivered"
+    report: SUCCESS listed and not NEVER (RFC 3461 section 4.1; as ``dsn.wants_notice``)."""
+    notify = given.get("notify") if given else None
+    if not notify:
+        return False
+    upper = [n.upper() for n in notify]
+    return "SUCCESS" in upper and "NEVER" not in upper
 
 
 def _load_syncfs() -> Callable[[int], None] | None:
