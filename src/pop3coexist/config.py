@@ -914,6 +914,9 @@ class QueueConfig:
     claim_lease: float = key(_duration, "2m", "a delivery runner's claims on queued messages are "
                              "taken back by another when its lease is older than this (a dead "
                              "node); at least 20 s")
+    recycle: int = key(_integer, 128, "spent queue files (delivered messages' bodies and "
+                       "envelopes) kept per process for reuse by new messages; 0: off; at most "
+                       "4096", unit="files")
 
 
 @dataclass(frozen=True)
@@ -1691,6 +1694,9 @@ def parse_config(text: str, path: Path | None = None) -> Config:
     if queue_cfg.claim_lease < 20:
         raise r.fail("queue", "claim_lease", "must be at least 20 seconds (a runner renews its "
                      "lease every sixth of it)")
+    if queue_cfg.recycle > 4096:
+        raise r.fail("queue", "recycle", "must be at most 4096 (a pooled file holds a delivered "
+                     "message until it is reused or a minute has passed)")
 
     if pop3_cfg.tls_listen and not tls_cfg.enabled:
         raise r.fail("pop3", "tls_listen", "needs [tls] certificate and private_key")

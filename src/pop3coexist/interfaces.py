@@ -402,6 +402,33 @@ class IBatchEnqueue(Interface):
         """A path on the queue's file system (for the caller's ``syncfs``)."""
 
 
+class IFileRecycler(Interface):
+    """Optional for an IOutboundQueue: spent message files reused for new spool files
+    (issue 17: on ext4 without a journal, a new inode after many deletions is costly;
+    store/recycle.py)."""
+
+    def take_file(dest: str) -> int | None:
+        """Rename a spent file (one link, nobody else's) to the path ``dest`` (a new spool
+        file's name, on the same file system; it must not exist) and return a descriptor open
+        for reading and writing at offset 0, its old bytes still there: the caller overwrites
+        them, cuts the file to its length and syncs it as a new file; None when there is none
+        (the caller creates the file as before)."""
+
+    def prepare_envelope(source: str, envelope: dict) -> int | None:
+        """Before ``IBatchEnqueue.enqueue_unsynced(source, envelope)`` (``envelope`` naming
+        its ``id``): write its envelope now into a spent file under a temp name and return the
+        descriptor, for the caller to sync with the spool files' data (then close it) BEFORE
+        the enqueue names it; None when there is no spent file (the enqueue writes a new one).
+        A reused file's name never reaches the disk before its new data."""
+
+    def drop_prepared(qids: list[str]) -> None:
+        """Forget the prepared envelopes of ``qids`` that were not enqueued."""
+
+    def trim_pool() -> int:
+        """Unlink the spent files kept longer than a minute (they hold delivered messages);
+        return how many. Blocking: the delivery runner's periodic work."""
+
+
 class IBatchDelivery(Interface):
     """Optional for an IMailStore: delivery whose folder syncs a caller batches (the SMTP group
     commit makes a whole batch durable with one sync)."""

@@ -80,7 +80,8 @@ class Components:
         from pop3coexist.store.queue import FileQueue
 
         return FileQueue(self.config.server.queue_dir, self.config.server.hostname,
-                         lease=self.config.queue.claim_lease, shared=self.config.server.shared)
+                         lease=self.config.queue.claim_lease, shared=self.config.server.shared,
+                         recycle=self.config.queue.recycle)
 
 
 def prepare_state(config: Config) -> None:

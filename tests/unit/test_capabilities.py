@@ -110,9 +110,9 @@ def test_verify_object_on_real_objects_and_fakes(tmp_path: Path) -> None:
 
 _PROBE = re.compile(r"getattr\([^,()]+,\s*\"(\w+)\",\s*None\)")
 # getattr probes left in src/ that read a third party's objects (Twisted transports, ldaptor,
-# argparse, OSError), never a capability of ours
+# argparse, OSError, os and fcntl constants), never a capability of ours
 _FOREIGN = {"host", "connected", "transport", "abortConnection", "resultCode", "verb",
-            "preference", "protocol", "ipv4_mapped", "RWF_NOWAIT", "_tlsConnection", "username", "setTcpNoDelay"}
+            "preference", "protocol", "ipv4_mapped", "RWF_NOWAIT", "F_SETLEASE", "_tlsConnection", "username", "setTcpNoDelay"}
 
 
 def test_no_capability_probes_in_src() -> None:

@@ -345,7 +345,8 @@ class _Writer:
     def _queue(self, queue: Path) -> None:
         env_dir, msg_dir = queue / "env", queue / "msg"
         for name in _listdir(queue):
-            if name not in ("env", "msg", "claimed"):
+            # free/: spent files kept for reuse (store/recycle.py), no message any more
+            if name not in ("env", "msg", "claimed", "free"):
                 self._generic(queue / name)
         for sub in (msg_dir, env_dir):
             if sub.is_dir():

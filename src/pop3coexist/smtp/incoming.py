@@ -55,6 +55,7 @@ from pop3coexist.interfaces import (
     IBatchEnqueue,
     ICommitter,
     ICopyCommitter,
+    IFileRecycler,
     ISpool,
     LocalNotes,
 )
@@ -199,15 +200,27 @@ class SpoolWriter:
             os.lseek(self.fd, 0, os.SEEK_END)
         self.size = self.local_prefix + len(data)
 
-    def finish(self) -> None:
+    def finish(self, recycler: IFileRecycler | None = None) -> None:
         """Create the file if still needed and write what is buffered (no fsync: that is the
-        committer's job, off the reactor). Raises the OSError that stopped an earlier write."""
+        committer's job, off the reactor). Raises the OSError that stopped an earlier write.
+
+        With ``recycler`` (the queue: store/recycle.py), a file still to be created is a
+        spent queue file renamed to the spool file's name, overwritten from its start and cut
+        to the message's length here, before the committer's sync: a crash before that leaves
+        a spool file that ``clean_spool`` removes at start, as a new one would."""
         if self.error is not None:
             raise self.error
         if self._done:
             return
+        reused = False
+        if self.fd is None and recycler is not None:
+            self.fd = recycler.take_file(self.file)
+            if self.fd is not None:
+                self._created = reused = True
         if self._buffer or self.fd is None:
             self._flush()
+        if reused:
+            os.ftruncate(self.fd, self.size)
 
     def close(self) -> None:
         """Close the file descriptor (idempotent); nothing more is written."""
@@ -691,6 +704,8 @@ class GroupCommitter:
         self._deferred_sync = IBatchDelivery.providedBy(store)
         # relayed messages join the batch when the queue's syncs can be batched (one syncfs)
         self._batch_queue = IBatchEnqueue.providedBy(queue) and sync_fs is not None
+        # spool files made from the queue's spent files (store/recycle.py)
+        self._recycler = queue if IFileRecycler.providedBy(queue) else None
 
     def commit(
         self,
@@ -788,21 +803,27 @@ class GroupCommitter:
         live: list[_Pending] = []
         for item in batch:
             try:
-                item.spool.finish()
+                item.spool.finish(self._recycler)
                 if item.spool.fd is None:
                     raise OSError("the spool file is gone")
                 live.append(item)
             except BaseException as e:
                 item.error = e
                 item.spool.abort()
+        # the envelopes of queued messages written ahead into spent files (store/recycle.py),
+        # so that step 1 makes their data durable before step 2 names them
+        prepared, prepared_ids = self._prepare_envelopes(live)
         try:
             # 1. the spool files' data (and their size) on disk, before any link to them
             try:
-                self._sync([item.spool.fd for item in live])  # type: ignore[misc]
+                self._sync([item.spool.fd for item in live] + prepared)  # type: ignore[misc]
             except BaseException as e:
                 for item in live:
                     item.error = e
                 live = []
+            finally:
+                for fd in prepared:
+                    os.close(fd)
             for item in live:
                 item.spool.close()
             # 2. link into the mailboxes, enqueue for the others
@@ -837,12 +858,30 @@ class GroupCommitter:
             if published:
                 self.queue.publish(published)
         finally:
+            if prepared_ids:  # those not enqueued (a failed message): their temp files go
+                self._recycler.drop_prepared(prepared_ids)  # type: ignore[union-attr]
             for item in batch:
                 if item.queued and item.error is not None:
                     with contextlib.suppress(OSError):
                         self.queue.discard(item.queued)
                     item.queued = None
                 item.spool.abort()
+
+    def _prepare_envelopes(self, live: list[_Pending]) -> tuple[list[int], list[str]]:
+        """IFileRecycler.prepare_envelope for each message the batch will enqueue unsynced:
+        the descriptors to sync in step 1 (and close), and the queue ids prepared."""
+        fds: list[int] = []
+        ids: list[str] = []
+        if self._recycler is None or not self._batch_queue:
+            return fds, ids
+        for item in live:
+            env = item.envelope
+            if env is not None and env.get("recipients") and not item.spool.local_prefix:
+                fd = self._recycler.prepare_envelope(item.spool.file, env)
+                if fd is not None:
+                    fds.append(fd)
+                    ids.append(env["id"])
+        return fds, ids
 
     def _deliver(self, item: _Pending) -> None:
         queued = bool(item.envelope is not None and item.envelope.get("recipients"))

@@ -59,7 +59,7 @@ from twisted.python import threadable
 
 from pop3coexist import errors
 from pop3coexist.config import Config
-from pop3coexist.interfaces import IMailStore
+from pop3coexist.interfaces import IFileRecycler, IMailStore
 from pop3coexist.policy import routing
 from pop3coexist.policy.expansion import Expander
 from pop3coexist.smtp import client as smtp_client
@@ -391,6 +391,8 @@ class OutboundService(service.Service):
 
         def blocking() -> tuple[bool, bool, list[str]]:
             self.queue.touch_lease()
+            if IFileRecycler.providedBy(self.queue):
+                self.queue.trim_pool()  # spent files idle for a minute (store/recycle.py)
             orphans = self._orphan_scan() if scan else []
             return self.queue.take_marker("flush"), self.queue.take_marker("rescan"), orphans
 

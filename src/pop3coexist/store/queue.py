@@ -5,6 +5,8 @@ Layout (README "On disk")::
     queue/msg/<id>         the message, stored once (a hard link of the fsynced spool file)
     queue/env/<id>.json    the envelope: sender, DSN parameters, per-recipient state
     queue/tmp/             files being written (temp + fsync + rename)
+    queue/free/            spent bodies and envelopes kept for reuse (store/recycle.py; never read
+                           as messages, emptied by ``recover``, trimmed after a minute idle)
     queue/flush            marker: ``queue flush`` from another process (polled by the runner)
     queue/rescan           marker: a message was added or removed by another process
 
@@ -63,6 +65,17 @@ the next hop's 250 and the removal); on a file system that does not keep the ord
 unlinks, it can leave an envelope without its body, which start-up moves aside to damaged/
 (logged; that message was delivered). A failure's report is queued durably and the notice
 cleared durably before the removal, so a re-run never sends a report twice.
+
+Recycling (``recycle`` > 0, README "On disk"; issue 17): a removed message's envelope, and its
+body when it has no other link (``st_nlink == 1``: no mailbox shares it), are renamed into
+``queue/free/`` instead of unlinked (``FilePool.put``, bounded); a new envelope temp file, and
+through ``take_file`` (IFileRecycler) a new spool file, is one of them renamed back and
+overwritten in place, then cut to its length and synced as a new file is, its data always
+before any name that means "queued" points at it (a batched enqueue's envelope is written
+ahead by ``prepare_envelope``, synced with the spool files' data). A crash leaves a
+reused file only under a temp or spool name (removed at start) or in free/ (emptied by
+``recover``). A pooled file holds a delivered message's bytes until it is reused or trimmed
+(``trim_pool``, a minute). Off on a shared queue.
 """
 
 from __future__ import annotations
@@ -84,8 +97,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3coexist.fsutil import fsync_dir as _fsync_dir
-from pop3coexist.interfaces import IBatchEnqueue, IOutboundQueue
+from pop3coexist.interfaces import IBatchEnqueue, IFileRecycler, IOutboundQueue
 from pop3coexist.store.envelope import ENVELOPE_VERSION, Envelope, Notice, Recipient, State
+from pop3coexist.store.recycle import FilePool
 
 __all__ = ["ENVELOPE_VERSION", "Envelope", "FileQueue", "Notice", "Recipient", "State"]
 
@@ -98,6 +112,7 @@ LEASE = 120.0  # seconds: an owner whose lease file is older than this is taken 
 LEASE_TOUCH = LEASE / 6  # how often an owner touches its lease
 LEASE_FILE = "lease"
 TAKEBACK = ".takeback."
+RECYCLE = 0  # spent files kept for reuse per process and kind (queue.recycle; 0: off)
 _NODE_RE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -107,6 +122,11 @@ def make_owner(node: str | None = None, worker: int = 0) -> str:
     ``boot`` is new at every call (pid + random), so a restarted process is a new owner."""
     node = _NODE_RE.sub("_", node or socket.gethostname() or "node") or "node"
     return f"{node}.w{int(worker)}.{os.getpid():x}{secrets.token_hex(3)}"
+
+
+def _unlink_quiet(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _validate(envelope: dict) -> None:
@@ -138,7 +158,7 @@ def new_queue_id() -> str:
     return f"{time.time_ns():016x}{secrets.token_hex(4)}"
 
 
-@implementer(IOutboundQueue, IBatchEnqueue)
+@implementer(IOutboundQueue, IBatchEnqueue, IFileRecycler)
 class FileQueue:
     """See IOutboundQueue; plus the runner's API (load/save/remove) and the admin API.
 
@@ -146,7 +166,7 @@ class FileQueue:
     """
 
     def __init__(self, root: Path, hostname: str, clock: Callable[[], float] = time.time,
-                 lease: float = LEASE, shared: bool = False) -> None:
+                 lease: float = LEASE, shared: bool = False, recycle: int = RECYCLE) -> None:
         self.root = Path(root)
         # other nodes use this queue too (server.local_dir): their temp files may be live
         self.shared = shared
@@ -157,6 +177,11 @@ class FileQueue:
         self.env_dir = self.root / "env"
         self.tmp_dir = self.root / "tmp"
         self.claimed_dir = self.root / "claimed"
+        self.free_dir = self.root / "free"
+        # spent bodies and envelopes reused (store/recycle.py); off on a shared volume
+        limit = 0 if shared else recycle
+        self.bodies = FilePool(str(self.free_dir), "b.", limit)
+        self.envelopes = FilePool(str(self.free_dir), "e.", limit)
         self.owner: str | None = None  # claims (set_owner): None for the admin and tests
         self.lease_renewed = 0.0  # time.monotonic() of the last good lease touch
         self._waker: Callable[[], None] | None = None
@@ -166,6 +191,8 @@ class FileQueue:
         # messages queued straight into this owner's claim (module docstring: born claimed)
         self.claim_new = False
         self._born: dict[str, Envelope] = {}
+        # envelopes written ahead into spent files for batched enqueues (prepare_envelope)
+        self._prepared: dict[str, tuple[str, Envelope]] = {}
 
     def __repr__(self) -> str:
         return f"<FileQueue {self.root}>"
@@ -272,31 +299,17 @@ class FileQueue:
                          why=e.strerror)
                 self._copy_durable(src, body)
                 break
+        prepared = None if sync else self._pop_prepared(given)
+        if prepared is not None and qid != given:  # written for another id: not this one
+            _unlink_quiet(prepared[0])
+            prepared = None
         try:
+            if prepared is not None:  # its data is on disk already (prepare_envelope)
+                self._place_prepared(*prepared)
+                return qid
             if sync:
                 _fsync_dir(self.msg_dir)
-            now = self.clock()
-            size = body.stat().st_size
-            record = Envelope(
-                id=qid,
-                sender=envelope["sender"],
-                ret=envelope.get("ret"),
-                envid=envelope.get("envid"),
-                body=envelope.get("body"),
-                received_from=envelope.get("received_from", ""),
-                arrival=float(envelope.get("arrival") or now),
-                queued=now,
-                hops=int(envelope.get("hops") or 0),
-                size=size,
-                recipients=[
-                    Recipient(
-                        address=r["address"],
-                        orcpt=r.get("orcpt"),
-                        notify=[n.upper() for n in r["notify"]] if r.get("notify") else None,
-                    )
-                    for r in envelope["recipients"]
-                ],
-            )
+            record = self._record(qid, envelope, body.stat().st_size)
             born = self.claim_new and self.owner is not None
             if not (born and self._create_claimed(record, sync)):
                 born = False
@@ -310,8 +323,56 @@ class FileQueue:
             # message nobody delivers or removes (issue 16 soak, the disk-full fault)
             with contextlib.suppress(OSError):
                 body.unlink()
+            if prepared is not None:
+                _unlink_quiet(prepared[0])
             raise
         return qid
+
+    def _record(self, qid: str, envelope: dict, size: int) -> Envelope:
+        """The Envelope of a new message ``qid`` of ``size`` octets from the submission dict."""
+        now = self.clock()
+        return Envelope(
+            id=qid,
+            sender=envelope["sender"],
+            ret=envelope.get("ret"),
+            envid=envelope.get("envid"),
+            body=envelope.get("body"),
+            received_from=envelope.get("received_from", ""),
+            arrival=float(envelope.get("arrival") or now),
+            queued=now,
+            hops=int(envelope.get("hops") or 0),
+            size=size,
+            recipients=[
+                Recipient(
+                    address=r["address"],
+                    orcpt=r.get("orcpt"),
+                    notify=[n.upper() for n in r["notify"]] if r.get("notify") else None,
+                )
+                for r in envelope["recipients"]
+            ],
+        )
+
+    def _place_prepared(self, tmp: str, record: Envelope) -> None:
+        """Rename a prepared envelope (``prepare_envelope``) to its place: this owner's claim
+        (born claimed) or env/ when there is no claim to go to."""
+        qid = record.id
+        if self.claim_new and self.owner is not None:
+            try:
+                os.rename(tmp, f"{self.claimed_dir}/{self.owner}/{qid}.json")
+            except FileNotFoundError:  # the claim folder was taken back: env/ as before
+                pass
+            else:
+                with self._lock:
+                    if self.claim_new:
+                        self._born[qid] = record
+                return
+        os.replace(tmp, self.envelope_path(qid))
+
+    def _pop_prepared(self, qid: object) -> tuple[str, Envelope] | None:
+        if not self._prepared or not isinstance(qid, str):
+            return None
+        with self._lock:
+            return self._prepared.pop(qid, None)
 
     def _create_claimed(self, env: Envelope, sync: bool) -> bool:
         """Write a new envelope into this owner's claim (born claimed); False when the claim
@@ -323,10 +384,10 @@ class FileQueue:
         folder = f"{self.claimed_dir}/{owner}"
         tmp = f"{self.tmp_dir}/env.{qid}.{secrets.token_hex(4)}"
         data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, reused = self._new_file(tmp, sync)
         try:
             try:
-                os.write(fd, data)  # a regular file takes a small write whole
+                self._write_all(fd, data, reused)
                 if sync:
                     os.fsync(fd)
             finally:
@@ -343,6 +404,87 @@ class FileQueue:
         if sync:
             _fsync_dir(Path(folder))
         return True
+
+    def _new_file(self, tmp: str, synced: bool) -> tuple[int, bool]:
+        """A new temp file for an envelope, open for writing at offset 0, and whether it is a
+        spent envelope from the pool (``_write_all`` cuts it to its new length). Only for an
+        envelope ``synced`` before its rename: a reused file's name must never reach the disk
+        before its new data, or a crash could show the spent envelope (or a mix of the two)
+        under the new name; a batched enqueue gets a reused file through
+        ``prepare_envelope`` instead, whose data the group commit syncs before any name."""
+        fd = self.envelopes.take(tmp) if synced else None
+        if fd is not None:
+            return fd, True
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        return os.open(tmp, flags, 0o600), False
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes, reused: bool) -> None:
+        """Write ``data`` at the start of ``fd``; a ``reused`` file is cut there (it may be
+        longer; one the same length frees and allocates no blocks)."""
+        n = os.write(fd, data)  # a regular file takes a small write whole
+        if n < len(data):
+            view = memoryview(data)[n:]
+            while view:
+                k = os.write(fd, view)
+                view = view[k:]
+        if reused:
+            os.ftruncate(fd, len(data))
+
+    # ------------------------------------------------------------------ IFileRecycler
+
+    def prepare_envelope(self, source: str, envelope: dict) -> int | None:
+        """See IFileRecycler: the envelope of a coming ``enqueue_unsynced(source, envelope)``
+        written now into a spent envelope file under a temp name, so that the caller's sync of
+        the spool files' data covers it before any name points at it; None when no spent
+        envelope is at hand (or the submission names no id): the enqueue writes a new file."""
+        given = envelope.get("id")
+        if not isinstance(given, str) or not _ID_RE.match(given) or not len(self.envelopes):
+            return None
+        tmp = f"{self.tmp_dir}/env.{given}.{secrets.token_hex(4)}"
+        fd = self.envelopes.take(tmp)
+        if fd is None:
+            return None
+        try:
+            _validate(envelope)
+            record = self._record(given, envelope, os.stat(source).st_size)
+            data = json.dumps(record.to_json(), separators=(",", ":"), sort_keys=True).encode()
+            self._write_all(fd, data, True)
+        except (OSError, ValueError, KeyError, TypeError):
+            os.close(fd)
+            _unlink_quiet(tmp)
+            return None  # the enqueue meets (and reports) the same trouble
+        with self._lock:
+            old = self._prepared.pop(given, None)
+            self._prepared[given] = (tmp, record)
+        if old is not None:
+            _unlink_quiet(old[0])
+        return fd
+
+    def drop_prepared(self, qids: list[str]) -> None:
+        """See IFileRecycler: forget the prepared envelopes of ``qids`` not enqueued (their
+        message failed before): their temp files are unlinked."""
+        if not self._prepared:
+            return
+        with self._lock:
+            gone = [self._prepared.pop(q) for q in qids if q in self._prepared]
+        for tmp, _ in gone:
+            _unlink_quiet(tmp)
+
+    def take_file(self, dest: str) -> int | None:
+        """See IFileRecycler: a spent message body renamed to ``dest``, open at offset 0."""
+        return self.bodies.take(dest)
+
+    def trim_pool(self) -> int:
+        """Unlink the spent files pooled longer than a minute (privacy: they hold delivered
+        messages); return how many. Blocking; the delivery runner's periodic work calls it."""
+        return self.bodies.trim() + self.envelopes.trim()
+
+    def _spend(self, pool: FilePool, path: str, check_links: bool) -> None:
+        """Put a spent queue file into ``pool``, or unlink it (pool off or full, or another
+        name still points at it). Raises FileNotFoundError when it is gone."""
+        if not pool.put(path, check_links):
+            os.unlink(path)
 
     def enqueue_bytes(self, data: bytes, envelope: dict) -> str:
         """Write ``data`` to a fsynced temp file and enqueue it (used for delivery reports)."""
@@ -520,13 +662,14 @@ class FileQueue:
             path = found
         tmp = self.tmp_dir / f"env.{qid}.{secrets.token_hex(4)}"
         data = json.dumps(env.to_json(), separators=(",", ":"), sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, reused = self._new_file(str(tmp), sync)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                self._write_all(fd, data, reused)
                 if sync:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except FileNotFoundError:  # the claim folder was taken back meanwhile
             with contextlib.suppress(OSError):
@@ -549,7 +692,7 @@ class FileQueue:
         mine = self._mine(qid)
         if mine is not None:
             try:
-                mine.unlink()
+                self._spend(self.envelopes, str(mine), False)
             except FileNotFoundError:
                 return  # deleted (with its body) or taken back: not this runner's any more
             _fsync_dir(mine.parent)
@@ -557,10 +700,8 @@ class FileQueue:
             path = self._unlink_envelope(qid)
             if path is not None:
                 _fsync_dir(path.parent)
-        try:
-            self.body_path(qid).unlink()
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):
+            self._spend(self.bodies, str(self.body_path(qid)), True)
 
     def _unlink_envelope(self, qid: str) -> Path | None:
         """Unlink the envelope of ``qid`` wherever it is (no owner: the admin); where it was,
@@ -585,7 +726,7 @@ class FileQueue:
             self._check_id(qid)
             if mine_dir is not None:
                 try:
-                    os.unlink(f"{mine_dir}/{qid}.json")
+                    self._spend(self.envelopes, f"{mine_dir}/{qid}.json", False)
                 except FileNotFoundError:
                     continue  # deleted (with its body) or taken back: not ours any more
                 bodies.append(qid)
@@ -595,7 +736,7 @@ class FileQueue:
         msg_dir = str(self.msg_dir)
         for qid in bodies:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{msg_dir}/{qid}")
+                self._spend(self.bodies, f"{msg_dir}/{qid}", True)
 
     # ------------------------------------------------------------------ claims
 
@@ -761,6 +902,9 @@ class FileQueue:
         Blocking."""
         self.ensure_dirs()
         counts = {"tmp": 0, "orphans": 0}
+        # spent files of earlier processes (store/recycle.py): delivered messages' bytes
+        self.bodies.empty()
+        self.envelopes.empty()
         if node is not None:
             self.owner = None  # a new start: every earlier claim of this node is taken back
             counts["taken_back"] = self.take_back(prefix=_NODE_RE.sub("_", node) + ".")
