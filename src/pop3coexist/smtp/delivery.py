@@ -213,7 +213,7 @@ class RouteDelivery:
             sender=env.sender,
             recipients=[{"address": r.address, "notify": r.notify, "orcpt": r.orcpt}
                         for r in rcpts],
-            body_path=self.queue.body_path(env.id),
+            body_path=self.queue.body_name(env.id),
             size=env.size,
             ret=env.ret,
             envid=env.envid,
