@@ -73,7 +73,7 @@ class SerialThread:
         call_back = self._reactor.callFromThread
         while True:
             item = get()
-            if isinstance(item, defer.Deferred):  # stop(): every earlier call has run
+            if type(item) is not tuple:  # stop()'s Deferred: every earlier call has run
                 call_back(item.callback, None)
                 return
             f, args, kwargs, d = item
