@@ -766,10 +766,15 @@ class IMailboxRules(Interface):
         discarded ones out of ``message.recipients``, and queue copies; ACCEPT when nothing is
         left to store (the spool file is then removed)."""
 
+
+class IIdleRules(Interface):
+    """Optional, for an IMailboxRules: says without I/O when ``apply`` would CONTINUE at
+    once, touching nothing (policy/stages.py ``RecipientRules.idle``: the commit then needs no
+    coroutine, issue 17)."""
+
     def idle(message: object) -> bool:
-        """True when ``apply`` would CONTINUE at once for ``message``, touching nothing (every
-        local recipient's mailbox is known to have no active script): the stages may then
-        skip the rules stage (``policy.stages.start_stages``, issue 17)."""
+        """True when ``apply(message)`` would CONTINUE at once, changing nothing (no local
+        recipient, or only mailboxes known to have no rules)."""
 # --------------------------------------------------------------------------- content filters
 
 

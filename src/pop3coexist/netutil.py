@@ -70,7 +70,7 @@ class QuickCloseServer(tcp.Server):
 _CONNECTION_DONE = error.ConnectionDone()
 
 
-_DIRECT = (tcp.Server, QuickCloseServer)
+_DIRECT = (tcp.Server, QuickCloseServer, tcp.Client)  # a client too: smtp/client.py
 
 
 def nothing_queued(transport: Any) -> bool:

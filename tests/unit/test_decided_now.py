@@ -23,13 +23,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3coexist.errors import MailError, QuotaExceeded
-from pop3coexist.interfaces import IMailboxRules, SMTPSession
+from pop3coexist.interfaces import IIdleRules, SMTPSession
 from pop3coexist.policy.inline import run_now
 from pop3coexist.policy.stages import (
     ACCEPT,
     CONTINUE,
     ExpandRecipients,
     Message,
+    RecipientRules,
     Verdict,
     default_stages,
     run_stages,
@@ -274,11 +275,7 @@ def test_a_stage_with_work_to_do_takes_run_stages() -> None:
     run as coroutines (the rules and the content check are asked; same results)."""
     asked: list[str] = []
 
-    @implementer(IMailboxRules)
     class Rules:
-        def idle(self, msg: Message) -> bool:
-            return False  # a script to run
-
         async def apply(self, msg: Message) -> Verdict:
             asked.append("rules")
             return CONTINUE
@@ -302,6 +299,34 @@ def test_a_stage_with_work_to_do_takes_run_stages() -> None:
     assert stage.idle(msg)
     msg.recipients[0].expand = object()  # an alias RCPT accepted: expansion has work
     assert not stage.idle(msg)
+
+
+def test_rules_that_say_they_are_idle_take_the_fast_commit() -> None:
+    """A rules stage whose rules provide IIdleRules and are idle for the message (no local
+    recipient, or none with a script: SieveRules) is passed over as ``run_stages`` would
+    pass it (CONTINUE, nothing touched): same results; rules that are not idle are asked."""
+    asked: list[str] = []
+
+    @implementer(IIdleRules)
+    class Rules:
+        def __init__(self, idle: bool) -> None:
+            self._idle = idle
+
+        def idle(self, msg: Message) -> bool:
+            return self._idle
+
+        async def apply(self, msg: Message) -> Verdict:
+            asked.append("rules")
+            return CONTINUE
+
+    fast, slow, fast_msg, slow_msg = both_ways(
+        Committer, lambda c: default_stages(c, rules=Rules(True)))
+    assert results(fast) == results(slow) and shape(fast_msg) == shape(slow_msg)
+    assert asked == ["rules"]  # only run_stages asked the idle rules (CONTINUE at once)
+    assert RecipientRules(Rules(True)).idle(message())
+    assert not RecipientRules(Rules(False)).idle(message())
+    both_ways(Committer, lambda c: default_stages(c, rules=Rules(False)))
+    assert asked == ["rules", "rules", "rules"]
 
 
 def test_the_fast_commit_waits_for_the_group_commit() -> None:

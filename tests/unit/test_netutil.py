@@ -4,9 +4,11 @@ the remainder of a partial send is queued, and TLS or other transports always qu
 from __future__ import annotations
 
 import pytest
+from twisted.internet import tcp
 
 from pop3coexist import netutil
 
+REAL_DIRECT = netutil._DIRECT  # before the fixture below swaps in the stand-in
 
 class _Sock:
     def __init__(self, takes: int | None = None, error: OSError | None = None) -> None:
@@ -92,3 +94,19 @@ def test_other_transports_are_left_alone() -> None:
     o = Other()
     netutil.send_now(o, b"y")
     assert o.written == [b"y"]
+
+
+@pytest.mark.parametrize("cls", [tcp.Server, tcp.Client])
+def test_plain_tcp_servers_and_clients_are_sent_to_directly(cls: type,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twisted's plain TCP server and client connections (the outbound SMTP client's, too)
+    qualify for the direct send; the same connection with TLS started does not."""
+    monkeypatch.setattr(netutil, "_DIRECT", REAL_DIRECT)
+    t = cls.__new__(cls)
+    for name, value in vars(_Transport(_Sock())).items():
+        if name not in ("written", "TLS"):
+            setattr(t, name, value)
+    t.TLS = False
+    assert netutil.nothing_queued(t)
+    t.TLS = True
+    assert not netutil.nothing_queued(t)

@@ -48,7 +48,7 @@ class FakeHop:
         self.dsn = False
 
     def __call__(self, ip, port, settings, txn, remote_mta=None):  # noqa: ANN001
-        call = Call(ip, port, settings, txn, remote_mta, defer.Deferred(), txn.body_path.read_bytes())
+        call = Call(ip, port, settings, txn, remote_mta, defer.Deferred(), Path(txn.body_path).read_bytes())
         self.calls.append(call)
         if self.responder is not None:
             self.answer(call, self.responder(call))

@@ -62,6 +62,18 @@ def test_enqueue_links_the_body_once_and_writes_a_json_envelope(queue: FileQueue
     assert not list((queue.root / "tmp").iterdir())
 
 
+def test_body_name_is_the_body_path_as_a_str(queue: FileQueue, tmp_path: Path) -> None:
+    """body_name names the same file as body_path, as a str, and refuses what is no queue id
+    as body_path does (no path outside msg/ from a crafted id)."""
+    qid = queue.enqueue(_spool(tmp_path), _env("b@example.net"))
+    name = queue.body_name(qid)
+    assert isinstance(name, str) and name == str(queue.body_path(qid))
+    assert open(name, "rb").read() == queue.body_path(qid).read_bytes()
+    for bad in ("../env/x", "", qid + "/x"):
+        with pytest.raises(KeyError):
+            queue.body_name(bad)
+
+
 def test_bad_envelopes_are_refused_clearly(queue: FileQueue, tmp_path: Path) -> None:
     """A malformed envelope raises ValueError naming the problem, and nothing is queued."""
     src = _spool(tmp_path)

@@ -15,7 +15,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from pop3coexist.errors import MailError
-from pop3coexist.interfaces import IMailboxRules, IOutboundQueue, ISieveScripts
+from pop3coexist.interfaces import IIdleRules, IMailboxRules, IOutboundQueue, ISieveScripts
 from pop3coexist.policy import vacation
 from pop3coexist.policy.rules import RulesSettings, SieveRules
 from pop3coexist.policy.sieve_run import MailContext
@@ -357,3 +357,29 @@ def test_rules_known_empty_make_the_stage_idle(env) -> None:  # noqa: ANN001
     third = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))])
     assert not stage.idle(third)
     assert apply(rules, third).outcome is Outcome.ACCEPT  # the script ran: discarded
+
+
+def test_idle_says_when_apply_would_continue_touching_nothing(env) -> None:  # noqa: ANN001
+    """SieveRules provides IIdleRules: idle for a message with no local recipient (relayed
+    mail) or only mailboxes known to have no script, not for a mailbox never looked at or
+    whose no-script knowledge has expired; it reads nothing itself."""
+    store, scripts, queue, _ = env
+    calls: list = []
+    now = [100.0]
+
+    def counting(f, *args):  # noqa: ANN001, ANN202
+        calls.append(f)
+        return defer.maybeDeferred(f, *args)
+
+    rules = SieveRules(RulesSettings(hostname="mx"), scripts, queue, store, counting,
+                       monotonic=lambda: now[0])
+    assert IIdleRules.providedBy(rules) and verifyObject(IIdleRules, rules)
+    assert rules.idle(message(store, MAIL, [("x@relay.example", None)]))
+    ted = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))])
+    assert not rules.idle(ted)
+    apply(rules, ted)  # looks once: no script
+    assert rules.idle(message(store, MAIL, [("ted@pop.contoso.test", (D, "ted")),
+                                            ("x@relay.example", None)]))
+    assert len(calls) == 1
+    now[0] += 1.5  # NO_SCRIPT_TTL has passed: looked at again
+    assert not rules.idle(message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))]))

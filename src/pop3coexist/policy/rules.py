@@ -50,7 +50,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3coexist.errors import MailError
-from pop3coexist.interfaces import IMailboxRules
+from pop3coexist.interfaces import IIdleRules, IMailboxRules
 from pop3coexist.policy import vacation
 from pop3coexist.policy.sieve import Command, SieveSyntaxError, parse
 from pop3coexist.policy.sieve_run import Limits, MailContext, Result, SieveRuntimeError, run
@@ -99,7 +99,7 @@ class _Decision:
     notes: list[str] = field(default_factory=list)
 
 
-@implementer(IMailboxRules)
+@implementer(IMailboxRules, IIdleRules)
 class SieveRules:
     """See IMailboxRules. ``scripts``: ISieveScripts; ``queue``: IOutboundQueue; ``store``:
     the IMailStore (its ``spool_dir`` is where queued copies are built); ``srs``: an SRS or
@@ -123,12 +123,14 @@ class SieveRules:
         self._no_script: dict[tuple[str, str], float] = {}  # mailbox -> known until (monotonic)
 
     def idle(self, message: Message) -> bool:
-        """See IMailboxRules: every local recipient's mailbox known to have no active script
-        (looked at less than ``NO_SCRIPT_TTL`` seconds ago)."""
+        """See IIdleRules: no local recipient, or each one's mailbox known (within
+        NO_SCRIPT_TTL) to have no active script."""
+        no_script = self._no_script
         now = self.monotonic()
-        known = self._no_script
-        return all(known.get(r.mailbox, 0.0) > now  # type: ignore[arg-type]
-                   for r in message.recipients if r.mailbox is not None)
+        for r in message.recipients:
+            if r.mailbox is not None and no_script.get(r.mailbox, 0.0) <= now:
+                return False
+        return True
 
     async def apply(self, message: Message) -> Verdict:
         """See IMailboxRules."""

@@ -90,7 +90,13 @@ from pop3coexist.errors import (
     disk_full,
 )
 from pop3coexist.events import FastLogger
-from pop3coexist.interfaces import Distribution, ICopyCommitter, LocalNotes, SMTPSession
+from pop3coexist.interfaces import (
+    Distribution,
+    ICopyCommitter,
+    IIdleRules,
+    LocalNotes,
+    SMTPSession,
+)
 from pop3coexist.policy import authresults
 from pop3coexist.policy.expansion import ListCopy
 
@@ -380,9 +386,11 @@ class RecipientRules:
         self.rules = rules
 
     def idle(self, message: Message) -> bool:
-        """True when this stage would CONTINUE at once, touching nothing: no rules, or none
-        for any local recipient (``IMailboxRules.idle``)."""
-        return self.rules is None or self.rules.idle(message)
+        """True when this stage would CONTINUE at once, touching nothing: no rules, or rules
+        that say so for ``message`` (``IIdleRules``: no local recipient, or only mailboxes
+        known to have no script)."""
+        rules = self.rules
+        return rules is None or (IIdleRules.providedBy(rules) and rules.idle(message))
 
     async def __call__(self, message: Message) -> Verdict:
         if self.rules is None:

@@ -46,6 +46,8 @@ from twisted.mail import smtp
 from twisted.mail._cred import CramMD5ClientAuthenticator, LOGINAuthenticator
 from twisted.python.failure import Failure
 
+from pop3coexist.netutil import send_now
+
 log = Logger()
 
 _ENHANCED_RE = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(\s|$)")
@@ -92,7 +94,7 @@ class Transaction:
 
     sender: str
     recipients: list[dict]  # {"address", "notify", "orcpt"}
-    body_path: Path
+    body_path: str | Path  # the queued body (a str from the queue: no Path per message)
     size: int | None = None
     ret: str | None = None
     envid: str | None = None
@@ -483,7 +485,9 @@ class OutboundESMTP(smtp.ESMTPClient):
         self._failresponse = self._pipelineReply
         self._mail_sent = True
         self._pipeLabel()
-        self.transport.write(b"".join(x + b"\r\n" for x in lines))
+        # straight to the socket when nothing is queued (netutil.send_now): no reactor turn
+        # and no two epoll_ctl calls per message for the write (issue 17, relay profile)
+        send_now(self.transport, b"".join(x + b"\r\n" for x in lines))
 
     def _pipeLabel(self) -> None:
         """``last_command`` names the pipelined commands still unanswered ("MAIL/RCPT/DATA")."""
@@ -638,7 +642,7 @@ class OutboundESMTP(smtp.ESMTPClient):
         if small:  # one write for the body and the final dot: no producer, no reactor turns
             self._closeBody()
             self._dot_sent = True
-            self.transport.write(transform(data) + transform.tail())
+            send_now(self.transport, transform(data) + transform.tail())
             return
 
         def chunk(data: bytes) -> bytes:

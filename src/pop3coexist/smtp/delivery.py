@@ -41,6 +41,7 @@ from pop3coexist.store.envelope import Envelope, Recipient
 from pop3coexist.store.queue import FileQueue
 
 OWN_ADDRESSES_TTL = 1.0  # seconds: how long the listeners' addresses are taken as known
+SETTINGS_KEPT = 256  # client settings kept (per host and hop kind); then made anew
 
 log = Logger(namespace="pop3coexist.outbound")
 
@@ -84,6 +85,7 @@ class RouteDelivery:
         self._blocking = blocking
         self._advised: dict[str, str] = {}  # hop key -> advice already logged for it
         self._own: tuple[float, Any] | None = None  # (monotonic time, own_addresses)
+        self._settings_kept: dict[tuple, smtp_client.ClientSettings] = {}  # see _settings
 
     async def deliver_route(
         self, env: Envelope, route: routing.Route, rcpts: list[Recipient]
@@ -213,7 +215,7 @@ class RouteDelivery:
             sender=env.sender,
             recipients=[{"address": r.address, "notify": r.notify, "orcpt": r.orcpt}
                         for r in rcpts],
-            body_path=self.queue.body_path(env.id),
+            body_path=self.queue.body_name(env.id),
             size=env.size,
             ret=env.ret,
             envid=env.envid,
@@ -232,6 +234,21 @@ class RouteDelivery:
 
     def _settings(self, hop: routing.NextHop, c: Candidate,
                   password: smtp_client.Secret | None) -> smtp_client.ClientSettings:
+        """The client settings for host ``c`` of ``hop``: without a password made once per
+        host and hop kind and then kept (no dataclass per message, issue 17; nothing changes them: the
+        clear-text retry makes a new one with ``dataclasses.replace``)."""
+        if password is not None:  # read anew per message: a settings object per message too
+            return self._make_settings(hop, c, password)
+        key = (hop.smarthost, c.name)
+        settings = self._settings_kept.get(key)
+        if settings is None:
+            if len(self._settings_kept) >= SETTINGS_KEPT:
+                self._settings_kept.clear()
+            settings = self._settings_kept[key] = self._make_settings(hop, c, password)
+        return settings
+
+    def _make_settings(self, hop: routing.NextHop, c: Candidate,
+                       password: smtp_client.Secret | None) -> smtp_client.ClientSettings:
         sh = self.config.smarthost
         return smtp_client.ClientSettings(
             helo=self.config.server.hostname,

@@ -67,6 +67,7 @@ from pop3coexist.smtp import dsn, retry
 from pop3coexist.smtp.delivery import RouteDelivery, our_reply
 from pop3coexist.smtp.hops import HopResolver
 from pop3coexist.smtp.hostlimits import HopLimiter
+from pop3coexist.smtp.serial import SerialThread
 from pop3coexist.store.envelope import Envelope, Notice, Recipient, State
 from pop3coexist.store.queue import FileQueue, make_owner
 
@@ -178,14 +179,19 @@ class OutboundService(service.Service):
         self.connections = smtp_client.ConnectionCache(
             reactor, sh.reuse_messages, sh.reuse_idle, sh.reuse_idle_per_host)
         self._deliver = deliver or self.connections.deliver
+        grouped = blocking
         if blocking is None:
             if hasattr(reactor, "getThreadPool"):
                 from twisted.internet import threads
 
                 def blocking(f: Callable, *a: Any, **kw: Any) -> defer.Deferred:
                     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a, **kw)
+
+                # the grouped removals and claims (one group at a time each) on a thread of
+                # their own: a cheaper hand-off than the pool's (smtp/serial.py, issue 17)
+                grouped = SerialThread(reactor, f"pop3coexist-queue-w{worker}")
             else:
-                blocking = _sync_blocking
+                blocking = grouped = _sync_blocking
         self._blocking = blocking
         self.poll_interval = poll_interval
         self.stop_grace = stop_grace
@@ -213,9 +219,9 @@ class OutboundService(service.Service):
         if checker is not None and store is not None:
             expander = Expander(config, store, checker, self._blocking)
         # delivered messages leave the queue in groups: one folder sync per group
-        self._remove = GroupCall(self._blocking, queue.remove_many, remove_linger, reactor)
+        self._remove = GroupCall(grouped, queue.remove_many, remove_linger, reactor)
         # and are claimed in groups: one thread hop for the jobs started meanwhile
-        self._claims = GroupCall(self._blocking, self._claim_many)
+        self._claims = GroupCall(grouped, self._claim_many)
         self.routes = RouteDelivery(config, queue, store, self.resolver, self.limiter,
                                     self._deliver, self._blocking, expander)
         self.started: defer.Deferred[None] = defer.Deferred()

@@ -14,16 +14,15 @@ Notices are set only where the recipient's NOTIFY asks for them (smtp/dsn.py ``w
 
 from __future__ import annotations
 
-from twisted.logger import Logger
-
 from pop3coexist.config import QueueConfig
-from pop3coexist.events import DELIVERY_EVENT
+from pop3coexist.events import DELIVERY_EVENT, FastLogger
 from pop3coexist.policy import routing
 from pop3coexist.smtp import client as smtp_client
 from pop3coexist.smtp import dsn
 from pop3coexist.store.envelope import Envelope, Notice, Recipient, State
 
-log = Logger(namespace="pop3coexist.outbound")
+# the line per recipient and attempt: events.FastLogger (its level check made once, issue 17)
+log = FastLogger(namespace="pop3coexist.outbound")
 
 EXPIRED = "4.4.7"  # RFC 3463: delivery time expired
 

@@ -48,6 +48,7 @@ from pop3coexist.smtp.data import DataCommands
 from pop3coexist.smtp.hello import HelloCommands
 from pop3coexist.smtp.incoming import GroupCommitter
 from pop3coexist.smtp.login import AuthCommands
+from pop3coexist.smtp.serial import SerialThread
 from pop3coexist.smtp.session import MODES, Session
 from pop3coexist.smtp.transaction import MailCommands
 
@@ -114,18 +115,24 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.auth_required = mode == "submission" or (
             mode == "smtps" and config.smtp.tls_listen_requires_auth)
         self.reactor = reactor
+        run_batch = run_blocking
         if run_blocking is None:
 
             def run_blocking(f, *args, **kwargs):
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+
+            # the group commit's batches on a thread of their own (smtp/serial.py, issue 17)
+            run_batch = SerialThread(reactor, f"pop3coexist-commit-{mode}")
 
         self.run_blocking = run_blocking
         # one batch of fsyncs for all sessions' messages that end meanwhile (incoming.py); on
         # FUSE or a network file system (a shared volume) syncfs does not reach the disks
         # where the data is kept: each file is fsynced (README "Several servers")
         durable = syncfs_is_durable(config.server.mailroot) if config is not None else True
-        self.committer = (GroupCommitter(store, queue, run_blocking) if durable
-                          else GroupCommitter(store, queue, run_blocking, sync_fs=None))
+        self.committer = (GroupCommitter(store, queue, run_blocking, run_batch=run_batch)
+                          if durable else
+                          GroupCommitter(store, queue, run_blocking, sync_fs=None,
+                                         run_batch=run_batch))
         smtp_cfg = config.smtp
         self.throttle = throttle or AuthThrottle(reactor, base=smtp_cfg.auth_failure_delay)
         self.gate = LoginGate.for_throttle(self.throttle, reactor)  # every password check waits its turn here

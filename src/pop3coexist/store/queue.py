@@ -214,6 +214,11 @@ class FileQueue:
     def body_path(self, qid: str) -> Path:
         return self.msg_dir / self._check_id(qid)
 
+    def body_name(self, qid: str) -> str:
+        """``body_path`` as a str: the delivery runner opens it once per message, and a Path
+        made and turned into a str per message cost it ~1.5% of its CPU (issue 17)."""
+        return f"{self.msg_dir}/{self._check_id(qid)}"
+
     def envelope_path(self, qid: str) -> Path:
         return self.env_dir / f"{self._check_id(qid)}.json"
 
