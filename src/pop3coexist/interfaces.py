@@ -745,6 +745,12 @@ class ISieveScripts(Interface):
     def set_active(domain: str, mailbox: str, name: str) -> None:
         """Make ``name`` the active script; ``""`` deactivates; NoSuchScript."""
 
+    def changes() -> int:
+        """A number that changes (from any process sharing the mail root) whenever a
+        mailbox's active script is set or unset, read without blocking for long (one
+        ``stat``): a cache of mailboxes known to have no script is good while it stays the
+        same (the rules stage's, policy/rules.py). Raises OSError."""
+
     def delete_script(domain: str, mailbox: str, name: str) -> None:
         """Remove a script; ScriptActive for the active one, NoSuchScript."""
 

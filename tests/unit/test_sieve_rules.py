@@ -383,3 +383,40 @@ def test_idle_says_when_apply_would_continue_touching_nothing(env) -> None:  # n
     assert len(calls) == 1
     now[0] += 1.5  # NO_SCRIPT_TTL has passed: looked at again
     assert not rules.idle(message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))]))
+
+
+def test_a_script_activated_applies_to_the_next_message_at_once(env) -> None:  # noqa: ANN001
+    """The no-script cache ends when any process sets or unsets an active script through the
+    store (its change marker moves on), not only after NO_SCRIPT_TTL: the next message to the
+    mailbox runs the new script even within the same second (seen in CI: a test activated a
+    fileinto script right after mail to the same mailbox and found the message in INBOX)."""
+    store, scripts, queue, _ = env
+    now = [100.0]  # the clock stands still: only the marker can end the cache
+    rules = SieveRules(RulesSettings(hostname="mx"), scripts, queue, store, blocking,
+                       monotonic=lambda: now[0])
+    apply(rules, message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))]))
+    assert rules.idle(message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))]))
+    other = SieveScripts(MaildirStore(store.root))  # another process's view of the same store
+    other.put_script(D, "ted", "d", "discard;")
+    assert rules.idle(message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))]))  # not active
+    other.set_active(D, "ted", "d")
+    msg = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))])
+    assert not rules.idle(msg)
+    assert apply(rules, msg).outcome is Outcome.ACCEPT  # discarded by the new script
+    other.set_active(D, "ted", "")
+    msg = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))])
+    assert apply(rules, msg).outcome is Outcome.CONTINUE  # no script again: kept
+
+
+def test_the_change_marker_moves_on_every_activation(env) -> None:  # noqa: ANN001
+    """``changes`` is 0 before any activation and grows at every set_active (a script, none),
+    even twice within one clock tick; a script's text alone does not move it."""
+    store, scripts, _, _ = env
+    assert scripts.changes() == 0
+    scripts.put_script(D, "ted", "a", "keep;")
+    assert scripts.changes() == 0
+    seen = [scripts.changes()]
+    for name in ("a", "", "a", "a"):
+        scripts.set_active(D, "ted", name)
+        seen.append(scripts.changes())
+    assert seen == sorted(set(seen)), seen

@@ -4,7 +4,9 @@
 For each local recipient whose mailbox has an active script (``ISieveScripts``), off the
 reactor in one thread hop for the whole message (a mailbox found without one is not looked
 at again for ``NO_SCRIPT_TTL`` seconds, so mail for mailboxes without rules costs no thread
-hop; a script activated meanwhile applies from the next second on):
+hop; a script activated meanwhile, by any process through ``ISieveScripts.set_active``,
+applies to the next message: the store's change marker, one ``stat`` per message, ends the
+cache; a link made by hand, from the next second on):
 
 1. the script is parsed (``policy.sieve``; cached by its version) and run
    (``policy.sieve_run``) with the limits of ``[sieve]``. A script that does not parse, or
@@ -120,15 +122,32 @@ class SieveRules:
         self.clock = clock
         self.monotonic = monotonic
         self._compiled: dict[tuple[str, str], tuple[Any, list[Command] | SieveSyntaxError]] = {}
-        self._no_script: dict[tuple[str, str], float] = {}  # mailbox -> known until (monotonic)
+        # mailbox -> (known until (monotonic), the store's change marker when it was looked at)
+        self._no_script: dict[tuple[str, str], tuple[float, object]] = {}
+
+    def _marker(self) -> object:
+        """The store's change marker (``ISieveScripts.changes``); one that equals no other
+        when it cannot be read (then nothing cached counts)."""
+        try:
+            return self.scripts.changes()
+        except OSError:
+            return object()
 
     def idle(self, message: Message) -> bool:
-        """See IIdleRules: no local recipient, or each one's mailbox known (within
-        NO_SCRIPT_TTL) to have no active script."""
+        """See IIdleRules: no local recipient, or each one's mailbox known to have no active
+        script (looked at less than NO_SCRIPT_TTL seconds ago, and no script set or unset
+        anywhere since: the store's change marker is the same)."""
         no_script = self._no_script
-        now = self.monotonic()
+        now = marker = None
         for r in message.recipients:
-            if r.mailbox is not None and no_script.get(r.mailbox, 0.0) <= now:
+            if r.mailbox is None:
+                continue
+            known = no_script.get(r.mailbox)
+            if known is None:
+                return False
+            if now is None:
+                now, marker = self.monotonic(), self._marker()
+            if known[0] <= now or known[1] != marker:
                 return False
         return True
 
@@ -157,6 +176,7 @@ class SieveRules:
         """Blocking: run each recipient's script, then carry out what they decided."""
         data: bytes | None = None
         decisions: list[_Decision] = []
+        marker = self._marker()  # before the look: a change after it moves the marker on
         for r in local:
             d = _Decision(r)
             decisions.append(d)
@@ -170,7 +190,7 @@ class SieveRules:
             if active is None:
                 if len(self._no_script) > 100_000:
                     self._no_script.clear()
-                self._no_script[(domain, box)] = self.monotonic() + NO_SCRIPT_TTL
+                self._no_script[(domain, box)] = (self.monotonic() + NO_SCRIPT_TTL, marker)
                 continue
             self._no_script.pop((domain, box), None)
             name, text, version = active

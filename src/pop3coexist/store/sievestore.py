@@ -8,6 +8,9 @@ On disk (README "On disk")::
                                           (none: no rules run, every message is kept)
     <mailbox>/sieve/.vacation/<sha256>    one file per (vacation handle, sender) that got an
                                           out-of-office reply: the unix time it went
+    <mailroot>/.pop3coexist.sieve-changes its modification time changes whenever any
+                                          mailbox's active script is set or unset
+                                          (``changes``: the rules stage's no-script cache)
 
 ``<mailbox>`` is the Maildir folder (``<state_dir>/mailroot/<domain>/<local part>``), so
 removing a mailbox removes its rules, and Maildir tools ignore the extra entries (neither
@@ -39,6 +42,7 @@ from pop3coexist.interfaces import ISieveScripts
 
 SCRIPTS = "sieve"
 ACTIVE_LINK = ".pop3coexist.sieve"
+CHANGES = ".pop3coexist.sieve-changes"
 SUFFIX = ".sieve"
 VACATION = ".vacation"
 MAX_NAME = 128
@@ -84,6 +88,26 @@ class SieveScripts:
 
     def __init__(self, store: Any) -> None:
         self.store = store
+        self._changes = os.path.join(os.fspath(store.root), CHANGES)
+
+    def changes(self) -> int:
+        """See ISieveScripts: the change marker's modification time in nanoseconds (0: never
+        changed). One ``stat``; raises OSError other than a missing marker."""
+        try:
+            return os.stat(self._changes).st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def _changed(self) -> None:
+        """Move the change marker on (made when missing): a later time than it had, even
+        within one clock tick, so every reader's cached "no script" ends."""
+        fd = os.open(self._changes, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            before = os.fstat(fd).st_mtime_ns
+            now = max(time.time_ns(), before + 1000)
+            os.utime(fd, ns=(now, now))
+        finally:
+            os.close(fd)
 
     def _folder(self, domain: str, mailbox: str) -> Path:
         return Path(self.store.mailbox_folder(domain, mailbox))
@@ -149,6 +173,7 @@ class SieveScripts:
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()
             fsync_dir(folder)
+            self._changed()
             return
         path = self._script(folder, name)
         if not path.is_file():
@@ -157,6 +182,7 @@ class SieveScripts:
         os.symlink(f"{SCRIPTS}/{path.name}", tmp)
         os.replace(tmp, link)
         fsync_dir(folder)
+        self._changed()  # after the link: a reader that sees the new time finds the script
 
     def delete_script(self, domain: str, mailbox: str, name: str) -> None:
         """See ISieveScripts."""
