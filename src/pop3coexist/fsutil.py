@@ -166,8 +166,8 @@ def refresh_mounts(roots: Iterable[Path | str] = (), mountinfo: str | None = Non
     return remote_root
 
 
-def _on_remote(path: Path | str) -> bool:
-    name = os.fspath(path)
+def _on_remote(path: Path | str | bytes) -> bool:
+    name = path if type(path) is str else os.fsdecode(path)  # bytes too (the prefixes are str)
     return name.startswith(_remote_prefixes) or name + "/" in _remote_prefixes
 
 
@@ -195,13 +195,37 @@ _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 _nowait_reads = _RWF_NOWAIT is not None and hasattr(os, "preadv")
 
 
+def nowait_reads() -> bool:
+    """Whether ``pread_nowait`` can work here (it turns False for good the first time the
+    kernel or file system says it cannot)."""
+    return _nowait_reads
+
+
+def pread_nowait(fd: int, buf: bytearray, offset: int) -> int | None:
+    """``preadv(fd, [buf], offset, RWF_NOWAIT)``: the octets read into ``buf`` (0 at the
+    end of the file), never waiting for the disk; None when the page cache does not hold them
+    yet, or when this kernel or file system cannot read without waiting (remembered: every
+    later call is None at once, see ``nowait_reads``). Other OSError propagates."""
+    global _nowait_reads
+    if not _nowait_reads:
+        return None
+    try:
+        return os.preadv(fd, [buf], offset, _RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            _nowait_reads = False  # this kernel or file system cannot: the callers' other way
+            return None
+        raise
+
+
 def read_cached(path: str, size: int) -> bytes | None:
     """The whole file at ``path`` if the kernel can open it and has all its pages cached (no
     disk I/O: ``open_cached``, then one ``preadv(RWF_NOWAIT)``) and it holds exactly ``size``
     octets (the size the caller saw before: a file grown or shrunk since gives None); else
     None. No file object and no ``fstat``: on the reactor, per message read, those cost as
     much as the read (issue 17). OSError other than "would block" propagates."""
-    global _nowait_reads
     if not _nowait_reads:
         return None
     fd = open_cached(path)
@@ -209,14 +233,7 @@ def read_cached(path: str, size: int) -> bytes | None:
         return None
     buf = bytearray(size + 1)  # one octet more: a file that grew reads longer
     try:
-        n = os.preadv(fd, [buf], 0, _RWF_NOWAIT)
-    except BlockingIOError:
-        return None
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            _nowait_reads = False  # this kernel or file system cannot: the caller's way
-            return None
-        raise
+        n = pread_nowait(fd, buf, 0)
     finally:
         os.close(fd)
     if n != size:

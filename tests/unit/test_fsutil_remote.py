@@ -103,3 +103,15 @@ def test_cached_look_ups_take_str_bytes_and_path_alike(tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError):
             os.stat(gone)  # a negative entry in the cache
         assert all(fsutil.missing_cached(p) for p in (str(gone), os.fsencode(gone), gone))
+
+
+def test_bytes_names_work_beside_a_noted_remote_root(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """With a remote mount noted (prefixes in force), a cached look-up by bytes name answers
+    as by str: it is compared decoded (a bytes name used to raise TypeError against the str
+    prefixes, seen when another test in the same process had noted a remote root)."""
+    monkeypatch.setattr(fsutil, "_remote_prefixes", ("/nowhere-remote/",))
+    f = tmp_path / "plain"
+    f.write_bytes(b"x")
+    os.stat(f)
+    assert fsutil.stat_cached(os.fsencode(f)).st_ino == os.stat(f).st_ino  # type: ignore[union-attr]
+    assert fsutil.stat_cached(b"/nowhere-remote/x") is None  # remote: never the cache

@@ -11,6 +11,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 
+from pop3coexist import fsutil
 from pop3coexist.pop3 import stream
 from pop3coexist.pop3.stream import DotStuffer, MessageProducer
 from tests.support.fakes import sync_run_blocking
@@ -36,7 +37,7 @@ def message(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.skipif(not stream._nowait_works, reason="no preadv(RWF_NOWAIT) here")
+@pytest.mark.skipif(not fsutil.nowait_reads(), reason="no preadv(RWF_NOWAIT) here")
 def test_cached_file_is_streamed_without_thread_hops(tmp_path: Path) -> None:
     """A file in the page cache (just written) goes out whole with no run_blocking call."""
     runner = CountingRunner()

@@ -35,7 +35,6 @@ is ``pop3coexist.canonical``'s).
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import re
@@ -48,12 +47,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3coexist import fsutil
 from pop3coexist.canonical import LineEnds
 from pop3coexist.netutil import send_now
 
 CHUNK_SIZE = 256 * 1024
-RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
-_nowait_works = RWF_NOWAIT is not None and hasattr(os, "preadv")
 TERMINATOR = b".\r\n"
 _LINE_DOT = re.compile(rb"\n\.")
 
@@ -154,8 +152,7 @@ def read_whole_cached(fileobj: Any, limit: int) -> bytes | None:
     and the page cache has all of it, read at once without waiting for the disk
     (``preadv(RWF_NOWAIT)``); else None (the caller streams it with ``MessageProducer``, which
     starts from the file's current offset: this read does not move it). OSError propagates."""
-    global _nowait_works
-    if not _nowait_works:
+    if not fsutil.nowait_reads():
         return None
     try:
         fd = fileobj.fileno()
@@ -167,15 +164,7 @@ def read_whole_cached(fileobj: Any, limit: int) -> bytes | None:
     if size == 0:
         return b""
     buf = bytearray(size)
-    try:
-        n = os.preadv(fd, [buf], 0, RWF_NOWAIT)
-    except BlockingIOError:
-        return None
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            _nowait_works = False
-            return None
-        raise
+    n = fsutil.pread_nowait(fd, buf, 0)
     if n != size:  # partly cached, or the file changed under us: let the stream read it
         return None
     return bytes(buf)
@@ -258,7 +247,7 @@ class MessageProducer:
 
     def _use_fd(self) -> None:
         """Read by descriptor and offset when the file object has one (a real file)."""
-        if not _nowait_works:
+        if not fsutil.nowait_reads():
             return
         try:
             fd = self.fileobj.fileno()
@@ -270,20 +259,13 @@ class MessageProducer:
 
     def _read_cached(self) -> bytes | None:
         """The next chunk if the page cache has it (b"" at the end), else None. Never blocks."""
-        global _nowait_works
         assert self._fd is not None
         if self._offset >= self._size:
             return b""
         buf = bytearray(min(self.chunk_size, self._size - self._offset))
-        try:
-            n = os.preadv(self._fd, [buf], self._offset, RWF_NOWAIT)
-        except BlockingIOError:
-            return None
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                _nowait_works = False  # this kernel or file system cannot: use the threads
-                return None
-            raise
+        n = fsutil.pread_nowait(self._fd, buf, self._offset)
+        if n is None:
+            return None  # not cached yet (or no such reads here: the threads read it)
         if n == 0:
             self._size = self._offset  # the file shrank: what was there is all there is
             return b""
