@@ -314,14 +314,10 @@ def test_prepared_envelope_of_a_failed_message_is_dropped(tmp_path: Path) -> Non
     assert os.listdir(q.tmp_dir) == [] and q.ids() == []
 
 
-def test_group_commit_syncs_prepared_envelopes_with_the_spool_data(tmp_path: Path) -> None:
-    """In the SMTP group commit with a recycling queue, a relayed message's spool file is a
-    spent body and its envelope a spent envelope written before the batch's first sync (the
-    sync of the spool files' data), so both have their data on disk before any name points
-    at them; the message is queued whole and the pool is used."""
-    from pop3coexist.smtp.incoming import GroupCommitter
+def _store_and_queue_with_spent_files(tmp_path: Path):  # noqa: ANN202
+    """A Maildir store and a recycling queue (claims on, born claimed) whose pool holds one
+    spent body and one spent envelope (a message queued and removed)."""
     from pop3coexist.store.maildir import MaildirStore
-    from tests.support.fakes import sync_run_blocking
 
     store = MaildirStore(tmp_path / "mailroot")
     q = FileQueue(store.root.parent / "queue", "mx.example", recycle=16)
@@ -332,6 +328,18 @@ def test_group_commit_syncs_prepared_envelopes_with_the_spool_data(tmp_path: Pat
     first = q.enqueue(src, _env("b@example.net"))
     src.unlink()
     q.remove_many([first])
+    return store, q
+
+
+def test_group_commit_syncs_prepared_envelopes_with_the_spool_data(tmp_path: Path) -> None:
+    """In the SMTP group commit with a recycling queue, a relayed message's spool file is a
+    spent body and its envelope a spent envelope written before the batch's first sync (the
+    sync of the spool files' data), so both have their data on disk before any name points
+    at them; the message is queued whole and the pool is used."""
+    from pop3coexist.smtp.incoming import GroupCommitter
+    from tests.support.fakes import sync_run_blocking
+
+    store, q = _store_and_queue_with_spent_files(tmp_path)
     assert len(q.bodies) == 1 and len(q.envelopes) == 1
     order: list[str] = []
 
@@ -359,18 +367,9 @@ def test_failed_data_sync_leaves_no_prepared_envelope(tmp_path: Path) -> None:
     """The group commit's first sync fails: the message fails (no 250), its prepared
     envelope's temp file is unlinked and nothing is queued."""
     from pop3coexist.smtp.incoming import GroupCommitter
-    from pop3coexist.store.maildir import MaildirStore
     from tests.support.fakes import sync_run_blocking
 
-    store = MaildirStore(tmp_path / "mailroot")
-    q = FileQueue(store.root.parent / "queue", "mx.example", recycle=16)
-    q.ensure_dirs()
-    q.set_owner(make_owner("n", 0))
-    q.claim_new = True
-    src = _spool(tmp_path, BIG)
-    first = q.enqueue(src, _env("b@example.net"))
-    src.unlink()
-    q.remove_many([first])
+    store, q = _store_and_queue_with_spent_files(tmp_path)
 
     def failing(fd: int) -> None:
         raise OSError(5, "EIO")

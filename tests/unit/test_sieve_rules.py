@@ -304,10 +304,9 @@ def test_script_store_names_activation_rename_delete(env) -> None:  # noqa: ANN0
     assert scripts.vacation_due(D, "ted", "h\0b@x", 86400, now=1000.0 + 86400)
 
 
-def test_mailboxes_without_rules_cost_no_thread_hop_for_a_second(env) -> None:  # noqa: ANN001
-    """A mailbox found without an active script is not looked at again for NO_SCRIPT_TTL
-    seconds (no run_blocking call); a script activated meanwhile runs after that."""
-    store, scripts, queue, _ = env
+def _counting_rules(store, scripts, queue):  # noqa: ANN001, ANN202
+    """SieveRules whose thread hops are counted (``calls``) on a clock the test moves
+    (``now[0]``, monotonic seconds)."""
     calls: list = []
     now = [100.0]
 
@@ -317,6 +316,14 @@ def test_mailboxes_without_rules_cost_no_thread_hop_for_a_second(env) -> None:  
 
     rules = SieveRules(RulesSettings(hostname="mx"), scripts, queue, store, counting,
                        monotonic=lambda: now[0])
+    return rules, calls, now
+
+
+def test_mailboxes_without_rules_cost_no_thread_hop_for_a_second(env) -> None:  # noqa: ANN001
+    """A mailbox found without an active script is not looked at again for NO_SCRIPT_TTL
+    seconds (no run_blocking call); a script activated meanwhile runs after that."""
+    store, scripts, queue, _ = env
+    rules, calls, now = _counting_rules(store, scripts, queue)
     for _ in range(3):
         apply(rules, message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))]))
     assert len(calls) == 1
@@ -364,15 +371,7 @@ def test_idle_says_when_apply_would_continue_touching_nothing(env) -> None:  # n
     mail) or only mailboxes known to have no script, not for a mailbox never looked at or
     whose no-script knowledge has expired; it reads nothing itself."""
     store, scripts, queue, _ = env
-    calls: list = []
-    now = [100.0]
-
-    def counting(f, *args):  # noqa: ANN001, ANN202
-        calls.append(f)
-        return defer.maybeDeferred(f, *args)
-
-    rules = SieveRules(RulesSettings(hostname="mx"), scripts, queue, store, counting,
-                       monotonic=lambda: now[0])
+    rules, calls, now = _counting_rules(store, scripts, queue)
     assert IIdleRules.providedBy(rules) and verifyObject(IIdleRules, rules)
     assert rules.idle(message(store, MAIL, [("x@relay.example", None)]))
     ted = message(store, MAIL, [("ted@pop.contoso.test", (D, "ted"))])
