@@ -68,6 +68,18 @@ def send(cache: c.ConnectionCache, t: c.Transaction) -> list[c.TransactionResult
     return out
 
 
+def plain_transaction(conn: Conn, final: bytes) -> bytes:
+    """Play the next hop's side of a new connection's one transaction without PIPELINING:
+    greeting, EHLO, MAIL and RCPT accepted, DATA's 354, then ``final`` (the reply to the
+    dot); returns what the client wrote after ``final``."""
+    conn.server(b"220 x")
+    conn.server(*EHLO)
+    conn.server(b"250 ok")
+    conn.server(b"250 ok")
+    conn.server(b"354 go")
+    return conn.server(final)
+
+
 def first_message(reactor: FakeReactor, cache: c.ConnectionCache, tmp_path: Path,
                   ehlo: tuple[bytes, ...] = EHLO) -> Conn:
     """Open a connection and deliver one message over it (plain, one command at a time)."""
@@ -183,23 +195,13 @@ def test_session_dropped_while_idle_or_before_mail_reply_is_retried_on_a_new_one
     send(cache, txn(tmp_path))
     assert len(reactor.conns) == 2
     conn2 = reactor.conns[1]
-    conn2.server(b"220 x")
-    conn2.server(*EHLO)
-    conn2.server(b"250 ok")
-    conn2.server(b"250 ok")
-    conn2.server(b"354 go")
-    conn2.server(b"250 queued")
+    plain_transaction(conn2, b"250 queued")
     got = send(cache, txn(tmp_path))  # reuses conn2, which dies after MAIL
     assert conn2.transport.value().startswith(b"MAIL FROM:")
     conn2.lose()
     assert not got and len(reactor.conns) == 3  # retried on a new connection
     conn3 = reactor.conns[2]
-    conn3.server(b"220 x")
-    conn3.server(*EHLO)
-    conn3.server(b"250 ok")
-    conn3.server(b"250 ok")
-    conn3.server(b"354 go")
-    conn3.server(b"250 queued as 3")
+    plain_transaction(conn3, b"250 queued as 3")
     assert got[0].replies[0].reply == "250 queued as 3"
 
 
@@ -345,11 +347,6 @@ def test_reused_and_retried_results_name_the_remote_mta_and_fire_once(tmp_path: 
     conn.lose()  # dies after MAIL: nothing said about the message
     assert not got and len(reactor.conns) == 2
     conn2 = reactor.conns[1]
-    conn2.server(b"220 x")
-    conn2.server(*EHLO)
-    conn2.server(b"250 ok")
-    conn2.server(b"250 ok")
-    conn2.server(b"354 go")
-    conn2.server(b"250 fresh")
+    plain_transaction(conn2, b"250 fresh")
     assert [(r.remote_mta, r.replies[0].reply) for r in got] == [("mx.example.net",
                                                                    "250 fresh")]
